@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Remove Docker leftovers of tether and its tests: containers (forced) and then
+# networks labelled tether.managed=true or tether.test=1; with --images also
+# images labelled tether.test=1 and tether-agent:test* images.
+# Idempotent, silent when there is nothing to remove, never fails.
+#
+# Usage: scripts/cleanup.sh [--images]
+set -uo pipefail
+
+IMAGES=0
+for arg in "$@"; do
+    case "$arg" in
+        --images) IMAGES=1 ;;
+        -h | --help) sed -n '2,7s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        *) echo "cleanup: unknown argument: $arg" >&2; exit 2 ;;
+    esac
+done
+
+command -v docker >/dev/null 2>&1 || exit 0
+docker info >/dev/null 2>&1 || exit 0
+
+LABELS=(tether.managed=true tether.test=1)
+
+# ids KIND FILTER...: unique ids of objects matching any of the filters.
+ids() {
+    local kind="$1" f
+    shift
+    for f in "$@"; do
+        case "$kind" in
+            container) docker ps -aq --no-trunc --filter "$f" 2>/dev/null ;;
+            network) docker network ls -q --no-trunc --filter "$f" 2>/dev/null ;;
+            image) docker images -q --no-trunc --filter "$f" 2>/dev/null ;;
+        esac
+    done | sort -u
+}
+
+# remove KIND ID...: remove each object (ignoring races), report the count.
+remove() {
+    local kind="$1" id n=0
+    shift
+    for id in "$@"; do
+        case "$kind" in
+            container) docker rm -f -v "$id" >/dev/null 2>&1 && n=$((n + 1)) ;;
+            network) docker network rm "$id" >/dev/null 2>&1 && n=$((n + 1)) ;;
+            image) docker image rm -f "$id" >/dev/null 2>&1 && n=$((n + 1)) ;;
+        esac
+    done
+    if [[ "$n" -gt 0 ]]; then
+        echo "cleanup: removed $n ${kind}(s)" >&2
+    fi
+}
+
+filters=()
+for l in "${LABELS[@]}"; do
+    filters+=("label=$l")
+done
+
+mapfile -t found < <(ids container "${filters[@]}")
+remove container ${found[@]+"${found[@]}"}
+
+mapfile -t found < <(ids network "${filters[@]}")
+remove network ${found[@]+"${found[@]}"}
+
+if [[ "$IMAGES" -eq 1 ]]; then
+    mapfile -t found < <(ids image "label=tether.test=1" "reference=tether-agent:test*")
+    remove image ${found[@]+"${found[@]}"}
+fi
+
+exit 0

@@ -1,0 +1,357 @@
+//! Request handlers: one task per request, each in its own span. Channel
+//! requests (exec, logs, archives) are opened in the read loop before their
+//! task starts, so data sent right behind the request is never lost.
+
+use super::Ctx;
+use crate::docker::{self, archive, containers, exec, labels};
+use crate::mux::{ChannelHandles, Channels, Inbound, OutTx, Outbound};
+use crate::protocol::{
+    Archive, ChannelClose, ErrorBody, ErrorCode, Exec, Logs, Message, Request, StreamKind, WorkerEvent, WorkerList,
+};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde_json::json;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+fn reply<T: Serialize>(out: &OutTx, id: String, r: Result<T, ErrorBody>) {
+    let m = match r {
+        Ok(v) => Message::Result {
+            id,
+            payload: serde_json::to_value(v).expect("results serialize"),
+        },
+        Err(error) => Message::Error { id: Some(id), error },
+    };
+    let _ = out.send(Outbound::msg(&m));
+}
+
+fn close(out: &OutTx, channel: u32, exit_code: Option<i64>, error: Option<ErrorBody>) {
+    let _ = out.send(Outbound::msg(&Message::ChannelClose(ChannelClose {
+        channel,
+        exit_code,
+        error,
+    })));
+}
+
+pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>, channels: Arc<Channels>, out: OutTx) {
+    let span = info_span!("request", request_id = %id, kind = request.kind());
+    // Channel-opening requests: open now, in order with the frames behind them.
+    let opened = match &request {
+        Request::Exec(Exec { channel, window, .. })
+        | Request::Logs(Logs { channel, window, .. })
+        | Request::PutArchive(Archive { channel, window, .. })
+        | Request::GetArchive(Archive { channel, window, .. }) => match channels.open(*channel, *window, out.clone()) {
+            Ok(h) => Some(h),
+            Err(e) => return reply::<()>(&out, id, Err(e)),
+        },
+        _ => None,
+    };
+    let node = ctx.node_id.clone();
+    let task = async move {
+        let d = &ctx.docker;
+        match (request, opened) {
+            (Request::Spawn(s), _) => {
+                let r = containers::spawn(d, &ctx.pool, &node, ctx.defaults, &s).await;
+                if let Ok(w) = &r {
+                    info!(worker_id = %w.worker_id, "worker running");
+                }
+                reply(&out, id, r);
+            }
+            (Request::Stop(s), _) => {
+                reply(&out, id, containers::stop(d, &node, &s.worker_id, s.timeout_secs.unwrap_or(10)).await)
+            }
+            (Request::Remove(r), _) => {
+                let res = containers::remove(d, &ctx.pool, &node, &r.worker_id, r.force).await;
+                reply(&out, id, res.map(|()| json!({ "worker_id": r.worker_id })));
+            }
+            (Request::Inspect(w), _) => reply(&out, id, containers::inspect(d, &node, &w.worker_id).await),
+            (Request::ListWorkers, _) => {
+                reply(&out, id, containers::list(d, &node).await.map(|workers| WorkerList { workers }))
+            }
+            (Request::Stat(s), _) => {
+                let r = match containers::inspect(d, &node, &s.worker_id).await {
+                    Ok(_) => archive::stat(d, &s.worker_id, &s.path).await,
+                    Err(e) => Err(e),
+                };
+                reply(&out, id, r)
+            }
+            (Request::Resize(r), _) => {
+                let exec_id = ctx.execs.lock().unwrap().get(&r.channel).cloned();
+                let res = match exec_id {
+                    Some(e) => exec::resize(d, &e, r.size).await,
+                    None => Err(ErrorBody::new(ErrorCode::NotFound, format!("no exec on channel {}", r.channel))),
+                };
+                reply(&out, id, res.map(|()| json!({})));
+            }
+            (Request::Exec(e), Some(h)) => run_exec(&ctx, &channels, id, e, h, &out).await,
+            (Request::Logs(l), Some(h)) => run_logs(&ctx, &channels, id, l, h, &out).await,
+            (Request::GetArchive(a), Some(h)) => run_get(&ctx, &channels, id, a, h, &out).await,
+            (Request::PutArchive(a), Some(h)) => run_put(&ctx, &channels, id, a, h, &out).await,
+            (r, None) => reply::<()>(
+                &out,
+                id,
+                Err(ErrorBody::new(ErrorCode::Internal, format!("{} without channel", r.kind()))),
+            ),
+        }
+    };
+    tokio::spawn(task.instrument(span));
+}
+
+/// Streams an exec's output within credit and feeds it stdin.
+async fn run_exec(ctx: &Ctx, channels: &Channels, id: String, req: Exec, h: ChannelHandles, out: &OutTx) {
+    let ch = req.channel;
+    let started = match containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
+        Ok(_) => exec::start(&ctx.docker, &req).await,
+        Err(e) => Err(e),
+    };
+    let started = match started {
+        Ok(s) => s,
+        Err(e) => {
+            channels.remove(ch);
+            return reply::<()>(out, id, Err(e));
+        }
+    };
+    let exec_id = started.exec_id.clone();
+    ctx.execs.lock().unwrap().insert(ch, exec_id.clone());
+    if let Some(size) = req.size
+        && let Err(e) = exec::resize(&ctx.docker, &exec_id, size).await
+    {
+        debug!(error = %e, "initial resize failed");
+    }
+    reply(out, id, Ok(json!({ "exec_id": exec_id })));
+    let ChannelHandles {
+        mut writer,
+        mut reader,
+        cancel,
+    } = h;
+    let mut input = started.input;
+    let stdin = tokio::spawn(async move {
+        while let Some(ev) = reader.recv().await {
+            match ev {
+                Inbound::Data(_, b) => {
+                    if input.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                Inbound::Eof => {
+                    let _ = input.shutdown().await;
+                    break;
+                }
+                Inbound::Close(_) => break,
+            }
+        }
+        // Hold the write half until the channel ends: dropping it early
+        // could end the process' input before it asked for EOF.
+        reader.recv().await;
+        drop(input);
+    });
+    let mut output = started.output;
+    let outcome: Result<(), Option<ErrorBody>> = loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break Err(None),
+            item = output.next() => match item {
+                None => break Ok(()),
+                Some(Ok(o)) => {
+                    if let Some((kind, data)) = exec::split(o)
+                        && writer.write(kind, data).await.is_err() {
+                        break Err(None);
+                    }
+                }
+                Some(Err(e)) => break Err(Some(docker::to_error(e, "read exec output"))),
+            }
+        }
+    };
+    match outcome {
+        Ok(()) => match exec::exit_code(&ctx.docker, &exec_id).await {
+            Ok(code) => close(out, ch, Some(code), None),
+            Err(e) => close(out, ch, None, Some(e)),
+        },
+        Err(Some(e)) => close(out, ch, None, Some(e)),
+        Err(None) => debug!(channel = ch, "exec channel cancelled"),
+    }
+    channels.remove(ch);
+    ctx.execs.lock().unwrap().remove(&ch);
+    stdin.abort();
+}
+
+async fn run_logs(ctx: &Ctx, channels: &Channels, id: String, req: Logs, h: ChannelHandles, out: &OutTx) {
+    let ch = req.channel;
+    if let Err(e) = containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
+        channels.remove(ch);
+        return reply::<()>(out, id, Err(e));
+    }
+    let opts = bollard::query_parameters::LogsOptions {
+        follow: req.follow,
+        stdout: true,
+        stderr: true,
+        since: req.since.unwrap_or(0).clamp(0, i32::MAX as i64) as i32,
+        until: 0,
+        timestamps: req.timestamps,
+        tail: req.tail.map(|n| n.to_string()).unwrap_or_else(|| "all".into()),
+    };
+    let mut stream = ctx.docker.logs(&docker::object_name(&req.worker_id), Some(opts));
+    reply(out, id, Ok(json!({})));
+    let ChannelHandles { mut writer, cancel, .. } = h;
+    let error = loop {
+        tokio::select! {
+            _ = cancel.cancelled() => { channels.remove(ch); return; }
+            item = stream.next() => match item {
+                None => break None,
+                Some(Ok(o)) => {
+                    if let Some((kind, data)) = exec::split(o)
+                        && writer.write(kind, data).await.is_err() {
+                        channels.remove(ch);
+                        return;
+                    }
+                }
+                Some(Err(e)) => break Some(docker::to_error(e, "read logs")),
+            }
+        }
+    };
+    close(out, ch, None, error);
+    channels.remove(ch);
+}
+
+async fn run_get(ctx: &Ctx, channels: &Channels, id: String, req: Archive, h: ChannelHandles, out: &OutTx) {
+    let ch = req.channel;
+    if let Err(e) = containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
+        channels.remove(ch);
+        return reply::<()>(out, id, Err(e));
+    }
+    let mut stream = Box::pin(archive::download(&ctx.docker, &req.worker_id, &req.path));
+    // The first chunk tells whether the path exists: answer only then.
+    let first = match stream.next().await {
+        Some(Ok(b)) => b,
+        Some(Err(e)) => {
+            channels.remove(ch);
+            return reply::<()>(out, id, Err(docker::to_error(e, &format!("read {}", req.path))));
+        }
+        None => Bytes::new(),
+    };
+    reply(out, id, Ok(json!({})));
+    let ChannelHandles { mut writer, cancel, .. } = h;
+    let mut next = Some(Ok(first));
+    let error = loop {
+        let item = match next.take() {
+            Some(i) => Some(i),
+            None => tokio::select! {
+                _ = cancel.cancelled() => { channels.remove(ch); return; }
+                i = stream.next() => i,
+            },
+        };
+        match item {
+            None => break None,
+            Some(Ok(b)) => {
+                if writer.write(StreamKind::Data, b).await.is_err() {
+                    channels.remove(ch);
+                    return;
+                }
+            }
+            Some(Err(e)) => break Some(docker::to_error(e, "read archive")),
+        }
+    };
+    close(out, ch, None, error);
+    channels.remove(ch);
+}
+
+async fn run_put(ctx: &Ctx, channels: &Channels, id: String, req: Archive, h: ChannelHandles, out: &OutTx) {
+    let ch = req.channel;
+    let check = match containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
+        Ok(_) => archive::stat(&ctx.docker, &req.worker_id, &req.path).await,
+        Err(e) => Err(e),
+    };
+    match check {
+        Ok(s) if s.exists && s.is_dir => {}
+        Ok(_) => {
+            channels.remove(ch);
+            return reply::<()>(
+                out,
+                id,
+                Err(ErrorBody::new(
+                    ErrorCode::NotFound,
+                    format!("{}: no such directory in worker {}", req.path, req.worker_id),
+                )),
+            );
+        }
+        Err(e) => {
+            channels.remove(ch);
+            return reply::<()>(out, id, Err(e));
+        }
+    }
+    reply(out, id, Ok(json!({})));
+    let ChannelHandles { reader, .. } = h;
+    // Frames become the request body as Docker reads it: credit is granted
+    // only as fast as the engine consumes the archive.
+    let body = futures_util::stream::unfold(reader, |mut r| async move {
+        match r.recv().await? {
+            Inbound::Data(_, b) => Some((Ok(b), r)),
+            Inbound::Eof => None,
+            Inbound::Close(c) => Some((
+                Err(std::io::Error::other(
+                    c.error.map(|e| e.to_string()).unwrap_or_else(|| "upload cancelled".into()),
+                )),
+                r,
+            )),
+        }
+    });
+    let result = archive::upload(&ctx.docker, &req.worker_id, &req.path, body).await;
+    if channels.is_open(ch) {
+        close(out, ch, None, result.err());
+    }
+    channels.remove(ch);
+}
+
+/// Removes networks whose worker container is gone (after crashes or a
+/// `docker rm` behind tether's back).
+pub(super) async fn collect_garbage(ctx: &Ctx) {
+    match containers::orphan_networks(&ctx.docker, &ctx.node_id).await {
+        Ok(nets) => {
+            for n in nets {
+                match docker::networks::remove(&ctx.docker, &ctx.pool, &n).await {
+                    Ok(()) => info!(network = %n, "removed orphaned worker network"),
+                    Err(e) => warn!(network = %n, error = %e, "could not remove orphaned network"),
+                }
+            }
+        }
+        Err(e) => warn!(error = %e, "could not look for orphaned networks"),
+    }
+}
+
+/// Forwards Docker's container events for this node's workers.
+pub(super) async fn forward_events(ctx: Arc<Ctx>, out: OutTx, end: CancellationToken) {
+    let filters = std::collections::HashMap::from([
+        ("type".to_string(), vec!["container".to_string()]),
+        ("event".to_string(), vec!["die".to_string(), "oom".to_string()]),
+        ("label".to_string(), vec![format!("{}={}", labels::NODE, ctx.node_id)]),
+    ]);
+    let mut events = ctx.docker.events(Some(bollard::query_parameters::EventsOptions {
+        since: None,
+        until: None,
+        filters: Some(filters),
+    }));
+    loop {
+        let ev = tokio::select! {
+            _ = end.cancelled() => return,
+            ev = events.next() => ev,
+        };
+        let Some(Ok(ev)) = ev else { return };
+        let attrs = ev.actor.and_then(|a| a.attributes).unwrap_or_default();
+        let Some(worker_id) = attrs.get(labels::WORKER).cloned() else { continue };
+        let action = ev.action.unwrap_or_default();
+        let event = match action.as_str() {
+            "oom" => "oom_killed",
+            _ => "exited",
+        };
+        let exit_code = attrs.get("exitCode").and_then(|c| c.parse().ok());
+        let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let _ = out.send(Outbound::msg(&Message::WorkerEvent(WorkerEvent {
+            worker_id,
+            event: event.into(),
+            exit_code,
+            at,
+        })));
+    }
+}

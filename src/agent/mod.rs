@@ -1,0 +1,258 @@
+//! The node side: registers with the server, dials out, keeps the WebSocket
+//! alive and turns pushed requests into Docker calls. Binds no listening
+//! socket.
+
+mod handlers;
+mod session;
+
+use crate::docker::containers::Defaults;
+use crate::docker::networks::SubnetPool;
+use crate::protocol::{ErrorBody, REGISTER_PATH};
+use crate::server::Bootstrap;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bollard::Docker;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Everything the agent needs to run, already validated.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Base URL of the server (`http://` or `https://`).
+    pub server: url::Url,
+    /// Registration pre-shared key.
+    pub psk: String,
+    pub node_id: String,
+    /// Where the node JWT and other state live.
+    pub state_dir: PathBuf,
+    /// Docker socket path; `None` uses `DOCKER_HOST` or the default socket.
+    pub docker_socket: Option<String>,
+    /// Pool that worker networks take their subnets from.
+    pub subnet_pool: ipnet::Ipv4Net,
+    /// Prefix length of each worker subnet.
+    pub subnet_prefix: u8,
+    /// Interval between heartbeat pings.
+    pub heartbeat_interval: Duration,
+    /// Silence after which the connection counts as dead.
+    pub heartbeat_timeout: Duration,
+    /// Limits for workers whose request names none.
+    pub defaults: Defaults,
+}
+
+impl AgentConfig {
+    pub fn new(server: url::Url, psk: String, node_id: String, state_dir: PathBuf) -> Self {
+        AgentConfig {
+            server,
+            psk,
+            node_id,
+            state_dir,
+            docker_socket: None,
+            subnet_pool: "10.213.0.0/16".parse().expect("valid default pool"),
+            subnet_prefix: 28,
+            heartbeat_interval: Duration::from_secs(10),
+            heartbeat_timeout: Duration::from_secs(30),
+            defaults: Defaults::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("registration refused by the server: {0}")]
+    Unauthorized(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("could not reach the server at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+    #[error("state directory {path}: {source}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl AgentError {
+    /// Permanent errors end the agent; the rest are retried with backoff.
+    fn is_permanent(&self) -> bool {
+        matches!(self, AgentError::Unauthorized(_) | AgentError::Config(_) | AgentError::State { .. })
+    }
+}
+
+/// State shared by the session and its request handlers.
+pub(crate) struct Ctx {
+    pub docker: Docker,
+    pub pool: SubnetPool,
+    pub node_id: String,
+    pub defaults: Defaults,
+    /// Docker exec id of each open exec channel (for resize).
+    pub execs: Mutex<HashMap<u32, String>>,
+}
+
+/// Runs the agent until `shutdown` fires or a permanent error occurs.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    if !matches!(cfg.server.scheme(), "http" | "https") {
+        return Err(AgentError::Config(format!(
+            "server URL must be http:// or https://, got {}",
+            cfg.server
+        )));
+    }
+    let pool = SubnetPool::new(cfg.subnet_pool, cfg.subnet_prefix).map_err(AgentError::Config)?;
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::State {
+        path: cfg.state_dir.clone(),
+        source,
+    })?;
+    let Some(docker) = wait_for_docker(&cfg, &shutdown).await else {
+        return Ok(());
+    };
+    if let Err(e) = pool.sync(&docker).await {
+        warn!(error = %e, "could not read existing networks");
+    }
+    let ctx = Arc::new(Ctx {
+        docker,
+        pool,
+        node_id: cfg.node_id.clone(),
+        defaults: cfg.defaults,
+        execs: Mutex::new(HashMap::new()),
+    });
+    handlers::collect_garbage(&ctx).await;
+
+    let token_path = cfg.state_dir.join("node.jwt");
+    let mut token = std::fs::read_to_string(&token_path).ok().map(|t| t.trim().to_string());
+    let new_backoff = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(30))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut backoff = new_backoff();
+    loop {
+        let started = Instant::now();
+        let result = connect_and_serve(&cfg, &ctx, &mut token, &token_path, &shutdown).await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_permanent() => return Err(e),
+            Err(e) => warn!(node_id = %cfg.node_id, error = %e, "disconnected; will reconnect"),
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = new_backoff(); // the link was stable: start over from short delays
+        }
+        let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+async fn wait_for_docker(cfg: &AgentConfig, shutdown: &CancellationToken) -> Option<Docker> {
+    let mut backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        match crate::docker::connect(cfg.docker_socket.as_deref()).await {
+            Ok(d) => return Some(d),
+            Err(e) => warn!(error = %e, "Docker engine unreachable; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(10))) => {}
+            _ = shutdown.cancelled() => return None,
+        }
+    }
+}
+
+/// Registers (if there is no token yet), connects, and serves one session.
+async fn connect_and_serve(
+    cfg: &AgentConfig,
+    ctx: &Arc<Ctx>,
+    token: &mut Option<String>,
+    token_path: &Path,
+    shutdown: &CancellationToken,
+) -> Result<(), AgentError> {
+    let jwt = match token.clone() {
+        Some(t) => t,
+        None => {
+            let b = register(cfg).await?;
+            write_private(token_path, &b.auth.node_jwt).map_err(|source| AgentError::State {
+                path: token_path.to_path_buf(),
+                source,
+            })?;
+            *token = Some(b.auth.node_jwt.clone());
+            b.auth.node_jwt
+        }
+    };
+    let ws = match session::connect(cfg, &jwt).await {
+        Ok(ws) => ws,
+        Err(session::ConnectError::Unauthorized) => {
+            // Expired or revoked token: register again right away.
+            info!("node token refused; registering again");
+            *token = None;
+            let _ = std::fs::remove_file(token_path);
+            return Box::pin(connect_and_serve(cfg, ctx, token, token_path, shutdown)).await;
+        }
+        Err(session::ConnectError::Other(reason)) => {
+            return Err(AgentError::Connect {
+                url: cfg.server.to_string(),
+                reason,
+            });
+        }
+    };
+    session::serve(ws, cfg, ctx.clone(), shutdown).await
+}
+
+/// Exchanges the pre-shared key for a node JWT and the bootstrap payload.
+pub async fn register(cfg: &AgentConfig) -> Result<Bootstrap, AgentError> {
+    let url = cfg.server.join(REGISTER_PATH).map_err(|e| AgentError::Config(e.to_string()))?;
+    let conn_err = |reason: String| AgentError::Connect {
+        url: url.to_string(),
+        reason,
+    };
+    let resp = crate::http_client()
+        .post(url.clone())
+        .bearer_auth(&cfg.psk)
+        .json(&serde_json::json!({ "node_id": cfg.node_id }))
+        .send()
+        .await
+        .map_err(|e| conn_err(crate::error_chain(&e)))?;
+    let status = resp.status();
+    if status.is_success() {
+        return resp.json::<Bootstrap>().await.map_err(|e| conn_err(e.to_string()));
+    }
+    let body = resp
+        .json::<serde_json::Value>()
+        .await
+        .ok()
+        .and_then(|v| serde_json::from_value::<ErrorBody>(v["error"].clone()).ok());
+    let msg = body.map(|b| b.to_string()).unwrap_or_else(|| status.to_string());
+    if status.as_u16() == 401 || status.as_u16() == 403 || status.as_u16() == 400 {
+        Err(AgentError::Unauthorized(msg))
+    } else {
+        Err(conn_err(msg))
+    }
+}
+
+/// Writes a secret file readable only by its owner.
+pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)
+}

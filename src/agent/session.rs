@@ -1,0 +1,255 @@
+//! One connection to the server: the WebSocket handshake, `hello`/`welcome`,
+//! then one loop that reads frames, writes the outbound queue, sends
+//! heartbeats and watches for shutdown.
+
+use super::{AgentConfig, AgentError, Ctx, handlers};
+use crate::mux::{Channels, Outbound};
+use crate::protocol::{
+    self, AGENT_CONNECT_PATH, ErrorBody, ErrorCode, Frame, Hello, MAX_FRAME_PAYLOAD, MAX_WS_MESSAGE,
+    Message, PROTOCOL_VERSION, SUBPROTOCOL, Welcome,
+};
+use futures_util::{SinkExt, Stream, StreamExt};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage, client::IntoClientRequest, protocol::WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+pub(super) enum ConnectError {
+    Unauthorized,
+    Other(String),
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub(crate) fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_WS_MESSAGE))
+        .max_frame_size(Some(MAX_WS_MESSAGE))
+}
+
+/// Opens the agent WebSocket with the node JWT.
+pub(super) async fn connect(cfg: &AgentConfig, jwt: &str) -> Result<Ws, ConnectError> {
+    let mut url = cfg.server.join(AGENT_CONNECT_PATH).map_err(|e| ConnectError::Other(e.to_string()))?;
+    let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
+    url.set_scheme(scheme).map_err(|_| ConnectError::Other("bad scheme".into()))?;
+    let mut req = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| ConnectError::Other(e.to_string()))?;
+    let h = req.headers_mut();
+    h.insert("authorization", format!("Bearer {jwt}").parse().map_err(|_| ConnectError::Unauthorized)?);
+    h.insert("sec-websocket-protocol", SUBPROTOCOL.parse().expect("valid header"));
+    match tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true).await {
+        Ok((ws, resp)) => {
+            let proto = resp.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok());
+            if proto != Some(SUBPROTOCOL) {
+                return Err(ConnectError::Other(format!(
+                    "server did not accept subprotocol {SUBPROTOCOL} (got {proto:?})"
+                )));
+            }
+            Ok(ws)
+        }
+        Err(tungstenite::Error::Http(resp)) if resp.status() == 401 => Err(ConnectError::Unauthorized),
+        Err(tungstenite::Error::Http(resp)) => {
+            let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+            Err(ConnectError::Other(format!("HTTP {}: {body}", resp.status())))
+        }
+        Err(e) => Err(ConnectError::Other(crate::error_chain(&e))),
+    }
+}
+
+pub(crate) fn to_ws(o: Outbound) -> WsMessage {
+    match o {
+        Outbound::Text(t) => WsMessage::text(t),
+        Outbound::Binary(b) => WsMessage::Binary(b),
+        Outbound::Ping => WsMessage::Ping(Default::default()),
+        Outbound::Close(code, reason) => WsMessage::Close(Some(tungstenite::protocol::CloseFrame {
+            code: code.into(),
+            reason: reason.into(),
+        })),
+    }
+}
+
+async fn next_text<S>(ws: &mut S) -> Result<String, AgentError>
+where
+    S: Stream<Item = Result<WsMessage, tungstenite::Error>> + Unpin,
+{
+    loop {
+        match ws.next().await {
+            Some(Ok(WsMessage::Text(t))) => return Ok(t.to_string()),
+            Some(Ok(WsMessage::Close(f))) => {
+                return Err(AgentError::ConnectionLost(format!("closed by server: {f:?}")));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(AgentError::ConnectionLost(e.to_string())),
+            None => return Err(AgentError::ConnectionLost("closed during handshake".into())),
+        }
+    }
+}
+
+/// Serves one connection until it breaks (error) or shutdown (Ok).
+pub(super) async fn serve(
+    mut ws: Ws,
+    cfg: &AgentConfig,
+    ctx: Arc<Ctx>,
+    shutdown: &CancellationToken,
+) -> Result<(), AgentError> {
+    let inventory = crate::docker::containers::list(&ctx.docker, &ctx.node_id)
+        .await
+        .unwrap_or_else(|e| {
+            warn!(error = %e, "could not list workers for the inventory");
+            Vec::new()
+        });
+    let hello = Message::Hello(Hello {
+        versions: vec![PROTOCOL_VERSION],
+        node_id: cfg.node_id.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        inventory,
+        capabilities: None,
+    });
+    ws.send(WsMessage::text(hello.encode()))
+        .await
+        .map_err(|e| AgentError::ConnectionLost(e.to_string()))?;
+    let text = tokio::time::timeout(Duration::from_secs(15), next_text(&mut ws))
+        .await
+        .map_err(|_| AgentError::ConnectionLost("no welcome within 15 s".into()))??;
+    let welcome: Welcome = match Message::decode(&text) {
+        Ok(Message::Welcome(w)) => w,
+        Ok(Message::Error { error, .. }) if error.code == ErrorCode::Unauthorized => {
+            return Err(AgentError::Unauthorized(error.to_string()));
+        }
+        Ok(Message::Error { error, .. }) => return Err(AgentError::ConnectionLost(error.to_string())),
+        other => {
+            return Err(AgentError::ConnectionLost(format!("expected welcome, got {other:?}")));
+        }
+    };
+    let span = info_span!("session", node_id = %cfg.node_id, session_id = %welcome.session_id);
+    info!(parent: &span, "connected to server");
+    run_loop(ws, cfg, ctx, shutdown).instrument(span).await
+}
+
+async fn run_loop(ws: Ws, cfg: &AgentConfig, ctx: Arc<Ctx>, shutdown: &CancellationToken) -> Result<(), AgentError> {
+    let (mut sink, mut stream) = ws.split();
+    let (out, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
+    let channels = Channels::new();
+    let session_end = CancellationToken::new();
+
+    // The writer owns the sink, so a slow socket never stops the reader.
+    let writer = tokio::spawn(async move {
+        while let Some(o) = out_rx.recv().await {
+            let closing = matches!(o, Outbound::Close(..));
+            if sink.send(to_ws(o)).await.is_err() || closing {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let events = tokio::spawn(handlers::forward_events(ctx.clone(), out.clone(), session_end.clone()));
+
+    let mut tick = tokio::time::interval(cfg.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_rx = Instant::now();
+    let result = loop {
+        tokio::select! {
+            msg = stream.next() => {
+                last_rx = Instant::now();
+                match msg {
+                    Some(Ok(WsMessage::Text(t))) => on_text(t.as_str(), &ctx, &channels, &out),
+                    Some(Ok(WsMessage::Binary(b))) => on_binary(b, &channels, &out),
+                    Some(Ok(WsMessage::Close(f))) => {
+                        break Err(AgentError::ConnectionLost(format!("server closed the connection: {f:?}")));
+                    }
+                    Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
+                    Some(Err(e)) => break Err(AgentError::ConnectionLost(e.to_string())),
+                    None => break Err(AgentError::ConnectionLost("connection closed".into())),
+                }
+            }
+            _ = tick.tick() => {
+                if last_rx.elapsed() > cfg.heartbeat_timeout {
+                    break Err(AgentError::ConnectionLost(format!(
+                        "no traffic from the server for {} s", last_rx.elapsed().as_secs()
+                    )));
+                }
+                let _ = out.send(Outbound::Ping);
+            }
+            _ = shutdown.cancelled() => {
+                let _ = out.send(Outbound::Close(1001, "agent shutting down".into()));
+                break Ok(());
+            }
+        }
+    };
+    session_end.cancel();
+    events.abort();
+    channels.close_all(ErrorBody::new(ErrorCode::Unavailable, "connection to the server lost"));
+    drop(out);
+    if result.is_ok() {
+        // Let the close frame go out.
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    } else {
+        writer.abort();
+    }
+    result
+}
+
+fn on_text(text: &str, ctx: &Arc<Ctx>, channels: &Arc<Channels>, out: &crate::mux::OutTx) {
+    let msg = match Message::decode(text) {
+        Ok(m) => m,
+        Err(e) => {
+            debug!(error = %e.error, "bad message from server");
+            let _ = out.send(Outbound::msg(&Message::Error { id: e.id, error: e.error }));
+            return;
+        }
+    };
+    match msg {
+        Message::Request { id, request } => handlers::dispatch(id, request, ctx.clone(), channels.clone(), out.clone()),
+        Message::Window(w) => channels.on_window(w),
+        Message::ChannelEof(c) => channels.on_eof(c.channel),
+        Message::ChannelClose(c) => {
+            // Server cancels: forget the channel; its tasks stop.
+            channels.remove(c.channel);
+        }
+        Message::Unknown { kind, id } => {
+            let _ = out.send(Outbound::msg(&Message::error(
+                id,
+                ErrorCode::Unsupported,
+                format!("unknown message type {kind:?}"),
+            )));
+        }
+        Message::Error { id, error } => warn!(?id, %error, "server reported an error"),
+        other => {
+            let _ = out.send(Outbound::msg(&Message::error(
+                None,
+                ErrorCode::InvalidRequest,
+                format!("unexpected message from server: {}", other.encode()),
+            )));
+        }
+    }
+}
+
+fn on_binary(data: bytes::Bytes, channels: &Channels, out: &crate::mux::OutTx) {
+    let channel = Frame::peek_channel(&data);
+    let result = Frame::decode(data, MAX_FRAME_PAYLOAD)
+        .map_err(|e| {
+            let code = match e {
+                protocol::FrameError::TooLarge { .. } => ErrorCode::TooLarge,
+                _ => ErrorCode::InvalidRequest,
+            };
+            ErrorBody::new(code, e.to_string())
+        })
+        .and_then(|f| channels.on_frame(f));
+    if let Err(error) = result {
+        warn!(%error, ?channel, "bad frame from server");
+        if let Some(ch) = channel.filter(|c| channels.is_open(*c)) {
+            channels.remove(ch);
+            let _ = out.send(Outbound::msg(&Message::ChannelClose(protocol::ChannelClose {
+                channel: ch,
+                exit_code: None,
+                error: Some(error),
+            })));
+        } else {
+            let _ = out.send(Outbound::msg(&Message::Error { id: None, error }));
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! `tether ctl`: the operator's client of the server's HTTP API, with
+//! docker-CLI habits (exit codes passed through, `cp SRC DST`, `--json`).
+
+mod cp;
+mod stream;
+
+pub use cp::{CpTarget, copy};
+pub use stream::{exec, logs};
+
+use crate::protocol::{ErrorBody, ErrorCode, SpawnRequest, WorkerInfo};
+use crate::server::NodeInfo;
+use reqwest::{Method, RequestBuilder, Response};
+use serde::de::DeserializeOwned;
+use std::fmt::Write as _;
+
+/// A failed ctl command: the server's error, or a local one.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("{0}")]
+    Api(ErrorBody),
+    #[error("cannot reach the server at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("{0}")]
+    Local(String),
+}
+
+impl CtlError {
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            CtlError::Api(e) => Some(e.code),
+            _ => None,
+        }
+    }
+}
+
+/// Talks to one server with one operator token.
+#[derive(Clone)]
+pub struct Client {
+    base: url::Url,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: url::Url, token: String) -> Self {
+        Client {
+            base,
+            token,
+            http: crate::http_client(),
+        }
+    }
+
+    pub(crate) fn url(&self, path: &str) -> url::Url {
+        self.base.join(path).expect("API paths are valid")
+    }
+
+    pub(crate) fn token(&self) -> &str {
+        &self.token
+    }
+
+    pub(crate) fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.http.request(method, self.url(path)).bearer_auth(&self.token)
+    }
+
+    pub(crate) async fn send(&self, rb: RequestBuilder) -> Result<Response, CtlError> {
+        let resp = rb.send().await.map_err(|e| CtlError::Connect {
+            url: self.base.to_string(),
+            reason: crate::error_chain(&e),
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let body = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| serde_json::from_value::<ErrorBody>(v["error"].clone()).ok());
+        Err(CtlError::Api(body.unwrap_or_else(|| {
+            ErrorBody::new(ErrorCode::Internal, format!("HTTP {status}: {text}"))
+        })))
+    }
+
+    async fn json<T: DeserializeOwned>(&self, rb: RequestBuilder) -> Result<T, CtlError> {
+        self.send(rb)
+            .await?
+            .json()
+            .await
+            .map_err(|e| CtlError::Local(format!("bad reply from server: {e}")))
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, CtlError> {
+        #[derive(serde::Deserialize)]
+        struct R {
+            nodes: Vec<NodeInfo>,
+        }
+        Ok(self.json::<R>(self.request(Method::GET, "/api/v1/nodes")).await?.nodes)
+    }
+
+    pub async fn workers(&self) -> Result<Vec<WorkerInfo>, CtlError> {
+        #[derive(serde::Deserialize)]
+        struct R {
+            workers: Vec<WorkerInfo>,
+        }
+        Ok(self.json::<R>(self.request(Method::GET, "/api/v1/workers")).await?.workers)
+    }
+
+    pub async fn inspect(&self, worker: &str) -> Result<WorkerInfo, CtlError> {
+        self.json(self.request(Method::GET, &format!("/api/v1/workers/{worker}"))).await
+    }
+
+    pub async fn spawn(&self, req: &SpawnRequest) -> Result<WorkerInfo, CtlError> {
+        self.json(self.request(Method::POST, "/api/v1/workers").json(req)).await
+    }
+
+    pub async fn stop(&self, worker: &str) -> Result<WorkerInfo, CtlError> {
+        self.json(self.request(Method::POST, &format!("/api/v1/workers/{worker}/stop"))).await
+    }
+
+    pub async fn remove(&self, worker: &str, force: bool) -> Result<(), CtlError> {
+        let rb = self
+            .request(Method::DELETE, &format!("/api/v1/workers/{worker}"))
+            .query(&[("force", force)]);
+        self.send(rb).await.map(|_| ())
+    }
+
+    pub async fn drain(&self, node: &str, drain: bool) -> Result<NodeInfo, CtlError> {
+        let verb = if drain { "drain" } else { "undrain" };
+        self.json(self.request(Method::POST, &format!("/api/v1/nodes/{node}/{verb}"))).await
+    }
+}
+
+/// `ctl nodes` as a table.
+pub fn format_nodes(nodes: &[NodeInfo]) -> String {
+    let mut s = format!("{:<24} {:<9} {:>7}  {:<22} {}\n", "NODE", "STATUS", "WORKERS", "LAST SEEN", "REASON");
+    for n in nodes {
+        let _ = writeln!(
+            s,
+            "{:<24} {:<9} {:>7}  {:<22} {}",
+            n.node_id,
+            n.status,
+            n.workers,
+            n.last_seen.as_deref().unwrap_or("-"),
+            n.offline_reason.as_deref().unwrap_or("")
+        );
+    }
+    s
+}
+
+/// `ctl ps` as a table.
+pub fn format_workers(workers: &[WorkerInfo]) -> String {
+    let mut s = format!(
+        "{:<28} {:<16} {:<28} {:<10} {:<16} {}\n",
+        "WORKER", "NODE", "IMAGE", "STATE", "IP", "TASK"
+    );
+    for w in workers {
+        let _ = writeln!(
+            s,
+            "{:<28} {:<16} {:<28} {:<10} {:<16} {}",
+            w.worker_id,
+            w.node_id,
+            w.image,
+            w.state,
+            w.ip.as_deref().unwrap_or("-"),
+            w.task_id.as_deref().unwrap_or("-")
+        );
+    }
+    s
+}

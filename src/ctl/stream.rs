@@ -1,0 +1,187 @@
+//! `ctl exec` and `ctl logs`: WebSocket sessions with the server, stdout and
+//! stderr kept apart, stdin and terminal resizes forwarded.
+
+use super::{Client, CtlError};
+use crate::protocol::{ErrorBody, StreamKind, TermSize};
+use crate::server::{ExecOptions, LogOptions};
+use futures_util::{SinkExt, StreamExt};
+use std::io::{IsTerminal, Write};
+use tokio::io::AsyncReadExt;
+use tokio_tungstenite::tungstenite::{Message as WsMessage, client::IntoClientRequest};
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn open(client: &Client, path: &str, query: &[(&str, String)]) -> Result<Ws, CtlError> {
+    crate::init_crypto();
+    let mut url = client.url(path);
+    let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
+    let _ = url.set_scheme(scheme);
+    if !query.is_empty() {
+        url.query_pairs_mut().extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
+    }
+    let mut req = url.as_str().into_client_request().map_err(|e| CtlError::Local(e.to_string()))?;
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", client.token()).parse().map_err(|_| CtlError::Local("token is not a valid header".into()))?,
+    );
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp.body().as_deref().unwrap_or_default();
+            let err = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| serde_json::from_value::<ErrorBody>(v["error"].clone()).ok());
+            Err(match err {
+                Some(e) => CtlError::Api(e),
+                None => CtlError::Local(format!("HTTP {}", resp.status())),
+            })
+        }
+        Err(e) => Err(CtlError::Connect {
+            url: client.url("/").to_string(),
+            reason: crate::error_chain(&e),
+        }),
+    }
+}
+
+/// Restores the terminal when dropped.
+struct RawMode(bool);
+
+impl RawMode {
+    fn enable(on: bool) -> RawMode {
+        RawMode(on && crossterm::terminal::enable_raw_mode().is_ok())
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = crossterm::terminal::disable_raw_mode();
+        }
+    }
+}
+
+fn term_size() -> Option<TermSize> {
+    crossterm::terminal::size().ok().map(|(cols, rows)| TermSize { cols, rows })
+}
+
+/// What ends a stream session.
+enum End {
+    Exit(Option<i64>),
+    Error(ErrorBody),
+}
+
+/// Writes output frames to stdout/stderr until the server's final message.
+async fn drain_output(rx: &mut futures_util::stream::SplitStream<Ws>) -> Result<End, CtlError> {
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    while let Some(m) = rx.next().await {
+        match m.map_err(|e| CtlError::Local(format!("connection lost: {e}")))? {
+            WsMessage::Binary(b) if !b.is_empty() => {
+                let (kind, data) = (StreamKind::from_u8(b[0]), &b[1..]);
+                let w: &mut dyn Write = if kind == Some(StreamKind::Stderr) { &mut stderr } else { &mut stdout };
+                w.write_all(data).and_then(|_| w.flush()).map_err(|e| CtlError::Local(e.to_string()))?;
+            }
+            WsMessage::Text(t) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
+                if v["type"] == "error" {
+                    let e = serde_json::from_value(v["error"].clone())
+                        .unwrap_or_else(|_| ErrorBody::new(crate::protocol::ErrorCode::Internal, t.to_string()));
+                    return Ok(End::Error(e));
+                }
+                return Ok(End::Exit(v["exit_code"].as_i64()));
+            }
+            WsMessage::Close(_) => break,
+            _ => {}
+        }
+    }
+    Err(CtlError::Local("connection closed before the command finished".into()))
+}
+
+/// Runs a command in a worker; returns its exit code.
+pub async fn exec(client: &Client, worker: &str, cmd: Vec<String>, interactive: bool, tty: bool) -> Result<i64, CtlError> {
+    let ws = open(client, &format!("/api/v1/workers/{worker}/exec"), &[]).await?;
+    let (mut tx, mut rx) = ws.split();
+    let tty = tty && std::io::stdout().is_terminal();
+    let opts = ExecOptions {
+        cmd,
+        tty,
+        stdin: interactive,
+        size: if tty { term_size() } else { None },
+        ..Default::default()
+    };
+    tx.send(WsMessage::text(serde_json::to_string(&opts).expect("serializes")))
+        .await
+        .map_err(|e| CtlError::Local(e.to_string()))?;
+    let _raw = RawMode::enable(tty && interactive && std::io::stdin().is_terminal());
+    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel::<WsMessage>(16);
+    if interactive {
+        let t = ctl_tx.clone();
+        tokio::spawn(async move {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = t.send(WsMessage::text(r#"{"type":"stdin_eof"}"#)).await;
+                        break;
+                    }
+                    Ok(n) => {
+                        if t.send(WsMessage::Binary(bytes::Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    if tty {
+        let t = ctl_tx.clone();
+        tokio::spawn(async move {
+            let Ok(mut sig) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()) else {
+                return;
+            };
+            while sig.recv().await.is_some() {
+                if let Some(s) = term_size() {
+                    let m = serde_json::json!({"type": "resize", "cols": s.cols, "rows": s.rows});
+                    if t.send(WsMessage::text(m.to_string())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+    }
+    drop(ctl_tx);
+    let forward = async move {
+        while let Some(m) = ctl_rx.recv().await {
+            if tx.send(m).await.is_err() {
+                break;
+            }
+        }
+        std::future::pending::<()>().await;
+    };
+    let end = tokio::select! {
+        r = drain_output(&mut rx) => r?,
+        _ = forward => unreachable!("forward never ends"),
+    };
+    match end {
+        End::Exit(code) => Ok(code.unwrap_or(-1)),
+        End::Error(e) => Err(CtlError::Api(e)),
+    }
+}
+
+/// Prints a worker's logs; with `follow`, until the worker stops or Ctrl-C.
+pub async fn logs(client: &Client, worker: &str, opts: LogOptions) -> Result<(), CtlError> {
+    let mut q = vec![("follow", opts.follow.to_string()), ("timestamps", opts.timestamps.to_string())];
+    if let Some(s) = opts.since {
+        q.push(("since", s.to_string()));
+    }
+    if let Some(t) = opts.tail {
+        q.push(("tail", t.to_string()));
+    }
+    let ws = open(client, &format!("/api/v1/workers/{worker}/logs"), &q).await?;
+    let (_tx, mut rx) = ws.split();
+    match drain_output(&mut rx).await? {
+        End::Exit(_) => Ok(()),
+        End::Error(e) => Err(CtlError::Api(e)),
+    }
+}

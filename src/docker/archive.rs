@@ -1,0 +1,66 @@
+//! Files: the archive endpoints, streamed as tar in chunks.
+
+use super::{object_name, to_error};
+use crate::protocol::{ErrorBody, StatResult};
+use bollard::Docker;
+use bollard::errors::Error as DockerError;
+use bollard::query_parameters::{ContainerArchiveInfoOptions, DownloadFromContainerOptions, UploadToContainerOptions};
+use bytes::Bytes;
+use futures_util::Stream;
+
+/// Go's `os.ModeDir` bit, as Docker reports it in path stats.
+const MODE_DIR: u32 = 1 << 31;
+
+pub async fn stat(docker: &Docker, worker_id: &str, path: &str) -> Result<StatResult, ErrorBody> {
+    match docker
+        .get_container_archive_info(
+            &object_name(worker_id),
+            Some(ContainerArchiveInfoOptions { path: path.to_string() }),
+        )
+        .await
+    {
+        Ok(s) => Ok(StatResult {
+            exists: true,
+            is_dir: s.file_mode & MODE_DIR != 0,
+            size: s.size.max(0) as u64,
+        }),
+        Err(DockerError::DockerResponseServerError { status_code: 404, message })
+            if !message.contains("No such container") =>
+        {
+            Ok(StatResult {
+                exists: false,
+                is_dir: false,
+                size: 0,
+            })
+        }
+        Err(e) => Err(to_error(e, "stat path")),
+    }
+}
+
+/// A tar stream of `path` in the worker.
+pub fn download(docker: &Docker, worker_id: &str, path: &str) -> impl Stream<Item = Result<Bytes, DockerError>> + use<> {
+    docker.download_from_container(
+        &object_name(worker_id),
+        Some(DownloadFromContainerOptions { path: path.to_string() }),
+    )
+}
+
+/// Extracts a tar stream into directory `path` of the worker.
+pub async fn upload(
+    docker: &Docker,
+    worker_id: &str,
+    path: &str,
+    tar: impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+) -> Result<(), ErrorBody> {
+    docker
+        .upload_to_container(
+            &object_name(worker_id),
+            Some(UploadToContainerOptions {
+                path: path.to_string(),
+                ..Default::default()
+            }),
+            bollard::body_try_stream(tar),
+        )
+        .await
+        .map_err(|e| to_error(e, "extract archive"))
+}

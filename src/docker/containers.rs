@@ -1,0 +1,337 @@
+//! Worker containers: create (with default hardening), inspect, list, stop,
+//! remove. A worker is one container on its own network, both named
+//! `tether-<worker id>`.
+
+use super::networks::{self, SubnetPool};
+use super::{labels, object_name, to_error, valid_worker_id};
+use crate::protocol::{ErrorBody, ErrorCode, Resources, Spawn, WorkerInfo};
+use bollard::Docker;
+use bollard::errors::Error as DockerError;
+use bollard::models::{ContainerCreateBody, ContainerInspectResponse, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, ListContainersOptions, RemoveContainerOptions,
+    StopContainerOptions,
+};
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Limits applied when a request names none.
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults {
+    pub cpus: f64,
+    pub memory_mb: u64,
+    pub pids: i64,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            cpus: 1.0,
+            memory_mb: 512,
+            pids: 512,
+        }
+    }
+}
+
+fn not_found(worker_id: &str) -> ErrorBody {
+    ErrorBody::new(ErrorCode::NotFound, format!("no such worker: {worker_id}"))
+}
+
+/// Inspects a worker's container; `not_found` if it does not exist or is not
+/// a tether worker of this node.
+pub async fn inspect(docker: &Docker, node_id: &str, worker_id: &str) -> Result<WorkerInfo, ErrorBody> {
+    if !valid_worker_id(worker_id) {
+        return Err(not_found(worker_id));
+    }
+    match docker.inspect_container(&object_name(worker_id), None).await {
+        Ok(c) => to_info(c, node_id).ok_or_else(|| not_found(worker_id)),
+        Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Err(not_found(worker_id)),
+        Err(e) => Err(to_error(e, "inspect worker")),
+    }
+}
+
+/// Builds a [`WorkerInfo`] from an inspect response, if it is one of ours.
+fn to_info(c: ContainerInspectResponse, node_id: &str) -> Option<WorkerInfo> {
+    let config = c.config?;
+    let lbls = config.labels.unwrap_or_default();
+    if lbls.get(labels::MANAGED).map(String::as_str) != Some("true")
+        || lbls.get(labels::NODE).map(String::as_str) != Some(node_id)
+    {
+        return None;
+    }
+    let worker_id = lbls.get(labels::WORKER)?.clone();
+    let network = object_name(&worker_id);
+    let ip = c
+        .network_settings
+        .and_then(|n| n.networks)
+        .and_then(|mut n| n.remove(&network))
+        .and_then(|e| e.ip_address)
+        .filter(|ip| !ip.is_empty());
+    let state = c.state.unwrap_or_default();
+    let status = state.status.map(|s| s.to_string()).unwrap_or_else(|| "unknown".into());
+    let exit_code = if status == "exited" { state.exit_code } else { None };
+    let user_labels = lbls
+        .iter()
+        .filter(|(k, _)| !k.starts_with(labels::PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Some(WorkerInfo {
+        node_id: node_id.to_string(),
+        image: config.image.unwrap_or_default(),
+        container_id: c.id.unwrap_or_default(),
+        network,
+        subnet: None,
+        ip,
+        state: status,
+        exit_code,
+        task_id: lbls.get(labels::TASK).cloned(),
+        job_id: lbls.get(labels::JOB).cloned(),
+        labels: user_labels,
+        created_at: c.created.map(|d| d.to_string()).unwrap_or_default(),
+        worker_id,
+    })
+}
+
+/// Ids of the workers of this node, from container labels.
+pub async fn list_ids(docker: &Docker, node_id: &str) -> Result<Vec<String>, ErrorBody> {
+    let filters = HashMap::from([(
+        "label".to_string(),
+        vec![format!("{}=true", labels::MANAGED), format!("{}={node_id}", labels::NODE)],
+    )]);
+    let list = docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|e| to_error(e, "list containers"))?;
+    Ok(list
+        .into_iter()
+        .filter_map(|c| c.labels.and_then(|mut l| l.remove(labels::WORKER)))
+        .collect())
+}
+
+/// Every worker of this node.
+pub async fn list(docker: &Docker, node_id: &str) -> Result<Vec<WorkerInfo>, ErrorBody> {
+    let mut out = Vec::new();
+    for id in list_ids(docker, node_id).await? {
+        match inspect(docker, node_id, &id).await {
+            Ok(w) => out.push(w),
+            Err(e) if e.code == ErrorCode::NotFound => {} // removed meanwhile
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Makes sure `image` is present, pulling it if the engine can.
+async fn ensure_image(docker: &Docker, image: &str) -> Result<(), ErrorBody> {
+    match docker.inspect_image(image).await {
+        Ok(_) => return Ok(()),
+        Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => {}
+        Err(e) => return Err(to_error(e, "inspect image")),
+    }
+    let pull = async {
+        let mut s = docker.create_image(
+            Some(CreateImageOptions {
+                from_image: Some(image.to_string()),
+                ..Default::default()
+            }),
+            None,
+            None,
+        );
+        while let Some(item) = s.next().await {
+            item?;
+        }
+        Ok::<_, DockerError>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(300), pull).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ErrorBody::new(
+            ErrorCode::NotFound,
+            format!("image {image:?} is not on the node and could not be pulled: {}", to_error(e, "pull").message),
+        )),
+        Err(_) => Err(ErrorBody::new(ErrorCode::Timeout, format!("pulling image {image:?} took over 300 s"))),
+    }
+}
+
+fn validate(spec: &Spawn) -> Result<(), ErrorBody> {
+    let bad = |m: String| Err(ErrorBody::new(ErrorCode::InvalidRequest, m));
+    if !valid_worker_id(&spec.worker_id) {
+        return bad(format!("invalid worker id {:?}", spec.worker_id));
+    }
+    if spec.spec.image.trim().is_empty() {
+        return bad("image must not be empty".into());
+    }
+    if let Some(k) = spec.spec.labels.keys().find(|k| k.starts_with(labels::PREFIX)) {
+        return bad(format!("label {k:?} uses the reserved prefix {:?}", labels::PREFIX));
+    }
+    if let Some(k) = spec.spec.env.keys().find(|k| k.is_empty() || k.contains('=')) {
+        return bad(format!("invalid environment variable name {k:?}"));
+    }
+    let Resources { cpus, memory_mb, pids } = &spec.spec.resources;
+    if cpus.is_some_and(|c| !(c > 0.0 && c <= 1024.0)) {
+        return bad("cpus must be > 0".into());
+    }
+    if memory_mb.is_some_and(|m| m < 6) {
+        return bad("memory must be at least 6 MB (Docker's minimum)".into());
+    }
+    if pids.is_some_and(|p| p < 1) {
+        return bad("pids must be at least 1".into());
+    }
+    Ok(())
+}
+
+/// Creates and starts a worker: its network, then its container on it.
+/// Idempotent: a worker id that already exists returns the existing worker.
+pub async fn spawn(
+    docker: &Docker,
+    pool: &SubnetPool,
+    node_id: &str,
+    defaults: Defaults,
+    spec: &Spawn,
+) -> Result<WorkerInfo, ErrorBody> {
+    validate(spec)?;
+    match inspect(docker, node_id, &spec.worker_id).await {
+        Ok(w) => return Ok(w),
+        Err(e) if e.code == ErrorCode::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    ensure_image(docker, &spec.spec.image).await?;
+
+    let name = object_name(&spec.worker_id);
+    let mut object_labels = HashMap::from([
+        (labels::MANAGED.to_string(), "true".to_string()),
+        (labels::WORKER.to_string(), spec.worker_id.clone()),
+        (labels::NODE.to_string(), node_id.to_string()),
+    ]);
+    if let Some(t) = &spec.spec.task_id {
+        object_labels.insert(labels::TASK.into(), t.clone());
+    }
+    if let Some(j) = &spec.spec.job_id {
+        object_labels.insert(labels::JOB.into(), j.clone());
+    }
+    let subnet = networks::create(docker, pool, &name, &object_labels).await?;
+
+    let mut container_labels = object_labels.clone();
+    container_labels.extend(spec.spec.labels.clone());
+    let r = &spec.spec.resources;
+    let memory = (r.memory_mb.unwrap_or(defaults.memory_mb) * 1024 * 1024) as i64;
+    let body = ContainerCreateBody {
+        image: Some(spec.spec.image.clone()),
+        cmd: (!spec.spec.cmd.is_empty()).then(|| spec.spec.cmd.clone()),
+        env: Some(spec.spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        labels: Some(container_labels),
+        working_dir: spec.spec.workdir.clone(),
+        hostname: Some(format!("w-{}", &name[7..name.len().min(19)])),
+        host_config: Some(HostConfig {
+            network_mode: Some(name.clone()),
+            cap_drop: Some(vec!["ALL".into()]),
+            security_opt: Some(vec!["no-new-privileges:true".into()]),
+            memory: Some(memory),
+            memory_swap: Some(memory),
+            nano_cpus: Some((r.cpus.unwrap_or(defaults.cpus) * 1e9) as i64),
+            pids_limit: Some(r.pids.unwrap_or(defaults.pids)),
+            init: Some(true),
+            publish_all_ports: Some(false),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let created = docker
+        .create_container(
+            Some(CreateContainerOptions {
+                name: Some(name.clone()),
+                ..Default::default()
+            }),
+            body,
+        )
+        .await;
+    let result = match created {
+        Ok(_) => docker
+            .start_container(&name, None)
+            .await
+            .map_err(|e| to_error(e, "start container")),
+        Err(e) => Err(to_error(e, "create container")),
+    };
+    if let Err(e) = result {
+        // Leave nothing half-made behind.
+        let _ = remove_container(docker, &name, true).await;
+        let _ = networks::remove(docker, pool, &name).await;
+        return Err(e);
+    }
+    let mut info = inspect(docker, node_id, &spec.worker_id).await?;
+    info.subnet = Some(subnet.to_string());
+    Ok(info)
+}
+
+pub async fn stop(docker: &Docker, node_id: &str, worker_id: &str, timeout_secs: u32) -> Result<WorkerInfo, ErrorBody> {
+    inspect(docker, node_id, worker_id).await?;
+    match docker
+        .stop_container(
+            &object_name(worker_id),
+            Some(StopContainerOptions {
+                t: Some(timeout_secs as i32),
+                signal: None,
+            }),
+        )
+        .await
+    {
+        Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 304, .. }) => {}
+        Err(e) => return Err(to_error(e, "stop container")),
+    }
+    inspect(docker, node_id, worker_id).await
+}
+
+async fn remove_container(docker: &Docker, name: &str, force: bool) -> Result<(), DockerError> {
+    match docker
+        .remove_container(
+            name,
+            Some(RemoveContainerOptions {
+                force,
+                v: true,
+                link: false,
+            }),
+        )
+        .await
+    {
+        Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+        r => r,
+    }
+}
+
+/// Removes the container and its network. Without `force` a running worker
+/// is a `conflict`.
+pub async fn remove(
+    docker: &Docker,
+    pool: &SubnetPool,
+    node_id: &str,
+    worker_id: &str,
+    force: bool,
+) -> Result<(), ErrorBody> {
+    let info = inspect(docker, node_id, worker_id).await?;
+    if !force && info.state == "running" {
+        return Err(ErrorBody::new(
+            ErrorCode::Conflict,
+            format!("worker {worker_id} is running: stop it first or remove with force"),
+        ));
+    }
+    let name = object_name(worker_id);
+    remove_container(docker, &name, force)
+        .await
+        .map_err(|e| to_error(e, "remove container"))?;
+    networks::remove(docker, pool, &name).await
+}
+
+/// Networks labelled as ours whose worker container no longer exists.
+pub async fn orphan_networks(docker: &Docker, node_id: &str) -> Result<Vec<String>, ErrorBody> {
+    let live: std::collections::HashSet<String> =
+        list_ids(docker, node_id).await?.iter().map(|id| object_name(id)).collect();
+    Ok(networks::list_managed(docker, node_id)
+        .await?
+        .into_iter()
+        .filter(|n| !live.contains(n))
+        .collect())
+}

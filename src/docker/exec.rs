@@ -1,0 +1,112 @@
+//! Exec: create and start a process in a worker with stdout and stderr kept
+//! apart (or a TTY), resize it, read its exit code.
+
+use super::{object_name, to_error};
+use crate::protocol::{ErrorBody, ErrorCode, Exec, StreamKind, TermSize};
+use bollard::Docker;
+use bollard::container::LogOutput;
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+use bytes::Bytes;
+use futures_util::Stream;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::io::AsyncWrite;
+
+pub type Output = Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>;
+pub type Input = Pin<Box<dyn AsyncWrite + Send>>;
+
+pub struct Started {
+    pub exec_id: String,
+    pub output: Output,
+    pub input: Input,
+}
+
+/// Creates and starts the exec, attached.
+pub async fn start(docker: &Docker, req: &Exec) -> Result<Started, ErrorBody> {
+    if req.cmd.is_empty() {
+        return Err(ErrorBody::new(ErrorCode::InvalidRequest, "exec needs a command"));
+    }
+    let env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let created = docker
+        .create_exec(
+            &object_name(&req.worker_id),
+            CreateExecOptions {
+                attach_stdin: Some(req.stdin),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                tty: Some(req.tty),
+                cmd: Some(req.cmd.clone()),
+                env: (!env.is_empty()).then_some(env),
+                working_dir: req.workdir.clone(),
+                user: req.user.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| {
+            let mut e = to_error(e, "create exec");
+            if e.code == ErrorCode::Conflict {
+                e.message = format!("worker {} is not running ({})", req.worker_id, e.message);
+            }
+            e
+        })?;
+    let started = docker
+        .start_exec(
+            &created.id,
+            Some(StartExecOptions {
+                detach: false,
+                tty: req.tty,
+                output_capacity: Some(64 * 1024),
+            }),
+        )
+        .await
+        .map_err(|e| to_error(e, "start exec"))?;
+    match started {
+        StartExecResults::Attached { output, input } => Ok(Started {
+            exec_id: created.id,
+            output,
+            input,
+        }),
+        StartExecResults::Detached => Err(ErrorBody::new(ErrorCode::Internal, "exec started detached")),
+    }
+}
+
+pub async fn resize(docker: &Docker, exec_id: &str, size: TermSize) -> Result<(), ErrorBody> {
+    docker
+        .resize_exec(
+            exec_id,
+            bollard::exec::ResizeExecOptions {
+                width: size.cols,
+                height: size.rows,
+            },
+        )
+        .await
+        .map_err(|e| to_error(e, "resize exec"))
+}
+
+/// Exit code of a finished exec. The output stream can end a moment before
+/// Docker records the exit, so poll briefly.
+pub async fn exit_code(docker: &Docker, exec_id: &str) -> Result<i64, ErrorBody> {
+    for _ in 0..200 {
+        let i = docker
+            .inspect_exec(exec_id)
+            .await
+            .map_err(|e| to_error(e, "inspect exec"))?;
+        if i.running != Some(true) {
+            if let Some(code) = i.exit_code {
+                return Ok(code);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(ErrorBody::new(ErrorCode::Timeout, "exec output ended but Docker reports no exit code"))
+}
+
+/// Splits Docker's multiplexed output into the protocol's streams.
+pub fn split(item: LogOutput) -> Option<(StreamKind, Bytes)> {
+    match item {
+        LogOutput::StdOut { message } | LogOutput::Console { message } => Some((StreamKind::Stdout, message)),
+        LogOutput::StdErr { message } => Some((StreamKind::Stderr, message)),
+        LogOutput::StdIn { .. } => None,
+    }
+}

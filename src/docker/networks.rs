@@ -1,0 +1,201 @@
+//! Worker networks: one dedicated bridge per worker, each with a small subnet
+//! carved from a configurable pool (Docker's default pools run out after
+//! about 30 networks).
+
+use super::{labels, to_error};
+use crate::protocol::{ErrorBody, ErrorCode};
+use bollard::Docker;
+use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest};
+use bollard::query_parameters::ListNetworksOptions;
+use ipnet::Ipv4Net;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+/// Hands out non-overlapping subnets of `pool`, each `/prefix`.
+pub struct SubnetPool {
+    pool: Ipv4Net,
+    prefix: u8,
+    /// Subnets in use by any Docker network that overlaps the pool.
+    used: Mutex<BTreeSet<Ipv4Net>>,
+}
+
+impl SubnetPool {
+    pub fn new(pool: Ipv4Net, prefix: u8) -> Result<Self, String> {
+        if prefix < pool.prefix_len() || prefix > 29 {
+            return Err(format!(
+                "worker subnet prefix /{prefix} must lie between the pool's /{} and /29",
+                pool.prefix_len()
+            ));
+        }
+        Ok(SubnetPool {
+            pool: pool.trunc(),
+            prefix,
+            used: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        1u64 << (self.prefix - self.pool.prefix_len())
+    }
+
+    /// Marks every subnet of existing Docker networks as used.
+    pub async fn sync(&self, docker: &Docker) -> Result<(), ErrorBody> {
+        let nets = docker
+            .list_networks(None::<ListNetworksOptions>)
+            .await
+            .map_err(|e| to_error(e, "list networks"))?;
+        let mut used = self.used.lock().unwrap();
+        used.clear();
+        for n in nets {
+            for c in n.ipam.and_then(|i| i.config).unwrap_or_default() {
+                if let Some(net) = c.subnet.and_then(|s| s.parse::<Ipv4Net>().ok()) {
+                    used.insert(net);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn allocate(&self) -> Option<Ipv4Net> {
+        let mut used = self.used.lock().unwrap();
+        let free = self.pool.subnets(self.prefix).ok()?.find(|s| {
+            !used
+                .iter()
+                .any(|u| u.contains(&s.network()) || s.contains(&u.network()))
+        })?;
+        used.insert(free);
+        Some(free)
+    }
+
+    pub fn mark_used(&self, net: Ipv4Net) {
+        self.used.lock().unwrap().insert(net);
+    }
+
+    pub fn release(&self, net: Ipv4Net) {
+        self.used.lock().unwrap().remove(&net);
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.used.lock().unwrap().iter().filter(|n| self.pool.contains(&n.network())).count()
+    }
+}
+
+/// Creates the dedicated bridge network of a worker on a fresh subnet.
+pub async fn create(
+    docker: &Docker,
+    pool: &SubnetPool,
+    name: &str,
+    object_labels: &HashMap<String, String>,
+) -> Result<Ipv4Net, ErrorBody> {
+    // A subnet may be taken behind our back (another tool on the engine):
+    // mark it used and try the next one.
+    for _ in 0..8 {
+        let subnet = pool.allocate().ok_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!("no free worker subnet left in the pool ({} subnets)", pool.capacity()),
+            )
+        })?;
+        let gateway = subnet.hosts().next().map(|g| g.to_string());
+        let req = NetworkCreateRequest {
+            name: name.to_string(),
+            driver: Some("bridge".into()),
+            internal: Some(false),
+            attachable: Some(false),
+            ipam: Some(Ipam {
+                driver: Some("default".into()),
+                config: Some(vec![IpamConfig {
+                    subnet: Some(subnet.to_string()),
+                    gateway,
+                    ..Default::default()
+                }]),
+                options: None,
+            }),
+            labels: Some(object_labels.clone()),
+            options: Some(HashMap::from([(
+                "com.docker.network.bridge.enable_icc".to_string(),
+                "false".to_string(),
+            )])),
+            ..Default::default()
+        };
+        match docker.create_network(req).await {
+            Ok(_) => return Ok(subnet),
+            Err(bollard::errors::Error::DockerResponseServerError { message, .. })
+                if message.contains("overlap") =>
+            {
+                continue;
+            }
+            Err(e) => {
+                pool.release(subnet);
+                return Err(to_error(e, "create network"));
+            }
+        }
+    }
+    Err(ErrorBody::new(ErrorCode::Unavailable, "could not find a free subnet for the worker network"))
+}
+
+/// Removes a worker network and returns its subnet to the pool. A network
+/// that is already gone is not an error.
+pub async fn remove(docker: &Docker, pool: &SubnetPool, name: &str) -> Result<(), ErrorBody> {
+    let subnet = match docker.inspect_network(name, None).await {
+        Ok(n) => n
+            .ipam
+            .and_then(|i| i.config)
+            .and_then(|c| c.into_iter().find_map(|c| c.subnet))
+            .and_then(|s| s.parse::<Ipv4Net>().ok()),
+        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => return Ok(()),
+        Err(e) => return Err(to_error(e, "inspect network")),
+    };
+    match docker.remove_network(name).await {
+        Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+        Err(e) => return Err(to_error(e, "remove network")),
+    }
+    if let Some(s) = subnet {
+        pool.release(s);
+    }
+    Ok(())
+}
+
+/// Names of the networks tether made on this node.
+pub async fn list_managed(docker: &Docker, node_id: &str) -> Result<Vec<String>, ErrorBody> {
+    let filters = HashMap::from([(
+        "label".to_string(),
+        vec![format!("{}=true", labels::MANAGED), format!("{}={node_id}", labels::NODE)],
+    )]);
+    let nets = docker
+        .list_networks(Some(ListNetworksOptions { filters: Some(filters) }))
+        .await
+        .map_err(|e| to_error(e, "list networks"))?;
+    Ok(nets.into_iter().filter_map(|n| n.name).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocates_disjoint_subnets_and_reuses_released() {
+        let pool = SubnetPool::new("10.99.0.0/24".parse().unwrap(), 28).unwrap();
+        assert_eq!(pool.capacity(), 16);
+        pool.mark_used("10.99.0.16/28".parse().unwrap());
+        // A foreign, larger network that overlaps part of the pool.
+        pool.mark_used("10.99.0.128/25".parse().unwrap());
+        let a = pool.allocate().unwrap();
+        let b = pool.allocate().unwrap();
+        assert_eq!(a.to_string(), "10.99.0.0/28");
+        assert_eq!(b.to_string(), "10.99.0.32/28");
+        let mut n = 2;
+        while pool.allocate().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 7, "16 - 1 used - 8 under the /25");
+        pool.release(a);
+        assert_eq!(pool.allocate(), Some(a));
+    }
+
+    #[test]
+    fn rejects_bad_prefix() {
+        assert!(SubnetPool::new("10.0.0.0/24".parse().unwrap(), 16).is_err());
+        assert!(SubnetPool::new("10.0.0.0/16".parse().unwrap(), 30).is_err());
+    }
+}

@@ -1,0 +1,395 @@
+//! The `tether` binary: parses flags, starts tracing, installs the crypto
+//! provider and signal handling, then hands over to the library.
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tether::ctl::{self, Client, CpTarget, CtlError};
+use tether::protocol::{Resources, SpawnRequest};
+use tether::server::LogOptions;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "tether", version, about = "Run sandboxed workloads on compute you own")]
+struct Cli {
+    /// Log level filter (also RUST_LOG).
+    #[arg(long, global = true, env = "TETHER_LOG", default_value = "info")]
+    log: String,
+    /// Log format: text or json.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node agent: register, dial out to the server, drive Docker.
+    Agent(AgentArgs),
+    /// Run the reference control plane.
+    Server(ServerArgs),
+    /// Server and agent in one process on loopback, for a first run.
+    Dev(DevArgs),
+    /// Operator CLI against a server.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Server base URL (http:// or https://).
+    #[arg(long, env = "TETHER_SERVER")]
+    server: url::Url,
+    /// Registration key (prefer --psk-file: environment variables show in `docker inspect`).
+    #[arg(long, env = "TETHER_PSK", hide_env_values = true)]
+    psk: Option<String>,
+    /// File holding the registration key.
+    #[arg(long, env = "TETHER_PSK_FILE")]
+    psk_file: Option<PathBuf>,
+    /// This node's id (default: the host name).
+    #[arg(long, env = "TETHER_NODE_ID")]
+    node_id: Option<String>,
+    /// Where the node token and state are kept.
+    #[arg(long, env = "TETHER_STATE_DIR", default_value = "/var/lib/tether")]
+    state_dir: PathBuf,
+    /// Docker socket path (default: DOCKER_HOST or /var/run/docker.sock).
+    #[arg(long, env = "TETHER_DOCKER_SOCKET")]
+    docker_socket: Option<String>,
+    /// Address pool for worker networks.
+    #[arg(long, env = "TETHER_SUBNET_POOL", default_value = "10.213.0.0/16")]
+    subnet_pool: ipnet::Ipv4Net,
+    /// Prefix length of each worker's subnet.
+    #[arg(long, env = "TETHER_SUBNET_PREFIX", default_value_t = 28)]
+    subnet_prefix: u8,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 10)]
+    heartbeat_interval: u64,
+    /// Seconds of silence after which the connection is dropped.
+    #[arg(long, default_value_t = 30)]
+    heartbeat_timeout: u64,
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    #[arg(long, env = "TETHER_LISTEN", default_value = "0.0.0.0:7878")]
+    listen: SocketAddr,
+    /// Registration key (prefer --psk-file).
+    #[arg(long, env = "TETHER_PSK", hide_env_values = true)]
+    psk: Option<String>,
+    #[arg(long, env = "TETHER_PSK_FILE")]
+    psk_file: Option<PathBuf>,
+    #[arg(long, env = "TETHER_STATE_DIR", default_value = "/var/lib/tether-server")]
+    state_dir: PathBuf,
+    /// Lifetime of node tokens, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    jwt_ttl: u64,
+    #[arg(long, default_value_t = 10)]
+    heartbeat_interval: u64,
+    #[arg(long, default_value_t = 30)]
+    heartbeat_timeout: u64,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    listen: SocketAddr,
+    #[arg(long, default_value = ".tether-dev")]
+    state_dir: PathBuf,
+    #[arg(long, default_value = "dev")]
+    node_id: String,
+    #[arg(long, env = "TETHER_DOCKER_SOCKET")]
+    docker_socket: Option<String>,
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    #[arg(long, env = "TETHER_SERVER", default_value = "http://127.0.0.1:7878")]
+    server: url::Url,
+    /// Operator token (the server's admin.token).
+    #[arg(long, env = "TETHER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    cmd: CtlCmd,
+}
+
+#[derive(Subcommand)]
+enum CtlCmd {
+    /// List nodes.
+    Nodes {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List workers across nodes.
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create and start a worker; prints its id.
+    Spawn {
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        #[arg(long = "label", value_name = "K=V")]
+        label: Vec<String>,
+        #[arg(long)]
+        task_id: Option<String>,
+        #[arg(long)]
+        job_id: Option<String>,
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// Memory limit in MB.
+        #[arg(long)]
+        memory: Option<u64>,
+        #[arg(long)]
+        pids: Option<i64>,
+        #[arg(long)]
+        workdir: Option<String>,
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    /// Run a command in a worker; exits with its exit code.
+    Exec {
+        #[arg(short, long)]
+        interactive: bool,
+        #[arg(short, long)]
+        tty: bool,
+        worker: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Copy files or directories: `cp SRC WORKER:DST` or `cp WORKER:SRC DST`.
+    Cp { src: String, dst: String },
+    /// Show a worker's output.
+    Logs {
+        #[arg(short, long)]
+        follow: bool,
+        /// Only since this Unix time or duration ago (e.g. 10m).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        tail: Option<u64>,
+        #[arg(short = 't', long)]
+        timestamps: bool,
+        worker: String,
+    },
+    /// Stop a worker (SIGTERM, then SIGKILL).
+    Stop { worker: String },
+    /// Remove a worker and its network.
+    Rm {
+        #[arg(short, long)]
+        force: bool,
+        worker: String,
+    },
+    /// Inspect a worker (JSON).
+    Inspect { worker: String },
+    /// Stop scheduling new workers on a node.
+    Drain { node: String },
+    /// Resume scheduling on a node.
+    Undrain { node: String },
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tether: {msg}");
+    ExitCode::from(2)
+}
+
+fn read_psk(psk: Option<String>, file: Option<PathBuf>) -> Result<String, String> {
+    let key = match (psk, file) {
+        (_, Some(f)) => std::fs::read_to_string(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?,
+        (Some(p), None) => p,
+        (None, None) => return Err("a registration key is required: --psk-file, TETHER_PSK_FILE or TETHER_PSK".into()),
+    };
+    let key = key.trim().to_string();
+    if key.len() < 16 {
+        return Err("the registration key must be at least 16 characters".into());
+    }
+    Ok(key)
+}
+
+fn kv(list: &[String], what: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    list.iter()
+        .map(|s| match s.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(format!("{what} {s:?} must be KEY=VALUE")),
+        })
+        .collect()
+}
+
+/// Resolves when SIGINT or SIGTERM arrives; a second signal exits at once.
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("signal handler");
+        let mut int = signal(SignalKind::interrupt()).expect("signal handler");
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("shutting down (signal again to force)");
+        t.cancel();
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        std::process::exit(130);
+    });
+    token
+}
+
+fn init_tracing(level: &str, format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn parse_since(s: &str) -> Result<i64, String> {
+    if let Ok(n) = s.parse::<i64>() {
+        return Ok(n);
+    }
+    let d = humantime::parse_duration(s).map_err(|e| format!("--since {s:?}: {e}"))?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Ok(now.saturating_sub(d).as_secs() as i64)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tether::init_crypto();
+    match cli.cmd {
+        Cmd::Agent(a) => {
+            init_tracing(&cli.log, &cli.log_format);
+            let psk = match read_psk(a.psk, a.psk_file) {
+                Ok(p) => p,
+                Err(e) => return fail(e),
+            };
+            let node_id = a
+                .node_id
+                .or_else(|| sysinfo::System::host_name())
+                .unwrap_or_else(|| "node".into());
+            let mut cfg = tether::agent::AgentConfig::new(a.server, psk, node_id, a.state_dir);
+            cfg.docker_socket = a.docker_socket;
+            cfg.subnet_pool = a.subnet_pool;
+            cfg.subnet_prefix = a.subnet_prefix;
+            cfg.heartbeat_interval = std::time::Duration::from_secs(a.heartbeat_interval.max(1));
+            cfg.heartbeat_timeout = std::time::Duration::from_secs(a.heartbeat_timeout.max(2));
+            match tether::agent::run(cfg, shutdown_on_signals()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Server(s) => {
+            init_tracing(&cli.log, &cli.log_format);
+            let psk = match read_psk(s.psk, s.psk_file) {
+                Ok(p) => p,
+                Err(e) => return fail(e),
+            };
+            let mut cfg = tether::server::ServerConfig::new(s.listen, psk, s.state_dir);
+            cfg.jwt_ttl = std::time::Duration::from_secs(s.jwt_ttl.max(60));
+            cfg.heartbeat_interval = std::time::Duration::from_secs(s.heartbeat_interval.max(1));
+            cfg.heartbeat_timeout = std::time::Duration::from_secs(s.heartbeat_timeout.max(2));
+            match tether::server::run(cfg, shutdown_on_signals()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Dev(d) => {
+            init_tracing(&cli.log, &cli.log_format);
+            let cfg = tether::dev::DevConfig {
+                listen: d.listen,
+                state_dir: d.state_dir,
+                node_id: d.node_id,
+                docker_socket: d.docker_socket,
+            };
+            match tether::dev::run(cfg, shutdown_on_signals()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Ctl(c) => run_ctl(c).await,
+    }
+}
+
+async fn run_ctl(c: CtlArgs) -> ExitCode {
+    let Some(token) = c.token else {
+        return fail("an operator token is required: --token or TETHER_TOKEN (the server's admin.token)");
+    };
+    let client = Client::new(c.server, token);
+    let r: Result<i64, CtlError> = async {
+        match c.cmd {
+            CtlCmd::Nodes { json } => {
+                let n = client.nodes().await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&n).expect("serializes"));
+                } else {
+                    print!("{}", ctl::format_nodes(&n));
+                }
+            }
+            CtlCmd::Ps { json } => {
+                let w = client.workers().await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&w).expect("serializes"));
+                } else {
+                    print!("{}", ctl::format_workers(&w));
+                }
+            }
+            CtlCmd::Spawn { image, node, env, label, task_id, job_id, cpus, memory, pids, workdir, cmd } => {
+                let req = SpawnRequest {
+                    image,
+                    cmd,
+                    env: kv(&env, "--env").map_err(CtlError::Local)?,
+                    labels: kv(&label, "--label").map_err(CtlError::Local)?,
+                    task_id,
+                    job_id,
+                    resources: Resources { cpus, memory_mb: memory, pids },
+                    workdir,
+                    node_id: node,
+                };
+                println!("{}", client.spawn(&req).await?.worker_id);
+            }
+            CtlCmd::Exec { interactive, tty, worker, cmd } => {
+                return ctl::exec(&client, &worker, cmd, interactive, tty).await;
+            }
+            CtlCmd::Cp { src, dst } => {
+                ctl::copy(&client, CpTarget::parse(&src), CpTarget::parse(&dst)).await?;
+            }
+            CtlCmd::Logs { follow, since, tail, timestamps, worker } => {
+                let since = since.map(|s| parse_since(&s)).transpose().map_err(CtlError::Local)?;
+                ctl::logs(&client, &worker, LogOptions { follow, since, tail, timestamps }).await?;
+            }
+            CtlCmd::Stop { worker } => {
+                client.stop(&worker).await?;
+                println!("{worker}");
+            }
+            CtlCmd::Rm { force, worker } => {
+                client.remove(&worker, force).await?;
+                println!("{worker}");
+            }
+            CtlCmd::Inspect { worker } => {
+                let w = client.inspect(&worker).await?;
+                println!("{}", serde_json::to_string_pretty(&w).expect("serializes"));
+            }
+            CtlCmd::Drain { node } => {
+                client.drain(&node, true).await?;
+                println!("{node}");
+            }
+            CtlCmd::Undrain { node } => {
+                client.drain(&node, false).await?;
+                println!("{node}");
+            }
+        }
+        Ok(0)
+    }
+    .await;
+    match r {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("Error: {e}");
+            // docker's convention: 125 when the failure is tether's, not the command's.
+            ExitCode::from(125)
+        }
+    }
+}

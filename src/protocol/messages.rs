@@ -1,0 +1,550 @@
+//! Control messages: the JSON envelope and every typed payload.
+//!
+//! Each text frame is one envelope `{"type": ..., "id": ..., "payload": ...}`.
+//! Unknown payload fields are ignored (forward compatibility); missing or
+//! mistyped fields are rejected with `invalid_request`.
+
+use super::{ErrorBody, ErrorCode, MAX_CONTROL_BYTES};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// The outer shape of every control message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub payload: Value,
+}
+
+/// First message on a connection, agent to server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Hello {
+    /// Protocol versions the agent speaks, preferred first.
+    pub versions: Vec<u32>,
+    pub node_id: String,
+    pub agent_version: String,
+    /// Workers the agent found on its node (by label), for reconciliation.
+    #[serde(default)]
+    pub inventory: Vec<WorkerInfo>,
+    /// Capability report (see docs/protocol.md); opaque to this layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Value>,
+}
+
+/// Server's answer to `hello`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Welcome {
+    /// The version chosen for this connection.
+    pub version: u32,
+    pub session_id: String,
+    /// Seconds between pings each side sends.
+    pub heartbeat_interval_secs: u64,
+    /// Seconds without any inbound traffic after which a side drops the link.
+    pub heartbeat_timeout_secs: u64,
+}
+
+/// Resource limits of a worker. Missing values take the node's defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Resources {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<i64>,
+}
+
+/// What the operator asks for when spawning (operator API body).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SpawnRequest {
+    pub image: String,
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// Node to place the worker on; the server picks one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+}
+
+/// `spawn` request payload, server to agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Spawn {
+    /// Chosen by the server; a spawn with an id that already exists returns
+    /// the existing worker.
+    pub worker_id: String,
+    #[serde(flatten)]
+    pub spec: SpawnRequest,
+}
+
+/// A worker as the agent and the server describe it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerInfo {
+    pub worker_id: String,
+    pub node_id: String,
+    pub image: String,
+    pub container_id: String,
+    /// Name of the worker's dedicated bridge network.
+    pub network: String,
+    /// Subnet of that network (CIDR).
+    #[serde(default)]
+    pub subnet: Option<String>,
+    /// The worker's address on its network.
+    #[serde(default)]
+    pub ip: Option<String>,
+    /// Docker's state: created, running, exited, ...
+    pub state: String,
+    #[serde(default)]
+    pub exit_code: Option<i64>,
+    #[serde(default)]
+    pub task_id: Option<String>,
+    #[serde(default)]
+    pub job_id: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerRef {
+    pub worker_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Stop {
+    pub worker_id: String,
+    /// Seconds between SIGTERM and SIGKILL (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Remove {
+    pub worker_id: String,
+    /// Remove even if running.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Terminal size in character cells.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TermSize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// `exec` request payload: opens `channel`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Exec {
+    pub channel: u32,
+    pub worker_id: String,
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub tty: bool,
+    /// Whether the server will send stdin frames.
+    #[serde(default)]
+    pub stdin: bool,
+    #[serde(default)]
+    pub size: Option<TermSize>,
+    /// Initial credit, in bytes, each direction.
+    pub window: u64,
+}
+
+/// `logs` request payload: opens `channel`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Logs {
+    pub channel: u32,
+    pub worker_id: String,
+    #[serde(default)]
+    pub follow: bool,
+    /// Only lines since this time (Unix seconds).
+    #[serde(default)]
+    pub since: Option<i64>,
+    /// Only the last N lines.
+    #[serde(default)]
+    pub tail: Option<u64>,
+    #[serde(default)]
+    pub timestamps: bool,
+    pub window: u64,
+}
+
+/// `put_archive` / `get_archive` payload: opens `channel` carrying a tar stream.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Archive {
+    pub channel: u32,
+    pub worker_id: String,
+    /// For put: directory to extract into. For get: file or directory to pack.
+    pub path: String,
+    pub window: u64,
+}
+
+/// `stat` request payload.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Stat {
+    pub worker_id: String,
+    pub path: String,
+}
+
+/// `stat` result.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatResult {
+    pub exists: bool,
+    #[serde(default)]
+    pub is_dir: bool,
+    #[serde(default)]
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Resize {
+    pub channel: u32,
+    #[serde(flatten)]
+    pub size: TermSize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerList {
+    pub workers: Vec<WorkerInfo>,
+}
+
+/// Credit and acknowledgement for one channel direction: the receiver has
+/// consumed `acked` bytes and the sender may send bytes up to offset `limit`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Window {
+    pub channel: u32,
+    pub acked: u64,
+    pub limit: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChannelEof {
+    pub channel: u32,
+}
+
+/// End of a channel. From the agent: the operation finished (with an exit
+/// code for exec, or an error). From the server: cancel the operation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChannelClose {
+    pub channel: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+/// Something happened to a worker outside any request (Docker events).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerEvent {
+    pub worker_id: String,
+    /// `exited`, `oom_killed`, `removed`, ...
+    pub event: String,
+    #[serde(default)]
+    pub exit_code: Option<i64>,
+    pub at: String,
+}
+
+/// Requests the server sends to an agent; each gets one `result` or `error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    Spawn(Spawn),
+    Stop(Stop),
+    Remove(Remove),
+    Inspect(WorkerRef),
+    ListWorkers,
+    Exec(Exec),
+    Logs(Logs),
+    PutArchive(Archive),
+    GetArchive(Archive),
+    Stat(Stat),
+    Resize(Resize),
+}
+
+impl Request {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Spawn(_) => "spawn",
+            Request::Stop(_) => "stop",
+            Request::Remove(_) => "remove",
+            Request::Inspect(_) => "inspect",
+            Request::ListWorkers => "list_workers",
+            Request::Exec(_) => "exec",
+            Request::Logs(_) => "logs",
+            Request::PutArchive(_) => "put_archive",
+            Request::GetArchive(_) => "get_archive",
+            Request::Stat(_) => "stat",
+            Request::Resize(_) => "resize",
+        }
+    }
+
+    fn payload(&self) -> Value {
+        let v = match self {
+            Request::Spawn(p) => serde_json::to_value(p),
+            Request::Stop(p) => serde_json::to_value(p),
+            Request::Remove(p) => serde_json::to_value(p),
+            Request::Inspect(p) => serde_json::to_value(p),
+            Request::ListWorkers => Ok(Value::Object(Default::default())),
+            Request::Exec(p) => serde_json::to_value(p),
+            Request::Logs(p) => serde_json::to_value(p),
+            Request::PutArchive(p) | Request::GetArchive(p) => serde_json::to_value(p),
+            Request::Stat(p) => serde_json::to_value(p),
+            Request::Resize(p) => serde_json::to_value(p),
+        };
+        v.expect("protocol payloads serialize")
+    }
+}
+
+/// Every control message, typed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    Request { id: String, request: Request },
+    /// Success reply to the request `id`; the payload depends on the request.
+    Result { id: String, payload: Value },
+    /// Failure reply to the request `id`, or a connection-level error without id.
+    Error { id: Option<String>, error: ErrorBody },
+    Window(Window),
+    ChannelEof(ChannelEof),
+    ChannelClose(ChannelClose),
+    WorkerEvent(WorkerEvent),
+    /// A type this build does not know; answered with `unsupported` when it has an id.
+    Unknown { kind: String, id: Option<String> },
+}
+
+/// A text frame that could not be turned into a [`Message`].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{error}")]
+pub struct DecodeError {
+    /// The request id, when the envelope was readable enough to carry one.
+    pub id: Option<String>,
+    pub error: ErrorBody,
+}
+
+fn typed<T: DeserializeOwned>(kind: &str, id: &Option<String>, v: Value) -> Result<T, DecodeError> {
+    serde_json::from_value(v).map_err(|e| DecodeError {
+        id: id.clone(),
+        error: ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            format!("malformed `{kind}` payload: {e}"),
+        ),
+    })
+}
+
+fn to_value<T: Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).expect("protocol payloads serialize")
+}
+
+impl Message {
+    /// Parses one text frame.
+    pub fn decode(text: &str) -> Result<Message, DecodeError> {
+        if text.len() > MAX_CONTROL_BYTES {
+            return Err(DecodeError {
+                id: None,
+                error: ErrorBody::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "control message of {} bytes exceeds the limit of {MAX_CONTROL_BYTES}",
+                        text.len()
+                    ),
+                ),
+            });
+        }
+        let env: Envelope = serde_json::from_str(text).map_err(|e| DecodeError {
+            id: None,
+            error: ErrorBody::new(ErrorCode::InvalidRequest, format!("malformed envelope: {e}")),
+        })?;
+        let Envelope { kind, id, payload } = env;
+        let need_id = |id: Option<String>| {
+            id.ok_or_else(|| DecodeError {
+                id: None,
+                error: ErrorBody::new(
+                    ErrorCode::InvalidRequest,
+                    format!("`{kind}` message without an `id`"),
+                ),
+            })
+        };
+        let req = |r: Request, id: Option<String>| -> Result<Message, DecodeError> {
+            Ok(Message::Request {
+                id: need_id(id)?,
+                request: r,
+            })
+        };
+        let k = kind.as_str();
+        match k {
+            "hello" => Ok(Message::Hello(typed(k, &id, payload)?)),
+            "welcome" => Ok(Message::Welcome(typed(k, &id, payload)?)),
+            "result" => Ok(Message::Result {
+                id: need_id(id)?,
+                payload,
+            }),
+            "error" => Ok(Message::Error {
+                error: typed(k, &id, payload)?,
+                id,
+            }),
+            "window" => Ok(Message::Window(typed(k, &id, payload)?)),
+            "channel_eof" => Ok(Message::ChannelEof(typed(k, &id, payload)?)),
+            "channel_close" => Ok(Message::ChannelClose(typed(k, &id, payload)?)),
+            "worker_event" => Ok(Message::WorkerEvent(typed(k, &id, payload)?)),
+            "spawn" => req(Request::Spawn(typed(k, &id, payload)?), id),
+            "stop" => req(Request::Stop(typed(k, &id, payload)?), id),
+            "remove" => req(Request::Remove(typed(k, &id, payload)?), id),
+            "inspect" => req(Request::Inspect(typed(k, &id, payload)?), id),
+            "list_workers" => req(Request::ListWorkers, id),
+            "exec" => req(Request::Exec(typed(k, &id, payload)?), id),
+            "logs" => req(Request::Logs(typed(k, &id, payload)?), id),
+            "put_archive" => req(Request::PutArchive(typed(k, &id, payload)?), id),
+            "get_archive" => req(Request::GetArchive(typed(k, &id, payload)?), id),
+            "stat" => req(Request::Stat(typed(k, &id, payload)?), id),
+            "resize" => req(Request::Resize(typed(k, &id, payload)?), id),
+            _ => Ok(Message::Unknown { kind, id }),
+        }
+    }
+
+    /// Serializes to the text of one frame.
+    pub fn encode(&self) -> String {
+        let (kind, id, payload): (&str, Option<&str>, Value) = match self {
+            Message::Hello(p) => ("hello", None, to_value(p)),
+            Message::Welcome(p) => ("welcome", None, to_value(p)),
+            Message::Request { id, request } => (request.kind(), Some(id), request.payload()),
+            Message::Result { id, payload } => ("result", Some(id), payload.clone()),
+            Message::Error { id, error } => ("error", id.as_deref(), to_value(error)),
+            Message::Window(p) => ("window", None, to_value(p)),
+            Message::ChannelEof(p) => ("channel_eof", None, to_value(p)),
+            Message::ChannelClose(p) => ("channel_close", None, to_value(p)),
+            Message::WorkerEvent(p) => ("worker_event", None, to_value(p)),
+            Message::Unknown { kind, id } => (kind, id.as_deref(), Value::Null),
+        };
+        let env = Envelope {
+            kind: kind.to_string(),
+            id: id.map(str::to_string),
+            payload,
+        };
+        serde_json::to_string(&env).expect("envelopes serialize")
+    }
+
+    pub fn error(id: Option<String>, code: ErrorCode, message: impl Into<String>) -> Message {
+        Message::Error {
+            id,
+            error: ErrorBody::new(code, message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn request_round_trip() {
+        let m = Message::Request {
+            id: "r1".into(),
+            request: Request::Exec(Exec {
+                channel: 3,
+                worker_id: "w".into(),
+                cmd: vec!["sh".into(), "-c".into(), "echo hi".into()],
+                env: BTreeMap::new(),
+                workdir: None,
+                user: None,
+                tty: false,
+                stdin: true,
+                size: None,
+                window: 1024,
+            }),
+        };
+        let text = m.encode();
+        assert!(text.starts_with(r#"{"type":"exec","id":"r1","payload":{"#), "{text}");
+        assert_eq!(Message::decode(&text).unwrap(), m);
+    }
+
+    #[test]
+    fn spawn_flattens_spec() {
+        let text = r#"{"type":"spawn","id":"a","payload":{"worker_id":"w1","image":"img","cmd":["true"]}}"#;
+        let Message::Request {
+            request: Request::Spawn(s),
+            ..
+        } = Message::decode(text).unwrap()
+        else {
+            panic!("not a spawn");
+        };
+        assert_eq!(s.worker_id, "w1");
+        assert_eq!(s.spec.image, "img");
+        assert_eq!(s.spec.cmd, vec!["true"]);
+    }
+
+    #[test]
+    fn unknown_type_is_explicit() {
+        let m = Message::decode(r#"{"type":"frobnicate","id":"x","payload":{}}"#).unwrap();
+        assert_eq!(
+            m,
+            Message::Unknown {
+                kind: "frobnicate".into(),
+                id: Some("x".into())
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_payload_keeps_id() {
+        let e = Message::decode(r#"{"type":"stop","id":"q","payload":{"worker_id":5}}"#).unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("q"));
+        assert_eq!(e.error.code, ErrorCode::InvalidRequest);
+        let e = Message::decode("not json").unwrap_err();
+        assert_eq!(e.id, None);
+        let e = Message::decode(r#"{"type":"stop","payload":{"worker_id":"w"}}"#).unwrap_err();
+        assert!(e.error.message.contains("without an `id`"));
+    }
+
+    #[test]
+    fn oversized_is_too_large() {
+        let big = format!(r#"{{"type":"x","payload":"{}"}}"#, "a".repeat(MAX_CONTROL_BYTES));
+        assert_eq!(Message::decode(&big).unwrap_err().error.code, ErrorCode::TooLarge);
+    }
+
+    #[test]
+    fn unknown_error_code_survives() {
+        let m = Message::decode(r#"{"type":"error","id":"1","payload":{"code":"new_code","message":"m"}}"#).unwrap();
+        let Message::Error { error, .. } = m else { panic!() };
+        assert_eq!(error.code, ErrorCode::Unknown);
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(s in ".{0,200}") {
+            let _ = Message::decode(&s);
+        }
+
+        #[test]
+        fn decode_json_shapes_never_panics(kind in "(hello|welcome|result|error|window|spawn|exec|logs|stat|resize|channel_close|[a-z]{1,8})",
+                                           id in proptest::option::of("[a-z0-9]{0,5}"),
+                                           payload in "(\\{\\}|null|1|\"x\"|\\{\"channel\":1\\}|\\[\\])") {
+            let text = match id {
+                Some(id) => format!(r#"{{"type":"{kind}","id":"{id}","payload":{payload}}}"#),
+                None => format!(r#"{{"type":"{kind}","payload":{payload}}}"#),
+            };
+            let _ = Message::decode(&text);
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! The tether wire protocol, as `docs/protocol.md` specifies it: message
+//! types, the JSON envelope, the binary frame header for stream data and the
+//! error codes. Types and codecs only, no I/O.
+
+mod error;
+mod frame;
+mod messages;
+
+pub use error::{ErrorBody, ErrorCode};
+pub use frame::{FRAME_HEADER_LEN, Frame, FrameError, StreamKind};
+pub use messages::*;
+
+/// Protocol version this build speaks (`version` in `hello` / `welcome`).
+pub const PROTOCOL_VERSION: u32 = 1;
+/// WebSocket subprotocol negotiated on `/api/agent/connect`.
+pub const SUBPROTOCOL: &str = "tether.v1";
+/// Path of the agent WebSocket endpoint on the server.
+pub const AGENT_CONNECT_PATH: &str = "/api/agent/connect";
+/// Path of the registration endpoint (pre-shared key in, node JWT out).
+pub const REGISTER_PATH: &str = "/api/v1/register";
+/// Largest payload one binary frame may carry.
+pub const MAX_FRAME_PAYLOAD: usize = 64 * 1024;
+/// Largest control (text) message a peer must accept.
+pub const MAX_CONTROL_BYTES: usize = 1024 * 1024;
+/// Transport ceiling: messages above it are dropped by the WebSocket layer
+/// itself. Between this and the protocol limits above, a peer answers
+/// `too_large` and keeps the connection.
+pub const MAX_WS_MESSAGE: usize = 16 * 1024 * 1024;
+/// Default initial credit of a channel, in bytes, each direction.
+pub const DEFAULT_WINDOW: u64 = 256 * 1024;

@@ -1,0 +1,222 @@
+//! The agent WebSocket endpoint: authenticates the upgrade with the node JWT,
+//! runs the handshake and one read loop per agent.
+
+use super::AppState;
+use super::hub::AgentLink;
+use crate::mux::Outbound;
+use crate::protocol::{
+    ErrorBody, ErrorCode, Frame, FrameError, MAX_FRAME_PAYLOAD, MAX_WS_MESSAGE, Message, PROTOCOL_VERSION,
+    SUBPROTOCOL, Welcome,
+};
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tracing::{Instrument, info, info_span, warn};
+
+pub(super) async fn connect(State(app): State<Arc<AppState>>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+    let node_id = match super::auth::bearer(auth).map(|t| app.signer.verify(t)) {
+        Some(Ok(n)) => n,
+        Some(Err(e)) => return super::api::error_response(e),
+        None => {
+            return super::api::error_response(ErrorBody::new(ErrorCode::Unauthorized, "missing node token"));
+        }
+    };
+    let offered = headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|p| p.trim() == SUBPROTOCOL));
+    if !offered {
+        return super::api::error_response(ErrorBody::new(
+            ErrorCode::Unsupported,
+            format!("the agent must offer WebSocket subprotocol {SUBPROTOCOL}"),
+        ));
+    }
+    ws.protocols([SUBPROTOCOL])
+        .max_message_size(MAX_WS_MESSAGE)
+        .max_frame_size(MAX_WS_MESSAGE)
+        .on_upgrade(move |socket| {
+            let span = info_span!("agent", %node_id);
+            session(app, node_id, socket).instrument(span)
+        })
+        .into_response()
+}
+
+fn to_ws(o: Outbound) -> WsMessage {
+    match o {
+        Outbound::Text(t) => WsMessage::Text(t.into()),
+        Outbound::Binary(b) => WsMessage::Binary(b),
+        Outbound::Ping => WsMessage::Ping(Default::default()),
+        Outbound::Close(code, reason) => WsMessage::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })),
+    }
+}
+
+async fn session(app: Arc<AppState>, node_id: String, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    // Handshake: the first message must be a hello for the token's node.
+    let first = tokio::time::timeout(Duration::from_secs(15), stream.next()).await;
+    let hello = match first {
+        Ok(Some(Ok(WsMessage::Text(t)))) => Message::decode(t.as_str()),
+        _ => {
+            warn!("no hello within 15 s");
+            return;
+        }
+    };
+    let refuse = |code, msg: String| Message::error(None, code, msg).encode();
+    let hello = match hello {
+        Ok(Message::Hello(h)) => h,
+        other => {
+            let m = refuse(ErrorCode::InvalidRequest, format!("expected hello, got {other:?}"));
+            let _ = sink.send(WsMessage::Text(m.into())).await;
+            return;
+        }
+    };
+    if hello.node_id != node_id {
+        let m = refuse(
+            ErrorCode::Unauthorized,
+            format!("token is for node {node_id}, hello says {}", hello.node_id),
+        );
+        let _ = sink.send(WsMessage::Text(m.into())).await;
+        return;
+    }
+    if !hello.versions.contains(&PROTOCOL_VERSION) {
+        let m = refuse(
+            ErrorCode::Unsupported,
+            format!("protocol versions {:?} not supported; this server speaks {PROTOCOL_VERSION}", hello.versions),
+        );
+        let _ = sink.send(WsMessage::Text(m.into())).await;
+        return;
+    }
+
+    let (out, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
+    let session_id = ulid::Ulid::new().to_string();
+    let link = AgentLink::new(node_id.clone(), session_id.clone(), out.clone());
+    let welcome = Message::Welcome(Welcome {
+        version: PROTOCOL_VERSION,
+        session_id: session_id.clone(),
+        heartbeat_interval_secs: app.cfg.heartbeat_interval.as_secs(),
+        heartbeat_timeout_secs: app.cfg.heartbeat_timeout.as_secs(),
+    });
+    if sink.send(WsMessage::Text(welcome.encode().into())).await.is_err() {
+        return;
+    }
+    app.hub.attach(link.clone(), &hello.agent_version, hello.inventory);
+    info!(%session_id, "agent online");
+
+    let writer = tokio::spawn(async move {
+        while let Some(o) = out_rx.recv().await {
+            let closing = matches!(o, Outbound::Close(..));
+            if sink.send(to_ws(o)).await.is_err() || closing {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let mut tick = tokio::time::interval(app.cfg.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_rx = Instant::now();
+    let reason: String = loop {
+        tokio::select! {
+            msg = stream.next() => {
+                last_rx = Instant::now();
+                app.hub.seen(&node_id);
+                match msg {
+                    Some(Ok(WsMessage::Text(t))) => on_text(&app, &link, t.as_str()),
+                    Some(Ok(WsMessage::Binary(b))) => on_binary(&link, b),
+                    Some(Ok(WsMessage::Close(f))) => {
+                        break match f {
+                            Some(f) => format!("agent closed the connection ({}: {})", f.code, f.reason),
+                            None => "agent closed the connection".into(),
+                        };
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break format!("connection error: {e}"),
+                    None => break "connection lost".into(),
+                }
+            }
+            _ = tick.tick() => {
+                if last_rx.elapsed() > app.cfg.heartbeat_timeout {
+                    break format!("no heartbeat for {} s", last_rx.elapsed().as_secs());
+                }
+                let _ = out.send(Outbound::Ping);
+            }
+            _ = app.shutdown.cancelled() => {
+                let _ = out.send(Outbound::Close(1001, "server shutting down".into()));
+                break "server shutting down".into();
+            }
+        }
+    };
+    info!(%reason, "agent offline");
+    app.hub.detach(&link, &reason);
+    drop(out);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
+
+fn on_text(app: &AppState, link: &Arc<AgentLink>, text: &str) {
+    let msg = match Message::decode(text) {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(error = %e.error, "bad message from agent");
+            let _ = link_send(link, Message::Error { id: e.id, error: e.error });
+            return;
+        }
+    };
+    match msg {
+        Message::Result { id, payload } => link.on_reply(&id, Ok(payload)),
+        Message::Error { id: Some(id), error } => link.on_reply(&id, Err(error)),
+        Message::Error { id: None, error } => warn!(%error, "agent reported an error"),
+        Message::Window(w) => link.channels.on_window(w),
+        Message::ChannelEof(c) => link.channels.on_eof(c.channel),
+        Message::ChannelClose(c) => link.channels.on_close(c),
+        Message::WorkerEvent(ev) => app.hub.on_worker_event(&link.node_id, ev),
+        Message::Unknown { kind, id } => {
+            let _ = link_send(
+                link,
+                Message::error(id, ErrorCode::Unsupported, format!("unknown message type {kind:?}")),
+            );
+        }
+        other => {
+            let _ = link_send(
+                link,
+                Message::error(None, ErrorCode::InvalidRequest, format!("unexpected message from agent: {}", other.encode())),
+            );
+        }
+    }
+}
+
+fn link_send(link: &AgentLink, m: Message) -> bool {
+    link.send(m)
+}
+
+fn on_binary(link: &Arc<AgentLink>, data: bytes::Bytes) {
+    let channel = Frame::peek_channel(&data);
+    let r = Frame::decode(data, MAX_FRAME_PAYLOAD)
+        .map_err(|e| {
+            let code = if matches!(e, FrameError::TooLarge { .. }) { ErrorCode::TooLarge } else { ErrorCode::InvalidRequest };
+            ErrorBody::new(code, e.to_string())
+        })
+        .and_then(|f| link.channels.on_frame(f));
+    if let Err(error) = r {
+        warn!(%error, ?channel, "bad frame from agent");
+        match channel.filter(|c| link.channels.is_open(*c)) {
+            Some(ch) => {
+                let close = crate::protocol::ChannelClose { channel: ch, exit_code: None, error: Some(error.clone()) };
+                link.channels.on_close(close.clone());
+                link.send(Message::ChannelClose(close));
+            }
+            None => {
+                link.send(Message::Error { id: None, error });
+            }
+        }
+    }
+}

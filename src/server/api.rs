@@ -1,0 +1,355 @@
+//! The operator HTTP API (bearer operator token) and node registration
+//! (bearer pre-shared key). Errors are `{"error": {"code", "message"}}` with
+//! the HTTP status of the code.
+
+use super::hub::{ExecOptions, LogOptions, StreamEvent};
+use super::{AppState, Bootstrap, NodeAuth, Orchestrator, auth};
+use crate::protocol::{AGENT_CONNECT_PATH, ErrorBody, ErrorCode, REGISTER_PATH, SpawnRequest, StreamKind, TermSize};
+use axum::body::Body;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::{BufMut, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+
+/// Maximum size of a JSON request body on the API.
+const MAX_JSON_BODY: usize = 1024 * 1024;
+
+pub(crate) fn error_response(e: ErrorBody) -> Response {
+    let status = StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(json!({ "error": e }))).into_response()
+}
+
+struct ApiError(ErrorBody);
+
+impl From<ErrorBody> for ApiError {
+    fn from(e: ErrorBody) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error_response(self.0)
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub(super) fn router(state: Arc<AppState>) -> Router {
+    let operator = Router::new()
+        .route("/api/v1/nodes", get(nodes))
+        .route("/api/v1/nodes/{id}", get(node))
+        .route("/api/v1/nodes/{id}/drain", post(drain))
+        .route("/api/v1/nodes/{id}/undrain", post(undrain))
+        .route("/api/v1/workers", get(workers).post(spawn))
+        .route("/api/v1/workers/{id}", get(worker).delete(remove))
+        .route("/api/v1/workers/{id}/stop", post(stop))
+        .route("/api/v1/workers/{id}/exec", get(exec_ws))
+        .route("/api/v1/workers/{id}/logs", get(logs_ws))
+        .route("/api/v1/workers/{id}/stat", get(stat))
+        .route("/api/v1/workers/{id}/archive", get(get_archive).put(put_archive))
+        .layer(middleware::from_fn_with_state(state.clone(), require_operator));
+    Router::new()
+        .merge(operator)
+        .route(REGISTER_PATH, post(register))
+        .route(AGENT_CONNECT_PATH, get(super::agent_ws::connect))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(|| async { error_response(ErrorBody::new(ErrorCode::NotFound, "no such endpoint")) })
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .with_state(state)
+}
+
+async fn require_operator(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let given = auth::bearer(req.headers().get("authorization").and_then(|v| v.to_str().ok()));
+    match given {
+        Some(t) if auth::secret_eq(t, &app.admin_token) => next.run(req).await,
+        Some(_) => error_response(ErrorBody::new(ErrorCode::Unauthorized, "invalid operator token")),
+        None => error_response(ErrorBody::new(
+            ErrorCode::Unauthorized,
+            "missing operator token (Authorization: Bearer <token from admin.token>)",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct RegisterBody {
+    node_id: String,
+}
+
+async fn register(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Option<Json<RegisterBody>>) -> ApiResult<Json<Bootstrap>> {
+    let psk = auth::bearer(headers.get("authorization").and_then(|v| v.to_str().ok()));
+    if !psk.is_some_and(|p| auth::secret_eq(p, &app.cfg.psk)) {
+        return Err(ErrorBody::new(ErrorCode::Unauthorized, "wrong or missing registration key").into());
+    }
+    let Some(Json(body)) = body else {
+        return Err(ErrorBody::new(ErrorCode::InvalidRequest, "body must be JSON {\"node_id\": ...}").into());
+    };
+    if !crate::docker::valid_worker_id(&body.node_id) {
+        return Err(ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            "node_id must be 1-64 characters of letters, digits, '-' and '_'",
+        )
+        .into());
+    }
+    let (node_jwt, exp) = app.signer.issue(&body.node_id);
+    tracing::info!(node_id = %body.node_id, "node registered");
+    let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    Ok(Json(Bootstrap {
+        version: 1,
+        node_id: body.node_id,
+        orchestrator: Orchestrator {
+            base_url: format!("http://{host}"),
+            connect_path: AGENT_CONNECT_PATH.into(),
+        },
+        auth: NodeAuth {
+            node_jwt,
+            expires_at: humantime::format_rfc3339_seconds(exp).to_string(),
+        },
+        config_version: None,
+    }))
+}
+
+async fn nodes(State(app): State<Arc<AppState>>) -> impl IntoResponse {
+    Json(json!({ "nodes": app.hub.nodes() }))
+}
+
+async fn node(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.hub.node_info(&id)?))
+}
+
+async fn drain(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.hub.set_draining(&id, true)?))
+}
+
+async fn undrain(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.hub.set_draining(&id, false)?))
+}
+
+async fn workers(State(app): State<Arc<AppState>>) -> impl IntoResponse {
+    Json(json!({ "workers": app.hub.workers() }))
+}
+
+async fn worker(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.hub.inspect(&id).await?))
+}
+
+async fn spawn(State(app): State<Arc<AppState>>, body: Result<Json<SpawnRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult<impl IntoResponse> {
+    let Json(req) = body.map_err(|e| ErrorBody::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    let w = app.hub.spawn(req).await?;
+    Ok((StatusCode::CREATED, Json(w)))
+}
+
+#[derive(Deserialize)]
+struct StopQuery {
+    timeout: Option<u32>,
+}
+
+async fn stop(State(app): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Query<StopQuery>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.hub.stop(&id, q.timeout).await?))
+}
+
+#[derive(Deserialize)]
+struct RemoveQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn remove(State(app): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Query<RemoveQuery>) -> ApiResult<impl IntoResponse> {
+    app.hub.remove(&id, q.force).await?;
+    Ok(Json(json!({ "worker_id": id, "removed": true })))
+}
+
+#[derive(Deserialize)]
+struct PathQuery {
+    path: String,
+}
+
+async fn stat(State(app): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Query<PathQuery>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.hub.stat(&id, &q.path).await?))
+}
+
+async fn get_archive(State(app): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Query<PathQuery>) -> ApiResult<Response> {
+    let stream = app.hub.get_archive(&id, &q.path).await?;
+    // Body pulls from the channel as the client reads: credit follows.
+    let body = futures_util::stream::unfold(stream, |mut s| async move {
+        match s.next().await? {
+            StreamEvent::Data(_, b) => Some((Ok(b), s)),
+            StreamEvent::End { error: Some(e), .. } => Some((Err(std::io::Error::other(e.to_string())), s)),
+            StreamEvent::End { .. } => None,
+        }
+    });
+    Ok(([("content-type", "application/x-tar")], Body::from_stream(body)).into_response())
+}
+
+async fn put_archive(State(app): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Query<PathQuery>, body: Body) -> ApiResult<impl IntoResponse> {
+    let mut up = app.hub.put_archive(&id, &q.path).await?;
+    let mut data = body.into_data_stream();
+    loop {
+        tokio::select! {
+            chunk = data.next() => match chunk {
+                Some(Ok(b)) => up.write(b).await?,
+                Some(Err(e)) => return Err(ErrorBody::new(ErrorCode::InvalidRequest, format!("upload interrupted: {e}")).into()),
+                None => break,
+            },
+            // The agent may refuse midway (bad archive): stop sending then.
+            err = up.error() => {
+                return Err(err.unwrap_or_else(|| ErrorBody::new(ErrorCode::Internal, "upload ended early")).into());
+            }
+        }
+    }
+    up.finish().await?;
+    Ok(Json(json!({ "worker_id": id, "path": q.path })))
+}
+
+/// Encodes stream data for an operator WebSocket: one kind byte, then bytes.
+fn data_frame(kind: StreamKind, b: &[u8]) -> WsMessage {
+    let mut buf = BytesMut::with_capacity(1 + b.len());
+    buf.put_u8(kind.to_u8());
+    buf.extend_from_slice(b);
+    WsMessage::Binary(buf.freeze())
+}
+
+fn end_message(exit_code: Option<i64>, error: Option<ErrorBody>) -> WsMessage {
+    let v = match error {
+        Some(e) => json!({ "type": "error", "error": e }),
+        None => json!({ "type": "exit", "exit_code": exit_code }),
+    };
+    WsMessage::Text(v.to_string().into())
+}
+
+/// Client-to-server control messages on the exec WebSocket.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ExecControl {
+    Resize { cols: u16, rows: u16 },
+    StdinEof,
+}
+
+async fn exec_ws(State(app): State<Arc<AppState>>, Path(id): Path<String>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |socket| exec_session(app, id, socket))
+}
+
+/// The exec WebSocket: the client's first text message is the
+/// [`ExecOptions`]; then binary frames carry stdin (client) and output
+/// (server, kind-prefixed); the server ends with an `exit` or `error` text.
+async fn exec_session(app: Arc<AppState>, worker_id: String, socket: WebSocket) {
+    let (mut tx, mut rx) = socket.split();
+    let opts: Result<ExecOptions, ErrorBody> = match rx.next().await {
+        Some(Ok(WsMessage::Text(t))) => serde_json::from_str(t.as_str())
+            .map_err(|e| ErrorBody::new(ErrorCode::InvalidRequest, format!("bad exec options: {e}"))),
+        _ => return,
+    };
+    let session = match opts {
+        Ok(o) => app.hub.exec(&worker_id, o).await,
+        Err(e) => Err(e),
+    };
+    let session = match session {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = tx.send(end_message(None, Some(e))).await;
+            let _ = tx.close().await;
+            return;
+        }
+    };
+    let mut input = session.input;
+    let mut output = session.output;
+    let pump_in = async move {
+        while let Some(Ok(m)) = rx.next().await {
+            match m {
+                WsMessage::Binary(b) => {
+                    if input.write(b).await.is_err() {
+                        break;
+                    }
+                }
+                WsMessage::Text(t) => match serde_json::from_str::<ExecControl>(t.as_str()) {
+                    Ok(ExecControl::Resize { cols, rows }) => {
+                        let _ = input.resize(TermSize { cols, rows }).await;
+                    }
+                    Ok(ExecControl::StdinEof) => input.close(),
+                    Err(_) => {}
+                },
+                WsMessage::Close(_) => break,
+                _ => {}
+            }
+        }
+        // Client went away: park; the output side decides when we are done.
+        std::future::pending::<()>().await;
+    };
+    let pump_out = async move {
+        while let Some(ev) = output.next().await {
+            let msg = match ev {
+                StreamEvent::Data(k, b) => data_frame(k, &b),
+                StreamEvent::End { exit_code, error } => {
+                    let _ = tx.send(end_message(exit_code, error)).await;
+                    break;
+                }
+            };
+            if tx.send(msg).await.is_err() {
+                return; // dropping `output` cancels the exec on the agent
+            }
+        }
+        let _ = tx.close().await;
+    };
+    tokio::select! {
+        _ = pump_in => {}
+        _ = pump_out => {}
+    }
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+    since: Option<i64>,
+    tail: Option<u64>,
+    #[serde(default)]
+    timestamps: bool,
+}
+
+async fn logs_ws(State(app): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Query<LogsQuery>, ws: WebSocketUpgrade) -> Response {
+    let opts = LogOptions {
+        follow: q.follow,
+        since: q.since,
+        tail: q.tail,
+        timestamps: q.timestamps,
+    };
+    ws.on_upgrade(move |socket| async move {
+        let (mut tx, mut rx) = socket.split();
+        let mut stream = match app.hub.logs(&id, opts).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(end_message(None, Some(e))).await;
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                ev = stream.next() => match ev {
+                    Some(StreamEvent::Data(k, b)) => {
+                        if tx.send(data_frame(k, &b)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(StreamEvent::End { exit_code, error }) => {
+                        let _ = tx.send(end_message(exit_code, error)).await;
+                        break;
+                    }
+                    None => break,
+                },
+                m = rx.next() => if !matches!(m, Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) {
+                    return; // client left: dropping the stream cancels it
+                }
+            }
+        }
+        let _ = tx.close().await;
+    })
+}
+

@@ -1,0 +1,177 @@
+//! The reference control plane: registration, the agent WebSocket endpoint,
+//! the node and worker registry ([`Hub`]) and the operator HTTP API.
+
+mod agent_ws;
+mod api;
+pub mod auth;
+pub mod hub;
+
+pub use hub::{ChannelStream, ExecOptions, ExecSession, Hub, LogOptions, NodeInfo, StreamEvent};
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Everything the server needs, already validated.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Registration pre-shared key.
+    pub psk: String,
+    /// Holds the operator token and the JWT signing key.
+    pub state_dir: PathBuf,
+    /// Lifetime of node JWTs.
+    pub jwt_ttl: Duration,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(listen: SocketAddr, psk: String, state_dir: PathBuf) -> Self {
+        ServerConfig {
+            listen,
+            psk,
+            state_dir,
+            jwt_ttl: Duration::from_secs(3600),
+            heartbeat_interval: Duration::from_secs(10),
+            heartbeat_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Registration reply (the node's bootstrap payload).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Bootstrap {
+    pub version: u32,
+    pub node_id: String,
+    pub orchestrator: Orchestrator,
+    pub auth: NodeAuth,
+    /// Configuration version the node should fetch; none yet.
+    pub config_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Orchestrator {
+    pub base_url: String,
+    pub connect_path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeAuth {
+    pub node_jwt: String,
+    /// RFC 3339 UTC.
+    pub expires_at: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state directory {path}: {source}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Shared by every handler.
+pub(crate) struct AppState {
+    pub hub: Hub,
+    pub cfg: ServerConfig,
+    pub signer: auth::Signer,
+    pub admin_token: String,
+    /// Cancelled on shutdown: agent sessions close with 1001.
+    pub shutdown: CancellationToken,
+}
+
+/// A bound server, not yet serving.
+pub struct Server {
+    listener: TcpListener,
+    state: Arc<AppState>,
+}
+
+fn load_or_create_secret(path: &std::path::Path, bytes: usize) -> std::io::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        _ => {
+            let s = auth::random_secret(bytes);
+            crate::agent::write_private(path, &s)?;
+            Ok(s)
+        }
+    }
+}
+
+impl Server {
+    /// Binds the listener and loads (or creates) the operator token and the
+    /// signing key under the state directory.
+    pub async fn bind(cfg: ServerConfig) -> Result<Server, ServerError> {
+        let state_err = |path: PathBuf| move |source| ServerError::State { path, source };
+        std::fs::create_dir_all(&cfg.state_dir).map_err(state_err(cfg.state_dir.clone()))?;
+        let token_path = cfg.state_dir.join("admin.token");
+        let admin_token = load_or_create_secret(&token_path, 32).map_err(state_err(token_path))?;
+        let key_path = cfg.state_dir.join("jwt.key");
+        let key = load_or_create_secret(&key_path, 32).map_err(state_err(key_path))?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
+        let state = Arc::new(AppState {
+            hub: Hub::new(),
+            signer: auth::Signer::new(key.as_bytes(), cfg.jwt_ttl),
+            cfg,
+            admin_token,
+            shutdown: CancellationToken::new(),
+        });
+        Ok(Server { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn hub(&self) -> Hub {
+        self.state.hub.clone()
+    }
+
+    pub fn admin_token(&self) -> &str {
+        &self.state.admin_token
+    }
+
+    /// Serves until `shutdown`; then closes agent connections cleanly.
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<(), ServerError> {
+        let addr = self.local_addr();
+        let state = self.state.clone();
+        let app = api::router(self.state.clone());
+        info!(%addr, "server listening");
+        let stop = shutdown.clone();
+        let graceful = async move {
+            stop.cancelled().await;
+            // Tell agents first so they reconnect to the next instance.
+            state.shutdown.cancel();
+            for l in state.hub.links() {
+                l.closed.cancelled().await;
+            }
+        };
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(graceful)
+            .await
+            .map_err(ServerError::Serve)
+    }
+}
+
+/// Binds and serves (the `tether server` command).
+pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let server = Server::bind(cfg).await?;
+    server.serve(shutdown).await
+}

@@ -1,0 +1,209 @@
+//! Test harness: a real server and agents in-process on 127.0.0.1:0 against
+//! the real Docker engine. Everything a test creates carries the node id of
+//! its agents (`test-...`), and is removed when the harness drops, even when
+//! the test fails.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tether::agent::AgentConfig;
+use tether::server::{Hub, Server, ServerConfig};
+use tokio_util::sync::CancellationToken;
+
+pub const PSK: &str = "test-registration-key-0123456789";
+
+pub fn image() -> String {
+    std::env::var("TETHER_TEST_IMAGE").unwrap_or_else(|_| "tether-test-busybox:latest".into())
+}
+
+/// Builds the sandbox test image once per process (the script skips an
+/// existing image).
+pub fn ensure_image() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let st = std::process::Command::new("bash")
+            .arg(format!("{root}/scripts/build-test-image.sh"))
+            .status()
+            .expect("run build-test-image.sh");
+        assert!(st.success(), "building the test image failed");
+    });
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
+}
+
+/// Removes every container and network labelled with `node_id`.
+pub fn docker_cleanup(node_id: &str) {
+    let filter = format!("label=tether.node_id={node_id}");
+    let ids = docker(&["ps", "-aq", "--filter", &filter]);
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    if !ids.is_empty() {
+        let mut args = vec!["rm", "-f"];
+        args.extend(ids);
+        docker(&args);
+    }
+    let nets = docker(&["network", "ls", "-q", "--filter", &filter]);
+    for n in nets.split_whitespace() {
+        docker(&["network", "rm", n]);
+    }
+}
+
+/// Runs the docker CLI; returns stdout (trimmed).
+pub fn docker(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker").args(args).output().expect("docker CLI");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+pub struct Harness {
+    pub url: String,
+    pub token: String,
+    pub hub: Hub,
+    pub dir: tempfile::TempDir,
+    pub nodes: Arc<Mutex<Vec<String>>>,
+    shutdown: CancellationToken,
+    server_stop: CancellationToken,
+    agents: Vec<tokio::task::JoinHandle<Result<(), tether::agent::AgentError>>>,
+}
+
+impl Harness {
+    /// A server with no agent.
+    pub async fn server() -> Harness {
+        ensure_image();
+        tether::init_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap(), PSK.into(), dir.path().join("server"));
+        cfg.heartbeat_interval = Duration::from_secs(2);
+        cfg.heartbeat_timeout = Duration::from_secs(6);
+        let server = Server::bind(cfg).await.unwrap();
+        let url = format!("http://{}", server.local_addr());
+        let token = server.admin_token().to_string();
+        let hub = server.hub();
+        let server_stop = CancellationToken::new();
+        tokio::spawn(server.serve(server_stop.clone()));
+        Harness {
+            url,
+            token,
+            hub,
+            dir,
+            nodes: Arc::new(Mutex::new(Vec::new())),
+            shutdown: CancellationToken::new(),
+            server_stop,
+            agents: Vec::new(),
+        }
+    }
+
+    /// A server and one in-process agent, online.
+    pub async fn start() -> (Harness, String) {
+        let mut h = Harness::server().await;
+        let node = h.add_agent().await;
+        (h, node)
+    }
+
+    pub fn agent_config(&self, node_id: &str) -> AgentConfig {
+        let mut cfg = AgentConfig::new(
+            self.url.parse().unwrap(),
+            PSK.into(),
+            node_id.into(),
+            self.dir.path().join(node_id),
+        );
+        cfg.heartbeat_interval = Duration::from_secs(2);
+        cfg.heartbeat_timeout = Duration::from_secs(6);
+        cfg
+    }
+
+    /// Starts an agent in this process and waits until it is online.
+    pub async fn add_agent(&mut self) -> String {
+        let node = unique("test");
+        self.track(&node);
+        let cfg = self.agent_config(&node);
+        self.agents.push(tokio::spawn(tether::agent::run(cfg, self.shutdown.clone())));
+        self.wait_status(&node, "online").await;
+        node
+    }
+
+    pub fn track(&self, node: &str) {
+        self.nodes.lock().unwrap().push(node.to_string());
+    }
+
+    pub async fn wait_status(&self, node: &str, status: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.hub.nodes().iter().any(|n| n.node_id == node && n.status == status) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "node {node} not {status} within 60 s: {:?}", self.hub.nodes());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs `tether ctl ARGS` against this server.
+    pub async fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_stdin(args, None).await
+    }
+
+    pub async fn ctl_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        use tokio::io::AsyncWriteExt;
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"));
+        cmd.arg("ctl")
+            .args(args)
+            .env("TETHER_SERVER", &self.url)
+            .env("TETHER_TOKEN", &self.token)
+            .stdin(if stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn tether ctl");
+        if let Some(data) = stdin {
+            let mut si = child.stdin.take().unwrap();
+            si.write_all(data).await.unwrap();
+            drop(si);
+        }
+        tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
+            .await
+            .expect("tether ctl finished within 180 s")
+            .unwrap()
+    }
+
+    /// `ctl ARGS`, asserting success; returns stdout.
+    pub async fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args).await;
+        assert!(
+            out.status.success(),
+            "tether ctl {args:?} failed ({:?}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn state_path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Stops the agents and the server, then removes what they created.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        for a in self.agents.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(10), a).await;
+        }
+        self.server_stop.cancel();
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.server_stop.cancel();
+        for n in self.nodes.lock().unwrap().iter() {
+            docker_cleanup(n);
+        }
+    }
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}

@@ -45,7 +45,6 @@ impl SubnetPool {
             .await
             .map_err(|e| to_error(e, "list networks"))?;
         let mut used = self.used.lock().unwrap();
-        used.clear();
         for n in nets {
             for c in n.ipam.and_then(|i| i.config).unwrap_or_default() {
                 if let Some(net) = c.subnet.and_then(|s| s.parse::<Ipv4Net>().ok()) {
@@ -87,9 +86,12 @@ pub async fn create(
     name: &str,
     object_labels: &HashMap<String, String>,
 ) -> Result<Ipv4Net, ErrorBody> {
-    // A subnet may be taken behind our back (another tool on the engine):
-    // mark it used and try the next one.
-    for _ in 0..8 {
+    // A subnet may be taken behind our back (another agent or tool on the
+    // engine): it stays marked used; re-read the engine's networks and retry.
+    for attempt in 0..32 {
+        if attempt > 0 {
+            pool.sync(docker).await?;
+        }
         let subnet = pool.allocate().ok_or_else(|| {
             ErrorBody::new(
                 ErrorCode::Unavailable,

@@ -20,13 +20,24 @@ pub fn init_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// The HTTP client used by the agent and `tether ctl` (rustls, webpki roots).
-pub fn http_client() -> reqwest::Client {
+/// Client TLS settings: Mozilla's roots from webpki-roots, so a `FROM
+/// scratch` image with no system trust store still verifies servers.
+pub fn tls_client_config() -> rustls::ClientConfig {
     init_crypto();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// The HTTP client used by the agent and `tether ctl`.
+pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(10))
+        .use_preconfigured_tls(tls_client_config())
         .build()
-        .expect("HTTP client builds")
+        .expect("a client with a preconfigured TLS config always builds")
 }
 
 /// An error and its causes on one line.

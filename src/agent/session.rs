@@ -41,7 +41,13 @@ pub(super) async fn connect(cfg: &AgentConfig, jwt: &str) -> Result<Ws, ConnectE
     let h = req.headers_mut();
     h.insert("authorization", format!("Bearer {jwt}").parse().map_err(|_| ConnectError::Unauthorized)?);
     h.insert("sec-websocket-protocol", SUBPROTOCOL.parse().expect("valid header"));
-    match tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true).await {
+    match tokio_tungstenite::connect_async_tls_with_config(
+        req,
+        Some(ws_config()),
+        true,
+        Some(tokio_tungstenite::Connector::Rustls(Arc::new(crate::tls_client_config()))),
+    )
+    .await {
         Ok((ws, resp)) => {
             let proto = resp.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok());
             if proto != Some(SUBPROTOCOL) {

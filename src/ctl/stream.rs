@@ -24,7 +24,13 @@ async fn open(client: &Client, path: &str, query: &[(&str, String)]) -> Result<W
         "authorization",
         format!("Bearer {}", client.token()).parse().map_err(|_| CtlError::Local("token is not a valid header".into()))?,
     );
-    match tokio_tungstenite::connect_async(req).await {
+    match tokio_tungstenite::connect_async_tls_with_config(
+        req,
+        None,
+        true,
+        Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(crate::tls_client_config()))),
+    )
+    .await {
         Ok((ws, _)) => Ok(ws),
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             let body = resp.body().as_deref().unwrap_or_default();

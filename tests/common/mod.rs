@@ -52,6 +52,12 @@ pub fn docker_cleanup(node_id: &str) {
     }
 }
 
+/// Runs the docker CLI; returns stdout and stderr together.
+pub fn docker_all(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker").args(args).output().expect("docker CLI");
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
 /// Runs the docker CLI; returns stdout (trimmed).
 pub fn docker(args: &[&str]) -> String {
     let out = std::process::Command::new("docker").args(args).output().expect("docker CLI");

@@ -27,15 +27,32 @@ pub struct DevConfig {
 /// Runs server and agent until `shutdown`.
 pub async fn run(cfg: DevConfig, shutdown: CancellationToken) -> Result<(), DevError> {
     let psk = crate::server::auth::random_secret(32);
-    let server = Server::bind(ServerConfig::new(cfg.listen, psk.clone(), cfg.state_dir.join("server"))).await?;
+    let server = Server::bind(ServerConfig::new(
+        cfg.listen,
+        psk.clone(),
+        cfg.state_dir.join("server"),
+    ))
+    .await?;
     let addr = server.local_addr();
     let token_path = cfg.state_dir.join("admin.token");
-    crate::agent::write_private(&token_path, server.admin_token())
-        .map_err(|source| crate::server::ServerError::State { path: token_path.clone(), source })?;
-    let url: url::Url = format!("http://{addr}").parse().expect("valid loopback URL");
-    eprintln!("tether dev: server on {url}, one agent (node {}) on the local Docker engine", cfg.node_id);
+    crate::agent::write_private(&token_path, server.admin_token()).map_err(|source| {
+        crate::server::ServerError::State {
+            path: token_path.clone(),
+            source,
+        }
+    })?;
+    let url: url::Url = format!("http://{addr}")
+        .parse()
+        .expect("valid loopback URL");
+    eprintln!(
+        "tether dev: server on {url}, one agent (node {}) on the local Docker engine",
+        cfg.node_id
+    );
     eprintln!("Point tether ctl at it:");
-    eprintln!("  export TETHER_SERVER={url} TETHER_TOKEN=$(cat {})", token_path.display());
+    eprintln!(
+        "  export TETHER_SERVER={url} TETHER_TOKEN=$(cat {})",
+        token_path.display()
+    );
     eprintln!("  tether ctl nodes");
     let mut acfg = AgentConfig::new(url, psk, cfg.node_id.clone(), cfg.state_dir.join("agent"));
     acfg.docker_socket = cfg.docker_socket;

@@ -11,7 +11,11 @@ use tether::server::LogOptions;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "tether", version, about = "Run sandboxed workloads on compute you own")]
+#[command(
+    name = "tether",
+    version,
+    about = "Run sandboxed workloads on compute you own"
+)]
 struct Cli {
     /// Log level filter (also RUST_LOG).
     #[arg(long, global = true, env = "TETHER_LOG", default_value = "info")]
@@ -78,7 +82,11 @@ struct ServerArgs {
     psk: Option<String>,
     #[arg(long, env = "TETHER_PSK_FILE")]
     psk_file: Option<PathBuf>,
-    #[arg(long, env = "TETHER_STATE_DIR", default_value = "/var/lib/tether-server")]
+    #[arg(
+        long,
+        env = "TETHER_STATE_DIR",
+        default_value = "/var/lib/tether-server"
+    )]
     state_dir: PathBuf,
     /// Lifetime of node tokens, in seconds.
     #[arg(long, default_value_t = 3600)]
@@ -198,9 +206,15 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 
 fn read_psk(psk: Option<String>, file: Option<PathBuf>) -> Result<String, String> {
     let key = match (psk, file) {
-        (_, Some(f)) => std::fs::read_to_string(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?,
+        (_, Some(f)) => {
+            std::fs::read_to_string(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?
+        }
         (Some(p), None) => p,
-        (None, None) => return Err("a registration key is required: --psk-file, TETHER_PSK_FILE or TETHER_PSK".into()),
+        (None, None) => {
+            return Err(
+                "a registration key is required: --psk-file, TETHER_PSK_FILE or TETHER_PSK".into(),
+            );
+        }
     };
     let key = key.trim().to_string();
     if key.len() < 16 {
@@ -238,7 +252,9 @@ fn shutdown_on_signals() -> CancellationToken {
 fn init_tracing(level: &str, format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         b.json().init();
     } else {
@@ -251,7 +267,9 @@ fn parse_since(s: &str) -> Result<i64, String> {
         return Ok(n);
     }
     let d = humantime::parse_duration(s).map_err(|e| format!("--since {s:?}: {e}"))?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     Ok(now.saturating_sub(d).as_secs() as i64)
 }
 
@@ -268,7 +286,7 @@ async fn main() -> ExitCode {
             };
             let node_id = a
                 .node_id
-                .or_else(|| sysinfo::System::host_name())
+                .or_else(sysinfo::System::host_name)
                 .unwrap_or_else(|| "node".into());
             let mut cfg = tether::agent::AgentConfig::new(a.server, psk, node_id, a.state_dir);
             cfg.docker_socket = a.docker_socket;
@@ -315,7 +333,9 @@ async fn main() -> ExitCode {
 
 async fn run_ctl(c: CtlArgs) -> ExitCode {
     let Some(token) = c.token else {
-        return fail("an operator token is required: --token or TETHER_TOKEN (the server's admin.token)");
+        return fail(
+            "an operator token is required: --token or TETHER_TOKEN (the server's admin.token)",
+        );
     };
     let client = Client::new(c.server, token);
     let r: Result<i64, CtlError> = async {
@@ -336,7 +356,19 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
                     print!("{}", ctl::format_workers(&w));
                 }
             }
-            CtlCmd::Spawn { image, node, env, label, task_id, job_id, cpus, memory, pids, workdir, cmd } => {
+            CtlCmd::Spawn {
+                image,
+                node,
+                env,
+                label,
+                task_id,
+                job_id,
+                cpus,
+                memory,
+                pids,
+                workdir,
+                cmd,
+            } => {
                 let req = SpawnRequest {
                     image,
                     cmd,
@@ -344,21 +376,49 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
                     labels: kv(&label, "--label").map_err(CtlError::Local)?,
                     task_id,
                     job_id,
-                    resources: Resources { cpus, memory_mb: memory, pids },
+                    resources: Resources {
+                        cpus,
+                        memory_mb: memory,
+                        pids,
+                    },
                     workdir,
                     node_id: node,
                 };
                 println!("{}", client.spawn(&req).await?.worker_id);
             }
-            CtlCmd::Exec { interactive, tty, worker, cmd } => {
+            CtlCmd::Exec {
+                interactive,
+                tty,
+                worker,
+                cmd,
+            } => {
                 return ctl::exec(&client, &worker, cmd, interactive, tty).await;
             }
             CtlCmd::Cp { src, dst } => {
                 ctl::copy(&client, CpTarget::parse(&src), CpTarget::parse(&dst)).await?;
             }
-            CtlCmd::Logs { follow, since, tail, timestamps, worker } => {
-                let since = since.map(|s| parse_since(&s)).transpose().map_err(CtlError::Local)?;
-                ctl::logs(&client, &worker, LogOptions { follow, since, tail, timestamps }).await?;
+            CtlCmd::Logs {
+                follow,
+                since,
+                tail,
+                timestamps,
+                worker,
+            } => {
+                let since = since
+                    .map(|s| parse_since(&s))
+                    .transpose()
+                    .map_err(CtlError::Local)?;
+                ctl::logs(
+                    &client,
+                    &worker,
+                    LogOptions {
+                        follow,
+                        since,
+                        tail,
+                        timestamps,
+                    },
+                )
+                .await?;
             }
             CtlCmd::Stop { worker } => {
                 client.stop(&worker).await?;

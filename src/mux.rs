@@ -8,7 +8,9 @@
 //! consumer takes it, so the data queued for a channel never exceeds its
 //! window.
 
-use crate::protocol::{ChannelClose, ErrorBody, ErrorCode, Frame, MAX_FRAME_PAYLOAD, Message, StreamKind, Window};
+use crate::protocol::{
+    ChannelClose, ErrorBody, ErrorCode, Frame, MAX_FRAME_PAYLOAD, Message, StreamKind, Window,
+};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,7 +91,10 @@ impl Channels {
     pub fn open(&self, id: u32, window: u64, out: OutTx) -> Result<ChannelHandles, ErrorBody> {
         let mut map = self.map.lock().unwrap();
         if map.contains_key(&id) {
-            return Err(ErrorBody::new(ErrorCode::Conflict, format!("channel {id} is already open")));
+            return Err(ErrorBody::new(
+                ErrorCode::Conflict,
+                format!("channel {id} is already open"),
+            ));
         }
         let (inbox, rx) = mpsc::unbounded_channel();
         let granted = Arc::new(AtomicU64::new(window));
@@ -158,7 +163,10 @@ impl Channels {
         if end > granted {
             return Err(ErrorBody::new(
                 ErrorCode::InvalidRequest,
-                format!("channel {}: sent up to offset {end} beyond the granted limit {granted}", frame.channel),
+                format!(
+                    "channel {}: sent up to offset {end} beyond the granted limit {granted}",
+                    frame.channel
+                ),
             ));
         }
         e.received = end;
@@ -240,7 +248,10 @@ impl ChannelWriter {
                 .wait_for(|l| *l > sent)
                 .await
                 .map_err(|_| ChannelGone(self.channel))?;
-            let n = data.len().min((limit - sent) as usize).min(MAX_FRAME_PAYLOAD);
+            let n = data
+                .len()
+                .min((limit - sent) as usize)
+                .min(MAX_FRAME_PAYLOAD);
             let frame = Frame {
                 channel: self.channel,
                 stream,
@@ -257,7 +268,9 @@ impl ChannelWriter {
 
     /// Queues a control message for the same connection (keeps ordering with data).
     pub fn send(&self, m: &Message) -> Result<(), ChannelGone> {
-        self.out.send(Outbound::msg(m)).map_err(|_| ChannelGone(self.channel))
+        self.out
+            .send(Outbound::msg(m))
+            .map_err(|_| ChannelGone(self.channel))
     }
 }
 
@@ -316,16 +329,27 @@ mod tests {
         let ch = Channels::new();
         let mut h = ch.open(1, 10, out).unwrap();
         let task = tokio::spawn(async move {
-            h.writer.write(StreamKind::Stdout, Bytes::from(vec![1u8; 25])).await.unwrap();
+            h.writer
+                .write(StreamKind::Stdout, Bytes::from(vec![1u8; 25]))
+                .await
+                .unwrap();
             h.writer.offset()
         });
         // Only 10 bytes may go before credit arrives.
-        let Some(Outbound::Binary(b)) = out_rx.recv().await else { panic!() };
+        let Some(Outbound::Binary(b)) = out_rx.recv().await else {
+            panic!()
+        };
         assert_eq!(b.len(), 13 + 10);
         tokio::task::yield_now().await;
         assert!(out_rx.try_recv().is_err(), "writer must wait for credit");
-        ch.on_window(Window { channel: 1, acked: 10, limit: 40 });
-        let Some(Outbound::Binary(b)) = out_rx.recv().await else { panic!() };
+        ch.on_window(Window {
+            channel: 1,
+            acked: 10,
+            limit: 40,
+        });
+        let Some(Outbound::Binary(b)) = out_rx.recv().await else {
+            panic!()
+        };
         assert_eq!(Frame::decode(b, 1 << 20).unwrap().offset, 10);
         assert_eq!(task.await.unwrap(), 25);
     }
@@ -339,13 +363,21 @@ mod tests {
         // Out-of-order offset and overrun are protocol errors.
         assert!(ch.on_frame(frame(2, 9, 1)).is_err());
         assert!(ch.on_frame(frame(2, 5, 4)).is_err());
-        let Some(Inbound::Data(_, b)) = h.reader.recv().await else { panic!() };
+        let Some(Inbound::Data(_, b)) = h.reader.recv().await else {
+            panic!()
+        };
         assert_eq!(b.len(), 5);
         // 5 of 8 consumed: more than half used, a window goes out.
-        let Some(Outbound::Text(t)) = out_rx.recv().await else { panic!() };
+        let Some(Outbound::Text(t)) = out_rx.recv().await else {
+            panic!()
+        };
         assert_eq!(
             Message::decode(&t).unwrap(),
-            Message::Window(Window { channel: 2, acked: 5, limit: 13 })
+            Message::Window(Window {
+                channel: 2,
+                acked: 5,
+                limit: 13
+            })
         );
         ch.on_frame(frame(2, 5, 8)).unwrap();
     }
@@ -357,7 +389,12 @@ mod tests {
         let mut h = ch.open(3, 0, out).unwrap();
         ch.close_all(ErrorBody::new(ErrorCode::Unavailable, "gone"));
         assert!(matches!(h.reader.recv().await, Some(Inbound::Close(c)) if c.error.is_some()));
-        assert!(h.writer.write(StreamKind::Stdout, Bytes::from_static(b"a")).await.is_err());
+        assert!(
+            h.writer
+                .write(StreamKind::Stdout, Bytes::from_static(b"a"))
+                .await
+                .is_err()
+        );
         assert!(h.cancel.is_cancelled());
     }
 }

@@ -14,7 +14,9 @@ fn socket_inodes(pid: u32) -> HashSet<String> {
         .filter_map(|e| std::fs::read_link(e.path()).ok())
         .filter_map(|l| {
             let l = l.to_string_lossy().into_owned();
-            l.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')).map(str::to_string)
+            l.strip_prefix("socket:[")
+                .and_then(|s| s.strip_suffix(']'))
+                .map(str::to_string)
         })
         .collect()
 }
@@ -49,10 +51,18 @@ async fn agent_process_binds_no_listening_socket() {
     // Let it settle: registration's HTTP connection closes, the WebSocket stays.
     let w = h
         .hub
-        .spawn(tether::protocol::SpawnRequest { image: image(), cmd: vec!["sleep".into(), "60".into()], ..Default::default() })
+        .spawn(tether::protocol::SpawnRequest {
+            image: image(),
+            cmd: vec!["sleep".into(), "60".into()],
+            ..Default::default()
+        })
         .await
         .unwrap();
-    let (code, out, _) = h.hub.exec_collect(&w.worker_id, &["echo", "hi"]).await.unwrap();
+    let (code, out, _) = h
+        .hub
+        .exec_collect(&w.worker_id, &["echo", "hi"])
+        .await
+        .unwrap();
     assert_eq!((code, out), (0, b"hi\n".to_vec()));
 
     let pid = child.id().unwrap();
@@ -64,14 +74,23 @@ async fn agent_process_binds_no_listening_socket() {
             if !mine.contains(&inode) {
                 continue;
             }
-            assert_ne!(state, "0A", "agent has a listening {table} socket (inode {inode})");
-            assert!(!table.starts_with("udp"), "agent has a bound UDP socket (inode {inode})");
+            assert_ne!(
+                state, "0A",
+                "agent has a listening {table} socket (inode {inode})"
+            );
+            assert!(
+                !table.starts_with("udp"),
+                "agent has a bound UDP socket (inode {inode})"
+            );
             if state == "01" {
                 established += 1;
             }
         }
     }
-    assert!(established >= 1, "the check must see the agent's own connection");
+    assert!(
+        established >= 1,
+        "the check must see the agent's own connection"
+    );
     // Unix sockets: flag 00010000 is __SO_ACCEPTCON (listening).
     let unix = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap();
     for l in unix.lines().skip(1) {
@@ -109,7 +128,14 @@ async fn agent_image_brings_a_node_online() {
     let root = env!("CARGO_MANIFEST_DIR");
     let st = std::process::Command::new("bash")
         .arg(format!("{root}/scripts/build-agent-image.sh"))
-        .args(["--binary", env!("CARGO_BIN_EXE_tether"), "--tag", &tag, "--label", "tether.test=1"])
+        .args([
+            "--binary",
+            env!("CARGO_BIN_EXE_tether"),
+            "--tag",
+            &tag,
+            "--label",
+            "tether.test=1",
+        ])
         .stdout(std::process::Stdio::null())
         .status()
         .unwrap();
@@ -122,15 +148,33 @@ async fn agent_image_brings_a_node_online() {
     assert!(!sh.status.success(), "the agent image should have no shell");
 
     let id = docker(&[
-        "run", "-d", "--name", &guard.container, "--label", "tether.test=1", "--network", "host",
-        "-v", "/var/run/docker.sock:/var/run/docker.sock",
-        "-e", &format!("TETHER_SERVER={}", h.url), "-e", &format!("TETHER_PSK={PSK}"),
-        "-e", &format!("TETHER_NODE_ID={node}"), &tag,
+        "run",
+        "-d",
+        "--name",
+        &guard.container,
+        "--label",
+        "tether.test=1",
+        "--network",
+        "host",
+        "-v",
+        "/var/run/docker.sock:/var/run/docker.sock",
+        "-e",
+        &format!("TETHER_SERVER={}", h.url),
+        "-e",
+        &format!("TETHER_PSK={PSK}"),
+        "-e",
+        &format!("TETHER_NODE_ID={node}"),
+        &tag,
     ]);
     assert!(!id.is_empty(), "docker run of the agent image failed");
     tokio::time::timeout(Duration::from_secs(60), h.wait_status(&node, "online"))
         .await
-        .unwrap_or_else(|_| panic!("node never came online; agent logs:\n{}", docker_all(&["logs", &guard.container])));
+        .unwrap_or_else(|_| {
+            panic!(
+                "node never came online; agent logs:\n{}",
+                docker_all(&["logs", &guard.container])
+            )
+        });
     let w = h
         .hub
         .spawn(tether::protocol::SpawnRequest {
@@ -141,7 +185,11 @@ async fn agent_image_brings_a_node_online() {
         })
         .await
         .unwrap();
-    let (code, out, _) = h.hub.exec_collect(&w.worker_id, &["echo", "from-container-agent"]).await.unwrap();
+    let (code, out, _) = h
+        .hub
+        .exec_collect(&w.worker_id, &["echo", "from-container-agent"])
+        .await
+        .unwrap();
     assert_eq!((code, out), (0, b"from-container-agent\n".to_vec()));
     h.hub.remove(&w.worker_id, true).await.unwrap();
     drop(guard);

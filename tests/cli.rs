@@ -11,16 +11,40 @@ async fn worker_lifecycle_through_ctl() {
 
     // nodes shows the agent online.
     let nodes = h.ctl_ok(&["nodes"]).await;
-    assert!(nodes.lines().any(|l| l.starts_with(&node) && l.contains("online")), "{nodes}");
-    let json: serde_json::Value = serde_json::from_str(&h.ctl_ok(&["nodes", "--json"]).await).unwrap();
+    assert!(
+        nodes
+            .lines()
+            .any(|l| l.starts_with(&node) && l.contains("online")),
+        "{nodes}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&h.ctl_ok(&["nodes", "--json"]).await).unwrap();
     assert_eq!(json.as_array().unwrap()[0]["status"], "online");
 
     // spawn prints only the id.
     let out = h
         .ctl_ok(&[
-            "spawn", "--image", &img, "--task-id", "task-7", "--job-id", "job-3", "--label", "team=blue",
-            "--env", "GREETING=hi there", "--memory", "64", "--cpus", "0.5", "--pids", "64", "--",
-            "sh", "-c", "echo booted; echo warn >&2; exec sleep 3600",
+            "spawn",
+            "--image",
+            &img,
+            "--task-id",
+            "task-7",
+            "--job-id",
+            "job-3",
+            "--label",
+            "team=blue",
+            "--env",
+            "GREETING=hi there",
+            "--memory",
+            "64",
+            "--cpus",
+            "0.5",
+            "--pids",
+            "64",
+            "--",
+            "sh",
+            "-c",
+            "echo booted; echo warn >&2; exec sleep 3600",
         ])
         .await;
     let w = out.trim().to_string();
@@ -43,41 +67,81 @@ async fn worker_lifecycle_through_ctl() {
     assert_eq!(hc["CapDrop"], serde_json::json!(["ALL"]));
     assert_eq!(hc["Init"], true);
     assert!(hc["SecurityOpt"].to_string().contains("no-new-privileges"));
-    assert!(hc["PortBindings"].as_object().is_none_or(|m| m.is_empty()), "{}", hc["PortBindings"]);
-    assert!(c["NetworkSettings"]["Ports"].as_object().is_none_or(|m| m.is_empty()));
+    assert!(
+        hc["PortBindings"].as_object().is_none_or(|m| m.is_empty()),
+        "{}",
+        hc["PortBindings"]
+    );
+    assert!(
+        c["NetworkSettings"]["Ports"]
+            .as_object()
+            .is_none_or(|m| m.is_empty())
+    );
     let nets = c["NetworkSettings"]["Networks"].as_object().unwrap();
-    assert_eq!(nets.keys().collect::<Vec<_>>(), vec![&name], "exactly one network, the worker's own");
-    let net: serde_json::Value = serde_json::from_str(&docker(&["network", "inspect", &name])).unwrap();
+    assert_eq!(
+        nets.keys().collect::<Vec<_>>(),
+        vec![&name],
+        "exactly one network, the worker's own"
+    );
+    let net: serde_json::Value =
+        serde_json::from_str(&docker(&["network", "inspect", &name])).unwrap();
     assert_eq!(net[0]["Labels"]["tether.worker_id"], w.as_str());
-    assert_eq!(net[0]["Containers"].as_object().unwrap().len(), 1, "network is dedicated");
-    let subnet = net[0]["IPAM"]["Config"][0]["Subnet"].as_str().unwrap().to_string();
+    assert_eq!(
+        net[0]["Containers"].as_object().unwrap().len(),
+        1,
+        "network is dedicated"
+    );
+    let subnet = net[0]["IPAM"]["Config"][0]["Subnet"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(subnet.ends_with("/28"), "{subnet}");
 
     // ps lists it.
     let ps = h.ctl_ok(&["ps"]).await;
-    assert!(ps.contains(&w) && ps.contains("running") && ps.contains("task-7"), "{ps}");
+    assert!(
+        ps.contains(&w) && ps.contains("running") && ps.contains("task-7"),
+        "{ps}"
+    );
 
     // exec: exit code passthrough, stdout and stderr apart, env visible.
-    let out = h.ctl(&["exec", &w, "--", "sh", "-c", "echo to-out; echo to-err >&2; echo $GREETING; exit 42"]).await;
+    let out = h
+        .ctl(&[
+            "exec",
+            &w,
+            "--",
+            "sh",
+            "-c",
+            "echo to-out; echo to-err >&2; echo $GREETING; exit 42",
+        ])
+        .await;
     assert_eq!(out.status.code(), Some(42));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "to-out\nhi there\n");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "to-err\n");
 
     // exec -i forwards stdin and its EOF.
     let input: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
-    let out = h.ctl_stdin(&["exec", "-i", &w, "--", "sha256sum"], Some(&input)).await;
+    let out = h
+        .ctl_stdin(&["exec", "-i", &w, "--", "sha256sum"], Some(&input))
+        .await;
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with(&sha256(&input)));
 
     // cp a file in and out, compared by hash.
     let local = h.state_path("payload.bin");
-    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(&local, &data).unwrap();
-    h.ctl_ok(&["cp", local.to_str().unwrap(), &format!("{w}:/tmp/in.bin")]).await;
-    let remote_hash = h.ctl_ok(&["exec", &w, "--", "sha256sum", "/tmp/in.bin"]).await;
+    h.ctl_ok(&["cp", local.to_str().unwrap(), &format!("{w}:/tmp/in.bin")])
+        .await;
+    let remote_hash = h
+        .ctl_ok(&["exec", &w, "--", "sha256sum", "/tmp/in.bin"])
+        .await;
     assert!(remote_hash.starts_with(&sha256(&data)), "{remote_hash}");
     let back = h.state_path("back.bin");
-    h.ctl_ok(&["cp", &format!("{w}:/tmp/in.bin"), back.to_str().unwrap()]).await;
+    h.ctl_ok(&["cp", &format!("{w}:/tmp/in.bin"), back.to_str().unwrap()])
+        .await;
     assert_eq!(sha256(&std::fs::read(&back).unwrap()), sha256(&data));
 
     // cp a directory tree both ways.
@@ -86,23 +150,55 @@ async fn worker_lifecycle_through_ctl() {
     std::fs::write(tree.join("a.txt"), b"alpha\n").unwrap();
     std::fs::write(tree.join("sub/b.bin"), &data[..70_000]).unwrap();
     std::fs::write(tree.join("sub/deeper/c"), b"").unwrap();
-    h.ctl_ok(&["cp", tree.to_str().unwrap(), &format!("{w}:/tmp")]).await;
-    let listing = h.ctl_ok(&["exec", &w, "--", "sh", "-c", "cd /tmp/tree && find . -type f | sort && cat a.txt && sha256sum sub/b.bin"]).await;
-    assert!(listing.contains("./a.txt\n./sub/b.bin\n./sub/deeper/c\nalpha\n"), "{listing}");
+    h.ctl_ok(&["cp", tree.to_str().unwrap(), &format!("{w}:/tmp")])
+        .await;
+    let listing = h
+        .ctl_ok(&[
+            "exec",
+            &w,
+            "--",
+            "sh",
+            "-c",
+            "cd /tmp/tree && find . -type f | sort && cat a.txt && sha256sum sub/b.bin",
+        ])
+        .await;
+    assert!(
+        listing.contains("./a.txt\n./sub/b.bin\n./sub/deeper/c\nalpha\n"),
+        "{listing}"
+    );
     assert!(listing.contains(&sha256(&data[..70_000])));
-    h.ctl_ok(&["exec", &w, "--", "sh", "-c", "echo made-inside > /tmp/tree/new.txt"]).await;
+    h.ctl_ok(&[
+        "exec",
+        &w,
+        "--",
+        "sh",
+        "-c",
+        "echo made-inside > /tmp/tree/new.txt",
+    ])
+    .await;
     let copy = h.state_path("copy");
-    h.ctl_ok(&["cp", &format!("{w}:/tmp/tree"), copy.to_str().unwrap()]).await;
+    h.ctl_ok(&["cp", &format!("{w}:/tmp/tree"), copy.to_str().unwrap()])
+        .await;
     assert_eq!(std::fs::read(copy.join("a.txt")).unwrap(), b"alpha\n");
-    assert_eq!(sha256(&std::fs::read(copy.join("sub/b.bin")).unwrap()), sha256(&data[..70_000]));
-    assert_eq!(std::fs::read(copy.join("new.txt")).unwrap(), b"made-inside\n");
+    assert_eq!(
+        sha256(&std::fs::read(copy.join("sub/b.bin")).unwrap()),
+        sha256(&data[..70_000])
+    );
+    assert_eq!(
+        std::fs::read(copy.join("new.txt")).unwrap(),
+        b"made-inside\n"
+    );
     assert!(copy.join("sub/deeper/c").is_file());
 
     // Copying into an existing local directory keeps the name.
     let into = h.state_path("into");
     std::fs::create_dir(&into).unwrap();
-    h.ctl_ok(&["cp", &format!("{w}:/tmp/in.bin"), into.to_str().unwrap()]).await;
-    assert_eq!(sha256(&std::fs::read(into.join("in.bin")).unwrap()), sha256(&data));
+    h.ctl_ok(&["cp", &format!("{w}:/tmp/in.bin"), into.to_str().unwrap()])
+        .await;
+    assert_eq!(
+        sha256(&std::fs::read(into.join("in.bin")).unwrap()),
+        sha256(&data)
+    );
 
     // logs: stdout and stderr apart; --tail.
     let out = h.ctl(&["logs", &w]).await;
@@ -115,15 +211,25 @@ async fn worker_lifecycle_through_ctl() {
     // rm without -f refuses a running worker; stop then rm works.
     let out = h.ctl(&["rm", &w]).await;
     assert_eq!(out.status.code(), Some(125));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("conflict"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("conflict"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     h.ctl_ok(&["stop", &w]).await;
     let state = docker(&["inspect", "-f", "{{.State.Status}}", &name]);
     assert_eq!(state, "exited");
     h.ctl_ok(&["rm", &w]).await;
 
     // Really gone from Docker, container and network.
-    assert_eq!(docker(&["ps", "-aq", "--filter", &format!("name={name}")]), "");
-    assert_eq!(docker(&["network", "ls", "-q", "--filter", &format!("name={name}")]), "");
+    assert_eq!(
+        docker(&["ps", "-aq", "--filter", &format!("name={name}")]),
+        ""
+    );
+    assert_eq!(
+        docker(&["network", "ls", "-q", "--filter", &format!("name={name}")]),
+        ""
+    );
     assert!(!h.ctl_ok(&["ps"]).await.contains(&w));
     h.stop().await;
 }
@@ -133,13 +239,24 @@ async fn logs_follow_streams_until_the_worker_exits() {
     let (h, _node) = Harness::start().await;
     let img = image();
     let w = h
-        .ctl_ok(&["spawn", "--image", &img, "--", "sh", "-c", "for i in 1 2 3; do echo line$i; sleep 1; done"])
+        .ctl_ok(&[
+            "spawn",
+            "--image",
+            &img,
+            "--",
+            "sh",
+            "-c",
+            "for i in 1 2 3; do echo line$i; sleep 1; done",
+        ])
         .await
         .trim()
         .to_string();
     let out = h.ctl(&["logs", "-f", &w]).await;
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "line1\nline2\nline3\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "line1\nline2\nline3\n"
+    );
     h.ctl_ok(&["rm", "-f", &w]).await;
     h.stop().await;
 }
@@ -149,22 +266,46 @@ async fn drain_keeps_workers_and_refuses_new_ones() {
     let (mut h, n1) = Harness::start().await;
     let n2 = h.add_agent().await;
     let img = image();
-    let a = h.ctl_ok(&["spawn", "--image", &img, "--node", &n1, "--", "sleep", "600"]).await.trim().to_string();
+    let a = h
+        .ctl_ok(&[
+            "spawn", "--image", &img, "--node", &n1, "--", "sleep", "600",
+        ])
+        .await
+        .trim()
+        .to_string();
     h.ctl_ok(&["drain", &n1]).await;
     let nodes = h.ctl_ok(&["nodes"]).await;
-    assert!(nodes.lines().any(|l| l.starts_with(&n1) && l.contains("draining")), "{nodes}");
+    assert!(
+        nodes
+            .lines()
+            .any(|l| l.starts_with(&n1) && l.contains("draining")),
+        "{nodes}"
+    );
     // Scheduling avoids the draining node; naming it is refused.
     for _ in 0..2 {
-        let w = h.ctl_ok(&["spawn", "--image", &img, "--", "sleep", "600"]).await.trim().to_string();
+        let w = h
+            .ctl_ok(&["spawn", "--image", &img, "--", "sleep", "600"])
+            .await
+            .trim()
+            .to_string();
         assert_eq!(h.hub.worker(&w).unwrap().node_id, n2);
     }
-    let out = h.ctl(&["spawn", "--image", &img, "--node", &n1, "--", "true"]).await;
+    let out = h
+        .ctl(&["spawn", "--image", &img, "--node", &n1, "--", "true"])
+        .await;
     assert_eq!(out.status.code(), Some(125));
     // The draining node's worker keeps running and serving.
-    assert_eq!(h.ctl_ok(&["exec", &a, "--", "echo", "still-here"]).await, "still-here\n");
+    assert_eq!(
+        h.ctl_ok(&["exec", &a, "--", "echo", "still-here"]).await,
+        "still-here\n"
+    );
     h.ctl_ok(&["undrain", &n1]).await;
     // Least loaded: n1 has 1 worker, n2 has 2.
-    let w = h.ctl_ok(&["spawn", "--image", &img, "--", "sleep", "600"]).await.trim().to_string();
+    let w = h
+        .ctl_ok(&["spawn", "--image", &img, "--", "sleep", "600"])
+        .await
+        .trim()
+        .to_string();
     assert_eq!(h.hub.worker(&w).unwrap().node_id, n1);
     h.stop().await;
 }

@@ -57,13 +57,31 @@ async fn stalled_channel_does_not_block_fifty_others() {
             .unwrap()
             .unwrap();
         assert_eq!(code, 0);
-        assert_eq!(String::from_utf8(out).unwrap(), format!("job-{i}\n100000\n"));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("job-{i}\n100000\n")
+        );
     }
     let others = started.elapsed();
 
     // Back-pressure reached the producer: it has not finished writing.
-    let (_, out, _) = h.hub.exec_collect(&id, &["sh", "-c", "ls /tmp/stalled-done 2>/dev/null || echo blocked"]).await.unwrap();
-    assert_eq!(String::from_utf8(out).unwrap(), "blocked\n", "the unread producer should be blocked");
+    let (_, out, _) = h
+        .hub
+        .exec_collect(
+            &id,
+            &[
+                "sh",
+                "-c",
+                "ls /tmp/stalled-done 2>/dev/null || echo blocked",
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "blocked\n",
+        "the unread producer should be blocked"
+    );
 
     // Reading it now delivers every byte and its exit code.
     let mut total = 0u64;

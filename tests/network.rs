@@ -24,7 +24,11 @@ async fn workers_cannot_reach_each_other() {
     let (h, _node) = Harness::start().await;
     let img = image();
     let server = "while true; do echo pong | nc -l -p 8080; done";
-    let a = h.hub.spawn(spec(&img, &["sh", "-c", server])).await.unwrap();
+    let a = h
+        .hub
+        .spawn(spec(&img, &["sh", "-c", server]))
+        .await
+        .unwrap();
     let b = h.hub.spawn(spec(&img, &["sleep", "600"])).await.unwrap();
     let a_ip = a.ip.clone().expect("worker has an address");
     assert_ne!(a.subnet, b.subnet);
@@ -33,7 +37,11 @@ async fn workers_cannot_reach_each_other() {
     let probe = format!("echo ping | nc -w 2 {a_ip} 8080");
     let mut ok = false;
     for _ in 0..50 {
-        let (code, out, _) = h.hub.exec_collect(&a.worker_id, &["sh", "-c", &probe]).await.unwrap();
+        let (code, out, _) = h
+            .hub
+            .exec_collect(&a.worker_id, &["sh", "-c", &probe])
+            .await
+            .unwrap();
         if code == 0 && String::from_utf8_lossy(&out).contains("pong") {
             ok = true;
             break;
@@ -43,8 +51,15 @@ async fn workers_cannot_reach_each_other() {
     assert!(ok, "the listener in worker A never answered on {a_ip}");
 
     // The same probe from worker B gets nothing.
-    let (code, out, _) = h.hub.exec_collect(&b.worker_id, &["sh", "-c", &probe]).await.unwrap();
-    assert!(!String::from_utf8_lossy(&out).contains("pong"), "B reached A: {out:?}");
+    let (code, out, _) = h
+        .hub
+        .exec_collect(&b.worker_id, &["sh", "-c", &probe])
+        .await
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out).contains("pong"),
+        "B reached A: {out:?}"
+    );
     assert_ne!(code, 0);
     h.stop().await;
 }
@@ -66,14 +81,29 @@ async fn one_node_holds_two_hundred_workers() {
         .await;
     let workers: Vec<_> = spawned.into_iter().map(|r| r.expect("spawn")).collect();
     let filter = format!("label=tether.node_id={node}");
-    let running = docker(&["ps", "-q", "--filter", &filter, "--filter", "status=running"]);
-    assert_eq!(running.lines().count(), N, "all {N} workers running at once");
+    let running = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &filter,
+        "--filter",
+        "status=running",
+    ]);
+    assert_eq!(
+        running.lines().count(),
+        N,
+        "all {N} workers running at once"
+    );
     let nets = docker(&["network", "ls", "-q", "--filter", &filter]);
     assert_eq!(nets.lines().count(), N, "one network per worker");
     let subnets: HashSet<_> = workers.iter().map(|w| w.subnet.clone().unwrap()).collect();
     assert_eq!(subnets.len(), N, "every worker has its own subnet");
     // The last one still works.
-    let (code, out, _) = h.hub.exec_collect(&workers[N - 1].worker_id, &["echo", "alive"]).await.unwrap();
+    let (code, out, _) = h
+        .hub
+        .exec_collect(&workers[N - 1].worker_id, &["echo", "alive"])
+        .await
+        .unwrap();
     assert_eq!((code, out), (0, b"alive\n".to_vec()));
 
     let removed: Vec<_> = futures_util::stream::iter(workers.iter().map(|w| w.worker_id.clone()))
@@ -84,7 +114,11 @@ async fn one_node_holds_two_hundred_workers() {
         .buffer_unordered(8)
         .collect()
         .await;
-    assert!(removed.iter().all(|r| r.is_ok()), "{:?}", removed.iter().find(|r| r.is_err()));
+    assert!(
+        removed.iter().all(|r| r.is_ok()),
+        "{:?}",
+        removed.iter().find(|r| r.is_err())
+    );
     assert_eq!(docker(&["ps", "-aq", "--filter", &filter]), "");
     assert_eq!(docker(&["network", "ls", "-q", "--filter", &filter]), "");
     h.stop().await;

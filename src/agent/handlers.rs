@@ -6,7 +6,8 @@ use super::Ctx;
 use crate::docker::{self, archive, containers, exec, labels};
 use crate::mux::{ChannelHandles, Channels, Inbound, OutTx, Outbound};
 use crate::protocol::{
-    Archive, ChannelClose, ErrorBody, ErrorCode, Exec, Logs, Message, Request, StreamKind, WorkerEvent, WorkerList,
+    Archive, ChannelClose, ErrorBody, ErrorCode, Exec, Logs, Message, Request, StreamKind,
+    WorkerEvent, WorkerList,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -23,7 +24,10 @@ fn reply<T: Serialize>(out: &OutTx, id: String, r: Result<T, ErrorBody>) {
             id,
             payload: serde_json::to_value(v).expect("results serialize"),
         },
-        Err(error) => Message::Error { id: Some(id), error },
+        Err(error) => Message::Error {
+            id: Some(id),
+            error,
+        },
     };
     let _ = out.send(Outbound::msg(&m));
 }
@@ -36,14 +40,28 @@ fn close(out: &OutTx, channel: u32, exit_code: Option<i64>, error: Option<ErrorB
     })));
 }
 
-pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>, channels: Arc<Channels>, out: OutTx) {
+pub(super) fn dispatch(
+    id: String,
+    request: Request,
+    ctx: Arc<Ctx>,
+    channels: Arc<Channels>,
+    out: OutTx,
+) {
     let span = info_span!("request", request_id = %id, kind = request.kind());
     // Channel-opening requests: open now, in order with the frames behind them.
     let opened = match &request {
-        Request::Exec(Exec { channel, window, .. })
-        | Request::Logs(Logs { channel, window, .. })
-        | Request::PutArchive(Archive { channel, window, .. })
-        | Request::GetArchive(Archive { channel, window, .. }) => match channels.open(*channel, *window, out.clone()) {
+        Request::Exec(Exec {
+            channel, window, ..
+        })
+        | Request::Logs(Logs {
+            channel, window, ..
+        })
+        | Request::PutArchive(Archive {
+            channel, window, ..
+        })
+        | Request::GetArchive(Archive {
+            channel, window, ..
+        }) => match channels.open(*channel, *window, out.clone()) {
             Ok(h) => Some(h),
             Err(e) => return reply::<()>(&out, id, Err(e)),
         },
@@ -60,17 +78,25 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>, channels: Ar
                 }
                 reply(&out, id, r);
             }
-            (Request::Stop(s), _) => {
-                reply(&out, id, containers::stop(d, &node, &s.worker_id, s.timeout_secs.unwrap_or(10)).await)
-            }
+            (Request::Stop(s), _) => reply(
+                &out,
+                id,
+                containers::stop(d, &node, &s.worker_id, s.timeout_secs.unwrap_or(10)).await,
+            ),
             (Request::Remove(r), _) => {
                 let res = containers::remove(d, &ctx.pool, &node, &r.worker_id, r.force).await;
                 reply(&out, id, res.map(|()| json!({ "worker_id": r.worker_id })));
             }
-            (Request::Inspect(w), _) => reply(&out, id, containers::inspect(d, &node, &w.worker_id).await),
-            (Request::ListWorkers, _) => {
-                reply(&out, id, containers::list(d, &node).await.map(|workers| WorkerList { workers }))
+            (Request::Inspect(w), _) => {
+                reply(&out, id, containers::inspect(d, &node, &w.worker_id).await)
             }
+            (Request::ListWorkers, _) => reply(
+                &out,
+                id,
+                containers::list(d, &node)
+                    .await
+                    .map(|workers| WorkerList { workers }),
+            ),
             (Request::Stat(s), _) => {
                 let r = match containers::inspect(d, &node, &s.worker_id).await {
                     Ok(_) => archive::stat(d, &s.worker_id, &s.path).await,
@@ -82,7 +108,10 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>, channels: Ar
                 let exec_id = ctx.execs.lock().unwrap().get(&r.channel).cloned();
                 let res = match exec_id {
                     Some(e) => exec::resize(d, &e, r.size).await,
-                    None => Err(ErrorBody::new(ErrorCode::NotFound, format!("no exec on channel {}", r.channel))),
+                    None => Err(ErrorBody::new(
+                        ErrorCode::NotFound,
+                        format!("no exec on channel {}", r.channel),
+                    )),
                 };
                 reply(&out, id, res.map(|()| json!({})));
             }
@@ -93,7 +122,10 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>, channels: Ar
             (r, None) => reply::<()>(
                 &out,
                 id,
-                Err(ErrorBody::new(ErrorCode::Internal, format!("{} without channel", r.kind()))),
+                Err(ErrorBody::new(
+                    ErrorCode::Internal,
+                    format!("{} without channel", r.kind()),
+                )),
             ),
         }
     };
@@ -101,7 +133,14 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>, channels: Ar
 }
 
 /// Streams an exec's output within credit and feeds it stdin.
-async fn run_exec(ctx: &Ctx, channels: &Channels, id: String, req: Exec, h: ChannelHandles, out: &OutTx) {
+async fn run_exec(
+    ctx: &Ctx,
+    channels: &Channels,
+    id: String,
+    req: Exec,
+    h: ChannelHandles,
+    out: &OutTx,
+) {
     let ch = req.channel;
     let started = match containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
         Ok(_) => exec::start(&ctx.docker, &req).await,
@@ -177,7 +216,14 @@ async fn run_exec(ctx: &Ctx, channels: &Channels, id: String, req: Exec, h: Chan
     stdin.abort();
 }
 
-async fn run_logs(ctx: &Ctx, channels: &Channels, id: String, req: Logs, h: ChannelHandles, out: &OutTx) {
+async fn run_logs(
+    ctx: &Ctx,
+    channels: &Channels,
+    id: String,
+    req: Logs,
+    h: ChannelHandles,
+    out: &OutTx,
+) {
     let ch = req.channel;
     if let Err(e) = containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
         channels.remove(ch);
@@ -190,11 +236,18 @@ async fn run_logs(ctx: &Ctx, channels: &Channels, id: String, req: Logs, h: Chan
         since: req.since.unwrap_or(0).clamp(0, i32::MAX as i64) as i32,
         until: 0,
         timestamps: req.timestamps,
-        tail: req.tail.map(|n| n.to_string()).unwrap_or_else(|| "all".into()),
+        tail: req
+            .tail
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "all".into()),
     };
-    let mut stream = ctx.docker.logs(&docker::object_name(&req.worker_id), Some(opts));
+    let mut stream = ctx
+        .docker
+        .logs(&docker::object_name(&req.worker_id), Some(opts));
     reply(out, id, Ok(json!({})));
-    let ChannelHandles { mut writer, cancel, .. } = h;
+    let ChannelHandles {
+        mut writer, cancel, ..
+    } = h;
     let error = loop {
         tokio::select! {
             _ = cancel.cancelled() => { channels.remove(ch); return; }
@@ -215,7 +268,14 @@ async fn run_logs(ctx: &Ctx, channels: &Channels, id: String, req: Logs, h: Chan
     channels.remove(ch);
 }
 
-async fn run_get(ctx: &Ctx, channels: &Channels, id: String, req: Archive, h: ChannelHandles, out: &OutTx) {
+async fn run_get(
+    ctx: &Ctx,
+    channels: &Channels,
+    id: String,
+    req: Archive,
+    h: ChannelHandles,
+    out: &OutTx,
+) {
     let ch = req.channel;
     if let Err(e) = containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
         channels.remove(ch);
@@ -227,12 +287,18 @@ async fn run_get(ctx: &Ctx, channels: &Channels, id: String, req: Archive, h: Ch
         Some(Ok(b)) => b,
         Some(Err(e)) => {
             channels.remove(ch);
-            return reply::<()>(out, id, Err(docker::to_error(e, &format!("read {}", req.path))));
+            return reply::<()>(
+                out,
+                id,
+                Err(docker::to_error(e, &format!("read {}", req.path))),
+            );
         }
         None => Bytes::new(),
     };
     reply(out, id, Ok(json!({})));
-    let ChannelHandles { mut writer, cancel, .. } = h;
+    let ChannelHandles {
+        mut writer, cancel, ..
+    } = h;
     let mut next = Some(Ok(first));
     let error = loop {
         let item = match next.take() {
@@ -257,7 +323,14 @@ async fn run_get(ctx: &Ctx, channels: &Channels, id: String, req: Archive, h: Ch
     channels.remove(ch);
 }
 
-async fn run_put(ctx: &Ctx, channels: &Channels, id: String, req: Archive, h: ChannelHandles, out: &OutTx) {
+async fn run_put(
+    ctx: &Ctx,
+    channels: &Channels,
+    id: String,
+    req: Archive,
+    h: ChannelHandles,
+    out: &OutTx,
+) {
     let ch = req.channel;
     let check = match containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
         Ok(_) => archive::stat(&ctx.docker, &req.worker_id, &req.path).await,
@@ -272,7 +345,10 @@ async fn run_put(ctx: &Ctx, channels: &Channels, id: String, req: Archive, h: Ch
                 id,
                 Err(ErrorBody::new(
                     ErrorCode::NotFound,
-                    format!("{}: no such directory in worker {}", req.path, req.worker_id),
+                    format!(
+                        "{}: no such directory in worker {}",
+                        req.path, req.worker_id
+                    ),
                 )),
             );
         }
@@ -291,7 +367,9 @@ async fn run_put(ctx: &Ctx, channels: &Channels, id: String, req: Archive, h: Ch
             Inbound::Eof => None,
             Inbound::Close(c) => Some((
                 Err(std::io::Error::other(
-                    c.error.map(|e| e.to_string()).unwrap_or_else(|| "upload cancelled".into()),
+                    c.error
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| "upload cancelled".into()),
                 )),
                 r,
             )),
@@ -324,14 +402,22 @@ pub(super) async fn collect_garbage(ctx: &Ctx) {
 pub(super) async fn forward_events(ctx: Arc<Ctx>, out: OutTx, end: CancellationToken) {
     let filters = std::collections::HashMap::from([
         ("type".to_string(), vec!["container".to_string()]),
-        ("event".to_string(), vec!["die".to_string(), "oom".to_string()]),
-        ("label".to_string(), vec![format!("{}={}", labels::NODE, ctx.node_id)]),
+        (
+            "event".to_string(),
+            vec!["die".to_string(), "oom".to_string()],
+        ),
+        (
+            "label".to_string(),
+            vec![format!("{}={}", labels::NODE, ctx.node_id)],
+        ),
     ]);
-    let mut events = ctx.docker.events(Some(bollard::query_parameters::EventsOptions {
-        since: None,
-        until: None,
-        filters: Some(filters),
-    }));
+    let mut events = ctx
+        .docker
+        .events(Some(bollard::query_parameters::EventsOptions {
+            since: None,
+            until: None,
+            filters: Some(filters),
+        }));
     loop {
         let ev = tokio::select! {
             _ = end.cancelled() => return,
@@ -339,7 +425,9 @@ pub(super) async fn forward_events(ctx: Arc<Ctx>, out: OutTx, end: CancellationT
         };
         let Some(Ok(ev)) = ev else { return };
         let attrs = ev.actor.and_then(|a| a.attributes).unwrap_or_default();
-        let Some(worker_id) = attrs.get(labels::WORKER).cloned() else { continue };
+        let Some(worker_id) = attrs.get(labels::WORKER).cloned() else {
+            continue;
+        };
         let action = ev.action.unwrap_or_default();
         let event = match action.as_str() {
             "oom" => "oom_killed",

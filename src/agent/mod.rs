@@ -80,7 +80,10 @@ pub enum AgentError {
 impl AgentError {
     /// Permanent errors end the agent; the rest are retried with backoff.
     fn is_permanent(&self) -> bool {
-        matches!(self, AgentError::Unauthorized(_) | AgentError::Config(_) | AgentError::State { .. })
+        matches!(
+            self,
+            AgentError::Unauthorized(_) | AgentError::Config(_) | AgentError::State { .. }
+        )
     }
 }
 
@@ -123,7 +126,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     handlers::collect_garbage(&ctx).await;
 
     let token_path = cfg.state_dir.join("node.jwt");
-    let mut token = std::fs::read_to_string(&token_path).ok().map(|t| t.trim().to_string());
+    let mut token = std::fs::read_to_string(&token_path)
+        .ok()
+        .map(|t| t.trim().to_string());
     let new_backoff = || {
         ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
@@ -212,7 +217,10 @@ async fn connect_and_serve(
 
 /// Exchanges the pre-shared key for a node JWT and the bootstrap payload.
 pub async fn register(cfg: &AgentConfig) -> Result<Bootstrap, AgentError> {
-    let url = cfg.server.join(REGISTER_PATH).map_err(|e| AgentError::Config(e.to_string()))?;
+    let url = cfg
+        .server
+        .join(REGISTER_PATH)
+        .map_err(|e| AgentError::Config(e.to_string()))?;
     let conn_err = |reason: String| AgentError::Connect {
         url: url.to_string(),
         reason,
@@ -226,14 +234,19 @@ pub async fn register(cfg: &AgentConfig) -> Result<Bootstrap, AgentError> {
         .map_err(|e| conn_err(crate::error_chain(&e)))?;
     let status = resp.status();
     if status.is_success() {
-        return resp.json::<Bootstrap>().await.map_err(|e| conn_err(e.to_string()));
+        return resp
+            .json::<Bootstrap>()
+            .await
+            .map_err(|e| conn_err(e.to_string()));
     }
     let body = resp
         .json::<serde_json::Value>()
         .await
         .ok()
         .and_then(|v| serde_json::from_value::<ErrorBody>(v["error"].clone()).ok());
-    let msg = body.map(|b| b.to_string()).unwrap_or_else(|| status.to_string());
+    let msg = body
+        .map(|b| b.to_string())
+        .unwrap_or_else(|| status.to_string());
     if status.as_u16() == 401 || status.as_u16() == 403 || status.as_u16() == 400 {
         Err(AgentError::Unauthorized(msg))
     } else {

@@ -5,14 +5,16 @@
 use super::{AgentConfig, AgentError, Ctx, handlers};
 use crate::mux::{Channels, Outbound};
 use crate::protocol::{
-    self, AGENT_CONNECT_PATH, ErrorBody, ErrorCode, Frame, Hello, MAX_FRAME_PAYLOAD, MAX_WS_MESSAGE,
-    Message, PROTOCOL_VERSION, SUBPROTOCOL, Welcome,
+    self, AGENT_CONNECT_PATH, ErrorBody, ErrorCode, Frame, Hello, MAX_FRAME_PAYLOAD,
+    MAX_WS_MESSAGE, Message, PROTOCOL_VERSION, SUBPROTOCOL, Welcome,
 };
 use futures_util::{SinkExt, Stream, StreamExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::{self, Message as WsMessage, client::IntoClientRequest, protocol::WebSocketConfig};
+use tokio_tungstenite::tungstenite::{
+    self, Message as WsMessage, client::IntoClientRequest, protocol::WebSocketConfig,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -21,7 +23,8 @@ pub(super) enum ConnectError {
     Other(String),
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 pub(crate) fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
@@ -31,25 +34,43 @@ pub(crate) fn ws_config() -> WebSocketConfig {
 
 /// Opens the agent WebSocket with the node JWT.
 pub(super) async fn connect(cfg: &AgentConfig, jwt: &str) -> Result<Ws, ConnectError> {
-    let mut url = cfg.server.join(AGENT_CONNECT_PATH).map_err(|e| ConnectError::Other(e.to_string()))?;
+    let mut url = cfg
+        .server
+        .join(AGENT_CONNECT_PATH)
+        .map_err(|e| ConnectError::Other(e.to_string()))?;
     let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
-    url.set_scheme(scheme).map_err(|_| ConnectError::Other("bad scheme".into()))?;
+    url.set_scheme(scheme)
+        .map_err(|_| ConnectError::Other("bad scheme".into()))?;
     let mut req = url
         .as_str()
         .into_client_request()
         .map_err(|e| ConnectError::Other(e.to_string()))?;
     let h = req.headers_mut();
-    h.insert("authorization", format!("Bearer {jwt}").parse().map_err(|_| ConnectError::Unauthorized)?);
-    h.insert("sec-websocket-protocol", SUBPROTOCOL.parse().expect("valid header"));
+    h.insert(
+        "authorization",
+        format!("Bearer {jwt}")
+            .parse()
+            .map_err(|_| ConnectError::Unauthorized)?,
+    );
+    h.insert(
+        "sec-websocket-protocol",
+        SUBPROTOCOL.parse().expect("valid header"),
+    );
     match tokio_tungstenite::connect_async_tls_with_config(
         req,
         Some(ws_config()),
         true,
-        Some(tokio_tungstenite::Connector::Rustls(Arc::new(crate::tls_client_config()))),
+        Some(tokio_tungstenite::Connector::Rustls(Arc::new(
+            crate::tls_client_config(),
+        ))),
     )
-    .await {
+    .await
+    {
         Ok((ws, resp)) => {
-            let proto = resp.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok());
+            let proto = resp
+                .headers()
+                .get("sec-websocket-protocol")
+                .and_then(|v| v.to_str().ok());
             if proto != Some(SUBPROTOCOL) {
                 return Err(ConnectError::Other(format!(
                     "server did not accept subprotocol {SUBPROTOCOL} (got {proto:?})"
@@ -57,10 +78,19 @@ pub(super) async fn connect(cfg: &AgentConfig, jwt: &str) -> Result<Ws, ConnectE
             }
             Ok(ws)
         }
-        Err(tungstenite::Error::Http(resp)) if resp.status() == 401 => Err(ConnectError::Unauthorized),
+        Err(tungstenite::Error::Http(resp)) if resp.status() == 401 => {
+            Err(ConnectError::Unauthorized)
+        }
         Err(tungstenite::Error::Http(resp)) => {
-            let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
-            Err(ConnectError::Other(format!("HTTP {}: {body}", resp.status())))
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            Err(ConnectError::Other(format!(
+                "HTTP {}: {body}",
+                resp.status()
+            )))
         }
         Err(e) => Err(ConnectError::Other(crate::error_chain(&e))),
     }
@@ -71,10 +101,12 @@ pub(crate) fn to_ws(o: Outbound) -> WsMessage {
         Outbound::Text(t) => WsMessage::text(t),
         Outbound::Binary(b) => WsMessage::Binary(b),
         Outbound::Ping => WsMessage::Ping(Default::default()),
-        Outbound::Close(code, reason) => WsMessage::Close(Some(tungstenite::protocol::CloseFrame {
-            code: code.into(),
-            reason: reason.into(),
-        })),
+        Outbound::Close(code, reason) => {
+            WsMessage::Close(Some(tungstenite::protocol::CloseFrame {
+                code: code.into(),
+                reason: reason.into(),
+            }))
+        }
     }
 }
 
@@ -86,7 +118,9 @@ where
         match ws.next().await {
             Some(Ok(WsMessage::Text(t))) => return Ok(t.to_string()),
             Some(Ok(WsMessage::Close(f))) => {
-                return Err(AgentError::ConnectionLost(format!("closed by server: {f:?}")));
+                return Err(AgentError::ConnectionLost(format!(
+                    "closed by server: {f:?}"
+                )));
             }
             Some(Ok(_)) => continue,
             Some(Err(e)) => return Err(AgentError::ConnectionLost(e.to_string())),
@@ -126,9 +160,13 @@ pub(super) async fn serve(
         Ok(Message::Error { error, .. }) if error.code == ErrorCode::Unauthorized => {
             return Err(AgentError::Unauthorized(error.to_string()));
         }
-        Ok(Message::Error { error, .. }) => return Err(AgentError::ConnectionLost(error.to_string())),
+        Ok(Message::Error { error, .. }) => {
+            return Err(AgentError::ConnectionLost(error.to_string()));
+        }
         other => {
-            return Err(AgentError::ConnectionLost(format!("expected welcome, got {other:?}")));
+            return Err(AgentError::ConnectionLost(format!(
+                "expected welcome, got {other:?}"
+            )));
         }
     };
     let span = info_span!("session", node_id = %cfg.node_id, session_id = %welcome.session_id);
@@ -136,7 +174,12 @@ pub(super) async fn serve(
     run_loop(ws, cfg, ctx, shutdown).instrument(span).await
 }
 
-async fn run_loop(ws: Ws, cfg: &AgentConfig, ctx: Arc<Ctx>, shutdown: &CancellationToken) -> Result<(), AgentError> {
+async fn run_loop(
+    ws: Ws,
+    cfg: &AgentConfig,
+    ctx: Arc<Ctx>,
+    shutdown: &CancellationToken,
+) -> Result<(), AgentError> {
     let (mut sink, mut stream) = ws.split();
     let (out, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
     let channels = Channels::new();
@@ -152,7 +195,11 @@ async fn run_loop(ws: Ws, cfg: &AgentConfig, ctx: Arc<Ctx>, shutdown: &Cancellat
         }
         let _ = sink.close().await;
     });
-    let events = tokio::spawn(handlers::forward_events(ctx.clone(), out.clone(), session_end.clone()));
+    let events = tokio::spawn(handlers::forward_events(
+        ctx.clone(),
+        out.clone(),
+        session_end.clone(),
+    ));
 
     let mut tick = tokio::time::interval(cfg.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -188,7 +235,10 @@ async fn run_loop(ws: Ws, cfg: &AgentConfig, ctx: Arc<Ctx>, shutdown: &Cancellat
     };
     session_end.cancel();
     events.abort();
-    channels.close_all(ErrorBody::new(ErrorCode::Unavailable, "connection to the server lost"));
+    channels.close_all(ErrorBody::new(
+        ErrorCode::Unavailable,
+        "connection to the server lost",
+    ));
     drop(out);
     if result.is_ok() {
         // Let the close frame go out.
@@ -204,12 +254,17 @@ fn on_text(text: &str, ctx: &Arc<Ctx>, channels: &Arc<Channels>, out: &crate::mu
         Ok(m) => m,
         Err(e) => {
             debug!(error = %e.error, "bad message from server");
-            let _ = out.send(Outbound::msg(&Message::Error { id: e.id, error: e.error }));
+            let _ = out.send(Outbound::msg(&Message::Error {
+                id: e.id,
+                error: e.error,
+            }));
             return;
         }
     };
     match msg {
-        Message::Request { id, request } => handlers::dispatch(id, request, ctx.clone(), channels.clone(), out.clone()),
+        Message::Request { id, request } => {
+            handlers::dispatch(id, request, ctx.clone(), channels.clone(), out.clone())
+        }
         Message::Window(w) => channels.on_window(w),
         Message::ChannelEof(c) => channels.on_eof(c.channel),
         Message::ChannelClose(c) => {
@@ -249,11 +304,13 @@ fn on_binary(data: bytes::Bytes, channels: &Channels, out: &crate::mux::OutTx) {
         warn!(%error, ?channel, "bad frame from server");
         if let Some(ch) = channel.filter(|c| channels.is_open(*c)) {
             channels.remove(ch);
-            let _ = out.send(Outbound::msg(&Message::ChannelClose(protocol::ChannelClose {
-                channel: ch,
-                exit_code: None,
-                error: Some(error),
-            })));
+            let _ = out.send(Outbound::msg(&Message::ChannelClose(
+                protocol::ChannelClose {
+                    channel: ch,
+                    exit_code: None,
+                    error: Some(error),
+                },
+            )));
         } else {
             let _ = out.send(Outbound::msg(&Message::Error { id: None, error }));
         }

@@ -26,7 +26,11 @@ impl CpTarget {
                 if !w.is_empty() && !w.contains('/') {
                     return CpTarget::Worker {
                         worker: w.to_string(),
-                        path: if p.is_empty() { "/".into() } else { p.to_string() },
+                        path: if p.is_empty() {
+                            "/".into()
+                        } else {
+                            p.to_string()
+                        },
                     };
                 }
             }
@@ -67,7 +71,9 @@ fn parent_of(p: &str) -> String {
 }
 
 fn local_size(p: &Path) -> u64 {
-    let Ok(m) = std::fs::symlink_metadata(p) else { return 0 };
+    let Ok(m) = std::fs::symlink_metadata(p) else {
+        return 0;
+    };
     if m.is_dir() {
         std::fs::read_dir(p)
             .map(|rd| rd.flatten().map(|e| local_size(&e.path())).sum())
@@ -92,8 +98,12 @@ async fn stat(client: &Client, worker: &str, path: &str) -> Result<StatResult, C
 /// Copies between the local machine and a worker; returns bytes of file data.
 pub async fn copy(client: &Client, src: CpTarget, dst: CpTarget) -> Result<u64, CtlError> {
     match (src, dst) {
-        (CpTarget::Local(s), CpTarget::Worker { worker, path }) => upload(client, &s, &worker, &path).await,
-        (CpTarget::Worker { worker, path }, CpTarget::Local(d)) => download(client, &worker, &path, &d).await,
+        (CpTarget::Local(s), CpTarget::Worker { worker, path }) => {
+            upload(client, &s, &worker, &path).await
+        }
+        (CpTarget::Worker { worker, path }, CpTarget::Local(d)) => {
+            download(client, &worker, &path, &d).await
+        }
         _ => Err(CtlError::Local(
             "exactly one of SRC and DST must be a worker path (WORKER:PATH)".into(),
         )),
@@ -112,10 +122,15 @@ async fn upload(client: &Client, src: &Path, worker: &str, dst: &str) -> Result<
     let (dir, name) = if target.exists && target.is_dir {
         (dst.to_string(), src_name)
     } else if target.exists && meta.is_dir() {
-        return Err(local(format!("cannot copy directory {} onto file {dst}", src.display())));
+        return Err(local(format!(
+            "cannot copy directory {} onto file {dst}",
+            src.display()
+        )));
     } else {
         if dst.ends_with('/') {
-            return Err(local(format!("{dst}: no such directory in worker {worker}")));
+            return Err(local(format!(
+                "{dst}: no such directory in worker {worker}"
+            )));
         }
         let name = base_name(dst).ok_or_else(|| local(format!("invalid destination {dst}")))?;
         (parent_of(dst), name)
@@ -136,7 +151,8 @@ async fn upload(client: &Client, src: &Path, worker: &str, dst: &str) -> Result<
         b.into_inner()?.shutdown()
     });
     let pb2 = pb.clone();
-    let body = ReaderStream::with_capacity(reader, 64 * 1024).inspect_ok(move |b| pb2.inc(b.len() as u64));
+    let body =
+        ReaderStream::with_capacity(reader, 64 * 1024).inspect_ok(move |b| pb2.inc(b.len() as u64));
     let rb = client
         .request(Method::PUT, &format!("/api/v1/workers/{worker}/archive"))
         .query(&[("path", dir.as_str())])
@@ -152,9 +168,13 @@ async fn upload(client: &Client, src: &Path, worker: &str, dst: &str) -> Result<
 
 /// Maps an archive entry path to where it lands locally, refusing escapes.
 fn entry_target(entry: &Path, into_dir: Option<&Path>, rename_to: &Path) -> Option<PathBuf> {
-    let mut comps = entry.components().filter(|c| !matches!(c, Component::CurDir));
+    let mut comps = entry
+        .components()
+        .filter(|c| !matches!(c, Component::CurDir));
     let first = comps.next()?;
-    let Component::Normal(first) = first else { return None };
+    let Component::Normal(first) = first else {
+        return None;
+    };
     let mut out = match into_dir {
         Some(d) => d.join(first),
         None => rename_to.to_path_buf(),
@@ -178,7 +198,10 @@ async fn download(client: &Client, worker: &str, src: &str, dst: &Path) -> Resul
     }
     let into_dir = dst.is_dir().then(|| dst.to_path_buf());
     if into_dir.is_none() {
-        let parent = dst.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = dst
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         if !parent.is_dir() {
             return Err(local(format!("{}: no such directory", parent.display())));
         }
@@ -203,7 +226,10 @@ async fn download(client: &Client, worker: &str, src: &str, dst: &Path) -> Resul
             let mut entry = entry?;
             let path = entry.path()?.into_owned();
             let Some(target) = entry_target(&path, into_dir.as_deref(), &dst) else {
-                return Err(std::io::Error::other(format!("refusing unsafe archive path {}", path.display())));
+                return Err(std::io::Error::other(format!(
+                    "refusing unsafe archive path {}",
+                    path.display()
+                )));
             };
             if let Some(p) = target.parent() {
                 std::fs::create_dir_all(p)?;
@@ -228,21 +254,45 @@ mod tests {
     fn parses_docker_syntax() {
         assert_eq!(
             CpTarget::parse("w1:/tmp/x"),
-            CpTarget::Worker { worker: "w1".into(), path: "/tmp/x".into() }
+            CpTarget::Worker {
+                worker: "w1".into(),
+                path: "/tmp/x".into()
+            }
         );
         assert_eq!(CpTarget::parse("./a:b"), CpTarget::Local("./a:b".into()));
-        assert_eq!(CpTarget::parse("/abs/a:b"), CpTarget::Local("/abs/a:b".into()));
+        assert_eq!(
+            CpTarget::parse("/abs/a:b"),
+            CpTarget::Local("/abs/a:b".into())
+        );
         assert_eq!(CpTarget::parse("file"), CpTarget::Local("file".into()));
-        assert_eq!(CpTarget::parse("w:"), CpTarget::Worker { worker: "w".into(), path: "/".into() });
+        assert_eq!(
+            CpTarget::parse("w:"),
+            CpTarget::Worker {
+                worker: "w".into(),
+                path: "/".into()
+            }
+        );
     }
 
     #[test]
     fn entry_targets_rename_and_refuse_escape() {
         let d = Path::new("/out");
-        assert_eq!(entry_target(Path::new("f"), Some(d), Path::new("x")), Some("/out/f".into()));
-        assert_eq!(entry_target(Path::new("dir/a/b"), None, Path::new("/new")), Some("/new/a/b".into()));
-        assert_eq!(entry_target(Path::new("dir/../../etc"), None, Path::new("/new")), None);
-        assert_eq!(entry_target(Path::new("/etc/passwd"), None, Path::new("/new")), None);
+        assert_eq!(
+            entry_target(Path::new("f"), Some(d), Path::new("x")),
+            Some("/out/f".into())
+        );
+        assert_eq!(
+            entry_target(Path::new("dir/a/b"), None, Path::new("/new")),
+            Some("/new/a/b".into())
+        );
+        assert_eq!(
+            entry_target(Path::new("dir/../../etc"), None, Path::new("/new")),
+            None
+        );
+        assert_eq!(
+            entry_target(Path::new("/etc/passwd"), None, Path::new("/new")),
+            None
+        );
     }
 
     #[test]

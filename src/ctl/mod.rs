@@ -59,7 +59,9 @@ impl Client {
     }
 
     pub(crate) fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        self.http.request(method, self.url(path)).bearer_auth(&self.token)
+        self.http
+            .request(method, self.url(path))
+            .bearer_auth(&self.token)
     }
 
     pub(crate) async fn send(&self, rb: RequestBuilder) -> Result<Response, CtlError> {
@@ -93,7 +95,10 @@ impl Client {
         struct R {
             nodes: Vec<NodeInfo>,
         }
-        Ok(self.json::<R>(self.request(Method::GET, "/api/v1/nodes")).await?.nodes)
+        Ok(self
+            .json::<R>(self.request(Method::GET, "/api/v1/nodes"))
+            .await?
+            .nodes)
     }
 
     pub async fn workers(&self) -> Result<Vec<WorkerInfo>, CtlError> {
@@ -101,19 +106,25 @@ impl Client {
         struct R {
             workers: Vec<WorkerInfo>,
         }
-        Ok(self.json::<R>(self.request(Method::GET, "/api/v1/workers")).await?.workers)
+        Ok(self
+            .json::<R>(self.request(Method::GET, "/api/v1/workers"))
+            .await?
+            .workers)
     }
 
     pub async fn inspect(&self, worker: &str) -> Result<WorkerInfo, CtlError> {
-        self.json(self.request(Method::GET, &format!("/api/v1/workers/{worker}"))).await
+        self.json(self.request(Method::GET, &format!("/api/v1/workers/{worker}")))
+            .await
     }
 
     pub async fn spawn(&self, req: &SpawnRequest) -> Result<WorkerInfo, CtlError> {
-        self.json(self.request(Method::POST, "/api/v1/workers").json(req)).await
+        self.json(self.request(Method::POST, "/api/v1/workers").json(req))
+            .await
     }
 
     pub async fn stop(&self, worker: &str) -> Result<WorkerInfo, CtlError> {
-        self.json(self.request(Method::POST, &format!("/api/v1/workers/{worker}/stop"))).await
+        self.json(self.request(Method::POST, &format!("/api/v1/workers/{worker}/stop")))
+            .await
     }
 
     pub async fn remove(&self, worker: &str, force: bool) -> Result<(), CtlError> {
@@ -125,13 +136,17 @@ impl Client {
 
     pub async fn drain(&self, node: &str, drain: bool) -> Result<NodeInfo, CtlError> {
         let verb = if drain { "drain" } else { "undrain" };
-        self.json(self.request(Method::POST, &format!("/api/v1/nodes/{node}/{verb}"))).await
+        self.json(self.request(Method::POST, &format!("/api/v1/nodes/{node}/{verb}")))
+            .await
     }
 }
 
 /// `ctl nodes` as a table.
 pub fn format_nodes(nodes: &[NodeInfo]) -> String {
-    let mut s = format!("{:<24} {:<9} {:>7}  {:<22} {}\n", "NODE", "STATUS", "WORKERS", "LAST SEEN", "REASON");
+    let mut s = format!(
+        "{:<24} {:<9} {:>7}  {:<22} {}\n",
+        "NODE", "STATUS", "WORKERS", "LAST SEEN", "REASON"
+    );
     for n in nodes {
         let _ = writeln!(
             s,

@@ -9,7 +9,8 @@ use std::io::{IsTerminal, Write};
 use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::{Message as WsMessage, client::IntoClientRequest};
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn open(client: &Client, path: &str, query: &[(&str, String)]) -> Result<Ws, CtlError> {
     crate::init_crypto();
@@ -17,20 +18,29 @@ async fn open(client: &Client, path: &str, query: &[(&str, String)]) -> Result<W
     let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
     let _ = url.set_scheme(scheme);
     if !query.is_empty() {
-        url.query_pairs_mut().extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
+        url.query_pairs_mut()
+            .extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
     }
-    let mut req = url.as_str().into_client_request().map_err(|e| CtlError::Local(e.to_string()))?;
+    let mut req = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| CtlError::Local(e.to_string()))?;
     req.headers_mut().insert(
         "authorization",
-        format!("Bearer {}", client.token()).parse().map_err(|_| CtlError::Local("token is not a valid header".into()))?,
+        format!("Bearer {}", client.token())
+            .parse()
+            .map_err(|_| CtlError::Local("token is not a valid header".into()))?,
     );
     match tokio_tungstenite::connect_async_tls_with_config(
         req,
         None,
         true,
-        Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(crate::tls_client_config()))),
+        Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(
+            crate::tls_client_config(),
+        ))),
     )
-    .await {
+    .await
+    {
         Ok((ws, _)) => Ok(ws),
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             let body = resp.body().as_deref().unwrap_or_default();
@@ -67,7 +77,9 @@ impl Drop for RawMode {
 }
 
 fn term_size() -> Option<TermSize> {
-    crossterm::terminal::size().ok().map(|(cols, rows)| TermSize { cols, rows })
+    crossterm::terminal::size()
+        .ok()
+        .map(|(cols, rows)| TermSize { cols, rows })
 }
 
 /// What ends a stream session.
@@ -84,14 +96,21 @@ async fn drain_output(rx: &mut futures_util::stream::SplitStream<Ws>) -> Result<
         match m.map_err(|e| CtlError::Local(format!("connection lost: {e}")))? {
             WsMessage::Binary(b) if !b.is_empty() => {
                 let (kind, data) = (StreamKind::from_u8(b[0]), &b[1..]);
-                let w: &mut dyn Write = if kind == Some(StreamKind::Stderr) { &mut stderr } else { &mut stdout };
-                w.write_all(data).and_then(|_| w.flush()).map_err(|e| CtlError::Local(e.to_string()))?;
+                let w: &mut dyn Write = if kind == Some(StreamKind::Stderr) {
+                    &mut stderr
+                } else {
+                    &mut stdout
+                };
+                w.write_all(data)
+                    .and_then(|_| w.flush())
+                    .map_err(|e| CtlError::Local(e.to_string()))?;
             }
             WsMessage::Text(t) => {
                 let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
                 if v["type"] == "error" {
-                    let e = serde_json::from_value(v["error"].clone())
-                        .unwrap_or_else(|_| ErrorBody::new(crate::protocol::ErrorCode::Internal, t.to_string()));
+                    let e = serde_json::from_value(v["error"].clone()).unwrap_or_else(|_| {
+                        ErrorBody::new(crate::protocol::ErrorCode::Internal, t.to_string())
+                    });
                     return Ok(End::Error(e));
                 }
                 return Ok(End::Exit(v["exit_code"].as_i64()));
@@ -100,11 +119,19 @@ async fn drain_output(rx: &mut futures_util::stream::SplitStream<Ws>) -> Result<
             _ => {}
         }
     }
-    Err(CtlError::Local("connection closed before the command finished".into()))
+    Err(CtlError::Local(
+        "connection closed before the command finished".into(),
+    ))
 }
 
 /// Runs a command in a worker; returns its exit code.
-pub async fn exec(client: &Client, worker: &str, cmd: Vec<String>, interactive: bool, tty: bool) -> Result<i64, CtlError> {
+pub async fn exec(
+    client: &Client,
+    worker: &str,
+    cmd: Vec<String>,
+    interactive: bool,
+    tty: bool,
+) -> Result<i64, CtlError> {
     let ws = open(client, &format!("/api/v1/workers/{worker}/exec"), &[]).await?;
     let (mut tx, mut rx) = ws.split();
     let tty = tty && std::io::stdout().is_terminal();
@@ -115,9 +142,11 @@ pub async fn exec(client: &Client, worker: &str, cmd: Vec<String>, interactive: 
         size: if tty { term_size() } else { None },
         ..Default::default()
     };
-    tx.send(WsMessage::text(serde_json::to_string(&opts).expect("serializes")))
-        .await
-        .map_err(|e| CtlError::Local(e.to_string()))?;
+    tx.send(WsMessage::text(
+        serde_json::to_string(&opts).expect("serializes"),
+    ))
+    .await
+    .map_err(|e| CtlError::Local(e.to_string()))?;
     let _raw = RawMode::enable(tty && interactive && std::io::stdin().is_terminal());
     let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel::<WsMessage>(16);
     if interactive {
@@ -132,7 +161,10 @@ pub async fn exec(client: &Client, worker: &str, cmd: Vec<String>, interactive: 
                         break;
                     }
                     Ok(n) => {
-                        if t.send(WsMessage::Binary(bytes::Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                        if t.send(WsMessage::Binary(bytes::Bytes::copy_from_slice(&buf[..n])))
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                     }
@@ -143,7 +175,9 @@ pub async fn exec(client: &Client, worker: &str, cmd: Vec<String>, interactive: 
     if tty {
         let t = ctl_tx.clone();
         tokio::spawn(async move {
-            let Ok(mut sig) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()) else {
+            let Ok(mut sig) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+            else {
                 return;
             };
             while sig.recv().await.is_some() {
@@ -177,7 +211,10 @@ pub async fn exec(client: &Client, worker: &str, cmd: Vec<String>, interactive: 
 
 /// Prints a worker's logs; with `follow`, until the worker stops or Ctrl-C.
 pub async fn logs(client: &Client, worker: &str, opts: LogOptions) -> Result<(), CtlError> {
-    let mut q = vec![("follow", opts.follow.to_string()), ("timestamps", opts.timestamps.to_string())];
+    let mut q = vec![
+        ("follow", opts.follow.to_string()),
+        ("timestamps", opts.timestamps.to_string()),
+    ];
     if let Some(s) = opts.since {
         q.push(("since", s.to_string()));
     }

@@ -4,7 +4,9 @@ use super::{object_name, to_error};
 use crate::protocol::{ErrorBody, StatResult};
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
-use bollard::query_parameters::{ContainerArchiveInfoOptions, DownloadFromContainerOptions, UploadToContainerOptions};
+use bollard::query_parameters::{
+    ContainerArchiveInfoOptions, DownloadFromContainerOptions, UploadToContainerOptions,
+};
 use bytes::Bytes;
 use futures_util::Stream;
 
@@ -15,7 +17,9 @@ pub async fn stat(docker: &Docker, worker_id: &str, path: &str) -> Result<StatRe
     match docker
         .get_container_archive_info(
             &object_name(worker_id),
-            Some(ContainerArchiveInfoOptions { path: path.to_string() }),
+            Some(ContainerArchiveInfoOptions {
+                path: path.to_string(),
+            }),
         )
         .await
     {
@@ -24,24 +28,29 @@ pub async fn stat(docker: &Docker, worker_id: &str, path: &str) -> Result<StatRe
             is_dir: s.file_mode & MODE_DIR != 0,
             size: s.size.max(0) as u64,
         }),
-        Err(DockerError::DockerResponseServerError { status_code: 404, message })
-            if !message.contains("No such container") =>
-        {
-            Ok(StatResult {
-                exists: false,
-                is_dir: false,
-                size: 0,
-            })
-        }
+        Err(DockerError::DockerResponseServerError {
+            status_code: 404,
+            message,
+        }) if !message.contains("No such container") => Ok(StatResult {
+            exists: false,
+            is_dir: false,
+            size: 0,
+        }),
         Err(e) => Err(to_error(e, "stat path")),
     }
 }
 
 /// A tar stream of `path` in the worker.
-pub fn download(docker: &Docker, worker_id: &str, path: &str) -> impl Stream<Item = Result<Bytes, DockerError>> + use<> {
+pub fn download(
+    docker: &Docker,
+    worker_id: &str,
+    path: &str,
+) -> impl Stream<Item = Result<Bytes, DockerError>> + use<> {
     docker.download_from_container(
         &object_name(worker_id),
-        Some(DownloadFromContainerOptions { path: path.to_string() }),
+        Some(DownloadFromContainerOptions {
+            path: path.to_string(),
+        }),
     )
 }
 

@@ -40,13 +40,22 @@ fn not_found(worker_id: &str) -> ErrorBody {
 
 /// Inspects a worker's container; `not_found` if it does not exist or is not
 /// a tether worker of this node.
-pub async fn inspect(docker: &Docker, node_id: &str, worker_id: &str) -> Result<WorkerInfo, ErrorBody> {
+pub async fn inspect(
+    docker: &Docker,
+    node_id: &str,
+    worker_id: &str,
+) -> Result<WorkerInfo, ErrorBody> {
     if !valid_worker_id(worker_id) {
         return Err(not_found(worker_id));
     }
-    match docker.inspect_container(&object_name(worker_id), None).await {
+    match docker
+        .inspect_container(&object_name(worker_id), None)
+        .await
+    {
         Ok(c) => to_info(c, node_id).ok_or_else(|| not_found(worker_id)),
-        Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Err(not_found(worker_id)),
+        Err(DockerError::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Err(not_found(worker_id)),
         Err(e) => Err(to_error(e, "inspect worker")),
     }
 }
@@ -69,8 +78,15 @@ fn to_info(c: ContainerInspectResponse, node_id: &str) -> Option<WorkerInfo> {
         .and_then(|e| e.ip_address)
         .filter(|ip| !ip.is_empty());
     let state = c.state.unwrap_or_default();
-    let status = state.status.map(|s| s.to_string()).unwrap_or_else(|| "unknown".into());
-    let exit_code = if status == "exited" { state.exit_code } else { None };
+    let status = state
+        .status
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let exit_code = if status == "exited" {
+        state.exit_code
+    } else {
+        None
+    };
     let user_labels = lbls
         .iter()
         .filter(|(k, _)| !k.starts_with(labels::PREFIX))
@@ -97,7 +113,10 @@ fn to_info(c: ContainerInspectResponse, node_id: &str) -> Option<WorkerInfo> {
 pub async fn list_ids(docker: &Docker, node_id: &str) -> Result<Vec<String>, ErrorBody> {
     let filters = HashMap::from([(
         "label".to_string(),
-        vec![format!("{}=true", labels::MANAGED), format!("{}={node_id}", labels::NODE)],
+        vec![
+            format!("{}=true", labels::MANAGED),
+            format!("{}={node_id}", labels::NODE),
+        ],
     )]);
     let list = docker
         .list_containers(Some(ListContainersOptions {
@@ -130,7 +149,9 @@ pub async fn list(docker: &Docker, node_id: &str) -> Result<Vec<WorkerInfo>, Err
 async fn ensure_image(docker: &Docker, image: &str) -> Result<(), ErrorBody> {
     match docker.inspect_image(image).await {
         Ok(_) => return Ok(()),
-        Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => {}
+        Err(DockerError::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {}
         Err(e) => return Err(to_error(e, "inspect image")),
     }
     let pull = async {
@@ -151,9 +172,15 @@ async fn ensure_image(docker: &Docker, image: &str) -> Result<(), ErrorBody> {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(ErrorBody::new(
             ErrorCode::NotFound,
-            format!("image {image:?} is not on the node and could not be pulled: {}", to_error(e, "pull").message),
+            format!(
+                "image {image:?} is not on the node and could not be pulled: {}",
+                to_error(e, "pull").message
+            ),
         )),
-        Err(_) => Err(ErrorBody::new(ErrorCode::Timeout, format!("pulling image {image:?} took over 300 s"))),
+        Err(_) => Err(ErrorBody::new(
+            ErrorCode::Timeout,
+            format!("pulling image {image:?} took over 300 s"),
+        )),
     }
 }
 
@@ -165,13 +192,30 @@ fn validate(spec: &Spawn) -> Result<(), ErrorBody> {
     if spec.spec.image.trim().is_empty() {
         return bad("image must not be empty".into());
     }
-    if let Some(k) = spec.spec.labels.keys().find(|k| k.starts_with(labels::PREFIX)) {
-        return bad(format!("label {k:?} uses the reserved prefix {:?}", labels::PREFIX));
+    if let Some(k) = spec
+        .spec
+        .labels
+        .keys()
+        .find(|k| k.starts_with(labels::PREFIX))
+    {
+        return bad(format!(
+            "label {k:?} uses the reserved prefix {:?}",
+            labels::PREFIX
+        ));
     }
-    if let Some(k) = spec.spec.env.keys().find(|k| k.is_empty() || k.contains('=')) {
+    if let Some(k) = spec
+        .spec
+        .env
+        .keys()
+        .find(|k| k.is_empty() || k.contains('='))
+    {
         return bad(format!("invalid environment variable name {k:?}"));
     }
-    let Resources { cpus, memory_mb, pids } = &spec.spec.resources;
+    let Resources {
+        cpus,
+        memory_mb,
+        pids,
+    } = &spec.spec.resources;
     if cpus.is_some_and(|c| !(c > 0.0 && c <= 1024.0)) {
         return bad("cpus must be > 0".into());
     }
@@ -222,7 +266,13 @@ pub async fn spawn(
     let body = ContainerCreateBody {
         image: Some(spec.spec.image.clone()),
         cmd: (!spec.spec.cmd.is_empty()).then(|| spec.spec.cmd.clone()),
-        env: Some(spec.spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        env: Some(
+            spec.spec
+                .env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+        ),
         labels: Some(container_labels),
         working_dir: spec.spec.workdir.clone(),
         hostname: Some(format!("w-{}", &name[7..name.len().min(19)])),
@@ -267,7 +317,12 @@ pub async fn spawn(
     Ok(info)
 }
 
-pub async fn stop(docker: &Docker, node_id: &str, worker_id: &str, timeout_secs: u32) -> Result<WorkerInfo, ErrorBody> {
+pub async fn stop(
+    docker: &Docker,
+    node_id: &str,
+    worker_id: &str,
+    timeout_secs: u32,
+) -> Result<WorkerInfo, ErrorBody> {
     inspect(docker, node_id, worker_id).await?;
     match docker
         .stop_container(
@@ -279,7 +334,10 @@ pub async fn stop(docker: &Docker, node_id: &str, worker_id: &str, timeout_secs:
         )
         .await
     {
-        Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 304, .. }) => {}
+        Ok(())
+        | Err(DockerError::DockerResponseServerError {
+            status_code: 304, ..
+        }) => {}
         Err(e) => return Err(to_error(e, "stop container")),
     }
     inspect(docker, node_id, worker_id).await
@@ -297,7 +355,9 @@ async fn remove_container(docker: &Docker, name: &str, force: bool) -> Result<()
         )
         .await
     {
-        Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+        Err(DockerError::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(()),
         r => r,
     }
 }
@@ -327,8 +387,11 @@ pub async fn remove(
 
 /// Networks labelled as ours whose worker container no longer exists.
 pub async fn orphan_networks(docker: &Docker, node_id: &str) -> Result<Vec<String>, ErrorBody> {
-    let live: std::collections::HashSet<String> =
-        list_ids(docker, node_id).await?.iter().map(|id| object_name(id)).collect();
+    let live: std::collections::HashSet<String> = list_ids(docker, node_id)
+        .await?
+        .iter()
+        .map(|id| object_name(id))
+        .collect();
     Ok(networks::list_managed(docker, node_id)
         .await?
         .into_iter()

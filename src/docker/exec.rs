@@ -24,7 +24,10 @@ pub struct Started {
 /// Creates and starts the exec, attached.
 pub async fn start(docker: &Docker, req: &Exec) -> Result<Started, ErrorBody> {
     if req.cmd.is_empty() {
-        return Err(ErrorBody::new(ErrorCode::InvalidRequest, "exec needs a command"));
+        return Err(ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            "exec needs a command",
+        ));
     }
     let env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let created = docker
@@ -67,7 +70,9 @@ pub async fn start(docker: &Docker, req: &Exec) -> Result<Started, ErrorBody> {
             output,
             input,
         }),
-        StartExecResults::Detached => Err(ErrorBody::new(ErrorCode::Internal, "exec started detached")),
+        StartExecResults::Detached => {
+            Err(ErrorBody::new(ErrorCode::Internal, "exec started detached"))
+        }
     }
 }
 
@@ -99,13 +104,18 @@ pub async fn exit_code(docker: &Docker, exec_id: &str) -> Result<i64, ErrorBody>
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Err(ErrorBody::new(ErrorCode::Timeout, "exec output ended but Docker reports no exit code"))
+    Err(ErrorBody::new(
+        ErrorCode::Timeout,
+        "exec output ended but Docker reports no exit code",
+    ))
 }
 
 /// Splits Docker's multiplexed output into the protocol's streams.
 pub fn split(item: LogOutput) -> Option<(StreamKind, Bytes)> {
     match item {
-        LogOutput::StdOut { message } | LogOutput::Console { message } => Some((StreamKind::Stdout, message)),
+        LogOutput::StdOut { message } | LogOutput::Console { message } => {
+            Some((StreamKind::Stdout, message))
+        }
         LogOutput::StdErr { message } => Some((StreamKind::Stderr, message)),
         LogOutput::StdIn { .. } => None,
     }

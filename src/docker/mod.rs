@@ -48,7 +48,10 @@ pub fn to_error(e: DockerError, what: &str) -> ErrorBody {
             };
             ErrorBody::new(code, format!("{what}: {message}"))
         }
-        DockerError::RequestTimeoutError => ErrorBody::new(ErrorCode::Timeout, format!("{what}: Docker did not answer in time")),
+        DockerError::RequestTimeoutError => ErrorBody::new(
+            ErrorCode::Timeout,
+            format!("{what}: Docker did not answer in time"),
+        ),
         e @ (DockerError::HyperResponseError { .. }
         | DockerError::IOError { .. }
         | DockerError::SocketNotFoundError(_)) => ErrorBody::new(
@@ -66,5 +69,9 @@ pub fn object_name(worker_id: &str) -> String {
 
 /// Worker ids become Docker object names: keep them to a safe alphabet.
 pub fn valid_worker_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }

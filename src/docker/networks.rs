@@ -75,7 +75,12 @@ impl SubnetPool {
     }
 
     pub fn in_use(&self) -> usize {
-        self.used.lock().unwrap().iter().filter(|n| self.pool.contains(&n.network())).count()
+        self.used
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|n| self.pool.contains(&n.network()))
+            .count()
     }
 }
 
@@ -95,7 +100,10 @@ pub async fn create(
         let subnet = pool.allocate().ok_or_else(|| {
             ErrorBody::new(
                 ErrorCode::Unavailable,
-                format!("no free worker subnet left in the pool ({} subnets)", pool.capacity()),
+                format!(
+                    "no free worker subnet left in the pool ({} subnets)",
+                    pool.capacity()
+                ),
             )
         })?;
         let gateway = subnet.hosts().next().map(|g| g.to_string());
@@ -133,7 +141,10 @@ pub async fn create(
             }
         }
     }
-    Err(ErrorBody::new(ErrorCode::Unavailable, "could not find a free subnet for the worker network"))
+    Err(ErrorBody::new(
+        ErrorCode::Unavailable,
+        "could not find a free subnet for the worker network",
+    ))
 }
 
 /// Removes a worker network and returns its subnet to the pool. A network
@@ -145,11 +156,16 @@ pub async fn remove(docker: &Docker, pool: &SubnetPool, name: &str) -> Result<()
             .and_then(|i| i.config)
             .and_then(|c| c.into_iter().find_map(|c| c.subnet))
             .and_then(|s| s.parse::<Ipv4Net>().ok()),
-        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => return Ok(()),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => return Ok(()),
         Err(e) => return Err(to_error(e, "inspect network")),
     };
     match docker.remove_network(name).await {
-        Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+        Ok(())
+        | Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {}
         Err(e) => return Err(to_error(e, "remove network")),
     }
     if let Some(s) = subnet {
@@ -162,10 +178,15 @@ pub async fn remove(docker: &Docker, pool: &SubnetPool, name: &str) -> Result<()
 pub async fn list_managed(docker: &Docker, node_id: &str) -> Result<Vec<String>, ErrorBody> {
     let filters = HashMap::from([(
         "label".to_string(),
-        vec![format!("{}=true", labels::MANAGED), format!("{}={node_id}", labels::NODE)],
+        vec![
+            format!("{}=true", labels::MANAGED),
+            format!("{}={node_id}", labels::NODE),
+        ],
     )]);
     let nets = docker
-        .list_networks(Some(ListNetworksOptions { filters: Some(filters) }))
+        .list_networks(Some(ListNetworksOptions {
+            filters: Some(filters),
+        }))
         .await
         .map_err(|e| to_error(e, "list networks"))?;
     Ok(nets.into_iter().filter_map(|n| n.name).collect())

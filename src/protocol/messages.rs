@@ -320,17 +320,29 @@ impl Request {
 pub enum Message {
     Hello(Hello),
     Welcome(Welcome),
-    Request { id: String, request: Request },
+    Request {
+        id: String,
+        request: Request,
+    },
     /// Success reply to the request `id`; the payload depends on the request.
-    Result { id: String, payload: Value },
+    Result {
+        id: String,
+        payload: Value,
+    },
     /// Failure reply to the request `id`, or a connection-level error without id.
-    Error { id: Option<String>, error: ErrorBody },
+    Error {
+        id: Option<String>,
+        error: ErrorBody,
+    },
     Window(Window),
     ChannelEof(ChannelEof),
     ChannelClose(ChannelClose),
     WorkerEvent(WorkerEvent),
     /// A type this build does not know; answered with `unsupported` when it has an id.
-    Unknown { kind: String, id: Option<String> },
+    Unknown {
+        kind: String,
+        id: Option<String>,
+    },
 }
 
 /// A text frame that could not be turned into a [`Message`].
@@ -373,7 +385,10 @@ impl Message {
         }
         let env: Envelope = serde_json::from_str(text).map_err(|e| DecodeError {
             id: None,
-            error: ErrorBody::new(ErrorCode::InvalidRequest, format!("malformed envelope: {e}")),
+            error: ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                format!("malformed envelope: {e}"),
+            ),
         })?;
         let Envelope { kind, id, payload } = env;
         let need_id = |id: Option<String>| {
@@ -475,7 +490,10 @@ mod tests {
             }),
         };
         let text = m.encode();
-        assert!(text.starts_with(r#"{"type":"exec","id":"r1","payload":{"#), "{text}");
+        assert!(
+            text.starts_with(r#"{"type":"exec","id":"r1","payload":{"#),
+            "{text}"
+        );
         assert_eq!(Message::decode(&text).unwrap(), m);
     }
 
@@ -508,7 +526,8 @@ mod tests {
 
     #[test]
     fn malformed_payload_keeps_id() {
-        let e = Message::decode(r#"{"type":"stop","id":"q","payload":{"worker_id":5}}"#).unwrap_err();
+        let e =
+            Message::decode(r#"{"type":"stop","id":"q","payload":{"worker_id":5}}"#).unwrap_err();
         assert_eq!(e.id.as_deref(), Some("q"));
         assert_eq!(e.error.code, ErrorCode::InvalidRequest);
         let e = Message::decode("not json").unwrap_err();
@@ -519,14 +538,25 @@ mod tests {
 
     #[test]
     fn oversized_is_too_large() {
-        let big = format!(r#"{{"type":"x","payload":"{}"}}"#, "a".repeat(MAX_CONTROL_BYTES));
-        assert_eq!(Message::decode(&big).unwrap_err().error.code, ErrorCode::TooLarge);
+        let big = format!(
+            r#"{{"type":"x","payload":"{}"}}"#,
+            "a".repeat(MAX_CONTROL_BYTES)
+        );
+        assert_eq!(
+            Message::decode(&big).unwrap_err().error.code,
+            ErrorCode::TooLarge
+        );
     }
 
     #[test]
     fn unknown_error_code_survives() {
-        let m = Message::decode(r#"{"type":"error","id":"1","payload":{"code":"new_code","message":"m"}}"#).unwrap();
-        let Message::Error { error, .. } = m else { panic!() };
+        let m = Message::decode(
+            r#"{"type":"error","id":"1","payload":{"code":"new_code","message":"m"}}"#,
+        )
+        .unwrap();
+        let Message::Error { error, .. } = m else {
+            panic!()
+        };
         assert_eq!(error.code, ErrorCode::Unknown);
     }
 

@@ -5,8 +5,8 @@ use super::AppState;
 use super::hub::AgentLink;
 use crate::mux::Outbound;
 use crate::protocol::{
-    ErrorBody, ErrorCode, Frame, FrameError, MAX_FRAME_PAYLOAD, MAX_WS_MESSAGE, Message, PROTOCOL_VERSION,
-    SUBPROTOCOL, Welcome,
+    ErrorBody, ErrorCode, Frame, FrameError, MAX_FRAME_PAYLOAD, MAX_WS_MESSAGE, Message,
+    PROTOCOL_VERSION, SUBPROTOCOL, Welcome,
 };
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
@@ -18,13 +18,20 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{Instrument, info, info_span, warn};
 
-pub(super) async fn connect(State(app): State<Arc<AppState>>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+pub(super) async fn connect(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
     let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
     let node_id = match super::auth::bearer(auth).map(|t| app.signer.verify(t)) {
         Some(Ok(n)) => n,
         Some(Err(e)) => return super::api::error_response(e),
         None => {
-            return super::api::error_response(ErrorBody::new(ErrorCode::Unauthorized, "missing node token"));
+            return super::api::error_response(ErrorBody::new(
+                ErrorCode::Unauthorized,
+                "missing node token",
+            ));
         }
     };
     let offered = headers
@@ -75,7 +82,10 @@ async fn session(app: Arc<AppState>, node_id: String, socket: WebSocket) {
     let hello = match hello {
         Ok(Message::Hello(h)) => h,
         other => {
-            let m = refuse(ErrorCode::InvalidRequest, format!("expected hello, got {other:?}"));
+            let m = refuse(
+                ErrorCode::InvalidRequest,
+                format!("expected hello, got {other:?}"),
+            );
             let _ = sink.send(WsMessage::Text(m.into())).await;
             return;
         }
@@ -91,7 +101,10 @@ async fn session(app: Arc<AppState>, node_id: String, socket: WebSocket) {
     if !hello.versions.contains(&PROTOCOL_VERSION) {
         let m = refuse(
             ErrorCode::Unsupported,
-            format!("protocol versions {:?} not supported; this server speaks {PROTOCOL_VERSION}", hello.versions),
+            format!(
+                "protocol versions {:?} not supported; this server speaks {PROTOCOL_VERSION}",
+                hello.versions
+            ),
         );
         let _ = sink.send(WsMessage::Text(m.into())).await;
         return;
@@ -106,10 +119,15 @@ async fn session(app: Arc<AppState>, node_id: String, socket: WebSocket) {
         heartbeat_interval_secs: app.cfg.heartbeat_interval.as_secs(),
         heartbeat_timeout_secs: app.cfg.heartbeat_timeout.as_secs(),
     });
-    if sink.send(WsMessage::Text(welcome.encode().into())).await.is_err() {
+    if sink
+        .send(WsMessage::Text(welcome.encode().into()))
+        .await
+        .is_err()
+    {
         return;
     }
-    app.hub.attach(link.clone(), &hello.agent_version, hello.inventory);
+    app.hub
+        .attach(link.clone(), &hello.agent_version, hello.inventory);
     info!(%session_id, "agent online");
 
     let writer = tokio::spawn(async move {
@@ -167,13 +185,22 @@ fn on_text(app: &AppState, link: &Arc<AgentLink>, text: &str) {
         Ok(m) => m,
         Err(e) => {
             warn!(error = %e.error, "bad message from agent");
-            let _ = link_send(link, Message::Error { id: e.id, error: e.error });
+            let _ = link_send(
+                link,
+                Message::Error {
+                    id: e.id,
+                    error: e.error,
+                },
+            );
             return;
         }
     };
     match msg {
         Message::Result { id, payload } => link.on_reply(&id, Ok(payload)),
-        Message::Error { id: Some(id), error } => link.on_reply(&id, Err(error)),
+        Message::Error {
+            id: Some(id),
+            error,
+        } => link.on_reply(&id, Err(error)),
         Message::Error { id: None, error } => warn!(%error, "agent reported an error"),
         Message::Window(w) => link.channels.on_window(w),
         Message::ChannelEof(c) => link.channels.on_eof(c.channel),
@@ -182,13 +209,21 @@ fn on_text(app: &AppState, link: &Arc<AgentLink>, text: &str) {
         Message::Unknown { kind, id } => {
             let _ = link_send(
                 link,
-                Message::error(id, ErrorCode::Unsupported, format!("unknown message type {kind:?}")),
+                Message::error(
+                    id,
+                    ErrorCode::Unsupported,
+                    format!("unknown message type {kind:?}"),
+                ),
             );
         }
         other => {
             let _ = link_send(
                 link,
-                Message::error(None, ErrorCode::InvalidRequest, format!("unexpected message from agent: {}", other.encode())),
+                Message::error(
+                    None,
+                    ErrorCode::InvalidRequest,
+                    format!("unexpected message from agent: {}", other.encode()),
+                ),
             );
         }
     }
@@ -202,7 +237,11 @@ fn on_binary(link: &Arc<AgentLink>, data: bytes::Bytes) {
     let channel = Frame::peek_channel(&data);
     let r = Frame::decode(data, MAX_FRAME_PAYLOAD)
         .map_err(|e| {
-            let code = if matches!(e, FrameError::TooLarge { .. }) { ErrorCode::TooLarge } else { ErrorCode::InvalidRequest };
+            let code = if matches!(e, FrameError::TooLarge { .. }) {
+                ErrorCode::TooLarge
+            } else {
+                ErrorCode::InvalidRequest
+            };
             ErrorBody::new(code, e.to_string())
         })
         .and_then(|f| link.channels.on_frame(f));
@@ -210,7 +249,11 @@ fn on_binary(link: &Arc<AgentLink>, data: bytes::Bytes) {
         warn!(%error, ?channel, "bad frame from agent");
         match channel.filter(|c| link.channels.is_open(*c)) {
             Some(ch) => {
-                let close = crate::protocol::ChannelClose { channel: ch, exit_code: None, error: Some(error.clone()) };
+                let close = crate::protocol::ChannelClose {
+                    channel: ch,
+                    exit_code: None,
+                    error: Some(error.clone()),
+                };
                 link.channels.on_close(close.clone());
                 link.send(Message::ChannelClose(close));
             }

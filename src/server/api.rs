@@ -4,7 +4,9 @@
 
 use super::hub::{ExecOptions, LogOptions, StreamEvent};
 use super::{AppState, Bootstrap, NodeAuth, Orchestrator, auth};
-use crate::protocol::{AGENT_CONNECT_PATH, ErrorBody, ErrorCode, REGISTER_PATH, SpawnRequest, StreamKind, TermSize};
+use crate::protocol::{
+    AGENT_CONNECT_PATH, ErrorBody, ErrorCode, REGISTER_PATH, SpawnRequest, StreamKind, TermSize,
+};
 use axum::body::Body;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -23,7 +25,8 @@ use std::sync::Arc;
 const MAX_JSON_BODY: usize = 1024 * 1024;
 
 pub(crate) fn error_response(e: ErrorBody) -> Response {
-    let status = StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status =
+        StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (status, Json(json!({ "error": e }))).into_response()
 }
 
@@ -55,23 +58,38 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/workers/{id}/exec", get(exec_ws))
         .route("/api/v1/workers/{id}/logs", get(logs_ws))
         .route("/api/v1/workers/{id}/stat", get(stat))
-        .route("/api/v1/workers/{id}/archive", get(get_archive).put(put_archive))
-        .layer(middleware::from_fn_with_state(state.clone(), require_operator));
+        .route(
+            "/api/v1/workers/{id}/archive",
+            get(get_archive).put(put_archive),
+        )
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_operator,
+        ));
     Router::new()
         .merge(operator)
         .route(REGISTER_PATH, post(register))
         .route(AGENT_CONNECT_PATH, get(super::agent_ws::connect))
         .route("/healthz", get(|| async { "ok" }))
-        .fallback(|| async { error_response(ErrorBody::new(ErrorCode::NotFound, "no such endpoint")) })
+        .fallback(|| async {
+            error_response(ErrorBody::new(ErrorCode::NotFound, "no such endpoint"))
+        })
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .with_state(state)
 }
 
 async fn require_operator(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let given = auth::bearer(req.headers().get("authorization").and_then(|v| v.to_str().ok()));
+    let given = auth::bearer(
+        req.headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
+    );
     match given {
         Some(t) if auth::secret_eq(t, &app.admin_token) => next.run(req).await,
-        Some(_) => error_response(ErrorBody::new(ErrorCode::Unauthorized, "invalid operator token")),
+        Some(_) => error_response(ErrorBody::new(
+            ErrorCode::Unauthorized,
+            "invalid operator token",
+        )),
         None => error_response(ErrorBody::new(
             ErrorCode::Unauthorized,
             "missing operator token (Authorization: Bearer <token from admin.token>)",
@@ -84,13 +102,23 @@ struct RegisterBody {
     node_id: String,
 }
 
-async fn register(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Option<Json<RegisterBody>>) -> ApiResult<Json<Bootstrap>> {
+async fn register(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Option<Json<RegisterBody>>,
+) -> ApiResult<Json<Bootstrap>> {
     let psk = auth::bearer(headers.get("authorization").and_then(|v| v.to_str().ok()));
     if !psk.is_some_and(|p| auth::secret_eq(p, &app.cfg.psk)) {
-        return Err(ErrorBody::new(ErrorCode::Unauthorized, "wrong or missing registration key").into());
+        return Err(
+            ErrorBody::new(ErrorCode::Unauthorized, "wrong or missing registration key").into(),
+        );
     }
     let Some(Json(body)) = body else {
-        return Err(ErrorBody::new(ErrorCode::InvalidRequest, "body must be JSON {\"node_id\": ...}").into());
+        return Err(ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            "body must be JSON {\"node_id\": ...}",
+        )
+        .into());
     };
     if !crate::docker::valid_worker_id(&body.node_id) {
         return Err(ErrorBody::new(
@@ -101,7 +129,10 @@ async fn register(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Op
     }
     let (node_jwt, exp) = app.signer.issue(&body.node_id);
     tracing::info!(node_id = %body.node_id, "node registered");
-    let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    let host = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
     Ok(Json(Bootstrap {
         version: 1,
         node_id: body.node_id,
@@ -121,15 +152,24 @@ async fn nodes(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     Json(json!({ "nodes": app.hub.nodes() }))
 }
 
-async fn node(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+async fn node(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     Ok(Json(app.hub.node_info(&id)?))
 }
 
-async fn drain(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+async fn drain(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     Ok(Json(app.hub.set_draining(&id, true)?))
 }
 
-async fn undrain(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+async fn undrain(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     Ok(Json(app.hub.set_draining(&id, false)?))
 }
 
@@ -137,11 +177,17 @@ async fn workers(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     Json(json!({ "workers": app.hub.workers() }))
 }
 
-async fn worker(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+async fn worker(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     Ok(Json(app.hub.inspect(&id).await?))
 }
 
-async fn spawn(State(app): State<Arc<AppState>>, body: Result<Json<SpawnRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult<impl IntoResponse> {
+async fn spawn(
+    State(app): State<Arc<AppState>>,
+    body: Result<Json<SpawnRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
     let Json(req) = body.map_err(|e| ErrorBody::new(ErrorCode::InvalidRequest, e.body_text()))?;
     let w = app.hub.spawn(req).await?;
     Ok((StatusCode::CREATED, Json(w)))
@@ -152,7 +198,11 @@ struct StopQuery {
     timeout: Option<u32>,
 }
 
-async fn stop(State(app): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Query<StopQuery>) -> ApiResult<impl IntoResponse> {
+async fn stop(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<StopQuery>,
+) -> ApiResult<impl IntoResponse> {
     Ok(Json(app.hub.stop(&id, q.timeout).await?))
 }
 
@@ -162,7 +212,11 @@ struct RemoveQuery {
     force: bool,
 }
 
-async fn remove(State(app): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Query<RemoveQuery>) -> ApiResult<impl IntoResponse> {
+async fn remove(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> ApiResult<impl IntoResponse> {
     app.hub.remove(&id, q.force).await?;
     Ok(Json(json!({ "worker_id": id, "removed": true })))
 }
@@ -172,24 +226,43 @@ struct PathQuery {
     path: String,
 }
 
-async fn stat(State(app): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Query<PathQuery>) -> ApiResult<impl IntoResponse> {
+async fn stat(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> ApiResult<impl IntoResponse> {
     Ok(Json(app.hub.stat(&id, &q.path).await?))
 }
 
-async fn get_archive(State(app): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Query<PathQuery>) -> ApiResult<Response> {
+async fn get_archive(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> ApiResult<Response> {
     let stream = app.hub.get_archive(&id, &q.path).await?;
     // Body pulls from the channel as the client reads: credit follows.
     let body = futures_util::stream::unfold(stream, |mut s| async move {
         match s.next().await? {
             StreamEvent::Data(_, b) => Some((Ok(b), s)),
-            StreamEvent::End { error: Some(e), .. } => Some((Err(std::io::Error::other(e.to_string())), s)),
+            StreamEvent::End { error: Some(e), .. } => {
+                Some((Err(std::io::Error::other(e.to_string())), s))
+            }
             StreamEvent::End { .. } => None,
         }
     });
-    Ok(([("content-type", "application/x-tar")], Body::from_stream(body)).into_response())
+    Ok((
+        [("content-type", "application/x-tar")],
+        Body::from_stream(body),
+    )
+        .into_response())
 }
 
-async fn put_archive(State(app): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Query<PathQuery>, body: Body) -> ApiResult<impl IntoResponse> {
+async fn put_archive(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+    body: Body,
+) -> ApiResult<impl IntoResponse> {
     let mut up = app.hub.put_archive(&id, &q.path).await?;
     let mut data = body.into_data_stream();
     loop {
@@ -233,7 +306,11 @@ enum ExecControl {
     StdinEof,
 }
 
-async fn exec_ws(State(app): State<Arc<AppState>>, Path(id): Path<String>, ws: WebSocketUpgrade) -> Response {
+async fn exec_ws(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Response {
     ws.on_upgrade(move |socket| exec_session(app, id, socket))
 }
 
@@ -243,8 +320,9 @@ async fn exec_ws(State(app): State<Arc<AppState>>, Path(id): Path<String>, ws: W
 async fn exec_session(app: Arc<AppState>, worker_id: String, socket: WebSocket) {
     let (mut tx, mut rx) = socket.split();
     let opts: Result<ExecOptions, ErrorBody> = match rx.next().await {
-        Some(Ok(WsMessage::Text(t))) => serde_json::from_str(t.as_str())
-            .map_err(|e| ErrorBody::new(ErrorCode::InvalidRequest, format!("bad exec options: {e}"))),
+        Some(Ok(WsMessage::Text(t))) => serde_json::from_str(t.as_str()).map_err(|e| {
+            ErrorBody::new(ErrorCode::InvalidRequest, format!("bad exec options: {e}"))
+        }),
         _ => return,
     };
     let session = match opts {
@@ -264,11 +342,8 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, socket: WebSocket) 
     let pump_in = async move {
         while let Some(Ok(m)) = rx.next().await {
             match m {
-                WsMessage::Binary(b) => {
-                    if input.write(b).await.is_err() {
-                        break;
-                    }
-                }
+                WsMessage::Binary(b) if input.write(b.clone()).await.is_err() => break,
+                WsMessage::Binary(_) => {}
                 WsMessage::Text(t) => match serde_json::from_str::<ExecControl>(t.as_str()) {
                     Ok(ExecControl::Resize { cols, rows }) => {
                         let _ = input.resize(TermSize { cols, rows }).await;
@@ -314,7 +389,12 @@ struct LogsQuery {
     timestamps: bool,
 }
 
-async fn logs_ws(State(app): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Query<LogsQuery>, ws: WebSocketUpgrade) -> Response {
+async fn logs_ws(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
     let opts = LogOptions {
         follow: q.follow,
         since: q.since,
@@ -352,4 +432,3 @@ async fn logs_ws(State(app): State<Arc<AppState>>, Path(id): Path<String>, Query
         let _ = tx.close().await;
     })
 }
-

@@ -44,7 +44,8 @@ impl Signer {
             iat: secs(now),
             exp: secs(exp),
         };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.enc).expect("HS256 signing cannot fail");
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.enc)
+            .expect("HS256 signing cannot fail");
         (token, exp)
     }
 
@@ -55,7 +56,9 @@ impl Signer {
         v.leeway = 5;
         jsonwebtoken::decode::<Claims>(token, &self.dec, &v)
             .map(|d| d.claims.sub)
-            .map_err(|e| ErrorBody::new(ErrorCode::Unauthorized, format!("invalid node token: {e}")))
+            .map_err(|e| {
+                ErrorBody::new(ErrorCode::Unauthorized, format!("invalid node token: {e}"))
+            })
     }
 }
 
@@ -94,7 +97,12 @@ mod tests {
     #[test]
     fn expired_token_rejected() {
         let s = Signer::new(b"k", Duration::ZERO);
-        let claims = Claims { sub: "n".into(), aud: AUDIENCE.into(), iat: 0, exp: 1 };
+        let claims = Claims {
+            sub: "n".into(),
+            aud: AUDIENCE.into(),
+            iat: 0,
+            exp: 1,
+        };
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &s.enc).unwrap();
         let e = s.verify(&t).unwrap_err();
         assert!(e.message.contains("xpired"), "{e}");

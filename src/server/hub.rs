@@ -4,8 +4,9 @@
 
 use crate::mux::{ChannelReader, ChannelWriter, Channels, Inbound, OutTx, Outbound};
 use crate::protocol::{
-    Archive, ChannelClose, DEFAULT_WINDOW, ErrorBody, ErrorCode, Exec, Logs, Message, Remove, Request, Resize,
-    Spawn, SpawnRequest, Stat, StatResult, Stop, StreamKind, TermSize, WorkerEvent, WorkerInfo, WorkerRef,
+    Archive, ChannelClose, DEFAULT_WINDOW, ErrorBody, ErrorCode, Exec, Logs, Message, Remove,
+    Request, Resize, Spawn, SpawnRequest, Stat, StatResult, Stop, StreamKind, TermSize,
+    WorkerEvent, WorkerInfo, WorkerRef,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -81,7 +82,14 @@ impl AgentLink {
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap().insert(id.clone(), tx);
         let kind = request.kind();
-        if self.out.send(Outbound::msg(&Message::Request { id: id.clone(), request })).is_err() {
+        if self
+            .out
+            .send(Outbound::msg(&Message::Request {
+                id: id.clone(),
+                request,
+            }))
+            .is_err()
+        {
             self.pending.lock().unwrap().remove(&id);
             return Err(self.unavailable());
         }
@@ -92,15 +100,23 @@ impl AgentLink {
                 self.pending.lock().unwrap().remove(&id);
                 Err(ErrorBody::new(
                     ErrorCode::Timeout,
-                    format!("node {} did not answer `{kind}` within {} s", self.node_id, self.timeout.as_secs()),
+                    format!(
+                        "node {} did not answer `{kind}` within {} s",
+                        self.node_id,
+                        self.timeout.as_secs()
+                    ),
                 ))
             }
         }
     }
 
-    async fn request_as<T: serde::de::DeserializeOwned>(&self, request: Request) -> Result<T, ErrorBody> {
+    async fn request_as<T: serde::de::DeserializeOwned>(
+        &self,
+        request: Request,
+    ) -> Result<T, ErrorBody> {
         let v = self.request(request).await?;
-        serde_json::from_value(v).map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("bad reply from agent: {e}")))
+        serde_json::from_value(v)
+            .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("bad reply from agent: {e}")))
     }
 
     pub(crate) fn on_reply(&self, id: &str, r: Result<Value, ErrorBody>) {
@@ -112,7 +128,10 @@ impl AgentLink {
     /// The connection ended: fail everything in flight.
     pub(crate) fn shut(&self, reason: &str) {
         self.closed.cancel();
-        let err = ErrorBody::new(ErrorCode::Unavailable, format!("node {} disconnected: {reason}", self.node_id));
+        let err = ErrorBody::new(
+            ErrorCode::Unavailable,
+            format!("node {} disconnected: {reason}", self.node_id),
+        );
         for (_, tx) in self.pending.lock().unwrap().drain() {
             let _ = tx.send(Err(err.clone()));
         }
@@ -135,7 +154,10 @@ impl AgentLink {
     }
 
     /// Sends a request that opens a channel; on failure the channel is closed.
-    async fn open_with(self: &Arc<Self>, make: impl FnOnce(u32) -> Request) -> Result<(u32, ChannelWriter, ChannelStream), ErrorBody> {
+    async fn open_with(
+        self: &Arc<Self>,
+        make: impl FnOnce(u32) -> Request,
+    ) -> Result<(u32, ChannelWriter, ChannelStream), ErrorBody> {
         let (id, writer, stream) = self.open_channel();
         match self.request(make(id)).await {
             Ok(_) => Ok((id, writer, stream)),
@@ -180,7 +202,9 @@ impl ChannelStream {
         }
         match self.reader.recv().await {
             Some(Inbound::Data(k, b)) => Some(StreamEvent::Data(k, b)),
-            Some(Inbound::Close(ChannelClose { exit_code, error, .. })) => {
+            Some(Inbound::Close(ChannelClose {
+                exit_code, error, ..
+            })) => {
                 self.done = true;
                 Some(StreamEvent::End { exit_code, error })
             }
@@ -195,7 +219,9 @@ impl ChannelStream {
         }
     }
 
-    fn next_boxed(&mut self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<StreamEvent>> + Send + '_>> {
+    fn next_boxed(
+        &mut self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<StreamEvent>> + Send + '_>> {
         Box::pin(self.next())
     }
 }
@@ -204,11 +230,14 @@ impl Drop for ChannelStream {
     fn drop(&mut self) {
         if !self.done && self.link.channels.is_open(self.channel) {
             self.link.channels.remove(self.channel);
-            let _ = self.link.out.send(Outbound::msg(&Message::ChannelClose(ChannelClose {
-                channel: self.channel,
-                exit_code: None,
-                error: None,
-            })));
+            let _ = self
+                .link
+                .out
+                .send(Outbound::msg(&Message::ChannelClose(ChannelClose {
+                    channel: self.channel,
+                    exit_code: None,
+                    error: None,
+                })));
         }
     }
 }
@@ -223,16 +252,29 @@ pub struct ChannelSink {
 impl ChannelSink {
     /// Sends bytes, waiting for the agent's credit.
     pub async fn write(&mut self, data: Bytes) -> Result<(), ErrorBody> {
-        self.writer.write(StreamKind::Stdin, data).await.map_err(|_| self.link.unavailable())
+        self.writer
+            .write(StreamKind::Stdin, data)
+            .await
+            .map_err(|_| self.link.unavailable())
     }
 
     /// Signals end of input.
     pub fn close(&self) {
-        let _ = self.writer.send(&Message::ChannelEof(crate::protocol::ChannelEof { channel: self.channel }));
+        let _ = self
+            .writer
+            .send(&Message::ChannelEof(crate::protocol::ChannelEof {
+                channel: self.channel,
+            }));
     }
 
     pub async fn resize(&self, size: TermSize) -> Result<(), ErrorBody> {
-        self.link.request(Request::Resize(Resize { channel: self.channel, size })).await.map(|_| ())
+        self.link
+            .request(Request::Resize(Resize {
+                channel: self.channel,
+                size,
+            }))
+            .await
+            .map(|_| ())
     }
 }
 
@@ -351,21 +393,25 @@ impl Hub {
             .workers
             .get(worker_id)
             .cloned()
-            .ok_or_else(|| ErrorBody::new(ErrorCode::NotFound, format!("no such worker: {worker_id}")))
+            .ok_or_else(|| {
+                ErrorBody::new(ErrorCode::NotFound, format!("no such worker: {worker_id}"))
+            })
     }
 
     fn link(&self, node_id: &str) -> Result<Arc<AgentLink>, ErrorBody> {
         let reg = self.reg.lock().unwrap();
-        let n = reg
-            .nodes
-            .get(node_id)
-            .ok_or_else(|| ErrorBody::new(ErrorCode::NotFound, format!("no such node: {node_id}")))?;
+        let n = reg.nodes.get(node_id).ok_or_else(|| {
+            ErrorBody::new(ErrorCode::NotFound, format!("no such node: {node_id}"))
+        })?;
         n.link.clone().ok_or_else(|| {
             ErrorBody::new(
                 ErrorCode::Unavailable,
                 format!(
                     "node {node_id} is offline{}",
-                    n.offline_reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
+                    n.offline_reason
+                        .as_ref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
                 ),
             )
         })
@@ -379,10 +425,9 @@ impl Hub {
     pub fn set_draining(&self, node_id: &str, draining: bool) -> Result<NodeInfo, ErrorBody> {
         {
             let mut reg = self.reg.lock().unwrap();
-            let n = reg
-                .nodes
-                .get_mut(node_id)
-                .ok_or_else(|| ErrorBody::new(ErrorCode::NotFound, format!("no such node: {node_id}")))?;
+            let n = reg.nodes.get_mut(node_id).ok_or_else(|| {
+                ErrorBody::new(ErrorCode::NotFound, format!("no such node: {node_id}"))
+            })?;
             n.draining = draining;
         }
         self.node_info(node_id)
@@ -394,10 +439,17 @@ impl Hub {
         reg.nodes
             .iter()
             .filter(|(_, n)| n.link.is_some() && !n.draining)
-            .map(|(id, _)| (reg.workers.values().filter(|w| &w.node_id == id).count(), id))
+            .map(|(id, _)| {
+                (
+                    reg.workers.values().filter(|w| &w.node_id == id).count(),
+                    id,
+                )
+            })
             .min()
             .map(|(_, id)| id.clone())
-            .ok_or_else(|| ErrorBody::new(ErrorCode::Unavailable, "no online node accepts new workers"))
+            .ok_or_else(|| {
+                ErrorBody::new(ErrorCode::Unavailable, "no online node accepts new workers")
+            })
     }
 
     /// Spawns a worker on `req.node_id` or on the least-loaded node.
@@ -406,7 +458,10 @@ impl Hub {
             Some(n) => {
                 let info = self.node_info(n)?;
                 if info.draining {
-                    return Err(ErrorBody::new(ErrorCode::Conflict, format!("node {n} is draining")));
+                    return Err(ErrorBody::new(
+                        ErrorCode::Conflict,
+                        format!("node {n} is draining"),
+                    ));
                 }
                 n.clone()
             }
@@ -416,8 +471,14 @@ impl Hub {
         let worker_id = ulid::Ulid::new().to_string().to_ascii_lowercase();
         let mut spec = req;
         spec.node_id = None;
-        let info: WorkerInfo = link.request_as(Request::Spawn(Spawn { worker_id, spec })).await?;
-        self.reg.lock().unwrap().workers.insert(info.worker_id.clone(), info.clone());
+        let info: WorkerInfo = link
+            .request_as(Request::Spawn(Spawn { worker_id, spec }))
+            .await?;
+        self.reg
+            .lock()
+            .unwrap()
+            .workers
+            .insert(info.worker_id.clone(), info.clone());
         Ok(info)
     }
 
@@ -425,7 +486,9 @@ impl Hub {
     pub async fn inspect(&self, worker_id: &str) -> Result<WorkerInfo, ErrorBody> {
         let link = self.worker_link(worker_id)?;
         let r: Result<WorkerInfo, ErrorBody> = link
-            .request_as(Request::Inspect(WorkerRef { worker_id: worker_id.into() }))
+            .request_as(Request::Inspect(WorkerRef {
+                worker_id: worker_id.into(),
+            }))
             .await;
         self.note_worker(worker_id, &r);
         r
@@ -447,7 +510,11 @@ impl Hub {
         }
     }
 
-    pub async fn stop(&self, worker_id: &str, timeout_secs: Option<u32>) -> Result<WorkerInfo, ErrorBody> {
+    pub async fn stop(
+        &self,
+        worker_id: &str,
+        timeout_secs: Option<u32>,
+    ) -> Result<WorkerInfo, ErrorBody> {
         let link = self.worker_link(worker_id)?;
         let r = link
             .request_as(Request::Stop(Stop {
@@ -485,7 +552,10 @@ impl Hub {
     /// Starts a process in a worker.
     pub async fn exec(&self, worker_id: &str, opts: ExecOptions) -> Result<ExecSession, ErrorBody> {
         if opts.cmd.is_empty() {
-            return Err(ErrorBody::new(ErrorCode::InvalidRequest, "exec needs a command"));
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                "exec needs a command",
+            ));
         }
         let link = self.worker_link(worker_id)?;
         let (channel, writer, output) = link
@@ -505,15 +575,29 @@ impl Hub {
             })
             .await?;
         Ok(ExecSession {
-            input: ChannelSink { channel, writer, link },
+            input: ChannelSink {
+                channel,
+                writer,
+                link,
+            },
             output,
         })
     }
 
     /// Runs a command to completion and collects its output (convenience).
-    pub async fn exec_collect(&self, worker_id: &str, cmd: &[&str]) -> Result<(i64, Vec<u8>, Vec<u8>), ErrorBody> {
+    pub async fn exec_collect(
+        &self,
+        worker_id: &str,
+        cmd: &[&str],
+    ) -> Result<(i64, Vec<u8>, Vec<u8>), ErrorBody> {
         let mut s = self
-            .exec(worker_id, ExecOptions { cmd: cmd.iter().map(|s| s.to_string()).collect(), ..Default::default() })
+            .exec(
+                worker_id,
+                ExecOptions {
+                    cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
+                },
+            )
             .await?;
         let (mut out, mut err) = (Vec::new(), Vec::new());
         while let Some(ev) = s.output.next().await {
@@ -521,13 +605,22 @@ impl Hub {
                 StreamEvent::Data(StreamKind::Stderr, b) => err.extend_from_slice(&b),
                 StreamEvent::Data(_, b) => out.extend_from_slice(&b),
                 StreamEvent::End { error: Some(e), .. } => return Err(e),
-                StreamEvent::End { exit_code, .. } => return Ok((exit_code.unwrap_or(-1), out, err)),
+                StreamEvent::End { exit_code, .. } => {
+                    return Ok((exit_code.unwrap_or(-1), out, err));
+                }
             }
         }
-        Err(ErrorBody::new(ErrorCode::Internal, "exec ended without an exit"))
+        Err(ErrorBody::new(
+            ErrorCode::Internal,
+            "exec ended without an exit",
+        ))
     }
 
-    pub async fn logs(&self, worker_id: &str, opts: LogOptions) -> Result<ChannelStream, ErrorBody> {
+    pub async fn logs(
+        &self,
+        worker_id: &str,
+        opts: LogOptions,
+    ) -> Result<ChannelStream, ErrorBody> {
         let link = self.worker_link(worker_id)?;
         let (_, _, stream) = link
             .open_with(|channel| {
@@ -555,7 +648,11 @@ impl Hub {
     }
 
     /// A tar stream of `path` in the worker.
-    pub async fn get_archive(&self, worker_id: &str, path: &str) -> Result<ChannelStream, ErrorBody> {
+    pub async fn get_archive(
+        &self,
+        worker_id: &str,
+        path: &str,
+    ) -> Result<ChannelStream, ErrorBody> {
         let link = self.worker_link(worker_id)?;
         let (_, _, stream) = link
             .open_with(|channel| {
@@ -572,7 +669,11 @@ impl Hub {
 
     /// Extracts a tar stream into directory `path` of the worker. Returns the
     /// sink to write the archive into and the stream that reports the end.
-    pub async fn put_archive(&self, worker_id: &str, path: &str) -> Result<ArchiveUpload, ErrorBody> {
+    pub async fn put_archive(
+        &self,
+        worker_id: &str,
+        path: &str,
+    ) -> Result<ArchiveUpload, ErrorBody> {
         let link = self.worker_link(worker_id)?;
         let (channel, writer, done) = link
             .open_with(|channel| {
@@ -584,12 +685,22 @@ impl Hub {
                 })
             })
             .await?;
-        Ok(ArchiveUpload { channel, writer, done, link })
+        Ok(ArchiveUpload {
+            channel,
+            writer,
+            done,
+            link,
+        })
     }
 
     // ---- called by the agent connection ----
 
-    pub(crate) fn attach(&self, link: Arc<AgentLink>, agent_version: &str, inventory: Vec<WorkerInfo>) {
+    pub(crate) fn attach(
+        &self,
+        link: Arc<AgentLink>,
+        agent_version: &str,
+        inventory: Vec<WorkerInfo>,
+    ) {
         let mut reg = self.reg.lock().unwrap();
         let node_id = link.node_id.clone();
         let entry = reg.nodes.entry(node_id.clone()).or_insert(NodeEntry {
@@ -641,7 +752,13 @@ impl Hub {
 
     /// Closes every agent connection (server shutdown).
     pub(crate) fn links(&self) -> Vec<Arc<AgentLink>> {
-        self.reg.lock().unwrap().nodes.values().filter_map(|n| n.link.clone()).collect()
+        self.reg
+            .lock()
+            .unwrap()
+            .nodes
+            .values()
+            .filter_map(|n| n.link.clone())
+            .collect()
     }
 }
 
@@ -656,12 +773,19 @@ pub struct ArchiveUpload {
 impl ArchiveUpload {
     pub async fn write(&mut self, data: Bytes) -> Result<(), ErrorBody> {
         let gone = || ErrorBody::new(ErrorCode::Unavailable, "upload channel closed");
-        self.writer.write(StreamKind::Data, data).await.map_err(|_| gone())
+        self.writer
+            .write(StreamKind::Data, data)
+            .await
+            .map_err(|_| gone())
     }
 
     /// Ends the archive and waits until the agent has extracted it.
     pub async fn finish(mut self) -> Result<(), ErrorBody> {
-        let _ = self.writer.send(&Message::ChannelEof(crate::protocol::ChannelEof { channel: self.channel }));
+        let _ = self
+            .writer
+            .send(&Message::ChannelEof(crate::protocol::ChannelEof {
+                channel: self.channel,
+            }));
         loop {
             match self.done.next().await {
                 Some(StreamEvent::End { error: Some(e), .. }) => return Err(e),

@@ -125,7 +125,10 @@ impl Server {
         let key = load_or_create_secret(&key_path, 32).map_err(state_err(key_path))?;
         let listener = TcpListener::bind(cfg.listen)
             .await
-            .map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
+            .map_err(|source| ServerError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
         let state = Arc::new(AppState {
             hub: Hub::new(),
             signer: auth::Signer::new(key.as_bytes(), cfg.jwt_ttl),
@@ -137,7 +140,9 @@ impl Server {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub fn hub(&self) -> Hub {

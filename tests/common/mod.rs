@@ -33,7 +33,10 @@ pub fn ensure_image() {
 }
 
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
+    format!(
+        "{prefix}-{}",
+        ulid::Ulid::new().to_string().to_ascii_lowercase()
+    )
 }
 
 /// Removes every container and network labelled with `node_id`.
@@ -54,13 +57,23 @@ pub fn docker_cleanup(node_id: &str) {
 
 /// Runs the docker CLI; returns stdout and stderr together.
 pub fn docker_all(args: &[&str]) -> String {
-    let out = std::process::Command::new("docker").args(args).output().expect("docker CLI");
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// Runs the docker CLI; returns stdout (trimmed).
 pub fn docker(args: &[&str]) -> String {
-    let out = std::process::Command::new("docker").args(args).output().expect("docker CLI");
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -81,7 +94,11 @@ impl Harness {
         ensure_image();
         tether::init_crypto();
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap(), PSK.into(), dir.path().join("server"));
+        let mut cfg = ServerConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            PSK.into(),
+            dir.path().join("server"),
+        );
         cfg.heartbeat_interval = Duration::from_secs(2);
         cfg.heartbeat_timeout = Duration::from_secs(6);
         let server = Server::bind(cfg).await.unwrap();
@@ -126,7 +143,8 @@ impl Harness {
         let node = unique("test");
         self.track(&node);
         let cfg = self.agent_config(&node);
-        self.agents.push(tokio::spawn(tether::agent::run(cfg, self.shutdown.clone())));
+        self.agents
+            .push(tokio::spawn(tether::agent::run(cfg, self.shutdown.clone())));
         self.wait_status(&node, "online").await;
         node
     }
@@ -138,10 +156,19 @@ impl Harness {
     pub async fn wait_status(&self, node: &str, status: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if self.hub.nodes().iter().any(|n| n.node_id == node && n.status == status) {
+            if self
+                .hub
+                .nodes()
+                .iter()
+                .any(|n| n.node_id == node && n.status == status)
+            {
                 return;
             }
-            assert!(Instant::now() < deadline, "node {node} not {status} within 60 s: {:?}", self.hub.nodes());
+            assert!(
+                Instant::now() < deadline,
+                "node {node} not {status} within 60 s: {:?}",
+                self.hub.nodes()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -158,7 +185,11 @@ impl Harness {
             .args(args)
             .env("TETHER_SERVER", &self.url)
             .env("TETHER_TOKEN", &self.token)
-            .stdin(if stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+            .stdin(if stdin.is_some() {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            })
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         let mut child = cmd.spawn().expect("spawn tether ctl");

@@ -18,6 +18,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+/// Largest window a peer may ask for (bounds what one channel may queue).
+pub const MAX_WINDOW: u64 = 16 * 1024 * 1024;
+
 /// Something to write on the WebSocket; the connection task turns it into a
 /// frame of its WebSocket library.
 #[derive(Debug, Clone)]
@@ -89,6 +92,14 @@ impl Channels {
 
     /// Opens `id` with `window` bytes of credit in both directions.
     pub fn open(&self, id: u32, window: u64, out: OutTx) -> Result<ChannelHandles, ErrorBody> {
+        if !(1..=MAX_WINDOW).contains(&window) {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "channel {id}: window must be between 1 and {MAX_WINDOW} bytes, got {window}"
+                ),
+            ));
+        }
         let mut map = self.map.lock().unwrap();
         if map.contains_key(&id) {
             return Err(ErrorBody::new(
@@ -242,6 +253,11 @@ impl ChannelWriter {
     /// once the channel or the connection is gone.
     pub async fn write(&mut self, stream: StreamKind, mut data: Bytes) -> Result<(), ChannelGone> {
         while !data.is_empty() {
+            // `wait_for` still succeeds on the last value after the channel
+            // is gone: check for that first.
+            if self.limit.has_changed().is_err() {
+                return Err(ChannelGone(self.channel));
+            }
             let sent = self.offset;
             let limit = *self
                 .limit
@@ -297,7 +313,7 @@ impl ChannelReader {
             let granted = self.granted.load(Ordering::Acquire);
             // Re-grant once half the window is used: few window messages, no stall.
             if granted - self.consumed <= self.window / 2 {
-                let limit = self.consumed + self.window;
+                let limit = self.consumed.saturating_add(self.window);
                 self.granted.store(limit, Ordering::Release);
                 let _ = self.out.send(Outbound::msg(&Message::Window(Window {
                     channel: self.channel,
@@ -386,7 +402,7 @@ mod tests {
     async fn close_all_ends_readers_and_writers() {
         let (out, _out_rx) = mpsc::unbounded_channel();
         let ch = Channels::new();
-        let mut h = ch.open(3, 0, out).unwrap();
+        let mut h = ch.open(3, 1, out).unwrap();
         ch.close_all(ErrorBody::new(ErrorCode::Unavailable, "gone"));
         assert!(matches!(h.reader.recv().await, Some(Inbound::Close(c)) if c.error.is_some()));
         assert!(

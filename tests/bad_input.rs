@@ -306,7 +306,11 @@ async fn agent_answers_bad_frames_and_keeps_the_connection() {
     let addr = listener.local_addr().unwrap();
     // Pre-provisioned token: the agent goes straight to the WebSocket.
     std::fs::create_dir_all(dir.path().join("agent")).unwrap();
-    std::fs::write(dir.path().join("agent/node.jwt"), "pre-provisioned").unwrap();
+    std::fs::write(
+        dir.path().join(format!("agent/{node}.jwt")),
+        "pre-provisioned",
+    )
+    .unwrap();
     let cfg = tether::agent::AgentConfig::new(
         format!("http://{addr}").parse().unwrap(),
         PSK.into(),

@@ -6,6 +6,10 @@ use futures_util::StreamExt;
 use std::collections::HashSet;
 use tether::protocol::{Resources, SpawnRequest};
 
+/// Under plain `cargo test` the two tests of this file would run at once;
+/// the network churn of one must not overlap the isolation check.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn spec(img: &str, cmd: &[&str]) -> SpawnRequest {
     SpawnRequest {
         image: img.into(),
@@ -21,6 +25,7 @@ fn spec(img: &str, cmd: &[&str]) -> SpawnRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_cannot_reach_each_other() {
+    let _serial = SERIAL.lock().await;
     let (h, _node) = Harness::start().await;
     let img = image();
     let server = "while true; do echo pong | nc -l -p 8080; done";
@@ -66,6 +71,7 @@ async fn workers_cannot_reach_each_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_holds_two_hundred_workers() {
+    let _serial = SERIAL.lock().await;
     const N: usize = 200;
     let (h, node) = Harness::start().await;
     let img = image();

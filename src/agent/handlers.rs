@@ -13,7 +13,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::json;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -40,13 +41,23 @@ fn close(out: &OutTx, channel: u32, exit_code: Option<i64>, error: Option<ErrorB
     })));
 }
 
+/// Per-connection state of the agent.
+#[derive(Default)]
+pub(crate) struct Session {
+    pub channels: Channels,
+    /// Docker exec id of each open exec channel (for resize). Per session:
+    /// channel ids restart with every connection.
+    pub execs: Mutex<HashMap<u32, String>>,
+}
+
 pub(super) fn dispatch(
     id: String,
     request: Request,
     ctx: Arc<Ctx>,
-    channels: Arc<Channels>,
+    session: Arc<Session>,
     out: OutTx,
 ) {
+    let channels = &session.channels;
     let span = info_span!("request", request_id = %id, kind = request.kind());
     // Channel-opening requests: open now, in order with the frames behind them.
     let opened = match &request {
@@ -105,7 +116,7 @@ pub(super) fn dispatch(
                 reply(&out, id, r)
             }
             (Request::Resize(r), _) => {
-                let exec_id = ctx.execs.lock().unwrap().get(&r.channel).cloned();
+                let exec_id = session.execs.lock().unwrap().get(&r.channel).cloned();
                 let res = match exec_id {
                     Some(e) => exec::resize(d, &e, r.size).await,
                     None => Err(ErrorBody::new(
@@ -115,10 +126,14 @@ pub(super) fn dispatch(
                 };
                 reply(&out, id, res.map(|()| json!({})));
             }
-            (Request::Exec(e), Some(h)) => run_exec(&ctx, &channels, id, e, h, &out).await,
-            (Request::Logs(l), Some(h)) => run_logs(&ctx, &channels, id, l, h, &out).await,
-            (Request::GetArchive(a), Some(h)) => run_get(&ctx, &channels, id, a, h, &out).await,
-            (Request::PutArchive(a), Some(h)) => run_put(&ctx, &channels, id, a, h, &out).await,
+            (Request::Exec(e), Some(h)) => run_exec(&ctx, &session, id, e, h, &out).await,
+            (Request::Logs(l), Some(h)) => run_logs(&ctx, &session.channels, id, l, h, &out).await,
+            (Request::GetArchive(a), Some(h)) => {
+                run_get(&ctx, &session.channels, id, a, h, &out).await
+            }
+            (Request::PutArchive(a), Some(h)) => {
+                run_put(&ctx, &session.channels, id, a, h, &out).await
+            }
             (r, None) => reply::<()>(
                 &out,
                 id,
@@ -135,13 +150,14 @@ pub(super) fn dispatch(
 /// Streams an exec's output within credit and feeds it stdin.
 async fn run_exec(
     ctx: &Ctx,
-    channels: &Channels,
+    session: &Session,
     id: String,
     req: Exec,
     h: ChannelHandles,
     out: &OutTx,
 ) {
     let ch = req.channel;
+    let channels = &session.channels;
     let started = match containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
         Ok(_) => exec::start(&ctx.docker, &req).await,
         Err(e) => Err(e),
@@ -154,7 +170,7 @@ async fn run_exec(
         }
     };
     let exec_id = started.exec_id.clone();
-    ctx.execs.lock().unwrap().insert(ch, exec_id.clone());
+    session.execs.lock().unwrap().insert(ch, exec_id.clone());
     if let Some(size) = req.size
         && let Err(e) = exec::resize(&ctx.docker, &exec_id, size).await
     {
@@ -212,7 +228,7 @@ async fn run_exec(
         Err(None) => debug!(channel = ch, "exec channel cancelled"),
     }
     channels.remove(ch);
-    ctx.execs.lock().unwrap().remove(&ch);
+    session.execs.lock().unwrap().remove(&ch);
     stdin.abort();
 }
 
@@ -361,18 +377,20 @@ async fn run_put(
     let ChannelHandles { reader, .. } = h;
     // Frames become the request body as Docker reads it: credit is granted
     // only as fast as the engine consumes the archive.
-    let body = futures_util::stream::unfold(reader, |mut r| async move {
-        match r.recv().await? {
-            Inbound::Data(_, b) => Some((Ok(b), r)),
-            Inbound::Eof => None,
-            Inbound::Close(c) => Some((
-                Err(std::io::Error::other(
-                    c.error
-                        .map(|e| e.to_string())
-                        .unwrap_or_else(|| "upload cancelled".into()),
-                )),
-                r,
-            )),
+    // Only an explicit EOF ends the archive cleanly; a close or a vanished
+    // channel fails the upload so Docker never extracts a truncated tar.
+    let body = futures_util::stream::unfold(Some(reader), |r| async move {
+        let mut r = r?;
+        let failed = |msg: String| Some((Err(std::io::Error::other(msg)), None));
+        match r.recv().await {
+            Some(Inbound::Data(_, b)) => Some((Ok(b), Some(r))),
+            Some(Inbound::Eof) => None,
+            Some(Inbound::Close(c)) => failed(
+                c.error
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "upload cancelled".into()),
+            ),
+            None => failed("upload channel closed".into()),
         }
     });
     let result = archive::upload(&ctx.docker, &req.worker_id, &req.path, body).await;

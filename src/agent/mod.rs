@@ -11,9 +11,8 @@ use crate::protocol::{ErrorBody, REGISTER_PATH};
 use crate::server::Bootstrap;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bollard::Docker;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -93,8 +92,6 @@ pub(crate) struct Ctx {
     pub pool: SubnetPool,
     pub node_id: String,
     pub defaults: Defaults,
-    /// Docker exec id of each open exec channel (for resize).
-    pub execs: Mutex<HashMap<u32, String>>,
 }
 
 /// Runs the agent until `shutdown` fires or a permanent error occurs.
@@ -121,11 +118,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         pool,
         node_id: cfg.node_id.clone(),
         defaults: cfg.defaults,
-        execs: Mutex::new(HashMap::new()),
     });
     handlers::collect_garbage(&ctx).await;
 
-    let token_path = cfg.state_dir.join("node.jwt");
+    // One token file per node id: a renamed node registers afresh.
+    let token_path = cfg.state_dir.join(format!("{}.jwt", cfg.node_id));
     let mut token = std::fs::read_to_string(&token_path)
         .ok()
         .map(|t| t.trim().to_string());
@@ -199,11 +196,15 @@ async fn connect_and_serve(
     let ws = match session::connect(cfg, &jwt).await {
         Ok(ws) => ws,
         Err(session::ConnectError::Unauthorized) => {
-            // Expired or revoked token: register again right away.
-            info!("node token refused; registering again");
+            // Expired or revoked token: register again on the next attempt
+            // (after the usual backoff, so a server that keeps refusing is
+            // not hammered).
+            info!("node token refused; will register again");
             *token = None;
             let _ = std::fs::remove_file(token_path);
-            return Box::pin(connect_and_serve(cfg, ctx, token, token_path, shutdown)).await;
+            return Err(AgentError::ConnectionLost(
+                "node token refused by the server".into(),
+            ));
         }
         Err(session::ConnectError::Other(reason)) => {
             return Err(AgentError::Connect {

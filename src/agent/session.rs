@@ -136,12 +136,13 @@ pub(super) async fn serve(
     ctx: Arc<Ctx>,
     shutdown: &CancellationToken,
 ) -> Result<(), AgentError> {
-    let inventory = crate::docker::containers::list(&ctx.docker, &ctx.node_id)
-        .await
-        .unwrap_or_else(|e| {
+    let inventory = match crate::docker::containers::list(&ctx.docker, &ctx.node_id).await {
+        Ok(list) => Some(list),
+        Err(e) => {
             warn!(error = %e, "could not list workers for the inventory");
-            Vec::new()
-        });
+            None
+        }
+    };
     let hello = Message::Hello(Hello {
         versions: vec![PROTOCOL_VERSION],
         node_id: cfg.node_id.clone(),
@@ -171,18 +172,29 @@ pub(super) async fn serve(
     };
     let span = info_span!("session", node_id = %cfg.node_id, session_id = %welcome.session_id);
     info!(parent: &span, "connected to server");
-    run_loop(ws, cfg, ctx, shutdown).instrument(span).await
+    // Both sides use the server's heartbeat settings.
+    let beat = Heartbeat {
+        interval: Duration::from_secs(welcome.heartbeat_interval_secs.max(1)),
+        timeout: Duration::from_secs(welcome.heartbeat_timeout_secs.max(2)),
+    };
+    run_loop(ws, beat, ctx, shutdown).instrument(span).await
+}
+
+struct Heartbeat {
+    interval: Duration,
+    timeout: Duration,
 }
 
 async fn run_loop(
     ws: Ws,
-    cfg: &AgentConfig,
+    beat: Heartbeat,
     ctx: Arc<Ctx>,
     shutdown: &CancellationToken,
 ) -> Result<(), AgentError> {
     let (mut sink, mut stream) = ws.split();
     let (out, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
-    let channels = Channels::new();
+    let session = Arc::new(handlers::Session::default());
+    let channels = &session.channels;
     let session_end = CancellationToken::new();
 
     // The writer owns the sink, so a slow socket never stops the reader.
@@ -201,7 +213,7 @@ async fn run_loop(
         session_end.clone(),
     ));
 
-    let mut tick = tokio::time::interval(cfg.heartbeat_interval);
+    let mut tick = tokio::time::interval(beat.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_rx = Instant::now();
     let result = loop {
@@ -209,8 +221,8 @@ async fn run_loop(
             msg = stream.next() => {
                 last_rx = Instant::now();
                 match msg {
-                    Some(Ok(WsMessage::Text(t))) => on_text(t.as_str(), &ctx, &channels, &out),
-                    Some(Ok(WsMessage::Binary(b))) => on_binary(b, &channels, &out),
+                    Some(Ok(WsMessage::Text(t))) => on_text(t.as_str(), &ctx, &session, &out),
+                    Some(Ok(WsMessage::Binary(b))) => on_binary(b, channels, &out),
                     Some(Ok(WsMessage::Close(f))) => {
                         break Err(AgentError::ConnectionLost(format!("server closed the connection: {f:?}")));
                     }
@@ -220,7 +232,7 @@ async fn run_loop(
                 }
             }
             _ = tick.tick() => {
-                if last_rx.elapsed() > cfg.heartbeat_timeout {
+                if last_rx.elapsed() > beat.timeout {
                     break Err(AgentError::ConnectionLost(format!(
                         "no traffic from the server for {} s", last_rx.elapsed().as_secs()
                     )));
@@ -249,7 +261,8 @@ async fn run_loop(
     result
 }
 
-fn on_text(text: &str, ctx: &Arc<Ctx>, channels: &Arc<Channels>, out: &crate::mux::OutTx) {
+fn on_text(text: &str, ctx: &Arc<Ctx>, session: &Arc<handlers::Session>, out: &crate::mux::OutTx) {
+    let channels = &session.channels;
     let msg = match Message::decode(text) {
         Ok(m) => m,
         Err(e) => {
@@ -263,13 +276,20 @@ fn on_text(text: &str, ctx: &Arc<Ctx>, channels: &Arc<Channels>, out: &crate::mu
     };
     match msg {
         Message::Request { id, request } => {
-            handlers::dispatch(id, request, ctx.clone(), channels.clone(), out.clone())
+            handlers::dispatch(id, request, ctx.clone(), session.clone(), out.clone())
         }
         Message::Window(w) => channels.on_window(w),
         Message::ChannelEof(c) => channels.on_eof(c.channel),
         Message::ChannelClose(c) => {
-            // Server cancels: forget the channel; its tasks stop.
-            channels.remove(c.channel);
+            // Server cancels: readers see the close (an upload aborts rather
+            // than ending cleanly), writers and tasks stop.
+            channels.on_close(protocol::ChannelClose {
+                channel: c.channel,
+                exit_code: None,
+                error: Some(c.error.unwrap_or_else(|| {
+                    ErrorBody::new(ErrorCode::Unavailable, "cancelled by the server")
+                })),
+            });
         }
         Message::Unknown { kind, id } => {
             let _ = out.send(Outbound::msg(&Message::error(

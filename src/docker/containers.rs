@@ -219,8 +219,8 @@ fn validate(spec: &Spawn) -> Result<(), ErrorBody> {
     if cpus.is_some_and(|c| !(c > 0.0 && c <= 1024.0)) {
         return bad("cpus must be > 0".into());
     }
-    if memory_mb.is_some_and(|m| m < 6) {
-        return bad("memory must be at least 6 MB (Docker's minimum)".into());
+    if memory_mb.is_some_and(|m| !(6..=16 * 1024 * 1024).contains(&m)) {
+        return bad("memory must be between 6 MB (Docker's minimum) and 16 TB".into());
     }
     if pids.is_some_and(|p| p < 1) {
         return bad("pids must be at least 1".into());

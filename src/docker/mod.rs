@@ -67,11 +67,41 @@ pub fn object_name(worker_id: &str) -> String {
     format!("tether-{}", worker_id.to_ascii_lowercase())
 }
 
-/// Worker ids become Docker object names: keep them to a safe alphabet.
+/// Worker ids become Docker object names and label values: lowercase
+/// letters, digits, `-` and `_`, at most 64 (the server issues lowercase ULIDs).
 pub fn valid_worker_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// Node ids: letters, digits, `-`, `_` and `.` (host names), at most 64, not
+/// starting with `.` or `-`.
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with(['.', '-'])
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(valid_worker_id("01hx-a_b"));
+        assert!(!valid_worker_id("01HX"));
+        assert!(!valid_worker_id("a/b"));
+        assert!(!valid_worker_id(""));
+        assert!(valid_node_id("host-1.example.com"));
+        assert!(!valid_node_id(".."));
+        assert!(!valid_node_id("-x"));
+        assert!(!valid_node_id("a b"));
+        assert!(!valid_node_id(&"a".repeat(65)));
+    }
 }

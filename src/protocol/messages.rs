@@ -29,8 +29,10 @@ pub struct Hello {
     pub node_id: String,
     pub agent_version: String,
     /// Workers the agent found on its node (by label), for reconciliation.
-    #[serde(default)]
-    pub inventory: Vec<WorkerInfo>,
+    /// Absent when the agent could not list them (Docker unreachable): the
+    /// server then keeps its view instead of emptying it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inventory: Option<Vec<WorkerInfo>>,
     /// Capability report (see docs/protocol.md); opaque to this layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Value>,

@@ -22,9 +22,9 @@ pub const REGISTER_PATH: &str = "/api/v1/register";
 pub const MAX_FRAME_PAYLOAD: usize = 64 * 1024;
 /// Largest control (text) message a peer must accept.
 pub const MAX_CONTROL_BYTES: usize = 1024 * 1024;
-/// Transport ceiling: messages above it are dropped by the WebSocket layer
-/// itself. Between this and the protocol limits above, a peer answers
-/// `too_large` and keeps the connection.
+/// Transport ceiling: a message above it makes the WebSocket layer fail the
+/// whole connection. Between this and the protocol limits above, a peer
+/// answers `too_large` and keeps the connection.
 pub const MAX_WS_MESSAGE: usize = 16 * 1024 * 1024;
 /// Default initial credit of a channel, in bytes, each direction.
 pub const DEFAULT_WINDOW: u64 = 256 * 1024;

@@ -172,6 +172,10 @@ async fn session(app: Arc<AppState>, node_id: String, socket: WebSocket) {
                 let _ = out.send(Outbound::Close(1001, "server shutting down".into()));
                 break "server shutting down".into();
             }
+            _ = link.closed.cancelled() => {
+                let _ = out.send(Outbound::Close(1000, "replaced by a newer connection of this node".into()));
+                break "replaced by a newer connection".into();
+            }
         }
     };
     info!(%reason, "agent offline");

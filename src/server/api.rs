@@ -75,7 +75,41 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
             error_response(ErrorBody::new(ErrorCode::NotFound, "no such endpoint"))
         })
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Every refusal is a JSON error body, including axum's own rejections
+/// (bad query strings, wrong method, a plain GET on a WebSocket route).
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let code = match status.as_u16() {
+        401 => ErrorCode::Unauthorized,
+        403 => ErrorCode::PolicyDenied,
+        404 => ErrorCode::NotFound,
+        413 => ErrorCode::TooLarge,
+        s if s < 500 => ErrorCode::InvalidRequest,
+        _ => ErrorCode::Internal,
+    };
+    let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_string();
+    let message = if text.is_empty() {
+        status.to_string()
+    } else {
+        text
+    };
+    let mut r = error_response(ErrorBody::new(code, message));
+    *r.status_mut() = status;
+    r
 }
 
 async fn require_operator(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
@@ -120,10 +154,10 @@ async fn register(
         )
         .into());
     };
-    if !crate::docker::valid_worker_id(&body.node_id) {
+    if !crate::docker::valid_node_id(&body.node_id) {
         return Err(ErrorBody::new(
             ErrorCode::InvalidRequest,
-            "node_id must be 1-64 characters of letters, digits, '-' and '_'",
+            "node_id must be 1-64 characters of letters, digits, '-', '_' and '.', not starting with '.' or '-'",
         )
         .into());
     }
@@ -188,7 +222,14 @@ async fn spawn(
     State(app): State<Arc<AppState>>,
     body: Result<Json<SpawnRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
-    let Json(req) = body.map_err(|e| ErrorBody::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    let Json(req) = body.map_err(|e| {
+        let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ErrorCode::TooLarge
+        } else {
+            ErrorCode::InvalidRequest
+        };
+        ErrorBody::new(code, e.body_text())
+    })?;
     let w = app.hub.spawn(req).await?;
     Ok((StatusCode::CREATED, Json(w)))
 }
@@ -268,7 +309,13 @@ async fn put_archive(
     loop {
         tokio::select! {
             chunk = data.next() => match chunk {
-                Some(Ok(b)) => up.write(b).await?,
+                Some(Ok(b)) => {
+                    if up.write(b).await.is_err() {
+                        // The channel closed under us: report the agent's reason.
+                        let e = up.error().await;
+                        return Err(e.unwrap_or_else(|| ErrorBody::new(ErrorCode::Internal, "upload ended early")).into());
+                    }
+                }
                 Some(Err(e)) => return Err(ErrorBody::new(ErrorCode::InvalidRequest, format!("upload interrupted: {e}")).into()),
                 None => break,
             },
@@ -355,8 +402,8 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, socket: WebSocket) 
                 _ => {}
             }
         }
-        // Client went away: park; the output side decides when we are done.
-        std::future::pending::<()>().await;
+        // The client went away: returning drops the output stream, which
+        // cancels the exec's channel on the agent.
     };
     let pump_out = async move {
         while let Some(ev) = output.next().await {

@@ -93,7 +93,13 @@ impl AgentLink {
             self.pending.lock().unwrap().remove(&id);
             return Err(self.unavailable());
         }
-        match tokio::time::timeout(self.timeout, rx).await {
+        // A spawn may pull an image (up to 300 s on the agent).
+        let limit = if kind == "spawn" {
+            self.timeout + Duration::from_secs(300)
+        } else {
+            self.timeout
+        };
+        match tokio::time::timeout(limit, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(self.unavailable()),
             Err(_) => {
@@ -103,7 +109,7 @@ impl AgentLink {
                     format!(
                         "node {} did not answer `{kind}` within {} s",
                         self.node_id,
-                        self.timeout.as_secs()
+                        limit.as_secs()
                     ),
                 ))
             }
@@ -159,13 +165,9 @@ impl AgentLink {
         make: impl FnOnce(u32) -> Request,
     ) -> Result<(u32, ChannelWriter, ChannelStream), ErrorBody> {
         let (id, writer, stream) = self.open_channel();
-        match self.request(make(id)).await {
-            Ok(_) => Ok((id, writer, stream)),
-            Err(e) => {
-                self.channels.remove(id);
-                Err(e)
-            }
-        }
+        // On failure `stream` drops here, which also tells the agent to
+        // cancel (a timed-out request may still be running there).
+        self.request(make(id)).await.map(|_| (id, writer, stream))
     }
 }
 
@@ -699,7 +701,7 @@ impl Hub {
         &self,
         link: Arc<AgentLink>,
         agent_version: &str,
-        inventory: Vec<WorkerInfo>,
+        inventory: Option<Vec<WorkerInfo>>,
     ) {
         let mut reg = self.reg.lock().unwrap();
         let node_id = link.node_id.clone();
@@ -716,10 +718,12 @@ impl Hub {
         entry.last_seen = SystemTime::now();
         entry.offline_reason = None;
         entry.agent_version = Some(agent_version.to_string());
-        // The agent's inventory is the truth about its node.
-        reg.workers.retain(|_, w| w.node_id != node_id);
-        for w in inventory {
-            reg.workers.insert(w.worker_id.clone(), w);
+        // The agent's inventory, when it has one, is the truth about its node.
+        if let Some(inventory) = inventory {
+            reg.workers.retain(|_, w| w.node_id != node_id);
+            for w in inventory {
+                reg.workers.insert(w.worker_id.clone(), w);
+            }
         }
     }
 

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Remove Docker leftovers of tether and its tests: containers (forced) and then
-# networks labelled tether.managed=true or tether.test=1; with --images also
-# images labelled tether.test=1 and tether-agent:test* images.
+# Remove Docker leftovers of tether's tests: containers (forced) and then
+# networks labelled tether.test=1, or made by a test node (tether.managed=true
+# with a tether.node_id starting with "test-"); with --all every
+# tether-managed object, whatever its node (this removes real workers too);
+# with --images also images labelled tether.test=1 and tether-agent:test*.
 # Idempotent, silent when there is nothing to remove, never fails.
 #
-# Usage: scripts/cleanup.sh [--images]
+# Usage: scripts/cleanup.sh [--all] [--images]
 set -uo pipefail
 
 IMAGES=0
+ALL=0
 for arg in "$@"; do
     case "$arg" in
         --images) IMAGES=1 ;;
-        -h | --help) sed -n '2,7s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        --all) ALL=1 ;;
+        -h | --help) sed -n '2,10s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) echo "cleanup: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -19,19 +23,30 @@ done
 command -v docker >/dev/null 2>&1 || exit 0
 docker info >/dev/null 2>&1 || exit 0
 
-LABELS=(tether.managed=true tether.test=1)
+LABELS=(tether.test=1)
+if [[ "$ALL" -eq 1 ]]; then
+    LABELS+=(tether.managed=true)
+fi
 
 # ids KIND FILTER...: unique ids of objects matching any of the filters.
 ids() {
     local kind="$1" f
     shift
-    for f in "$@"; do
+    {
+        for f in "$@"; do
+            case "$kind" in
+                container) docker ps -aq --no-trunc --filter "$f" 2>/dev/null ;;
+                network) docker network ls -q --no-trunc --filter "$f" 2>/dev/null ;;
+                image) docker images -q --no-trunc --filter "$f" 2>/dev/null ;;
+            esac
+        done
+        # Objects of test nodes (their ids start with "test-").
+        local fmt='{{.ID}} {{.Label "tether.node_id"}}'
         case "$kind" in
-            container) docker ps -aq --no-trunc --filter "$f" 2>/dev/null ;;
-            network) docker network ls -q --no-trunc --filter "$f" 2>/dev/null ;;
-            image) docker images -q --no-trunc --filter "$f" 2>/dev/null ;;
-        esac
-    done | sort -u
+            container) docker ps -a --no-trunc --filter label=tether.managed=true --format "$fmt" 2>/dev/null ;;
+            network) docker network ls --no-trunc --filter label=tether.managed=true --format "$fmt" 2>/dev/null ;;
+        esac | awk '$2 ~ /^test-/ { print $1 }'
+    } | sort -u
 }
 
 # remove KIND ID...: remove each object (ignoring races), report the count.

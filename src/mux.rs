@@ -1,24 +1,28 @@
-//! Channel multiplexing with per-channel credit-based flow control, shared by
-//! the agent and the server.
+//! Channel multiplexing with per-channel credit-based flow control and
+//! resumption across reconnects, shared by the agent and the server.
 //!
-//! Each end keeps a [`Channels`] registry. A [`ChannelWriter`] sends binary
-//! frames only up to the `limit` the peer granted (waiting otherwise), so a
-//! channel whose reader stalls stops its writer and nothing else. A
-//! [`ChannelReader`] hands data to its consumer and grants new credit as the
-//! consumer takes it, so the data queued for a channel never exceeds its
-//! window.
+//! Each end keeps a [`Channels`] registry that outlives any one connection;
+//! the connection itself is a swappable [`Link`]. A [`ChannelWriter`] sends
+//! binary frames only up to the `limit` the peer granted (waiting otherwise),
+//! so a channel whose reader stalls stops its writer and nothing else. Every
+//! frame stays in the writer's replay buffer until the peer acknowledges it
+//! (`window.acked`); since credit is `acked + window`, that buffer never
+//! exceeds one window. After a reconnect both ends exchange, per channel, the
+//! bytes they have received ([`ChannelState`]) and each replays the rest, so
+//! the reader gets every byte exactly once, in order.
 
 use crate::protocol::{
-    ChannelClose, ErrorBody, ErrorCode, Frame, MAX_FRAME_PAYLOAD, Message, StreamKind, Window,
+    ChannelClose, ChannelEof, ChannelState, ErrorBody, ErrorCode, Frame, MAX_FRAME_PAYLOAD,
+    Message, StreamKind, Window,
 };
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-/// Largest window a peer may ask for (bounds what one channel may queue).
+/// Largest window a peer may ask for (bounds what one channel may buffer).
 pub const MAX_WINDOW: u64 = 16 * 1024 * 1024;
 
 /// Something to write on the WebSocket; the connection task turns it into a
@@ -39,9 +43,45 @@ impl Outbound {
     }
 }
 
-/// Queue feeding the connection's writer. Unbounded on purpose: data frames
+/// Queue feeding one connection's writer. Unbounded on purpose: data frames
 /// are bounded by channel credit, control messages are small and few.
 pub type OutTx = mpsc::UnboundedSender<Outbound>;
+
+/// The current connection, if any. Sends while disconnected are dropped:
+/// channel data and closes are replayed on resume, replies are re-requested.
+#[derive(Default)]
+pub struct Link {
+    out: RwLock<Option<OutTx>>,
+}
+
+impl Link {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn send(&self, o: Outbound) -> bool {
+        match &*self.out.read().unwrap() {
+            Some(tx) => tx.send(o).is_ok(),
+            None => false,
+        }
+    }
+
+    pub fn send_msg(&self, m: &Message) -> bool {
+        self.send(Outbound::msg(m))
+    }
+
+    pub fn set(&self, out: Option<OutTx>) {
+        *self.out.write().unwrap() = out;
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.out
+            .read()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|t| !t.is_closed())
+    }
+}
 
 /// What a channel's reader receives.
 #[derive(Debug)]
@@ -57,6 +97,55 @@ pub enum Inbound {
 #[error("channel {0} is closed")]
 pub struct ChannelGone(pub u32);
 
+/// The sending side of a channel, replayable.
+#[derive(Default)]
+struct TxState {
+    /// Sent frames not yet acknowledged, in offset order.
+    unacked: VecDeque<Frame>,
+    /// Bytes sent so far.
+    sent: u64,
+    /// We sent `channel_eof` (replayed after the data).
+    eof: bool,
+    /// We sent `channel_close` (replayed after the data).
+    close: Option<ChannelClose>,
+}
+
+impl TxState {
+    fn trim(&mut self, acked: u64) {
+        while let Some(f) = self.unacked.front() {
+            if f.offset + f.payload.len() as u64 <= acked {
+                self.unacked.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Re-sends everything from `from` on, then the eof and close if any.
+    fn replay(&self, channel: u32, from: u64, link: &Link) {
+        for f in &self.unacked {
+            let end = f.offset + f.payload.len() as u64;
+            if end <= from {
+                continue;
+            }
+            let skip = from.saturating_sub(f.offset) as usize;
+            let frame = Frame {
+                channel,
+                stream: f.stream,
+                offset: f.offset + skip as u64,
+                payload: f.payload.slice(skip..),
+            };
+            link.send(Outbound::Binary(frame.encode()));
+        }
+        if self.eof {
+            link.send_msg(&Message::ChannelEof(ChannelEof { channel }));
+        }
+        if let Some(c) = &self.close {
+            link.send_msg(&Message::ChannelClose(c.clone()));
+        }
+    }
+}
+
 struct Entry {
     /// Where inbound data for this channel goes.
     inbox: mpsc::UnboundedSender<Inbound>,
@@ -66,16 +155,18 @@ struct Entry {
     granted: Arc<AtomicU64>,
     /// Credit the peer granted to our writer.
     credit: watch::Sender<u64>,
+    /// Our outbound side, shared with the writer.
+    tx: Arc<Mutex<TxState>>,
     /// Cancelled when the channel closes for any reason.
     cancel: CancellationToken,
 }
 
-/// The channels of one connection. A mutex rather than an owner task: every
-/// operation is a short map update, called from the connection's read loop and
-/// from channel tasks.
-#[derive(Default)]
+/// The channels of one peer, across its connections. A mutex rather than an
+/// owner task: every operation is a short map update, called from the read
+/// loop and from channel tasks.
 pub struct Channels {
     map: Mutex<HashMap<u32, Entry>>,
+    link: Arc<Link>,
 }
 
 /// The three handles of an open channel.
@@ -85,13 +176,27 @@ pub struct ChannelHandles {
     pub cancel: CancellationToken,
 }
 
+/// Channels that the peer did not know when a connection resumed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Resumed {
+    /// Still running here but unknown to the peer: they were cancelled.
+    pub lost: Vec<u32>,
+}
+
 impl Channels {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+    pub fn new(link: Arc<Link>) -> Self {
+        Channels {
+            map: Mutex::new(HashMap::new()),
+            link,
+        }
+    }
+
+    pub fn link(&self) -> &Arc<Link> {
+        &self.link
     }
 
     /// Opens `id` with `window` bytes of credit in both directions.
-    pub fn open(&self, id: u32, window: u64, out: OutTx) -> Result<ChannelHandles, ErrorBody> {
+    pub fn open(&self, id: u32, window: u64) -> Result<ChannelHandles, ErrorBody> {
         if !(1..=MAX_WINDOW).contains(&window) {
             return Err(ErrorBody::new(
                 ErrorCode::InvalidRequest,
@@ -110,6 +215,7 @@ impl Channels {
         let (inbox, rx) = mpsc::unbounded_channel();
         let granted = Arc::new(AtomicU64::new(window));
         let (credit, credit_rx) = watch::channel(window);
+        let tx = Arc::new(Mutex::new(TxState::default()));
         let cancel = CancellationToken::new();
         map.insert(
             id,
@@ -118,15 +224,16 @@ impl Channels {
                 received: 0,
                 granted: granted.clone(),
                 credit,
+                tx: tx.clone(),
                 cancel: cancel.clone(),
             },
         );
         Ok(ChannelHandles {
             writer: ChannelWriter {
                 channel: id,
-                offset: 0,
                 limit: credit_rx,
-                out: out.clone(),
+                tx,
+                link: self.link.clone(),
             },
             reader: ChannelReader {
                 channel: id,
@@ -134,7 +241,7 @@ impl Channels {
                 consumed: 0,
                 window,
                 granted,
-                out,
+                link: self.link.clone(),
             },
             cancel: cancel.clone(),
         })
@@ -152,15 +259,20 @@ impl Channels {
         self.len() == 0
     }
 
-    /// Routes an inbound data frame. An error means the peer broke the
-    /// protocol on this channel; the caller closes the channel with it.
+    /// Routes an inbound data frame. Data we already have (a replay
+    /// overlapping what arrived before a cut) is dropped; a gap or an overrun
+    /// is a protocol error: the caller closes the channel with it.
     pub fn on_frame(&self, frame: Frame) -> Result<(), ErrorBody> {
         let mut map = self.map.lock().unwrap();
         let Some(e) = map.get_mut(&frame.channel) else {
             // Data racing a close is normal; drop it.
             return Ok(());
         };
-        if frame.offset != e.received {
+        let end = frame.offset + frame.payload.len() as u64;
+        if end <= e.received {
+            return Ok(()); // duplicate
+        }
+        if frame.offset > e.received {
             return Err(ErrorBody::new(
                 ErrorCode::InvalidRequest,
                 format!(
@@ -169,7 +281,6 @@ impl Channels {
                 ),
             ));
         }
-        let end = e.received + frame.payload.len() as u64;
         let granted = e.granted.load(Ordering::Acquire);
         if end > granted {
             return Err(ErrorBody::new(
@@ -180,13 +291,17 @@ impl Channels {
                 ),
             ));
         }
+        let skip = (e.received - frame.offset) as usize;
         e.received = end;
-        let _ = e.inbox.send(Inbound::Data(frame.stream, frame.payload));
+        let _ = e
+            .inbox
+            .send(Inbound::Data(frame.stream, frame.payload.slice(skip..)));
         Ok(())
     }
 
     pub fn on_window(&self, w: Window) {
         if let Some(e) = self.map.lock().unwrap().get(&w.channel) {
+            e.tx.lock().unwrap().trim(w.acked);
             e.credit.send_if_modified(|l| {
                 let raise = w.limit > *l;
                 if raise {
@@ -203,22 +318,49 @@ impl Channels {
         }
     }
 
-    /// The peer closed the channel: deliver the close and forget it.
-    pub fn on_close(&self, close: ChannelClose) {
-        if let Some(e) = self.map.lock().unwrap().remove(&close.channel) {
-            let _ = e.inbox.send(Inbound::Close(close));
+    /// The peer closed the channel: deliver the close and forget it. Answers
+    /// with a close of our own unless we had sent one, so the peer can
+    /// forget the channel too. Returns whether the channel was open.
+    pub fn on_close(&self, close: ChannelClose) -> bool {
+        let Some(e) = self.map.lock().unwrap().remove(&close.channel) else {
+            return false;
+        };
+        let ours = e.tx.lock().unwrap().close.is_some();
+        if !ours {
+            self.link.send_msg(&Message::ChannelClose(ChannelClose {
+                channel: close.channel,
+                exit_code: None,
+                error: None,
+            }));
+        }
+        let _ = e.inbox.send(Inbound::Close(close));
+        e.cancel.cancel();
+        true
+    }
+
+    /// Closes a channel from our side: tells the peer (replayed if the
+    /// connection drops first) and stops local tasks. The entry stays until
+    /// the peer's answering close, so the close survives a reconnect.
+    pub fn close(&self, close: ChannelClose) {
+        let map = self.map.lock().unwrap();
+        if let Some(e) = map.get(&close.channel) {
+            let mut tx = e.tx.lock().unwrap();
+            if tx.close.is_none() {
+                self.link.send_msg(&Message::ChannelClose(close.clone()));
+                tx.close = Some(close);
+            }
             e.cancel.cancel();
         }
     }
 
-    /// Forgets a channel we closed ourselves; wakes its writer and tasks.
+    /// Forgets a channel without telling the peer.
     pub fn remove(&self, id: u32) {
         if let Some(e) = self.map.lock().unwrap().remove(&id) {
             e.cancel.cancel();
         }
     }
 
-    /// The connection is gone: every channel ends with `error`.
+    /// Every channel ends with `error` (the peer is gone for good).
     pub fn close_all(&self, error: ErrorBody) {
         for (id, e) in self.map.lock().unwrap().drain() {
             let _ = e.inbox.send(Inbound::Close(ChannelClose {
@@ -229,14 +371,86 @@ impl Channels {
             e.cancel.cancel();
         }
     }
+
+    /// What we have received on each channel: sent to the peer on reconnect.
+    pub fn states(&self) -> Vec<ChannelState> {
+        let mut v: Vec<ChannelState> = self
+            .map
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, e)| ChannelState {
+                channel: *id,
+                received: e.received,
+                limit: e.granted.load(Ordering::Acquire),
+            })
+            .collect();
+        v.sort_by_key(|s| s.channel);
+        v
+    }
+
+    /// Resumes on a new connection `out`: for each channel the peer still
+    /// has, replays what it has not received and takes its credit; channels
+    /// it does not know are ended (`keep` exempts channels whose opening
+    /// request is still in flight). The link switches to `out` while every
+    /// writer is held, so no new frame overtakes the replay.
+    pub fn resume(&self, peer: &[ChannelState], keep: impl Fn(u32) -> bool, out: OutTx) -> Resumed {
+        let peer: HashMap<u32, &ChannelState> = peer.iter().map(|s| (s.channel, s)).collect();
+        let mut map = self.map.lock().unwrap();
+        let txs: Vec<(u32, Arc<Mutex<TxState>>)> =
+            map.iter().map(|(id, e)| (*id, e.tx.clone())).collect();
+        let guards: Vec<_> = txs.iter().map(|(id, t)| (*id, t.lock().unwrap())).collect();
+        self.link.set(Some(out));
+        let mut gone = Vec::new();
+        let mut lost = Vec::new();
+        for (id, tx) in &guards {
+            let e = &map[id];
+            match peer.get(id) {
+                Some(s) => {
+                    tx.replay(*id, s.received, &self.link);
+                    e.credit.send_if_modified(|l| {
+                        let raise = s.limit > *l;
+                        if raise {
+                            *l = s.limit;
+                        }
+                        raise
+                    });
+                }
+                None if keep(*id) => {}
+                None => {
+                    gone.push(*id);
+                    // Closed on our side already: the peer simply forgot it.
+                    if tx.close.is_none() {
+                        lost.push(*id);
+                        let _ = e.inbox.send(Inbound::Close(ChannelClose {
+                            channel: *id,
+                            exit_code: None,
+                            error: Some(ErrorBody::new(
+                                ErrorCode::Unavailable,
+                                "the peer lost this channel (it restarted)",
+                            )),
+                        }));
+                    }
+                }
+            }
+        }
+        drop(guards);
+        for id in gone {
+            if let Some(e) = map.remove(&id) {
+                e.cancel.cancel();
+            }
+        }
+        lost.sort_unstable();
+        Resumed { lost }
+    }
 }
 
 /// Sends one direction of a channel, within the peer's credit.
 pub struct ChannelWriter {
     channel: u32,
-    offset: u64,
     limit: watch::Receiver<u64>,
-    out: OutTx,
+    tx: Arc<Mutex<TxState>>,
+    link: Arc<Link>,
 }
 
 impl ChannelWriter {
@@ -246,11 +460,11 @@ impl ChannelWriter {
 
     /// Bytes sent so far.
     pub fn offset(&self) -> u64 {
-        self.offset
+        self.tx.lock().unwrap().sent
     }
 
-    /// Sends `data`, split into frames, waiting for credit as needed. Fails
-    /// once the channel or the connection is gone.
+    /// Sends `data`, split into frames, waiting for credit as needed (also
+    /// while disconnected). Fails once the channel is gone.
     pub async fn write(&mut self, stream: StreamKind, mut data: Bytes) -> Result<(), ChannelGone> {
         while !data.is_empty() {
             // `wait_for` still succeeds on the last value after the channel
@@ -258,7 +472,7 @@ impl ChannelWriter {
             if self.limit.has_changed().is_err() {
                 return Err(ChannelGone(self.channel));
             }
-            let sent = self.offset;
+            let sent = self.offset();
             let limit = *self
                 .limit
                 .wait_for(|l| *l > sent)
@@ -274,19 +488,35 @@ impl ChannelWriter {
                 offset: sent,
                 payload: data.split_to(n),
             };
-            self.out
-                .send(Outbound::Binary(frame.encode()))
-                .map_err(|_| ChannelGone(self.channel))?;
-            self.offset += n as u64;
+            // Under the lock, so a resume's replay cannot interleave.
+            let mut tx = self.tx.lock().unwrap();
+            self.link.send(Outbound::Binary(frame.encode()));
+            tx.sent += n as u64;
+            tx.unacked.push_back(frame);
         }
         Ok(())
     }
 
-    /// Queues a control message for the same connection (keeps ordering with data).
-    pub fn send(&self, m: &Message) -> Result<(), ChannelGone> {
-        self.out
-            .send(Outbound::msg(m))
-            .map_err(|_| ChannelGone(self.channel))
+    /// Signals end of data (replayed after a reconnect if need be).
+    pub fn eof(&self) {
+        let mut tx = self.tx.lock().unwrap();
+        if !tx.eof {
+            tx.eof = true;
+            self.link.send_msg(&Message::ChannelEof(ChannelEof {
+                channel: self.channel,
+            }));
+        }
+    }
+
+    /// Bytes sent but not yet acknowledged (what a resume would replay).
+    pub fn unacked(&self) -> u64 {
+        self.tx
+            .lock()
+            .unwrap()
+            .unacked
+            .iter()
+            .map(|f| f.payload.len() as u64)
+            .sum()
     }
 }
 
@@ -297,7 +527,7 @@ pub struct ChannelReader {
     consumed: u64,
     window: u64,
     granted: Arc<AtomicU64>,
-    out: OutTx,
+    link: Arc<Link>,
 }
 
 impl ChannelReader {
@@ -315,11 +545,11 @@ impl ChannelReader {
             if granted - self.consumed <= self.window / 2 {
                 let limit = self.consumed.saturating_add(self.window);
                 self.granted.store(limit, Ordering::Release);
-                let _ = self.out.send(Outbound::msg(&Message::Window(Window {
+                self.link.send_msg(&Message::Window(Window {
                     channel: self.channel,
                     acked: self.consumed,
                     limit,
-                })));
+                }));
             }
         }
         Some(item)
@@ -339,11 +569,17 @@ mod tests {
         }
     }
 
+    fn connected() -> (Channels, mpsc::UnboundedReceiver<Outbound>) {
+        let (out, rx) = mpsc::unbounded_channel();
+        let link = Link::new();
+        link.set(Some(out));
+        (Channels::new(link), rx)
+    }
+
     #[tokio::test]
     async fn writer_stops_at_credit_and_resumes_on_window() {
-        let (out, mut out_rx) = mpsc::unbounded_channel();
-        let ch = Channels::new();
-        let mut h = ch.open(1, 10, out).unwrap();
+        let (ch, mut out_rx) = connected();
+        let mut h = ch.open(1, 10).unwrap();
         let task = tokio::spawn(async move {
             h.writer
                 .write(StreamKind::Stdout, Bytes::from(vec![1u8; 25]))
@@ -371,12 +607,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reader_grants_and_overrun_is_refused() {
-        let (out, mut out_rx) = mpsc::unbounded_channel();
-        let ch = Channels::new();
-        let mut h = ch.open(2, 8, out).unwrap();
+    async fn reader_grants_duplicates_dropped_and_overrun_refused() {
+        let (ch, mut out_rx) = connected();
+        let mut h = ch.open(2, 8).unwrap();
         ch.on_frame(frame(2, 0, 5)).unwrap();
-        // Out-of-order offset and overrun are protocol errors.
+        // A replay of what we have is dropped, a gap and an overrun are errors.
+        ch.on_frame(frame(2, 0, 5)).unwrap();
         assert!(ch.on_frame(frame(2, 9, 1)).is_err());
         assert!(ch.on_frame(frame(2, 5, 4)).is_err());
         let Some(Inbound::Data(_, b)) = h.reader.recv().await else {
@@ -395,14 +631,111 @@ mod tests {
                 limit: 13
             })
         );
-        ch.on_frame(frame(2, 5, 8)).unwrap();
+        // Overlapping replay: only the new part is delivered.
+        ch.on_frame(frame(2, 3, 6)).unwrap();
+        let Some(Inbound::Data(_, b)) = h.reader.recv().await else {
+            panic!()
+        };
+        assert_eq!(b.len(), 4);
+        assert_eq!(
+            ch.states(),
+            vec![ChannelState {
+                channel: 2,
+                received: 9,
+                limit: 17
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn resume_replays_exactly_what_the_peer_missed() {
+        let (ch, mut out_rx) = connected();
+        let mut h = ch.open(3, 100).unwrap();
+        h.writer
+            .write(StreamKind::Stdout, Bytes::from(vec![7u8; 30]))
+            .await
+            .unwrap();
+        h.writer.eof();
+        ch.on_window(Window {
+            channel: 3,
+            acked: 10,
+            limit: 110,
+        });
+        assert_eq!(h.writer.unacked(), 30, "the one frame reaches past 10");
+        while out_rx.try_recv().is_ok() {}
+        // Reconnect: the peer got 20 bytes.
+        let (out2, mut rx2) = mpsc::unbounded_channel();
+        let r = ch.resume(
+            &[ChannelState {
+                channel: 3,
+                received: 20,
+                limit: 120,
+            }],
+            |_| false,
+            out2,
+        );
+        assert_eq!(r, Resumed::default());
+        let Some(Outbound::Binary(b)) = rx2.recv().await else {
+            panic!()
+        };
+        let f = Frame::decode(b, 1 << 20).unwrap();
+        assert_eq!((f.offset, f.payload.len()), (20, 10));
+        let Some(Outbound::Text(t)) = rx2.recv().await else {
+            panic!()
+        };
+        assert_eq!(
+            Message::decode(&t).unwrap(),
+            Message::ChannelEof(ChannelEof { channel: 3 })
+        );
+        assert_eq!(*h.writer.limit.borrow(), 120);
+    }
+
+    #[tokio::test]
+    async fn resume_ends_channels_the_peer_lost() {
+        let (ch, _rx) = connected();
+        let mut a = ch.open(4, 10).unwrap();
+        let _b = ch.open(5, 10).unwrap();
+        let (out2, _rx2) = mpsc::unbounded_channel();
+        let r = ch.resume(&[], |id| id == 5, out2);
+        assert_eq!(r.lost, vec![4]);
+        assert!(matches!(a.reader.recv().await, Some(Inbound::Close(c)) if c.error.is_some()));
+        assert!(a.cancel.is_cancelled());
+        assert!(ch.is_open(5));
+    }
+
+    #[tokio::test]
+    async fn writes_while_disconnected_wait_in_the_replay_buffer() {
+        let link = Link::new();
+        let ch = Channels::new(link.clone());
+        let mut h = ch.open(6, 100).unwrap();
+        h.writer
+            .write(StreamKind::Stderr, Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
+        let (out, mut rx) = mpsc::unbounded_channel();
+        ch.resume(
+            &[ChannelState {
+                channel: 6,
+                received: 0,
+                limit: 100,
+            }],
+            |_| false,
+            out,
+        );
+        let Some(Outbound::Binary(b)) = rx.recv().await else {
+            panic!()
+        };
+        let f = Frame::decode(b, 1 << 20).unwrap();
+        assert_eq!(
+            (f.stream, &f.payload[..]),
+            (StreamKind::Stderr, &b"hello"[..])
+        );
     }
 
     #[tokio::test]
     async fn close_all_ends_readers_and_writers() {
-        let (out, _out_rx) = mpsc::unbounded_channel();
-        let ch = Channels::new();
-        let mut h = ch.open(3, 1, out).unwrap();
+        let (ch, _rx) = connected();
+        let mut h = ch.open(7, 1).unwrap();
         ch.close_all(ErrorBody::new(ErrorCode::Unavailable, "gone"));
         assert!(matches!(h.reader.recv().await, Some(Inbound::Close(c)) if c.error.is_some()));
         assert!(

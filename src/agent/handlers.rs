@@ -4,7 +4,7 @@
 
 use super::Ctx;
 use crate::docker::{self, archive, containers, exec, labels};
-use crate::mux::{ChannelHandles, Channels, Inbound, OutTx, Outbound};
+use crate::mux::{ChannelHandles, Inbound, Outbound};
 use crate::protocol::{
     Archive, ChannelClose, ErrorBody, ErrorCode, Exec, Logs, Message, Request, StreamKind,
     WorkerEvent, WorkerList,
@@ -13,51 +13,80 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::json;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-fn reply<T: Serialize>(out: &OutTx, id: String, r: Result<T, ErrorBody>) {
+fn reply<T: Serialize>(ctx: &Ctx, id: String, r: Result<T, ErrorBody>) {
     let m = match r {
         Ok(v) => Message::Result {
-            id,
+            id: id.clone(),
             payload: serde_json::to_value(v).expect("results serialize"),
         },
         Err(error) => Message::Error {
-            id: Some(id),
+            id: Some(id.clone()),
             error,
         },
     };
-    let _ = out.send(Outbound::msg(&m));
+    let text = m.encode();
+    ctx.replies.lock().unwrap().done(&id, text.clone());
+    ctx.link.send(Outbound::Text(text));
 }
 
-fn close(out: &OutTx, channel: u32, exit_code: Option<i64>, error: Option<ErrorBody>) {
-    let _ = out.send(Outbound::msg(&Message::ChannelClose(ChannelClose {
+fn close(ctx: &Ctx, channel: u32, exit_code: Option<i64>, error: Option<ErrorBody>) {
+    ctx.channels.close(ChannelClose {
         channel,
         exit_code,
         error,
-    })));
+    });
 }
 
-/// Per-connection state of the agent.
+/// Replies to recent requests, so a request the server sends again after a
+/// reconnect (same id) is answered, not executed twice.
 #[derive(Default)]
-pub(crate) struct Session {
-    pub channels: Channels,
-    /// Docker exec id of each open exec channel (for resize). Per session:
-    /// channel ids restart with every connection.
-    pub execs: Mutex<HashMap<u32, String>>,
+pub(crate) struct Replies {
+    /// `None` while the request runs.
+    map: HashMap<String, Option<String>>,
+    order: VecDeque<String>,
 }
 
-pub(super) fn dispatch(
-    id: String,
-    request: Request,
-    ctx: Arc<Ctx>,
-    session: Arc<Session>,
-    out: OutTx,
-) {
-    let channels = &session.channels;
+impl Replies {
+    const CAPACITY: usize = 4096;
+
+    /// Registers `id`; returns what to do if it was seen before.
+    fn begin(&mut self, id: &str) -> Option<Option<String>> {
+        if let Some(r) = self.map.get(id) {
+            return Some(r.clone());
+        }
+        self.map.insert(id.to_string(), None);
+        self.order.push_back(id.to_string());
+        while self.order.len() > Self::CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+        None
+    }
+
+    fn done(&mut self, id: &str, reply: String) {
+        if let Some(slot) = self.map.get_mut(id) {
+            *slot = Some(reply);
+        }
+    }
+}
+
+pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
+    match ctx.replies.lock().unwrap().begin(&id) {
+        None => {}
+        Some(Some(done)) => {
+            ctx.link.send(Outbound::Text(done));
+            return;
+        }
+        Some(None) => return, // still running: its reply goes out when done
+    }
+    let channels = &ctx.channels;
     let span = info_span!("request", request_id = %id, kind = request.kind());
     // Channel-opening requests: open now, in order with the frames behind them.
     let opened = match &request {
@@ -72,9 +101,9 @@ pub(super) fn dispatch(
         })
         | Request::GetArchive(Archive {
             channel, window, ..
-        }) => match channels.open(*channel, *window, out.clone()) {
+        }) => match channels.open(*channel, *window) {
             Ok(h) => Some(h),
-            Err(e) => return reply::<()>(&out, id, Err(e)),
+            Err(e) => return reply::<()>(&ctx, id, Err(e)),
         },
         _ => None,
     };
@@ -87,22 +116,22 @@ pub(super) fn dispatch(
                 if let Ok(w) = &r {
                     info!(worker_id = %w.worker_id, "worker running");
                 }
-                reply(&out, id, r);
+                reply(&ctx, id, r);
             }
             (Request::Stop(s), _) => reply(
-                &out,
+                &ctx,
                 id,
                 containers::stop(d, &node, &s.worker_id, s.timeout_secs.unwrap_or(10)).await,
             ),
             (Request::Remove(r), _) => {
                 let res = containers::remove(d, &ctx.pool, &node, &r.worker_id, r.force).await;
-                reply(&out, id, res.map(|()| json!({ "worker_id": r.worker_id })));
+                reply(&ctx, id, res.map(|()| json!({ "worker_id": r.worker_id })));
             }
             (Request::Inspect(w), _) => {
-                reply(&out, id, containers::inspect(d, &node, &w.worker_id).await)
+                reply(&ctx, id, containers::inspect(d, &node, &w.worker_id).await)
             }
             (Request::ListWorkers, _) => reply(
-                &out,
+                &ctx,
                 id,
                 containers::list(d, &node)
                     .await
@@ -113,10 +142,10 @@ pub(super) fn dispatch(
                     Ok(_) => archive::stat(d, &s.worker_id, &s.path).await,
                     Err(e) => Err(e),
                 };
-                reply(&out, id, r)
+                reply(&ctx, id, r)
             }
             (Request::Resize(r), _) => {
-                let exec_id = session.execs.lock().unwrap().get(&r.channel).cloned();
+                let exec_id = ctx.execs.lock().unwrap().get(&r.channel).cloned();
                 let res = match exec_id {
                     Some(e) => exec::resize(d, &e, r.size).await,
                     None => Err(ErrorBody::new(
@@ -124,18 +153,14 @@ pub(super) fn dispatch(
                         format!("no exec on channel {}", r.channel),
                     )),
                 };
-                reply(&out, id, res.map(|()| json!({})));
+                reply(&ctx, id, res.map(|()| json!({})));
             }
-            (Request::Exec(e), Some(h)) => run_exec(&ctx, &session, id, e, h, &out).await,
-            (Request::Logs(l), Some(h)) => run_logs(&ctx, &session.channels, id, l, h, &out).await,
-            (Request::GetArchive(a), Some(h)) => {
-                run_get(&ctx, &session.channels, id, a, h, &out).await
-            }
-            (Request::PutArchive(a), Some(h)) => {
-                run_put(&ctx, &session.channels, id, a, h, &out).await
-            }
+            (Request::Exec(e), Some(h)) => run_exec(&ctx, id, e, h).await,
+            (Request::Logs(l), Some(h)) => run_logs(&ctx, id, l, h).await,
+            (Request::GetArchive(a), Some(h)) => run_get(&ctx, id, a, h).await,
+            (Request::PutArchive(a), Some(h)) => run_put(&ctx, id, a, h).await,
             (r, None) => reply::<()>(
-                &out,
+                &ctx,
                 id,
                 Err(ErrorBody::new(
                     ErrorCode::Internal,
@@ -148,16 +173,9 @@ pub(super) fn dispatch(
 }
 
 /// Streams an exec's output within credit and feeds it stdin.
-async fn run_exec(
-    ctx: &Ctx,
-    session: &Session,
-    id: String,
-    req: Exec,
-    h: ChannelHandles,
-    out: &OutTx,
-) {
+async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
     let ch = req.channel;
-    let channels = &session.channels;
+    let channels = &ctx.channels;
     let started = match containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
         Ok(_) => exec::start(&ctx.docker, &req).await,
         Err(e) => Err(e),
@@ -166,17 +184,17 @@ async fn run_exec(
         Ok(s) => s,
         Err(e) => {
             channels.remove(ch);
-            return reply::<()>(out, id, Err(e));
+            return reply::<()>(&ctx, id, Err(e));
         }
     };
     let exec_id = started.exec_id.clone();
-    session.execs.lock().unwrap().insert(ch, exec_id.clone());
+    ctx.execs.lock().unwrap().insert(ch, exec_id.clone());
     if let Some(size) = req.size
         && let Err(e) = exec::resize(&ctx.docker, &exec_id, size).await
     {
         debug!(error = %e, "initial resize failed");
     }
-    reply(out, id, Ok(json!({ "exec_id": exec_id })));
+    reply(&ctx, id, Ok(json!({ "exec_id": exec_id })));
     let ChannelHandles {
         mut writer,
         mut reader,
@@ -221,29 +239,22 @@ async fn run_exec(
     };
     match outcome {
         Ok(()) => match exec::exit_code(&ctx.docker, &exec_id).await {
-            Ok(code) => close(out, ch, Some(code), None),
-            Err(e) => close(out, ch, None, Some(e)),
+            Ok(code) => close(ctx, ch, Some(code), None),
+            Err(e) => close(ctx, ch, None, Some(e)),
         },
-        Err(Some(e)) => close(out, ch, None, Some(e)),
+        Err(Some(e)) => close(ctx, ch, None, Some(e)),
         Err(None) => debug!(channel = ch, "exec channel cancelled"),
     }
-    channels.remove(ch);
-    session.execs.lock().unwrap().remove(&ch);
+    ctx.execs.lock().unwrap().remove(&ch);
     stdin.abort();
 }
 
-async fn run_logs(
-    ctx: &Ctx,
-    channels: &Channels,
-    id: String,
-    req: Logs,
-    h: ChannelHandles,
-    out: &OutTx,
-) {
+async fn run_logs(ctx: &Ctx, id: String, req: Logs, h: ChannelHandles) {
     let ch = req.channel;
+    let channels = &ctx.channels;
     if let Err(e) = containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
         channels.remove(ch);
-        return reply::<()>(out, id, Err(e));
+        return reply::<()>(&ctx, id, Err(e));
     }
     let opts = bollard::query_parameters::LogsOptions {
         follow: req.follow,
@@ -260,7 +271,7 @@ async fn run_logs(
     let mut stream = ctx
         .docker
         .logs(&docker::object_name(&req.worker_id), Some(opts));
-    reply(out, id, Ok(json!({})));
+    reply(&ctx, id, Ok(json!({})));
     let ChannelHandles {
         mut writer, cancel, ..
     } = h;
@@ -280,22 +291,15 @@ async fn run_logs(
             }
         }
     };
-    close(out, ch, None, error);
-    channels.remove(ch);
+    close(ctx, ch, None, error);
 }
 
-async fn run_get(
-    ctx: &Ctx,
-    channels: &Channels,
-    id: String,
-    req: Archive,
-    h: ChannelHandles,
-    out: &OutTx,
-) {
+async fn run_get(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) {
     let ch = req.channel;
+    let channels = &ctx.channels;
     if let Err(e) = containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
         channels.remove(ch);
-        return reply::<()>(out, id, Err(e));
+        return reply::<()>(&ctx, id, Err(e));
     }
     let mut stream = Box::pin(archive::download(&ctx.docker, &req.worker_id, &req.path));
     // The first chunk tells whether the path exists: answer only then.
@@ -304,14 +308,14 @@ async fn run_get(
         Some(Err(e)) => {
             channels.remove(ch);
             return reply::<()>(
-                out,
+                &ctx,
                 id,
                 Err(docker::to_error(e, &format!("read {}", req.path))),
             );
         }
         None => Bytes::new(),
     };
-    reply(out, id, Ok(json!({})));
+    reply(&ctx, id, Ok(json!({})));
     let ChannelHandles {
         mut writer, cancel, ..
     } = h;
@@ -335,19 +339,12 @@ async fn run_get(
             Some(Err(e)) => break Some(docker::to_error(e, "read archive")),
         }
     };
-    close(out, ch, None, error);
-    channels.remove(ch);
+    close(ctx, ch, None, error);
 }
 
-async fn run_put(
-    ctx: &Ctx,
-    channels: &Channels,
-    id: String,
-    req: Archive,
-    h: ChannelHandles,
-    out: &OutTx,
-) {
+async fn run_put(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) {
     let ch = req.channel;
+    let channels = &ctx.channels;
     let check = match containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
         Ok(_) => archive::stat(&ctx.docker, &req.worker_id, &req.path).await,
         Err(e) => Err(e),
@@ -357,7 +354,7 @@ async fn run_put(
         Ok(_) => {
             channels.remove(ch);
             return reply::<()>(
-                out,
+                &ctx,
                 id,
                 Err(ErrorBody::new(
                     ErrorCode::NotFound,
@@ -370,10 +367,10 @@ async fn run_put(
         }
         Err(e) => {
             channels.remove(ch);
-            return reply::<()>(out, id, Err(e));
+            return reply::<()>(&ctx, id, Err(e));
         }
     }
-    reply(out, id, Ok(json!({})));
+    reply(&ctx, id, Ok(json!({})));
     let ChannelHandles { reader, .. } = h;
     // Frames become the request body as Docker reads it: credit is granted
     // only as fast as the engine consumes the archive.
@@ -395,9 +392,8 @@ async fn run_put(
     });
     let result = archive::upload(&ctx.docker, &req.worker_id, &req.path, body).await;
     if channels.is_open(ch) {
-        close(out, ch, None, result.err());
+        close(ctx, ch, None, result.err());
     }
-    channels.remove(ch);
 }
 
 /// Removes networks whose worker container is gone (after crashes or a
@@ -417,7 +413,7 @@ pub(super) async fn collect_garbage(ctx: &Ctx) {
 }
 
 /// Forwards Docker's container events for this node's workers.
-pub(super) async fn forward_events(ctx: Arc<Ctx>, out: OutTx, end: CancellationToken) {
+pub(super) async fn forward_events(ctx: Arc<Ctx>, end: CancellationToken) {
     let filters = std::collections::HashMap::from([
         ("type".to_string(), vec!["container".to_string()]),
         (
@@ -453,11 +449,12 @@ pub(super) async fn forward_events(ctx: Arc<Ctx>, out: OutTx, end: CancellationT
         };
         let exit_code = attrs.get("exitCode").and_then(|c| c.parse().ok());
         let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-        let _ = out.send(Outbound::msg(&Message::WorkerEvent(WorkerEvent {
-            worker_id,
-            event: event.into(),
-            exit_code,
-            at,
-        })));
+        ctx.link
+            .send(Outbound::msg(&Message::WorkerEvent(WorkerEvent {
+                worker_id,
+                event: event.into(),
+                exit_code,
+                at,
+            })));
     }
 }

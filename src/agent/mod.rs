@@ -92,6 +92,14 @@ pub(crate) struct Ctx {
     pub pool: SubnetPool,
     pub node_id: String,
     pub defaults: Defaults,
+    /// The current connection to the server (none while reconnecting).
+    pub link: Arc<crate::mux::Link>,
+    /// Open channels; they outlive a connection and resume on the next one.
+    pub channels: crate::mux::Channels,
+    /// Docker exec id of each open exec channel (for resize).
+    pub execs: std::sync::Mutex<std::collections::HashMap<u32, String>>,
+    /// Recent request ids and their replies (a replayed request runs once).
+    pub replies: std::sync::Mutex<handlers::Replies>,
 }
 
 /// Runs the agent until `shutdown` fires or a permanent error occurs.
@@ -113,11 +121,16 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     if let Err(e) = pool.sync(&docker).await {
         warn!(error = %e, "could not read existing networks");
     }
+    let link = crate::mux::Link::new();
     let ctx = Arc::new(Ctx {
         docker,
         pool,
         node_id: cfg.node_id.clone(),
         defaults: cfg.defaults,
+        link: link.clone(),
+        channels: crate::mux::Channels::new(link),
+        execs: Default::default(),
+        replies: Default::default(),
     });
     handlers::collect_garbage(&ctx).await;
 

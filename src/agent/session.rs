@@ -148,6 +148,7 @@ pub(super) async fn serve(
         node_id: cfg.node_id.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         inventory,
+        channels: ctx.channels.states(),
         capabilities: None,
     });
     ws.send(WsMessage::text(hello.encode()))
@@ -177,7 +178,9 @@ pub(super) async fn serve(
         interval: Duration::from_secs(welcome.heartbeat_interval_secs.max(1)),
         timeout: Duration::from_secs(welcome.heartbeat_timeout_secs.max(2)),
     };
-    run_loop(ws, beat, ctx, shutdown).instrument(span).await
+    run_loop(ws, beat, ctx, shutdown, welcome.channels)
+        .instrument(span)
+        .await
 }
 
 struct Heartbeat {
@@ -190,11 +193,10 @@ async fn run_loop(
     beat: Heartbeat,
     ctx: Arc<Ctx>,
     shutdown: &CancellationToken,
+    peer_channels: Vec<protocol::ChannelState>,
 ) -> Result<(), AgentError> {
     let (mut sink, mut stream) = ws.split();
     let (out, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
-    let session = Arc::new(handlers::Session::default());
-    let channels = &session.channels;
     let session_end = CancellationToken::new();
 
     // The writer owns the sink, so a slow socket never stops the reader.
@@ -207,11 +209,19 @@ async fn run_loop(
         }
         let _ = sink.close().await;
     });
-    let events = tokio::spawn(handlers::forward_events(
-        ctx.clone(),
-        out.clone(),
-        session_end.clone(),
-    ));
+    // Replay what the server missed, then carry new traffic on this link.
+    let resumed = ctx.channels.resume(&peer_channels, |_| false, out.clone());
+    for ch in &resumed.lost {
+        ctx.execs.lock().unwrap().remove(ch);
+    }
+    if !peer_channels.is_empty() || !resumed.lost.is_empty() {
+        info!(
+            resumed = peer_channels.len(),
+            lost = resumed.lost.len(),
+            "channels resumed"
+        );
+    }
+    let events = tokio::spawn(handlers::forward_events(ctx.clone(), session_end.clone()));
 
     let mut tick = tokio::time::interval(beat.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -221,8 +231,8 @@ async fn run_loop(
             msg = stream.next() => {
                 last_rx = Instant::now();
                 match msg {
-                    Some(Ok(WsMessage::Text(t))) => on_text(t.as_str(), &ctx, &session, &out),
-                    Some(Ok(WsMessage::Binary(b))) => on_binary(b, channels, &out),
+                    Some(Ok(WsMessage::Text(t))) => on_text(t.as_str(), &ctx),
+                    Some(Ok(WsMessage::Binary(b))) => on_binary(b, &ctx.channels),
                     Some(Ok(WsMessage::Close(f))) => {
                         break Err(AgentError::ConnectionLost(format!("server closed the connection: {f:?}")));
                     }
@@ -247,10 +257,8 @@ async fn run_loop(
     };
     session_end.cancel();
     events.abort();
-    channels.close_all(ErrorBody::new(
-        ErrorCode::Unavailable,
-        "connection to the server lost",
-    ));
+    // Channels stay open: their work goes on and resumes on the next link.
+    ctx.link.set(None);
     drop(out);
     if result.is_ok() {
         // Let the close frame go out.
@@ -261,8 +269,9 @@ async fn run_loop(
     result
 }
 
-fn on_text(text: &str, ctx: &Arc<Ctx>, session: &Arc<handlers::Session>, out: &crate::mux::OutTx) {
-    let channels = &session.channels;
+fn on_text(text: &str, ctx: &Arc<Ctx>) {
+    let channels = &ctx.channels;
+    let out = &ctx.link;
     let msg = match Message::decode(text) {
         Ok(m) => m,
         Err(e) => {
@@ -275,9 +284,7 @@ fn on_text(text: &str, ctx: &Arc<Ctx>, session: &Arc<handlers::Session>, out: &c
         }
     };
     match msg {
-        Message::Request { id, request } => {
-            handlers::dispatch(id, request, ctx.clone(), session.clone(), out.clone())
-        }
+        Message::Request { id, request } => handlers::dispatch(id, request, ctx.clone()),
         Message::Window(w) => channels.on_window(w),
         Message::ChannelEof(c) => channels.on_eof(c.channel),
         Message::ChannelClose(c) => {
@@ -309,7 +316,8 @@ fn on_text(text: &str, ctx: &Arc<Ctx>, session: &Arc<handlers::Session>, out: &c
     }
 }
 
-fn on_binary(data: bytes::Bytes, channels: &Channels, out: &crate::mux::OutTx) {
+fn on_binary(data: bytes::Bytes, channels: &Channels) {
+    let out = channels.link();
     let channel = Frame::peek_channel(&data);
     let result = Frame::decode(data, MAX_FRAME_PAYLOAD)
         .map_err(|e| {

@@ -33,6 +33,9 @@ pub struct Hello {
     /// server then keeps its view instead of emptying it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inventory: Option<Vec<WorkerInfo>>,
+    /// What the agent has received on each open channel, for resumption.
+    #[serde(default)]
+    pub channels: Vec<ChannelState>,
     /// Capability report (see docs/protocol.md); opaque to this layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Value>,
@@ -48,6 +51,20 @@ pub struct Welcome {
     pub heartbeat_interval_secs: u64,
     /// Seconds without any inbound traffic after which a side drops the link.
     pub heartbeat_timeout_secs: u64,
+    /// What the server has received on each channel it still has open for
+    /// this node; the agent replays the rest and forgets channels not listed.
+    #[serde(default)]
+    pub channels: Vec<ChannelState>,
+}
+
+/// Resumption state of one channel, from the side that sends it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChannelState {
+    pub channel: u32,
+    /// Bytes received so far: the peer replays from this offset.
+    pub received: u64,
+    /// Credit granted: the peer may send up to this offset.
+    pub limit: u64,
 }
 
 /// Resource limits of a worker. Missing values take the node's defaults.

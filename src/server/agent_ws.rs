@@ -110,14 +110,14 @@ async fn session(app: Arc<AppState>, node_id: String, socket: WebSocket) {
         return;
     }
 
-    let (out, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
+    let link = app.hub.node_link(&node_id);
     let session_id = ulid::Ulid::new().to_string();
-    let link = AgentLink::new(node_id.clone(), session_id.clone(), out.clone());
     let welcome = Message::Welcome(Welcome {
         version: PROTOCOL_VERSION,
         session_id: session_id.clone(),
         heartbeat_interval_secs: app.cfg.heartbeat_interval.as_secs(),
         heartbeat_timeout_secs: app.cfg.heartbeat_timeout.as_secs(),
+        channels: link.channels.states(),
     });
     if sink
         .send(WsMessage::Text(welcome.encode().into()))
@@ -126,10 +126,7 @@ async fn session(app: Arc<AppState>, node_id: String, socket: WebSocket) {
     {
         return;
     }
-    app.hub
-        .attach(link.clone(), &hello.agent_version, hello.inventory);
-    info!(%session_id, "agent online");
-
+    let (out, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
     let writer = tokio::spawn(async move {
         while let Some(o) = out_rx.recv().await {
             let closing = matches!(o, Outbound::Close(..));
@@ -139,6 +136,11 @@ async fn session(app: Arc<AppState>, node_id: String, socket: WebSocket) {
         }
         let _ = sink.close().await;
     });
+    // Replay what the agent missed and send unanswered requests again.
+    let (ended, generation) = link.connect(&hello.channels, out.clone());
+    app.hub
+        .attach(&node_id, &hello.agent_version, hello.inventory);
+    info!(%session_id, resumed = hello.channels.len(), "agent online");
 
     let mut tick = tokio::time::interval(app.cfg.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -172,14 +174,14 @@ async fn session(app: Arc<AppState>, node_id: String, socket: WebSocket) {
                 let _ = out.send(Outbound::Close(1001, "server shutting down".into()));
                 break "server shutting down".into();
             }
-            _ = link.closed.cancelled() => {
+            _ = ended.cancelled() => {
                 let _ = out.send(Outbound::Close(1000, "replaced by a newer connection of this node".into()));
                 break "replaced by a newer connection".into();
             }
         }
     };
     info!(%reason, "agent offline");
-    app.hub.detach(&link, &reason);
+    app.hub.detach(&node_id, generation, &reason);
     drop(out);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
 }
@@ -208,7 +210,9 @@ fn on_text(app: &AppState, link: &Arc<AgentLink>, text: &str) {
         Message::Error { id: None, error } => warn!(%error, "agent reported an error"),
         Message::Window(w) => link.channels.on_window(w),
         Message::ChannelEof(c) => link.channels.on_eof(c.channel),
-        Message::ChannelClose(c) => link.channels.on_close(c),
+        Message::ChannelClose(c) => {
+            link.channels.on_close(c);
+        }
         Message::WorkerEvent(ev) => app.hub.on_worker_event(&link.node_id, ev),
         Message::Unknown { kind, id } => {
             let _ = link_send(
@@ -258,8 +262,8 @@ fn on_binary(link: &Arc<AgentLink>, data: bytes::Bytes) {
                     exit_code: None,
                     error: Some(error.clone()),
                 };
-                link.channels.on_close(close.clone());
-                link.send(Message::ChannelClose(close));
+                // The reader sees the error; the agent gets a cancel.
+                link.channels.on_close(close);
             }
             None => {
                 link.send(Message::Error { id: None, error });

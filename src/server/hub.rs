@@ -2,17 +2,17 @@
 //! worker registries and one [`AgentLink`] per connected agent. The HTTP API
 //! is a thin layer over it; other orchestrators can embed it directly.
 
-use crate::mux::{ChannelReader, ChannelWriter, Channels, Inbound, OutTx, Outbound};
+use crate::mux::{ChannelReader, ChannelWriter, Channels, Inbound, Link, OutTx, Outbound};
 use crate::protocol::{
-    Archive, ChannelClose, DEFAULT_WINDOW, ErrorBody, ErrorCode, Exec, Logs, Message, Remove,
-    Request, Resize, Spawn, SpawnRequest, Stat, StatResult, Stop, StreamKind, TermSize,
+    Archive, ChannelClose, ChannelState, DEFAULT_WINDOW, ErrorBody, ErrorCode, Exec, Logs, Message,
+    Remove, Request, Resize, Spawn, SpawnRequest, Stat, StatResult, Stop, StreamKind, TermSize,
     WorkerEvent, WorkerInfo, WorkerRef,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::oneshot;
@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How long the hub waits for an agent's reply to a request.
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a disconnected node's channels and requests wait for it.
+pub const DEFAULT_RESUME_GRACE: Duration = Duration::from_secs(120);
 
 /// A node as the operator sees it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -36,37 +38,52 @@ pub struct NodeInfo {
     pub agent_version: Option<String>,
 }
 
-/// One connected agent: the outbound queue of its WebSocket, its pending
-/// requests and its channels.
+/// One node's link to the hub, across its connections: the current
+/// connection (if any), requests awaiting a reply and open channels. Both
+/// survive a reconnect: unanswered requests are sent again (the agent answers
+/// a repeated id from its cache) and channels resume where they stopped.
 pub struct AgentLink {
     pub node_id: String,
-    pub session_id: String,
-    out: OutTx,
-    pending: Mutex<HashMap<String, oneshot::Sender<Result<Value, ErrorBody>>>>,
-    pub(crate) channels: Arc<Channels>,
+    link: Arc<Link>,
+    pending: Mutex<HashMap<String, Pending>>,
+    pub(crate) channels: Channels,
+    /// Channels whose opening request has no reply yet: a resume must not
+    /// end them just because the agent does not have them yet.
+    opening: Mutex<HashSet<u32>>,
     next_channel: AtomicU32,
-    /// Cancelled when the connection ends.
-    pub(crate) closed: CancellationToken,
+    /// Cancelled when the current connection must end (replaced, or the
+    /// server shuts down); renewed for each connection.
+    conn: Mutex<CancellationToken>,
+    /// Counts connections, so a grace timer knows whether the node came back.
+    generation: AtomicU64,
     timeout: Duration,
 }
 
+struct Pending {
+    /// The encoded request, sent again after a reconnect.
+    text: String,
+    tx: oneshot::Sender<Result<Value, ErrorBody>>,
+}
+
 impl AgentLink {
-    pub(crate) fn new(node_id: String, session_id: String, out: OutTx) -> Arc<Self> {
+    pub(crate) fn new(node_id: String) -> Arc<Self> {
+        let link = Link::new();
         Arc::new(AgentLink {
             node_id,
-            session_id,
-            out,
+            channels: Channels::new(link.clone()),
+            link,
             pending: Mutex::new(HashMap::new()),
-            channels: Channels::new(),
+            opening: Mutex::new(HashSet::new()),
             next_channel: AtomicU32::new(1),
-            closed: CancellationToken::new(),
+            conn: Mutex::new(CancellationToken::new()),
+            generation: AtomicU64::new(0),
             timeout: DEFAULT_REQUEST_TIMEOUT,
         })
     }
 
-    /// Queues a message for the agent; false if the connection is gone.
+    /// Queues a message for the agent; false if it is not connected.
     pub(crate) fn send(&self, m: Message) -> bool {
-        self.out.send(Outbound::msg(&m)).is_ok()
+        self.link.send_msg(&m)
     }
 
     fn unavailable(&self) -> ErrorBody {
@@ -76,23 +93,67 @@ impl AgentLink {
         )
     }
 
-    /// Sends a request and waits for its reply.
+    /// Starts a connection: ends the previous one, resumes channels on `out`
+    /// from the agent's `states`, and sends unanswered requests again.
+    /// Returns the token that ends this connection and its generation.
+    pub(crate) fn connect(&self, states: &[ChannelState], out: OutTx) -> (CancellationToken, u64) {
+        let token = CancellationToken::new();
+        std::mem::replace(&mut *self.conn.lock().unwrap(), token.clone()).cancel();
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let opening = self.opening.lock().unwrap().clone();
+        let resumed = self
+            .channels
+            .resume(states, |id| opening.contains(&id), out);
+        if !resumed.lost.is_empty() {
+            tracing::warn!(node_id = %self.node_id, lost = ?resumed.lost, "agent lost channels (restarted?)");
+        }
+        for p in self.pending.lock().unwrap().values() {
+            self.link.send(Outbound::Text(p.text.clone()));
+        }
+        (token, generation)
+    }
+
+    /// The connection of `generation` ended; channels and requests wait.
+    pub(crate) fn disconnect(&self, generation: u64) {
+        if self.generation.load(Ordering::SeqCst) == generation {
+            self.link.set(None);
+        }
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        self.link.is_connected()
+    }
+
+    /// The node did not come back in time: fail everything in flight.
+    pub(crate) fn expire(&self, reason: &str) {
+        let err = ErrorBody::new(
+            ErrorCode::Unavailable,
+            format!("node {} is offline: {reason}", self.node_id),
+        );
+        for (_, p) in self.pending.lock().unwrap().drain() {
+            let _ = p.tx.send(Err(err.clone()));
+        }
+        self.channels.close_all(err);
+    }
+
+    /// Sends a request and waits for its reply, across reconnects.
     pub async fn request(&self, request: Request) -> Result<Value, ErrorBody> {
         let id = ulid::Ulid::new().to_string();
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap().insert(id.clone(), tx);
         let kind = request.kind();
-        if self
-            .out
-            .send(Outbound::msg(&Message::Request {
-                id: id.clone(),
-                request,
-            }))
-            .is_err()
-        {
-            self.pending.lock().unwrap().remove(&id);
-            return Err(self.unavailable());
+        let text = Message::Request {
+            id: id.clone(),
+            request,
         }
+        .encode();
+        self.pending.lock().unwrap().insert(
+            id.clone(),
+            Pending {
+                text: text.clone(),
+                tx,
+            },
+        );
+        self.link.send(Outbound::Text(text));
         // A spawn may pull an image (up to 300 s on the agent).
         let limit = if kind == "spawn" {
             self.timeout + Duration::from_secs(300)
@@ -126,28 +187,15 @@ impl AgentLink {
     }
 
     pub(crate) fn on_reply(&self, id: &str, r: Result<Value, ErrorBody>) {
-        if let Some(tx) = self.pending.lock().unwrap().remove(id) {
-            let _ = tx.send(r);
+        if let Some(p) = self.pending.lock().unwrap().remove(id) {
+            let _ = p.tx.send(r);
         }
-    }
-
-    /// The connection ended: fail everything in flight.
-    pub(crate) fn shut(&self, reason: &str) {
-        self.closed.cancel();
-        let err = ErrorBody::new(
-            ErrorCode::Unavailable,
-            format!("node {} disconnected: {reason}", self.node_id),
-        );
-        for (_, tx) in self.pending.lock().unwrap().drain() {
-            let _ = tx.send(Err(err.clone()));
-        }
-        self.channels.close_all(err);
     }
 
     fn open_channel(self: &Arc<Self>) -> (u32, ChannelWriter, ChannelStream) {
         loop {
             let id = self.next_channel.fetch_add(1, Ordering::Relaxed).max(1);
-            if let Ok(h) = self.channels.open(id, DEFAULT_WINDOW, self.out.clone()) {
+            if let Ok(h) = self.channels.open(id, DEFAULT_WINDOW) {
                 let stream = ChannelStream {
                     channel: id,
                     reader: h.reader,
@@ -165,9 +213,12 @@ impl AgentLink {
         make: impl FnOnce(u32) -> Request,
     ) -> Result<(u32, ChannelWriter, ChannelStream), ErrorBody> {
         let (id, writer, stream) = self.open_channel();
+        self.opening.lock().unwrap().insert(id);
+        let r = self.request(make(id)).await;
+        self.opening.lock().unwrap().remove(&id);
         // On failure `stream` drops here, which also tells the agent to
         // cancel (a timed-out request may still be running there).
-        self.request(make(id)).await.map(|_| (id, writer, stream))
+        r.map(|_| (id, writer, stream))
     }
 }
 
@@ -230,16 +281,13 @@ impl ChannelStream {
 
 impl Drop for ChannelStream {
     fn drop(&mut self) {
-        if !self.done && self.link.channels.is_open(self.channel) {
-            self.link.channels.remove(self.channel);
-            let _ = self
-                .link
-                .out
-                .send(Outbound::msg(&Message::ChannelClose(ChannelClose {
-                    channel: self.channel,
-                    exit_code: None,
-                    error: None,
-                })));
+        if !self.done {
+            // Cancels the operation on the agent (replayed after a reconnect).
+            self.link.channels.close(ChannelClose {
+                channel: self.channel,
+                exit_code: None,
+                error: None,
+            });
         }
     }
 }
@@ -262,11 +310,7 @@ impl ChannelSink {
 
     /// Signals end of input.
     pub fn close(&self) {
-        let _ = self
-            .writer
-            .send(&Message::ChannelEof(crate::protocol::ChannelEof {
-                channel: self.channel,
-            }));
+        self.writer.eof();
     }
 
     pub async fn resize(&self, size: TermSize) -> Result<(), ErrorBody> {
@@ -318,7 +362,9 @@ pub struct ExecSession {
 }
 
 struct NodeEntry {
-    link: Option<Arc<AgentLink>>,
+    link: Arc<AgentLink>,
+    /// An agent connection is up.
+    online: bool,
     draining: bool,
     last_seen: SystemTime,
     offline_reason: Option<String>,
@@ -333,9 +379,17 @@ struct Registry {
 }
 
 /// The control plane, cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Hub {
     reg: Arc<Mutex<Registry>>,
+    /// How long a disconnected node's channels and requests wait for it.
+    grace: Duration,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub::new()
+    }
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -344,7 +398,16 @@ fn rfc3339(t: SystemTime) -> String {
 
 impl Hub {
     pub fn new() -> Self {
-        Self::default()
+        Hub::with_grace(DEFAULT_RESUME_GRACE)
+    }
+
+    /// A hub whose disconnected nodes get `grace` to come back before their
+    /// channels and requests fail.
+    pub fn with_grace(grace: Duration) -> Self {
+        Hub {
+            reg: Arc::default(),
+            grace,
+        }
     }
 
     /// Every node ever seen, sorted by id.
@@ -354,10 +417,10 @@ impl Hub {
             .nodes
             .iter()
             .map(|(id, n)| {
-                let status = match (&n.link, n.draining) {
-                    (None, _) => "offline",
-                    (Some(_), true) => "draining",
-                    (Some(_), false) => "online",
+                let status = match (n.online, n.draining) {
+                    (false, _) => "offline",
+                    (true, true) => "draining",
+                    (true, false) => "online",
                 };
                 NodeInfo {
                     node_id: id.clone(),
@@ -405,8 +468,8 @@ impl Hub {
         let n = reg.nodes.get(node_id).ok_or_else(|| {
             ErrorBody::new(ErrorCode::NotFound, format!("no such node: {node_id}"))
         })?;
-        n.link.clone().ok_or_else(|| {
-            ErrorBody::new(
+        if !n.online {
+            return Err(ErrorBody::new(
                 ErrorCode::Unavailable,
                 format!(
                     "node {node_id} is offline{}",
@@ -415,8 +478,9 @@ impl Hub {
                         .map(|r| format!(" ({r})"))
                         .unwrap_or_default()
                 ),
-            )
-        })
+            ));
+        }
+        Ok(n.link.clone())
     }
 
     fn worker_link(&self, worker_id: &str) -> Result<Arc<AgentLink>, ErrorBody> {
@@ -440,7 +504,7 @@ impl Hub {
         let reg = self.reg.lock().unwrap();
         reg.nodes
             .iter()
-            .filter(|(_, n)| n.link.is_some() && !n.draining)
+            .filter(|(_, n)| n.online && !n.draining)
             .map(|(id, _)| {
                 (
                     reg.workers.values().filter(|w| &w.node_id == id).count(),
@@ -677,7 +741,7 @@ impl Hub {
         path: &str,
     ) -> Result<ArchiveUpload, ErrorBody> {
         let link = self.worker_link(worker_id)?;
-        let (channel, writer, done) = link
+        let (_, writer, done) = link
             .open_with(|channel| {
                 Request::PutArchive(Archive {
                     channel,
@@ -687,37 +751,42 @@ impl Hub {
                 })
             })
             .await?;
-        Ok(ArchiveUpload {
-            channel,
-            writer,
-            done,
-            link,
-        })
+        Ok(ArchiveUpload { writer, done, link })
     }
 
     // ---- called by the agent connection ----
 
+    /// The node's link, created on first contact.
+    pub(crate) fn node_link(&self, node_id: &str) -> Arc<AgentLink> {
+        let mut reg = self.reg.lock().unwrap();
+        reg.nodes
+            .entry(node_id.to_string())
+            .or_insert_with(|| NodeEntry {
+                link: AgentLink::new(node_id.to_string()),
+                online: false,
+                draining: false,
+                last_seen: SystemTime::now(),
+                offline_reason: None,
+                agent_version: None,
+            })
+            .link
+            .clone()
+    }
+
+    /// A connection of the node is up (after [`AgentLink::connect`]).
     pub(crate) fn attach(
         &self,
-        link: Arc<AgentLink>,
+        node_id: &str,
         agent_version: &str,
         inventory: Option<Vec<WorkerInfo>>,
     ) {
         let mut reg = self.reg.lock().unwrap();
-        let node_id = link.node_id.clone();
-        let entry = reg.nodes.entry(node_id.clone()).or_insert(NodeEntry {
-            link: None,
-            draining: false,
-            last_seen: SystemTime::now(),
-            offline_reason: None,
-            agent_version: None,
-        });
-        if let Some(old) = entry.link.replace(link) {
-            old.shut("replaced by a new connection");
+        if let Some(entry) = reg.nodes.get_mut(node_id) {
+            entry.online = true;
+            entry.last_seen = SystemTime::now();
+            entry.offline_reason = None;
+            entry.agent_version = Some(agent_version.to_string());
         }
-        entry.last_seen = SystemTime::now();
-        entry.offline_reason = None;
-        entry.agent_version = Some(agent_version.to_string());
         // The agent's inventory, when it has one, is the truth about its node.
         if let Some(inventory) = inventory {
             reg.workers.retain(|_, w| w.node_id != node_id);
@@ -727,15 +796,26 @@ impl Hub {
         }
     }
 
-    pub(crate) fn detach(&self, link: &Arc<AgentLink>, reason: &str) {
-        link.shut(reason);
-        let mut reg = self.reg.lock().unwrap();
-        if let Some(n) = reg.nodes.get_mut(&link.node_id)
-            && n.link.as_ref().is_some_and(|l| Arc::ptr_eq(l, link))
-        {
-            n.link = None;
+    /// The connection of `generation` ended. Channels and requests wait for
+    /// the agent to come back; after the grace period they fail.
+    pub(crate) fn detach(&self, node_id: &str, generation: u64, reason: &str) {
+        let link = self.node_link(node_id);
+        link.disconnect(generation);
+        if link.generation.load(Ordering::SeqCst) != generation {
+            return; // a newer connection already took over
+        }
+        if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id) {
+            n.online = false;
             n.offline_reason = Some(reason.to_string());
         }
+        let grace = self.grace;
+        let reason = reason.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if link.generation.load(Ordering::SeqCst) == generation && !link.is_connected() {
+                link.expire(&reason);
+            }
+        });
     }
 
     pub(crate) fn seen(&self, node_id: &str) {
@@ -754,21 +834,14 @@ impl Hub {
         }
     }
 
-    /// Closes every agent connection (server shutdown).
-    pub(crate) fn links(&self) -> Vec<Arc<AgentLink>> {
-        self.reg
-            .lock()
-            .unwrap()
-            .nodes
-            .values()
-            .filter_map(|n| n.link.clone())
-            .collect()
+    /// Whether any agent is connected.
+    pub(crate) fn any_online(&self) -> bool {
+        self.reg.lock().unwrap().nodes.values().any(|n| n.online)
     }
 }
 
 /// An archive being uploaded into a worker.
 pub struct ArchiveUpload {
-    channel: u32,
     writer: ChannelWriter,
     done: ChannelStream,
     link: Arc<AgentLink>,
@@ -785,11 +858,7 @@ impl ArchiveUpload {
 
     /// Ends the archive and waits until the agent has extracted it.
     pub async fn finish(mut self) -> Result<(), ErrorBody> {
-        let _ = self
-            .writer
-            .send(&Message::ChannelEof(crate::protocol::ChannelEof {
-                channel: self.channel,
-            }));
+        self.writer.eof();
         loop {
             match self.done.next().await {
                 Some(StreamEvent::End { error: Some(e), .. }) => return Err(e),

@@ -29,6 +29,9 @@ pub struct ServerConfig {
     pub jwt_ttl: Duration,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    /// How long a disconnected node's channels and requests wait for it to
+    /// reconnect and resume before they fail with `unavailable`.
+    pub resume_grace: Duration,
 }
 
 impl ServerConfig {
@@ -40,6 +43,7 @@ impl ServerConfig {
             jwt_ttl: Duration::from_secs(3600),
             heartbeat_interval: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(30),
+            resume_grace: hub::DEFAULT_RESUME_GRACE,
         }
     }
 }
@@ -130,7 +134,7 @@ impl Server {
                 source,
             })?;
         let state = Arc::new(AppState {
-            hub: Hub::new(),
+            hub: Hub::with_grace(cfg.resume_grace),
             signer: auth::Signer::new(key.as_bytes(), cfg.jwt_ttl),
             cfg,
             admin_token,
@@ -164,8 +168,9 @@ impl Server {
             stop.cancelled().await;
             // Tell agents first so they reconnect to the next instance.
             state.shutdown.cancel();
-            for l in state.hub.links() {
-                l.closed.cancelled().await;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while state.hub.any_online() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
         axum::serve(self.listener, app)

@@ -56,16 +56,24 @@ pub(super) async fn connect(cfg: &AgentConfig, jwt: &str) -> Result<Ws, ConnectE
         "sec-websocket-protocol",
         SUBPROTOCOL.parse().expect("valid header"),
     );
-    match tokio_tungstenite::connect_async_tls_with_config(
+    // A handshake into a black hole must not hang the agent forever.
+    let handshake = tokio_tungstenite::connect_async_tls_with_config(
         req,
         Some(ws_config()),
         true,
         Some(tokio_tungstenite::Connector::Rustls(Arc::new(
             crate::tls_client_config(),
         ))),
-    )
-    .await
-    {
+    );
+    let connected = tokio::time::timeout(cfg.heartbeat_timeout, handshake)
+        .await
+        .map_err(|_| {
+            ConnectError::Other(format!(
+                "no WebSocket handshake within {} s",
+                cfg.heartbeat_timeout.as_secs()
+            ))
+        })?;
+    match connected {
         Ok((ws, resp)) => {
             let proto = resp
                 .headers()

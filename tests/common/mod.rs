@@ -4,6 +4,8 @@
 //! the test fails.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::path::PathBuf;
 use std::process::Output;
 use std::sync::{Arc, Mutex};
@@ -78,6 +80,7 @@ pub fn docker(args: &[&str]) -> String {
 }
 
 pub struct Harness {
+    pub addr: std::net::SocketAddr,
     pub url: String,
     pub token: String,
     pub hub: Hub,
@@ -91,6 +94,11 @@ pub struct Harness {
 impl Harness {
     /// A server with no agent.
     pub async fn server() -> Harness {
+        Harness::server_with(|_| {}).await
+    }
+
+    /// A server whose configuration `tweak` adjusts.
+    pub async fn server_with(tweak: impl FnOnce(&mut ServerConfig)) -> Harness {
         ensure_image();
         tether::init_crypto();
         let dir = tempfile::tempdir().unwrap();
@@ -101,13 +109,16 @@ impl Harness {
         );
         cfg.heartbeat_interval = Duration::from_secs(2);
         cfg.heartbeat_timeout = Duration::from_secs(6);
+        tweak(&mut cfg);
         let server = Server::bind(cfg).await.unwrap();
-        let url = format!("http://{}", server.local_addr());
+        let addr = server.local_addr();
+        let url = format!("http://{addr}");
         let token = server.admin_token().to_string();
         let hub = server.hub();
         let server_stop = CancellationToken::new();
         tokio::spawn(server.serve(server_stop.clone()));
         Harness {
+            addr,
             url,
             token,
             hub,
@@ -140,9 +151,14 @@ impl Harness {
 
     /// Starts an agent in this process and waits until it is online.
     pub async fn add_agent(&mut self) -> String {
-        let node = unique("test");
+        let cfg = self.agent_config(&unique("test"));
+        self.add_agent_with(cfg).await
+    }
+
+    /// Starts an agent with `cfg` and waits until it is online.
+    pub async fn add_agent_with(&mut self, cfg: AgentConfig) -> String {
+        let node = cfg.node_id.clone();
         self.track(&node);
-        let cfg = self.agent_config(&node);
         self.agents
             .push(tokio::spawn(tether::agent::run(cfg, self.shutdown.clone())));
         self.wait_status(&node, "online").await;

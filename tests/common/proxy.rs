@@ -1,0 +1,130 @@
+//! A TCP proxy between agent and server that a test can cut (close every
+//! connection), black-hole (stop forwarding without closing, one or both
+//! directions) and restore.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Which directions currently forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    /// Agent to server.
+    pub up: bool,
+    /// Server to agent.
+    pub down: bool,
+}
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    flow: watch::Sender<Flow>,
+    cut: Mutex<CancellationToken>,
+    /// When the agent side of a connection was closed by the agent.
+    pub agent_closed: Arc<Mutex<Vec<Instant>>>,
+    stop: CancellationToken,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Arc<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (flow, _) = watch::channel(Flow { up: true, down: true });
+        let p = Arc::new(Proxy {
+            addr: listener.local_addr().unwrap(),
+            flow,
+            cut: Mutex::new(CancellationToken::new()),
+            agent_closed: Arc::default(),
+            stop: CancellationToken::new(),
+        });
+        let me = p.clone();
+        tokio::spawn(async move {
+            loop {
+                let (down, _) = tokio::select! {
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => return },
+                    _ = me.stop.cancelled() => return,
+                };
+                let me = me.clone();
+                tokio::spawn(async move {
+                    let Ok(up) = TcpStream::connect(upstream).await else { return };
+                    let cut = me.cut.lock().unwrap().clone();
+                    let (dr, dw) = down.into_split();
+                    let (ur, uw) = up.into_split();
+                    let closed = me.agent_closed.clone();
+                    let a = pump(dr, uw, me.flow.subscribe(), |f| f.up, Some(closed));
+                    let b = pump(ur, dw, me.flow.subscribe(), |f| f.down, None);
+                    tokio::select! {
+                        _ = async { tokio::join!(a, b) } => {}
+                        _ = cut.cancelled() => {} // dropping the halves closes both sockets
+                    }
+                });
+            }
+        });
+        p
+    }
+
+    /// Closes every open connection (new ones are accepted as usual).
+    pub fn cut(&self) {
+        let old = std::mem::replace(&mut *self.cut.lock().unwrap(), CancellationToken::new());
+        old.cancel();
+    }
+
+    pub fn set_flow(&self, up: bool, down: bool) {
+        self.flow.send_replace(Flow { up, down });
+    }
+
+    /// Stops forwarding both ways without closing anything.
+    pub fn blackhole(&self) {
+        self.set_flow(false, false);
+    }
+
+    pub fn restore(&self) {
+        self.set_flow(true, true);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.cut();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut flow: watch::Receiver<Flow>,
+    open: fn(&Flow) -> bool,
+    record_eof: Option<Arc<Mutex<Vec<Instant>>>>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // While black-holed, what arrives is read and dropped, as on a dead
+        // link; reading on also shows when the sender closes its end.
+        let n = match from.read(&mut buf).await {
+            Ok(n) => n,
+            Err(_) => 0,
+        };
+        if n == 0 {
+            if let Some(rec) = &record_eof {
+                rec.lock().unwrap().push(Instant::now());
+            }
+            if open(&flow.borrow()) {
+                let _ = to.shutdown().await;
+            } else {
+                // A dead link carries no FIN either: keep the other side
+                // waiting until the link is cut.
+                std::future::pending::<()>().await;
+            }
+            return;
+        }
+        if !open(&flow.borrow_and_update()) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

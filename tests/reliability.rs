@@ -1,0 +1,166 @@
+//! Reliability across faults: cuts, black holes, replays and agent restarts,
+//! through a TCP proxy the test controls.
+
+mod common;
+use common::proxy::Proxy;
+use common::*;
+use sha2::Digest;
+use std::time::{Duration, Instant};
+use tether::protocol::{SpawnRequest, StreamKind};
+use tether::server::{ExecOptions, StreamEvent};
+
+fn sleeper(img: &str) -> SpawnRequest {
+    SpawnRequest {
+        image: img.into(),
+        cmd: vec!["sleep".into(), "3600".into()],
+        ..Default::default()
+    }
+}
+
+/// A server and one agent that reaches it through a proxy.
+async fn proxied() -> (Harness, String, std::sync::Arc<Proxy>) {
+    let mut h = Harness::server().await;
+    let proxy = Proxy::start(h.addr).await;
+    let mut cfg = h.agent_config(&unique("test"));
+    cfg.server = format!("http://{}", proxy.addr).parse().unwrap();
+    let node = h.add_agent_with(cfg).await;
+    (h, node, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_megabytes_survive_repeated_cuts_byte_exact() {
+    let (h, node, proxy) = proxied().await;
+    let w = h.hub.spawn(sleeper(&image())).await.unwrap();
+    const SIZE: u64 = 50_000_000;
+    let cmd = format!(
+        "head -c {SIZE} /dev/urandom > /tmp/src.bin && sha256sum /tmp/src.bin > /tmp/src.sha && cat /tmp/src.bin"
+    );
+    let mut s = h
+        .hub
+        .exec(&w.worker_id, ExecOptions { cmd: vec!["sh".into(), "-c".into(), cmd], ..Default::default() })
+        .await
+        .unwrap();
+    let mut hasher = sha2::Sha256::new();
+    let mut total = 0u64;
+    let mut cuts_at = vec![8_000_000u64, 20_000_000, 33_000_000, 45_000_000];
+    let mut cuts = 0;
+    let exit = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(120), s.output.next())
+            .await
+            .expect("output keeps coming")
+            .unwrap();
+        match ev {
+            StreamEvent::Data(StreamKind::Stdout, b) => {
+                hasher.update(&b);
+                total += b.len() as u64;
+                if cuts_at.first().is_some_and(|&at| total >= at) {
+                    cuts_at.remove(0);
+                    proxy.cut();
+                    cuts += 1;
+                }
+            }
+            StreamEvent::Data(k, b) => panic!("unexpected {k:?}: {}", String::from_utf8_lossy(&b)),
+            StreamEvent::End { exit_code, error } => {
+                assert!(error.is_none(), "{error:?}");
+                break exit_code;
+            }
+        }
+    };
+    assert_eq!(cuts, 4, "the link was cut 4 times mid-stream");
+    assert_eq!(exit, Some(0));
+    assert_eq!(total, SIZE, "bytes lost or duplicated: {}", total as i64 - SIZE as i64);
+    h.wait_status(&node, "online").await;
+    let (_, inside, _) = h.hub.exec_collect(&w.worker_id, &["cat", "/tmp/src.sha"]).await.unwrap();
+    let inside = String::from_utf8(inside).unwrap();
+    assert_eq!(inside.split_whitespace().next().unwrap(), hex::encode(hasher.finalize()));
+    eprintln!("50 MB across {cuts} cuts: 0 bytes lost, 0 duplicated");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn black_hole_is_detected_on_both_sides_then_recovers() {
+    let (h, node, proxy) = proxied().await;
+    let w = h.hub.spawn(sleeper(&image())).await.unwrap();
+    let closed_before = proxy.agent_closed.lock().unwrap().len();
+    let t0 = Instant::now();
+    proxy.blackhole();
+    // Server side: offline, with the reason.
+    h.wait_status(&node, "offline").await;
+    let server_detect = t0.elapsed();
+    let info = h.hub.node_info(&node).unwrap();
+    assert!(info.offline_reason.as_deref().unwrap_or("").contains("heartbeat"), "{info:?}");
+    // Agent side: it drops its end of the dead connection.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.agent_closed.lock().unwrap().len() == closed_before {
+        assert!(Instant::now() < deadline, "agent never noticed the dead link");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let agent_detect = t0.elapsed();
+    // Bound: heartbeat timeout (6 s here) plus one heartbeat interval (2 s).
+    assert!(server_detect < Duration::from_secs(9), "server took {server_detect:?}");
+    assert!(agent_detect < Duration::from_secs(9), "agent took {agent_detect:?}");
+    proxy.restore();
+    h.wait_status(&node, "online").await;
+    let recovered = t0.elapsed();
+    let (code, out, _) = h.hub.exec_collect(&w.worker_id, &["echo", "back"]).await.unwrap();
+    assert_eq!((code, out), (0, b"back\n".to_vec()));
+    eprintln!("black hole: server detected in {server_detect:?}, agent in {agent_detect:?}, online again at {recovered:?}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_whose_reply_was_lost_runs_once() {
+    let (h, node, proxy) = proxied().await;
+    // Requests reach the agent; its replies vanish.
+    proxy.set_flow(false, true);
+    let hub = h.hub.clone();
+    let img = image();
+    let spawn = tokio::spawn(async move { hub.spawn(sleeper(&img)).await });
+    // Wait until the agent has made the container, then break the link.
+    let filter = format!("label=tether.node_id={node}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while docker(&["ps", "-q", "--filter", &filter]).is_empty() {
+        assert!(Instant::now() < deadline, "the spawn never reached the agent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.restore();
+    proxy.cut();
+    // The server sends the spawn again after the reconnect: one worker.
+    let w = tokio::time::timeout(Duration::from_secs(60), spawn).await.unwrap().unwrap().unwrap();
+    let ids = docker(&["ps", "-aq", "--filter", &filter]);
+    assert_eq!(ids.lines().count(), 1, "exactly one container: {ids}");
+    assert_eq!(docker(&["network", "ls", "-q", "--filter", &filter]).lines().count(), 1);
+    let (code, _, _) = h.hub.exec_collect(&w.worker_id, &["true"]).await.unwrap();
+    assert_eq!(code, 0);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_started_before_a_cut_completes_after_it() {
+    let (h, _node, proxy) = proxied().await;
+    let w = h.hub.spawn(sleeper(&image())).await.unwrap();
+    let mut s = h
+        .hub
+        .exec(
+            &w.worker_id,
+            ExecOptions {
+                cmd: vec!["sh".into(), "-c".into(), "echo start; sleep 3; echo end >&2; exit 7".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let Some(StreamEvent::Data(StreamKind::Stdout, b)) = s.output.next().await else { panic!() };
+    assert_eq!(&b[..], b"start\n");
+    proxy.blackhole();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.cut();
+    proxy.restore();
+    let Some(StreamEvent::Data(StreamKind::Stderr, b)) = s.output.next().await else { panic!() };
+    assert_eq!(&b[..], b"end\n");
+    assert_eq!(
+        s.output.next().await,
+        Some(StreamEvent::End { exit_code: Some(7), error: None })
+    );
+    h.stop().await;
+}

@@ -37,7 +37,13 @@ async fn fifty_megabytes_survive_repeated_cuts_byte_exact() {
     );
     let mut s = h
         .hub
-        .exec(&w.worker_id, ExecOptions { cmd: vec!["sh".into(), "-c".into(), cmd], ..Default::default() })
+        .exec(
+            &w.worker_id,
+            ExecOptions {
+                cmd: vec!["sh".into(), "-c".into(), cmd],
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     let mut hasher = sha2::Sha256::new();
@@ -68,11 +74,23 @@ async fn fifty_megabytes_survive_repeated_cuts_byte_exact() {
     };
     assert_eq!(cuts, 4, "the link was cut 4 times mid-stream");
     assert_eq!(exit, Some(0));
-    assert_eq!(total, SIZE, "bytes lost or duplicated: {}", total as i64 - SIZE as i64);
+    assert_eq!(
+        total,
+        SIZE,
+        "bytes lost or duplicated: {}",
+        total as i64 - SIZE as i64
+    );
     h.wait_status(&node, "online").await;
-    let (_, inside, _) = h.hub.exec_collect(&w.worker_id, &["cat", "/tmp/src.sha"]).await.unwrap();
+    let (_, inside, _) = h
+        .hub
+        .exec_collect(&w.worker_id, &["cat", "/tmp/src.sha"])
+        .await
+        .unwrap();
     let inside = String::from_utf8(inside).unwrap();
-    assert_eq!(inside.split_whitespace().next().unwrap(), hex::encode(hasher.finalize()));
+    assert_eq!(
+        inside.split_whitespace().next().unwrap(),
+        hex::encode(hasher.finalize())
+    );
     eprintln!("50 MB across {cuts} cuts: 0 bytes lost, 0 duplicated");
     h.stop().await;
 }
@@ -88,23 +106,44 @@ async fn black_hole_is_detected_on_both_sides_then_recovers() {
     h.wait_status(&node, "offline").await;
     let server_detect = t0.elapsed();
     let info = h.hub.node_info(&node).unwrap();
-    assert!(info.offline_reason.as_deref().unwrap_or("").contains("heartbeat"), "{info:?}");
+    assert!(
+        info.offline_reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("heartbeat"),
+        "{info:?}"
+    );
     // Agent side: it drops its end of the dead connection.
     let deadline = Instant::now() + Duration::from_secs(30);
     while proxy.agent_closed.lock().unwrap().len() == closed_before {
-        assert!(Instant::now() < deadline, "agent never noticed the dead link");
+        assert!(
+            Instant::now() < deadline,
+            "agent never noticed the dead link"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let agent_detect = t0.elapsed();
+    let agent_detect = proxy.agent_closed.lock().unwrap()[closed_before] - t0;
     // Bound: heartbeat timeout (6 s here) plus one heartbeat interval (2 s).
-    assert!(server_detect < Duration::from_secs(9), "server took {server_detect:?}");
-    assert!(agent_detect < Duration::from_secs(9), "agent took {agent_detect:?}");
+    assert!(
+        server_detect < Duration::from_secs(9),
+        "server took {server_detect:?}"
+    );
+    assert!(
+        agent_detect < Duration::from_secs(9),
+        "agent took {agent_detect:?}"
+    );
     proxy.restore();
     h.wait_status(&node, "online").await;
     let recovered = t0.elapsed();
-    let (code, out, _) = h.hub.exec_collect(&w.worker_id, &["echo", "back"]).await.unwrap();
+    let (code, out, _) = h
+        .hub
+        .exec_collect(&w.worker_id, &["echo", "back"])
+        .await
+        .unwrap();
     assert_eq!((code, out), (0, b"back\n".to_vec()));
-    eprintln!("black hole: server detected in {server_detect:?}, agent in {agent_detect:?}, online again at {recovered:?}");
+    eprintln!(
+        "black hole: server detected in {server_detect:?}, agent in {agent_detect:?}, online again at {recovered:?}"
+    );
     h.stop().await;
 }
 
@@ -120,16 +159,28 @@ async fn spawn_whose_reply_was_lost_runs_once() {
     let filter = format!("label=tether.node_id={node}");
     let deadline = Instant::now() + Duration::from_secs(60);
     while docker(&["ps", "-q", "--filter", &filter]).is_empty() {
-        assert!(Instant::now() < deadline, "the spawn never reached the agent");
+        assert!(
+            Instant::now() < deadline,
+            "the spawn never reached the agent"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     proxy.restore();
     proxy.cut();
     // The server sends the spawn again after the reconnect: one worker.
-    let w = tokio::time::timeout(Duration::from_secs(60), spawn).await.unwrap().unwrap().unwrap();
+    let w = tokio::time::timeout(Duration::from_secs(60), spawn)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let ids = docker(&["ps", "-aq", "--filter", &filter]);
     assert_eq!(ids.lines().count(), 1, "exactly one container: {ids}");
-    assert_eq!(docker(&["network", "ls", "-q", "--filter", &filter]).lines().count(), 1);
+    assert_eq!(
+        docker(&["network", "ls", "-q", "--filter", &filter])
+            .lines()
+            .count(),
+        1
+    );
     let (code, _, _) = h.hub.exec_collect(&w.worker_id, &["true"]).await.unwrap();
     assert_eq!(code, 0);
     h.stop().await;
@@ -144,23 +195,239 @@ async fn command_started_before_a_cut_completes_after_it() {
         .exec(
             &w.worker_id,
             ExecOptions {
-                cmd: vec!["sh".into(), "-c".into(), "echo start; sleep 3; echo end >&2; exit 7".into()],
+                cmd: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "echo start; sleep 3; echo end >&2; exit 7".into(),
+                ],
                 ..Default::default()
             },
         )
         .await
         .unwrap();
-    let Some(StreamEvent::Data(StreamKind::Stdout, b)) = s.output.next().await else { panic!() };
+    let Some(StreamEvent::Data(StreamKind::Stdout, b)) = s.output.next().await else {
+        panic!()
+    };
     assert_eq!(&b[..], b"start\n");
     proxy.blackhole();
     tokio::time::sleep(Duration::from_millis(500)).await;
     proxy.cut();
     proxy.restore();
-    let Some(StreamEvent::Data(StreamKind::Stderr, b)) = s.output.next().await else { panic!() };
+    let Some(StreamEvent::Data(StreamKind::Stderr, b)) = s.output.next().await else {
+        panic!()
+    };
     assert_eq!(&b[..], b"end\n");
     assert_eq!(
         s.output.next().await,
-        Some(StreamEvent::End { exit_code: Some(7), error: None })
+        Some(StreamEvent::End {
+            exit_code: Some(7),
+            error: None
+        })
     );
     h.stop().await;
+}
+
+fn spawn_agent_process(h: &Harness, node: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "agent",
+            "--heartbeat-interval",
+            "2",
+            "--heartbeat-timeout",
+            "6",
+            "--state-dir",
+        ])
+        .arg(h.state_path(node))
+        .env("TETHER_SERVER", &h.url)
+        .env("TETHER_PSK", PSK)
+        .env("TETHER_NODE_ID", node)
+        .env("TETHER_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_mid_exec_readopts_its_workers_and_collects_garbage() {
+    let h = Harness::server().await;
+    let node = unique("test");
+    h.track(&node);
+    let mut agent = spawn_agent_process(&h, &node);
+    h.wait_status(&node, "online").await;
+    let w = h.hub.spawn(sleeper(&image())).await.unwrap();
+    let mut s = h
+        .hub
+        .exec(
+            &w.worker_id,
+            ExecOptions {
+                cmd: vec!["sh".into(), "-c".into(), "echo begun; sleep 30".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.output.next().await,
+        Some(StreamEvent::Data(StreamKind::Stdout, _))
+    ));
+
+    agent.start_kill().unwrap(); // SIGKILL
+    agent.wait().await.unwrap();
+    h.wait_status(&node, "offline").await;
+    // A leftover from a crash: a worker network whose container is gone.
+    let ghost = "tether-ghost-of-a-worker";
+    docker(&[
+        "network",
+        "create",
+        "--label",
+        "tether.managed=true",
+        "--label",
+        &format!("tether.node_id={node}"),
+        "--label",
+        "tether.worker_id=ghost-of-a-worker",
+        ghost,
+    ]);
+    assert!(!docker(&["network", "ls", "-q", "--filter", &format!("name={ghost}")]).is_empty());
+    // The worker itself keeps running while the agent is down.
+    let name = format!("tether-{}", w.worker_id);
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.State.Status}}", &name]),
+        "running"
+    );
+
+    let _agent = spawn_agent_process(&h, &node);
+    h.wait_status(&node, "online").await;
+    // Re-adopted: the server's view comes from the agent's inventory.
+    let workers: Vec<_> = h
+        .hub
+        .workers()
+        .into_iter()
+        .filter(|x| x.node_id == node)
+        .collect();
+    assert_eq!(workers.len(), 1);
+    assert_eq!(
+        (workers[0].worker_id.as_str(), workers[0].state.as_str()),
+        (w.worker_id.as_str(), "running")
+    );
+    // Garbage collected, and nothing else leaked.
+    assert_eq!(
+        docker(&["network", "ls", "-q", "--filter", &format!("name={ghost}")]),
+        ""
+    );
+    let filter = format!("label=tether.node_id={node}");
+    assert_eq!(
+        docker(&["network", "ls", "-q", "--filter", &filter])
+            .lines()
+            .count(),
+        1
+    );
+    // The exec the dead agent was streaming ends with an honest error.
+    let end = tokio::time::timeout(Duration::from_secs(30), s.output.next())
+        .await
+        .unwrap();
+    match end {
+        Some(StreamEvent::End { error: Some(e), .. }) => {
+            assert_eq!(e.code, tether::protocol::ErrorCode::Unavailable);
+            assert!(e.message.contains("lost"), "{e}");
+        }
+        other => panic!("expected an error end, got {other:?}"),
+    }
+    let (code, out, _) = h
+        .hub
+        .exec_collect(&w.worker_id, &["echo", "ok"])
+        .await
+        .unwrap();
+    assert_eq!((code, out), (0, b"ok\n".to_vec()));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerised_agent_survives_docker_kill_and_start() {
+    let h = Harness::server().await;
+    let node = unique("test");
+    h.track(&node);
+    let tag = format!("tether-agent:{}", unique("test"));
+    let container = unique("test-agent");
+    let _guard = Guard(
+        vec![vec!["rm", "-f", &container], vec!["rmi", "-f", &tag]]
+            .into_iter()
+            .map(|v| v.into_iter().map(String::from).collect())
+            .collect(),
+    );
+    let st = std::process::Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/build-agent-image.sh"
+        ))
+        .args([
+            "--binary",
+            env!("CARGO_BIN_EXE_tether"),
+            "--tag",
+            &tag,
+            "--label",
+            "tether.test=1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &container,
+        "--label",
+        "tether.test=1",
+        "--network",
+        "host",
+        "-v",
+        "/var/run/docker.sock:/var/run/docker.sock",
+        "-e",
+        &format!("TETHER_SERVER={}", h.url),
+        "-e",
+        &format!("TETHER_PSK={PSK}"),
+        "-e",
+        &format!("TETHER_NODE_ID={node}"),
+        &tag,
+    ]);
+    h.wait_status(&node, "online").await;
+    let w = h
+        .hub
+        .spawn(SpawnRequest {
+            node_id: Some(node.clone()),
+            ..sleeper(&image())
+        })
+        .await
+        .unwrap();
+    docker(&["kill", &container]);
+    h.wait_status(&node, "offline").await;
+    docker(&["start", &container]);
+    h.wait_status(&node, "online").await;
+    let mine: Vec<_> = h
+        .hub
+        .workers()
+        .into_iter()
+        .filter(|x| x.node_id == node)
+        .collect();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].worker_id, w.worker_id);
+    let (code, out, _) = h
+        .hub
+        .exec_collect(&w.worker_id, &["echo", "still"])
+        .await
+        .unwrap();
+    assert_eq!((code, out), (0, b"still\n".to_vec()));
+    h.stop().await;
+}
+
+/// Runs docker commands on drop.
+struct Guard(Vec<Vec<String>>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for args in &self.0 {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            docker(&a);
+        }
+    }
 }

@@ -31,7 +31,10 @@ pub struct Proxy {
 impl Proxy {
     pub async fn start(upstream: SocketAddr) -> Arc<Proxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (flow, _) = watch::channel(Flow { up: true, down: true });
+        let (flow, _) = watch::channel(Flow {
+            up: true,
+            down: true,
+        });
         let p = Arc::new(Proxy {
             addr: listener.local_addr().unwrap(),
             flow,
@@ -48,7 +51,9 @@ impl Proxy {
                 };
                 let me = me.clone();
                 tokio::spawn(async move {
-                    let Ok(up) = TcpStream::connect(upstream).await else { return };
+                    let Ok(up) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
                     let cut = me.cut.lock().unwrap().clone();
                     let (dr, dw) = down.into_split();
                     let (ur, uw) = up.into_split();

@@ -431,3 +431,53 @@ impl Drop for Guard {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_going_away_degrades_the_node_until_it_returns() {
+    let mut h = Harness::server().await;
+    let sock = h.state_path("docker-proxy.sock");
+    let docker_proxy = common::proxy::UnixProxy::start(sock.clone(), "/var/run/docker.sock");
+    let mut cfg = h.agent_config(&unique("test"));
+    cfg.docker_socket = Some(sock.to_string_lossy().into_owned());
+    let node = h.add_agent_with(cfg).await;
+    let w = h.hub.spawn(sleeper(&image())).await.unwrap();
+
+    docker_proxy.take_away();
+    h.wait_status(&node, "degraded").await;
+    let info = h.hub.node_info(&node).unwrap();
+    assert!(
+        info.offline_reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("Docker"),
+        "{info:?}"
+    );
+    // New work is refused with `unavailable`; the connection stays up.
+    let e = h
+        .hub
+        .spawn(SpawnRequest {
+            node_id: Some(node.clone()),
+            ..sleeper(&image())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, tether::protocol::ErrorCode::Unavailable, "{e}");
+    let e = h
+        .hub
+        .exec_collect(&w.worker_id, &["true"])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, tether::protocol::ErrorCode::Unavailable, "{e}");
+    // Scheduling skips it.
+    assert!(h.hub.spawn(sleeper(&image())).await.is_err());
+
+    docker_proxy.bring_back();
+    h.wait_status(&node, "online").await;
+    let (code, out, _) = h
+        .hub
+        .exec_collect(&w.worker_id, &["echo", "recovered"])
+        .await
+        .unwrap();
+    assert_eq!((code, out), (0, b"recovered\n".to_vec()));
+    h.stop().await;
+}

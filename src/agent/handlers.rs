@@ -3,11 +3,11 @@
 //! task starts, so data sent right behind the request is never lost.
 
 use super::Ctx;
-use crate::docker::{self, archive, containers, exec, labels};
+use crate::docker::{self, archive, containers, exec};
 use crate::mux::{ChannelHandles, Inbound, Outbound};
 use crate::protocol::{
     Archive, ChannelClose, ErrorBody, ErrorCode, Exec, Logs, Message, Request, StreamKind,
-    WorkerEvent, WorkerList,
+    WorkerList,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -16,7 +16,6 @@ use serde_json::json;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 fn reply<T: Serialize>(ctx: &Ctx, id: String, r: Result<T, ErrorBody>) {
@@ -87,6 +86,21 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
         Some(None) => return, // still running: its reply goes out when done
     }
     let channels = &ctx.channels;
+    if ctx.degraded.load(std::sync::atomic::Ordering::Relaxed)
+        && !matches!(request, Request::Resize(_))
+    {
+        return reply::<()>(
+            &ctx,
+            id,
+            Err(ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "node {} is degraded: its Docker engine is unreachable",
+                    ctx.node_id
+                ),
+            )),
+        );
+    }
     let span = info_span!("request", request_id = %id, kind = request.kind());
     // Channel-opening requests: open now, in order with the frames behind them.
     let opened = match &request {
@@ -409,52 +423,5 @@ pub(super) async fn collect_garbage(ctx: &Ctx) {
             }
         }
         Err(e) => warn!(error = %e, "could not look for orphaned networks"),
-    }
-}
-
-/// Forwards Docker's container events for this node's workers.
-pub(super) async fn forward_events(ctx: Arc<Ctx>, end: CancellationToken) {
-    let filters = std::collections::HashMap::from([
-        ("type".to_string(), vec!["container".to_string()]),
-        (
-            "event".to_string(),
-            vec!["die".to_string(), "oom".to_string()],
-        ),
-        (
-            "label".to_string(),
-            vec![format!("{}={}", labels::NODE, ctx.node_id)],
-        ),
-    ]);
-    let mut events = ctx
-        .docker
-        .events(Some(bollard::query_parameters::EventsOptions {
-            since: None,
-            until: None,
-            filters: Some(filters),
-        }));
-    loop {
-        let ev = tokio::select! {
-            _ = end.cancelled() => return,
-            ev = events.next() => ev,
-        };
-        let Some(Ok(ev)) = ev else { return };
-        let attrs = ev.actor.and_then(|a| a.attributes).unwrap_or_default();
-        let Some(worker_id) = attrs.get(labels::WORKER).cloned() else {
-            continue;
-        };
-        let action = ev.action.unwrap_or_default();
-        let event = match action.as_str() {
-            "oom" => "oom_killed",
-            _ => "exited",
-        };
-        let exit_code = attrs.get("exitCode").and_then(|c| c.parse().ok());
-        let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-        ctx.link
-            .send(Outbound::msg(&Message::WorkerEvent(WorkerEvent {
-                worker_id,
-                event: event.into(),
-                exit_code,
-                at,
-            })));
     }
 }

@@ -3,6 +3,7 @@
 //! socket.
 
 mod handlers;
+mod health;
 mod session;
 
 use crate::docker::containers::Defaults;
@@ -98,6 +99,8 @@ pub(crate) struct Ctx {
     pub channels: crate::mux::Channels,
     /// Docker exec id of each open exec channel (for resize).
     pub execs: std::sync::Mutex<std::collections::HashMap<u32, String>>,
+    /// Docker did not answer the last probe: new work is refused.
+    pub degraded: std::sync::atomic::AtomicBool,
     /// Recent request ids and their replies (a replayed request runs once).
     pub replies: std::sync::Mutex<handlers::Replies>,
 }
@@ -131,6 +134,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         channels: crate::mux::Channels::new(link),
         execs: Default::default(),
         replies: Default::default(),
+        degraded: Default::default(),
     });
     handlers::collect_garbage(&ctx).await;
 

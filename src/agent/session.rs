@@ -229,7 +229,10 @@ async fn run_loop(
             "channels resumed"
         );
     }
-    let events = tokio::spawn(handlers::forward_events(ctx.clone(), session_end.clone()));
+    let events = tokio::spawn(super::health::watch_docker(
+        ctx.clone(),
+        session_end.clone(),
+    ));
 
     let mut tick = tokio::time::interval(beat.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -284,6 +284,17 @@ pub struct WorkerEvent {
     pub at: String,
 }
 
+/// The node's health, agent to server: sent at the start of every
+/// connection and whenever it changes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeStatus {
+    /// `ok`, or `degraded` when the container runtime is unreachable.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at: String,
+}
+
 /// Requests the server sends to an agent; each gets one `result` or `error`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
@@ -357,6 +368,7 @@ pub enum Message {
     ChannelEof(ChannelEof),
     ChannelClose(ChannelClose),
     WorkerEvent(WorkerEvent),
+    NodeStatus(NodeStatus),
     /// A type this build does not know; answered with `unsupported` when it has an id.
     Unknown {
         kind: String,
@@ -441,6 +453,7 @@ impl Message {
             "channel_eof" => Ok(Message::ChannelEof(typed(k, &id, payload)?)),
             "channel_close" => Ok(Message::ChannelClose(typed(k, &id, payload)?)),
             "worker_event" => Ok(Message::WorkerEvent(typed(k, &id, payload)?)),
+            "node_status" => Ok(Message::NodeStatus(typed(k, &id, payload)?)),
             "spawn" => req(Request::Spawn(typed(k, &id, payload)?), id),
             "stop" => req(Request::Stop(typed(k, &id, payload)?), id),
             "remove" => req(Request::Remove(typed(k, &id, payload)?), id),
@@ -468,6 +481,7 @@ impl Message {
             Message::ChannelEof(p) => ("channel_eof", None, to_value(p)),
             Message::ChannelClose(p) => ("channel_close", None, to_value(p)),
             Message::WorkerEvent(p) => ("worker_event", None, to_value(p)),
+            Message::NodeStatus(p) => ("node_status", None, to_value(p)),
             Message::Unknown { kind, id } => (kind, id.as_deref(), Value::Null),
         };
         let env = Envelope {

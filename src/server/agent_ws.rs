@@ -214,6 +214,7 @@ fn on_text(app: &AppState, link: &Arc<AgentLink>, text: &str) {
             link.channels.on_close(c);
         }
         Message::WorkerEvent(ev) => app.hub.on_worker_event(&link.node_id, ev),
+        Message::NodeStatus(st) => app.hub.on_node_status(&link.node_id, st),
         Message::Unknown { kind, id } => {
             let _ = link_send(
                 link,

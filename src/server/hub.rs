@@ -27,13 +27,13 @@ pub const DEFAULT_RESUME_GRACE: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NodeInfo {
     pub node_id: String,
-    /// `online`, `offline` or `draining`.
+    /// `online`, `offline`, `degraded` (connected, runtime unreachable) or `draining`.
     pub status: String,
     pub draining: bool,
     pub workers: usize,
     /// RFC 3339 UTC time of the last traffic from the agent.
     pub last_seen: Option<String>,
-    /// Why the node is offline, when it is.
+    /// Why the node is offline or degraded, when it is.
     pub offline_reason: Option<String>,
     pub agent_version: Option<String>,
 }
@@ -365,6 +365,8 @@ struct NodeEntry {
     link: Arc<AgentLink>,
     /// An agent connection is up.
     online: bool,
+    /// Why the node cannot take work although connected (runtime down).
+    degraded: Option<String>,
     draining: bool,
     last_seen: SystemTime,
     offline_reason: Option<String>,
@@ -417,10 +419,11 @@ impl Hub {
             .nodes
             .iter()
             .map(|(id, n)| {
-                let status = match (n.online, n.draining) {
-                    (false, _) => "offline",
-                    (true, true) => "draining",
-                    (true, false) => "online",
+                let status = match (n.online, n.degraded.is_some(), n.draining) {
+                    (false, _, _) => "offline",
+                    (true, true, _) => "degraded",
+                    (true, false, true) => "draining",
+                    (true, false, false) => "online",
                 };
                 NodeInfo {
                     node_id: id.clone(),
@@ -428,7 +431,11 @@ impl Hub {
                     draining: n.draining,
                     workers: reg.workers.values().filter(|w| &w.node_id == id).count(),
                     last_seen: Some(rfc3339(n.last_seen)),
-                    offline_reason: n.offline_reason.clone(),
+                    offline_reason: if n.online {
+                        n.degraded.clone()
+                    } else {
+                        n.offline_reason.clone()
+                    },
                     agent_version: n.agent_version.clone(),
                 }
             })
@@ -504,7 +511,7 @@ impl Hub {
         let reg = self.reg.lock().unwrap();
         reg.nodes
             .iter()
-            .filter(|(_, n)| n.online && !n.draining)
+            .filter(|(_, n)| n.online && !n.draining && n.degraded.is_none())
             .map(|(id, _)| {
                 (
                     reg.workers.values().filter(|w| &w.node_id == id).count(),
@@ -764,6 +771,7 @@ impl Hub {
             .or_insert_with(|| NodeEntry {
                 link: AgentLink::new(node_id.to_string()),
                 online: false,
+                degraded: None,
                 draining: false,
                 last_seen: SystemTime::now(),
                 offline_reason: None,
@@ -783,6 +791,7 @@ impl Hub {
         let mut reg = self.reg.lock().unwrap();
         if let Some(entry) = reg.nodes.get_mut(node_id) {
             entry.online = true;
+            entry.degraded = None;
             entry.last_seen = SystemTime::now();
             entry.offline_reason = None;
             entry.agent_version = Some(agent_version.to_string());
@@ -821,6 +830,13 @@ impl Hub {
     pub(crate) fn seen(&self, node_id: &str) {
         if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id) {
             n.last_seen = SystemTime::now();
+        }
+    }
+
+    pub(crate) fn on_node_status(&self, node_id: &str, st: crate::protocol::NodeStatus) {
+        if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id) {
+            n.degraded =
+                (st.status != "ok").then(|| st.reason.unwrap_or_else(|| st.status.clone()));
         }
     }
 

@@ -133,3 +133,65 @@ async fn pump(
         }
     }
 }
+
+/// A proxy of the Docker socket that a test can take away (the socket file
+/// disappears, open connections drop) and bring back.
+pub struct UnixProxy {
+    pub path: std::path::PathBuf,
+    target: std::path::PathBuf,
+    running: Mutex<Option<CancellationToken>>,
+}
+
+impl UnixProxy {
+    pub fn start(path: std::path::PathBuf, target: &str) -> Arc<UnixProxy> {
+        let p = Arc::new(UnixProxy {
+            path,
+            target: target.into(),
+            running: Mutex::new(None),
+        });
+        p.bring_back();
+        p
+    }
+
+    /// Serves the socket again.
+    pub fn bring_back(&self) {
+        let _ = std::fs::remove_file(&self.path);
+        let listener = tokio::net::UnixListener::bind(&self.path).unwrap();
+        let stop = CancellationToken::new();
+        *self.running.lock().unwrap() = Some(stop.clone());
+        let target = self.target.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut down, _) = tokio::select! {
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => return },
+                    _ = stop.cancelled() => return,
+                };
+                let target = target.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let Ok(mut up) = tokio::net::UnixStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                });
+            }
+        });
+    }
+
+    /// Removes the socket and drops every connection through it.
+    pub fn take_away(&self) {
+        if let Some(stop) = self.running.lock().unwrap().take() {
+            stop.cancel();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for UnixProxy {
+    fn drop(&mut self) {
+        self.take_away();
+    }
+}

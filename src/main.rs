@@ -155,6 +155,9 @@ enum CtlCmd {
         pids: Option<i64>,
         #[arg(long)]
         workdir: Option<String>,
+        /// Stop and remove the worker after this many seconds.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
         #[arg(last = true)]
         cmd: Vec<String>,
     },
@@ -164,6 +167,9 @@ enum CtlCmd {
         interactive: bool,
         #[arg(short, long)]
         tty: bool,
+        /// Kill the command after this many seconds (exit 124, like timeout(1)).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
         worker: String,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
@@ -367,6 +373,7 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
                 memory,
                 pids,
                 workdir,
+                timeout,
                 cmd,
             } => {
                 let req = SpawnRequest {
@@ -382,6 +389,7 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
                         pids,
                     },
                     workdir,
+                    timeout_secs: timeout,
                     node_id: node,
                 };
                 println!("{}", client.spawn(&req).await?.worker_id);
@@ -389,10 +397,11 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
             CtlCmd::Exec {
                 interactive,
                 tty,
+                timeout,
                 worker,
                 cmd,
             } => {
-                return ctl::exec(&client, &worker, cmd, interactive, tty).await;
+                return ctl::exec(&client, &worker, cmd, interactive, tty, timeout).await;
             }
             CtlCmd::Cp { src, dst } => {
                 ctl::copy(&client, CpTarget::parse(&src), CpTarget::parse(&dst)).await?;

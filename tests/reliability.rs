@@ -481,3 +481,76 @@ async fn docker_going_away_degrades_the_node_until_it_returns() {
     assert_eq!((code, out), (0, b"recovered\n".to_vec()));
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_worker_timeouts_kill_and_report() {
+    let (h, node) = Harness::start().await;
+    let img = image();
+    let w = h
+        .ctl_ok(&["spawn", "--image", &img, "--", "sleep", "3600"])
+        .await
+        .trim()
+        .to_string();
+    // An exec past its limit: killed (with what it started), reported, exit 124.
+    let t0 = Instant::now();
+    let out = h
+        .ctl(&[
+            "exec",
+            "--timeout",
+            "2",
+            &w,
+            "--",
+            "sh",
+            "-c",
+            "echo started; sleep 60 & sleep 60; echo never",
+        ])
+        .await;
+    assert_eq!(
+        out.status.code(),
+        Some(124),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "started\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("timeout"));
+    // Nothing it started is still running in the worker.
+    let ps = h.ctl_ok(&["exec", &w, "--", "ps", "-o", "args"]).await;
+    assert!(!ps.contains("sleep 60"), "left running:\n{ps}");
+
+    // A worker past its limit is stopped and removed, network too.
+    let t = h
+        .ctl_ok(&[
+            "spawn",
+            "--image",
+            &img,
+            "--timeout",
+            "3",
+            "--",
+            "sleep",
+            "3600",
+        ])
+        .await
+        .trim()
+        .to_string();
+    let name = format!("tether-{t}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !docker(&["ps", "-aq", "--filter", &format!("name={name}")]).is_empty() {
+        assert!(Instant::now() < deadline, "worker outlived its timeout");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        docker(&["network", "ls", "-q", "--filter", &format!("name={name}")]),
+        ""
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.hub.worker(&t).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the server still lists the reaped worker"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = node;
+    h.stop().await;
+}

@@ -129,6 +129,9 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
                 let r = containers::spawn(d, &ctx.pool, &node, ctx.defaults, &s).await;
                 if let Ok(w) = &r {
                     info!(worker_id = %w.worker_id, "worker running");
+                    if let Some(at) = w.deadline {
+                        schedule_reaper(ctx.clone(), w.worker_id.clone(), at);
+                    }
                 }
                 reply(&ctx, id, r);
             }
@@ -236,9 +239,25 @@ async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
         drop(input);
     });
     let mut output = started.output;
+    let limit = req.timeout_secs.map(std::time::Duration::from_secs);
+    let deadline = tokio::time::sleep(limit.unwrap_or(std::time::Duration::from_secs(365 * 86400)));
+    tokio::pin!(deadline);
     let outcome: Result<(), Option<ErrorBody>> = loop {
         tokio::select! {
             _ = cancel.cancelled() => break Err(None),
+            _ = &mut deadline, if limit.is_some() => {
+                let secs = req.timeout_secs.unwrap_or_default();
+                let killed = exec::kill(&ctx.docker, &exec_id).await;
+                let detail = match killed {
+                    Ok(n) => format!("killed {n} process(es)"),
+                    Err(e) => format!("could not kill it: {}", e.message),
+                };
+                warn!(channel = ch, secs, %detail, "exec timed out");
+                break Err(Some(ErrorBody::new(
+                    ErrorCode::Timeout,
+                    format!("exec exceeded its {secs} s limit; {detail}"),
+                )));
+            }
             item = output.next() => match item {
                 None => break Ok(()),
                 Some(Ok(o)) => {
@@ -424,4 +443,33 @@ pub(super) async fn collect_garbage(ctx: &Ctx) {
         }
         Err(e) => warn!(error = %e, "could not look for orphaned networks"),
     }
+}
+
+/// Stops and removes a worker at its deadline (Unix seconds) and reports a
+/// `timeout` worker event. Scheduled at spawn and again when the agent
+/// starts, from the deadline label, so a restart does not forget it.
+pub(super) fn schedule_reaper(ctx: Arc<Ctx>, worker_id: String, deadline: u64) {
+    tokio::spawn(async move {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        tokio::time::sleep(std::time::Duration::from_secs(deadline.saturating_sub(now))).await;
+        match containers::remove(&ctx.docker, &ctx.pool, &ctx.node_id, &worker_id, true).await {
+            Ok(()) => {
+                info!(%worker_id, "worker reached its timeout: removed");
+                ctx.link.send(Outbound::msg(&Message::WorkerEvent(
+                    crate::protocol::WorkerEvent {
+                        worker_id,
+                        event: "timeout".into(),
+                        exit_code: None,
+                        at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                            .to_string(),
+                    },
+                )));
+            }
+            Err(e) if e.code == ErrorCode::NotFound => {}
+            Err(e) => warn!(%worker_id, error = %e, "could not remove a timed-out worker"),
+        }
+    });
 }

@@ -137,6 +137,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         degraded: Default::default(),
     });
     handlers::collect_garbage(&ctx).await;
+    // Deadlines survive agent restarts: they live in the workers' labels.
+    if let Ok(workers) = crate::docker::containers::list(&ctx.docker, &ctx.node_id).await {
+        for w in workers {
+            if let Some(at) = w.deadline {
+                handlers::schedule_reaper(ctx.clone(), w.worker_id, at);
+            }
+        }
+    }
 
     // One token file per node id: a renamed node registers afresh.
     let token_path = cfg.state_dir.join(format!("{}.jwt", cfg.node_id));

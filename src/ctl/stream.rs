@@ -131,6 +131,7 @@ pub async fn exec(
     cmd: Vec<String>,
     interactive: bool,
     tty: bool,
+    timeout_secs: Option<u64>,
 ) -> Result<i64, CtlError> {
     let ws = open(client, &format!("/api/v1/workers/{worker}/exec"), &[]).await?;
     let (mut tx, mut rx) = ws.split();
@@ -140,6 +141,7 @@ pub async fn exec(
         tty,
         stdin: interactive,
         size: if tty { term_size() } else { None },
+        timeout_secs,
         ..Default::default()
     };
     tx.send(WsMessage::text(
@@ -205,6 +207,11 @@ pub async fn exec(
     };
     match end {
         End::Exit(code) => Ok(code.unwrap_or(-1)),
+        // Like timeout(1): the command was killed at its limit.
+        End::Error(e) if e.code == crate::protocol::ErrorCode::Timeout => {
+            eprintln!("tether: {e}");
+            Ok(124)
+        }
         End::Error(e) => Err(CtlError::Api(e)),
     }
 }

@@ -105,6 +105,7 @@ fn to_info(c: ContainerInspectResponse, node_id: &str) -> Option<WorkerInfo> {
         job_id: lbls.get(labels::JOB).cloned(),
         labels: user_labels,
         created_at: c.created.map(|d| d.to_string()).unwrap_or_default(),
+        deadline: lbls.get(labels::DEADLINE).and_then(|d| d.parse().ok()),
         worker_id,
     })
 }
@@ -256,6 +257,13 @@ pub async fn spawn(
     }
     if let Some(j) = &spec.spec.job_id {
         object_labels.insert(labels::JOB.into(), j.clone());
+    }
+    if let Some(t) = spec.spec.timeout_secs {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        object_labels.insert(labels::DEADLINE.into(), (now + t).to_string());
     }
     let subnet = networks::create(docker, pool, &name, &object_labels).await?;
 

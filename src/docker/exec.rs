@@ -110,6 +110,65 @@ pub async fn exit_code(docker: &Docker, exec_id: &str) -> Result<i64, ErrorBody>
     ))
 }
 
+/// Kills an exec's process and everything it started, when the agent can
+/// see the host's processes (a host process, or a container with the host
+/// PID namespace). Returns how many processes were signalled.
+pub async fn kill(docker: &Docker, exec_id: &str) -> Result<usize, ErrorBody> {
+    let info = docker
+        .inspect_exec(exec_id)
+        .await
+        .map_err(|e| to_error(e, "inspect exec"))?;
+    let Some(pid) = info.pid.filter(|p| *p > 0) else {
+        return Ok(0); // already gone
+    };
+    let tree = process_tree(pid as i32);
+    if tree.is_empty() {
+        return Err(ErrorBody::new(
+            ErrorCode::Unsupported,
+            format!(
+                "process {pid} is not visible to the agent (run it with the host PID namespace to kill execs)"
+            ),
+        ));
+    }
+    let mut n = 0;
+    for p in tree {
+        if let Some(p) = rustix::process::Pid::from_raw(p)
+            && rustix::process::kill_process(p, rustix::process::Signal::KILL).is_ok()
+        {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// `root` and all its descendants, from /proc.
+fn process_tree(root: i32) -> Vec<i32> {
+    if !std::path::Path::new(&format!("/proc/{root}")).exists() {
+        return Vec::new();
+    }
+    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // Fields after the command name, which may contain spaces.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let ppid: i32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree
+}
+
 /// Splits Docker's multiplexed output into the protocol's streams.
 pub fn split(item: LogOutput) -> Option<(StreamKind, Bytes)> {
     match item {

@@ -18,6 +18,8 @@ pub mod labels {
     pub const NODE: &str = "tether.node_id";
     pub const TASK: &str = "tether.task_id";
     pub const JOB: &str = "tether.job_id";
+    /// Unix time after which the worker is reaped.
+    pub const DEADLINE: &str = "tether.deadline";
     /// Prefix reserved for tether; user labels may not use it.
     pub const PREFIX: &str = "tether.";
 }

@@ -96,6 +96,10 @@ pub struct SpawnRequest {
     pub resources: Resources,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
+    /// Seconds after which the worker is stopped and removed (`timeout`
+    /// worker event); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
     /// Node to place the worker on; the server picks one when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
@@ -138,6 +142,9 @@ pub struct WorkerInfo {
     pub labels: BTreeMap<String, String>,
     /// RFC 3339 UTC.
     pub created_at: String,
+    /// Unix time at which the worker is stopped and removed, if it has a timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -187,6 +194,10 @@ pub struct Exec {
     pub stdin: bool,
     #[serde(default)]
     pub size: Option<TermSize>,
+    /// Seconds after which the process is killed and the channel closes
+    /// with `timeout`; none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
     /// Initial credit, in bytes, each direction.
     pub window: u64,
 }
@@ -519,6 +530,7 @@ mod tests {
                 tty: false,
                 stdin: true,
                 size: None,
+                timeout_secs: None,
                 window: 1024,
             }),
         };

@@ -340,6 +340,9 @@ pub struct ExecOptions {
     pub stdin: bool,
     #[serde(default)]
     pub size: Option<TermSize>,
+    /// Kill the process after this many seconds (`timeout` error).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
 }
 
 /// Options of a log request.
@@ -643,6 +646,7 @@ impl Hub {
                     tty: opts.tty,
                     stdin: opts.stdin,
                     size: opts.size,
+                    timeout_secs: opts.timeout_secs,
                     window: DEFAULT_WINDOW,
                 })
             })
@@ -842,9 +846,16 @@ impl Hub {
 
     pub(crate) fn on_worker_event(&self, node_id: &str, ev: WorkerEvent) {
         let mut reg = self.reg.lock().unwrap();
-        if let Some(w) = reg.workers.get_mut(&ev.worker_id)
-            && w.node_id == node_id
+        if reg
+            .workers
+            .get(&ev.worker_id)
+            .is_none_or(|w| w.node_id != node_id)
         {
+            return;
+        }
+        if ev.event == "timeout" || ev.event == "removed" {
+            reg.workers.remove(&ev.worker_id);
+        } else if let Some(w) = reg.workers.get_mut(&ev.worker_id) {
             w.state = "exited".into();
             w.exit_code = ev.exit_code;
         }

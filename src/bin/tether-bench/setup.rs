@@ -1,0 +1,115 @@
+//! The system under test: a real server and a real agent in this process,
+//! over a loopback WebSocket, driving the local Docker engine.
+
+use anyhow::{Context, bail};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tether::agent::{AgentConfig, AgentError};
+use tether::server::{Hub, Server, ServerConfig};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct InProc {
+    pub hub: Hub,
+    /// Base URL of the server (`http://127.0.0.1:PORT`).
+    pub url: String,
+    pub psk: String,
+    /// Node id of the in-process agent (`test-bench-...`).
+    pub node: String,
+    server_stop: CancellationToken,
+    agent_stop: CancellationToken,
+    agent: Option<JoinHandle<Result<(), AgentError>>>,
+}
+
+/// A fresh lowercase id.
+pub fn ulid() -> String {
+    ulid::Ulid::new().to_string().to_ascii_lowercase()
+}
+
+impl InProc {
+    pub async fn start(dir: &Path) -> anyhow::Result<InProc> {
+        tether::init_crypto();
+        let psk = format!("bench-psk-{}", ulid());
+        let cfg = ServerConfig::new(
+            "127.0.0.1:0".parse().expect("valid address"),
+            psk.clone(),
+            dir.join("server"),
+        );
+        let server = Server::bind(cfg).await.context("bind the server")?;
+        let url = format!("http://{}", server.local_addr());
+        let hub = server.hub();
+        let server_stop = CancellationToken::new();
+        tokio::spawn(server.serve(server_stop.clone()));
+        let node = format!("test-bench-{}", ulid());
+        let acfg = AgentConfig::new(
+            url.parse().expect("valid URL"),
+            psk.clone(),
+            node.clone(),
+            dir.join("agent"),
+        );
+        let agent_stop = CancellationToken::new();
+        let agent = tokio::spawn(tether::agent::run(acfg, agent_stop.clone()));
+        let me = InProc {
+            hub,
+            url,
+            psk,
+            node,
+            server_stop,
+            agent_stop,
+            agent: Some(agent),
+        };
+        wait_online(&me.hub, &me.node, Duration::from_secs(60)).await?;
+        Ok(me)
+    }
+
+    /// Stops the agent, then the server.
+    pub async fn stop(&mut self) {
+        self.agent_stop.cancel();
+        if let Some(a) = self.agent.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), a).await;
+        }
+        self.server_stop.cancel();
+    }
+}
+
+impl Drop for InProc {
+    fn drop(&mut self) {
+        self.agent_stop.cancel();
+        self.server_stop.cancel();
+    }
+}
+
+/// Waits until `node` is online in the hub.
+pub async fn wait_online(hub: &Hub, node: &str, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if hub
+            .nodes()
+            .iter()
+            .any(|n| n.node_id == node && n.status == "online")
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("node {node} not online within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A scratch directory for state, removed by [`Scratch::drop`].
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new() -> anyhow::Result<Scratch> {
+        let p = std::env::temp_dir().join(format!("tether-bench-{}", ulid()));
+        std::fs::create_dir_all(&p).with_context(|| format!("create {}", p.display()))?;
+        Ok(Scratch(p))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -201,7 +201,7 @@ async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
         Ok(s) => s,
         Err(e) => {
             channels.remove(ch);
-            return reply::<()>(&ctx, id, Err(e));
+            return reply::<()>(ctx, id, Err(e));
         }
     };
     let exec_id = started.exec_id.clone();
@@ -211,7 +211,7 @@ async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
     {
         debug!(error = %e, "initial resize failed");
     }
-    reply(&ctx, id, Ok(json!({ "exec_id": exec_id })));
+    reply(ctx, id, Ok(json!({ "exec_id": exec_id })));
     let ChannelHandles {
         mut writer,
         mut reader,
@@ -287,7 +287,7 @@ async fn run_logs(ctx: &Ctx, id: String, req: Logs, h: ChannelHandles) {
     let channels = &ctx.channels;
     if let Err(e) = containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
         channels.remove(ch);
-        return reply::<()>(&ctx, id, Err(e));
+        return reply::<()>(ctx, id, Err(e));
     }
     let opts = bollard::query_parameters::LogsOptions {
         follow: req.follow,
@@ -304,7 +304,7 @@ async fn run_logs(ctx: &Ctx, id: String, req: Logs, h: ChannelHandles) {
     let mut stream = ctx
         .docker
         .logs(&docker::object_name(&req.worker_id), Some(opts));
-    reply(&ctx, id, Ok(json!({})));
+    reply(ctx, id, Ok(json!({})));
     let ChannelHandles {
         mut writer, cancel, ..
     } = h;
@@ -332,7 +332,7 @@ async fn run_get(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) {
     let channels = &ctx.channels;
     if let Err(e) = containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
         channels.remove(ch);
-        return reply::<()>(&ctx, id, Err(e));
+        return reply::<()>(ctx, id, Err(e));
     }
     let mut stream = Box::pin(archive::download(&ctx.docker, &req.worker_id, &req.path));
     // The first chunk tells whether the path exists: answer only then.
@@ -341,14 +341,14 @@ async fn run_get(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) {
         Some(Err(e)) => {
             channels.remove(ch);
             return reply::<()>(
-                &ctx,
+                ctx,
                 id,
                 Err(docker::to_error(e, &format!("read {}", req.path))),
             );
         }
         None => Bytes::new(),
     };
-    reply(&ctx, id, Ok(json!({})));
+    reply(ctx, id, Ok(json!({})));
     let ChannelHandles {
         mut writer, cancel, ..
     } = h;
@@ -387,7 +387,7 @@ async fn run_put(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) {
         Ok(_) => {
             channels.remove(ch);
             return reply::<()>(
-                &ctx,
+                ctx,
                 id,
                 Err(ErrorBody::new(
                     ErrorCode::NotFound,
@@ -400,10 +400,10 @@ async fn run_put(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) {
         }
         Err(e) => {
             channels.remove(ch);
-            return reply::<()>(&ctx, id, Err(e));
+            return reply::<()>(ctx, id, Err(e));
         }
     }
-    reply(&ctx, id, Ok(json!({})));
+    reply(ctx, id, Ok(json!({})));
     let ChannelHandles { reader, .. } = h;
     // Frames become the request body as Docker reads it: credit is granted
     // only as fast as the engine consumes the archive.

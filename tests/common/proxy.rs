@@ -108,10 +108,7 @@ async fn pump(
     loop {
         // While black-holed, what arrives is read and dropped, as on a dead
         // link; reading on also shows when the sender closes its end.
-        let n = match from.read(&mut buf).await {
-            Ok(n) => n,
-            Err(_) => 0,
-        };
+        let n: usize = from.read(&mut buf).await.unwrap_or_default();
         if n == 0 {
             if let Some(rec) = &record_eof {
                 rec.lock().unwrap().push(Instant::now());

@@ -746,4 +746,43 @@ mod tests {
         );
         assert!(h.cancel.is_cancelled());
     }
+
+    proptest::proptest! {
+        /// Arbitrary frames and windows: no panic, nothing beyond the granted
+        /// limit is accepted, and what is delivered is exactly what was
+        /// accepted, in order.
+        #[test]
+        fn frames_and_windows_keep_the_invariants(
+            ops in proptest::collection::vec((0u64..200, 0usize..80, proptest::bool::ANY), 0..60)
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            rt.block_on(async {
+                let (ch, _rx) = connected();
+                let mut h = ch.open(1, 64).unwrap();
+                let mut accepted = 0u64;
+                for (offset, len, is_window) in ops {
+                    if is_window {
+                        ch.on_window(Window { channel: 1, acked: offset, limit: offset + len as u64 });
+                        continue;
+                    }
+                    let before = ch.states()[0].received;
+                    if ch.on_frame(frame(1, offset, len)).is_ok() {
+                        let after = ch.states()[0].received;
+                        proptest::prop_assert!(after >= before);
+                        accepted = after;
+                    }
+                    let s = ch.states()[0];
+                    proptest::prop_assert!(s.received <= s.limit);
+                }
+                let mut delivered = 0u64;
+                while let Ok(Some(Inbound::Data(_, b))) =
+                    tokio::time::timeout(std::time::Duration::from_millis(1), h.reader.recv()).await
+                {
+                    delivered += b.len() as u64;
+                }
+                proptest::prop_assert_eq!(delivered, accepted);
+                Ok(())
+            })?;
+        }
+    }
 }

@@ -554,3 +554,97 @@ async fn exec_and_worker_timeouts_kill_and_report() {
     let _ = node;
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_return_after_a_server_restart_with_their_workers() {
+    use tether::server::{Server, ServerConfig};
+    ensure_image();
+    tether::init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let config = |addr: std::net::SocketAddr| {
+        let mut c = ServerConfig::new(addr, PSK.into(), dir.path().join("server"));
+        c.heartbeat_interval = Duration::from_secs(2);
+        c.heartbeat_timeout = Duration::from_secs(6);
+        c
+    };
+    let first = Server::bind(config("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let addr = first.local_addr();
+    let hub = first.hub();
+    let stop_first = tokio_util::sync::CancellationToken::new();
+    let served = tokio::spawn(first.serve(stop_first.clone()));
+
+    const AGENTS: usize = 5;
+    let stop_agents = tokio_util::sync::CancellationToken::new();
+    let mut nodes = Vec::new();
+    let _cleanup: Vec<NodeGuard> = (0..AGENTS)
+        .map(|_| {
+            let node = unique("test");
+            let mut cfg = tether::agent::AgentConfig::new(
+                format!("http://{addr}").parse().unwrap(),
+                PSK.into(),
+                node.clone(),
+                dir.path().join(&node),
+            );
+            cfg.heartbeat_timeout = Duration::from_secs(6);
+            tokio::spawn(tether::agent::run(cfg, stop_agents.clone()));
+            nodes.push(node.clone());
+            NodeGuard(node)
+        })
+        .collect();
+    let all_online = |hub: tether::server::Hub| {
+        let nodes = nodes.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let online = hub
+                    .nodes()
+                    .iter()
+                    .filter(|n| nodes.contains(&n.node_id) && n.status == "online")
+                    .count();
+                if online == nodes.len() {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{online}/{} online", nodes.len());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    all_online(hub.clone()).await;
+    let w = hub.spawn(sleeper(&image())).await.unwrap();
+
+    // Graceful stop: agents see a 1001 close, not a timeout.
+    stop_first.cancel();
+    served.await.unwrap().unwrap();
+    let t0 = Instant::now();
+    let second = Server::bind(config(addr)).await.unwrap();
+    let hub2 = second.hub();
+    let stop_second = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(second.serve(stop_second.clone()));
+    all_online(hub2.clone()).await;
+    let back = t0.elapsed();
+    // The new server learned the worker from its agent's inventory.
+    let seen = hub2.worker(&w.worker_id).unwrap();
+    assert_eq!(
+        (seen.node_id.as_str(), seen.state.as_str()),
+        (w.node_id.as_str(), "running")
+    );
+    let (code, out, _) = hub2
+        .exec_collect(&w.worker_id, &["echo", "same"])
+        .await
+        .unwrap();
+    assert_eq!((code, out), (0, b"same\n".to_vec()));
+    eprintln!("server restart: {AGENTS} agents online again after {back:?}");
+    assert!(back < Duration::from_secs(30));
+    stop_agents.cancel();
+    stop_second.cancel();
+}
+
+struct NodeGuard(String);
+
+impl Drop for NodeGuard {
+    fn drop(&mut self) {
+        docker_cleanup(&self.0);
+    }
+}

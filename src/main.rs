@@ -199,10 +199,26 @@ enum CtlCmd {
     },
     /// Inspect a worker (JSON).
     Inspect { worker: String },
+    /// Node commands (`node inspect NODE`).
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
     /// Stop scheduling new workers on a node.
     Drain { node: String },
     /// Resume scheduling on a node.
     Undrain { node: String },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// A node's status, latest capability report and its hash (JSON).
+    Inspect {
+        node: String,
+        /// Output JSON (the default; accepted for docker-CLI habits).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -440,6 +456,12 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
             CtlCmd::Inspect { worker } => {
                 let w = client.inspect(&worker).await?;
                 println!("{}", serde_json::to_string_pretty(&w).expect("serializes"));
+            }
+            CtlCmd::Node {
+                cmd: NodeCmd::Inspect { node, json: _ },
+            } => {
+                let n = client.node(&node).await?;
+                println!("{}", serde_json::to_string_pretty(&n).expect("serializes"));
             }
             CtlCmd::Drain { node } => {
                 client.drain(&node, true).await?;

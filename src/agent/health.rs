@@ -24,6 +24,7 @@ fn now() -> String {
 pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
     let mut reported: Option<bool> = None;
     let mut events: Option<tokio::task::JoinHandle<()>> = None;
+    let mut ticks: u64 = 0;
     loop {
         let probe = tokio::time::timeout(PROBE_INTERVAL, ctx.docker.ping()).await;
         let healthy = matches!(probe, Ok(Ok(_)));
@@ -55,6 +56,22 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
                 })));
             if sent {
                 reported = Some(healthy);
+            }
+        }
+        // Capabilities can change (a GPU appears, Docker is upgraded): check
+        // now and then and report a new hash.
+        ticks += 1;
+        if healthy && ticks % 30 == 0 {
+            let report =
+                super::capabilities::collect(&ctx.docker, &ctx.identity, &ctx.state_dir).await;
+            let hash = report.hash();
+            let changed = ctx.reported_hash.lock().unwrap().as_deref() != Some(hash.as_str());
+            if changed {
+                let v = serde_json::to_value(&report).expect("reports serialize");
+                if ctx.link.send(Outbound::msg(&Message::Capabilities(v))) {
+                    info!(%hash, "capabilities changed");
+                    *ctx.reported_hash.lock().unwrap() = Some(hash);
+                }
             }
         }
         // (Re)subscribe to events whenever the runtime is healthy and the

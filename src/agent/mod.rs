@@ -2,6 +2,7 @@
 //! alive and turns pushed requests into Docker calls. Binds no listening
 //! socket.
 
+pub mod capabilities;
 mod handlers;
 mod health;
 mod session;
@@ -40,10 +41,18 @@ pub struct AgentConfig {
     pub heartbeat_timeout: Duration,
     /// Limits for workers whose request names none.
     pub defaults: Defaults,
+    /// Name, labels and limits reported in the capability report.
+    pub identity: capabilities::Identity,
 }
 
 impl AgentConfig {
     pub fn new(server: url::Url, psk: String, node_id: String, state_dir: PathBuf) -> Self {
+        let identity = capabilities::Identity {
+            node_id: node_id.clone(),
+            sandbox_enabled: true,
+            max_concurrency: 0,
+            ..Default::default()
+        };
         AgentConfig {
             server,
             psk,
@@ -55,6 +64,7 @@ impl AgentConfig {
             heartbeat_interval: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(30),
             defaults: Defaults::default(),
+            identity,
         }
     }
 }
@@ -99,6 +109,12 @@ pub(crate) struct Ctx {
     pub channels: crate::mux::Channels,
     /// Docker exec id of each open exec channel (for resize).
     pub execs: std::sync::Mutex<std::collections::HashMap<u32, String>>,
+    /// What the node says about itself in its capability report.
+    pub identity: capabilities::Identity,
+    /// Where state lives (the report's free storage is measured there).
+    pub state_dir: PathBuf,
+    /// Hash of the last capability report sent.
+    pub reported_hash: std::sync::Mutex<Option<String>>,
     /// Docker did not answer the last probe: new work is refused.
     pub degraded: std::sync::atomic::AtomicBool,
     /// Recent request ids and their replies (a replayed request runs once).
@@ -135,6 +151,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         execs: Default::default(),
         replies: Default::default(),
         degraded: Default::default(),
+        identity: cfg.identity.clone(),
+        state_dir: cfg.state_dir.clone(),
+        reported_hash: Default::default(),
     });
     handlers::collect_garbage(&ctx).await;
     // Deadlines survive agent restarts: they live in the workers' labels.

@@ -151,13 +151,15 @@ pub(super) async fn serve(
             None
         }
     };
+    let report = super::capabilities::collect(&ctx.docker, &ctx.identity, &ctx.state_dir).await;
+    *ctx.reported_hash.lock().unwrap() = Some(report.hash());
     let hello = Message::Hello(Hello {
         versions: vec![PROTOCOL_VERSION],
         node_id: cfg.node_id.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         inventory,
         channels: ctx.channels.states(),
-        capabilities: None,
+        capabilities: Some(serde_json::to_value(&report).expect("reports serialize")),
     });
     ws.send(WsMessage::text(hello.encode()))
         .await

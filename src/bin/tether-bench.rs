@@ -1,1 +1,268 @@
-fn main() {}
+//! tether-bench: what tether costs over talking to Docker directly (issue 5).
+//!
+//! Every figure is measured through tether (client -> server -> WebSocket ->
+//! agent -> Docker and back, with the embeddable `Hub` as the client and a
+//! real server and agent on loopback) and, where one exists, directly with
+//! bollard against the same engine, interleaved in the same run, after a
+//! warm-up. Run it with `scripts/bench [--quick] [--json FILE]`; see
+//! docs/performance.md.
+
+#[path = "tether-bench/direct.rs"]
+mod direct;
+#[path = "tether-bench/figures.rs"]
+mod figures;
+#[path = "tether-bench/procfs.rs"]
+mod procfs;
+#[path = "tether-bench/report.rs"]
+mod report;
+#[path = "tether-bench/scale.rs"]
+mod scale;
+#[path = "tether-bench/setup.rs"]
+mod setup;
+#[path = "tether-bench/stats.rs"]
+mod stats;
+
+use anyhow::Context;
+use clap::Parser;
+use figures::{Bench, Params};
+use setup::{InProc, Scratch, ulid};
+use stats::Figure;
+use std::path::PathBuf;
+use std::time::Instant;
+
+const SECTIONS: [&str; 7] = [
+    "exec",
+    "throughput",
+    "files",
+    "spawn",
+    "concurrent",
+    "agent",
+    "scale",
+];
+
+#[derive(Parser)]
+#[command(name = "tether-bench", about = "tether's cost over direct Docker")]
+struct Cli {
+    /// Smaller sizes and counts: finishes in under 3 minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the figures as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// The tether binary, for the agent and server run as separate processes.
+    #[arg(long, default_value = "target/release/tether")]
+    tether_bin: PathBuf,
+    /// Worker image (must be present locally).
+    #[arg(
+        long,
+        env = "TETHER_TEST_IMAGE",
+        default_value = "tether-test-busybox:latest"
+    )]
+    image: String,
+    /// Run only these sections (exec, throughput, files, spawn, concurrent, agent, scale).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Cap the number of simulated agents of the scale section.
+    #[arg(long)]
+    max_agents: Option<usize>,
+}
+
+/// Collects figures and notes; a failed section is noted and the rest go on.
+struct Run {
+    figures: Vec<Figure>,
+    notes: Vec<String>,
+    failed: Vec<String>,
+}
+
+impl Run {
+    fn section(&mut self, name: &str, started: Instant, r: anyhow::Result<Vec<Figure>>) {
+        match r {
+            Ok(f) => {
+                eprintln!(
+                    "tether-bench: {name}: done in {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+                self.figures.extend(f);
+            }
+            Err(e) => {
+                eprintln!("tether-bench: {name}: FAILED: {e:#}");
+                self.notes.push(format!("{name} failed: {e:#}"));
+                self.failed.push(name.to_string());
+            }
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_BENCH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    for s in &cli.only {
+        if !SECTIONS.contains(&s.as_str()) {
+            eprintln!("tether-bench: unknown section {s:?} (one of {SECTIONS:?})");
+            return std::process::ExitCode::from(2);
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        Err(e) => {
+            eprintln!("tether-bench: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs the selected sections; true if all succeeded.
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let p = Params::new(cli.quick);
+    let want = |s: &str| cli.only.is_empty() || cli.only.iter().any(|o| o == s);
+    let docker = tether::docker::connect(None)
+        .await
+        .context("connect to the Docker engine")?;
+    docker
+        .inspect_image(&cli.image)
+        .await
+        .with_context(|| format!("image {} (run scripts/build-test-image.sh)", cli.image))?;
+    if (want("agent") || want("scale")) && !cli.tether_bin.is_file() {
+        anyhow::bail!(
+            "{} not found: build it with `cargo build --release --bin tether`",
+            cli.tether_bin.display()
+        );
+    }
+    let machine = procfs::machine(docker.version().await.ok().and_then(|v| v.version));
+    let scratch = Scratch::new()?;
+    let run_id = ulid();
+    eprintln!(
+        "tether-bench: {} run {run_id}, scratch {}",
+        p.mode,
+        scratch.0.display()
+    );
+    let mut out = Run {
+        figures: Vec::new(),
+        notes: Vec::new(),
+        failed: Vec::new(),
+    };
+
+    let docker_sections = [
+        "exec",
+        "throughput",
+        "files",
+        "spawn",
+        "concurrent",
+        "agent",
+    ];
+    if docker_sections.iter().any(|s| want(s)) {
+        let t0 = Instant::now();
+        let t = InProc::start(&scratch.0)
+            .await
+            .context("start the in-process server and agent")?;
+        let node = t.node.clone();
+        let mut b = Bench {
+            p: p.clone(),
+            t,
+            docker: docker.clone(),
+            run: run_id.clone(),
+            image: cli.image.clone(),
+            tether_bin: cli.tether_bin.clone(),
+            dir: scratch.0.clone(),
+            worker: String::new(),
+            container: String::new(),
+            proc_nodes: Vec::new(),
+            notes: Vec::new(),
+        };
+        let r = b.spawn_worker().await;
+        out.section("setup", t0, r.map(|()| Vec::new()));
+        if out.failed.is_empty() {
+            macro_rules! section {
+                ($name:literal, $call:expr) => {
+                    if want($name) {
+                        eprintln!("tether-bench: {} ...", $name);
+                        let t0 = Instant::now();
+                        let r = $call.await;
+                        out.section($name, t0, r);
+                    }
+                };
+            }
+            section!("exec", b.exec_rtt());
+            section!("throughput", b.throughput());
+            section!("files", b.files());
+            section!("spawn", b.spawn());
+            section!("concurrent", b.concurrent());
+            section!("agent", b.agent_rss());
+        }
+        if !b.worker.is_empty() {
+            let _ = b.t.hub.remove(&b.worker, true).await;
+        }
+        b.t.stop().await;
+        out.notes.append(&mut b.notes);
+        // Whatever is left of the agents' workers and the baseline's objects.
+        let mut left = 0;
+        for n in std::iter::once(&node).chain(&b.proc_nodes) {
+            left += direct::remove_labelled(&docker, &format!("tether.node_id={n}")).await;
+        }
+        left += direct::remove_labelled(&docker, &format!("{}={run_id}", direct::RUN_LABEL)).await;
+        if left > 0 {
+            eprintln!("tether-bench: removed {left} leftover Docker object(s)");
+        }
+    }
+    if want("scale") {
+        eprintln!("tether-bench: scale ...");
+        let t0 = Instant::now();
+        let r = scale::run(
+            &p,
+            &cli.tether_bin,
+            &scratch.0,
+            &run_id,
+            cli.max_agents,
+            &mut out.notes,
+        )
+        .await;
+        out.section("scale", t0, r);
+    }
+
+    let targets = report::targets(&out.figures);
+    println!();
+    println!(
+        "tether-bench ({} mode, {:.0} s) on {} cores, {}",
+        p.mode,
+        started.elapsed().as_secs_f64(),
+        machine["cores"],
+        machine["cpu"].as_str().unwrap_or("unknown CPU")
+    );
+    println!();
+    print!("{}", report::table(&out.figures));
+    println!();
+    print!("{}", report::targets_text(&targets));
+    if !out.notes.is_empty() {
+        println!();
+        println!("Notes:");
+        for n in &out.notes {
+            println!("  - {n}");
+        }
+    }
+    if let Some(path) = &cli.json {
+        let run = serde_json::json!({
+            "id": run_id,
+            "mode": p.mode,
+            "params": p,
+            "duration_s": stats::round(started.elapsed().as_secs_f64(), 1),
+            "failed_sections": out.failed,
+            "notes": out.notes,
+        });
+        let doc = report::json(machine, &out.figures, &targets, run);
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("write {}", path.display()))?;
+        eprintln!("tether-bench: wrote {}", path.display());
+    }
+    Ok(out.failed.is_empty())
+}

@@ -134,6 +134,11 @@ impl Client {
         self.send(rb).await.map(|_| ())
     }
 
+    pub async fn node(&self, node: &str) -> Result<crate::server::hub::NodeDetail, CtlError> {
+        self.json(self.request(Method::GET, &format!("/api/v1/nodes/{node}")))
+            .await
+    }
+
     pub async fn drain(&self, node: &str, drain: bool) -> Result<NodeInfo, CtlError> {
         let verb = if drain { "drain" } else { "undrain" };
         self.json(self.request(Method::POST, &format!("/api/v1/nodes/{node}/{verb}")))

@@ -306,6 +306,20 @@ pub struct NodeStatus {
     pub at: String,
 }
 
+/// Hash of a capability report: SHA-256 of its canonical JSON (keys sorted)
+/// without the volatile `reported_at` and `compute.storage_free_mb`.
+pub fn capability_hash(report: &Value) -> String {
+    use sha2::Digest;
+    let mut v = report.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("reported_at");
+        if let Some(c) = o.get_mut("compute").and_then(|c| c.as_object_mut()) {
+            c.remove("storage_free_mb");
+        }
+    }
+    hex::encode(sha2::Sha256::digest(v.to_string().as_bytes()))
+}
+
 /// Requests the server sends to an agent; each gets one `result` or `error`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
@@ -380,6 +394,8 @@ pub enum Message {
     ChannelClose(ChannelClose),
     WorkerEvent(WorkerEvent),
     NodeStatus(NodeStatus),
+    /// A new capability report (agent to server), sent when its hash changes.
+    Capabilities(Value),
     /// A type this build does not know; answered with `unsupported` when it has an id.
     Unknown {
         kind: String,
@@ -465,6 +481,7 @@ impl Message {
             "channel_close" => Ok(Message::ChannelClose(typed(k, &id, payload)?)),
             "worker_event" => Ok(Message::WorkerEvent(typed(k, &id, payload)?)),
             "node_status" => Ok(Message::NodeStatus(typed(k, &id, payload)?)),
+            "capabilities" => Ok(Message::Capabilities(payload)),
             "spawn" => req(Request::Spawn(typed(k, &id, payload)?), id),
             "stop" => req(Request::Stop(typed(k, &id, payload)?), id),
             "remove" => req(Request::Remove(typed(k, &id, payload)?), id),
@@ -493,6 +510,7 @@ impl Message {
             Message::ChannelClose(p) => ("channel_close", None, to_value(p)),
             Message::WorkerEvent(p) => ("worker_event", None, to_value(p)),
             Message::NodeStatus(p) => ("node_status", None, to_value(p)),
+            Message::Capabilities(p) => ("capabilities", None, p.clone()),
             Message::Unknown { kind, id } => (kind, id.as_deref(), Value::Null),
         };
         let env = Envelope {

@@ -140,6 +140,9 @@ async fn session(app: Arc<AppState>, node_id: String, socket: WebSocket) {
     let (ended, generation) = link.connect(&hello.channels, out.clone());
     app.hub
         .attach(&node_id, &hello.agent_version, hello.inventory);
+    if let Some(report) = hello.capabilities {
+        app.hub.on_capabilities(&node_id, report);
+    }
     info!(%session_id, resumed = hello.channels.len(), "agent online");
 
     let mut tick = tokio::time::interval(app.cfg.heartbeat_interval);
@@ -215,6 +218,7 @@ fn on_text(app: &AppState, link: &Arc<AgentLink>, text: &str) {
         }
         Message::WorkerEvent(ev) => app.hub.on_worker_event(&link.node_id, ev),
         Message::NodeStatus(st) => app.hub.on_node_status(&link.node_id, st),
+        Message::Capabilities(report) => app.hub.on_capabilities(&link.node_id, report),
         Message::Unknown { kind, id } => {
             let _ = link_send(
                 link,

@@ -190,7 +190,7 @@ async fn node(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(app.hub.node_info(&id)?))
+    Ok(Json(app.hub.node_detail(&id)?))
 }
 
 async fn drain(

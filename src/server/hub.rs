@@ -38,6 +38,15 @@ pub struct NodeInfo {
     pub agent_version: Option<String>,
 }
 
+/// A node with its capability report (`GET /api/v1/nodes/{id}`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeDetail {
+    #[serde(flatten)]
+    pub info: NodeInfo,
+    pub capabilities: Option<Value>,
+    pub capability_hash: Option<String>,
+}
+
 /// One node's link to the hub, across its connections: the current
 /// connection (if any), requests awaiting a reply and open channels. Both
 /// survive a reconnect: unanswered requests are sent again (the agent answers
@@ -370,6 +379,8 @@ struct NodeEntry {
     online: bool,
     /// Why the node cannot take work although connected (runtime down).
     degraded: Option<String>,
+    /// The latest capability report and its hash.
+    capabilities: Option<(Value, String)>,
     draining: bool,
     last_seen: SystemTime,
     offline_reason: Option<String>,
@@ -776,6 +787,7 @@ impl Hub {
                 link: AgentLink::new(node_id.to_string()),
                 online: false,
                 degraded: None,
+                capabilities: None,
                 draining: false,
                 last_seen: SystemTime::now(),
                 offline_reason: None,
@@ -835,6 +847,30 @@ impl Hub {
         if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id) {
             n.last_seen = SystemTime::now();
         }
+    }
+
+    pub(crate) fn on_capabilities(&self, node_id: &str, report: Value) {
+        let hash = crate::protocol::capability_hash(&report);
+        if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id) {
+            n.capabilities = Some((report, hash));
+        }
+    }
+
+    /// A node with its latest capability report.
+    pub fn node_detail(&self, node_id: &str) -> Result<NodeDetail, ErrorBody> {
+        let info = self.node_info(node_id)?;
+        let caps = self
+            .reg
+            .lock()
+            .unwrap()
+            .nodes
+            .get(node_id)
+            .and_then(|n| n.capabilities.clone());
+        Ok(NodeDetail {
+            info,
+            capability_hash: caps.as_ref().map(|c| c.1.clone()),
+            capabilities: caps.map(|c| c.0),
+        })
     }
 
     pub(crate) fn on_node_status(&self, node_id: &str, st: crate::protocol::NodeStatus) {

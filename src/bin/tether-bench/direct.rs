@@ -297,7 +297,9 @@ mod tests {
 
     #[test]
     fn tar_stream_is_a_valid_archive() {
-        let data: Vec<u8> = tar_chunks("dir/f.bin", 70_000).flat_map(|b| b.to_vec()).collect();
+        let data: Vec<u8> = tar_chunks("dir/f.bin", 70_000)
+            .flat_map(|b| b.to_vec())
+            .collect();
         assert_eq!(data.len() % 512, 0);
         let mut a = tar::Archive::new(&data[..]);
         let mut entries = a.entries().unwrap();

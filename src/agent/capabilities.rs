@@ -1,0 +1,307 @@
+//! The node's capability report: what the machine and its container runtime
+//! offer, read from the machine (sysinfo, /proc, Docker, nvidia-smi /
+//! rocm-smi), never made up. Its hash is over canonical JSON without the
+//! volatile fields (`reported_at`, `compute.storage_free_mb`), so the same
+//! machine always hashes the same and the hash changes only with
+//! capabilities.
+
+use bollard::Docker;
+use serde::{Deserialize, Serialize};
+use std::time::SystemTime;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CapabilityReport {
+    pub version: u32,
+    pub node: NodeIdentity,
+    pub platform: Platform,
+    pub container_runtime: ContainerRuntime,
+    pub compute: Compute,
+    pub gpu: Gpu,
+    pub sandbox: Sandbox,
+    pub inference: Inference,
+    pub reported_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeIdentity {
+    pub node_slug: String,
+    pub name: String,
+    pub labels: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Platform {
+    pub os: String,
+    pub distro: String,
+    pub arch: String,
+    pub kernel_version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ContainerRuntime {
+    pub runtime: String,
+    pub version: String,
+    pub rootless_supported: bool,
+    pub rootless_enabled: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Compute {
+    pub cpu_model: String,
+    pub cpu_cores: u64,
+    pub ram_mb: u64,
+    pub storage_free_mb: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Gpu {
+    pub present: bool,
+    pub devices: Vec<GpuDevice>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GpuDevice {
+    pub vendor: String,
+    pub model: String,
+    pub device_id: String,
+    pub vram_mb: u64,
+    pub features: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Sandbox {
+    pub supported: bool,
+    /// Isolation features the runtime offers: seccomp, apparmor, selinux,
+    /// cgroup_v2, userns, rootless.
+    pub features: Vec<String>,
+    pub max_concurrency: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Inference {
+    pub supported: bool,
+    pub mode: String,
+    pub running: bool,
+}
+
+impl CapabilityReport {
+    /// SHA-256 of the canonical JSON (sorted keys) without volatile fields.
+    pub fn hash(&self) -> String {
+        crate::protocol::capability_hash(&serde_json::to_value(self).expect("reports serialize"))
+    }
+}
+
+/// What the node configuration says about itself.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    pub node_id: String,
+    pub name: Option<String>,
+    pub labels: Vec<String>,
+    pub sandbox_enabled: bool,
+    pub max_concurrency: u64,
+    pub inference_enabled: bool,
+}
+
+/// Reads the report from the machine and the engine.
+pub async fn collect(
+    docker: &Docker,
+    id: &Identity,
+    state_dir: &std::path::Path,
+) -> CapabilityReport {
+    let info = docker.info().await.ok();
+    let version = docker.version().await.ok();
+    let security: Vec<String> = info
+        .as_ref()
+        .and_then(|i| i.security_options.clone())
+        .unwrap_or_default();
+    let has = |name: &str| security.iter().any(|s| s.contains(&format!("name={name}")));
+    let mut features = Vec::new();
+    for f in ["seccomp", "apparmor", "selinux", "userns", "rootless"] {
+        if has(f) {
+            features.push(f.to_string());
+        }
+    }
+    let cgroup_v2 = info
+        .as_ref()
+        .and_then(|i| i.cgroup_version.as_ref())
+        .is_some_and(|v| v.to_string() == "2");
+    if cgroup_v2 {
+        features.push("cgroup_v2".into());
+    }
+    features.sort();
+
+    let dir = state_dir.to_path_buf();
+    let (cpu_model, cpu_cores, ram_mb, storage_free_mb) = tokio::task::spawn_blocking(move || {
+        let mut sys = sysinfo::System::new();
+        sys.refresh_cpu_all();
+        sys.refresh_memory();
+        let model = sys
+            .cpus()
+            .first()
+            .map(|c| c.brand().trim().to_string())
+            .unwrap_or_default();
+        let cores = sys.cpus().len() as u64;
+        let disks = sysinfo::Disks::new_with_refreshed_list();
+        // The disk holding the state directory (longest matching mount point).
+        let free = disks
+            .list()
+            .iter()
+            .filter(|d| dir.starts_with(d.mount_point()))
+            .max_by_key(|d| d.mount_point().as_os_str().len())
+            .map(|d| d.available_space() / (1024 * 1024))
+            .unwrap_or(0);
+        (model, cores, sys.total_memory() / (1024 * 1024), free)
+    })
+    .await
+    .unwrap_or_default();
+
+    CapabilityReport {
+        version: 1,
+        node: NodeIdentity {
+            node_slug: id.node_id.clone(),
+            name: id.name.clone().unwrap_or_else(|| id.node_id.clone()),
+            labels: id.labels.clone(),
+        },
+        platform: Platform {
+            os: std::env::consts::OS.into(),
+            distro: sysinfo::System::long_os_version()
+                .unwrap_or_else(sysinfo::System::distribution_id),
+            arch: std::env::consts::ARCH.into(),
+            kernel_version: sysinfo::System::kernel_version().unwrap_or_default(),
+        },
+        container_runtime: ContainerRuntime {
+            runtime: "docker".into(),
+            version: version.and_then(|v| v.version).unwrap_or_default(),
+            rootless_supported: true,
+            rootless_enabled: has("rootless"),
+        },
+        compute: Compute {
+            cpu_model,
+            cpu_cores,
+            ram_mb,
+            storage_free_mb,
+        },
+        gpu: gpus().await,
+        sandbox: Sandbox {
+            supported: info.is_some() && id.sandbox_enabled,
+            features,
+            max_concurrency: id.max_concurrency,
+        },
+        inference: Inference {
+            supported: false,
+            mode: if id.inference_enabled {
+                "allow".into()
+            } else {
+                "disabled".into()
+            },
+            running: false,
+        },
+        reported_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+    }
+}
+
+async fn run(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = tokio::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .await
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// NVIDIA GPUs via nvidia-smi, AMD via rocm-smi; absent when neither runs.
+async fn gpus() -> Gpu {
+    let mut devices = Vec::new();
+    if let Some(text) = run(
+        "nvidia-smi",
+        &[
+            "--query-gpu=name,memory.total,uuid,compute_cap",
+            "--format=csv,noheader,nounits",
+        ],
+    )
+    .await
+    {
+        devices.extend(parse_nvidia(&text));
+    }
+    if let Some(text) = run(
+        "rocm-smi",
+        &["--showproductname", "--showmeminfo", "vram", "--json"],
+    )
+    .await
+    {
+        devices.extend(parse_rocm(&text));
+    }
+    Gpu {
+        present: !devices.is_empty(),
+        devices,
+    }
+}
+
+fn parse_nvidia(csv: &str) -> Vec<GpuDevice> {
+    csv.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').map(str::trim).collect();
+            (f.len() >= 3).then(|| GpuDevice {
+                vendor: "nvidia".into(),
+                model: f[0].to_string(),
+                vram_mb: f[1].parse().unwrap_or(0),
+                device_id: f[2].to_string(),
+                features: f
+                    .get(3)
+                    .map(|c| vec![format!("compute_capability={c}")])
+                    .unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+fn parse_rocm(json: &str) -> Vec<GpuDevice> {
+    let Ok(serde_json::Value::Object(cards)) = serde_json::from_str::<serde_json::Value>(json)
+    else {
+        return Vec::new();
+    };
+    cards
+        .iter()
+        .filter(|(k, _)| k.starts_with("card"))
+        .map(|(k, v)| GpuDevice {
+            vendor: "amd".into(),
+            model: v["Card series"]
+                .as_str()
+                .or(v["Card SKU"].as_str())
+                .unwrap_or("")
+                .to_string(),
+            device_id: k.clone(),
+            vram_mb: v["VRAM Total Memory (B)"]
+                .as_str()
+                .and_then(|b| b.parse::<u64>().ok())
+                .map(|b| b / (1024 * 1024))
+                .unwrap_or(0),
+            features: Vec::new(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_nvidia_smi() {
+        let d = parse_nvidia("NVIDIA H100 80GB HBM3, 81559, GPU-5f1c, 9.0\n");
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            (d[0].model.as_str(), d[0].vram_mb),
+            ("NVIDIA H100 80GB HBM3", 81559)
+        );
+        assert_eq!(d[0].features, vec!["compute_capability=9.0"]);
+    }
+
+    #[test]
+    fn parses_rocm_smi() {
+        let j = r#"{"card0": {"Card series": "Instinct MI210", "VRAM Total Memory (B)": "68702699520"}}"#;
+        let d = parse_rocm(j);
+        assert_eq!((d[0].vendor.as_str(), d[0].vram_mb), ("amd", 65520));
+    }
+}

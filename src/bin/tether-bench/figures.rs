@@ -1,0 +1,596 @@
+//! Figures 1 to 6: each measured through tether (hub -> server -> WebSocket
+//! -> agent -> Docker and back) and directly with bollard, interleaved in
+//! the same run, after a warm-up.
+
+use crate::direct::{self, Ran};
+use crate::procfs;
+use crate::setup::{InProc, ulid, wait_online};
+use crate::stats::{Figure, max, median, p99};
+use anyhow::{Context, bail, ensure};
+use bollard::Docker;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tether::protocol::{Resources, SpawnRequest};
+use tether::server::{ExecOptions, Hub, StreamEvent};
+
+const MIB: u64 = 1024 * 1024;
+
+/// Sizes and counts of one run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Params {
+    pub mode: &'static str,
+    pub rtt_n: usize,
+    pub rtt_warmup: usize,
+    pub throughput_bytes: u64,
+    pub file_bytes: u64,
+    /// Repetitions of each bulk transfer (median reported).
+    pub reps: usize,
+    pub spawn_n: usize,
+    pub concurrent_n: usize,
+    pub agent_streams: usize,
+    pub agent_stream_bytes: u64,
+    pub scale_steps: Vec<usize>,
+    pub dispatch_samples: usize,
+}
+
+impl Params {
+    pub fn new(quick: bool) -> Params {
+        if quick {
+            Params {
+                mode: "quick",
+                rtt_n: 100,
+                rtt_warmup: 10,
+                throughput_bytes: 128 * MIB,
+                file_bytes: 64 * MIB,
+                reps: 3,
+                spawn_n: 5,
+                concurrent_n: 200,
+                agent_streams: 20,
+                agent_stream_bytes: 10_000_000,
+                scale_steps: vec![1000],
+                dispatch_samples: 300,
+            }
+        } else {
+            Params {
+                mode: "full",
+                rtt_n: 500,
+                rtt_warmup: 20,
+                throughput_bytes: 1024 * MIB,
+                file_bytes: 256 * MIB,
+                reps: 3,
+                spawn_n: 20,
+                concurrent_n: 1000,
+                agent_streams: 100,
+                agent_stream_bytes: 10_000_000,
+                scale_steps: vec![1000, 10_000],
+                dispatch_samples: 1000,
+            }
+        }
+    }
+}
+
+/// Everything the sections share.
+pub struct Bench {
+    pub p: Params,
+    pub t: InProc,
+    pub docker: Docker,
+    /// Run id, on the labels of the baseline's objects.
+    pub run: String,
+    pub image: String,
+    pub tether_bin: PathBuf,
+    pub dir: PathBuf,
+    /// The worker both sides exec in (a tether worker; the baseline reaches
+    /// the same container by name).
+    pub worker: String,
+    pub container: String,
+    /// Nodes of agents run as separate processes (their leftovers are removed).
+    pub proc_nodes: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+fn cmd(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn secs_ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn mb_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64()
+}
+
+/// Runs `cmd` through tether to completion, counting output bytes.
+pub async fn tether_exec(hub: &Hub, worker: &str, cmd: &[String]) -> anyhow::Result<Ran> {
+    let mut s = hub
+        .exec(
+            worker,
+            ExecOptions {
+                cmd: cmd.to_vec(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut bytes = 0u64;
+    loop {
+        match s.output.next().await {
+            Some(StreamEvent::Data(_, b)) => bytes += b.len() as u64,
+            Some(StreamEvent::End { error: Some(e), .. }) => return Err(e.into()),
+            Some(StreamEvent::End { exit_code, .. }) => {
+                return Ok(Ran {
+                    exit: exit_code.unwrap_or(-1),
+                    bytes,
+                });
+            }
+            None => bail!("exec ended without an exit"),
+        }
+    }
+}
+
+impl Bench {
+    /// Spawns the worker the exec and file figures use.
+    pub async fn spawn_worker(&mut self) -> anyhow::Result<()> {
+        let w = self
+            .t
+            .hub
+            .spawn(SpawnRequest {
+                image: self.image.clone(),
+                cmd: cmd(&["sleep", "3600"]),
+                node_id: Some(self.t.node.clone()),
+                // Room for 1,000 concurrent execs and a 256 MiB file.
+                resources: Resources {
+                    pids: Some(4096),
+                    memory_mb: Some(1024),
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+            .await
+            .context("spawn the benchmark worker")?;
+        self.container = w.container_id.clone();
+        self.worker = w.worker_id;
+        Ok(())
+    }
+
+    async fn tether(&self, c: &[String]) -> anyhow::Result<(Duration, Ran)> {
+        let t0 = Instant::now();
+        let r = tether_exec(&self.t.hub, &self.worker, c).await?;
+        Ok((t0.elapsed(), r))
+    }
+
+    async fn direct(&self, c: &[String]) -> anyhow::Result<(Duration, Ran)> {
+        let t0 = Instant::now();
+        let r = direct::exec(&self.docker, &self.container, c).await?;
+        Ok((t0.elapsed(), r))
+    }
+
+    /// 1. Sequential `true` round trips.
+    pub async fn exec_rtt(&mut self) -> anyhow::Result<Vec<Figure>> {
+        let c = cmd(&["true"]);
+        for _ in 0..self.p.rtt_warmup {
+            self.tether(&c).await?;
+            self.direct(&c).await?;
+        }
+        let (mut t, mut d) = (Vec::new(), Vec::new());
+        for i in 0..self.p.rtt_n {
+            // Alternate the order so neither side always runs second.
+            let (a, b) = if i % 2 == 0 {
+                let a = self.tether(&c).await?;
+                (a, self.direct(&c).await?)
+            } else {
+                let b = self.direct(&c).await?;
+                (self.tether(&c).await?, b)
+            };
+            ensure!(a.1.exit == 0 && b.1.exit == 0, "`true` failed");
+            t.push(secs_ms(a.0));
+            d.push(secs_ms(b.0));
+        }
+        Ok(vec![
+            Figure::new("exec_rtt_p50_ms", "ms", median(&t), median(&d)),
+            Figure::new("exec_rtt_p99_ms", "ms", p99(&t), p99(&d)),
+        ])
+    }
+
+    /// 2. Bulk output of one exec to the client.
+    pub async fn throughput(&mut self) -> anyhow::Result<Vec<Figure>> {
+        let n = self.p.throughput_bytes;
+        let warm = cmd(&["head", "-c", &MIB.to_string(), "/dev/zero"]);
+        self.tether(&warm).await?;
+        self.direct(&warm).await?;
+        let c = cmd(&["head", "-c", &n.to_string(), "/dev/zero"]);
+        let (mut t, mut d) = (Vec::new(), Vec::new());
+        for i in 0..self.p.reps {
+            for side in [i % 2, 1 - i % 2] {
+                let (dt, r) = if side == 0 {
+                    self.tether(&c).await?
+                } else {
+                    self.direct(&c).await?
+                };
+                ensure!(
+                    r.exit == 0 && r.bytes == n,
+                    "throughput run got {} of {n} bytes, exit {}",
+                    r.bytes,
+                    r.exit
+                );
+                if side == 0 { &mut t } else { &mut d }.push(mb_s(n, dt));
+            }
+        }
+        Ok(vec![Figure::new(
+            "exec_throughput_mb_s",
+            "MB/s",
+            median(&t),
+            median(&d),
+        )])
+    }
+
+    async fn tether_put(&self, name: &str, size: u64) -> anyhow::Result<Duration> {
+        let t0 = Instant::now();
+        let mut up = self.t.hub.put_archive(&self.worker, "/tmp").await?;
+        for chunk in direct::tar_chunks(name, size) {
+            up.write(chunk).await?;
+        }
+        up.finish().await?;
+        Ok(t0.elapsed())
+    }
+
+    async fn direct_put(&self, name: &str, size: u64) -> anyhow::Result<Duration> {
+        let t0 = Instant::now();
+        direct::upload(&self.docker, &self.container, "/tmp", name, size).await?;
+        Ok(t0.elapsed())
+    }
+
+    async fn tether_get(&self, path: &str) -> anyhow::Result<(Duration, u64)> {
+        let t0 = Instant::now();
+        let mut s = self.t.hub.get_archive(&self.worker, path).await?;
+        let mut n = 0u64;
+        loop {
+            match s.next().await {
+                Some(StreamEvent::Data(_, b)) => n += b.len() as u64,
+                Some(StreamEvent::End { error: Some(e), .. }) => return Err(e.into()),
+                Some(StreamEvent::End { .. }) | None => break,
+            }
+        }
+        Ok((t0.elapsed(), n))
+    }
+
+    async fn direct_get(&self, path: &str) -> anyhow::Result<(Duration, u64)> {
+        let t0 = Instant::now();
+        let n = direct::download(&self.docker, &self.container, path).await?;
+        Ok((t0.elapsed(), n))
+    }
+
+    async fn sh(&self, script: &str) -> anyhow::Result<()> {
+        let r = direct::exec(&self.docker, &self.container, &cmd(&["sh", "-c", script])).await?;
+        ensure!(r.exit == 0, "`{script}` exited with {}", r.exit);
+        Ok(())
+    }
+
+    /// 3. Archive upload and download of one file of zeros.
+    pub async fn files(&mut self) -> anyhow::Result<Vec<Figure>> {
+        let n = self.p.file_bytes;
+        let put = "bench-put.bin";
+        self.tether_put(put, MIB).await?;
+        self.direct_put(put, MIB).await?;
+        let (mut tp, mut dp) = (Vec::new(), Vec::new());
+        for i in 0..self.p.reps {
+            for side in [i % 2, 1 - i % 2] {
+                self.sh("rm -f /tmp/bench-put.bin").await?;
+                let dt = if side == 0 {
+                    self.tether_put(put, n).await?
+                } else {
+                    self.direct_put(put, n).await?
+                };
+                if side == 0 { &mut tp } else { &mut dp }.push(mb_s(n, dt));
+            }
+        }
+        self.sh(&format!(
+            "test $(wc -c < /tmp/bench-put.bin) -eq {n} && rm -f /tmp/bench-put.bin"
+        ))
+        .await
+        .context("the uploaded file has the wrong size")?;
+
+        let get = "/tmp/bench-get.bin";
+        self.sh(&format!("head -c {n} /dev/zero > {get}")).await?;
+        self.tether_get(get).await?;
+        self.direct_get(get).await?;
+        let (mut tg, mut dg) = (Vec::new(), Vec::new());
+        for i in 0..self.p.reps {
+            for side in [i % 2, 1 - i % 2] {
+                let (dt, len) = if side == 0 {
+                    self.tether_get(get).await?
+                } else {
+                    self.direct_get(get).await?
+                };
+                ensure!(len > n, "archive of {len} bytes for a file of {n}");
+                if side == 0 { &mut tg } else { &mut dg }.push(mb_s(n, dt));
+            }
+        }
+        self.sh(&format!("rm -f {get}")).await?;
+        Ok(vec![
+            Figure::new("file_put_mb_s", "MB/s", median(&tp), median(&dp)),
+            Figure::new("file_get_mb_s", "MB/s", median(&tg), median(&dg)),
+        ])
+    }
+
+    async fn tether_spawn(&self) -> anyhow::Result<Duration> {
+        let t0 = Instant::now();
+        let w = self
+            .t
+            .hub
+            .spawn(SpawnRequest {
+                image: self.image.clone(),
+                cmd: cmd(&["sleep", "3600"]),
+                node_id: Some(self.t.node.clone()),
+                ..Default::default()
+            })
+            .await?;
+        let dt = t0.elapsed();
+        ensure!(w.state == "running", "spawned worker is {}", w.state);
+        self.t.hub.remove(&w.worker_id, true).await?;
+        Ok(dt)
+    }
+
+    async fn direct_spawn(&self, i: usize) -> anyhow::Result<Duration> {
+        // Subnets outside the agents' pools (10.212/16, 10.213/16).
+        let (hi, lo) = (i / 16 % 256, (i % 16) * 16);
+        let subnet = format!("10.214.{hi}.{lo}/28");
+        let gateway = format!("10.214.{hi}.{}", lo + 1);
+        let name = format!("tether-bench-{}", ulid());
+        let t0 = Instant::now();
+        let r = direct::spawn(
+            &self.docker,
+            &self.run,
+            &name,
+            &subnet,
+            &gateway,
+            &self.image,
+        )
+        .await;
+        let dt = t0.elapsed();
+        direct::remove(&self.docker, &name).await;
+        r.map(|()| dt)
+    }
+
+    /// 4. Time until a new worker (with its network) runs.
+    pub async fn spawn(&mut self) -> anyhow::Result<Vec<Figure>> {
+        self.tether_spawn().await?;
+        self.direct_spawn(0).await?;
+        let (mut t, mut d) = (Vec::new(), Vec::new());
+        for i in 0..self.p.spawn_n {
+            if i % 2 == 0 {
+                t.push(secs_ms(self.tether_spawn().await?));
+                d.push(secs_ms(self.direct_spawn(i + 1).await?));
+            } else {
+                d.push(secs_ms(self.direct_spawn(i + 1).await?));
+                t.push(secs_ms(self.tether_spawn().await?));
+            }
+        }
+        Ok(vec![Figure::new("spawn_ms", "ms", median(&t), median(&d))])
+    }
+
+    /// `n` concurrent `true` execs: total seconds and the slowest one.
+    async fn burst(&self, tether: bool, n: usize) -> anyhow::Result<(f64, f64)> {
+        let c = Arc::new(cmd(&["true"]));
+        let t0 = Instant::now();
+        let mut tasks = Vec::with_capacity(n);
+        for _ in 0..n {
+            let c = c.clone();
+            let hub = self.t.hub.clone();
+            let docker = self.docker.clone();
+            let worker = self.worker.clone();
+            let container = self.container.clone();
+            tasks.push(tokio::spawn(async move {
+                let t = Instant::now();
+                let r = if tether {
+                    tether_exec(&hub, &worker, &c).await
+                } else {
+                    direct::exec(&docker, &container, &c).await
+                };
+                r.map(|r| (t.elapsed(), r.exit))
+            }));
+        }
+        let mut lat = Vec::with_capacity(n);
+        let mut failed = 0;
+        let mut first_error = None;
+        for task in tasks {
+            match task.await? {
+                Ok((dt, 0)) => lat.push(dt.as_secs_f64()),
+                Ok((_, code)) => {
+                    failed += 1;
+                    first_error.get_or_insert_with(|| format!("exit code {code}"));
+                }
+                Err(e) => {
+                    failed += 1;
+                    first_error.get_or_insert_with(|| format!("{e:#}"));
+                }
+            }
+        }
+        let total = t0.elapsed().as_secs_f64();
+        if failed > 0 {
+            bail!(
+                "{failed} of {n} concurrent {} execs failed, first: {}",
+                if tether { "tether" } else { "direct" },
+                first_error.unwrap_or_default()
+            );
+        }
+        Ok((total, max(&lat).unwrap_or(0.0)))
+    }
+
+    /// The same burst beside one exec whose large output nobody reads.
+    async fn burst_stalled(&self, tether: bool, n: usize) -> anyhow::Result<(f64, f64)> {
+        let big = cmd(&["head", "-c", "4000000000", "/dev/zero"]);
+        let guard: Box<dyn std::any::Any + Send> = if tether {
+            Box::new(
+                self.t
+                    .hub
+                    .exec(
+                        &self.worker,
+                        ExecOptions {
+                            cmd: big,
+                            ..Default::default()
+                        },
+                    )
+                    .await?,
+            )
+        } else {
+            Box::new(direct::exec_unread(&self.docker, &self.container, &big).await?)
+        };
+        // Let it fill its window (tether) or its pipe (direct).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = self.burst(tether, n).await;
+        drop(guard); // cancels it
+        r
+    }
+
+    /// 5. Many concurrent short execs over one agent connection, with and
+    /// without a stalled channel beside them.
+    pub async fn concurrent(&mut self) -> anyhow::Result<Vec<Figure>> {
+        let n = self.p.concurrent_n;
+        self.burst(true, 20).await?;
+        self.burst(false, 20).await?;
+        let t = self.burst(true, n).await?;
+        let d = self.burst(false, n).await?;
+        let ts = self.burst_stalled(true, n).await?;
+        let ds = self.burst_stalled(false, n).await?;
+        self.notes.push(format!(
+            "concurrent: {n} execs; stalled/unstalled total: tether {:.2}, direct {:.2}",
+            ts.0 / t.0,
+            ds.0 / d.0
+        ));
+        Ok(vec![
+            Figure::new("concurrent_1000_exec_s", "s", Some(t.0), Some(d.0)),
+            Figure::new(
+                "concurrent_1000_exec_stalled_s",
+                "s",
+                Some(ts.0),
+                Some(ds.0),
+            ),
+            Figure::new("concurrent_1000_exec_max_s", "s", Some(t.1), Some(d.1)),
+            Figure::new(
+                "concurrent_1000_exec_stalled_max_s",
+                "s",
+                Some(ts.1),
+                Some(ds.1),
+            ),
+        ])
+    }
+
+    /// 6. Memory of an agent running as its own process: idle, then while it
+    /// carries many concurrent streams.
+    pub async fn agent_rss(&mut self) -> anyhow::Result<Vec<Figure>> {
+        let node = format!("test-bench-proc-{}", ulid());
+        self.proc_nodes.push(node.clone());
+        let log_path = self.dir.join("agent-proc.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut child = tokio::process::Command::new(&self.tether_bin)
+            .args(["--log", "warn", "agent", "--server", &self.t.url])
+            .args(["--node-id", &node, "--subnet-pool", "10.212.0.0/16"])
+            .arg("--state-dir")
+            .arg(self.dir.join("agent-proc"))
+            .env("TETHER_PSK", &self.t.psk)
+            .env_remove("TETHER_PSK_FILE")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start {}", self.tether_bin.display()))?;
+        let pid = child.id().context("agent process id")?;
+        let r = self.agent_rss_of(pid, &node).await;
+        let _ = child.kill().await;
+        if r.is_err() {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            self.notes
+                .push(format!("agent process log (last lines): {tail:?}"));
+        }
+        r
+    }
+
+    async fn agent_rss_of(&mut self, pid: u32, node: &str) -> anyhow::Result<Vec<Figure>> {
+        let hub = self.t.hub.clone();
+        wait_online(&hub, node, Duration::from_secs(60)).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let idle_hwm = procfs::hwm_kib(pid)?;
+        let idle_rss = procfs::rss_kib(pid)?;
+        let w = hub
+            .spawn(SpawnRequest {
+                image: self.image.clone(),
+                cmd: cmd(&["sleep", "3600"]),
+                node_id: Some(node.to_string()),
+                resources: Resources {
+                    pids: Some(4096),
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+            .await?;
+        let r = self.agent_streams(pid, &w.worker_id).await;
+        let _ = hub.remove(&w.worker_id, true).await;
+        let (busy_hwm, busy_rss_max) = r?;
+        // MB = 10^6 bytes; /proc counts KiB.
+        let mb = |k: u64| k as f64 * 1024.0 / 1e6;
+        self.notes.push(format!(
+            "agent process: idle VmRSS {:.1} MB (peak {:.1}); busy VmRSS max sampled {:.1} MB (peak {:.1}) over {} streams of {} bytes",
+            mb(idle_rss),
+            mb(idle_hwm),
+            mb(busy_rss_max),
+            mb(busy_hwm),
+            self.p.agent_streams,
+            self.p.agent_stream_bytes
+        ));
+        Ok(vec![
+            Figure::solo("agent_idle_rss_mb", "MB", Some(mb(idle_hwm))),
+            Figure::solo("agent_busy_rss_mb", "MB", Some(mb(busy_hwm))),
+        ])
+    }
+
+    /// Many concurrent streams through the agent `pid`, all read by the
+    /// client; returns the agent's peak RSS and the largest sampled RSS.
+    async fn agent_streams(&self, pid: u32, worker: &str) -> anyhow::Result<(u64, u64)> {
+        let hub = &self.t.hub;
+        tether_exec(hub, worker, &cmd(&["true"])).await?;
+        let peak = Arc::new(AtomicU64::new(0));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let sampler = {
+            let (peak, stop) = (peak.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    if let Ok(k) = procfs::rss_kib(pid) {
+                        peak.fetch_max(k, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        let n = self.p.agent_stream_bytes;
+        let c = Arc::new(cmd(&["head", "-c", &n.to_string(), "/dev/zero"]));
+        let mut tasks = Vec::new();
+        for _ in 0..self.p.agent_streams {
+            let (hub, worker, c) = (hub.clone(), worker.to_string(), c.clone());
+            tasks.push(tokio::spawn(
+                async move { tether_exec(&hub, &worker, &c).await },
+            ));
+        }
+        let mut result = Ok(());
+        for t in tasks {
+            match t.await? {
+                Ok(r) if r.exit == 0 && r.bytes == n => {}
+                Ok(r) => {
+                    result = Err(anyhow::anyhow!(
+                        "stream got {} of {n} bytes, exit {}",
+                        r.bytes,
+                        r.exit
+                    ))
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        stop.cancel();
+        let _ = sampler.await;
+        result?;
+        Ok((procfs::hwm_kib(pid)?, peak.load(Ordering::Relaxed)))
+    }
+}

@@ -1,0 +1,151 @@
+//! The table, the targets beside it, and the JSON file.
+
+use crate::stats::Figure;
+use serde::Serialize;
+use serde_json::Value;
+
+/// One target of issue 5 and whether this run met it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub target: String,
+    pub measured: String,
+    /// `None` when the run did not measure it.
+    pub met: Option<bool>,
+}
+
+fn find<'a>(figs: &'a [Figure], name: &str) -> Option<&'a Figure> {
+    figs.iter().find(|f| f.name == name)
+}
+
+fn fmt_num(x: Option<f64>) -> String {
+    match x {
+        None => "-".into(),
+        Some(v) if v.abs() >= 100.0 => format!("{v:.0}"),
+        Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
+        Some(v) => format!("{v:.2}"),
+    }
+}
+
+pub fn table(figs: &[Figure]) -> String {
+    let w = figs.iter().map(|f| f.name.len()).max().unwrap_or(6).max(6);
+    let mut s = format!(
+        "{:<w$}  {:>11}  {:>10}  {:>10}  {:>7}\n",
+        "figure", "unit", "tether", "direct", "ratio"
+    );
+    s.push_str(&format!("{}\n", "-".repeat(w + 46)));
+    for f in figs {
+        s.push_str(&format!(
+            "{:<w$}  {:>11}  {:>10}  {:>10}  {:>7}\n",
+            f.name,
+            f.unit,
+            fmt_num(f.tether),
+            fmt_num(f.direct),
+            f.ratio.map(|r| format!("{r:.2}x")).unwrap_or("-".into()),
+        ));
+    }
+    s
+}
+
+/// The largest server scale step measured (10000, else 1000, ...).
+fn scale_step(figs: &[Figure]) -> Option<String> {
+    figs.iter()
+        .filter_map(|f| f.name.strip_prefix("server_rss_kb_per_agent_"))
+        .max_by_key(|n| n.parse::<u64>().unwrap_or(0))
+        .map(str::to_string)
+}
+
+pub fn targets(figs: &[Figure]) -> Vec<Target> {
+    let mut t = Vec::new();
+    let mut push = |target: &str, measured: Option<(String, bool)>| {
+        t.push(Target {
+            target: target.into(),
+            measured: measured
+                .as_ref()
+                .map(|m| m.0.clone())
+                .unwrap_or("not measured".into()),
+            met: measured.map(|m| m.1),
+        });
+    };
+    let both = |name: &str| {
+        let f = find(figs, name)?;
+        Some((f.tether?, f.direct?, f.ratio?))
+    };
+    push(
+        "exec added latency <= 1 ms at p50",
+        both("exec_rtt_p50_ms").map(|(t, d, _)| {
+            (
+                format!("+{:.2} ms ({t:.2} vs {d:.2} ms)", t - d),
+                t - d <= 1.0,
+            )
+        }),
+    );
+    for (name, what) in [
+        ("exec_throughput_mb_s", "exec output throughput"),
+        ("file_put_mb_s", "file put"),
+        ("file_get_mb_s", "file get"),
+    ] {
+        push(
+            &format!("{what} >= 90% of direct"),
+            both(name).map(|(_, _, r)| (format!("{:.0}%", r * 100.0), r >= 0.9)),
+        );
+    }
+    push(
+        "spawn <= 1.05x direct",
+        both("spawn_ms").map(|(_, _, r)| (format!("{r:.2}x"), r <= 1.05)),
+    );
+    let stalled = find(figs, "concurrent_1000_exec_stalled_s")
+        .and_then(|s| Some((s.tether?, find(figs, "concurrent_1000_exec_s")?.tether?)));
+    push(
+        "a stalled channel costs the others nothing (stalled <= 1.1x unstalled)",
+        stalled.map(|(s, u)| (format!("{:.2}x ({s:.2} vs {u:.2} s)", s / u), s / u <= 1.1)),
+    );
+    push(
+        "agent idle RSS <= 10 MB",
+        find(figs, "agent_idle_rss_mb")
+            .and_then(|f| f.tether)
+            .map(|v| (format!("{v:.1} MB"), v <= 10.0)),
+    );
+    let step = scale_step(figs);
+    let at = step.clone().unwrap_or("10000".into());
+    let note = if at == "10000" {
+        String::new()
+    } else {
+        format!(" (measured at {at} agents)")
+    };
+    push(
+        "server <= 30 KB per idle agent connection at 10,000",
+        find(figs, &format!("server_rss_kb_per_agent_{at}"))
+            .and_then(|f| f.tether)
+            .map(|v| (format!("{v:.1} KB{note}"), v <= 30.0)),
+    );
+    push(
+        "dispatch p99 <= 5 ms (at 10,000 agents)",
+        find(figs, &format!("server_dispatch_p99_ms_{at}"))
+            .and_then(|f| f.tether)
+            .map(|v| (format!("{v:.2} ms{note}"), v <= 5.0)),
+    );
+    t
+}
+
+pub fn targets_text(targets: &[Target]) -> String {
+    let mut s = String::from("Targets:\n");
+    for t in targets {
+        let mark = match t.met {
+            Some(true) => "met   ",
+            Some(false) => "MISSED",
+            None => "n/a   ",
+        };
+        s.push_str(&format!("  [{mark}] {}: {}\n", t.target, t.measured));
+    }
+    s
+}
+
+/// The JSON file: `{"machine", "figures", "targets", "run"}`.
+pub fn json(machine: Value, figs: &[Figure], targets: &[Target], run: Value) -> Value {
+    serde_json::json!({
+        "machine": machine,
+        "figures": figs,
+        "targets": targets,
+        "run": run,
+    })
+}

@@ -1,0 +1,79 @@
+//! The node's capability report: real values from the machine, a hash that
+//! is stable across restarts.
+
+mod common;
+use common::*;
+use serde_json::Value;
+
+fn cmd(c: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(c).args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capability_report_is_real_and_its_hash_stable() {
+    let h = Harness::server().await;
+    let node = unique("test");
+    let cfg = h.agent_config(&node);
+    let stop = tokio_util::sync::CancellationToken::new();
+    h.track(&node);
+    let first = tokio::spawn(tether::agent::run(cfg.clone(), stop.clone()));
+    h.wait_status(&node, "online").await;
+
+    let v: Value =
+        serde_json::from_str(&h.ctl_ok(&["node", "inspect", &node, "--json"]).await).unwrap();
+    let r = &v["capabilities"];
+    assert_eq!(r["version"], 1);
+    assert_eq!(r["node"]["node_slug"], node.as_str());
+    assert_eq!(
+        r["platform"]["kernel_version"],
+        cmd("uname", &["-r"]).as_str()
+    );
+    assert_eq!(r["platform"]["arch"], std::env::consts::ARCH);
+    assert_eq!(
+        r["compute"]["cpu_cores"].as_u64().unwrap(),
+        cmd("nproc", &[]).parse::<u64>().unwrap()
+    );
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kb: u64 = meminfo
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        r["compute"]["ram_mb"].as_u64().unwrap(),
+        kb * 1024 / (1024 * 1024)
+    );
+    assert!(r["compute"]["storage_free_mb"].as_u64().unwrap() > 0);
+    assert_eq!(
+        r["container_runtime"]["version"],
+        cmd("docker", &["version", "--format", "{{.Server.Version}}"]).as_str()
+    );
+    let gpu_expected = std::process::Command::new("nvidia-smi")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert_eq!(r["gpu"]["present"].as_bool().unwrap(), gpu_expected);
+    assert!(r["reported_at"].as_str().unwrap().ends_with('Z'));
+    let hash = v["capability_hash"].as_str().unwrap().to_string();
+    assert_eq!(hash, tether::protocol::capability_hash(r));
+    assert_eq!(hash.len(), 64);
+
+    // Restart the agent: a new report (new timestamp), the same hash.
+    stop.cancel();
+    first.await.unwrap().unwrap();
+    h.wait_status(&node, "offline").await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await; // a later reported_at
+    let stop2 = tokio_util::sync::CancellationToken::new();
+    let second = tokio::spawn(tether::agent::run(cfg, stop2.clone()));
+    h.wait_status(&node, "online").await;
+    let v2: Value = serde_json::from_str(&h.ctl_ok(&["node", "inspect", &node]).await).unwrap();
+    assert_ne!(v2["capabilities"]["reported_at"], r["reported_at"]);
+    assert_eq!(v2["capability_hash"].as_str().unwrap(), hash);
+    stop2.cancel();
+    second.await.unwrap().unwrap();
+    h.stop().await;
+}

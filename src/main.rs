@@ -17,12 +17,12 @@ use tokio_util::sync::CancellationToken;
     about = "Run sandboxed workloads on compute you own"
 )]
 struct Cli {
-    /// Log level filter (also RUST_LOG).
-    #[arg(long, global = true, env = "TETHER_LOG", default_value = "info")]
-    log: String,
-    /// Log format: text or json.
-    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
+    /// Log level filter (also RUST_LOG) [default: info, or the node file's logging.level].
+    #[arg(long, global = true, env = "TETHER_LOG")]
+    log: Option<String>,
+    /// Log format: text or json [default: text, or the node file's logging.format].
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    log_format: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -41,21 +41,25 @@ enum Cmd {
 
 #[derive(Args)]
 struct AgentArgs {
-    /// Server base URL (http:// or https://).
+    /// Node configuration file (YAML; see config/node.example.yaml). Flags and
+    /// environment variables override its values.
+    #[arg(long, env = "TETHER_CONFIG", default_value = "/etc/tether/node.yaml")]
+    config: PathBuf,
+    /// Server base URL (http:// or https://) [file: orchestrator.url].
     #[arg(long, env = "TETHER_SERVER")]
-    server: url::Url,
+    server: Option<url::Url>,
     /// Registration key (prefer --psk-file: environment variables show in `docker inspect`).
     #[arg(long, env = "TETHER_PSK", hide_env_values = true)]
     psk: Option<String>,
-    /// File holding the registration key.
+    /// File holding the registration key [file: orchestrator.registration_psk_file].
     #[arg(long, env = "TETHER_PSK_FILE")]
     psk_file: Option<PathBuf>,
-    /// This node's id (default: the host name).
+    /// This node's id [file: node.id; default: the host name].
     #[arg(long, env = "TETHER_NODE_ID")]
     node_id: Option<String>,
-    /// Where the node token and state are kept.
-    #[arg(long, env = "TETHER_STATE_DIR", default_value = "/var/lib/tether")]
-    state_dir: PathBuf,
+    /// Where the node token and state are kept [file: storage.state_dir; default: /var/lib/tether].
+    #[arg(long, env = "TETHER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Docker socket path (default: DOCKER_HOST or /var/run/docker.sock).
     #[arg(long, env = "TETHER_DOCKER_SOCKET")]
     docker_socket: Option<String>,
@@ -65,12 +69,13 @@ struct AgentArgs {
     /// Prefix length of each worker's subnet.
     #[arg(long, env = "TETHER_SUBNET_PREFIX", default_value_t = 28)]
     subnet_prefix: u8,
-    /// Seconds between heartbeats.
+    /// Seconds between heartbeats (the server's value applies once connected).
     #[arg(long, default_value_t = 10)]
     heartbeat_interval: u64,
-    /// Seconds of silence after which the connection is dropped.
-    #[arg(long, default_value_t = 30)]
-    heartbeat_timeout: u64,
+    /// Seconds of silence after which the connection is dropped; also the
+    /// connect timeout [file: orchestrator.timeouts.connect_seconds].
+    #[arg(long)]
+    heartbeat_timeout: Option<u64>,
 }
 
 #[derive(Args)]
@@ -158,6 +163,18 @@ enum CtlCmd {
         /// Stop and remove the worker after this many seconds.
         #[arg(long, value_name = "SECS")]
         timeout: Option<u64>,
+        /// Run privileged (the node must allow it).
+        #[arg(long)]
+        privileged: bool,
+        /// `host` to share the node's network (the node must allow it).
+        #[arg(long)]
+        network: Option<String>,
+        /// Pass a host device in (the node must allow it).
+        #[arg(long = "device", value_name = "PATH")]
+        devices: Vec<String>,
+        /// Mount a host path: SRC:DST[:ro|rw] (under the node's allowed paths).
+        #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:MODE]")]
+        volumes: Vec<String>,
         #[arg(last = true)]
         cmd: Vec<String>,
     },
@@ -245,6 +262,88 @@ fn read_psk(psk: Option<String>, file: Option<PathBuf>) -> Result<String, String
     Ok(key)
 }
 
+/// Builds the agent's configuration: the node file (if any), then
+/// environment variables and flags on top.
+fn agent_config(a: AgentArgs) -> Result<(tether::agent::AgentConfig, tether::config::Logging), String> {
+    use std::time::Duration;
+    let file = match std::fs::read_to_string(&a.config) {
+        Ok(text) => Some(tether::config::parse(&text).map_err(|e| {
+            format!("{}: invalid configuration:\n{e}", a.config.display())
+        })?),
+        // The default path is optional; a path the user named is not.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && a.config == PathBuf::from("/etc/tether/node.yaml") => None,
+        Err(e) => return Err(format!("cannot read {}: {e}", a.config.display())),
+    };
+    let server = match (a.server, &file) {
+        (Some(s), _) => s,
+        (None, Some(f)) => f.orchestrator.url.parse().map_err(|e| format!("orchestrator.url: {e}"))?,
+        (None, None) => return Err("the server URL is required: --server, TETHER_SERVER or orchestrator.url in --config".into()),
+    };
+    let psk_file = a.psk_file.or_else(|| {
+        file.as_ref()
+            .map(|f| f.orchestrator.registration_psk_file.clone())
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+    });
+    let psk = a.psk.or_else(|| {
+        let var = file.as_ref().map(|f| f.orchestrator.registration_psk_env.clone())?;
+        std::env::var(var).ok()
+    });
+    let psk = read_psk(psk, psk_file)?;
+    let node_id = a
+        .node_id
+        .or_else(|| file.as_ref().map(|f| f.node.id.clone()))
+        .or_else(sysinfo::System::host_name)
+        .unwrap_or_else(|| "node".into());
+    let state_dir = a
+        .state_dir
+        .or_else(|| file.as_ref().map(|f| PathBuf::from(&f.storage.state_dir)))
+        .unwrap_or_else(|| PathBuf::from("/var/lib/tether"));
+    let mut cfg = tether::agent::AgentConfig::new(server, psk, node_id, state_dir);
+    cfg.docker_socket = a.docker_socket;
+    cfg.subnet_pool = a.subnet_pool;
+    cfg.subnet_prefix = a.subnet_prefix;
+    cfg.heartbeat_interval = Duration::from_secs(a.heartbeat_interval.max(1));
+    let mut logging = tether::config::Logging::default();
+    if let Some(f) = &file {
+        cfg.heartbeat_timeout = Duration::from_secs(f.orchestrator.timeouts.connect_seconds.max(2));
+        cfg.policy = tether::agent::policy::Policy::from_file(&f.sandbox);
+        cfg.max_request_bytes = f.worker_api.max_request_bytes as usize;
+        let tls = &f.orchestrator.tls;
+        cfg.tls_ca_bundle = (!tls.ca_bundle_path.is_empty()).then(|| PathBuf::from(&tls.ca_bundle_path));
+        cfg.tls_pin = (!tls.pinned_sha256.is_empty()).then(|| tls.pinned_sha256.to_ascii_lowercase());
+        cfg.identity.name = (!f.node.name.is_empty()).then(|| f.node.name.clone());
+        cfg.identity.labels = f.node.labels.clone();
+        cfg.identity.sandbox_enabled = f.sandbox.mode != "disabled";
+        cfg.identity.max_concurrency = f.sandbox.max_concurrency;
+        cfg.identity.inference_enabled = f.inference.mode == "allow" && f.sandbox.mode == "allow";
+        logging = f.logging.clone();
+    }
+    if let Some(t) = a.heartbeat_timeout {
+        cfg.heartbeat_timeout = Duration::from_secs(t.max(2));
+    }
+    Ok((cfg, logging))
+}
+
+/// `SRC:DST[:ro|rw]`, docker's -v syntax for host paths.
+fn parse_volume(v: &str) -> Result<tether::protocol::Mount, String> {
+    let parts: Vec<&str> = v.split(':').collect();
+    let read_only = match parts.get(2) {
+        None => None,
+        Some(&"ro") => Some(true),
+        Some(&"rw") => Some(false),
+        Some(m) => return Err(format!("--volume {v:?}: mode must be ro or rw, got {m:?}")),
+    };
+    match parts[..] {
+        [src, dst] | [src, dst, _] if src.starts_with('/') && dst.starts_with('/') => Ok(tether::protocol::Mount {
+            source: src.into(),
+            target: dst.into(),
+            read_only,
+        }),
+        _ => Err(format!("--volume {v:?} must be /HOST/PATH:/CONTAINER/PATH[:ro|rw]")),
+    }
+}
+
 fn kv(list: &[String], what: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
     list.iter()
         .map(|s| match s.split_once('=') {
@@ -272,11 +371,27 @@ fn shutdown_on_signals() -> CancellationToken {
 }
 
 fn init_tracing(level: &str, format: &str) {
+    init_tracing_to(level, format, None)
+}
+
+/// Logs to stderr, and also to `file` when given.
+fn init_tracing_to(level: &str, format: &str, file: Option<&str>) {
+    use tracing_subscriber::fmt::writer::{BoxMakeWriter, MakeWriterExt};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let file = file.filter(|f| !f.is_empty()).and_then(|f| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(f)
+            .map_err(|e| eprintln!("tether: cannot open log file {f}: {e}"))
+            .ok()
+    });
+    let writer = match file {
+        Some(f) => BoxMakeWriter::new(std::io::stderr.and(std::sync::Mutex::new(f))),
+        None => BoxMakeWriter::new(std::io::stderr),
+    };
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     if format == "json" {
         b.json().init();
     } else {
@@ -301,28 +416,20 @@ async fn main() -> ExitCode {
     tether::init_crypto();
     match cli.cmd {
         Cmd::Agent(a) => {
-            init_tracing(&cli.log, &cli.log_format);
-            let psk = match read_psk(a.psk, a.psk_file) {
-                Ok(p) => p,
+            let (cfg, logging) = match agent_config(a) {
+                Ok(c) => c,
                 Err(e) => return fail(e),
             };
-            let node_id = a
-                .node_id
-                .or_else(sysinfo::System::host_name)
-                .unwrap_or_else(|| "node".into());
-            let mut cfg = tether::agent::AgentConfig::new(a.server, psk, node_id, a.state_dir);
-            cfg.docker_socket = a.docker_socket;
-            cfg.subnet_pool = a.subnet_pool;
-            cfg.subnet_prefix = a.subnet_prefix;
-            cfg.heartbeat_interval = std::time::Duration::from_secs(a.heartbeat_interval.max(1));
-            cfg.heartbeat_timeout = std::time::Duration::from_secs(a.heartbeat_timeout.max(2));
+            let level = cli.log.unwrap_or(logging.level);
+            let format = cli.log_format.unwrap_or(logging.format);
+            init_tracing_to(&level, &format, Some(&logging.file_path));
             match tether::agent::run(cfg, shutdown_on_signals()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }
         }
         Cmd::Server(s) => {
-            init_tracing(&cli.log, &cli.log_format);
+            init_tracing(cli.log.as_deref().unwrap_or("info"), cli.log_format.as_deref().unwrap_or("text"));
             let psk = match read_psk(s.psk, s.psk_file) {
                 Ok(p) => p,
                 Err(e) => return fail(e),
@@ -337,7 +444,7 @@ async fn main() -> ExitCode {
             }
         }
         Cmd::Dev(d) => {
-            init_tracing(&cli.log, &cli.log_format);
+            init_tracing(cli.log.as_deref().unwrap_or("info"), cli.log_format.as_deref().unwrap_or("text"));
             let cfg = tether::dev::DevConfig {
                 listen: d.listen,
                 state_dir: d.state_dir,
@@ -390,8 +497,17 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
                 pids,
                 workdir,
                 timeout,
+                privileged,
+                network,
+                devices,
+                volumes,
                 cmd,
             } => {
+                let mounts = volumes
+                    .iter()
+                    .map(|v| parse_volume(v))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(CtlError::Local)?;
                 let req = SpawnRequest {
                     image,
                     cmd,
@@ -406,6 +522,10 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
                     },
                     workdir,
                     timeout_secs: timeout,
+                    privileged,
+                    network,
+                    devices,
+                    mounts,
                     node_id: node,
                 };
                 println!("{}", client.spawn(&req).await?.worker_id);

@@ -125,8 +125,15 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
     let task = async move {
         let d = &ctx.docker;
         match (request, opened) {
-            (Request::Spawn(s), _) => {
-                let r = containers::spawn(d, &ctx.pool, &node, ctx.defaults, &s).await;
+            (Request::Spawn(mut s), _) => {
+                let admitted = match containers::running_count(d, &node).await {
+                    Ok(running) => ctx.policy.admit_spawn(&mut s.spec, running),
+                    Err(e) => Err(e),
+                };
+                let r = match admitted {
+                    Ok(()) => containers::spawn(d, &ctx.pool, &node, ctx.defaults, &s).await,
+                    Err(e) => Err(e),
+                };
                 if let Ok(w) = &r {
                     info!(worker_id = %w.worker_id, "worker running");
                     if let Some(at) = w.deadline {
@@ -193,6 +200,11 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
 async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
     let ch = req.channel;
     let channels = &ctx.channels;
+    let mut req = req;
+    if let Err(e) = ctx.policy.admit_exec(&mut req.timeout_secs) {
+        channels.remove(ch);
+        return reply::<()>(ctx, id, Err(e));
+    }
     let started = match containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
         Ok(_) => exec::start(&ctx.docker, &req).await,
         Err(e) => Err(e),

@@ -5,6 +5,7 @@
 pub mod capabilities;
 mod handlers;
 mod health;
+pub mod policy;
 mod session;
 
 use crate::docker::containers::Defaults;
@@ -43,6 +44,14 @@ pub struct AgentConfig {
     pub defaults: Defaults,
     /// Name, labels and limits reported in the capability report.
     pub identity: capabilities::Identity,
+    /// The node's local policy (the last word on every request).
+    pub policy: policy::Policy,
+    /// Largest control message accepted from the server.
+    pub max_request_bytes: usize,
+    /// Private CA bundle (PEM) trusted besides the webpki roots.
+    pub tls_ca_bundle: Option<PathBuf>,
+    /// Hex SHA-256 of the server's certificate: anything else is refused.
+    pub tls_pin: Option<String>,
 }
 
 impl AgentConfig {
@@ -65,6 +74,10 @@ impl AgentConfig {
             heartbeat_timeout: Duration::from_secs(30),
             defaults: Defaults::default(),
             identity,
+            policy: policy::Policy::default(),
+            max_request_bytes: crate::protocol::MAX_CONTROL_BYTES,
+            tls_ca_bundle: None,
+            tls_pin: None,
         }
     }
 }
@@ -115,6 +128,10 @@ pub(crate) struct Ctx {
     pub state_dir: PathBuf,
     /// Hash of the last capability report sent.
     pub reported_hash: std::sync::Mutex<Option<String>>,
+    /// The node's local policy.
+    pub policy: policy::Policy,
+    /// Largest control message accepted from the server.
+    pub max_request_bytes: usize,
     /// Docker did not answer the last probe: new work is refused.
     pub degraded: std::sync::atomic::AtomicBool,
     /// Recent request ids and their replies (a replayed request runs once).
@@ -152,6 +169,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         replies: Default::default(),
         degraded: Default::default(),
         identity: cfg.identity.clone(),
+        policy: cfg.policy.clone(),
+        max_request_bytes: cfg.max_request_bytes,
         state_dir: cfg.state_dir.clone(),
         reported_hash: Default::default(),
     });

@@ -285,6 +285,18 @@ async fn run_loop(
 fn on_text(text: &str, ctx: &Arc<Ctx>) {
     let channels = &ctx.channels;
     let out = &ctx.link;
+    if text.len() > ctx.max_request_bytes {
+        let _ = out.send(Outbound::msg(&Message::error(
+            None,
+            ErrorCode::TooLarge,
+            format!(
+                "control message of {} bytes exceeds worker_api.max_request_bytes ({})",
+                text.len(),
+                ctx.max_request_bytes
+            ),
+        )));
+        return;
+    }
     let msg = match Message::decode(text) {
         Ok(m) => m,
         Err(e) => {

@@ -133,6 +133,26 @@ pub async fn list_ids(docker: &Docker, node_id: &str) -> Result<Vec<String>, Err
         .collect())
 }
 
+/// How many of this node's workers are running.
+pub async fn running_count(docker: &Docker, node_id: &str) -> Result<usize, ErrorBody> {
+    let filters = HashMap::from([
+        (
+            "label".to_string(),
+            vec![format!("{}=true", labels::MANAGED), format!("{}={node_id}", labels::NODE)],
+        ),
+        ("status".to_string(), vec!["running".to_string()]),
+    ]);
+    let list = docker
+        .list_containers(Some(ListContainersOptions {
+            all: false,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|e| to_error(e, "list containers"))?;
+    Ok(list.len())
+}
+
 /// Every worker of this node.
 pub async fn list(docker: &Docker, node_id: &str) -> Result<Vec<WorkerInfo>, ErrorBody> {
     let mut out = Vec::new();
@@ -265,7 +285,12 @@ pub async fn spawn(
             .as_secs();
         object_labels.insert(labels::DEADLINE.into(), (now + t).to_string());
     }
-    let subnet = networks::create(docker, pool, &name, &object_labels).await?;
+    let host_net = spec.spec.network.as_deref() == Some("host");
+    let subnet = if host_net {
+        None
+    } else {
+        Some(networks::create(docker, pool, &name, &object_labels).await?)
+    };
 
     let mut container_labels = object_labels.clone();
     container_labels.extend(spec.spec.labels.clone());
@@ -283,9 +308,31 @@ pub async fn spawn(
         ),
         labels: Some(container_labels),
         working_dir: spec.spec.workdir.clone(),
-        hostname: Some(format!("w-{}", &name[7..name.len().min(19)])),
+        hostname: (!host_net).then(|| format!("w-{}", &name[7..name.len().min(19)])),
         host_config: Some(HostConfig {
-            network_mode: Some(name.clone()),
+            network_mode: Some(if host_net { "host".into() } else { name.clone() }),
+            privileged: Some(spec.spec.privileged),
+            devices: (!spec.spec.devices.is_empty()).then(|| {
+                spec.spec
+                    .devices
+                    .iter()
+                    .map(|d| bollard::models::DeviceMapping {
+                        path_on_host: Some(d.clone()),
+                        path_in_container: Some(d.clone()),
+                        cgroup_permissions: Some("rwm".into()),
+                    })
+                    .collect()
+            }),
+            binds: (!spec.spec.mounts.is_empty()).then(|| {
+                spec.spec
+                    .mounts
+                    .iter()
+                    .map(|m| {
+                        let mode = if m.read_only.unwrap_or(true) { "ro" } else { "rw" };
+                        format!("{}:{}:{mode}", m.source, m.target)
+                    })
+                    .collect()
+            }),
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
             memory: Some(memory),
@@ -321,7 +368,7 @@ pub async fn spawn(
         return Err(e);
     }
     let mut info = inspect(docker, node_id, &spec.worker_id).await?;
-    info.subnet = Some(subnet.to_string());
+    info.subnet = subnet.map(|s| s.to_string());
     Ok(info)
 }
 

@@ -100,9 +100,32 @@ pub struct SpawnRequest {
     /// worker event); none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
+    /// Run privileged (refused unless the node allows it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub privileged: bool,
+    /// `host` to share the node's network (refused unless allowed); absent:
+    /// the worker's own bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// Host devices to pass in, e.g. `/dev/fuse` (refused unless allowed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
+    /// Host paths to mount (only under the node's allowed host paths).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<Mount>,
     /// Node to place the worker on; the server picks one when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
+}
+
+/// A host path mounted into a worker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Mount {
+    pub source: String,
+    pub target: String,
+    /// Absent: the node's `read_only_by_default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
 }
 
 /// `spawn` request payload, server to agent.

@@ -103,22 +103,19 @@ struct Fleet {
     workers: Vec<String>,
 }
 
+/// A fake worker, built from JSON so that fields added to `WorkerInfo`
+/// later (all optional) need no change here.
 fn fake_worker(node: &str, worker_id: &str) -> WorkerInfo {
-    WorkerInfo {
-        worker_id: worker_id.into(),
-        node_id: node.into(),
-        image: "bench/simulated".into(),
-        container_id: format!("sim-{worker_id}"),
-        network: format!("tether-{worker_id}"),
-        subnet: None,
-        ip: None,
-        state: "running".into(),
-        exit_code: None,
-        task_id: None,
-        job_id: None,
-        labels: Default::default(),
-        created_at: "2025-01-01T00:00:00Z".into(),
-    }
+    serde_json::from_value(json!({
+        "worker_id": worker_id,
+        "node_id": node,
+        "image": "bench/simulated",
+        "container_id": format!("sim-{worker_id}"),
+        "network": format!("tether-{worker_id}"),
+        "state": "running",
+        "created_at": "2025-01-01T00:00:00Z",
+    }))
+    .expect("a valid WorkerInfo")
 }
 
 impl Fleet {

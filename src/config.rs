@@ -296,7 +296,9 @@ fn key_lines(text: &str) -> HashMap<String, usize> {
             continue;
         }
         let indent = line.len() - trimmed.len();
-        let Some((key, _)) = trimmed.split_once(':') else { continue };
+        let Some((key, _)) = trimmed.split_once(':') else {
+            continue;
+        };
         let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
         if key.is_empty() || key.contains(' ') {
             continue;
@@ -305,7 +307,11 @@ fn key_lines(text: &str) -> HashMap<String, usize> {
             stack.pop();
         }
         stack.push((indent, key.to_string()));
-        let path = stack.iter().map(|(_, k)| k.as_str()).collect::<Vec<_>>().join(".");
+        let path = stack
+            .iter()
+            .map(|(_, k)| k.as_str())
+            .collect::<Vec<_>>()
+            .join(".");
         lines.entry(path).or_insert(n + 1);
     }
     lines
@@ -342,11 +348,23 @@ fn compatible(expected: &Value, got: &Value) -> bool {
 }
 
 /// Compares `got` against the schema, collecting unknown keys and types.
-fn check_shape(schema: &Value, got: &Value, path: &str, lines: &HashMap<String, usize>, out: &mut Vec<Issue>) {
+fn check_shape(
+    schema: &Value,
+    got: &Value,
+    path: &str,
+    lines: &HashMap<String, usize>,
+    out: &mut Vec<Issue>,
+) {
     let at = |p: &str| lines.get(p).copied().or_else(|| lines.get(path).copied());
-    let (Value::Object(s), Value::Object(g)) = (schema, got) else { return };
+    let (Value::Object(s), Value::Object(g)) = (schema, got) else {
+        return;
+    };
     for (k, v) in g {
-        let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+        let p = if path.is_empty() {
+            k.clone()
+        } else {
+            format!("{path}.{k}")
+        };
         let Some(expected) = s.get(k) else {
             let known: Vec<&str> = s.keys().map(String::as_str).collect();
             out.push(Issue {
@@ -380,7 +398,12 @@ fn check_shape(schema: &Value, got: &Value, path: &str, lines: &HashMap<String, 
         }
         if !compatible(expected, v) {
             let want = match expected {
-                Value::Array(e) => format!("a list of {}", kind(e.first().unwrap_or(&Value::String(String::new()))).trim_start_matches("a ").trim_start_matches("an ")),
+                Value::Array(e) => format!(
+                    "a list of {}",
+                    kind(e.first().unwrap_or(&Value::String(String::new())))
+                        .trim_start_matches("a ")
+                        .trim_start_matches("an ")
+                ),
                 e => kind(e).to_string(),
             };
             out.push(Issue {
@@ -395,7 +418,9 @@ fn check_shape(schema: &Value, got: &Value, path: &str, lines: &HashMap<String, 
 }
 
 fn get<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
-    path.split('.').try_fold(v, |v, k| v.get(k)).filter(|v| !v.is_null())
+    path.split('.')
+        .try_fold(v, |v, k| v.get(k))
+        .filter(|v| !v.is_null())
 }
 
 /// Parses and validates the node YAML.
@@ -407,18 +432,30 @@ pub fn parse(text: &str) -> Result<NodeFile, ConfigErrors> {
             message: format!("not valid YAML: {e}"),
         }])
     })?;
-    let raw = if raw.is_null() { Value::Object(Default::default()) } else { raw };
+    let raw = if raw.is_null() {
+        Value::Object(Default::default())
+    } else {
+        raw
+    };
     let schema: Value = serde_saphyr::from_str(EXAMPLE).expect("the example configuration parses");
     let lines = key_lines(text);
     let mut issues = Vec::new();
     if !raw.is_object() {
-        issues.push(Issue { line: Some(1), path: "(file)".into(), message: format!("must be a map, got {}", kind(&raw)) });
+        issues.push(Issue {
+            line: Some(1),
+            path: "(file)".into(),
+            message: format!("must be a map, got {}", kind(&raw)),
+        });
         return Err(ConfigErrors(issues));
     }
     check_shape(&schema, &raw, "", &lines, &mut issues);
     for r in REQUIRED {
         if get(&raw, r).is_none() {
-            issues.push(Issue { line: None, path: r.to_string(), message: "is required".into() });
+            issues.push(Issue {
+                line: None,
+                path: r.to_string(),
+                message: "is required".into(),
+            });
         }
     }
     if !issues.is_empty() {
@@ -426,7 +463,11 @@ pub fn parse(text: &str) -> Result<NodeFile, ConfigErrors> {
         return Err(ConfigErrors(issues));
     }
     let file: NodeFile = serde_json::from_value(raw).map_err(|e| {
-        ConfigErrors(vec![Issue { line: None, path: "(file)".into(), message: e.to_string() }])
+        ConfigErrors(vec![Issue {
+            line: None,
+            path: "(file)".into(),
+            message: e.to_string(),
+        }])
     })?;
     let mut issues = validate(&file);
     for i in &mut issues {
@@ -444,74 +485,164 @@ pub fn parse(text: &str) -> Result<NodeFile, ConfigErrors> {
 fn validate(f: &NodeFile) -> Vec<Issue> {
     let mut out = Vec::new();
     let mut bad = |path: &str, message: String| {
-        out.push(Issue { line: None, path: path.into(), message });
+        out.push(Issue {
+            line: None,
+            path: path.into(),
+            message,
+        });
     };
     if f.version != 1 {
         bad("version", format!("must be 1, got {}", f.version));
     }
     match url::Url::parse(&f.orchestrator.url) {
         Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-        Ok(u) => bad("orchestrator.url", format!("must be http:// or https://, got {}://", u.scheme())),
+        Ok(u) => bad(
+            "orchestrator.url",
+            format!("must be http:// or https://, got {}://", u.scheme()),
+        ),
         Err(e) => bad("orchestrator.url", format!("not a URL: {e}")),
     }
     let pin = &f.orchestrator.tls.pinned_sha256;
     if !pin.is_empty() && (pin.len() != 64 || !pin.chars().all(|c| c.is_ascii_hexdigit())) {
-        bad("orchestrator.tls.pinned_sha256", "must be 64 hex digits".into());
+        bad(
+            "orchestrator.tls.pinned_sha256",
+            "must be 64 hex digits".into(),
+        );
     }
     if !(1..=300).contains(&f.orchestrator.timeouts.connect_seconds) {
-        bad("orchestrator.timeouts.connect_seconds", format!("must be 1..=300, got {}", f.orchestrator.timeouts.connect_seconds));
+        bad(
+            "orchestrator.timeouts.connect_seconds",
+            format!(
+                "must be 1..=300, got {}",
+                f.orchestrator.timeouts.connect_seconds
+            ),
+        );
     }
     if !(1..=300).contains(&f.orchestrator.timeouts.request_seconds) {
-        bad("orchestrator.timeouts.request_seconds", format!("must be 1..=300, got {}", f.orchestrator.timeouts.request_seconds));
+        bad(
+            "orchestrator.timeouts.request_seconds",
+            format!(
+                "must be 1..=300, got {}",
+                f.orchestrator.timeouts.request_seconds
+            ),
+        );
     }
     if !crate::docker::valid_node_id(&f.node.id) {
-        bad("node.id", format!("{:?}: 1-64 letters, digits, '-', '_' or '.', not starting with '.' or '-'", f.node.id));
+        bad(
+            "node.id",
+            format!(
+                "{:?}: 1-64 letters, digits, '-', '_' or '.', not starting with '.' or '-'",
+                f.node.id
+            ),
+        );
     }
-    if !(1024..=crate::protocol::MAX_CONTROL_BYTES as u64).contains(&f.worker_api.max_request_bytes) {
-        bad("worker_api.max_request_bytes", format!("must be 1024..={}, got {}", crate::protocol::MAX_CONTROL_BYTES, f.worker_api.max_request_bytes));
+    if !(1024..=crate::protocol::MAX_CONTROL_BYTES as u64).contains(&f.worker_api.max_request_bytes)
+    {
+        bad(
+            "worker_api.max_request_bytes",
+            format!(
+                "must be 1024..={}, got {}",
+                crate::protocol::MAX_CONTROL_BYTES,
+                f.worker_api.max_request_bytes
+            ),
+        );
     }
     let one_of = |v: &str, allowed: &[&str]| allowed.contains(&v);
     let s = &f.sandbox;
     if !one_of(&s.mode, &["allow", "sandbox_only", "disabled"]) {
-        bad("sandbox.mode", format!("must be allow, sandbox_only or disabled, got {:?}", s.mode));
+        bad(
+            "sandbox.mode",
+            format!("must be allow, sandbox_only or disabled, got {:?}", s.mode),
+        );
     }
     if !one_of(&s.runtime, &["docker", "podman"]) {
-        bad("sandbox.runtime", format!("must be docker or podman, got {:?}", s.runtime));
+        bad(
+            "sandbox.runtime",
+            format!("must be docker or podman, got {:?}", s.runtime),
+        );
     } else if s.runtime == "podman" {
         bad("sandbox.runtime", "podman is not supported yet".into());
     }
-    if !one_of(&s.default_network_policy, &["restricted", "none", "allowlist"]) {
-        bad("sandbox.default_network_policy", format!("must be restricted, none or allowlist, got {:?}", s.default_network_policy));
+    if !one_of(
+        &s.default_network_policy,
+        &["restricted", "none", "allowlist"],
+    ) {
+        bad(
+            "sandbox.default_network_policy",
+            format!(
+                "must be restricted, none or allowlist, got {:?}",
+                s.default_network_policy
+            ),
+        );
     }
     if s.resources.max_cpu_cores < 0.0 {
-        bad("sandbox.resources.max_cpu_cores", format!("must be >= 0, got {}", s.resources.max_cpu_cores));
+        bad(
+            "sandbox.resources.max_cpu_cores",
+            format!("must be >= 0, got {}", s.resources.max_cpu_cores),
+        );
     }
     if s.resources.max_memory_mb != 0 && s.resources.max_memory_mb < 6 {
-        bad("sandbox.resources.max_memory_mb", format!("must be 0 (no limit) or >= 6, got {}", s.resources.max_memory_mb));
+        bad(
+            "sandbox.resources.max_memory_mb",
+            format!(
+                "must be 0 (no limit) or >= 6, got {}",
+                s.resources.max_memory_mb
+            ),
+        );
     }
     let t = &s.timeouts;
     if t.max_seconds != 0 && t.default_seconds > t.max_seconds {
-        bad("sandbox.timeouts.default_seconds", format!("{} exceeds max_seconds {}", t.default_seconds, t.max_seconds));
+        bad(
+            "sandbox.timeouts.default_seconds",
+            format!(
+                "{} exceeds max_seconds {}",
+                t.default_seconds, t.max_seconds
+            ),
+        );
     }
     for p in &s.mounts.allowed_host_paths {
         if !p.starts_with('/') {
-            bad("sandbox.mounts.allowed_host_paths", format!("{p:?} is not an absolute path"));
+            bad(
+                "sandbox.mounts.allowed_host_paths",
+                format!("{p:?} is not an absolute path"),
+            );
         }
     }
     if !one_of(&f.inference.mode, &["allow", "disabled"]) {
-        bad("inference.mode", format!("must be allow or disabled, got {:?}", f.inference.mode));
+        bad(
+            "inference.mode",
+            format!("must be allow or disabled, got {:?}", f.inference.mode),
+        );
     }
     if !f.storage.state_dir.starts_with('/') {
-        bad("storage.state_dir", format!("{:?} is not an absolute path", f.storage.state_dir));
+        bad(
+            "storage.state_dir",
+            format!("{:?} is not an absolute path", f.storage.state_dir),
+        );
     }
-    if !one_of(&f.logging.level, &["error", "warn", "info", "debug", "trace"]) {
-        bad("logging.level", format!("must be error, warn, info, debug or trace, got {:?}", f.logging.level));
+    if !one_of(
+        &f.logging.level,
+        &["error", "warn", "info", "debug", "trace"],
+    ) {
+        bad(
+            "logging.level",
+            format!(
+                "must be error, warn, info, debug or trace, got {:?}",
+                f.logging.level
+            ),
+        );
     }
     if !one_of(&f.logging.format, &["text", "json"]) {
-        bad("logging.format", format!("must be text or json, got {:?}", f.logging.format));
+        bad(
+            "logging.format",
+            format!("must be text or json, got {:?}", f.logging.format),
+        );
     }
     if f.updates.poll_interval_seconds < 10 {
-        bad("updates.poll_interval_seconds", format!("must be >= 10, got {}", f.updates.poll_interval_seconds));
+        bad(
+            "updates.poll_interval_seconds",
+            format!("must be >= 10, got {}", f.updates.poll_interval_seconds),
+        );
     }
     out
 }
@@ -552,7 +683,8 @@ sandbox:
   bogus: true
 ";
         let e = parse(text).unwrap_err();
-        let got: Vec<(Option<usize>, &str)> = e.0.iter().map(|i| (i.line, i.path.as_str())).collect();
+        let got: Vec<(Option<usize>, &str)> =
+            e.0.iter().map(|i| (i.line, i.path.as_str())).collect();
         assert_eq!(
             got,
             vec![
@@ -563,21 +695,40 @@ sandbox:
             ],
             "{e}"
         );
-        assert!(e.to_string().contains("line 9: sandbox.max_concurrency: must be an integer, got a string"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("line 9: sandbox.max_concurrency: must be an integer, got a string"),
+            "{e}"
+        );
         // Types fixed: the range problem is reported with its line.
-        let text = text.replace("  colour: blue\n", "").replace("[1, 2]", "[a]").replace("\"lots\"", "3").replace("  bogus: true\n", "");
+        let text = text
+            .replace("  colour: blue\n", "")
+            .replace("[1, 2]", "[a]")
+            .replace("\"lots\"", "3")
+            .replace("  bogus: true\n", "");
         let e = parse(&text).unwrap_err();
         assert_eq!(e.0.len(), 1, "{e}");
-        assert_eq!((e.0[0].line, e.0[0].path.as_str()), (Some(10), "sandbox.resources.max_cpu_cores"));
+        assert_eq!(
+            (e.0[0].line, e.0[0].path.as_str()),
+            (Some(10), "sandbox.resources.max_cpu_cores")
+        );
     }
 
     #[test]
     fn missing_required_and_bad_values() {
         let e = parse("version: 2\nnode:\n  id: \"..\"\n").unwrap_err();
-        assert!(e.0.iter().any(|i| i.path == "orchestrator.url" && i.message == "is required"), "{e}");
+        assert!(
+            e.0.iter()
+                .any(|i| i.path == "orchestrator.url" && i.message == "is required"),
+            "{e}"
+        );
         let e = parse("version: 2\norchestrator:\n  url: ftp://x\nnode:\n  id: \"..\"\nsandbox:\n  mode: maybe\n").unwrap_err();
         let paths: Vec<&str> = e.0.iter().map(|i| i.path.as_str()).collect();
-        assert_eq!(paths, vec!["version", "orchestrator.url", "node.id", "sandbox.mode"], "{e}");
+        assert_eq!(
+            paths,
+            vec!["version", "orchestrator.url", "node.id", "sandbox.mode"],
+            "{e}"
+        );
         assert_eq!(e.0[3].line, Some(7));
     }
 

@@ -24,19 +24,66 @@ pub fn init_crypto() {
 /// Client TLS settings: Mozilla's roots from webpki-roots, so a `FROM
 /// scratch` image with no system trust store still verifies servers.
 pub fn tls_client_config() -> rustls::ClientConfig {
+    tls_client_config_with(None, None).expect("the default TLS configuration builds")
+}
+
+/// Client TLS settings with an optional private CA bundle (PEM, trusted
+/// besides the webpki roots) and an optional pin: the hex SHA-256 of the
+/// server's certificate (DER). With a pin, only that certificate is
+/// accepted, whoever signed it.
+pub fn tls_client_config_with(
+    ca_bundle: Option<&std::path::Path>,
+    pin: Option<&str>,
+) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
     init_crypto();
+    if let Some(pin) = pin {
+        let pin = hex::decode(pin.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| "the certificate pin must be 64 hex digits (SHA-256)".to_string())?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        return Ok(rustls::ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(tls::PinVerifier {
+                pin,
+                provider,
+            }))
+            .with_no_client_auth());
+    }
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    rustls::ClientConfig::builder()
+    if let Some(path) = ca_bundle {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .and_then(|i| i.collect::<Result<_, _>>())
+            .map_err(|e| format!("CA bundle {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("CA bundle {} holds no certificate", path.display()));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| format!("CA bundle {}: {e}", path.display()))?;
+        }
+    }
+    Ok(rustls::ClientConfig::builder()
         .with_root_certificates(roots)
-        .with_no_client_auth()
+        .with_no_client_auth())
 }
+
+pub mod tls;
 
 /// The HTTP client used by the agent and `tether ctl`.
 pub fn http_client() -> reqwest::Client {
+    http_client_with(tls_client_config())
+}
+
+/// An HTTP client with these TLS settings.
+pub fn http_client_with(tls: rustls::ClientConfig) -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(10))
-        .use_preconfigured_tls(tls_client_config())
+        .use_preconfigured_tls(tls)
         .build()
         .expect("a client with a preconfigured TLS config always builds")
 }

@@ -100,6 +100,12 @@ struct ServerArgs {
     heartbeat_interval: u64,
     #[arg(long, default_value_t = 30)]
     heartbeat_timeout: u64,
+    /// Serve HTTPS: certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "TETHER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "TETHER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -264,20 +270,35 @@ fn read_psk(psk: Option<String>, file: Option<PathBuf>) -> Result<String, String
 
 /// Builds the agent's configuration: the node file (if any), then
 /// environment variables and flags on top.
-fn agent_config(a: AgentArgs) -> Result<(tether::agent::AgentConfig, tether::config::Logging), String> {
+fn agent_config(
+    a: AgentArgs,
+) -> Result<(tether::agent::AgentConfig, tether::config::Logging), String> {
     use std::time::Duration;
     let file = match std::fs::read_to_string(&a.config) {
-        Ok(text) => Some(tether::config::parse(&text).map_err(|e| {
-            format!("{}: invalid configuration:\n{e}", a.config.display())
-        })?),
+        Ok(text) => Some(
+            tether::config::parse(&text)
+                .map_err(|e| format!("{}: invalid configuration:\n{e}", a.config.display()))?,
+        ),
         // The default path is optional; a path the user named is not.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && a.config == PathBuf::from("/etc/tether/node.yaml") => None,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && a.config == PathBuf::from("/etc/tether/node.yaml") =>
+        {
+            None
+        }
         Err(e) => return Err(format!("cannot read {}: {e}", a.config.display())),
     };
     let server = match (a.server, &file) {
         (Some(s), _) => s,
-        (None, Some(f)) => f.orchestrator.url.parse().map_err(|e| format!("orchestrator.url: {e}"))?,
-        (None, None) => return Err("the server URL is required: --server, TETHER_SERVER or orchestrator.url in --config".into()),
+        (None, Some(f)) => f
+            .orchestrator
+            .url
+            .parse()
+            .map_err(|e| format!("orchestrator.url: {e}"))?,
+        (None, None) => return Err(
+            "the server URL is required: --server, TETHER_SERVER or orchestrator.url in --config"
+                .into(),
+        ),
     };
     let psk_file = a.psk_file.or_else(|| {
         file.as_ref()
@@ -286,7 +307,9 @@ fn agent_config(a: AgentArgs) -> Result<(tether::agent::AgentConfig, tether::con
             .map(PathBuf::from)
     });
     let psk = a.psk.or_else(|| {
-        let var = file.as_ref().map(|f| f.orchestrator.registration_psk_env.clone())?;
+        let var = file
+            .as_ref()
+            .map(|f| f.orchestrator.registration_psk_env.clone())?;
         std::env::var(var).ok()
     });
     let psk = read_psk(psk, psk_file)?;
@@ -310,8 +333,10 @@ fn agent_config(a: AgentArgs) -> Result<(tether::agent::AgentConfig, tether::con
         cfg.policy = tether::agent::policy::Policy::from_file(&f.sandbox);
         cfg.max_request_bytes = f.worker_api.max_request_bytes as usize;
         let tls = &f.orchestrator.tls;
-        cfg.tls_ca_bundle = (!tls.ca_bundle_path.is_empty()).then(|| PathBuf::from(&tls.ca_bundle_path));
-        cfg.tls_pin = (!tls.pinned_sha256.is_empty()).then(|| tls.pinned_sha256.to_ascii_lowercase());
+        cfg.tls_ca_bundle =
+            (!tls.ca_bundle_path.is_empty()).then(|| PathBuf::from(&tls.ca_bundle_path));
+        cfg.tls_pin =
+            (!tls.pinned_sha256.is_empty()).then(|| tls.pinned_sha256.to_ascii_lowercase());
         cfg.identity.name = (!f.node.name.is_empty()).then(|| f.node.name.clone());
         cfg.identity.labels = f.node.labels.clone();
         cfg.identity.sandbox_enabled = f.sandbox.mode != "disabled";
@@ -335,12 +360,16 @@ fn parse_volume(v: &str) -> Result<tether::protocol::Mount, String> {
         Some(m) => return Err(format!("--volume {v:?}: mode must be ro or rw, got {m:?}")),
     };
     match parts[..] {
-        [src, dst] | [src, dst, _] if src.starts_with('/') && dst.starts_with('/') => Ok(tether::protocol::Mount {
-            source: src.into(),
-            target: dst.into(),
-            read_only,
-        }),
-        _ => Err(format!("--volume {v:?} must be /HOST/PATH:/CONTAINER/PATH[:ro|rw]")),
+        [src, dst] | [src, dst, _] if src.starts_with('/') && dst.starts_with('/') => {
+            Ok(tether::protocol::Mount {
+                source: src.into(),
+                target: dst.into(),
+                read_only,
+            })
+        }
+        _ => Err(format!(
+            "--volume {v:?} must be /HOST/PATH:/CONTAINER/PATH[:ro|rw]"
+        )),
     }
 }
 
@@ -391,7 +420,9 @@ fn init_tracing_to(level: &str, format: &str, file: Option<&str>) {
         Some(f) => BoxMakeWriter::new(std::io::stderr.and(std::sync::Mutex::new(f))),
         None => BoxMakeWriter::new(std::io::stderr),
     };
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     if format == "json" {
         b.json().init();
     } else {
@@ -429,13 +460,17 @@ async fn main() -> ExitCode {
             }
         }
         Cmd::Server(s) => {
-            init_tracing(cli.log.as_deref().unwrap_or("info"), cli.log_format.as_deref().unwrap_or("text"));
+            init_tracing(
+                cli.log.as_deref().unwrap_or("info"),
+                cli.log_format.as_deref().unwrap_or("text"),
+            );
             let psk = match read_psk(s.psk, s.psk_file) {
                 Ok(p) => p,
                 Err(e) => return fail(e),
             };
             let mut cfg = tether::server::ServerConfig::new(s.listen, psk, s.state_dir);
             cfg.jwt_ttl = std::time::Duration::from_secs(s.jwt_ttl.max(60));
+            cfg.tls = s.tls_cert.zip(s.tls_key);
             cfg.heartbeat_interval = std::time::Duration::from_secs(s.heartbeat_interval.max(1));
             cfg.heartbeat_timeout = std::time::Duration::from_secs(s.heartbeat_timeout.max(2));
             match tether::server::run(cfg, shutdown_on_signals()).await {
@@ -444,7 +479,10 @@ async fn main() -> ExitCode {
             }
         }
         Cmd::Dev(d) => {
-            init_tracing(cli.log.as_deref().unwrap_or("info"), cli.log_format.as_deref().unwrap_or("text"));
+            init_tracing(
+                cli.log.as_deref().unwrap_or("info"),
+                cli.log_format.as_deref().unwrap_or("text"),
+            );
             let cfg = tether::dev::DevConfig {
                 listen: d.listen,
                 state_dir: d.state_dir,

@@ -100,6 +100,15 @@ pub enum AgentError {
     },
 }
 
+impl AgentConfig {
+    /// TLS settings for reaching the server: webpki roots plus the private
+    /// CA bundle, or only the pinned certificate.
+    pub fn tls(&self) -> Result<rustls::ClientConfig, AgentError> {
+        crate::tls_client_config_with(self.tls_ca_bundle.as_deref(), self.tls_pin.as_deref())
+            .map_err(AgentError::Config)
+    }
+}
+
 impl AgentError {
     /// Permanent errors end the agent; the rest are retried with backoff.
     fn is_permanent(&self) -> bool {
@@ -147,6 +156,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         )));
     }
     let pool = SubnetPool::new(cfg.subnet_pool, cfg.subnet_prefix).map_err(AgentError::Config)?;
+    cfg.tls()?; // a bad CA bundle or pin is a configuration error: fail now
     std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::State {
         path: cfg.state_dir.clone(),
         source,
@@ -289,7 +299,7 @@ pub async fn register(cfg: &AgentConfig) -> Result<Bootstrap, AgentError> {
         url: url.to_string(),
         reason,
     };
-    let resp = crate::http_client()
+    let resp = crate::http_client_with(cfg.tls()?)
         .post(url.clone())
         .bearer_auth(&cfg.psk)
         .json(&serde_json::json!({ "node_id": cfg.node_id }))

@@ -36,7 +36,10 @@ impl Default for Policy {
 }
 
 fn denied(rule: &str, what: String) -> ErrorBody {
-    ErrorBody::new(ErrorCode::PolicyDenied, format!("denied by node policy `{rule}`: {what}"))
+    ErrorBody::new(
+        ErrorCode::PolicyDenied,
+        format!("denied by node policy `{rule}`: {what}"),
+    )
 }
 
 impl Policy {
@@ -61,10 +64,13 @@ impl Policy {
 
     fn image_allowed(&self, image: &str) -> bool {
         self.allowed_images.is_empty()
-            || self.allowed_images.iter().any(|a| match a.strip_suffix('*') {
-                Some(prefix) => image.starts_with(prefix),
-                None => a == image,
-            })
+            || self
+                .allowed_images
+                .iter()
+                .any(|a| match a.strip_suffix('*') {
+                    Some(prefix) => image.starts_with(prefix),
+                    None => a == image,
+                })
     }
 
     fn admit_timeout(&self, t: &mut Option<u64>) -> Result<(), ErrorBody> {
@@ -76,7 +82,10 @@ impl Policy {
                 Some(s) if s > self.max_timeout_secs => {
                     return Err(denied(
                         "sandbox.timeouts.max_seconds",
-                        format!("timeout {s} s exceeds the node's maximum of {} s", self.max_timeout_secs),
+                        format!(
+                            "timeout {s} s exceeds the node's maximum of {} s",
+                            self.max_timeout_secs
+                        ),
                     ));
                 }
                 None => *t = Some(self.max_timeout_secs),
@@ -90,12 +99,18 @@ impl Policy {
     /// `running` is the number of workers running now.
     pub fn admit_spawn(&self, spec: &mut SpawnRequest, running: usize) -> Result<(), ErrorBody> {
         if !self.sandbox_enabled {
-            return Err(denied("sandbox.mode", "sandboxes are disabled on this node".into()));
+            return Err(denied(
+                "sandbox.mode",
+                "sandboxes are disabled on this node".into(),
+            ));
         }
         if self.max_concurrency > 0 && running as u64 >= self.max_concurrency {
             return Err(denied(
                 "sandbox.max_concurrency",
-                format!("{running} workers already run, the node allows {}", self.max_concurrency),
+                format!(
+                    "{running} workers already run, the node allows {}",
+                    self.max_concurrency
+                ),
             ));
         }
         if spec.image.trim().is_empty()
@@ -104,30 +119,47 @@ impl Policy {
             spec.image = d.clone();
         }
         if !self.image_allowed(&spec.image) {
-            return Err(denied("sandbox.allowed_images", format!("image {:?} is not allowed", spec.image)));
+            return Err(denied(
+                "sandbox.allowed_images",
+                format!("image {:?} is not allowed", spec.image),
+            ));
         }
         if spec.privileged && !self.allow_privileged {
-            return Err(denied("sandbox.security.allow_privileged", "privileged workers are not allowed".into()));
+            return Err(denied(
+                "sandbox.security.allow_privileged",
+                "privileged workers are not allowed".into(),
+            ));
         }
         match spec.network.as_deref() {
             None => {}
             Some("host") if self.allow_host_network => {}
             Some("host") => {
-                return Err(denied("sandbox.security.allow_host_network", "host networking is not allowed".into()));
+                return Err(denied(
+                    "sandbox.security.allow_host_network",
+                    "host networking is not allowed".into(),
+                ));
             }
             Some(other) => {
                 return Err(ErrorBody::new(
                     ErrorCode::InvalidRequest,
-                    format!("network {other:?}: only \"host\" may be named (default: the worker's own bridge)"),
+                    format!(
+                        "network {other:?}: only \"host\" may be named (default: the worker's own bridge)"
+                    ),
                 ));
             }
         }
         if !spec.devices.is_empty() && !self.allow_device_mounts {
-            return Err(denied("sandbox.security.allow_device_mounts", format!("devices {:?} are not allowed", spec.devices)));
+            return Err(denied(
+                "sandbox.security.allow_device_mounts",
+                format!("devices {:?} are not allowed", spec.devices),
+            ));
         }
         for m in &mut spec.mounts {
             let src = std::path::Path::new(&m.source);
-            let clean = src.is_absolute() && src.components().all(|c| !matches!(c, std::path::Component::ParentDir));
+            let clean = src.is_absolute()
+                && src
+                    .components()
+                    .all(|c| !matches!(c, std::path::Component::ParentDir));
             let allowed = clean && self.allowed_host_paths.iter().any(|a| src.starts_with(a));
             if !allowed {
                 return Err(denied(
@@ -157,7 +189,10 @@ impl Policy {
                 Some(m) if m > self.max_memory_mb => {
                     return Err(denied(
                         "sandbox.resources.max_memory_mb",
-                        format!("{m} MB requested, the node allows {} MB", self.max_memory_mb),
+                        format!(
+                            "{m} MB requested, the node allows {} MB",
+                            self.max_memory_mb
+                        ),
                     ));
                 }
                 None => r.memory_mb = Some(self.max_memory_mb.min(512)),
@@ -182,7 +217,10 @@ impl Policy {
     /// Checks an exec's timeout and fills in the default.
     pub fn admit_exec(&self, timeout_secs: &mut Option<u64>) -> Result<(), ErrorBody> {
         if !self.sandbox_enabled {
-            return Err(denied("sandbox.mode", "sandboxes are disabled on this node".into()));
+            return Err(denied(
+                "sandbox.mode",
+                "sandboxes are disabled on this node".into(),
+            ));
         }
         self.admit_timeout(timeout_secs)
     }
@@ -207,7 +245,10 @@ mod tests {
     }
 
     fn req(image: &str) -> SpawnRequest {
-        SpawnRequest { image: image.into(), ..Default::default() }
+        SpawnRequest {
+            image: image.into(),
+            ..Default::default()
+        }
     }
 
     fn rule(r: Result<(), ErrorBody>) -> String {
@@ -219,45 +260,103 @@ mod tests {
     #[test]
     fn each_rule_denies_with_its_name() {
         let p = strict();
-        assert_eq!(rule(p.admit_spawn(&mut req("debian"), 0)), "sandbox.allowed_images");
-        assert_eq!(rule(p.admit_spawn(&mut req("tether-test-x"), 2)), "sandbox.max_concurrency");
+        assert_eq!(
+            rule(p.admit_spawn(&mut req("debian"), 0)),
+            "sandbox.allowed_images"
+        );
+        assert_eq!(
+            rule(p.admit_spawn(&mut req("tether-test-x"), 2)),
+            "sandbox.max_concurrency"
+        );
         let mut r = req("alpine:3");
         r.privileged = true;
-        assert_eq!(rule(p.admit_spawn(&mut r, 0)), "sandbox.security.allow_privileged");
+        assert_eq!(
+            rule(p.admit_spawn(&mut r, 0)),
+            "sandbox.security.allow_privileged"
+        );
         let mut r = req("alpine:3");
         r.network = Some("host".into());
-        assert_eq!(rule(p.admit_spawn(&mut r, 0)), "sandbox.security.allow_host_network");
+        assert_eq!(
+            rule(p.admit_spawn(&mut r, 0)),
+            "sandbox.security.allow_host_network"
+        );
         let mut r = req("alpine:3");
         r.devices = vec!["/dev/fuse".into()];
-        assert_eq!(rule(p.admit_spawn(&mut r, 0)), "sandbox.security.allow_device_mounts");
+        assert_eq!(
+            rule(p.admit_spawn(&mut r, 0)),
+            "sandbox.security.allow_device_mounts"
+        );
         for src in ["/etc", "/srv/data/../../etc", "srv/data"] {
             let mut r = req("alpine:3");
-            r.mounts = vec![Mount { source: src.into(), target: "/d".into(), read_only: None }];
-            assert_eq!(rule(p.admit_spawn(&mut r, 0)), "sandbox.mounts.allowed_host_paths", "{src}");
+            r.mounts = vec![Mount {
+                source: src.into(),
+                target: "/d".into(),
+                read_only: None,
+            }];
+            assert_eq!(
+                rule(p.admit_spawn(&mut r, 0)),
+                "sandbox.mounts.allowed_host_paths",
+                "{src}"
+            );
         }
         let mut r = req("alpine:3");
-        r.resources = Resources { cpus: Some(4.0), ..Default::default() };
-        assert_eq!(rule(p.admit_spawn(&mut r, 0)), "sandbox.resources.max_cpu_cores");
-        r.resources = Resources { memory_mb: Some(1024), ..Default::default() };
-        assert_eq!(rule(p.admit_spawn(&mut r, 0)), "sandbox.resources.max_memory_mb");
-        r.resources = Resources { pids: Some(1000), ..Default::default() };
+        r.resources = Resources {
+            cpus: Some(4.0),
+            ..Default::default()
+        };
+        assert_eq!(
+            rule(p.admit_spawn(&mut r, 0)),
+            "sandbox.resources.max_cpu_cores"
+        );
+        r.resources = Resources {
+            memory_mb: Some(1024),
+            ..Default::default()
+        };
+        assert_eq!(
+            rule(p.admit_spawn(&mut r, 0)),
+            "sandbox.resources.max_memory_mb"
+        );
+        r.resources = Resources {
+            pids: Some(1000),
+            ..Default::default()
+        };
         assert_eq!(rule(p.admit_spawn(&mut r, 0)), "sandbox.resources.max_pids");
         let mut r = req("alpine:3");
         r.timeout_secs = Some(601);
-        assert_eq!(rule(p.admit_spawn(&mut r, 0)), "sandbox.timeouts.max_seconds");
-        assert_eq!(rule(p.admit_exec(&mut Some(9999))), "sandbox.timeouts.max_seconds");
+        assert_eq!(
+            rule(p.admit_spawn(&mut r, 0)),
+            "sandbox.timeouts.max_seconds"
+        );
+        assert_eq!(
+            rule(p.admit_exec(&mut Some(9999))),
+            "sandbox.timeouts.max_seconds"
+        );
         let mut off = config::Sandbox::default();
         off.mode = "disabled".into();
-        assert_eq!(rule(Policy::from_file(&off).admit_spawn(&mut req("x"), 0)), "sandbox.mode");
+        assert_eq!(
+            rule(Policy::from_file(&off).admit_spawn(&mut req("x"), 0)),
+            "sandbox.mode"
+        );
     }
 
     #[test]
     fn allowed_requests_get_defaults() {
         let p = strict();
         let mut r = req("tether-test-busybox:latest");
-        r.mounts = vec![Mount { source: "/srv/data/in".into(), target: "/in".into(), read_only: None }];
+        r.mounts = vec![Mount {
+            source: "/srv/data/in".into(),
+            target: "/in".into(),
+            read_only: None,
+        }];
         p.admit_spawn(&mut r, 1).unwrap();
-        assert_eq!(r.resources, Resources { cpus: Some(1.0), memory_mb: Some(256), pids: Some(100) });
+        assert_eq!(
+            r.resources,
+            Resources {
+                cpus: Some(1.0),
+                memory_mb: Some(256),
+                pids: Some(100)
+            }
+        );
         assert_eq!(r.timeout_secs, Some(60));
         assert_eq!(r.mounts[0].read_only, Some(true));
         let mut t = None;

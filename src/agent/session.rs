@@ -62,7 +62,7 @@ pub(super) async fn connect(cfg: &AgentConfig, jwt: &str) -> Result<Ws, ConnectE
         Some(ws_config()),
         true,
         Some(tokio_tungstenite::Connector::Rustls(Arc::new(
-            crate::tls_client_config(),
+            cfg.tls().map_err(|e| ConnectError::Other(e.to_string()))?,
         ))),
     );
     let connected = tokio::time::timeout(cfg.heartbeat_timeout, handshake)

@@ -138,7 +138,10 @@ pub async fn running_count(docker: &Docker, node_id: &str) -> Result<usize, Erro
     let filters = HashMap::from([
         (
             "label".to_string(),
-            vec![format!("{}=true", labels::MANAGED), format!("{}={node_id}", labels::NODE)],
+            vec![
+                format!("{}=true", labels::MANAGED),
+                format!("{}={node_id}", labels::NODE),
+            ],
         ),
         ("status".to_string(), vec!["running".to_string()]),
     ]);
@@ -310,7 +313,11 @@ pub async fn spawn(
         working_dir: spec.spec.workdir.clone(),
         hostname: (!host_net).then(|| format!("w-{}", &name[7..name.len().min(19)])),
         host_config: Some(HostConfig {
-            network_mode: Some(if host_net { "host".into() } else { name.clone() }),
+            network_mode: Some(if host_net {
+                "host".into()
+            } else {
+                name.clone()
+            }),
             privileged: Some(spec.spec.privileged),
             devices: (!spec.spec.devices.is_empty()).then(|| {
                 spec.spec
@@ -328,7 +335,11 @@ pub async fn spawn(
                     .mounts
                     .iter()
                     .map(|m| {
-                        let mode = if m.read_only.unwrap_or(true) { "ro" } else { "rw" };
+                        let mode = if m.read_only.unwrap_or(true) {
+                            "ro"
+                        } else {
+                            "rw"
+                        };
                         format!("{}:{}:{mode}", m.source, m.target)
                     })
                     .collect()

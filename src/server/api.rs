@@ -171,7 +171,14 @@ async fn register(
         version: 1,
         node_id: body.node_id,
         orchestrator: Orchestrator {
-            base_url: format!("http://{host}"),
+            base_url: format!(
+                "{}://{host}",
+                if app.cfg.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                }
+            ),
             connect_path: AGENT_CONNECT_PATH.into(),
         },
         auth: NodeAuth {

@@ -32,6 +32,8 @@ pub struct ServerConfig {
     /// How long a disconnected node's channels and requests wait for it to
     /// reconnect and resume before they fail with `unavailable`.
     pub resume_grace: Duration,
+    /// Serve HTTPS with this certificate chain and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl ServerConfig {
@@ -44,6 +46,7 @@ impl ServerConfig {
             heartbeat_interval: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(30),
             resume_grace: hub::DEFAULT_RESUME_GRACE,
+            tls: None,
         }
     }
 }
@@ -86,6 +89,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("server failed: {0}")]
     Serve(#[source] std::io::Error),
 }
@@ -103,6 +108,7 @@ pub(crate) struct AppState {
 /// A bound server, not yet serving.
 pub struct Server {
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     state: Arc<AppState>,
 }
 
@@ -127,6 +133,12 @@ impl Server {
         let admin_token = load_or_create_secret(&token_path, 32).map_err(state_err(token_path))?;
         let key_path = cfg.state_dir.join("jwt.key");
         let key = load_or_create_secret(&key_path, 32).map_err(state_err(key_path))?;
+        let tls = match &cfg.tls {
+            Some((cert, key)) => Some(Arc::new(
+                crate::tls::server_config(cert, key).map_err(ServerError::Tls)?,
+            )),
+            None => None,
+        };
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| ServerError::Bind {
@@ -140,7 +152,11 @@ impl Server {
             admin_token,
             shutdown: CancellationToken::new(),
         });
-        Ok(Server { listener, state })
+        Ok(Server {
+            listener,
+            tls,
+            state,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -173,10 +189,59 @@ impl Server {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(graceful)
-            .await
-            .map_err(ServerError::Serve)
+        match self.tls {
+            None => axum::serve(self.listener, app)
+                .with_graceful_shutdown(graceful)
+                .await
+                .map_err(ServerError::Serve),
+            Some(tls) => {
+                serve_tls(self.listener, tls, app, shutdown).await;
+                graceful.await;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// HTTPS: rustls in front of the same router. Accepts until `shutdown`;
+/// each connection is served with HTTP/1.1 and WebSocket upgrades.
+async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: axum::Router,
+    shutdown: CancellationToken,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::service::TowerToHyperService;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let svc = TowerToHyperService::new(app);
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .await;
+        });
     }
 }
 

@@ -12,6 +12,7 @@ use bollard::query_parameters::{
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Label on every object the baseline creates (scripts/cleanup.sh removes it).
@@ -107,14 +108,24 @@ pub async fn exec_unread(d: &Docker, container: &str, cmd: &[String]) -> anyhow:
     start_exec(d, &id).await
 }
 
-/// The exit code; the output may end a moment before the engine records it.
+/// Execs whose exit code was read, and how many of them still showed as
+/// running at the first look (the engine ends the output stream a moment
+/// before it records the exit).
+pub static EXITS: AtomicU64 = AtomicU64::new(0);
+pub static EXITS_LATE: AtomicU64 = AtomicU64::new(0);
+
+/// The exit code, polled every millisecond until the engine has it.
 async fn exit_code(d: &Docker, id: &str) -> anyhow::Result<i64> {
-    for _ in 0..5000 {
+    EXITS.fetch_add(1, Ordering::Relaxed);
+    for attempt in 0..5000 {
         let i = d.inspect_exec(id).await.context("inspect exec")?;
         if i.running != Some(true)
             && let Some(code) = i.exit_code
         {
             return Ok(code);
+        }
+        if attempt == 0 {
+            EXITS_LATE.fetch_add(1, Ordering::Relaxed);
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }

@@ -174,6 +174,8 @@ impl Bench {
             self.direct(&c).await?;
         }
         let (mut t, mut d) = (Vec::new(), Vec::new());
+        let exits = direct::EXITS.load(Ordering::Relaxed);
+        let late = direct::EXITS_LATE.load(Ordering::Relaxed);
         for i in 0..self.p.rtt_n {
             // Alternate the order so neither side always runs second.
             let (a, b) = if i % 2 == 0 {
@@ -187,6 +189,11 @@ impl Bench {
             t.push(secs_ms(a.0));
             d.push(secs_ms(b.0));
         }
+        let exits = direct::EXITS.load(Ordering::Relaxed) - exits;
+        let late = direct::EXITS_LATE.load(Ordering::Relaxed) - late;
+        self.notes.push(format!(
+            "exec: in {late} of {exits} direct execs the engine still reported the exec running when its output ended (a direct client polls every 1 ms; tether's agent sleeps 10 ms between polls)"
+        ));
         Ok(vec![
             Figure::new("exec_rtt_p50_ms", "ms", median(&t), median(&d)),
             Figure::new("exec_rtt_p99_ms", "ms", p99(&t), p99(&d)),

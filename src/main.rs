@@ -69,9 +69,6 @@ struct AgentArgs {
     /// Prefix length of each worker's subnet.
     #[arg(long, env = "TETHER_SUBNET_PREFIX", default_value_t = 28)]
     subnet_prefix: u8,
-    /// Seconds between heartbeats (the server's value applies once connected).
-    #[arg(long, default_value_t = 10)]
-    heartbeat_interval: u64,
     /// Seconds of silence after which the connection is dropped; also the
     /// connect timeout [file: orchestrator.timeouts.connect_seconds].
     #[arg(long)]
@@ -326,7 +323,6 @@ fn agent_config(
     cfg.docker_socket = a.docker_socket;
     cfg.subnet_pool = a.subnet_pool;
     cfg.subnet_prefix = a.subnet_prefix;
-    cfg.heartbeat_interval = Duration::from_secs(a.heartbeat_interval.max(1));
     let mut logging = tether::config::Logging::default();
     if let Some(f) = &file {
         cfg.heartbeat_timeout = Duration::from_secs(f.orchestrator.timeouts.connect_seconds.max(2));

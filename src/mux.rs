@@ -268,7 +268,15 @@ impl Channels {
             // Data racing a close is normal; drop it.
             return Ok(());
         };
-        let end = frame.offset + frame.payload.len() as u64;
+        let Some(end) = frame.offset.checked_add(frame.payload.len() as u64) else {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "channel {}: frame offset {} overflows",
+                    frame.channel, frame.offset
+                ),
+            ));
+        };
         if end <= e.received {
             return Ok(()); // duplicate
         }

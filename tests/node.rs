@@ -77,3 +77,38 @@ async fn capability_report_is_real_and_its_hash_stable() {
     second.await.unwrap().unwrap();
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_token_is_refreshed_over_the_live_connection() {
+    // Tokens live 6 s here; the server refreshes at a third left.
+    let mut h = Harness::server_with(|c| c.jwt_ttl = std::time::Duration::from_secs(6)).await;
+    let node = h.add_agent().await;
+    let since = h.hub.node_info(&node).unwrap().connected_since.unwrap();
+    let token_file = h.state_path(&format!("{node}/{node}.jwt"));
+    let first = std::fs::read_to_string(&token_file).unwrap();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&token_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    // Well past the first token's expiry (plus the 5 s leeway).
+    tokio::time::sleep(std::time::Duration::from_secs(13)).await;
+    let info = h.hub.node_info(&node).unwrap();
+    assert_eq!(info.status, "online");
+    assert_eq!(
+        info.connected_since.unwrap(),
+        since,
+        "the agent never reconnected"
+    );
+    let now = std::fs::read_to_string(&token_file).unwrap();
+    assert_ne!(now, first, "a fresh token was stored");
+    // The stored token is valid for this node on the server.
+    let key = std::fs::read_to_string(h.state_path("server/jwt.key")).unwrap();
+    let signer =
+        tether::server::auth::Signer::new(key.trim().as_bytes(), std::time::Duration::from_secs(6));
+    assert_eq!(signer.verify(now.trim()).unwrap(), node);
+    assert!(
+        signer.verify(first.trim()).is_err(),
+        "the first token has expired"
+    );
+    h.stop().await;
+}

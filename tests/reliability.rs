@@ -229,14 +229,7 @@ async fn command_started_before_a_cut_completes_after_it() {
 
 fn spawn_agent_process(h: &Harness, node: &str) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args([
-            "agent",
-            "--heartbeat-interval",
-            "2",
-            "--heartbeat-timeout",
-            "6",
-            "--state-dir",
-        ])
+        .args(["agent", "--heartbeat-timeout", "6", "--state-dir"])
         .arg(h.state_path(node))
         .env("TETHER_SERVER", &h.url)
         .env("TETHER_PSK", PSK)

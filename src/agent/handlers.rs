@@ -254,28 +254,31 @@ async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
     let limit = req.timeout_secs.map(std::time::Duration::from_secs);
     let deadline = tokio::time::sleep(limit.unwrap_or(std::time::Duration::from_secs(365 * 86400)));
     tokio::pin!(deadline);
+    let timed_out = || async {
+        let secs = req.timeout_secs.unwrap_or_default();
+        let detail = match exec::kill(&ctx.docker, &exec_id).await {
+            Ok(n) => format!("killed {n} process(es)"),
+            Err(e) => format!("could not kill it: {}", e.message),
+        };
+        warn!(channel = ch, secs, %detail, "exec timed out");
+        ErrorBody::new(
+            ErrorCode::Timeout,
+            format!("exec exceeded its {secs} s limit; {detail}"),
+        )
+    };
     let outcome: Result<(), Option<ErrorBody>> = loop {
         tokio::select! {
             _ = cancel.cancelled() => break Err(None),
-            _ = &mut deadline, if limit.is_some() => {
-                let secs = req.timeout_secs.unwrap_or_default();
-                let killed = exec::kill(&ctx.docker, &exec_id).await;
-                let detail = match killed {
-                    Ok(n) => format!("killed {n} process(es)"),
-                    Err(e) => format!("could not kill it: {}", e.message),
-                };
-                warn!(channel = ch, secs, %detail, "exec timed out");
-                break Err(Some(ErrorBody::new(
-                    ErrorCode::Timeout,
-                    format!("exec exceeded its {secs} s limit; {detail}"),
-                )));
-            }
+            _ = &mut deadline, if limit.is_some() => break Err(Some(timed_out().await)),
             item = output.next() => match item {
                 None => break Ok(()),
                 Some(Ok(o)) => {
-                    if let Some((kind, data)) = exec::split(o)
-                        && writer.write(kind, data).await.is_err() {
-                        break Err(None);
+                    let Some((kind, data)) = exec::split(o) else { continue };
+                    // Waiting for credit (a stalled reader, a lost link)
+                    // does not stop the clock.
+                    tokio::select! {
+                        r = writer.write(kind, data) => if r.is_err() { break Err(None) },
+                        _ = &mut deadline, if limit.is_some() => break Err(Some(timed_out().await)),
                     }
                 }
                 Some(Err(e)) => break Err(Some(docker::to_error(e, "read exec output"))),

@@ -139,6 +139,10 @@ pub(crate) struct Ctx {
     pub reported_hash: std::sync::Mutex<Option<String>>,
     /// The node's local policy.
     pub policy: policy::Policy,
+    /// Where the node token is kept (0600).
+    pub token_path: PathBuf,
+    /// A token the server sent over the live link, for the next connection.
+    pub refreshed_token: std::sync::Mutex<Option<String>>,
     /// Largest control message accepted from the server.
     pub max_request_bytes: usize,
     /// Docker did not answer the last probe: new work is refused.
@@ -180,6 +184,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         degraded: Default::default(),
         identity: cfg.identity.clone(),
         policy: cfg.policy.clone(),
+        token_path: cfg.state_dir.join(format!("{}.jwt", cfg.node_id)),
+        refreshed_token: Default::default(),
         max_request_bytes: cfg.max_request_bytes,
         state_dir: cfg.state_dir.clone(),
         reported_hash: Default::default(),
@@ -195,7 +201,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     }
 
     // One token file per node id: a renamed node registers afresh.
-    let token_path = cfg.state_dir.join(format!("{}.jwt", cfg.node_id));
+    let token_path = ctx.token_path.clone();
     let mut token = std::fs::read_to_string(&token_path)
         .ok()
         .map(|t| t.trim().to_string());
@@ -254,6 +260,9 @@ async fn connect_and_serve(
     token_path: &Path,
     shutdown: &CancellationToken,
 ) -> Result<(), AgentError> {
+    if let Some(t) = ctx.refreshed_token.lock().unwrap().take() {
+        *token = Some(t);
+    }
     let jwt = match token.clone() {
         Some(t) => t,
         None => {

@@ -331,6 +331,16 @@ fn on_text(text: &str, ctx: &Arc<Ctx>) {
             )));
         }
         Message::Error { id, error } => warn!(?id, %error, "server reported an error"),
+        Message::Token(t) => {
+            // Never logged; kept 0600 for the next connection.
+            match super::write_private(&ctx.token_path, &t.node_jwt) {
+                Ok(()) => {
+                    *ctx.refreshed_token.lock().unwrap() = Some(t.node_jwt);
+                    info!(expires_at = %t.expires_at, "node token refreshed");
+                }
+                Err(e) => warn!(error = %e, "could not store the refreshed node token"),
+            }
+        }
         other => {
             let _ = out.send(Outbound::msg(&Message::error(
                 None,

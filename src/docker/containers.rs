@@ -246,6 +246,13 @@ fn validate(spec: &Spawn) -> Result<(), ErrorBody> {
     if memory_mb.is_some_and(|m| !(6..=16 * 1024 * 1024).contains(&m)) {
         return bad("memory must be between 6 MB (Docker's minimum) and 16 TB".into());
     }
+    if spec
+        .spec
+        .timeout_secs
+        .is_some_and(|t| t == 0 || t > 10 * 365 * 86400)
+    {
+        return bad("timeout must be between 1 second and 10 years".into());
+    }
     if pids.is_some_and(|p| p < 1) {
         return bad("pids must be at least 1".into());
     }

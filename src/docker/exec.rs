@@ -121,7 +121,15 @@ pub async fn kill(docker: &Docker, exec_id: &str) -> Result<usize, ErrorBody> {
     let Some(pid) = info.pid.filter(|p| *p > 0) else {
         return Ok(0); // already gone
     };
-    let tree = process_tree(pid as i32);
+    // Only if that PID is really this container's process here: an agent in
+    // its own PID namespace may see an unrelated process with that number.
+    let container = info.container_id.unwrap_or_default();
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let tree = if !container.is_empty() && cgroup.contains(&container) {
+        process_tree(pid as i32)
+    } else {
+        Vec::new()
+    };
     if tree.is_empty() {
         return Err(ErrorBody::new(
             ErrorCode::Unsupported,

@@ -329,6 +329,15 @@ pub struct NodeStatus {
     pub at: String,
 }
 
+/// A fresh node token, server to agent, sent over the live connection before
+/// the current one expires; the agent uses it for its next connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenRefresh {
+    pub node_jwt: String,
+    /// RFC 3339 UTC.
+    pub expires_at: String,
+}
+
 /// Hash of a capability report: SHA-256 of its canonical JSON (keys sorted)
 /// without the volatile `reported_at` and `compute.storage_free_mb`.
 pub fn capability_hash(report: &Value) -> String {
@@ -419,6 +428,7 @@ pub enum Message {
     NodeStatus(NodeStatus),
     /// A new capability report (agent to server), sent when its hash changes.
     Capabilities(Value),
+    Token(TokenRefresh),
     /// A type this build does not know; answered with `unsupported` when it has an id.
     Unknown {
         kind: String,
@@ -505,6 +515,7 @@ impl Message {
             "worker_event" => Ok(Message::WorkerEvent(typed(k, &id, payload)?)),
             "node_status" => Ok(Message::NodeStatus(typed(k, &id, payload)?)),
             "capabilities" => Ok(Message::Capabilities(payload)),
+            "token" => Ok(Message::Token(typed(k, &id, payload)?)),
             "spawn" => req(Request::Spawn(typed(k, &id, payload)?), id),
             "stop" => req(Request::Stop(typed(k, &id, payload)?), id),
             "remove" => req(Request::Remove(typed(k, &id, payload)?), id),
@@ -534,6 +545,7 @@ impl Message {
             Message::WorkerEvent(p) => ("worker_event", None, to_value(p)),
             Message::NodeStatus(p) => ("node_status", None, to_value(p)),
             Message::Capabilities(p) => ("capabilities", None, p.clone()),
+            Message::Token(p) => ("token", None, to_value(p)),
             Message::Unknown { kind, id } => (kind, id.as_deref(), Value::Null),
         };
         let env = Envelope {

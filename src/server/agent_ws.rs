@@ -24,16 +24,17 @@ pub(super) async fn connect(
     ws: WebSocketUpgrade,
 ) -> Response {
     let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
-    let node_id = match super::auth::bearer(auth).map(|t| app.signer.verify(t)) {
-        Some(Ok(n)) => n,
-        Some(Err(e)) => return super::api::error_response(e),
-        None => {
-            return super::api::error_response(ErrorBody::new(
-                ErrorCode::Unauthorized,
-                "missing node token",
-            ));
-        }
-    };
+    let (node_id, token_exp) =
+        match super::auth::bearer(auth).map(|t| app.signer.verify_with_expiry(t)) {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return super::api::error_response(e),
+            None => {
+                return super::api::error_response(ErrorBody::new(
+                    ErrorCode::Unauthorized,
+                    "missing node token",
+                ));
+            }
+        };
     let offered = headers
         .get_all("sec-websocket-protocol")
         .iter()
@@ -50,7 +51,7 @@ pub(super) async fn connect(
         .max_frame_size(MAX_WS_MESSAGE)
         .on_upgrade(move |socket| {
             let span = info_span!("agent", %node_id);
-            session(app, node_id, socket).instrument(span)
+            session(app, node_id, token_exp, socket).instrument(span)
         })
         .into_response()
 }
@@ -67,7 +68,7 @@ fn to_ws(o: Outbound) -> WsMessage {
     }
 }
 
-async fn session(app: Arc<AppState>, node_id: String, socket: WebSocket) {
+async fn session(app: Arc<AppState>, node_id: String, mut token_exp: u64, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
     // Handshake: the first message must be a hello for the token's node.
     let first = tokio::time::timeout(Duration::from_secs(15), stream.next()).await;
@@ -172,6 +173,18 @@ async fn session(app: Arc<AppState>, node_id: String, socket: WebSocket) {
                     break format!("no heartbeat for {} s", last_rx.elapsed().as_secs());
                 }
                 let _ = out.send(Outbound::Ping);
+                // Refresh the node token over the live link when a third of
+                // its lifetime is left: no reconnect needed.
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+                if now + app.signer.ttl().as_secs() / 3 >= token_exp {
+                    let (jwt, exp) = app.signer.issue(&node_id);
+                    token_exp = exp.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+                    let _ = out.send(Outbound::msg(&Message::Token(crate::protocol::TokenRefresh {
+                        node_jwt: jwt,
+                        expires_at: humantime::format_rfc3339_seconds(exp).to_string(),
+                    })));
+                    info!("node token refreshed");
+                }
             }
             _ = app.shutdown.cancelled() => {
                 let _ = out.send(Outbound::Close(1001, "server shutting down".into()));

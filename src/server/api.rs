@@ -396,8 +396,11 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, socket: WebSocket) 
     let pump_in = async move {
         while let Some(Ok(m)) = rx.next().await {
             match m {
-                WsMessage::Binary(b) if input.write(b.clone()).await.is_err() => break,
-                WsMessage::Binary(_) => {}
+                // Input after the process ended is dropped; the output side
+                // still delivers the exit.
+                WsMessage::Binary(b) => {
+                    let _ = input.write(b).await;
+                }
                 WsMessage::Text(t) => match serde_json::from_str::<ExecControl>(t.as_str()) {
                     Ok(ExecControl::Resize { cols, rows }) => {
                         let _ = input.resize(TermSize { cols, rows }).await;

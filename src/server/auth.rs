@@ -25,6 +25,10 @@ pub struct Signer {
 }
 
 impl Signer {
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     pub fn new(key: &[u8], ttl: Duration) -> Self {
         Signer {
             enc: EncodingKey::from_secret(key),
@@ -51,11 +55,16 @@ impl Signer {
 
     /// Checks a token and returns the node id it was issued to.
     pub fn verify(&self, token: &str) -> Result<String, ErrorBody> {
+        self.verify_with_expiry(token).map(|(node, _)| node)
+    }
+
+    /// Checks a token; returns its node id and expiry (Unix seconds).
+    pub fn verify_with_expiry(&self, token: &str) -> Result<(String, u64), ErrorBody> {
         let mut v = Validation::new(Algorithm::HS256);
         v.set_audience(&[AUDIENCE]);
         v.leeway = 5;
         jsonwebtoken::decode::<Claims>(token, &self.dec, &v)
-            .map(|d| d.claims.sub)
+            .map(|d| (d.claims.sub, d.claims.exp))
             .map_err(|e| {
                 ErrorBody::new(ErrorCode::Unauthorized, format!("invalid node token: {e}"))
             })

@@ -36,6 +36,9 @@ pub struct NodeInfo {
     /// Why the node is offline or degraded, when it is.
     pub offline_reason: Option<String>,
     pub agent_version: Option<String>,
+    /// When the current connection started (RFC 3339 UTC, sub-second).
+    #[serde(default)]
+    pub connected_since: Option<String>,
 }
 
 /// A node with its capability report (`GET /api/v1/nodes/{id}`).
@@ -225,9 +228,19 @@ impl AgentLink {
         self.opening.lock().unwrap().insert(id);
         let r = self.request(make(id)).await;
         self.opening.lock().unwrap().remove(&id);
-        // On failure `stream` drops here, which also tells the agent to
-        // cancel (a timed-out request may still be running there).
-        r.map(|_| (id, writer, stream))
+        match r {
+            Ok(_) => Ok((id, writer, stream)),
+            // The agent answered with an error: it has no such channel.
+            Err(e) if e.code != ErrorCode::Timeout && e.code != ErrorCode::Unavailable => {
+                let mut stream = stream;
+                stream.done = true;
+                self.channels.remove(id);
+                Err(e)
+            }
+            // Timed out or cut off: dropping `stream` tells the agent to
+            // cancel, in case the request still runs there.
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -377,6 +390,7 @@ struct NodeEntry {
     link: Arc<AgentLink>,
     /// An agent connection is up.
     online: bool,
+    connected_since: Option<SystemTime>,
     /// Why the node cannot take work although connected (runtime down).
     degraded: Option<String>,
     /// The latest capability report and its hash.
@@ -451,6 +465,10 @@ impl Hub {
                         n.offline_reason.clone()
                     },
                     agent_version: n.agent_version.clone(),
+                    connected_since: n
+                        .connected_since
+                        .filter(|_| n.online)
+                        .map(|t| humantime::format_rfc3339_millis(t).to_string()),
                 }
             })
             .collect();
@@ -786,6 +804,7 @@ impl Hub {
             .or_insert_with(|| NodeEntry {
                 link: AgentLink::new(node_id.to_string()),
                 online: false,
+                connected_since: None,
                 degraded: None,
                 capabilities: None,
                 draining: false,
@@ -807,6 +826,7 @@ impl Hub {
         let mut reg = self.reg.lock().unwrap();
         if let Some(entry) = reg.nodes.get_mut(node_id) {
             entry.online = true;
+            entry.connected_since = Some(SystemTime::now());
             entry.degraded = None;
             entry.last_seen = SystemTime::now();
             entry.offline_reason = None;

@@ -20,7 +20,7 @@ pub const TEST_LABEL: (&str, &str) = ("tether.test", "1");
 /// Label naming the benchmark run, for a cleanup that spares everything else.
 pub const RUN_LABEL: &str = "tether.bench.run";
 
-const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// A tar archive of one file `name` of `size` zero bytes, generated on the
 /// fly in 64 KiB chunks: header, data, padding, end-of-archive blocks.

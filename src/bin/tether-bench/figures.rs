@@ -166,7 +166,7 @@ impl Bench {
         Ok((t0.elapsed(), r))
     }
 
-    /// 1. Sequential `true` round trips.
+    /// Figure 1: Sequential `true` round trips.
     pub async fn exec_rtt(&mut self) -> anyhow::Result<Vec<Figure>> {
         let c = cmd(&["true"]);
         for _ in 0..self.p.rtt_warmup {
@@ -200,7 +200,7 @@ impl Bench {
         ])
     }
 
-    /// 2. Bulk output of one exec to the client.
+    /// Figure 2: Bulk output of one exec to the client.
     pub async fn throughput(&mut self) -> anyhow::Result<Vec<Figure>> {
         let n = self.p.throughput_bytes;
         let warm = cmd(&["head", "-c", &MIB.to_string(), "/dev/zero"]);
@@ -274,7 +274,7 @@ impl Bench {
         Ok(())
     }
 
-    /// 3. Archive upload and download of one file of zeros.
+    /// Figure 3: Archive upload and download of one file of zeros.
     pub async fn files(&mut self) -> anyhow::Result<Vec<Figure>> {
         let n = self.p.file_bytes;
         let put = "bench-put.bin";
@@ -360,7 +360,7 @@ impl Bench {
         r.map(|()| dt)
     }
 
-    /// 4. Time until a new worker (with its network) runs.
+    /// Figure 4: Time until a new worker (with its network) runs.
     pub async fn spawn(&mut self) -> anyhow::Result<Vec<Figure>> {
         self.tether_spawn().await?;
         self.direct_spawn(0).await?;
@@ -451,7 +451,7 @@ impl Bench {
         r
     }
 
-    /// 5. Many concurrent short execs over one agent connection, with and
+    /// Figure 5: Many concurrent short execs over one agent connection, with and
     /// without a stalled channel beside them.
     pub async fn concurrent(&mut self) -> anyhow::Result<Vec<Figure>> {
         let n = self.p.concurrent_n;
@@ -484,7 +484,7 @@ impl Bench {
         ])
     }
 
-    /// 6. Memory of an agent running as its own process: idle, then while it
+    /// Figure 6: Memory of an agent running as its own process: idle, then while it
     /// carries many concurrent streams.
     pub async fn agent_rss(&mut self) -> anyhow::Result<Vec<Figure>> {
         let node = format!("test-bench-proc-{}", ulid());

@@ -655,7 +655,7 @@ mod tests {
     fn the_example_is_valid() {
         let f = parse(EXAMPLE).unwrap();
         assert_eq!(f.node.id, "node-1");
-        assert_eq!(f.sandbox.mounts.read_only_by_default, true);
+        assert!(f.sandbox.mounts.read_only_by_default);
         assert_eq!(f.worker_api.max_request_bytes, 1048576);
     }
 

@@ -232,15 +232,24 @@ mod tests {
     use crate::protocol::{Mount, Resources};
 
     fn strict() -> Policy {
-        let mut s = config::Sandbox::default();
-        s.allowed_images = vec!["tether-test-*".into(), "alpine:3".into()];
-        s.max_concurrency = 2;
-        s.resources.max_cpu_cores = 2.0;
-        s.resources.max_memory_mb = 256;
-        s.resources.max_pids = 100;
-        s.timeouts.default_seconds = 60;
-        s.timeouts.max_seconds = 600;
-        s.mounts.allowed_host_paths = vec!["/srv/data".into()];
+        let s = config::Sandbox {
+            allowed_images: vec!["tether-test-*".into(), "alpine:3".into()],
+            max_concurrency: 2,
+            resources: config::Resources {
+                max_cpu_cores: 2.0,
+                max_memory_mb: 256,
+                max_pids: 100,
+            },
+            timeouts: config::Timeouts {
+                default_seconds: 60,
+                max_seconds: 600,
+            },
+            mounts: config::Mounts {
+                allowed_host_paths: vec!["/srv/data".into()],
+                read_only_by_default: true,
+            },
+            ..Default::default()
+        };
         Policy::from_file(&s)
     }
 
@@ -331,8 +340,10 @@ mod tests {
             rule(p.admit_exec(&mut Some(9999))),
             "sandbox.timeouts.max_seconds"
         );
-        let mut off = config::Sandbox::default();
-        off.mode = "disabled".into();
+        let off = config::Sandbox {
+            mode: "disabled".into(),
+            ..Default::default()
+        };
         assert_eq!(
             rule(Policy::from_file(&off).admit_spawn(&mut req("x"), 0)),
             "sandbox.mode"

@@ -441,7 +441,14 @@ async fn next(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>
     let f = async {
         loop {
             if let Ws::Text(t) = ws.next().await.unwrap().unwrap() {
-                return serde_json::from_str::<Value>(t.as_str()).unwrap();
+                let v = serde_json::from_str::<Value>(t.as_str()).unwrap();
+                // Unsolicited reports are not answers.
+                if !matches!(
+                    v["type"].as_str(),
+                    Some("node_status" | "capabilities" | "worker_event")
+                ) {
+                    return v;
+                }
             }
         }
     };

@@ -221,6 +221,11 @@ enum CtlCmd {
     },
     /// Inspect a worker (JSON).
     Inspect { worker: String },
+    /// Configuration commands (`config push NODE FILE`).
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
     /// Node commands (`node inspect NODE`).
     Node {
         #[command(subcommand)]
@@ -230,6 +235,12 @@ enum CtlCmd {
     Drain { node: String },
     /// Resume scheduling on a node.
     Undrain { node: String },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Push versioned configuration (YAML or JSON) to a node; prints the ack.
+    Push { node: String, file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -618,6 +629,22 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
             } => {
                 let n = client.node(&node).await?;
                 println!("{}", serde_json::to_string_pretty(&n).expect("serializes"));
+            }
+            CtlCmd::Config {
+                cmd: ConfigCmd::Push { node, file },
+            } => {
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| CtlError::Local(format!("{}: {e}", file.display())))?;
+                let cfg: tether::protocol::NodeConfig = serde_saphyr::from_str(&text)
+                    .map_err(|e| CtlError::Local(format!("{}: {e}", file.display())))?;
+                let ack = client.push_config(&node, &cfg).await?;
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&ack).expect("serializes")
+                );
+                if ack.status != "applied" {
+                    return Ok(1);
+                }
             }
             CtlCmd::Drain { node } => {
                 client.drain(&node, true).await?;

@@ -126,12 +126,25 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
         let d = &ctx.docker;
         match (request, opened) {
             (Request::Spawn(mut s), _) => {
+                // The node's own policy first: it has the last word.
+                let orchestrator = ctx
+                    .applied
+                    .lock()
+                    .unwrap()
+                    .as_ref()
+                    .map(|a| a.policy.clone());
                 let admitted = match containers::running_count(d, &node).await {
-                    Ok(running) => ctx.policy.admit_spawn(&mut s.spec, running),
+                    Ok(running) => ctx.policy.admit_spawn(&mut s.spec, running).and_then(|()| {
+                        match &orchestrator {
+                            Some(p) => p.admit_spawn(&mut s.spec, running),
+                            None => Ok(()),
+                        }
+                    }),
                     Err(e) => Err(e),
                 };
+                let creds = super::nodeconfig::credentials(&ctx, &s.spec.image);
                 let r = match admitted {
-                    Ok(()) => containers::spawn(d, &ctx.pool, &node, ctx.defaults, &s).await,
+                    Ok(()) => containers::spawn(d, &ctx.pool, &node, ctx.defaults, &s, creds).await,
                     Err(e) => Err(e),
                 };
                 if let Ok(w) = &r {
@@ -151,6 +164,7 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
                 let res = containers::remove(d, &ctx.pool, &node, &r.worker_id, r.force).await;
                 reply(&ctx, id, res.map(|()| json!({ "worker_id": r.worker_id })));
             }
+            (Request::Configure(c), _) => reply(&ctx, id, super::nodeconfig::apply(&ctx, c).await),
             (Request::Inspect(w), _) => {
                 reply(&ctx, id, containers::inspect(d, &node, &w.worker_id).await)
             }
@@ -201,7 +215,17 @@ async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
     let ch = req.channel;
     let channels = &ctx.channels;
     let mut req = req;
-    if let Err(e) = ctx.policy.admit_exec(&mut req.timeout_secs) {
+    let orchestrator = ctx
+        .applied
+        .lock()
+        .unwrap()
+        .as_ref()
+        .map(|a| a.policy.clone());
+    let admitted = ctx
+        .policy
+        .admit_exec(&mut req.timeout_secs)
+        .and_then(|()| orchestrator.map_or(Ok(()), |p| p.admit_exec(&mut req.timeout_secs)));
+    if let Err(e) = admitted {
         channels.remove(ch);
         return reply::<()>(ctx, id, Err(e));
     }

@@ -5,6 +5,7 @@
 pub mod capabilities;
 mod handlers;
 mod health;
+mod nodeconfig;
 pub mod policy;
 mod session;
 
@@ -139,6 +140,8 @@ pub(crate) struct Ctx {
     pub reported_hash: std::sync::Mutex<Option<String>>,
     /// The node's local policy.
     pub policy: policy::Policy,
+    /// The configuration pushed by the orchestrator, in force.
+    pub(crate) applied: std::sync::Mutex<Option<nodeconfig::Applied>>,
     /// Where the node token is kept (0600).
     pub token_path: PathBuf,
     /// A token the server sent over the live link, for the next connection.
@@ -185,6 +188,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         identity: cfg.identity.clone(),
         policy: cfg.policy.clone(),
         token_path: cfg.state_dir.join(format!("{}.jwt", cfg.node_id)),
+        applied: std::sync::Mutex::new(nodeconfig::load(&cfg.state_dir)),
         refreshed_token: Default::default(),
         max_request_bytes: cfg.max_request_bytes,
         state_dir: cfg.state_dir.clone(),

@@ -159,6 +159,12 @@ pub(super) async fn serve(
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         inventory,
         channels: ctx.channels.states(),
+        config_version: ctx
+            .applied
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|a| a.config.config_version.clone()),
         capabilities: Some(serde_json::to_value(&report).expect("reports serialize")),
     });
     ws.send(WsMessage::text(hello.encode()))

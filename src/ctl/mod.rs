@@ -139,6 +139,19 @@ impl Client {
             .await
     }
 
+    /// Pushes a node configuration; returns the agent's acknowledgement.
+    pub async fn push_config(
+        &self,
+        node: &str,
+        cfg: &crate::protocol::NodeConfig,
+    ) -> Result<crate::protocol::ConfigAck, CtlError> {
+        self.json(
+            self.request(Method::PUT, &format!("/api/v1/nodes/{node}/config"))
+                .json(cfg),
+        )
+        .await
+    }
+
     pub async fn drain(&self, node: &str, drain: bool) -> Result<NodeInfo, CtlError> {
         let verb = if drain { "drain" } else { "undrain" };
         self.json(self.request(Method::POST, &format!("/api/v1/nodes/{node}/{verb}")))

@@ -170,7 +170,11 @@ pub async fn list(docker: &Docker, node_id: &str) -> Result<Vec<WorkerInfo>, Err
 }
 
 /// Makes sure `image` is present, pulling it if the engine can.
-async fn ensure_image(docker: &Docker, image: &str) -> Result<(), ErrorBody> {
+pub async fn ensure_image(
+    docker: &Docker,
+    image: &str,
+    credentials: Option<bollard::auth::DockerCredentials>,
+) -> Result<(), ErrorBody> {
     match docker.inspect_image(image).await {
         Ok(_) => return Ok(()),
         Err(DockerError::DockerResponseServerError {
@@ -185,7 +189,7 @@ async fn ensure_image(docker: &Docker, image: &str) -> Result<(), ErrorBody> {
                 ..Default::default()
             }),
             None,
-            None,
+            credentials,
         );
         while let Some(item) = s.next().await {
             item?;
@@ -267,6 +271,7 @@ pub async fn spawn(
     node_id: &str,
     defaults: Defaults,
     spec: &Spawn,
+    credentials: Option<bollard::auth::DockerCredentials>,
 ) -> Result<WorkerInfo, ErrorBody> {
     validate(spec)?;
     match inspect(docker, node_id, &spec.worker_id).await {
@@ -274,7 +279,8 @@ pub async fn spawn(
         Err(e) if e.code == ErrorCode::NotFound => {}
         Err(e) => return Err(e),
     }
-    ensure_image(docker, &spec.spec.image).await?;
+    // Credentials go to the pull only: never into the container.
+    ensure_image(docker, &spec.spec.image, credentials).await?;
 
     let name = object_name(&spec.worker_id);
     let mut object_labels = HashMap::from([

@@ -36,6 +36,9 @@ pub struct Hello {
     /// What the agent has received on each open channel, for resumption.
     #[serde(default)]
     pub channels: Vec<ChannelState>,
+    /// `config_version` of the configuration the agent has applied, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_version: Option<String>,
     /// Capability report (see docs/protocol.md); opaque to this layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Value>,
@@ -329,6 +332,78 @@ pub struct NodeStatus {
     pub at: String,
 }
 
+/// Versioned node configuration pushed by the orchestrator (`configure`).
+/// The node's own YAML policy stays the last word: this can only narrow it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    #[serde(default = "one")]
+    pub version: u32,
+    /// A ULID: monotonic by string order; an older or equal one is ignored.
+    #[serde(default)]
+    pub config_version: String,
+    /// Registries and their pull credentials (used for image pulls only).
+    #[serde(default)]
+    pub registries: Vec<Registry>,
+    #[serde(default)]
+    pub policy: ConfigPolicy,
+    #[serde(default)]
+    pub constraints: Constraints,
+    /// Reserved for node-local inference (stored, not acted on yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference_backend: Option<Value>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    pub server: String,
+    #[serde(default)]
+    pub username: String,
+    #[serde(default)]
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigPolicy {
+    /// Same keys as the node YAML's `sandbox` section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Constraints {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_job_timeout_seconds: Option<u64>,
+}
+
+/// The agent's answer to `configure`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConfigAck {
+    pub config_version: String,
+    /// `applied`, `failed` or `rolled_back`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ConfigAckError>,
+    /// SHA-256 of the configuration in force after this push (secrets excluded).
+    pub effective_config_hash: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConfigAckError {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub message: String,
+}
+
 /// A fresh node token, server to agent, sent over the live connection before
 /// the current one expires; the agent uses it for its next connection.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -366,6 +441,7 @@ pub enum Request {
     GetArchive(Archive),
     Stat(Stat),
     Resize(Resize),
+    Configure(NodeConfig),
 }
 
 impl Request {
@@ -382,6 +458,7 @@ impl Request {
             Request::GetArchive(_) => "get_archive",
             Request::Stat(_) => "stat",
             Request::Resize(_) => "resize",
+            Request::Configure(_) => "configure",
         }
     }
 
@@ -397,6 +474,7 @@ impl Request {
             Request::PutArchive(p) | Request::GetArchive(p) => serde_json::to_value(p),
             Request::Stat(p) => serde_json::to_value(p),
             Request::Resize(p) => serde_json::to_value(p),
+            Request::Configure(p) => serde_json::to_value(p),
         };
         v.expect("protocol payloads serialize")
     }
@@ -530,6 +608,7 @@ impl Message {
             "get_archive" => req(Request::GetArchive(typed(k, &id, payload)?), id),
             "stat" => req(Request::Stat(typed(k, &id, payload)?), id),
             "resize" => req(Request::Resize(typed(k, &id, payload)?), id),
+            "configure" => req(Request::Configure(typed(k, &id, payload)?), id),
             _ => Ok(Message::Unknown { kind, id }),
         }
     }

@@ -139,8 +139,12 @@ async fn session(app: Arc<AppState>, node_id: String, mut token_exp: u64, socket
     });
     // Replay what the agent missed and send unanswered requests again.
     let (ended, generation) = link.connect(&hello.channels, out.clone());
-    app.hub
-        .attach(&node_id, &hello.agent_version, hello.inventory);
+    app.hub.attach(
+        &node_id,
+        &hello.agent_version,
+        hello.inventory,
+        hello.config_version,
+    );
     if let Some(report) = hello.capabilities {
         app.hub.on_capabilities(&node_id, report);
     }

@@ -52,6 +52,7 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/nodes/{id}", get(node))
         .route("/api/v1/nodes/{id}/drain", post(drain))
         .route("/api/v1/nodes/{id}/undrain", post(undrain))
+        .route("/api/v1/nodes/{id}/config", axum::routing::put(push_config))
         .route("/api/v1/workers", get(workers).post(spawn))
         .route("/api/v1/workers/{id}", get(worker).delete(remove))
         .route("/api/v1/workers/{id}/stop", post(stop))
@@ -212,6 +213,15 @@ async fn undrain(
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(app.hub.set_draining(&id, false)?))
+}
+
+async fn push_config(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Result<Json<crate::protocol::NodeConfig>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(cfg) = body.map_err(|e| ErrorBody::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    Ok(Json(app.hub.push_config(&id, cfg).await?))
 }
 
 async fn workers(State(app): State<Arc<AppState>>) -> impl IntoResponse {

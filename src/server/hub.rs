@@ -46,6 +46,9 @@ pub struct NodeInfo {
 pub struct NodeDetail {
     #[serde(flatten)]
     pub info: NodeInfo,
+    /// The configuration version the agent has applied.
+    pub config_version: Option<String>,
+    pub last_config_ack: Option<crate::protocol::ConfigAck>,
     pub capabilities: Option<Value>,
     pub capability_hash: Option<String>,
 }
@@ -395,6 +398,11 @@ struct NodeEntry {
     degraded: Option<String>,
     /// The latest capability report and its hash.
     capabilities: Option<(Value, String)>,
+    /// The configuration the orchestrator wants on this node.
+    desired_config: Option<crate::protocol::NodeConfig>,
+    /// What the agent reports as applied.
+    config_version: Option<String>,
+    last_config_ack: Option<crate::protocol::ConfigAck>,
     draining: bool,
     last_seen: SystemTime,
     offline_reason: Option<String>,
@@ -807,6 +815,9 @@ impl Hub {
                 connected_since: None,
                 degraded: None,
                 capabilities: None,
+                desired_config: None,
+                config_version: None,
+                last_config_ack: None,
                 draining: false,
                 last_seen: SystemTime::now(),
                 offline_reason: None,
@@ -822,9 +833,24 @@ impl Hub {
         node_id: &str,
         agent_version: &str,
         inventory: Option<Vec<WorkerInfo>>,
+        config_version: Option<String>,
     ) {
         let mut reg = self.reg.lock().unwrap();
         if let Some(entry) = reg.nodes.get_mut(node_id) {
+            // A node behind the desired configuration gets it again.
+            if let Some(desired) = &entry.desired_config
+                && config_version
+                    .as_deref()
+                    .is_none_or(|v| v < desired.config_version.as_str())
+            {
+                let (hub, node, cfg) = (self.clone(), node_id.to_string(), desired.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = hub.push_config(&node, cfg).await {
+                        tracing::warn!(node_id = %node, error = %e, "configuration push on reconnect failed");
+                    }
+                });
+            }
+            entry.config_version = config_version;
             entry.online = true;
             entry.connected_since = Some(SystemTime::now());
             entry.degraded = None;
@@ -879,18 +905,46 @@ impl Hub {
     /// A node with its latest capability report.
     pub fn node_detail(&self, node_id: &str) -> Result<NodeDetail, ErrorBody> {
         let info = self.node_info(node_id)?;
-        let caps = self
-            .reg
-            .lock()
-            .unwrap()
-            .nodes
-            .get(node_id)
-            .and_then(|n| n.capabilities.clone());
+        let reg = self.reg.lock().unwrap();
+        let n = reg.nodes.get(node_id);
+        let caps = n.and_then(|n| n.capabilities.clone());
         Ok(NodeDetail {
             info,
+            config_version: n.and_then(|n| n.config_version.clone()),
+            last_config_ack: n.and_then(|n| n.last_config_ack.clone()),
             capability_hash: caps.as_ref().map(|c| c.1.clone()),
             capabilities: caps.map(|c| c.0),
         })
+    }
+
+    /// Pushes configuration to a node and returns its acknowledgement. A
+    /// missing `config_version` gets a fresh ULID. The configuration is kept
+    /// and pushed again when the node reconnects with an older version.
+    pub async fn push_config(
+        &self,
+        node_id: &str,
+        mut cfg: crate::protocol::NodeConfig,
+    ) -> Result<crate::protocol::ConfigAck, ErrorBody> {
+        if cfg.config_version.is_empty() {
+            cfg.config_version = ulid::Ulid::new().to_string();
+        }
+        self.node_info(node_id)?;
+        {
+            let mut reg = self.reg.lock().unwrap();
+            if let Some(n) = reg.nodes.get_mut(node_id) {
+                n.desired_config = Some(cfg.clone());
+            }
+        }
+        let link = self.link(node_id)?;
+        let ack: crate::protocol::ConfigAck = link.request_as(Request::Configure(cfg)).await?;
+        let mut reg = self.reg.lock().unwrap();
+        if let Some(n) = reg.nodes.get_mut(node_id) {
+            if ack.status == "applied" {
+                n.config_version = Some(ack.config_version.clone());
+            }
+            n.last_config_ack = Some(ack.clone());
+        }
+        Ok(ack)
     }
 
     pub(crate) fn on_node_status(&self, node_id: &str, st: crate::protocol::NodeStatus) {

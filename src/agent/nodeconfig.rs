@@ -1,0 +1,176 @@
+//! Versioned configuration pushed by the orchestrator (`configure`):
+//! validated, written atomically under the state directory (0600: it holds
+//! pull credentials), rolled back if applying fails, acknowledged with the
+//! effective configuration hash, and reloaded when the agent starts.
+
+use super::Ctx;
+use super::policy::Policy;
+use crate::config;
+use crate::protocol::{ConfigAck, ConfigAckError, ErrorBody, ErrorCode, NodeConfig};
+use sha2::Digest;
+use std::path::{Path, PathBuf};
+
+/// The configuration in force and what it implies.
+#[derive(Debug, Clone)]
+pub(crate) struct Applied {
+    pub config: NodeConfig,
+    /// The orchestrator's policy; the node's own policy is checked first.
+    pub policy: Policy,
+    pub hash: String,
+}
+
+pub(crate) fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join("node-config.json")
+}
+
+/// Hash of a configuration with its secrets left out.
+pub(crate) fn hash(cfg: &NodeConfig) -> String {
+    let mut redacted = cfg.clone();
+    for r in &mut redacted.registries {
+        r.password = String::new();
+    }
+    let v = serde_json::to_value(&redacted).expect("configs serialize");
+    hex::encode(sha2::Sha256::digest(v.to_string().as_bytes()))
+}
+
+/// Checks a pushed configuration; returns the orchestrator policy it implies.
+pub(crate) fn interpret(cfg: &NodeConfig) -> Result<Policy, String> {
+    if cfg.version != 1 {
+        return Err(format!("version must be 1, got {}", cfg.version));
+    }
+    if cfg.config_version.parse::<ulid::Ulid>().is_err() {
+        return Err(format!(
+            "config_version {:?} is not a ULID",
+            cfg.config_version
+        ));
+    }
+    for r in &cfg.registries {
+        if r.server.trim().is_empty() {
+            return Err("every registry needs a server".into());
+        }
+    }
+    let sandbox: config::Sandbox = match &cfg.policy.sandbox {
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| format!("policy.sandbox: {e}"))?,
+        None => config::Sandbox {
+            // Unsaid is unrestricted, except what the node must opt into.
+            ..Default::default()
+        },
+    };
+    let mut policy = Policy::from_file(&sandbox);
+    if let Some(t) = cfg.constraints.max_job_timeout_seconds {
+        policy.max_timeout_secs = match policy.max_timeout_secs {
+            0 => t,
+            m => m.min(t),
+        };
+    }
+    Ok(policy)
+}
+
+/// Loads the configuration applied before a restart, if any.
+pub(crate) fn load(state_dir: &Path) -> Option<Applied> {
+    let text = std::fs::read_to_string(path(state_dir)).ok()?;
+    let config: NodeConfig = serde_json::from_str(&text).ok()?;
+    let policy = interpret(&config).ok()?;
+    Some(Applied {
+        hash: hash(&config),
+        policy,
+        config,
+    })
+}
+
+fn write_atomic(path: &Path, cfg: &NodeConfig) -> std::io::Result<()> {
+    super::write_private(
+        path,
+        &serde_json::to_string_pretty(cfg).expect("configs serialize"),
+    )
+}
+
+/// Applies a pushed configuration; stale versions are refused.
+pub(crate) async fn apply(ctx: &Ctx, new: NodeConfig) -> Result<ConfigAck, ErrorBody> {
+    let previous = ctx.applied.lock().unwrap().clone();
+    if let Some(p) = &previous
+        && new.config_version <= p.config.config_version
+    {
+        return Err(ErrorBody::new(
+            ErrorCode::Conflict,
+            format!(
+                "config_version {} is not newer than the applied {}: ignored",
+                new.config_version, p.config.config_version
+            ),
+        ));
+    }
+    let current_hash = previous
+        .as_ref()
+        .map(|p| p.hash.clone())
+        .unwrap_or_default();
+    let version = new.config_version.clone();
+    let ack = |status: &str, error: Option<(&str, String)>, hash: String| ConfigAck {
+        config_version: version.clone(),
+        status: status.into(),
+        error: error.map(|(kind, message)| ConfigAckError {
+            kind: kind.into(),
+            message,
+        }),
+        effective_config_hash: hash,
+    };
+    // 1. Validate: nothing changes on failure.
+    let policy = match interpret(&new) {
+        Ok(p) => p,
+        Err(e) => return Ok(ack("failed", Some(("invalid", e)), current_hash)),
+    };
+    // 2. Write it (temporary file, then rename).
+    let file = path(&ctx.state_dir);
+    if let Err(e) = write_atomic(&file, &new) {
+        return Ok(ack(
+            "failed",
+            Some(("storage", e.to_string())),
+            current_hash,
+        ));
+    }
+    // 3. Apply what needs the runtime; on failure restore the previous file.
+    if let Some(image) = &policy.default_image
+        && let Err(e) = crate::docker::containers::ensure_image(&ctx.docker, image, None).await
+    {
+        let restored = match &previous {
+            Some(p) => write_atomic(&file, &p.config),
+            None => std::fs::remove_file(&file),
+        };
+        if let Err(r) = restored {
+            tracing::error!(error = %r, "could not restore the previous configuration file");
+        }
+        return Ok(ack("rolled_back", Some(("apply", e.message)), current_hash));
+    }
+    let applied = Applied {
+        hash: hash(&new),
+        policy,
+        config: new,
+    };
+    let h = applied.hash.clone();
+    tracing::info!(config_version = %applied.config.config_version, hash = %h, "configuration applied");
+    *ctx.applied.lock().unwrap() = Some(applied);
+    Ok(ack("applied", None, h))
+}
+
+/// Pull credentials for `image` from the applied configuration.
+pub(crate) fn credentials(ctx: &Ctx, image: &str) -> Option<bollard::auth::DockerCredentials> {
+    let applied = ctx.applied.lock().unwrap();
+    let host = image
+        .split('/')
+        .next()
+        .filter(|h| {
+            image.contains('/') && (h.contains('.') || h.contains(':') || *h == "localhost")
+        })
+        .unwrap_or("docker.io");
+    applied
+        .as_ref()?
+        .config
+        .registries
+        .iter()
+        .find(|r| r.server == host)
+        .map(|r| bollard::auth::DockerCredentials {
+            username: Some(r.username.clone()),
+            password: Some(r.password.clone()),
+            serveraddress: Some(r.server.clone()),
+            ..Default::default()
+        })
+}

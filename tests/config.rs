@@ -12,14 +12,13 @@ fn push(h: &Harness, node: &str, yaml: &str) -> std::process::Output {
     let path = h.state_path(&format!("push-{}.yaml", ulid::Ulid::new()));
     std::fs::write(&path, yaml).unwrap();
     let args = ["config", "push", node, path.to_str().unwrap()];
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+    std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
         .arg("ctl")
         .args(args)
         .env("TETHER_SERVER", &h.url)
         .env("TETHER_TOKEN", &h.token)
         .output()
-        .unwrap();
-    out
+        .unwrap()
 }
 
 fn ack(out: &std::process::Output) -> Value {

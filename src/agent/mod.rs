@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// Reconnects after a server restart are spread uniformly over this window.
+const RESTART_SPREAD_MS: u64 = 3000;
+
 /// Everything the agent needs to run, already validated.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -93,6 +96,8 @@ pub enum AgentError {
     Connect { url: String, reason: String },
     #[error("connection lost: {0}")]
     ConnectionLost(String),
+    #[error("the server is going away: {0}")]
+    ServerGoingAway(String),
     #[error("state directory {path}: {source}")]
     State {
         path: PathBuf,
@@ -221,15 +226,21 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     loop {
         let started = Instant::now();
         let result = connect_and_serve(&cfg, &ctx, &mut token, &token_path, &shutdown).await;
-        match result {
+        match &result {
             Ok(()) => return Ok(()),
-            Err(e) if e.is_permanent() => return Err(e),
+            Err(e) if e.is_permanent() => return result,
             Err(e) => warn!(node_id = %cfg.node_id, error = %e, "disconnected; will reconnect"),
         }
         if started.elapsed() > Duration::from_secs(60) {
             backoff = new_backoff(); // the link was stable: start over from short delays
         }
-        let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+        let mut delay = backoff.next().unwrap_or(Duration::from_secs(30));
+        if matches!(result, Err(AgentError::ServerGoingAway(_))) {
+            // A restarting server has every agent back at once: spread the
+            // reconnects over a few seconds instead of arriving in lockstep.
+            use rand::Rng;
+            delay = Duration::from_millis(rand::rng().random_range(0..RESTART_SPREAD_MS));
+        }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => return Ok(()),

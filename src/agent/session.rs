@@ -253,7 +253,9 @@ async fn run_loop(
                     Some(Ok(WsMessage::Text(t))) => on_text(t.as_str(), &ctx),
                     Some(Ok(WsMessage::Binary(b))) => on_binary(b, &ctx.channels),
                     Some(Ok(WsMessage::Close(f))) => {
-                        break Err(AgentError::ConnectionLost(format!("server closed the connection: {f:?}")));
+                        let going_away = f.as_ref().is_some_and(|f| u16::from(f.code) == 1001);
+                        let why = format!("server closed the connection: {f:?}");
+                        break Err(if going_away { AgentError::ServerGoingAway(why) } else { AgentError::ConnectionLost(why) });
                     }
                     Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
                     Some(Err(e)) => break Err(AgentError::ConnectionLost(e.to_string())),

@@ -124,6 +124,7 @@ fn main() -> std::process::ExitCode {
 /// Runs the selected sections; true if all succeeded.
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     let started = Instant::now();
+    let load_start = procfs::loadavg();
     let p = Params::new(cli.quick);
     let want = |s: &str| cli.only.is_empty() || cli.only.iter().any(|o| o == s);
     let docker = tether::docker::connect(None)
@@ -230,6 +231,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         out.section("scale", t0, r);
     }
 
+    out.notes.push(format!(
+        "load average (1, 5, 15 min) at start {load_start}, at end {}",
+        procfs::loadavg()
+    ));
     let targets = report::targets(&out.figures);
     println!();
     println!(

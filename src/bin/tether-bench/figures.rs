@@ -59,7 +59,7 @@ impl Params {
                 rtt_warmup: 20,
                 throughput_bytes: 1024 * MIB,
                 file_bytes: 256 * MIB,
-                reps: 3,
+                reps: 5,
                 spawn_n: 20,
                 concurrent_n: 1000,
                 agent_streams: 100,

@@ -103,3 +103,79 @@ async fn stalled_channel_does_not_block_fifty_others() {
     eprintln!("50 execs beside a stalled channel: {others:?}");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tty_exec_gets_its_size_and_follows_resizes() {
+    use tether::protocol::TermSize;
+    let (h, _node) = Harness::start().await;
+    let w = h
+        .hub
+        .spawn(SpawnRequest {
+            image: image(),
+            cmd: vec!["sleep".into(), "600".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut s = h
+        .hub
+        .exec(
+            &w.worker_id,
+            ExecOptions {
+                // Docker 20.10 cannot size an exec before it starts: the agent resizes
+                // right after start, so give the shell a moment.
+                cmd: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "sleep 1; stty size; read line; stty size".into(),
+                ],
+                tty: true,
+                stdin: true,
+                size: Some(TermSize {
+                    cols: 100,
+                    rows: 40,
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut text = String::new();
+    let mut resized = false;
+    let exit = loop {
+        match tokio::time::timeout(Duration::from_secs(30), s.output.next())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            StreamEvent::Data(kind, b) => {
+                assert_eq!(kind, StreamKind::Stdout, "a TTY has one stream");
+                text.push_str(&String::from_utf8_lossy(&b));
+                if !resized && text.contains("40 100") {
+                    resized = true;
+                    s.input
+                        .resize(TermSize {
+                            cols: 120,
+                            rows: 50,
+                        })
+                        .await
+                        .unwrap();
+                    s.input
+                        .write(bytes::Bytes::from_static(b"go\r"))
+                        .await
+                        .unwrap();
+                }
+            }
+            StreamEvent::End { exit_code, error } => {
+                assert!(error.is_none(), "{error:?}");
+                break exit_code;
+            }
+        }
+    };
+    assert_eq!(exit, Some(0));
+    assert!(
+        text.contains("40 100") && text.contains("50 120"),
+        "{text:?}"
+    );
+    h.stop().await;
+}

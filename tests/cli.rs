@@ -309,3 +309,45 @@ async fn drain_keeps_workers_and_refuses_new_ones() {
     assert_eq!(h.hub.worker(&w).unwrap().node_id, n1);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_whose_client_goes_away_is_killed() {
+    let (h, _node) = Harness::start().await;
+    let img = image();
+    let w = h
+        .ctl_ok(&["spawn", "--image", &img, "--", "sleep", "3600"])
+        .await
+        .trim()
+        .to_string();
+    let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["ctl", "exec", &w, "--", "sh", "-c", "sleep 333 & sleep 334"])
+        .env("TETHER_SERVER", &h.url)
+        .env("TETHER_TOKEN", &h.token)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let running = |ps: &str| ps.contains("sleep 333") || ps.contains("sleep 334");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !running(&h.ctl_ok(&["exec", &w, "--", "ps", "-o", "args"]).await) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the exec never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    client.start_kill().unwrap(); // like a closed terminal
+    client.wait().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let ps = h.ctl_ok(&["exec", &w, "--", "ps", "-o", "args"]).await;
+        if !running(&ps) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left running after its client went away:\n{ps}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    h.stop().await;
+}

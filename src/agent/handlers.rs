@@ -315,7 +315,12 @@ async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
             Err(e) => close(ctx, ch, None, Some(e)),
         },
         Err(Some(e)) => close(ctx, ch, None, Some(e)),
-        Err(None) => debug!(channel = ch, "exec channel cancelled"),
+        Err(None) => {
+            // Nobody reads it any more (the client left, or the server lost
+            // the channel): end the process rather than leave it running.
+            let killed = exec::kill(&ctx.docker, &exec_id).await;
+            debug!(channel = ch, ?killed, "exec channel cancelled");
+        }
     }
     ctx.execs.lock().unwrap().remove(&ch);
     stdin.abort();

@@ -197,6 +197,18 @@ impl Channels {
 
     /// Opens `id` with `window` bytes of credit in both directions.
     pub fn open(&self, id: u32, window: u64) -> Result<ChannelHandles, ErrorBody> {
+        self.open_at(id, window, 0, 0)
+    }
+
+    /// Opens `id` as if `received` bytes had already come in and `sent`
+    /// bytes had gone out (adopting a channel after a restart).
+    pub fn open_at(
+        &self,
+        id: u32,
+        window: u64,
+        received: u64,
+        sent: u64,
+    ) -> Result<ChannelHandles, ErrorBody> {
         if !(1..=MAX_WINDOW).contains(&window) {
             return Err(ErrorBody::new(
                 ErrorCode::InvalidRequest,
@@ -213,15 +225,18 @@ impl Channels {
             ));
         }
         let (inbox, rx) = mpsc::unbounded_channel();
-        let granted = Arc::new(AtomicU64::new(window));
-        let (credit, credit_rx) = watch::channel(window);
-        let tx = Arc::new(Mutex::new(TxState::default()));
+        let granted = Arc::new(AtomicU64::new(received + window));
+        let (credit, credit_rx) = watch::channel(sent + window);
+        let tx = Arc::new(Mutex::new(TxState {
+            sent,
+            ..TxState::default()
+        }));
         let cancel = CancellationToken::new();
         map.insert(
             id,
             Entry {
                 inbox,
-                received: 0,
+                received,
                 granted: granted.clone(),
                 credit,
                 tx: tx.clone(),
@@ -238,7 +253,9 @@ impl Channels {
             reader: ChannelReader {
                 channel: id,
                 rx,
-                consumed: 0,
+                consumed: received,
+                acked: received,
+                manual: false,
                 window,
                 granted,
                 link: self.link.clone(),
@@ -378,6 +395,22 @@ impl Channels {
             }));
             e.cancel.cancel();
         }
+    }
+
+    /// For each channel, the lowest offset we can still replay (everything
+    /// before it was acknowledged) and the bytes sent so far.
+    pub fn outbound(&self) -> Vec<(u32, u64, u64)> {
+        let map = self.map.lock().unwrap();
+        let mut v: Vec<(u32, u64, u64)> = map
+            .iter()
+            .map(|(id, e)| {
+                let tx = e.tx.lock().unwrap();
+                let from = tx.unacked.front().map(|f| f.offset).unwrap_or(tx.sent);
+                (*id, from, tx.sent)
+            })
+            .collect();
+        v.sort_unstable();
+        v
     }
 
     /// What we have received on each channel: sent to the peer on reconnect.
@@ -528,11 +561,16 @@ impl ChannelWriter {
     }
 }
 
-/// Receives one direction of a channel and grants credit as it is consumed.
+/// Receives one direction of a channel and grants credit as it is consumed
+/// (or, in manual mode, as the final consumer acknowledges it).
 pub struct ChannelReader {
     channel: u32,
     rx: mpsc::UnboundedReceiver<Inbound>,
     consumed: u64,
+    /// Acknowledged so far; the peer may drop its copy up to here.
+    acked: u64,
+    /// Credit follows [`ChannelReader::ack`] instead of consumption.
+    manual: bool,
     window: u64,
     granted: Arc<AtomicU64>,
     link: Arc<Link>,
@@ -548,19 +586,43 @@ impl ChannelReader {
         let item = self.rx.recv().await?;
         if let Inbound::Data(_, ref b) = item {
             self.consumed += b.len() as u64;
-            let granted = self.granted.load(Ordering::Acquire);
-            // Re-grant once half the window is used: few window messages, no stall.
-            if granted - self.consumed <= self.window / 2 {
-                let limit = self.consumed.saturating_add(self.window);
-                self.granted.store(limit, Ordering::Release);
-                self.link.send_msg(&Message::Window(Window {
-                    channel: self.channel,
-                    acked: self.consumed,
-                    limit,
-                }));
+            if !self.manual {
+                self.ack(self.consumed);
             }
         }
         Some(item)
+    }
+
+    /// Bytes handed out so far (the position in the channel's sequence).
+    pub fn consumed(&self) -> u64 {
+        self.consumed
+    }
+
+    /// Credit follows [`ChannelReader::ack`] from now on: the peer keeps
+    /// (and can replay) everything not acknowledged, and sends at most one
+    /// window beyond it.
+    pub fn set_manual_ack(&mut self) {
+        self.manual = true;
+    }
+
+    /// Acknowledges bytes up to `offset` (at most what was handed out).
+    pub fn ack(&mut self, offset: u64) {
+        let offset = offset.min(self.consumed);
+        if offset <= self.acked {
+            return;
+        }
+        self.acked = self.acked.max(offset);
+        let granted = self.granted.load(Ordering::Acquire);
+        // Re-grant once half the window is used: few window messages, no stall.
+        if granted.saturating_sub(self.acked) <= self.window / 2 {
+            let limit = self.acked.saturating_add(self.window);
+            self.granted.store(limit, Ordering::Release);
+            self.link.send_msg(&Message::Window(Window {
+                channel: self.channel,
+                acked: self.acked,
+                limit,
+            }));
+        }
     }
 }
 

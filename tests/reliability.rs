@@ -641,3 +641,145 @@ impl Drop for NodeGuard {
         docker_cleanup(&self.0);
     }
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_server_process(port: u16, state: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--heartbeat-interval",
+            "2",
+            "--heartbeat-timeout",
+            "6",
+            "--state-dir",
+        ])
+        .arg(state)
+        .env("TETHER_PSK", PSK)
+        .env("TETHER_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_exec_survives_a_server_restart_byte_exact() {
+    use tokio::io::AsyncReadExt;
+    ensure_image();
+    tether::init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let state = dir.path().join("server");
+    let mut server = start_server_process(port, &state);
+    let token_file = state.join("admin.token");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !token_file.exists() {
+        assert!(Instant::now() < deadline, "server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let node = unique("test");
+    let _guard = NodeGuard(node.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let cfg = tether::agent::AgentConfig::new(
+        url.parse().unwrap(),
+        PSK.into(),
+        node.clone(),
+        dir.path().join("agent"),
+    );
+    tokio::spawn(tether::agent::run(cfg, stop.clone()));
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .arg("ctl")
+            .args(args)
+            .env("TETHER_SERVER", &url)
+            .env("TETHER_TOKEN", &token)
+            .output()
+            .unwrap()
+    };
+    let online = |node: &str| {
+        let out = ctl(&["nodes"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with(node) && l.contains("online"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !online(&node) {
+        assert!(Instant::now() < deadline, "agent never online");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = ctl(&["spawn", "--image", &image(), "--", "sleep", "3600"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let w = String::from_utf8(out.stdout).unwrap().trim().to_string();
+
+    const SIZE: u64 = 50_000_000;
+    let cmd = format!(
+        "head -c {SIZE} /dev/urandom > /tmp/s.bin && sha256sum /tmp/s.bin > /tmp/s.sha && cat /tmp/s.bin"
+    );
+    let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["ctl", "exec", &w, "--", "sh", "-c", &cmd])
+        .env("TETHER_SERVER", &url)
+        .env("TETHER_TOKEN", &token)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = client.stdout.take().unwrap();
+    let mut hasher = sha2::Sha256::new();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut restarted = false;
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(90), stdout.read(&mut buf))
+            .await
+            .expect("output resumes")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+        if !restarted && total >= 15_000_000 {
+            restarted = true;
+            // A hard stop: no goodbye to anyone.
+            server.start_kill().unwrap();
+            server.wait().await.unwrap();
+            server = start_server_process(port, &state);
+        }
+    }
+    let status = client.wait().await.unwrap();
+    assert!(restarted);
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        total,
+        SIZE,
+        "bytes lost or duplicated: {}",
+        total as i64 - SIZE as i64
+    );
+    let out = ctl(&["exec", &w, "--", "cat", "/tmp/s.sha"]);
+    let inside = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        inside.split_whitespace().next().unwrap(),
+        hex::encode(hasher.finalize())
+    );
+    eprintln!("50 MB through ctl across a server kill and restart: 0 bytes lost, 0 duplicated");
+    ctl(&["rm", "-f", &w]);
+    stop.cancel();
+    server.start_kill().unwrap();
+}

@@ -135,6 +135,8 @@ pub(crate) struct Ctx {
     pub link: Arc<crate::mux::Link>,
     /// Open channels; they outlive a connection and resume on the next one.
     pub channels: crate::mux::Channels,
+    /// Worker of each open exec channel (reported in `hello.open`).
+    pub exec_workers: std::sync::Mutex<std::collections::HashMap<u32, String>>,
     /// Docker exec id of each open exec channel (for resize).
     pub execs: std::sync::Mutex<std::collections::HashMap<u32, String>>,
     /// What the node says about itself in its capability report.
@@ -188,6 +190,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         link: link.clone(),
         channels: crate::mux::Channels::new(link),
         execs: Default::default(),
+        exec_workers: Default::default(),
         replies: Default::default(),
         degraded: Default::default(),
         identity: cfg.identity.clone(),

@@ -159,6 +159,21 @@ pub(super) async fn serve(
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         inventory,
         channels: ctx.channels.states(),
+        open: {
+            let workers = ctx.exec_workers.lock().unwrap().clone();
+            ctx.channels
+                .outbound()
+                .into_iter()
+                .filter_map(|(channel, from, sent)| {
+                    Some(protocol::OpenChannel {
+                        channel,
+                        worker_id: workers.get(&channel)?.clone(),
+                        from,
+                        sent,
+                    })
+                })
+                .collect()
+        },
         config_version: ctx
             .applied
             .lock()

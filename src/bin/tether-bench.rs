@@ -201,8 +201,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             section!("concurrent", b.concurrent());
             section!("agent", b.agent_rss());
         }
-        if !b.worker.is_empty() {
-            let _ = b.t.hub.remove(&b.worker, true).await;
+        if !b.worker.is_empty()
+            && let Err(e) = b.t.hub.remove(&b.worker, true).await
+        {
+            out.notes
+                .push(format!("removing worker {} failed: {e}", b.worker));
         }
         b.t.stop().await;
         out.notes.append(&mut b.notes);

@@ -107,6 +107,9 @@ async fn drain_output(rx: &mut futures_util::stream::SplitStream<Ws>) -> Result<
             }
             WsMessage::Text(t) => {
                 let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
+                if v["type"] == "started" || v["type"] == "gap" {
+                    continue;
+                }
                 if v["type"] == "error" {
                     let e = serde_json::from_value(v["error"].clone()).unwrap_or_else(|_| {
                         ErrorBody::new(crate::protocol::ErrorCode::Internal, t.to_string())
@@ -142,6 +145,7 @@ pub async fn exec(
         stdin: interactive,
         size: if tty { term_size() } else { None },
         timeout_secs,
+        client_acks: true,
         ..Default::default()
     };
     tx.send(WsMessage::text(
@@ -193,26 +197,129 @@ pub async fn exec(
         });
     }
     drop(ctl_tx);
-    let forward = async move {
-        while let Some(m) = ctl_rx.recv().await {
-            if tx.send(m).await.is_err() {
-                break;
+    let path = format!("/api/v1/workers/{worker}/exec");
+    let mut progress = Progress::default();
+    loop {
+        match session(&mut tx, &mut rx, &mut ctl_rx, &mut progress).await? {
+            Some(End::Exit(code)) => return Ok(code.unwrap_or(-1)),
+            // Like timeout(1): the command was killed at its limit.
+            Some(End::Error(e)) if e.code == crate::protocol::ErrorCode::Timeout => {
+                eprintln!("tether: {e}");
+                return Ok(124);
             }
+            Some(End::Error(e)) => return Err(CtlError::Api(e)),
+            None => {}
         }
-        std::future::pending::<()>().await;
-    };
-    let end = tokio::select! {
-        r = drain_output(&mut rx) => r?,
-        _ = forward => unreachable!("forward never ends"),
-    };
-    match end {
-        End::Exit(code) => Ok(code.unwrap_or(-1)),
-        // Like timeout(1): the command was killed at its limit.
-        End::Error(e) if e.code == crate::protocol::ErrorCode::Timeout => {
-            eprintln!("tether: {e}");
-            Ok(124)
+        // The connection dropped mid-command: re-attach where we stopped.
+        let Some(channel) = progress.channel else {
+            return Err(CtlError::Local(
+                "connection lost before the command started".into(),
+            ));
+        };
+        let deadline = std::time::Instant::now() + REATTACH_FOR;
+        let ws = loop {
+            let q = [
+                ("attach", channel.to_string()),
+                ("offset", progress.received.to_string()),
+            ];
+            match open(client, &path, &q).await {
+                Ok(ws) => break ws,
+                Err(e) if std::time::Instant::now() < deadline && reattachable(&e) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        (tx, rx) = ws.split();
+        progress.acked = progress.received;
+    }
+}
+
+/// How long `ctl exec` keeps trying to re-attach after losing its connection.
+const REATTACH_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+/// Output is acknowledged every this many bytes.
+const ACK_EVERY: u64 = 64 * 1024;
+
+/// Where a client stands in an exec's output.
+#[derive(Default)]
+struct Progress {
+    channel: Option<u32>,
+    /// Output bytes received (stdout and stderr together).
+    received: u64,
+    acked: u64,
+}
+
+fn reattachable(e: &CtlError) -> bool {
+    match e {
+        CtlError::Connect { .. } => true,
+        CtlError::Api(b) => matches!(
+            b.code,
+            crate::protocol::ErrorCode::NotFound | crate::protocol::ErrorCode::Unavailable
+        ),
+        CtlError::Local(_) => false,
+    }
+}
+
+/// Serves one connection of an exec: output to stdout/stderr with
+/// acknowledgements, input from the local tasks. `None` when the connection
+/// dropped before the end.
+async fn session(
+    tx: &mut futures_util::stream::SplitSink<Ws, WsMessage>,
+    rx: &mut futures_util::stream::SplitStream<Ws>,
+    input: &mut tokio::sync::mpsc::Receiver<WsMessage>,
+    progress: &mut Progress,
+) -> Result<Option<End>, CtlError> {
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    let mut input_open = true;
+    loop {
+        tokio::select! {
+            m = rx.next() => {
+                let m = match m {
+                    Some(Ok(m)) => m,
+                    Some(Err(_)) | None => return Ok(None),
+                };
+                match m {
+                    WsMessage::Binary(b) if !b.is_empty() => {
+                        let (kind, data) = (StreamKind::from_u8(b[0]), &b[1..]);
+                        let w: &mut dyn Write = if kind == Some(StreamKind::Stderr) { &mut stderr } else { &mut stdout };
+                        w.write_all(data).and_then(|_| w.flush()).map_err(|e| CtlError::Local(e.to_string()))?;
+                        progress.received += data.len() as u64;
+                        if progress.received - progress.acked >= ACK_EVERY {
+                            let ack = serde_json::json!({"type": "ack", "offset": progress.received});
+                            if tx.send(WsMessage::text(ack.to_string())).await.is_err() {
+                                return Ok(None);
+                            }
+                            progress.acked = progress.received;
+                        }
+                    }
+                    WsMessage::Text(t) => {
+                        let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
+                        match v["type"].as_str() {
+                            Some("started") => progress.channel = v["channel"].as_u64().map(|c| c as u32),
+                            Some("gap") => eprintln!("tether: output bytes {} to {} were lost", v["from"], v["to"]),
+                            Some("error") => {
+                                let e = serde_json::from_value(v["error"].clone()).unwrap_or_else(|_| {
+                                    ErrorBody::new(crate::protocol::ErrorCode::Internal, t.to_string())
+                                });
+                                return Ok(Some(End::Error(e)));
+                            }
+                            _ => return Ok(Some(End::Exit(v["exit_code"].as_i64()))),
+                        }
+                    }
+                    WsMessage::Close(_) => return Ok(None),
+                    _ => {}
+                }
+            }
+            m = input.recv(), if input_open => match m {
+                Some(m) => {
+                    if tx.send(m).await.is_err() {
+                        return Ok(None);
+                    }
+                }
+                None => input_open = false,
+            },
         }
-        End::Error(e) => Err(CtlError::Api(e)),
     }
 }
 

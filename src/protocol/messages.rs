@@ -36,6 +36,10 @@ pub struct Hello {
     /// What the agent has received on each open channel, for resumption.
     #[serde(default)]
     pub channels: Vec<ChannelState>,
+    /// Exec channels the agent still runs, so a server that restarted can
+    /// adopt them and let their clients re-attach.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub open: Vec<OpenChannel>,
     /// `config_version` of the configuration the agent has applied, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_version: Option<String>,
@@ -58,6 +62,17 @@ pub struct Welcome {
     /// this node; the agent replays the rest and forgets channels not listed.
     #[serde(default)]
     pub channels: Vec<ChannelState>,
+}
+
+/// An exec channel still running on the agent (in `hello`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OpenChannel {
+    pub channel: u32,
+    pub worker_id: String,
+    /// The lowest output offset the agent can still replay.
+    pub from: u64,
+    /// Output bytes sent so far.
+    pub sent: u64,
 }
 
 /// Resumption state of one channel, from the side that sends it.

@@ -112,6 +112,19 @@ async fn session(app: Arc<AppState>, node_id: String, mut token_exp: u64, socket
     }
 
     let link = app.hub.node_link(&node_id);
+    // Execs the agent runs that this server does not know (it restarted):
+    // adopt them, so their clients can re-attach.
+    let agent_received: std::collections::HashMap<u32, u64> = hello
+        .channels
+        .iter()
+        .map(|s| (s.channel, s.received))
+        .collect();
+    for open in &hello.open {
+        if !link.channels.is_open(open.channel) {
+            let rx = agent_received.get(&open.channel).copied().unwrap_or(0);
+            app.hub.adopt_exec(&link, open, rx, app.cfg.attach_grace);
+        }
+    }
     let session_id = ulid::Ulid::new().to_string();
     let welcome = Message::Welcome(Welcome {
         version: PROTOCOL_VERSION,

@@ -2,7 +2,9 @@
 //! (bearer pre-shared key). Errors are `{"error": {"code", "message"}}` with
 //! the HTTP status of the code.
 
-use super::hub::{ExecOptions, LogOptions, StreamEvent};
+use super::hub::{
+    ChannelSink, ChannelStream, DetachedExec, ExecOptions, ExecSession, LogOptions, StreamEvent,
+};
 use super::{AppState, Bootstrap, NodeAuth, Orchestrator, auth};
 use crate::protocol::{
     AGENT_CONNECT_PATH, ErrorBody, ErrorCode, REGISTER_PATH, SpawnRequest, StreamKind, TermSize,
@@ -20,6 +22,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Maximum size of a JSON request body on the API.
 const MAX_JSON_BODY: usize = 1024 * 1024;
@@ -366,83 +369,232 @@ fn end_message(exit_code: Option<i64>, error: Option<ErrorBody>) -> WsMessage {
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum ExecControl {
-    Resize { cols: u16, rows: u16 },
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
     StdinEof,
+    /// The client has all output up to `offset`.
+    Ack {
+        offset: u64,
+    },
+}
+
+#[derive(Deserialize)]
+struct ExecQuery {
+    /// Re-attach to this exec channel instead of starting a command.
+    attach: Option<u32>,
+    /// Output bytes the re-attaching client already has.
+    #[serde(default)]
+    offset: u64,
 }
 
 async fn exec_ws(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
+    Query(q): Query<ExecQuery>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    ws.on_upgrade(move |socket| exec_session(app, id, socket))
+    ws.on_upgrade(move |socket| exec_session(app, id, q, socket))
 }
 
-/// The exec WebSocket: the client's first text message is the
-/// [`ExecOptions`]; then binary frames carry stdin (client) and output
-/// (server, kind-prefixed); the server ends with an `exit` or `error` text.
-async fn exec_session(app: Arc<AppState>, worker_id: String, socket: WebSocket) {
-    let (mut tx, mut rx) = socket.split();
-    let opts: Result<ExecOptions, ErrorBody> = match rx.next().await {
+type WsTx = futures_util::stream::SplitSink<WebSocket, WsMessage>;
+
+/// Starts an exec (the client's first text message is the [`ExecOptions`])
+/// or takes back a detached one (`?attach=CHANNEL&offset=N`), resending what
+/// the client lacks.
+async fn open_exec(
+    app: &AppState,
+    worker_id: &str,
+    q: &ExecQuery,
+    tx: &mut WsTx,
+    rx: &mut futures_util::stream::SplitStream<WebSocket>,
+) -> Result<(DetachedExec, bool), ErrorBody> {
+    if let Some(channel) = q.attach {
+        let mut d = app.hub.attach_exec(worker_id, channel)?;
+        let base = d
+            .relay
+            .front()
+            .map(|r| r.1)
+            .unwrap_or_else(|| d.session.output.position());
+        if q.offset < base {
+            // Never silent: say exactly what is missing.
+            let gap = json!({ "type": "gap", "from": q.offset, "to": base });
+            let _ = tx.send(WsMessage::Text(gap.to_string().into())).await;
+        }
+        d.relay
+            .retain(|(_, off, b)| off + b.len() as u64 > q.offset);
+        for (kind, off, b) in &d.relay {
+            let skip = q.offset.saturating_sub(*off) as usize;
+            if tx.send(data_frame(*kind, &b[skip..])).await.is_err() {
+                return Err(ErrorBody::new(ErrorCode::Unavailable, "client went away"));
+            }
+        }
+        d.session.output.ack(q.offset.max(base));
+        return Ok((d, true));
+    }
+    let opts: ExecOptions = match rx.next().await {
         Some(Ok(WsMessage::Text(t))) => serde_json::from_str(t.as_str()).map_err(|e| {
             ErrorBody::new(ErrorCode::InvalidRequest, format!("bad exec options: {e}"))
-        }),
-        _ => return,
+        })?,
+        _ => {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                "expected the exec options first",
+            ));
+        }
     };
-    let session = match opts {
-        Ok(o) => app.hub.exec(&worker_id, o).await,
-        Err(e) => Err(e),
-    };
-    let session = match session {
-        Ok(s) => s,
+    let client_acks = opts.client_acks;
+    let mut session = app.hub.exec(worker_id, opts).await?;
+    if client_acks {
+        session.output.set_manual_ack();
+    }
+    Ok((
+        DetachedExec {
+            worker_id: worker_id.to_string(),
+            session,
+            relay: Default::default(),
+        },
+        client_acks,
+    ))
+}
+
+/// The exec WebSocket. After a `started` text naming the channel, binary
+/// frames carry stdin (client) and output (server, kind-prefixed); the
+/// server ends with an `exit` or `error` text. A client that acknowledges
+/// output can lose its connection (or the server can restart) and re-attach
+/// within the attach grace without losing a byte; otherwise leaving cancels
+/// the exec.
+async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socket: WebSocket) {
+    let (mut tx, mut rx) = socket.split();
+    let (d, client_acks) = match open_exec(&app, &worker_id, &q, &mut tx, &mut rx).await {
+        Ok(x) => x,
         Err(e) => {
             let _ = tx.send(end_message(None, Some(e))).await;
             let _ = tx.close().await;
             return;
         }
     };
-    let mut input = session.input;
-    let mut output = session.output;
-    let pump_in = async move {
-        while let Some(Ok(m)) = rx.next().await {
-            match m {
-                // Input after the process ended is dropped; the output side
-                // still delivers the exit.
-                WsMessage::Binary(b) => {
+    let DetachedExec {
+        worker_id,
+        session,
+        mut relay,
+    } = d;
+    let ExecSession { input, mut output } = session;
+    let started =
+        json!({ "type": "started", "channel": output.channel(), "offset": output.position() });
+    if tx
+        .send(WsMessage::Text(started.to_string().into()))
+        .await
+        .is_err()
+    {
+        return hand_back(&app, worker_id, input, output, relay, client_acks);
+    }
+    // Stdin is written by its own task, so waiting for stdin credit never
+    // stops output (the process may need its output read to read input).
+    let (stdin_tx, mut stdin_rx) = tokio::sync::mpsc::channel::<Option<bytes::Bytes>>(16);
+    let mut writer = tokio::spawn(async move {
+        let mut input = input;
+        while let Some(item) = stdin_rx.recv().await {
+            match item {
+                Some(b) => {
                     let _ = input.write(b).await;
                 }
-                WsMessage::Text(t) => match serde_json::from_str::<ExecControl>(t.as_str()) {
-                    Ok(ExecControl::Resize { cols, rows }) => {
-                        let _ = input.resize(TermSize { cols, rows }).await;
+                None => input.close(),
+            }
+        }
+        input
+    });
+    let channel = output.channel();
+    // A client re-attaching ahead of what this server has (a new server
+    // adopts from the agent's last acknowledged byte) skips what it has.
+    let skip_until = if q.attach.is_some() { q.offset } else { 0 };
+    // One client message at a time: stdin waits here for room in the
+    // writer's queue while output keeps flowing.
+    let mut pending: Option<Option<bytes::Bytes>> = None;
+    let ended = loop {
+        tokio::select! {
+            permit = stdin_tx.reserve(), if pending.is_some() => match permit {
+                Ok(p) => p.send(pending.take().flatten()),
+                Err(_) => pending = None,
+            },
+            ev = output.next() => match ev {
+                Some(StreamEvent::Data(k, b)) => {
+                    let start = output.position() - b.len() as u64;
+                    let skip = skip_until.saturating_sub(start).min(b.len() as u64) as usize;
+                    if skip == b.len() {
+                        continue;
                     }
-                    Ok(ExecControl::StdinEof) => input.close(),
+                    let b = b.slice(skip..);
+                    if client_acks {
+                        relay.push_back((k, start + skip as u64, b.clone()));
+                    }
+                    if tx.send(data_frame(k, &b)).await.is_err() {
+                        break false;
+                    }
+                }
+                Some(StreamEvent::End { exit_code, error }) => {
+                    let _ = tx.send(end_message(exit_code, error)).await;
+                    let _ = tx.close().await;
+                    break true;
+                }
+                None => break true,
+            },
+            m = rx.next(), if pending.is_none() => match m {
+                Some(Ok(WsMessage::Binary(b))) => pending = Some(Some(b)),
+                Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ExecControl>(t.as_str()) {
+                    Ok(ExecControl::Resize { cols, rows }) => {
+                        let hub = app.hub.clone();
+                        let (w, ch) = (worker_id.clone(), channel);
+                        tokio::spawn(async move { hub.resize(&w, ch, TermSize { cols, rows }).await });
+                    }
+                    Ok(ExecControl::StdinEof) => pending = Some(None),
+                    Ok(ExecControl::Ack { offset }) => {
+                        output.ack(offset);
+                        while relay.front().is_some_and(|(_, off, b)| off + b.len() as u64 <= offset) {
+                            relay.pop_front();
+                        }
+                    }
                     Err(_) => {}
                 },
-                WsMessage::Close(_) => break,
-                _ => {}
-            }
+                Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => break false,
+                Some(Ok(_)) => {}
+            },
         }
-        // The client went away: returning drops the output stream, which
-        // cancels the exec's channel on the agent.
     };
-    let pump_out = async move {
-        while let Some(ev) = output.next().await {
-            let msg = match ev {
-                StreamEvent::Data(k, b) => data_frame(k, &b),
-                StreamEvent::End { exit_code, error } => {
-                    let _ = tx.send(end_message(exit_code, error)).await;
-                    break;
-                }
-            };
-            if tx.send(msg).await.is_err() {
-                return; // dropping `output` cancels the exec on the agent
-            }
+    drop(stdin_tx);
+    if ended {
+        writer.abort();
+        return;
+    }
+    // The client went away mid-command: give stdin a moment to drain.
+    let input = match tokio::time::timeout(Duration::from_secs(2), &mut writer).await {
+        Ok(Ok(input)) => input,
+        _ => {
+            writer.abort();
+            return; // cannot keep it re-attachable without its input side
         }
-        let _ = tx.close().await;
     };
-    tokio::select! {
-        _ = pump_in => {}
-        _ = pump_out => {}
+    hand_back(&app, worker_id, input, output, relay, client_acks);
+}
+
+/// Keeps a detached exec for re-attachment, or drops it (cancelling it on
+/// the agent) when its client cannot re-attach.
+fn hand_back(
+    app: &AppState,
+    worker_id: String,
+    input: ChannelSink,
+    output: ChannelStream,
+    relay: std::collections::VecDeque<(StreamKind, u64, bytes::Bytes)>,
+    client_acks: bool,
+) {
+    if client_acks {
+        let d = DetachedExec {
+            worker_id,
+            session: ExecSession { input, output },
+            relay,
+        };
+        app.hub.detach_exec(d, app.cfg.attach_grace);
     }
 }
 

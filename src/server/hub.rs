@@ -273,6 +273,28 @@ impl ChannelStream {
         self.channel
     }
 
+    /// The node the channel runs on.
+    pub fn node_id(&self) -> &str {
+        &self.link.node_id
+    }
+
+    /// Bytes handed out so far: the offset just past the last data event.
+    pub fn position(&self) -> u64 {
+        self.reader.consumed()
+    }
+
+    /// From now on credit follows [`ChannelStream::ack`]: the agent keeps
+    /// what is not acknowledged, so a consumer that reconnects (or a new
+    /// server) can have it again.
+    pub fn set_manual_ack(&mut self) {
+        self.reader.set_manual_ack();
+    }
+
+    /// The final consumer has everything up to `offset`.
+    pub fn ack(&mut self, offset: u64) {
+        self.reader.ack(offset);
+    }
+
     /// Next event; after `End` it returns `None`.
     pub async fn next(&mut self) -> Option<StreamEvent> {
         if self.done {
@@ -368,6 +390,11 @@ pub struct ExecOptions {
     /// Kill the process after this many seconds (`timeout` error).
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// Operator WebSocket only: the client acknowledges output
+    /// (`{"type":"ack","offset":N}`), so it can re-attach after a lost
+    /// connection or a server restart without losing a byte.
+    #[serde(default)]
+    pub client_acks: bool,
 }
 
 /// Options of a log request.
@@ -381,6 +408,14 @@ pub struct LogOptions {
     pub tail: Option<u64>,
     #[serde(default)]
     pub timestamps: bool,
+}
+
+/// An exec whose client went away, kept for the attach grace period so the
+/// client can re-attach (`relay` holds what was sent but not acknowledged).
+pub struct DetachedExec {
+    pub worker_id: String,
+    pub session: ExecSession,
+    pub relay: std::collections::VecDeque<(StreamKind, u64, Bytes)>,
 }
 
 /// A running exec: its input and its output, usable from two tasks.
@@ -411,6 +446,10 @@ struct NodeEntry {
 
 #[derive(Default)]
 struct Registry {
+    /// Execs waiting for their client to re-attach, by (node, channel), with
+    /// the generation of their grace timer.
+    detached: HashMap<(String, u32), (u64, DetachedExec)>,
+    next_detach: u64,
     nodes: HashMap<String, NodeEntry>,
     /// The server's view of every worker, reconciled from agent inventories.
     workers: HashMap<String, WorkerInfo>,
@@ -752,6 +791,19 @@ impl Hub {
         Ok(stream)
     }
 
+    /// Resizes the TTY of the exec on `channel`.
+    pub async fn resize(
+        &self,
+        worker_id: &str,
+        channel: u32,
+        size: TermSize,
+    ) -> Result<(), ErrorBody> {
+        let link = self.worker_link(worker_id)?;
+        link.request(Request::Resize(Resize { channel, size }))
+            .await
+            .map(|_| ())
+    }
+
     pub async fn stat(&self, worker_id: &str, path: &str) -> Result<StatResult, ErrorBody> {
         let link = self.worker_link(worker_id)?;
         link.request_as(Request::Stat(Stat {
@@ -969,6 +1021,95 @@ impl Hub {
             w.state = "exited".into();
             w.exit_code = ev.exit_code;
         }
+    }
+
+    /// Keeps an exec whose client went away for `grace`; dropped (and so
+    /// cancelled, killing the process) if nobody re-attaches in time.
+    pub fn detach_exec(&self, d: DetachedExec, grace: Duration) {
+        let key = (
+            d.session.output.node_id().to_string(),
+            d.session.output.channel(),
+        );
+        let generation = {
+            let mut reg = self.reg.lock().unwrap();
+            reg.next_detach += 1;
+            let g = reg.next_detach;
+            reg.detached.insert(key.clone(), (g, d));
+            g
+        };
+        let reg = self.reg.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let expired = {
+                let mut r = reg.lock().unwrap();
+                match r.detached.get(&key) {
+                    Some((g, _)) if *g == generation => r.detached.remove(&key),
+                    _ => None,
+                }
+            };
+            drop(expired); // outside the lock: dropping cancels on the agent
+        });
+    }
+
+    /// Takes a detached exec of `worker_id` back for a re-attaching client.
+    pub fn attach_exec(&self, worker_id: &str, channel: u32) -> Result<DetachedExec, ErrorBody> {
+        let w = self.worker(worker_id)?;
+        let mut reg = self.reg.lock().unwrap();
+        match reg.detached.remove(&(w.node_id.clone(), channel)) {
+            Some((_, d)) if d.worker_id == worker_id => Ok(d),
+            Some(other) => {
+                reg.detached.insert((w.node_id, channel), other);
+                Err(ErrorBody::new(
+                    ErrorCode::NotFound,
+                    format!("exec channel {channel} is not an exec of {worker_id}"),
+                ))
+            }
+            None => Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!(
+                    "no exec channel {channel} waiting on worker {worker_id} (it ended, or nobody re-attached in time)"
+                ),
+            )),
+        }
+    }
+
+    /// Adopts an exec the agent still runs but this server does not know
+    /// (the server restarted): it waits, detached, for its client.
+    pub(crate) fn adopt_exec(
+        &self,
+        link: &Arc<AgentLink>,
+        open: &crate::protocol::OpenChannel,
+        agent_received: u64,
+        grace: Duration,
+    ) {
+        let Ok(h) = link
+            .channels
+            .open_at(open.channel, DEFAULT_WINDOW, open.from, agent_received)
+        else {
+            return;
+        };
+        link.next_channel
+            .fetch_max(open.channel + 1, Ordering::SeqCst);
+        let mut output = ChannelStream {
+            channel: open.channel,
+            reader: h.reader,
+            link: link.clone(),
+            done: false,
+        };
+        output.set_manual_ack();
+        let d = DetachedExec {
+            worker_id: open.worker_id.clone(),
+            session: ExecSession {
+                input: ChannelSink {
+                    channel: open.channel,
+                    writer: h.writer,
+                    link: link.clone(),
+                },
+                output,
+            },
+            relay: Default::default(),
+        };
+        self.detach_exec(d, grace);
     }
 
     /// Whether any agent is connected.

@@ -32,6 +32,9 @@ pub struct ServerConfig {
     /// How long a disconnected node's channels and requests wait for it to
     /// reconnect and resume before they fail with `unavailable`.
     pub resume_grace: Duration,
+    /// How long an exec whose client went away waits for it to re-attach
+    /// before it is cancelled (and its process killed).
+    pub attach_grace: Duration,
     /// Serve HTTPS with this certificate chain and key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
 }
@@ -46,6 +49,7 @@ impl ServerConfig {
             heartbeat_interval: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(30),
             resume_grace: hub::DEFAULT_RESUME_GRACE,
+            attach_grace: Duration::from_secs(10),
             tls: None,
         }
     }

@@ -535,7 +535,12 @@ impl Bench {
             })
             .await?;
         let r = self.agent_streams(pid, &w.worker_id).await;
-        let _ = hub.remove(&w.worker_id, true).await;
+        if let Err(e) = hub.remove(&w.worker_id, true).await {
+            self.notes.push(format!(
+                "agent: removing worker {} failed: {e}",
+                w.worker_id
+            ));
+        }
         let (busy_hwm, busy_rss_max) = r?;
         // MB = 10^6 bytes; /proc counts KiB.
         let mb = |k: u64| k as f64 * 1024.0 / 1e6;

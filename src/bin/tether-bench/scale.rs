@@ -163,14 +163,14 @@ impl Fleet {
 
         let worker_id = format!("sim{}x{i}", self.run);
         let worker = fake_worker(&node, &worker_id);
-        let hello = Message::Hello(Hello {
-            versions: vec![PROTOCOL_VERSION],
-            node_id: node.clone(),
-            agent_version: "bench-simulated".into(),
-            inventory: Some(vec![worker.clone()]),
-            channels: Vec::new(),
-            capabilities: None,
-        });
+        // From JSON too: later optional fields of `hello` need no change here.
+        let hello: Hello = serde_json::from_value(json!({
+            "versions": [PROTOCOL_VERSION],
+            "node_id": node,
+            "agent_version": "bench-simulated",
+            "inventory": [worker],
+        }))?;
+        let hello = Message::Hello(hello);
         ws.send(WsMessage::text(hello.encode())).await?;
         let welcome = tokio::time::timeout(Duration::from_secs(15), async {
             loop {

@@ -71,6 +71,10 @@ async fn pushed_configuration_lifecycle() {
         err.contains("policy_denied") && err.contains("sandbox.resources.max_memory_mb"),
         "{err}"
     );
+    assert!(
+        err.contains("orchestrator policy"),
+        "which policy refused: {err}"
+    );
     let w = h
         .ctl_ok(&[
             "spawn",

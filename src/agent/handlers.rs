@@ -125,6 +125,10 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
     let task = async move {
         let d = &ctx.docker;
         match (request, opened) {
+            (Request::Spawn(s), _) if containers::inspect(d, &node, &s.worker_id).await.is_ok() => {
+                // Already made (a repeated spawn): the same worker, no new checks.
+                reply(&ctx, id, containers::inspect(d, &node, &s.worker_id).await)
+            }
             (Request::Spawn(mut s), _) => {
                 // The node's own policy first: it has the last word.
                 let orchestrator = ctx

@@ -49,14 +49,34 @@ pub(crate) fn interpret(cfg: &NodeConfig) -> Result<Policy, String> {
             return Err("every registry needs a server".into());
         }
     }
-    let sandbox: config::Sandbox = match &cfg.policy.sandbox {
-        Some(v) => serde_json::from_value(v.clone()).map_err(|e| format!("policy.sandbox: {e}"))?,
-        None => config::Sandbox {
-            // Unsaid is unrestricted, except what the node must opt into.
-            ..Default::default()
+    // What the orchestrator does not say, it does not restrict: start from
+    // a fully permissive policy and overlay what it sent.
+    let permissive = config::Sandbox {
+        mounts: config::Mounts {
+            allowed_host_paths: vec!["/".into()],
+            read_only_by_default: true,
         },
+        security: config::Security {
+            allow_privileged: true,
+            allow_host_network: true,
+            allow_device_mounts: true,
+        },
+        ..Default::default()
     };
+    let mut merged = serde_json::to_value(&permissive).expect("policies serialize");
+    if let Some(v) = &cfg.policy.sandbox {
+        overlay(&mut merged, v);
+    }
+    let sandbox: config::Sandbox =
+        serde_json::from_value(merged).map_err(|e| format!("policy.sandbox: {e}"))?;
+    if !["allow", "sandbox_only", "disabled"].contains(&sandbox.mode.as_str()) {
+        return Err(format!(
+            "policy.sandbox.mode: must be allow, sandbox_only or disabled, got {:?}",
+            sandbox.mode
+        ));
+    }
     let mut policy = Policy::from_file(&sandbox);
+    policy.source = "orchestrator";
     if let Some(t) = cfg.constraints.max_job_timeout_seconds {
         policy.max_timeout_secs = match policy.max_timeout_secs {
             0 => t,
@@ -64,6 +84,23 @@ pub(crate) fn interpret(cfg: &NodeConfig) -> Result<Policy, String> {
         };
     }
     Ok(policy)
+}
+
+/// Deep-merges `top` over `base` (objects key by key, anything else replaced).
+fn overlay(base: &mut serde_json::Value, top: &serde_json::Value) {
+    match (base, top) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(t)) => {
+            for (k, v) in t {
+                match b.get_mut(k) {
+                    Some(slot) => overlay(slot, v),
+                    None => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (b, t) => *b = t.clone(),
+    }
 }
 
 /// Loads the configuration applied before a restart, if any.

@@ -7,6 +7,8 @@ use crate::protocol::{ErrorBody, ErrorCode, SpawnRequest};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
+    /// Whose rules these are, for refusals: "node" or "orchestrator".
+    pub source: &'static str,
     /// `sandbox.mode` is not `disabled`.
     pub sandbox_enabled: bool,
     /// 0 = unlimited.
@@ -35,16 +37,17 @@ impl Default for Policy {
     }
 }
 
-fn denied(rule: &str, what: String) -> ErrorBody {
+fn denied_by(source: &str, rule: &str, what: String) -> ErrorBody {
     ErrorBody::new(
         ErrorCode::PolicyDenied,
-        format!("denied by node policy `{rule}`: {what}"),
+        format!("denied by {source} policy `{rule}`: {what}"),
     )
 }
 
 impl Policy {
     pub fn from_file(s: &config::Sandbox) -> Policy {
         Policy {
+            source: "node",
             sandbox_enabled: s.mode != "disabled",
             max_concurrency: s.max_concurrency,
             default_image: (!s.default_image.is_empty()).then(|| s.default_image.clone()),
@@ -60,6 +63,10 @@ impl Policy {
             allow_host_network: s.security.allow_host_network,
             allow_device_mounts: s.security.allow_device_mounts,
         }
+    }
+
+    fn denied(&self, rule: &str, what: String) -> ErrorBody {
+        denied_by(self.source, rule, what)
     }
 
     fn image_allowed(&self, image: &str) -> bool {
@@ -80,7 +87,7 @@ impl Policy {
         if self.max_timeout_secs > 0 {
             match *t {
                 Some(s) if s > self.max_timeout_secs => {
-                    return Err(denied(
+                    return Err(self.denied(
                         "sandbox.timeouts.max_seconds",
                         format!(
                             "timeout {s} s exceeds the node's maximum of {} s",
@@ -99,13 +106,10 @@ impl Policy {
     /// `running` is the number of workers running now.
     pub fn admit_spawn(&self, spec: &mut SpawnRequest, running: usize) -> Result<(), ErrorBody> {
         if !self.sandbox_enabled {
-            return Err(denied(
-                "sandbox.mode",
-                "sandboxes are disabled on this node".into(),
-            ));
+            return Err(self.denied("sandbox.mode", "sandboxes are disabled on this node".into()));
         }
         if self.max_concurrency > 0 && running as u64 >= self.max_concurrency {
-            return Err(denied(
+            return Err(self.denied(
                 "sandbox.max_concurrency",
                 format!(
                     "{running} workers already run, the node allows {}",
@@ -119,13 +123,13 @@ impl Policy {
             spec.image = d.clone();
         }
         if !self.image_allowed(&spec.image) {
-            return Err(denied(
+            return Err(self.denied(
                 "sandbox.allowed_images",
                 format!("image {:?} is not allowed", spec.image),
             ));
         }
         if spec.privileged && !self.allow_privileged {
-            return Err(denied(
+            return Err(self.denied(
                 "sandbox.security.allow_privileged",
                 "privileged workers are not allowed".into(),
             ));
@@ -134,7 +138,7 @@ impl Policy {
             None => {}
             Some("host") if self.allow_host_network => {}
             Some("host") => {
-                return Err(denied(
+                return Err(self.denied(
                     "sandbox.security.allow_host_network",
                     "host networking is not allowed".into(),
                 ));
@@ -149,7 +153,7 @@ impl Policy {
             }
         }
         if !spec.devices.is_empty() && !self.allow_device_mounts {
-            return Err(denied(
+            return Err(self.denied(
                 "sandbox.security.allow_device_mounts",
                 format!("devices {:?} are not allowed", spec.devices),
             ));
@@ -162,7 +166,7 @@ impl Policy {
                     .all(|c| !matches!(c, std::path::Component::ParentDir));
             let allowed = clean && self.allowed_host_paths.iter().any(|a| src.starts_with(a));
             if !allowed {
-                return Err(denied(
+                return Err(self.denied(
                     "sandbox.mounts.allowed_host_paths",
                     format!("host path {:?} is not under an allowed path", m.source),
                 ));
@@ -175,7 +179,7 @@ impl Policy {
         if self.max_cpu_cores > 0.0 {
             match r.cpus {
                 Some(c) if c > self.max_cpu_cores => {
-                    return Err(denied(
+                    return Err(self.denied(
                         "sandbox.resources.max_cpu_cores",
                         format!("{c} CPUs requested, the node allows {}", self.max_cpu_cores),
                     ));
@@ -187,7 +191,7 @@ impl Policy {
         if self.max_memory_mb > 0 {
             match r.memory_mb {
                 Some(m) if m > self.max_memory_mb => {
-                    return Err(denied(
+                    return Err(self.denied(
                         "sandbox.resources.max_memory_mb",
                         format!(
                             "{m} MB requested, the node allows {} MB",
@@ -202,7 +206,7 @@ impl Policy {
         if self.max_pids > 0 {
             match r.pids {
                 Some(p) if p as u64 > self.max_pids => {
-                    return Err(denied(
+                    return Err(self.denied(
                         "sandbox.resources.max_pids",
                         format!("{p} pids requested, the node allows {}", self.max_pids),
                     ));
@@ -217,10 +221,7 @@ impl Policy {
     /// Checks an exec's timeout and fills in the default.
     pub fn admit_exec(&self, timeout_secs: &mut Option<u64>) -> Result<(), ErrorBody> {
         if !self.sandbox_enabled {
-            return Err(denied(
-                "sandbox.mode",
-                "sandboxes are disabled on this node".into(),
-            ));
+            return Err(self.denied("sandbox.mode", "sandboxes are disabled on this node".into()));
         }
         self.admit_timeout(timeout_secs)
     }

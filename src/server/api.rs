@@ -395,6 +395,12 @@ async fn exec_ws(
     Query(q): Query<ExecQuery>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // Refuse a re-attach before upgrading, so the client can retry on 404.
+    if let Some(channel) = q.attach
+        && let Err(e) = app.hub.can_attach(&id, channel)
+    {
+        return error_response(e);
+    }
     ws.on_upgrade(move |socket| exec_session(app, id, q, socket))
 }
 

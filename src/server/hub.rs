@@ -1051,6 +1051,19 @@ impl Hub {
         });
     }
 
+    /// Whether a detached exec of `worker_id` waits on `channel`.
+    pub fn can_attach(&self, worker_id: &str, channel: u32) -> Result<(), ErrorBody> {
+        let w = self.worker(worker_id)?;
+        let reg = self.reg.lock().unwrap();
+        match reg.detached.get(&(w.node_id, channel)) {
+            Some((_, d)) if d.worker_id == worker_id => Ok(()),
+            _ => Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!("no exec channel {channel} waiting on worker {worker_id}"),
+            )),
+        }
+    }
+
     /// Takes a detached exec of `worker_id` back for a re-attaching client.
     pub fn attach_exec(&self, worker_id: &str, channel: u32) -> Result<DetachedExec, ErrorBody> {
         let w = self.worker(worker_id)?;

@@ -93,9 +93,12 @@ struct ServerArgs {
     /// Lifetime of node tokens, in seconds.
     #[arg(long, default_value_t = 3600)]
     jwt_ttl: u64,
-    #[arg(long, default_value_t = 10)]
+    /// Seconds between heartbeat pings (both sides use the server's values).
+    #[arg(long, default_value_t = 5)]
     heartbeat_interval: u64,
-    #[arg(long, default_value_t = 30)]
+    /// Seconds of silence after which a link counts as dead: a half-open
+    /// link is detected within timeout + interval (25 s by default).
+    #[arg(long, default_value_t = 20)]
     heartbeat_timeout: u64,
     /// Serve HTTPS: certificate chain (PEM); needs --tls-key.
     #[arg(long, env = "TETHER_TLS_CERT", requires = "tls_key")]

@@ -125,21 +125,7 @@ async fn agent_image_brings_a_node_online() {
         container: unique("test-agent"),
         image: tag.clone(),
     };
-    let root = env!("CARGO_MANIFEST_DIR");
-    let st = std::process::Command::new("bash")
-        .arg(format!("{root}/scripts/build-agent-image.sh"))
-        .args([
-            "--binary",
-            env!("CARGO_BIN_EXE_tether"),
-            "--tag",
-            &tag,
-            "--label",
-            "tether.test=1",
-        ])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success(), "building the agent image failed");
+    build_agent_image(&tag);
     // Minimal: no shell in the image.
     let sh = std::process::Command::new("docker")
         .args(["run", "--rm", "--entrypoint", "/bin/sh", &tag, "-c", "true"])
@@ -147,25 +133,7 @@ async fn agent_image_brings_a_node_online() {
         .unwrap();
     assert!(!sh.status.success(), "the agent image should have no shell");
 
-    let id = docker(&[
-        "run",
-        "-d",
-        "--name",
-        &guard.container,
-        "--label",
-        "tether.test=1",
-        "--network",
-        "host",
-        "-v",
-        "/var/run/docker.sock:/var/run/docker.sock",
-        "-e",
-        &format!("TETHER_SERVER={}", h.url),
-        "-e",
-        &format!("TETHER_PSK={PSK}"),
-        "-e",
-        &format!("TETHER_NODE_ID={node}"),
-        &tag,
-    ]);
+    let id = run_agent_container(&guard.container, &tag, &h.url, &node);
     assert!(!id.is_empty(), "docker run of the agent image failed");
     tokio::time::timeout(Duration::from_secs(60), h.wait_status(&node, "online"))
         .await

@@ -347,42 +347,8 @@ async fn containerised_agent_survives_docker_kill_and_start() {
             .map(|v| v.into_iter().map(String::from).collect())
             .collect(),
     );
-    let st = std::process::Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/build-agent-image.sh"
-        ))
-        .args([
-            "--binary",
-            env!("CARGO_BIN_EXE_tether"),
-            "--tag",
-            &tag,
-            "--label",
-            "tether.test=1",
-        ])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    docker(&[
-        "run",
-        "-d",
-        "--name",
-        &container,
-        "--label",
-        "tether.test=1",
-        "--network",
-        "host",
-        "-v",
-        "/var/run/docker.sock:/var/run/docker.sock",
-        "-e",
-        &format!("TETHER_SERVER={}", h.url),
-        "-e",
-        &format!("TETHER_PSK={PSK}"),
-        "-e",
-        &format!("TETHER_NODE_ID={node}"),
-        &tag,
-    ]);
+    build_agent_image(&tag);
+    run_agent_container(&container, &tag, &h.url, &node);
     h.wait_status(&node, "online").await;
     let w = h
         .hub

@@ -256,6 +256,52 @@ impl Drop for Harness {
     }
 }
 
+/// Builds the agent image from the Dockerfile around the test binary.
+pub fn build_agent_image(tag: &str) {
+    let st = std::process::Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/build-agent-image.sh"
+        ))
+        .args([
+            "--binary",
+            env!("CARGO_BIN_EXE_tether"),
+            "--tag",
+            tag,
+            "--label",
+            "tether.test=1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "building the agent image failed");
+}
+
+/// Runs the agent image the way users do: the Docker socket mounted,
+/// configured by environment (host networking to reach the test server).
+/// Returns the container id (empty if `docker run` failed).
+pub fn run_agent_container(name: &str, tag: &str, server_url: &str, node: &str) -> String {
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--label",
+        "tether.test=1",
+        "--network",
+        "host",
+        "-v",
+        "/var/run/docker.sock:/var/run/docker.sock",
+        "-e",
+        &format!("TETHER_SERVER={server_url}"),
+        "-e",
+        &format!("TETHER_PSK={PSK}"),
+        "-e",
+        &format!("TETHER_NODE_ID={node}"),
+        tag,
+    ])
+}
+
 pub fn sha256(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))

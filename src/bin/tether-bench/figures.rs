@@ -90,6 +90,18 @@ pub struct Bench {
     pub notes: Vec<String>,
 }
 
+/// Fails with a clear error instead of waiting forever.
+pub async fn limit<T>(
+    secs: u64,
+    what: &str,
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(Duration::from_secs(secs), f).await {
+        Ok(r) => r,
+        Err(_) => bail!("{what}: no answer within {secs} s"),
+    }
+}
+
 fn cmd(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
@@ -156,13 +168,23 @@ impl Bench {
 
     async fn tether(&self, c: &[String]) -> anyhow::Result<(Duration, Ran)> {
         let t0 = Instant::now();
-        let r = tether_exec(&self.t.hub, &self.worker, c).await?;
+        let r = limit(
+            900,
+            "tether exec",
+            tether_exec(&self.t.hub, &self.worker, c),
+        )
+        .await?;
         Ok((t0.elapsed(), r))
     }
 
     async fn direct(&self, c: &[String]) -> anyhow::Result<(Duration, Ran)> {
         let t0 = Instant::now();
-        let r = direct::exec(&self.docker, &self.container, c).await?;
+        let r = limit(
+            900,
+            "direct exec",
+            direct::exec(&self.docker, &self.container, c),
+        )
+        .await?;
         Ok((t0.elapsed(), r))
     }
 
@@ -234,42 +256,51 @@ impl Bench {
 
     async fn tether_put(&self, name: &str, size: u64) -> anyhow::Result<Duration> {
         let t0 = Instant::now();
-        let mut up = self.t.hub.put_archive(&self.worker, "/tmp").await?;
-        for chunk in direct::tar_chunks(name, size) {
-            up.write(chunk).await?;
-        }
-        up.finish().await?;
+        limit(900, "tether put", async {
+            let mut up = self.t.hub.put_archive(&self.worker, "/tmp").await?;
+            for chunk in direct::tar_chunks(name, size) {
+                up.write(chunk).await?;
+            }
+            Ok(up.finish().await?)
+        })
+        .await?;
         Ok(t0.elapsed())
     }
 
     async fn direct_put(&self, name: &str, size: u64) -> anyhow::Result<Duration> {
         let t0 = Instant::now();
-        direct::upload(&self.docker, &self.container, "/tmp", name, size).await?;
+        let up = direct::upload(&self.docker, &self.container, "/tmp", name, size);
+        limit(900, "direct put", up).await?;
         Ok(t0.elapsed())
     }
 
     async fn tether_get(&self, path: &str) -> anyhow::Result<(Duration, u64)> {
         let t0 = Instant::now();
-        let mut s = self.t.hub.get_archive(&self.worker, path).await?;
-        let mut n = 0u64;
-        loop {
-            match s.next().await {
-                Some(StreamEvent::Data(_, b)) => n += b.len() as u64,
-                Some(StreamEvent::End { error: Some(e), .. }) => return Err(e.into()),
-                Some(StreamEvent::End { .. }) | None => break,
+        let n = limit(900, "tether get", async {
+            let mut s = self.t.hub.get_archive(&self.worker, path).await?;
+            let mut n = 0u64;
+            loop {
+                match s.next().await {
+                    Some(StreamEvent::Data(_, b)) => n += b.len() as u64,
+                    Some(StreamEvent::End { error: Some(e), .. }) => return Err(e.into()),
+                    Some(StreamEvent::End { .. }) | None => return Ok(n),
+                }
             }
-        }
+        })
+        .await?;
         Ok((t0.elapsed(), n))
     }
 
     async fn direct_get(&self, path: &str) -> anyhow::Result<(Duration, u64)> {
         let t0 = Instant::now();
-        let n = direct::download(&self.docker, &self.container, path).await?;
+        let get = direct::download(&self.docker, &self.container, path);
+        let n = limit(900, "direct get", get).await?;
         Ok((t0.elapsed(), n))
     }
 
     async fn sh(&self, script: &str) -> anyhow::Result<()> {
-        let r = direct::exec(&self.docker, &self.container, &cmd(&["sh", "-c", script])).await?;
+        let c = cmd(&["sh", "-c", script]);
+        let r = limit(300, script, direct::exec(&self.docker, &self.container, &c)).await?;
         ensure!(r.exit == 0, "`{script}` exited with {}", r.exit);
         Ok(())
     }
@@ -322,6 +353,10 @@ impl Bench {
     }
 
     async fn tether_spawn(&self) -> anyhow::Result<Duration> {
+        limit(300, "tether spawn", self.tether_spawn_once()).await
+    }
+
+    async fn tether_spawn_once(&self) -> anyhow::Result<Duration> {
         let t0 = Instant::now();
         let w = self
             .t
@@ -346,13 +381,17 @@ impl Bench {
         let gateway = format!("10.214.{hi}.{}", lo + 1);
         let name = format!("tether-bench-{}", ulid());
         let t0 = Instant::now();
-        let r = direct::spawn(
-            &self.docker,
-            &self.run,
-            &name,
-            &subnet,
-            &gateway,
-            &self.image,
+        let r = limit(
+            300,
+            "direct spawn",
+            direct::spawn(
+                &self.docker,
+                &self.run,
+                &name,
+                &subnet,
+                &gateway,
+                &self.image,
+            ),
         )
         .await;
         let dt = t0.elapsed();
@@ -391,9 +430,9 @@ impl Bench {
             tasks.push(tokio::spawn(async move {
                 let t = Instant::now();
                 let r = if tether {
-                    tether_exec(&hub, &worker, &c).await
+                    limit(600, "tether exec", tether_exec(&hub, &worker, &c)).await
                 } else {
-                    direct::exec(&docker, &container, &c).await
+                    limit(600, "direct exec", direct::exec(&docker, &container, &c)).await
                 };
                 r.map(|r| (t.elapsed(), r.exit))
             }));
@@ -415,6 +454,10 @@ impl Bench {
             }
         }
         let total = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "tether-bench:   {n} concurrent {} execs: {total:.2} s, {failed} failed",
+            if tether { "tether" } else { "direct" },
+        );
         if failed > 0 {
             bail!(
                 "{failed} of {n} concurrent {} execs failed, first: {}",
@@ -429,21 +472,19 @@ impl Bench {
     async fn burst_stalled(&self, tether: bool, n: usize) -> anyhow::Result<(f64, f64)> {
         let big = cmd(&["head", "-c", "4000000000", "/dev/zero"]);
         let guard: Box<dyn std::any::Any + Send> = if tether {
-            Box::new(
-                self.t
-                    .hub
-                    .exec(
-                        &self.worker,
-                        ExecOptions {
-                            cmd: big,
-                            ..Default::default()
-                        },
-                    )
-                    .await?,
-            )
+            let open = self.t.hub.exec(
+                &self.worker,
+                ExecOptions {
+                    cmd: big,
+                    ..Default::default()
+                },
+            );
+            Box::new(limit(60, "start the stalled exec", async { Ok(open.await?) }).await?)
         } else {
-            Box::new(direct::exec_unread(&self.docker, &self.container, &big).await?)
+            let open = direct::exec_unread(&self.docker, &self.container, &big);
+            Box::new(limit(60, "start the stalled exec", open).await?)
         };
+        eprintln!("tether-bench:   stalled reader in place");
         // Let it fill its window (tether) or its pipe (direct).
         tokio::time::sleep(Duration::from_millis(300)).await;
         let r = self.burst(tether, n).await;
@@ -582,9 +623,9 @@ impl Bench {
         let mut tasks = Vec::new();
         for _ in 0..self.p.agent_streams {
             let (hub, worker, c) = (hub.clone(), worker.to_string(), c.clone());
-            tasks.push(tokio::spawn(
-                async move { tether_exec(&hub, &worker, &c).await },
-            ));
+            tasks.push(tokio::spawn(async move {
+                limit(600, "tether stream", tether_exec(&hub, &worker, &c)).await
+            }));
         }
         let mut result = Ok(());
         for t in tasks {

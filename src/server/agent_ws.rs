@@ -46,7 +46,10 @@ pub(super) async fn connect(
             format!("the agent must offer WebSocket subprotocol {SUBPROTOCOL}"),
         ));
     }
+    // An idle agent should cost little: a small read buffer that grows
+    // only when a large message arrives.
     ws.protocols([SUBPROTOCOL])
+        .read_buffer_size(8 * 1024)
         .max_message_size(MAX_WS_MESSAGE)
         .max_frame_size(MAX_WS_MESSAGE)
         .on_upgrade(move |socket| {
@@ -166,11 +169,17 @@ async fn session(app: Arc<AppState>, node_id: String, mut token_exp: u64, socket
     let mut tick = tokio::time::interval(app.cfg.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_rx = Instant::now();
+    let mut noted: Option<Instant> = None;
     let reason: String = loop {
         tokio::select! {
             msg = stream.next() => {
+                // The registry lock is shared by every node: note traffic at
+                // most once a second, not on every message.
+                if noted.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(1)) {
+                    app.hub.seen(&node_id);
+                    noted = Some(Instant::now());
+                }
                 last_rx = Instant::now();
-                app.hub.seen(&node_id);
                 match msg {
                     Some(Ok(WsMessage::Text(t))) => on_text(&app, &link, t.as_str()),
                     Some(Ok(WsMessage::Binary(b))) => on_binary(&link, b),

@@ -194,10 +194,16 @@ impl Server {
             }
         };
         match self.tls {
-            None => axum::serve(self.listener, app)
-                .with_graceful_shutdown(graceful)
-                .await
-                .map_err(ServerError::Serve),
+            // Small control messages must not wait for Nagle's algorithm.
+            None => axum::serve(
+                axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                }),
+                app,
+            )
+            .with_graceful_shutdown(graceful)
+            .await
+            .map_err(ServerError::Serve),
             Some(tls) => {
                 serve_tls(self.listener, tls, app, shutdown).await;
                 graceful.await;
@@ -229,6 +235,7 @@ async fn serve_tls(
             },
             _ = shutdown.cancelled() => return,
         };
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {

@@ -353,6 +353,10 @@ fn agent_config(
         cfg.identity.labels = f.node.labels.clone();
         cfg.identity.sandbox_enabled = f.sandbox.mode != "disabled";
         cfg.identity.max_concurrency = f.sandbox.max_concurrency;
+        cfg.config_poll = f
+            .updates
+            .enable_dynamic_config
+            .then(|| Duration::from_secs(f.updates.poll_interval_seconds));
         cfg.identity.inference_enabled = f.inference.mode == "allow" && f.sandbox.mode == "allow";
         logging = f.logging.clone();
     }

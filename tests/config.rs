@@ -234,3 +234,36 @@ async fn disabled_sandbox_mode_refuses_spawns() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_polls_for_configuration_when_asked_to() {
+    let mut h = Harness::server().await;
+    let mut cfg = h.agent_config(&unique("test"));
+    cfg.config_poll = Some(std::time::Duration::from_secs(1));
+    let node = h.add_agent_with(cfg).await;
+    // Staged, not pushed: only the agent's poll can bring it.
+    let version = h
+        .hub
+        .set_desired_config(
+            &node,
+            tether::protocol::NodeConfig {
+                version: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let d = h.hub.node_detail(&node).unwrap();
+        if d.config_version.as_deref() == Some(version.as_str()) {
+            assert_eq!(d.last_config_ack.unwrap().status, "applied");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never picked up the staged configuration"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    h.stop().await;
+}

@@ -25,6 +25,7 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
     let mut reported: Option<bool> = None;
     let mut events: Option<tokio::task::JoinHandle<()>> = None;
     let mut ticks: u64 = 0;
+    let mut polled = tokio::time::Instant::now();
     loop {
         let probe = tokio::time::timeout(PROBE_INTERVAL, ctx.docker.ping()).await;
         let healthy = matches!(probe, Ok(Ok(_)));
@@ -74,6 +75,20 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
                 }
             }
         }
+        if let Some(every) = ctx.config_poll
+            && polled.elapsed() >= every
+        {
+            polled = tokio::time::Instant::now();
+            let config_version = ctx
+                .applied
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|a| a.config.config_version.clone());
+            ctx.link.send(Outbound::msg(&Message::ConfigPoll(
+                crate::protocol::ConfigPoll { config_version },
+            )));
+        }
         // (Re)subscribe to events whenever the runtime is healthy and the
         // previous subscription ended (it ends when Docker goes away).
         if healthy && events.as_ref().is_none_or(|t| t.is_finished()) {
@@ -81,7 +96,7 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
         }
         tokio::select! {
             _ = end.cancelled() => break,
-            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+            _ = tokio::time::sleep(ctx.config_poll.map_or(PROBE_INTERVAL, |p| p.min(PROBE_INTERVAL))) => {}
         }
     }
     if let Some(t) = events {

@@ -56,6 +56,9 @@ pub struct AgentConfig {
     pub tls_ca_bundle: Option<PathBuf>,
     /// Hex SHA-256 of the server's certificate: anything else is refused.
     pub tls_pin: Option<String>,
+    /// Ask the server for newer configuration this often
+    /// (`updates.enable_dynamic_config`); pushes work without it.
+    pub config_poll: Option<Duration>,
 }
 
 impl AgentConfig {
@@ -82,6 +85,7 @@ impl AgentConfig {
             max_request_bytes: crate::protocol::MAX_CONTROL_BYTES,
             tls_ca_bundle: None,
             tls_pin: None,
+            config_poll: None,
         }
     }
 }
@@ -147,6 +151,8 @@ pub(crate) struct Ctx {
     pub reported_hash: std::sync::Mutex<Option<String>>,
     /// The node's local policy.
     pub policy: policy::Policy,
+    /// How often to ask for newer configuration, if at all.
+    pub config_poll: Option<Duration>,
     /// The configuration pushed by the orchestrator, in force.
     pub(crate) applied: std::sync::Mutex<Option<nodeconfig::Applied>>,
     /// Where the node token is kept (0600).
@@ -195,6 +201,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         degraded: Default::default(),
         identity: cfg.identity.clone(),
         policy: cfg.policy.clone(),
+        config_poll: cfg.config_poll,
         token_path: cfg.state_dir.join(format!("{}.jwt", cfg.node_id)),
         applied: std::sync::Mutex::new(nodeconfig::load(&cfg.state_dir)),
         refreshed_token: Default::default(),

@@ -419,6 +419,13 @@ pub struct ConfigAckError {
     pub message: String,
 }
 
+/// Payload of `config_poll`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConfigPoll {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_version: Option<String>,
+}
+
 /// A fresh node token, server to agent, sent over the live connection before
 /// the current one expires; the agent uses it for its next connection.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -525,6 +532,9 @@ pub enum Message {
     /// A new capability report (agent to server), sent when its hash changes.
     Capabilities(Value),
     Token(TokenRefresh),
+    /// Agent to server: "send me newer configuration if you have it"
+    /// (`updates.enable_dynamic_config`); carries the applied version.
+    ConfigPoll(ConfigPoll),
     /// A type this build does not know; answered with `unsupported` when it has an id.
     Unknown {
         kind: String,
@@ -612,6 +622,7 @@ impl Message {
             "node_status" => Ok(Message::NodeStatus(typed(k, &id, payload)?)),
             "capabilities" => Ok(Message::Capabilities(payload)),
             "token" => Ok(Message::Token(typed(k, &id, payload)?)),
+            "config_poll" => Ok(Message::ConfigPoll(typed(k, &id, payload)?)),
             "spawn" => req(Request::Spawn(typed(k, &id, payload)?), id),
             "stop" => req(Request::Stop(typed(k, &id, payload)?), id),
             "remove" => req(Request::Remove(typed(k, &id, payload)?), id),
@@ -643,6 +654,7 @@ impl Message {
             Message::NodeStatus(p) => ("node_status", None, to_value(p)),
             Message::Capabilities(p) => ("capabilities", None, p.clone()),
             Message::Token(p) => ("token", None, to_value(p)),
+            Message::ConfigPoll(p) => ("config_poll", None, to_value(p)),
             Message::Unknown { kind, id } => (kind, id.as_deref(), Value::Null),
         };
         let env = Envelope {

@@ -258,6 +258,7 @@ fn on_text(app: &AppState, link: &Arc<AgentLink>, text: &str) {
         Message::WorkerEvent(ev) => app.hub.on_worker_event(&link.node_id, ev),
         Message::NodeStatus(st) => app.hub.on_node_status(&link.node_id, st),
         Message::Capabilities(report) => app.hub.on_capabilities(&link.node_id, report),
+        Message::ConfigPoll(p) => app.hub.on_config_poll(&link.node_id, p.config_version),
         Message::Unknown { kind, id } => {
             let _ = link_send(
                 link,

@@ -999,6 +999,48 @@ impl Hub {
         Ok(ack)
     }
 
+    /// Stages configuration for a node without pushing it: the node gets it
+    /// when it polls (`updates.enable_dynamic_config`) or reconnects.
+    pub fn set_desired_config(
+        &self,
+        node_id: &str,
+        mut cfg: crate::protocol::NodeConfig,
+    ) -> Result<String, ErrorBody> {
+        if cfg.config_version.is_empty() {
+            cfg.config_version = ulid::Ulid::new().to_string();
+        }
+        let mut reg = self.reg.lock().unwrap();
+        let n = reg.nodes.get_mut(node_id).ok_or_else(|| {
+            ErrorBody::new(ErrorCode::NotFound, format!("no such node: {node_id}"))
+        })?;
+        let version = cfg.config_version.clone();
+        n.desired_config = Some(cfg);
+        Ok(version)
+    }
+
+    /// A node asks for newer configuration: push it if there is some.
+    pub(crate) fn on_config_poll(&self, node_id: &str, applied: Option<String>) {
+        let desired = self
+            .reg
+            .lock()
+            .unwrap()
+            .nodes
+            .get(node_id)
+            .and_then(|n| n.desired_config.clone());
+        if let Some(cfg) = desired
+            && applied
+                .as_deref()
+                .is_none_or(|v| v < cfg.config_version.as_str())
+        {
+            let (hub, node) = (self.clone(), node_id.to_string());
+            tokio::spawn(async move {
+                if let Err(e) = hub.push_config(&node, cfg).await {
+                    tracing::debug!(node_id = %node, error = %e, "configuration push on poll failed");
+                }
+            });
+        }
+    }
+
     pub(crate) fn on_node_status(&self, node_id: &str, st: crate::protocol::NodeStatus) {
         if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id) {
             n.degraded =

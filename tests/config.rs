@@ -267,3 +267,34 @@ async fn agent_polls_for_configuration_when_asked_to() {
     }
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_request_size_limit_refuses_large_requests() {
+    let mut h = Harness::server().await;
+    let node = h.add_agent().await;
+    let w = h
+        .ctl_ok(&["spawn", "--image", &image(), "--", "sleep", "60"])
+        .await
+        .trim()
+        .to_string();
+    let big = "x".repeat(4000);
+    assert_eq!(
+        h.ctl_ok(&["exec", &w, "--", "echo", &big]).await.trim(),
+        big
+    );
+    let a = ack(&push(
+        &h,
+        &node,
+        "constraints:\n  max_request_bytes: 2048\n",
+    ));
+    assert_eq!(a["status"], "applied");
+    let out = h.ctl(&["exec", &w, "--", "echo", &big]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("too_large") && err.contains("2048"), "{err}");
+    assert_eq!(
+        h.ctl_ok(&["exec", &w, "--", "echo", "small"]).await,
+        "small\n"
+    );
+    h.stop().await;
+}

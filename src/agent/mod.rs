@@ -167,6 +167,22 @@ pub(crate) struct Ctx {
     pub replies: std::sync::Mutex<handlers::Replies>,
 }
 
+impl Ctx {
+    /// Largest control message accepted: the node file's
+    /// `worker_api.max_request_bytes`, narrowed by a pushed
+    /// `constraints.max_request_bytes`.
+    pub(crate) fn request_limit(&self) -> usize {
+        let pushed = self
+            .applied
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|a| a.config.constraints.max_request_bytes)
+            .map(|b| b.max(1024) as usize);
+        pushed.map_or(self.max_request_bytes, |p| p.min(self.max_request_bytes))
+    }
+}
+
 /// Runs the agent until `shutdown` fires or a permanent error occurs.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     if !matches!(cfg.server.scheme(), "http" | "https") {

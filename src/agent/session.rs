@@ -309,14 +309,21 @@ async fn run_loop(
 fn on_text(text: &str, ctx: &Arc<Ctx>) {
     let channels = &ctx.channels;
     let out = &ctx.link;
-    if text.len() > ctx.max_request_bytes {
+    let limit = ctx.request_limit();
+    if text.len() > limit {
+        // Answer the request itself, so the server does not wait for a reply.
+        #[derive(serde::Deserialize)]
+        struct IdOnly {
+            id: Option<String>,
+        }
+        let id = serde_json::from_str::<IdOnly>(text).ok().and_then(|e| e.id);
         let _ = out.send(Outbound::msg(&Message::error(
-            None,
+            id,
             ErrorCode::TooLarge,
             format!(
-                "control message of {} bytes exceeds worker_api.max_request_bytes ({})",
+                "control message of {} bytes exceeds the node's max_request_bytes ({})",
                 text.len(),
-                ctx.max_request_bytes
+                limit
             ),
         )));
         return;

@@ -112,3 +112,33 @@ async fn node_token_is_refreshed_over_the_live_connection() {
     );
     h.stop().await;
 }
+
+#[test]
+fn agent_refuses_a_bad_node_file_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("node.yaml");
+    std::fs::write(
+        &file,
+        "version: 1\norchestrator:\n  url: http://127.0.0.1:9\n  psk: nope\nnode:\n  id: n1\nsandbox:\n  max_concurrency: many\n",
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["agent", "--config"])
+        .arg(&file)
+        .env("TETHER_PSK", PSK)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    // Both problems, each with its line, and nothing attempted first.
+    assert!(
+        err.contains("line 4: orchestrator.psk: unknown key"),
+        "{err}"
+    );
+    assert!(
+        err.contains("line 8: sandbox.max_concurrency: must be an integer"),
+        "{err}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}

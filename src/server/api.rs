@@ -528,6 +528,11 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
                 Some(StreamEvent::Data(k, b)) => {
                     let start = output.position() - b.len() as u64;
                     let skip = skip_until.saturating_sub(start).min(b.len() as u64) as usize;
+                    if skip > 0 {
+                        // The client has these already: they count as
+                        // acknowledged, or credit could stall right here.
+                        output.ack(start + skip as u64);
+                    }
                     if skip == b.len() {
                         continue;
                     }

@@ -268,14 +268,6 @@ impl Channels {
         self.map.lock().unwrap().contains_key(&id)
     }
 
-    pub fn len(&self) -> usize {
-        self.map.lock().unwrap().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Routes an inbound data frame. Data we already have (a replay
     /// overlapping what arrived before a cut) is dropped; a gap or an overrun
     /// is a protocol error: the caller closes the channel with it.

@@ -125,25 +125,13 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
     let task = async move {
         let d = &ctx.docker;
         match (request, opened) {
-            (Request::Spawn(s), _) if containers::inspect(d, &node, &s.worker_id).await.is_ok() => {
-                // Already made (a repeated spawn): the same worker, no new checks.
-                reply(&ctx, id, containers::inspect(d, &node, &s.worker_id).await)
-            }
             (Request::Spawn(mut s), _) => {
-                // The node's own policy first: it has the last word.
-                let orchestrator = ctx
-                    .applied
-                    .lock()
-                    .unwrap()
-                    .as_ref()
-                    .map(|a| a.policy.clone());
+                // Already made (a repeated spawn): the same worker, no new checks.
+                if let Ok(existing) = containers::inspect(d, &node, &s.worker_id).await {
+                    return reply(&ctx, id, Ok(existing));
+                }
                 let admitted = match containers::running_count(d, &node).await {
-                    Ok(running) => ctx.policy.admit_spawn(&mut s.spec, running).and_then(|()| {
-                        match &orchestrator {
-                            Some(p) => p.admit_spawn(&mut s.spec, running),
-                            None => Ok(()),
-                        }
-                    }),
+                    Ok(running) => ctx.admit_spawn(&mut s.spec, running),
                     Err(e) => Err(e),
                 };
                 let creds = super::nodeconfig::credentials(&ctx, &s.spec.image);
@@ -219,17 +207,7 @@ async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
     let ch = req.channel;
     let channels = &ctx.channels;
     let mut req = req;
-    let orchestrator = ctx
-        .applied
-        .lock()
-        .unwrap()
-        .as_ref()
-        .map(|a| a.policy.clone());
-    let admitted = ctx
-        .policy
-        .admit_exec(&mut req.timeout_secs)
-        .and_then(|()| orchestrator.map_or(Ok(()), |p| p.admit_exec(&mut req.timeout_secs)));
-    if let Err(e) = admitted {
+    if let Err(e) = ctx.admit_exec(&mut req.timeout_secs) {
         channels.remove(ch);
         return reply::<()>(ctx, id, Err(e));
     }

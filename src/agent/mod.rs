@@ -40,9 +40,8 @@ pub struct AgentConfig {
     pub subnet_pool: ipnet::Ipv4Net,
     /// Prefix length of each worker subnet.
     pub subnet_prefix: u8,
-    /// Interval between heartbeat pings.
-    pub heartbeat_interval: Duration,
-    /// Silence after which the connection counts as dead.
+    /// Time allowed for the WebSocket handshake (once connected, both
+    /// sides use the heartbeat settings announced in `welcome`).
     pub heartbeat_timeout: Duration,
     /// Limits for workers whose request names none.
     pub defaults: Defaults,
@@ -77,7 +76,6 @@ impl AgentConfig {
             docker_socket: None,
             subnet_pool: "10.213.0.0/16".parse().expect("valid default pool"),
             subnet_prefix: 28,
-            heartbeat_interval: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(20),
             defaults: Defaults::default(),
             identity,
@@ -168,6 +166,36 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// The orchestrator's pushed policy, if a configuration is applied.
+    fn orchestrator_policy(&self) -> Option<policy::Policy> {
+        self.applied
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|a| a.policy.clone())
+    }
+
+    /// The node's own policy first (it has the last word), then the
+    /// orchestrator's, which can only narrow it.
+    pub(crate) fn admit_spawn(
+        &self,
+        spec: &mut crate::protocol::SpawnRequest,
+        running: usize,
+    ) -> Result<(), crate::protocol::ErrorBody> {
+        self.policy.admit_spawn(spec, running)?;
+        self.orchestrator_policy()
+            .map_or(Ok(()), |p| p.admit_spawn(spec, running))
+    }
+
+    pub(crate) fn admit_exec(
+        &self,
+        timeout_secs: &mut Option<u64>,
+    ) -> Result<(), crate::protocol::ErrorBody> {
+        self.policy.admit_exec(timeout_secs)?;
+        self.orchestrator_policy()
+            .map_or(Ok(()), |p| p.admit_exec(timeout_secs))
+    }
+
     /// Largest control message accepted: the node file's
     /// `worker_api.max_request_bytes`, narrowed by a pushed
     /// `constraints.max_request_bytes`.

@@ -144,7 +144,6 @@ impl Harness {
             node_id.into(),
             self.dir.path().join(node_id),
         );
-        cfg.heartbeat_interval = Duration::from_secs(2);
         cfg.heartbeat_timeout = Duration::from_secs(6);
         cfg
     }

@@ -209,6 +209,10 @@ pub struct Storage {
     pub state_dir: String,
     pub cache_dir: String,
     pub artifacts_dir: String,
+    /// Disk for exec output made while the server is unreachable.
+    pub spool_quota_mb: u64,
+    /// Per exec, output kept in memory before it goes to disk.
+    pub spool_memory_kb: u64,
 }
 
 impl Default for Storage {
@@ -217,6 +221,8 @@ impl Default for Storage {
             state_dir: "/var/lib/tether".into(),
             cache_dir: "/var/cache/tether".into(),
             artifacts_dir: "/var/lib/tether/artifacts".into(),
+            spool_quota_mb: 1024,
+            spool_memory_kb: 256,
         }
     }
 }
@@ -618,6 +624,24 @@ fn validate(f: &NodeFile) -> Vec<Issue> {
         bad(
             "storage.state_dir",
             format!("{:?} is not an absolute path", f.storage.state_dir),
+        );
+    }
+    if f.storage.spool_memory_kb > 64 * 1024 {
+        bad(
+            "storage.spool_memory_kb",
+            format!(
+                "must be at most 65536 (64 MiB per exec), got {}",
+                f.storage.spool_memory_kb
+            ),
+        );
+    }
+    if f.storage.spool_quota_mb > 1024 * 1024 {
+        bad(
+            "storage.spool_quota_mb",
+            format!(
+                "must be at most 1048576 (1 TiB), got {}",
+                f.storage.spool_quota_mb
+            ),
         );
     }
     if !one_of(

@@ -344,6 +344,8 @@ fn agent_config(
         cfg.heartbeat_timeout = Duration::from_secs(f.orchestrator.timeouts.connect_seconds.max(2));
         cfg.policy = tether::agent::policy::Policy::from_file(&f.sandbox);
         cfg.max_request_bytes = f.worker_api.max_request_bytes as usize;
+        cfg.spool.memory_bytes = (f.storage.spool_memory_kb * 1024) as usize;
+        cfg.spool.quota_bytes = f.storage.spool_quota_mb * 1024 * 1024;
         let tls = &f.orchestrator.tls;
         cfg.tls_ca_bundle =
             (!tls.ca_bundle_path.is_empty()).then(|| PathBuf::from(&tls.ca_bundle_path));

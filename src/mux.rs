@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 /// Largest window a peer may ask for (bounds what one channel may buffer).
 pub const MAX_WINDOW: u64 = 16 * 1024 * 1024;
 
+/// Smallest window: room for one gap marker (an 8-byte count).
+pub const MIN_WINDOW: u64 = 8;
+
 /// Something to write on the WebSocket; the connection task turns it into a
 /// frame of its WebSocket library.
 #[derive(Debug, Clone)]
@@ -49,14 +52,29 @@ pub type OutTx = mpsc::UnboundedSender<Outbound>;
 
 /// The current connection, if any. Sends while disconnected are dropped:
 /// channel data and closes are replayed on resume, replies are re-requested.
-#[derive(Default)]
 pub struct Link {
     out: RwLock<Option<OutTx>>,
+    /// Whether a connection is set, for tasks that act on a disconnect.
+    up: watch::Sender<bool>,
+}
+
+impl Default for Link {
+    fn default() -> Self {
+        Link {
+            out: RwLock::new(None),
+            up: watch::channel(false).0,
+        }
+    }
 }
 
 impl Link {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// Follows whether a connection is set.
+    pub fn watch(&self) -> watch::Receiver<bool> {
+        self.up.subscribe()
     }
 
     pub fn send(&self, o: Outbound) -> bool {
@@ -71,7 +89,9 @@ impl Link {
     }
 
     pub fn set(&self, out: Option<OutTx>) {
+        let up = out.is_some();
         *self.out.write().unwrap() = out;
+        self.up.send_replace(up);
     }
 
     pub fn is_connected(&self) -> bool {
@@ -209,11 +229,11 @@ impl Channels {
         received: u64,
         sent: u64,
     ) -> Result<ChannelHandles, ErrorBody> {
-        if !(1..=MAX_WINDOW).contains(&window) {
+        if !(MIN_WINDOW..=MAX_WINDOW).contains(&window) {
             return Err(ErrorBody::new(
                 ErrorCode::InvalidRequest,
                 format!(
-                    "channel {id}: window must be between 1 and {MAX_WINDOW} bytes, got {window}"
+                    "channel {id}: window must be between {MIN_WINDOW} and {MAX_WINDOW} bytes, got {window}"
                 ),
             ));
         }
@@ -500,34 +520,60 @@ impl ChannelWriter {
     /// while disconnected). Fails once the channel is gone.
     pub async fn write(&mut self, stream: StreamKind, mut data: Bytes) -> Result<(), ChannelGone> {
         while !data.is_empty() {
-            // `wait_for` still succeeds on the last value after the channel
-            // is gone: check for that first.
-            if self.limit.has_changed().is_err() {
-                return Err(ChannelGone(self.channel));
-            }
-            let sent = self.offset();
-            let limit = *self
-                .limit
-                .wait_for(|l| *l > sent)
-                .await
-                .map_err(|_| ChannelGone(self.channel))?;
+            self.credit(1).await?;
+            self.send_available(stream, &mut data);
+        }
+        Ok(())
+    }
+
+    /// Credit left: bytes that may be sent now.
+    pub fn available(&self) -> u64 {
+        let limit = *self.limit.borrow();
+        limit.saturating_sub(self.offset())
+    }
+
+    /// Waits until at least `need` bytes of credit are available (also
+    /// while disconnected). Cancel-safe. Fails once the channel is gone.
+    pub async fn credit(&mut self, need: u64) -> Result<(), ChannelGone> {
+        // `wait_for` still succeeds on the last value after the channel is
+        // gone: check for that first.
+        if self.limit.has_changed().is_err() {
+            return Err(ChannelGone(self.channel));
+        }
+        // Only this writer moves `sent`: it cannot change while we wait.
+        let sent = self.offset();
+        self.limit
+            .wait_for(|l| l.saturating_sub(sent) >= need)
+            .await
+            .map(|_| ())
+            .map_err(|_| ChannelGone(self.channel))
+    }
+
+    /// Sends as much of `data` as the credit allows, without waiting, and
+    /// leaves the rest in `data`. Returns the bytes sent.
+    pub fn send_available(&mut self, stream: StreamKind, data: &mut Bytes) -> usize {
+        let mut total = 0;
+        loop {
             let n = data
                 .len()
-                .min((limit - sent) as usize)
+                .min(self.available() as usize)
                 .min(MAX_FRAME_PAYLOAD);
+            if n == 0 {
+                return total;
+            }
+            // Under the lock, so a resume's replay cannot interleave.
+            let mut tx = self.tx.lock().unwrap();
             let frame = Frame {
                 channel: self.channel,
                 stream,
-                offset: sent,
+                offset: tx.sent,
                 payload: data.split_to(n),
             };
-            // Under the lock, so a resume's replay cannot interleave.
-            let mut tx = self.tx.lock().unwrap();
             self.link.send(Outbound::Binary(frame.encode()));
             tx.sent += n as u64;
             tx.unacked.push_back(frame);
+            total += n;
         }
-        Ok(())
     }
 
     /// Signals end of data (replayed after a reconnect if need be).
@@ -797,7 +843,7 @@ mod tests {
     #[tokio::test]
     async fn close_all_ends_readers_and_writers() {
         let (ch, _rx) = connected();
-        let mut h = ch.open(7, 1).unwrap();
+        let mut h = ch.open(7, MIN_WINDOW).unwrap();
         ch.close_all(ErrorBody::new(ErrorCode::Unavailable, "gone"));
         assert!(matches!(h.reader.recv().await, Some(Inbound::Close(c)) if c.error.is_some()));
         assert!(

@@ -387,7 +387,7 @@ async fn agent_answers_bad_frames_and_keeps_the_connection() {
         "{v}"
     );
     // Data beyond the granted credit closes that channel only, with a reason.
-    let open = json!({"type": "exec", "id": "r4", "payload": {"channel": 5, "worker_id": wid, "cmd": ["cat"], "stdin": true, "window": 4}});
+    let open = json!({"type": "exec", "id": "r4", "payload": {"channel": 5, "worker_id": wid, "cmd": ["cat"], "stdin": true, "window": 8}});
     ws.send(Ws::text(open.to_string())).await.unwrap();
     let v = next(&mut ws).await;
     assert_eq!(

@@ -92,6 +92,7 @@ async fn stalled_channel_does_not_block_fifty_others() {
                 total += b.len() as u64;
             }
             StreamEvent::Data(k, _) => panic!("unexpected stream {k:?}"),
+            StreamEvent::Gap(n) => panic!("{n} bytes lost"),
             StreamEvent::End { exit_code, error } => {
                 assert!(error.is_none(), "{error:?}");
                 break exit_code;
@@ -166,6 +167,7 @@ async fn tty_exec_gets_its_size_and_follows_resizes() {
                         .unwrap();
                 }
             }
+            StreamEvent::Gap(n) => panic!("{n} bytes lost"),
             StreamEvent::End { exit_code, error } => {
                 assert!(error.is_none(), "{error:?}");
                 break exit_code;

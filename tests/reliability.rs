@@ -19,10 +19,17 @@ fn sleeper(img: &str) -> SpawnRequest {
 
 /// A server and one agent that reaches it through a proxy.
 async fn proxied() -> (Harness, String, std::sync::Arc<Proxy>) {
+    proxied_with(|_| {}).await
+}
+
+async fn proxied_with(
+    tweak: impl FnOnce(&mut tether::agent::AgentConfig),
+) -> (Harness, String, std::sync::Arc<Proxy>) {
     let mut h = Harness::server().await;
     let proxy = Proxy::start(h.addr).await;
     let mut cfg = h.agent_config(&unique("test"));
     cfg.server = format!("http://{}", proxy.addr).parse().unwrap();
+    tweak(&mut cfg);
     let node = h.add_agent_with(cfg).await;
     (h, node, proxy)
 }
@@ -66,6 +73,7 @@ async fn fifty_megabytes_survive_repeated_cuts_byte_exact() {
                 }
             }
             StreamEvent::Data(k, b) => panic!("unexpected {k:?}: {}", String::from_utf8_lossy(&b)),
+            StreamEvent::Gap(n) => panic!("{n} bytes lost"),
             StreamEvent::End { exit_code, error } => {
                 assert!(error.is_none(), "{error:?}");
                 break exit_code;
@@ -748,4 +756,148 @@ async fn ctl_exec_survives_a_server_restart_byte_exact() {
     ctl(&["rm", "-f", &w]);
     stop.cancel();
     server.start_kill().unwrap();
+}
+
+/// Runs `sh -c SCRIPT` in a worker's container, with docker directly.
+fn in_worker(worker_id: &str, script: &str) -> String {
+    docker(&["exec", &format!("tether-{worker_id}"), "sh", "-c", script])
+}
+
+async fn wait_in_worker(worker_id: &str, path: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while in_worker(worker_id, &format!("test -e {path} && echo yes")) != "yes" {
+        assert!(Instant::now() < deadline, "{what} within 90 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for /tmp/go, then writes `size` random bytes to stdout (keeping a
+/// copy and its hash), then marks /tmp/done.
+fn gated_writer(size: u64) -> String {
+    format!(
+        "touch /tmp/started; while [ ! -e /tmp/go ]; do sleep 0.1; done; \
+         head -c {size} /dev/urandom > /tmp/src.bin && sha256sum /tmp/src.bin > /tmp/src.sha && \
+         cat /tmp/src.bin && touch /tmp/done"
+    )
+}
+
+/// Makes the server unreachable once the gated command runs, lets it write
+/// everything while nobody can read, then brings the server back.
+async fn produce_while_unreachable(h: &Harness, node: &str, proxy: &Proxy, worker_id: &str) {
+    wait_in_worker(worker_id, "/tmp/started", "the command started").await;
+    proxy.refuse(true);
+    proxy.cut();
+    h.wait_status(node, "offline").await;
+    in_worker(worker_id, "touch /tmp/go");
+    // The command completes although its output cannot leave the node: the
+    // absent server does not hold it up.
+    wait_in_worker(worker_id, "/tmp/done", "the command finished while offline").await;
+    proxy.refuse(false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_made_while_the_server_is_unreachable_is_spooled_not_lost() {
+    let (h, node, proxy) = proxied_with(|c| c.spool.memory_bytes = 64 * 1024).await;
+    let w = h.hub.spawn(sleeper(&image())).await.unwrap();
+    const SIZE: u64 = 20_000_000;
+    let mut s = h
+        .hub
+        .exec(
+            &w.worker_id,
+            ExecOptions {
+                cmd: vec!["sh".into(), "-c".into(), gated_writer(SIZE)],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    produce_while_unreachable(&h, &node, &proxy, &w.worker_id).await;
+    let offline = t0.elapsed();
+    let mut hasher = sha2::Sha256::new();
+    let mut total = 0u64;
+    let exit = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(120), s.output.next())
+            .await
+            .expect("output keeps coming")
+            .unwrap();
+        match ev {
+            StreamEvent::Data(StreamKind::Stdout, b) => {
+                hasher.update(&b);
+                total += b.len() as u64;
+            }
+            StreamEvent::Data(k, b) => panic!("unexpected {k:?}: {}", String::from_utf8_lossy(&b)),
+            StreamEvent::Gap(n) => panic!("{n} bytes lost"),
+            StreamEvent::End { exit_code, error } => {
+                assert!(error.is_none(), "{error:?}");
+                break exit_code;
+            }
+        }
+    };
+    assert_eq!(exit, Some(0));
+    assert_eq!(
+        total,
+        SIZE,
+        "lost or duplicated: {}",
+        total as i64 - SIZE as i64
+    );
+    let inside = in_worker(&w.worker_id, "cat /tmp/src.sha");
+    assert_eq!(
+        inside.split_whitespace().next().unwrap(),
+        hex::encode(hasher.finalize())
+    );
+    eprintln!(
+        "{SIZE} bytes written while the server was unreachable ({:.1} s): all delivered after the reconnect",
+        offline.as_secs_f64()
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_beyond_the_spool_quota_is_reported_as_a_gap_of_its_size() {
+    const QUOTA: u64 = 1024 * 1024;
+    const MEMORY: usize = 64 * 1024;
+    let (h, node, proxy) = proxied_with(|c| {
+        c.spool.memory_bytes = MEMORY;
+        c.spool.quota_bytes = QUOTA;
+    })
+    .await;
+    let w = h.hub.spawn(sleeper(&image())).await.unwrap();
+    const SIZE: u64 = 5_000_000;
+    let script = gated_writer(SIZE);
+    let args = ["exec", &w.worker_id, "--", "sh", "-c", &script];
+    let (out, ()) = tokio::join!(
+        h.ctl(&args),
+        produce_while_unreachable(&h, &node, &proxy, &w.worker_id)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    // One gap, with its size.
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("bytes of output were lost"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    let lost: u64 = lines[0]
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {:?}", lines[0]));
+    let got = out.stdout.len() as u64;
+    assert_eq!(got + lost, SIZE, "received {got} + lost {lost}");
+    // What arrived is the start of the output (window + memory + quota),
+    // byte-exact; the command ended while offline, so the gap closes it.
+    assert!(got >= QUOTA + MEMORY as u64, "only {got} bytes arrived");
+    let inside = in_worker(
+        &w.worker_id,
+        &format!("head -c {got} /tmp/src.bin | sha256sum"),
+    );
+    assert_eq!(
+        inside.split_whitespace().next().unwrap(),
+        sha256(&out.stdout)
+    );
+    eprintln!(
+        "{SIZE} bytes written offline with a {QUOTA}-byte quota: {got} delivered, gap of {lost} reported"
+    );
+    h.stop().await;
 }

@@ -276,25 +276,56 @@ async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
             format!("exec exceeded its {secs} s limit; {detail}"),
         )
     };
+    // Output goes straight out within credit while connected; while not,
+    // or while earlier output still waits, it goes through the spool.
+    let mut up = ctx.link.watch();
+    let mut spool = super::spool::Spool::new(ctx.spools.clone(), ch);
+    let mut pending: Option<(StreamKind, Bytes)> = None;
+    let mut finished = false;
     let outcome: Result<(), Option<ErrorBody>> = loop {
+        if let Err(e) = spool.drain(&mut writer) {
+            break Err(Some(ErrorBody::new(
+                ErrorCode::Internal,
+                format!("read the output spool: {e}"),
+            )));
+        }
+        if let Some((kind, data)) = &mut pending {
+            if spool.is_empty() {
+                writer.send_available(*kind, data);
+            }
+            let connected = *up.borrow_and_update();
+            if !data.is_empty() && (!connected || !spool.is_empty()) {
+                spool.push(*kind, data, !connected);
+            }
+            if data.is_empty() {
+                pending = None;
+            }
+        }
+        if finished && pending.is_none() && spool.is_empty() {
+            break Ok(());
+        }
+        let waiting = pending.is_some() || !spool.is_empty();
         tokio::select! {
             _ = cancel.cancelled() => break Err(None),
-            _ = &mut deadline, if limit.is_some() => break Err(Some(timed_out().await)),
-            item = output.next() => match item {
-                None => break Ok(()),
-                Some(Ok(o)) => {
-                    let Some((kind, data)) = exec::split(o) else { continue };
-                    // Waiting for credit (a stalled reader, a lost link)
-                    // does not stop the clock.
-                    tokio::select! {
-                        r = writer.write(kind, data) => if r.is_err() { break Err(None) },
-                        _ = &mut deadline, if limit.is_some() => break Err(Some(timed_out().await)),
-                    }
-                }
+            // Waiting for credit (a stalled reader) does not stop the clock.
+            _ = &mut deadline, if limit.is_some() && !finished => break Err(Some(timed_out().await)),
+            r = writer.credit(spool.need()), if waiting => if r.is_err() { break Err(None) },
+            // A link going down lets held-back output into the spool.
+            _ = up.changed(), if pending.is_some() => {}
+            item = output.next(), if pending.is_none() && !finished => match item {
+                None => finished = true,
+                Some(Ok(o)) => pending = exec::split(o),
                 Some(Err(e)) => break Err(Some(docker::to_error(e, "read exec output"))),
             }
         }
     };
+    if spool.dropped > 0 {
+        warn!(
+            channel = ch,
+            bytes = spool.dropped,
+            "exec output dropped: the spool was full while the server was unreachable"
+        );
+    }
     match outcome {
         Ok(()) => match exec::exit_code(&ctx.docker, &exec_id).await {
             Ok(code) => close(ctx, ch, Some(code), None),

@@ -8,6 +8,7 @@ mod health;
 mod nodeconfig;
 pub mod policy;
 mod session;
+pub mod spool;
 
 use crate::docker::containers::Defaults;
 use crate::docker::networks::SubnetPool;
@@ -58,6 +59,8 @@ pub struct AgentConfig {
     /// Ask the server for newer configuration this often
     /// (`updates.enable_dynamic_config`); pushes work without it.
     pub config_poll: Option<Duration>,
+    /// Where exec output waits while the server is unreachable.
+    pub spool: spool::SpoolConfig,
 }
 
 impl AgentConfig {
@@ -72,7 +75,6 @@ impl AgentConfig {
             server,
             psk,
             node_id,
-            state_dir,
             docker_socket: None,
             subnet_pool: "10.213.0.0/16".parse().expect("valid default pool"),
             subnet_prefix: 28,
@@ -84,6 +86,8 @@ impl AgentConfig {
             tls_ca_bundle: None,
             tls_pin: None,
             config_poll: None,
+            spool: spool::SpoolConfig::new(&state_dir),
+            state_dir,
         }
     }
 }
@@ -163,6 +167,8 @@ pub(crate) struct Ctx {
     pub degraded: std::sync::atomic::AtomicBool,
     /// Recent request ids and their replies (a replayed request runs once).
     pub replies: std::sync::Mutex<handlers::Replies>,
+    /// Exec output spools (used while the server is unreachable).
+    pub spools: Arc<spool::Spools>,
 }
 
 impl Ctx {
@@ -242,6 +248,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         execs: Default::default(),
         exec_workers: Default::default(),
         replies: Default::default(),
+        spools: spool::Spools::new(cfg.spool.clone()),
         degraded: Default::default(),
         identity: cfg.identity.clone(),
         policy: cfg.policy.clone(),

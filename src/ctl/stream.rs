@@ -88,23 +88,39 @@ enum End {
     Error(ErrorBody),
 }
 
+/// Writes one output message (a kind byte, then bytes) where it belongs; a
+/// gap marker (8-byte count) becomes a warning on stderr.
+fn write_output(
+    b: &[u8],
+    stdout: &mut std::io::Stdout,
+    stderr: &mut std::io::Stderr,
+) -> Result<(), CtlError> {
+    let (kind, data) = (StreamKind::from_u8(b[0]), &b[1..]);
+    let w: &mut dyn Write = match kind {
+        Some(StreamKind::Gap) => {
+            let n = <[u8; 8]>::try_from(data).map(u64::from_be_bytes);
+            let n = n.map_or_else(|_| "some".to_string(), |n| n.to_string());
+            let _ = stdout.flush();
+            eprintln!(
+                "tether: {n} bytes of output were lost here (the node's spool was full while the server was unreachable)"
+            );
+            return Ok(());
+        }
+        Some(StreamKind::Stderr) => stderr,
+        _ => stdout,
+    };
+    w.write_all(data)
+        .and_then(|_| w.flush())
+        .map_err(|e| CtlError::Local(e.to_string()))
+}
+
 /// Writes output frames to stdout/stderr until the server's final message.
 async fn drain_output(rx: &mut futures_util::stream::SplitStream<Ws>) -> Result<End, CtlError> {
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     while let Some(m) = rx.next().await {
         match m.map_err(|e| CtlError::Local(format!("connection lost: {e}")))? {
-            WsMessage::Binary(b) if !b.is_empty() => {
-                let (kind, data) = (StreamKind::from_u8(b[0]), &b[1..]);
-                let w: &mut dyn Write = if kind == Some(StreamKind::Stderr) {
-                    &mut stderr
-                } else {
-                    &mut stdout
-                };
-                w.write_all(data)
-                    .and_then(|_| w.flush())
-                    .map_err(|e| CtlError::Local(e.to_string()))?;
-            }
+            WsMessage::Binary(b) if !b.is_empty() => write_output(&b, &mut stdout, &mut stderr)?,
             WsMessage::Text(t) => {
                 let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
                 if v["type"] == "started" || v["type"] == "gap" {
@@ -281,10 +297,9 @@ async fn session(
                 };
                 match m {
                     WsMessage::Binary(b) if !b.is_empty() => {
-                        let (kind, data) = (StreamKind::from_u8(b[0]), &b[1..]);
-                        let w: &mut dyn Write = if kind == Some(StreamKind::Stderr) { &mut stderr } else { &mut stdout };
-                        w.write_all(data).and_then(|_| w.flush()).map_err(|e| CtlError::Local(e.to_string()))?;
-                        progress.received += data.len() as u64;
+                        write_output(&b, &mut stdout, &mut stderr)?;
+                        // Offsets count every byte of the channel, gap markers too.
+                        progress.received += b.len() as u64 - 1;
                         if progress.received - progress.acked >= ACK_EVERY {
                             let ack = serde_json::json!({"type": "ack", "offset": progress.received});
                             if tx.send(WsMessage::text(ack.to_string())).await.is_err() {

@@ -24,6 +24,10 @@ pub enum StreamKind {
     Stderr,
     /// Opaque data: tar archives and other byte streams.
     Data,
+    /// A gap marker (agent to server, exec output): the payload is a u64
+    /// (big-endian) count of output bytes the agent had to drop here because
+    /// its spool was full while the server was unreachable.
+    Gap,
 }
 
 impl StreamKind {
@@ -33,6 +37,7 @@ impl StreamKind {
             StreamKind::Stdout => 1,
             StreamKind::Stderr => 2,
             StreamKind::Data => 3,
+            StreamKind::Gap => 4,
         }
     }
 
@@ -42,6 +47,7 @@ impl StreamKind {
             1 => StreamKind::Stdout,
             2 => StreamKind::Stderr,
             3 => StreamKind::Data,
+            4 => StreamKind::Gap,
             _ => return None,
         })
     }
@@ -157,7 +163,7 @@ mod tests {
         }
 
         #[test]
-        fn encode_decode_identity(channel: u32, kind in 0u8..4, offset: u64,
+        fn encode_decode_identity(channel: u32, kind in 0u8..5, offset: u64,
                                   payload in proptest::collection::vec(any::<u8>(), 0..256)) {
             let f = Frame { channel, stream: StreamKind::from_u8(kind).unwrap(), offset, payload: Bytes::from(payload) };
             prop_assert_eq!(Frame::decode(f.encode(), 256).unwrap(), f);

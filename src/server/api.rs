@@ -305,6 +305,12 @@ async fn get_archive(
     let body = futures_util::stream::unfold(stream, |mut s| async move {
         match s.next().await? {
             StreamEvent::Data(_, b) => Some((Ok(b), s)),
+            StreamEvent::Gap(n) => Some((
+                Err(std::io::Error::other(format!(
+                    "{n} bytes of the archive were lost"
+                ))),
+                s,
+            )),
             StreamEvent::End { error: Some(e), .. } => {
                 Some((Err(std::io::Error::other(e.to_string())), s))
             }
@@ -524,8 +530,8 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
                 Ok(p) => p.send(pending.take().flatten()),
                 Err(_) => pending = None,
             },
-            ev = output.next() => match ev {
-                Some(StreamEvent::Data(k, b)) => {
+            ev = output.next() => match ev.map(StreamEvent::into_frame) {
+                Some(Ok((k, b))) => {
                     let start = output.position() - b.len() as u64;
                     let skip = skip_until.saturating_sub(start).min(b.len() as u64) as usize;
                     if skip > 0 {
@@ -544,7 +550,7 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
                         break false;
                     }
                 }
-                Some(StreamEvent::End { exit_code, error }) => {
+                Some(Err((exit_code, error))) => {
                     let _ = tx.send(end_message(exit_code, error)).await;
                     let _ = tx.close().await;
                     break true;
@@ -642,13 +648,13 @@ async fn logs_ws(
         };
         loop {
             tokio::select! {
-                ev = stream.next() => match ev {
-                    Some(StreamEvent::Data(k, b)) => {
+                ev = stream.next() => match ev.map(StreamEvent::into_frame) {
+                    Some(Ok((k, b))) => {
                         if tx.send(data_frame(k, &b)).await.is_err() {
                             return;
                         }
                     }
-                    Some(StreamEvent::End { exit_code, error }) => {
+                    Some(Err((exit_code, error))) => {
                         let _ = tx.send(end_message(exit_code, error)).await;
                         break;
                     }

@@ -251,11 +251,26 @@ impl AgentLink {
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
     Data(StreamKind, Bytes),
+    /// This many output bytes are missing here: the agent's spool was full
+    /// while the server was unreachable (never silent).
+    Gap(u64),
     /// The operation ended: exit code for exec, error if it failed.
     End {
         exit_code: Option<i64>,
         error: Option<ErrorBody>,
     },
+}
+
+impl StreamEvent {
+    /// Data and gap events as they travel in a channel (a gap as its 8-byte
+    /// big-endian count), or the end's exit code and error.
+    pub fn into_frame(self) -> Result<(StreamKind, Bytes), (Option<i64>, Option<ErrorBody>)> {
+        match self {
+            StreamEvent::Data(k, b) => Ok((k, b)),
+            StreamEvent::Gap(n) => Ok((StreamKind::Gap, Bytes::copy_from_slice(&n.to_be_bytes()))),
+            StreamEvent::End { exit_code, error } => Err((exit_code, error)),
+        }
+    }
 }
 
 /// The receiving side of a channel (exec output, logs, a downloaded archive).
@@ -301,6 +316,11 @@ impl ChannelStream {
             return None;
         }
         match self.reader.recv().await {
+            Some(Inbound::Data(StreamKind::Gap, b)) if b.len() == 8 => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&b);
+                Some(StreamEvent::Gap(u64::from_be_bytes(n)))
+            }
             Some(Inbound::Data(k, b)) => Some(StreamEvent::Data(k, b)),
             Some(Inbound::Close(ChannelClose {
                 exit_code, error, ..
@@ -757,6 +777,12 @@ impl Hub {
             match ev {
                 StreamEvent::Data(StreamKind::Stderr, b) => err.extend_from_slice(&b),
                 StreamEvent::Data(_, b) => out.extend_from_slice(&b),
+                StreamEvent::Gap(n) => {
+                    return Err(ErrorBody::new(
+                        ErrorCode::Unavailable,
+                        format!("{n} bytes of output were lost while the node was unreachable"),
+                    ));
+                }
                 StreamEvent::End { error: Some(e), .. } => return Err(e),
                 StreamEvent::End { exit_code, .. } => {
                     return Ok((exit_code.unwrap_or(-1), out, err));
@@ -1196,7 +1222,7 @@ impl ArchiveUpload {
             match self.done.next().await {
                 Some(StreamEvent::End { error: Some(e), .. }) => return Err(e),
                 Some(StreamEvent::End { .. }) => return Ok(()),
-                Some(StreamEvent::Data(..)) => {}
+                Some(StreamEvent::Data(..) | StreamEvent::Gap(_)) => {}
                 None => return Err(self.link.unavailable()),
             }
         }

@@ -25,6 +25,8 @@ pub struct Proxy {
     cut: Mutex<CancellationToken>,
     /// When the agent side of a connection was closed by the agent.
     pub agent_closed: Arc<Mutex<Vec<Instant>>>,
+    /// New connections are closed at once (the server looks down).
+    refusing: std::sync::atomic::AtomicBool,
     stop: CancellationToken,
 }
 
@@ -40,6 +42,7 @@ impl Proxy {
             flow,
             cut: Mutex::new(CancellationToken::new()),
             agent_closed: Arc::default(),
+            refusing: Default::default(),
             stop: CancellationToken::new(),
         });
         let me = p.clone();
@@ -49,6 +52,9 @@ impl Proxy {
                     a = listener.accept() => match a { Ok(a) => a, Err(_) => return },
                     _ = me.stop.cancelled() => return,
                 };
+                if me.refusing.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropping `down` closes it
+                }
                 let me = me.clone();
                 tokio::spawn(async move {
                     let Ok(up) = TcpStream::connect(upstream).await else {
@@ -74,6 +80,12 @@ impl Proxy {
     pub fn cut(&self) {
         let old = std::mem::replace(&mut *self.cut.lock().unwrap(), CancellationToken::new());
         old.cancel();
+    }
+
+    /// While set, new connections are closed at once: with [`Proxy::cut`],
+    /// the server is unreachable until this is cleared.
+    pub fn refuse(&self, on: bool) {
+        self.refusing.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn set_flow(&self, up: bool, down: bool) {

@@ -129,6 +129,7 @@ pub async fn tether_exec(hub: &Hub, worker: &str, cmd: &[String]) -> anyhow::Res
     loop {
         match s.output.next().await {
             Some(StreamEvent::Data(_, b)) => bytes += b.len() as u64,
+            Some(StreamEvent::Gap(n)) => bail!("{n} bytes of output lost"),
             Some(StreamEvent::End { error: Some(e), .. }) => return Err(e.into()),
             Some(StreamEvent::End { exit_code, .. }) => {
                 return Ok(Ran {
@@ -282,6 +283,7 @@ impl Bench {
             loop {
                 match s.next().await {
                     Some(StreamEvent::Data(_, b)) => n += b.len() as u64,
+                    Some(StreamEvent::Gap(g)) => bail!("{g} bytes of the archive lost"),
                     Some(StreamEvent::End { error: Some(e), .. }) => return Err(e.into()),
                     Some(StreamEvent::End { .. }) | None => return Ok(n),
                 }

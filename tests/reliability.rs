@@ -901,3 +901,42 @@ async fn output_beyond_the_spool_quota_is_reported_as_a_gap_of_its_size() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_survives_cuts_of_the_agent_link_exactly() {
+    let (h, _node, proxy) = proxied().await;
+    const LINES: usize = 300;
+    let w = h
+        .hub
+        .spawn(SpawnRequest {
+            image: image(),
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                format!(
+                    "i=0; while [ $i -lt {LINES} ]; do echo line-$i; i=$((i+1)); usleep 10000; done"
+                ),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let args = ["logs", "-f", &w.worker_id];
+    let cutter = async {
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            proxy.cut();
+        }
+    };
+    let (out, ()) = tokio::join!(h.ctl(&args), cutter);
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = String::from_utf8(out.stdout).unwrap();
+    let want: String = (0..LINES).map(|i| format!("line-{i}\n")).collect();
+    assert!(got == want, "lines lost, duplicated or out of order:\n{got}");
+    h.stop().await;
+}

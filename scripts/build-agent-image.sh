@@ -2,8 +2,8 @@
 # Build the tether agent image (FROM scratch, see ./Dockerfile).
 #
 # Usage: scripts/build-agent-image.sh [--binary PATH] [--tag TAG] [--label K=V]...
-#   --binary PATH  use this tether binary as-is (default: cargo build --release,
-#                  static musl if possible, else glibc)
+#   --binary PATH  use this tether-agent binary as-is (default: cargo build
+#                  --release --bin tether-agent, static musl if possible, else glibc)
 #   --tag TAG      image tag (default: tether-agent:latest)
 #   --label K=V    extra image label (repeatable)
 # A dynamically linked binary gets every library `ldd` lists copied alongside it.
@@ -43,12 +43,12 @@ if [[ -z "$BINARY" ]]; then
     if command -v rustup >/dev/null 2>&1; then
         rustup target add "$MUSL_TARGET" >&2 || log "rustup target add $MUSL_TARGET failed (continuing)"
     fi
-    if cargo build --release --locked --target "$MUSL_TARGET" --bin tether >&2; then
-        BINARY="$TARGET_DIR/$MUSL_TARGET/release/tether"
+    if cargo build --release --locked --target "$MUSL_TARGET" --bin tether-agent >&2; then
+        BINARY="$TARGET_DIR/$MUSL_TARGET/release/tether-agent"
     else
         log "static musl build failed; falling back to a dynamically linked glibc build"
-        cargo build --release --locked --bin tether >&2
-        BINARY="$TARGET_DIR/release/tether"
+        cargo build --release --locked --bin tether-agent >&2
+        BINARY="$TARGET_DIR/release/tether-agent"
     fi
 fi
 
@@ -62,8 +62,8 @@ trap 'rm -rf "$CTX"' EXIT
 RFS="$CTX/rootfs"
 mkdir -p "$RFS/usr/local/bin" "$RFS/var/lib/tether" "$RFS/tmp"
 chmod 1777 "$RFS/tmp"
-cp -L "$BINARY" "$RFS/usr/local/bin/tether"
-chmod 0755 "$RFS/usr/local/bin/tether"
+cp -L "$BINARY" "$RFS/usr/local/bin/tether-agent"
+chmod 0755 "$RFS/usr/local/bin/tether-agent"
 
 # Dynamic binary: copy every absolute path ldd reports (libraries and the ELF
 # interpreter) to the same place in the rootfs. Static binaries list none.

@@ -5,10 +5,10 @@ use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tether::cli::{AgentArgs, fail, init_tracing, read_psk, run_agent, shutdown_on_signals};
 use tether::ctl::{self, Client, CpTarget, CtlError};
 use tether::protocol::{Resources, SpawnRequest};
 use tether::server::LogOptions;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -37,42 +37,6 @@ enum Cmd {
     Dev(DevArgs),
     /// Operator CLI against a server.
     Ctl(CtlArgs),
-}
-
-#[derive(Args)]
-struct AgentArgs {
-    /// Node configuration file (YAML; see config/node.example.yaml). Flags and
-    /// environment variables override its values.
-    #[arg(long, env = "TETHER_CONFIG", default_value = "/etc/tether/node.yaml")]
-    config: PathBuf,
-    /// Server base URL (http:// or https://) [file: orchestrator.url].
-    #[arg(long, env = "TETHER_SERVER")]
-    server: Option<url::Url>,
-    /// Registration key (prefer --psk-file: environment variables show in `docker inspect`).
-    #[arg(long, env = "TETHER_PSK", hide_env_values = true)]
-    psk: Option<String>,
-    /// File holding the registration key [file: orchestrator.registration_psk_file].
-    #[arg(long, env = "TETHER_PSK_FILE")]
-    psk_file: Option<PathBuf>,
-    /// This node's id [file: node.id; default: the host name].
-    #[arg(long, env = "TETHER_NODE_ID")]
-    node_id: Option<String>,
-    /// Where the node token and state are kept [file: storage.state_dir; default: /var/lib/tether].
-    #[arg(long, env = "TETHER_STATE_DIR")]
-    state_dir: Option<PathBuf>,
-    /// Docker socket path (default: DOCKER_HOST or /var/run/docker.sock).
-    #[arg(long, env = "TETHER_DOCKER_SOCKET")]
-    docker_socket: Option<String>,
-    /// Address pool for worker networks.
-    #[arg(long, env = "TETHER_SUBNET_POOL", default_value = "10.213.0.0/16")]
-    subnet_pool: ipnet::Ipv4Net,
-    /// Prefix length of each worker's subnet.
-    #[arg(long, env = "TETHER_SUBNET_PREFIX", default_value_t = 28)]
-    subnet_prefix: u8,
-    /// Seconds of silence after which the connection is dropped; also the
-    /// connect timeout [file: orchestrator.timeouts.connect_seconds].
-    #[arg(long)]
-    heartbeat_timeout: Option<u64>,
 }
 
 #[derive(Args)]
@@ -257,117 +221,6 @@ enum NodeCmd {
     },
 }
 
-fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("tether: {msg}");
-    ExitCode::from(2)
-}
-
-fn read_psk(psk: Option<String>, file: Option<PathBuf>) -> Result<String, String> {
-    let key = match (psk, file) {
-        (_, Some(f)) => {
-            std::fs::read_to_string(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?
-        }
-        (Some(p), None) => p,
-        (None, None) => {
-            return Err(
-                "a registration key is required: --psk-file, TETHER_PSK_FILE or TETHER_PSK".into(),
-            );
-        }
-    };
-    let key = key.trim().to_string();
-    if key.len() < 16 {
-        return Err("the registration key must be at least 16 characters".into());
-    }
-    Ok(key)
-}
-
-/// Builds the agent's configuration: the node file (if any), then
-/// environment variables and flags on top.
-fn agent_config(
-    a: AgentArgs,
-) -> Result<(tether::agent::AgentConfig, tether::config::Logging), String> {
-    use std::time::Duration;
-    let file = match std::fs::read_to_string(&a.config) {
-        Ok(text) => Some(
-            tether::config::parse(&text)
-                .map_err(|e| format!("{}: invalid configuration:\n{e}", a.config.display()))?,
-        ),
-        // The default path is optional; a path the user named is not.
-        Err(e)
-            if e.kind() == std::io::ErrorKind::NotFound
-                && a.config.as_os_str() == "/etc/tether/node.yaml" =>
-        {
-            None
-        }
-        Err(e) => return Err(format!("cannot read {}: {e}", a.config.display())),
-    };
-    let server = match (a.server, &file) {
-        (Some(s), _) => s,
-        (None, Some(f)) => f
-            .orchestrator
-            .url
-            .parse()
-            .map_err(|e| format!("orchestrator.url: {e}"))?,
-        (None, None) => return Err(
-            "the server URL is required: --server, TETHER_SERVER or orchestrator.url in --config"
-                .into(),
-        ),
-    };
-    let psk_file = a.psk_file.or_else(|| {
-        file.as_ref()
-            .map(|f| f.orchestrator.registration_psk_file.clone())
-            .filter(|p| !p.is_empty())
-            .map(PathBuf::from)
-    });
-    let psk = a.psk.or_else(|| {
-        let var = file
-            .as_ref()
-            .map(|f| f.orchestrator.registration_psk_env.clone())?;
-        std::env::var(var).ok()
-    });
-    let psk = read_psk(psk, psk_file)?;
-    let node_id = a
-        .node_id
-        .or_else(|| file.as_ref().map(|f| f.node.id.clone()))
-        .or_else(sysinfo::System::host_name)
-        .unwrap_or_else(|| "node".into());
-    let state_dir = a
-        .state_dir
-        .or_else(|| file.as_ref().map(|f| PathBuf::from(&f.storage.state_dir)))
-        .unwrap_or_else(|| PathBuf::from("/var/lib/tether"));
-    let mut cfg = tether::agent::AgentConfig::new(server, psk, node_id, state_dir);
-    cfg.docker_socket = a.docker_socket;
-    cfg.subnet_pool = a.subnet_pool;
-    cfg.subnet_prefix = a.subnet_prefix;
-    let mut logging = tether::config::Logging::default();
-    if let Some(f) = &file {
-        cfg.heartbeat_timeout = Duration::from_secs(f.orchestrator.timeouts.connect_seconds.max(2));
-        cfg.policy = tether::agent::policy::Policy::from_file(&f.sandbox);
-        cfg.max_request_bytes = f.worker_api.max_request_bytes as usize;
-        cfg.spool.memory_bytes = (f.storage.spool_memory_kb * 1024) as usize;
-        cfg.spool.quota_bytes = f.storage.spool_quota_mb * 1024 * 1024;
-        let tls = &f.orchestrator.tls;
-        cfg.tls_ca_bundle =
-            (!tls.ca_bundle_path.is_empty()).then(|| PathBuf::from(&tls.ca_bundle_path));
-        cfg.tls_pin =
-            (!tls.pinned_sha256.is_empty()).then(|| tls.pinned_sha256.to_ascii_lowercase());
-        cfg.identity.name = (!f.node.name.is_empty()).then(|| f.node.name.clone());
-        cfg.identity.labels = f.node.labels.clone();
-        cfg.identity.sandbox_enabled = f.sandbox.mode != "disabled";
-        cfg.identity.max_concurrency = f.sandbox.max_concurrency;
-        cfg.config_poll = f
-            .updates
-            .enable_dynamic_config
-            .then(|| Duration::from_secs(f.updates.poll_interval_seconds));
-        cfg.identity.inference_enabled = f.inference.mode == "allow" && f.sandbox.mode == "allow";
-        logging = f.logging.clone();
-    }
-    if let Some(t) = a.heartbeat_timeout {
-        cfg.heartbeat_timeout = Duration::from_secs(t.max(2));
-    }
-    Ok((cfg, logging))
-}
-
 /// `SRC:DST[:ro|rw]`, docker's -v syntax for host paths.
 fn parse_volume(v: &str) -> Result<tether::protocol::Mount, String> {
     let parts: Vec<&str> = v.split(':').collect();
@@ -400,54 +253,6 @@ fn kv(list: &[String], what: &str) -> Result<std::collections::BTreeMap<String, 
         .collect()
 }
 
-/// Resolves when SIGINT or SIGTERM arrives; a second signal exits at once.
-fn shutdown_on_signals() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("signal handler");
-        let mut int = signal(SignalKind::interrupt()).expect("signal handler");
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        tracing::info!("shutting down (signal again to force)");
-        t.cancel();
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        std::process::exit(130);
-    });
-    token
-}
-
-fn init_tracing(level: &str, format: &str) {
-    init_tracing_to(level, format, None)
-}
-
-/// Logs to stderr, and also to `file` when given.
-fn init_tracing_to(level: &str, format: &str, file: Option<&str>) {
-    use tracing_subscriber::fmt::writer::{BoxMakeWriter, MakeWriterExt};
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let file = file.filter(|f| !f.is_empty()).and_then(|f| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(f)
-            .map_err(|e| eprintln!("tether: cannot open log file {f}: {e}"))
-            .ok()
-    });
-    let writer = match file {
-        Some(f) => BoxMakeWriter::new(std::io::stderr.and(std::sync::Mutex::new(f))),
-        None => BoxMakeWriter::new(std::io::stderr),
-    };
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    if format == "json" {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 fn parse_since(s: &str) -> Result<i64, String> {
     if let Ok(n) = s.parse::<i64>() {
         return Ok(n);
@@ -464,19 +269,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     tether::init_crypto();
     match cli.cmd {
-        Cmd::Agent(a) => {
-            let (cfg, logging) = match agent_config(a) {
-                Ok(c) => c,
-                Err(e) => return fail(e),
-            };
-            let level = cli.log.unwrap_or(logging.level);
-            let format = cli.log_format.unwrap_or(logging.format);
-            init_tracing_to(&level, &format, Some(&logging.file_path));
-            match tether::agent::run(cfg, shutdown_on_signals()).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(e),
-            }
-        }
+        Cmd::Agent(a) => run_agent(a, cli.log, cli.log_format).await,
         Cmd::Server(s) => {
             init_tracing(
                 cli.log.as_deref().unwrap_or("info"),

@@ -937,6 +937,9 @@ async fn logs_follow_survives_cuts_of_the_agent_link_exactly() {
     );
     let got = String::from_utf8(out.stdout).unwrap();
     let want: String = (0..LINES).map(|i| format!("line-{i}\n")).collect();
-    assert!(got == want, "lines lost, duplicated or out of order:\n{got}");
+    assert!(
+        got == want,
+        "lines lost, duplicated or out of order:\n{got}"
+    );
     h.stop().await;
 }

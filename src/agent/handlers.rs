@@ -211,9 +211,15 @@ async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
         channels.remove(ch);
         return reply::<()>(ctx, id, Err(e));
     }
-    let started = match containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
-        Ok(_) => exec::start(&ctx.docker, &req).await,
-        Err(e) => Err(e),
+    // Whether the worker is this node's, and the exec's creation, at once:
+    // nothing runs before the first says yes.
+    let (owned, created) = tokio::join!(
+        containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id),
+        exec::create(&ctx.docker, &req)
+    );
+    let started = match (owned, created) {
+        (Ok(_), Ok(exec_id)) => exec::attach(&ctx.docker, exec_id, req.tty).await,
+        (Err(e), _) | (_, Err(e)) => Err(e),
     };
     let started = match started {
         Ok(s) => s,

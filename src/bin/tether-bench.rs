@@ -52,6 +52,9 @@ struct Cli {
     /// The tether binary, for the agent and server run as separate processes.
     #[arg(long, default_value = "target/release/tether")]
     tether_bin: PathBuf,
+    /// The agent binary measured for memory (`tether-agent`, what the agent image ships).
+    #[arg(long, default_value = "target/release/tether-agent")]
+    agent_bin: PathBuf,
     /// Worker image (must be present locally).
     #[arg(
         long,
@@ -140,6 +143,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             cli.tether_bin.display()
         );
     }
+    if want("agent") && !cli.agent_bin.is_file() {
+        anyhow::bail!(
+            "{} not found: build it with `cargo build --release --bin tether-agent`",
+            cli.agent_bin.display()
+        );
+    }
     let machine = procfs::machine(docker.version().await.ok().and_then(|v| v.version));
     let scratch = Scratch::new()?;
     let run_id = ulid();
@@ -174,7 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             docker: docker.clone(),
             run: run_id.clone(),
             image: cli.image.clone(),
-            tether_bin: cli.tether_bin.clone(),
+            agent_bin: cli.agent_bin.clone(),
             dir: scratch.0.clone(),
             worker: String::new(),
             container: String::new(),

@@ -23,6 +23,12 @@ pub struct Started {
 
 /// Creates and starts the exec, attached.
 pub async fn start(docker: &Docker, req: &Exec) -> Result<Started, ErrorBody> {
+    let exec_id = create(docker, req).await?;
+    attach(docker, exec_id, req.tty).await
+}
+
+/// Creates the exec (nothing runs until [`attach`]).
+pub async fn create(docker: &Docker, req: &Exec) -> Result<String, ErrorBody> {
     if req.cmd.is_empty() {
         return Err(ErrorBody::new(
             ErrorCode::InvalidRequest,
@@ -53,12 +59,17 @@ pub async fn start(docker: &Docker, req: &Exec) -> Result<Started, ErrorBody> {
             }
             e
         })?;
+    Ok(created.id)
+}
+
+/// Starts a created exec and attaches to its streams.
+pub async fn attach(docker: &Docker, exec_id: String, tty: bool) -> Result<Started, ErrorBody> {
     let started = docker
         .start_exec(
-            &created.id,
+            &exec_id,
             Some(StartExecOptions {
                 detach: false,
-                tty: req.tty,
+                tty,
                 output_capacity: Some(64 * 1024),
             }),
         )
@@ -66,7 +77,7 @@ pub async fn start(docker: &Docker, req: &Exec) -> Result<Started, ErrorBody> {
         .map_err(|e| to_error(e, "start exec"))?;
     match started {
         StartExecResults::Attached { output, input } => Ok(Started {
-            exec_id: created.id,
+            exec_id,
             output,
             input,
         }),
@@ -90,24 +101,30 @@ pub async fn resize(docker: &Docker, exec_id: &str, size: TermSize) -> Result<()
 }
 
 /// Exit code of a finished exec. The output stream can end a moment before
-/// Docker records the exit, so poll briefly.
+/// Docker records the exit, so poll: soon at first (it is usually a matter
+/// of a millisecond), then every 10 ms, for about 2 s in all.
 pub async fn exit_code(docker: &Docker, exec_id: &str) -> Result<i64, ErrorBody> {
-    for _ in 0..200 {
+    let mut pause = Duration::from_millis(1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
         let i = docker
             .inspect_exec(exec_id)
             .await
             .map_err(|e| to_error(e, "inspect exec"))?;
-        if i.running != Some(true) {
-            if let Some(code) = i.exit_code {
-                return Ok(code);
-            }
+        if i.running != Some(true)
+            && let Some(code) = i.exit_code
+        {
+            return Ok(code);
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ErrorBody::new(
+                ErrorCode::Timeout,
+                "exec output ended but Docker reports no exit code",
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(10));
     }
-    Err(ErrorBody::new(
-        ErrorCode::Timeout,
-        "exec output ended but Docker reports no exit code",
-    ))
 }
 
 /// Kills an exec's process and everything it started, when the agent can

@@ -264,7 +264,7 @@ pub fn build_agent_image(tag: &str) {
         ))
         .args([
             "--binary",
-            env!("CARGO_BIN_EXE_tether"),
+            env!("CARGO_BIN_EXE_tether-agent"),
             "--tag",
             tag,
             "--label",

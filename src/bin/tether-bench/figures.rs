@@ -79,7 +79,7 @@ pub struct Bench {
     /// Run id, on the labels of the baseline's objects.
     pub run: String,
     pub image: String,
-    pub tether_bin: PathBuf,
+    pub agent_bin: PathBuf,
     pub dir: PathBuf,
     /// The worker both sides exec in (a tether worker; the baseline reaches
     /// the same container by name).
@@ -534,8 +534,8 @@ impl Bench {
         self.proc_nodes.push(node.clone());
         let log_path = self.dir.join("agent-proc.log");
         let log = std::fs::File::create(&log_path)?;
-        let mut child = tokio::process::Command::new(&self.tether_bin)
-            .args(["--log", "warn", "agent", "--server", &self.t.url])
+        let mut child = tokio::process::Command::new(&self.agent_bin)
+            .args(["--log", "warn", "--server", &self.t.url])
             .args(["--node-id", &node, "--subnet-pool", "10.212.0.0/16"])
             .arg("--state-dir")
             .arg(self.dir.join("agent-proc"))
@@ -546,7 +546,7 @@ impl Bench {
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("start {}", self.tether_bin.display()))?;
+            .with_context(|| format!("start {}", self.agent_bin.display()))?;
         let pid = child.id().context("agent process id")?;
         let r = self.agent_rss_of(pid, &node).await;
         let _ = child.kill().await;

@@ -1,0 +1,31 @@
+//! `tether-agent`: the node agent alone, the same as `tether agent`. Built
+//! as its own binary so a node maps only agent code: the agent image ships
+//! it, and its resident memory is what the agent needs, not the server's
+//! and the CLI's code around it (docs/performance.md).
+
+use clap::Parser;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "tether-agent",
+    version,
+    about = "The tether node agent: register, dial out to the server, drive Docker"
+)]
+struct Cli {
+    /// Log level filter (also RUST_LOG) [default: info, or the node file's logging.level].
+    #[arg(long, env = "TETHER_LOG")]
+    log: Option<String>,
+    /// Log format: text or json [default: text, or the node file's logging.format].
+    #[arg(long, value_parser = ["text", "json"])]
+    log_format: Option<String>,
+    #[command(flatten)]
+    agent: tether::cli::AgentArgs,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tether::init_crypto();
+    tether::cli::run_agent(cli.agent, cli.log, cli.log_format).await
+}

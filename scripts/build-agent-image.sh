@@ -2,8 +2,8 @@
 # Build the tether agent image (FROM scratch, see ./Dockerfile).
 #
 # Usage: scripts/build-agent-image.sh [--binary PATH] [--tag TAG] [--label K=V]...
-#   --binary PATH  use this tether-agent binary as-is (default: cargo build
-#                  --release --bin tether-agent, static musl if possible, else glibc)
+#   --binary PATH  use this tether-agent binary as-is (default:
+#                  scripts/build-agent-binary.sh: static if possible)
 #   --tag TAG      image tag (default: tether-agent:latest)
 #   --label K=V    extra image label (repeatable)
 # A dynamically linked binary gets every library `ldd` lists copied alongside it.
@@ -39,17 +39,7 @@ cd "$ROOT"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
 if [[ -z "$BINARY" ]]; then
-    MUSL_TARGET="$(uname -m)-unknown-linux-musl"
-    if command -v rustup >/dev/null 2>&1; then
-        rustup target add "$MUSL_TARGET" >&2 || log "rustup target add $MUSL_TARGET failed (continuing)"
-    fi
-    if cargo build --release --locked --target "$MUSL_TARGET" --bin tether-agent >&2; then
-        BINARY="$TARGET_DIR/$MUSL_TARGET/release/tether-agent"
-    else
-        log "static musl build failed; falling back to a dynamically linked glibc build"
-        cargo build --release --locked --bin tether-agent >&2
-        BINARY="$TARGET_DIR/release/tether-agent"
-    fi
+    BINARY="$("$ROOT/scripts/build-agent-binary.sh")"
 fi
 
 if [[ ! -f "$BINARY" || ! -x "$BINARY" ]]; then

@@ -194,11 +194,24 @@ pub fn init_tracing(level: &str, format: &str) {
     init_tracing_to(level, format, None)
 }
 
+/// The log filter: `RUST_LOG` if set, else `level`; either a level
+/// (`info`) or `target=level` directives (`info,tether::agent=debug`).
+/// Plain targets rather than an `EnvFilter`: no regex engine in the binary.
+pub fn log_filter(env: Option<&str>, level: &str) -> tracing_subscriber::filter::Targets {
+    use tracing_subscriber::filter::Targets;
+    for spec in env.into_iter().chain([level]) {
+        match spec.parse::<Targets>() {
+            Ok(t) => return t,
+            Err(e) => eprintln!("tether: ignoring log filter {spec:?}: {e}"),
+        }
+    }
+    Targets::new().with_default(tracing::Level::INFO)
+}
+
 /// Logs to stderr, and also to `file` when given.
 pub fn init_tracing_to(level: &str, format: &str, file: Option<&str>) {
     use tracing_subscriber::fmt::writer::{BoxMakeWriter, MakeWriterExt};
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref(), level);
     let file = file.filter(|f| !f.is_empty()).and_then(|f| {
         std::fs::OpenOptions::new()
             .create(true)
@@ -207,16 +220,45 @@ pub fn init_tracing_to(level: &str, format: &str, file: Option<&str>) {
             .map_err(|e| eprintln!("tether: cannot open log file {f}: {e}"))
             .ok()
     });
+    // Colours only for a terminal (not in `docker logs` or a log file).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && file.is_none();
     let writer = match file {
         Some(f) => BoxMakeWriter::new(std::io::stderr.and(std::sync::Mutex::new(f))),
         None => BoxMakeWriter::new(std::io::stderr),
     };
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let registry = tracing_subscriber::registry().with(filter);
     if format == "json" {
-        b.json().init();
+        registry
+            .with(tracing_subscriber::fmt::layer().json().with_writer(writer))
+            .init();
     } else {
-        b.init();
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(writer),
+            )
+            .init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+
+    #[test]
+    fn log_filter_takes_levels_and_directives_and_survives_nonsense() {
+        let f = log_filter(None, "warn");
+        assert!(f.would_enable("tether::agent", &Level::WARN));
+        assert!(!f.would_enable("tether::agent", &Level::INFO));
+        let f = log_filter(Some("info,tether::agent=debug"), "warn");
+        assert!(f.would_enable("tether::agent::session", &Level::DEBUG));
+        assert!(!f.would_enable("bollard", &Level::DEBUG));
+        // Nonsense in RUST_LOG falls back to the level.
+        let f = log_filter(Some("=??="), "error");
+        assert!(!f.would_enable("tether", &Level::WARN));
     }
 }

@@ -98,12 +98,16 @@ impl Run {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_BENCH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let filter =
+        tether::cli::log_filter(std::env::var("TETHER_BENCH_LOG").ok().as_deref(), "error");
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init();
+    }
     for s in &cli.only {
         if !SECTIONS.contains(&s.as_str()) {
             eprintln!("tether-bench: unknown section {s:?} (one of {SECTIONS:?})");

@@ -221,7 +221,7 @@ async fn serve_tls(
     app: axum::Router,
     shutdown: CancellationToken,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::TokioIo;
     use hyper_util::service::TowerToHyperService;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
@@ -249,8 +249,11 @@ async fn serve_tls(
                     Err(_) => return,
                 };
             let svc = TowerToHyperService::new(app);
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            // HTTP/1.1 only: the agent link and the operator API need nothing
+            // more, and leaving HTTP/2 out keeps it out of every binary.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades()
                 .await;
         });
     }

@@ -50,6 +50,39 @@ impl Outbound {
 /// are bounded by channel credit, control messages are small and few.
 pub type OutTx = mpsc::UnboundedSender<Outbound>;
 
+/// Writes a connection's queue to its WebSocket until the queue ends or a
+/// close goes out. Messages already queued are fed together and flushed
+/// once: one write for a burst of frames, not one per frame.
+pub async fn write_loop<S, M>(
+    mut sink: S,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
+    to_ws: impl Fn(Outbound) -> M,
+) where
+    S: futures_util::Sink<M> + Unpin,
+{
+    use futures_util::SinkExt;
+    /// Most messages fed before a flush (bounds the burst in the buffer).
+    const BURST: usize = 32;
+    'run: while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let mut fed = 0;
+        while let Some(o) = next.take() {
+            let closing = matches!(o, Outbound::Close(..));
+            if sink.feed(to_ws(o)).await.is_err() || closing {
+                break 'run;
+            }
+            fed += 1;
+            if fed < BURST {
+                next = rx.try_recv().ok();
+            }
+        }
+        if sink.flush().await.is_err() {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}
+
 /// The current connection, if any. Sends while disconnected are dropped:
 /// channel data and closes are replayed on resume, replies are re-requested.
 pub struct Link {

@@ -27,8 +27,10 @@ type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 pub(crate) fn ws_config() -> WebSocketConfig {
+    // One connection per agent: a read buffer that holds a whole frame
+    // (uploads and stdin arrive in 64 KiB frames) costs little here.
     WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(80 * 1024)
         .max_message_size(Some(MAX_WS_MESSAGE))
         .max_frame_size(Some(MAX_WS_MESSAGE))
 }
@@ -227,20 +229,12 @@ async fn run_loop(
     shutdown: &CancellationToken,
     peer_channels: Vec<protocol::ChannelState>,
 ) -> Result<(), AgentError> {
-    let (mut sink, mut stream) = ws.split();
-    let (out, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
+    let (sink, mut stream) = ws.split();
+    let (out, out_rx) = mpsc::unbounded_channel::<Outbound>();
     let session_end = CancellationToken::new();
 
     // The writer owns the sink, so a slow socket never stops the reader.
-    let writer = tokio::spawn(async move {
-        while let Some(o) = out_rx.recv().await {
-            let closing = matches!(o, Outbound::Close(..));
-            if sink.send(to_ws(o)).await.is_err() || closing {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
+    let writer = tokio::spawn(crate::mux::write_loop(sink, out_rx, to_ws));
     // Replay what the server missed, then carry new traffic on this link.
     let resumed = ctx.channels.resume(&peer_channels, |_| false, out.clone());
     for ch in &resumed.lost {

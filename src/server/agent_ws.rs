@@ -143,16 +143,8 @@ async fn session(app: Arc<AppState>, node_id: String, mut token_exp: u64, socket
     {
         return;
     }
-    let (out, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
-    let writer = tokio::spawn(async move {
-        while let Some(o) = out_rx.recv().await {
-            let closing = matches!(o, Outbound::Close(..));
-            if sink.send(to_ws(o)).await.is_err() || closing {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
+    let (out, out_rx) = mpsc::unbounded_channel::<Outbound>();
+    let writer = tokio::spawn(crate::mux::write_loop(sink, out_rx, to_ws));
     // Replay what the agent missed and send unanswered requests again.
     let (ended, generation) = link.connect(&hello.channels, out.clone());
     app.hub.attach(

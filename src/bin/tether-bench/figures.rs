@@ -215,7 +215,7 @@ impl Bench {
         let exits = direct::EXITS.load(Ordering::Relaxed) - exits;
         let late = direct::EXITS_LATE.load(Ordering::Relaxed) - late;
         self.notes.push(format!(
-            "exec: in {late} of {exits} direct execs the engine still reported the exec running when its output ended (a direct client polls every 1 ms; tether's agent sleeps 10 ms between polls)"
+            "exec: in {late} of {exits} direct execs the engine still reported the exec running when its output ended (a direct client polls every 1 ms; tether's agent polls after 1, 2, 4 and 8 ms, then every 10 ms)"
         ));
         Ok(vec![
             Figure::new("exec_rtt_p50_ms", "ms", median(&t), median(&d)),

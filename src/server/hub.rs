@@ -207,10 +207,10 @@ impl AgentLink {
         }
     }
 
-    fn open_channel(self: &Arc<Self>) -> (u32, ChannelWriter, ChannelStream) {
+    fn open_channel(self: &Arc<Self>, window: u64) -> (u32, ChannelWriter, ChannelStream) {
         loop {
             let id = self.next_channel.fetch_add(1, Ordering::Relaxed).max(1);
-            if let Ok(h) = self.channels.open(id, DEFAULT_WINDOW) {
+            if let Ok(h) = self.channels.open(id, window) {
                 let stream = ChannelStream {
                     channel: id,
                     reader: h.reader,
@@ -222,12 +222,15 @@ impl AgentLink {
         }
     }
 
-    /// Sends a request that opens a channel; on failure the channel is closed.
+    /// Sends a request that opens a channel with `window` bytes of credit
+    /// each way (both ends must start from the same window: `make` puts it
+    /// in the request); on failure the channel is closed.
     async fn open_with(
         self: &Arc<Self>,
+        window: u64,
         make: impl FnOnce(u32) -> Request,
     ) -> Result<(u32, ChannelWriter, ChannelStream), ErrorBody> {
-        let (id, writer, stream) = self.open_channel();
+        let (id, writer, stream) = self.open_channel(window);
         self.opening.lock().unwrap().insert(id);
         let r = self.request(make(id)).await;
         self.opening.lock().unwrap().remove(&id);
@@ -730,8 +733,9 @@ impl Hub {
             ));
         }
         let link = self.worker_link(worker_id)?;
+        let window = DEFAULT_WINDOW;
         let (channel, writer, output) = link
-            .open_with(|channel| {
+            .open_with(window, |channel| {
                 Request::Exec(Exec {
                     channel,
                     worker_id: worker_id.into(),
@@ -743,7 +747,7 @@ impl Hub {
                     stdin: opts.stdin,
                     size: opts.size,
                     timeout_secs: opts.timeout_secs,
-                    window: DEFAULT_WINDOW,
+                    window,
                 })
             })
             .await?;
@@ -801,8 +805,9 @@ impl Hub {
         opts: LogOptions,
     ) -> Result<ChannelStream, ErrorBody> {
         let link = self.worker_link(worker_id)?;
+        let window = DEFAULT_WINDOW;
         let (_, _, stream) = link
-            .open_with(|channel| {
+            .open_with(window, |channel| {
                 Request::Logs(Logs {
                     channel,
                     worker_id: worker_id.into(),
@@ -810,7 +815,7 @@ impl Hub {
                     since: opts.since,
                     tail: opts.tail,
                     timestamps: opts.timestamps,
-                    window: DEFAULT_WINDOW,
+                    window,
                 })
             })
             .await?;
@@ -846,13 +851,14 @@ impl Hub {
         path: &str,
     ) -> Result<ChannelStream, ErrorBody> {
         let link = self.worker_link(worker_id)?;
+        let window = DEFAULT_WINDOW;
         let (_, _, stream) = link
-            .open_with(|channel| {
+            .open_with(window, |channel| {
                 Request::GetArchive(Archive {
                     channel,
                     worker_id: worker_id.into(),
                     path: path.into(),
-                    window: DEFAULT_WINDOW,
+                    window,
                 })
             })
             .await?;
@@ -867,13 +873,14 @@ impl Hub {
         path: &str,
     ) -> Result<ArchiveUpload, ErrorBody> {
         let link = self.worker_link(worker_id)?;
+        let window = DEFAULT_WINDOW;
         let (_, writer, done) = link
-            .open_with(|channel| {
+            .open_with(window, |channel| {
                 Request::PutArchive(Archive {
                     channel,
                     worker_id: worker_id.into(),
                     path: path.into(),
-                    window: DEFAULT_WINDOW,
+                    window,
                 })
             })
             .await?;

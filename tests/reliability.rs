@@ -17,6 +17,29 @@ fn sleeper(img: &str) -> SpawnRequest {
     }
 }
 
+/// Reads an exec's stdout to the end, handing each chunk to `each`; anything
+/// else (stderr, a gap, an error) fails the test. Returns the exit code.
+async fn read_stdout(
+    output: &mut tether::server::ChannelStream,
+    mut each: impl FnMut(&[u8]),
+) -> Option<i64> {
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(120), output.next())
+            .await
+            .expect("output keeps coming")
+            .unwrap();
+        match ev {
+            StreamEvent::Data(StreamKind::Stdout, b) => each(&b),
+            StreamEvent::Data(k, b) => panic!("unexpected {k:?}: {}", String::from_utf8_lossy(&b)),
+            StreamEvent::Gap(n) => panic!("{n} bytes lost"),
+            StreamEvent::End { exit_code, error } => {
+                assert!(error.is_none(), "{error:?}");
+                return exit_code;
+            }
+        }
+    }
+}
+
 /// A server and one agent that reaches it through a proxy.
 async fn proxied() -> (Harness, String, std::sync::Arc<Proxy>) {
     proxied_with(|_| {}).await
@@ -57,29 +80,16 @@ async fn fifty_megabytes_survive_repeated_cuts_byte_exact() {
     let mut total = 0u64;
     let mut cuts_at = vec![8_000_000u64, 20_000_000, 33_000_000, 45_000_000];
     let mut cuts = 0;
-    let exit = loop {
-        let ev = tokio::time::timeout(Duration::from_secs(120), s.output.next())
-            .await
-            .expect("output keeps coming")
-            .unwrap();
-        match ev {
-            StreamEvent::Data(StreamKind::Stdout, b) => {
-                hasher.update(&b);
-                total += b.len() as u64;
-                if cuts_at.first().is_some_and(|&at| total >= at) {
-                    cuts_at.remove(0);
-                    proxy.cut();
-                    cuts += 1;
-                }
-            }
-            StreamEvent::Data(k, b) => panic!("unexpected {k:?}: {}", String::from_utf8_lossy(&b)),
-            StreamEvent::Gap(n) => panic!("{n} bytes lost"),
-            StreamEvent::End { exit_code, error } => {
-                assert!(error.is_none(), "{error:?}");
-                break exit_code;
-            }
+    let exit = read_stdout(&mut s.output, |b| {
+        hasher.update(b);
+        total += b.len() as u64;
+        if cuts_at.first().is_some_and(|&at| total >= at) {
+            cuts_at.remove(0);
+            proxy.cut();
+            cuts += 1;
         }
-    };
+    })
+    .await;
     assert_eq!(cuts, 4, "the link was cut 4 times mid-stream");
     assert_eq!(exit, Some(0));
     assert_eq!(
@@ -816,24 +826,11 @@ async fn output_made_while_the_server_is_unreachable_is_spooled_not_lost() {
     let offline = t0.elapsed();
     let mut hasher = sha2::Sha256::new();
     let mut total = 0u64;
-    let exit = loop {
-        let ev = tokio::time::timeout(Duration::from_secs(120), s.output.next())
-            .await
-            .expect("output keeps coming")
-            .unwrap();
-        match ev {
-            StreamEvent::Data(StreamKind::Stdout, b) => {
-                hasher.update(&b);
-                total += b.len() as u64;
-            }
-            StreamEvent::Data(k, b) => panic!("unexpected {k:?}: {}", String::from_utf8_lossy(&b)),
-            StreamEvent::Gap(n) => panic!("{n} bytes lost"),
-            StreamEvent::End { exit_code, error } => {
-                assert!(error.is_none(), "{error:?}");
-                break exit_code;
-            }
-        }
-    };
+    let exit = read_stdout(&mut s.output, |b| {
+        hasher.update(b);
+        total += b.len() as u64;
+    })
+    .await;
     assert_eq!(exit, Some(0));
     assert_eq!(
         total,

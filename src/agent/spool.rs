@@ -288,11 +288,13 @@ mod tests {
         })
     }
 
-    fn frames(rx: &mut mpsc::UnboundedReceiver<Outbound>) -> Vec<Frame> {
+    /// The frames sent so far, as (stream, payload).
+    fn frames(rx: &mut mpsc::UnboundedReceiver<Outbound>) -> Vec<(StreamKind, Vec<u8>)> {
         let mut v = Vec::new();
         while let Ok(o) = rx.try_recv() {
             if let Outbound::Binary(b) = o {
-                v.push(Frame::decode(b, 1 << 20).unwrap());
+                let f = Frame::decode(b, 1 << 20).unwrap();
+                v.push((f.stream, f.payload.to_vec()));
             }
         }
         v
@@ -323,12 +325,8 @@ mod tests {
         let mut h = ch.open(1, 8).unwrap();
         // 8 bytes of credit: "abcd", then 4 of the file's 6.
         s.drain(&mut h.writer).unwrap();
-        let got: Vec<(StreamKind, Vec<u8>)> = frames(&mut rx)
-            .into_iter()
-            .map(|f| (f.stream, f.payload.to_vec()))
-            .collect();
         assert_eq!(
-            got,
+            frames(&mut rx),
             vec![
                 (StreamKind::Stdout, b"abcd".to_vec()),
                 (StreamKind::Stderr, b"efg".to_vec()),
@@ -352,12 +350,8 @@ mod tests {
         });
         s.drain(&mut h.writer).unwrap();
         assert!(s.is_empty());
-        let got: Vec<(StreamKind, Vec<u8>)> = frames(&mut rx)
-            .into_iter()
-            .map(|f| (f.stream, f.payload.to_vec()))
-            .collect();
         assert_eq!(
-            got,
+            frames(&mut rx),
             vec![
                 (StreamKind::Stdout, b"ij".to_vec()),
                 (StreamKind::Gap, 5u64.to_be_bytes().to_vec()),

@@ -657,73 +657,13 @@ fn start_server_process(port: u16, state: &std::path::Path) -> tokio::process::C
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_exec_survives_a_server_restart_byte_exact() {
     use tokio::io::AsyncReadExt;
-    ensure_image();
-    tether::init_crypto();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let state = dir.path().join("server");
-    let mut server = start_server_process(port, &state);
-    let token_file = state.join("admin.token");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !token_file.exists() {
-        assert!(Instant::now() < deadline, "server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let token = std::fs::read_to_string(&token_file)
-        .unwrap()
-        .trim()
-        .to_string();
-    let node = unique("test");
-    let _guard = NodeGuard(node.clone());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let cfg = tether::agent::AgentConfig::new(
-        url.parse().unwrap(),
-        PSK.into(),
-        node.clone(),
-        dir.path().join("agent"),
-    );
-    tokio::spawn(tether::agent::run(cfg, stop.clone()));
-    let ctl = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-            .arg("ctl")
-            .args(args)
-            .env("TETHER_SERVER", &url)
-            .env("TETHER_TOKEN", &token)
-            .output()
-            .unwrap()
-    };
-    let online = |node: &str| {
-        let out = ctl(&["nodes"]);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .any(|l| l.starts_with(node) && l.contains("online"))
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !online(&node) {
-        assert!(Instant::now() < deadline, "agent never online");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let out = ctl(&["spawn", "--image", &image(), "--", "sleep", "3600"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let w = String::from_utf8(out.stdout).unwrap().trim().to_string();
-
+    let mut srv = ProcServer::start().await;
+    let w = srv.spawn_worker(&["sleep", "3600"]);
     const SIZE: u64 = 50_000_000;
     let cmd = format!(
         "head -c {SIZE} /dev/urandom > /tmp/s.bin && sha256sum /tmp/s.bin > /tmp/s.sha && cat /tmp/s.bin"
     );
-    let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["ctl", "exec", &w, "--", "sh", "-c", &cmd])
-        .env("TETHER_SERVER", &url)
-        .env("TETHER_TOKEN", &token)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut client = srv.ctl_child(&["exec", &w, "--", "sh", "-c", &cmd]);
     let mut stdout = client.stdout.take().unwrap();
     let mut hasher = sha2::Sha256::new();
     let mut total = 0u64;
@@ -741,10 +681,7 @@ async fn ctl_exec_survives_a_server_restart_byte_exact() {
         total += n as u64;
         if !restarted && total >= 15_000_000 {
             restarted = true;
-            // A hard stop: no goodbye to anyone.
-            server.start_kill().unwrap();
-            server.wait().await.unwrap();
-            server = start_server_process(port, &state);
+            srv.restart().await;
         }
     }
     let status = client.wait().await.unwrap();
@@ -756,16 +693,175 @@ async fn ctl_exec_survives_a_server_restart_byte_exact() {
         "bytes lost or duplicated: {}",
         total as i64 - SIZE as i64
     );
-    let out = ctl(&["exec", &w, "--", "cat", "/tmp/s.sha"]);
+    let out = srv.ctl(&["exec", &w, "--", "cat", "/tmp/s.sha"]);
     let inside = String::from_utf8(out.stdout).unwrap();
     assert_eq!(
         inside.split_whitespace().next().unwrap(),
         hex::encode(hasher.finalize())
     );
     eprintln!("50 MB through ctl across a server kill and restart: 0 bytes lost, 0 duplicated");
-    ctl(&["rm", "-f", &w]);
-    stop.cancel();
-    server.start_kill().unwrap();
+    srv.stop(&w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_logs_follow_survives_a_server_restart_exactly() {
+    use tokio::io::AsyncReadExt;
+    let mut srv = ProcServer::start().await;
+    const LINES: usize = 400;
+    let script =
+        format!("i=0; while [ $i -lt {LINES} ]; do echo line-$i; i=$((i+1)); usleep 20000; done");
+    let w = srv.spawn_worker(&["sh", "-c", &script]);
+    let mut client = srv.ctl_child(&["logs", "-f", &w]);
+    let mut stdout = client.stdout.take().unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut restarted = false;
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(90), stdout.read(&mut buf))
+            .await
+            .expect("log lines keep coming")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        if !restarted && got.iter().filter(|&&c| c == b'\n').count() >= 60 {
+            restarted = true;
+            srv.restart().await;
+        }
+    }
+    let status = client.wait().await.unwrap();
+    assert!(restarted);
+    assert_eq!(status.code(), Some(0));
+    let want: String = (0..LINES).map(|i| format!("line-{i}\n")).collect();
+    let got = String::from_utf8(got).unwrap();
+    assert!(
+        got == want,
+        "lines lost, duplicated or out of order:\n{got}"
+    );
+    eprintln!(
+        "{LINES} log lines through ctl logs -f across a server kill and restart: each once, in order"
+    );
+    srv.stop(&w).await;
+}
+
+/// A server process that a test can kill and start again on the same port
+/// and state directory, with one in-process agent online.
+struct ProcServer {
+    _dir: tempfile::TempDir,
+    port: u16,
+    url: String,
+    state: std::path::PathBuf,
+    child: tokio::process::Child,
+    token: String,
+    _guard: NodeGuard,
+    agent_stop: tokio_util::sync::CancellationToken,
+}
+
+impl ProcServer {
+    async fn start() -> ProcServer {
+        ensure_image();
+        tether::init_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let state = dir.path().join("server");
+        let child = start_server_process(port, &state);
+        let token_file = state.join("admin.token");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !token_file.exists() {
+            assert!(Instant::now() < deadline, "server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let token = std::fs::read_to_string(&token_file)
+            .unwrap()
+            .trim()
+            .to_string();
+        let node = unique("test");
+        let agent_stop = tokio_util::sync::CancellationToken::new();
+        let cfg = tether::agent::AgentConfig::new(
+            url.parse().unwrap(),
+            PSK.into(),
+            node.clone(),
+            dir.path().join("agent"),
+        );
+        tokio::spawn(tether::agent::run(cfg, agent_stop.clone()));
+        let srv = ProcServer {
+            _dir: dir,
+            port,
+            url,
+            state,
+            child,
+            token,
+            _guard: NodeGuard(node.clone()),
+            agent_stop,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = srv.ctl(&["nodes"]);
+            let online = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.starts_with(&node) && l.contains("online"));
+            if online {
+                break srv;
+            }
+            assert!(Instant::now() < deadline, "agent never online");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .arg("ctl")
+            .args(args)
+            .env("TETHER_SERVER", &self.url)
+            .env("TETHER_TOKEN", &self.token)
+            .output()
+            .unwrap()
+    }
+
+    /// `tether ctl ARGS` running, its stdout piped.
+    fn ctl_child(&self, args: &[&str]) -> tokio::process::Child {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .arg("ctl")
+            .args(args)
+            .env("TETHER_SERVER", &self.url)
+            .env("TETHER_TOKEN", &self.token)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Spawns a worker running `cmd`; returns its id.
+    fn spawn_worker(&self, cmd: &[&str]) -> String {
+        let mut args = vec!["spawn", "--image"];
+        let img = image();
+        args.push(&img);
+        args.push("--");
+        args.extend_from_slice(cmd);
+        let out = self.ctl(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// A hard stop (no goodbye to anyone), then a new server process on the
+    /// same port and state.
+    async fn restart(&mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+        self.child = start_server_process(self.port, &self.state);
+    }
+
+    async fn stop(mut self, worker: &str) {
+        self.ctl(&["rm", "-f", worker]);
+        self.agent_stop.cancel();
+        let _ = self.child.start_kill();
+    }
 }
 
 /// Runs `sh -c SCRIPT` in a worker's container, with docker directly.

@@ -620,6 +620,12 @@ impl ChannelWriter {
         }
     }
 
+    /// A handle that tells how far the peer has acknowledged this writer's
+    /// data, usable after the writer moved elsewhere.
+    pub fn progress(&self) -> WriterProgress {
+        WriterProgress(self.tx.clone())
+    }
+
     /// Bytes sent but not yet acknowledged (what a resume would replay).
     pub fn unacked(&self) -> u64 {
         self.tx
@@ -629,6 +635,19 @@ impl ChannelWriter {
             .iter()
             .map(|f| f.payload.len() as u64)
             .sum()
+    }
+}
+
+/// How far the peer has acknowledged a [`ChannelWriter`]'s data.
+#[derive(Clone)]
+pub struct WriterProgress(Arc<Mutex<TxState>>);
+
+impl WriterProgress {
+    /// Every byte before this offset was acknowledged by the peer (a lower
+    /// bound: frames are forgotten whole).
+    pub fn acked(&self) -> u64 {
+        let tx = self.0.lock().unwrap();
+        tx.unacked.front().map(|f| f.offset).unwrap_or(tx.sent)
     }
 }
 

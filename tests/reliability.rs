@@ -745,6 +745,48 @@ async fn ctl_logs_follow_survives_a_server_restart_exactly() {
     srv.stop(&w).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_exec_stdin_survives_a_server_restart_byte_exact() {
+    use tokio::io::AsyncWriteExt;
+    let mut srv = ProcServer::start().await;
+    let w = srv.spawn_worker(&["sleep", "3600"]);
+    let mut client = srv.ctl_child(&["exec", "-i", &w, "--", "sha256sum"]);
+    let mut stdin = client.stdin.take().unwrap();
+    const SIZE: usize = 30_000_000;
+    let data: Vec<u8> = (0..SIZE as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut sent = 0;
+    let mut restarted = false;
+    for chunk in data.chunks(256 * 1024) {
+        tokio::time::timeout(Duration::from_secs(90), stdin.write_all(chunk))
+            .await
+            .expect("input keeps flowing")
+            .unwrap();
+        sent += chunk.len();
+        if !restarted && sent >= SIZE / 3 {
+            restarted = true;
+            srv.restart().await;
+        }
+    }
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(120), client.wait_with_output())
+        .await
+        .expect("ctl finished")
+        .unwrap();
+    assert!(restarted);
+    assert_eq!(out.status.code(), Some(0));
+    let inside = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        inside.split_whitespace().next(),
+        Some(sha256(&data).as_str())
+    );
+    eprintln!(
+        "{SIZE} bytes of stdin through ctl exec -i across a server kill and restart: hash equal"
+    );
+    srv.stop(&w).await;
+}
+
 /// A server process that a test can kill and start again on the same port
 /// and state directory, with one in-process agent online.
 struct ProcServer {
@@ -820,13 +862,14 @@ impl ProcServer {
             .unwrap()
     }
 
-    /// `tether ctl ARGS` running, its stdout piped.
+    /// `tether ctl ARGS` running, its stdin and stdout piped.
     fn ctl_child(&self, args: &[&str]) -> tokio::process::Child {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
             .arg("ctl")
             .args(args)
             .env("TETHER_SERVER", &self.url)
             .env("TETHER_TOKEN", &self.token)
+            .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()

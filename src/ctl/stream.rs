@@ -248,6 +248,7 @@ pub async fn exec(
         };
         (tx, rx) = ws.split();
         progress.acked = progress.received;
+        progress.reattaching = true;
     }
 }
 
@@ -256,13 +257,86 @@ const REATTACH_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 /// Output is acknowledged every this many bytes.
 const ACK_EVERY: u64 = 64 * 1024;
 
-/// Where a client stands in an exec's output.
+/// Stdin kept until the agent has it (at most this much; reading stdin
+/// waits beyond).
+const STDIN_KEEP: u64 = 8 * 1024 * 1024;
+
+/// Where a client stands in an exec's output and input.
 #[derive(Default)]
 struct Progress {
     channel: Option<u32>,
     /// Output bytes received (stdout and stderr together).
     received: u64,
     acked: u64,
+    /// Stdin sent and not yet acknowledged by the agent (`stdin_ack`), from
+    /// offset `stdin_base` on: resent after a re-attach.
+    stdin: std::collections::VecDeque<bytes::Bytes>,
+    stdin_base: u64,
+    stdin_kept: u64,
+    /// We sent `stdin_eof` (sent again after a re-attach).
+    stdin_eof: bool,
+    /// The server reports stdin progress (`stdin_offset`, `stdin_ack`);
+    /// without it nothing is kept.
+    untracked: bool,
+    /// Re-attached, `started` not seen yet: new input waits, so that it
+    /// goes after what is sent again.
+    reattaching: bool,
+}
+
+impl Progress {
+    /// Notes an input message on its way out.
+    fn keep(&mut self, m: &WsMessage) {
+        match m {
+            WsMessage::Binary(b) if !self.untracked => {
+                self.stdin_kept += b.len() as u64;
+                self.stdin.push_back(b.clone());
+            }
+            WsMessage::Text(t) if t.as_str().contains("stdin_eof") => self.stdin_eof = true,
+            _ => {}
+        }
+    }
+
+    /// The agent has stdin up to `offset`: forget it.
+    fn stdin_acked(&mut self, offset: u64) {
+        while let Some(front) = self.stdin.front_mut() {
+            let end = self.stdin_base + front.len() as u64;
+            if end <= offset {
+                self.stdin_base = end;
+                self.stdin_kept -= front.len() as u64;
+                self.stdin.pop_front();
+            } else {
+                let skip = offset.saturating_sub(self.stdin_base) as usize;
+                let _ = front.split_to(skip);
+                self.stdin_base += skip as u64;
+                self.stdin_kept -= skip as u64;
+                break;
+            }
+        }
+    }
+
+    /// What to send again to a server that has stdin up to `offset`.
+    fn stdin_from(&self, offset: u64) -> Vec<WsMessage> {
+        if offset < self.stdin_base {
+            eprintln!(
+                "tether: input bytes {} to {} were lost",
+                offset, self.stdin_base
+            );
+        }
+        let mut v = Vec::new();
+        let mut at = self.stdin_base;
+        for b in &self.stdin {
+            let end = at + b.len() as u64;
+            if end > offset {
+                let skip = offset.saturating_sub(at) as usize;
+                v.push(WsMessage::Binary(b.slice(skip..)));
+            }
+            at = end;
+        }
+        if self.stdin_eof {
+            v.push(WsMessage::text(r#"{"type":"stdin_eof"}"#));
+        }
+        v
+    }
 }
 
 fn reattachable(e: &CtlError) -> bool {
@@ -311,7 +385,32 @@ async fn session(
                     WsMessage::Text(t) => {
                         let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
                         match v["type"].as_str() {
-                            Some("started") => progress.channel = v["channel"].as_u64().map(|c| c as u32),
+                            Some("started") => {
+                                let again = progress.channel.is_some();
+                                progress.reattaching = false;
+                                progress.channel = v["channel"].as_u64().map(|c| c as u32);
+                                match v["stdin_offset"].as_u64() {
+                                    // Re-attached: send what the server lacks.
+                                    Some(have) if again => {
+                                        for m in progress.stdin_from(have) {
+                                            if tx.send(m).await.is_err() {
+                                                return Ok(None);
+                                            }
+                                        }
+                                    }
+                                    Some(_) => {}
+                                    None => {
+                                        progress.untracked = true;
+                                        progress.stdin.clear();
+                                        progress.stdin_kept = 0;
+                                    }
+                                }
+                            }
+                            Some("stdin_ack") => {
+                                if let Some(n) = v["offset"].as_u64() {
+                                    progress.stdin_acked(n);
+                                }
+                            }
                             Some("gap") => eprintln!("tether: output bytes {} to {} were lost", v["from"], v["to"]),
                             Some("error") => {
                                 let e = serde_json::from_value(v["error"].clone()).unwrap_or_else(|_| {
@@ -326,8 +425,11 @@ async fn session(
                     _ => {}
                 }
             }
-            m = input.recv(), if input_open => match m {
+            m = input.recv(), if input_open && !progress.reattaching && progress.stdin_kept < STDIN_KEEP => match m {
                 Some(m) => {
+                    // Kept before sending: if the connection drops now, it
+                    // goes again after the re-attach.
+                    progress.keep(&m);
                     if tx.send(m).await.is_err() {
                         return Ok(None);
                     }

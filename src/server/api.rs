@@ -493,8 +493,18 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
         mut relay,
     } = d;
     let ExecSession { input, mut output } = session;
-    let started =
-        json!({ "type": "started", "channel": output.channel(), "offset": output.position() });
+    // `stdin_offset`: input bytes this server has; a re-attaching client
+    // sends what it has beyond (it keeps stdin until `stdin_ack` covers it).
+    let started = json!({
+        "type": "started",
+        "channel": output.channel(),
+        "offset": output.position(),
+        "stdin_offset": input.offset(),
+    });
+    let stdin_progress = input.progress();
+    let mut stdin_acked = stdin_progress.acked();
+    let mut ack_tick = tokio::time::interval(Duration::from_millis(200));
+    ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if tx
         .send(WsMessage::Text(started.to_string().into()))
         .await
@@ -530,6 +540,18 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
                 Ok(p) => p.send(pending.take().flatten()),
                 Err(_) => pending = None,
             },
+            // Tell the client how much of its input the agent has, so it
+            // can forget it (and resend the rest after a re-attach).
+            _ = ack_tick.tick(), if client_acks => {
+                let acked = stdin_progress.acked();
+                if acked > stdin_acked {
+                    stdin_acked = acked;
+                    let m = json!({ "type": "stdin_ack", "offset": acked });
+                    if tx.send(WsMessage::Text(m.to_string().into())).await.is_err() {
+                        break false;
+                    }
+                }
+            }
             ev = output.next() => match ev.map(StreamEvent::into_frame) {
                 Some(Ok((k, b))) => {
                     let start = output.position() - b.len() as u64;

@@ -378,6 +378,16 @@ impl ChannelSink {
             .map_err(|_| self.link.unavailable())
     }
 
+    /// Input bytes taken so far (sent to the agent or queued for it).
+    pub fn offset(&self) -> u64 {
+        self.writer.offset()
+    }
+
+    /// How far the agent has acknowledged the input.
+    pub fn progress(&self) -> crate::mux::WriterProgress {
+        self.writer.progress()
+    }
+
     /// Signals end of input.
     pub fn close(&self) {
         self.writer.eof();

@@ -127,13 +127,17 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
         match (request, opened) {
             (Request::Spawn(mut s), _) => {
                 // Already made (a repeated spawn): the same worker, no new checks.
+                // (`containers::spawn` relies on this check having been made.)
                 if let Ok(existing) = containers::inspect(d, &node, &s.worker_id).await {
                     return reply(&ctx, id, Ok(existing));
                 }
-                let admitted = match containers::running_count(d, &node).await {
-                    Ok(running) => ctx.admit_spawn(&mut s.spec, running),
-                    Err(e) => Err(e),
+                // Counting running workers takes a listing: only when a limit needs it.
+                let running = if ctx.concurrency_limited() {
+                    containers::running_count(d, &node).await
+                } else {
+                    Ok(0)
                 };
+                let admitted = running.and_then(|running| ctx.admit_spawn(&mut s.spec, running));
                 let creds = super::nodeconfig::credentials(&ctx, &s.spec.image);
                 let r = match admitted {
                     Ok(()) => containers::spawn(d, &ctx.pool, &node, ctx.defaults, &s, creds).await,

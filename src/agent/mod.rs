@@ -193,6 +193,14 @@ impl Ctx {
             .map_or(Ok(()), |p| p.admit_spawn(spec, running))
     }
 
+    /// Whether the node's or the orchestrator's policy caps running workers.
+    pub(crate) fn concurrency_limited(&self) -> bool {
+        self.policy.max_concurrency > 0
+            || self
+                .orchestrator_policy()
+                .is_some_and(|p| p.max_concurrency > 0)
+    }
+
     pub(crate) fn admit_exec(
         &self,
         timeout_secs: &mut Option<u64>,

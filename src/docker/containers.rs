@@ -263,8 +263,9 @@ fn validate(spec: &Spawn) -> Result<(), ErrorBody> {
     Ok(())
 }
 
-/// Creates and starts a worker: its network, then its container on it.
-/// Idempotent: a worker id that already exists returns the existing worker.
+/// Creates and starts a worker: its network (while the image is checked),
+/// then its container on it. The caller has checked that the worker does not
+/// exist yet (the agent answers a repeated spawn with the existing worker).
 pub async fn spawn(
     docker: &Docker,
     pool: &SubnetPool,
@@ -274,13 +275,6 @@ pub async fn spawn(
     credentials: Option<bollard::auth::DockerCredentials>,
 ) -> Result<WorkerInfo, ErrorBody> {
     validate(spec)?;
-    match inspect(docker, node_id, &spec.worker_id).await {
-        Ok(w) => return Ok(w),
-        Err(e) if e.code == ErrorCode::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    // Credentials go to the pull only: never into the container.
-    ensure_image(docker, &spec.spec.image, credentials).await?;
 
     let name = object_name(&spec.worker_id);
     let mut object_labels = HashMap::from([
@@ -302,10 +296,27 @@ pub async fn spawn(
         object_labels.insert(labels::DEADLINE.into(), (now + t).to_string());
     }
     let host_net = spec.spec.network.as_deref() == Some("host");
-    let subnet = if host_net {
-        None
-    } else {
-        Some(networks::create(docker, pool, &name, &object_labels).await?)
+    // The image (pulled if need be; credentials go to the pull only, never
+    // into the container) and the network at once: neither needs the other.
+    let (image, subnet) =
+        tokio::join!(ensure_image(docker, &spec.spec.image, credentials), async {
+            if host_net {
+                Ok(None)
+            } else {
+                networks::create(docker, pool, &name, &object_labels)
+                    .await
+                    .map(Some)
+            }
+        });
+    let subnet = match (image, subnet) {
+        (Ok(()), Ok(subnet)) => subnet,
+        (Err(e), net) => {
+            if let Ok(Some(_)) = net {
+                let _ = networks::remove(docker, pool, &name).await;
+            }
+            return Err(e);
+        }
+        (Ok(()), Err(e)) => return Err(e),
     };
 
     let mut container_labels = object_labels.clone();

@@ -313,12 +313,7 @@ async fn drain_keeps_workers_and_refuses_new_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_whose_client_goes_away_is_killed() {
     let (h, _node) = Harness::start().await;
-    let img = image();
-    let w = h
-        .ctl_ok(&["spawn", "--image", &img, "--", "sleep", "3600"])
-        .await
-        .trim()
-        .to_string();
+    let w = h.ctl_spawn_sleeper().await;
     let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
         .args(["ctl", "exec", &w, "--", "sh", "-c", "sleep 333 & sleep 334"])
         .env("TETHER_SERVER", &h.url)

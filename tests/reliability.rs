@@ -462,12 +462,7 @@ async fn docker_going_away_degrades_the_node_until_it_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_and_worker_timeouts_kill_and_report() {
     let (h, node) = Harness::start().await;
-    let img = image();
-    let w = h
-        .ctl_ok(&["spawn", "--image", &img, "--", "sleep", "3600"])
-        .await
-        .trim()
-        .to_string();
+    let w = h.ctl_spawn_sleeper().await;
     // An exec past its limit: killed (with what it started), reported, exit 124.
     let t0 = Instant::now();
     let out = h
@@ -496,6 +491,7 @@ async fn exec_and_worker_timeouts_kill_and_report() {
     assert!(!ps.contains("sleep 60"), "left running:\n{ps}");
 
     // A worker past its limit is stopped and removed, network too.
+    let img = image();
     let t = h
         .ctl_ok(&[
             "spawn",

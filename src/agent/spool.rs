@@ -334,20 +334,19 @@ mod tests {
             ]
         );
         assert_eq!(s.need(), 1);
-        ch.on_window(Window {
-            channel: 1,
-            acked: 8,
-            limit: 16,
-        });
+        let grant = |acked| {
+            ch.on_window(Window {
+                channel: 1,
+                acked,
+                limit: acked + 8,
+            })
+        };
+        grant(8);
         s.drain(&mut h.writer).unwrap();
         assert_eq!(shared.used(), 0, "the emptied file gives its quota back");
         // "ij" took 2 of 8: the gap marker needs 8 and waits.
         assert_eq!(s.need(), 8);
-        ch.on_window(Window {
-            channel: 1,
-            acked: 16,
-            limit: 24,
-        });
+        grant(16);
         s.drain(&mut h.writer).unwrap();
         assert!(s.is_empty());
         assert_eq!(

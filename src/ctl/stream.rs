@@ -114,6 +114,22 @@ fn write_output(
         .map_err(|e| CtlError::Local(e.to_string()))
 }
 
+/// The server's final message: `error` with its body, or `exit`.
+fn end_of(v: &serde_json::Value, text: &str) -> End {
+    if v["type"] == "error" {
+        End::Error(
+            serde_json::from_value(v["error"].clone()).unwrap_or_else(|_| {
+                ErrorBody::new(crate::protocol::ErrorCode::Internal, text.to_string())
+            }),
+        )
+    } else {
+        End::Exit(v["exit_code"].as_i64())
+    }
+}
+
+/// Input message that closes the process' stdin.
+const STDIN_EOF: &str = r#"{"type":"stdin_eof"}"#;
+
 /// Writes output frames to stdout/stderr until the server's final message.
 async fn drain_output(rx: &mut futures_util::stream::SplitStream<Ws>) -> Result<End, CtlError> {
     let mut stdout = std::io::stdout();
@@ -126,13 +142,7 @@ async fn drain_output(rx: &mut futures_util::stream::SplitStream<Ws>) -> Result<
                 if v["type"] == "started" || v["type"] == "gap" {
                     continue;
                 }
-                if v["type"] == "error" {
-                    let e = serde_json::from_value(v["error"].clone()).unwrap_or_else(|_| {
-                        ErrorBody::new(crate::protocol::ErrorCode::Internal, t.to_string())
-                    });
-                    return Ok(End::Error(e));
-                }
-                return Ok(End::Exit(v["exit_code"].as_i64()));
+                return Ok(end_of(&v, t.as_str()));
             }
             WsMessage::Close(_) => break,
             _ => {}
@@ -179,7 +189,7 @@ pub async fn exec(
             loop {
                 match stdin.read(&mut buf).await {
                     Ok(0) | Err(_) => {
-                        let _ = t.send(WsMessage::text(r#"{"type":"stdin_eof"}"#)).await;
+                        let _ = t.send(WsMessage::text(STDIN_EOF)).await;
                         break;
                     }
                     Ok(n) => {
@@ -291,7 +301,7 @@ impl Progress {
                 self.stdin_kept += b.len() as u64;
                 self.stdin.push_back(b.clone());
             }
-            WsMessage::Text(t) if t.as_str().contains("stdin_eof") => self.stdin_eof = true,
+            WsMessage::Text(t) if t.as_str() == STDIN_EOF => self.stdin_eof = true,
             _ => {}
         }
     }
@@ -333,7 +343,7 @@ impl Progress {
             at = end;
         }
         if self.stdin_eof {
-            v.push(WsMessage::text(r#"{"type":"stdin_eof"}"#));
+            v.push(WsMessage::text(STDIN_EOF));
         }
         v
     }
@@ -412,13 +422,7 @@ async fn session(
                                 }
                             }
                             Some("gap") => eprintln!("tether: output bytes {} to {} were lost", v["from"], v["to"]),
-                            Some("error") => {
-                                let e = serde_json::from_value(v["error"].clone()).unwrap_or_else(|_| {
-                                    ErrorBody::new(crate::protocol::ErrorCode::Internal, t.to_string())
-                                });
-                                return Ok(Some(End::Error(e)));
-                            }
-                            _ => return Ok(Some(End::Exit(v["exit_code"].as_i64()))),
+                            _ => return Ok(Some(end_of(&v, t.as_str()))),
                         }
                     }
                     WsMessage::Close(_) => return Ok(None),
@@ -569,17 +573,7 @@ impl LineFollower {
                     let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
                     match v["type"].as_str() {
                         Some("started" | "gap") => {}
-                        Some("error") => {
-                            let e =
-                                serde_json::from_value(v["error"].clone()).unwrap_or_else(|_| {
-                                    ErrorBody::new(
-                                        crate::protocol::ErrorCode::Internal,
-                                        t.to_string(),
-                                    )
-                                });
-                            break Some(End::Error(e));
-                        }
-                        _ => break Some(End::Exit(v["exit_code"].as_i64())),
+                        _ => break Some(end_of(&v, t.as_str())),
                     }
                 }
                 WsMessage::Close(_) => break None,

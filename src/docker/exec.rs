@@ -21,12 +21,6 @@ pub struct Started {
     pub input: Input,
 }
 
-/// Creates and starts the exec, attached.
-pub async fn start(docker: &Docker, req: &Exec) -> Result<Started, ErrorBody> {
-    let exec_id = create(docker, req).await?;
-    attach(docker, exec_id, req.tty).await
-}
-
 /// Creates the exec (nothing runs until [`attach`]).
 pub async fn create(docker: &Docker, req: &Exec) -> Result<String, ErrorBody> {
     if req.cmd.is_empty() {

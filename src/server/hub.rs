@@ -223,16 +223,17 @@ impl AgentLink {
     }
 
     /// Sends a request that opens a channel with `window` bytes of credit
-    /// each way (both ends must start from the same window: `make` puts it
-    /// in the request); on failure the channel is closed.
+    /// each way (both ends must start from the same window: `make` gets the
+    /// channel id and the window to put in the request); on failure the
+    /// channel is closed.
     async fn open_with(
         self: &Arc<Self>,
         window: u64,
-        make: impl FnOnce(u32) -> Request,
+        make: impl FnOnce(u32, u64) -> Request,
     ) -> Result<(u32, ChannelWriter, ChannelStream), ErrorBody> {
         let (id, writer, stream) = self.open_channel(window);
         self.opening.lock().unwrap().insert(id);
-        let r = self.request(make(id)).await;
+        let r = self.request(make(id, window)).await;
         self.opening.lock().unwrap().remove(&id);
         match r {
             Ok(_) => Ok((id, writer, stream)),
@@ -743,9 +744,8 @@ impl Hub {
             ));
         }
         let link = self.worker_link(worker_id)?;
-        let window = DEFAULT_WINDOW;
         let (channel, writer, output) = link
-            .open_with(window, |channel| {
+            .open_with(DEFAULT_WINDOW, |channel, window| {
                 Request::Exec(Exec {
                     channel,
                     worker_id: worker_id.into(),
@@ -815,9 +815,8 @@ impl Hub {
         opts: LogOptions,
     ) -> Result<ChannelStream, ErrorBody> {
         let link = self.worker_link(worker_id)?;
-        let window = DEFAULT_WINDOW;
         let (_, _, stream) = link
-            .open_with(window, |channel| {
+            .open_with(DEFAULT_WINDOW, |channel, window| {
                 Request::Logs(Logs {
                     channel,
                     worker_id: worker_id.into(),
@@ -861,9 +860,8 @@ impl Hub {
         path: &str,
     ) -> Result<ChannelStream, ErrorBody> {
         let link = self.worker_link(worker_id)?;
-        let window = DEFAULT_WINDOW;
         let (_, _, stream) = link
-            .open_with(window, |channel| {
+            .open_with(DEFAULT_WINDOW, |channel, window| {
                 Request::GetArchive(Archive {
                     channel,
                     worker_id: worker_id.into(),
@@ -883,9 +881,8 @@ impl Hub {
         path: &str,
     ) -> Result<ArchiveUpload, ErrorBody> {
         let link = self.worker_link(worker_id)?;
-        let window = DEFAULT_WINDOW;
         let (_, writer, done) = link
-            .open_with(window, |channel| {
+            .open_with(DEFAULT_WINDOW, |channel, window| {
                 Request::PutArchive(Archive {
                     channel,
                     worker_id: worker_id.into(),

@@ -231,6 +231,15 @@ impl Harness {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// `ctl spawn` of a worker that sleeps for an hour; returns its id.
+    pub async fn ctl_spawn_sleeper(&self) -> String {
+        let img = image();
+        self.ctl_ok(&["spawn", "--image", &img, "--", "sleep", "3600"])
+            .await
+            .trim()
+            .to_string()
+    }
+
     pub fn state_path(&self, p: &str) -> PathBuf {
         self.dir.path().join(p)
     }

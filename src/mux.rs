@@ -199,6 +199,16 @@ impl TxState {
     }
 }
 
+/// Where our side of a channel stands (see [`Channels::outbound`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendState {
+    pub channel: u32,
+    /// The lowest offset we can still send again.
+    pub from: u64,
+    pub sent: u64,
+    pub tag: Option<Arc<str>>,
+}
+
 struct Entry {
     /// Where inbound data for this channel goes.
     inbox: mpsc::UnboundedSender<Inbound>,
@@ -212,6 +222,9 @@ struct Entry {
     tx: Arc<Mutex<TxState>>,
     /// Cancelled when the channel closes for any reason.
     cancel: CancellationToken,
+    /// What the channel carries (for an exec: its worker), for as long as
+    /// the channel lives: until the peer has its close.
+    tag: Option<Arc<str>>,
 }
 
 /// The channels of one peer, across its connections. A mutex rather than an
@@ -294,6 +307,7 @@ impl Channels {
                 credit,
                 tx: tx.clone(),
                 cancel: cancel.clone(),
+                tag: None,
             },
         );
         Ok(ChannelHandles {
@@ -442,19 +456,30 @@ impl Channels {
         }
     }
 
+    /// Notes what a channel carries ([`Channels::outbound`] reports it).
+    pub fn set_tag(&self, id: u32, tag: &str) {
+        if let Some(e) = self.map.lock().unwrap().get_mut(&id) {
+            e.tag = Some(tag.into());
+        }
+    }
+
     /// For each channel, the lowest offset we can still replay (everything
-    /// before it was acknowledged) and the bytes sent so far.
-    pub fn outbound(&self) -> Vec<(u32, u64, u64)> {
+    /// before it was acknowledged), the bytes sent so far and its tag.
+    pub fn outbound(&self) -> Vec<SendState> {
         let map = self.map.lock().unwrap();
-        let mut v: Vec<(u32, u64, u64)> = map
+        let mut v: Vec<SendState> = map
             .iter()
             .map(|(id, e)| {
                 let tx = e.tx.lock().unwrap();
-                let from = tx.unacked.front().map(|f| f.offset).unwrap_or(tx.sent);
-                (*id, from, tx.sent)
+                SendState {
+                    channel: *id,
+                    from: tx.unacked.front().map(|f| f.offset).unwrap_or(tx.sent),
+                    sent: tx.sent,
+                    tag: e.tag.clone(),
+                }
             })
             .collect();
-        v.sort_unstable();
+        v.sort_unstable_by_key(|s| s.channel);
         v
     }
 

@@ -252,7 +252,8 @@ fn spawn_agent_process(h: &Harness, node: &str) -> tokio::process::Child {
         .env("TETHER_SERVER", &h.url)
         .env("TETHER_PSK", PSK)
         .env("TETHER_NODE_ID", node)
-        .env("TETHER_LOG", "warn")
+        // Shown when a test fails: what happened to detached execs.
+        .env("TETHER_LOG", "warn,tether::server=info")
         .kill_on_drop(true)
         .spawn()
         .unwrap()
@@ -644,7 +645,8 @@ fn start_server_process(port: u16, state: &std::path::Path) -> tokio::process::C
         ])
         .arg(state)
         .env("TETHER_PSK", PSK)
-        .env("TETHER_LOG", "warn")
+        // Shown when a test fails: what happened to detached execs.
+        .env("TETHER_LOG", "warn,tether::server=info")
         .kill_on_drop(true)
         .spawn()
         .unwrap()
@@ -696,6 +698,43 @@ async fn ctl_exec_survives_a_server_restart_byte_exact() {
         hex::encode(hasher.finalize())
     );
     eprintln!("50 MB through ctl across a server kill and restart: 0 bytes lost, 0 duplicated");
+    srv.stop(&w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_exec_that_ends_while_the_server_is_down_gets_its_output_and_exit_code() {
+    use tokio::io::AsyncReadExt;
+    let mut srv = ProcServer::start().await;
+    let w = srv.spawn_worker(&["sleep", "3600"]);
+    let script = "echo begun; while [ ! -e /tmp/go ]; do usleep 50000; done; \
+                  echo done-$(cat /tmp/go); touch /tmp/ended; exit 7";
+    let mut client = srv.ctl_child(&["exec", &w, "--", "sh", "-c", script]);
+    let mut stdout = client.stdout.take().unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(b"begun\n") {
+        let n = tokio::time::timeout(Duration::from_secs(60), stdout.read(&mut buf))
+            .await
+            .expect("the command starts")
+            .unwrap();
+        assert!(n > 0, "ctl ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // The command finishes, and the agent learns its exit code, while no
+    // server is there to tell.
+    srv.kill().await;
+    in_worker(&w, "echo 42 > /tmp/go");
+    wait_in_worker(&w, "/tmp/ended", "the command ends").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    srv.start_again();
+    let status = tokio::time::timeout(Duration::from_secs(90), async {
+        stdout.read_to_end(&mut got).await.unwrap();
+        client.wait().await.unwrap()
+    })
+    .await
+    .expect("ctl ends");
+    assert_eq!(String::from_utf8_lossy(&got), "begun\ndone-42\n");
+    assert_eq!(status.code(), Some(7), "the command's exit code");
     srv.stop(&w).await;
 }
 
@@ -891,8 +930,18 @@ impl ProcServer {
     /// A hard stop (no goodbye to anyone), then a new server process on the
     /// same port and state.
     async fn restart(&mut self) {
+        self.kill().await;
+        self.start_again();
+    }
+
+    /// A hard stop: no goodbye to anyone.
+    async fn kill(&mut self) {
         self.child.start_kill().unwrap();
         self.child.wait().await.unwrap();
+    }
+
+    /// A new server process on the same port and state.
+    fn start_again(&mut self) {
         self.child = start_server_process(self.port, &self.state);
     }
 
@@ -938,6 +987,85 @@ async fn produce_while_unreachable(h: &Harness, node: &str, proxy: &Proxy, worke
     // absent server does not hold it up.
     wait_in_worker(worker_id, "/tmp/done", "the command finished while offline").await;
     proxy.refuse(false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_exec_waits_for_its_client_while_the_agent_is_away() {
+    let (h, node, proxy) = proxied().await;
+    let w = h.hub.spawn(sleeper(&image())).await.unwrap();
+    let script = "echo begun; while [ ! -e /tmp/go ]; do usleep 50000; done; echo end; exit 3";
+    let mut s = h
+        .hub
+        .exec(
+            &w.worker_id,
+            ExecOptions {
+                cmd: vec!["sh".into(), "-c".into(), script.into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    s.output.set_manual_ack();
+    let channel = s.output.channel();
+    match s.output.next().await {
+        Some(StreamEvent::Data(StreamKind::Stdout, b)) => assert_eq!(&b[..], b"begun\n"),
+        other => panic!("{other:?}"),
+    }
+    // The agent goes away, then the client: the grace (1 s) must not run
+    // out while the agent cannot be reached, since the client could not
+    // have come back in that time anyway.
+    proxy.refuse(true);
+    proxy.cut();
+    h.wait_status(&node, "offline").await;
+    let d = tether::server::DetachedExec {
+        worker_id: w.worker_id.clone(),
+        session: s,
+        relay: Default::default(),
+    };
+    h.hub.detach_exec(d, Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.refuse(false);
+    h.wait_status(&node, "online").await;
+    let mut s = h
+        .hub
+        .attach_exec(&w.worker_id, channel)
+        .expect("the exec still waits for its client")
+        .session;
+    in_worker(&w.worker_id, "touch /tmp/go");
+    let mut got = Vec::new();
+    let exit = read_stdout(&mut s.output, |b| got.extend_from_slice(b)).await;
+    assert_eq!(String::from_utf8_lossy(&got), "end\n");
+    assert_eq!(exit, Some(3));
+
+    // Once the agent is back, the grace runs: nobody re-attaches, the exec
+    // is cancelled and its process ends.
+    let mut s = h
+        .hub
+        .exec(
+            &w.worker_id,
+            ExecOptions {
+                cmd: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "echo $$ > /tmp/pid; exec sleep 600".into(),
+                ],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    s.output.set_manual_ack();
+    let channel = s.output.channel();
+    wait_in_worker(&w.worker_id, "/tmp/pid", "the second command started").await;
+    let d = tether::server::DetachedExec {
+        worker_id: w.worker_id.clone(),
+        session: s,
+        relay: Default::default(),
+    };
+    h.hub.detach_exec(d, Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(h.hub.attach_exec(&w.worker_id, channel).is_err(), "expired");
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

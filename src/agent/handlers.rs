@@ -234,10 +234,7 @@ async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
     };
     let exec_id = started.exec_id.clone();
     ctx.execs.lock().unwrap().insert(ch, exec_id.clone());
-    ctx.exec_workers
-        .lock()
-        .unwrap()
-        .insert(ch, req.worker_id.clone());
+    channels.set_tag(ch, &req.worker_id);
     if let Some(size) = req.size
         && let Err(e) = exec::resize(&ctx.docker, &exec_id, size).await
     {
@@ -350,7 +347,6 @@ async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
         }
     }
     ctx.execs.lock().unwrap().remove(&ch);
-    ctx.exec_workers.lock().unwrap().remove(&ch);
     stdin.abort();
 }
 

@@ -141,8 +141,6 @@ pub(crate) struct Ctx {
     pub link: Arc<crate::mux::Link>,
     /// Open channels; they outlive a connection and resume on the next one.
     pub channels: crate::mux::Channels,
-    /// Worker of each open exec channel (reported in `hello.open`).
-    pub exec_workers: std::sync::Mutex<std::collections::HashMap<u32, String>>,
     /// Docker exec id of each open exec channel (for resize).
     pub execs: std::sync::Mutex<std::collections::HashMap<u32, String>>,
     /// What the node says about itself in its capability report.
@@ -254,7 +252,6 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         link: link.clone(),
         channels: crate::mux::Channels::new(link),
         execs: Default::default(),
-        exec_workers: Default::default(),
         replies: Default::default(),
         spools: spool::Spools::new(cfg.spool.clone()),
         degraded: Default::default(),

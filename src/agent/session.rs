@@ -162,21 +162,21 @@ pub(super) async fn serve(
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         inventory,
         channels: ctx.channels.states(),
-        open: {
-            let workers = ctx.exec_workers.lock().unwrap().clone();
-            ctx.channels
-                .outbound()
-                .into_iter()
-                .filter_map(|(channel, from, sent)| {
-                    Some(protocol::OpenChannel {
-                        channel,
-                        worker_id: workers.get(&channel)?.clone(),
-                        from,
-                        sent,
-                    })
+        // Execs (their channels are tagged with the worker), including
+        // those that ended while we were away: their close is still due.
+        open: ctx
+            .channels
+            .outbound()
+            .into_iter()
+            .filter_map(|s| {
+                Some(protocol::OpenChannel {
+                    channel: s.channel,
+                    worker_id: s.tag?.to_string(),
+                    from: s.from,
+                    sent: s.sent,
                 })
-                .collect()
-        },
+            })
+            .collect(),
         config_version: ctx
             .applied
             .lock()

@@ -611,6 +611,11 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
         Ok(Ok(input)) => input,
         _ => {
             writer.abort();
+            tracing::warn!(
+                worker_id,
+                channel,
+                "client left and its input did not drain: exec cancelled"
+            );
             return; // cannot keep it re-attachable without its input side
         }
     };

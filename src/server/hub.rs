@@ -1105,13 +1105,17 @@ impl Hub {
         }
     }
 
-    /// Keeps an exec whose client went away for `grace`; dropped (and so
-    /// cancelled, killing the process) if nobody re-attaches in time.
+    /// Keeps an exec whose client went away for `grace` of its agent being
+    /// connected (the client can only resume while the agent is there; after
+    /// a server restart or a cut the grace starts when the agent is back);
+    /// dropped (and so cancelled, killing the process) if nobody re-attaches
+    /// in time.
     pub fn detach_exec(&self, d: DetachedExec, grace: Duration) {
         let key = (
             d.session.output.node_id().to_string(),
             d.session.output.channel(),
         );
+        let mut up = d.session.output.link.link.watch();
         let generation = {
             let mut reg = self.reg.lock().unwrap();
             reg.next_detach += 1;
@@ -1121,7 +1125,20 @@ impl Hub {
         };
         let reg = self.reg.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
+            loop {
+                // An error: the node's link is gone for good.
+                if up.wait_for(|up| *up).await.is_err() {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(grace) => break,
+                    down = up.wait_for(|up| !*up) => if down.is_err() { break },
+                }
+                let taken = !matches!(reg.lock().unwrap().detached.get(&key), Some((g, _)) if *g == generation);
+                if taken {
+                    return;
+                }
+            }
             let expired = {
                 let mut r = reg.lock().unwrap();
                 match r.detached.get(&key) {
@@ -1129,6 +1146,10 @@ impl Hub {
                     _ => None,
                 }
             };
+            if let Some((_, d)) = &expired {
+                tracing::info!(node_id = %key.0, channel = key.1, worker_id = %d.worker_id,
+                    "nobody re-attached to the exec within the grace: cancelled");
+            }
             drop(expired); // outside the lock: dropping cancels on the agent
         });
     }
@@ -1151,7 +1172,10 @@ impl Hub {
         let w = self.worker(worker_id)?;
         let mut reg = self.reg.lock().unwrap();
         match reg.detached.remove(&(w.node_id.clone(), channel)) {
-            Some((_, d)) if d.worker_id == worker_id => Ok(d),
+            Some((_, d)) if d.worker_id == worker_id => {
+                tracing::info!(node_id = %w.node_id, channel, worker_id, "client re-attached to the exec");
+                Ok(d)
+            }
             Some(other) => {
                 reg.detached.insert((w.node_id, channel), other);
                 Err(ErrorBody::new(
@@ -1181,8 +1205,11 @@ impl Hub {
             .channels
             .open_at(open.channel, DEFAULT_WINDOW, open.from, agent_received)
         else {
+            tracing::warn!(node_id = %link.node_id, channel = open.channel, "exec the agent runs could not be adopted");
             return;
         };
+        tracing::info!(node_id = %link.node_id, channel = open.channel, worker_id = %open.worker_id,
+            from = open.from, "adopted an exec the agent runs: waiting for its client");
         link.next_channel
             .fetch_max(open.channel + 1, Ordering::SeqCst);
         let mut output = ChannelStream {

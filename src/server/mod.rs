@@ -6,7 +6,9 @@ mod api;
 pub mod auth;
 pub mod hub;
 
-pub use hub::{ChannelStream, ExecOptions, ExecSession, Hub, LogOptions, NodeInfo, StreamEvent};
+pub use hub::{
+    ChannelStream, DetachedExec, ExecOptions, ExecSession, Hub, LogOptions, NodeInfo, StreamEvent,
+};
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;

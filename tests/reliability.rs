@@ -1069,6 +1069,69 @@ async fn a_detached_exec_waits_for_its_client_while_the_agent_is_away() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_exec_stdin_survives_losing_the_client_and_the_agent_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (h, node, agent_proxy) = proxied().await;
+    let client_proxy = Proxy::start(h.addr).await;
+    let w = h.hub.spawn(sleeper(&image())).await.unwrap();
+    let input: Vec<u8> = (0..4_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["ctl", "exec", "-i", &w.worker_id, "--", "sh", "-c"])
+        .arg("cat > /tmp/in; sha256sum /tmp/in")
+        .env("TETHER_SERVER", format!("http://{}", client_proxy.addr))
+        .env("TETHER_TOKEN", &h.token)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = client.stdin.take().unwrap();
+    stdin.write_all(&input[..1_000_000]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while in_worker(&w.worker_id, "wc -c < /tmp/in 2>/dev/null || echo 0") != "1000000" {
+        assert!(Instant::now() < deadline, "first MB in the worker");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The agent goes away and input waits in the server (more than the
+    // agent's window of credit, less than the server's queue), then the
+    // client's connection breaks too: the server cannot drain the input it
+    // holds, and must still keep the exec for the client.
+    agent_proxy.refuse(true);
+    agent_proxy.cut();
+    h.wait_status(&node, "offline").await;
+    const AWAY: usize = 1_400_000;
+    let rest = input[1_000_000..AWAY].to_vec();
+    let feeder = tokio::spawn(async move {
+        stdin.write_all(&rest).await.unwrap();
+        stdin
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    client_proxy.cut();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    agent_proxy.refuse(false);
+    h.wait_status(&node, "online").await;
+    let mut stdin = feeder.await.unwrap();
+    stdin.write_all(&input[AWAY..]).await.unwrap();
+    drop(stdin);
+    let mut out = String::new();
+    let status = tokio::time::timeout(Duration::from_secs(120), async {
+        client
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .await
+            .unwrap();
+        client.wait().await.unwrap()
+    })
+    .await
+    .expect("ctl ends");
+    assert_eq!(status.code(), Some(0), "{out}");
+    assert_eq!(out.split_whitespace().next(), Some(sha256(&input).as_str()));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_made_while_the_server_is_unreachable_is_spooled_not_lost() {
     let (h, node, proxy) = proxied_with(|c| c.spool.memory_bytes = 64 * 1024).await;
     let w = h.hub.spawn(sleeper(&image())).await.unwrap();

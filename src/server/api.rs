@@ -515,14 +515,24 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
     // Stdin is written by its own task, so waiting for stdin credit never
     // stops output (the process may need its output read to read input).
     let (stdin_tx, mut stdin_rx) = tokio::sync::mpsc::channel::<Option<bytes::Bytes>>(16);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stop_writing = stop.clone();
     let mut writer = tokio::spawn(async move {
         let mut input = input;
-        while let Some(item) = stdin_rx.recv().await {
+        loop {
+            let item = tokio::select! {
+                _ = stop_writing.cancelled() => break,
+                item = stdin_rx.recv() => item,
+            };
             match item {
-                Some(b) => {
-                    let _ = input.write(b).await;
-                }
-                None => input.close(),
+                // Stopping mid-write is safe: `input.offset()` counts what
+                // went out, and a re-attaching client resends from there.
+                Some(Some(b)) => tokio::select! {
+                    _ = stop_writing.cancelled() => break,
+                    _ = input.write(b) => {}
+                },
+                Some(None) => input.close(),
+                None => break,
             }
         }
         input
@@ -606,17 +616,19 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
         writer.abort();
         return;
     }
-    // The client went away mid-command: give stdin a moment to drain.
+    // The client went away mid-command: give stdin a moment to drain, then
+    // stop writing it (the agent may be away too: credit can take long). A
+    // client that acknowledges output keeps its input until `stdin_ack` and
+    // sends from `stdin_offset` again when it re-attaches, so nothing is lost.
     let input = match tokio::time::timeout(Duration::from_secs(2), &mut writer).await {
         Ok(Ok(input)) => input,
-        _ => {
-            writer.abort();
-            tracing::warn!(
-                worker_id,
-                channel,
-                "client left and its input did not drain: exec cancelled"
-            );
-            return; // cannot keep it re-attachable without its input side
+        Ok(Err(_)) => return,
+        Err(_) => {
+            stop.cancel();
+            match writer.await {
+                Ok(input) => input,
+                Err(_) => return,
+            }
         }
     };
     hand_back(&app, worker_id, input, output, relay, client_acks);

@@ -17,6 +17,20 @@ fn sleeper(img: &str) -> SpawnRequest {
     }
 }
 
+/// Starts `sh -c SCRIPT` in a worker through the hub.
+async fn sh_exec(h: &Harness, worker_id: &str, script: &str) -> tether::server::ExecSession {
+    h.hub
+        .exec(
+            worker_id,
+            ExecOptions {
+                cmd: vec!["sh".into(), "-c".into(), script.into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+}
+
 /// Reads an exec's stdout to the end, handing each chunk to `each`; anything
 /// else (stderr, a gap, an error) fails the test. Returns the exit code.
 async fn read_stdout(
@@ -65,17 +79,7 @@ async fn fifty_megabytes_survive_repeated_cuts_byte_exact() {
     let cmd = format!(
         "head -c {SIZE} /dev/urandom > /tmp/src.bin && sha256sum /tmp/src.bin > /tmp/src.sha && cat /tmp/src.bin"
     );
-    let mut s = h
-        .hub
-        .exec(
-            &w.worker_id,
-            ExecOptions {
-                cmd: vec!["sh".into(), "-c".into(), cmd],
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let mut s = sh_exec(&h, &w.worker_id, &cmd).await;
     let mut hasher = sha2::Sha256::new();
     let mut total = 0u64;
     let mut cuts_at = vec![8_000_000u64, 20_000_000, 33_000_000, 45_000_000];
@@ -208,21 +212,12 @@ async fn spawn_whose_reply_was_lost_runs_once() {
 async fn command_started_before_a_cut_completes_after_it() {
     let (h, _node, proxy) = proxied().await;
     let w = h.hub.spawn(sleeper(&image())).await.unwrap();
-    let mut s = h
-        .hub
-        .exec(
-            &w.worker_id,
-            ExecOptions {
-                cmd: vec![
-                    "sh".into(),
-                    "-c".into(),
-                    "echo start; sleep 3; echo end >&2; exit 7".into(),
-                ],
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let mut s = sh_exec(
+        &h,
+        &w.worker_id,
+        "echo start; sleep 3; echo end >&2; exit 7",
+    )
+    .await;
     let Some(StreamEvent::Data(StreamKind::Stdout, b)) = s.output.next().await else {
         panic!()
     };
@@ -267,17 +262,7 @@ async fn agent_killed_mid_exec_readopts_its_workers_and_collects_garbage() {
     let mut agent = spawn_agent_process(&h, &node);
     h.wait_status(&node, "online").await;
     let w = h.hub.spawn(sleeper(&image())).await.unwrap();
-    let mut s = h
-        .hub
-        .exec(
-            &w.worker_id,
-            ExecOptions {
-                cmd: vec!["sh".into(), "-c".into(), "echo begun; sleep 30".into()],
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let mut s = sh_exec(&h, &w.worker_id, "echo begun; sleep 30").await;
     assert!(matches!(
         s.output.next().await,
         Some(StreamEvent::Data(StreamKind::Stdout, _))
@@ -994,17 +979,7 @@ async fn a_detached_exec_waits_for_its_client_while_the_agent_is_away() {
     let (h, node, proxy) = proxied().await;
     let w = h.hub.spawn(sleeper(&image())).await.unwrap();
     let script = "echo begun; while [ ! -e /tmp/go ]; do usleep 50000; done; echo end; exit 3";
-    let mut s = h
-        .hub
-        .exec(
-            &w.worker_id,
-            ExecOptions {
-                cmd: vec!["sh".into(), "-c".into(), script.into()],
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let mut s = sh_exec(&h, &w.worker_id, script).await;
     s.output.set_manual_ack();
     let channel = s.output.channel();
     match s.output.next().await {
@@ -1037,23 +1012,9 @@ async fn a_detached_exec_waits_for_its_client_while_the_agent_is_away() {
     assert_eq!(String::from_utf8_lossy(&got), "end\n");
     assert_eq!(exit, Some(3));
 
-    // Once the agent is back, the grace runs: nobody re-attaches, the exec
-    // is cancelled and its process ends.
-    let mut s = h
-        .hub
-        .exec(
-            &w.worker_id,
-            ExecOptions {
-                cmd: vec![
-                    "sh".into(),
-                    "-c".into(),
-                    "echo $$ > /tmp/pid; exec sleep 600".into(),
-                ],
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    // Once the agent is back, the grace runs: nobody re-attaches, and the
+    // exec is cancelled.
+    let mut s = sh_exec(&h, &w.worker_id, "echo $$ > /tmp/pid; exec sleep 600").await;
     s.output.set_manual_ack();
     let channel = s.output.channel();
     wait_in_worker(&w.worker_id, "/tmp/pid", "the second command started").await;
@@ -1136,17 +1097,7 @@ async fn output_made_while_the_server_is_unreachable_is_spooled_not_lost() {
     let (h, node, proxy) = proxied_with(|c| c.spool.memory_bytes = 64 * 1024).await;
     let w = h.hub.spawn(sleeper(&image())).await.unwrap();
     const SIZE: u64 = 20_000_000;
-    let mut s = h
-        .hub
-        .exec(
-            &w.worker_id,
-            ExecOptions {
-                cmd: vec!["sh".into(), "-c".into(), gated_writer(SIZE)],
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let mut s = sh_exec(&h, &w.worker_id, &gated_writer(SIZE)).await;
     let t0 = Instant::now();
     produce_while_unreachable(&h, &node, &proxy, &w.worker_id).await;
     let offline = t0.elapsed();

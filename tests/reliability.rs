@@ -639,7 +639,6 @@ fn start_server_process(port: u16, state: &std::path::Path) -> tokio::process::C
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_exec_survives_a_server_restart_byte_exact() {
-    use tokio::io::AsyncReadExt;
     let mut srv = ProcServer::start().await;
     let w = srv.spawn_worker(&["sleep", "3600"]);
     const SIZE: u64 = 50_000_000;
@@ -647,26 +646,15 @@ async fn ctl_exec_survives_a_server_restart_byte_exact() {
         "head -c {SIZE} /dev/urandom > /tmp/s.bin && sha256sum /tmp/s.bin > /tmp/s.sha && cat /tmp/s.bin"
     );
     let mut client = srv.ctl_child(&["exec", &w, "--", "sh", "-c", &cmd]);
-    let mut stdout = client.stdout.take().unwrap();
     let mut hasher = sha2::Sha256::new();
     let mut total = 0u64;
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut restarted = false;
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(90), stdout.read(&mut buf))
-            .await
-            .expect("output resumes")
-            .unwrap();
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        total += n as u64;
-        if !restarted && total >= 15_000_000 {
-            restarted = true;
-            srv.restart().await;
-        }
-    }
+    let restarted = srv
+        .read_restarting(&mut client, "output resumes", |b| {
+            hasher.update(b);
+            total += b.len() as u64;
+            total >= 15_000_000
+        })
+        .await;
     let status = client.wait().await.unwrap();
     assert!(restarted);
     assert_eq!(status.code(), Some(0));
@@ -725,31 +713,19 @@ async fn ctl_exec_that_ends_while_the_server_is_down_gets_its_output_and_exit_co
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_logs_follow_survives_a_server_restart_exactly() {
-    use tokio::io::AsyncReadExt;
     let mut srv = ProcServer::start().await;
     const LINES: usize = 400;
     let script =
         format!("i=0; while [ $i -lt {LINES} ]; do echo line-$i; i=$((i+1)); usleep 20000; done");
     let w = srv.spawn_worker(&["sh", "-c", &script]);
     let mut client = srv.ctl_child(&["logs", "-f", &w]);
-    let mut stdout = client.stdout.take().unwrap();
     let mut got = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut restarted = false;
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(90), stdout.read(&mut buf))
-            .await
-            .expect("log lines keep coming")
-            .unwrap();
-        if n == 0 {
-            break;
-        }
-        got.extend_from_slice(&buf[..n]);
-        if !restarted && got.iter().filter(|&&c| c == b'\n').count() >= 60 {
-            restarted = true;
-            srv.restart().await;
-        }
-    }
+    let restarted = srv
+        .read_restarting(&mut client, "log lines keep coming", |b| {
+            got.extend_from_slice(b);
+            got.iter().filter(|&&c| c == b'\n').count() >= 60
+        })
+        .await;
     let status = client.wait().await.unwrap();
     assert!(restarted);
     assert_eq!(status.code(), Some(0));
@@ -910,6 +886,34 @@ impl ProcServer {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Reads `client`'s stdout to the end (each read within 90 s), handing
+    /// each chunk to `each`; the first time `each` says so, restarts the
+    /// server. Returns whether it did.
+    async fn read_restarting(
+        &mut self,
+        client: &mut tokio::process::Child,
+        what: &str,
+        mut each: impl FnMut(&[u8]) -> bool,
+    ) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut stdout = client.stdout.take().unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut restarted = false;
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(90), stdout.read(&mut buf))
+                .await
+                .expect(what)
+                .unwrap();
+            if n == 0 {
+                return restarted;
+            }
+            if each(&buf[..n]) && !restarted {
+                restarted = true;
+                self.restart().await;
+            }
+        }
     }
 
     /// A hard stop (no goodbye to anyone), then a new server process on the

@@ -519,21 +519,21 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
     let stop_writing = stop.clone();
     let mut writer = tokio::spawn(async move {
         let mut input = input;
-        loop {
-            let item = tokio::select! {
-                _ = stop_writing.cancelled() => break,
-                item = stdin_rx.recv() => item,
-            };
-            match item {
-                // Stopping mid-write is safe: `input.offset()` counts what
-                // went out, and a re-attaching client resends from there.
-                Some(Some(b)) => tokio::select! {
-                    _ = stop_writing.cancelled() => break,
-                    _ = input.write(b) => {}
-                },
-                Some(None) => input.close(),
-                None => break,
+        let write_all = async {
+            while let Some(item) = stdin_rx.recv().await {
+                match item {
+                    Some(b) => {
+                        let _ = input.write(b).await;
+                    }
+                    None => input.close(),
+                }
             }
+        };
+        // Stopping mid-write is safe: `input.offset()` counts what went
+        // out, and a re-attaching client resends from there.
+        tokio::select! {
+            _ = stop_writing.cancelled() => {}
+            _ = write_all => {}
         }
         input
     });

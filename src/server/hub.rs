@@ -1134,10 +1134,6 @@ impl Hub {
                     _ = tokio::time::sleep(grace) => break,
                     down = up.wait_for(|up| !*up) => if down.is_err() { break },
                 }
-                let taken = !matches!(reg.lock().unwrap().detached.get(&key), Some((g, _)) if *g == generation);
-                if taken {
-                    return;
-                }
             }
             let expired = {
                 let mut r = reg.lock().unwrap();

@@ -6,8 +6,8 @@ use super::Ctx;
 use crate::docker::{self, archive, containers, exec};
 use crate::mux::{ChannelHandles, Inbound, Outbound};
 use crate::protocol::{
-    Archive, ChannelClose, ErrorBody, ErrorCode, Exec, Logs, Message, Request, StreamKind,
-    WorkerList,
+    Archive, ChannelClose, ErrorBody, ErrorCode, Exec, Logs, MAX_FRAME_PAYLOAD, Message, Request,
+    StreamKind, WorkerList,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -267,7 +267,7 @@ async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
         reader.recv().await;
         drop(input);
     });
-    let mut output = started.output;
+    let mut output = exec::joined(started.output, MAX_FRAME_PAYLOAD);
     let limit = req.timeout_secs.map(std::time::Duration::from_secs);
     let deadline = tokio::time::sleep(limit.unwrap_or(std::time::Duration::from_secs(365 * 86400)));
     tokio::pin!(deadline);
@@ -321,7 +321,7 @@ async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
             _ = up.changed(), if pending.is_some() => {}
             item = output.next(), if pending.is_none() && !finished => match item {
                 None => finished = true,
-                Some(Ok(o)) => pending = exec::split(o),
+                Some(Ok(chunk)) => pending = Some(chunk),
                 Some(Err(e)) => break Err(Some(docker::to_error(e, "read exec output"))),
             }
         }
@@ -369,9 +369,11 @@ async fn run_logs(ctx: &Ctx, id: String, req: Logs, h: ChannelHandles) {
             .map(|n| n.to_string())
             .unwrap_or_else(|| "all".into()),
     };
-    let mut stream = ctx
-        .docker
-        .logs(&docker::object_name(&req.worker_id), Some(opts));
+    let mut stream = exec::joined(
+        ctx.docker
+            .logs(&docker::object_name(&req.worker_id), Some(opts)),
+        MAX_FRAME_PAYLOAD,
+    );
     reply(ctx, id, Ok(json!({})));
     let ChannelHandles {
         mut writer, cancel, ..
@@ -381,9 +383,8 @@ async fn run_logs(ctx: &Ctx, id: String, req: Logs, h: ChannelHandles) {
             _ = cancel.cancelled() => { channels.remove(ch); return; }
             item = stream.next() => match item {
                 None => break None,
-                Some(Ok(o)) => {
-                    if let Some((kind, data)) = exec::split(o)
-                        && writer.write(kind, data).await.is_err() {
+                Some(Ok((kind, data))) => {
+                    if writer.write(kind, data).await.is_err() {
                         channels.remove(ch);
                         return;
                     }

@@ -267,7 +267,7 @@ async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
         reader.recv().await;
         drop(input);
     });
-    let mut output = exec::joined(started.output, MAX_FRAME_PAYLOAD);
+    let mut output = exec::joined(started.output, MAX_FRAME_PAYLOAD, true);
     let limit = req.timeout_secs.map(std::time::Duration::from_secs);
     let deadline = tokio::time::sleep(limit.unwrap_or(std::time::Duration::from_secs(365 * 86400)));
     tokio::pin!(deadline);
@@ -373,6 +373,7 @@ async fn run_logs(ctx: &Ctx, id: String, req: Logs, h: ChannelHandles) {
         ctx.docker
             .logs(&docker::object_name(&req.worker_id), Some(opts)),
         MAX_FRAME_PAYLOAD,
+        false,
     );
     reply(ctx, id, Ok(json!({})));
     let ChannelHandles {

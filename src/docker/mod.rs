@@ -4,6 +4,7 @@
 pub mod archive;
 pub mod containers;
 pub mod exec;
+pub mod joined;
 pub mod networks;
 
 use crate::protocol::{ErrorBody, ErrorCode};

@@ -24,9 +24,9 @@ pub const LINGER: Duration = Duration::from_millis(1);
 /// stream kind, in order.
 ///
 /// Docker hands bulk output over in pieces of a few KiB (an exec's output
-/// as the process writes its pipe, an archive as the engine reads it), and
-/// every piece forwarded on its own costs a frame, a WebSocket write, a read
-/// on the server and a wake-up of each task on the way. So when a piece of
+/// as the process writes its pipe), and every piece forwarded on its own
+/// costs a frame, a WebSocket write, a read on the server and a wake-up of
+/// each task on the way. So when a piece of
 /// bulk size arrives and nothing more is ready yet, the stream waits up to
 /// `linger` before it looks again, then joins all that arrived meanwhile.
 /// Small pieces (a prompt, a line of text) and the last piece before the

@@ -114,6 +114,28 @@ fn mb_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / 1e6 / d.as_secs_f64()
 }
 
+/// Seconds of CPU this process used in `f`: the client's, and for tether
+/// also the server's and the agent's, which run in this process. What the
+/// engine spends is not counted.
+async fn cpu_of<T>(
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(T, f64)> {
+    let me = std::process::id();
+    let before = procfs::cpu_ticks(me)?;
+    let r = f.await?;
+    let ticks = procfs::cpu_ticks(me)?.saturating_sub(before);
+    Ok((r, ticks as f64 / *CLOCK_TICKS as f64))
+}
+
+static CLOCK_TICKS: std::sync::LazyLock<u64> = std::sync::LazyLock::new(procfs::clock_ticks);
+
+/// A CPU-cost figure: milliseconds of this process's CPU per MB moved.
+fn cpu_figure(name: &str, cpu_s: [f64; 2], bytes: u64) -> Figure {
+    let mb = bytes as f64 / 1e6;
+    let per_mb = |s: f64| Some(s * 1000.0 / mb);
+    Figure::new(name, "ms/MB", per_mb(cpu_s[0]), per_mb(cpu_s[1]))
+}
+
 /// Runs `cmd` through tether to completion, counting output bytes.
 pub async fn tether_exec(hub: &Hub, worker: &str, cmd: &[String]) -> anyhow::Result<Ran> {
     let mut s = hub
@@ -235,13 +257,18 @@ impl Bench {
         self.direct(&warm).await?;
         let c = cmd(&["head", "-c", &n.to_string(), "/dev/zero"]);
         let (mut t, mut d) = (Vec::new(), Vec::new());
+        let mut cpu = [0.0; 2];
         for i in 0..self.p.reps {
             for side in [i % 2, 1 - i % 2] {
-                let (dt, r) = if side == 0 {
-                    self.tether(&c).await?
-                } else {
-                    self.direct(&c).await?
-                };
+                let ((dt, r), s) = cpu_of(async {
+                    if side == 0 {
+                        self.tether(&c).await
+                    } else {
+                        self.direct(&c).await
+                    }
+                })
+                .await?;
+                cpu[side] += s;
                 ensure!(
                     r.exit == 0 && r.bytes == n,
                     "throughput run got {} of {n} bytes, exit {}",
@@ -251,12 +278,10 @@ impl Bench {
                 if side == 0 { &mut t } else { &mut d }.push(mb_s(n, dt));
             }
         }
-        Ok(vec![Figure::new(
-            "exec_throughput_mb_s",
-            "MB/s",
-            median(&t),
-            median(&d),
-        )])
+        Ok(vec![
+            Figure::new("exec_throughput_mb_s", "MB/s", median(&t), median(&d)),
+            cpu_figure("exec_throughput_cpu_ms_per_mb", cpu, n * self.p.reps as u64),
+        ])
     }
 
     async fn tether_put(&self, name: &str, size: u64) -> anyhow::Result<Duration> {
@@ -318,14 +343,19 @@ impl Bench {
         self.tether_put(put, MIB).await?;
         self.direct_put(put, MIB).await?;
         let (mut tp, mut dp) = (Vec::new(), Vec::new());
+        let (mut put_cpu, mut get_cpu) = ([0.0; 2], [0.0; 2]);
         for i in 0..self.p.reps {
             for side in [i % 2, 1 - i % 2] {
                 self.sh("rm -f /tmp/bench-put.bin").await?;
-                let dt = if side == 0 {
-                    self.tether_put(put, n).await?
-                } else {
-                    self.direct_put(put, n).await?
-                };
+                let (dt, s) = cpu_of(async {
+                    if side == 0 {
+                        self.tether_put(put, n).await
+                    } else {
+                        self.direct_put(put, n).await
+                    }
+                })
+                .await?;
+                put_cpu[side] += s;
                 if side == 0 { &mut tp } else { &mut dp }.push(mb_s(n, dt));
             }
         }
@@ -342,11 +372,15 @@ impl Bench {
         let (mut tg, mut dg) = (Vec::new(), Vec::new());
         for i in 0..self.p.reps {
             for side in [i % 2, 1 - i % 2] {
-                let (dt, len) = if side == 0 {
-                    self.tether_get(get).await?
-                } else {
-                    self.direct_get(get).await?
-                };
+                let ((dt, len), s) = cpu_of(async {
+                    if side == 0 {
+                        self.tether_get(get).await
+                    } else {
+                        self.direct_get(get).await
+                    }
+                })
+                .await?;
+                get_cpu[side] += s;
                 ensure!(len > n, "archive of {len} bytes for a file of {n}");
                 if side == 0 { &mut tg } else { &mut dg }.push(mb_s(n, dt));
             }
@@ -355,6 +389,8 @@ impl Bench {
         Ok(vec![
             Figure::new("file_put_mb_s", "MB/s", median(&tp), median(&dp)),
             Figure::new("file_get_mb_s", "MB/s", median(&tg), median(&dg)),
+            cpu_figure("file_put_cpu_ms_per_mb", put_cpu, n * self.p.reps as u64),
+            cpu_figure("file_get_cpu_ms_per_mb", get_cpu, n * self.p.reps as u64),
         ])
     }
 

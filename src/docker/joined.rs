@@ -75,30 +75,29 @@ impl<E> Joined<E> {
 
     fn take(&mut self) -> (StreamKind, Bytes) {
         self.lingered = false;
-        self.len = 0;
         let data = if self.parts.len() == 1 {
             self.parts.pop().unwrap_or_default()
         } else {
-            let mut b = BytesMut::with_capacity(self.parts.iter().map(Bytes::len).sum());
+            let mut b = BytesMut::with_capacity(self.len);
             for p in self.parts.drain(..) {
                 b.extend_from_slice(&p);
             }
             b.freeze()
         };
+        self.len = 0;
         (self.kind, data)
     }
 
     /// Adds a piece to the chunk if it belongs there; else holds it.
-    fn add(&mut self, kind: StreamKind, data: Bytes) -> bool {
+    fn add(&mut self, kind: StreamKind, data: Bytes) {
         if self.parts.is_empty() {
             self.kind = kind;
         } else if kind != self.kind || self.len + data.len() > self.max {
             self.held = Some((kind, data));
-            return false;
+            return;
         }
         self.len += data.len();
         self.parts.push(data);
-        true
     }
 }
 

@@ -3,6 +3,7 @@
 //! task starts, so data sent right behind the request is never lost.
 
 use super::Ctx;
+use crate::docker::joined::Wait;
 use crate::docker::{self, archive, containers, exec};
 use crate::mux::{ChannelHandles, Inbound, Outbound};
 use crate::protocol::{
@@ -267,7 +268,7 @@ async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
         reader.recv().await;
         drop(input);
     });
-    let mut output = exec::joined(started.output, MAX_FRAME_PAYLOAD, true);
+    let mut output = exec::joined(started.output, MAX_FRAME_PAYLOAD, Wait::Asleep);
     let limit = req.timeout_secs.map(std::time::Duration::from_secs);
     let deadline = tokio::time::sleep(limit.unwrap_or(std::time::Duration::from_secs(365 * 86400)));
     tokio::pin!(deadline);
@@ -373,7 +374,7 @@ async fn run_logs(ctx: &Ctx, id: String, req: Logs, h: ChannelHandles) {
         ctx.docker
             .logs(&docker::object_name(&req.worker_id), Some(opts)),
         MAX_FRAME_PAYLOAD,
-        false,
+        Wait::Reading,
     );
     reply(ctx, id, Ok(json!({})));
     let ChannelHandles {
@@ -404,7 +405,7 @@ async fn run_get(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) {
         channels.remove(ch);
         return reply::<()>(ctx, id, Err(e));
     }
-    let mut stream = Box::pin(archive::download(&ctx.docker, &req.worker_id, &req.path));
+    let mut stream = archive::download(&ctx.docker, &req.worker_id, &req.path, MAX_FRAME_PAYLOAD);
     // The first chunk tells whether the path exists: answer only then.
     let first = match stream.next().await {
         Some(Ok(b)) => b,

@@ -1,6 +1,8 @@
 //! Files: the archive endpoints, streamed as tar in chunks.
 
+use super::joined::{BULK_PIECE, Joined, LINGER, Wait};
 use super::{object_name, to_error};
+use crate::protocol::StreamKind;
 use crate::protocol::{ErrorBody, StatResult};
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
@@ -8,7 +10,7 @@ use bollard::query_parameters::{
     ContainerArchiveInfoOptions, DownloadFromContainerOptions, UploadToContainerOptions,
 };
 use bytes::Bytes;
-use futures_util::Stream;
+use futures_util::{Stream, TryStreamExt};
 
 /// Go's `os.ModeDir` bit, as Docker reports it in path stats.
 const MODE_DIR: u32 = 1 << 31;
@@ -41,17 +43,24 @@ pub async fn stat(docker: &Docker, worker_id: &str, path: &str) -> Result<StatRe
 }
 
 /// A tar stream of `path` in the worker.
+/// The tar stream of `path` in the worker, Docker's pieces (a few KiB each)
+/// joined into chunks of up to `max` bytes ([`Joined`], reading while a
+/// chunk waits: the body is read from the socket only when asked).
 pub fn download(
     docker: &Docker,
     worker_id: &str,
     path: &str,
-) -> impl Stream<Item = Result<Bytes, DockerError>> + use<> {
-    docker.download_from_container(
-        &object_name(worker_id),
-        Some(DownloadFromContainerOptions {
-            path: path.to_string(),
-        }),
-    )
+    max: usize,
+) -> impl Stream<Item = Result<Bytes, DockerError>> + Unpin + use<> {
+    let pieces = docker
+        .download_from_container(
+            &object_name(worker_id),
+            Some(DownloadFromContainerOptions {
+                path: path.to_string(),
+            }),
+        )
+        .map_ok(|b| (StreamKind::Data, b));
+    Joined::new(Box::pin(pieces), max, BULK_PIECE, LINGER, Wait::Reading).map_ok(|(_, b)| b)
 }
 
 /// Extracts a tar stream into directory `path` of the worker.

@@ -1,7 +1,7 @@
 //! Exec: create and start a process in a worker with stdout and stderr kept
 //! apart (or a TTY), resize it, read its exit code.
 
-use super::joined::{BULK_PIECE, Joined, LINGER};
+use super::joined::{BULK_PIECE, Joined, LINGER, Wait};
 use super::{object_name, to_error};
 use crate::protocol::{ErrorBody, ErrorCode, Exec, StreamKind, TermSize};
 use bollard::Docker;
@@ -201,22 +201,21 @@ fn split(item: LogOutput) -> Option<(StreamKind, Bytes)> {
 }
 
 /// Exec or logs output as the agent forwards it: Docker's pieces of each
-/// stream joined into chunks of up to `max` bytes ([`Joined`]).
+/// stream joined into chunks of up to `max` bytes ([`Joined`]); a bulk
+/// piece waits up to [`LINGER`] for more.
 ///
-/// Only an attached exec's output may `wait` for more (a bulk piece waits
-/// up to [`LINGER`]): it is read straight from the hijacked socket, so what
-/// Docker writes meanwhile piles up in the socket's buffer. A logs response
-/// is an HTTP body, which the client reads from the socket only when asked
-/// for the next piece: there waiting only slows the stream down, and what
-/// is joined is what one read brought in (many log lines at once).
+/// An attached exec's output waits [`Wait::Asleep`]: it is read straight
+/// from the hijacked socket, so what Docker writes meanwhile piles up in
+/// the socket's buffer. A logs response is an HTTP body, which the client
+/// reads from the socket only when asked for the next piece: it waits
+/// [`Wait::Reading`].
 pub fn joined(
     output: impl Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send + 'static,
     max: usize,
-    wait: bool,
+    wait: Wait,
 ) -> Joined<bollard::errors::Error> {
     let pieces = output.filter_map(|r| std::future::ready(r.map(split).transpose()));
-    let bulk = if wait { BULK_PIECE } else { usize::MAX };
-    Joined::new(Box::pin(pieces), max, bulk, LINGER)
+    Joined::new(Box::pin(pieces), max, BULK_PIECE, LINGER, wait)
 }
 
 #[cfg(test)]
@@ -225,11 +224,11 @@ mod tests {
     use futures_util::FutureExt;
     use tokio::sync::mpsc;
 
-    /// A bulk piece of exec output waits for more; one of logs does not
-    /// (the HTTP body would not be read meanwhile). Stdin echoes are dropped.
+    /// Exec output and logs both join bulk output (each its own way, see
+    /// `Joined`); stdin echoes are dropped, stderr stays stderr.
     #[tokio::test(start_paused = true)]
-    async fn exec_output_waits_for_more_logs_do_not() {
-        for wait in [true, false] {
+    async fn output_is_split_and_bulk_waits_for_more() {
+        for wait in [Wait::Asleep, Wait::Reading] {
             let (tx, mut rx) = mpsc::unbounded_channel();
             let inner = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
             let mut j = joined(inner, 64 * 1024, wait);
@@ -242,16 +241,10 @@ mod tests {
                 message: piece(b'e'),
             }))
             .unwrap();
-            let first = j.next().now_or_never();
-            if wait {
-                assert!(first.is_none(), "a bulk piece of exec output waits");
-                tokio::time::advance(LINGER).await;
-            }
-            let (kind, data) = match first.flatten() {
-                Some(r) => r.unwrap(),
-                None => j.next().await.unwrap().unwrap(),
-            };
-            assert_eq!((kind, data), (StreamKind::Stderr, piece(b'e')));
+            assert!(j.next().now_or_never().is_none(), "{wait:?}: bulk waits");
+            tokio::time::advance(LINGER).await;
+            let (kind, data) = j.next().await.unwrap().unwrap();
+            assert_eq!((kind, data), (StreamKind::Stderr, piece(b'e')), "{wait:?}");
         }
     }
 }

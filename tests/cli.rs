@@ -346,3 +346,54 @@ async fn exec_whose_client_goes_away_is_killed() {
     }
     h.stop().await;
 }
+
+/// The agent remembers which container a worker's execs go to. When that
+/// container is removed behind its back and another one takes its name, an
+/// exec must not run in the newcomer, which is not tether's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_never_reaches_a_container_that_took_a_removed_workers_name() {
+    let (h, node) = Harness::start().await;
+    let w = h.ctl_spawn_sleeper().await;
+    assert_eq!(
+        h.ctl_ok(&["exec", &w, "--", "echo", "mine"]).await,
+        "mine\n"
+    );
+    let name = tether::docker::object_name(&w);
+    docker(&["rm", "-f", &name]);
+    // Labelled with the node so that the harness removes it, but not as a
+    // tether worker.
+    let node_label = format!("tether.node_id={node}");
+    let img = image();
+    let started = docker_all(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--label",
+        &node_label,
+        "--label",
+        "tether.test=1",
+        &img,
+        "sleep",
+        "600",
+    ]);
+    assert!(
+        docker(&["ps", "-q", "--filter", &format!("name={name}")]).len() >= 12,
+        "the stand-in did not start: {started}"
+    );
+    let out = h
+        .ctl(&["exec", &w, "--", "sh", "-c", "echo reached > /tmp/reached"])
+        .await;
+    assert!(!out.status.success(), "an exec ran in a foreign container");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not found") || err.contains("no such"),
+        "{err}"
+    );
+    assert_eq!(
+        docker_all(&["exec", &name, "cat", "/tmp/reached"]).trim(),
+        "cat: can't open '/tmp/reached': No such file or directory"
+    );
+    docker(&["rm", "-f", &name]);
+    h.stop().await;
+}

@@ -143,6 +143,10 @@ pub(crate) struct Ctx {
     pub channels: crate::mux::Channels,
     /// Docker exec id of each open exec channel (for resize).
     pub execs: std::sync::Mutex<std::collections::HashMap<u32, String>>,
+    /// Container id of each worker already found to be this node's: its
+    /// execs go to that id without checking again (Docker never gives an id
+    /// to another container, while a name can be taken again).
+    pub owned: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// What the node says about itself in its capability report.
     pub identity: capabilities::Identity,
     /// Where state lives (the report's free storage is measured there).
@@ -252,6 +256,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         link: link.clone(),
         channels: crate::mux::Channels::new(link),
         execs: Default::default(),
+        owned: Default::default(),
         replies: Default::default(),
         spools: spool::Spools::new(cfg.spool.clone()),
         degraded: Default::default(),

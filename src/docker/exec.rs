@@ -2,7 +2,7 @@
 //! apart (or a TTY), resize it, read its exit code.
 
 use super::joined::{BULK_PIECE, Joined, LINGER, Wait};
-use super::{object_name, to_error};
+use super::to_error;
 use crate::protocol::{ErrorBody, ErrorCode, Exec, StreamKind, TermSize};
 use bollard::Docker;
 use bollard::container::LogOutput;
@@ -23,7 +23,9 @@ pub struct Started {
 }
 
 /// Creates the exec (nothing runs until [`attach`]).
-pub async fn create(docker: &Docker, req: &Exec) -> Result<String, ErrorBody> {
+/// Creates the exec of `req` in `container` (the worker's container name
+/// or id).
+pub async fn create(docker: &Docker, container: &str, req: &Exec) -> Result<String, ErrorBody> {
     if req.cmd.is_empty() {
         return Err(ErrorBody::new(
             ErrorCode::InvalidRequest,
@@ -33,7 +35,7 @@ pub async fn create(docker: &Docker, req: &Exec) -> Result<String, ErrorBody> {
     let env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let created = docker
         .create_exec(
-            &object_name(&req.worker_id),
+            container,
             CreateExecOptions {
                 attach_stdin: Some(req.stdin),
                 attach_stdout: Some(true),

@@ -158,8 +158,7 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
                 containers::stop(d, &node, &s.worker_id, s.timeout_secs.unwrap_or(10)).await,
             ),
             (Request::Remove(r), _) => {
-                let res = containers::remove(d, &ctx.pool, &node, &r.worker_id, r.force).await;
-                ctx.owned.lock().unwrap().remove(&r.worker_id);
+                let res = remove_worker(&ctx, &r.worker_id, r.force).await;
                 reply(&ctx, id, res.map(|()| json!({ "worker_id": r.worker_id })));
             }
             (Request::Configure(c), _) => reply(&ctx, id, super::nodeconfig::apply(&ctx, c).await),
@@ -206,6 +205,13 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
         }
     };
     tokio::spawn(task.instrument(span));
+}
+
+/// Removes a worker and forgets its checked container id.
+async fn remove_worker(ctx: &Ctx, worker_id: &str, force: bool) -> Result<(), ErrorBody> {
+    let removed = containers::remove(&ctx.docker, &ctx.pool, &ctx.node_id, worker_id, force).await;
+    ctx.owned.lock().unwrap().remove(worker_id);
+    removed
 }
 
 /// Creates the exec of `req` in the worker's container, once it is known
@@ -552,10 +558,7 @@ pub(super) fn schedule_reaper(ctx: Arc<Ctx>, worker_id: String, deadline: u64) {
             .unwrap_or_default()
             .as_secs();
         tokio::time::sleep(std::time::Duration::from_secs(deadline.saturating_sub(now))).await;
-        let removed =
-            containers::remove(&ctx.docker, &ctx.pool, &ctx.node_id, &worker_id, true).await;
-        ctx.owned.lock().unwrap().remove(&worker_id);
-        match removed {
+        match remove_worker(&ctx, &worker_id, true).await {
             Ok(()) => {
                 info!(%worker_id, "worker reached its timeout: removed");
                 ctx.link.send(Outbound::msg(&Message::WorkerEvent(

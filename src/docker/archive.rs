@@ -1,9 +1,8 @@
 //! Files: the archive endpoints, streamed as tar in chunks.
 
-use super::joined::{BULK_PIECE, Joined, LINGER, Wait};
+use super::joined::{Joined, Wait};
 use super::{object_name, to_error};
-use crate::protocol::StreamKind;
-use crate::protocol::{ErrorBody, StatResult};
+use crate::protocol::{ErrorBody, StatResult, StreamKind};
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::query_parameters::{
@@ -42,7 +41,6 @@ pub async fn stat(docker: &Docker, worker_id: &str, path: &str) -> Result<StatRe
     }
 }
 
-/// A tar stream of `path` in the worker.
 /// The tar stream of `path` in the worker, Docker's pieces (a few KiB each)
 /// joined into chunks of up to `max` bytes ([`Joined`], reading while a
 /// chunk waits: the body is read from the socket only when asked).
@@ -60,7 +58,7 @@ pub fn download(
             }),
         )
         .map_ok(|b| (StreamKind::Data, b));
-    Joined::new(Box::pin(pieces), max, BULK_PIECE, LINGER, Wait::Reading).map_ok(|(_, b)| b)
+    Joined::forwarded(Box::pin(pieces), max, Wait::Reading).map_ok(|(_, b)| b)
 }
 
 /// Extracts a tar stream into directory `path` of the worker.

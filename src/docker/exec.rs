@@ -1,7 +1,7 @@
 //! Exec: create and start a process in a worker with stdout and stderr kept
 //! apart (or a TTY), resize it, read its exit code.
 
-use super::joined::{BULK_PIECE, Joined, LINGER, Wait};
+use super::joined::{Joined, Wait};
 use super::to_error;
 use crate::protocol::{ErrorBody, ErrorCode, Exec, StreamKind, TermSize};
 use bollard::Docker;
@@ -22,9 +22,8 @@ pub struct Started {
     pub input: Input,
 }
 
-/// Creates the exec (nothing runs until [`attach`]).
 /// Creates the exec of `req` in `container` (the worker's container name
-/// or id).
+/// or id); nothing runs until [`attach`].
 pub async fn create(docker: &Docker, container: &str, req: &Exec) -> Result<String, ErrorBody> {
     if req.cmd.is_empty() {
         return Err(ErrorBody::new(
@@ -204,7 +203,7 @@ fn split(item: LogOutput) -> Option<(StreamKind, Bytes)> {
 
 /// Exec or logs output as the agent forwards it: Docker's pieces of each
 /// stream joined into chunks of up to `max` bytes ([`Joined`]); a bulk
-/// piece waits up to [`LINGER`] for more.
+/// piece waits up to [`LINGER`](super::joined::LINGER) for more.
 ///
 /// An attached exec's output waits [`Wait::Asleep`]: it is read straight
 /// from the hijacked socket, so what Docker writes meanwhile piles up in
@@ -217,12 +216,13 @@ pub fn joined(
     wait: Wait,
 ) -> Joined<bollard::errors::Error> {
     let pieces = output.filter_map(|r| std::future::ready(r.map(split).transpose()));
-    Joined::new(Box::pin(pieces), max, BULK_PIECE, LINGER, wait)
+    Joined::forwarded(Box::pin(pieces), max, wait)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::docker::joined::LINGER;
     use futures_util::FutureExt;
     use tokio::sync::mpsc;
 

@@ -68,6 +68,12 @@ pub struct Joined<E> {
 }
 
 impl<E> Joined<E> {
+    /// Pieces joined for forwarding in chunks of up to `max` bytes, with the
+    /// agent's bulk threshold ([`BULK_PIECE`]) and wait ([`LINGER`]).
+    pub fn forwarded(inner: Pieces<E>, max: usize, wait: Wait) -> Joined<E> {
+        Joined::new(inner, max, BULK_PIECE, LINGER, wait)
+    }
+
     /// Pieces of at least `bulk` bytes may wait up to `linger` for more.
     pub fn new(
         inner: Pieces<E>,
@@ -192,8 +198,6 @@ mod tests {
     use tokio::sync::mpsc;
 
     type Item = Result<(StreamKind, Bytes), &'static str>;
-
-    const LINGER: Duration = Duration::from_millis(1);
 
     /// A stream of pieces fed by hand, and the joined stream over it.
     fn fed(max: usize, wait: Wait) -> (mpsc::UnboundedSender<Item>, Joined<&'static str>) {

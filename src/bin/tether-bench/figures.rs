@@ -132,6 +132,32 @@ async fn cpu_of<T>(
     Ok((r, ticks as f64 / *CLOCK_TICKS as f64))
 }
 
+/// Runs `run(side)` `reps` times for each side (0: tether, 1: direct),
+/// alternating which goes first, each after `setup` (not measured). Returns
+/// each side's results in order and the CPU seconds this process used in
+/// its runs.
+async fn alternate<T, S, R>(
+    reps: usize,
+    setup: impl Fn() -> S,
+    run: impl Fn(usize) -> R,
+) -> anyhow::Result<([Vec<T>; 2], [f64; 2])>
+where
+    S: std::future::Future<Output = anyhow::Result<()>>,
+    R: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut out = [Vec::new(), Vec::new()];
+    let mut cpu = [0.0; 2];
+    for i in 0..reps {
+        for side in [i % 2, 1 - i % 2] {
+            setup().await?;
+            let (r, s) = cpu_of(run(side)).await?;
+            cpu[side] += s;
+            out[side].push(r);
+        }
+    }
+    Ok((out, cpu))
+}
+
 static CLOCK_TICKS: std::sync::LazyLock<u64> = std::sync::LazyLock::new(procfs::clock_ticks);
 
 /// A CPU-cost figure: milliseconds of this process's CPU per MB moved.
@@ -261,28 +287,27 @@ impl Bench {
         self.tether(&warm).await?;
         self.direct(&warm).await?;
         let c = cmd(&["head", "-c", &n.to_string(), "/dev/zero"]);
-        let (mut t, mut d) = (Vec::new(), Vec::new());
-        let mut cpu = [0.0; 2];
-        for i in 0..self.p.reps {
-            for side in [i % 2, 1 - i % 2] {
-                let ((dt, r), s) = cpu_of(async {
-                    if side == 0 {
-                        self.tether(&c).await
-                    } else {
-                        self.direct(&c).await
-                    }
-                })
-                .await?;
-                cpu[side] += s;
+        let (this, c) = (&*self, &c);
+        let (runs, cpu) = alternate(
+            this.p.reps,
+            || async { Ok(()) },
+            |side| async move {
+                let (dt, r) = if side == 0 {
+                    this.tether(c).await?
+                } else {
+                    this.direct(c).await?
+                };
                 ensure!(
                     r.exit == 0 && r.bytes == n,
                     "throughput run got {} of {n} bytes, exit {}",
                     r.bytes,
                     r.exit
                 );
-                if side == 0 { &mut t } else { &mut d }.push(mb_s(n, dt));
-            }
-        }
+                Ok(mb_s(n, dt))
+            },
+        )
+        .await?;
+        let [t, d] = runs;
         Ok(vec![
             Figure::new("exec_throughput_mb_s", "MB/s", median(&t), median(&d)),
             cpu_figure("exec_throughput_cpu_ms_per_mb", cpu, n * self.p.reps as u64),
@@ -347,23 +372,17 @@ impl Bench {
         let put = "bench-put.bin";
         self.tether_put(put, MIB).await?;
         self.direct_put(put, MIB).await?;
-        let (mut tp, mut dp) = (Vec::new(), Vec::new());
-        let (mut put_cpu, mut get_cpu) = ([0.0; 2], [0.0; 2]);
-        for i in 0..self.p.file_reps {
-            for side in [i % 2, 1 - i % 2] {
-                self.sh("rm -f /tmp/bench-put.bin").await?;
-                let (dt, s) = cpu_of(async {
-                    if side == 0 {
-                        self.tether_put(put, n).await
-                    } else {
-                        self.direct_put(put, n).await
-                    }
-                })
-                .await?;
-                put_cpu[side] += s;
-                if side == 0 { &mut tp } else { &mut dp }.push(mb_s(n, dt));
-            }
-        }
+        let (this, reps) = (&*self, self.p.file_reps);
+        let rm = || this.sh("rm -f /tmp/bench-put.bin");
+        let ([tp, dp], put_cpu) = alternate(reps, rm, |side| async move {
+            let dt = if side == 0 {
+                this.tether_put(put, n).await?
+            } else {
+                this.direct_put(put, n).await?
+            };
+            Ok(mb_s(n, dt))
+        })
+        .await?;
         self.sh(&format!(
             "test $(wc -c < /tmp/bench-put.bin) -eq {n} && rm -f /tmp/bench-put.bin"
         ))
@@ -374,36 +393,26 @@ impl Bench {
         self.sh(&format!("head -c {n} /dev/zero > {get}")).await?;
         self.tether_get(get).await?;
         self.direct_get(get).await?;
-        let (mut tg, mut dg) = (Vec::new(), Vec::new());
-        for i in 0..self.p.file_reps {
-            for side in [i % 2, 1 - i % 2] {
-                let ((dt, len), s) = cpu_of(async {
-                    if side == 0 {
-                        self.tether_get(get).await
-                    } else {
-                        self.direct_get(get).await
-                    }
-                })
-                .await?;
-                get_cpu[side] += s;
+        let ([tg, dg], get_cpu) = alternate(
+            reps,
+            || async { Ok(()) },
+            |side| async move {
+                let (dt, len) = if side == 0 {
+                    this.tether_get(get).await?
+                } else {
+                    this.direct_get(get).await?
+                };
                 ensure!(len > n, "archive of {len} bytes for a file of {n}");
-                if side == 0 { &mut tg } else { &mut dg }.push(mb_s(n, dt));
-            }
-        }
+                Ok(mb_s(n, dt))
+            },
+        )
+        .await?;
         self.sh(&format!("rm -f {get}")).await?;
         Ok(vec![
             Figure::new("file_put_mb_s", "MB/s", median(&tp), median(&dp)),
             Figure::new("file_get_mb_s", "MB/s", median(&tg), median(&dg)),
-            cpu_figure(
-                "file_put_cpu_ms_per_mb",
-                put_cpu,
-                n * self.p.file_reps as u64,
-            ),
-            cpu_figure(
-                "file_get_cpu_ms_per_mb",
-                get_cpu,
-                n * self.p.file_reps as u64,
-            ),
+            cpu_figure("file_put_cpu_ms_per_mb", put_cpu, n * reps as u64),
+            cpu_figure("file_get_cpu_ms_per_mb", get_cpu, n * reps as u64),
         ])
     }
 

@@ -1033,6 +1033,107 @@ async fn a_detached_exec_waits_for_its_client_while_the_agent_is_away() {
     h.stop().await;
 }
 
+/// A client whose connection died without the server noticing (half-open:
+/// nothing arrives, nothing fails) re-attaches over a new one: the new
+/// connection takes the exec over from the old, and no byte is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reattach_takes_an_exec_over_from_a_silently_dead_connection() {
+    use futures_util::SinkExt;
+    let (h, _node) = Harness::start().await;
+    let proxy = Proxy::start(h.addr).await;
+    let w = h.hub.spawn(sleeper(&image())).await.unwrap();
+    const SIZE: u64 = 20_000_000;
+    let cmd = format!(
+        "head -c {SIZE} /dev/urandom > /tmp/src.bin && sha256sum /tmp/src.bin > /tmp/src.sha && cat /tmp/src.bin"
+    );
+    let path = format!("/api/v1/workers/{}/exec", w.worker_id);
+    let mut old = exec_socket(&h, proxy.addr, &path).await;
+    let opts = serde_json::json!({ "cmd": ["sh", "-c", cmd], "client_acks": true });
+    old.send(WsMsg::text(opts.to_string())).await.unwrap();
+    let mut out = ExecRead::default();
+    assert_eq!(out.read(&mut old, Some(5_000_000)).await, None);
+    let channel = out.channel.expect("started");
+    // The old connection goes silent, open on both ends, and stays so.
+    proxy.blackhole();
+    let q = format!("{path}?attach={channel}&offset={}", out.received);
+    let mut new = exec_socket(&h, h.addr, &q).await;
+    let exit = out.read(&mut new, None).await;
+    assert_eq!(exit, Some(0));
+    assert_eq!(out.received, SIZE, "bytes lost or duplicated");
+    let inside = in_worker(&w.worker_id, "cat /tmp/src.sha");
+    assert_eq!(
+        inside.split_whitespace().next().unwrap(),
+        hex::encode(out.hasher.finalize())
+    );
+    drop(old);
+    proxy.restore();
+    h.stop().await;
+}
+
+type WsMsg = tokio_tungstenite::tungstenite::Message;
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// An operator WebSocket to `path` on the server at `addr`.
+async fn exec_socket(h: &Harness, addr: std::net::SocketAddr, path: &str) -> Socket {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", h.token).parse().unwrap(),
+    );
+    tokio_tungstenite::connect_async(req).await.unwrap().0
+}
+
+/// What a client acknowledging its exec's output has read so far.
+#[derive(Default)]
+struct ExecRead {
+    channel: Option<u32>,
+    received: u64,
+    hasher: sha2::Sha256,
+}
+
+impl ExecRead {
+    /// Reads stdout (acknowledging it) until the exit, whose code it
+    /// returns, or until `until` bytes are in (`None`).
+    async fn read(&mut self, ws: &mut Socket, until: Option<u64>) -> Option<i64> {
+        use futures_util::{SinkExt, StreamExt};
+        let mut acked = self.received;
+        loop {
+            if until.is_some_and(|n| self.received >= n) {
+                return None;
+            }
+            let m = tokio::time::timeout(Duration::from_secs(60), ws.next())
+                .await
+                .expect("output or the end within 60 s")
+                .expect("the connection stays open")
+                .unwrap();
+            match m {
+                WsMsg::Binary(b) => {
+                    assert_eq!(b[0], 1, "stdout frames only");
+                    self.hasher.update(&b[1..]);
+                    self.received += b.len() as u64 - 1;
+                    // At least every half window (protocol.md 12.6).
+                    if self.received - acked >= 64 * 1024 {
+                        let ack = serde_json::json!({ "type": "ack", "offset": self.received });
+                        ws.send(WsMsg::text(ack.to_string())).await.unwrap();
+                        acked = self.received;
+                    }
+                }
+                WsMsg::Text(t) => {
+                    let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                    match v["type"].as_str() {
+                        Some("started") => self.channel = v["channel"].as_u64().map(|c| c as u32),
+                        Some("exit") => return v["exit_code"].as_i64(),
+                        _ => panic!("unexpected message: {v}"),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_exec_stdin_survives_losing_the_client_and_the_agent_at_once() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -162,8 +162,7 @@ pub async fn exec(
     tty: bool,
     timeout_secs: Option<u64>,
 ) -> Result<i64, CtlError> {
-    let ws = open(client, &format!("/api/v1/workers/{worker}/exec"), &[]).await?;
-    let (mut tx, mut rx) = ws.split();
+    let mut ws = open(client, &format!("/api/v1/workers/{worker}/exec"), &[]).await?;
     let tty = tty && std::io::stdout().is_terminal();
     let opts = ExecOptions {
         cmd,
@@ -174,7 +173,7 @@ pub async fn exec(
         client_acks: true,
         ..Default::default()
     };
-    tx.send(WsMessage::text(
+    ws.send(WsMessage::text(
         serde_json::to_string(&opts).expect("serializes"),
     ))
     .await
@@ -226,6 +225,7 @@ pub async fn exec(
     let path = format!("/api/v1/workers/{worker}/exec");
     let mut progress = Progress::default();
     loop {
+        let (mut tx, mut rx) = ws.split();
         match session(&mut tx, &mut rx, &mut ctl_rx, &mut progress).await? {
             Some(End::Exit(code)) => return Ok(code.unwrap_or(-1)),
             // Like timeout(1): the command was killed at its limit.
@@ -237,13 +237,16 @@ pub async fn exec(
             None => {}
         }
         // The connection dropped mid-command: re-attach where we stopped.
+        // What is left of it is closed first: the server keeps the exec for
+        // a re-attach only once it sees this connection gone.
+        drop((tx, rx));
         let Some(channel) = progress.channel else {
             return Err(CtlError::Local(
                 "connection lost before the command started".into(),
             ));
         };
         let deadline = std::time::Instant::now() + REATTACH_FOR;
-        let ws = loop {
+        ws = loop {
             let q = [
                 ("attach", channel.to_string()),
                 ("offset", progress.received.to_string()),
@@ -256,7 +259,6 @@ pub async fn exec(
                 Err(e) => return Err(e),
             }
         };
-        (tx, rx) = ws.split();
         progress.acked = progress.received;
         progress.reattaching = true;
     }

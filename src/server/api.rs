@@ -423,7 +423,7 @@ async fn open_exec(
     rx: &mut futures_util::stream::SplitStream<WebSocket>,
 ) -> Result<(DetachedExec, bool), ErrorBody> {
     if let Some(channel) = q.attach {
-        let mut d = app.hub.attach_exec(worker_id, channel)?;
+        let mut d = app.hub.take_exec(worker_id, channel).await?;
         let base = d
             .relay
             .front()
@@ -493,6 +493,19 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
         mut relay,
     } = d;
     let ExecSession { input, mut output } = session;
+    // A newer connection of this client (it lost this one, perhaps without
+    // the server noticing) takes the exec over: this one hands it back.
+    let held = client_acks.then(|| {
+        app.hub
+            .hold_exec(&worker_id, output.node_id(), output.channel())
+    });
+    let taken_over = async {
+        match &held {
+            Some(h) => h.taken_over().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(taken_over);
     // `stdin_offset`: input bytes this server has; a re-attaching client
     // sends what it has beyond (it keeps stdin until `stdin_ack` covers it).
     let started = json!({
@@ -546,6 +559,10 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
     let mut pending: Option<Option<bytes::Bytes>> = None;
     let ended = loop {
         tokio::select! {
+            _ = &mut taken_over => {
+                tracing::info!(%worker_id, channel, "a newer connection of the client takes the exec over");
+                break false;
+            }
             permit = stdin_tx.reserve(), if pending.is_some() => match permit {
                 Ok(p) => p.send(pending.take().flatten()),
                 Err(_) => pending = None,
@@ -578,7 +595,13 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
                     if client_acks {
                         relay.push_back((k, start + skip as u64, b.clone()));
                     }
-                    if tx.send(data_frame(k, &b)).await.is_err() {
+                    // A dead connection may block the send for good: a
+                    // takeover does not wait for it.
+                    let sent = tokio::select! {
+                        r = tx.send(data_frame(k, &b)) => r.is_ok(),
+                        _ = &mut taken_over => false,
+                    };
+                    if !sent {
                         break false;
                     }
                 }

@@ -444,6 +444,38 @@ pub struct LogOptions {
     pub timestamps: bool,
 }
 
+/// How long a re-attaching client waits for an older connection of its exec
+/// to let go of it.
+pub const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
+
+/// A client connection's hold on an exec ([`Hub::hold_exec`]).
+pub struct HeldExec {
+    reg: Arc<Mutex<Registry>>,
+    key: (String, u32),
+    generation: u64,
+    token: CancellationToken,
+}
+
+impl HeldExec {
+    /// Cancelled when a newer connection takes the exec over.
+    pub fn taken_over(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+}
+
+impl Drop for HeldExec {
+    fn drop(&mut self) {
+        let mut reg = self.reg.lock().unwrap();
+        if reg
+            .held
+            .get(&self.key)
+            .is_some_and(|(g, _, _)| *g == self.generation)
+        {
+            reg.held.remove(&self.key);
+        }
+    }
+}
+
 /// An exec whose client went away, kept for the attach grace period so the
 /// client can re-attach (`relay` holds what was sent but not acknowledged).
 pub struct DetachedExec {
@@ -484,6 +516,9 @@ struct Registry {
     /// the generation of their grace timer.
     detached: HashMap<(String, u32), (u64, DetachedExec)>,
     next_detach: u64,
+    /// Execs a client connection holds, by (node, channel): their worker and
+    /// the token that makes that connection hand the exec back.
+    held: HashMap<(String, u32), (u64, String, CancellationToken)>,
     nodes: HashMap<String, NodeEntry>,
     /// The server's view of every worker, reconciled from agent inventories.
     workers: HashMap<String, WorkerInfo>,
@@ -1150,16 +1185,83 @@ impl Hub {
         });
     }
 
-    /// Whether a detached exec of `worker_id` waits on `channel`.
+    /// Whether an exec of `worker_id` on `channel` can be re-attached: it
+    /// waits detached, or a client connection holds it (which a re-attach
+    /// takes over).
     pub fn can_attach(&self, worker_id: &str, channel: u32) -> Result<(), ErrorBody> {
         let w = self.worker(worker_id)?;
         let reg = self.reg.lock().unwrap();
-        match reg.detached.get(&(w.node_id, channel)) {
-            Some((_, d)) if d.worker_id == worker_id => Ok(()),
-            _ => Err(ErrorBody::new(
+        let key = (w.node_id, channel);
+        let detached = matches!(reg.detached.get(&key), Some((_, d)) if d.worker_id == worker_id);
+        let held = matches!(reg.held.get(&key), Some((_, w, _)) if w == worker_id);
+        if detached || held {
+            Ok(())
+        } else {
+            Err(ErrorBody::new(
                 ErrorCode::NotFound,
                 format!("no exec channel {channel} waiting on worker {worker_id}"),
-            )),
+            ))
+        }
+    }
+
+    /// Notes that a client connection holds the exec on `channel` of
+    /// `worker_id` until the returned guard is dropped; its token is
+    /// cancelled when a newer connection re-attaches: the older one must
+    /// then hand the exec back (it may be dead without the server knowing:
+    /// a half-open TCP connection looks alive for a long time).
+    pub fn hold_exec(&self, worker_id: &str, node_id: &str, channel: u32) -> HeldExec {
+        let token = CancellationToken::new();
+        let key = (node_id.to_string(), channel);
+        let generation = {
+            let mut reg = self.reg.lock().unwrap();
+            reg.next_detach += 1;
+            let g = reg.next_detach;
+            let old = reg
+                .held
+                .insert(key.clone(), (g, worker_id.to_string(), token.clone()));
+            if let Some((_, _, t)) = old {
+                t.cancel();
+            }
+            g
+        };
+        HeldExec {
+            reg: self.reg.clone(),
+            key,
+            generation,
+            token,
+        }
+    }
+
+    /// Takes an exec of `worker_id` back for a re-attaching client: a
+    /// detached one at once; one a connection still holds once that
+    /// connection has let go of it (asked to, waited for up to
+    /// [`TAKEOVER_WAIT`]).
+    pub async fn take_exec(
+        &self,
+        worker_id: &str,
+        channel: u32,
+    ) -> Result<DetachedExec, ErrorBody> {
+        let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
+        loop {
+            let err = match self.attach_exec(worker_id, channel) {
+                Ok(d) => return Ok(d),
+                Err(e) => e,
+            };
+            let w = self.worker(worker_id)?;
+            let holder = {
+                let reg = self.reg.lock().unwrap();
+                match reg.held.get(&(w.node_id, channel)) {
+                    Some((_, w, t)) if w == worker_id => Some(t.clone()),
+                    _ => None,
+                }
+            };
+            match holder {
+                Some(t) if tokio::time::Instant::now() < deadline => {
+                    t.cancel();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                _ => return Err(err),
+            }
         }
     }
 

@@ -57,7 +57,8 @@ struct ServerArgs {
     /// Lifetime of node tokens, in seconds.
     #[arg(long, default_value_t = 3600)]
     jwt_ttl: u64,
-    /// Seconds between heartbeat pings (both sides use the server's values).
+    /// Seconds between heartbeat pings (both sides use the server's values;
+    /// exec clients are pinged too and told the timeout).
     #[arg(long, default_value_t = 5)]
     heartbeat_interval: u64,
     /// Seconds of silence after which a link counts as dead: a half-open

@@ -1000,6 +1000,7 @@ async fn a_detached_exec_waits_for_its_client_while_the_agent_is_away() {
         worker_id: w.worker_id.clone(),
         session: s,
         relay: Default::default(),
+        end: None,
     };
     h.hub.detach_exec(d, Duration::from_secs(1));
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1026,6 +1027,7 @@ async fn a_detached_exec_waits_for_its_client_while_the_agent_is_away() {
         worker_id: w.worker_id.clone(),
         session: s,
         relay: Default::default(),
+        end: None,
     };
     h.hub.detach_exec(d, Duration::from_secs(1));
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1067,6 +1069,55 @@ async fn a_reattach_takes_an_exec_over_from_a_silently_dead_connection() {
     );
     drop(old);
     proxy.restore();
+    h.stop().await;
+}
+
+/// `ctl exec` over a connection that dies silently (no error, no close, on
+/// either end): the server's pings stop arriving, ctl gives the connection
+/// up after the idle timeout it was told (6 s here) and re-attaches on a
+/// new one, which takes the exec over; output sent into the dead connection
+/// comes again, and the exit code is the command's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_exec_leaves_a_silently_dead_connection_and_reattaches() {
+    use tokio::io::AsyncReadExt;
+    let (h, _node) = Harness::start().await;
+    let proxy = Proxy::start(h.addr).await;
+    let w = h.hub.spawn(sleeper(&image())).await.unwrap();
+    let script = "echo begun; while [ ! -e /tmp/go ]; do usleep 50000; done; echo end; exit 5";
+    let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["ctl", "exec", &w.worker_id, "--", "sh", "-c", script])
+        .env("TETHER_SERVER", format!("http://{}", proxy.addr))
+        .env("TETHER_TOKEN", &h.token)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = client.stdout.take().unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(b"begun\n") {
+        let n = tokio::time::timeout(Duration::from_secs(60), stdout.read(&mut buf))
+            .await
+            .expect("the command starts")
+            .unwrap();
+        assert!(n > 0, "ctl ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    proxy.kill_open_silently();
+    in_worker(&w.worker_id, "touch /tmp/go");
+    let t0 = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(60), async {
+        stdout.read_to_end(&mut got).await.unwrap();
+        client.wait().await.unwrap()
+    })
+    .await
+    .expect("ctl notices the dead connection and finishes");
+    assert_eq!(String::from_utf8_lossy(&got), "begun\nend\n");
+    assert_eq!(status.code(), Some(5), "the command's exit code");
+    eprintln!(
+        "ctl finished {:.1} s after its connection died",
+        t0.elapsed().as_secs_f64()
+    );
     h.stop().await;
 }
 

@@ -31,16 +31,22 @@ async fn open(client: &Client, path: &str, query: &[(&str, String)]) -> Result<W
             .parse()
             .map_err(|_| CtlError::Local("token is not a valid header".into()))?,
     );
-    match tokio_tungstenite::connect_async_tls_with_config(
+    let connect = tokio_tungstenite::connect_async_tls_with_config(
         req,
         None,
         true,
         Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(
             crate::tls_client_config(),
         ))),
-    )
-    .await
-    {
+    );
+    // A dead network path would leave the connection waiting for good.
+    let Ok(connected) = tokio::time::timeout(CONNECT_TIMEOUT, connect).await else {
+        return Err(CtlError::Connect {
+            url: client.url("/").to_string(),
+            reason: format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+        });
+    };
+    match connected {
         Ok((ws, _)) => Ok(ws),
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             let body = resp.body().as_deref().unwrap_or_default();
@@ -264,6 +270,9 @@ pub async fn exec(
     }
 }
 
+/// How long opening a WebSocket may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How long `ctl exec` keeps trying to re-attach after losing its connection.
 const REATTACH_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 /// Output is acknowledged every this many bytes.
@@ -293,6 +302,9 @@ struct Progress {
     /// Re-attached, `started` not seen yet: new input waits, so that it
     /// goes after what is sent again.
     reattaching: bool,
+    /// The server pings; this long without a message means the connection
+    /// is dead even if it has not failed (`idle_timeout_secs`).
+    idle_timeout: Option<std::time::Duration>,
 }
 
 impl Progress {
@@ -374,13 +386,21 @@ async fn session(
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     let mut input_open = true;
+    let mut last_heard = std::time::Instant::now();
+    let mut check = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
+            _ = check.tick(), if progress.idle_timeout.is_some() => {
+                if progress.idle_timeout.is_some_and(|t| last_heard.elapsed() > t) {
+                    return Ok(None); // silently dead: re-attach on a new one
+                }
+            }
             m = rx.next() => {
                 let m = match m {
                     Some(Ok(m)) => m,
                     Some(Err(_)) | None => return Ok(None),
                 };
+                last_heard = std::time::Instant::now();
                 match m {
                     WsMessage::Binary(b) if !b.is_empty() => {
                         write_output(&b, &mut stdout, &mut stderr)?;
@@ -393,6 +413,9 @@ async fn session(
                             }
                             progress.acked = progress.received;
                         }
+                        // Time spent writing (a slow reader of our stdout)
+                        // is not silence of the server.
+                        last_heard = std::time::Instant::now();
                     }
                     WsMessage::Text(t) => {
                         let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
@@ -401,6 +424,9 @@ async fn session(
                                 let again = progress.channel.is_some();
                                 progress.reattaching = false;
                                 progress.channel = v["channel"].as_u64().map(|c| c as u32);
+                                progress.idle_timeout = v["idle_timeout_secs"]
+                                    .as_u64()
+                                    .map(std::time::Duration::from_secs);
                                 match v["stdin_offset"].as_u64() {
                                     // Re-attached: send what the server lacks.
                                     Some(have) if again => {

@@ -411,6 +411,32 @@ async fn exec_ws(
 }
 
 type WsTx = futures_util::stream::SplitSink<WebSocket, WsMessage>;
+type WsRx = futures_util::stream::SplitStream<WebSocket>;
+
+/// Closes a WebSocket whose last message went out: reads on (and drops
+/// what comes) until the client closes too, for up to 5 s or until `stop`.
+/// Dropping the socket with the client's messages unread (acks, input sent
+/// before it saw the end) would reset the connection, and a reset can
+/// discard the final message before the client has read it. True if the
+/// client closed (or its connection failed) in time.
+async fn close(mut tx: WsTx, mut rx: WsRx, stop: impl std::future::Future<Output = ()>) -> bool {
+    let drained = async {
+        let _ = tx.close().await;
+        loop {
+            match rx.next().await {
+                Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    };
+    tokio::select! {
+        r = tokio::time::timeout(CLOSE_WAIT, drained) => r.is_ok(),
+        _ = stop => false,
+    }
+}
+
+/// How long a client has to close after the end of its exec.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Starts an exec (the client's first text message is the [`ExecOptions`])
 /// or takes back a detached one (`?attach=CHANNEL&offset=N`), resending what
@@ -420,7 +446,7 @@ async fn open_exec(
     worker_id: &str,
     q: &ExecQuery,
     tx: &mut WsTx,
-    rx: &mut futures_util::stream::SplitStream<WebSocket>,
+    rx: &mut WsRx,
 ) -> Result<(DetachedExec, bool), ErrorBody> {
     if let Some(channel) = q.attach {
         let mut d = app.hub.take_exec(worker_id, channel).await?;
@@ -466,6 +492,7 @@ async fn open_exec(
             worker_id: worker_id.to_string(),
             session,
             relay: Default::default(),
+            end: None,
         },
         client_acks,
     ))
@@ -483,7 +510,7 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
         Ok(x) => x,
         Err(e) => {
             let _ = tx.send(end_message(None, Some(e))).await;
-            let _ = tx.close().await;
+            close(tx, rx, std::future::pending()).await;
             return;
         }
     };
@@ -491,6 +518,7 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
         worker_id,
         session,
         mut relay,
+        end: mut known_end,
     } = d;
     let ExecSession { input, mut output } = session;
     // A newer connection of this client (it lost this one, perhaps without
@@ -508,12 +536,19 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
     tokio::pin!(taken_over);
     // `stdin_offset`: input bytes this server has; a re-attaching client
     // sends what it has beyond (it keeps stdin until `stdin_ack` covers it).
+    // The server pings every heartbeat interval, so a client that hears
+    // nothing for `idle_timeout_secs` knows the connection is dead (it may
+    // never fail on its own) and can re-attach.
     let started = json!({
         "type": "started",
         "channel": output.channel(),
         "offset": output.position(),
         "stdin_offset": input.offset(),
+        "idle_timeout_secs": app.cfg.heartbeat_timeout.as_secs(),
     });
+    let every = app.cfg.heartbeat_interval;
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stdin_progress = input.progress();
     let mut stdin_acked = stdin_progress.acked();
     let mut ack_tick = tokio::time::interval(Duration::from_millis(200));
@@ -523,7 +558,15 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
         .await
         .is_err()
     {
-        return hand_back(&app, worker_id, input, output, relay, client_acks);
+        return hand_back(
+            &app,
+            worker_id,
+            input,
+            output,
+            relay,
+            client_acks,
+            known_end,
+        );
     }
     // Stdin is written by its own task, so waiting for stdin credit never
     // stops output (the process may need its output read to read input).
@@ -557,7 +600,20 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
     // One client message at a time: stdin waits here for room in the
     // writer's queue while output keeps flowing.
     let mut pending: Option<Option<bytes::Bytes>> = None;
+    let mut said_end = None;
     let ended = loop {
+        // A re-attach after the end went out into a connection that did not
+        // close: the client may lack only the end (and what `relay` held).
+        if let Some((exit_code, error)) = known_end.take() {
+            let sent = send_unless(
+                &mut tx,
+                end_message(exit_code, error.clone()),
+                &mut taken_over,
+            )
+            .await;
+            said_end = sent.then_some((exit_code, error));
+            break sent;
+        }
         tokio::select! {
             _ = &mut taken_over => {
                 tracing::info!(%worker_id, channel, "a newer connection of the client takes the exec over");
@@ -574,9 +630,14 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
                 if acked > stdin_acked {
                     stdin_acked = acked;
                     let m = json!({ "type": "stdin_ack", "offset": acked });
-                    if tx.send(WsMessage::Text(m.to_string().into())).await.is_err() {
+                    if !send_unless(&mut tx, WsMessage::Text(m.to_string().into()), &mut taken_over).await {
                         break false;
                     }
+                }
+            }
+            _ = keepalive.tick() => {
+                if !send_unless(&mut tx, WsMessage::Ping(Default::default()), &mut taken_over).await {
+                    break false;
                 }
             }
             ev = output.next() => match ev.map(StreamEvent::into_frame) {
@@ -595,20 +656,18 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
                     if client_acks {
                         relay.push_back((k, start + skip as u64, b.clone()));
                     }
-                    // A dead connection may block the send for good: a
-                    // takeover does not wait for it.
-                    let sent = tokio::select! {
-                        r = tx.send(data_frame(k, &b)) => r.is_ok(),
-                        _ = &mut taken_over => false,
-                    };
-                    if !sent {
+                    if !send_unless(&mut tx, data_frame(k, &b), &mut taken_over).await {
                         break false;
                     }
                 }
                 Some(Err((exit_code, error))) => {
-                    let _ = tx.send(end_message(exit_code, error)).await;
-                    let _ = tx.close().await;
-                    break true;
+                    let sent = send_unless(&mut tx, end_message(exit_code, error.clone()), &mut taken_over).await;
+                    if sent {
+                        said_end = Some((exit_code, error));
+                    } else {
+                        known_end = Some((exit_code, error));
+                    }
+                    break sent;
                 }
                 None => break true,
             },
@@ -636,8 +695,28 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
     };
     drop(stdin_tx);
     if ended {
-        writer.abort();
-        return;
+        let Some(end) = said_end else {
+            writer.abort();
+            return; // the exec's stream ended without an end message
+        };
+        // A client that acknowledges output closes once it has the end; one
+        // that does not (its connection may have died without a sign) can
+        // re-attach and get the end again.
+        if close(tx, rx, &mut taken_over).await || !client_acks {
+            writer.abort();
+            return;
+        }
+        stop.cancel();
+        let Ok(input) = writer.await else { return };
+        return hand_back(
+            &app,
+            worker_id,
+            input,
+            output,
+            relay,
+            client_acks,
+            Some(end),
+        );
     }
     // The client went away mid-command: give stdin a moment to drain, then
     // stop writing it (the agent may be away too: credit can take long). A
@@ -654,7 +733,28 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
             }
         }
     };
-    hand_back(&app, worker_id, input, output, relay, client_acks);
+    hand_back(
+        &app,
+        worker_id,
+        input,
+        output,
+        relay,
+        client_acks,
+        known_end,
+    );
+}
+
+/// Sends `m`; false if that failed or `stop` came first (a dead connection
+/// may block a send for good: a takeover does not wait for it).
+async fn send_unless(
+    tx: &mut WsTx,
+    m: WsMessage,
+    stop: impl std::future::Future<Output = ()>,
+) -> bool {
+    tokio::select! {
+        r = tx.send(m) => r.is_ok(),
+        _ = stop => false,
+    }
 }
 
 /// Keeps a detached exec for re-attachment, or drops it (cancelling it on
@@ -666,12 +766,14 @@ fn hand_back(
     output: ChannelStream,
     relay: std::collections::VecDeque<(StreamKind, u64, bytes::Bytes)>,
     client_acks: bool,
+    end: Option<(Option<i64>, Option<ErrorBody>)>,
 ) {
     if client_acks {
         let d = DetachedExec {
             worker_id,
             session: ExecSession { input, output },
             relay,
+            end,
         };
         app.hub.detach_exec(d, app.cfg.attach_grace);
     }

@@ -482,6 +482,9 @@ pub struct DetachedExec {
     pub worker_id: String,
     pub session: ExecSession,
     pub relay: std::collections::VecDeque<(StreamKind, u64, Bytes)>,
+    /// The exec's end (exit code, error), when it was sent to a client that
+    /// then did not close its connection: it may not have arrived.
+    pub end: Option<(Option<i64>, Option<ErrorBody>)>,
 }
 
 /// A running exec: its input and its output, usable from two tasks.
@@ -1328,6 +1331,7 @@ impl Hub {
                 output,
             },
             relay: Default::default(),
+            end: None,
         };
         self.detach_exec(d, grace);
     }

@@ -1,8 +1,9 @@
 //! A TCP proxy between agent and server that a test can cut (close every
 //! connection), black-hole (stop forwarding without closing, one or both
-//! directions) and restore.
+//! directions; or only the connections open now, for good) and restore.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,6 +28,10 @@ pub struct Proxy {
     pub agent_closed: Arc<Mutex<Vec<Instant>>>,
     /// New connections are closed at once (the server looks down).
     refusing: std::sync::atomic::AtomicBool,
+    /// Connections are numbered as accepted; those below this number are
+    /// black-holed for good.
+    next_conn: AtomicU64,
+    dead_below: Arc<AtomicU64>,
     stop: CancellationToken,
 }
 
@@ -43,6 +48,8 @@ impl Proxy {
             cut: Mutex::new(CancellationToken::new()),
             agent_closed: Arc::default(),
             refusing: Default::default(),
+            next_conn: AtomicU64::new(0),
+            dead_below: Arc::default(),
             stop: CancellationToken::new(),
         });
         let me = p.clone();
@@ -64,8 +71,17 @@ impl Proxy {
                     let (dr, dw) = down.into_split();
                     let (ur, uw) = up.into_split();
                     let closed = me.agent_closed.clone();
-                    let a = pump(dr, uw, me.flow.subscribe(), |f| f.up, Some(closed));
-                    let b = pump(ur, dw, me.flow.subscribe(), |f| f.down, None);
+                    let id = me.next_conn.fetch_add(1, Ordering::SeqCst);
+                    let open = |up: bool| {
+                        let (flow, dead_below) = (me.flow.subscribe(), me.dead_below.clone());
+                        move || {
+                            let f = *flow.borrow();
+                            (if up { f.up } else { f.down })
+                                && id >= dead_below.load(Ordering::SeqCst)
+                        }
+                    };
+                    let a = pump(dr, uw, open(true), Some(closed));
+                    let b = pump(ur, dw, open(false), None);
                     tokio::select! {
                         _ = async { tokio::join!(a, b) } => {}
                         _ = cut.cancelled() => {} // dropping the halves closes both sockets
@@ -100,6 +116,13 @@ impl Proxy {
     pub fn restore(&self) {
         self.set_flow(true, true);
     }
+
+    /// The connections open now stop forwarding for good, without closing
+    /// (as when a network path dies silently); new ones work as usual.
+    pub fn kill_open_silently(&self) {
+        let n = self.next_conn.load(Ordering::SeqCst);
+        self.dead_below.store(n, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Proxy {
@@ -112,8 +135,7 @@ impl Drop for Proxy {
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut flow: watch::Receiver<Flow>,
-    open: fn(&Flow) -> bool,
+    open: impl Fn() -> bool,
     record_eof: Option<Arc<Mutex<Vec<Instant>>>>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
@@ -125,7 +147,7 @@ async fn pump(
             if let Some(rec) = &record_eof {
                 rec.lock().unwrap().push(Instant::now());
             }
-            if open(&flow.borrow()) {
+            if open() {
                 let _ = to.shutdown().await;
             } else {
                 // A dead link carries no FIN either: keep the other side
@@ -134,7 +156,7 @@ async fn pump(
             }
             return;
         }
-        if !open(&flow.borrow_and_update()) {
+        if !open() {
             continue;
         }
         if to.write_all(&buf[..n]).await.is_err() {

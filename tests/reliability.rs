@@ -683,16 +683,7 @@ async fn ctl_exec_that_ends_while_the_server_is_down_gets_its_output_and_exit_co
                   echo done-$(cat /tmp/go); touch /tmp/ended; exit 7";
     let mut client = srv.ctl_child(&["exec", &w, "--", "sh", "-c", script]);
     let mut stdout = client.stdout.take().unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !got.ends_with(b"begun\n") {
-        let n = tokio::time::timeout(Duration::from_secs(60), stdout.read(&mut buf))
-            .await
-            .expect("the command starts")
-            .unwrap();
-        assert!(n > 0, "ctl ended early");
-        got.extend_from_slice(&buf[..n]);
-    }
+    let mut got = read_until(&mut stdout, b"begun\n").await;
     // The command finishes, and the agent learns its exit code, while no
     // server is there to tell.
     srv.kill().await;
@@ -941,6 +932,22 @@ impl ProcServer {
     }
 }
 
+/// Reads a client's output until it ends with `marker` (60 s at most).
+async fn read_until(out: &mut (impl tokio::io::AsyncRead + Unpin), marker: &[u8]) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(marker) {
+        let n = tokio::time::timeout(Duration::from_secs(60), out.read(&mut buf))
+            .await
+            .expect("the command starts")
+            .unwrap();
+        assert!(n > 0, "ctl ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
 /// Runs `sh -c SCRIPT` in a worker's container, with docker directly.
 fn in_worker(worker_id: &str, script: &str) -> String {
     docker(&["exec", &format!("tether-{worker_id}"), "sh", "-c", script])
@@ -1093,16 +1100,7 @@ async fn ctl_exec_leaves_a_silently_dead_connection_and_reattaches() {
         .spawn()
         .unwrap();
     let mut stdout = client.stdout.take().unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !got.ends_with(b"begun\n") {
-        let n = tokio::time::timeout(Duration::from_secs(60), stdout.read(&mut buf))
-            .await
-            .expect("the command starts")
-            .unwrap();
-        assert!(n > 0, "ctl ended early");
-        got.extend_from_slice(&buf[..n]);
-    }
+    let mut got = read_until(&mut stdout, b"begun\n").await;
     proxy.kill_open_silently();
     in_worker(&w.worker_id, "touch /tmp/go");
     let t0 = Instant::now();

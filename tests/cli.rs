@@ -127,6 +127,19 @@ async fn worker_lifecycle_through_ctl() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with(&sha256(&input)));
 
+    // A process that echoes its input: output must be acknowledged while
+    // input is still going out (a deadlock until the server read on).
+    let input: Vec<u8> = (0..30_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        h.ctl_stdin(&["exec", "-i", &w, "--", "cat"], Some(&input)),
+    )
+    .await
+    .expect("30 MB echoed through cat within 120 s");
+    assert!(out.status.success());
+    assert_eq!(out.stdout.len(), input.len());
+    assert_eq!(sha256(&out.stdout), sha256(&input));
+
     // cp a file in and out, compared by hash.
     let local = h.state_path("payload.bin");
     let data: Vec<u8> = (0..3_000_000u32)

@@ -282,6 +282,9 @@ const ACK_EVERY: u64 = 64 * 1024;
 /// waits beyond).
 const STDIN_KEEP: u64 = 8 * 1024 * 1024;
 
+/// The server's input window until `started` names it.
+const DEFAULT_STDIN_WINDOW: u64 = 1024 * 1024;
+
 /// Where a client stands in an exec's output and input.
 #[derive(Default)]
 struct Progress {
@@ -305,9 +308,22 @@ struct Progress {
     /// The server pings; this long without a message means the connection
     /// is dead even if it has not failed (`idle_timeout_secs`).
     idle_timeout: Option<std::time::Duration>,
+    /// Input the server takes beyond `stdin_ack` while reading on
+    /// (`stdin_window`).
+    stdin_window: Option<u64>,
 }
 
 impl Progress {
+    /// How much input may be out unacknowledged: within the server's
+    /// window, so that it never stops reading (acknowledgements of output
+    /// travel behind the input; a process echoing its input would wait on
+    /// them forever), and within what is kept for a re-attach.
+    fn stdin_limit(&self) -> u64 {
+        self.stdin_window
+            .unwrap_or(DEFAULT_STDIN_WINDOW)
+            .min(STDIN_KEEP)
+    }
+
     /// Notes an input message on its way out.
     fn keep(&mut self, m: &WsMessage) {
         match m {
@@ -427,6 +443,7 @@ async fn session(
                                 progress.idle_timeout = v["idle_timeout_secs"]
                                     .as_u64()
                                     .map(std::time::Duration::from_secs);
+                                progress.stdin_window = v["stdin_window"].as_u64();
                                 match v["stdin_offset"].as_u64() {
                                     // Re-attached: send what the server lacks.
                                     Some(have) if again => {
@@ -457,7 +474,7 @@ async fn session(
                     _ => {}
                 }
             }
-            m = input.recv(), if input_open && !progress.reattaching && progress.stdin_kept < STDIN_KEEP => match m {
+            m = input.recv(), if input_open && !progress.reattaching && progress.stdin_kept < progress.stdin_limit() => match m {
                 Some(m) => {
                     // Kept before sending: if the connection drops now, it
                     // goes again after the re-attach.

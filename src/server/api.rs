@@ -435,6 +435,10 @@ async fn close(mut tx: WsTx, mut rx: WsRx, stop: impl std::future::Future<Output
     }
 }
 
+/// Input a client may have sent beyond the agent's `stdin_ack` (told in
+/// `started`): this server reads on while it holds less.
+const STDIN_WINDOW: usize = 2 * 1024 * 1024;
+
 /// How long a client has to close after the end of its exec.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
@@ -545,13 +549,16 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
         "offset": output.position(),
         "stdin_offset": input.offset(),
         "idle_timeout_secs": app.cfg.heartbeat_timeout.as_secs(),
+        "stdin_window": STDIN_WINDOW,
     });
     let every = app.cfg.heartbeat_interval;
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stdin_progress = input.progress();
     let mut stdin_acked = stdin_progress.acked();
-    let mut ack_tick = tokio::time::interval(Duration::from_millis(200));
+    // Input bytes this server has had: sent to the agent, or waiting.
+    let mut stdin_in = input.offset();
+    let mut ack_tick = tokio::time::interval(Duration::from_millis(20));
     ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if tx
         .send(WsMessage::Text(started.to_string().into()))
@@ -597,9 +604,14 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
     // A client re-attaching ahead of what this server has (a new server
     // adopts from the agent's last acknowledged byte) skips what it has.
     let skip_until = if q.attach.is_some() { q.offset } else { 0 };
-    // One client message at a time: stdin waits here for room in the
-    // writer's queue while output keeps flowing.
-    let mut pending: Option<Option<bytes::Bytes>> = None;
+    // Client messages are read on while stdin waits for the writer, so
+    // that acknowledgements behind it get through (else a process that
+    // echoes its input, blocked on output the client cannot acknowledge,
+    // would never read more input). Input waits here, up to STDIN_WINDOW:
+    // a client that keeps what it sent beyond `stdin_ack` under that never
+    // finds this server not reading; beyond it, reading stops.
+    let mut stdin_buf: std::collections::VecDeque<Option<bytes::Bytes>> = Default::default();
+    let mut stdin_buffered = 0usize;
     let mut said_end = None;
     let ended = loop {
         // A re-attach after the end went out into a connection that did not
@@ -619,13 +631,21 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
                 tracing::info!(%worker_id, channel, "a newer connection of the client takes the exec over");
                 break false;
             }
-            permit = stdin_tx.reserve(), if pending.is_some() => match permit {
-                Ok(p) => p.send(pending.take().flatten()),
-                Err(_) => pending = None,
+            permit = stdin_tx.reserve(), if !stdin_buf.is_empty() => match permit {
+                Ok(p) => {
+                    let item = stdin_buf.pop_front().flatten();
+                    stdin_buffered -= item.as_ref().map_or(0, |b| b.len());
+                    p.send(item);
+                }
+                Err(_) => {
+                    stdin_buf.clear();
+                    stdin_buffered = 0;
+                }
             },
             // Tell the client how much of its input the agent has, so it
-            // can forget it (and resend the rest after a re-attach).
-            _ = ack_tick.tick(), if client_acks => {
+            // can forget it (and resend the rest after a re-attach), and
+            // send more.
+            _ = ack_tick.tick(), if client_acks && stdin_acked < stdin_in => {
                 let acked = stdin_progress.acked();
                 if acked > stdin_acked {
                     stdin_acked = acked;
@@ -671,15 +691,19 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
                 }
                 None => break true,
             },
-            m = rx.next(), if pending.is_none() => match m {
-                Some(Ok(WsMessage::Binary(b))) => pending = Some(Some(b)),
+            m = rx.next(), if stdin_buffered < STDIN_WINDOW => match m {
+                Some(Ok(WsMessage::Binary(b))) => {
+                    stdin_in += b.len() as u64;
+                    stdin_buffered += b.len();
+                    stdin_buf.push_back(Some(b));
+                }
                 Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ExecControl>(t.as_str()) {
                     Ok(ExecControl::Resize { cols, rows }) => {
                         let hub = app.hub.clone();
                         let (w, ch) = (worker_id.clone(), channel);
                         tokio::spawn(async move { hub.resize(&w, ch, TermSize { cols, rows }).await });
                     }
-                    Ok(ExecControl::StdinEof) => pending = Some(None),
+                    Ok(ExecControl::StdinEof) => stdin_buf.push_back(None),
                     Ok(ExecControl::Ack { offset }) => {
                         output.ack(offset);
                         while relay.front().is_some_and(|(_, off, b)| off + b.len() as u64 <= offset) {

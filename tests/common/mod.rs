@@ -208,15 +208,22 @@ impl Harness {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         let mut child = cmd.spawn().expect("spawn tether ctl");
-        if let Some(data) = stdin {
+        // Fed while the output is read: a command may echo its input.
+        let feed = stdin.map(|data| {
             let mut si = child.stdin.take().unwrap();
-            si.write_all(data).await.unwrap();
-            drop(si);
-        }
-        tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
+            let data = data.to_vec();
+            tokio::spawn(async move {
+                let _ = si.write_all(&data).await;
+            })
+        });
+        let out = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
             .await
             .expect("tether ctl finished within 180 s")
-            .unwrap()
+            .unwrap();
+        if let Some(f) = feed {
+            f.await.unwrap();
+        }
+        out
     }
 
     /// `ctl ARGS`, asserting success; returns stdout.

@@ -1119,6 +1119,49 @@ async fn ctl_exec_leaves_a_silently_dead_connection_and_reattaches() {
     h.stop().await;
 }
 
+/// `ctl logs -f` over a connection that dies silently: the pings stop,
+/// ctl opens the stream anew after the idle timeout (6 s here) and goes on
+/// right after the last line it printed: every line once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_logs_follow_leaves_a_silently_dead_connection() {
+    use tokio::io::AsyncReadExt;
+    let (h, _node) = Harness::start().await;
+    let proxy = Proxy::start(h.addr).await;
+    const LINES: usize = 500;
+    let script =
+        format!("i=0; while [ $i -lt {LINES} ]; do echo line-$i; i=$((i+1)); usleep 20000; done");
+    let spawn = SpawnRequest {
+        cmd: vec!["sh".into(), "-c".into(), script],
+        ..sleeper(&image())
+    };
+    let w = h.hub.spawn(spawn).await.unwrap();
+    let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["ctl", "logs", "-f", &w.worker_id])
+        .env("TETHER_SERVER", format!("http://{}", proxy.addr))
+        .env("TETHER_TOKEN", &h.token)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = client.stdout.take().unwrap();
+    let mut got = read_until(&mut stdout, b"line-40\n").await;
+    proxy.kill_open_silently();
+    let status = tokio::time::timeout(Duration::from_secs(90), async {
+        stdout.read_to_end(&mut got).await.unwrap();
+        client.wait().await.unwrap()
+    })
+    .await
+    .expect("ctl notices the dead connection and follows to the end");
+    assert_eq!(status.code(), Some(0));
+    let want: String = (0..LINES).map(|i| format!("line-{i}\n")).collect();
+    let got = String::from_utf8(got).unwrap();
+    assert!(
+        got == want,
+        "lines lost, duplicated or out of order:\n{got}"
+    );
+    h.stop().await;
+}
+
 type WsMsg = tokio_tungstenite::tungstenite::Message;
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

@@ -573,6 +573,9 @@ struct LineFollower {
     last: Option<std::time::SystemTime>,
     /// Partial line per stream (stdout, stderr).
     partial: [Vec<u8>; 2],
+    /// The server pings; this long without a message means the connection
+    /// is dead (`idle_timeout_secs` of its `started`).
+    idle_timeout: Option<std::time::Duration>,
 }
 
 impl LineFollower {
@@ -581,6 +584,7 @@ impl LineFollower {
             show,
             last: None,
             partial: [Vec::new(), Vec::new()],
+            idle_timeout: None,
         }
     }
 
@@ -593,7 +597,11 @@ impl LineFollower {
         let mut stdout = std::io::stdout();
         let mut stderr = std::io::stderr();
         let end = loop {
-            let m = match rx.next().await {
+            let next = match self.idle_timeout {
+                Some(t) => tokio::time::timeout(t, rx.next()).await.unwrap_or(None),
+                None => rx.next().await,
+            };
+            let m = match next {
                 Some(Ok(m)) => m,
                 Some(Err(_)) | None => break None,
             };
@@ -617,7 +625,12 @@ impl LineFollower {
                 WsMessage::Text(t) => {
                     let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
                     match v["type"].as_str() {
-                        Some("started" | "gap") => {}
+                        Some("started") => {
+                            self.idle_timeout = v["idle_timeout_secs"]
+                                .as_u64()
+                                .map(std::time::Duration::from_secs);
+                        }
+                        Some("gap") => {}
                         _ => break Some(end_of(&v, t.as_str())),
                     }
                 }

@@ -834,8 +834,25 @@ async fn logs_ws(
                 return;
             }
         };
+        // Pings every heartbeat interval: a client that hears nothing for
+        // `idle_timeout_secs` knows the connection died and can open anew.
+        let started = json!({
+            "type": "started",
+            "idle_timeout_secs": app.cfg.heartbeat_timeout.as_secs(),
+        });
+        if tx.send(WsMessage::Text(started.to_string().into())).await.is_err() {
+            return;
+        }
+        let every = app.cfg.heartbeat_interval;
+        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = keepalive.tick() => {
+                    if tx.send(WsMessage::Ping(Default::default())).await.is_err() {
+                        return;
+                    }
+                }
                 ev = stream.next() => match ev.map(StreamEvent::into_frame) {
                     Some(Ok((k, b))) => {
                         if tx.send(data_frame(k, &b)).await.is_err() {

@@ -932,6 +932,21 @@ impl ProcServer {
     }
 }
 
+/// `tether ctl ARGS` against the server through `proxy`, stdin and stdout
+/// piped.
+fn ctl_through(h: &Harness, proxy: &Proxy, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .arg("ctl")
+        .args(args)
+        .env("TETHER_SERVER", format!("http://{}", proxy.addr))
+        .env("TETHER_TOKEN", &h.token)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
 /// Reads a client's output until it ends with `marker` (60 s at most).
 async fn read_until(out: &mut (impl tokio::io::AsyncRead + Unpin), marker: &[u8]) -> Vec<u8> {
     use tokio::io::AsyncReadExt;
@@ -1091,14 +1106,11 @@ async fn ctl_exec_leaves_a_silently_dead_connection_and_reattaches() {
     let proxy = Proxy::start(h.addr).await;
     let w = h.hub.spawn(sleeper(&image())).await.unwrap();
     let script = "echo begun; while [ ! -e /tmp/go ]; do usleep 50000; done; echo end; exit 5";
-    let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["ctl", "exec", &w.worker_id, "--", "sh", "-c", script])
-        .env("TETHER_SERVER", format!("http://{}", proxy.addr))
-        .env("TETHER_TOKEN", &h.token)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut client = ctl_through(
+        &h,
+        &proxy,
+        &["exec", &w.worker_id, "--", "sh", "-c", script],
+    );
     let mut stdout = client.stdout.take().unwrap();
     let mut got = read_until(&mut stdout, b"begun\n").await;
     proxy.kill_open_silently();
@@ -1135,14 +1147,7 @@ async fn ctl_logs_follow_leaves_a_silently_dead_connection() {
         ..sleeper(&image())
     };
     let w = h.hub.spawn(spawn).await.unwrap();
-    let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["ctl", "logs", "-f", &w.worker_id])
-        .env("TETHER_SERVER", format!("http://{}", proxy.addr))
-        .env("TETHER_TOKEN", &h.token)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut client = ctl_through(&h, &proxy, &["logs", "-f", &w.worker_id]);
     let mut stdout = client.stdout.take().unwrap();
     let mut got = read_until(&mut stdout, b"line-40\n").await;
     proxy.kill_open_silently();
@@ -1233,16 +1238,9 @@ async fn ctl_exec_stdin_survives_losing_the_client_and_the_agent_at_once() {
     let client_proxy = Proxy::start(h.addr).await;
     let w = h.hub.spawn(sleeper(&image())).await.unwrap();
     let input: Vec<u8> = (0..4_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["ctl", "exec", "-i", &w.worker_id, "--", "sh", "-c"])
-        .arg("cat > /tmp/in; sha256sum /tmp/in")
-        .env("TETHER_SERVER", format!("http://{}", client_proxy.addr))
-        .env("TETHER_TOKEN", &h.token)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let script = "cat > /tmp/in; sha256sum /tmp/in";
+    let args = ["exec", "-i", &w.worker_id, "--", "sh", "-c", script];
+    let mut client = ctl_through(&h, &client_proxy, &args);
     let mut stdin = client.stdin.take().unwrap();
     stdin.write_all(&input[..1_000_000]).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);

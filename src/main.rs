@@ -265,9 +265,25 @@ fn parse_since(s: &str) -> Result<i64, String> {
     Ok(now.saturating_sub(d).as_secs() as i64)
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The agent runs on one thread, as `tether-agent` does (see there).
+    let rt = match cli.cmd {
+        Cmd::Agent(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build();
+    match rt {
+        Ok(rt) => rt.block_on(run(cli)),
+        Err(e) => {
+            eprintln!("tether: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
     tether::init_crypto();
     match cli.cmd {
         Cmd::Agent(a) => run_agent(a, cli.log, cli.log_format).await,

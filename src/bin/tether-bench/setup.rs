@@ -48,7 +48,21 @@ impl InProc {
             dir.join("agent"),
         );
         let agent_stop = CancellationToken::new();
-        let agent = tokio::spawn(tether::agent::run(acfg, agent_stop.clone()));
+        // The agent on a runtime of its own, one thread, as the agent binary
+        // runs it (a process of its own in production).
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let stop = agent_stop.clone();
+        std::thread::Builder::new()
+            .name("agent".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a tokio runtime for the agent");
+                let _ = tx.send(rt.block_on(tether::agent::run(acfg, stop)));
+            })
+            .context("start the agent's thread")?;
+        let agent = tokio::spawn(async move { rx.await.unwrap_or(Ok(())) });
         let me = InProc {
             hub,
             url,

@@ -527,6 +527,16 @@ struct Registry {
     workers: HashMap<String, WorkerInfo>,
 }
 
+impl Registry {
+    /// The token of the client connection holding exec `key` of `worker_id`.
+    fn holder(&self, key: &(String, u32), worker_id: &str) -> Option<&CancellationToken> {
+        match self.held.get(key) {
+            Some((_, w, t)) if w == worker_id => Some(t),
+            _ => None,
+        }
+    }
+}
+
 /// The control plane, cheap to clone.
 #[derive(Clone)]
 pub struct Hub {
@@ -1196,8 +1206,7 @@ impl Hub {
         let reg = self.reg.lock().unwrap();
         let key = (w.node_id, channel);
         let detached = matches!(reg.detached.get(&key), Some((_, d)) if d.worker_id == worker_id);
-        let held = matches!(reg.held.get(&key), Some((_, w, _)) if w == worker_id);
-        if detached || held {
+        if detached || reg.holder(&key, worker_id).is_some() {
             Ok(())
         } else {
             Err(ErrorBody::new(
@@ -1245,19 +1254,13 @@ impl Hub {
         channel: u32,
     ) -> Result<DetachedExec, ErrorBody> {
         let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
+        let key = (self.worker(worker_id)?.node_id, channel);
         loop {
             let err = match self.attach_exec(worker_id, channel) {
                 Ok(d) => return Ok(d),
                 Err(e) => e,
             };
-            let w = self.worker(worker_id)?;
-            let holder = {
-                let reg = self.reg.lock().unwrap();
-                match reg.held.get(&(w.node_id, channel)) {
-                    Some((_, w, t)) if w == worker_id => Some(t.clone()),
-                    _ => None,
-                }
-            };
+            let holder = self.reg.lock().unwrap().holder(&key, worker_id).cloned();
             match holder {
                 Some(t) if tokio::time::Instant::now() < deadline => {
                     t.cancel();

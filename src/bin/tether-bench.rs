@@ -2,11 +2,14 @@
 //!
 //! Every figure is measured through tether (client -> server -> WebSocket ->
 //! agent -> Docker and back, with the embeddable `Hub` as the client and a
-//! real server and agent on loopback) and, where one exists, directly with
+//! real server and agent on loopback; exec and file figures also through
+//! the server's HTTP API, as `tether ctl` uses it) and, where one exists, directly with
 //! bollard against the same engine, interleaved in the same run, after a
 //! warm-up. Run it with `scripts/bench [--quick] [--json FILE]`; see
 //! docs/performance.md.
 
+#[path = "tether-bench/api.rs"]
+mod api;
 #[path = "tether-bench/direct.rs"]
 mod direct;
 #[path = "tether-bench/figures.rs"]

@@ -1,6 +1,9 @@
 //! Figures 1 to 6: each measured through tether (hub -> server -> WebSocket
 //! -> agent -> Docker and back) and directly with bollard, interleaved in
-//! the same run, after a warm-up.
+//! the same run, after a warm-up. Exec round trips and file transfers are
+//! also measured through the server's HTTP/WebSocket API as `tether ctl`
+//! uses it (`*_api_*` figures: one more loopback hop, and for an exec a
+//! connection of its own), against the same direct runs.
 
 use crate::direct::{self, Ran};
 use crate::procfs;
@@ -132,23 +135,24 @@ async fn cpu_of<T>(
     Ok((r, ticks as f64 / *CLOCK_TICKS as f64))
 }
 
-/// Runs `run(side)` `reps` times for each side (0: tether, 1: direct),
-/// alternating which goes first, each after `setup` (not measured). Returns
-/// each side's results in order and the CPU seconds this process used in
-/// its runs.
-async fn alternate<T, S, R>(
+/// Runs `run(side)` `reps` times for each of `N` sides (0: tether, 1:
+/// direct, 2: tether through the HTTP API where there is one), rotating
+/// which goes first, each after `setup` (not measured). Returns each side's
+/// results in order and the CPU seconds this process used in its runs.
+async fn alternate<const N: usize, T, S, R>(
     reps: usize,
     setup: impl Fn() -> S,
     run: impl Fn(usize) -> R,
-) -> anyhow::Result<([Vec<T>; 2], [f64; 2])>
+) -> anyhow::Result<([Vec<T>; N], [f64; N])>
 where
     S: std::future::Future<Output = anyhow::Result<()>>,
     R: std::future::Future<Output = anyhow::Result<T>>,
 {
-    let mut out = [Vec::new(), Vec::new()];
-    let mut cpu = [0.0; 2];
+    let mut out = std::array::from_fn(|_| Vec::new());
+    let mut cpu = [0.0; N];
     for i in 0..reps {
-        for side in [i % 2, 1 - i % 2] {
+        for k in 0..N {
+            let side = (i + k) % N;
             setup().await?;
             let (r, s) = cpu_of(run(side)).await?;
             cpu[side] += s;
@@ -242,41 +246,64 @@ impl Bench {
         Ok((t0.elapsed(), r))
     }
 
+    async fn api(&self, c: &[String]) -> anyhow::Result<(Duration, Ran)> {
+        limit(
+            900,
+            "tether exec over the API",
+            self.t.api.exec(&self.worker, c),
+        )
+        .await
+    }
+
     /// Figure 1: Sequential `true` round trips.
     pub async fn exec_rtt(&mut self) -> anyhow::Result<Vec<Figure>> {
         let c = cmd(&["true"]);
         for _ in 0..self.p.rtt_warmup {
             self.tether(&c).await?;
             self.direct(&c).await?;
+            self.api(&c).await?;
         }
-        let (mut t, mut d) = (Vec::new(), Vec::new());
+        let (mut t, mut d, mut a) = (Vec::new(), Vec::new(), Vec::new());
         let exits = direct::EXITS.load(Ordering::Relaxed);
         let late = direct::EXITS_LATE.load(Ordering::Relaxed);
         for i in 0..self.p.rtt_n {
-            // Alternate the order so neither side always runs second.
-            let (a, b) = if i % 2 == 0 {
-                let a = self.tether(&c).await?;
-                (a, self.direct(&c).await?)
-            } else {
-                let b = self.direct(&c).await?;
-                (self.tether(&c).await?, b)
+            // Rotate the order so that no side always runs first or last.
+            let mut ran: [Option<(Duration, Ran)>; 3] = [None, None, None];
+            for k in 0..3 {
+                let side = (i + k) % 3;
+                ran[side] = Some(match side {
+                    0 => self.tether(&c).await?,
+                    1 => self.direct(&c).await?,
+                    _ => self.api(&c).await?,
+                });
+            }
+            let [Some(rt), Some(rd), Some(ra)] = ran else {
+                unreachable!("every side ran")
             };
-            ensure!(a.1.exit == 0 && b.1.exit == 0, "`true` failed");
-            t.push(secs_ms(a.0));
-            d.push(secs_ms(b.0));
+            ensure!(
+                rt.1.exit == 0 && rd.1.exit == 0 && ra.1.exit == 0,
+                "`true` failed"
+            );
+            t.push(secs_ms(rt.0));
+            d.push(secs_ms(rd.0));
+            a.push(secs_ms(ra.0));
         }
         let exits = direct::EXITS.load(Ordering::Relaxed) - exits;
         let late = direct::EXITS_LATE.load(Ordering::Relaxed) - late;
         self.notes.push(format!(
             "exec: in {late} of {exits} direct execs the engine still reported the exec running when its output ended (a direct client polls every 1 ms; tether's agent polls after 1, 2, 4 and 8 ms, then every 10 ms)"
         ));
-        // Each tether exec ran next to a direct one: the median of the
-        // pairs' differences cancels drift in the engine's own time.
+        // Each tether exec ran in the same round as a direct one: the median
+        // of the pairs' differences cancels drift in the engine's own time.
         let added: Vec<f64> = t.iter().zip(&d).map(|(a, b)| a - b).collect();
+        let api_added: Vec<f64> = a.iter().zip(&d).map(|(a, b)| a - b).collect();
         Ok(vec![
             Figure::new("exec_rtt_p50_ms", "ms", median(&t), median(&d)),
             Figure::new("exec_rtt_p99_ms", "ms", p99(&t), p99(&d)),
             Figure::solo("exec_rtt_added_p50_ms", "ms", median(&added)),
+            Figure::new("exec_rtt_api_p50_ms", "ms", median(&a), median(&d)),
+            Figure::new("exec_rtt_api_p99_ms", "ms", p99(&a), p99(&d)),
+            Figure::solo("exec_rtt_api_added_p50_ms", "ms", median(&api_added)),
         ])
     }
 
@@ -286,16 +313,17 @@ impl Bench {
         let warm = cmd(&["head", "-c", &MIB.to_string(), "/dev/zero"]);
         self.tether(&warm).await?;
         self.direct(&warm).await?;
+        self.api(&warm).await?;
         let c = cmd(&["head", "-c", &n.to_string(), "/dev/zero"]);
         let (this, c) = (&*self, &c);
-        let (runs, cpu) = alternate(
+        let ([t, d, a], cpu) = alternate(
             this.p.reps,
             || async { Ok(()) },
             |side| async move {
-                let (dt, r) = if side == 0 {
-                    this.tether(c).await?
-                } else {
-                    this.direct(c).await?
+                let (dt, r) = match side {
+                    0 => this.tether(c).await?,
+                    1 => this.direct(c).await?,
+                    _ => this.api(c).await?,
                 };
                 ensure!(
                     r.exit == 0 && r.bytes == n,
@@ -307,10 +335,12 @@ impl Bench {
             },
         )
         .await?;
-        let [t, d] = runs;
+        let bytes = n * self.p.reps as u64;
         Ok(vec![
             Figure::new("exec_throughput_mb_s", "MB/s", median(&t), median(&d)),
-            cpu_figure("exec_throughput_cpu_ms_per_mb", cpu, n * self.p.reps as u64),
+            cpu_figure("exec_throughput_cpu_ms_per_mb", [cpu[0], cpu[1]], bytes),
+            Figure::new("exec_throughput_api_mb_s", "MB/s", median(&a), median(&d)),
+            cpu_figure("exec_throughput_api_cpu_ms_per_mb", [cpu[2], cpu[1]], bytes),
         ])
     }
 
@@ -332,6 +362,20 @@ impl Bench {
         let up = direct::upload(&self.docker, &self.container, "/tmp", name, size);
         limit(900, "direct put", up).await?;
         Ok(t0.elapsed())
+    }
+
+    async fn api_put(&self, name: &str, size: u64) -> anyhow::Result<Duration> {
+        let up = self.t.api.put(&self.worker, "/tmp", name, size);
+        limit(900, "tether put over the API", up).await
+    }
+
+    async fn api_get(&self, path: &str) -> anyhow::Result<(Duration, u64)> {
+        limit(
+            900,
+            "tether get over the API",
+            self.t.api.get(&self.worker, path),
+        )
+        .await
     }
 
     async fn tether_get(&self, path: &str) -> anyhow::Result<(Duration, u64)> {
@@ -366,19 +410,21 @@ impl Bench {
         Ok(())
     }
 
-    /// Figure 3: Archive upload and download of one file of zeros.
+    /// Figure 3: Archive upload and download of one file of zeros, through
+    /// the hub, directly, and through the server's HTTP API.
     pub async fn files(&mut self) -> anyhow::Result<Vec<Figure>> {
         let n = self.p.file_bytes;
         let put = "bench-put.bin";
         self.tether_put(put, MIB).await?;
         self.direct_put(put, MIB).await?;
+        self.api_put(put, MIB).await?;
         let (this, reps) = (&*self, self.p.file_reps);
         let rm = || this.sh("rm -f /tmp/bench-put.bin");
-        let ([tp, dp], put_cpu) = alternate(reps, rm, |side| async move {
-            let dt = if side == 0 {
-                this.tether_put(put, n).await?
-            } else {
-                this.direct_put(put, n).await?
+        let ([tp, dp, hp], put_cpu) = alternate(reps, rm, |side| async move {
+            let dt = match side {
+                0 => this.tether_put(put, n).await?,
+                1 => this.direct_put(put, n).await?,
+                _ => this.api_put(put, n).await?,
             };
             Ok(mb_s(n, dt))
         })
@@ -393,14 +439,15 @@ impl Bench {
         self.sh(&format!("head -c {n} /dev/zero > {get}")).await?;
         self.tether_get(get).await?;
         self.direct_get(get).await?;
-        let ([tg, dg], get_cpu) = alternate(
+        self.api_get(get).await?;
+        let ([tg, dg, hg], get_cpu) = alternate(
             reps,
             || async { Ok(()) },
             |side| async move {
-                let (dt, len) = if side == 0 {
-                    this.tether_get(get).await?
-                } else {
-                    this.direct_get(get).await?
+                let (dt, len) = match side {
+                    0 => this.tether_get(get).await?,
+                    1 => this.direct_get(get).await?,
+                    _ => this.api_get(get).await?,
                 };
                 ensure!(len > n, "archive of {len} bytes for a file of {n}");
                 Ok(mb_s(n, dt))
@@ -408,11 +455,24 @@ impl Bench {
         )
         .await?;
         self.sh(&format!("rm -f {get}")).await?;
+        let bytes = n * reps as u64;
         Ok(vec![
             Figure::new("file_put_mb_s", "MB/s", median(&tp), median(&dp)),
             Figure::new("file_get_mb_s", "MB/s", median(&tg), median(&dg)),
-            cpu_figure("file_put_cpu_ms_per_mb", put_cpu, n * reps as u64),
-            cpu_figure("file_get_cpu_ms_per_mb", get_cpu, n * reps as u64),
+            cpu_figure("file_put_cpu_ms_per_mb", [put_cpu[0], put_cpu[1]], bytes),
+            cpu_figure("file_get_cpu_ms_per_mb", [get_cpu[0], get_cpu[1]], bytes),
+            Figure::new("file_put_api_mb_s", "MB/s", median(&hp), median(&dp)),
+            Figure::new("file_get_api_mb_s", "MB/s", median(&hg), median(&dg)),
+            cpu_figure(
+                "file_put_api_cpu_ms_per_mb",
+                [put_cpu[2], put_cpu[1]],
+                bytes,
+            ),
+            cpu_figure(
+                "file_get_api_cpu_ms_per_mb",
+                [get_cpu[2], get_cpu[1]],
+                bytes,
+            ),
         ])
     }
 

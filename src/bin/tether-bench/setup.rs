@@ -1,6 +1,7 @@
 //! The system under test: a real server and a real agent in this process,
 //! over a loopback WebSocket, driving the local Docker engine.
 
+use crate::api::ApiClient;
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -14,6 +15,8 @@ pub struct InProc {
     /// Base URL of the server (`http://127.0.0.1:PORT`).
     pub url: String,
     pub psk: String,
+    /// A client of the server's HTTP/WebSocket API, as `tether ctl`.
+    pub api: ApiClient,
     /// Node id of the in-process agent (`test-bench-...`).
     pub node: String,
     server_stop: CancellationToken,
@@ -38,6 +41,7 @@ impl InProc {
         let server = Server::bind(cfg).await.context("bind the server")?;
         let url = format!("http://{}", server.local_addr());
         let hub = server.hub();
+        let api = ApiClient::start(url.clone(), server.admin_token().to_string())?;
         let server_stop = CancellationToken::new();
         tokio::spawn(server.serve(server_stop.clone()));
         let node = format!("test-bench-{}", ulid());
@@ -67,6 +71,7 @@ impl InProc {
             hub,
             url,
             psk,
+            api,
             node,
             server_stop,
             agent_stop,

@@ -1131,6 +1131,67 @@ async fn ctl_exec_leaves_a_silently_dead_connection_and_reattaches() {
     h.stop().await;
 }
 
+/// `ctl exec -i` whose connection hangs while ctl is sending input (the
+/// peer stops reading both ways without closing, as a hung host: ctl's
+/// writes block once the buffers are full). ctl still reads on, notices the
+/// silence after the idle timeout (6 s here), re-attaches on a new
+/// connection and sends what the server lacks: the command gets every input
+/// byte once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_exec_sending_into_a_hung_connection_reattaches() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // ctl's writes into the hung connection must block: more input may be
+    // out unacknowledged (the stdin window, 8 MiB here) than the socket's
+    // send buffer (at most 4 MiB by default; on loopback it starts at
+    // about 2.5 MiB) and the proxy's small fixed receive buffer take in.
+    let mut h = Harness::server_with(|c| c.stdin_window = 8 * 1024 * 1024).await;
+    h.add_agent().await;
+    let proxy = Proxy::start_with(h.addr, Some(16 * 1024)).await;
+    let w = h.hub.spawn(sleeper(&image())).await.unwrap();
+    let data: Vec<u8> = (0..24_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    let want = format!("{}  -\n", sha256(&data));
+    let mut client = ctl_through(
+        &h,
+        &proxy,
+        &[
+            "exec",
+            "-i",
+            &w.worker_id,
+            "--",
+            "sh",
+            "-c",
+            "echo started; exec sha256sum",
+        ],
+    );
+    let mut stdin = client.stdin.take().unwrap();
+    let mut stdout = client.stdout.take().unwrap();
+    // Hung as soon as the command runs: all the input goes into a hung
+    // connection whose buffers have not grown.
+    read_until(&mut stdout, b"started\n").await;
+    proxy.freeze_open();
+    let feed = tokio::spawn(async move {
+        stdin.write_all(&data).await.unwrap();
+    });
+    let t0 = Instant::now();
+    let (out, status) = tokio::time::timeout(Duration::from_secs(120), async {
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).await.unwrap();
+        (out, client.wait().await.unwrap())
+    })
+    .await
+    .expect("ctl leaves the hung connection and finishes");
+    feed.await.unwrap();
+    assert_eq!(out, want, "the command got the input exactly");
+    assert_eq!(status.code(), Some(0));
+    eprintln!(
+        "ctl finished {:.1} s after its connection hung",
+        t0.elapsed().as_secs_f64()
+    );
+    h.stop().await;
+}
+
 /// `ctl logs -f` over a connection that dies silently: the pings stop,
 /// ctl opens the stream anew after the idle timeout (6 s here) and goes on
 /// right after the last line it printed: every line once, in order.

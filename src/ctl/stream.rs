@@ -401,11 +401,41 @@ async fn session(
 ) -> Result<Option<End>, CtlError> {
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
+    // Messages go out in order from a queue, sent beside the loop: a send
+    // that cannot complete (a peer that stopped reading, its buffers full)
+    // must not stop the loop reading output, nor noticing the silence. The
+    // queue holds at most STDIN_QUEUE bytes of input (acks are few).
+    let (out, mut queue) = tokio::sync::mpsc::unbounded_channel::<WsMessage>();
+    let queued = std::sync::atomic::AtomicU64::new(0);
+    let drained = tokio::sync::Notify::new();
+    let sender = async {
+        while let Some(m) = queue.recv().await {
+            let n = input_len(&m);
+            if tx.send(m).await.is_err() {
+                return;
+            }
+            if n > 0 {
+                queued.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+                drained.notify_one();
+            }
+        }
+    };
+    tokio::pin!(sender);
+    let send = |m: WsMessage| {
+        queued.fetch_add(input_len(&m), std::sync::atomic::Ordering::Relaxed);
+        let _ = out.send(m);
+    };
     let mut input_open = true;
     let mut last_heard = std::time::Instant::now();
     let mut check = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
+        let room = queued.load(std::sync::atomic::Ordering::Relaxed) < STDIN_QUEUE;
         tokio::select! {
+            // The queue lives as long as the loop: this ends only when a
+            // send failed.
+            _ = &mut sender => return Ok(None),
+            // Input waits for room in the queue: look again once some went.
+            _ = drained.notified(), if !room => {}
             _ = check.tick(), if progress.idle_timeout.is_some() => {
                 if progress.idle_timeout.is_some_and(|t| last_heard.elapsed() > t) {
                     return Ok(None); // silently dead: re-attach on a new one
@@ -424,9 +454,7 @@ async fn session(
                         progress.received += b.len() as u64 - 1;
                         if progress.received - progress.acked >= ACK_EVERY {
                             let ack = serde_json::json!({"type": "ack", "offset": progress.received});
-                            if tx.send(WsMessage::text(ack.to_string())).await.is_err() {
-                                return Ok(None);
-                            }
+                            send(WsMessage::text(ack.to_string()));
                             progress.acked = progress.received;
                         }
                         // Time spent writing (a slow reader of our stdout)
@@ -448,9 +476,7 @@ async fn session(
                                     // Re-attached: send what the server lacks.
                                     Some(have) if again => {
                                         for m in progress.stdin_from(have) {
-                                            if tx.send(m).await.is_err() {
-                                                return Ok(None);
-                                            }
+                                            send(m);
                                         }
                                     }
                                     Some(_) => {}
@@ -474,18 +500,27 @@ async fn session(
                     _ => {}
                 }
             }
-            m = input.recv(), if input_open && !progress.reattaching && progress.stdin_kept < progress.stdin_limit() => match m {
+            m = input.recv(), if input_open && room && !progress.reattaching && progress.stdin_kept < progress.stdin_limit() => match m {
                 Some(m) => {
                     // Kept before sending: if the connection drops now, it
                     // goes again after the re-attach.
                     progress.keep(&m);
-                    if tx.send(m).await.is_err() {
-                        return Ok(None);
-                    }
+                    send(m);
                 }
                 None => input_open = false,
             },
         }
+    }
+}
+
+/// Input bytes queued for sending beyond which reading stdin waits.
+const STDIN_QUEUE: u64 = 256 * 1024;
+
+/// The input bytes a message carries (what [`STDIN_QUEUE`] counts).
+fn input_len(m: &WsMessage) -> u64 {
+    match m {
+        WsMessage::Binary(b) => b.len() as u64,
+        _ => 0,
     }
 }
 

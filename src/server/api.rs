@@ -435,10 +435,6 @@ async fn close(mut tx: WsTx, mut rx: WsRx, stop: impl std::future::Future<Output
     }
 }
 
-/// Input a client may have sent beyond the agent's `stdin_ack` (told in
-/// `started`): this server reads on while it holds less.
-const STDIN_WINDOW: usize = 2 * 1024 * 1024;
-
 /// How long a client has to close after the end of its exec.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
@@ -549,7 +545,7 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
         "offset": output.position(),
         "stdin_offset": input.offset(),
         "idle_timeout_secs": app.cfg.heartbeat_timeout.as_secs(),
-        "stdin_window": STDIN_WINDOW,
+        "stdin_window": app.cfg.stdin_window,
     });
     let every = app.cfg.heartbeat_interval;
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -607,7 +603,7 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
     // Client messages are read on while stdin waits for the writer, so
     // that acknowledgements behind it get through (else a process that
     // echoes its input, blocked on output the client cannot acknowledge,
-    // would never read more input). Input waits here, up to STDIN_WINDOW:
+    // would never read more input). Input waits here, up to the stdin window:
     // a client that keeps what it sent beyond `stdin_ack` under that never
     // finds this server not reading; beyond it, reading stops.
     let mut stdin_buf: std::collections::VecDeque<Option<bytes::Bytes>> = Default::default();
@@ -691,7 +687,7 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
                 }
                 None => break true,
             },
-            m = rx.next(), if stdin_buffered < STDIN_WINDOW => match m {
+            m = rx.next(), if stdin_buffered < app.cfg.stdin_window => match m {
                 Some(Ok(WsMessage::Binary(b))) => {
                     stdin_in += b.len() as u64;
                     stdin_buffered += b.len();

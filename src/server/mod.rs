@@ -37,9 +37,16 @@ pub struct ServerConfig {
     /// How long an exec whose client went away waits for it to re-attach
     /// before it is cancelled (and its process killed).
     pub attach_grace: Duration,
+    /// Input an exec client may send beyond what the agent has acknowledged
+    /// (`stdin_window` in the exec WebSocket's `started`): the server reads
+    /// on while it holds less. Larger suits links with a long round trip.
+    pub stdin_window: usize,
     /// Serve HTTPS with this certificate chain and key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
 }
+
+/// Default of [`ServerConfig::stdin_window`].
+pub const DEFAULT_STDIN_WINDOW: usize = 2 * 1024 * 1024;
 
 impl ServerConfig {
     pub fn new(listen: SocketAddr, psk: String, state_dir: PathBuf) -> Self {
@@ -52,6 +59,7 @@ impl ServerConfig {
             heartbeat_timeout: Duration::from_secs(20),
             resume_grace: hub::DEFAULT_RESUME_GRACE,
             attach_grace: Duration::from_secs(10),
+            stdin_window: DEFAULT_STDIN_WINDOW,
             tls: None,
         }
     }

@@ -1,13 +1,14 @@
 //! A TCP proxy between agent and server that a test can cut (close every
 //! connection), black-hole (stop forwarding without closing, one or both
-//! directions; or only the connections open now, for good) and restore.
+//! directions; or only the connections open now, for good), freeze (stop
+//! reading the connections open now, as a hung peer) and restore.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -32,12 +33,26 @@ pub struct Proxy {
     /// black-holed for good.
     next_conn: AtomicU64,
     dead_below: Arc<AtomicU64>,
+    /// Connections below this number are no longer read at all.
+    frozen_below: Arc<AtomicU64>,
     stop: CancellationToken,
 }
 
 impl Proxy {
     pub async fn start(upstream: SocketAddr) -> Arc<Proxy> {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Proxy::start_with(upstream, None).await
+    }
+
+    /// With `recv_buffer`, the client side of each connection has a fixed
+    /// receive buffer of about that size (no autotuning): a client sending
+    /// into a frozen connection soon finds its sends blocked.
+    pub async fn start_with(upstream: SocketAddr, recv_buffer: Option<u32>) -> Arc<Proxy> {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(n) = recv_buffer {
+            socket.set_recv_buffer_size(n).unwrap();
+        }
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(128).unwrap();
         let (flow, _) = watch::channel(Flow {
             up: true,
             down: true,
@@ -50,6 +65,7 @@ impl Proxy {
             refusing: Default::default(),
             next_conn: AtomicU64::new(0),
             dead_below: Arc::default(),
+            frozen_below: Arc::default(),
             stop: CancellationToken::new(),
         });
         let me = p.clone();
@@ -80,8 +96,12 @@ impl Proxy {
                                 && id >= dead_below.load(Ordering::SeqCst)
                         }
                     };
-                    let a = pump(dr, uw, open(true), Some(closed));
-                    let b = pump(ur, dw, open(false), None);
+                    let frozen = || {
+                        let f = me.frozen_below.clone();
+                        move || id < f.load(Ordering::SeqCst)
+                    };
+                    let a = pump(dr, uw, open(true), frozen(), Some(closed));
+                    let b = pump(ur, dw, open(false), frozen(), None);
                     tokio::select! {
                         _ = async { tokio::join!(a, b) } => {}
                         _ = cut.cancelled() => {} // dropping the halves closes both sockets
@@ -123,6 +143,14 @@ impl Proxy {
         let n = self.next_conn.load(Ordering::SeqCst);
         self.dead_below.store(n, Ordering::SeqCst);
     }
+
+    /// The connections open now are no longer read or forwarded, both
+    /// ways, without closing (as a hung peer: its receive window closes, so
+    /// a sender's writes block); new ones work as usual.
+    pub fn freeze_open(&self) {
+        let n = self.next_conn.load(Ordering::SeqCst);
+        self.frozen_below.store(n, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Proxy {
@@ -136,10 +164,15 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     open: impl Fn() -> bool,
+    frozen: impl Fn() -> bool,
     record_eof: Option<Arc<Mutex<Vec<Instant>>>>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
+        if frozen() {
+            // Held open, never read again, until the link is cut.
+            return std::future::pending().await;
+        }
         // While black-holed, what arrives is read and dropped, as on a dead
         // link; reading on also shows when the sender closes its end.
         let n: usize = from.read(&mut buf).await.unwrap_or_default();

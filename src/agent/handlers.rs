@@ -430,6 +430,15 @@ async fn run_logs(ctx: &Ctx, id: String, req: Logs, h: ChannelHandles) {
     close(ctx, ch, None, error);
 }
 
+/// How much of an archive goes out at once: up to four frames, queued
+/// together so that they leave in one write and the server reads them at
+/// one wake-up (about 15% less CPU per MB than frame by frame,
+/// docs/performance.md); at most a quarter of the window, so that several
+/// bursts are in flight and the stream never waits for credit in lock step.
+fn burst(window: u64) -> usize {
+    (window / 4).clamp(MAX_FRAME_PAYLOAD as u64, 4 * MAX_FRAME_PAYLOAD as u64) as usize
+}
+
 async fn run_get(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) {
     let ch = req.channel;
     let channels = &ctx.channels;
@@ -437,7 +446,7 @@ async fn run_get(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) {
         channels.remove(ch);
         return reply::<()>(ctx, id, Err(e));
     }
-    let mut stream = archive::download(&ctx.docker, &req.worker_id, &req.path, MAX_FRAME_PAYLOAD);
+    let mut stream = archive::download(&ctx.docker, &req.worker_id, &req.path, burst(req.window));
     // The first chunk tells whether the path exists: answer only then.
     let first = match stream.next().await {
         Some(Ok(b)) => b,
@@ -575,4 +584,20 @@ pub(super) fn schedule_reaper(ctx: Arc<Ctx>, worker_id: String, deadline: u64) {
             Err(e) => warn!(%worker_id, error = %e, "could not remove a timed-out worker"),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn archive_bursts_are_a_quarter_window_of_one_to_four_frames() {
+        const KIB: u64 = 1024;
+        assert_eq!(burst(1024 * KIB), 256 * 1024);
+        assert_eq!(burst(512 * KIB), 128 * 1024);
+        // A server's default window: frame by frame, as before.
+        assert_eq!(burst(256 * KIB), MAX_FRAME_PAYLOAD);
+        assert_eq!(burst(8), MAX_FRAME_PAYLOAD);
+        assert_eq!(burst(16 * 1024 * KIB), 4 * MAX_FRAME_PAYLOAD);
+    }
 }

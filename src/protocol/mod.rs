@@ -28,3 +28,7 @@ pub const MAX_CONTROL_BYTES: usize = 1024 * 1024;
 pub const MAX_WS_MESSAGE: usize = 16 * 1024 * 1024;
 /// Default initial credit of a channel, in bytes, each direction.
 pub const DEFAULT_WINDOW: u64 = 256 * 1024;
+/// Initial credit the reference server asks for an archive download
+/// (`get_archive`): bulk data that the agent sends in bursts of several
+/// frames, with a few bursts in flight.
+pub const ARCHIVE_WINDOW: u64 = 1024 * 1024;

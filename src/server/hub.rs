@@ -4,9 +4,9 @@
 
 use crate::mux::{ChannelReader, ChannelWriter, Channels, Inbound, Link, OutTx, Outbound};
 use crate::protocol::{
-    Archive, ChannelClose, ChannelState, DEFAULT_WINDOW, ErrorBody, ErrorCode, Exec, Logs, Message,
-    Remove, Request, Resize, Spawn, SpawnRequest, Stat, StatResult, Stop, StreamKind, TermSize,
-    WorkerEvent, WorkerInfo, WorkerRef,
+    ARCHIVE_WINDOW, Archive, ChannelClose, ChannelState, DEFAULT_WINDOW, ErrorBody, ErrorCode,
+    Exec, Logs, Message, Remove, Request, Resize, Spawn, SpawnRequest, Stat, StatResult, Stop,
+    StreamKind, TermSize, WorkerEvent, WorkerInfo, WorkerRef,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -909,7 +909,7 @@ impl Hub {
     ) -> Result<ChannelStream, ErrorBody> {
         let link = self.worker_link(worker_id)?;
         let (_, _, stream) = link
-            .open_with(DEFAULT_WINDOW, |channel, window| {
+            .open_with(ARCHIVE_WINDOW, |channel, window| {
                 Request::GetArchive(Archive {
                     channel,
                     worker_id: worker_id.into(),

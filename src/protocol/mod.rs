@@ -28,7 +28,7 @@ pub const MAX_CONTROL_BYTES: usize = 1024 * 1024;
 pub const MAX_WS_MESSAGE: usize = 16 * 1024 * 1024;
 /// Default initial credit of a channel, in bytes, each direction.
 pub const DEFAULT_WINDOW: u64 = 256 * 1024;
-/// Initial credit the reference server asks for an archive download
-/// (`get_archive`): bulk data that the agent sends in bursts of several
-/// frames, with a few bursts in flight.
+/// Initial credit the reference server asks for an archive transfer
+/// (`get_archive`, `put_archive`): bulk data, acknowledged less often; a
+/// download goes out in bursts of several frames, a few bursts in flight.
 pub const ARCHIVE_WINDOW: u64 = 1024 * 1024;

@@ -930,7 +930,7 @@ impl Hub {
     ) -> Result<ArchiveUpload, ErrorBody> {
         let link = self.worker_link(worker_id)?;
         let (_, writer, done) = link
-            .open_with(DEFAULT_WINDOW, |channel, window| {
+            .open_with(ARCHIVE_WINDOW, |channel, window| {
                 Request::PutArchive(Archive {
                     channel,
                     worker_id: worker_id.into(),

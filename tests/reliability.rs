@@ -676,7 +676,6 @@ async fn ctl_exec_survives_a_server_restart_byte_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_exec_that_ends_while_the_server_is_down_gets_its_output_and_exit_code() {
-    use tokio::io::AsyncReadExt;
     let mut srv = ProcServer::start().await;
     let w = srv.spawn_worker(&["sleep", "3600"]);
     let script = "echo begun; while [ ! -e /tmp/go ]; do usleep 50000; done; \
@@ -691,12 +690,7 @@ async fn ctl_exec_that_ends_while_the_server_is_down_gets_its_output_and_exit_co
     wait_in_worker(&w, "/tmp/ended", "the command ends").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     srv.start_again();
-    let status = tokio::time::timeout(Duration::from_secs(90), async {
-        stdout.read_to_end(&mut got).await.unwrap();
-        client.wait().await.unwrap()
-    })
-    .await
-    .expect("ctl ends");
+    let status = finish(&mut client, &mut stdout, &mut got, 90, "ctl ends").await;
     assert_eq!(String::from_utf8_lossy(&got), "begun\ndone-42\n");
     assert_eq!(status.code(), Some(7), "the command's exit code");
     srv.stop(&w).await;
@@ -963,6 +957,24 @@ async fn read_until(out: &mut (impl tokio::io::AsyncRead + Unpin), marker: &[u8]
     got
 }
 
+/// Reads a client's output to its end (after what `got` has) and waits for
+/// it to exit, within `secs`.
+async fn finish(
+    client: &mut tokio::process::Child,
+    stdout: &mut (impl tokio::io::AsyncRead + Unpin),
+    got: &mut Vec<u8>,
+    secs: u64,
+    what: &str,
+) -> std::process::ExitStatus {
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(Duration::from_secs(secs), async {
+        stdout.read_to_end(got).await.unwrap();
+        client.wait().await.unwrap()
+    })
+    .await
+    .expect(what)
+}
+
 /// Runs `sh -c SCRIPT` in a worker's container, with docker directly.
 fn in_worker(worker_id: &str, script: &str) -> String {
     docker(&["exec", &format!("tether-{worker_id}"), "sh", "-c", script])
@@ -1101,7 +1113,6 @@ async fn a_reattach_takes_an_exec_over_from_a_silently_dead_connection() {
 /// comes again, and the exit code is the command's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_exec_leaves_a_silently_dead_connection_and_reattaches() {
-    use tokio::io::AsyncReadExt;
     let (h, _node) = Harness::start().await;
     let proxy = Proxy::start(h.addr).await;
     let w = h.hub.spawn(sleeper(&image())).await.unwrap();
@@ -1116,12 +1127,14 @@ async fn ctl_exec_leaves_a_silently_dead_connection_and_reattaches() {
     proxy.kill_open_silently();
     in_worker(&w.worker_id, "touch /tmp/go");
     let t0 = Instant::now();
-    let status = tokio::time::timeout(Duration::from_secs(60), async {
-        stdout.read_to_end(&mut got).await.unwrap();
-        client.wait().await.unwrap()
-    })
-    .await
-    .expect("ctl notices the dead connection and finishes");
+    let status = finish(
+        &mut client,
+        &mut stdout,
+        &mut got,
+        60,
+        "ctl notices the dead connection and finishes",
+    )
+    .await;
     assert_eq!(String::from_utf8_lossy(&got), "begun\nend\n");
     assert_eq!(status.code(), Some(5), "the command's exit code");
     eprintln!(
@@ -1139,7 +1152,7 @@ async fn ctl_exec_leaves_a_silently_dead_connection_and_reattaches() {
 /// byte once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_exec_sending_into_a_hung_connection_reattaches() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     // ctl's writes into the hung connection must block: more input may be
     // out unacknowledged (the stdin window, 8 MiB here) than the socket's
     // send buffer (at most 4 MiB by default; on loopback it starts at
@@ -1175,14 +1188,17 @@ async fn ctl_exec_sending_into_a_hung_connection_reattaches() {
         stdin.write_all(&data).await.unwrap();
     });
     let t0 = Instant::now();
-    let (out, status) = tokio::time::timeout(Duration::from_secs(120), async {
-        let mut out = String::new();
-        stdout.read_to_string(&mut out).await.unwrap();
-        (out, client.wait().await.unwrap())
-    })
-    .await
-    .expect("ctl leaves the hung connection and finishes");
+    let mut out = Vec::new();
+    let status = finish(
+        &mut client,
+        &mut stdout,
+        &mut out,
+        120,
+        "ctl leaves the hung connection and finishes",
+    )
+    .await;
     feed.await.unwrap();
+    let out = String::from_utf8(out).unwrap();
     assert_eq!(out, want, "the command got the input exactly");
     assert_eq!(status.code(), Some(0));
     eprintln!(
@@ -1197,7 +1213,6 @@ async fn ctl_exec_sending_into_a_hung_connection_reattaches() {
 /// right after the last line it printed: every line once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_logs_follow_leaves_a_silently_dead_connection() {
-    use tokio::io::AsyncReadExt;
     let (h, _node) = Harness::start().await;
     let proxy = Proxy::start(h.addr).await;
     const LINES: usize = 500;
@@ -1212,12 +1227,14 @@ async fn ctl_logs_follow_leaves_a_silently_dead_connection() {
     let mut stdout = client.stdout.take().unwrap();
     let mut got = read_until(&mut stdout, b"line-40\n").await;
     proxy.kill_open_silently();
-    let status = tokio::time::timeout(Duration::from_secs(90), async {
-        stdout.read_to_end(&mut got).await.unwrap();
-        client.wait().await.unwrap()
-    })
-    .await
-    .expect("ctl notices the dead connection and follows to the end");
+    let status = finish(
+        &mut client,
+        &mut stdout,
+        &mut got,
+        90,
+        "ctl notices the dead connection and follows to the end",
+    )
+    .await;
     assert_eq!(status.code(), Some(0));
     let want: String = (0..LINES).map(|i| format!("line-{i}\n")).collect();
     let got = String::from_utf8(got).unwrap();
@@ -1294,7 +1311,7 @@ impl ExecRead {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_exec_stdin_survives_losing_the_client_and_the_agent_at_once() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let (h, node, agent_proxy) = proxied().await;
     let client_proxy = Proxy::start(h.addr).await;
     let w = h.hub.spawn(sleeper(&image())).await.unwrap();
@@ -1330,19 +1347,10 @@ async fn ctl_exec_stdin_survives_losing_the_client_and_the_agent_at_once() {
     let mut stdin = feeder.await.unwrap();
     stdin.write_all(&input[AWAY..]).await.unwrap();
     drop(stdin);
-    let mut out = String::new();
-    let status = tokio::time::timeout(Duration::from_secs(120), async {
-        client
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .await
-            .unwrap();
-        client.wait().await.unwrap()
-    })
-    .await
-    .expect("ctl ends");
+    let mut stdout = client.stdout.take().unwrap();
+    let mut out = Vec::new();
+    let status = finish(&mut client, &mut stdout, &mut out, 120, "ctl ends").await;
+    let out = String::from_utf8(out).unwrap();
     assert_eq!(status.code(), Some(0), "{out}");
     assert_eq!(out.split_whitespace().next(), Some(sha256(&input).as_str()));
     h.stop().await;

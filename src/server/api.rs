@@ -435,6 +435,16 @@ async fn close(mut tx: WsTx, mut rx: WsRx, stop: impl std::future::Future<Output
     }
 }
 
+/// When an operator WebSocket pings its client: every heartbeat interval,
+/// the first one interval from now. A client that hears nothing for
+/// `idle_timeout_secs` (the heartbeat timeout) knows the connection died.
+fn keepalive(app: &AppState) -> tokio::time::Interval {
+    let every = app.cfg.heartbeat_interval;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
 /// How long a client has to close after the end of its exec.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
@@ -547,9 +557,7 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
         "idle_timeout_secs": app.cfg.heartbeat_timeout.as_secs(),
         "stdin_window": app.cfg.stdin_window,
     });
-    let every = app.cfg.heartbeat_interval;
-    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut keepalive = keepalive(&app);
     let stdin_progress = input.progress();
     let mut stdin_acked = stdin_progress.acked();
     // Input bytes this server has had: sent to the agent, or waiting.
@@ -839,9 +847,7 @@ async fn logs_ws(
         if tx.send(WsMessage::Text(started.to_string().into())).await.is_err() {
             return;
         }
-        let every = app.cfg.heartbeat_interval;
-        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut keepalive = keepalive(&app);
         loop {
             tokio::select! {
                 _ = keepalive.tick() => {

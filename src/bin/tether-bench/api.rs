@@ -1,22 +1,21 @@
 //! The server's HTTP/WebSocket API as `tether ctl` uses it: the `*_api_*`
-//! figures. The client runs on a runtime of its own, on threads of its own,
-//! as `tether ctl` runs in a process of its own: it does not share the
+//! figures. The client runs on a runtime of its own, on a thread of its
+//! own, as `tether ctl` runs in a process of its own: it does not share the
 //! server's workers. Each call is timed there, from its start to its end.
 
 use crate::direct::{self, Ran};
+use crate::setup::RuntimeThread;
 use anyhow::{Context, bail, ensure};
 use futures_util::{SinkExt, StreamExt};
 use std::time::{Duration, Instant};
 use tether::server::ExecOptions;
 use tokio_tungstenite::tungstenite::{Message as WsMessage, client::IntoClientRequest};
-use tokio_util::sync::CancellationToken;
 
 /// Output is acknowledged every this many bytes, as `tether ctl exec` does.
 const ACK_EVERY: u64 = 64 * 1024;
 
 pub struct ApiClient {
-    rt: tokio::runtime::Handle,
-    stop: CancellationToken,
+    rt: RuntimeThread,
     /// Base URL of the server (`http://127.0.0.1:PORT`).
     url: String,
     token: String,
@@ -24,28 +23,10 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    /// Starts the client's runtime: a multi-thread one, as `tether ctl` has.
+    /// Starts the client on a runtime of its own, one thread.
     pub fn start(url: String, token: String) -> anyhow::Result<ApiClient> {
-        let stop = CancellationToken::new();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let until = stop.clone();
-        std::thread::Builder::new()
-            .name("api-client".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a tokio runtime for the API client");
-                let _ = tx.send(rt.handle().clone());
-                rt.block_on(until.cancelled());
-            })
-            .context("start the API client's thread")?;
-        let rt = rx
-            .recv()
-            .context("the API client's runtime did not start")?;
         Ok(ApiClient {
-            rt,
-            stop,
+            rt: RuntimeThread::start("api-client")?,
             url,
             token,
             http: tether::http_client(),
@@ -62,6 +43,7 @@ impl ApiClient {
             Ok((t0.elapsed(), r))
         };
         self.rt
+            .handle
             .spawn(timed)
             .await
             .context("the API client's task failed")?
@@ -165,11 +147,5 @@ impl ApiClient {
             Ok(n)
         })
         .await
-    }
-}
-
-impl Drop for ApiClient {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }

@@ -255,39 +255,38 @@ impl Bench {
         .await
     }
 
+    /// An exec on side 0 (tether through the hub), 1 (direct) or 2 (tether
+    /// through the API), as [`alternate`] numbers them.
+    async fn exec_side(&self, side: usize, c: &[String]) -> anyhow::Result<(Duration, Ran)> {
+        match side {
+            0 => self.tether(c).await,
+            1 => self.direct(c).await,
+            _ => self.api(c).await,
+        }
+    }
+
     /// Figure 1: Sequential `true` round trips.
     pub async fn exec_rtt(&mut self) -> anyhow::Result<Vec<Figure>> {
         let c = cmd(&["true"]);
         for _ in 0..self.p.rtt_warmup {
-            self.tether(&c).await?;
-            self.direct(&c).await?;
-            self.api(&c).await?;
+            for side in 0..3 {
+                self.exec_side(side, &c).await?;
+            }
         }
-        let (mut t, mut d, mut a) = (Vec::new(), Vec::new(), Vec::new());
         let exits = direct::EXITS.load(Ordering::Relaxed);
         let late = direct::EXITS_LATE.load(Ordering::Relaxed);
-        for i in 0..self.p.rtt_n {
-            // Rotate the order so that no side always runs first or last.
-            let mut ran: [Option<(Duration, Ran)>; 3] = [None, None, None];
-            for k in 0..3 {
-                let side = (i + k) % 3;
-                ran[side] = Some(match side {
-                    0 => self.tether(&c).await?,
-                    1 => self.direct(&c).await?,
-                    _ => self.api(&c).await?,
-                });
-            }
-            let [Some(rt), Some(rd), Some(ra)] = ran else {
-                unreachable!("every side ran")
-            };
-            ensure!(
-                rt.1.exit == 0 && rd.1.exit == 0 && ra.1.exit == 0,
-                "`true` failed"
-            );
-            t.push(secs_ms(rt.0));
-            d.push(secs_ms(rd.0));
-            a.push(secs_ms(ra.0));
-        }
+        let (this, c) = (&*self, &c);
+        // Round i holds t[i], d[i] and a[i].
+        let ([t, d, a], _) = alternate(
+            this.p.rtt_n,
+            || async { Ok(()) },
+            |side| async move {
+                let (dt, r) = this.exec_side(side, c).await?;
+                ensure!(r.exit == 0, "`true` failed");
+                Ok(secs_ms(dt))
+            },
+        )
+        .await?;
         let exits = direct::EXITS.load(Ordering::Relaxed) - exits;
         let late = direct::EXITS_LATE.load(Ordering::Relaxed) - late;
         self.notes.push(format!(
@@ -311,20 +310,16 @@ impl Bench {
     pub async fn throughput(&mut self) -> anyhow::Result<Vec<Figure>> {
         let n = self.p.throughput_bytes;
         let warm = cmd(&["head", "-c", &MIB.to_string(), "/dev/zero"]);
-        self.tether(&warm).await?;
-        self.direct(&warm).await?;
-        self.api(&warm).await?;
+        for side in 0..3 {
+            self.exec_side(side, &warm).await?;
+        }
         let c = cmd(&["head", "-c", &n.to_string(), "/dev/zero"]);
         let (this, c) = (&*self, &c);
         let ([t, d, a], cpu) = alternate(
             this.p.reps,
             || async { Ok(()) },
             |side| async move {
-                let (dt, r) = match side {
-                    0 => this.tether(c).await?,
-                    1 => this.direct(c).await?,
-                    _ => this.api(c).await?,
-                };
+                let (dt, r) = this.exec_side(side, c).await?;
                 ensure!(
                     r.exit == 0 && r.bytes == n,
                     "throughput run got {} of {n} bytes, exit {}",

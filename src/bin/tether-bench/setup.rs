@@ -22,6 +22,7 @@ pub struct InProc {
     server_stop: CancellationToken,
     agent_stop: CancellationToken,
     agent: Option<JoinHandle<Result<(), AgentError>>>,
+    _agent_rt: RuntimeThread,
 }
 
 /// A fresh lowercase id.
@@ -54,19 +55,10 @@ impl InProc {
         let agent_stop = CancellationToken::new();
         // The agent on a runtime of its own, one thread, as the agent binary
         // runs it (a process of its own in production).
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let stop = agent_stop.clone();
-        std::thread::Builder::new()
-            .name("agent".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a tokio runtime for the agent");
-                let _ = tx.send(rt.block_on(tether::agent::run(acfg, stop)));
-            })
-            .context("start the agent's thread")?;
-        let agent = tokio::spawn(async move { rx.await.unwrap_or(Ok(())) });
+        let agent_rt = RuntimeThread::start("agent")?;
+        let agent = agent_rt
+            .handle
+            .spawn(tether::agent::run(acfg, agent_stop.clone()));
         let me = InProc {
             hub,
             url,
@@ -76,6 +68,7 @@ impl InProc {
             server_stop,
             agent_stop,
             agent: Some(agent),
+            _agent_rt: agent_rt,
         };
         wait_online(&me.hub, &me.node, Duration::from_secs(60)).await?;
         Ok(me)
@@ -95,6 +88,44 @@ impl Drop for InProc {
     fn drop(&mut self) {
         self.agent_stop.cancel();
         self.server_stop.cancel();
+    }
+}
+
+/// A current-thread tokio runtime on a thread of its own, running what is
+/// spawned on `handle` until dropped: for what runs in a process of its own
+/// in production (the agent, `tether ctl`), so that it shares no worker
+/// with the server.
+pub struct RuntimeThread {
+    pub handle: tokio::runtime::Handle,
+    stop: CancellationToken,
+}
+
+impl RuntimeThread {
+    pub fn start(name: &str) -> anyhow::Result<RuntimeThread> {
+        let stop = CancellationToken::new();
+        let until = stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a tokio runtime");
+                let _ = tx.send(rt.handle().clone());
+                rt.block_on(until.cancelled());
+            })
+            .with_context(|| format!("start the {name} thread"))?;
+        let handle = rx
+            .recv()
+            .with_context(|| format!("the {name} thread's runtime did not start"))?;
+        Ok(RuntimeThread { handle, stop })
+    }
+}
+
+impl Drop for RuntimeThread {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 

@@ -220,6 +220,10 @@ enum NodeCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Forget a node: its key binding and tokens become void, its
+    /// connection closes at once, and the id may register again (with a
+    /// new key, e.g. after the node's state directory was lost).
+    Rm { node: String },
 }
 
 /// `SRC:DST[:ro|rw]`, docker's -v syntax for host paths.
@@ -448,6 +452,12 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
             } => {
                 let n = client.node(&node).await?;
                 println!("{}", serde_json::to_string_pretty(&n).expect("serializes"));
+            }
+            CtlCmd::Node {
+                cmd: NodeCmd::Rm { node },
+            } => {
+                client.forget_node(&node).await?;
+                println!("{node}");
             }
             CtlCmd::Config {
                 cmd: ConfigCmd::Push { node, file },

@@ -6,11 +6,11 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use std::time::Duration;
+use tether::agent::identity::NodeKey;
 use tether::protocol::{ErrorCode, Frame, StreamKind};
-use tokio_tungstenite::tungstenite::{Message as Ws, client::IntoClientRequest};
+use tokio_tungstenite::tungstenite::Message as Ws;
 
-type Client =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Client = fake::Client;
 
 fn http() -> reqwest::Client {
     tether::http_client()
@@ -30,26 +30,7 @@ async fn error_of(resp: reqwest::Response) -> (u16, String, String) {
 }
 
 async fn register(h: &Harness, node: &str, psk: &str) -> reqwest::Response {
-    http()
-        .post(format!("{}/api/v1/register", h.url))
-        .bearer_auth(psk)
-        .json(&json!({ "node_id": node }))
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn connect(h: &Harness, jwt: &str) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
-    let mut req = format!("{}/api/agent/connect", h.url.replace("http", "ws"))
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {jwt}").parse().unwrap());
-    req.headers_mut()
-        .insert("sec-websocket-protocol", "tether.v1".parse().unwrap());
-    tokio_tungstenite::connect_async(req)
-        .await
-        .map(|(ws, _)| ws)
+    fake::register(h, node, psk, &NodeKey::generate()).await
 }
 
 /// Next text message that is not a ping, as JSON.
@@ -194,10 +175,10 @@ async fn registration_and_tokens_are_checked() {
 
     // A JWT signed with another key, and garbage.
     let forged = tether::server::auth::Signer::new(b"another key", Duration::from_secs(600))
-        .issue("n1")
+        .issue("n1", "b")
         .0;
     for bad in [forged.as_str(), "garbage"] {
-        match connect(&h, bad).await {
+        match fake::connect(&h, bad, "n1", None).await {
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                 assert_eq!(resp.status(), 401);
                 let v: Value = serde_json::from_slice(resp.body().as_ref().unwrap()).unwrap();
@@ -209,9 +190,9 @@ async fn registration_and_tokens_are_checked() {
     // An expired one (signed with the server's own key, in its state dir).
     let key = std::fs::read_to_string(h.state_path("server/jwt.key")).unwrap();
     let expired = tether::server::auth::Signer::new(key.trim().as_bytes(), Duration::ZERO);
-    let (tok, _) = expired.issue("n1");
+    let (tok, _) = expired.issue("n1", "b");
     tokio::time::sleep(Duration::from_secs(7)).await; // past the 5 s leeway
-    match connect(&h, &tok).await {
+    match fake::connect(&h, &tok, "n1", None).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
         other => panic!("expired token accepted: {other:?}"),
     }
@@ -224,9 +205,9 @@ async fn registration_and_tokens_are_checked() {
 async fn server_answers_bad_frames_and_keeps_the_connection() {
     let (h, real_node) = Harness::start().await;
     let node = unique("fake");
-    let v: Value = register(&h, &node, PSK).await.json().await.unwrap();
-    let jwt = v["auth"]["node_jwt"].as_str().unwrap().to_string();
-    let mut ws = connect(&h, &jwt).await.unwrap();
+    let key = NodeKey::generate();
+    let jwt = fake::token(&h, &node, &key).await;
+    let mut ws = fake::connect(&h, &jwt, &node, Some(&key)).await.unwrap();
     let hello = json!({"type": "hello", "payload": {"versions": [1], "node_id": node, "agent_version": "fake"}});
     ws.send(Ws::text(hello.to_string())).await.unwrap();
     assert_eq!(next_json(&mut ws).await["type"], "welcome");

@@ -50,7 +50,10 @@ async fn agent_over_tls_with_a_private_ca_or_a_pin() {
     // Plain webpki roots do not know the private CA: refused, saying why.
     let mut cfg = h.agent_config(&unique("test"));
     cfg.server = https.clone();
-    let e = tether::agent::register(&cfg).await.unwrap_err().to_string();
+    let e = tether::agent::register(&cfg, &tether::agent::identity::NodeKey::generate())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("certificate") || e.contains("UnknownIssuer"),
         "{e}"
@@ -88,7 +91,10 @@ async fn agent_over_tls_with_a_private_ca_or_a_pin() {
     let mut cfg = h.agent_config(&unique("test"));
     cfg.server = https;
     cfg.tls_pin = Some("ab".repeat(32));
-    let e = tether::agent::register(&cfg).await.unwrap_err().to_string();
+    let e = tether::agent::register(&cfg, &tether::agent::identity::NodeKey::generate())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("pin mismatch") && e.contains(&pki.leaf_sha256),
         "{e}"

@@ -5,6 +5,7 @@
 pub mod capabilities;
 mod handlers;
 mod health;
+pub mod identity;
 mod nodeconfig;
 pub mod policy;
 mod session;
@@ -241,6 +242,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         path: cfg.state_dir.clone(),
         source,
     })?;
+    let key =
+        identity::NodeKey::load_or_create(&cfg.state_dir).map_err(|source| AgentError::State {
+            path: cfg.state_dir.join(identity::KEY_FILE),
+            source,
+        })?;
+    info!(key_id = %crate::protocol::key_id(&key.public_key()), "node key loaded");
     let Some(docker) = wait_for_docker(&cfg, &shutdown).await else {
         return Ok(());
     };
@@ -296,7 +303,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     let mut backoff = new_backoff();
     loop {
         let started = Instant::now();
-        let result = connect_and_serve(&cfg, &ctx, &mut token, &token_path, &shutdown).await;
+        let result = connect_and_serve(&cfg, &ctx, &key, &mut token, &token_path, &shutdown).await;
         match &result {
             Ok(()) => return Ok(()),
             Err(e) if e.is_permanent() => return result,
@@ -342,6 +349,7 @@ async fn wait_for_docker(cfg: &AgentConfig, shutdown: &CancellationToken) -> Opt
 async fn connect_and_serve(
     cfg: &AgentConfig,
     ctx: &Arc<Ctx>,
+    key: &identity::NodeKey,
     token: &mut Option<String>,
     token_path: &Path,
     shutdown: &CancellationToken,
@@ -352,7 +360,7 @@ async fn connect_and_serve(
     let jwt = match token.clone() {
         Some(t) => t,
         None => {
-            let b = register(cfg).await?;
+            let b = register(cfg, key).await?;
             write_private(token_path, &b.auth.node_jwt).map_err(|source| AgentError::State {
                 path: token_path.to_path_buf(),
                 source,
@@ -361,7 +369,7 @@ async fn connect_and_serve(
             b.auth.node_jwt
         }
     };
-    let ws = match session::connect(cfg, &jwt).await {
+    let ws = match session::connect(cfg, &jwt, key).await {
         Ok(ws) => ws,
         Err(session::ConnectError::Unauthorized) => {
             // Expired or revoked token: register again on the next attempt
@@ -384,8 +392,9 @@ async fn connect_and_serve(
     session::serve(ws, cfg, ctx.clone(), shutdown).await
 }
 
-/// Exchanges the pre-shared key for a node JWT and the bootstrap payload.
-pub async fn register(cfg: &AgentConfig) -> Result<Bootstrap, AgentError> {
+/// Exchanges the pre-shared key for a node JWT and the bootstrap payload,
+/// binding the node id to `key` (or proving it is the key already bound).
+pub async fn register(cfg: &AgentConfig, key: &identity::NodeKey) -> Result<Bootstrap, AgentError> {
     let url = cfg
         .server
         .join(REGISTER_PATH)
@@ -397,7 +406,11 @@ pub async fn register(cfg: &AgentConfig) -> Result<Bootstrap, AgentError> {
     let resp = crate::http_client_with(cfg.tls()?)
         .post(url.clone())
         .bearer_auth(&cfg.psk)
-        .json(&serde_json::json!({ "node_id": cfg.node_id }))
+        .json(&serde_json::json!({
+            "node_id": cfg.node_id,
+            "public_key": key.public_key(),
+            "proof": key.proof(crate::protocol::ProofPurpose::Register, &cfg.node_id),
+        }))
         .send()
         .await
         .map_err(|e| conn_err(crate::error_chain(&e)))?;
@@ -416,7 +429,9 @@ pub async fn register(cfg: &AgentConfig) -> Result<Bootstrap, AgentError> {
     let msg = body
         .map(|b| b.to_string())
         .unwrap_or_else(|| status.to_string());
-    if status.as_u16() == 401 || status.as_u16() == 403 || status.as_u16() == 400 {
+    // 409: the node id is bound to another key; only an operator can free
+    // it (`tether ctl node rm`), so retrying is pointless.
+    if matches!(status.as_u16(), 400 | 401 | 403 | 409) {
         Err(AgentError::Unauthorized(msg))
     } else {
         Err(conn_err(msg))

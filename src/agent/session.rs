@@ -36,7 +36,11 @@ pub(crate) fn ws_config() -> WebSocketConfig {
 }
 
 /// Opens the agent WebSocket with the node JWT.
-pub(super) async fn connect(cfg: &AgentConfig, jwt: &str) -> Result<Ws, ConnectError> {
+pub(super) async fn connect(
+    cfg: &AgentConfig,
+    jwt: &str,
+    key: &super::identity::NodeKey,
+) -> Result<Ws, ConnectError> {
     let mut url = cfg
         .server
         .join(AGENT_CONNECT_PATH)
@@ -58,6 +62,12 @@ pub(super) async fn connect(cfg: &AgentConfig, jwt: &str) -> Result<Ws, ConnectE
     h.insert(
         "sec-websocket-protocol",
         SUBPROTOCOL.parse().expect("valid header"),
+    );
+    h.insert(
+        crate::protocol::PROOF_HEADER,
+        key.proof(crate::protocol::ProofPurpose::Connect, &cfg.node_id)
+            .parse()
+            .expect("a proof is a valid header value"),
     );
     // A handshake into a black hole must not hang the agent forever.
     let handshake = tokio_tungstenite::connect_async_tls_with_config(

@@ -139,6 +139,14 @@ impl Client {
             .await
     }
 
+    /// Forgets a node: its key binding and tokens are void, its connection
+    /// closes, and its id may register again.
+    pub async fn forget_node(&self, node: &str) -> Result<(), CtlError> {
+        self.send(self.request(Method::DELETE, &format!("/api/v1/nodes/{node}")))
+            .await
+            .map(|_| ())
+    }
+
     /// Pushes a node configuration; returns the agent's acknowledgement.
     pub async fn push_config(
         &self,

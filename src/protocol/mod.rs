@@ -5,10 +5,15 @@
 mod error;
 mod frame;
 mod messages;
+mod proof;
 
 pub use error::{ErrorBody, ErrorCode};
 pub use frame::{FRAME_HEADER_LEN, Frame, FrameError, StreamKind};
 pub use messages::*;
+pub use proof::{
+    MAX_PROOF_SKEW_MS, PROOF_HEADER, ProofError, ProofPurpose, key_id, now_millis, proof_message,
+    verify_proof,
+};
 
 /// Protocol version this build speaks (`version` in `hello` / `welcome`).
 pub const PROTOCOL_VERSION: u32 = 1;

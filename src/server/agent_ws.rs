@@ -23,18 +23,13 @@ pub(super) async fn connect(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
-    let (node_id, token_exp) =
-        match super::auth::bearer(auth).map(|t| app.signer.verify_with_expiry(t)) {
-            Some(Ok(n)) => n,
-            Some(Err(e)) => return super::api::error_response(e),
-            None => {
-                return super::api::error_response(ErrorBody::new(
-                    ErrorCode::Unauthorized,
-                    "missing node token",
-                ));
-            }
-        };
+    let (node_id, token_exp) = match authenticate(&app, &headers) {
+        Ok(c) => (c.node_id, c.exp),
+        Err(e) => {
+            warn!(error = %e, "agent connection refused");
+            return super::api::error_response(e);
+        }
+    };
     let offered = headers
         .get_all("sec-websocket-protocol")
         .iter()
@@ -57,6 +52,39 @@ pub(super) async fn connect(
             session(app, node_id, token_exp, socket).instrument(span)
         })
         .into_response()
+}
+
+/// A connection must show a valid token whose identity binding is still
+/// current (not forgotten, not re-bound), and a fresh proof made with the
+/// node's bound key: a copied token alone is not enough.
+fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<super::auth::NodeClaims, ErrorBody> {
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+    let token = super::auth::bearer(auth)
+        .ok_or_else(|| ErrorBody::new(ErrorCode::Unauthorized, "missing node token"))?;
+    let claims = app.signer.verify(token)?;
+    let identity = app
+        .store
+        .node_identity(&claims.node_id)
+        .filter(|i| super::auth::secret_eq(&i.binding, &claims.binding))
+        .ok_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::Unauthorized,
+                format!(
+                    "node token of {} was revoked (node removed or bound to another key)",
+                    claims.node_id
+                ),
+            )
+        })?;
+    let proof = headers
+        .get(crate::protocol::PROOF_HEADER)
+        .and_then(|v| v.to_str().ok());
+    app.check_proof(
+        &claims.node_id,
+        &identity.public_key,
+        crate::protocol::ProofPurpose::Connect,
+        proof,
+    )?;
+    Ok(claims)
 }
 
 fn to_ws(o: Outbound) -> WsMessage {
@@ -195,7 +223,10 @@ async fn session(app: Arc<AppState>, node_id: String, mut token_exp: u64, socket
                 // its lifetime is left: no reconnect needed.
                 let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
                 if now + app.signer.ttl().as_secs() / 3 >= token_exp {
-                    let (jwt, exp) = app.signer.issue(&node_id);
+                    let Some(identity) = app.store.node_identity(&node_id) else {
+                        break "node removed by an operator".into();
+                    };
+                    let (jwt, exp) = app.signer.issue(&node_id, &identity.binding);
                     token_exp = exp.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
                     let _ = out.send(Outbound::msg(&Message::Token(crate::protocol::TokenRefresh {
                         node_jwt: jwt,
@@ -209,13 +240,17 @@ async fn session(app: Arc<AppState>, node_id: String, mut token_exp: u64, socket
                 break "server shutting down".into();
             }
             _ = ended.cancelled() => {
+                if link.is_revoked() {
+                    let _ = out.send(Outbound::Close(1008, "node removed by an operator".into()));
+                    break "node removed by an operator".into();
+                }
                 let _ = out.send(Outbound::Close(1000, "replaced by a newer connection of this node".into()));
                 break "replaced by a newer connection".into();
             }
         }
     };
     info!(%reason, "agent offline");
-    app.hub.detach(&node_id, generation, &reason);
+    app.hub.detach(&link, generation, &reason);
     drop(out);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
 }

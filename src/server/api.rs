@@ -52,7 +52,7 @@ type ApiResult<T> = Result<T, ApiError>;
 pub(super) fn router(state: Arc<AppState>) -> Router {
     let operator = Router::new()
         .route("/api/v1/nodes", get(nodes))
-        .route("/api/v1/nodes/{id}", get(node))
+        .route("/api/v1/nodes/{id}", get(node).delete(forget_node))
         .route("/api/v1/nodes/{id}/drain", post(drain))
         .route("/api/v1/nodes/{id}/undrain", post(undrain))
         .route("/api/v1/nodes/{id}/config", axum::routing::put(push_config))
@@ -136,8 +136,13 @@ async fn require_operator(State(app): State<Arc<AppState>>, req: Request, next: 
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RegisterBody {
     node_id: String,
+    /// Hex Ed25519 public key the node id is bound to (§3.3).
+    public_key: String,
+    /// `<unix ms>.<hex signature>` for purpose `register`.
+    proof: String,
 }
 
 async fn register(
@@ -154,7 +159,7 @@ async fn register(
     let Some(Json(body)) = body else {
         return Err(ErrorBody::new(
             ErrorCode::InvalidRequest,
-            "body must be JSON {\"node_id\": ...}",
+            "body must be JSON {\"node_id\", \"public_key\", \"proof\"}",
         )
         .into());
     };
@@ -165,8 +170,28 @@ async fn register(
         )
         .into());
     }
-    let (node_jwt, exp) = app.signer.issue(&body.node_id);
-    tracing::info!(node_id = %body.node_id, "node registered");
+    // The proof first (it needs no state), then the binding: first come,
+    // and only the same key after that.
+    app.check_proof(
+        &body.node_id,
+        &body.public_key,
+        crate::protocol::ProofPurpose::Register,
+        Some(&body.proof),
+    )?;
+    let store = app.store.clone();
+    let (node, key) = (body.node_id.clone(), body.public_key.clone());
+    let identity = tokio::task::spawn_blocking(move || store.bind_node(&node, &key))
+        .await
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| match e {
+            super::store::StoreError::BoundElsewhere { .. } => {
+                tracing::warn!(node_id = %body.node_id, "registration with another key refused");
+                ErrorBody::new(ErrorCode::Conflict, e.to_string())
+            }
+            e => ErrorBody::new(ErrorCode::Internal, e.to_string()),
+        })?;
+    let (node_jwt, exp) = app.signer.issue(&body.node_id, &identity.binding);
+    tracing::info!(node_id = %body.node_id, key_id = %crate::protocol::key_id(&identity.public_key), "node registered");
     let host = headers
         .get("host")
         .and_then(|h| h.to_str().ok())
@@ -202,6 +227,28 @@ async fn node(
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(app.hub.node_detail(&id)?))
+}
+
+/// `tether ctl node rm`: the node's key binding is forgotten (its tokens
+/// are refused from now on), its connection closes at once, and the node id
+/// may register again, with any key.
+async fn forget_node(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let store = app.store.clone();
+    let node = id.clone();
+    let bound = tokio::task::spawn_blocking(move || store.forget_node(&node))
+        .await
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+    let known = app.hub.forget_node(&id);
+    app.proof_times.lock().unwrap().remove(&id);
+    if !bound && !known {
+        return Err(ErrorBody::new(ErrorCode::NotFound, format!("no such node: {id}")).into());
+    }
+    tracing::info!(node_id = %id, "node removed by an operator");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn drain(

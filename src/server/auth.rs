@@ -14,7 +14,20 @@ struct Claims {
     sub: String,
     aud: String,
     iat: u64,
+    nbf: u64,
     exp: u64,
+    /// The node identity binding the token was issued to
+    /// (`store::NodeIdentity::binding`): forgetting the node voids it.
+    bid: String,
+}
+
+/// What a valid node token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeClaims {
+    pub node_id: String,
+    /// Expiry, Unix seconds.
+    pub exp: u64,
+    pub binding: String,
 }
 
 /// Signs and checks node JWTs (HS256 with a server-held key).
@@ -37,8 +50,9 @@ impl Signer {
         }
     }
 
-    /// Issues a token for `node_id`; returns it with its expiry.
-    pub fn issue(&self, node_id: &str) -> (String, SystemTime) {
+    /// Issues a token for `node_id` under identity `binding`; returns it
+    /// with its expiry.
+    pub fn issue(&self, node_id: &str, binding: &str) -> (String, SystemTime) {
         let now = SystemTime::now();
         let exp = now + self.ttl;
         let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
@@ -46,25 +60,29 @@ impl Signer {
             sub: node_id.to_string(),
             aud: AUDIENCE.into(),
             iat: secs(now),
+            nbf: secs(now),
             exp: secs(exp),
+            bid: binding.to_string(),
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.enc)
             .expect("HS256 signing cannot fail");
         (token, exp)
     }
 
-    /// Checks a token and returns the node id it was issued to.
-    pub fn verify(&self, token: &str) -> Result<String, ErrorBody> {
-        self.verify_with_expiry(token).map(|(node, _)| node)
-    }
-
-    /// Checks a token; returns its node id and expiry (Unix seconds).
-    pub fn verify_with_expiry(&self, token: &str) -> Result<(String, u64), ErrorBody> {
+    /// Checks a token's signature, audience and times (`exp` and `nbf`,
+    /// 5 s leeway); whether its binding is still current is the caller's.
+    pub fn verify(&self, token: &str) -> Result<NodeClaims, ErrorBody> {
         let mut v = Validation::new(Algorithm::HS256);
         v.set_audience(&[AUDIENCE]);
+        v.set_required_spec_claims(&["exp", "nbf", "aud", "sub"]);
+        v.validate_nbf = true;
         v.leeway = 5;
         jsonwebtoken::decode::<Claims>(token, &self.dec, &v)
-            .map(|d| (d.claims.sub, d.claims.exp))
+            .map(|d| NodeClaims {
+                node_id: d.claims.sub,
+                exp: d.claims.exp,
+                binding: d.claims.bid,
+            })
             .map_err(|e| {
                 ErrorBody::new(ErrorCode::Unauthorized, format!("invalid node token: {e}"))
             })
@@ -96,8 +114,9 @@ mod tests {
     #[test]
     fn issue_verify_and_reject_forgery() {
         let s = Signer::new(b"k1", Duration::from_secs(60));
-        let (t, _) = s.issue("n1");
-        assert_eq!(s.verify(&t).unwrap(), "n1");
+        let (t, _) = s.issue("n1", "b1");
+        let c = s.verify(&t).unwrap();
+        assert_eq!((c.node_id.as_str(), c.binding.as_str()), ("n1", "b1"));
         let other = Signer::new(b"k2", Duration::from_secs(60));
         assert_eq!(other.verify(&t).unwrap_err().code, ErrorCode::Unauthorized);
         assert!(s.verify("garbage").is_err());
@@ -110,11 +129,33 @@ mod tests {
             sub: "n".into(),
             aud: AUDIENCE.into(),
             iat: 0,
+            nbf: 0,
             exp: 1,
+            bid: "b".into(),
         };
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &s.enc).unwrap();
         let e = s.verify(&t).unwrap_err();
         assert!(e.message.contains("xpired"), "{e}");
+    }
+
+    #[test]
+    fn token_not_yet_valid_rejected() {
+        let s = Signer::new(b"k", Duration::from_secs(60));
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = Claims {
+            sub: "n".into(),
+            aud: AUDIENCE.into(),
+            iat: now,
+            nbf: now + 3600,
+            exp: now + 7200,
+            bid: "b".into(),
+        };
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &s.enc).unwrap();
+        let e = s.verify(&t).unwrap_err();
+        assert!(e.message.contains("mmature"), "{e}");
     }
 
     #[test]

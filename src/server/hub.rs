@@ -71,6 +71,8 @@ pub struct AgentLink {
     conn: Mutex<CancellationToken>,
     /// Counts connections, so a grace timer knows whether the node came back.
     generation: AtomicU64,
+    /// An operator removed the node: its connection ends and stays ended.
+    revoked: std::sync::atomic::AtomicBool,
     timeout: Duration,
 }
 
@@ -92,6 +94,7 @@ impl AgentLink {
             next_channel: AtomicU32::new(1),
             conn: Mutex::new(CancellationToken::new()),
             generation: AtomicU64::new(0),
+            revoked: Default::default(),
             timeout: DEFAULT_REQUEST_TIMEOUT,
         })
     }
@@ -126,6 +129,16 @@ impl AgentLink {
             self.link.send(Outbound::Text(p.text.clone()));
         }
         (token, generation)
+    }
+
+    /// Ends the current connection for good (the node was removed).
+    pub(crate) fn revoke(&self) {
+        self.revoked.store(true, Ordering::SeqCst);
+        self.conn.lock().unwrap().cancel();
+    }
+
+    pub(crate) fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::SeqCst)
     }
 
     /// The connection of `generation` ended; channels and requests wait.
@@ -998,24 +1011,61 @@ impl Hub {
             entry.offline_reason = None;
             entry.agent_version = Some(agent_version.to_string());
         }
-        // The agent's inventory, when it has one, is the truth about its node.
+        // The agent's inventory, when it has one, is the truth about its
+        // node, and about nothing else: a node may claim only workers that
+        // carry its own label and that no other node owns.
         if let Some(inventory) = inventory {
             reg.workers.retain(|_, w| w.node_id != node_id);
             for w in inventory {
+                let owner = reg.workers.get(&w.worker_id).map(|o| o.node_id.as_str());
+                if w.node_id != node_id || owner.is_some_and(|o| o != node_id) {
+                    tracing::warn!(
+                        %node_id,
+                        worker_id = %w.worker_id,
+                        claimed_for = %w.node_id,
+                        owner = owner.unwrap_or("-"),
+                        "inventory claim refused: the worker is not this node's"
+                    );
+                    continue;
+                }
                 reg.workers.insert(w.worker_id.clone(), w);
             }
         }
     }
 
+    /// Forgets a node (`tether ctl node rm`): its live connection closes at
+    /// once, what waits on it fails, and its workers leave the registry.
+    /// Tokens are voided by the caller through the store. True if the node
+    /// was known.
+    pub fn forget_node(&self, node_id: &str) -> bool {
+        let entry = {
+            let mut reg = self.reg.lock().unwrap();
+            reg.workers.retain(|_, w| w.node_id != node_id);
+            reg.detached.retain(|(n, _), _| n != node_id);
+            reg.nodes.remove(node_id)
+        };
+        match entry {
+            Some(e) => {
+                e.link.revoke();
+                e.link.expire("removed by an operator");
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The connection of `generation` ended. Channels and requests wait for
     /// the agent to come back; after the grace period they fail.
-    pub(crate) fn detach(&self, node_id: &str, generation: u64, reason: &str) {
-        let link = self.node_link(node_id);
+    pub(crate) fn detach(&self, link: &Arc<AgentLink>, generation: u64, reason: &str) {
+        let node_id = link.node_id.as_str();
+        let link = link.clone();
         link.disconnect(generation);
         if link.generation.load(Ordering::SeqCst) != generation {
             return; // a newer connection already took over
         }
-        if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id) {
+        if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id)
+            && Arc::ptr_eq(&n.link, &link)
+        {
             n.online = false;
             n.offline_reason = Some(reason.to_string());
         }

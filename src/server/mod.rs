@@ -5,6 +5,7 @@ mod agent_ws;
 mod api;
 pub mod auth;
 pub mod hub;
+pub mod store;
 
 pub use hub::{
     ChannelStream, DetachedExec, ExecOptions, ExecSession, Hub, LogOptions, NodeInfo, StreamEvent,
@@ -114,9 +115,52 @@ pub(crate) struct AppState {
     pub hub: Hub,
     pub cfg: ServerConfig,
     pub signer: auth::Signer,
+    /// Durable state: node identities.
+    pub store: Arc<dyn store::Store>,
+    /// Newest proof time accepted per node (`protocol::proof`): a proof is
+    /// good once, so a captured upgrade request cannot be replayed.
+    pub proof_times: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     pub admin_token: String,
     /// Cancelled on shutdown: agent sessions close with 1001.
     pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// Checks a node's proof against its bound key and refuses a proof time
+    /// already seen (replay) or older than one accepted.
+    pub(crate) fn check_proof(
+        &self,
+        node_id: &str,
+        public_key: &str,
+        purpose: crate::protocol::ProofPurpose,
+        proof: Option<&str>,
+    ) -> Result<(), crate::protocol::ErrorBody> {
+        use crate::protocol::{ErrorBody, ErrorCode};
+        let proof = proof.ok_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::Unauthorized,
+                format!("missing node proof ({})", crate::protocol::PROOF_HEADER),
+            )
+        })?;
+        let ms = crate::protocol::verify_proof(
+            public_key,
+            purpose,
+            node_id,
+            proof,
+            crate::protocol::now_millis(),
+        )
+        .map_err(|e| ErrorBody::new(ErrorCode::Unauthorized, e.to_string()))?;
+        let mut times = self.proof_times.lock().unwrap();
+        let last = times.entry(node_id.to_string()).or_insert(0);
+        if ms <= *last {
+            return Err(ErrorBody::new(
+                ErrorCode::Unauthorized,
+                "the node proof was already used (replayed request?)",
+            ));
+        }
+        *last = ms;
+        Ok(())
+    }
 }
 
 /// A bound server, not yet serving.
@@ -159,9 +203,16 @@ impl Server {
                 addr: cfg.listen,
                 source,
             })?;
+        let store_path = cfg.state_dir.join("state.json");
+        let store = store::FileStore::open(store_path.clone()).map_err(|e| ServerError::State {
+            path: store_path,
+            source: std::io::Error::other(e),
+        })?;
         let state = Arc::new(AppState {
             hub: Hub::with_grace(cfg.resume_grace),
             signer: auth::Signer::new(key.as_bytes(), cfg.jwt_ttl),
+            store: Arc::new(store),
+            proof_times: Default::default(),
             cfg,
             admin_token,
             shutdown: CancellationToken::new(),

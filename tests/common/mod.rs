@@ -321,3 +321,77 @@ pub fn sha256(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
 }
+
+/// A node driven by hand over the wire (no Docker): registers with its own
+/// key and opens raw agent connections, for tests that play an impostor or
+/// send what a real agent never would.
+pub mod fake {
+    use super::Harness;
+    use tether::agent::identity::NodeKey;
+    use tether::protocol::{PROOF_HEADER, ProofPurpose};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    pub type Client = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    /// `POST /api/v1/register` for `node` with `key`.
+    pub async fn register(h: &Harness, node: &str, psk: &str, key: &NodeKey) -> reqwest::Response {
+        tether::http_client()
+            .post(format!("{}/api/v1/register", h.url))
+            .bearer_auth(psk)
+            .json(&serde_json::json!({
+                "node_id": node,
+                "public_key": key.public_key(),
+                "proof": key.proof(ProofPurpose::Register, node),
+            }))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Registers and returns the node token.
+    pub async fn token(h: &Harness, node: &str, key: &NodeKey) -> String {
+        let resp = register(h, node, super::PSK, key).await;
+        assert!(
+            resp.status().is_success(),
+            "registration: {}",
+            resp.status()
+        );
+        let v: serde_json::Value = resp.json().await.unwrap();
+        v["auth"]["node_jwt"].as_str().unwrap().to_string()
+    }
+
+    /// Opens the agent WebSocket with `jwt` and, if given, a proof by `key`.
+    pub async fn connect(
+        h: &Harness,
+        jwt: &str,
+        node: &str,
+        key: Option<&NodeKey>,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let mut req = format!("{}/api/agent/connect", h.url.replace("http", "ws"))
+            .into_client_request()
+            .unwrap();
+        let hs = req.headers_mut();
+        hs.insert("authorization", format!("Bearer {jwt}").parse().unwrap());
+        hs.insert("sec-websocket-protocol", "tether.v1".parse().unwrap());
+        if let Some(key) = key {
+            hs.insert(
+                PROOF_HEADER,
+                key.proof(ProofPurpose::Connect, node).parse().unwrap(),
+            );
+        }
+        tokio_tungstenite::connect_async(req)
+            .await
+            .map(|(ws, _)| ws)
+    }
+
+    /// The HTTP status of a refused connection attempt.
+    pub fn refused_status(r: Result<Client, tokio_tungstenite::tungstenite::Error>) -> u16 {
+        match r {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+            Err(e) => panic!("connection failed without an HTTP refusal: {e}"),
+            Ok(_) => panic!("connection accepted"),
+        }
+    }
+}

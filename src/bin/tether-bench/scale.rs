@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tether::protocol::{
-    AGENT_CONNECT_PATH, ErrorCode, Hello, Message, PROTOCOL_VERSION, REGISTER_PATH, Request,
-    SUBPROTOCOL, WorkerInfo,
+    AGENT_CONNECT_PATH, ErrorCode, Hello, Message, PROOF_HEADER, PROTOCOL_VERSION, ProofPurpose,
+    REGISTER_PATH, Request, SUBPROTOCOL, WorkerInfo,
 };
 use tether::server::Bootstrap;
 use tokio::net::TcpSocket;
@@ -124,11 +124,16 @@ impl Fleet {
     async fn connect(&self, i: usize) -> anyhow::Result<(String, JoinHandle<()>)> {
         let node = format!("test-bench-sim-{}-{i}", self.run);
         let base = format!("http://127.0.0.1:{}", self.port);
+        let key = tether::agent::identity::NodeKey::generate();
         let resp = self
             .http
             .post(format!("{base}{REGISTER_PATH}"))
             .bearer_auth(&self.psk)
-            .json(&json!({ "node_id": node }))
+            .json(&json!({
+                "node_id": node,
+                "public_key": key.public_key(),
+                "proof": key.proof(ProofPurpose::Register, &node),
+            }))
             .send()
             .await
             .context("register")?;
@@ -154,6 +159,10 @@ impl Fleet {
             format!("Bearer {}", boot.auth.node_jwt).parse()?,
         );
         h.insert("sec-websocket-protocol", SUBPROTOCOL.parse()?);
+        h.insert(
+            PROOF_HEADER,
+            key.proof(ProofPurpose::Connect, &node).parse()?,
+        );
         let cfg = WebSocketConfig::default()
             .read_buffer_size(4096)
             .write_buffer_size(0);

@@ -1,0 +1,164 @@
+//! The server's durable state behind one interface ([`Store`]): today the
+//! node identities (which key a node id is bound to). Handlers talk to the
+//! trait, so a database-backed store replaces [`FileStore`] without touching
+//! them.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+/// A node id bound to the key that registered it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeIdentity {
+    /// Hex Ed25519 public key of the node.
+    pub public_key: String,
+    /// Random id of this binding: node tokens name it, so forgetting the
+    /// node (or binding it anew) voids every token issued before.
+    pub binding: String,
+    /// RFC 3339 UTC.
+    pub bound_at: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "node {node_id} is bound to another key (an operator can forget it: tether ctl node rm {node_id})"
+    )]
+    BoundElsewhere { node_id: String },
+    #[error("server state {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Durable server state. Methods are synchronous and quick for the file
+/// store; callers on an async path run writes on a blocking thread.
+pub trait Store: Send + Sync + 'static {
+    /// The identity bound to `node_id`, if any.
+    fn node_identity(&self, node_id: &str) -> Option<NodeIdentity>;
+    /// Binds `node_id` to `public_key`, or returns the existing binding if
+    /// it is to the same key; another key is [`StoreError::BoundElsewhere`].
+    fn bind_node(&self, node_id: &str, public_key: &str) -> Result<NodeIdentity, StoreError>;
+    /// Forgets a node's binding; true if there was one.
+    fn forget_node(&self, node_id: &str) -> Result<bool, StoreError>;
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct FileState {
+    version: u32,
+    nodes: BTreeMap<String, NodeIdentity>,
+}
+
+/// A JSON file under the server's state directory, written atomically
+/// (0600) on every change; read once at start.
+pub struct FileStore {
+    path: PathBuf,
+    state: Mutex<FileState>,
+}
+
+impl FileStore {
+    pub fn open(path: PathBuf) -> Result<FileStore, StoreError> {
+        let io = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        let state = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileState {
+                version: 1,
+                ..Default::default()
+            },
+            Err(e) => return Err(io(e)),
+        };
+        Ok(FileStore {
+            path,
+            state: Mutex::new(state),
+        })
+    }
+
+    fn save(&self, state: &FileState) -> Result<(), StoreError> {
+        let text = serde_json::to_string_pretty(state).expect("state serialises");
+        crate::agent::write_private(&self.path, &text).map_err(|source| StoreError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+impl Store for FileStore {
+    fn node_identity(&self, node_id: &str) -> Option<NodeIdentity> {
+        self.state.lock().unwrap().nodes.get(node_id).cloned()
+    }
+
+    fn bind_node(&self, node_id: &str, public_key: &str) -> Result<NodeIdentity, StoreError> {
+        let public_key = public_key.trim().to_ascii_lowercase();
+        let mut state = self.state.lock().unwrap();
+        if let Some(existing) = state.nodes.get(node_id) {
+            return if existing.public_key == public_key {
+                Ok(existing.clone())
+            } else {
+                Err(StoreError::BoundElsewhere {
+                    node_id: node_id.to_string(),
+                })
+            };
+        }
+        let identity = NodeIdentity {
+            public_key,
+            binding: super::auth::random_secret(12),
+            bound_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        };
+        state.nodes.insert(node_id.to_string(), identity.clone());
+        if let Err(e) = self.save(&state) {
+            state.nodes.remove(node_id);
+            return Err(e);
+        }
+        Ok(identity)
+    }
+
+    fn forget_node(&self, node_id: &str) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().unwrap();
+        let Some(old) = state.nodes.remove(node_id) else {
+            return Ok(false);
+        };
+        if let Err(e) = self.save(&state) {
+            state.nodes.insert(node_id.to_string(), old);
+            return Err(e);
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binding_is_first_come_durable_and_forgettable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let s = FileStore::open(path.clone()).unwrap();
+        let a = s.bind_node("n1", "AA").unwrap();
+        assert_eq!(a.public_key, "aa");
+        assert_eq!(
+            s.bind_node("n1", "aa").unwrap(),
+            a,
+            "same key: same binding"
+        );
+        assert!(matches!(
+            s.bind_node("n1", "bb"),
+            Err(StoreError::BoundElsewhere { .. })
+        ));
+        // Survives a restart.
+        let s = FileStore::open(path.clone()).unwrap();
+        assert_eq!(s.node_identity("n1"), Some(a.clone()));
+        assert!(s.forget_node("n1").unwrap());
+        assert!(!s.forget_node("n1").unwrap());
+        let b = s.bind_node("n1", "aa").unwrap();
+        assert_ne!(b.binding, a.binding, "a new binding voids old tokens");
+        assert_eq!(FileStore::open(path).unwrap().node_identity("n1"), Some(b));
+    }
+}

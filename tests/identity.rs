@@ -1,0 +1,226 @@
+//! Node identity, attacked (docs/security.md, "One node cannot act as
+//! another"): the registration key alone, a copied token, a replayed proof
+//! or a crafted inventory must not let anyone act as another node; an
+//! operator can revoke a node at once.
+
+mod common;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use std::time::Duration;
+use tether::agent::identity::NodeKey;
+use tether::protocol::{PROOF_HEADER, ProofPurpose};
+use tokio_tungstenite::tungstenite::{Message as Ws, client::IntoClientRequest};
+
+/// The node's token as its agent stored it.
+fn stolen_token(h: &Harness, node: &str) -> String {
+    std::fs::read_to_string(h.state_path(&format!("{node}/{node}.jwt")))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+async fn exec_echo(h: &Harness, w: &str) {
+    let out = h.ctl_ok(&["exec", w, "--", "echo", "still-mine"]).await;
+    assert_eq!(out, "still-mine\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registration_key_alone_cannot_take_a_bound_node_id() {
+    let (mut h, node) = Harness::start().await;
+    let w = h.ctl_spawn_sleeper().await;
+
+    // An impostor with the shared registration key and its own key pair.
+    let impostor = NodeKey::generate();
+    let resp = fake::register(&h, &node, PSK, &impostor).await;
+    assert_eq!(resp.status().as_u16(), 409);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "conflict", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("bound to another key"),
+        "{v}"
+    );
+
+    // A whole second agent under the same node id (another state directory,
+    // so another key) stops with that reason instead of replacing the first.
+    let mut cfg = h.agent_config(&node);
+    cfg.state_dir = h.state_path("impostor-agent");
+    let e = tokio::time::timeout(
+        Duration::from_secs(30),
+        tether::agent::run(cfg, Default::default()),
+    )
+    .await
+    .expect("the impostor agent gives up")
+    .unwrap_err();
+    assert!(e.to_string().contains("bound to another key"), "{e}");
+
+    // The real agent kept its connection and its worker.
+    h.wait_status(&node, "online").await;
+    exec_echo(&h, &w).await;
+
+    // A second, honest node registers its own id as usual.
+    let other = h.add_agent().await;
+    assert_ne!(other, node);
+    h.ctl_ok(&["rm", "-f", &w]).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_token_or_a_replayed_proof_cannot_connect() {
+    let (h, node) = Harness::start().await;
+    let w = h.ctl_spawn_sleeper().await;
+    let token = stolen_token(&h, &node);
+
+    // The token with no proof, and with a proof made by another key.
+    assert_eq!(
+        fake::refused_status(fake::connect(&h, &token, &node, None).await),
+        401
+    );
+    let other = NodeKey::generate();
+    assert_eq!(
+        fake::refused_status(fake::connect(&h, &token, &node, Some(&other)).await),
+        401
+    );
+
+    // A proof is good once: the same upgrade request sent twice (as a
+    // captured request would be) is refused the second time.
+    let key = NodeKey::generate();
+    let fake_node = unique("fake");
+    h.track(&fake_node);
+    let jwt = fake::token(&h, &fake_node, &key).await;
+    let proof = key.proof(ProofPurpose::Connect, &fake_node);
+    let request = || {
+        let mut req = format!("{}/api/agent/connect", h.url.replace("http", "ws"))
+            .into_client_request()
+            .unwrap();
+        let hs = req.headers_mut();
+        hs.insert("authorization", format!("Bearer {jwt}").parse().unwrap());
+        hs.insert("sec-websocket-protocol", "tether.v1".parse().unwrap());
+        hs.insert(PROOF_HEADER, proof.parse().unwrap());
+        req
+    };
+    let first = tokio_tungstenite::connect_async(request()).await;
+    assert!(first.is_ok(), "the first use of a proof is accepted");
+    let replay = tokio_tungstenite::connect_async(request())
+        .await
+        .map(|(ws, _)| ws);
+    assert_eq!(fake::refused_status(replay), 401);
+
+    // The real agent never noticed.
+    h.wait_status(&node, "online").await;
+    exec_echo(&h, &w).await;
+    h.ctl_ok(&["rm", "-f", &w]).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inventory_cannot_claim_another_nodes_worker() {
+    let (h, node) = Harness::start().await;
+    let w = h.ctl_spawn_sleeper().await;
+    let info: Value = serde_json::from_str(&h.ctl_ok(&["inspect", &w]).await).unwrap();
+    assert_eq!(info["node_id"], node.as_str());
+
+    // Another node, with a valid registration of its own, lists the worker
+    // in its hello: once as the real node's, once relabelled as its own.
+    let key = NodeKey::generate();
+    let thief = unique("fake");
+    h.track(&thief);
+    let jwt = fake::token(&h, &thief, &key).await;
+    let mut as_own = info.clone();
+    as_own["node_id"] = json!(thief);
+    for claimed in [info.clone(), as_own] {
+        let mut ws = fake::connect(&h, &jwt, &thief, Some(&key)).await.unwrap();
+        let hello = json!({"type": "hello", "payload": {
+            "versions": [1], "node_id": thief, "agent_version": "fake",
+            "inventory": [claimed],
+        }});
+        ws.send(Ws::text(hello.to_string())).await.unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(Ws::Text(t)))) if t.contains("\"welcome\"") => break,
+                Ok(Some(Ok(_))) => {}
+                other => panic!("no welcome: {other:?}"),
+            }
+        }
+        h.wait_status(&thief, "online").await;
+        // The worker stays the real node's, and commands still reach it.
+        let now: Value = serde_json::from_str(&h.ctl_ok(&["inspect", &w]).await).unwrap();
+        assert_eq!(now["node_id"], node.as_str(), "worker moved: {now}");
+        exec_echo(&h, &w).await;
+        let _ = ws.close(None).await;
+    }
+    h.ctl_ok(&["rm", "-f", &w]).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_node_revokes_its_tokens_and_connection_at_once() {
+    let mut h = Harness::server().await;
+    // A hand-driven node: it stays away once removed, so what happens to
+    // its connection and token can be watched.
+    let key = NodeKey::generate();
+    let node = unique("fake");
+    h.track(&node);
+    let jwt = fake::token(&h, &node, &key).await;
+    let mut ws = fake::connect(&h, &jwt, &node, Some(&key)).await.unwrap();
+    let hello = json!({"type": "hello", "payload": {"versions": [1], "node_id": node, "agent_version": "fake"}});
+    ws.send(Ws::text(hello.to_string())).await.unwrap();
+    h.wait_status(&node, "online").await;
+
+    let t0 = std::time::Instant::now();
+    assert_eq!(h.ctl_ok(&["node", "rm", &node]).await.trim(), node);
+    // The connection is closed by the server, with the reason.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Ws::Close(f))) => return f.map(|f| f.reason.to_string()),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .expect("connection closed within 5 s");
+    assert_eq!(closed.as_deref(), Some("node removed by an operator"));
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    let nodes = h.ctl_ok(&["nodes", "--json"]).await;
+    assert!(!nodes.contains(&node), "{nodes}");
+    // Its token is refused, even with a fresh proof by its own key.
+    assert_eq!(
+        fake::refused_status(fake::connect(&h, &jwt, &node, Some(&key)).await),
+        401
+    );
+    // Unknown nodes are an error.
+    let out = h.ctl(&["node", "rm", "no-such-node"]).await;
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not_found"));
+
+    // The id is free again: a new key may bind it.
+    let new_key = NodeKey::generate();
+    let new_jwt = fake::token(&h, &node, &new_key).await;
+    assert_ne!(new_jwt, jwt);
+    fake::connect(&h, &new_jwt, &node, Some(&new_key))
+        .await
+        .unwrap();
+
+    // A real agent that is removed comes back under a new binding (it still
+    // has the registration key): its old token is void.
+    let real = h.add_agent().await;
+    let old = stolen_token(&h, &real);
+    h.ctl_ok(&["node", "rm", &real]).await;
+    h.wait_status(&real, "online").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stolen_token(&h, &real) == old {
+        assert!(std::time::Instant::now() < deadline, "no new token");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let real_key = NodeKey::load_or_create(&h.state_path(&real)).unwrap();
+    assert_eq!(
+        fake::refused_status(fake::connect(&h, &old, &real, Some(&real_key)).await),
+        401
+    );
+    h.stop().await;
+}

@@ -148,6 +148,8 @@ fn agent_config(
     if let Some(f) = &file {
         cfg.heartbeat_timeout = Duration::from_secs(f.orchestrator.timeouts.connect_seconds.max(2));
         cfg.policy = crate::agent::policy::Policy::from_file(&f.sandbox);
+        cfg.defaults.log_max_size_mb = f.sandbox.logs.max_size_mb;
+        cfg.defaults.log_max_files = f.sandbox.logs.max_files;
         cfg.max_request_bytes = f.worker_api.max_request_bytes as usize;
         cfg.spool.memory_bytes = (f.storage.spool_memory_kb * 1024) as usize;
         cfg.spool.quota_bytes = f.storage.spool_quota_mb * 1024 * 1024;
@@ -199,14 +201,53 @@ pub fn init_tracing(level: &str, format: &str) {
 /// Plain targets rather than an `EnvFilter`: no regex engine in the binary.
 pub fn log_filter(env: Option<&str>, level: &str) -> tracing_subscriber::filter::Targets {
     use tracing_subscriber::filter::Targets;
+    let mut filter = None;
     for spec in env.into_iter().chain([level]) {
         match spec.parse::<Targets>() {
-            Ok(t) => return t,
+            Ok(t) => {
+                filter = Some(t);
+                break;
+            }
             Err(e) => eprintln!("tether: ignoring log filter {spec:?}: {e}"),
         }
     }
-    Targets::new().with_default(tracing::Level::INFO)
+    let filter = filter.unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    // At trace level these libraries log whole messages and request
+    // headers: node tokens, proofs and pushed registry passwords. Capped at
+    // debug whatever the filter says, for them and every target below them.
+    use tracing::level_filters::LevelFilter;
+    let secret = |t: &str| {
+        SECRET_TARGETS
+            .iter()
+            .any(|s| t == *s || t.starts_with(&format!("{s}::")))
+    };
+    let default = filter.default_level().unwrap_or(LevelFilter::OFF);
+    let mut capped = Targets::new().with_default(default);
+    for (t, l) in filter.iter() {
+        let l = if secret(t) {
+            l.min(LevelFilter::DEBUG)
+        } else {
+            l
+        };
+        capped = capped.with_target(t, l);
+    }
+    for s in SECRET_TARGETS {
+        if !filter.iter().any(|(t, _)| t == *s) {
+            capped = capped.with_target(*s, default.min(LevelFilter::DEBUG));
+        }
+    }
+    capped
 }
+
+/// Targets whose trace output carries secrets (see [`log_filter`]).
+const SECRET_TARGETS: &[&str] = &[
+    "tungstenite",
+    "tokio_tungstenite",
+    "hyper",
+    "hyper_util",
+    "reqwest",
+    "axum",
+];
 
 /// Logs to stderr, and also to `file` when given.
 pub fn init_tracing_to(level: &str, format: &str, file: Option<&str>) {
@@ -248,6 +289,25 @@ pub fn init_tracing_to(level: &str, format: &str, file: Option<&str>) {
 mod tests {
     use super::log_filter;
     use tracing::Level;
+
+    #[test]
+    fn secret_carrying_targets_never_log_at_trace() {
+        for spec in [
+            "trace",
+            "info,tungstenite=trace",
+            "tungstenite::protocol=trace",
+        ] {
+            let f = log_filter(Some(spec), "info");
+            for t in ["tungstenite::protocol", "tokio_tungstenite", "hyper::proto"] {
+                assert!(!f.would_enable(t, &Level::TRACE), "{spec}: {t}");
+            }
+        }
+        let f = log_filter(Some("trace"), "info");
+        assert!(f.would_enable("tungstenite::protocol", &Level::DEBUG));
+        assert!(f.would_enable("tether::agent", &Level::TRACE));
+        let f = log_filter(Some("warn"), "info");
+        assert!(!f.would_enable("tungstenite", &Level::INFO));
+    }
 
     #[test]
     fn log_filter_takes_levels_and_directives_and_survives_nonsense() {

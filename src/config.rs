@@ -125,6 +125,25 @@ pub struct Sandbox {
     pub timeouts: Timeouts,
     pub mounts: Mounts,
     pub security: Security,
+    pub logs: Logs,
+}
+
+/// What the engine keeps of a worker's output (json-file driver): a worker
+/// that prints without end must not fill the node's disk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Logs {
+    pub max_size_mb: u64,
+    pub max_files: u64,
+}
+
+impl Default for Logs {
+    fn default() -> Self {
+        Logs {
+            max_size_mb: 10,
+            max_files: 3,
+        }
+    }
 }
 
 impl Default for Sandbox {
@@ -142,6 +161,7 @@ impl Default for Sandbox {
             timeouts: Timeouts::default(),
             mounts: Mounts::default(),
             security: Security::default(),
+            logs: Logs::default(),
         }
     }
 }
@@ -152,6 +172,9 @@ pub struct Resources {
     pub max_cpu_cores: f64,
     pub max_memory_mb: u64,
     pub max_pids: u64,
+    /// Writable-layer size per worker; 0 = no limit. Needs a storage driver
+    /// that supports it (overlay2 on xfs with pquota, btrfs, zfs).
+    pub max_disk_mb: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -166,6 +189,8 @@ pub struct Timeouts {
 pub struct Mounts {
     pub allowed_host_paths: Vec<String>,
     pub read_only_by_default: bool,
+    /// Every host mount read-only; a request for read-write is refused.
+    pub force_read_only: bool,
 }
 
 impl Default for Mounts {
@@ -173,6 +198,7 @@ impl Default for Mounts {
         Mounts {
             allowed_host_paths: Vec::new(),
             read_only_by_default: true,
+            force_read_only: false,
         }
     }
 }

@@ -27,6 +27,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start; boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the node agent: register, dial out to the server, drive Docker.
@@ -131,6 +133,9 @@ enum CtlCmd {
         memory: Option<u64>,
         #[arg(long)]
         pids: Option<i64>,
+        /// Disk (writable layer) limit in MB, where the node's storage driver supports one.
+        #[arg(long, value_name = "MB")]
+        disk: Option<u64>,
         #[arg(long)]
         workdir: Option<String>,
         /// Stop and remove the worker after this many seconds.
@@ -365,6 +370,7 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
                 cpus,
                 memory,
                 pids,
+                disk,
                 workdir,
                 timeout,
                 privileged,
@@ -389,6 +395,7 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
                         cpus,
                         memory_mb: memory,
                         pids,
+                        disk_mb: disk,
                     },
                     workdir,
                     timeout_secs: timeout,

@@ -174,6 +174,7 @@ async fn local_policy_is_the_last_word() {
     // The node allows at most 2 workers and 128 MB each, whatever is pushed.
     cfg.policy = tether::agent::policy::Policy::from_file(&tether::config::Sandbox {
         max_concurrency: 2,
+        allowed_images: vec!["tether-test-*".into()],
         resources: tether::config::Resources {
             max_memory_mb: 128,
             ..Default::default()
@@ -181,6 +182,22 @@ async fn local_policy_is_the_last_word() {
         ..Default::default()
     });
     let node = h.add_agent_with(cfg).await;
+    // A default image the node does not allow is refused before any pull
+    // (a pull would fail here and roll back instead).
+    let yaml = format!(
+        "config_version: \"{}\"\npolicy:\n  sandbox:\n    default_image: evil-miner:1\n",
+        ulid::Ulid::new()
+    );
+    let a = ack(&push(&h, &node, &yaml));
+    assert_eq!(a["status"], "failed", "{a}");
+    assert_eq!(a["error"]["type"], "invalid", "{a}");
+    assert!(
+        a["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("node policy's allowed_images"),
+        "{a}"
+    );
     // The orchestrator asks for more: it cannot widen the node's policy.
     let yaml = "policy:\n  sandbox:\n    max_concurrency: 100\n    resources:\n      max_memory_mb: 4096\n";
     let a = ack(&push(&h, &node, yaml));

@@ -18,6 +18,7 @@ fn spec(img: &str, cmd: &[&str]) -> SpawnRequest {
             memory_mb: Some(16),
             cpus: Some(0.1),
             pids: Some(16),
+            ..Default::default()
         },
         ..Default::default()
     }

@@ -140,6 +140,26 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
                 };
                 let admitted = running.and_then(|running| ctx.admit_spawn(&mut s.spec, running));
                 let creds = super::nodeconfig::credentials(&ctx, &s.spec.image);
+                // Host paths are resolved on the node, and nothing that could
+                // redirect them runs between the check and the start.
+                let _mount_guard = if s.spec.mounts.is_empty() {
+                    None
+                } else {
+                    Some(super::mounts::MOUNT_LOCK.lock().await)
+                };
+                let admitted = match admitted {
+                    Ok(()) if !s.spec.mounts.is_empty() => {
+                        match containers::writable_mounts(d, &node).await {
+                            Ok(writable) => super::mounts::resolve_all(
+                                &mut s.spec.mounts,
+                                &ctx.policy.allowed_host_paths,
+                                &writable,
+                            ),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    other => other,
+                };
                 let r = match admitted {
                     Ok(()) => containers::spawn(d, &ctx.pool, &node, ctx.defaults, &s, creds).await,
                     Err(e) => Err(e),
@@ -174,7 +194,7 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
             ),
             (Request::Stat(s), _) => {
                 let r = match containers::inspect(d, &node, &s.worker_id).await {
-                    Ok(_) => archive::stat(d, &s.worker_id, &s.path).await,
+                    Ok(w) => archive::stat(d, &w.container_id, &s.path).await,
                     Err(e) => Err(e),
                 };
                 reply(&ctx, id, r)
@@ -386,10 +406,13 @@ async fn run_exec(ctx: &Ctx, id: String, req: Exec, h: ChannelHandles) {
 async fn run_logs(ctx: &Ctx, id: String, req: Logs, h: ChannelHandles) {
     let ch = req.channel;
     let channels = &ctx.channels;
-    if let Err(e) = containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
-        channels.remove(ch);
-        return reply::<()>(ctx, id, Err(e));
-    }
+    let container = match containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
+        Ok(w) => w.container_id,
+        Err(e) => {
+            channels.remove(ch);
+            return reply::<()>(ctx, id, Err(e));
+        }
+    };
     let opts = bollard::query_parameters::LogsOptions {
         follow: req.follow,
         stdout: true,
@@ -403,8 +426,7 @@ async fn run_logs(ctx: &Ctx, id: String, req: Logs, h: ChannelHandles) {
             .unwrap_or_else(|| "all".into()),
     };
     let mut stream = exec::joined(
-        ctx.docker
-            .logs(&docker::object_name(&req.worker_id), Some(opts)),
+        ctx.docker.logs(&container, Some(opts)),
         MAX_FRAME_PAYLOAD,
         Wait::Reading,
     );
@@ -442,11 +464,16 @@ fn burst(window: u64) -> usize {
 async fn run_get(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) {
     let ch = req.channel;
     let channels = &ctx.channels;
-    if let Err(e) = containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
-        channels.remove(ch);
-        return reply::<()>(ctx, id, Err(e));
-    }
-    let mut stream = archive::download(&ctx.docker, &req.worker_id, &req.path, burst(req.window));
+    // Docker is addressed by the id of the container whose labels were
+    // checked, never by a name someone else could hold.
+    let container = match containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
+        Ok(w) => w.container_id,
+        Err(e) => {
+            channels.remove(ch);
+            return reply::<()>(ctx, id, Err(e));
+        }
+    };
+    let mut stream = archive::download(&ctx.docker, &container, &req.path, burst(req.window));
     // The first chunk tells whether the path exists: answer only then.
     let first = match stream.next().await {
         Some(Ok(b)) => b,
@@ -490,8 +517,12 @@ async fn run_get(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) {
 async fn run_put(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) {
     let ch = req.channel;
     let channels = &ctx.channels;
+    let mut container = String::new();
     let check = match containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
-        Ok(_) => archive::stat(&ctx.docker, &req.worker_id, &req.path).await,
+        Ok(w) => {
+            container = w.container_id;
+            archive::stat(&ctx.docker, &container, &req.path).await
+        }
         Err(e) => Err(e),
     };
     match check {
@@ -535,7 +566,7 @@ async fn run_put(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) {
             None => failed("upload channel closed".into()),
         }
     });
-    let result = archive::upload(&ctx.docker, &req.worker_id, &req.path, body).await;
+    let result = archive::upload(&ctx.docker, &container, &req.path, body).await;
     if channels.is_open(ch) {
         close(ctx, ch, None, result.err());
     }
@@ -547,7 +578,7 @@ pub(super) async fn collect_garbage(ctx: &Ctx) {
     match containers::orphan_networks(&ctx.docker, &ctx.node_id).await {
         Ok(nets) => {
             for n in nets {
-                match docker::networks::remove(&ctx.docker, &ctx.pool, &n).await {
+                match docker::networks::remove(&ctx.docker, &ctx.pool, &ctx.node_id, &n).await {
                     Ok(()) => info!(network = %n, "removed orphaned worker network"),
                     Err(e) => warn!(network = %n, error = %e, "could not remove orphaned network"),
                 }

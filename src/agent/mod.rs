@@ -6,6 +6,7 @@ pub mod capabilities;
 mod handlers;
 mod health;
 pub mod identity;
+pub mod mounts;
 mod nodeconfig;
 pub mod policy;
 mod session;

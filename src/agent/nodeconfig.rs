@@ -55,6 +55,7 @@ pub(crate) fn interpret(cfg: &NodeConfig) -> Result<Policy, String> {
         mounts: config::Mounts {
             allowed_host_paths: vec!["/".into()],
             read_only_by_default: true,
+            force_read_only: false,
         },
         security: config::Security {
             allow_privileged: true,
@@ -155,6 +156,19 @@ pub(crate) async fn apply(ctx: &Ctx, new: NodeConfig) -> Result<ConfigAck, Error
         Ok(p) => p,
         Err(e) => return Ok(ack("failed", Some(("invalid", e)), current_hash)),
     };
+    // A default image either policy forbids is refused before anything is
+    // pulled: a push must not make the node fetch what it would not run.
+    if let Some(image) = &policy.default_image
+        && let Some(p) = [&ctx.policy, &policy]
+            .into_iter()
+            .find(|p| !p.image_allowed(image))
+    {
+        let msg = format!(
+            "default_image {image:?} is not in the {} policy's allowed_images",
+            p.source
+        );
+        return Ok(ack("failed", Some(("invalid", msg)), current_hash));
+    }
     // 2. Write it (temporary file, then rename).
     let file = path(&ctx.state_dir);
     if let Err(e) = write_atomic(&file, &new) {

@@ -20,12 +20,15 @@ pub struct Policy {
     pub max_cpu_cores: f64,
     pub max_memory_mb: u64,
     pub max_pids: u64,
+    pub max_disk_mb: u64,
     /// 0 = none.
     pub default_timeout_secs: u64,
     /// 0 = no limit.
     pub max_timeout_secs: u64,
     pub allowed_host_paths: Vec<String>,
     pub read_only_by_default: bool,
+    /// Every host mount read-only (`sandbox.mounts.force_read_only`).
+    pub force_read_only: bool,
     pub allow_privileged: bool,
     pub allow_host_network: bool,
     pub allow_device_mounts: bool,
@@ -55,10 +58,12 @@ impl Policy {
             max_cpu_cores: s.resources.max_cpu_cores,
             max_memory_mb: s.resources.max_memory_mb,
             max_pids: s.resources.max_pids,
+            max_disk_mb: s.resources.max_disk_mb,
             default_timeout_secs: s.timeouts.default_seconds,
             max_timeout_secs: s.timeouts.max_seconds,
             allowed_host_paths: s.mounts.allowed_host_paths.clone(),
             read_only_by_default: s.mounts.read_only_by_default,
+            force_read_only: s.mounts.force_read_only,
             allow_privileged: s.security.allow_privileged,
             allow_host_network: s.security.allow_host_network,
             allow_device_mounts: s.security.allow_device_mounts,
@@ -69,7 +74,7 @@ impl Policy {
         denied_by(self.source, rule, what)
     }
 
-    fn image_allowed(&self, image: &str) -> bool {
+    pub(crate) fn image_allowed(&self, image: &str) -> bool {
         self.allowed_images.is_empty()
             || self
                 .allowed_images
@@ -171,8 +176,14 @@ impl Policy {
                     format!("host path {:?} is not under an allowed path", m.source),
                 ));
             }
-            if m.read_only.is_none() {
-                m.read_only = Some(self.read_only_by_default);
+            if self.force_read_only && m.read_only == Some(false) {
+                return Err(self.denied(
+                    "sandbox.mounts.force_read_only",
+                    format!("host path {:?} may only be mounted read-only", m.source),
+                ));
+            }
+            if m.read_only.is_none() || self.force_read_only {
+                m.read_only = Some(self.read_only_by_default || self.force_read_only);
             }
         }
         let r = &mut spec.resources;
@@ -215,6 +226,21 @@ impl Policy {
                 _ => {}
             }
         }
+        if self.max_disk_mb > 0 {
+            match r.disk_mb {
+                Some(d) if d > self.max_disk_mb => {
+                    return Err(self.denied(
+                        "sandbox.resources.max_disk_mb",
+                        format!(
+                            "{d} MB of disk requested, the node allows {} MB",
+                            self.max_disk_mb
+                        ),
+                    ));
+                }
+                None => r.disk_mb = Some(self.max_disk_mb),
+                _ => {}
+            }
+        }
         self.admit_timeout(&mut spec.timeout_secs)
     }
 
@@ -240,6 +266,7 @@ mod tests {
                 max_cpu_cores: 2.0,
                 max_memory_mb: 256,
                 max_pids: 100,
+                max_disk_mb: 1024,
             },
             timeouts: config::Timeouts {
                 default_seconds: 60,
@@ -248,6 +275,7 @@ mod tests {
             mounts: config::Mounts {
                 allowed_host_paths: vec!["/srv/data".into()],
                 read_only_by_default: true,
+                force_read_only: false,
             },
             ..Default::default()
         };
@@ -309,6 +337,22 @@ mod tests {
                 "{src}"
             );
         }
+        let mut forced = strict();
+        forced.force_read_only = true;
+        forced.read_only_by_default = false;
+        let mut r = req("alpine:3");
+        r.mounts = vec![Mount {
+            source: "/srv/data/x".into(),
+            target: "/d".into(),
+            read_only: Some(false),
+        }];
+        assert_eq!(
+            rule(forced.admit_spawn(&mut r, 0)),
+            "sandbox.mounts.force_read_only"
+        );
+        r.mounts[0].read_only = None;
+        forced.admit_spawn(&mut r, 0).unwrap();
+        assert_eq!(r.mounts[0].read_only, Some(true));
         let mut r = req("alpine:3");
         r.resources = Resources {
             cpus: Some(4.0),
@@ -331,6 +375,14 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(rule(p.admit_spawn(&mut r, 0)), "sandbox.resources.max_pids");
+        r.resources = Resources {
+            disk_mb: Some(2048),
+            ..Default::default()
+        };
+        assert_eq!(
+            rule(p.admit_spawn(&mut r, 0)),
+            "sandbox.resources.max_disk_mb"
+        );
         let mut r = req("alpine:3");
         r.timeout_secs = Some(601);
         assert_eq!(
@@ -366,7 +418,8 @@ mod tests {
             Resources {
                 cpus: Some(1.0),
                 memory_mb: Some(256),
-                pids: Some(100)
+                pids: Some(100),
+                disk_mb: Some(1024),
             }
         );
         assert_eq!(r.timeout_secs, Some(60));

@@ -1,7 +1,7 @@
 //! Files: the archive endpoints, streamed as tar in chunks.
 
 use super::joined::{Joined, Wait};
-use super::{object_name, to_error};
+use super::to_error;
 use crate::protocol::{ErrorBody, StatResult, StreamKind};
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
@@ -14,10 +14,11 @@ use futures_util::{Stream, TryStreamExt};
 /// Go's `os.ModeDir` bit, as Docker reports it in path stats.
 const MODE_DIR: u32 = 1 << 31;
 
-pub async fn stat(docker: &Docker, worker_id: &str, path: &str) -> Result<StatResult, ErrorBody> {
+/// Functions here take the id of a container whose ownership was checked.
+pub async fn stat(docker: &Docker, container: &str, path: &str) -> Result<StatResult, ErrorBody> {
     match docker
         .get_container_archive_info(
-            &object_name(worker_id),
+            container,
             Some(ContainerArchiveInfoOptions {
                 path: path.to_string(),
             }),
@@ -46,13 +47,13 @@ pub async fn stat(docker: &Docker, worker_id: &str, path: &str) -> Result<StatRe
 /// chunk waits: the body is read from the socket only when asked).
 pub fn download(
     docker: &Docker,
-    worker_id: &str,
+    container: &str,
     path: &str,
     max: usize,
 ) -> impl Stream<Item = Result<Bytes, DockerError>> + Unpin + use<> {
     let pieces = docker
         .download_from_container(
-            &object_name(worker_id),
+            container,
             Some(DownloadFromContainerOptions {
                 path: path.to_string(),
             }),
@@ -64,13 +65,13 @@ pub fn download(
 /// Extracts a tar stream into directory `path` of the worker.
 pub async fn upload(
     docker: &Docker,
-    worker_id: &str,
+    container: &str,
     path: &str,
     tar: impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
 ) -> Result<(), ErrorBody> {
     docker
         .upload_to_container(
-            &object_name(worker_id),
+            container,
             Some(UploadToContainerOptions {
                 path: path.to_string(),
                 ..Default::default()

@@ -22,14 +22,20 @@ pub struct Defaults {
     pub cpus: f64,
     pub memory_mb: u64,
     pub pids: i64,
+    /// Log rotation of every worker (`sandbox.logs`).
+    pub log_max_size_mb: u64,
+    pub log_max_files: u64,
 }
 
 impl Default for Defaults {
     fn default() -> Self {
+        let logs = crate::config::Logs::default();
         Defaults {
             cpus: 1.0,
             memory_mb: 512,
             pids: 512,
+            log_max_size_mb: logs.max_size_mb,
+            log_max_files: logs.max_files,
         }
     }
 }
@@ -243,7 +249,11 @@ fn validate(spec: &Spawn) -> Result<(), ErrorBody> {
         cpus,
         memory_mb,
         pids,
+        disk_mb,
     } = &spec.spec.resources;
+    if disk_mb.is_some_and(|d| d < 1) {
+        return bad("disk must be at least 1 MB".into());
+    }
     if cpus.is_some_and(|c| !(c > 0.0 && c <= 1024.0)) {
         return bad("cpus must be > 0".into());
     }
@@ -296,6 +306,20 @@ pub async fn spawn(
         object_labels.insert(labels::DEADLINE.into(), (now + t).to_string());
     }
     let host_net = spec.spec.network.as_deref() == Some("host");
+    // The caller found no worker of ours by this id; anything else under
+    // its name was made by someone else and is never touched.
+    match docker.inspect_container(&name, None).await {
+        Err(DockerError::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {}
+        Ok(_) => {
+            return Err(ErrorBody::new(
+                ErrorCode::Conflict,
+                format!("a container named {name} already exists and tether did not create it"),
+            ));
+        }
+        Err(e) => return Err(to_error(e, "inspect container")),
+    }
     // The image (pulled if need be; credentials go to the pull only, never
     // into the container) and the network at once: neither needs the other.
     let (image, subnet) =
@@ -308,11 +332,11 @@ pub async fn spawn(
                     .map(Some)
             }
         });
-    let subnet = match (image, subnet) {
-        (Ok(()), Ok(subnet)) => subnet,
+    let network = match (image, subnet) {
+        (Ok(()), Ok(network)) => network,
         (Err(e), net) => {
-            if let Ok(Some(_)) = net {
-                let _ = networks::remove(docker, pool, &name).await;
+            if let Ok(Some(n)) = net {
+                let _ = networks::remove(docker, pool, node_id, &n.id).await;
             }
             return Err(e);
         }
@@ -376,6 +400,24 @@ pub async fn spawn(
             pids_limit: Some(r.pids.unwrap_or(defaults.pids)),
             init: Some(true),
             publish_all_ports: Some(false),
+            // json-file, whatever the engine's default: `logs` reads it, and
+            // rotation keeps a chatty worker from filling the disk.
+            log_config: Some(bollard::models::HostConfigLogConfig {
+                typ: Some("json-file".into()),
+                config: Some(HashMap::from([
+                    (
+                        "max-size".to_string(),
+                        format!("{}m", defaults.log_max_size_mb.max(1)),
+                    ),
+                    (
+                        "max-file".to_string(),
+                        defaults.log_max_files.max(1).to_string(),
+                    ),
+                ])),
+            }),
+            storage_opt: r
+                .disk_mb
+                .map(|d| HashMap::from([("size".to_string(), format!("{d}M"))])),
             ..Default::default()
         }),
         ..Default::default()
@@ -389,21 +431,46 @@ pub async fn spawn(
             body,
         )
         .await;
+    // Clean-up after a failure removes only what this call created, by the
+    // ids the engine returned: never a name someone else may hold.
     let result = match created {
-        Ok(_) => docker
-            .start_container(&name, None)
+        Ok(c) => docker
+            .start_container(&c.id, None)
             .await
-            .map_err(|e| to_error(e, "start container")),
-        Err(e) => Err(to_error(e, "create container")),
+            .map_err(|e| (Some(c.id), to_error(e, "start container"))),
+        Err(DockerError::DockerResponseServerError {
+            status_code: 409, ..
+        }) => Err((
+            None,
+            ErrorBody::new(
+                ErrorCode::Conflict,
+                format!("a container named {name} already exists and tether did not create it"),
+            ),
+        )),
+        Err(DockerError::DockerResponseServerError { message, .. })
+            if r.disk_mb.is_some() && message.contains("storage-opt") =>
+        {
+            Err((
+                None,
+                ErrorBody::new(
+                    ErrorCode::Unsupported,
+                    format!("this node's storage driver cannot limit a worker's disk: {message}"),
+                ),
+            ))
+        }
+        Err(e) => Err((None, to_error(e, "create container"))),
     };
-    if let Err(e) = result {
-        // Leave nothing half-made behind.
-        let _ = remove_container(docker, &name, true).await;
-        let _ = networks::remove(docker, pool, &name).await;
+    if let Err((container, e)) = result {
+        if let Some(id) = container {
+            let _ = remove_container(docker, &id, true).await;
+        }
+        if let Some(n) = &network {
+            let _ = networks::remove(docker, pool, node_id, &n.id).await;
+        }
         return Err(e);
     }
     let mut info = inspect(docker, node_id, &spec.worker_id).await?;
-    info.subnet = subnet.map(|s| s.to_string());
+    info.subnet = network.map(|n| n.subnet.to_string());
     Ok(info)
 }
 
@@ -413,10 +480,10 @@ pub async fn stop(
     worker_id: &str,
     timeout_secs: u32,
 ) -> Result<WorkerInfo, ErrorBody> {
-    inspect(docker, node_id, worker_id).await?;
+    let info = inspect(docker, node_id, worker_id).await?;
     match docker
         .stop_container(
-            &object_name(worker_id),
+            &info.container_id,
             Some(StopContainerOptions {
                 t: Some(timeout_secs as i32),
                 signal: None,
@@ -468,11 +535,43 @@ pub async fn remove(
             format!("worker {worker_id} is running: stop it first or remove with force"),
         ));
     }
-    let name = object_name(worker_id);
-    remove_container(docker, &name, force)
+    // By the id of the container whose labels were just checked.
+    remove_container(docker, &info.container_id, force)
         .await
         .map_err(|e| to_error(e, "remove container"))?;
-    networks::remove(docker, pool, &name).await
+    networks::remove(docker, pool, node_id, &object_name(worker_id)).await
+}
+
+/// Host paths that running workers of this node mount read-write.
+pub async fn writable_mounts(
+    docker: &Docker,
+    node_id: &str,
+) -> Result<Vec<std::path::PathBuf>, ErrorBody> {
+    let filters = HashMap::from([
+        (
+            "label".to_string(),
+            vec![
+                format!("{}=true", labels::MANAGED),
+                format!("{}={node_id}", labels::NODE),
+            ],
+        ),
+        ("status".to_string(), vec!["running".to_string()]),
+    ]);
+    let list = docker
+        .list_containers(Some(ListContainersOptions {
+            all: false,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|e| to_error(e, "list containers"))?;
+    Ok(list
+        .into_iter()
+        .flat_map(|c| c.mounts.unwrap_or_default())
+        .filter(|m| m.rw == Some(true))
+        .filter(|m| m.typ.as_ref().map(|t| t.to_string()).as_deref() == Some("bind"))
+        .filter_map(|m| m.source.map(std::path::PathBuf::from))
+        .collect())
 }
 
 /// Networks labelled as ours whose worker container no longer exists.

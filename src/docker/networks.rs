@@ -84,13 +84,32 @@ impl SubnetPool {
     }
 }
 
-/// Creates the dedicated bridge network of a worker on a fresh subnet.
+/// A network the agent made: its id (what clean-up removes) and subnet.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub id: String,
+    pub subnet: Ipv4Net,
+}
+
+fn name_taken(name: &str) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Conflict,
+        format!("a network named {name} already exists and tether did not create it"),
+    )
+}
+
+/// Creates the dedicated bridge network of a worker on a fresh subnet. A
+/// name that is taken is a `conflict`: older engines (API < 1.44) accept
+/// duplicate network names, so the name is checked before and after.
 pub async fn create(
     docker: &Docker,
     pool: &SubnetPool,
     name: &str,
     object_labels: &HashMap<String, String>,
-) -> Result<Ipv4Net, ErrorBody> {
+) -> Result<Created, ErrorBody> {
+    if !same_name(docker, name).await?.is_empty() {
+        return Err(name_taken(name));
+    }
     // A subnet may be taken behind our back (another agent or tool on the
     // engine): it stays marked used; re-read the engine's networks and retry.
     for attempt in 0..32 {
@@ -129,11 +148,27 @@ pub async fn create(
             ..Default::default()
         };
         match docker.create_network(req).await {
-            Ok(_) => return Ok(subnet),
+            Ok(r) => {
+                let id = r.id;
+                // Someone made a network of the same name meanwhile: ours
+                // goes, theirs stays.
+                if same_name(docker, name).await?.len() > 1 {
+                    let _ = docker.remove_network(&id).await;
+                    pool.release(subnet);
+                    return Err(name_taken(name));
+                }
+                return Ok(Created { id, subnet });
+            }
             Err(bollard::errors::Error::DockerResponseServerError { message, .. })
                 if message.contains("overlap") =>
             {
                 continue;
+            }
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409, ..
+            }) => {
+                pool.release(subnet);
+                return Err(name_taken(name));
             }
             Err(e) => {
                 pool.release(subnet);
@@ -147,21 +182,54 @@ pub async fn create(
     ))
 }
 
-/// Removes a worker network and returns its subnet to the pool. A network
-/// that is already gone is not an error.
-pub async fn remove(docker: &Docker, pool: &SubnetPool, name: &str) -> Result<(), ErrorBody> {
-    let subnet = match docker.inspect_network(name, None).await {
-        Ok(n) => n
-            .ipam
-            .and_then(|i| i.config)
-            .and_then(|c| c.into_iter().find_map(|c| c.subnet))
-            .and_then(|s| s.parse::<Ipv4Net>().ok()),
+/// Ids of the networks named exactly `name` (the engine's name filter
+/// matches substrings).
+async fn same_name(docker: &Docker, name: &str) -> Result<Vec<String>, ErrorBody> {
+    let nets = docker
+        .list_networks(Some(ListNetworksOptions {
+            filters: Some(HashMap::from([(
+                "name".to_string(),
+                vec![name.to_string()],
+            )])),
+        }))
+        .await
+        .map_err(|e| to_error(e, "list networks"))?;
+    Ok(nets
+        .into_iter()
+        .filter(|n| n.name.as_deref() == Some(name))
+        .filter_map(|n| n.id)
+        .collect())
+}
+
+/// Removes a worker network of this node and returns its subnet to the
+/// pool. Only a network carrying this node's labels is removed, by its id;
+/// one that is gone, or is not ours, is left alone.
+pub async fn remove(
+    docker: &Docker,
+    pool: &SubnetPool,
+    node_id: &str,
+    name_or_id: &str,
+) -> Result<(), ErrorBody> {
+    let net = match docker.inspect_network(name_or_id, None).await {
+        Ok(n) => n,
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
         }) => return Ok(()),
         Err(e) => return Err(to_error(e, "inspect network")),
     };
-    match docker.remove_network(name).await {
+    let lbls = net.labels.unwrap_or_default();
+    let ours = lbls.get(labels::MANAGED).map(String::as_str) == Some("true")
+        && lbls.get(labels::NODE).map(String::as_str) == Some(node_id);
+    let Some(id) = net.id.filter(|_| ours) else {
+        tracing::warn!(network = %name_or_id, "not removing a network tether did not create");
+        return Ok(());
+    };
+    let subnet = net
+        .ipam
+        .and_then(|i| i.config)
+        .and_then(|c| c.into_iter().find_map(|c| c.subnet))
+        .and_then(|s| s.parse::<Ipv4Net>().ok());
+    match docker.remove_network(&id).await {
         Ok(())
         | Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..

@@ -87,6 +87,7 @@ pub struct ChannelState {
 
 /// Resource limits of a worker. Missing values take the node's defaults.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct Resources {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<f64>,
@@ -94,10 +95,17 @@ pub struct Resources {
     pub memory_mb: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<i64>,
+    /// Writable-layer size in MB (`unsupported` where the engine's storage
+    /// driver cannot limit it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u64>,
 }
 
-/// What the operator asks for when spawning (operator API body).
+/// What the operator asks for when spawning (operator API body). Unknown
+/// fields are refused, naming the field: a misspelt limit must not be
+/// silently dropped.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct SpawnRequest {
     pub image: String,
     #[serde(default)]
@@ -138,6 +146,7 @@ pub struct SpawnRequest {
 
 /// A host path mounted into a worker.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct Mount {
     pub source: String,
     pub target: String,
@@ -146,14 +155,30 @@ pub struct Mount {
     pub read_only: Option<bool>,
 }
 
-/// `spawn` request payload, server to agent.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// `spawn` request payload, server to agent: the [`SpawnRequest`] fields
+/// and `worker_id` in one object. Deserialised by hand because serde's
+/// `flatten` would drop unknown fields instead of refusing them.
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Spawn {
     /// Chosen by the server; a spawn with an id that already exists returns
     /// the existing worker.
     pub worker_id: String,
     #[serde(flatten)]
     pub spec: SpawnRequest,
+}
+
+impl<'de> Deserialize<'de> for Spawn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut map = serde_json::Map::<String, Value>::deserialize(d)?;
+        let worker_id = match map.remove("worker_id") {
+            Some(Value::String(s)) => s,
+            Some(_) => return Err(D::Error::custom("worker_id must be a string")),
+            None => return Err(D::Error::missing_field("worker_id")),
+        };
+        let spec = SpawnRequest::deserialize(Value::Object(map)).map_err(D::Error::custom)?;
+        Ok(Spawn { worker_id, spec })
+    }
 }
 
 /// A worker as the agent and the server describe it.
@@ -450,6 +475,9 @@ pub fn capability_hash(report: &Value) -> String {
 }
 
 /// Requests the server sends to an agent; each gets one `result` or `error`.
+// A request lives only while it is handled; boxing the large spawn would
+// add an allocation and change nothing that matters.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
     Spawn(Spawn),
@@ -717,6 +745,35 @@ mod tests {
         assert_eq!(s.worker_id, "w1");
         assert_eq!(s.spec.image, "img");
         assert_eq!(s.spec.cmd, vec!["true"]);
+    }
+
+    #[test]
+    fn spawn_refuses_unknown_fields_by_name() {
+        for (payload, field) in [
+            (
+                r#"{"worker_id":"w1","image":"img","privilegd":true}"#,
+                "privilegd",
+            ),
+            (
+                r#"{"worker_id":"w1","image":"img","resources":{"memroy_mb":5}}"#,
+                "memroy_mb",
+            ),
+            (
+                r#"{"worker_id":"w1","image":"img","mounts":[{"source":"/a","target":"/b","mode":"rw"}]}"#,
+                "mode",
+            ),
+        ] {
+            let text = format!(r#"{{"type":"spawn","id":"a","payload":{payload}}}"#);
+            let e = Message::decode(&text).unwrap_err();
+            assert_eq!(e.error.code, ErrorCode::InvalidRequest);
+            assert!(e.error.message.contains(field), "{}", e.error.message);
+        }
+        let e: Result<SpawnRequest, _> = serde_json::from_str(r#"{"image":"i","netwrk":"host"}"#);
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("unknown field `netwrk`")
+        );
     }
 
     #[test]

@@ -1,0 +1,234 @@
+//! Host paths mounted into workers, resolved on the node before Docker sees
+//! them. Docker follows symbolic links in a bind source, and a worker that
+//! can write under an allowed path can plant one (`ln -s / /data/esc`), so a
+//! source is accepted only if every component below its allowed root is a
+//! real directory or file, opened one at a time without following links
+//! (`openat` with `O_NOFOLLOW`, as `RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH`
+//! would). Docker gets the path that was checked.
+//!
+//! Between that check and the engine's mount a worker that can write to a
+//! directory above the source could still swap it for a link. The rule that
+//! closes the race: a source strictly inside a directory that a running
+//! worker of this node mounts read-write is refused while that worker runs.
+//! Checks and starts of workers with mounts are serialised ([`MOUNT_LOCK`]).
+
+use crate::protocol::{ErrorBody, ErrorCode, Mount};
+use rustix::fs::{FileType, Mode, OFlags};
+use std::path::{Component, Path, PathBuf};
+
+/// Held from a spawn's mount checks until its container has started.
+pub static MOUNT_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Container paths no host path may be mounted over (or under).
+const FORBIDDEN_TARGETS: &[&str] = &["/proc", "/sys", "/dev"];
+
+fn denied(rule: &str, what: String) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::PolicyDenied,
+        format!("denied by node policy `{rule}`: {what}"),
+    )
+}
+
+/// Checks a mount's target: absolute, plain, not `/`, and not over `/proc`,
+/// `/sys` or `/dev` (where a host path could shadow the kernel's view).
+pub fn check_target(target: &str) -> Result<(), ErrorBody> {
+    let p = Path::new(target);
+    let plain = p.is_absolute()
+        && p.components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !plain || p.components().count() < 2 {
+        return Err(ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            format!("mount target {target:?} must be an absolute path below / without . or .."),
+        ));
+    }
+    if let Some(f) = FORBIDDEN_TARGETS.iter().find(|f| p.starts_with(f)) {
+        return Err(denied(
+            "sandbox.mounts",
+            format!("mount target {target:?} lies in {f}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Resolves `source` below one of `allowed` without following any link;
+/// returns the path Docker is to mount (the allowed root's canonical path
+/// joined with the checked remainder).
+pub fn resolve_source(source: &str, allowed: &[String]) -> Result<PathBuf, ErrorBody> {
+    let src = Path::new(source);
+    let not_allowed = || {
+        denied(
+            "sandbox.mounts.allowed_host_paths",
+            format!("host path {source:?} is not under an allowed path"),
+        )
+    };
+    if !src.is_absolute()
+        || !src
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+    {
+        return Err(not_allowed());
+    }
+    // The longest allowed root that contains the source.
+    let root = allowed
+        .iter()
+        .map(Path::new)
+        .filter(|a| a.is_absolute() && src.starts_with(a))
+        .max_by_key(|a| a.components().count())
+        .ok_or_else(not_allowed)?;
+    let rest = src.strip_prefix(root).expect("starts_with checked");
+    // The root is the node operator's own setting: links in it are theirs.
+    let root = std::fs::canonicalize(root).map_err(|e| {
+        denied(
+            "sandbox.mounts.allowed_host_paths",
+            format!(
+                "allowed path {} cannot be opened on the node: {e} (an agent in a container sees host paths only where they are mounted at the same path)",
+                root.display()
+            ),
+        )
+    })?;
+    let mut fd = rustix::fs::open(
+        &root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        denied(
+            "sandbox.mounts.allowed_host_paths",
+            format!("{}: {e}", root.display()),
+        )
+    })?;
+    let mut walked = root.clone();
+    for c in rest.components() {
+        let Component::Normal(name) = c else {
+            return Err(not_allowed());
+        };
+        walked.push(name);
+        let next = rustix::fs::openat(
+            &fd,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| {
+            denied(
+                "sandbox.mounts.allowed_host_paths",
+                format!("host path {source:?}: {}: {e}", walked.display()),
+            )
+        })?;
+        let st = rustix::fs::fstat(&next).map_err(|e| {
+            denied(
+                "sandbox.mounts.allowed_host_paths",
+                format!("host path {source:?}: {e}"),
+            )
+        })?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+            return Err(denied(
+                "sandbox.mounts.allowed_host_paths",
+                format!(
+                    "host path {source:?} goes through a symbolic link at {}: links are never followed",
+                    walked.display()
+                ),
+            ));
+        }
+        fd = next;
+    }
+    Ok(walked)
+}
+
+/// Checks and resolves every mount of a spawn in place. `writable` are the
+/// sources (resolved) that running workers of this node mount read-write.
+pub fn resolve_all(
+    mounts: &mut [Mount],
+    allowed: &[String],
+    writable: &[PathBuf],
+) -> Result<(), ErrorBody> {
+    for m in mounts.iter_mut() {
+        check_target(&m.target)?;
+        let resolved = resolve_source(&m.source, allowed)?;
+        if let Some(w) = writable
+            .iter()
+            .find(|w| resolved.starts_with(w) && resolved != **w)
+        {
+            return Err(denied(
+                "sandbox.mounts.allowed_host_paths",
+                format!(
+                    "host path {:?} lies inside {}, which a running worker mounts read-write (it could replace the path with a link before the mount)",
+                    m.source,
+                    w.display()
+                ),
+            ));
+        }
+        m.source = resolved.to_string_lossy().into_owned();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mount(source: &Path, target: &str) -> Mount {
+        Mount {
+            source: source.to_string_lossy().into_owned(),
+            target: target.into(),
+            read_only: None,
+        }
+    }
+
+    #[test]
+    fn links_anywhere_below_the_root_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("allowed");
+        std::fs::create_dir_all(root.join("real/sub")).unwrap();
+        std::os::unix::fs::symlink("/", root.join("esc")).unwrap();
+        std::os::unix::fs::symlink(root.join("real"), root.join("alias")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", root.join("real/file")).unwrap();
+        let allowed = vec![root.to_string_lossy().into_owned()];
+        let ok = resolve_source(&root.join("real/sub").to_string_lossy(), &allowed).unwrap();
+        assert_eq!(ok, std::fs::canonicalize(root.join("real/sub")).unwrap());
+        for bad in ["esc", "esc/etc", "alias/sub", "real/file"] {
+            let e = resolve_source(&root.join(bad).to_string_lossy(), &allowed).unwrap_err();
+            assert_eq!(e.code, ErrorCode::PolicyDenied, "{bad}: {e}");
+            assert!(e.message.contains("symbolic link"), "{bad}: {e}");
+        }
+        let e = resolve_source(&root.join("missing").to_string_lossy(), &allowed).unwrap_err();
+        assert_eq!(e.code, ErrorCode::PolicyDenied);
+        for bad in ["/etc", "relative/path", "/x/../etc"] {
+            assert!(resolve_source(bad, &allowed).is_err(), "{bad}");
+        }
+        // A sibling whose name merely starts like the root is outside it.
+        let sibling = dir.path().join("allowed-not");
+        std::fs::create_dir_all(&sibling).unwrap();
+        assert!(resolve_source(&sibling.to_string_lossy(), &allowed).is_err());
+    }
+
+    #[test]
+    fn targets_and_writable_parents() {
+        for bad in [
+            "/proc",
+            "/proc/x",
+            "/sys/fs",
+            "/dev",
+            "/",
+            "rel",
+            "/a/../proc",
+        ] {
+            assert!(check_target(bad).is_err(), "{bad}");
+        }
+        check_target("/data").unwrap();
+        check_target("/devices").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        let allowed = vec![root.to_string_lossy().into_owned()];
+        // Inside a directory a running worker can write: refused; the same
+        // directory, or a sibling, is fine.
+        let writable = vec![root.join("a")];
+        let mut m = vec![mount(&root.join("a/b"), "/d")];
+        let e = resolve_all(&mut m, &allowed, &writable).unwrap_err();
+        assert!(e.message.contains("read-write"), "{e}");
+        let mut m = vec![mount(&root.join("a"), "/d")];
+        resolve_all(&mut m, &allowed, &writable).unwrap();
+    }
+}

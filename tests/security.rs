@@ -1,0 +1,350 @@
+//! Attacks on the node, each performed against the real engine
+//! (docs/security.md): host paths through links, Docker objects tether did
+//! not create, a worker filling the disk through its logs, requests with
+//! fields the node would silently drop.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tether::docker::containers;
+use tether::docker::networks::SubnetPool;
+use tether::protocol::{ErrorCode, Spawn, SpawnRequest};
+
+async fn spawn_err(h: &Harness, args: &[&str]) -> String {
+    let out = h.ctl(args).await;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "spawn {args:?} was not refused: {}{err}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    err
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what} within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_paths_never_follow_links_a_worker_planted() {
+    let mut h = Harness::server().await;
+    let allowed = h.state_path("allowed");
+    std::fs::create_dir_all(allowed.join("sub")).unwrap();
+    let allowed_s = allowed.to_str().unwrap().to_string();
+    let mut cfg = h.agent_config(&unique("test"));
+    cfg.policy.allowed_host_paths = vec![allowed_s.clone()];
+    cfg.policy.read_only_by_default = true;
+    h.add_agent_with(cfg).await;
+    let img = image();
+
+    // Worker A may write the allowed directory, and plants a link to the
+    // host's root in it.
+    let a = h
+        .ctl_ok(&[
+            "spawn",
+            "--image",
+            &img,
+            "-v",
+            &format!("{allowed_s}:/data:rw"),
+            "--",
+            "sh",
+            "-c",
+            "ln -s / /data/esc && sleep 3600",
+        ])
+        .await
+        .trim()
+        .to_string();
+    let esc = allowed.join("esc");
+    wait_for("the planted link", || esc.symlink_metadata().is_ok()).await;
+
+    // Worker B asks for the link: refused, the host's root stays out.
+    let err = spawn_err(
+        &h,
+        &[
+            "spawn",
+            "--image",
+            &img,
+            "-v",
+            &format!("{allowed_s}/esc:/host:ro"),
+            "--",
+            "ls",
+            "/host",
+        ],
+    )
+    .await;
+    assert!(
+        err.contains("policy_denied") && err.contains("symbolic link"),
+        "{err}"
+    );
+    let err = spawn_err(
+        &h,
+        &[
+            "spawn",
+            "--image",
+            &img,
+            "-v",
+            &format!("{allowed_s}/esc/var/run:/run2"),
+            "--",
+            "true",
+        ],
+    )
+    .await;
+    assert!(err.contains("symbolic link"), "{err}");
+
+    // A path inside what A can write could be swapped for a link between
+    // the check and the mount: refused while A runs.
+    let sub = format!("{allowed_s}/sub:/x:ro");
+    let err = spawn_err(&h, &["spawn", "--image", &img, "-v", &sub, "--", "true"]).await;
+    assert!(err.contains("read-write"), "{err}");
+    // Targets over the kernel's views, and sources that do not exist (the
+    // engine would create them as root), are refused too.
+    let err = spawn_err(
+        &h,
+        &[
+            "spawn",
+            "--image",
+            &img,
+            "-v",
+            &format!("{allowed_s}:/proc/x"),
+            "--",
+            "true",
+        ],
+    )
+    .await;
+    assert!(err.contains("/proc"), "{err}");
+    let err = spawn_err(
+        &h,
+        &[
+            "spawn",
+            "--image",
+            &img,
+            "-v",
+            &format!("{allowed_s}/missing:/m"),
+            "--",
+            "true",
+        ],
+    )
+    .await;
+    assert!(err.contains("policy_denied"), "{err}");
+    assert!(!allowed.join("missing").exists());
+
+    // With A gone the same path mounts, read-only by default.
+    h.ctl_ok(&["rm", "-f", &a]).await;
+    std::fs::write(allowed.join("sub/f"), b"inside").unwrap();
+    let c = h
+        .ctl_ok(&["spawn", "--image", &img, "-v", &sub, "--", "sleep", "3600"])
+        .await
+        .trim()
+        .to_string();
+    assert_eq!(h.ctl_ok(&["exec", &c, "--", "cat", "/x/f"]).await, "inside");
+    let out = h
+        .ctl(&["exec", &c, "--", "sh", "-c", "echo x > /x/g"])
+        .await;
+    assert_ne!(out.status.code(), Some(0), "the mount is read-only");
+    h.ctl_ok(&["rm", "-f", &c]).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_never_touches_objects_it_did_not_create() {
+    ensure_image();
+    let engine = tether::docker::connect(None).await.unwrap();
+    let pool = SubnetPool::new("10.213.0.0/16".parse().unwrap(), 28).unwrap();
+    pool.sync(&engine).await.unwrap();
+    let node = unique("test");
+    let img = image();
+    let spec = |worker_id: &str| Spawn {
+        worker_id: worker_id.into(),
+        spec: SpawnRequest {
+            image: img.clone(),
+            cmd: vec!["sleep".into(), "60".into()],
+            ..Default::default()
+        },
+    };
+
+    // A container of someone else's under the name a worker id maps to (as
+    // `tether-agent` would be for worker id `agent`).
+    let wid = format!("victim{}", &unique("x")[2..14]);
+    let victim = format!("tether-{wid}");
+    docker_all(&[
+        "run",
+        "-d",
+        "--name",
+        &victim,
+        "--label",
+        "tether.test=1",
+        &img,
+        "sleep",
+        "3600",
+    ]);
+    let e = containers::spawn(&engine, &pool, &node, Default::default(), &spec(&wid), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Conflict, "{e}");
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.State.Running}}", &victim]),
+        "true"
+    );
+    let e = containers::remove(&engine, &pool, &node, &wid, true)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::NotFound);
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.State.Running}}", &victim]),
+        "true"
+    );
+    // No network was left behind for it either.
+    assert_eq!(
+        docker(&[
+            "network",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label=tether.node_id={node}")
+        ]),
+        ""
+    );
+
+    // Someone else's network under a worker's network name.
+    let wid2 = format!("netvictim{}", &unique("x")[2..14]);
+    let net = format!("tether-{wid2}");
+    docker_all(&["network", "create", "--label", "tether.test=1", &net]);
+    let e = containers::spawn(
+        &engine,
+        &pool,
+        &node,
+        Default::default(),
+        &spec(&wid2),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Conflict, "{e}");
+    assert!(e.message.contains("network"), "{e}");
+    assert_eq!(
+        docker(&["network", "ls", "-q", "--filter", &format!("name=^{net}$")])
+            .lines()
+            .count(),
+        1
+    );
+    assert_eq!(
+        docker(&["ps", "-aq", "--filter", &format!("name=^{net}$")]),
+        ""
+    );
+
+    docker_all(&["rm", "-f", &victim]);
+    docker_all(&["network", "rm", &net]);
+    docker_cleanup(&node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cannot_fill_the_disk_through_its_logs() {
+    let mut h = Harness::server().await;
+    let mut cfg = h.agent_config(&unique("test"));
+    cfg.defaults.log_max_size_mb = 1;
+    cfg.defaults.log_max_files = 2;
+    h.add_agent_with(cfg).await;
+    let img = image();
+    // 8 MB of output, then it stays up so its files can be measured.
+    let w = h
+        .ctl_ok(&[
+            "spawn",
+            "--image",
+            &img,
+            "--",
+            "sh",
+            "-c",
+            "yes 0123456789abcdef0123456789abcdef | head -c 8000000; echo done; sleep 3600",
+        ])
+        .await
+        .trim()
+        .to_string();
+    let name = format!("tether-{w}");
+    let log_path = docker(&["inspect", "-f", "{{.LogPath}}", &name]);
+    let dir = Path::new(&log_path).parent().unwrap().to_path_buf();
+    let logged = || -> u64 {
+        std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().contains("-json.log"))
+                    .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    wait_for("the worker's output to end", || {
+        docker_all(&["logs", "--tail", "1", &name]).contains("done")
+    })
+    .await;
+    let total = logged();
+    // JSON framing makes the 8 MB about 14 MB on disk; two files of 1 MB
+    // (and a line's slack) are kept.
+    assert!(
+        total <= 2 * 1024 * 1024 + 64 * 1024,
+        "{total} bytes of logs kept"
+    );
+    assert!(total > 0, "logs are kept at all ({})", dir.display());
+    let cfg = docker(&["inspect", "-f", "{{json .HostConfig.LogConfig}}", &name]);
+    let cfg: Value = serde_json::from_str(&cfg).unwrap();
+    assert_eq!(cfg["Type"], "json-file");
+    assert_eq!(cfg["Config"]["max-size"], "1m");
+    assert_eq!(cfg["Config"]["max-file"], "2");
+
+    // A disk limit is applied where the storage driver can, and refused
+    // clearly where it cannot.
+    let out = h
+        .ctl(&[
+            "spawn", "--image", &img, "--disk", "64", "--", "sleep", "60",
+        ])
+        .await;
+    if out.status.success() {
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let opt = docker(&[
+            "inspect",
+            "-f",
+            "{{json .HostConfig.StorageOpt}}",
+            &format!("tether-{id}"),
+        ]);
+        assert!(opt.contains("\"size\":\"64M\""), "{opt}");
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("unsupported") && err.contains("storage driver"),
+            "{err}"
+        );
+    }
+    h.ctl_ok(&["rm", "-f", &w]).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_requests_with_unknown_fields_are_refused_by_name() {
+    let (h, _node) = Harness::start().await;
+    let resp = tether::http_client()
+        .post(format!("{}/api/v1/workers", h.url))
+        .bearer_auth(&h.token)
+        .json(&serde_json::json!({"image": image(), "cmd": ["true"], "privilegd": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_request", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("privilegd"),
+        "{v}"
+    );
+    let ps: Value = serde_json::from_str(&h.ctl_ok(&["ps", "--json"]).await).unwrap();
+    assert_eq!(ps.as_array().unwrap().len(), 0, "nothing was spawned");
+    h.stop().await;
+}

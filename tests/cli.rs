@@ -410,3 +410,173 @@ async fn exec_never_reaches_a_container_that_took_a_removed_workers_name() {
     docker(&["rm", "-f", &name]);
     h.stop().await;
 }
+
+/// A worker's files are untrusted: `ctl cp` from it makes its symlinks as
+/// symlinks and never follows one, keeps a hard-link pair a pair, drops
+/// setuid, and refuses a fifo with tether's exit code, naming the entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cp_from_a_hostile_worker_stays_inside_the_destination() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (h, _node) = Harness::start().await;
+    let w = h.ctl_spawn_sleeper().await;
+    let outside = h.state_path("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("victim"), b"original").unwrap();
+    let o = outside.to_str().unwrap();
+    let script = format!(
+        "set -e; mkdir -p /tmp/x/d /tmp/x/h /tmp/x/f; cd /tmp/x; \
+         ln -s / d/esc; ln -s {o} d/link; ln -s {o}/victim d/victim; echo inside > d/zz; \
+         head -c 300000 /dev/urandom > h/a; ln h/a h/b; chmod 4755 h/a; \
+         echo x > f/a; mkfifo f/pipe; sha256sum h/a"
+    );
+    let out = h.ctl_ok(&["exec", &w, "--", "sh", "-c", &script]).await;
+    let worker_sha = out.split_whitespace().next().unwrap().to_string();
+    let untouched = || {
+        let names: Vec<_> = std::fs::read_dir(&outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["victim"]);
+        assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"original");
+    };
+
+    // Symlinks to / and to the operator's files arrive as symlinks.
+    let local = h.state_path("local");
+    std::fs::create_dir(&local).unwrap();
+    h.ctl_ok(&["cp", &format!("{w}:/tmp/x/d"), local.to_str().unwrap()])
+        .await;
+    let d = local.join("d");
+    assert_eq!(
+        std::fs::read_link(d.join("esc")).unwrap(),
+        std::path::Path::new("/")
+    );
+    assert_eq!(std::fs::read_link(d.join("link")).unwrap(), outside);
+    assert_eq!(std::fs::read(d.join("zz")).unwrap(), b"inside\n");
+    untouched();
+
+    // A hard-link pair: one inode, the worker's bytes, no setuid.
+    h.ctl_ok(&["cp", &format!("{w}:/tmp/x/h"), local.to_str().unwrap()])
+        .await;
+    let (a, b) = (local.join("h/a"), local.join("h/b"));
+    assert_eq!(sha256(&std::fs::read(&a).unwrap()), worker_sha);
+    assert_eq!(sha256(&std::fs::read(&b).unwrap()), worker_sha);
+    let (ma, mb) = (
+        std::fs::metadata(&a).unwrap(),
+        std::fs::metadata(&b).unwrap(),
+    );
+    assert_eq!((ma.ino(), ma.nlink()), (mb.ino(), 2));
+    assert_eq!(ma.permissions().mode() & 0o7777, 0o755);
+
+    // A fifo is refused: tether's exit code, the entry named, nothing made.
+    let out = h
+        .ctl(&["cp", &format!("{w}:/tmp/x/f"), local.to_str().unwrap()])
+        .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains(r#"Error: refusing archive entry "f/pipe": fifo"#),
+        "{err}"
+    );
+    assert!(!local.join("f/pipe").exists());
+    untouched();
+    h.stop().await;
+}
+
+/// A compromised server is in the operator's threat model too: the archive
+/// it sends goes through the same extraction. A symlink then an entry
+/// through it, or a hard link out of the destination: refused, with
+/// tether's exit code, and nothing written outside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cp_from_a_compromised_server_stays_inside_the_destination() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let outside = dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("victim"), b"original").unwrap();
+    let o = outside.to_str().unwrap().to_string();
+    let local = dir.path().join("local");
+    std::fs::create_dir(&local).unwrap();
+
+    /// One crafted entry: type, name, link name.
+    type Crafted<'a> = (tar::EntryType, &'a str, &'a str);
+    let attacks: [(&[Crafted], &str); 2] = [
+        (
+            &[
+                (tar::EntryType::Directory, "d/", ""),
+                (tar::EntryType::Symlink, "d/a", &o),
+                (tar::EntryType::Regular, "d/a/victim", ""),
+            ],
+            r#"Error: refusing archive entry "d/a/victim": its path goes through a symbolic link"#,
+        ),
+        (
+            &[
+                (tar::EntryType::Directory, "e/", ""),
+                (tar::EntryType::Link, "e/h", "../outside/victim"),
+            ],
+            r#"Error: refusing archive entry "e/h": hard link to something other than an earlier file of the archive"#,
+        ),
+    ];
+    for (entries, expected) in attacks {
+        let mut b = tar::Builder::new(Vec::new());
+        for (kind, name, link) in entries {
+            let mut hd = tar::Header::new_ustar();
+            hd.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            hd.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+            hd.set_entry_type(*kind);
+            hd.set_mode(0o644);
+            hd.set_size(if *kind == tar::EntryType::Regular {
+                6
+            } else {
+                0
+            });
+            hd.set_cksum();
+            let data: &[u8] = if *kind == tar::EntryType::Regular {
+                b"pwned\n"
+            } else {
+                b""
+            };
+            b.append(&hd, data).unwrap();
+        }
+        let archive = b.into_inner().unwrap();
+        let url = serve_archive(archive).await;
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["ctl", "cp", "w:/x", local.to_str().unwrap()])
+            .env("TETHER_SERVER", &url)
+            .env("TETHER_TOKEN", "t")
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{err}");
+        assert!(err.contains(expected), "{err}");
+        let names: Vec<_> = std::fs::read_dir(&outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["victim"]);
+        assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"original");
+        assert_eq!(
+            std::fs::metadata(outside.join("victim")).unwrap().nlink(),
+            1
+        );
+    }
+}
+
+/// A stand-in server on 127.0.0.1:0 that answers every stat with "a
+/// directory" and every archive request with `archive`.
+async fn serve_archive(archive: Vec<u8>) -> String {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/api/v1/workers/{w}/stat",
+            get(|| async { axum::Json(serde_json::json!({"exists": true, "is_dir": true})) }),
+        )
+        .route(
+            "/api/v1/workers/{w}/archive",
+            get(move || async move { archive }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}

@@ -1,5 +1,6 @@
 //! `ctl cp SRC DST`: files and directories in both directions, docker-style
-//! (`WORKER:PATH`), streamed as tar: never a whole file in memory.
+//! (`WORKER:PATH`), streamed as tar: never a whole file in memory. Downloads
+//! are unpacked by [`super::extract`], which trusts neither worker nor server.
 
 use super::{Client, CtlError};
 use crate::protocol::StatResult;
@@ -7,7 +8,7 @@ use futures_util::TryStreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
 use std::io::IsTerminal;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
 
 /// One side of a copy.
@@ -166,28 +167,6 @@ async fn upload(client: &Client, src: &Path, worker: &str, dst: &str) -> Result<
     Ok(total)
 }
 
-/// Maps an archive entry path to where it lands locally, refusing escapes.
-fn entry_target(entry: &Path, into_dir: Option<&Path>, rename_to: &Path) -> Option<PathBuf> {
-    let mut comps = entry
-        .components()
-        .filter(|c| !matches!(c, Component::CurDir));
-    let first = comps.next()?;
-    let Component::Normal(first) = first else {
-        return None;
-    };
-    let mut out = match into_dir {
-        Some(d) => d.join(first),
-        None => rename_to.to_path_buf(),
-    };
-    for c in comps {
-        match c {
-            Component::Normal(n) => out.push(n),
-            _ => return None,
-        }
-    }
-    Some(out)
-}
-
 async fn download(client: &Client, worker: &str, src: &str, dst: &Path) -> Result<u64, CtlError> {
     let info = stat(client, worker, src).await?;
     if !info.exists {
@@ -196,8 +175,11 @@ async fn download(client: &Client, worker: &str, src: &str, dst: &Path) -> Resul
             format!("{src}: no such file or directory in worker {worker}"),
         )));
     }
-    let into_dir = dst.is_dir().then(|| dst.to_path_buf());
-    if into_dir.is_none() {
+    // Where to extract, and under which name, following docker cp: into an
+    // existing directory under the archive's own name, else onto DST.
+    let (into, rename) = if dst.is_dir() {
+        (dst.to_path_buf(), None)
+    } else {
         let parent = dst
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -205,7 +187,11 @@ async fn download(client: &Client, worker: &str, src: &str, dst: &Path) -> Resul
         if !parent.is_dir() {
             return Err(local(format!("{}: no such directory", parent.display())));
         }
-    }
+        let name = dst
+            .file_name()
+            .ok_or_else(|| local(format!("invalid destination {}", dst.display())))?;
+        (parent.to_path_buf(), Some(name.to_os_string()))
+    };
     let rb = client
         .request(Method::GET, &format!("/api/v1/workers/{worker}/archive"))
         .query(&[("path", src)]);
@@ -217,31 +203,11 @@ async fn download(client: &Client, worker: &str, src: &str, dst: &Path) -> Resul
         .inspect_ok(move |b| pb2.inc(b.len() as u64))
         .map_err(std::io::Error::other);
     let reader = SyncIoBridge::new(StreamReader::new(stream));
-    let dst = dst.to_path_buf();
-    let total = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
-        let mut ar = tar::Archive::new(reader);
-        ar.set_preserve_permissions(true);
-        let mut total = 0u64;
-        for entry in ar.entries()? {
-            let mut entry = entry?;
-            let path = entry.path()?.into_owned();
-            let Some(target) = entry_target(&path, into_dir.as_deref(), &dst) else {
-                return Err(std::io::Error::other(format!(
-                    "refusing unsafe archive path {}",
-                    path.display()
-                )));
-            };
-            if let Some(p) = target.parent() {
-                std::fs::create_dir_all(p)?;
-            }
-            total += entry.header().size().unwrap_or(0);
-            entry.unpack(&target)?;
-        }
-        Ok(total)
+    let total = tokio::task::spawn_blocking(move || {
+        super::extract::extract(reader, &into, rename.as_deref())
     })
     .await
-    .map_err(local)?
-    .map_err(|e| local(format!("writing {}: {e}", "archive")))?;
+    .map_err(local)??;
     pb.finish_and_clear();
     Ok(total)
 }
@@ -271,27 +237,6 @@ mod tests {
                 worker: "w".into(),
                 path: "/".into()
             }
-        );
-    }
-
-    #[test]
-    fn entry_targets_rename_and_refuse_escape() {
-        let d = Path::new("/out");
-        assert_eq!(
-            entry_target(Path::new("f"), Some(d), Path::new("x")),
-            Some("/out/f".into())
-        );
-        assert_eq!(
-            entry_target(Path::new("dir/a/b"), None, Path::new("/new")),
-            Some("/new/a/b".into())
-        );
-        assert_eq!(
-            entry_target(Path::new("dir/../../etc"), None, Path::new("/new")),
-            None
-        );
-        assert_eq!(
-            entry_target(Path::new("/etc/passwd"), None, Path::new("/new")),
-            None
         );
     }
 

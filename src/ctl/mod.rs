@@ -2,6 +2,7 @@
 //! docker-CLI habits (exit codes passed through, `cp SRC DST`, `--json`).
 
 mod cp;
+pub mod extract;
 mod stream;
 
 pub use cp::{CpTarget, copy};
@@ -22,6 +23,9 @@ pub enum CtlError {
     Connect { url: String, reason: String },
     #[error("{0}")]
     Local(String),
+    /// A download refused or failed while unpacking.
+    #[error(transparent)]
+    Extract(#[from] extract::ExtractError),
 }
 
 impl CtlError {

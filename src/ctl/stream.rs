@@ -386,7 +386,7 @@ fn reattachable(e: &CtlError) -> bool {
             b.code,
             crate::protocol::ErrorCode::NotFound | crate::protocol::ErrorCode::Unavailable
         ),
-        CtlError::Local(_) => false,
+        CtlError::Local(_) | CtlError::Extract(_) => false,
     }
 }
 

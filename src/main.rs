@@ -3,6 +3,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tether::cli::{AgentArgs, fail, init_tracing, read_psk, run_agent, shutdown_on_signals};
@@ -73,6 +74,18 @@ struct ServerArgs {
     /// Private key (PEM) of --tls-cert.
     #[arg(long, env = "TETHER_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Most connections in all (agents, operators and the rest); lowered
+    /// to fit the open-file limit.
+    #[arg(long, default_value_t = nonzero(tether::server::DEFAULT_MAX_CONNECTIONS))]
+    max_connections: NonZeroUsize,
+    /// Most connections that have not authenticated yet; beyond it the
+    /// oldest is closed (idle and slow connections go first).
+    #[arg(long, default_value_t = nonzero(tether::server::DEFAULT_MAX_PENDING_CONNECTIONS))]
+    max_pending_connections: NonZeroUsize,
+}
+
+fn nonzero(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).expect("the default limits are positive")
 }
 
 #[derive(Args)]
@@ -310,6 +323,8 @@ async fn run(cli: Cli) -> ExitCode {
             cfg.tls = s.tls_cert.zip(s.tls_key);
             cfg.heartbeat_interval = std::time::Duration::from_secs(s.heartbeat_interval.max(1));
             cfg.heartbeat_timeout = std::time::Duration::from_secs(s.heartbeat_timeout.max(2));
+            cfg.max_connections = s.max_connections.get();
+            cfg.max_pending_connections = s.max_pending_connections.get();
             match tether::server::run(cfg, shutdown_on_signals()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),

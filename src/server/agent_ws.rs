@@ -2,12 +2,14 @@
 //! runs the handshake and one read loop per agent.
 
 use super::AppState;
+use super::conn::Admission;
 use super::hub::AgentLink;
 use crate::mux::Outbound;
 use crate::protocol::{
     ErrorBody, ErrorCode, Frame, FrameError, MAX_FRAME_PAYLOAD, MAX_WS_MESSAGE, Message,
     PROTOCOL_VERSION, SUBPROTOCOL, Welcome,
 };
+use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
@@ -20,6 +22,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 pub(super) async fn connect(
     State(app): State<Arc<AppState>>,
+    admission: Option<Extension<Admission>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -40,6 +43,9 @@ pub(super) async fn connect(
             ErrorCode::Unsupported,
             format!("the agent must offer WebSocket subprotocol {SUBPROTOCOL}"),
         ));
+    }
+    if let Some(Extension(a)) = admission {
+        a.authenticated();
     }
     // An idle agent should cost little: a small read buffer that grows
     // only when a large message arrives.

@@ -2,6 +2,7 @@
 //! (bearer pre-shared key). Errors are `{"error": {"code", "message"}}` with
 //! the HTTP status of the code.
 
+use super::conn::Admission;
 use super::hub::{
     ChannelSink, ChannelStream, DetachedExec, ExecOptions, ExecSession, LogOptions, StreamEvent,
 };
@@ -12,11 +13,11 @@ use crate::protocol::{
 use axum::body::Body;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use bytes::{BufMut, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -80,7 +81,22 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
         })
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(middleware::map_response(json_errors))
+        .layer(middleware::from_fn(close_refused_upgrades))
         .with_state(state)
+}
+
+/// A refused WebSocket upgrade (bad token, wrong subprotocol, no such
+/// route) gets its error and then `Connection: close`: hyper closes the
+/// connection after the response instead of keeping an unauthenticated
+/// socket open for another request.
+async fn close_refused_upgrades(req: Request, next: Next) -> Response {
+    let upgrade = req.headers().contains_key(header::UPGRADE);
+    let mut resp = next.run(req).await;
+    if upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 /// Every refusal is a JSON error body, including axum's own rejections
@@ -123,7 +139,10 @@ async fn require_operator(State(app): State<Arc<AppState>>, req: Request, next: 
             .and_then(|v| v.to_str().ok()),
     );
     match given {
-        Some(t) if auth::secret_eq(t, &app.admin_token) => next.run(req).await,
+        Some(t) if auth::secret_eq(t, &app.admin_token) => {
+            super::conn::authenticated(req.extensions());
+            next.run(req).await
+        }
         Some(_) => error_response(ErrorBody::new(
             ErrorCode::Unauthorized,
             "invalid operator token",
@@ -147,6 +166,7 @@ struct RegisterBody {
 
 async fn register(
     State(app): State<Arc<AppState>>,
+    admission: Option<Extension<Admission>>,
     headers: HeaderMap,
     body: Option<Json<RegisterBody>>,
 ) -> ApiResult<Json<Bootstrap>> {
@@ -155,6 +175,9 @@ async fn register(
         return Err(
             ErrorBody::new(ErrorCode::Unauthorized, "wrong or missing registration key").into(),
         );
+    }
+    if let Some(Extension(a)) = admission {
+        a.authenticated();
     }
     let Some(Json(body)) = body else {
         return Err(ErrorBody::new(

@@ -4,8 +4,11 @@
 mod agent_ws;
 mod api;
 pub mod auth;
+mod conn;
 pub mod hub;
 pub mod store;
+
+pub use conn::raise_open_file_limit;
 
 pub use hub::{
     ChannelStream, DetachedExec, ExecOptions, ExecSession, Hub, LogOptions, NodeInfo, StreamEvent,
@@ -18,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::info;
 
 /// Everything the server needs, already validated.
@@ -44,10 +48,40 @@ pub struct ServerConfig {
     pub stdin_window: usize,
     /// Serve HTTPS with this certificate chain and key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// How long a client has to send a request head (request line and
+    /// headers), counted from when the connection starts waiting for it:
+    /// also how long a keep-alive connection may sit idle between requests.
+    /// The connection is closed when it runs out.
+    pub header_read_timeout: Duration,
+    /// Most connections that have not yet made an authenticated request (in
+    /// TLS handshake, sending their first request, or only unauthenticated
+    /// ones so far). Beyond it the oldest such connection is closed.
+    pub max_pending_connections: usize,
+    /// Most connections in all. Lowered at start to fit the open-file limit;
+    /// beyond it the oldest unauthenticated connection is closed, or, when
+    /// every connection has authenticated, the new one is refused.
+    pub max_connections: usize,
 }
 
 /// Default of [`ServerConfig::stdin_window`].
 pub const DEFAULT_STDIN_WINDOW: usize = 2 * 1024 * 1024;
+
+/// Default of [`ServerConfig::header_read_timeout`]. Clients send a request
+/// head in one write, so it arrives within a round trip; 10 s allows for
+/// retransmissions on a poor link, and is long enough that a client's
+/// keep-alive connection survives the pause between two commands.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default of [`ServerConfig::max_pending_connections`]. A real connection is
+/// pending for a round trip or two, so 512 lets hundreds of agents reconnect
+/// at once (after a restart), while idle sockets held by an attacker cost
+/// at most 512 descriptors and their read buffers (8 KiB each).
+pub const DEFAULT_MAX_PENDING_CONNECTIONS: usize = 512;
+
+/// Default of [`ServerConfig::max_connections`]: thousands of nodes, each
+/// one connection, with room for operators. Each costs a descriptor and
+/// tens of KiB.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 
 impl ServerConfig {
     pub fn new(listen: SocketAddr, psk: String, state_dir: PathBuf) -> Self {
@@ -62,6 +96,9 @@ impl ServerConfig {
             attach_grace: Duration::from_secs(10),
             stdin_window: DEFAULT_STDIN_WINDOW,
             tls: None,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_pending_connections: DEFAULT_MAX_PENDING_CONNECTIONS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -106,8 +143,6 @@ pub enum ServerError {
     },
     #[error("TLS: {0}")]
     Tls(String),
-    #[error("server failed: {0}")]
-    Serve(#[source] std::io::Error),
 }
 
 /// Shared by every handler.
@@ -167,6 +202,8 @@ impl AppState {
 pub struct Server {
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// The configured limits, the total fitted to the open-file limit.
+    limits: conn::Limits,
     state: Arc<AppState>,
 }
 
@@ -183,7 +220,8 @@ fn load_or_create_secret(path: &std::path::Path, bytes: usize) -> std::io::Resul
 
 impl Server {
     /// Binds the listener and loads (or creates) the operator token and the
-    /// signing key under the state directory.
+    /// signing key under the state directory. Raises the process's soft
+    /// limit on open files to its hard limit (once per process).
     pub async fn bind(cfg: ServerConfig) -> Result<Server, ServerError> {
         let state_err = |path: PathBuf| move |source| ServerError::State { path, source };
         std::fs::create_dir_all(&cfg.state_dir).map_err(state_err(cfg.state_dir.clone()))?;
@@ -208,6 +246,19 @@ impl Server {
             path: store_path,
             source: std::io::Error::other(e),
         })?;
+        let limits = conn::Limits::fit(
+            cfg.header_read_timeout,
+            cfg.max_pending_connections,
+            cfg.max_connections,
+            raise_open_file_limit(),
+        );
+        if limits.max_connections < cfg.max_connections {
+            tracing::warn!(
+                max_connections = limits.max_connections,
+                configured = cfg.max_connections,
+                "max_connections lowered to fit the open-file limit"
+            );
+        }
         let state = Arc::new(AppState {
             hub: Hub::with_grace(cfg.resume_grace),
             signer: auth::Signer::new(key.as_bytes(), cfg.jwt_ttl),
@@ -220,6 +271,7 @@ impl Server {
         Ok(Server {
             listener,
             tls,
+            limits,
             state,
         })
     }
@@ -238,85 +290,43 @@ impl Server {
         &self.state.admin_token
     }
 
-    /// Serves until `shutdown`; then closes agent connections cleanly.
+    /// Serves until `shutdown`; then stops accepting, tells agents to go
+    /// (so they reconnect to the next instance), lets requests in flight
+    /// finish and closes every connection it accepted.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), ServerError> {
         let addr = self.local_addr();
-        let state = self.state.clone();
         let app = api::router(self.state.clone());
-        info!(%addr, "server listening");
-        let stop = shutdown.clone();
-        let graceful = async move {
-            stop.cancelled().await;
-            // Tell agents first so they reconnect to the next instance.
-            state.shutdown.cancel();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while state.hub.any_online() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        match self.tls {
-            // Small control messages must not wait for Nagle's algorithm.
-            None => axum::serve(
-                axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
-                    let _ = tcp.set_nodelay(true);
-                }),
-                app,
-            )
-            .with_graceful_shutdown(graceful)
-            .await
-            .map_err(ServerError::Serve),
-            Some(tls) => {
-                serve_tls(self.listener, tls, app, shutdown).await;
-                graceful.await;
-                Ok(())
-            }
+        info!(
+            %addr,
+            tls = self.tls.is_some(),
+            max_connections = self.limits.max_connections,
+            max_pending_connections = self.limits.max_pending,
+            header_read_timeout = ?self.limits.header_read_timeout,
+            "server listening"
+        );
+        let connections = TaskTracker::new();
+        let drain = CancellationToken::new();
+        conn::accept_loop(
+            self.listener,
+            self.tls,
+            app,
+            self.limits,
+            &connections,
+            drain.clone(),
+            &shutdown,
+        )
+        .await;
+        // Tell agents first so they reconnect to the next instance.
+        self.state.shutdown.cancel();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.state.hub.any_online() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-}
-
-/// HTTPS: rustls in front of the same router. Accepts until `shutdown`;
-/// each connection is served with HTTP/1.1 and WebSocket upgrades.
-async fn serve_tls(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    app: axum::Router,
-    shutdown: CancellationToken,
-) {
-    use hyper_util::rt::TokioIo;
-    use hyper_util::service::TowerToHyperService;
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-            let svc = TowerToHyperService::new(app);
-            // HTTP/1.1 only: the agent link and the operator API need nothing
-            // more, and leaving HTTP/2 out keeps it out of every binary.
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades()
-                .await;
-        });
+        // Every connection task ends within its drain timeout.
+        drain.cancel();
+        connections.close();
+        connections.wait().await;
+        Ok(())
     }
 }
 

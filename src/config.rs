@@ -121,6 +121,9 @@ pub struct Sandbox {
     pub allowed_images: Vec<String>,
     pub default_network_policy: String,
     pub allowed_egress_domains: Vec<String>,
+    /// Private, link-local or other special ranges `restricted` workers may
+    /// reach after all (CIDRs; none by default).
+    pub allowed_private_cidrs: Vec<String>,
     pub resources: Resources,
     pub timeouts: Timeouts,
     pub mounts: Mounts,
@@ -138,6 +141,7 @@ impl Default for Sandbox {
             allowed_images: Vec::new(),
             default_network_policy: "restricted".into(),
             allowed_egress_domains: Vec::new(),
+            allowed_private_cidrs: Vec::new(),
             resources: Resources::default(),
             timeouts: Timeouts::default(),
             mounts: Mounts::default(),
@@ -580,6 +584,19 @@ fn validate(f: &NodeFile) -> Vec<Issue> {
                 s.default_network_policy
             ),
         );
+    }
+    for d in &s.allowed_egress_domains {
+        if let Err(e) = crate::egress_proxy::Pattern::parse(d) {
+            bad("sandbox.allowed_egress_domains", e);
+        }
+    }
+    for c in &s.allowed_private_cidrs {
+        if c.parse::<ipnet::Ipv4Net>().is_err() {
+            bad(
+                "sandbox.allowed_private_cidrs",
+                format!("{c:?} is not an IPv4 CIDR (e.g. 10.1.2.0/24)"),
+            );
+        }
     }
     if s.resources.max_cpu_cores < 0.0 {
         bad(

@@ -138,10 +138,25 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
                 } else {
                     Ok(0)
                 };
-                let admitted = running.and_then(|running| ctx.admit_spawn(&mut s.spec, running));
+                let admitted = running
+                    .and_then(|running| ctx.admit_spawn(&mut s.spec, running))
+                    .and_then(|()| ctx.net_plan(&s.spec));
                 let creds = super::nodeconfig::credentials(&ctx, &s.spec.image);
                 let r = match admitted {
-                    Ok(()) => containers::spawn(d, &ctx.pool, &node, ctx.defaults, &s, creds).await,
+                    Ok(plan) => {
+                        let guard = ctx.guard.as_ref().map(|_| ()).map_err(String::as_str);
+                        containers::spawn(
+                            d,
+                            &ctx.pool,
+                            &node,
+                            ctx.defaults,
+                            &s,
+                            creds,
+                            &plan,
+                            guard,
+                        )
+                        .await
+                    }
                     Err(e) => Err(e),
                 };
                 if let Ok(w) = &r {
@@ -544,6 +559,9 @@ async fn run_put(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) {
 /// Removes networks whose worker container is gone (after crashes or a
 /// `docker rm` behind tether's back).
 pub(super) async fn collect_garbage(ctx: &Ctx) {
+    if let Ok(live) = containers::list_ids(&ctx.docker, &ctx.node_id).await {
+        docker::egress::collect_garbage(&ctx.docker, &ctx.pool, &ctx.node_id, &live).await;
+    }
     match containers::orphan_networks(&ctx.docker, &ctx.node_id).await {
         Ok(nets) => {
             for n in nets {

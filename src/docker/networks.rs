@@ -84,12 +84,41 @@ impl SubnetPool {
     }
 }
 
+/// What a worker network is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetKind {
+    /// A worker's own bridge with a way out (`restricted`), or an egress
+    /// proxy's way out: no traffic between its containers.
+    Outbound,
+    /// An `allowlist` worker's bridge: no route out (Docker `internal`);
+    /// the worker and its egress proxy talk over it.
+    Internal,
+}
+
+/// Name of the Linux bridge of the network on `subnet`: fixed by tether
+/// (unique, as subnets are) so the agent can check that the bridge is in
+/// its own network namespace, where its guard applies.
+pub fn bridge_name(subnet: Ipv4Net) -> String {
+    format!("tether{:08x}", u32::from(subnet.network()))
+}
+
 /// Creates the dedicated bridge network of a worker on a fresh subnet.
 pub async fn create(
     docker: &Docker,
     pool: &SubnetPool,
     name: &str,
     object_labels: &HashMap<String, String>,
+) -> Result<Ipv4Net, ErrorBody> {
+    create_kind(docker, pool, name, object_labels, NetKind::Outbound).await
+}
+
+/// Creates a worker network of `kind` on a fresh subnet.
+pub async fn create_kind(
+    docker: &Docker,
+    pool: &SubnetPool,
+    name: &str,
+    object_labels: &HashMap<String, String>,
+    kind: NetKind,
 ) -> Result<Ipv4Net, ErrorBody> {
     // A subnet may be taken behind our back (another agent or tool on the
     // engine): it stays marked used; re-read the engine's networks and retry.
@@ -110,7 +139,7 @@ pub async fn create(
         let req = NetworkCreateRequest {
             name: name.to_string(),
             driver: Some("bridge".into()),
-            internal: Some(false),
+            internal: Some(kind == NetKind::Internal),
             attachable: Some(false),
             ipam: Some(Ipam {
                 driver: Some("default".into()),
@@ -122,10 +151,16 @@ pub async fn create(
                 options: None,
             }),
             labels: Some(object_labels.clone()),
-            options: Some(HashMap::from([(
-                "com.docker.network.bridge.enable_icc".to_string(),
-                "false".to_string(),
-            )])),
+            options: Some(HashMap::from([
+                (
+                    "com.docker.network.bridge.enable_icc".to_string(),
+                    (kind == NetKind::Internal).to_string(),
+                ),
+                (
+                    "com.docker.network.bridge.name".to_string(),
+                    bridge_name(subnet),
+                ),
+            ])),
             ..Default::default()
         };
         match docker.create_network(req).await {

@@ -774,6 +774,32 @@ sandbox:
     }
 
     #[test]
+    fn network_policy_keys_are_checked() {
+        let base = "version: 1\norchestrator:\n  url: http://h:1\nnode:\n  id: n1\nsandbox:\n";
+        let f = parse(&format!(
+            "{base}  default_network_policy: allowlist\n  allowed_egress_domains: [\"example.com\", \"*.example.org\"]\n  allowed_private_cidrs: [\"10.1.2.0/24\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(f.sandbox.allowed_private_cidrs, vec!["10.1.2.0/24"]);
+        let e = parse(&format!(
+            "{base}  default_network_policy: open\n  allowed_egress_domains: [\"10.0.0.1\", \"*\"]\n  allowed_private_cidrs: [\"lan\"]\n"
+        ))
+        .unwrap_err();
+        let paths: Vec<(Option<usize>, &str)> =
+            e.0.iter().map(|i| (i.line, i.path.as_str())).collect();
+        assert_eq!(
+            paths,
+            vec![
+                (Some(7), "sandbox.default_network_policy"),
+                (Some(8), "sandbox.allowed_egress_domains"),
+                (Some(8), "sandbox.allowed_egress_domains"),
+                (Some(9), "sandbox.allowed_private_cidrs"),
+            ],
+            "{e}"
+        );
+    }
+
+    #[test]
     fn syntax_error_has_a_line() {
         let e = parse("version: 1\nnode: [unclosed\n").unwrap_err();
         assert!(e.0[0].line.is_some(), "{e}");

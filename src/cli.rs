@@ -42,6 +42,56 @@ pub struct AgentArgs {
     /// connect timeout [file: orchestrator.timeouts.connect_seconds].
     #[arg(long)]
     pub heartbeat_timeout: Option<u64>,
+    /// Image of allowlist workers' egress proxies (it runs `tether-agent
+    /// egress-proxy`) [default: the agent container's own image].
+    #[arg(long, env = "TETHER_EGRESS_PROXY_IMAGE")]
+    pub egress_proxy_image: Option<String>,
+}
+
+/// Flags of the hidden `egress-proxy` subcommand.
+#[derive(Args, Debug)]
+pub struct EgressProxyArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:3128")]
+    pub listen: std::net::SocketAddr,
+    /// Allowed name: `example.com` or `*.example.com` (repeatable).
+    #[arg(long = "allow", value_name = "PATTERN")]
+    pub allow: Vec<String>,
+    /// Test hook: answer NAME with IP instead of asking DNS (repeatable).
+    #[arg(long = "resolve", value_name = "NAME=IP")]
+    pub resolve: Vec<String>,
+}
+
+/// Runs the egress proxy until a signal.
+pub async fn run_egress_proxy(a: EgressProxyArgs, log: Option<String>) -> ExitCode {
+    use crate::egress_proxy::{Pattern, ProxyConfig};
+    let mut cfg = ProxyConfig::default();
+    for p in &a.allow {
+        match Pattern::parse(p) {
+            Ok(p) => cfg.allow.push(p),
+            Err(e) => return fail(format!("--allow: {e}")),
+        }
+    }
+    for r in &a.resolve {
+        let Some((name, ip)) = r.split_once('=') else {
+            return fail(format!("--resolve {r:?} must be NAME=IP"));
+        };
+        let Ok(ip) = ip.parse() else {
+            return fail(format!("--resolve {r:?}: {ip:?} is not an IP address"));
+        };
+        cfg.resolve
+            .entry(name.trim_end_matches('.').to_ascii_lowercase())
+            .or_default()
+            .push(ip);
+    }
+    init_tracing(log.as_deref().unwrap_or("info"), "text");
+    let listener = match tokio::net::TcpListener::bind(a.listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(format!("cannot listen on {}: {e}", a.listen)),
+    };
+    tracing::info!(listen = %a.listen, allow = ?a.allow, "egress proxy ready");
+    crate::egress_proxy::serve(listener, cfg, shutdown_on_signals()).await;
+    ExitCode::SUCCESS
 }
 
 /// Runs the agent from its flags until a signal or a permanent error.
@@ -144,6 +194,7 @@ fn agent_config(
     cfg.docker_socket = a.docker_socket;
     cfg.subnet_pool = a.subnet_pool;
     cfg.subnet_prefix = a.subnet_prefix;
+    cfg.egress_proxy_image = a.egress_proxy_image;
     let mut logging = crate::config::Logging::default();
     if let Some(f) = &file {
         cfg.heartbeat_timeout = Duration::from_secs(f.orchestrator.timeouts.connect_seconds.max(2));
@@ -167,6 +218,12 @@ fn agent_config(
             .enable_dynamic_config
             .then(|| Duration::from_secs(f.updates.poll_interval_seconds));
         cfg.identity.inference_enabled = f.inference.mode == "allow" && f.sandbox.mode == "allow";
+        cfg.allowed_private_cidrs = f
+            .sandbox
+            .allowed_private_cidrs
+            .iter()
+            .filter_map(|c| c.parse().ok()) // checked when the file was read
+            .collect();
         logging = f.logging.clone();
     }
     if let Some(t) = a.heartbeat_timeout {

@@ -121,6 +121,9 @@ pub struct Sandbox {
     pub allowed_images: Vec<String>,
     pub default_network_policy: String,
     pub allowed_egress_domains: Vec<String>,
+    /// Private, link-local or other special ranges `restricted` workers may
+    /// reach after all (CIDRs; none by default).
+    pub allowed_private_cidrs: Vec<String>,
     pub resources: Resources,
     pub timeouts: Timeouts,
     pub mounts: Mounts,
@@ -157,6 +160,7 @@ impl Default for Sandbox {
             allowed_images: Vec::new(),
             default_network_policy: "restricted".into(),
             allowed_egress_domains: Vec::new(),
+            allowed_private_cidrs: Vec::new(),
             resources: Resources::default(),
             timeouts: Timeouts::default(),
             mounts: Mounts::default(),
@@ -607,6 +611,19 @@ fn validate(f: &NodeFile) -> Vec<Issue> {
             ),
         );
     }
+    for d in &s.allowed_egress_domains {
+        if let Err(e) = crate::egress_proxy::Pattern::parse(d) {
+            bad("sandbox.allowed_egress_domains", e);
+        }
+    }
+    for c in &s.allowed_private_cidrs {
+        if c.parse::<ipnet::Ipv4Net>().is_err() {
+            bad(
+                "sandbox.allowed_private_cidrs",
+                format!("{c:?} is not an IPv4 CIDR (e.g. 10.1.2.0/24)"),
+            );
+        }
+    }
     if s.resources.max_cpu_cores < 0.0 {
         bad(
             "sandbox.resources.max_cpu_cores",
@@ -780,6 +797,32 @@ sandbox:
             "{e}"
         );
         assert_eq!(e.0[3].line, Some(7));
+    }
+
+    #[test]
+    fn network_policy_keys_are_checked() {
+        let base = "version: 1\norchestrator:\n  url: http://h:1\nnode:\n  id: n1\nsandbox:\n";
+        let f = parse(&format!(
+            "{base}  default_network_policy: allowlist\n  allowed_egress_domains: [\"example.com\", \"*.example.org\"]\n  allowed_private_cidrs: [\"10.1.2.0/24\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(f.sandbox.allowed_private_cidrs, vec!["10.1.2.0/24"]);
+        let e = parse(&format!(
+            "{base}  default_network_policy: open\n  allowed_egress_domains: [\"10.0.0.1\", \"*\"]\n  allowed_private_cidrs: [\"lan\"]\n"
+        ))
+        .unwrap_err();
+        let paths: Vec<(Option<usize>, &str)> =
+            e.0.iter().map(|i| (i.line, i.path.as_str())).collect();
+        assert_eq!(
+            paths,
+            vec![
+                (Some(7), "sandbox.default_network_policy"),
+                (Some(8), "sandbox.allowed_egress_domains"),
+                (Some(8), "sandbox.allowed_egress_domains"),
+                (Some(9), "sandbox.allowed_private_cidrs"),
+            ],
+            "{e}"
+        );
     }
 
     #[test]

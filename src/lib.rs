@@ -13,6 +13,7 @@ pub mod config;
 pub mod ctl;
 pub mod dev;
 pub mod docker;
+pub mod egress_proxy;
 pub mod mux;
 pub mod protocol;
 pub mod server;

@@ -40,6 +40,9 @@ enum Cmd {
     Dev(DevArgs),
     /// Operator CLI against a server.
     Ctl(CtlArgs),
+    /// The egress proxy of allowlist workers (run by the agent in a container).
+    #[command(hide = true)]
+    EgressProxy(tether::cli::EgressProxyArgs),
 }
 
 #[derive(Args)]
@@ -160,6 +163,10 @@ enum CtlCmd {
         /// `host` to share the node's network (the node must allow it).
         #[arg(long)]
         network: Option<String>,
+        /// none, allowlist or restricted: narrows the node's
+        /// default_network_policy (none < allowlist < restricted).
+        #[arg(long, value_name = "POLICY")]
+        network_policy: Option<tether::protocol::NetworkPolicy>,
         /// Pass a host device in (the node must allow it).
         #[arg(long = "device", value_name = "PATH")]
         devices: Vec<String>,
@@ -347,6 +354,7 @@ async fn run(cli: Cli) -> ExitCode {
             }
         }
         Cmd::Ctl(c) => run_ctl(c).await,
+        Cmd::EgressProxy(p) => tether::cli::run_egress_proxy(p, cli.log).await,
     }
 }
 
@@ -390,6 +398,7 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
                 timeout,
                 privileged,
                 network,
+                network_policy,
                 devices,
                 volumes,
                 cmd,
@@ -419,6 +428,7 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
                     devices,
                     mounts,
                     node_id: node,
+                    network_policy,
                 };
                 println!("{}", client.spawn(&req).await?.worker_id);
             }

@@ -159,6 +159,36 @@ async fn agent_image_brings_a_node_online() {
         .await
         .unwrap();
     assert_eq!((code, out), (0, b"from-container-agent\n".to_vec()));
+    assert_eq!(
+        w.network_policy,
+        Some(tether::protocol::NetworkPolicy::Restricted)
+    );
     h.hub.remove(&w.worker_id, true).await.unwrap();
+    // The FROM-scratch image guards its workers with a table of its own,
+    // and takes it away when stopped.
+    let table = format!("tether-{node}");
+    let listed = |args: &[&str]| {
+        let out = std::process::Command::new("nft")
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        listed(&["list", "table", "inet", &table]).contains("hook forward"),
+        "agent logs:\n{}",
+        docker_all(&["logs", &guard.container])
+    );
+    docker(&["stop", &guard.container]);
+    let gone = !listed(&["list", "tables"]).contains(&table);
+    let _ = std::process::Command::new("nft")
+        .args(["delete", "table", "inet", &table])
+        .output(); // a failed test must not leave it behind
+    assert!(gone, "the table outlived the agent container");
+    assert!(
+        !docker_all(&["logs", &guard.container]).contains("could not remove the network guard"),
+        "{}",
+        docker_all(&["logs", &guard.container])
+    );
     drop(guard);
 }

@@ -9,6 +9,7 @@ use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tether::docker::containers;
+use tether::docker::egress::NetPlan;
 use tether::docker::networks::SubnetPool;
 use tether::protocol::{ErrorCode, Spawn, SpawnRequest};
 
@@ -184,9 +185,18 @@ async fn the_agent_never_touches_objects_it_did_not_create() {
         "sleep",
         "3600",
     ]);
-    let e = containers::spawn(&engine, &pool, &node, Default::default(), &spec(&wid), None)
-        .await
-        .unwrap_err();
+    let e = containers::spawn(
+        &engine,
+        &pool,
+        &node,
+        Default::default(),
+        &spec(&wid),
+        None,
+        &NetPlan::Restricted,
+        Ok(()),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code, ErrorCode::Conflict, "{e}");
     assert_eq!(
         docker(&["inspect", "-f", "{{.State.Running}}", &victim]),
@@ -223,6 +233,9 @@ async fn the_agent_never_touches_objects_it_did_not_create() {
         Default::default(),
         &spec(&wid2),
         None,
+        // Nothing may start: the network name is taken.
+        &NetPlan::Restricted,
+        Ok(()),
     )
     .await
     .unwrap_err();

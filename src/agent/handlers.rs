@@ -138,7 +138,9 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
                 } else {
                     Ok(0)
                 };
-                let admitted = running.and_then(|running| ctx.admit_spawn(&mut s.spec, running));
+                let admitted = running
+                    .and_then(|running| ctx.admit_spawn(&mut s.spec, running))
+                    .and_then(|()| ctx.net_plan(&s.spec));
                 let creds = super::nodeconfig::credentials(&ctx, &s.spec.image);
                 // Host paths are resolved on the node, and nothing that could
                 // redirect them runs between the check and the start.
@@ -148,20 +150,34 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
                     Some(super::mounts::MOUNT_LOCK.lock().await)
                 };
                 let admitted = match admitted {
-                    Ok(()) if !s.spec.mounts.is_empty() => {
+                    Ok(plan) if !s.spec.mounts.is_empty() => {
                         match containers::writable_mounts(d, &node).await {
                             Ok(writable) => super::mounts::resolve_all(
                                 &mut s.spec.mounts,
                                 &ctx.policy.allowed_host_paths,
                                 &writable,
-                            ),
+                            )
+                            .map(|()| plan),
                             Err(e) => Err(e),
                         }
                     }
                     other => other,
                 };
                 let r = match admitted {
-                    Ok(()) => containers::spawn(d, &ctx.pool, &node, ctx.defaults, &s, creds).await,
+                    Ok(plan) => {
+                        let guard = ctx.guard.as_ref().map(|_| ()).map_err(String::as_str);
+                        containers::spawn(
+                            d,
+                            &ctx.pool,
+                            &node,
+                            ctx.defaults,
+                            &s,
+                            creds,
+                            &plan,
+                            guard,
+                        )
+                        .await
+                    }
                     Err(e) => Err(e),
                 };
                 if let Ok(w) = &r {
@@ -575,6 +591,9 @@ async fn run_put(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) {
 /// Removes networks whose worker container is gone (after crashes or a
 /// `docker rm` behind tether's back).
 pub(super) async fn collect_garbage(ctx: &Ctx) {
+    if let Ok(live) = containers::list_ids(&ctx.docker, &ctx.node_id).await {
+        docker::egress::collect_garbage(&ctx.docker, &ctx.pool, &ctx.node_id, &live).await;
+    }
     match containers::orphan_networks(&ctx.docker, &ctx.node_id).await {
         Ok(nets) => {
             for n in nets {

@@ -7,6 +7,8 @@ mod handlers;
 mod health;
 pub mod identity;
 pub mod mounts;
+pub mod netguard;
+mod nft;
 mod nodeconfig;
 pub mod policy;
 mod session;
@@ -63,6 +65,15 @@ pub struct AgentConfig {
     pub config_poll: Option<Duration>,
     /// Where exec output waits while the server is unreachable.
     pub spool: spool::SpoolConfig,
+    /// `sandbox.allowed_private_cidrs`: ranges `restricted` workers may
+    /// reach after all.
+    pub allowed_private_cidrs: Vec<ipnet::Ipv4Net>,
+    /// Image of `allowlist` workers' egress proxies; `None`: the image of
+    /// the agent's own container, if it runs in one.
+    pub egress_proxy_image: Option<String>,
+    /// Test hook: fixed name answers (`NAME=IP`) handed to egress proxies
+    /// instead of DNS. Not settable from the command line or node file.
+    pub egress_resolve: Vec<String>,
 }
 
 impl AgentConfig {
@@ -90,6 +101,9 @@ impl AgentConfig {
             config_poll: None,
             spool: spool::SpoolConfig::new(&state_dir),
             state_dir,
+            allowed_private_cidrs: Vec::new(),
+            egress_proxy_image: None,
+            egress_resolve: Vec::new(),
         }
     }
 }
@@ -173,6 +187,13 @@ pub(crate) struct Ctx {
     pub replies: std::sync::Mutex<handlers::Replies>,
     /// Exec output spools (used while the server is unreachable).
     pub spools: Arc<spool::Spools>,
+    /// Whether the nftables guard is in place, or why not (`restricted` and
+    /// `allowlist` workers are refused without it).
+    pub guard: Result<(), String>,
+    /// Image of egress proxies, if the node has one.
+    pub egress_image: Option<String>,
+    /// Test hook: fixed name answers for egress proxies.
+    pub egress_resolve: Vec<String>,
 }
 
 impl Ctx {
@@ -192,9 +213,58 @@ impl Ctx {
         spec: &mut crate::protocol::SpawnRequest,
         running: usize,
     ) -> Result<(), crate::protocol::ErrorBody> {
+        let orchestrator = self.orchestrator_policy();
+        // No policy named: the narrower of the two defaults.
+        if spec.network_policy.is_none() && spec.network.as_deref() != Some("host") {
+            let node = self.policy.default_network_policy;
+            spec.network_policy = Some(
+                orchestrator
+                    .as_ref()
+                    .map_or(node, |o| node.min(o.default_network_policy)),
+            );
+        }
         self.policy.admit_spawn(spec, running)?;
-        self.orchestrator_policy()
-            .map_or(Ok(()), |p| p.admit_spawn(spec, running))
+        orchestrator.map_or(Ok(()), |p| p.admit_spawn(spec, running))
+    }
+
+    /// How to build an admitted spawn's network.
+    pub(crate) fn net_plan(
+        &self,
+        spec: &crate::protocol::SpawnRequest,
+    ) -> Result<crate::docker::egress::NetPlan, ErrorBody> {
+        use crate::docker::egress::{NetPlan, ProxySpec};
+        use crate::protocol::NetworkPolicy;
+        if spec.network.as_deref() == Some("host") {
+            return Ok(NetPlan::Host);
+        }
+        Ok(match spec.network_policy.unwrap_or(NetworkPolicy::None) {
+            NetworkPolicy::None => NetPlan::None,
+            NetworkPolicy::Restricted => NetPlan::Restricted,
+            NetworkPolicy::Allowlist => {
+                let Some(image) = self.egress_image.clone() else {
+                    return Err(ErrorBody::new(
+                        crate::protocol::ErrorCode::Unsupported,
+                        "network policy allowlist cannot be enforced on this node: it needs the \
+                         egress proxy image (run the agent from its image, or pass \
+                         --egress-proxy-image)",
+                    ));
+                };
+                let narrower = self
+                    .orchestrator_policy()
+                    .map(|o| o.allowed_egress_domains)
+                    .unwrap_or_default();
+                let allow =
+                    crate::egress_proxy::intersect(&self.policy.allowed_egress_domains, &narrower)
+                        .iter()
+                        .map(|p| p.to_string())
+                        .collect();
+                NetPlan::Allowlist(ProxySpec {
+                    image,
+                    allow,
+                    resolve: self.egress_resolve.clone(),
+                })
+            }
+        })
     }
 
     /// Whether the node's or the orchestrator's policy caps running workers.
@@ -255,6 +325,30 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     if let Err(e) = pool.sync(&docker).await {
         warn!(error = %e, "could not read existing networks");
     }
+    // Owned here, not by `Ctx` (which tasks may outlive the agent with):
+    // the table goes when this function returns, however it returns.
+    let netguard = netguard::NetGuard::install(
+        &cfg.node_id,
+        &netguard::GuardSpec {
+            pool: cfg.subnet_pool,
+            subnet_prefix: cfg.subnet_prefix,
+            allowed_private: cfg.allowed_private_cidrs.clone(),
+            resolvers: netguard::resolvers(
+                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            ),
+        },
+    );
+    match &netguard {
+        Ok(g) => info!(table = g.table(), "network guard installed"),
+        Err(e) => warn!(
+            error = %e,
+            "no network guard: restricted and allowlist workers will be refused"
+        ),
+    }
+    let egress_image = match cfg.egress_proxy_image.clone() {
+        Some(i) => Some(i),
+        None => crate::docker::egress::own_image(&docker).await,
+    };
     let link = crate::mux::Link::new();
     let ctx = Arc::new(Ctx {
         docker,
@@ -277,6 +371,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         max_request_bytes: cfg.max_request_bytes,
         state_dir: cfg.state_dir.clone(),
         reported_hash: Default::default(),
+        guard: netguard.as_ref().map(|_| ()).map_err(Clone::clone),
+        egress_image,
+        egress_resolve: cfg.egress_resolve.clone(),
     });
     handlers::collect_garbage(&ctx).await;
     // Deadlines survive agent restarts: they live in the workers' labels.

@@ -76,6 +76,16 @@ pub(crate) fn interpret(cfg: &NodeConfig) -> Result<Policy, String> {
             sandbox.mode
         ));
     }
+    if let Err(e) = sandbox
+        .default_network_policy
+        .parse::<crate::protocol::NetworkPolicy>()
+    {
+        return Err(format!("policy.sandbox.default_network_policy: {e}"));
+    }
+    for d in &sandbox.allowed_egress_domains {
+        crate::egress_proxy::Pattern::parse(d)
+            .map_err(|e| format!("policy.sandbox.allowed_egress_domains: {e}"))?;
+    }
     let mut policy = Policy::from_file(&sandbox);
     policy.source = "orchestrator";
     if let Some(t) = cfg.constraints.max_job_timeout_seconds {

@@ -3,7 +3,8 @@
 //! `policy_denied` naming the rule. It also fills in the node's defaults.
 
 use crate::config;
-use crate::protocol::{ErrorBody, ErrorCode, SpawnRequest};
+use crate::egress_proxy::Pattern;
+use crate::protocol::{ErrorBody, ErrorCode, NetworkPolicy, SpawnRequest};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
@@ -32,6 +33,11 @@ pub struct Policy {
     pub allow_privileged: bool,
     pub allow_host_network: bool,
     pub allow_device_mounts: bool,
+    /// `sandbox.default_network_policy`: the widest a spawn may ask for,
+    /// and what it gets when it names none.
+    pub default_network_policy: NetworkPolicy,
+    /// `sandbox.allowed_egress_domains`: what `allowlist` workers reach.
+    pub allowed_egress_domains: Vec<Pattern>,
 }
 
 impl Default for Policy {
@@ -67,6 +73,17 @@ impl Policy {
             allow_privileged: s.security.allow_privileged,
             allow_host_network: s.security.allow_host_network,
             allow_device_mounts: s.security.allow_device_mounts,
+            // Both checked when the file (or pushed configuration) is read;
+            // an unknown policy falls back to the narrowest.
+            default_network_policy: s
+                .default_network_policy
+                .parse()
+                .unwrap_or(NetworkPolicy::None),
+            allowed_egress_domains: s
+                .allowed_egress_domains
+                .iter()
+                .filter_map(|d| Pattern::parse(d).ok())
+                .collect(),
         }
     }
 
@@ -157,6 +174,7 @@ impl Policy {
                 ));
             }
         }
+        self.admit_network_policy(spec)?;
         if !spec.devices.is_empty() && !self.allow_device_mounts {
             return Err(self.denied(
                 "sandbox.security.allow_device_mounts",
@@ -242,6 +260,38 @@ impl Policy {
             }
         }
         self.admit_timeout(&mut spec.timeout_secs)
+    }
+
+    /// A spawn may only narrow the node's network policy (none < allowlist
+    /// < restricted); one that names none gets the default. A host-network
+    /// worker (allowed above) has the node's network: no policy applies.
+    fn admit_network_policy(&self, spec: &mut SpawnRequest) -> Result<(), ErrorBody> {
+        if spec.network.as_deref() == Some("host") {
+            return match spec.network_policy {
+                None => Ok(()),
+                Some(p) => Err(ErrorBody::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "network \"host\" shares the node's network: network_policy {} cannot apply",
+                        p.as_str()
+                    ),
+                )),
+            };
+        }
+        let wanted = *spec
+            .network_policy
+            .get_or_insert(self.default_network_policy);
+        if wanted > self.default_network_policy {
+            return Err(self.denied(
+                "sandbox.default_network_policy",
+                format!(
+                    "network policy {} is wider than the node's {} (none < allowlist < restricted)",
+                    wanted.as_str(),
+                    self.default_network_policy.as_str()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Checks an exec's timeout and fills in the default.
@@ -393,6 +443,21 @@ mod tests {
             rule(p.admit_exec(&mut Some(9999))),
             "sandbox.timeouts.max_seconds"
         );
+        let narrow = Policy::from_file(&config::Sandbox {
+            default_network_policy: "allowlist".into(),
+            ..Default::default()
+        });
+        let mut r = req("x");
+        r.network_policy = Some(NetworkPolicy::Restricted);
+        assert_eq!(
+            rule(narrow.admit_spawn(&mut r, 0)),
+            "sandbox.default_network_policy"
+        );
+        r.network_policy = Some(NetworkPolicy::None);
+        narrow.admit_spawn(&mut r, 0).unwrap();
+        let mut r = req("x");
+        narrow.admit_spawn(&mut r, 0).unwrap();
+        assert_eq!(r.network_policy, Some(NetworkPolicy::Allowlist));
         let off = config::Sandbox {
             mode: "disabled".into(),
             ..Default::default()
@@ -427,9 +492,15 @@ mod tests {
         let mut t = None;
         p.admit_exec(&mut t).unwrap();
         assert_eq!(t, Some(60));
-        // The permissive default changes nothing.
+        // The permissive default changes nothing but the network policy.
         let mut r = req("anything");
         Policy::default().admit_spawn(&mut r, 10_000).unwrap();
-        assert_eq!(r, req("anything"));
+        assert_eq!(
+            r,
+            SpawnRequest {
+                network_policy: Some(NetworkPolicy::Restricted),
+                ..req("anything")
+            }
+        );
     }
 }

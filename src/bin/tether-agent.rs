@@ -21,6 +21,16 @@ struct Cli {
     log_format: Option<String>,
     #[command(flatten)]
     agent: tether::cli::AgentArgs,
+    #[command(subcommand)]
+    sub: Option<Sub>,
+}
+
+#[derive(clap::Subcommand)]
+enum Sub {
+    /// The egress proxy of allowlist workers (the agent runs it in a
+    /// container of its own image).
+    #[command(hide = true)]
+    EgressProxy(tether::cli::EgressProxyArgs),
 }
 
 /// One thread: the agent forwards bytes between two sockets, and on one
@@ -31,5 +41,8 @@ struct Cli {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     tether::init_crypto();
-    tether::cli::run_agent(cli.agent, cli.log, cli.log_format).await
+    match cli.sub {
+        Some(Sub::EgressProxy(p)) => tether::cli::run_egress_proxy(p, cli.log).await,
+        None => tether::cli::run_agent(cli.agent, cli.log, cli.log_format).await,
+    }
 }

@@ -2,6 +2,7 @@
 //! remove. A worker is one container on its own network, both named
 //! `tether-<worker id>`.
 
+use super::egress::{self, NetPlan};
 use super::networks::{self, SubnetPool};
 use super::{labels, object_name, to_error, valid_worker_id};
 use crate::protocol::{ErrorBody, ErrorCode, Resources, Spawn, WorkerInfo};
@@ -76,7 +77,14 @@ fn to_info(c: ContainerInspectResponse, node_id: &str) -> Option<WorkerInfo> {
         return None;
     }
     let worker_id = lbls.get(labels::WORKER)?.clone();
-    let network = object_name(&worker_id);
+    let mut network = object_name(&worker_id);
+    if c.host_config
+        .as_ref()
+        .and_then(|h| h.network_mode.as_deref())
+        == Some("none")
+    {
+        network = "none".into();
+    }
     let ip = c
         .network_settings
         .and_then(|n| n.networks)
@@ -112,6 +120,9 @@ fn to_info(c: ContainerInspectResponse, node_id: &str) -> Option<WorkerInfo> {
         labels: user_labels,
         created_at: c.created.map(|d| d.to_string()).unwrap_or_default(),
         deadline: lbls.get(labels::DEADLINE).and_then(|d| d.parse().ok()),
+        network_policy: lbls
+            .get(labels::NETWORK_POLICY)
+            .and_then(|p| p.parse().ok()),
         worker_id,
     })
 }
@@ -273,9 +284,11 @@ fn validate(spec: &Spawn) -> Result<(), ErrorBody> {
     Ok(())
 }
 
-/// Creates and starts a worker: its network (while the image is checked),
-/// then its container on it. The caller has checked that the worker does not
-/// exist yet (the agent answers a repeated spawn with the existing worker).
+/// Creates and starts a worker: its network as `plan` says (while the image
+/// is checked), then its container on it. The caller has checked that the
+/// worker does not exist yet (the agent answers a repeated spawn with the
+/// existing worker). `guard` is why the node's network guard is missing.
+#[allow(clippy::too_many_arguments)]
 pub async fn spawn(
     docker: &Docker,
     pool: &SubnetPool,
@@ -283,6 +296,8 @@ pub async fn spawn(
     defaults: Defaults,
     spec: &Spawn,
     credentials: Option<bollard::auth::DockerCredentials>,
+    plan: &NetPlan,
+    guard: Result<(), &str>,
 ) -> Result<WorkerInfo, ErrorBody> {
     validate(spec)?;
 
@@ -305,7 +320,7 @@ pub async fn spawn(
             .as_secs();
         object_labels.insert(labels::DEADLINE.into(), (now + t).to_string());
     }
-    let host_net = spec.spec.network.as_deref() == Some("host");
+    let host_net = *plan == NetPlan::Host;
     // The caller found no worker of ours by this id; anything else under
     // its name was made by someone else and is never touched.
     match docker.inspect_container(&name, None).await {
@@ -322,21 +337,23 @@ pub async fn spawn(
     }
     // The image (pulled if need be; credentials go to the pull only, never
     // into the container) and the network at once: neither needs the other.
-    let (image, subnet) =
-        tokio::join!(ensure_image(docker, &spec.spec.image, credentials), async {
-            if host_net {
-                Ok(None)
-            } else {
-                networks::create(docker, pool, &name, &object_labels)
-                    .await
-                    .map(Some)
-            }
-        });
-    let network = match (image, subnet) {
-        (Ok(()), Ok(network)) => network,
+    let (image, net) = tokio::join!(
+        ensure_image(docker, &spec.spec.image, credentials),
+        egress::prepare(
+            docker,
+            pool,
+            node_id,
+            &spec.worker_id,
+            &object_labels,
+            plan,
+            guard
+        )
+    );
+    let net = match (image, net) {
+        (Ok(()), Ok(net)) => net,
         (Err(e), net) => {
-            if let Ok(Some(n)) = net {
-                let _ = networks::remove(docker, pool, node_id, &n.id).await;
+            if let Ok(net) = net {
+                egress::undo(docker, pool, node_id, &spec.worker_id, &net).await;
             }
             return Err(e);
         }
@@ -344,6 +361,9 @@ pub async fn spawn(
     };
 
     let mut container_labels = object_labels.clone();
+    if let Some(p) = plan.policy() {
+        container_labels.insert(labels::NETWORK_POLICY.into(), p.as_str().into());
+    }
     container_labels.extend(spec.spec.labels.clone());
     let r = &spec.spec.resources;
     let memory = (r.memory_mb.unwrap_or(defaults.memory_mb) * 1024 * 1024) as i64;
@@ -355,17 +375,14 @@ pub async fn spawn(
                 .env
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
+                .chain(net.env.iter().cloned())
                 .collect(),
         ),
         labels: Some(container_labels),
         working_dir: spec.spec.workdir.clone(),
         hostname: (!host_net).then(|| format!("w-{}", &name[7..name.len().min(19)])),
         host_config: Some(HostConfig {
-            network_mode: Some(if host_net {
-                "host".into()
-            } else {
-                name.clone()
-            }),
+            network_mode: Some(net.mode.clone()),
             privileged: Some(spec.spec.privileged),
             devices: (!spec.spec.devices.is_empty()).then(|| {
                 spec.spec
@@ -464,13 +481,11 @@ pub async fn spawn(
         if let Some(id) = container {
             let _ = remove_container(docker, &id, true).await;
         }
-        if let Some(n) = &network {
-            let _ = networks::remove(docker, pool, node_id, &n.id).await;
-        }
+        egress::undo(docker, pool, node_id, &spec.worker_id, &net).await;
         return Err(e);
     }
     let mut info = inspect(docker, node_id, &spec.worker_id).await?;
-    info.subnet = network.map(|n| n.subnet.to_string());
+    info.subnet = net.subnet.map(|s| s.to_string());
     Ok(info)
 }
 
@@ -539,6 +554,8 @@ pub async fn remove(
     remove_container(docker, &info.container_id, force)
         .await
         .map_err(|e| to_error(e, "remove container"))?;
+    // An allowlist worker's proxy is on the worker's network: it goes first.
+    egress::remove_proxy(docker, pool, node_id, worker_id).await?;
     networks::remove(docker, pool, node_id, &object_name(worker_id)).await
 }
 

@@ -3,6 +3,7 @@
 
 pub mod archive;
 pub mod containers;
+pub mod egress;
 pub mod exec;
 pub mod joined;
 pub mod networks;
@@ -21,6 +22,10 @@ pub mod labels {
     pub const JOB: &str = "tether.job_id";
     /// Unix time after which the worker is reaped.
     pub const DEADLINE: &str = "tether.deadline";
+    /// The network policy a worker runs under.
+    pub const NETWORK_POLICY: &str = "tether.network_policy";
+    /// On an egress proxy and its network: the worker they serve.
+    pub const EGRESS_FOR: &str = "tether.egress_for";
     /// Prefix reserved for tether; user labels may not use it.
     pub const PREFIX: &str = "tether.";
 }

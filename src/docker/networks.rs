@@ -98,14 +98,43 @@ fn name_taken(name: &str) -> ErrorBody {
     )
 }
 
-/// Creates the dedicated bridge network of a worker on a fresh subnet. A
-/// name that is taken is a `conflict`: older engines (API < 1.44) accept
-/// duplicate network names, so the name is checked before and after.
+/// What a worker network is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetKind {
+    /// A worker's own bridge with a way out (`restricted`), or an egress
+    /// proxy's way out: no traffic between its containers.
+    Outbound,
+    /// An `allowlist` worker's bridge: no route out (Docker `internal`);
+    /// the worker and its egress proxy talk over it.
+    Internal,
+}
+
+/// Name of the Linux bridge of the network on `subnet`: fixed by tether
+/// (unique, as subnets are) so the agent can check that the bridge is in
+/// its own network namespace, where its guard applies.
+pub fn bridge_name(subnet: Ipv4Net) -> String {
+    format!("tether{:08x}", u32::from(subnet.network()))
+}
+
+/// Creates the dedicated bridge network of a worker on a fresh subnet.
 pub async fn create(
     docker: &Docker,
     pool: &SubnetPool,
     name: &str,
     object_labels: &HashMap<String, String>,
+) -> Result<Created, ErrorBody> {
+    create_kind(docker, pool, name, object_labels, NetKind::Outbound).await
+}
+
+/// Creates a worker network of `kind` on a fresh subnet. A name that is
+/// taken is a `conflict`: older engines (API < 1.44) accept duplicate
+/// network names, so the name is checked before and after.
+pub async fn create_kind(
+    docker: &Docker,
+    pool: &SubnetPool,
+    name: &str,
+    object_labels: &HashMap<String, String>,
+    kind: NetKind,
 ) -> Result<Created, ErrorBody> {
     if !same_name(docker, name).await?.is_empty() {
         return Err(name_taken(name));
@@ -129,7 +158,7 @@ pub async fn create(
         let req = NetworkCreateRequest {
             name: name.to_string(),
             driver: Some("bridge".into()),
-            internal: Some(false),
+            internal: Some(kind == NetKind::Internal),
             attachable: Some(false),
             ipam: Some(Ipam {
                 driver: Some("default".into()),
@@ -141,10 +170,16 @@ pub async fn create(
                 options: None,
             }),
             labels: Some(object_labels.clone()),
-            options: Some(HashMap::from([(
-                "com.docker.network.bridge.enable_icc".to_string(),
-                "false".to_string(),
-            )])),
+            options: Some(HashMap::from([
+                (
+                    "com.docker.network.bridge.enable_icc".to_string(),
+                    (kind == NetKind::Internal).to_string(),
+                ),
+                (
+                    "com.docker.network.bridge.name".to_string(),
+                    bridge_name(subnet),
+                ),
+            ])),
             ..Default::default()
         };
         match docker.create_network(req).await {
@@ -218,8 +253,9 @@ pub async fn remove(
         Err(e) => return Err(to_error(e, "inspect network")),
     };
     let lbls = net.labels.unwrap_or_default();
-    let ours = lbls.get(labels::MANAGED).map(String::as_str) == Some("true")
-        && lbls.get(labels::NODE).map(String::as_str) == Some(node_id);
+    // Worker networks and egress proxies' networks both carry the node's
+    // label; nobody else can set a `tether.` label through tether.
+    let ours = lbls.get(labels::NODE).map(String::as_str) == Some(node_id);
     let Some(id) = net.id.filter(|_| ours) else {
         tracing::warn!(network = %name_or_id, "not removing a network tether did not create");
         return Ok(());

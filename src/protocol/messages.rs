@@ -142,6 +142,49 @@ pub struct SpawnRequest {
     /// Node to place the worker on; the server picks one when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
+    /// What the worker may reach; absent: the node's
+    /// `sandbox.default_network_policy`. A request may only narrow it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<NetworkPolicy>,
+}
+
+/// What a worker may reach over the network, narrowest first (the order
+/// is the one a spawn may narrow along): `none` < `allowlist` < `restricted`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkPolicy {
+    /// No network at all (Docker's `none`); exec and files still work.
+    None,
+    /// Only the node's `allowed_egress_domains`, by name, through a
+    /// per-worker HTTP(S) egress proxy.
+    Allowlist,
+    /// The internet, but not the host, link-local, other workers or private
+    /// ranges (unless the node lists them in `allowed_private_cidrs`).
+    Restricted,
+}
+
+impl NetworkPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkPolicy::None => "none",
+            NetworkPolicy::Allowlist => "allowlist",
+            NetworkPolicy::Restricted => "restricted",
+        }
+    }
+}
+
+impl std::str::FromStr for NetworkPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(NetworkPolicy::None),
+            "allowlist" => Ok(NetworkPolicy::Allowlist),
+            "restricted" => Ok(NetworkPolicy::Restricted),
+            _ => Err(format!(
+                "network policy must be none, allowlist or restricted, got {s:?}"
+            )),
+        }
+    }
 }
 
 /// A host path mounted into a worker.
@@ -211,6 +254,10 @@ pub struct WorkerInfo {
     /// Unix time at which the worker is stopped and removed, if it has a timeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<u64>,
+    /// The network policy the worker runs under (absent for workers made
+    /// before policies were enforced, and for host-network workers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<NetworkPolicy>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

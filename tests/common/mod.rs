@@ -41,8 +41,13 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// Removes every container and network labelled with `node_id`.
+/// Removes every container and network labelled with `node_id`, and the
+/// node's nftables guard (an agent killed with SIGKILL cannot).
 pub fn docker_cleanup(node_id: &str) {
+    let _ = std::process::Command::new("nft")
+        .args(["delete", "table", "inet", &format!("tether-{node_id}")])
+        .stderr(std::process::Stdio::null())
+        .status();
     let filter = format!("label=tether.node_id={node_id}");
     let ids = docker(&["ps", "-aq", "--filter", &filter]);
     let ids: Vec<&str> = ids.split_whitespace().collect();
@@ -293,7 +298,8 @@ pub fn build_agent_image(tag: &str) {
 }
 
 /// Runs the agent image the way users do: the Docker socket mounted,
-/// configured by environment (host networking to reach the test server).
+/// configured by environment, in the host's network namespace with
+/// NET_ADMIN (it installs the nftables guard of its workers there).
 /// Returns the container id (empty if `docker run` failed).
 pub fn run_agent_container(name: &str, tag: &str, server_url: &str, node: &str) -> String {
     docker(&[
@@ -305,6 +311,8 @@ pub fn run_agent_container(name: &str, tag: &str, server_url: &str, node: &str) 
         "tether.test=1",
         "--network",
         "host",
+        "--cap-add",
+        "NET_ADMIN",
         "-v",
         "/var/run/docker.sock:/var/run/docker.sock",
         "-e",

@@ -657,6 +657,18 @@ fn validate(f: &NodeFile) -> Vec<Issue> {
             );
         }
     }
+    if !(1..=10_240).contains(&s.logs.max_size_mb) {
+        bad(
+            "sandbox.logs.max_size_mb",
+            format!("{} is not between 1 and 10240", s.logs.max_size_mb),
+        );
+    }
+    if !(1..=100).contains(&s.logs.max_files) {
+        bad(
+            "sandbox.logs.max_files",
+            format!("{} is not between 1 and 100", s.logs.max_files),
+        );
+    }
     if !one_of(&f.inference.mode, &["allow", "disabled"]) {
         bad(
             "inference.mode",

@@ -113,17 +113,15 @@ async fn refused_websocket_upgrades_are_closed() {
     let h = Harness::server().await;
     let node = unique("test");
     h.track(&node);
-    let boot: serde_json::Value = tether::http_client()
-        .post(format!("{}/api/v1/register", h.url))
-        .bearer_auth(PSK)
-        .json(&serde_json::json!({ "node_id": node }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let jwt = boot["auth"]["node_jwt"].as_str().unwrap();
+    let key = tether::agent::identity::NodeKey::generate();
+    let jwt = fake::token(&h, &node, &key).await;
+    // A valid node token with a valid proof, so only the subprotocol is
+    // wrong.
+    let proof = format!(
+        "{}\r\nTether-Node-Proof: {}",
+        jwt,
+        key.proof(tether::protocol::ProofPurpose::Connect, &node)
+    );
     let cases = [
         // Bad node token.
         (
@@ -138,7 +136,7 @@ async fn refused_websocket_upgrades_are_closed() {
         (
             upgrade_request(
                 "/api/agent/connect",
-                &format!("Bearer {jwt}"),
+                &format!("Bearer {proof}"),
                 Some("other.v9"),
             ),
             "501",

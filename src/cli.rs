@@ -269,9 +269,10 @@ pub fn log_filter(env: Option<&str>, level: &str) -> tracing_subscriber::filter:
         }
     }
     let filter = filter.unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
-    // At trace level these libraries log whole messages and request
-    // headers: node tokens, proofs and pushed registry passwords. Capped at
-    // debug whatever the filter says, for them and every target below them.
+    // At debug and trace these libraries log whole messages, request bodies
+    // and headers: node tokens, proofs, pushed registry passwords, workers'
+    // environments. Capped at info whatever the filter says, for them and
+    // every target below them.
     use tracing::level_filters::LevelFilter;
     let secret = |t: &str| {
         SECRET_TARGETS
@@ -282,7 +283,7 @@ pub fn log_filter(env: Option<&str>, level: &str) -> tracing_subscriber::filter:
     let mut capped = Targets::new().with_default(default);
     for (t, l) in filter.iter() {
         let l = if secret(t) {
-            l.min(LevelFilter::DEBUG)
+            l.min(LevelFilter::INFO)
         } else {
             l
         };
@@ -290,14 +291,15 @@ pub fn log_filter(env: Option<&str>, level: &str) -> tracing_subscriber::filter:
     }
     for s in SECRET_TARGETS {
         if !filter.iter().any(|(t, _)| t == *s) {
-            capped = capped.with_target(*s, default.min(LevelFilter::DEBUG));
+            capped = capped.with_target(*s, default.min(LevelFilter::INFO));
         }
     }
     capped
 }
 
-/// Targets whose trace output carries secrets (see [`log_filter`]).
+/// Targets whose debug output carries secrets (see [`log_filter`]).
 const SECRET_TARGETS: &[&str] = &[
+    "bollard",
     "tungstenite",
     "tokio_tungstenite",
     "hyper",
@@ -348,19 +350,24 @@ mod tests {
     use tracing::Level;
 
     #[test]
-    fn secret_carrying_targets_never_log_at_trace() {
+    fn secret_carrying_targets_never_log_below_info() {
         for spec in [
             "trace",
             "info,tungstenite=trace",
             "tungstenite::protocol=trace",
         ] {
             let f = log_filter(Some(spec), "info");
-            for t in ["tungstenite::protocol", "tokio_tungstenite", "hyper::proto"] {
-                assert!(!f.would_enable(t, &Level::TRACE), "{spec}: {t}");
+            for t in [
+                "tungstenite::protocol",
+                "tokio_tungstenite",
+                "hyper::proto",
+                "bollard::docker",
+            ] {
+                assert!(!f.would_enable(t, &Level::DEBUG), "{spec}: {t}");
             }
         }
         let f = log_filter(Some("trace"), "info");
-        assert!(f.would_enable("tungstenite::protocol", &Level::DEBUG));
+        assert!(f.would_enable("tungstenite::protocol", &Level::INFO));
         assert!(f.would_enable("tether::agent", &Level::TRACE));
         let f = log_filter(Some("warn"), "info");
         assert!(!f.would_enable("tungstenite", &Level::INFO));

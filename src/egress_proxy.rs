@@ -375,10 +375,18 @@ fn parse_request(head: &str) -> Result<Target, Refusal> {
     } else {
         path.to_string()
     };
-    let mut out = format!("{method} {path} {version}\r\n");
+    // The origin sees the host that was checked: a `Host` header naming
+    // another site behind the same front (domain fronting) is replaced.
+    let host_header = if port == 80 {
+        host.clone()
+    } else {
+        format!("{host}:{port}")
+    };
+    let mut out = format!("{method} {path} {version}\r\nHost: {host_header}\r\n");
     for h in lines.filter(|l| !l.is_empty()) {
         let name = h.split(':').next().unwrap_or_default().trim();
         if [
+            "host",
             "proxy-connection",
             "proxy-authorization",
             "connection",
@@ -511,14 +519,15 @@ mod tests {
         };
         assert_eq!((host.as_str(), port), ("api.example.com", 443));
         let Ok(Target::Http { host, port, head }) = parse_request(
-            "GET http://example.com:8080/a?b HTTP/1.1\r\nHost: example.com\r\nProxy-Connection: keep-alive\r\n\r\n",
+            "GET http://example.com:8080/a?b HTTP/1.1\r\nHost: evil.example\r\nProxy-Connection: keep-alive\r\nAccept: */*\r\n\r\n",
         ) else {
             panic!()
         };
         assert_eq!((host.as_str(), port), ("example.com", 8080));
+        // The checked host, not the client's `Host` (no domain fronting).
         assert_eq!(
             head,
-            "GET /a?b HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n"
+            "GET /a?b HTTP/1.1\r\nHost: example.com:8080\r\nAccept: */*\r\nConnection: close\r\n\r\n"
         );
         assert!(parse_request("GET / HTTP/1.1\r\n\r\n").is_err());
         assert!(parse_request("CONNECT example.com HTTP/1.1\r\n\r\n").is_err());

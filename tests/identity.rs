@@ -30,9 +30,22 @@ async fn the_registration_key_alone_cannot_take_a_bound_node_id() {
     let (mut h, node) = Harness::start().await;
     let w = h.ctl_spawn_sleeper().await;
 
-    // An impostor with the shared registration key and its own key pair.
+    // An impostor with the shared registration key and its own key pair,
+    // its proof dated near the end of the allowed skew (so that, were it
+    // remembered, the real node's proofs would look like replays).
     let impostor = NodeKey::generate();
-    let resp = fake::register(&h, &node, PSK, &impostor).await;
+    let future = tether::protocol::now_millis() + 290_000;
+    let resp = tether::http_client()
+        .post(format!("{}/api/v1/register", h.url))
+        .bearer_auth(PSK)
+        .json(&json!({
+            "node_id": node,
+            "public_key": impostor.public_key(),
+            "proof": impostor.proof_at(ProofPurpose::Register, &node, future),
+        }))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 409);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "conflict", "{v}");
@@ -57,7 +70,14 @@ async fn the_registration_key_alone_cannot_take_a_bound_node_id() {
     .unwrap_err();
     assert!(e.to_string().contains("bound to another key"), "{e}");
 
-    // The real agent kept its connection and its worker.
+    // The real agent kept its connection and its worker, and its key still
+    // connects (as after a network cut).
+    h.wait_status(&node, "online").await;
+    exec_echo(&h, &w).await;
+    let real_key = NodeKey::load_or_create(&h.state_path(&node)).unwrap();
+    fake::connect(&h, &stolen_token(&h, &node), &node, Some(&real_key))
+        .await
+        .expect("the real node's proof is accepted");
     h.wait_status(&node, "online").await;
     exec_echo(&h, &w).await;
 
@@ -152,6 +172,42 @@ async fn an_inventory_cannot_claim_another_nodes_worker() {
         exec_echo(&h, &w).await;
         let _ = ws.close(None).await;
     }
+    // Nor can a node answer a spawn with another node's worker.
+    let mut ws = fake::connect(&h, &jwt, &thief, Some(&key)).await.unwrap();
+    let hello = json!({"type": "hello", "payload": {"versions": [1], "node_id": thief, "agent_version": "fake", "inventory": []}});
+    ws.send(Ws::text(hello.to_string())).await.unwrap();
+    h.wait_status(&thief, "online").await;
+    let answer = {
+        // The other node's worker, relabelled as the thief's own.
+        let mut info = info.clone();
+        info["node_id"] = json!(thief);
+        async move {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Ws::Text(t))) => {
+                        let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                        if v["type"] == "spawn" {
+                            let reply = json!({"type": "result", "id": v["id"], "payload": info});
+                            ws.send(Ws::text(reply.to_string())).await.unwrap();
+                            return ws;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    other => panic!("connection ended: {other:?}"),
+                }
+            }
+        }
+    };
+    let answering = tokio::spawn(answer);
+    let img = image();
+    let out = h
+        .ctl(&["spawn", "--node", &thief, "--image", &img, "--", "true"])
+        .await;
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let _ws = answering.await.unwrap();
+    let now: Value = serde_json::from_str(&h.ctl_ok(&["inspect", &w]).await).unwrap();
+    assert_eq!(now["node_id"], node.as_str(), "worker moved: {now}");
+    exec_echo(&h, &w).await;
     h.ctl_ok(&["rm", "-f", &w]).await;
     h.stop().await;
 }
@@ -197,6 +253,31 @@ async fn removing_a_node_revokes_its_tokens_and_connection_at_once() {
     let out = h.ctl(&["node", "rm", "no-such-node"]).await;
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not_found"));
+
+    // A connection still in its handshake when the node is removed does
+    // not bring it back.
+    let key2 = NodeKey::generate();
+    let node2 = unique("fake");
+    h.track(&node2);
+    let jwt2 = fake::token(&h, &node2, &key2).await;
+    let mut ws2 = fake::connect(&h, &jwt2, &node2, Some(&key2)).await.unwrap();
+    h.ctl_ok(&["node", "rm", &node2]).await;
+    let hello2 = json!({"type": "hello", "payload": {"versions": [1], "node_id": node2, "agent_version": "fake"}});
+    ws2.send(Ws::text(hello2.to_string())).await.unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws2.next().await {
+                Some(Ok(Ws::Close(f))) => return f.map(|f| f.reason.to_string()),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .expect("closed within 5 s");
+    assert_eq!(reason.as_deref(), Some("node removed by an operator"));
+    let nodes = h.ctl_ok(&["nodes", "--json"]).await;
+    assert!(!nodes.contains(&node2), "{nodes}");
 
     // The id is free again: a new key may bind it.
     let new_key = NodeKey::generate();

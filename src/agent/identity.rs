@@ -69,7 +69,11 @@ impl NodeKey {
 
     /// A fresh proof for `purpose` (`<unix ms>.<hex signature>`).
     pub fn proof(&self, purpose: ProofPurpose, node_id: &str) -> String {
-        let ms = now_millis();
+        self.proof_at(purpose, node_id, now_millis())
+    }
+
+    /// A proof dated `ms` (Unix milliseconds): for tests and simulators.
+    pub fn proof_at(&self, purpose: ProofPurpose, node_id: &str, ms: u64) -> String {
         let sig = self.pair.sign(&proof_message(purpose, node_id, ms));
         format!("{ms}.{}", hex::encode(sig.as_ref()))
     }

@@ -1,8 +1,9 @@
 //! Host paths mounted into workers, resolved on the node before Docker sees
 //! them. Docker follows symbolic links in a bind source, and a worker that
 //! can write under an allowed path can plant one (`ln -s / /data/esc`), so a
-//! source is accepted only if every component below its allowed root is a
-//! real directory or file, opened one at a time without following links
+//! source is accepted only if every component below its (outermost) allowed
+//! root is a directory, and the last a directory or regular file, opened
+//! one at a time without following links
 //! (`openat` with `O_NOFOLLOW`, as `RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH`
 //! would). Docker gets the path that was checked.
 //!
@@ -69,12 +70,14 @@ pub fn resolve_source(source: &str, allowed: &[String]) -> Result<PathBuf, Error
     {
         return Err(not_allowed());
     }
-    // The longest allowed root that contains the source.
+    // The shortest allowed root that contains the source: with nested
+    // roots (`/srv`, `/srv/data`), a worker that can write `/srv` could
+    // make `/srv/data` a link, so the walk starts above it.
     let root = allowed
         .iter()
         .map(Path::new)
         .filter(|a| a.is_absolute() && src.starts_with(a))
-        .max_by_key(|a| a.components().count())
+        .min_by_key(|a| a.components().count())
         .ok_or_else(not_allowed)?;
     let rest = src.strip_prefix(root).expect("starts_with checked");
     // The root is the node operator's own setting: links in it are theirs.
@@ -99,7 +102,8 @@ pub fn resolve_source(source: &str, allowed: &[String]) -> Result<PathBuf, Error
         )
     })?;
     let mut walked = root.clone();
-    for c in rest.components() {
+    let depth = rest.components().count();
+    for (i, c) in rest.components().enumerate() {
         let Component::Normal(name) = c else {
             return Err(not_allowed());
         };
@@ -122,11 +126,23 @@ pub fn resolve_source(source: &str, allowed: &[String]) -> Result<PathBuf, Error
                 format!("host path {source:?}: {e}"),
             )
         })?;
-        if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+        let kind = FileType::from_raw_mode(st.st_mode);
+        if kind == FileType::Symlink {
             return Err(denied(
                 "sandbox.mounts.allowed_host_paths",
                 format!(
                     "host path {source:?} goes through a symbolic link at {}: links are never followed",
+                    walked.display()
+                ),
+            ));
+        }
+        let last = i + 1 == depth;
+        let plain = kind == FileType::Directory || (last && kind == FileType::RegularFile);
+        if !plain {
+            return Err(denied(
+                "sandbox.mounts.allowed_host_paths",
+                format!(
+                    "host path {source:?}: {} is not a directory or regular file",
                     walked.display()
                 ),
             ));
@@ -197,6 +213,26 @@ mod tests {
         for bad in ["/etc", "relative/path", "/x/../etc"] {
             assert!(resolve_source(bad, &allowed).is_err(), "{bad}");
         }
+        // Nested roots: a link planted at the inner root is still refused.
+        std::fs::create_dir_all(root.join("real/inner")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("inner")).unwrap();
+        let nested = vec![
+            root.join("inner").to_string_lossy().into_owned(),
+            root.to_string_lossy().into_owned(),
+        ];
+        let e = resolve_source(&root.join("inner").to_string_lossy(), &nested).unwrap_err();
+        assert!(e.message.contains("symbolic link"), "{e}");
+        // Only directories and regular files: no fifos or sockets.
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join("real/fifo"),
+            FileType::Fifo,
+            Mode::RUSR | Mode::WUSR,
+            0,
+        )
+        .unwrap();
+        let e = resolve_source(&root.join("real/fifo").to_string_lossy(), &allowed).unwrap_err();
+        assert!(e.message.contains("not a directory or regular file"), "{e}");
         // A sibling whose name merely starts like the root is outside it.
         let sibling = dir.path().join("allowed-not");
         std::fs::create_dir_all(&sibling).unwrap();

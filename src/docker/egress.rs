@@ -312,10 +312,10 @@ pub async fn remove_proxy(
     let name = proxy_name(worker_id);
     let id = match docker.inspect_container(&name, None).await {
         Ok(c) => {
-            let ours = c
-                .config
-                .and_then(|c| c.labels)
-                .is_some_and(|l| l.get(labels::NODE).map(String::as_str) == Some(node_id));
+            let ours = c.config.and_then(|c| c.labels).is_some_and(|l| {
+                l.get(labels::NODE).map(String::as_str) == Some(node_id)
+                    && l.get(labels::EGRESS_FOR).map(String::as_str) == Some(worker_id)
+            });
             c.id.filter(|_| ours)
         }
         Err(DockerError::DockerResponseServerError {

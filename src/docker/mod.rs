@@ -77,9 +77,11 @@ pub fn object_name(worker_id: &str) -> String {
 
 /// Worker ids become Docker object names and label values: lowercase
 /// letters, digits, `-` and `_`, at most 64 (the server issues lowercase ULIDs).
+/// `-egress` ends the names of egress proxies' objects: no worker's.
 pub fn valid_worker_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
+        && !id.ends_with("-egress")
         && id
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
@@ -106,6 +108,7 @@ mod tests {
         assert!(!valid_worker_id("01HX"));
         assert!(!valid_worker_id("a/b"));
         assert!(!valid_worker_id(""));
+        assert!(!valid_worker_id("x-egress"), "the proxies' suffix");
         assert!(valid_node_id("host-1.example.com"));
         assert!(!valid_node_id(".."));
         assert!(!valid_node_id("-x"));

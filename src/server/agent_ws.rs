@@ -26,8 +26,8 @@ pub(super) async fn connect(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let (node_id, token_exp) = match authenticate(&app, &headers) {
-        Ok(c) => (c.node_id, c.exp),
+    let (node_id, token_exp, binding) = match authenticate(&app, &headers) {
+        Ok(c) => (c.node_id, c.exp, c.binding),
         Err(e) => {
             warn!(error = %e, "agent connection refused");
             return super::api::error_response(e);
@@ -55,7 +55,7 @@ pub(super) async fn connect(
         .max_frame_size(MAX_WS_MESSAGE)
         .on_upgrade(move |socket| {
             let span = info_span!("agent", %node_id);
-            session(app, node_id, token_exp, socket).instrument(span)
+            session(app, node_id, token_exp, binding, socket).instrument(span)
         })
         .into_response()
 }
@@ -105,7 +105,17 @@ fn to_ws(o: Outbound) -> WsMessage {
     }
 }
 
-async fn session(app: Arc<AppState>, node_id: String, mut token_exp: u64, socket: WebSocket) {
+/// One agent connection. `binding` is the identity binding its token was
+/// issued under: once an operator forgets the node it no longer holds, and
+/// the connection ends (checked before the node joins the registry and at
+/// every heartbeat tick).
+async fn session(
+    app: Arc<AppState>,
+    node_id: String,
+    mut token_exp: u64,
+    binding: String,
+    socket: WebSocket,
+) {
     let (mut sink, mut stream) = socket.split();
     // Handshake: the first message must be a hello for the token's node.
     let first = tokio::time::timeout(Duration::from_secs(15), stream.next()).await;
@@ -148,6 +158,16 @@ async fn session(app: Arc<AppState>, node_id: String, mut token_exp: u64, socket
         return;
     }
 
+    if !app.store.is_current(&node_id, &binding) {
+        let _ = sink
+            .send(WsMessage::Close(Some(CloseFrame {
+                code: 1008,
+                reason: "node removed by an operator".into(),
+            })))
+            .await;
+        info!("node removed during the handshake");
+        return;
+    }
     let link = app.hub.node_link(&node_id);
     // Execs the agent runs that this server does not know (it restarted):
     // adopt them, so their clients can re-attach.
@@ -224,15 +244,16 @@ async fn session(app: Arc<AppState>, node_id: String, mut token_exp: u64, socket
                 if last_rx.elapsed() > app.cfg.heartbeat_timeout {
                     break format!("no heartbeat for {} s", last_rx.elapsed().as_secs());
                 }
+                if !app.store.is_current(&node_id, &binding) {
+                    let _ = out.send(Outbound::Close(1008, "node removed by an operator".into()));
+                    break "node removed by an operator".into();
+                }
                 let _ = out.send(Outbound::Ping);
                 // Refresh the node token over the live link when a third of
                 // its lifetime is left: no reconnect needed.
                 let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
                 if now + app.signer.ttl().as_secs() / 3 >= token_exp {
-                    let Some(identity) = app.store.node_identity(&node_id) else {
-                        break "node removed by an operator".into();
-                    };
-                    let (jwt, exp) = app.signer.issue(&node_id, &identity.binding);
+                    let (jwt, exp) = app.signer.issue(&node_id, &binding);
                     token_exp = exp.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
                     let _ = out.send(Outbound::msg(&Message::Token(crate::protocol::TokenRefresh {
                         node_jwt: jwt,

@@ -193,8 +193,23 @@ async fn register(
         )
         .into());
     }
-    // The proof first (it needs no state), then the binding: first come,
-    // and only the same key after that.
+    // A bound id takes only its own key: another is refused before its
+    // proof is even looked at. Then the proof, then the binding.
+    if let Some(bound) = app.store.node_identity(&body.node_id)
+        && !bound
+            .public_key
+            .eq_ignore_ascii_case(body.public_key.trim())
+    {
+        tracing::warn!(node_id = %body.node_id, "registration with another key refused");
+        return Err(ErrorBody::new(
+            ErrorCode::Conflict,
+            super::store::StoreError::BoundElsewhere {
+                node_id: body.node_id.clone(),
+            }
+            .to_string(),
+        )
+        .into());
+    }
     app.check_proof(
         &body.node_id,
         &body.public_key,
@@ -266,7 +281,7 @@ async fn forget_node(
         .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
         .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
     let known = app.hub.forget_node(&id);
-    app.proof_times.lock().unwrap().remove(&id);
+    app.proofs_seen.lock().unwrap().remove(&id);
     if !bound && !known {
         return Err(ErrorBody::new(ErrorCode::NotFound, format!("no such node: {id}")).into());
     }

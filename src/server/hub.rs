@@ -718,9 +718,24 @@ impl Hub {
         let worker_id = ulid::Ulid::new().to_string().to_ascii_lowercase();
         let mut spec = req;
         spec.node_id = None;
-        let info: WorkerInfo = link
-            .request_as(Request::Spawn(Spawn { worker_id, spec }))
+        let mut info: WorkerInfo = link
+            .request_as(Request::Spawn(Spawn {
+                worker_id: worker_id.clone(),
+                spec,
+            }))
             .await?;
+        // A node answers for the worker it was asked to make, on itself:
+        // it cannot steer the registry to another node's worker.
+        if info.worker_id != worker_id {
+            return Err(ErrorBody::new(
+                ErrorCode::Internal,
+                format!(
+                    "node {node_id} answered the spawn of {worker_id} with worker {}",
+                    info.worker_id
+                ),
+            ));
+        }
+        info.node_id = node_id;
         self.reg
             .lock()
             .unwrap()
@@ -737,17 +752,23 @@ impl Hub {
                 worker_id: worker_id.into(),
             }))
             .await;
-        self.note_worker(worker_id, &r);
+        self.note_worker(worker_id, &link.node_id, &r);
         r
     }
 
-    fn note_worker(&self, worker_id: &str, r: &Result<WorkerInfo, ErrorBody>) {
+    /// Records what `node_id`, the worker's owner, answered about it; an
+    /// answer about another worker changes nothing.
+    fn note_worker(&self, worker_id: &str, node_id: &str, r: &Result<WorkerInfo, ErrorBody>) {
         let mut reg = self.reg.lock().unwrap();
         match r {
+            Ok(w) if w.worker_id != worker_id => {
+                tracing::warn!(%node_id, %worker_id, answered = %w.worker_id, "node answered for another worker");
+            }
             Ok(w) => {
                 let subnet = reg.workers.get(worker_id).and_then(|o| o.subnet.clone());
                 let mut w = w.clone();
                 w.subnet = w.subnet.or(subnet);
+                w.node_id = node_id.to_string();
                 reg.workers.insert(worker_id.into(), w);
             }
             Err(e) if e.code == ErrorCode::NotFound => {
@@ -769,7 +790,7 @@ impl Hub {
                 timeout_secs,
             }))
             .await;
-        self.note_worker(worker_id, &r);
+        self.note_worker(worker_id, &link.node_id, &r);
         r
     }
 

@@ -152,17 +152,20 @@ pub(crate) struct AppState {
     pub signer: auth::Signer,
     /// Durable state: node identities.
     pub store: Arc<dyn store::Store>,
-    /// Newest proof time accepted per node (`protocol::proof`): a proof is
-    /// good once, so a captured upgrade request cannot be replayed.
-    pub proof_times: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Proofs accepted per node within the skew window (`protocol::proof`):
+    /// a proof is good once, so a captured request cannot be replayed.
+    #[allow(clippy::type_complexity)]
+    pub proofs_seen: std::sync::Mutex<std::collections::HashMap<String, Vec<(u64, String)>>>,
     pub admin_token: String,
     /// Cancelled on shutdown: agent sessions close with 1001.
     pub shutdown: CancellationToken,
 }
 
 impl AppState {
-    /// Checks a node's proof against its bound key and refuses a proof time
-    /// already seen (replay) or older than one accepted.
+    /// Checks a node's proof against `public_key` (the key bound to the
+    /// node, or offered by a first registration) and refuses a proof seen
+    /// before (a replayed request). Only proofs that verify are remembered,
+    /// so nobody without the key can make the node's own proofs look used.
     pub(crate) fn check_proof(
         &self,
         node_id: &str,
@@ -170,30 +173,27 @@ impl AppState {
         purpose: crate::protocol::ProofPurpose,
         proof: Option<&str>,
     ) -> Result<(), crate::protocol::ErrorBody> {
-        use crate::protocol::{ErrorBody, ErrorCode};
+        use crate::protocol::{ErrorBody, ErrorCode, MAX_PROOF_SKEW_MS};
         let proof = proof.ok_or_else(|| {
             ErrorBody::new(
                 ErrorCode::Unauthorized,
                 format!("missing node proof ({})", crate::protocol::PROOF_HEADER),
             )
         })?;
-        let ms = crate::protocol::verify_proof(
-            public_key,
-            purpose,
-            node_id,
-            proof,
-            crate::protocol::now_millis(),
-        )
-        .map_err(|e| ErrorBody::new(ErrorCode::Unauthorized, e.to_string()))?;
-        let mut times = self.proof_times.lock().unwrap();
-        let last = times.entry(node_id.to_string()).or_insert(0);
-        if ms <= *last {
+        let now = crate::protocol::now_millis();
+        let ms = crate::protocol::verify_proof(public_key, purpose, node_id, proof, now)
+            .map_err(|e| ErrorBody::new(ErrorCode::Unauthorized, e.to_string()))?;
+        let mut seen = self.proofs_seen.lock().unwrap();
+        let list = seen.entry(node_id.to_string()).or_default();
+        // A proof older than the skew allowance is refused anyway.
+        list.retain(|(t, _)| t.abs_diff(now) <= 2 * MAX_PROOF_SKEW_MS);
+        if list.iter().any(|(_, p)| p == proof) {
             return Err(ErrorBody::new(
                 ErrorCode::Unauthorized,
                 "the node proof was already used (replayed request?)",
             ));
         }
-        *last = ms;
+        list.push((ms, proof.to_string()));
         Ok(())
     }
 }
@@ -263,7 +263,7 @@ impl Server {
             hub: Hub::with_grace(cfg.resume_grace),
             signer: auth::Signer::new(key.as_bytes(), cfg.jwt_ttl),
             store: Arc::new(store),
-            proof_times: Default::default(),
+            proofs_seen: Default::default(),
             cfg,
             admin_token,
             shutdown: CancellationToken::new(),

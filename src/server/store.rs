@@ -44,6 +44,9 @@ pub trait Store: Send + Sync + 'static {
     fn bind_node(&self, node_id: &str, public_key: &str) -> Result<NodeIdentity, StoreError>;
     /// Forgets a node's binding; true if there was one.
     fn forget_node(&self, node_id: &str) -> Result<bool, StoreError>;
+    /// Whether `binding` is still the node's binding (checked on every
+    /// heartbeat tick of its connection: no copies).
+    fn is_current(&self, node_id: &str, binding: &str) -> bool;
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -119,6 +122,15 @@ impl Store for FileStore {
         Ok(identity)
     }
 
+    fn is_current(&self, node_id: &str, binding: &str) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .nodes
+            .get(node_id)
+            .is_some_and(|i| i.binding == binding)
+    }
+
     fn forget_node(&self, node_id: &str) -> Result<bool, StoreError> {
         let mut state = self.state.lock().unwrap();
         let Some(old) = state.nodes.remove(node_id) else {
@@ -155,7 +167,10 @@ mod tests {
         // Survives a restart.
         let s = FileStore::open(path.clone()).unwrap();
         assert_eq!(s.node_identity("n1"), Some(a.clone()));
+        assert!(s.is_current("n1", &a.binding));
+        assert!(!s.is_current("n1", "other"));
         assert!(s.forget_node("n1").unwrap());
+        assert!(!s.is_current("n1", &a.binding));
         assert!(!s.forget_node("n1").unwrap());
         let b = s.bind_node("n1", "aa").unwrap();
         assert_ne!(b.binding, a.binding, "a new binding voids old tokens");

@@ -35,7 +35,7 @@ pub async fn run(cfg: DevConfig, shutdown: CancellationToken) -> Result<(), DevE
     .await?;
     let addr = server.local_addr();
     let token_path = cfg.state_dir.join("admin.token");
-    crate::agent::write_private(&token_path, server.admin_token()).map_err(|source| {
+    crate::private_file::write(&token_path, server.admin_token()).map_err(|source| {
         crate::server::ServerError::State {
             path: token_path.clone(),
             source,

@@ -10,11 +10,13 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod conn;
 pub mod ctl;
 pub mod dev;
 pub mod docker;
 pub mod egress_proxy;
 pub mod mux;
+pub mod private_file;
 pub mod protocol;
 pub mod server;
 

@@ -11,6 +11,7 @@
 //! bytes they have received ([`ChannelState`]) and each replays the rest, so
 //! the reader gets every byte exactly once, in order.
 
+use crate::conn::{Link, OutTx, Outbound};
 use crate::protocol::{
     ChannelClose, ChannelEof, ChannelState, ErrorBody, ErrorCode, Frame, MAX_FRAME_PAYLOAD,
     Message, StreamKind, Window,
@@ -18,7 +19,7 @@ use crate::protocol::{
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -27,114 +28,6 @@ pub const MAX_WINDOW: u64 = 16 * 1024 * 1024;
 
 /// Smallest window: room for one gap marker (an 8-byte count).
 pub const MIN_WINDOW: u64 = 8;
-
-/// Something to write on the WebSocket; the connection task turns it into a
-/// frame of its WebSocket library.
-#[derive(Debug, Clone)]
-pub enum Outbound {
-    Text(String),
-    Binary(Bytes),
-    /// A WebSocket ping (heartbeat).
-    Ping,
-    /// Close the WebSocket with this code and reason, then stop writing.
-    Close(u16, String),
-}
-
-impl Outbound {
-    pub fn msg(m: &Message) -> Outbound {
-        Outbound::Text(m.encode())
-    }
-}
-
-/// Queue feeding one connection's writer. Unbounded on purpose: data frames
-/// are bounded by channel credit, control messages are small and few.
-pub type OutTx = mpsc::UnboundedSender<Outbound>;
-
-/// Writes a connection's queue to its WebSocket until the queue ends or a
-/// close goes out. Messages already queued are fed together and flushed
-/// once: one write for a burst of frames, not one per frame.
-pub async fn write_loop<S, M>(
-    mut sink: S,
-    mut rx: mpsc::UnboundedReceiver<Outbound>,
-    to_ws: impl Fn(Outbound) -> M,
-) where
-    S: futures_util::Sink<M> + Unpin,
-{
-    use futures_util::SinkExt;
-    /// Most messages fed before a flush (bounds the burst in the buffer).
-    const BURST: usize = 32;
-    'run: while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut fed = 0;
-        while let Some(o) = next.take() {
-            let closing = matches!(o, Outbound::Close(..));
-            if sink.feed(to_ws(o)).await.is_err() || closing {
-                break 'run;
-            }
-            fed += 1;
-            if fed < BURST {
-                next = rx.try_recv().ok();
-            }
-        }
-        if sink.flush().await.is_err() {
-            break;
-        }
-    }
-    let _ = sink.close().await;
-}
-
-/// The current connection, if any. Sends while disconnected are dropped:
-/// channel data and closes are replayed on resume, replies are re-requested.
-pub struct Link {
-    out: RwLock<Option<OutTx>>,
-    /// Whether a connection is set, for tasks that act on a disconnect.
-    up: watch::Sender<bool>,
-}
-
-impl Default for Link {
-    fn default() -> Self {
-        Link {
-            out: RwLock::new(None),
-            up: watch::channel(false).0,
-        }
-    }
-}
-
-impl Link {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-
-    /// Follows whether a connection is set.
-    pub fn watch(&self) -> watch::Receiver<bool> {
-        self.up.subscribe()
-    }
-
-    pub fn send(&self, o: Outbound) -> bool {
-        match &*self.out.read().unwrap() {
-            Some(tx) => tx.send(o).is_ok(),
-            None => false,
-        }
-    }
-
-    pub fn send_msg(&self, m: &Message) -> bool {
-        self.send(Outbound::msg(m))
-    }
-
-    pub fn set(&self, out: Option<OutTx>) {
-        let up = out.is_some();
-        *self.out.write().unwrap() = out;
-        self.up.send_replace(up);
-    }
-
-    pub fn is_connected(&self) -> bool {
-        self.out
-            .read()
-            .unwrap()
-            .as_ref()
-            .is_some_and(|t| !t.is_closed())
-    }
-}
 
 /// What a channel's reader receives.
 #[derive(Debug)]
@@ -435,6 +328,47 @@ impl Channels {
             }
             e.cancel.cancel();
         }
+    }
+
+    /// A binary message from the peer: a frame for its channel. A frame
+    /// that cannot be taken (malformed, too large, beyond the credit given)
+    /// ends its channel on both ends with the error: the local reader sees
+    /// it and the peer gets a `channel_close` carrying it. One for no open
+    /// channel gets a connection-level `error`. Returns the error, if any.
+    pub fn on_binary(&self, data: Bytes) -> Result<(), ErrorBody> {
+        let channel = Frame::peek_channel(&data);
+        let result = Frame::decode(data, MAX_FRAME_PAYLOAD)
+            .map_err(|e| {
+                let code = match e {
+                    crate::protocol::FrameError::TooLarge { .. } => ErrorCode::TooLarge,
+                    _ => ErrorCode::InvalidRequest,
+                };
+                ErrorBody::new(code, e.to_string())
+            })
+            .and_then(|f| self.on_frame(f));
+        let Err(error) = result else {
+            return Ok(());
+        };
+        let entry = channel.and_then(|c| self.map.lock().unwrap().remove(&c).map(|e| (c, e)));
+        match entry {
+            Some((channel, e)) => {
+                let close = ChannelClose {
+                    channel,
+                    exit_code: None,
+                    error: Some(error.clone()),
+                };
+                self.link.send_msg(&Message::ChannelClose(close.clone()));
+                let _ = e.inbox.send(Inbound::Close(close));
+                e.cancel.cancel();
+            }
+            None => {
+                self.link.send_msg(&Message::Error {
+                    id: None,
+                    error: error.clone(),
+                });
+            }
+        }
+        Err(error)
     }
 
     /// Forgets a channel without telling the peer.
@@ -759,6 +693,38 @@ mod tests {
         let link = Link::new();
         link.set(Some(out));
         (Channels::new(link), rx)
+    }
+
+    #[tokio::test]
+    async fn a_bad_frame_ends_its_channel_with_the_error_on_both_ends() {
+        let (ch, mut out_rx) = connected();
+        let mut h = ch.open(3, 8).unwrap();
+        // Beyond the 8 bytes of credit granted.
+        let err = ch.on_binary(frame(3, 0, 10).encode()).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidRequest);
+        // The peer is told, with the error.
+        let Some(Outbound::Text(t)) = out_rx.recv().await else {
+            panic!()
+        };
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        assert_eq!(v["type"], "channel_close");
+        assert_eq!(v["payload"]["channel"], 3);
+        assert_eq!(v["payload"]["error"]["code"], "invalid_request");
+        // The local reader sees the same error, and the work is cancelled.
+        match h.reader.recv().await {
+            Some(Inbound::Close(c)) => assert_eq!(c.error, Some(err)),
+            other => panic!("{other:?}"),
+        }
+        assert!(h.cancel.is_cancelled());
+        assert!(!ch.is_open(3));
+        // A bad frame for no open channel is a connection-level error.
+        ch.on_binary(Bytes::from_static(b"\x00\x00")).unwrap_err();
+        let Some(Outbound::Text(t)) = out_rx.recv().await else {
+            panic!()
+        };
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        assert_eq!(v["type"], "error");
+        assert!(v["id"].is_null(), "{v}");
     }
 
     #[tokio::test]

@@ -169,6 +169,77 @@ async fn black_hole_is_detected_on_both_sides_then_recovers() {
     h.stop().await;
 }
 
+/// The next worker event of `worker` within `wait`, if any.
+async fn next_event_of(
+    events: &mut tokio::sync::broadcast::Receiver<(String, tether::protocol::WorkerEvent)>,
+    worker: &str,
+    wait: Duration,
+) -> Option<tether::protocol::WorkerEvent> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) => return None,
+            Ok(Ok((_, ev))) if ev.worker_id == worker => return Some(ev),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("worker events: {e}"),
+        }
+    }
+}
+
+/// One Docker event subscription per agent process: after several
+/// reconnects a worker's death is reported once, not once per connection;
+/// and a death while the server is unreachable is reported when it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_events_are_reported_once_across_reconnects() {
+    let (h, node, proxy) = proxied().await;
+    let mut events = h.hub.worker_events();
+    for _ in 0..3 {
+        let before = proxy.accepted();
+        proxy.cut();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while proxy.accepted() == before {
+            assert!(Instant::now() < deadline, "the agent never reconnected");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        h.wait_status(&node, "online").await;
+    }
+    let exiting = |code: u8| SpawnRequest {
+        image: image(),
+        cmd: vec!["sh".into(), "-c".into(), format!("sleep 2; exit {code}")],
+        ..Default::default()
+    };
+    let w = h.hub.spawn(exiting(3)).await.unwrap();
+    let ev = next_event_of(&mut events, &w.worker_id, Duration::from_secs(30))
+        .await
+        .expect("the worker's death is reported");
+    assert_eq!(ev.event, tether::protocol::WorkerEventKind::Exited);
+    assert_eq!(ev.exit_code, Some(3));
+    let again = next_event_of(&mut events, &w.worker_id, Duration::from_secs(3)).await;
+    assert!(again.is_none(), "reported twice: {again:?}");
+
+    // Dies while the agent cannot reach the server: reported on return.
+    let w = h.hub.spawn(exiting(4)).await.unwrap();
+    proxy.refuse(true);
+    proxy.cut();
+    let filter = format!("label=tether.worker_id={}", w.worker_id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !docker(&["ps", "-q", "--filter", &filter]).is_empty() {
+        assert!(Instant::now() < deadline, "the worker never exited");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.refuse(false);
+    let ev = next_event_of(&mut events, &w.worker_id, Duration::from_secs(60))
+        .await
+        .expect("a death while disconnected is reported after the reconnect");
+    assert_eq!(
+        (ev.event, ev.exit_code),
+        (tether::protocol::WorkerEventKind::Exited, Some(4))
+    );
+    let again = next_event_of(&mut events, &w.worker_id, Duration::from_secs(3)).await;
+    assert!(again.is_none(), "reported twice: {again:?}");
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spawn_whose_reply_was_lost_runs_once() {
     let (h, node, proxy) = proxied().await;

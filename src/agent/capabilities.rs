@@ -7,7 +7,7 @@
 
 use bollard::Docker;
 use serde::{Deserialize, Serialize};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CapabilityReport {
@@ -108,8 +108,14 @@ pub async fn collect(
     id: &Identity,
     state_dir: &std::path::Path,
 ) -> CapabilityReport {
-    let info = docker.info().await.ok();
-    let version = docker.version().await.ok();
+    let info = tokio::time::timeout(ENGINE_TIMEOUT, docker.info())
+        .await
+        .ok()
+        .and_then(Result::ok);
+    let version = tokio::time::timeout(ENGINE_TIMEOUT, docker.version())
+        .await
+        .ok()
+        .and_then(Result::ok);
     let security: Vec<String> = info
         .as_ref()
         .and_then(|i| i.security_options.clone())
@@ -200,12 +206,31 @@ pub async fn collect(
     }
 }
 
-async fn run(cmd: &str, args: &[&str]) -> Option<String> {
-    let out = tokio::process::Command::new(cmd)
+/// How long a GPU tool may take: a wedged driver can hang `nvidia-smi` for
+/// ever, and the report is sent before `hello`.
+const GPU_TOOL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long Docker's `info` / `version` may take for the report.
+const ENGINE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `cmd args` and returns its stdout if it succeeds within `limit`;
+/// a command still running then is killed.
+async fn run(cmd: &str, args: &[&str], limit: Duration) -> Option<String> {
+    let child = tokio::process::Command::new(cmd)
         .args(args)
-        .output()
-        .await
-        .ok()?;
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = match tokio::time::timeout(limit, child).await {
+        Ok(out) => out.ok()?,
+        Err(_) => {
+            tracing::warn!(
+                cmd,
+                "no answer within {} s: killed, no GPUs reported from it",
+                limit.as_secs()
+            );
+            return None;
+        }
+    };
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -220,6 +245,7 @@ async fn gpus() -> Gpu {
             "--query-gpu=name,memory.total,uuid,compute_cap",
             "--format=csv,noheader,nounits",
         ],
+        GPU_TOOL_TIMEOUT,
     )
     .await
     {
@@ -228,6 +254,7 @@ async fn gpus() -> Gpu {
     if let Some(text) = run(
         "rocm-smi",
         &["--showproductname", "--showmeminfo", "vram", "--json"],
+        GPU_TOOL_TIMEOUT,
     )
     .await
     {
@@ -286,6 +313,33 @@ fn parse_rocm(json: &str) -> Vec<GpuDevice> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_hanging_gpu_tool_is_killed_at_its_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("still-running");
+        let script = dir.path().join("wedged-smi");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\nsleep 2\ntouch {}\n", marker.display()),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let t0 = std::time::Instant::now();
+        let out = run(script.to_str().unwrap(), &[], Duration::from_millis(300)).await;
+        assert!(out.is_none());
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        // Killed, not left behind: it never gets to its last line.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!marker.exists(), "the hanging tool kept running");
+        assert_eq!(
+            run("sh", &["-c", "echo ok"], Duration::from_secs(10))
+                .await
+                .as_deref(),
+            Some("ok\n")
+        );
+    }
 
     #[test]
     fn parses_nvidia_smi() {

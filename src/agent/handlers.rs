@@ -3,9 +3,10 @@
 //! task starts, so data sent right behind the request is never lost.
 
 use super::Ctx;
+use crate::conn::Outbound;
 use crate::docker::joined::Wait;
 use crate::docker::{self, archive, containers, exec};
-use crate::mux::{ChannelHandles, Inbound, Outbound};
+use crate::mux::{ChannelHandles, Inbound};
 use crate::protocol::{
     Archive, ChannelClose, ErrorBody, ErrorCode, Exec, Logs, MAX_FRAME_PAYLOAD, Message, Request,
     StreamKind, WorkerList,
@@ -615,15 +616,8 @@ pub(super) fn schedule_reaper(ctx: Arc<Ctx>, worker_id: String, deadline: u64) {
         match remove_worker(&ctx, &worker_id, true).await {
             Ok(()) => {
                 info!(%worker_id, "worker reached its timeout: removed");
-                ctx.link.send(Outbound::msg(&Message::WorkerEvent(
-                    crate::protocol::WorkerEvent {
-                        worker_id,
-                        event: "timeout".into(),
-                        exit_code: None,
-                        at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-                            .to_string(),
-                    },
-                )));
+                ctx.events
+                    .report(worker_id, crate::protocol::WorkerEventKind::Timeout, None);
             }
             Err(e) if e.code == ErrorCode::NotFound => {}
             Err(e) => warn!(%worker_id, error = %e, "could not remove a timed-out worker"),

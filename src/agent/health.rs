@@ -1,12 +1,11 @@
 //! Watches the container runtime for one connection: reports the node
-//! `degraded` while Docker is unreachable and `ok` when it is back, and
-//! forwards Docker's die/OOM events of this node's workers.
+//! `degraded` while Docker is unreachable and `ok` when it is back, a
+//! changed capability report, and asks for newer configuration when told to
+//! poll. (Worker events have their own process-wide task: `events`.)
 
 use super::Ctx;
-use crate::docker::labels;
-use crate::mux::Outbound;
-use crate::protocol::{Message, NodeStatus, WorkerEvent};
-use futures_util::StreamExt;
+use crate::conn::Outbound;
+use crate::protocol::{Message, NodeStatus};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
@@ -23,7 +22,6 @@ fn now() -> String {
 /// Probes Docker until `end`; reports every change (and the first state).
 pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
     let mut reported: Option<bool> = None;
-    let mut events: Option<tokio::task::JoinHandle<()>> = None;
     let mut ticks: u64 = 0;
     let mut polled = tokio::time::Instant::now();
     loop {
@@ -89,58 +87,9 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
                 crate::protocol::ConfigPoll { config_version },
             )));
         }
-        // (Re)subscribe to events whenever the runtime is healthy and the
-        // previous subscription ended (it ends when Docker goes away).
-        if healthy && events.as_ref().is_none_or(|t| t.is_finished()) {
-            events = Some(tokio::spawn(forward_events(ctx.clone())));
-        }
         tokio::select! {
             _ = end.cancelled() => break,
             _ = tokio::time::sleep(ctx.config_poll.map_or(PROBE_INTERVAL, |p| p.min(PROBE_INTERVAL))) => {}
         }
-    }
-    if let Some(t) = events {
-        t.abort();
-    }
-}
-
-/// Forwards Docker's container events for this node's workers until the
-/// stream ends.
-async fn forward_events(ctx: Arc<Ctx>) {
-    let filters = std::collections::HashMap::from([
-        ("type".to_string(), vec!["container".to_string()]),
-        (
-            "event".to_string(),
-            vec!["die".to_string(), "oom".to_string()],
-        ),
-        (
-            "label".to_string(),
-            vec![format!("{}={}", labels::NODE, ctx.node_id)],
-        ),
-    ]);
-    let mut events = ctx
-        .docker
-        .events(Some(bollard::query_parameters::EventsOptions {
-            since: None,
-            until: None,
-            filters: Some(filters),
-        }));
-    while let Some(Ok(ev)) = events.next().await {
-        let attrs = ev.actor.and_then(|a| a.attributes).unwrap_or_default();
-        let Some(worker_id) = attrs.get(labels::WORKER).cloned() else {
-            continue;
-        };
-        let event = match ev.action.as_deref() {
-            Some("oom") => "oom_killed",
-            _ => "exited",
-        };
-        let exit_code = attrs.get("exitCode").and_then(|c| c.parse().ok());
-        ctx.link
-            .send(Outbound::msg(&Message::WorkerEvent(WorkerEvent {
-                worker_id,
-                event: event.into(),
-                exit_code,
-                at: now(),
-            })));
     }
 }

@@ -44,7 +44,7 @@ impl NodeKey {
                 let rng = ring::rand::SystemRandom::new();
                 let der = Ed25519KeyPair::generate_pkcs8(&rng)
                     .map_err(|_| std::io::Error::other("could not generate a key"))?;
-                super::write_private(&path, &hex::encode(der.as_ref()))?;
+                crate::private_file::write(&path, &hex::encode(der.as_ref()))?;
                 let pair =
                     Ed25519KeyPair::from_pkcs8(der.as_ref()).map_err(|_| bad("bad new key"))?;
                 Ok(NodeKey { pair })

@@ -3,6 +3,7 @@
 //! socket.
 
 pub mod capabilities;
+mod events;
 mod handlers;
 mod health;
 pub mod identity;
@@ -16,8 +17,8 @@ pub mod spool;
 
 use crate::docker::containers::Defaults;
 use crate::docker::networks::SubnetPool;
+use crate::protocol::{Bootstrap, RegisterRequest};
 use crate::protocol::{ErrorBody, REGISTER_PATH};
-use crate::server::Bootstrap;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bollard::Docker;
 use std::path::{Path, PathBuf};
@@ -154,7 +155,7 @@ pub(crate) struct Ctx {
     pub node_id: String,
     pub defaults: Defaults,
     /// The current connection to the server (none while reconnecting).
-    pub link: Arc<crate::mux::Link>,
+    pub link: Arc<crate::conn::Link>,
     /// Open channels; they outlive a connection and resume on the next one.
     pub channels: crate::mux::Channels,
     /// Docker exec id of each open exec channel (for resize).
@@ -187,6 +188,8 @@ pub(crate) struct Ctx {
     pub replies: std::sync::Mutex<handlers::Replies>,
     /// Exec output spools (used while the server is unreachable).
     pub spools: Arc<spool::Spools>,
+    /// Where worker events go (the process-wide forwarder, `events`).
+    pub events: events::Reporter,
     /// Whether the nftables guard is in place, or why not (`restricted` and
     /// `allowlist` workers are refused without it).
     pub guard: Result<(), String>,
@@ -349,8 +352,20 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         Some(i) => Some(i),
         None => crate::docker::egress::own_image(&docker).await,
     };
-    let link = crate::mux::Link::new();
+    let link = crate::conn::Link::new();
+    // One Docker event subscription for the whole process, ended when this
+    // function returns, however it returns.
+    let events_end = shutdown.child_token();
+    let _events_guard = events_end.clone().drop_guard();
+    let (events, forwarder) = events::forwarder(
+        docker.clone(),
+        cfg.node_id.clone(),
+        link.clone(),
+        events_end,
+    );
+    tokio::spawn(forwarder);
     let ctx = Arc::new(Ctx {
+        events,
         docker,
         pool,
         node_id: cfg.node_id.clone(),
@@ -459,10 +474,12 @@ async fn connect_and_serve(
         Some(t) => t,
         None => {
             let b = register(cfg, key).await?;
-            write_private(token_path, &b.auth.node_jwt).map_err(|source| AgentError::State {
-                path: token_path.to_path_buf(),
-                source,
-            })?;
+            crate::private_file::store(token_path.to_path_buf(), b.auth.node_jwt.clone())
+                .await
+                .map_err(|source| AgentError::State {
+                    path: token_path.to_path_buf(),
+                    source,
+                })?;
             *token = Some(b.auth.node_jwt.clone());
             b.auth.node_jwt
         }
@@ -504,11 +521,11 @@ pub async fn register(cfg: &AgentConfig, key: &identity::NodeKey) -> Result<Boot
     let resp = crate::http_client_with(cfg.tls()?)
         .post(url.clone())
         .bearer_auth(&cfg.psk)
-        .json(&serde_json::json!({
-            "node_id": cfg.node_id,
-            "public_key": key.public_key(),
-            "proof": key.proof(crate::protocol::ProofPurpose::Register, &cfg.node_id),
-        }))
+        .json(&RegisterRequest {
+            node_id: cfg.node_id.clone(),
+            public_key: key.public_key(),
+            proof: key.proof(crate::protocol::ProofPurpose::Register, &cfg.node_id),
+        })
         .send()
         .await
         .map_err(|e| conn_err(crate::error_chain(&e)))?;
@@ -534,20 +551,4 @@ pub async fn register(cfg: &AgentConfig, key: &identity::NodeKey) -> Result<Boot
     } else {
         Err(conn_err(msg))
     }
-}
-
-/// Writes a secret file readable only by its owner.
-pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(tmp, path)
 }

@@ -126,11 +126,12 @@ pub(crate) fn load(state_dir: &Path) -> Option<Applied> {
     })
 }
 
-fn write_atomic(path: &Path, cfg: &NodeConfig) -> std::io::Result<()> {
-    super::write_private(
-        path,
-        &serde_json::to_string_pretty(cfg).expect("configs serialize"),
+async fn write_atomic(path: &Path, cfg: &NodeConfig) -> std::io::Result<()> {
+    crate::private_file::store(
+        path.to_path_buf(),
+        serde_json::to_string_pretty(cfg).expect("configs serialize"),
     )
+    .await
 }
 
 /// Applies a pushed configuration; stale versions are refused.
@@ -181,7 +182,7 @@ pub(crate) async fn apply(ctx: &Ctx, new: NodeConfig) -> Result<ConfigAck, Error
     }
     // 2. Write it (temporary file, then rename).
     let file = path(&ctx.state_dir);
-    if let Err(e) = write_atomic(&file, &new) {
+    if let Err(e) = write_atomic(&file, &new).await {
         return Ok(ack(
             "failed",
             Some(("storage", e.to_string())),
@@ -193,8 +194,8 @@ pub(crate) async fn apply(ctx: &Ctx, new: NodeConfig) -> Result<ConfigAck, Error
         && let Err(e) = crate::docker::containers::ensure_image(&ctx.docker, image, None).await
     {
         let restored = match &previous {
-            Some(p) => write_atomic(&file, &p.config),
-            None => std::fs::remove_file(&file),
+            Some(p) => write_atomic(&file, &p.config).await,
+            None => tokio::fs::remove_file(&file).await,
         };
         if let Err(r) = restored {
             tracing::error!(error = %r, "could not restore the previous configuration file");

@@ -3,14 +3,14 @@
 //! heartbeats and watches for shutdown.
 
 use super::{AgentConfig, AgentError, Ctx, handlers};
-use crate::mux::{Channels, Outbound};
+use crate::conn::{Close, End, Heartbeat, Incoming, Outbound, PingWhen};
 use crate::protocol::{
-    self, AGENT_CONNECT_PATH, ErrorBody, ErrorCode, Frame, Hello, MAX_FRAME_PAYLOAD,
-    MAX_WS_MESSAGE, Message, PROTOCOL_VERSION, SUBPROTOCOL, Welcome,
+    self, AGENT_CONNECT_PATH, ErrorBody, ErrorCode, Hello, MAX_WS_MESSAGE, Message,
+    PROTOCOL_VERSION, SUBPROTOCOL, Welcome,
 };
 use futures_util::{SinkExt, Stream, StreamExt};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::{
     self, Message as WsMessage, client::IntoClientRequest, protocol::WebSocketConfig,
@@ -217,19 +217,47 @@ pub(super) async fn serve(
     };
     let span = info_span!("session", node_id = %cfg.node_id, session_id = %welcome.session_id);
     info!(parent: &span, "connected to server");
-    // Both sides use the server's heartbeat settings.
+    // Both sides use the server's heartbeat settings; the server's pings
+    // keep the link alive, this end pings only when it hears nothing.
     let beat = Heartbeat {
         interval: Duration::from_secs(welcome.heartbeat_interval_secs.max(1)),
         timeout: Duration::from_secs(welcome.heartbeat_timeout_secs.max(2)),
+        ping: PingWhen::Silent,
     };
     run_loop(ws, beat, ctx, shutdown, welcome.channels)
         .instrument(span)
         .await
 }
 
-struct Heartbeat {
-    interval: Duration,
-    timeout: Duration,
+/// The agent's side of the connection: requests go to their handlers,
+/// frames to their channels.
+struct AgentPeer<'a> {
+    ctx: &'a Arc<Ctx>,
+}
+
+impl crate::conn::Peer for AgentPeer<'_> {
+    fn on_text(&mut self, text: &str) {
+        on_text(text, self.ctx);
+    }
+
+    fn on_binary(&mut self, data: bytes::Bytes) {
+        if let Err(error) = self.ctx.channels.on_binary(data) {
+            warn!(%error, "bad frame from server");
+        }
+    }
+}
+
+fn incoming(
+    m: Result<WsMessage, tungstenite::Error>,
+) -> Result<Incoming<tungstenite::Utf8Bytes>, tungstenite::Error> {
+    Ok(match m? {
+        WsMessage::Text(t) => Incoming::Text(t),
+        WsMessage::Binary(b) => Incoming::Binary(b),
+        WsMessage::Close(f) => {
+            Incoming::Close(f.map(|f| Close::new(f.code.into(), f.reason.as_str())))
+        }
+        _ => Incoming::Control, // tungstenite answers pings itself
+    })
 }
 
 async fn run_loop(
@@ -239,12 +267,12 @@ async fn run_loop(
     shutdown: &CancellationToken,
     peer_channels: Vec<protocol::ChannelState>,
 ) -> Result<(), AgentError> {
-    let (sink, mut stream) = ws.split();
+    let (sink, stream) = ws.split();
     let (out, out_rx) = mpsc::unbounded_channel::<Outbound>();
     let session_end = CancellationToken::new();
 
     // The writer owns the sink, so a slow socket never stops the reader.
-    let writer = tokio::spawn(crate::mux::write_loop(sink, out_rx, to_ws));
+    let writer = tokio::spawn(crate::conn::write_loop(sink, out_rx, to_ws));
     // Replay what the server missed, then carry new traffic on this link.
     let resumed = ctx.channels.resume(&peer_channels, |_| false, out.clone());
     for ch in &resumed.lost {
@@ -257,50 +285,35 @@ async fn run_loop(
             "channels resumed"
         );
     }
-    let events = tokio::spawn(super::health::watch_docker(
+    let health = tokio::spawn(super::health::watch_docker(
         ctx.clone(),
         session_end.clone(),
     ));
-
-    let mut tick = tokio::time::interval(beat.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_rx = Instant::now();
-    let result = loop {
-        tokio::select! {
-            msg = stream.next() => {
-                last_rx = Instant::now();
-                match msg {
-                    Some(Ok(WsMessage::Text(t))) => on_text(t.as_str(), &ctx),
-                    Some(Ok(WsMessage::Binary(b))) => on_binary(b, &ctx.channels),
-                    Some(Ok(WsMessage::Close(f))) => {
-                        let going_away = f.as_ref().is_some_and(|f| u16::from(f.code) == 1001);
-                        let why = format!("server closed the connection: {f:?}");
-                        break Err(if going_away { AgentError::ServerGoingAway(why) } else { AgentError::ConnectionLost(why) });
-                    }
-                    Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
-                    Some(Err(e)) => break Err(AgentError::ConnectionLost(e.to_string())),
-                    None => break Err(AgentError::ConnectionLost("connection closed".into())),
-                }
-            }
-            _ = tick.tick() => {
-                if last_rx.elapsed() > beat.timeout {
-                    break Err(AgentError::ConnectionLost(format!(
-                        "no traffic from the server for {} s", last_rx.elapsed().as_secs()
-                    )));
-                }
-                let _ = out.send(Outbound::Ping);
-            }
-            _ = shutdown.cancelled() => {
-                let _ = out.send(Outbound::Close(1001, "agent shutting down".into()));
-                break Ok(());
-            }
-        }
+    let stop = async {
+        shutdown.cancelled().await;
+        Close::new(Close::GOING_AWAY, "agent shutting down")
     };
+    let end = crate::conn::run(
+        stream.map(incoming),
+        &out,
+        beat,
+        &mut AgentPeer { ctx: &ctx },
+        stop,
+    )
+    .await;
     session_end.cancel();
-    events.abort();
+    // It holds no resources of its own: stopping it mid-probe is safe.
+    health.abort();
     // Channels stay open: their work goes on and resumes on the next link.
     ctx.link.set(None);
     drop(out);
+    let result = match end {
+        End::Local(_) => Ok(()),
+        End::Remote(Some(c)) if c.code == Close::GOING_AWAY => Err(AgentError::ServerGoingAway(
+            format!("server closed the connection ({}: {})", c.code, c.reason),
+        )),
+        other => Err(AgentError::ConnectionLost(other.to_string())),
+    };
     if result.is_ok() {
         // Let the close frame go out.
         let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
@@ -367,14 +380,16 @@ fn on_text(text: &str, ctx: &Arc<Ctx>) {
         }
         Message::Error { id, error } => warn!(?id, %error, "server reported an error"),
         Message::Token(t) => {
-            // Never logged; kept 0600 for the next connection.
-            match super::write_private(&ctx.token_path, &t.node_jwt) {
-                Ok(()) => {
-                    *ctx.refreshed_token.lock().unwrap() = Some(t.node_jwt);
-                    info!(expires_at = %t.expires_at, "node token refreshed");
+            // Never logged; used for the next connection and kept 0600 for
+            // the next start (written off this thread: it syncs to disk).
+            *ctx.refreshed_token.lock().unwrap() = Some(t.node_jwt.clone());
+            info!(expires_at = %t.expires_at, "node token refreshed");
+            let path = ctx.token_path.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::private_file::store(path, t.node_jwt).await {
+                    warn!(error = %e, "could not store the refreshed node token");
                 }
-                Err(e) => warn!(error = %e, "could not store the refreshed node token"),
-            }
+            });
         }
         other => {
             let _ = out.send(Outbound::msg(&Message::error(
@@ -382,35 +397,6 @@ fn on_text(text: &str, ctx: &Arc<Ctx>) {
                 ErrorCode::InvalidRequest,
                 format!("unexpected message from server: {}", other.encode()),
             )));
-        }
-    }
-}
-
-fn on_binary(data: bytes::Bytes, channels: &Channels) {
-    let out = channels.link();
-    let channel = Frame::peek_channel(&data);
-    let result = Frame::decode(data, MAX_FRAME_PAYLOAD)
-        .map_err(|e| {
-            let code = match e {
-                protocol::FrameError::TooLarge { .. } => ErrorCode::TooLarge,
-                _ => ErrorCode::InvalidRequest,
-            };
-            ErrorBody::new(code, e.to_string())
-        })
-        .and_then(|f| channels.on_frame(f));
-    if let Err(error) = result {
-        warn!(%error, ?channel, "bad frame from server");
-        if let Some(ch) = channel.filter(|c| channels.is_open(*c)) {
-            channels.remove(ch);
-            let _ = out.send(Outbound::msg(&Message::ChannelClose(
-                protocol::ChannelClose {
-                    channel: ch,
-                    exit_code: None,
-                    error: Some(error),
-                },
-            )));
-        } else {
-            let _ = out.send(Outbound::msg(&Message::Error { id: None, error }));
         }
     }
 }

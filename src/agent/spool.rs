@@ -276,7 +276,8 @@ impl Drop for Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mux::{Channels, Link, Outbound};
+    use crate::conn::{Link, Outbound};
+    use crate::mux::Channels;
     use crate::protocol::{Frame, Window};
     use tokio::sync::mpsc;
 

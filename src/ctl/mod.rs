@@ -8,8 +8,8 @@ mod stream;
 pub use cp::{CpTarget, copy};
 pub use stream::{exec, logs};
 
+use crate::protocol::operator::NodeInfo;
 use crate::protocol::{ErrorBody, ErrorCode, SpawnRequest, WorkerInfo};
-use crate::server::NodeInfo;
 use reqwest::{Method, RequestBuilder, Response};
 use serde::de::DeserializeOwned;
 use std::fmt::Write as _;

@@ -2,8 +2,10 @@
 //! stderr kept apart, stdin and terminal resizes forwarded.
 
 use super::{Client, CtlError};
+use crate::protocol::operator::{
+    self, ASSUMED_STDIN_WINDOW, ClientMsg, ExecOptions, LogOptions, ServerMsg,
+};
 use crate::protocol::{ErrorBody, StreamKind, TermSize};
-use crate::server::{ExecOptions, LogOptions};
 use futures_util::{SinkExt, StreamExt};
 use std::io::{IsTerminal, Write};
 use tokio::io::AsyncReadExt;
@@ -101,7 +103,9 @@ fn write_output(
     stdout: &mut std::io::Stdout,
     stderr: &mut std::io::Stderr,
 ) -> Result<(), CtlError> {
-    let (kind, data) = (StreamKind::from_u8(b[0]), &b[1..]);
+    let Some((kind, data)) = operator::parse_data_frame(b) else {
+        return Ok(());
+    };
     let w: &mut dyn Write = match kind {
         Some(StreamKind::Gap) => {
             let n = <[u8; 8]>::try_from(data).map(u64::from_be_bytes);
@@ -120,21 +124,34 @@ fn write_output(
         .map_err(|e| CtlError::Local(e.to_string()))
 }
 
-/// The server's final message: `error` with its body, or `exit`.
-fn end_of(v: &serde_json::Value, text: &str) -> End {
-    if v["type"] == "error" {
-        End::Error(
-            serde_json::from_value(v["error"].clone()).unwrap_or_else(|_| {
-                ErrorBody::new(crate::protocol::ErrorCode::Internal, text.to_string())
-            }),
-        )
-    } else {
-        End::Exit(v["exit_code"].as_i64())
+/// A text message from the server; one that does not parse is a protocol
+/// error, reported as the end of the stream.
+fn server_msg(text: &str) -> ServerMsg {
+    serde_json::from_str(text).unwrap_or_else(|e| ServerMsg::Error {
+        error: ErrorBody::new(
+            crate::protocol::ErrorCode::Internal,
+            format!("unreadable message from the server ({e}): {text}"),
+        ),
+    })
+}
+
+/// The end a final server message stands for, if it is one.
+fn end_of(m: ServerMsg) -> Option<End> {
+    match m {
+        ServerMsg::Exit { exit_code } => Some(End::Exit(exit_code)),
+        ServerMsg::Error { error } => Some(End::Error(error)),
+        _ => None,
     }
 }
 
 /// Input message that closes the process' stdin.
-const STDIN_EOF: &str = r#"{"type":"stdin_eof"}"#;
+fn stdin_eof() -> WsMessage {
+    WsMessage::text(ClientMsg::StdinEof.encode())
+}
+
+fn is_stdin_eof(m: &WsMessage) -> bool {
+    matches!(m, WsMessage::Text(t) if serde_json::from_str::<ClientMsg>(t.as_str()).ok() == Some(ClientMsg::StdinEof))
+}
 
 /// Writes output frames to stdout/stderr until the server's final message.
 async fn drain_output(rx: &mut futures_util::stream::SplitStream<Ws>) -> Result<End, CtlError> {
@@ -144,11 +161,9 @@ async fn drain_output(rx: &mut futures_util::stream::SplitStream<Ws>) -> Result<
         match m.map_err(|e| CtlError::Local(format!("connection lost: {e}")))? {
             WsMessage::Binary(b) if !b.is_empty() => write_output(&b, &mut stdout, &mut stderr)?,
             WsMessage::Text(t) => {
-                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
-                if v["type"] == "started" || v["type"] == "gap" {
-                    continue;
+                if let Some(end) = end_of(server_msg(t.as_str())) {
+                    return Ok(end);
                 }
-                return Ok(end_of(&v, t.as_str()));
             }
             WsMessage::Close(_) => break,
             _ => {}
@@ -194,7 +209,7 @@ pub async fn exec(
             loop {
                 match stdin.read(&mut buf).await {
                     Ok(0) | Err(_) => {
-                        let _ = t.send(WsMessage::text(STDIN_EOF)).await;
+                        let _ = t.send(stdin_eof()).await;
                         break;
                     }
                     Ok(n) => {
@@ -219,8 +234,11 @@ pub async fn exec(
             };
             while sig.recv().await.is_some() {
                 if let Some(s) = term_size() {
-                    let m = serde_json::json!({"type": "resize", "cols": s.cols, "rows": s.rows});
-                    if t.send(WsMessage::text(m.to_string())).await.is_err() {
+                    let m = ClientMsg::Resize {
+                        cols: s.cols,
+                        rows: s.rows,
+                    };
+                    if t.send(WsMessage::text(m.encode())).await.is_err() {
                         break;
                     }
                 }
@@ -282,9 +300,6 @@ const ACK_EVERY: u64 = 64 * 1024;
 /// waits beyond).
 const STDIN_KEEP: u64 = 8 * 1024 * 1024;
 
-/// The server's input window until `started` names it.
-const DEFAULT_STDIN_WINDOW: u64 = 1024 * 1024;
-
 /// Where a client stands in an exec's output and input.
 #[derive(Default)]
 struct Progress {
@@ -320,7 +335,7 @@ impl Progress {
     /// them forever), and within what is kept for a re-attach.
     fn stdin_limit(&self) -> u64 {
         self.stdin_window
-            .unwrap_or(DEFAULT_STDIN_WINDOW)
+            .unwrap_or(ASSUMED_STDIN_WINDOW)
             .min(STDIN_KEEP)
     }
 
@@ -331,7 +346,7 @@ impl Progress {
                 self.stdin_kept += b.len() as u64;
                 self.stdin.push_back(b.clone());
             }
-            WsMessage::Text(t) if t.as_str() == STDIN_EOF => self.stdin_eof = true,
+            m if is_stdin_eof(m) => self.stdin_eof = true,
             _ => {}
         }
     }
@@ -373,7 +388,7 @@ impl Progress {
             at = end;
         }
         if self.stdin_eof {
-            v.push(WsMessage::text(STDIN_EOF));
+            v.push(stdin_eof());
         }
         v
     }
@@ -453,49 +468,46 @@ async fn session(
                         // Offsets count every byte of the channel, gap markers too.
                         progress.received += b.len() as u64 - 1;
                         if progress.received - progress.acked >= ACK_EVERY {
-                            let ack = serde_json::json!({"type": "ack", "offset": progress.received});
-                            send(WsMessage::text(ack.to_string()));
+                            let ack = ClientMsg::Ack { offset: progress.received };
+                            send(WsMessage::text(ack.encode()));
                             progress.acked = progress.received;
                         }
                         // Time spent writing (a slow reader of our stdout)
                         // is not silence of the server.
                         last_heard = std::time::Instant::now();
                     }
-                    WsMessage::Text(t) => {
-                        let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
-                        match v["type"].as_str() {
-                            Some("started") => {
-                                let again = progress.channel.is_some();
-                                progress.reattaching = false;
-                                progress.channel = v["channel"].as_u64().map(|c| c as u32);
-                                progress.idle_timeout = v["idle_timeout_secs"]
-                                    .as_u64()
-                                    .map(std::time::Duration::from_secs);
-                                progress.stdin_window = v["stdin_window"].as_u64();
-                                match v["stdin_offset"].as_u64() {
-                                    // Re-attached: send what the server lacks.
-                                    Some(have) if again => {
-                                        for m in progress.stdin_from(have) {
-                                            send(m);
-                                        }
-                                    }
-                                    Some(_) => {}
-                                    None => {
-                                        progress.untracked = true;
-                                        progress.stdin.clear();
-                                        progress.stdin_kept = 0;
+                    WsMessage::Text(t) => match server_msg(t.as_str()) {
+                        ServerMsg::Started(st) => {
+                            let again = progress.channel.is_some();
+                            progress.reattaching = false;
+                            progress.channel = st.channel;
+                            progress.idle_timeout =
+                                Some(std::time::Duration::from_secs(st.idle_timeout_secs));
+                            progress.stdin_window = st.stdin_window;
+                            match st.stdin_offset {
+                                // Re-attached: send what the server lacks.
+                                Some(have) if again => {
+                                    for m in progress.stdin_from(have) {
+                                        send(m);
                                     }
                                 }
-                            }
-                            Some("stdin_ack") => {
-                                if let Some(n) = v["offset"].as_u64() {
-                                    progress.stdin_acked(n);
+                                Some(_) => {}
+                                None => {
+                                    progress.untracked = true;
+                                    progress.stdin.clear();
+                                    progress.stdin_kept = 0;
                                 }
                             }
-                            Some("gap") => eprintln!("tether: output bytes {} to {} were lost", v["from"], v["to"]),
-                            _ => return Ok(Some(end_of(&v, t.as_str()))),
                         }
-                    }
+                        ServerMsg::StdinAck { offset } => progress.stdin_acked(offset),
+                        ServerMsg::Gap { from, to } => {
+                            eprintln!("tether: output bytes {from} to {to} were lost")
+                        }
+                        ServerMsg::Unknown => {}
+                        end @ (ServerMsg::Exit { .. } | ServerMsg::Error { .. }) => {
+                            return Ok(end_of(end));
+                        }
+                    },
                     WsMessage::Close(_) => return Ok(None),
                     _ => {}
                 }
@@ -657,18 +669,15 @@ impl LineFollower {
                         self.print(&line, w)?;
                     }
                 }
-                WsMessage::Text(t) => {
-                    let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
-                    match v["type"].as_str() {
-                        Some("started") => {
-                            self.idle_timeout = v["idle_timeout_secs"]
-                                .as_u64()
-                                .map(std::time::Duration::from_secs);
-                        }
-                        Some("gap") => {}
-                        _ => break Some(end_of(&v, t.as_str())),
+                WsMessage::Text(t) => match server_msg(t.as_str()) {
+                    ServerMsg::Started(st) => {
+                        self.idle_timeout =
+                            Some(std::time::Duration::from_secs(st.idle_timeout_secs));
                     }
-                }
+                    ServerMsg::Exit { exit_code } => break Some(End::Exit(exit_code)),
+                    ServerMsg::Error { error } => break Some(End::Error(error)),
+                    _ => {}
+                },
                 WsMessage::Close(_) => break None,
                 _ => {}
             }

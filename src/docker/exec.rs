@@ -137,12 +137,17 @@ pub async fn kill(docker: &Docker, exec_id: &str) -> Result<usize, ErrorBody> {
     // Only if that PID is really this container's process here: an agent in
     // its own PID namespace may see an unrelated process with that number.
     let container = info.container_id.unwrap_or_default();
-    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-    let tree = if !container.is_empty() && cgroup.contains(&container) {
-        process_tree(pid as i32)
-    } else {
-        Vec::new()
-    };
+    // A scan of /proc: off the async runtime (the agent's has one thread).
+    let tree = tokio::task::spawn_blocking(move || {
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        if !container.is_empty() && cgroup.contains(&container) {
+            process_tree(pid as i32)
+        } else {
+            Vec::new()
+        }
+    })
+    .await
+    .unwrap_or_default();
     if tree.is_empty() {
         return Err(ErrorBody::new(
             ErrorCode::Unsupported,

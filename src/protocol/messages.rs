@@ -401,11 +401,27 @@ pub struct ChannelClose {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WorkerEvent {
     pub worker_id: String,
-    /// `exited`, `oom_killed`, `removed`, ...
-    pub event: String,
+    pub event: WorkerEventKind,
     #[serde(default)]
     pub exit_code: Option<i64>,
     pub at: String,
+}
+
+/// What happened to a worker, in a [`WorkerEvent`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerEventKind {
+    /// Its main process ended (Docker `die`).
+    Exited,
+    /// The kernel killed a process of it for memory (Docker `oom`).
+    OomKilled,
+    /// The agent removed it at its deadline.
+    Timeout,
+    /// It is gone (the reference agent does not send this).
+    Removed,
+    /// A kind this build does not know (sent by a newer agent).
+    #[serde(other)]
+    Unknown,
 }
 
 /// The node's health, agent to server: sent at the start of every

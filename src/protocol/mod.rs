@@ -5,7 +5,9 @@
 mod error;
 mod frame;
 mod messages;
+pub mod operator;
 mod proof;
+mod register;
 
 pub use error::{ErrorBody, ErrorCode};
 pub use frame::{FRAME_HEADER_LEN, Frame, FrameError, StreamKind};
@@ -14,6 +16,7 @@ pub use proof::{
     MAX_PROOF_SKEW_MS, PROOF_HEADER, ProofError, ProofPurpose, key_id, now_millis, proof_message,
     verify_proof,
 };
+pub use register::{Bootstrap, NodeAuth, Orchestrator, RegisterRequest};
 
 /// Protocol version this build speaks (`version` in `hello` / `welcome`).
 pub const PROTOCOL_VERSION: u32 = 1;

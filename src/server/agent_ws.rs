@@ -4,10 +4,9 @@
 use super::AppState;
 use super::conn::Admission;
 use super::hub::AgentLink;
-use crate::mux::Outbound;
+use crate::conn::{Close, End, Heartbeat, Incoming, Outbound, PingWhen};
 use crate::protocol::{
-    ErrorBody, ErrorCode, Frame, FrameError, MAX_FRAME_PAYLOAD, MAX_WS_MESSAGE, Message,
-    PROTOCOL_VERSION, SUBPROTOCOL, Welcome,
+    ErrorBody, ErrorCode, MAX_WS_MESSAGE, Message, PROTOCOL_VERSION, SUBPROTOCOL, Welcome,
 };
 use axum::Extension;
 use axum::extract::State;
@@ -16,7 +15,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -112,7 +111,7 @@ fn to_ws(o: Outbound) -> WsMessage {
 async fn session(
     app: Arc<AppState>,
     node_id: String,
-    mut token_exp: u64,
+    token_exp: u64,
     binding: String,
     socket: WebSocket,
 ) {
@@ -162,7 +161,7 @@ async fn session(
         let _ = sink
             .send(WsMessage::Close(Some(CloseFrame {
                 code: 1008,
-                reason: "node removed by an operator".into(),
+                reason: REMOVED.into(),
             })))
             .await;
         info!("node removed during the handshake");
@@ -198,7 +197,7 @@ async fn session(
         return;
     }
     let (out, out_rx) = mpsc::unbounded_channel::<Outbound>();
-    let writer = tokio::spawn(crate::mux::write_loop(sink, out_rx, to_ws));
+    let writer = tokio::spawn(crate::conn::write_loop(sink, out_rx, to_ws));
     // Replay what the agent missed and send unanswered requests again.
     let (ended, generation) = link.connect(&hello.channels, out.clone());
     app.hub.attach(
@@ -212,69 +211,36 @@ async fn session(
     }
     info!(%session_id, resumed = hello.channels.len(), "agent online");
 
-    let mut tick = tokio::time::interval(app.cfg.heartbeat_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_rx = Instant::now();
-    let mut noted: Option<Instant> = None;
-    let reason: String = loop {
+    let beat = Heartbeat {
+        interval: app.cfg.heartbeat_interval,
+        timeout: app.cfg.heartbeat_timeout,
+        ping: PingWhen::EveryTick,
+    };
+    let mut peer = ServerPeer {
+        app: &app,
+        link: &link,
+        node_id: &node_id,
+        binding: &binding,
+        token_exp,
+        noted: None,
+    };
+    let stop = async {
         tokio::select! {
-            msg = stream.next() => {
-                // The registry lock is shared by every node: note traffic at
-                // most once a second, not on every message.
-                if noted.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(1)) {
-                    app.hub.seen(&node_id);
-                    noted = Some(Instant::now());
-                }
-                last_rx = Instant::now();
-                match msg {
-                    Some(Ok(WsMessage::Text(t))) => on_text(&app, &link, t.as_str()),
-                    Some(Ok(WsMessage::Binary(b))) => on_binary(&link, b),
-                    Some(Ok(WsMessage::Close(f))) => {
-                        break match f {
-                            Some(f) => format!("agent closed the connection ({}: {})", f.code, f.reason),
-                            None => "agent closed the connection".into(),
-                        };
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => break format!("connection error: {e}"),
-                    None => break "connection lost".into(),
-                }
-            }
-            _ = tick.tick() => {
-                if last_rx.elapsed() > app.cfg.heartbeat_timeout {
-                    break format!("no heartbeat for {} s", last_rx.elapsed().as_secs());
-                }
-                if !app.store.is_current(&node_id, &binding) {
-                    let _ = out.send(Outbound::Close(1008, "node removed by an operator".into()));
-                    break "node removed by an operator".into();
-                }
-                let _ = out.send(Outbound::Ping);
-                // Refresh the node token over the live link when a third of
-                // its lifetime is left: no reconnect needed.
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-                if now + app.signer.ttl().as_secs() / 3 >= token_exp {
-                    let (jwt, exp) = app.signer.issue(&node_id, &binding);
-                    token_exp = exp.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-                    let _ = out.send(Outbound::msg(&Message::Token(crate::protocol::TokenRefresh {
-                        node_jwt: jwt,
-                        expires_at: humantime::format_rfc3339_seconds(exp).to_string(),
-                    })));
-                    info!("node token refreshed");
-                }
-            }
-            _ = app.shutdown.cancelled() => {
-                let _ = out.send(Outbound::Close(1001, "server shutting down".into()));
-                break "server shutting down".into();
-            }
-            _ = ended.cancelled() => {
-                if link.is_revoked() {
-                    let _ = out.send(Outbound::Close(1008, "node removed by an operator".into()));
-                    break "node removed by an operator".into();
-                }
-                let _ = out.send(Outbound::Close(1000, "replaced by a newer connection of this node".into()));
-                break "replaced by a newer connection".into();
-            }
+            _ = app.shutdown.cancelled() => Close::new(Close::GOING_AWAY, "server shutting down"),
+            _ = ended.cancelled() => if link.is_revoked() {
+                Close::new(Close::POLICY, REMOVED)
+            } else {
+                Close::new(Close::NORMAL, "replaced by a newer connection of this node")
+            },
         }
+    };
+    let end = crate::conn::run(stream.map(incoming), &out, beat, &mut peer, stop).await;
+    let reason = match end {
+        End::Local(c) => c.reason,
+        End::Remote(Some(c)) => format!("agent closed the connection ({}: {})", c.code, c.reason),
+        End::Remote(None) => "agent closed the connection".into(),
+        End::Lost(why) => format!("connection lost: {why}"),
+        End::Silent(d) => format!("no heartbeat for {} s", d.as_secs()),
     };
     info!(%reason, "agent offline");
     app.hub.detach(&link, generation, &reason);
@@ -282,18 +248,89 @@ async fn session(
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
 }
 
+const REMOVED: &str = "node removed by an operator";
+
+/// The server's side of one agent connection.
+struct ServerPeer<'a> {
+    app: &'a AppState,
+    link: &'a Arc<AgentLink>,
+    node_id: &'a str,
+    binding: &'a str,
+    /// When the node token this connection last got expires (Unix s).
+    token_exp: u64,
+    noted: Option<std::time::Instant>,
+}
+
+impl crate::conn::Peer for ServerPeer<'_> {
+    fn on_text(&mut self, text: &str) {
+        on_text(self.app, self.link, text);
+    }
+
+    fn on_binary(&mut self, data: bytes::Bytes) {
+        if let Err(error) = self.link.channels.on_binary(data) {
+            warn!(%error, "bad frame from agent");
+        }
+    }
+
+    fn on_traffic(&mut self) {
+        // The registry lock is shared by every node: note traffic at most
+        // once a second, not on every message.
+        if self
+            .noted
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            self.app.hub.seen(self.node_id);
+            self.noted = Some(std::time::Instant::now());
+        }
+    }
+
+    fn on_tick(&mut self) -> Option<Close> {
+        if !self.app.store.is_current(self.node_id, self.binding) {
+            return Some(Close::new(Close::POLICY, REMOVED));
+        }
+        // Refresh the node token over the live link when a third of its
+        // lifetime is left: no reconnect needed.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        if now + self.app.signer.ttl().as_secs() / 3 >= self.token_exp {
+            let (jwt, exp) = self.app.signer.issue(self.node_id, self.binding);
+            self.token_exp = exp
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            self.link
+                .send(Message::Token(crate::protocol::TokenRefresh {
+                    node_jwt: jwt,
+                    expires_at: humantime::format_rfc3339_seconds(exp).to_string(),
+                }));
+            info!("node token refreshed");
+        }
+        None
+    }
+}
+
+fn incoming(
+    m: Result<WsMessage, axum::Error>,
+) -> Result<Incoming<axum::extract::ws::Utf8Bytes>, axum::Error> {
+    Ok(match m? {
+        WsMessage::Text(t) => Incoming::Text(t),
+        WsMessage::Binary(b) => Incoming::Binary(b),
+        WsMessage::Close(f) => Incoming::Close(f.map(|f| Close::new(f.code, f.reason.as_str()))),
+        _ => Incoming::Control,
+    })
+}
+
 fn on_text(app: &AppState, link: &Arc<AgentLink>, text: &str) {
     let msg = match Message::decode(text) {
         Ok(m) => m,
         Err(e) => {
             warn!(error = %e.error, "bad message from agent");
-            let _ = link_send(
-                link,
-                Message::Error {
-                    id: e.id,
-                    error: e.error,
-                },
-            );
+            let _ = link.send(Message::Error {
+                id: e.id,
+                error: e.error,
+            });
             return;
         }
     };
@@ -314,59 +351,18 @@ fn on_text(app: &AppState, link: &Arc<AgentLink>, text: &str) {
         Message::Capabilities(report) => app.hub.on_capabilities(&link.node_id, report),
         Message::ConfigPoll(p) => app.hub.on_config_poll(&link.node_id, p.config_version),
         Message::Unknown { kind, id } => {
-            let _ = link_send(
-                link,
-                Message::error(
-                    id,
-                    ErrorCode::Unsupported,
-                    format!("unknown message type {kind:?}"),
-                ),
-            );
+            let _ = link.send(Message::error(
+                id,
+                ErrorCode::Unsupported,
+                format!("unknown message type {kind:?}"),
+            ));
         }
         other => {
-            let _ = link_send(
-                link,
-                Message::error(
-                    None,
-                    ErrorCode::InvalidRequest,
-                    format!("unexpected message from agent: {}", other.encode()),
-                ),
-            );
-        }
-    }
-}
-
-fn link_send(link: &AgentLink, m: Message) -> bool {
-    link.send(m)
-}
-
-fn on_binary(link: &Arc<AgentLink>, data: bytes::Bytes) {
-    let channel = Frame::peek_channel(&data);
-    let r = Frame::decode(data, MAX_FRAME_PAYLOAD)
-        .map_err(|e| {
-            let code = if matches!(e, FrameError::TooLarge { .. }) {
-                ErrorCode::TooLarge
-            } else {
-                ErrorCode::InvalidRequest
-            };
-            ErrorBody::new(code, e.to_string())
-        })
-        .and_then(|f| link.channels.on_frame(f));
-    if let Err(error) = r {
-        warn!(%error, ?channel, "bad frame from agent");
-        match channel.filter(|c| link.channels.is_open(*c)) {
-            Some(ch) => {
-                let close = crate::protocol::ChannelClose {
-                    channel: ch,
-                    exit_code: None,
-                    error: Some(error.clone()),
-                };
-                // The reader sees the error; the agent gets a cancel.
-                link.channels.on_close(close);
-            }
-            None => {
-                link.send(Message::Error { id: None, error });
-            }
+            let _ = link.send(Message::error(
+                None,
+                ErrorCode::InvalidRequest,
+                format!("unexpected message from agent: {}", other.encode()),
+            ));
         }
     }
 }

@@ -6,9 +6,11 @@ use super::conn::Admission;
 use super::hub::{
     ChannelSink, ChannelStream, DetachedExec, ExecOptions, ExecSession, LogOptions, StreamEvent,
 };
-use super::{AppState, Bootstrap, NodeAuth, Orchestrator, auth};
+use super::{AppState, auth};
+use crate::protocol::operator::{self, ClientMsg, ServerMsg, Started};
 use crate::protocol::{
-    AGENT_CONNECT_PATH, ErrorBody, ErrorCode, REGISTER_PATH, SpawnRequest, StreamKind, TermSize,
+    AGENT_CONNECT_PATH, Bootstrap, ErrorBody, ErrorCode, NodeAuth, Orchestrator, REGISTER_PATH,
+    RegisterRequest, SpawnRequest, StreamKind, TermSize,
 };
 use axum::body::Body;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
@@ -18,7 +20,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use bytes::{BufMut, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
@@ -154,21 +155,11 @@ async fn require_operator(State(app): State<Arc<AppState>>, req: Request, next: 
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegisterBody {
-    node_id: String,
-    /// Hex Ed25519 public key the node id is bound to (§3.3).
-    public_key: String,
-    /// `<unix ms>.<hex signature>` for purpose `register`.
-    proof: String,
-}
-
 async fn register(
     State(app): State<Arc<AppState>>,
     admission: Option<Extension<Admission>>,
     headers: HeaderMap,
-    body: Option<Json<RegisterBody>>,
+    body: Option<Json<RegisterRequest>>,
 ) -> ApiResult<Json<Bootstrap>> {
     let psk = auth::bearer(headers.get("authorization").and_then(|v| v.to_str().ok()));
     if !psk.is_some_and(|p| auth::secret_eq(p, &app.cfg.psk)) {
@@ -440,35 +431,17 @@ async fn put_archive(
     Ok(Json(json!({ "worker_id": id, "path": q.path })))
 }
 
-/// Encodes stream data for an operator WebSocket: one kind byte, then bytes.
+/// A data frame for an operator WebSocket (§12: kind byte, then bytes).
 fn data_frame(kind: StreamKind, b: &[u8]) -> WsMessage {
-    let mut buf = BytesMut::with_capacity(1 + b.len());
-    buf.put_u8(kind.to_u8());
-    buf.extend_from_slice(b);
-    WsMessage::Binary(buf.freeze())
+    WsMessage::Binary(operator::data_frame(kind, b))
+}
+
+fn text(m: &ServerMsg) -> WsMessage {
+    WsMessage::Text(m.encode().into())
 }
 
 fn end_message(exit_code: Option<i64>, error: Option<ErrorBody>) -> WsMessage {
-    let v = match error {
-        Some(e) => json!({ "type": "error", "error": e }),
-        None => json!({ "type": "exit", "exit_code": exit_code }),
-    };
-    WsMessage::Text(v.to_string().into())
-}
-
-/// Client-to-server control messages on the exec WebSocket.
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum ExecControl {
-    Resize {
-        cols: u16,
-        rows: u16,
-    },
-    StdinEof,
-    /// The client has all output up to `offset`.
-    Ack {
-        offset: u64,
-    },
+    text(&ServerMsg::end(exit_code, error))
 }
 
 #[derive(Deserialize)]
@@ -552,8 +525,11 @@ async fn open_exec(
             .unwrap_or_else(|| d.session.output.position());
         if q.offset < base {
             // Never silent: say exactly what is missing.
-            let gap = json!({ "type": "gap", "from": q.offset, "to": base });
-            let _ = tx.send(WsMessage::Text(gap.to_string().into())).await;
+            let gap = ServerMsg::Gap {
+                from: q.offset,
+                to: base,
+            };
+            let _ = tx.send(text(&gap)).await;
         }
         d.relay
             .retain(|(_, off, b)| off + b.len() as u64 > q.offset);
@@ -634,13 +610,12 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
     // The server pings every heartbeat interval, so a client that hears
     // nothing for `idle_timeout_secs` knows the connection is dead (it may
     // never fail on its own) and can re-attach.
-    let started = json!({
-        "type": "started",
-        "channel": output.channel(),
-        "offset": output.position(),
-        "stdin_offset": input.offset(),
-        "idle_timeout_secs": app.cfg.heartbeat_timeout.as_secs(),
-        "stdin_window": app.cfg.stdin_window,
+    let started = ServerMsg::Started(Started {
+        channel: Some(output.channel()),
+        offset: Some(output.position()),
+        stdin_offset: Some(input.offset()),
+        idle_timeout_secs: app.cfg.heartbeat_timeout.as_secs(),
+        stdin_window: Some(app.cfg.stdin_window as u64),
     });
     let mut keepalive = keepalive(&app);
     let stdin_progress = input.progress();
@@ -649,11 +624,7 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
     let mut stdin_in = input.offset();
     let mut ack_tick = tokio::time::interval(Duration::from_millis(20));
     ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    if tx
-        .send(WsMessage::Text(started.to_string().into()))
-        .await
-        .is_err()
-    {
+    if tx.send(text(&started)).await.is_err() {
         return hand_back(
             &app,
             worker_id,
@@ -738,8 +709,8 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
                 let acked = stdin_progress.acked();
                 if acked > stdin_acked {
                     stdin_acked = acked;
-                    let m = json!({ "type": "stdin_ack", "offset": acked });
-                    if !send_unless(&mut tx, WsMessage::Text(m.to_string().into()), &mut taken_over).await {
+                    let m = text(&ServerMsg::StdinAck { offset: acked });
+                    if !send_unless(&mut tx, m, &mut taken_over).await {
                         break false;
                     }
                 }
@@ -786,20 +757,21 @@ async fn exec_session(app: Arc<AppState>, worker_id: String, q: ExecQuery, socke
                     stdin_buffered += b.len();
                     stdin_buf.push_back(Some(b));
                 }
-                Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ExecControl>(t.as_str()) {
-                    Ok(ExecControl::Resize { cols, rows }) => {
+                Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ClientMsg>(t.as_str()) {
+                    Ok(ClientMsg::Resize { cols, rows }) => {
                         let hub = app.hub.clone();
                         let (w, ch) = (worker_id.clone(), channel);
                         tokio::spawn(async move { hub.resize(&w, ch, TermSize { cols, rows }).await });
                     }
-                    Ok(ExecControl::StdinEof) => stdin_buf.push_back(None),
-                    Ok(ExecControl::Ack { offset }) => {
+                    Ok(ClientMsg::StdinEof) => stdin_buf.push_back(None),
+                    Ok(ClientMsg::Ack { offset }) => {
                         output.ack(offset);
                         while relay.front().is_some_and(|(_, off, b)| off + b.len() as u64 <= offset) {
                             relay.pop_front();
                         }
                     }
-                    Err(_) => {}
+                    // Unknown or malformed: a newer client's, ignored.
+                    Ok(ClientMsg::Unknown) | Err(_) => {}
                 },
                 Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => break false,
                 Some(Ok(_)) => {}
@@ -925,11 +897,11 @@ async fn logs_ws(
         };
         // Pings every heartbeat interval: a client that hears nothing for
         // `idle_timeout_secs` knows the connection died and can open anew.
-        let started = json!({
-            "type": "started",
-            "idle_timeout_secs": app.cfg.heartbeat_timeout.as_secs(),
+        let started = ServerMsg::Started(Started {
+            idle_timeout_secs: app.cfg.heartbeat_timeout.as_secs(),
+            ..Default::default()
         });
-        if tx.send(WsMessage::Text(started.to_string().into())).await.is_err() {
+        if tx.send(text(&started)).await.is_err() {
             return;
         }
         let mut keepalive = keepalive(&app);

@@ -2,7 +2,9 @@
 //! worker registries and one [`AgentLink`] per connected agent. The HTTP API
 //! is a thin layer over it; other orchestrators can embed it directly.
 
-use crate::mux::{ChannelReader, ChannelWriter, Channels, Inbound, Link, OutTx, Outbound};
+use crate::conn::{Link, OutTx, Outbound};
+use crate::mux::{ChannelReader, ChannelWriter, Channels, Inbound};
+pub use crate::protocol::operator::{ExecOptions, LogOptions, NodeInfo, NodeState};
 use crate::protocol::{
     ARCHIVE_WINDOW, Archive, ChannelClose, ChannelState, DEFAULT_WINDOW, ErrorBody, ErrorCode,
     Exec, Logs, Message, Remove, Request, Resize, Spawn, SpawnRequest, Stat, StatResult, Stop,
@@ -11,7 +13,7 @@ use crate::protocol::{
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -22,24 +24,6 @@ use tokio_util::sync::CancellationToken;
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a disconnected node's channels and requests wait for it.
 pub const DEFAULT_RESUME_GRACE: Duration = Duration::from_secs(120);
-
-/// A node as the operator sees it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct NodeInfo {
-    pub node_id: String,
-    /// `online`, `offline`, `degraded` (connected, runtime unreachable) or `draining`.
-    pub status: String,
-    pub draining: bool,
-    pub workers: usize,
-    /// RFC 3339 UTC time of the last traffic from the agent.
-    pub last_seen: Option<String>,
-    /// Why the node is offline or degraded, when it is.
-    pub offline_reason: Option<String>,
-    pub agent_version: Option<String>,
-    /// When the current connection started (RFC 3339 UTC, sub-second).
-    #[serde(default)]
-    pub connected_since: Option<String>,
-}
 
 /// A node with its capability report (`GET /api/v1/nodes/{id}`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -418,45 +402,6 @@ impl ChannelSink {
     }
 }
 
-/// Options of an exec.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct ExecOptions {
-    pub cmd: Vec<String>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    #[serde(default)]
-    pub workdir: Option<String>,
-    #[serde(default)]
-    pub user: Option<String>,
-    #[serde(default)]
-    pub tty: bool,
-    #[serde(default)]
-    pub stdin: bool,
-    #[serde(default)]
-    pub size: Option<TermSize>,
-    /// Kill the process after this many seconds (`timeout` error).
-    #[serde(default)]
-    pub timeout_secs: Option<u64>,
-    /// Operator WebSocket only: the client acknowledges output
-    /// (`{"type":"ack","offset":N}`), so it can re-attach after a lost
-    /// connection or a server restart without losing a byte.
-    #[serde(default)]
-    pub client_acks: bool,
-}
-
-/// Options of a log request.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct LogOptions {
-    #[serde(default)]
-    pub follow: bool,
-    #[serde(default)]
-    pub since: Option<i64>,
-    #[serde(default)]
-    pub tail: Option<u64>,
-    #[serde(default)]
-    pub timestamps: bool,
-}
-
 /// How long a re-attaching client waits for an older connection of its exec
 /// to let go of it.
 pub const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
@@ -556,12 +501,26 @@ pub struct Hub {
     reg: Arc<Mutex<Registry>>,
     /// How long a disconnected node's channels and requests wait for it.
     grace: Duration,
+    /// Worker events as agents report them, for whoever follows them.
+    events: tokio::sync::broadcast::Sender<(String, WorkerEvent)>,
 }
 
 impl Default for Hub {
     fn default() -> Self {
         Hub::new()
     }
+}
+
+/// Worker events a slow follower of [`Hub::worker_events`] may lag behind.
+pub const WORKER_EVENT_BACKLOG: usize = 1024;
+
+/// How many workers each node has, in one pass over the workers.
+fn worker_counts(reg: &Registry) -> HashMap<&str, usize> {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for w in reg.workers.values() {
+        *counts.entry(w.node_id.as_str()).or_default() += 1;
+    }
+    counts
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -579,27 +538,29 @@ impl Hub {
         Hub {
             reg: Arc::default(),
             grace,
+            events: tokio::sync::broadcast::channel(WORKER_EVENT_BACKLOG).0,
         }
     }
 
     /// Every node ever seen, sorted by id.
     pub fn nodes(&self) -> Vec<NodeInfo> {
         let reg = self.reg.lock().unwrap();
+        let counts = worker_counts(&reg);
         let mut v: Vec<NodeInfo> = reg
             .nodes
             .iter()
             .map(|(id, n)| {
                 let status = match (n.online, n.degraded.is_some(), n.draining) {
-                    (false, _, _) => "offline",
-                    (true, true, _) => "degraded",
-                    (true, false, true) => "draining",
-                    (true, false, false) => "online",
+                    (false, _, _) => NodeState::Offline,
+                    (true, true, _) => NodeState::Degraded,
+                    (true, false, true) => NodeState::Draining,
+                    (true, false, false) => NodeState::Online,
                 };
                 NodeInfo {
                     node_id: id.clone(),
-                    status: status.into(),
+                    status,
                     draining: n.draining,
-                    workers: reg.workers.values().filter(|w| &w.node_id == id).count(),
+                    workers: counts.get(id.as_str()).copied().unwrap_or(0),
                     last_seen: Some(rfc3339(n.last_seen)),
                     offline_reason: if n.online {
                         n.degraded.clone()
@@ -683,15 +644,11 @@ impl Hub {
     /// Picks the online, non-draining node with the fewest workers.
     fn schedule(&self) -> Result<String, ErrorBody> {
         let reg = self.reg.lock().unwrap();
+        let counts = worker_counts(&reg);
         reg.nodes
             .iter()
             .filter(|(_, n)| n.online && !n.draining && n.degraded.is_none())
-            .map(|(id, _)| {
-                (
-                    reg.workers.values().filter(|w| &w.node_id == id).count(),
-                    id,
-                )
-            })
+            .map(|(id, _)| (counts.get(id.as_str()).copied().unwrap_or(0), id))
             .min()
             .map(|(_, id)| id.clone())
             .ok_or_else(|| {
@@ -1207,21 +1164,38 @@ impl Hub {
         }
     }
 
+    /// Follows worker events (`(node id, event)`) of workers this hub
+    /// knows, as agents report them. A receiver that falls more than
+    /// [`WORKER_EVENT_BACKLOG`] behind loses the oldest.
+    pub fn worker_events(&self) -> tokio::sync::broadcast::Receiver<(String, WorkerEvent)> {
+        self.events.subscribe()
+    }
+
     pub(crate) fn on_worker_event(&self, node_id: &str, ev: WorkerEvent) {
-        let mut reg = self.reg.lock().unwrap();
-        if reg
-            .workers
-            .get(&ev.worker_id)
-            .is_none_or(|w| w.node_id != node_id)
+        use crate::protocol::WorkerEventKind;
         {
-            return;
+            let mut reg = self.reg.lock().unwrap();
+            if reg
+                .workers
+                .get(&ev.worker_id)
+                .is_none_or(|w| w.node_id != node_id)
+            {
+                return;
+            }
+            match ev.event {
+                WorkerEventKind::Timeout | WorkerEventKind::Removed => {
+                    reg.workers.remove(&ev.worker_id);
+                }
+                WorkerEventKind::Exited | WorkerEventKind::OomKilled => {
+                    if let Some(w) = reg.workers.get_mut(&ev.worker_id) {
+                        w.state = "exited".into();
+                        w.exit_code = ev.exit_code.or(w.exit_code);
+                    }
+                }
+                WorkerEventKind::Unknown => {}
+            }
         }
-        if ev.event == "timeout" || ev.event == "removed" {
-            reg.workers.remove(&ev.worker_id);
-        } else if let Some(w) = reg.workers.get_mut(&ev.worker_id) {
-            w.state = "exited".into();
-            w.exit_code = ev.exit_code;
-        }
+        let _ = self.events.send((node_id.to_string(), ev));
     }
 
     /// Keeps an exec whose client went away for `grace` of its agent being

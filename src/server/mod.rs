@@ -14,7 +14,6 @@ pub use hub::{
     ChannelStream, DetachedExec, ExecOptions, ExecSession, Hub, LogOptions, NodeInfo, StreamEvent,
 };
 
-use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -103,30 +102,6 @@ impl ServerConfig {
     }
 }
 
-/// Registration reply (the node's bootstrap payload).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Bootstrap {
-    pub version: u32,
-    pub node_id: String,
-    pub orchestrator: Orchestrator,
-    pub auth: NodeAuth,
-    /// Configuration version the node should fetch; none yet.
-    pub config_version: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Orchestrator {
-    pub base_url: String,
-    pub connect_path: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct NodeAuth {
-    pub node_jwt: String,
-    /// RFC 3339 UTC.
-    pub expires_at: String,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot listen on {addr}: {source}")]
@@ -212,7 +187,7 @@ fn load_or_create_secret(path: &std::path::Path, bytes: usize) -> std::io::Resul
         Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
         _ => {
             let s = auth::random_secret(bytes);
-            crate::agent::write_private(path, &s)?;
+            crate::private_file::write(path, &s)?;
             Ok(s)
         }
     }

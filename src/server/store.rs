@@ -85,7 +85,7 @@ impl FileStore {
 
     fn save(&self, state: &FileState) -> Result<(), StoreError> {
         let text = serde_json::to_string_pretty(state).expect("state serialises");
-        crate::agent::write_private(&self.path, &text).map_err(|source| StoreError::Io {
+        crate::private_file::write(&self.path, &text).map_err(|source| StoreError::Io {
             path: self.path.clone(),
             source,
         })

@@ -112,6 +112,12 @@ impl Proxy {
         p
     }
 
+    /// How many connections were accepted so far.
+    #[allow(dead_code)]
+    pub fn accepted(&self) -> u64 {
+        self.next_conn.load(Ordering::SeqCst)
+    }
+
     /// Closes every open connection (new ones are accepted as usual).
     pub fn cut(&self) {
         let old = std::mem::replace(&mut *self.cut.lock().unwrap(), CancellationToken::new());

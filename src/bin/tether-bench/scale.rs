@@ -16,11 +16,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use tether::protocol::Bootstrap;
 use tether::protocol::{
     AGENT_CONNECT_PATH, ErrorCode, Hello, Message, PROOF_HEADER, PROTOCOL_VERSION, ProofPurpose,
     REGISTER_PATH, Request, SUBPROTOCOL, WorkerInfo,
 };
-use tether::server::Bootstrap;
 use tokio::net::TcpSocket;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::{

@@ -212,8 +212,11 @@ impl std::fmt::Display for End {
 pub trait Peer {
     fn on_text(&mut self, text: &str);
     fn on_binary(&mut self, data: Bytes);
-    /// Anything arrived (before it is handled).
-    fn on_traffic(&mut self) {}
+    /// Anything arrived (before it is handled); a close ends the
+    /// connection with it.
+    fn on_traffic(&mut self) -> Option<Close> {
+        None
+    }
     /// At each heartbeat tick, before the ping; a close ends the
     /// connection with it.
     fn on_tick(&mut self) -> Option<Close> {
@@ -221,13 +224,14 @@ pub trait Peer {
     }
 }
 
-/// Reads `stream` into `peer` and keeps the heartbeat until the connection
-/// ends; `stop` resolving closes it from this end. Pings and closes go out
-/// through `out` (the queue of this connection's writer).
+/// Reads `stream` into `peer` and keeps the heartbeat (if this connection
+/// has its own: the server keeps all of its connections' in one task) until
+/// the connection ends; `stop` resolving closes it from this end. Pings and
+/// closes go out through `out` (the queue of this connection's writer).
 pub async fn run<S, T, E, P>(
     mut stream: S,
     out: &OutTx,
-    beat: Heartbeat,
+    beat: Option<Heartbeat>,
     peer: &mut P,
     stop: impl Future<Output = Close>,
 ) -> End
@@ -238,14 +242,19 @@ where
     P: Peer,
 {
     tokio::pin!(stop);
-    let mut tick = tokio::time::interval_at(Instant::now() + beat.interval, beat.interval);
+    // Without a heartbeat of its own the tick never fires (its branch is
+    // disabled); the period is then only a placeholder.
+    let period = beat.map_or(Duration::from_secs(3600), |b| b.interval);
+    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_rx = Instant::now();
     let end = loop {
         tokio::select! {
             msg = stream.next() => {
                 last_rx = Instant::now();
-                peer.on_traffic();
+                if let Some(close) = peer.on_traffic() {
+                    break End::Local(close);
+                }
                 match msg {
                     Some(Ok(Incoming::Text(t))) => peer.on_text(&t),
                     Some(Ok(Incoming::Binary(b))) => peer.on_binary(b),
@@ -255,7 +264,8 @@ where
                     None => break End::Lost("connection closed".into()),
                 }
             }
-            _ = tick.tick() => {
+            _ = tick.tick(), if beat.is_some() => {
+                let Some(beat) = beat else { continue };
                 let silent = last_rx.elapsed();
                 if silent > beat.timeout {
                     break End::Silent(silent);
@@ -356,7 +366,7 @@ mod tests {
         let end = run(
             stream,
             &out,
-            beat(PingWhen::EveryTick),
+            Some(beat(PingWhen::EveryTick)),
             &mut peer,
             std::future::pending(),
         )
@@ -375,7 +385,7 @@ mod tests {
         let end = run(
             stream,
             &out,
-            beat(PingWhen::EveryTick),
+            Some(beat(PingWhen::EveryTick)),
             &mut peer,
             std::future::pending(),
         )
@@ -409,7 +419,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(95)).await;
             Close::new(Close::GOING_AWAY, "shutting down")
         };
-        let end = run(stream, &out, beat(PingWhen::Silent), &mut peer, stop).await;
+        let end = run(stream, &out, Some(beat(PingWhen::Silent)), &mut peer, stop).await;
         pinger.abort();
         assert_eq!(end, End::Local(Close::new(1001, "shutting down")));
         let mut sent = Vec::new();
@@ -433,9 +443,29 @@ mod tests {
                 tokio::time::sleep(Duration::from_secs(25)).await;
                 Close::new(1000, "done")
             };
-            run(stream, &out, beat(ping), &mut Recorder::default(), stop).await;
+            run(
+                stream,
+                &out,
+                Some(beat(ping)),
+                &mut Recorder::default(),
+                stop,
+            )
+            .await;
             assert_eq!(pings(&mut rx), 2, "{ping:?}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_heartbeat_of_its_own_it_never_pings_nor_times_out() {
+        let (_tx, stream) = feed();
+        let (out, mut rx) = mpsc::unbounded_channel();
+        let stop = async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Close::new(1000, "done")
+        };
+        let end = run(stream, &out, None, &mut Recorder::default(), stop).await;
+        assert_eq!(end, End::Local(Close::new(1000, "done")));
+        assert_eq!(pings(&mut rx), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -449,7 +479,7 @@ mod tests {
         let end = run(
             stream,
             &out,
-            beat(PingWhen::EveryTick),
+            Some(beat(PingWhen::EveryTick)),
             &mut peer,
             std::future::pending(),
         )

@@ -296,7 +296,7 @@ async fn run_loop(
     let end = crate::conn::run(
         stream.map(incoming),
         &out,
-        beat,
+        Some(beat),
         &mut AgentPeer { ctx: &ctx },
         stop,
     )

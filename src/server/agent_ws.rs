@@ -4,7 +4,7 @@
 use super::AppState;
 use super::conn::Admission;
 use super::hub::AgentLink;
-use crate::conn::{Close, End, Heartbeat, Incoming, Outbound, PingWhen};
+use crate::conn::{Close, End, Incoming, Outbound};
 use crate::protocol::{
     ErrorBody, ErrorCode, MAX_WS_MESSAGE, Message, PROTOCOL_VERSION, SUBPROTOCOL, Welcome,
 };
@@ -211,30 +211,22 @@ async fn session(
     }
     info!(%session_id, resumed = hello.channels.len(), "agent online");
 
-    let beat = Heartbeat {
-        interval: app.cfg.heartbeat_interval,
-        timeout: app.cfg.heartbeat_timeout,
-        ping: PingWhen::EveryTick,
-    };
+    // No timer here: the server's one heartbeat task pings this agent and
+    // ends the connection if it falls silent (`heartbeat`).
     let mut peer = ServerPeer {
         app: &app,
         link: &link,
-        node_id: &node_id,
         binding: &binding,
         token_exp,
-        noted: None,
+        checked: std::time::Instant::now(),
     };
     let stop = async {
         tokio::select! {
             _ = app.shutdown.cancelled() => Close::new(Close::GOING_AWAY, "server shutting down"),
-            _ = ended.cancelled() => if link.is_revoked() {
-                Close::new(Close::POLICY, REMOVED)
-            } else {
-                Close::new(Close::NORMAL, "replaced by a newer connection of this node")
-            },
+            _ = ended.cancelled() => link.end_reason(),
         }
     };
-    let end = crate::conn::run(stream.map(incoming), &out, beat, &mut peer, stop).await;
+    let end = crate::conn::run(stream.map(incoming), &out, None, &mut peer, stop).await;
     let reason = match end {
         End::Local(c) => c.reason,
         End::Remote(Some(c)) => format!("agent closed the connection ({}: {})", c.code, c.reason),
@@ -254,11 +246,41 @@ const REMOVED: &str = "node removed by an operator";
 struct ServerPeer<'a> {
     app: &'a AppState,
     link: &'a Arc<AgentLink>,
-    node_id: &'a str,
     binding: &'a str,
     /// When the node token this connection last got expires (Unix s).
     token_exp: u64,
-    noted: Option<std::time::Instant>,
+    /// When the binding and the token were last looked at.
+    checked: std::time::Instant,
+}
+
+impl ServerPeer<'_> {
+    /// Once per heartbeat interval of traffic (the agent answers every
+    /// ping): the node still bound to this key, and its token renewed over
+    /// the live link when a third of its lifetime is left.
+    fn check(&mut self) -> Option<Close> {
+        let node_id = self.link.node_id.as_str();
+        if !self.app.store.is_current(node_id, self.binding) {
+            return Some(Close::new(Close::POLICY, REMOVED));
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        if now + self.app.signer.ttl().as_secs() / 3 >= self.token_exp {
+            let (jwt, exp) = self.app.signer.issue(node_id, self.binding);
+            self.token_exp = exp
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            self.link
+                .send(Message::Token(crate::protocol::TokenRefresh {
+                    node_jwt: jwt,
+                    expires_at: humantime::format_rfc3339_seconds(exp).to_string(),
+                }));
+            info!("node token refreshed");
+        }
+        None
+    }
 }
 
 impl crate::conn::Peer for ServerPeer<'_> {
@@ -272,42 +294,13 @@ impl crate::conn::Peer for ServerPeer<'_> {
         }
     }
 
-    fn on_traffic(&mut self) {
-        // The registry lock is shared by every node: note traffic at most
-        // once a second, not on every message.
-        if self
-            .noted
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
-        {
-            self.app.hub.seen(self.node_id);
-            self.noted = Some(std::time::Instant::now());
+    fn on_traffic(&mut self) -> Option<Close> {
+        self.link.seen();
+        if self.checked.elapsed() < self.app.cfg.heartbeat_interval {
+            return None;
         }
-    }
-
-    fn on_tick(&mut self) -> Option<Close> {
-        if !self.app.store.is_current(self.node_id, self.binding) {
-            return Some(Close::new(Close::POLICY, REMOVED));
-        }
-        // Refresh the node token over the live link when a third of its
-        // lifetime is left: no reconnect needed.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        if now + self.app.signer.ttl().as_secs() / 3 >= self.token_exp {
-            let (jwt, exp) = self.app.signer.issue(self.node_id, self.binding);
-            self.token_exp = exp
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
-            self.link
-                .send(Message::Token(crate::protocol::TokenRefresh {
-                    node_jwt: jwt,
-                    expires_at: humantime::format_rfc3339_seconds(exp).to_string(),
-                }));
-            info!("node token refreshed");
-        }
-        None
+        self.checked = std::time::Instant::now();
+        self.check()
     }
 }
 

@@ -2,7 +2,7 @@
 //! worker registries and one [`AgentLink`] per connected agent. The HTTP API
 //! is a thin layer over it; other orchestrators can embed it directly.
 
-use crate::conn::{Link, OutTx, Outbound};
+use crate::conn::{Close, Link, OutTx, Outbound};
 use crate::mux::{ChannelReader, ChannelWriter, Channels, Inbound};
 pub use crate::protocol::operator::{ExecOptions, LogOptions, NodeInfo, NodeState};
 use crate::protocol::{
@@ -22,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 /// How long the hub waits for an agent's reply to a request.
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Hands out heartbeat sweep slots round-robin.
+static NEXT_PULSE_SLOT: AtomicU32 = AtomicU32::new(0);
+
 /// How long a disconnected node's channels and requests wait for it.
 pub const DEFAULT_RESUME_GRACE: Duration = Duration::from_secs(120);
 
@@ -58,6 +61,15 @@ pub struct AgentLink {
     /// An operator removed the node: its connection ends and stays ended.
     revoked: std::sync::atomic::AtomicBool,
     timeout: Duration,
+    /// Milliseconds from `born` to the last traffic from the agent: noted
+    /// on every message without taking the registry lock every node shares.
+    last_seen_ms: AtomicU64,
+    born: tokio::time::Instant,
+    /// Why the current connection is being ended here, if a reason was
+    /// given (set under `conn`'s lock, with the cancellation).
+    ending: Mutex<Option<Close>>,
+    /// Which slice of the heartbeat sweep this node is in.
+    pub(crate) pulse_slot: u32,
 }
 
 struct Pending {
@@ -80,7 +92,53 @@ impl AgentLink {
             generation: AtomicU64::new(0),
             revoked: Default::default(),
             timeout: DEFAULT_REQUEST_TIMEOUT,
+            last_seen_ms: AtomicU64::new(0),
+            born: tokio::time::Instant::now(),
+            ending: Mutex::new(None),
+            pulse_slot: NEXT_PULSE_SLOT.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    /// Ends the current connection, which closes with `close`.
+    pub(crate) fn end_connection(&self, close: Close) {
+        let conn = self.conn.lock().unwrap();
+        *self.ending.lock().unwrap() = Some(close);
+        conn.cancel();
+    }
+
+    /// Why the current connection was ended here: the given reason, the
+    /// node's removal, or a newer connection of the node.
+    pub(crate) fn end_reason(&self) -> Close {
+        if self.is_revoked() {
+            return Close::new(Close::POLICY, "node removed by an operator");
+        }
+        self.ending.lock().unwrap().clone().unwrap_or_else(|| {
+            Close::new(Close::NORMAL, "replaced by a newer connection of this node")
+        })
+    }
+
+    /// Traffic from the agent just arrived.
+    pub(crate) fn seen(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.last_seen_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the agent was last heard (since the link was made, if
+    /// never).
+    pub(crate) fn silence(&self) -> Duration {
+        self.born.elapsed().saturating_sub(Duration::from_millis(
+            self.last_seen_ms.load(Ordering::Relaxed),
+        ))
+    }
+
+    /// Wall-clock time of the last traffic from the agent.
+    fn last_seen(&self) -> SystemTime {
+        SystemTime::now() - self.silence()
+    }
+
+    /// The current connection, for writing to it.
+    pub(crate) fn link(&self) -> &Arc<Link> {
+        &self.link
     }
 
     /// Queues a message for the agent; false if it is not connected.
@@ -100,7 +158,11 @@ impl AgentLink {
     /// Returns the token that ends this connection and its generation.
     pub(crate) fn connect(&self, states: &[ChannelState], out: OutTx) -> (CancellationToken, u64) {
         let token = CancellationToken::new();
-        std::mem::replace(&mut *self.conn.lock().unwrap(), token.clone()).cancel();
+        {
+            let mut conn = self.conn.lock().unwrap();
+            *self.ending.lock().unwrap() = None;
+            std::mem::replace(&mut *conn, token.clone()).cancel();
+        }
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let opening = self.opening.lock().unwrap().clone();
         let resumed = self
@@ -466,7 +528,6 @@ struct NodeEntry {
     config_version: Option<String>,
     last_config_ack: Option<crate::protocol::ConfigAck>,
     draining: bool,
-    last_seen: SystemTime,
     offline_reason: Option<String>,
     agent_version: Option<String>,
 }
@@ -514,6 +575,34 @@ impl Default for Hub {
 /// Worker events a slow follower of [`Hub::worker_events`] may lag behind.
 pub const WORKER_EVENT_BACKLOG: usize = 1024;
 
+impl NodeEntry {
+    fn info(&self, node_id: &str, workers: usize) -> NodeInfo {
+        let status = match (self.online, self.degraded.is_some(), self.draining) {
+            (false, _, _) => NodeState::Offline,
+            (true, true, _) => NodeState::Degraded,
+            (true, false, true) => NodeState::Draining,
+            (true, false, false) => NodeState::Online,
+        };
+        NodeInfo {
+            node_id: node_id.to_string(),
+            status,
+            draining: self.draining,
+            workers,
+            last_seen: Some(rfc3339(self.link.last_seen())),
+            offline_reason: if self.online {
+                self.degraded.clone()
+            } else {
+                self.offline_reason.clone()
+            },
+            agent_version: self.agent_version.clone(),
+            connected_since: self
+                .connected_since
+                .filter(|_| self.online)
+                .map(|t| humantime::format_rfc3339_millis(t).to_string()),
+        }
+    }
+}
+
 /// How many workers each node has, in one pass over the workers.
 fn worker_counts(reg: &Registry) -> HashMap<&str, usize> {
     let mut counts: HashMap<&str, usize> = HashMap::new();
@@ -542,6 +631,18 @@ impl Hub {
         }
     }
 
+    /// The links of connected nodes in sweep slice `slot` of `slices`.
+    pub(crate) fn connected_in_slice(&self, slot: u32, slices: u32) -> Vec<Arc<AgentLink>> {
+        self.reg
+            .lock()
+            .unwrap()
+            .nodes
+            .values()
+            .filter(|n| n.online && n.link.pulse_slot % slices == slot)
+            .map(|n| n.link.clone())
+            .collect()
+    }
+
     /// Every node ever seen, sorted by id.
     pub fn nodes(&self) -> Vec<NodeInfo> {
         let reg = self.reg.lock().unwrap();
@@ -549,41 +650,23 @@ impl Hub {
         let mut v: Vec<NodeInfo> = reg
             .nodes
             .iter()
-            .map(|(id, n)| {
-                let status = match (n.online, n.degraded.is_some(), n.draining) {
-                    (false, _, _) => NodeState::Offline,
-                    (true, true, _) => NodeState::Degraded,
-                    (true, false, true) => NodeState::Draining,
-                    (true, false, false) => NodeState::Online,
-                };
-                NodeInfo {
-                    node_id: id.clone(),
-                    status,
-                    draining: n.draining,
-                    workers: counts.get(id.as_str()).copied().unwrap_or(0),
-                    last_seen: Some(rfc3339(n.last_seen)),
-                    offline_reason: if n.online {
-                        n.degraded.clone()
-                    } else {
-                        n.offline_reason.clone()
-                    },
-                    agent_version: n.agent_version.clone(),
-                    connected_since: n
-                        .connected_since
-                        .filter(|_| n.online)
-                        .map(|t| humantime::format_rfc3339_millis(t).to_string()),
-                }
-            })
+            .map(|(id, n)| n.info(id, counts.get(id.as_str()).copied().unwrap_or(0)))
             .collect();
         v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         v
     }
 
     pub fn node_info(&self, node_id: &str) -> Result<NodeInfo, ErrorBody> {
-        self.nodes()
-            .into_iter()
-            .find(|n| n.node_id == node_id)
-            .ok_or_else(|| ErrorBody::new(ErrorCode::NotFound, format!("no such node: {node_id}")))
+        let reg = self.reg.lock().unwrap();
+        let n = reg.nodes.get(node_id).ok_or_else(|| {
+            ErrorBody::new(ErrorCode::NotFound, format!("no such node: {node_id}"))
+        })?;
+        let workers = reg
+            .workers
+            .values()
+            .filter(|w| w.node_id == node_id)
+            .count();
+        Ok(n.info(node_id, workers))
     }
 
     /// Every worker, sorted by node then id.
@@ -950,7 +1033,6 @@ impl Hub {
                 config_version: None,
                 last_config_ack: None,
                 draining: false,
-                last_seen: SystemTime::now(),
                 offline_reason: None,
                 agent_version: None,
             })
@@ -985,7 +1067,7 @@ impl Hub {
             entry.online = true;
             entry.connected_since = Some(SystemTime::now());
             entry.degraded = None;
-            entry.last_seen = SystemTime::now();
+            entry.link.seen();
             entry.offline_reason = None;
             entry.agent_version = Some(agent_version.to_string());
         }
@@ -1055,12 +1137,6 @@ impl Hub {
                 link.expire(&reason);
             }
         });
-    }
-
-    pub(crate) fn seen(&self, node_id: &str) {
-        if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id) {
-            n.last_seen = SystemTime::now();
-        }
     }
 
     pub(crate) fn on_capabilities(&self, node_id: &str, report: Value) {

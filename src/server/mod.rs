@@ -5,6 +5,7 @@ mod agent_ws;
 mod api;
 pub mod auth;
 mod conn;
+mod heartbeat;
 pub mod hub;
 pub mod store;
 
@@ -281,6 +282,13 @@ impl Server {
         );
         let connections = TaskTracker::new();
         let drain = CancellationToken::new();
+        let heartbeats = CancellationToken::new();
+        let pulse = tokio::spawn(heartbeat::run(
+            self.state.hub.clone(),
+            self.state.cfg.heartbeat_interval,
+            self.state.cfg.heartbeat_timeout,
+            heartbeats.clone(),
+        ));
         conn::accept_loop(
             self.listener,
             self.tls,
@@ -301,6 +309,8 @@ impl Server {
         drain.cancel();
         connections.close();
         connections.wait().await;
+        heartbeats.cancel();
+        let _ = pulse.await;
         Ok(())
     }
 }

@@ -3,7 +3,8 @@
 //! the agent protocol with no Docker behind them: register with the
 //! pre-shared key, open the WebSocket with the node JWT, `hello` (with one
 //! fake worker in the inventory), read `welcome`, then answer pings,
-//! `inspect` and `list_workers`, and ping at the heartbeat interval.
+//! `inspect` and `list_workers`, and ping when the server was silent for a
+//! heartbeat interval (as the agent does).
 
 use crate::figures::Params;
 use crate::procfs;
@@ -264,35 +265,43 @@ async fn serve(
     live.fetch_add(1, Ordering::SeqCst);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // As the real agent: ping only after a whole interval without a word
+    // from the server (whose pings keep the link alive).
+    let mut last_rx = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            m = ws.next() => match m {
-                Some(Ok(WsMessage::Text(t))) => {
-                    let Ok(Message::Request { id, request }) = Message::decode(t.as_str()) else {
-                        continue;
-                    };
-                    let reply = match request {
-                        Request::Inspect(_) => Message::Result { id, payload: worker.clone() },
-                        Request::ListWorkers => Message::Result {
-                            id,
-                            payload: json!({ "workers": [worker.clone()] }),
-                        },
-                        other => Message::error(
-                            Some(id),
-                            ErrorCode::Unsupported,
-                            format!("simulated agent: no {}", other.kind()),
-                        ),
-                    };
-                    if ws.send(WsMessage::text(reply.encode())).await.is_err() {
-                        break;
+            m = ws.next() => {
+                last_rx = tokio::time::Instant::now();
+                match m {
+                    Some(Ok(WsMessage::Text(t))) => {
+                        let Ok(Message::Request { id, request }) = Message::decode(t.as_str()) else {
+                            continue;
+                        };
+                        let reply = match request {
+                            Request::Inspect(_) => Message::Result { id, payload: worker.clone() },
+                            Request::ListWorkers => Message::Result {
+                                id,
+                                payload: json!({ "workers": [worker.clone()] }),
+                            },
+                            other => Message::error(
+                                Some(id),
+                                ErrorCode::Unsupported,
+                                format!("simulated agent: no {}", other.kind()),
+                            ),
+                        };
+                        if ws.send(WsMessage::text(reply.encode())).await.is_err() {
+                            break;
+                        }
                     }
+                    // Pings are answered by tungstenite as the stream is read.
+                    Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => break,
+                    Some(Ok(_)) => {}
                 }
-                // Pings are answered by tungstenite as the stream is read.
-                Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => break,
-                Some(Ok(_)) => {}
-            },
+            }
             _ = tick.tick() => {
-                if ws.send(WsMessage::Ping(Default::default())).await.is_err() {
+                if last_rx.elapsed() >= interval
+                    && ws.send(WsMessage::Ping(Default::default())).await.is_err()
+                {
                     break;
                 }
             }

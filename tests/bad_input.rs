@@ -161,6 +161,39 @@ async fn registration_and_tokens_are_checked() {
     // Bad node id.
     let (s, code, _) = error_of(register(&h, "../etc", PSK).await).await;
     assert_eq!((s, code.as_str()), (400, "invalid_request"));
+    // Every malformed body is a 400 (which the agent takes as permanent),
+    // and only for a caller with the key.
+    let url = format!("{}/api/v1/register", h.url);
+    let bodies: [(&str, &str); 5] = [
+        ("application/json", "{not json"),
+        (
+            "text/plain",
+            r#"{"node_id":"n1","public_key":"ab","proof":"1.ab"}"#,
+        ),
+        ("", r#"{"node_id":"n1","public_key":"ab","proof":"1.ab"}"#),
+        ("application/json", r#"{"node_id":"n1","public_key":"ab"}"#),
+        (
+            "application/json",
+            r#"{"node_id":"n1","public_key":"ab","proof":"1.ab","x":1}"#,
+        ),
+    ];
+    for (ctype, body) in bodies {
+        let send = |psk: &str| {
+            let mut r = http().post(&url).bearer_auth(psk).body(body.to_string());
+            if !ctype.is_empty() {
+                r = r.header("content-type", ctype);
+            }
+            r.send()
+        };
+        let (s, code, msg) = error_of(send(PSK).await.unwrap()).await;
+        assert_eq!(
+            (s, code.as_str()),
+            (400, "invalid_request"),
+            "{ctype} {body}: {msg}"
+        );
+        let (s, _, _) = error_of(send("not-the-key-at-all").await.unwrap()).await;
+        assert_eq!(s, 401, "{ctype} {body}");
+    }
     // An agent with the wrong key stops with a clear error.
     let mut cfg = h.agent_config(&unique("test"));
     cfg.psk = "definitely-the-wrong-key".into();

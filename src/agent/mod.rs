@@ -176,6 +176,8 @@ pub(crate) struct Ctx {
     pub config_poll: Option<Duration>,
     /// The configuration pushed by the orchestrator, in force.
     pub(crate) applied: std::sync::Mutex<Option<nodeconfig::Applied>>,
+    /// Held while a pushed configuration is applied.
+    pub(crate) configuring: tokio::sync::Mutex<()>,
     /// Where the node token is kept (0600).
     pub token_path: PathBuf,
     /// A token the server sent over the live link, for the next connection.
@@ -382,6 +384,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         config_poll: cfg.config_poll,
         token_path: cfg.state_dir.join(format!("{}.jwt", cfg.node_id)),
         applied: std::sync::Mutex::new(nodeconfig::load(&cfg.state_dir)),
+        configuring: Default::default(),
         refreshed_token: Default::default(),
         max_request_bytes: cfg.max_request_bytes,
         state_dir: cfg.state_dir.clone(),

@@ -136,6 +136,10 @@ async fn write_atomic(path: &Path, cfg: &NodeConfig) -> std::io::Result<()> {
 
 /// Applies a pushed configuration; stale versions are refused.
 pub(crate) async fn apply(ctx: &Ctx, new: NodeConfig) -> Result<ConfigAck, ErrorBody> {
+    // One push at a time, from the version check to the new state: two
+    // overlapping pushes (an operator's and a poll's) could otherwise both
+    // pass the check and leave the older one in force.
+    let _one_at_a_time = ctx.configuring.lock().await;
     let previous = ctx.applied.lock().unwrap().clone();
     if let Some(p) = &previous
         && new.config_version <= p.config.config_version

@@ -329,20 +329,17 @@ fn on_text(text: &str, ctx: &Arc<Ctx>) {
     let limit = ctx.request_limit();
     if text.len() > limit {
         // Answer the request itself, so the server does not wait for a reply.
-        #[derive(serde::Deserialize)]
-        struct IdOnly {
-            id: Option<String>,
-        }
-        let id = serde_json::from_str::<IdOnly>(text).ok().and_then(|e| e.id);
-        let _ = out.send(Outbound::msg(&Message::error(
-            id,
-            ErrorCode::TooLarge,
+        let e = Message::oversized(
+            text,
             format!(
-                "control message of {} bytes exceeds the node's max_request_bytes ({})",
-                text.len(),
-                limit
+                "control message of {} bytes exceeds the node's max_request_bytes ({limit})",
+                text.len()
             ),
-        )));
+        );
+        let _ = out.send(Outbound::msg(&Message::Error {
+            id: e.id,
+            error: e.error,
+        }));
         return;
     }
     let msg = match Message::decode(text) {

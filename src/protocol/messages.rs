@@ -657,19 +657,31 @@ fn to_value<T: Serialize>(v: &T) -> Value {
 }
 
 impl Message {
+    /// The `too_large` answer to a text over a receiver's limit: with the
+    /// message's `id` when the text is a JSON object whose `id` is a string
+    /// (so the request, or the request a reply answers, fails at once
+    /// instead of waiting for its timeout), else without (§4.3).
+    pub fn oversized(text: &str, message: String) -> DecodeError {
+        #[derive(Deserialize)]
+        struct IdOnly {
+            id: Option<String>,
+        }
+        DecodeError {
+            id: serde_json::from_str::<IdOnly>(text).ok().and_then(|e| e.id),
+            error: ErrorBody::new(ErrorCode::TooLarge, message),
+        }
+    }
+
     /// Parses one text frame.
     pub fn decode(text: &str) -> Result<Message, DecodeError> {
         if text.len() > MAX_CONTROL_BYTES {
-            return Err(DecodeError {
-                id: None,
-                error: ErrorBody::new(
-                    ErrorCode::TooLarge,
-                    format!(
-                        "control message of {} bytes exceeds the limit of {MAX_CONTROL_BYTES}",
-                        text.len()
-                    ),
+            return Err(Message::oversized(
+                text,
+                format!(
+                    "control message of {} bytes exceeds the limit of {MAX_CONTROL_BYTES}",
+                    text.len()
                 ),
-            });
+            ));
         }
         let env: Envelope = serde_json::from_str(text).map_err(|e| DecodeError {
             id: None,
@@ -869,9 +881,17 @@ mod tests {
             r#"{{"type":"x","payload":"{}"}}"#,
             "a".repeat(MAX_CONTROL_BYTES)
         );
+        let e = Message::decode(&big).unwrap_err();
+        assert_eq!((e.error.code, e.id), (ErrorCode::TooLarge, None));
+        // With its id, when it has one: the request it is fails at once.
+        let big = format!(
+            r#"{{"type":"result","id":"r7","payload":"{}"}}"#,
+            "a".repeat(MAX_CONTROL_BYTES)
+        );
+        let e = Message::decode(&big).unwrap_err();
         assert_eq!(
-            Message::decode(&big).unwrap_err().error.code,
-            ErrorCode::TooLarge
+            (e.error.code, e.id.as_deref()),
+            (ErrorCode::TooLarge, Some("r7"))
         );
     }
 

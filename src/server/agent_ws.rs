@@ -320,6 +320,12 @@ fn on_text(app: &AppState, link: &Arc<AgentLink>, text: &str) {
         Ok(m) => m,
         Err(e) => {
             warn!(error = %e.error, "bad message from agent");
+            // A reply too large to take still ends its request now.
+            if e.error.code == ErrorCode::TooLarge
+                && let Some(id) = &e.id
+            {
+                link.on_reply(id, Err(e.error.clone()));
+            }
             let _ = link.send(Message::Error {
                 id: e.id,
                 error: e.error,

@@ -159,7 +159,7 @@ async fn register(
     State(app): State<Arc<AppState>>,
     admission: Option<Extension<Admission>>,
     headers: HeaderMap,
-    body: Option<Json<RegisterRequest>>,
+    body: axum::body::Bytes,
 ) -> ApiResult<Json<Bootstrap>> {
     let psk = auth::bearer(headers.get("authorization").and_then(|v| v.to_str().ok()));
     if !psk.is_some_and(|p| auth::secret_eq(p, &app.cfg.psk)) {
@@ -170,13 +170,27 @@ async fn register(
     if let Some(Extension(a)) = admission {
         a.authenticated();
     }
-    let Some(Json(body)) = body else {
-        return Err(ErrorBody::new(
-            ErrorCode::InvalidRequest,
-            "body must be JSON {\"node_id\", \"public_key\", \"proof\"}",
-        )
-        .into());
+    // Parsed here, after the key: any malformed body is a 400 the agent
+    // knows to be permanent (§2.1), never a framework's 415 or 422.
+    let json_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| {
+            t.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    let parsed = if json_type {
+        serde_json::from_slice::<RegisterRequest>(&body).map_err(|e| e.to_string())
+    } else {
+        Err("Content-Type must be application/json".to_string())
     };
+    let body = parsed.map_err(|why| {
+        ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            format!("body must be JSON {{\"node_id\", \"public_key\", \"proof\"}}: {why}"),
+        )
+    })?;
     if !crate::docker::valid_node_id(&body.node_id) {
         return Err(ErrorBody::new(
             ErrorCode::InvalidRequest,

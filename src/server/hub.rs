@@ -266,19 +266,33 @@ impl AgentLink {
         }
     }
 
-    fn open_channel(self: &Arc<Self>, window: u64) -> (u32, ChannelWriter, ChannelStream) {
-        loop {
+    fn open_channel(
+        self: &Arc<Self>,
+        window: u64,
+    ) -> Result<(u32, ChannelWriter, ChannelStream), ErrorBody> {
+        // Skip ids still in use (after a wrap, or adopted from the agent);
+        // any other refusal (a bad window) is final.
+        const TRIES: usize = 1024;
+        for _ in 0..TRIES {
             let id = self.next_channel.fetch_add(1, Ordering::Relaxed).max(1);
-            if let Ok(h) = self.channels.open(id, window) {
-                let stream = ChannelStream {
-                    channel: id,
-                    reader: h.reader,
-                    link: self.clone(),
-                    done: false,
-                };
-                return (id, h.writer, stream);
+            match self.channels.open(id, window) {
+                Ok(h) => {
+                    let stream = ChannelStream {
+                        channel: id,
+                        reader: h.reader,
+                        link: self.clone(),
+                        done: false,
+                    };
+                    return Ok((id, h.writer, stream));
+                }
+                Err(e) if e.code == ErrorCode::Conflict => {}
+                Err(e) => return Err(e),
             }
         }
+        Err(ErrorBody::new(
+            ErrorCode::Unavailable,
+            format!("no free channel id in {TRIES} tries"),
+        ))
     }
 
     /// Sends a request that opens a channel with `window` bytes of credit
@@ -290,7 +304,7 @@ impl AgentLink {
         window: u64,
         make: impl FnOnce(u32, u64) -> Request,
     ) -> Result<(u32, ChannelWriter, ChannelStream), ErrorBody> {
-        let (id, writer, stream) = self.open_channel(window);
+        let (id, writer, stream) = self.open_channel(window)?;
         self.opening.lock().unwrap().insert(id);
         let r = self.request(make(id, window)).await;
         self.opening.lock().unwrap().remove(&id);

@@ -516,6 +516,39 @@ async fn docker_going_away_degrades_the_node_until_it_returns() {
     h.stop().await;
 }
 
+/// A stopped agent leaves no task of its own behind: a worker's deadline
+/// timer ends with the agent (the next agent start takes it over from the
+/// worker's label), rather than firing from a detached task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_agent_leaves_no_task_running() {
+    let h = Harness::server().await;
+    let node = unique("test");
+    h.track(&node);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let agent = tokio::spawn(tether::agent::run(h.agent_config(&node), stop.clone()));
+    h.wait_status(&node, "online").await;
+    let w = h
+        .hub
+        .spawn(SpawnRequest {
+            image: image(),
+            cmd: vec!["sleep".into(), "3600".into()],
+            timeout_secs: Some(4),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let filter = format!("label=tether.worker_id={}", w.worker_id);
+    stop.cancel();
+    agent.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(
+        docker(&["ps", "-aq", "--filter", &filter]).lines().count(),
+        1,
+        "a timer of the stopped agent {node} removed the worker"
+    );
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_and_worker_timeouts_kill_and_report() {
     let (h, node) = Harness::start().await;

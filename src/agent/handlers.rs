@@ -124,6 +124,7 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
         _ => None,
     };
     let node = ctx.node_id.clone();
+    let tasks = ctx.clone();
     let task = async move {
         let d = &ctx.docker;
         match (request, opened) {
@@ -241,7 +242,7 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
             ),
         }
     };
-    tokio::spawn(task.instrument(span));
+    tasks.spawn(task.instrument(span));
 }
 
 /// Removes a worker and forgets its checked container id.
@@ -607,7 +608,8 @@ pub(super) async fn collect_garbage(ctx: &Ctx) {
 /// `timeout` worker event. Scheduled at spawn and again when the agent
 /// starts, from the deadline label, so a restart does not forget it.
 pub(super) fn schedule_reaper(ctx: Arc<Ctx>, worker_id: String, deadline: u64) {
-    tokio::spawn(async move {
+    let tasks = ctx.clone();
+    tasks.spawn(async move {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()

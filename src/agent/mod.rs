@@ -192,6 +192,12 @@ pub(crate) struct Ctx {
     pub spools: Arc<spool::Spools>,
     /// Where worker events go (the process-wide forwarder, `events`).
     pub events: events::Reporter,
+    /// Every task the agent starts (request handlers, stream pumps,
+    /// deadline timers, token writes); they end when `stop` fires.
+    tasks: tokio_util::task::TaskTracker,
+    /// Fires when the agent stops: its tasks end (a running exec is left
+    /// running in its worker, not killed).
+    stop: CancellationToken,
     /// Whether the nftables guard is in place, or why not (`restricted` and
     /// `allowlist` workers are refused without it).
     pub guard: Result<(), String>,
@@ -202,6 +208,18 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// Runs `work` as one of the agent's tasks: tracked, and dropped when
+    /// the agent stops.
+    pub(crate) fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = work => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+
     /// The orchestrator's pushed policy, if a configuration is applied.
     fn orchestrator_policy(&self) -> Option<policy::Policy> {
         self.applied
@@ -368,6 +386,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     tokio::spawn(forwarder);
     let ctx = Arc::new(Ctx {
         events,
+        tasks: Default::default(),
+        stop: CancellationToken::new(),
         docker,
         pool,
         node_id: cfg.node_id.clone(),
@@ -403,6 +423,27 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         }
     }
 
+    let result = reconnect(&cfg, &ctx, &key, &shutdown).await;
+    // The agent's tasks end with it; a few seconds for them to let go.
+    ctx.stop.cancel();
+    ctx.tasks.close();
+    if tokio::time::timeout(Duration::from_secs(5), ctx.tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(left = ctx.tasks.len(), "agent tasks still ending after 5 s");
+    }
+    result
+}
+
+/// Connects and serves, reconnecting with backoff, until shutdown or a
+/// permanent error.
+async fn reconnect(
+    cfg: &AgentConfig,
+    ctx: &Arc<Ctx>,
+    key: &identity::NodeKey,
+    shutdown: &CancellationToken,
+) -> Result<(), AgentError> {
     // One token file per node id: a renamed node registers afresh.
     let token_path = ctx.token_path.clone();
     let mut token = std::fs::read_to_string(&token_path)
@@ -419,7 +460,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     let mut backoff = new_backoff();
     loop {
         let started = Instant::now();
-        let result = connect_and_serve(&cfg, &ctx, &key, &mut token, &token_path, &shutdown).await;
+        let result = connect_and_serve(cfg, ctx, key, &mut token, &token_path, shutdown).await;
         match &result {
             Ok(()) => return Ok(()),
             Err(e) if e.is_permanent() => return result,

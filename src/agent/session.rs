@@ -382,7 +382,7 @@ fn on_text(text: &str, ctx: &Arc<Ctx>) {
             *ctx.refreshed_token.lock().unwrap() = Some(t.node_jwt.clone());
             info!(expires_at = %t.expires_at, "node token refreshed");
             let path = ctx.token_path.clone();
-            tokio::spawn(async move {
+            ctx.spawn(async move {
                 if let Err(e) = crate::private_file::store(path, t.node_jwt).await {
                     warn!(error = %e, "could not store the refreshed node token");
                 }

@@ -1,0 +1,391 @@
+//! The exec WebSocket (§12.6): start or re-attach, stdin and output with
+//! acknowledgements, hand-back for a re-attach.
+
+use super::*;
+
+#[derive(Deserialize)]
+pub(super) struct ExecQuery {
+    /// Re-attach to this exec channel instead of starting a command.
+    pub(super) attach: Option<u32>,
+    /// Output bytes the re-attaching client already has.
+    #[serde(default)]
+    pub(super) offset: u64,
+}
+
+pub(super) async fn exec_ws(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<ExecQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    // Refuse a re-attach before upgrading, so the client can retry on 404.
+    if let Some(channel) = q.attach
+        && let Err(e) = app.hub.can_attach(&id, channel)
+    {
+        return error_response(e);
+    }
+    ws.on_upgrade(move |socket| exec_session(app, id, q, socket))
+}
+
+/// Starts an exec (the client's first text message is the [`ExecOptions`])
+/// or takes back a detached one (`?attach=CHANNEL&offset=N`), resending what
+/// the client lacks.
+pub(super) async fn open_exec(
+    app: &AppState,
+    worker_id: &str,
+    q: &ExecQuery,
+    tx: &mut WsTx,
+    rx: &mut WsRx,
+) -> Result<(DetachedExec, bool), ErrorBody> {
+    if let Some(channel) = q.attach {
+        let mut d = app.hub.take_exec(worker_id, channel).await?;
+        let base = d
+            .relay
+            .front()
+            .map(|r| r.1)
+            .unwrap_or_else(|| d.session.output.position());
+        if q.offset < base {
+            // Never silent: say exactly what is missing.
+            let gap = ServerMsg::Gap {
+                from: q.offset,
+                to: base,
+            };
+            let _ = tx.send(text(&gap)).await;
+        }
+        d.relay
+            .retain(|(_, off, b)| off + b.len() as u64 > q.offset);
+        for (kind, off, b) in &d.relay {
+            let skip = q.offset.saturating_sub(*off) as usize;
+            if tx.send(data_frame(*kind, &b[skip..])).await.is_err() {
+                return Err(ErrorBody::new(ErrorCode::Unavailable, "client went away"));
+            }
+        }
+        d.session.output.ack(q.offset.max(base));
+        return Ok((d, true));
+    }
+    let opts: ExecOptions = match rx.next().await {
+        Some(Ok(WsMessage::Text(t))) => serde_json::from_str(t.as_str()).map_err(|e| {
+            ErrorBody::new(ErrorCode::InvalidRequest, format!("bad exec options: {e}"))
+        })?,
+        _ => {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                "expected the exec options first",
+            ));
+        }
+    };
+    let client_acks = opts.client_acks;
+    let mut session = app.hub.exec(worker_id, opts).await?;
+    if client_acks {
+        session.output.set_manual_ack();
+    }
+    Ok((
+        DetachedExec {
+            worker_id: worker_id.to_string(),
+            session,
+            relay: Default::default(),
+            end: None,
+        },
+        client_acks,
+    ))
+}
+
+/// The exec WebSocket. After a `started` text naming the channel, binary
+/// frames carry stdin (client) and output (server, kind-prefixed); the
+/// server ends with an `exit` or `error` text. A client that acknowledges
+/// output can lose its connection (or the server can restart) and re-attach
+/// within the attach grace without losing a byte; otherwise leaving cancels
+/// the exec.
+pub(super) async fn exec_session(
+    app: Arc<AppState>,
+    worker_id: String,
+    q: ExecQuery,
+    socket: WebSocket,
+) {
+    let (mut tx, mut rx) = socket.split();
+    let (d, client_acks) = match open_exec(&app, &worker_id, &q, &mut tx, &mut rx).await {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = tx.send(end_message(None, Some(e))).await;
+            close(tx, rx, std::future::pending()).await;
+            return;
+        }
+    };
+    let DetachedExec {
+        worker_id,
+        session,
+        mut relay,
+        end: mut known_end,
+    } = d;
+    let ExecSession { input, mut output } = session;
+    // A newer connection of this client (it lost this one, perhaps without
+    // the server noticing) takes the exec over: this one hands it back.
+    let held = client_acks.then(|| {
+        app.hub
+            .hold_exec(&worker_id, output.node_id(), output.channel())
+    });
+    let taken_over = async {
+        match &held {
+            Some(h) => h.taken_over().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(taken_over);
+    // `stdin_offset`: input bytes this server has; a re-attaching client
+    // sends what it has beyond (it keeps stdin until `stdin_ack` covers it).
+    // The server pings every heartbeat interval, so a client that hears
+    // nothing for `idle_timeout_secs` knows the connection is dead (it may
+    // never fail on its own) and can re-attach.
+    let started = ServerMsg::Started(Started {
+        channel: Some(output.channel()),
+        offset: Some(output.position()),
+        stdin_offset: Some(input.offset()),
+        idle_timeout_secs: app.cfg.heartbeat_timeout.as_secs(),
+        stdin_window: Some(app.cfg.stdin_window as u64),
+    });
+    let mut keepalive = keepalive(&app);
+    let stdin_progress = input.progress();
+    let mut stdin_acked = stdin_progress.acked();
+    // Input bytes this server has had: sent to the agent, or waiting.
+    let mut stdin_in = input.offset();
+    let mut ack_tick = tokio::time::interval(Duration::from_millis(20));
+    ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if tx.send(text(&started)).await.is_err() {
+        return hand_back(
+            &app,
+            worker_id,
+            input,
+            output,
+            relay,
+            client_acks,
+            known_end,
+        );
+    }
+    // Stdin is written by its own task, so waiting for stdin credit never
+    // stops output (the process may need its output read to read input).
+    let (stdin_tx, mut stdin_rx) = tokio::sync::mpsc::channel::<Option<bytes::Bytes>>(16);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stop_writing = stop.clone();
+    let mut writer = tokio::spawn(async move {
+        let mut input = input;
+        let write_all = async {
+            while let Some(item) = stdin_rx.recv().await {
+                match item {
+                    Some(b) => {
+                        let _ = input.write(b).await;
+                    }
+                    None => input.close(),
+                }
+            }
+        };
+        // Stopping mid-write is safe: `input.offset()` counts what went
+        // out, and a re-attaching client resends from there.
+        tokio::select! {
+            _ = stop_writing.cancelled() => {}
+            _ = write_all => {}
+        }
+        input
+    });
+    let channel = output.channel();
+    // A client re-attaching ahead of what this server has (a new server
+    // adopts from the agent's last acknowledged byte) skips what it has.
+    let skip_until = if q.attach.is_some() { q.offset } else { 0 };
+    // Client messages are read on while stdin waits for the writer, so
+    // that acknowledgements behind it get through (else a process that
+    // echoes its input, blocked on output the client cannot acknowledge,
+    // would never read more input). Input waits here, up to the stdin window:
+    // a client that keeps what it sent beyond `stdin_ack` under that never
+    // finds this server not reading; beyond it, reading stops.
+    let mut stdin_buf: std::collections::VecDeque<Option<bytes::Bytes>> = Default::default();
+    let mut stdin_buffered = 0usize;
+    let mut said_end = None;
+    let ended = loop {
+        // A re-attach after the end went out into a connection that did not
+        // close: the client may lack only the end (and what `relay` held).
+        if let Some((exit_code, error)) = known_end.take() {
+            let sent = send_unless(
+                &mut tx,
+                end_message(exit_code, error.clone()),
+                &mut taken_over,
+            )
+            .await;
+            said_end = sent.then_some((exit_code, error));
+            break sent;
+        }
+        tokio::select! {
+            _ = &mut taken_over => {
+                tracing::info!(%worker_id, channel, "a newer connection of the client takes the exec over");
+                break false;
+            }
+            permit = stdin_tx.reserve(), if !stdin_buf.is_empty() => match permit {
+                Ok(p) => {
+                    let item = stdin_buf.pop_front().flatten();
+                    stdin_buffered -= item.as_ref().map_or(0, |b| b.len());
+                    p.send(item);
+                }
+                Err(_) => {
+                    stdin_buf.clear();
+                    stdin_buffered = 0;
+                }
+            },
+            // Tell the client how much of its input the agent has, so it
+            // can forget it (and resend the rest after a re-attach), and
+            // send more.
+            _ = ack_tick.tick(), if client_acks && stdin_acked < stdin_in => {
+                let acked = stdin_progress.acked();
+                if acked > stdin_acked {
+                    stdin_acked = acked;
+                    let m = text(&ServerMsg::StdinAck { offset: acked });
+                    if !send_unless(&mut tx, m, &mut taken_over).await {
+                        break false;
+                    }
+                }
+            }
+            _ = keepalive.tick() => {
+                if !send_unless(&mut tx, WsMessage::Ping(Default::default()), &mut taken_over).await {
+                    break false;
+                }
+            }
+            ev = output.next() => match ev.map(StreamEvent::into_frame) {
+                Some(Ok((k, b))) => {
+                    let start = output.position() - b.len() as u64;
+                    let skip = skip_until.saturating_sub(start).min(b.len() as u64) as usize;
+                    if skip > 0 {
+                        // The client has these already: they count as
+                        // acknowledged, or credit could stall right here.
+                        output.ack(start + skip as u64);
+                    }
+                    if skip == b.len() {
+                        continue;
+                    }
+                    let b = b.slice(skip..);
+                    if client_acks {
+                        relay.push_back((k, start + skip as u64, b.clone()));
+                    }
+                    if !send_unless(&mut tx, data_frame(k, &b), &mut taken_over).await {
+                        break false;
+                    }
+                }
+                Some(Err((exit_code, error))) => {
+                    let sent = send_unless(&mut tx, end_message(exit_code, error.clone()), &mut taken_over).await;
+                    if sent {
+                        said_end = Some((exit_code, error));
+                    } else {
+                        known_end = Some((exit_code, error));
+                    }
+                    break sent;
+                }
+                None => break true,
+            },
+            m = rx.next(), if stdin_buffered < app.cfg.stdin_window => match m {
+                Some(Ok(WsMessage::Binary(b))) => {
+                    stdin_in += b.len() as u64;
+                    stdin_buffered += b.len();
+                    stdin_buf.push_back(Some(b));
+                }
+                Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ClientMsg>(t.as_str()) {
+                    Ok(ClientMsg::Resize { cols, rows }) => {
+                        let hub = app.hub.clone();
+                        let (w, ch) = (worker_id.clone(), channel);
+                        tokio::spawn(async move { hub.resize(&w, ch, TermSize { cols, rows }).await });
+                    }
+                    Ok(ClientMsg::StdinEof) => stdin_buf.push_back(None),
+                    Ok(ClientMsg::Ack { offset }) => {
+                        output.ack(offset);
+                        while relay.front().is_some_and(|(_, off, b)| off + b.len() as u64 <= offset) {
+                            relay.pop_front();
+                        }
+                    }
+                    // Unknown or malformed: a newer client's, ignored.
+                    Ok(ClientMsg::Unknown) | Err(_) => {}
+                },
+                Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => break false,
+                Some(Ok(_)) => {}
+            },
+        }
+    };
+    drop(stdin_tx);
+    if ended {
+        let Some(end) = said_end else {
+            writer.abort();
+            return; // the exec's stream ended without an end message
+        };
+        // A client that acknowledges output closes once it has the end; one
+        // that does not (its connection may have died without a sign) can
+        // re-attach and get the end again.
+        if close(tx, rx, &mut taken_over).await || !client_acks {
+            writer.abort();
+            return;
+        }
+        stop.cancel();
+        let Ok(input) = writer.await else { return };
+        return hand_back(
+            &app,
+            worker_id,
+            input,
+            output,
+            relay,
+            client_acks,
+            Some(end),
+        );
+    }
+    // The client went away mid-command: give stdin a moment to drain, then
+    // stop writing it (the agent may be away too: credit can take long). A
+    // client that acknowledges output keeps its input until `stdin_ack` and
+    // sends from `stdin_offset` again when it re-attaches, so nothing is lost.
+    let input = match tokio::time::timeout(Duration::from_secs(2), &mut writer).await {
+        Ok(Ok(input)) => input,
+        Ok(Err(_)) => return,
+        Err(_) => {
+            stop.cancel();
+            match writer.await {
+                Ok(input) => input,
+                Err(_) => return,
+            }
+        }
+    };
+    hand_back(
+        &app,
+        worker_id,
+        input,
+        output,
+        relay,
+        client_acks,
+        known_end,
+    );
+}
+
+/// Sends `m`; false if that failed or `stop` came first (a dead connection
+/// may block a send for good: a takeover does not wait for it).
+pub(super) async fn send_unless(
+    tx: &mut WsTx,
+    m: WsMessage,
+    stop: impl std::future::Future<Output = ()>,
+) -> bool {
+    tokio::select! {
+        r = tx.send(m) => r.is_ok(),
+        _ = stop => false,
+    }
+}
+
+/// Keeps a detached exec for re-attachment, or drops it (cancelling it on
+/// the agent) when its client cannot re-attach.
+pub(super) fn hand_back(
+    app: &AppState,
+    worker_id: String,
+    input: ChannelSink,
+    output: ChannelStream,
+    relay: std::collections::VecDeque<(StreamKind, u64, bytes::Bytes)>,
+    client_acks: bool,
+    end: Option<(Option<i64>, Option<ErrorBody>)>,
+) {
+    if client_acks {
+        let d = DetachedExec {
+            worker_id,
+            session: ExecSession { input, output },
+            relay,
+            end,
+        };
+        app.hub.detach_exec(d, app.cfg.attach_grace);
+    }
+}

@@ -1,0 +1,168 @@
+//! The operator HTTP API (bearer operator token) and node registration
+//! (bearer pre-shared key). Errors are `{"error": {"code", "message"}}` with
+//! the HTTP status of the code.
+
+use super::conn::Admission;
+use super::hub::{
+    ChannelSink, ChannelStream, DetachedExec, ExecOptions, ExecSession, LogOptions, StreamEvent,
+};
+use super::{AppState, auth};
+use crate::protocol::operator::{self, ClientMsg, ServerMsg, Started};
+use crate::protocol::{
+    AGENT_CONNECT_PATH, Bootstrap, ErrorBody, ErrorCode, NodeAuth, Orchestrator, REGISTER_PATH,
+    RegisterRequest, SpawnRequest, StreamKind, TermSize,
+};
+use axum::body::Body;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+mod exec;
+mod nodes;
+mod register;
+mod streams;
+mod workers;
+
+use exec::exec_ws;
+use nodes::{drain, forget_node, node, nodes, push_config, undrain};
+use register::register;
+use streams::*;
+use workers::{get_archive, put_archive, remove, spawn, stat, stop, worker, workers};
+
+/// Maximum size of a JSON request body on the API.
+const MAX_JSON_BODY: usize = 1024 * 1024;
+
+pub(crate) fn error_response(e: ErrorBody) -> Response {
+    let status =
+        StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(json!({ "error": e }))).into_response()
+}
+
+struct ApiError(ErrorBody);
+
+impl From<ErrorBody> for ApiError {
+    fn from(e: ErrorBody) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error_response(self.0)
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub(super) fn router(state: Arc<AppState>) -> Router {
+    let operator = Router::new()
+        .route("/api/v1/nodes", get(nodes))
+        .route("/api/v1/nodes/{id}", get(node).delete(forget_node))
+        .route("/api/v1/nodes/{id}/drain", post(drain))
+        .route("/api/v1/nodes/{id}/undrain", post(undrain))
+        .route("/api/v1/nodes/{id}/config", axum::routing::put(push_config))
+        .route("/api/v1/workers", get(workers).post(spawn))
+        .route("/api/v1/workers/{id}", get(worker).delete(remove))
+        .route("/api/v1/workers/{id}/stop", post(stop))
+        .route("/api/v1/workers/{id}/exec", get(exec_ws))
+        .route("/api/v1/workers/{id}/logs", get(logs_ws))
+        .route("/api/v1/workers/{id}/stat", get(stat))
+        .route(
+            "/api/v1/workers/{id}/archive",
+            get(get_archive).put(put_archive),
+        )
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_operator,
+        ));
+    Router::new()
+        .merge(operator)
+        .route(REGISTER_PATH, post(register))
+        .route(AGENT_CONNECT_PATH, get(super::agent_ws::connect))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(|| async {
+            error_response(ErrorBody::new(ErrorCode::NotFound, "no such endpoint"))
+        })
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(middleware::map_response(json_errors))
+        .layer(middleware::from_fn(close_refused_upgrades))
+        .with_state(state)
+}
+
+/// A refused WebSocket upgrade (bad token, wrong subprotocol, no such
+/// route) gets its error and then `Connection: close`: hyper closes the
+/// connection after the response instead of keeping an unauthenticated
+/// socket open for another request.
+async fn close_refused_upgrades(req: Request, next: Next) -> Response {
+    let upgrade = req.headers().contains_key(header::UPGRADE);
+    let mut resp = next.run(req).await;
+    if upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// Every refusal is a JSON error body, including axum's own rejections
+/// (bad query strings, wrong method, a plain GET on a WebSocket route).
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let code = match status.as_u16() {
+        401 => ErrorCode::Unauthorized,
+        403 => ErrorCode::PolicyDenied,
+        404 => ErrorCode::NotFound,
+        413 => ErrorCode::TooLarge,
+        s if s < 500 => ErrorCode::InvalidRequest,
+        _ => ErrorCode::Internal,
+    };
+    let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_string();
+    let message = if text.is_empty() {
+        status.to_string()
+    } else {
+        text
+    };
+    let mut r = error_response(ErrorBody::new(code, message));
+    *r.status_mut() = status;
+    r
+}
+
+async fn require_operator(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let given = auth::bearer(
+        req.headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
+    );
+    match given {
+        Some(t) if auth::secret_eq(t, &app.admin_token) => {
+            super::conn::authenticated(req.extensions());
+            next.run(req).await
+        }
+        Some(_) => error_response(ErrorBody::new(
+            ErrorCode::Unauthorized,
+            "invalid operator token",
+        )),
+        None => error_response(ErrorBody::new(
+            ErrorCode::Unauthorized,
+            "missing operator token (Authorization: Bearer <token from admin.token>)",
+        )),
+    }
+}

@@ -1,0 +1,59 @@
+//! Node routes: list, inspect, forget, drain, push configuration.
+
+use super::*;
+
+pub(super) async fn nodes(State(app): State<Arc<AppState>>) -> impl IntoResponse {
+    Json(json!({ "nodes": app.hub.nodes() }))
+}
+
+pub(super) async fn node(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.hub.node_detail(&id)?))
+}
+
+/// `tether ctl node rm`: the node's key binding is forgotten (its tokens
+/// are refused from now on), its connection closes at once, and the node id
+/// may register again, with any key.
+pub(super) async fn forget_node(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let store = app.store.clone();
+    let node = id.clone();
+    let bound = tokio::task::spawn_blocking(move || store.forget_node(&node))
+        .await
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+    let known = app.hub.forget_node(&id);
+    app.proofs_seen.lock().unwrap().remove(&id);
+    if !bound && !known {
+        return Err(ErrorBody::new(ErrorCode::NotFound, format!("no such node: {id}")).into());
+    }
+    tracing::info!(node_id = %id, "node removed by an operator");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(super) async fn drain(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.hub.set_draining(&id, true)?))
+}
+
+pub(super) async fn undrain(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.hub.set_draining(&id, false)?))
+}
+
+pub(super) async fn push_config(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Result<Json<crate::protocol::NodeConfig>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(cfg) = body.map_err(|e| ErrorBody::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    Ok(Json(app.hub.push_config(&id, cfg).await?))
+}

@@ -1,0 +1,110 @@
+//! `POST /api/v1/register`: the pre-shared key and a key proof in, a node
+//! token and the bootstrap payload out (§2.1).
+
+use super::*;
+
+pub(super) async fn register(
+    State(app): State<Arc<AppState>>,
+    admission: Option<Extension<Admission>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Bootstrap>> {
+    let psk = auth::bearer(headers.get("authorization").and_then(|v| v.to_str().ok()));
+    if !psk.is_some_and(|p| auth::secret_eq(p, &app.cfg.psk)) {
+        return Err(
+            ErrorBody::new(ErrorCode::Unauthorized, "wrong or missing registration key").into(),
+        );
+    }
+    if let Some(Extension(a)) = admission {
+        a.authenticated();
+    }
+    // Parsed here, after the key: any malformed body is a 400 the agent
+    // knows to be permanent (§2.1), never a framework's 415 or 422.
+    let json_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| {
+            t.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    let parsed = if json_type {
+        serde_json::from_slice::<RegisterRequest>(&body).map_err(|e| e.to_string())
+    } else {
+        Err("Content-Type must be application/json".to_string())
+    };
+    let body = parsed.map_err(|why| {
+        ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            format!("body must be JSON {{\"node_id\", \"public_key\", \"proof\"}}: {why}"),
+        )
+    })?;
+    if !crate::docker::valid_node_id(&body.node_id) {
+        return Err(ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            "node_id must be 1-64 characters of letters, digits, '-', '_' and '.', not starting with '.' or '-'",
+        )
+        .into());
+    }
+    // A bound id takes only its own key: another is refused before its
+    // proof is even looked at. Then the proof, then the binding.
+    if let Some(bound) = app.store.node_identity(&body.node_id)
+        && !bound
+            .public_key
+            .eq_ignore_ascii_case(body.public_key.trim())
+    {
+        tracing::warn!(node_id = %body.node_id, "registration with another key refused");
+        return Err(ErrorBody::new(
+            ErrorCode::Conflict,
+            crate::server::store::StoreError::BoundElsewhere {
+                node_id: body.node_id.clone(),
+            }
+            .to_string(),
+        )
+        .into());
+    }
+    app.check_proof(
+        &body.node_id,
+        &body.public_key,
+        crate::protocol::ProofPurpose::Register,
+        Some(&body.proof),
+    )?;
+    let store = app.store.clone();
+    let (node, key) = (body.node_id.clone(), body.public_key.clone());
+    let identity = tokio::task::spawn_blocking(move || store.bind_node(&node, &key))
+        .await
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| match e {
+            crate::server::store::StoreError::BoundElsewhere { .. } => {
+                tracing::warn!(node_id = %body.node_id, "registration with another key refused");
+                ErrorBody::new(ErrorCode::Conflict, e.to_string())
+            }
+            e => ErrorBody::new(ErrorCode::Internal, e.to_string()),
+        })?;
+    let (node_jwt, exp) = app.signer.issue(&body.node_id, &identity.binding);
+    tracing::info!(node_id = %body.node_id, key_id = %crate::protocol::key_id(&identity.public_key), "node registered");
+    let host = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    Ok(Json(Bootstrap {
+        version: 1,
+        node_id: body.node_id,
+        orchestrator: Orchestrator {
+            base_url: format!(
+                "{}://{host}",
+                if app.cfg.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                }
+            ),
+            connect_path: AGENT_CONNECT_PATH.into(),
+        },
+        auth: NodeAuth {
+            node_jwt,
+            expires_at: humantime::format_rfc3339_seconds(exp).to_string(),
+        },
+        config_version: None,
+    }))
+}

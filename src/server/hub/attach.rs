@@ -1,0 +1,236 @@
+//! Execs whose operator connection went away: kept for a re-attach within a
+//! grace, handed from an old connection to a new one, adopted from an agent
+//! after a server restart.
+
+use super::*;
+
+/// How long a re-attaching client waits for an older connection of its exec
+/// to let go of it.
+pub const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
+
+/// A client connection's hold on an exec ([`Hub::hold_exec`]).
+pub struct HeldExec {
+    pub(super) reg: Arc<Mutex<Registry>>,
+    pub(super) key: (String, u32),
+    pub(super) generation: u64,
+    pub(super) token: CancellationToken,
+}
+
+impl HeldExec {
+    /// Cancelled when a newer connection takes the exec over.
+    pub fn taken_over(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+}
+
+impl Drop for HeldExec {
+    fn drop(&mut self) {
+        let mut reg = self.reg.lock().unwrap();
+        if reg
+            .held
+            .get(&self.key)
+            .is_some_and(|(g, _, _)| *g == self.generation)
+        {
+            reg.held.remove(&self.key);
+        }
+    }
+}
+
+/// An exec whose client went away, kept for the attach grace period so the
+/// client can re-attach (`relay` holds what was sent but not acknowledged).
+pub struct DetachedExec {
+    pub worker_id: String,
+    pub session: ExecSession,
+    pub relay: std::collections::VecDeque<(StreamKind, u64, Bytes)>,
+    /// The exec's end (exit code, error), when it was sent to a client that
+    /// then did not close its connection: it may not have arrived.
+    pub end: Option<(Option<i64>, Option<ErrorBody>)>,
+}
+
+impl Hub {
+    /// Keeps an exec whose client went away for `grace` of its agent being
+    /// connected (the client can only resume while the agent is there; after
+    /// a server restart or a cut the grace starts when the agent is back);
+    /// dropped (and so cancelled, killing the process) if nobody re-attaches
+    /// in time.
+    pub fn detach_exec(&self, d: DetachedExec, grace: Duration) {
+        let key = (
+            d.session.output.node_id().to_string(),
+            d.session.output.channel(),
+        );
+        let mut up = d.session.output.link.link.watch();
+        let generation = {
+            let mut reg = self.reg.lock().unwrap();
+            reg.next_detach += 1;
+            let g = reg.next_detach;
+            reg.detached.insert(key.clone(), (g, d));
+            g
+        };
+        let reg = self.reg.clone();
+        tokio::spawn(async move {
+            loop {
+                // An error: the node's link is gone for good.
+                if up.wait_for(|up| *up).await.is_err() {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(grace) => break,
+                    down = up.wait_for(|up| !*up) => if down.is_err() { break },
+                }
+            }
+            let expired = {
+                let mut r = reg.lock().unwrap();
+                match r.detached.get(&key) {
+                    Some((g, _)) if *g == generation => r.detached.remove(&key),
+                    _ => None,
+                }
+            };
+            if let Some((_, d)) = &expired {
+                tracing::info!(node_id = %key.0, channel = key.1, worker_id = %d.worker_id,
+                    "nobody re-attached to the exec within the grace: cancelled");
+            }
+            drop(expired); // outside the lock: dropping cancels on the agent
+        });
+    }
+
+    /// Whether an exec of `worker_id` on `channel` can be re-attached: it
+    /// waits detached, or a client connection holds it (which a re-attach
+    /// takes over).
+    pub fn can_attach(&self, worker_id: &str, channel: u32) -> Result<(), ErrorBody> {
+        let w = self.worker(worker_id)?;
+        let reg = self.reg.lock().unwrap();
+        let key = (w.node_id, channel);
+        let detached = matches!(reg.detached.get(&key), Some((_, d)) if d.worker_id == worker_id);
+        if detached || reg.holder(&key, worker_id).is_some() {
+            Ok(())
+        } else {
+            Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!("no exec channel {channel} waiting on worker {worker_id}"),
+            ))
+        }
+    }
+
+    /// Notes that a client connection holds the exec on `channel` of
+    /// `worker_id` until the returned guard is dropped; its token is
+    /// cancelled when a newer connection re-attaches: the older one must
+    /// then hand the exec back (it may be dead without the server knowing:
+    /// a half-open TCP connection looks alive for a long time).
+    pub fn hold_exec(&self, worker_id: &str, node_id: &str, channel: u32) -> HeldExec {
+        let token = CancellationToken::new();
+        let key = (node_id.to_string(), channel);
+        let generation = {
+            let mut reg = self.reg.lock().unwrap();
+            reg.next_detach += 1;
+            let g = reg.next_detach;
+            let old = reg
+                .held
+                .insert(key.clone(), (g, worker_id.to_string(), token.clone()));
+            if let Some((_, _, t)) = old {
+                t.cancel();
+            }
+            g
+        };
+        HeldExec {
+            reg: self.reg.clone(),
+            key,
+            generation,
+            token,
+        }
+    }
+
+    /// Takes an exec of `worker_id` back for a re-attaching client: a
+    /// detached one at once; one a connection still holds once that
+    /// connection has let go of it (asked to, waited for up to
+    /// [`TAKEOVER_WAIT`]).
+    pub async fn take_exec(
+        &self,
+        worker_id: &str,
+        channel: u32,
+    ) -> Result<DetachedExec, ErrorBody> {
+        let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
+        let key = (self.worker(worker_id)?.node_id, channel);
+        loop {
+            let err = match self.attach_exec(worker_id, channel) {
+                Ok(d) => return Ok(d),
+                Err(e) => e,
+            };
+            let holder = self.reg.lock().unwrap().holder(&key, worker_id).cloned();
+            match holder {
+                Some(t) if tokio::time::Instant::now() < deadline => {
+                    t.cancel();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                _ => return Err(err),
+            }
+        }
+    }
+
+    /// Takes a detached exec of `worker_id` back for a re-attaching client.
+    pub fn attach_exec(&self, worker_id: &str, channel: u32) -> Result<DetachedExec, ErrorBody> {
+        let w = self.worker(worker_id)?;
+        let mut reg = self.reg.lock().unwrap();
+        match reg.detached.remove(&(w.node_id.clone(), channel)) {
+            Some((_, d)) if d.worker_id == worker_id => {
+                tracing::info!(node_id = %w.node_id, channel, worker_id, "client re-attached to the exec");
+                Ok(d)
+            }
+            Some(other) => {
+                reg.detached.insert((w.node_id, channel), other);
+                Err(ErrorBody::new(
+                    ErrorCode::NotFound,
+                    format!("exec channel {channel} is not an exec of {worker_id}"),
+                ))
+            }
+            None => Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!(
+                    "no exec channel {channel} waiting on worker {worker_id} (it ended, or nobody re-attached in time)"
+                ),
+            )),
+        }
+    }
+
+    /// Adopts an exec the agent still runs but this server does not know
+    /// (the server restarted): it waits, detached, for its client.
+    pub(crate) fn adopt_exec(
+        &self,
+        link: &Arc<AgentLink>,
+        open: &crate::protocol::OpenChannel,
+        agent_received: u64,
+        grace: Duration,
+    ) {
+        let Ok(h) = link
+            .channels
+            .open_at(open.channel, DEFAULT_WINDOW, open.from, agent_received)
+        else {
+            tracing::warn!(node_id = %link.node_id, channel = open.channel, "exec the agent runs could not be adopted");
+            return;
+        };
+        tracing::info!(node_id = %link.node_id, channel = open.channel, worker_id = %open.worker_id,
+            from = open.from, "adopted an exec the agent runs: waiting for its client");
+        link.next_channel
+            .fetch_max(open.channel + 1, Ordering::SeqCst);
+        let mut output = ChannelStream {
+            channel: open.channel,
+            reader: h.reader,
+            link: link.clone(),
+            done: false,
+        };
+        output.set_manual_ack();
+        let d = DetachedExec {
+            worker_id: open.worker_id.clone(),
+            session: ExecSession {
+                input: ChannelSink {
+                    channel: open.channel,
+                    writer: h.writer,
+                    link: link.clone(),
+                },
+                output,
+            },
+            relay: Default::default(),
+            end: None,
+        };
+        self.detach_exec(d, grace);
+    }
+}

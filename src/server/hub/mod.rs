@@ -1,0 +1,470 @@
+//! The embeddable control plane: a typed async [`Hub`] holding the node and
+//! worker registries and one [`AgentLink`] per connected agent. The HTTP API
+//! is a thin layer over it; other orchestrators can embed it directly.
+//!
+//! Here: the registries, the nodes' comings and goings, and what agents
+//! report on their own. Each other concern has its room: `link` (requests
+//! and channels to one node), `stream` (what a caller holds of a channel),
+//! `workers` (operations on workers), `attach` (execs kept for a
+//! re-attach), `config` (desired configuration).
+
+use crate::conn::{Close, Link, OutTx, Outbound};
+use crate::mux::{ChannelReader, ChannelWriter, Channels, Inbound};
+pub use crate::protocol::operator::{ExecOptions, LogOptions, NodeInfo, NodeState};
+use crate::protocol::{
+    ARCHIVE_WINDOW, Archive, ChannelClose, ChannelState, DEFAULT_WINDOW, ErrorBody, ErrorCode,
+    Exec, Logs, Message, Remove, Request, Resize, Spawn, SpawnRequest, Stat, StatResult, Stop,
+    StreamKind, TermSize, WorkerEvent, WorkerInfo, WorkerRef,
+};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+mod attach;
+mod config;
+mod link;
+mod stream;
+mod workers;
+
+pub use attach::{DetachedExec, HeldExec, TAKEOVER_WAIT};
+pub use link::AgentLink;
+pub use stream::{ChannelSink, ChannelStream, ExecSession, StreamEvent};
+pub use workers::ArchiveUpload;
+
+/// How long a disconnected node's channels and requests wait for it.
+pub const DEFAULT_RESUME_GRACE: Duration = Duration::from_secs(120);
+
+/// A node with its capability report (`GET /api/v1/nodes/{id}`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeDetail {
+    #[serde(flatten)]
+    pub info: NodeInfo,
+    /// The configuration version the agent has applied.
+    pub config_version: Option<String>,
+    pub last_config_ack: Option<crate::protocol::ConfigAck>,
+    pub capabilities: Option<Value>,
+    pub capability_hash: Option<String>,
+}
+
+struct NodeEntry {
+    link: Arc<AgentLink>,
+    /// An agent connection is up.
+    online: bool,
+    connected_since: Option<SystemTime>,
+    /// Why the node cannot take work although connected (runtime down).
+    degraded: Option<String>,
+    /// The latest capability report and its hash.
+    capabilities: Option<(Value, String)>,
+    /// The configuration the orchestrator wants on this node.
+    desired_config: Option<crate::protocol::NodeConfig>,
+    /// What the agent reports as applied.
+    config_version: Option<String>,
+    last_config_ack: Option<crate::protocol::ConfigAck>,
+    draining: bool,
+    offline_reason: Option<String>,
+    agent_version: Option<String>,
+}
+
+#[derive(Default)]
+struct Registry {
+    /// Execs waiting for their client to re-attach, by (node, channel), with
+    /// the generation of their grace timer.
+    detached: HashMap<(String, u32), (u64, DetachedExec)>,
+    next_detach: u64,
+    /// Execs a client connection holds, by (node, channel): their worker and
+    /// the token that makes that connection hand the exec back.
+    held: HashMap<(String, u32), (u64, String, CancellationToken)>,
+    nodes: HashMap<String, NodeEntry>,
+    /// The server's view of every worker, reconciled from agent inventories.
+    workers: HashMap<String, WorkerInfo>,
+}
+
+impl Registry {
+    /// The token of the client connection holding exec `key` of `worker_id`.
+    fn holder(&self, key: &(String, u32), worker_id: &str) -> Option<&CancellationToken> {
+        match self.held.get(key) {
+            Some((_, w, t)) if w == worker_id => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// The control plane, cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    reg: Arc<Mutex<Registry>>,
+    /// How long a disconnected node's channels and requests wait for it.
+    grace: Duration,
+    /// Worker events as agents report them, for whoever follows them.
+    events: tokio::sync::broadcast::Sender<(String, WorkerEvent)>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub::new()
+    }
+}
+
+/// Worker events a slow follower of [`Hub::worker_events`] may lag behind.
+pub const WORKER_EVENT_BACKLOG: usize = 1024;
+
+impl NodeEntry {
+    fn info(&self, node_id: &str, workers: usize) -> NodeInfo {
+        let status = match (self.online, self.degraded.is_some(), self.draining) {
+            (false, _, _) => NodeState::Offline,
+            (true, true, _) => NodeState::Degraded,
+            (true, false, true) => NodeState::Draining,
+            (true, false, false) => NodeState::Online,
+        };
+        NodeInfo {
+            node_id: node_id.to_string(),
+            status,
+            draining: self.draining,
+            workers,
+            last_seen: Some(rfc3339(self.link.last_seen())),
+            offline_reason: if self.online {
+                self.degraded.clone()
+            } else {
+                self.offline_reason.clone()
+            },
+            agent_version: self.agent_version.clone(),
+            connected_since: self
+                .connected_since
+                .filter(|_| self.online)
+                .map(|t| humantime::format_rfc3339_millis(t).to_string()),
+        }
+    }
+}
+
+/// How many workers each node has, in one pass over the workers.
+fn worker_counts(reg: &Registry) -> HashMap<&str, usize> {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for w in reg.workers.values() {
+        *counts.entry(w.node_id.as_str()).or_default() += 1;
+    }
+    counts
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl Hub {
+    pub fn new() -> Self {
+        Hub::with_grace(DEFAULT_RESUME_GRACE)
+    }
+
+    /// A hub whose disconnected nodes get `grace` to come back before their
+    /// channels and requests fail.
+    pub fn with_grace(grace: Duration) -> Self {
+        Hub {
+            reg: Arc::default(),
+            grace,
+            events: tokio::sync::broadcast::channel(WORKER_EVENT_BACKLOG).0,
+        }
+    }
+
+    /// The links of connected nodes in sweep slice `slot` of `slices`.
+    pub(crate) fn connected_in_slice(&self, slot: u32, slices: u32) -> Vec<Arc<AgentLink>> {
+        self.reg
+            .lock()
+            .unwrap()
+            .nodes
+            .values()
+            .filter(|n| n.online && n.link.pulse_slot % slices == slot)
+            .map(|n| n.link.clone())
+            .collect()
+    }
+
+    /// Every node ever seen, sorted by id.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        let reg = self.reg.lock().unwrap();
+        let counts = worker_counts(&reg);
+        let mut v: Vec<NodeInfo> = reg
+            .nodes
+            .iter()
+            .map(|(id, n)| n.info(id, counts.get(id.as_str()).copied().unwrap_or(0)))
+            .collect();
+        v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        v
+    }
+
+    pub fn node_info(&self, node_id: &str) -> Result<NodeInfo, ErrorBody> {
+        let reg = self.reg.lock().unwrap();
+        let n = reg.nodes.get(node_id).ok_or_else(|| {
+            ErrorBody::new(ErrorCode::NotFound, format!("no such node: {node_id}"))
+        })?;
+        let workers = reg
+            .workers
+            .values()
+            .filter(|w| w.node_id == node_id)
+            .count();
+        Ok(n.info(node_id, workers))
+    }
+
+    /// Every worker, sorted by node then id.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        let mut v: Vec<WorkerInfo> = self.reg.lock().unwrap().workers.values().cloned().collect();
+        v.sort_by(|a, b| (&a.node_id, &a.worker_id).cmp(&(&b.node_id, &b.worker_id)));
+        v
+    }
+
+    pub fn worker(&self, worker_id: &str) -> Result<WorkerInfo, ErrorBody> {
+        self.reg
+            .lock()
+            .unwrap()
+            .workers
+            .get(worker_id)
+            .cloned()
+            .ok_or_else(|| {
+                ErrorBody::new(ErrorCode::NotFound, format!("no such worker: {worker_id}"))
+            })
+    }
+
+    fn link(&self, node_id: &str) -> Result<Arc<AgentLink>, ErrorBody> {
+        let reg = self.reg.lock().unwrap();
+        let n = reg.nodes.get(node_id).ok_or_else(|| {
+            ErrorBody::new(ErrorCode::NotFound, format!("no such node: {node_id}"))
+        })?;
+        if !n.online {
+            return Err(ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "node {node_id} is offline{}",
+                    n.offline_reason
+                        .as_ref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
+                ),
+            ));
+        }
+        Ok(n.link.clone())
+    }
+
+    fn worker_link(&self, worker_id: &str) -> Result<Arc<AgentLink>, ErrorBody> {
+        let w = self.worker(worker_id)?;
+        self.link(&w.node_id)
+    }
+
+    pub fn set_draining(&self, node_id: &str, draining: bool) -> Result<NodeInfo, ErrorBody> {
+        {
+            let mut reg = self.reg.lock().unwrap();
+            let n = reg.nodes.get_mut(node_id).ok_or_else(|| {
+                ErrorBody::new(ErrorCode::NotFound, format!("no such node: {node_id}"))
+            })?;
+            n.draining = draining;
+        }
+        self.node_info(node_id)
+    }
+
+    /// Picks the online, non-draining node with the fewest workers.
+    fn schedule(&self) -> Result<String, ErrorBody> {
+        let reg = self.reg.lock().unwrap();
+        let counts = worker_counts(&reg);
+        reg.nodes
+            .iter()
+            .filter(|(_, n)| n.online && !n.draining && n.degraded.is_none())
+            .map(|(id, _)| (counts.get(id.as_str()).copied().unwrap_or(0), id))
+            .min()
+            .map(|(_, id)| id.clone())
+            .ok_or_else(|| {
+                ErrorBody::new(ErrorCode::Unavailable, "no online node accepts new workers")
+            })
+    }
+
+    // ---- called by the agent connection ----
+    /// The node's link, created on first contact.
+    pub(crate) fn node_link(&self, node_id: &str) -> Arc<AgentLink> {
+        let mut reg = self.reg.lock().unwrap();
+        reg.nodes
+            .entry(node_id.to_string())
+            .or_insert_with(|| NodeEntry {
+                link: AgentLink::new(node_id.to_string()),
+                online: false,
+                connected_since: None,
+                degraded: None,
+                capabilities: None,
+                desired_config: None,
+                config_version: None,
+                last_config_ack: None,
+                draining: false,
+                offline_reason: None,
+                agent_version: None,
+            })
+            .link
+            .clone()
+    }
+
+    /// A connection of the node is up (after [`AgentLink::connect`]).
+    pub(crate) fn attach(
+        &self,
+        node_id: &str,
+        agent_version: &str,
+        inventory: Option<Vec<WorkerInfo>>,
+        config_version: Option<String>,
+    ) {
+        let mut reg = self.reg.lock().unwrap();
+        if let Some(entry) = reg.nodes.get_mut(node_id) {
+            // A node behind the desired configuration gets it again.
+            if let Some(desired) = &entry.desired_config
+                && config_version
+                    .as_deref()
+                    .is_none_or(|v| v < desired.config_version.as_str())
+            {
+                let (hub, node, cfg) = (self.clone(), node_id.to_string(), desired.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = hub.push_config(&node, cfg).await {
+                        tracing::warn!(node_id = %node, error = %e, "configuration push on reconnect failed");
+                    }
+                });
+            }
+            entry.config_version = config_version;
+            entry.online = true;
+            entry.connected_since = Some(SystemTime::now());
+            entry.degraded = None;
+            entry.link.seen();
+            entry.offline_reason = None;
+            entry.agent_version = Some(agent_version.to_string());
+        }
+        // The agent's inventory, when it has one, is the truth about its
+        // node, and about nothing else: a node may claim only workers that
+        // carry its own label and that no other node owns.
+        if let Some(inventory) = inventory {
+            reg.workers.retain(|_, w| w.node_id != node_id);
+            for w in inventory {
+                let owner = reg.workers.get(&w.worker_id).map(|o| o.node_id.as_str());
+                if w.node_id != node_id || owner.is_some_and(|o| o != node_id) {
+                    tracing::warn!(
+                        %node_id,
+                        worker_id = %w.worker_id,
+                        claimed_for = %w.node_id,
+                        owner = owner.unwrap_or("-"),
+                        "inventory claim refused: the worker is not this node's"
+                    );
+                    continue;
+                }
+                reg.workers.insert(w.worker_id.clone(), w);
+            }
+        }
+    }
+
+    /// Forgets a node (`tether ctl node rm`): its live connection closes at
+    /// once, what waits on it fails, and its workers leave the registry.
+    /// Tokens are voided by the caller through the store. True if the node
+    /// was known.
+    pub fn forget_node(&self, node_id: &str) -> bool {
+        let entry = {
+            let mut reg = self.reg.lock().unwrap();
+            reg.workers.retain(|_, w| w.node_id != node_id);
+            reg.detached.retain(|(n, _), _| n != node_id);
+            reg.nodes.remove(node_id)
+        };
+        match entry {
+            Some(e) => {
+                e.link.revoke();
+                e.link.expire("removed by an operator");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The connection of `generation` ended. Channels and requests wait for
+    /// the agent to come back; after the grace period they fail.
+    pub(crate) fn detach(&self, link: &Arc<AgentLink>, generation: u64, reason: &str) {
+        let node_id = link.node_id.as_str();
+        let link = link.clone();
+        link.disconnect(generation);
+        if link.generation.load(Ordering::SeqCst) != generation {
+            return; // a newer connection already took over
+        }
+        if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id)
+            && Arc::ptr_eq(&n.link, &link)
+        {
+            n.online = false;
+            n.offline_reason = Some(reason.to_string());
+        }
+        let grace = self.grace;
+        let reason = reason.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if link.generation.load(Ordering::SeqCst) == generation && !link.is_connected() {
+                link.expire(&reason);
+            }
+        });
+    }
+
+    pub(crate) fn on_capabilities(&self, node_id: &str, report: Value) {
+        let hash = crate::protocol::capability_hash(&report);
+        if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id) {
+            n.capabilities = Some((report, hash));
+        }
+    }
+
+    /// A node with its latest capability report.
+    pub fn node_detail(&self, node_id: &str) -> Result<NodeDetail, ErrorBody> {
+        let info = self.node_info(node_id)?;
+        let reg = self.reg.lock().unwrap();
+        let n = reg.nodes.get(node_id);
+        let caps = n.and_then(|n| n.capabilities.clone());
+        Ok(NodeDetail {
+            info,
+            config_version: n.and_then(|n| n.config_version.clone()),
+            last_config_ack: n.and_then(|n| n.last_config_ack.clone()),
+            capability_hash: caps.as_ref().map(|c| c.1.clone()),
+            capabilities: caps.map(|c| c.0),
+        })
+    }
+
+    pub(crate) fn on_node_status(&self, node_id: &str, st: crate::protocol::NodeStatus) {
+        if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id) {
+            n.degraded =
+                (st.status != "ok").then(|| st.reason.unwrap_or_else(|| st.status.clone()));
+        }
+    }
+
+    /// Follows worker events (`(node id, event)`) of workers this hub
+    /// knows, as agents report them. A receiver that falls more than
+    /// [`WORKER_EVENT_BACKLOG`] behind loses the oldest.
+    pub fn worker_events(&self) -> tokio::sync::broadcast::Receiver<(String, WorkerEvent)> {
+        self.events.subscribe()
+    }
+
+    pub(crate) fn on_worker_event(&self, node_id: &str, ev: WorkerEvent) {
+        use crate::protocol::WorkerEventKind;
+        {
+            let mut reg = self.reg.lock().unwrap();
+            if reg
+                .workers
+                .get(&ev.worker_id)
+                .is_none_or(|w| w.node_id != node_id)
+            {
+                return;
+            }
+            match ev.event {
+                WorkerEventKind::Timeout | WorkerEventKind::Removed => {
+                    reg.workers.remove(&ev.worker_id);
+                }
+                WorkerEventKind::Exited | WorkerEventKind::OomKilled => {
+                    if let Some(w) = reg.workers.get_mut(&ev.worker_id) {
+                        w.state = "exited".into();
+                        w.exit_code = ev.exit_code.or(w.exit_code);
+                    }
+                }
+                WorkerEventKind::Unknown => {}
+            }
+        }
+        let _ = self.events.send((node_id.to_string(), ev));
+    }
+
+    /// Whether any agent is connected.
+    pub(crate) fn any_online(&self) -> bool {
+        self.reg.lock().unwrap().nodes.values().any(|n| n.online)
+    }
+}

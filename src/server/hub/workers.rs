@@ -1,0 +1,320 @@
+//! Operations on workers: spawn, inspect, stop, remove, exec, logs, files.
+
+use super::*;
+
+impl Hub {
+    /// Spawns a worker on `req.node_id` or on the least-loaded node.
+    pub async fn spawn(&self, req: SpawnRequest) -> Result<WorkerInfo, ErrorBody> {
+        let node_id = match &req.node_id {
+            Some(n) => {
+                let info = self.node_info(n)?;
+                if info.draining {
+                    return Err(ErrorBody::new(
+                        ErrorCode::Conflict,
+                        format!("node {n} is draining"),
+                    ));
+                }
+                n.clone()
+            }
+            None => self.schedule()?,
+        };
+        let link = self.link(&node_id)?;
+        let worker_id = ulid::Ulid::new().to_string().to_ascii_lowercase();
+        let mut spec = req;
+        spec.node_id = None;
+        let mut info: WorkerInfo = link
+            .request_as(Request::Spawn(Spawn {
+                worker_id: worker_id.clone(),
+                spec,
+            }))
+            .await?;
+        // A node answers for the worker it was asked to make, on itself:
+        // it cannot steer the registry to another node's worker.
+        if info.worker_id != worker_id {
+            return Err(ErrorBody::new(
+                ErrorCode::Internal,
+                format!(
+                    "node {node_id} answered the spawn of {worker_id} with worker {}",
+                    info.worker_id
+                ),
+            ));
+        }
+        info.node_id = node_id;
+        self.reg
+            .lock()
+            .unwrap()
+            .workers
+            .insert(info.worker_id.clone(), info.clone());
+        Ok(info)
+    }
+
+    /// Fresh state of a worker from its node.
+    pub async fn inspect(&self, worker_id: &str) -> Result<WorkerInfo, ErrorBody> {
+        let link = self.worker_link(worker_id)?;
+        let r: Result<WorkerInfo, ErrorBody> = link
+            .request_as(Request::Inspect(WorkerRef {
+                worker_id: worker_id.into(),
+            }))
+            .await;
+        self.note_worker(worker_id, &link.node_id, &r);
+        r
+    }
+
+    /// Records what `node_id`, the worker's owner, answered about it; an
+    /// answer about another worker changes nothing.
+    fn note_worker(&self, worker_id: &str, node_id: &str, r: &Result<WorkerInfo, ErrorBody>) {
+        let mut reg = self.reg.lock().unwrap();
+        match r {
+            Ok(w) if w.worker_id != worker_id => {
+                tracing::warn!(%node_id, %worker_id, answered = %w.worker_id, "node answered for another worker");
+            }
+            Ok(w) => {
+                let subnet = reg.workers.get(worker_id).and_then(|o| o.subnet.clone());
+                let mut w = w.clone();
+                w.subnet = w.subnet.or(subnet);
+                w.node_id = node_id.to_string();
+                reg.workers.insert(worker_id.into(), w);
+            }
+            Err(e) if e.code == ErrorCode::NotFound => {
+                reg.workers.remove(worker_id);
+            }
+            Err(_) => {}
+        }
+    }
+
+    pub async fn stop(
+        &self,
+        worker_id: &str,
+        timeout_secs: Option<u32>,
+    ) -> Result<WorkerInfo, ErrorBody> {
+        let link = self.worker_link(worker_id)?;
+        let r = link
+            .request_as(Request::Stop(Stop {
+                worker_id: worker_id.into(),
+                timeout_secs,
+            }))
+            .await;
+        self.note_worker(worker_id, &link.node_id, &r);
+        r
+    }
+
+    /// Removes the worker's container and network.
+    pub async fn remove(&self, worker_id: &str, force: bool) -> Result<(), ErrorBody> {
+        let link = self.worker_link(worker_id)?;
+        let r = link
+            .request(Request::Remove(Remove {
+                worker_id: worker_id.into(),
+                force,
+            }))
+            .await;
+        match r {
+            Ok(_) => {
+                self.reg.lock().unwrap().workers.remove(worker_id);
+                Ok(())
+            }
+            Err(e) => {
+                if e.code == ErrorCode::NotFound {
+                    self.reg.lock().unwrap().workers.remove(worker_id);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts a process in a worker.
+    pub async fn exec(&self, worker_id: &str, opts: ExecOptions) -> Result<ExecSession, ErrorBody> {
+        if opts.cmd.is_empty() {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                "exec needs a command",
+            ));
+        }
+        let link = self.worker_link(worker_id)?;
+        let (channel, writer, output) = link
+            .open_with(DEFAULT_WINDOW, |channel, window| {
+                Request::Exec(Exec {
+                    channel,
+                    worker_id: worker_id.into(),
+                    cmd: opts.cmd,
+                    env: opts.env,
+                    workdir: opts.workdir,
+                    user: opts.user,
+                    tty: opts.tty,
+                    stdin: opts.stdin,
+                    size: opts.size,
+                    timeout_secs: opts.timeout_secs,
+                    window,
+                })
+            })
+            .await?;
+        Ok(ExecSession {
+            input: ChannelSink {
+                channel,
+                writer,
+                link,
+            },
+            output,
+        })
+    }
+
+    /// Runs a command to completion and collects its output (convenience).
+    pub async fn exec_collect(
+        &self,
+        worker_id: &str,
+        cmd: &[&str],
+    ) -> Result<(i64, Vec<u8>, Vec<u8>), ErrorBody> {
+        let mut s = self
+            .exec(
+                worker_id,
+                ExecOptions {
+                    cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        while let Some(ev) = s.output.next().await {
+            match ev {
+                StreamEvent::Data(StreamKind::Stderr, b) => err.extend_from_slice(&b),
+                StreamEvent::Data(_, b) => out.extend_from_slice(&b),
+                StreamEvent::Gap(n) => {
+                    return Err(ErrorBody::new(
+                        ErrorCode::Unavailable,
+                        format!("{n} bytes of output were lost while the node was unreachable"),
+                    ));
+                }
+                StreamEvent::End { error: Some(e), .. } => return Err(e),
+                StreamEvent::End { exit_code, .. } => {
+                    return Ok((exit_code.unwrap_or(-1), out, err));
+                }
+            }
+        }
+        Err(ErrorBody::new(
+            ErrorCode::Internal,
+            "exec ended without an exit",
+        ))
+    }
+
+    pub async fn logs(
+        &self,
+        worker_id: &str,
+        opts: LogOptions,
+    ) -> Result<ChannelStream, ErrorBody> {
+        let link = self.worker_link(worker_id)?;
+        let (_, _, stream) = link
+            .open_with(DEFAULT_WINDOW, |channel, window| {
+                Request::Logs(Logs {
+                    channel,
+                    worker_id: worker_id.into(),
+                    follow: opts.follow,
+                    since: opts.since,
+                    tail: opts.tail,
+                    timestamps: opts.timestamps,
+                    window,
+                })
+            })
+            .await?;
+        Ok(stream)
+    }
+
+    /// Resizes the TTY of the exec on `channel`.
+    pub async fn resize(
+        &self,
+        worker_id: &str,
+        channel: u32,
+        size: TermSize,
+    ) -> Result<(), ErrorBody> {
+        let link = self.worker_link(worker_id)?;
+        link.request(Request::Resize(Resize { channel, size }))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn stat(&self, worker_id: &str, path: &str) -> Result<StatResult, ErrorBody> {
+        let link = self.worker_link(worker_id)?;
+        link.request_as(Request::Stat(Stat {
+            worker_id: worker_id.into(),
+            path: path.into(),
+        }))
+        .await
+    }
+
+    /// A tar stream of `path` in the worker.
+    pub async fn get_archive(
+        &self,
+        worker_id: &str,
+        path: &str,
+    ) -> Result<ChannelStream, ErrorBody> {
+        let link = self.worker_link(worker_id)?;
+        let (_, _, stream) = link
+            .open_with(ARCHIVE_WINDOW, |channel, window| {
+                Request::GetArchive(Archive {
+                    channel,
+                    worker_id: worker_id.into(),
+                    path: path.into(),
+                    window,
+                })
+            })
+            .await?;
+        Ok(stream)
+    }
+
+    /// Extracts a tar stream into directory `path` of the worker. Returns the
+    /// sink to write the archive into and the stream that reports the end.
+    pub async fn put_archive(
+        &self,
+        worker_id: &str,
+        path: &str,
+    ) -> Result<ArchiveUpload, ErrorBody> {
+        let link = self.worker_link(worker_id)?;
+        let (_, writer, done) = link
+            .open_with(ARCHIVE_WINDOW, |channel, window| {
+                Request::PutArchive(Archive {
+                    channel,
+                    worker_id: worker_id.into(),
+                    path: path.into(),
+                    window,
+                })
+            })
+            .await?;
+        Ok(ArchiveUpload { writer, done, link })
+    }
+}
+
+/// An archive being uploaded into a worker.
+pub struct ArchiveUpload {
+    pub(super) writer: ChannelWriter,
+    pub(super) done: ChannelStream,
+    pub(super) link: Arc<AgentLink>,
+}
+
+impl ArchiveUpload {
+    pub async fn write(&mut self, data: Bytes) -> Result<(), ErrorBody> {
+        let gone = || ErrorBody::new(ErrorCode::Unavailable, "upload channel closed");
+        self.writer
+            .write(StreamKind::Data, data)
+            .await
+            .map_err(|_| gone())
+    }
+
+    /// Ends the archive and waits until the agent has extracted it.
+    pub async fn finish(mut self) -> Result<(), ErrorBody> {
+        self.writer.eof();
+        loop {
+            match self.done.next().await {
+                Some(StreamEvent::End { error: Some(e), .. }) => return Err(e),
+                Some(StreamEvent::End { .. }) => return Ok(()),
+                Some(StreamEvent::Data(..) | StreamEvent::Gap(_)) => {}
+                None => return Err(self.link.unavailable()),
+            }
+        }
+    }
+
+    /// Waits for the agent's verdict without sending more (it may have failed early).
+    pub async fn error(&mut self) -> Option<ErrorBody> {
+        match self.done.next().await {
+            Some(StreamEvent::End { error, .. }) => error,
+            _ => Some(self.link.unavailable()),
+        }
+    }
+}

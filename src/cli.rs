@@ -136,26 +136,58 @@ pub fn read_psk(psk: Option<String>, file: Option<PathBuf>) -> Result<String, St
     Ok(key)
 }
 
-/// Builds the agent's configuration: the node file (if any), then
-/// environment variables and flags on top.
+/// Reads the node file named by `--config`: `None` when the default path
+/// does not exist (it is optional; a path the user named is not).
+fn read_node_file(path: &std::path::Path) -> Result<Option<crate::config::NodeFile>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => crate::config::parse(&text)
+            .map(Some)
+            .map_err(|e| format!("{}: invalid configuration:\n{e}", path.display())),
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && path.as_os_str() == "/etc/tether/node.yaml" =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// What the agent's configuration reads from outside its flags.
+struct Outside<'a> {
+    /// An environment variable (the node file names the key's).
+    env: &'a dyn Fn(&str) -> Option<String>,
+    /// A file's text (the registration key's).
+    read: &'a dyn Fn(&std::path::Path) -> Result<String, String>,
+    /// The host name: the default node id.
+    host_name: Option<String>,
+}
+
+/// Builds the agent's configuration from the node file and the flags.
 fn agent_config(
     a: AgentArgs,
 ) -> Result<(crate::agent::AgentConfig, crate::config::Logging), String> {
-    use std::time::Duration;
-    let file = match std::fs::read_to_string(&a.config) {
-        Ok(text) => Some(
-            crate::config::parse(&text)
-                .map_err(|e| format!("{}: invalid configuration:\n{e}", a.config.display()))?,
-        ),
-        // The default path is optional; a path the user named is not.
-        Err(e)
-            if e.kind() == std::io::ErrorKind::NotFound
-                && a.config.as_os_str() == "/etc/tether/node.yaml" =>
-        {
-            None
-        }
-        Err(e) => return Err(format!("cannot read {}: {e}", a.config.display())),
+    let file = read_node_file(&a.config)?;
+    let outside = Outside {
+        env: &|name| std::env::var(name).ok(),
+        read: &|path| {
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+        },
+        host_name: sysinfo::System::host_name(),
     };
+    merge(a, file, &outside)
+}
+
+/// The node file (if any), then environment variables and flags on top
+/// (clap has already put the environment into `a`). Touches nothing
+/// outside `outside`.
+fn merge(
+    a: AgentArgs,
+    file: Option<crate::config::NodeFile>,
+    outside: &Outside<'_>,
+) -> Result<(crate::agent::AgentConfig, crate::config::Logging), String> {
+    use std::time::Duration;
     let server = match (a.server, &file) {
         (Some(s), _) => s,
         (None, Some(f)) => f
@@ -178,13 +210,17 @@ fn agent_config(
         let var = file
             .as_ref()
             .map(|f| f.orchestrator.registration_psk_env.clone())?;
-        std::env::var(var).ok()
+        (outside.env)(&var)
     });
-    let psk = read_psk(psk, psk_file)?;
+    let psk = match psk_file {
+        Some(path) => Some((outside.read)(&path)?),
+        None => psk,
+    };
+    let psk = read_psk(psk, None)?;
     let node_id = a
         .node_id
         .or_else(|| file.as_ref().map(|f| f.node.id.clone()))
-        .or_else(sysinfo::System::host_name)
+        .or_else(|| outside.host_name.clone())
         .unwrap_or_else(|| "node".into());
     let state_dir = a
         .state_dir
@@ -348,6 +384,93 @@ pub fn init_tracing_to(level: &str, format: &str, file: Option<&str>) {
 mod tests {
     use super::log_filter;
     use tracing::Level;
+
+    mod merge {
+        use super::super::{AgentArgs, Outside, merge};
+        use clap::Parser;
+        use std::path::Path;
+
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: AgentArgs,
+        }
+
+        fn args(flags: &[&str]) -> AgentArgs {
+            Cli::parse_from(std::iter::once("tether-agent").chain(flags.iter().copied())).a
+        }
+
+        const FILE: &str = "version: 1\norchestrator:\n  url: http://file.example:7878\n  \
+            registration_psk_env: MY_KEY\nnode:\n  id: from-file\n  labels: [gpu]\n\
+            sandbox:\n  mode: disabled\n  max_concurrency: 3\n";
+
+        fn outside<'a>(
+            env: &'a dyn Fn(&str) -> Option<String>,
+            read: &'a dyn Fn(&Path) -> Result<String, String>,
+        ) -> Outside<'a> {
+            Outside {
+                env,
+                read,
+                host_name: Some("host".into()),
+            }
+        }
+
+        fn no_file(p: &Path) -> Result<String, String> {
+            Err(format!("unexpected read of {}", p.display()))
+        }
+
+        #[test]
+        fn the_file_fills_what_the_flags_leave_out() {
+            let file = crate::config::parse(FILE).unwrap();
+            let env = |v: &str| (v == "MY_KEY").then(|| "k".repeat(20));
+            let (cfg, _) = merge(args(&[]), Some(file), &outside(&env, &no_file)).unwrap();
+            assert_eq!(cfg.server.as_str(), "http://file.example:7878/");
+            assert_eq!(cfg.node_id, "from-file");
+            assert_eq!(cfg.psk, "k".repeat(20));
+            assert_eq!(cfg.identity.labels, vec!["gpu".to_string()]);
+            assert!(!cfg.identity.sandbox_enabled);
+            assert!(!cfg.policy.sandbox_enabled);
+            assert_eq!(cfg.policy.max_concurrency, 3);
+        }
+
+        #[test]
+        fn flags_win_over_the_file_and_a_key_file_over_a_key() {
+            let file = crate::config::parse(FILE).unwrap();
+            let env = |_: &str| Some("from-the-environment-var".to_string());
+            let read = |p: &Path| {
+                assert_eq!(p, Path::new("/keys/psk"));
+                Ok("  from-the-key-file-0123\n".to_string())
+            };
+            let a = args(&[
+                "--server=https://flag.example",
+                "--node-id=from-flag",
+                "--psk-file=/keys/psk",
+                "--heartbeat-timeout=1",
+            ]);
+            let (cfg, _) = merge(a, Some(file), &outside(&env, &read)).unwrap();
+            assert_eq!(cfg.server.as_str(), "https://flag.example/");
+            assert_eq!(cfg.node_id, "from-flag");
+            assert_eq!(cfg.psk, "from-the-key-file-0123");
+            assert_eq!(cfg.heartbeat_timeout.as_secs(), 2, "at least 2 s");
+        }
+
+        #[test]
+        fn without_a_file_the_server_and_key_are_required() {
+            let none = |_: &str| None;
+            let e = merge(args(&[]), None, &outside(&none, &no_file)).unwrap_err();
+            assert!(e.contains("server URL is required"), "{e}");
+            let a = args(&["--server=http://s"]);
+            let e = merge(a, None, &outside(&none, &no_file)).unwrap_err();
+            assert!(e.contains("registration key is required"), "{e}");
+            let a = args(&["--server=http://s", "--psk=short"]);
+            let e = merge(a, None, &outside(&none, &no_file)).unwrap_err();
+            assert!(e.contains("at least 16"), "{e}");
+            // The host name is the default node id.
+            let a = args(&["--server=http://s", "--psk=0123456789abcdef"]);
+            let (cfg, _) = merge(a, None, &outside(&none, &no_file)).unwrap();
+            assert_eq!(cfg.node_id, "host");
+        }
+    }
 
     #[test]
     fn secret_carrying_targets_never_log_below_info() {

@@ -7,7 +7,6 @@ use super::Ctx;
 use crate::conn::Outbound;
 use crate::protocol::{Message, NodeStatus};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -27,7 +26,7 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
     loop {
         let probe = tokio::time::timeout(PROBE_INTERVAL, ctx.docker.ping()).await;
         let healthy = matches!(probe, Ok(Ok(_)));
-        ctx.degraded.store(!healthy, Ordering::Relaxed);
+        ctx.node.set_degraded(!healthy);
         if reported != Some(healthy) {
             let (status, reason) = if healthy {
                 ("ok", None)
@@ -62,34 +61,29 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
         ticks += 1;
         if healthy && ticks % 30 == 0 {
             let report =
-                super::capabilities::collect(&ctx.docker, &ctx.identity, &ctx.state_dir).await;
+                super::capabilities::collect(&ctx.docker, &ctx.node.identity, &ctx.node.state_dir)
+                    .await;
             let hash = report.hash();
-            let changed = ctx.reported_hash.lock().unwrap().as_deref() != Some(hash.as_str());
-            if changed {
+            if ctx.node.report_changed(&hash) {
                 let v = serde_json::to_value(&report).expect("reports serialize");
                 if ctx.link.send(Outbound::msg(&Message::Capabilities(v))) {
                     info!(%hash, "capabilities changed");
-                    *ctx.reported_hash.lock().unwrap() = Some(hash);
+                    ctx.node.reported(hash);
                 }
             }
         }
-        if let Some(every) = ctx.config_poll
+        if let Some(every) = ctx.node.config_poll
             && polled.elapsed() >= every
         {
             polled = tokio::time::Instant::now();
-            let config_version = ctx
-                .applied
-                .lock()
-                .unwrap()
-                .as_ref()
-                .map(|a| a.config.config_version.clone());
+            let config_version = ctx.node.config_version();
             ctx.link.send(Outbound::msg(&Message::ConfigPoll(
                 crate::protocol::ConfigPoll { config_version },
             )));
         }
         tokio::select! {
             _ = end.cancelled() => break,
-            _ = tokio::time::sleep(ctx.config_poll.map_or(PROBE_INTERVAL, |p| p.min(PROBE_INTERVAL))) => {}
+            _ = tokio::time::sleep(ctx.node.config_poll.map_or(PROBE_INTERVAL, |p| p.min(PROBE_INTERVAL))) => {}
         }
     }
 }

@@ -3,13 +3,14 @@
 //! socket.
 
 pub mod capabilities;
+mod commands;
 mod events;
-mod handlers;
 mod health;
 pub mod identity;
 pub mod mounts;
 pub mod netguard;
 mod nft;
+mod node;
 mod nodeconfig;
 pub mod policy;
 mod session;
@@ -148,63 +149,37 @@ impl AgentError {
     }
 }
 
-/// State shared by the session and its request handlers.
+/// What the agent's tasks share: the engine, the link to the server and
+/// its channels, the node's state, and the bookkeeping of running commands.
 pub(crate) struct Ctx {
     pub docker: Docker,
     pub pool: SubnetPool,
     pub node_id: String,
     pub defaults: Defaults,
+    /// The node's policy, pushed configuration, report and health.
+    pub node: node::NodeState,
     /// The current connection to the server (none while reconnecting).
     pub link: Arc<crate::conn::Link>,
     /// Open channels; they outlive a connection and resume on the next one.
     pub channels: crate::mux::Channels,
-    /// Docker exec id of each open exec channel (for resize).
-    pub execs: std::sync::Mutex<std::collections::HashMap<u32, String>>,
-    /// Container id of each worker already found to be this node's: its
-    /// execs go to that id without checking again (Docker never gives an id
-    /// to another container, while a name can be taken again).
-    pub owned: std::sync::Mutex<std::collections::HashMap<String, String>>,
-    /// What the node says about itself in its capability report.
-    pub identity: capabilities::Identity,
-    /// Where state lives (the report's free storage is measured there).
-    pub state_dir: PathBuf,
-    /// Hash of the last capability report sent.
-    pub reported_hash: std::sync::Mutex<Option<String>>,
-    /// The node's local policy.
-    pub policy: policy::Policy,
-    /// How often to ask for newer configuration, if at all.
-    pub config_poll: Option<Duration>,
-    /// The configuration pushed by the orchestrator, in force.
-    pub(crate) applied: std::sync::Mutex<Option<nodeconfig::Applied>>,
-    /// Held while a pushed configuration is applied.
-    pub(crate) configuring: tokio::sync::Mutex<()>,
-    /// Where the node token is kept (0600).
-    pub token_path: PathBuf,
-    /// A token the server sent over the live link, for the next connection.
-    pub refreshed_token: std::sync::Mutex<Option<String>>,
-    /// Largest control message accepted from the server.
-    pub max_request_bytes: usize,
-    /// Docker did not answer the last probe: new work is refused.
-    pub degraded: std::sync::atomic::AtomicBool,
+    /// Running execs and the containers checked to be this node's.
+    pub execs: commands::ExecTable,
     /// Recent request ids and their replies (a replayed request runs once).
-    pub replies: std::sync::Mutex<handlers::Replies>,
+    pub replies: std::sync::Mutex<commands::Replies>,
     /// Exec output spools (used while the server is unreachable).
     pub spools: Arc<spool::Spools>,
     /// Where worker events go (the process-wide forwarder, `events`).
     pub events: events::Reporter,
+    /// Where the node token is kept (0600).
+    pub token_path: PathBuf,
+    /// A token the server sent over the live link, for the next connection.
+    pub refreshed_token: std::sync::Mutex<Option<String>>,
     /// Every task the agent starts (request handlers, stream pumps,
     /// deadline timers, token writes); they end when `stop` fires.
     tasks: tokio_util::task::TaskTracker,
     /// Fires when the agent stops: its tasks end (a running exec is left
     /// running in its worker, not killed).
     stop: CancellationToken,
-    /// Whether the nftables guard is in place, or why not (`restricted` and
-    /// `allowlist` workers are refused without it).
-    pub guard: Result<(), String>,
-    /// Image of egress proxies, if the node has one.
-    pub egress_image: Option<String>,
-    /// Test hook: fixed name answers for egress proxies.
-    pub egress_resolve: Vec<String>,
 }
 
 impl Ctx {
@@ -218,107 +193,6 @@ impl Ctx {
                 _ = stop.cancelled() => {}
             }
         });
-    }
-
-    /// The orchestrator's pushed policy, if a configuration is applied.
-    fn orchestrator_policy(&self) -> Option<policy::Policy> {
-        self.applied
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|a| a.policy.clone())
-    }
-
-    /// The node's own policy first (it has the last word), then the
-    /// orchestrator's, which can only narrow it.
-    pub(crate) fn admit_spawn(
-        &self,
-        spec: &mut crate::protocol::SpawnRequest,
-        running: usize,
-    ) -> Result<(), crate::protocol::ErrorBody> {
-        let orchestrator = self.orchestrator_policy();
-        // No policy named: the narrower of the two defaults.
-        if spec.network_policy.is_none() && spec.network.as_deref() != Some("host") {
-            let node = self.policy.default_network_policy;
-            spec.network_policy = Some(
-                orchestrator
-                    .as_ref()
-                    .map_or(node, |o| node.min(o.default_network_policy)),
-            );
-        }
-        self.policy.admit_spawn(spec, running)?;
-        orchestrator.map_or(Ok(()), |p| p.admit_spawn(spec, running))
-    }
-
-    /// How to build an admitted spawn's network.
-    pub(crate) fn net_plan(
-        &self,
-        spec: &crate::protocol::SpawnRequest,
-    ) -> Result<crate::docker::egress::NetPlan, ErrorBody> {
-        use crate::docker::egress::{NetPlan, ProxySpec};
-        use crate::protocol::NetworkPolicy;
-        if spec.network.as_deref() == Some("host") {
-            return Ok(NetPlan::Host);
-        }
-        Ok(match spec.network_policy.unwrap_or(NetworkPolicy::None) {
-            NetworkPolicy::None => NetPlan::None,
-            NetworkPolicy::Restricted => NetPlan::Restricted,
-            NetworkPolicy::Allowlist => {
-                let Some(image) = self.egress_image.clone() else {
-                    return Err(ErrorBody::new(
-                        crate::protocol::ErrorCode::Unsupported,
-                        "network policy allowlist cannot be enforced on this node: it needs the \
-                         egress proxy image (run the agent from its image, or pass \
-                         --egress-proxy-image)",
-                    ));
-                };
-                let narrower = self
-                    .orchestrator_policy()
-                    .map(|o| o.allowed_egress_domains)
-                    .unwrap_or_default();
-                let allow =
-                    crate::egress_proxy::intersect(&self.policy.allowed_egress_domains, &narrower)
-                        .iter()
-                        .map(|p| p.to_string())
-                        .collect();
-                NetPlan::Allowlist(ProxySpec {
-                    image,
-                    allow,
-                    resolve: self.egress_resolve.clone(),
-                })
-            }
-        })
-    }
-
-    /// Whether the node's or the orchestrator's policy caps running workers.
-    pub(crate) fn concurrency_limited(&self) -> bool {
-        self.policy.max_concurrency > 0
-            || self
-                .orchestrator_policy()
-                .is_some_and(|p| p.max_concurrency > 0)
-    }
-
-    pub(crate) fn admit_exec(
-        &self,
-        timeout_secs: &mut Option<u64>,
-    ) -> Result<(), crate::protocol::ErrorBody> {
-        self.policy.admit_exec(timeout_secs)?;
-        self.orchestrator_policy()
-            .map_or(Ok(()), |p| p.admit_exec(timeout_secs))
-    }
-
-    /// Largest control message accepted: the node file's
-    /// `worker_api.max_request_bytes`, narrowed by a pushed
-    /// `constraints.max_request_bytes`.
-    pub(crate) fn request_limit(&self) -> usize {
-        let pushed = self
-            .applied
-            .lock()
-            .unwrap()
-            .as_ref()
-            .and_then(|a| a.config.constraints.max_request_bytes)
-            .map(|b| b.max(1024) as usize);
-        pushed.map_or(self.max_request_bytes, |p| p.min(self.max_request_bytes))
     }
 }
 
@@ -384,6 +258,17 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         events_end,
     );
     tokio::spawn(forwarder);
+    let node = node::NodeState::new(node::NodeSetup {
+        identity: cfg.identity.clone(),
+        state_dir: cfg.state_dir.clone(),
+        policy: cfg.policy.clone(),
+        max_request_bytes: cfg.max_request_bytes,
+        config_poll: cfg.config_poll,
+        guard: netguard.as_ref().map(|_| ()).map_err(Clone::clone),
+        egress_image,
+        egress_resolve: cfg.egress_resolve.clone(),
+        applied: nodeconfig::load(&cfg.state_dir),
+    });
     let ctx = Arc::new(Ctx {
         events,
         tasks: Default::default(),
@@ -392,33 +277,21 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         pool,
         node_id: cfg.node_id.clone(),
         defaults: cfg.defaults,
+        node,
         link: link.clone(),
         channels: crate::mux::Channels::new(link),
         execs: Default::default(),
-        owned: Default::default(),
         replies: Default::default(),
         spools: spool::Spools::new(cfg.spool.clone()),
-        degraded: Default::default(),
-        identity: cfg.identity.clone(),
-        policy: cfg.policy.clone(),
-        config_poll: cfg.config_poll,
         token_path: cfg.state_dir.join(format!("{}.jwt", cfg.node_id)),
-        applied: std::sync::Mutex::new(nodeconfig::load(&cfg.state_dir)),
-        configuring: Default::default(),
         refreshed_token: Default::default(),
-        max_request_bytes: cfg.max_request_bytes,
-        state_dir: cfg.state_dir.clone(),
-        reported_hash: Default::default(),
-        guard: netguard.as_ref().map(|_| ()).map_err(Clone::clone),
-        egress_image,
-        egress_resolve: cfg.egress_resolve.clone(),
     });
-    handlers::collect_garbage(&ctx).await;
+    commands::collect_garbage(&ctx).await;
     // Deadlines survive agent restarts: they live in the workers' labels.
     if let Ok(workers) = crate::docker::containers::list(&ctx.docker, &ctx.node_id).await {
         for w in workers {
             if let Some(at) = w.deadline {
-                handlers::schedule_reaper(ctx.clone(), w.worker_id, at);
+                commands::schedule_reaper(ctx.clone(), w.worker_id, at);
             }
         }
     }

@@ -3,7 +3,7 @@
 //! pull credentials), rolled back if applying fails, acknowledged with the
 //! effective configuration hash, and reloaded when the agent starts.
 
-use super::Ctx;
+use super::node::NodeState;
 use super::policy::Policy;
 use crate::config;
 use crate::protocol::{ConfigAck, ConfigAckError, ErrorBody, ErrorCode, NodeConfig};
@@ -135,12 +135,16 @@ async fn write_atomic(path: &Path, cfg: &NodeConfig) -> std::io::Result<()> {
 }
 
 /// Applies a pushed configuration; stale versions are refused.
-pub(crate) async fn apply(ctx: &Ctx, new: NodeConfig) -> Result<ConfigAck, ErrorBody> {
+pub(crate) async fn apply(
+    node: &NodeState,
+    docker: &bollard::Docker,
+    new: NodeConfig,
+) -> Result<ConfigAck, ErrorBody> {
     // One push at a time, from the version check to the new state: two
     // overlapping pushes (an operator's and a poll's) could otherwise both
     // pass the check and leave the older one in force.
-    let _one_at_a_time = ctx.configuring.lock().await;
-    let previous = ctx.applied.lock().unwrap().clone();
+    let _one_at_a_time = node.configuring.lock().await;
+    let previous = node.applied();
     if let Some(p) = &previous
         && new.config_version <= p.config.config_version
     {
@@ -174,7 +178,7 @@ pub(crate) async fn apply(ctx: &Ctx, new: NodeConfig) -> Result<ConfigAck, Error
     // A default image either policy forbids is refused before anything is
     // pulled: a push must not make the node fetch what it would not run.
     if let Some(image) = &policy.default_image
-        && let Some(p) = [&ctx.policy, &policy]
+        && let Some(p) = [&node.policy, &policy]
             .into_iter()
             .find(|p| !p.image_allowed(image))
     {
@@ -185,7 +189,7 @@ pub(crate) async fn apply(ctx: &Ctx, new: NodeConfig) -> Result<ConfigAck, Error
         return Ok(ack("failed", Some(("invalid", msg)), current_hash));
     }
     // 2. Write it (temporary file, then rename).
-    let file = path(&ctx.state_dir);
+    let file = path(&node.state_dir);
     if let Err(e) = write_atomic(&file, &new).await {
         return Ok(ack(
             "failed",
@@ -195,7 +199,7 @@ pub(crate) async fn apply(ctx: &Ctx, new: NodeConfig) -> Result<ConfigAck, Error
     }
     // 3. Apply what needs the runtime; on failure restore the previous file.
     if let Some(image) = &policy.default_image
-        && let Err(e) = crate::docker::containers::ensure_image(&ctx.docker, image, None).await
+        && let Err(e) = crate::docker::containers::ensure_image(docker, image, None).await
     {
         let restored = match &previous {
             Some(p) => write_atomic(&file, &p.config).await,
@@ -213,30 +217,6 @@ pub(crate) async fn apply(ctx: &Ctx, new: NodeConfig) -> Result<ConfigAck, Error
     };
     let h = applied.hash.clone();
     tracing::info!(config_version = %applied.config.config_version, hash = %h, "configuration applied");
-    *ctx.applied.lock().unwrap() = Some(applied);
+    node.set_applied(applied);
     Ok(ack("applied", None, h))
-}
-
-/// Pull credentials for `image` from the applied configuration.
-pub(crate) fn credentials(ctx: &Ctx, image: &str) -> Option<bollard::auth::DockerCredentials> {
-    let applied = ctx.applied.lock().unwrap();
-    let host = image
-        .split('/')
-        .next()
-        .filter(|h| {
-            image.contains('/') && (h.contains('.') || h.contains(':') || *h == "localhost")
-        })
-        .unwrap_or("docker.io");
-    applied
-        .as_ref()?
-        .config
-        .registries
-        .iter()
-        .find(|r| r.server == host)
-        .map(|r| bollard::auth::DockerCredentials {
-            username: Some(r.username.clone()),
-            password: Some(r.password.clone()),
-            serveraddress: Some(r.server.clone()),
-            ..Default::default()
-        })
 }

@@ -2,7 +2,7 @@
 //! then one loop that reads frames, writes the outbound queue, sends
 //! heartbeats and watches for shutdown.
 
-use super::{AgentConfig, AgentError, Ctx, handlers};
+use super::{AgentConfig, AgentError, Ctx, commands};
 use crate::conn::{Close, End, Heartbeat, Incoming, Outbound, PingWhen};
 use crate::protocol::{
     self, AGENT_CONNECT_PATH, ErrorBody, ErrorCode, Hello, MAX_WS_MESSAGE, Message,
@@ -164,8 +164,9 @@ pub(super) async fn serve(
             None
         }
     };
-    let report = super::capabilities::collect(&ctx.docker, &ctx.identity, &ctx.state_dir).await;
-    *ctx.reported_hash.lock().unwrap() = Some(report.hash());
+    let report =
+        super::capabilities::collect(&ctx.docker, &ctx.node.identity, &ctx.node.state_dir).await;
+    ctx.node.reported(report.hash());
     let hello = Message::Hello(Hello {
         versions: vec![PROTOCOL_VERSION],
         node_id: cfg.node_id.clone(),
@@ -187,12 +188,7 @@ pub(super) async fn serve(
                 })
             })
             .collect(),
-        config_version: ctx
-            .applied
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|a| a.config.config_version.clone()),
+        config_version: ctx.node.config_version(),
         capabilities: Some(serde_json::to_value(&report).expect("reports serialize")),
     });
     ws.send(WsMessage::text(hello.encode()))
@@ -276,7 +272,7 @@ async fn run_loop(
     // Replay what the server missed, then carry new traffic on this link.
     let resumed = ctx.channels.resume(&peer_channels, |_| false, out.clone());
     for ch in &resumed.lost {
-        ctx.execs.lock().unwrap().remove(ch);
+        ctx.execs.ended(*ch);
     }
     if !peer_channels.is_empty() || !resumed.lost.is_empty() {
         info!(
@@ -326,7 +322,7 @@ async fn run_loop(
 fn on_text(text: &str, ctx: &Arc<Ctx>) {
     let channels = &ctx.channels;
     let out = &ctx.link;
-    let limit = ctx.request_limit();
+    let limit = ctx.node.request_limit();
     if text.len() > limit {
         // Answer the request itself, so the server does not wait for a reply.
         let e = Message::oversized(
@@ -354,7 +350,7 @@ fn on_text(text: &str, ctx: &Arc<Ctx>) {
         }
     };
     match msg {
-        Message::Request { id, request } => handlers::dispatch(id, request, ctx.clone()),
+        Message::Request { id, request } => commands::dispatch(id, request, ctx.clone()),
         Message::Window(w) => channels.on_window(w),
         Message::ChannelEof(c) => channels.on_eof(c.channel),
         Message::ChannelClose(c) => {

@@ -1,0 +1,190 @@
+//! The agent's commands: one task per request, each in its own span, one
+//! file per family. Channel requests (exec, logs, archives) get their
+//! channel opened in the read loop before their task starts, so data sent
+//! right behind the request is never lost.
+
+mod archive;
+mod exec;
+mod logs;
+mod worker;
+
+pub(crate) use exec::ExecTable;
+pub(super) use worker::{collect_garbage, schedule_reaper};
+
+use super::Ctx;
+use crate::conn::Outbound;
+use crate::protocol::{
+    Archive, ChannelClose, ErrorBody, ErrorCode, Exec, Logs, Message, Request, WorkerList,
+};
+use serde::Serialize;
+use serde_json::json;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use tracing::{Instrument, info_span};
+
+/// Sends the reply to request `id` and remembers it for a repeat.
+fn reply<T: Serialize>(ctx: &Ctx, id: String, r: Result<T, ErrorBody>) {
+    let m = match r {
+        Ok(v) => Message::Result {
+            id: id.clone(),
+            payload: serde_json::to_value(v).expect("results serialize"),
+        },
+        Err(error) => Message::Error {
+            id: Some(id.clone()),
+            error,
+        },
+    };
+    let text = m.encode();
+    ctx.replies.lock().unwrap().done(&id, text.clone());
+    ctx.link.send(Outbound::Text(text));
+}
+
+/// Refuses a channel request: the channel opened for it goes again.
+fn refuse(ctx: &Ctx, id: String, channel: u32, e: ErrorBody) {
+    ctx.channels.remove(channel);
+    reply::<()>(ctx, id, Err(e));
+}
+
+fn close(ctx: &Ctx, channel: u32, exit_code: Option<i64>, error: Option<ErrorBody>) {
+    ctx.channels.close(ChannelClose {
+        channel,
+        exit_code,
+        error,
+    });
+}
+
+/// Replies to recent requests, so a request the server sends again after a
+/// reconnect (same id) is answered, not executed twice.
+#[derive(Default)]
+pub(crate) struct Replies {
+    /// `None` while the request runs.
+    map: HashMap<String, Option<String>>,
+    order: VecDeque<String>,
+}
+
+impl Replies {
+    const CAPACITY: usize = 4096;
+
+    /// Registers `id`; returns what to do if it was seen before.
+    fn begin(&mut self, id: &str) -> Option<Option<String>> {
+        if let Some(r) = self.map.get(id) {
+            return Some(r.clone());
+        }
+        self.map.insert(id.to_string(), None);
+        self.order.push_back(id.to_string());
+        while self.order.len() > Self::CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+        None
+    }
+
+    fn done(&mut self, id: &str, reply: String) {
+        if let Some(slot) = self.map.get_mut(id) {
+            *slot = Some(reply);
+        }
+    }
+}
+
+/// Runs request `id`: a repeat is answered from memory, the rest get a task.
+pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
+    match ctx.replies.lock().unwrap().begin(&id) {
+        None => {}
+        Some(Some(done)) => {
+            ctx.link.send(Outbound::Text(done));
+            return;
+        }
+        Some(None) => return, // still running: its reply goes out when done
+    }
+    if ctx.node.is_degraded() && !matches!(request, Request::Resize(_)) {
+        let msg = format!(
+            "node {} is degraded: its Docker engine is unreachable",
+            ctx.node_id
+        );
+        return reply::<()>(&ctx, id, Err(ErrorBody::new(ErrorCode::Unavailable, msg)));
+    }
+    let span = info_span!("request", request_id = %id, kind = request.kind());
+    // Channel-opening requests: open now, in order with the frames behind them.
+    let channel = match &request {
+        Request::Exec(Exec {
+            channel, window, ..
+        })
+        | Request::Logs(Logs {
+            channel, window, ..
+        })
+        | Request::PutArchive(Archive {
+            channel, window, ..
+        })
+        | Request::GetArchive(Archive {
+            channel, window, ..
+        }) => match ctx.channels.open(*channel, *window) {
+            Ok(h) => Some(h),
+            Err(e) => return reply::<()>(&ctx, id, Err(e)),
+        },
+        _ => None,
+    };
+    let tasks = ctx.clone();
+    let task = async move {
+        let node = ctx.node_id.as_str();
+        let d = &ctx.docker;
+        use crate::docker::containers;
+        match (request, channel) {
+            (Request::Spawn(s), _) => worker::spawn(&ctx, id, s).await,
+            (Request::Stop(s), _) => {
+                let timeout = s.timeout_secs.unwrap_or(10);
+                reply(
+                    &ctx,
+                    id,
+                    containers::stop(d, node, &s.worker_id, timeout).await,
+                )
+            }
+            (Request::Remove(r), _) => {
+                let res = worker::remove(&ctx, &r.worker_id, r.force).await;
+                reply(&ctx, id, res.map(|()| json!({ "worker_id": r.worker_id })));
+            }
+            (Request::Configure(c), _) => {
+                let ack = super::nodeconfig::apply(&ctx.node, d, c).await;
+                reply(&ctx, id, ack)
+            }
+            (Request::Inspect(w), _) => {
+                reply(&ctx, id, containers::inspect(d, node, &w.worker_id).await)
+            }
+            (Request::ListWorkers, _) => {
+                let list = containers::list(d, node).await;
+                reply(&ctx, id, list.map(|workers| WorkerList { workers }))
+            }
+            (Request::Stat(s), _) => reply(&ctx, id, archive::stat(&ctx, &s).await),
+            (Request::Resize(r), _) => reply(&ctx, id, exec::resize(&ctx, &r).await),
+            (Request::Exec(e), Some(h)) => exec::run(&ctx, id, e, h).await,
+            (Request::Logs(l), Some(h)) => logs::run(&ctx, id, l, h).await,
+            (Request::GetArchive(a), Some(h)) => archive::get(&ctx, id, a, h).await,
+            (Request::PutArchive(a), Some(h)) => archive::put(&ctx, id, a, h).await,
+            (r, None) => {
+                let e =
+                    ErrorBody::new(ErrorCode::Internal, format!("{} without channel", r.kind()));
+                reply::<()>(&ctx, id, Err(e))
+            }
+        }
+    };
+    tasks.spawn(task.instrument(span));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_request_is_answered_from_memory_and_runs_once() {
+        let mut r = Replies::default();
+        assert_eq!(r.begin("a"), None);
+        assert_eq!(r.begin("a"), Some(None), "still running: no second run");
+        r.done("a", "reply".into());
+        assert_eq!(r.begin("a"), Some(Some("reply".into())));
+        // The oldest are forgotten beyond the capacity.
+        for i in 0..Replies::CAPACITY {
+            r.begin(&i.to_string());
+        }
+        assert_eq!(r.begin("a"), None);
+    }
+}

@@ -1,0 +1,111 @@
+//! Worker lifecycle commands that need more than one engine call: spawn
+//! (admission, host mounts, network plan), remove, the deadline reaper and
+//! garbage collection at start.
+
+use super::{Ctx, reply};
+use crate::docker::{self, containers};
+use crate::protocol::{ErrorBody, ErrorCode, Spawn};
+use std::sync::Arc;
+use tracing::{info, warn};
+
+pub(super) async fn spawn(ctx: &Arc<Ctx>, id: String, mut s: Spawn) {
+    let (d, node) = (&ctx.docker, ctx.node_id.as_str());
+    // Already made (a repeated spawn): the same worker, no new checks.
+    // (`containers::spawn` relies on this check having been made.)
+    if let Ok(existing) = containers::inspect(d, node, &s.worker_id).await {
+        return reply(ctx, id, Ok(existing));
+    }
+    // Counting running workers takes a listing: only when a limit needs it.
+    let running = if ctx.node.concurrency_limited() {
+        containers::running_count(d, node).await
+    } else {
+        Ok(0)
+    };
+    let plan = running
+        .and_then(|running| ctx.node.admit_spawn(&mut s.spec, running))
+        .and_then(|()| ctx.node.net_plan(&s.spec));
+    let creds = ctx.node.credentials(&s.spec.image);
+    // Host paths are resolved on the node, and nothing that could redirect
+    // them runs between the check and the start.
+    let _mount_guard = if s.spec.mounts.is_empty() {
+        None
+    } else {
+        Some(super::super::mounts::MOUNT_LOCK.lock().await)
+    };
+    let plan = match plan {
+        Ok(plan) if !s.spec.mounts.is_empty() => containers::writable_mounts(d, node)
+            .await
+            .and_then(|writable| {
+                super::super::mounts::resolve_all(
+                    &mut s.spec.mounts,
+                    &ctx.node.policy.allowed_host_paths,
+                    &writable,
+                )
+            })
+            .map(|()| plan),
+        other => other,
+    };
+    let r = match plan {
+        Ok(plan) => {
+            let (pool, defaults, guard) = (&ctx.pool, ctx.defaults, ctx.node.guard());
+            containers::spawn(d, pool, node, defaults, &s, creds, &plan, guard).await
+        }
+        Err(e) => Err(e),
+    };
+    if let Ok(w) = &r {
+        info!(worker_id = %w.worker_id, "worker running");
+        if let Some(at) = w.deadline {
+            schedule_reaper(ctx.clone(), w.worker_id.clone(), at);
+        }
+    }
+    reply(ctx, id, r);
+}
+
+/// Removes a worker and forgets its checked container id.
+pub(super) async fn remove(ctx: &Ctx, worker_id: &str, force: bool) -> Result<(), ErrorBody> {
+    let removed = containers::remove(&ctx.docker, &ctx.pool, &ctx.node_id, worker_id, force).await;
+    ctx.execs.forget_worker(worker_id);
+    removed
+}
+
+/// Removes networks whose worker container is gone (after crashes or a
+/// `docker rm` behind tether's back).
+pub(crate) async fn collect_garbage(ctx: &Ctx) {
+    if let Ok(live) = containers::list_ids(&ctx.docker, &ctx.node_id).await {
+        docker::egress::collect_garbage(&ctx.docker, &ctx.pool, &ctx.node_id, &live).await;
+    }
+    match containers::orphan_networks(&ctx.docker, &ctx.node_id).await {
+        Ok(nets) => {
+            for n in nets {
+                match docker::networks::remove(&ctx.docker, &ctx.pool, &ctx.node_id, &n).await {
+                    Ok(()) => info!(network = %n, "removed orphaned worker network"),
+                    Err(e) => warn!(network = %n, error = %e, "could not remove orphaned network"),
+                }
+            }
+        }
+        Err(e) => warn!(error = %e, "could not look for orphaned networks"),
+    }
+}
+
+/// Stops and removes a worker at its deadline (Unix seconds) and reports a
+/// `timeout` worker event. Scheduled at spawn and again when the agent
+/// starts, from the deadline label, so a restart does not forget it.
+pub(crate) fn schedule_reaper(ctx: Arc<Ctx>, worker_id: String, deadline: u64) {
+    let tasks = ctx.clone();
+    tasks.spawn(async move {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        tokio::time::sleep(std::time::Duration::from_secs(deadline.saturating_sub(now))).await;
+        match remove(&ctx, &worker_id, true).await {
+            Ok(()) => {
+                info!(%worker_id, "worker reached its timeout: removed");
+                ctx.events
+                    .report(worker_id, crate::protocol::WorkerEventKind::Timeout, None);
+            }
+            Err(e) if e.code == ErrorCode::NotFound => {}
+            Err(e) => warn!(%worker_id, error = %e, "could not remove a timed-out worker"),
+        }
+    });
+}

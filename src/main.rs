@@ -503,7 +503,7 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
                     "{}",
                     serde_json::to_string_pretty(&ack).expect("serializes")
                 );
-                if ack.status != "applied" {
+                if ack.status != tether::protocol::AckStatus::Applied {
                     return Ok(1);
                 }
             }

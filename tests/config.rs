@@ -273,7 +273,10 @@ async fn agent_polls_for_configuration_when_asked_to() {
     loop {
         let d = h.hub.node_detail(&node).unwrap();
         if d.config_version.as_deref() == Some(version.as_str()) {
-            assert_eq!(d.last_config_ack.unwrap().status, "applied");
+            assert_eq!(
+                d.last_config_ack.unwrap().status,
+                tether::protocol::AckStatus::Applied
+            );
             break;
         }
         assert!(

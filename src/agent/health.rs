@@ -5,7 +5,7 @@
 
 use super::Ctx;
 use crate::conn::Outbound;
-use crate::protocol::{Message, NodeStatus};
+use crate::protocol::{Message, NodeHealth, NodeStatus};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
@@ -29,14 +29,14 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
         ctx.node.set_degraded(!healthy);
         if reported != Some(healthy) {
             let (status, reason) = if healthy {
-                ("ok", None)
+                (NodeHealth::Ok, None)
             } else {
                 let why = match probe {
                     Ok(Err(e)) => e.to_string(),
                     _ => "no answer within 2 s".to_string(),
                 };
                 (
-                    "degraded",
+                    NodeHealth::Degraded,
                     Some(format!("Docker engine unreachable: {why}")),
                 )
             };
@@ -48,7 +48,7 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
             let sent = ctx
                 .link
                 .send(Outbound::msg(&Message::NodeStatus(NodeStatus {
-                    status: status.into(),
+                    status,
                     reason,
                     at: now(),
                 })));

@@ -6,7 +6,9 @@
 use super::node::NodeState;
 use super::policy::Policy;
 use crate::config;
-use crate::protocol::{ConfigAck, ConfigAckError, ErrorBody, ErrorCode, NodeConfig};
+use crate::protocol::{
+    AckErrorKind, AckStatus, ConfigAck, ConfigAckError, ErrorBody, ErrorCode, NodeConfig,
+};
 use sha2::Digest;
 use std::path::{Path, PathBuf};
 
@@ -161,19 +163,22 @@ pub(crate) async fn apply(
         .map(|p| p.hash.clone())
         .unwrap_or_default();
     let version = new.config_version.clone();
-    let ack = |status: &str, error: Option<(&str, String)>, hash: String| ConfigAck {
+    let ack = |status: AckStatus, error: Option<(AckErrorKind, String)>, hash: String| ConfigAck {
         config_version: version.clone(),
-        status: status.into(),
-        error: error.map(|(kind, message)| ConfigAckError {
-            kind: kind.into(),
-            message,
-        }),
+        status,
+        error: error.map(|(kind, message)| ConfigAckError { kind, message }),
         effective_config_hash: hash,
     };
     // 1. Validate: nothing changes on failure.
     let policy = match interpret(&new) {
         Ok(p) => p,
-        Err(e) => return Ok(ack("failed", Some(("invalid", e)), current_hash)),
+        Err(e) => {
+            return Ok(ack(
+                AckStatus::Failed,
+                Some((AckErrorKind::Invalid, e)),
+                current_hash,
+            ));
+        }
     };
     // A default image either policy forbids is refused before anything is
     // pulled: a push must not make the node fetch what it would not run.
@@ -186,14 +191,18 @@ pub(crate) async fn apply(
             "default_image {image:?} is not in the {} policy's allowed_images",
             p.source
         );
-        return Ok(ack("failed", Some(("invalid", msg)), current_hash));
+        return Ok(ack(
+            AckStatus::Failed,
+            Some((AckErrorKind::Invalid, msg)),
+            current_hash,
+        ));
     }
     // 2. Write it (temporary file, then rename).
     let file = path(&node.state_dir);
     if let Err(e) = write_atomic(&file, &new).await {
         return Ok(ack(
-            "failed",
-            Some(("storage", e.to_string())),
+            AckStatus::Failed,
+            Some((AckErrorKind::Storage, e.to_string())),
             current_hash,
         ));
     }
@@ -208,7 +217,11 @@ pub(crate) async fn apply(
         if let Err(r) = restored {
             tracing::error!(error = %r, "could not restore the previous configuration file");
         }
-        return Ok(ack("rolled_back", Some(("apply", e.message)), current_hash));
+        return Ok(ack(
+            AckStatus::RolledBack,
+            Some((AckErrorKind::Apply, e.message)),
+            current_hash,
+        ));
     }
     let applied = Applied {
         hash: hash(&new),
@@ -218,5 +231,5 @@ pub(crate) async fn apply(
     let h = applied.hash.clone();
     tracing::info!(config_version = %applied.config.config_version, hash = %h, "configuration applied");
     node.set_applied(applied);
-    Ok(ack("applied", None, h))
+    Ok(ack(AckStatus::Applied, None, h))
 }

@@ -5,7 +5,7 @@
 use super::egress::{self, NetPlan};
 use super::networks::{self, SubnetPool};
 use super::{labels, object_name, to_error, valid_worker_id};
-use crate::protocol::{ErrorBody, ErrorCode, Resources, Spawn, WorkerInfo};
+use crate::protocol::{ErrorBody, ErrorCode, Resources, Spawn, WorkerInfo, WorkerState};
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, ContainerInspectResponse, HostConfig};
@@ -92,11 +92,10 @@ fn to_info(c: ContainerInspectResponse, node_id: &str) -> Option<WorkerInfo> {
         .and_then(|e| e.ip_address)
         .filter(|ip| !ip.is_empty());
     let state = c.state.unwrap_or_default();
-    let status = state
-        .status
-        .map(|s| s.to_string())
-        .unwrap_or_else(|| "unknown".into());
-    let exit_code = if status == "exited" {
+    let status = state.status.map_or(WorkerState::Unknown, |s| {
+        WorkerState::from_docker(s.as_ref())
+    });
+    let exit_code = if status == WorkerState::Exited {
         state.exit_code
     } else {
         None
@@ -544,7 +543,7 @@ pub async fn remove(
     force: bool,
 ) -> Result<(), ErrorBody> {
     let info = inspect(docker, node_id, worker_id).await?;
-    if !force && info.state == "running" {
+    if !force && info.state == crate::protocol::WorkerState::Running {
         return Err(ErrorBody::new(
             ErrorCode::Conflict,
             format!("worker {worker_id} is running: stop it first or remove with force"),

@@ -2,21 +2,29 @@
 //! types, the JSON envelope, the binary frame header for stream data and the
 //! error codes. Types and codecs only, no I/O.
 
+mod channel;
 mod error;
 mod frame;
+mod handshake;
 mod messages;
+mod node;
 pub mod operator;
 mod proof;
 mod register;
+mod worker;
 
+pub use channel::*;
 pub use error::{ErrorBody, ErrorCode};
 pub use frame::{FRAME_HEADER_LEN, Frame, FrameError, StreamKind};
+pub use handshake::*;
 pub use messages::*;
+pub use node::*;
 pub use proof::{
     MAX_PROOF_SKEW_MS, PROOF_HEADER, ProofError, ProofPurpose, key_id, now_millis, proof_message,
     verify_proof,
 };
 pub use register::{Bootstrap, NodeAuth, Orchestrator, RegisterRequest};
+pub use worker::*;
 
 /// Protocol version this build speaks (`version` in `hello` / `welcome`).
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -150,7 +150,7 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
             (Request::Inspect(w), _) => {
                 reply(&ctx, id, containers::inspect(d, node, &w.worker_id).await)
             }
-            (Request::ListWorkers, _) => {
+            (Request::ListWorkers(_), _) => {
                 let list = containers::list(d, node).await;
                 reply(&ctx, id, list.map(|workers| WorkerList { workers }))
             }

@@ -488,7 +488,11 @@ impl Bench {
             })
             .await?;
         let dt = t0.elapsed();
-        ensure!(w.state == "running", "spawned worker is {}", w.state);
+        ensure!(
+            w.state == tether::protocol::WorkerState::Running,
+            "spawned worker is {}",
+            w.state
+        );
         self.t.hub.remove(&w.worker_id, true).await?;
         Ok(dt)
     }

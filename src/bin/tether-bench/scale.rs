@@ -279,7 +279,7 @@ async fn serve(
                         };
                         let reply = match request {
                             Request::Inspect(_) => Message::Result { id, payload: worker.clone() },
-                            Request::ListWorkers => Message::Result {
+                            Request::ListWorkers(_) => Message::Result {
                                 id,
                                 payload: json!({ "workers": [worker.clone()] }),
                             },

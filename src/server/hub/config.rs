@@ -26,7 +26,7 @@ impl Hub {
         let ack: crate::protocol::ConfigAck = link.request_as(Request::Configure(cfg)).await?;
         let mut reg = self.reg.lock().unwrap();
         if let Some(n) = reg.nodes.get_mut(node_id) {
-            if ack.status == "applied" {
+            if ack.status == crate::protocol::AckStatus::Applied {
                 n.config_version = Some(ack.config_version.clone());
             }
             n.last_config_ack = Some(ack.clone());

@@ -424,8 +424,8 @@ impl Hub {
 
     pub(crate) fn on_node_status(&self, node_id: &str, st: crate::protocol::NodeStatus) {
         if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id) {
-            n.degraded =
-                (st.status != "ok").then(|| st.reason.unwrap_or_else(|| st.status.clone()));
+            n.degraded = (st.status != crate::protocol::NodeHealth::Ok)
+                .then(|| st.reason.unwrap_or_else(|| "not ok".into()));
         }
     }
 
@@ -453,7 +453,7 @@ impl Hub {
                 }
                 WorkerEventKind::Exited | WorkerEventKind::OomKilled => {
                     if let Some(w) = reg.workers.get_mut(&ev.worker_id) {
-                        w.state = "exited".into();
+                        w.state = crate::protocol::WorkerState::Exited;
                         w.exit_code = ev.exit_code.or(w.exit_code);
                     }
                 }

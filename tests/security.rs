@@ -197,7 +197,7 @@ async fn the_agent_never_touches_objects_it_did_not_create() {
     )
     .await
     .unwrap_err();
-    assert_eq!(e.code, ErrorCode::Conflict, "{e}");
+    assert_eq!(e.code(), ErrorCode::Conflict, "{e}");
     assert_eq!(
         docker(&["inspect", "-f", "{{.State.Running}}", &victim]),
         "true"
@@ -205,7 +205,7 @@ async fn the_agent_never_touches_objects_it_did_not_create() {
     let e = containers::remove(&engine, &pool, &node, &wid, true)
         .await
         .unwrap_err();
-    assert_eq!(e.code, ErrorCode::NotFound);
+    assert_eq!(e.code(), ErrorCode::NotFound);
     assert_eq!(
         docker(&["inspect", "-f", "{{.State.Running}}", &victim]),
         "true"
@@ -239,8 +239,8 @@ async fn the_agent_never_touches_objects_it_did_not_create() {
     )
     .await
     .unwrap_err();
-    assert_eq!(e.code, ErrorCode::Conflict, "{e}");
-    assert!(e.message.contains("network"), "{e}");
+    assert_eq!(e.code(), ErrorCode::Conflict, "{e}");
+    assert!(e.to_string().contains("network"), "{e}");
     assert_eq!(
         docker(&["network", "ls", "-q", "--filter", &format!("name=^{net}$")])
             .lines()

@@ -219,7 +219,7 @@ pub(crate) async fn apply(
         }
         return Ok(ack(
             AckStatus::RolledBack,
-            Some((AckErrorKind::Apply, e.message)),
+            Some((AckErrorKind::Apply, ErrorBody::from(e).message)),
             current_hash,
         ));
     }

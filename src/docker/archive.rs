@@ -1,8 +1,8 @@
 //! Files: the archive endpoints, streamed as tar in chunks.
 
+use super::Error;
 use super::joined::{Joined, Wait};
-use super::to_error;
-use crate::protocol::{ErrorBody, StatResult, StreamKind};
+use crate::protocol::{StatResult, StreamKind};
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::query_parameters::{
@@ -15,7 +15,7 @@ use futures_util::{Stream, TryStreamExt};
 const MODE_DIR: u32 = 1 << 31;
 
 /// Functions here take the id of a container whose ownership was checked.
-pub async fn stat(docker: &Docker, container: &str, path: &str) -> Result<StatResult, ErrorBody> {
+pub async fn stat(docker: &Docker, container: &str, path: &str) -> Result<StatResult, Error> {
     match docker
         .get_container_archive_info(
             container,
@@ -38,7 +38,7 @@ pub async fn stat(docker: &Docker, container: &str, path: &str) -> Result<StatRe
             is_dir: false,
             size: 0,
         }),
-        Err(e) => Err(to_error(e, "stat path")),
+        Err(e) => Err(Error::engine(e, "stat path")),
     }
 }
 
@@ -68,7 +68,7 @@ pub async fn upload(
     container: &str,
     path: &str,
     tar: impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
-) -> Result<(), ErrorBody> {
+) -> Result<(), Error> {
     docker
         .upload_to_container(
             container,
@@ -79,5 +79,5 @@ pub async fn upload(
             bollard::body_try_stream(tar),
         )
         .await
-        .map_err(|e| to_error(e, "extract archive"))
+        .map_err(|e| Error::engine(e, "extract archive"))
 }

@@ -4,7 +4,7 @@
 
 use super::egress::{self, NetPlan};
 use super::networks::{self, SubnetPool};
-use super::{labels, object_name, to_error, valid_worker_id};
+use super::{Error, labels, object_name, valid_worker_id};
 use crate::protocol::{ErrorBody, ErrorCode, Resources, Spawn, WorkerInfo, WorkerState};
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
@@ -47,23 +47,19 @@ fn not_found(worker_id: &str) -> ErrorBody {
 
 /// Inspects a worker's container; `not_found` if it does not exist or is not
 /// a tether worker of this node.
-pub async fn inspect(
-    docker: &Docker,
-    node_id: &str,
-    worker_id: &str,
-) -> Result<WorkerInfo, ErrorBody> {
+pub async fn inspect(docker: &Docker, node_id: &str, worker_id: &str) -> Result<WorkerInfo, Error> {
     if !valid_worker_id(worker_id) {
-        return Err(not_found(worker_id));
+        return Err(not_found(worker_id).into());
     }
     match docker
         .inspect_container(&object_name(worker_id), None)
         .await
     {
-        Ok(c) => to_info(c, node_id).ok_or_else(|| not_found(worker_id)),
+        Ok(c) => to_info(c, node_id).ok_or_else(|| not_found(worker_id).into()),
         Err(DockerError::DockerResponseServerError {
             status_code: 404, ..
-        }) => Err(not_found(worker_id)),
-        Err(e) => Err(to_error(e, "inspect worker")),
+        }) => Err(not_found(worker_id).into()),
+        Err(e) => Err(Error::engine(e, "inspect worker")),
     }
 }
 
@@ -127,7 +123,7 @@ fn to_info(c: ContainerInspectResponse, node_id: &str) -> Option<WorkerInfo> {
 }
 
 /// Ids of the workers of this node, from container labels.
-pub async fn list_ids(docker: &Docker, node_id: &str) -> Result<Vec<String>, ErrorBody> {
+pub async fn list_ids(docker: &Docker, node_id: &str) -> Result<Vec<String>, Error> {
     let filters = HashMap::from([(
         "label".to_string(),
         vec![
@@ -142,7 +138,7 @@ pub async fn list_ids(docker: &Docker, node_id: &str) -> Result<Vec<String>, Err
             ..Default::default()
         }))
         .await
-        .map_err(|e| to_error(e, "list containers"))?;
+        .map_err(|e| Error::engine(e, "list containers"))?;
     Ok(list
         .into_iter()
         .filter_map(|c| c.labels.and_then(|mut l| l.remove(labels::WORKER)))
@@ -150,7 +146,7 @@ pub async fn list_ids(docker: &Docker, node_id: &str) -> Result<Vec<String>, Err
 }
 
 /// How many of this node's workers are running.
-pub async fn running_count(docker: &Docker, node_id: &str) -> Result<usize, ErrorBody> {
+pub async fn running_count(docker: &Docker, node_id: &str) -> Result<usize, Error> {
     let filters = HashMap::from([
         (
             "label".to_string(),
@@ -168,17 +164,17 @@ pub async fn running_count(docker: &Docker, node_id: &str) -> Result<usize, Erro
             ..Default::default()
         }))
         .await
-        .map_err(|e| to_error(e, "list containers"))?;
+        .map_err(|e| Error::engine(e, "list containers"))?;
     Ok(list.len())
 }
 
 /// Every worker of this node.
-pub async fn list(docker: &Docker, node_id: &str) -> Result<Vec<WorkerInfo>, ErrorBody> {
+pub async fn list(docker: &Docker, node_id: &str) -> Result<Vec<WorkerInfo>, Error> {
     let mut out = Vec::new();
     for id in list_ids(docker, node_id).await? {
         match inspect(docker, node_id, &id).await {
             Ok(w) => out.push(w),
-            Err(e) if e.code == ErrorCode::NotFound => {} // removed meanwhile
+            Err(e) if e.code() == ErrorCode::NotFound => {} // removed meanwhile
             Err(e) => return Err(e),
         }
     }
@@ -190,13 +186,13 @@ pub async fn ensure_image(
     docker: &Docker,
     image: &str,
     credentials: Option<bollard::auth::DockerCredentials>,
-) -> Result<(), ErrorBody> {
+) -> Result<(), Error> {
     match docker.inspect_image(image).await {
         Ok(_) => return Ok(()),
         Err(DockerError::DockerResponseServerError {
             status_code: 404, ..
         }) => {}
-        Err(e) => return Err(to_error(e, "inspect image")),
+        Err(e) => return Err(Error::engine(e, "inspect image")),
     }
     let pull = async {
         let mut s = docker.create_image(
@@ -218,18 +214,20 @@ pub async fn ensure_image(
             ErrorCode::NotFound,
             format!(
                 "image {image:?} is not on the node and could not be pulled: {}",
-                to_error(e, "pull").message
+                ErrorBody::from(Error::engine(e, "pull")).message
             ),
-        )),
+        )
+        .into()),
         Err(_) => Err(ErrorBody::new(
             ErrorCode::Timeout,
             format!("pulling image {image:?} took over 300 s"),
-        )),
+        )
+        .into()),
     }
 }
 
-fn validate(spec: &Spawn) -> Result<(), ErrorBody> {
-    let bad = |m: String| Err(ErrorBody::new(ErrorCode::InvalidRequest, m));
+fn validate(spec: &Spawn) -> Result<(), Error> {
+    let bad = |m: String| Err(ErrorBody::new(ErrorCode::InvalidRequest, m).into());
     if !valid_worker_id(&spec.worker_id) {
         return bad(format!("invalid worker id {:?}", spec.worker_id));
     }
@@ -297,7 +295,7 @@ pub async fn spawn(
     credentials: Option<bollard::auth::DockerCredentials>,
     plan: &NetPlan,
     guard: Result<(), &str>,
-) -> Result<WorkerInfo, ErrorBody> {
+) -> Result<WorkerInfo, Error> {
     validate(spec)?;
 
     let name = object_name(&spec.worker_id);
@@ -330,9 +328,10 @@ pub async fn spawn(
             return Err(ErrorBody::new(
                 ErrorCode::Conflict,
                 format!("a container named {name} already exists and tether did not create it"),
-            ));
+            )
+            .into());
         }
-        Err(e) => return Err(to_error(e, "inspect container")),
+        Err(e) => return Err(Error::engine(e, "inspect container")),
     }
     // The image (pulled if need be; credentials go to the pull only, never
     // into the container) and the network at once: neither needs the other.
@@ -453,7 +452,7 @@ pub async fn spawn(
         Ok(c) => docker
             .start_container(&c.id, None)
             .await
-            .map_err(|e| (Some(c.id), to_error(e, "start container"))),
+            .map_err(|e| (Some(c.id), Error::engine(e, "start container"))),
         Err(DockerError::DockerResponseServerError {
             status_code: 409, ..
         }) => Err((
@@ -461,7 +460,8 @@ pub async fn spawn(
             ErrorBody::new(
                 ErrorCode::Conflict,
                 format!("a container named {name} already exists and tether did not create it"),
-            ),
+            )
+            .into(),
         )),
         Err(DockerError::DockerResponseServerError { message, .. })
             if r.disk_mb.is_some() && message.contains("storage-opt") =>
@@ -471,10 +471,11 @@ pub async fn spawn(
                 ErrorBody::new(
                     ErrorCode::Unsupported,
                     format!("this node's storage driver cannot limit a worker's disk: {message}"),
-                ),
+                )
+                .into(),
             ))
         }
-        Err(e) => Err((None, to_error(e, "create container"))),
+        Err(e) => Err((None, Error::engine(e, "create container"))),
     };
     if let Err((container, e)) = result {
         if let Some(id) = container {
@@ -493,7 +494,7 @@ pub async fn stop(
     node_id: &str,
     worker_id: &str,
     timeout_secs: u32,
-) -> Result<WorkerInfo, ErrorBody> {
+) -> Result<WorkerInfo, Error> {
     let info = inspect(docker, node_id, worker_id).await?;
     match docker
         .stop_container(
@@ -509,7 +510,7 @@ pub async fn stop(
         | Err(DockerError::DockerResponseServerError {
             status_code: 304, ..
         }) => {}
-        Err(e) => return Err(to_error(e, "stop container")),
+        Err(e) => return Err(Error::engine(e, "stop container")),
     }
     inspect(docker, node_id, worker_id).await
 }
@@ -541,18 +542,19 @@ pub async fn remove(
     node_id: &str,
     worker_id: &str,
     force: bool,
-) -> Result<(), ErrorBody> {
+) -> Result<(), Error> {
     let info = inspect(docker, node_id, worker_id).await?;
     if !force && info.state == crate::protocol::WorkerState::Running {
         return Err(ErrorBody::new(
             ErrorCode::Conflict,
             format!("worker {worker_id} is running: stop it first or remove with force"),
-        ));
+        )
+        .into());
     }
     // By the id of the container whose labels were just checked.
     remove_container(docker, &info.container_id, force)
         .await
-        .map_err(|e| to_error(e, "remove container"))?;
+        .map_err(|e| Error::engine(e, "remove container"))?;
     // An allowlist worker's proxy is on the worker's network: it goes first.
     egress::remove_proxy(docker, pool, node_id, worker_id).await?;
     networks::remove(docker, pool, node_id, &object_name(worker_id)).await
@@ -562,7 +564,7 @@ pub async fn remove(
 pub async fn writable_mounts(
     docker: &Docker,
     node_id: &str,
-) -> Result<Vec<std::path::PathBuf>, ErrorBody> {
+) -> Result<Vec<std::path::PathBuf>, Error> {
     let filters = HashMap::from([
         (
             "label".to_string(),
@@ -580,7 +582,7 @@ pub async fn writable_mounts(
             ..Default::default()
         }))
         .await
-        .map_err(|e| to_error(e, "list containers"))?;
+        .map_err(|e| Error::engine(e, "list containers"))?;
     Ok(list
         .into_iter()
         .flat_map(|c| c.mounts.unwrap_or_default())
@@ -591,7 +593,7 @@ pub async fn writable_mounts(
 }
 
 /// Networks labelled as ours whose worker container no longer exists.
-pub async fn orphan_networks(docker: &Docker, node_id: &str) -> Result<Vec<String>, ErrorBody> {
+pub async fn orphan_networks(docker: &Docker, node_id: &str) -> Result<Vec<String>, Error> {
     let live: std::collections::HashSet<String> = list_ids(docker, node_id)
         .await?
         .iter()

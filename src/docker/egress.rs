@@ -15,7 +15,7 @@
 //! the agent finds them without one.
 
 use super::networks::{self, NetKind, SubnetPool};
-use super::{labels, object_name, to_error};
+use super::{Error, labels, object_name};
 use crate::protocol::{ErrorBody, ErrorCode, NetworkPolicy};
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
@@ -103,7 +103,7 @@ pub async fn prepare(
     object_labels: &HashMap<String, String>,
     plan: &NetPlan,
     guard: Result<(), &str>,
-) -> Result<Prepared, ErrorBody> {
+) -> Result<Prepared, Error> {
     let name = object_name(worker_id);
     let kind = match plan {
         NetPlan::Host => {
@@ -123,7 +123,7 @@ pub async fn prepare(
     };
     let policy = plan.policy().expect("a guarded plan");
     if let Err(why) = guard {
-        return Err(unenforceable(policy, why));
+        return Err(unenforceable(policy, why).into());
     }
     let created = networks::create_kind(docker, pool, &name, object_labels, kind).await?;
     let subnet = created.subnet;
@@ -140,7 +140,8 @@ pub async fn prepare(
                 "the worker's bridge {bridge} is not in the agent's network namespace \
                  (run the agent on the host, or its container with --network host)"
             ),
-        ));
+        )
+        .into());
     }
     let mut env = Vec::new();
     if let NetPlan::Allowlist(spec) = plan {
@@ -196,7 +197,7 @@ async fn start_proxy(
     internal: &str,
     subnet: Ipv4Net,
     spec: &ProxySpec,
-) -> Result<Ipv4Addr, ErrorBody> {
+) -> Result<Ipv4Addr, Error> {
     let name = proxy_name(worker_id);
     let lbls = HashMap::from([
         (labels::NODE.to_string(), node_id.to_string()),
@@ -210,16 +211,18 @@ async fn start_proxy(
                 format!(
                     "the egress proxy image {:?} is not on the node: {}",
                     spec.image,
-                    to_error(e, "inspect image").message
+                    ErrorBody::from(Error::engine(e, "inspect image")).message
                 ),
-            ));
+            )
+            .into());
         }
     }
     if docker.inspect_container(&name, None).await.is_ok() {
         return Err(ErrorBody::new(
             ErrorCode::Conflict,
             format!("a container named {name} already exists and tether did not create it"),
-        ));
+        )
+        .into());
     }
     networks::create_kind(docker, pool, &name, &lbls, NetKind::Outbound).await?;
     let ip = proxy_ip(subnet);
@@ -266,7 +269,7 @@ async fn start_proxy(
             body,
         )
         .await
-        .map_err(|e| to_error(e, "create egress proxy"))?
+        .map_err(|e| Error::engine(e, "create egress proxy"))?
         .id;
     docker
         .connect_network(
@@ -283,11 +286,11 @@ async fn start_proxy(
             },
         )
         .await
-        .map_err(|e| to_error(e, "attach egress proxy"))?;
+        .map_err(|e| Error::engine(e, "attach egress proxy"))?;
     docker
         .start_container(&id, None)
         .await
-        .map_err(|e| to_error(e, "start egress proxy"))?;
+        .map_err(|e| Error::engine(e, "start egress proxy"))?;
     // Ready before the worker starts (the host reaches the internal bridge:
     // replies to its own connections pass the guard).
     for _ in 0..50 {
@@ -308,7 +311,7 @@ pub async fn remove_proxy(
     pool: &SubnetPool,
     node_id: &str,
     worker_id: &str,
-) -> Result<(), ErrorBody> {
+) -> Result<(), Error> {
     let name = proxy_name(worker_id);
     let id = match docker.inspect_container(&name, None).await {
         Ok(c) => {
@@ -321,7 +324,7 @@ pub async fn remove_proxy(
         Err(DockerError::DockerResponseServerError {
             status_code: 404, ..
         }) => None,
-        Err(e) => return Err(to_error(e, "inspect egress proxy")),
+        Err(e) => return Err(Error::engine(e, "inspect egress proxy")),
     };
     let Some(id) = id else {
         return networks::remove(docker, pool, node_id, &name).await;
@@ -341,7 +344,7 @@ pub async fn remove_proxy(
         | Err(DockerError::DockerResponseServerError {
             status_code: 404, ..
         }) => {}
-        Err(e) => return Err(to_error(e, "remove egress proxy")),
+        Err(e) => return Err(Error::engine(e, "remove egress proxy")),
     }
     networks::remove(docker, pool, node_id, &name).await
 }

@@ -1,8 +1,8 @@
 //! Exec: create and start a process in a worker with stdout and stderr kept
 //! apart (or a TTY), resize it, read its exit code.
 
+use super::Error;
 use super::joined::{Joined, Wait};
-use super::to_error;
 use crate::protocol::{ErrorBody, ErrorCode, Exec, StreamKind, TermSize};
 use bollard::Docker;
 use bollard::container::LogOutput;
@@ -24,12 +24,9 @@ pub struct Started {
 
 /// Creates the exec of `req` in `container` (the worker's container name
 /// or id); nothing runs until [`attach`].
-pub async fn create(docker: &Docker, container: &str, req: &Exec) -> Result<String, ErrorBody> {
+pub async fn create(docker: &Docker, container: &str, req: &Exec) -> Result<String, Error> {
     if req.cmd.is_empty() {
-        return Err(ErrorBody::new(
-            ErrorCode::InvalidRequest,
-            "exec needs a command",
-        ));
+        return Err(ErrorBody::new(ErrorCode::InvalidRequest, "exec needs a command").into());
     }
     let env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let created = docker
@@ -49,17 +46,19 @@ pub async fn create(docker: &Docker, container: &str, req: &Exec) -> Result<Stri
         )
         .await
         .map_err(|e| {
-            let mut e = to_error(e, "create exec");
-            if e.code == ErrorCode::Conflict {
-                e.message = format!("worker {} is not running ({})", req.worker_id, e.message);
+            let e = Error::engine(e, "create exec");
+            if e.code() != ErrorCode::Conflict {
+                return e;
             }
-            e
+            let b = ErrorBody::from(e);
+            let msg = format!("worker {} is not running ({})", req.worker_id, b.message);
+            ErrorBody::new(b.code, msg).into()
         })?;
     Ok(created.id)
 }
 
 /// Starts a created exec and attaches to its streams.
-pub async fn attach(docker: &Docker, exec_id: String, tty: bool) -> Result<Started, ErrorBody> {
+pub async fn attach(docker: &Docker, exec_id: String, tty: bool) -> Result<Started, Error> {
     let started = docker
         .start_exec(
             &exec_id,
@@ -70,7 +69,7 @@ pub async fn attach(docker: &Docker, exec_id: String, tty: bool) -> Result<Start
             }),
         )
         .await
-        .map_err(|e| to_error(e, "start exec"))?;
+        .map_err(|e| Error::engine(e, "start exec"))?;
     match started {
         StartExecResults::Attached { output, input } => Ok(Started {
             exec_id,
@@ -78,12 +77,12 @@ pub async fn attach(docker: &Docker, exec_id: String, tty: bool) -> Result<Start
             input,
         }),
         StartExecResults::Detached => {
-            Err(ErrorBody::new(ErrorCode::Internal, "exec started detached"))
+            Err(ErrorBody::new(ErrorCode::Internal, "exec started detached").into())
         }
     }
 }
 
-pub async fn resize(docker: &Docker, exec_id: &str, size: TermSize) -> Result<(), ErrorBody> {
+pub async fn resize(docker: &Docker, exec_id: &str, size: TermSize) -> Result<(), Error> {
     docker
         .resize_exec(
             exec_id,
@@ -93,20 +92,20 @@ pub async fn resize(docker: &Docker, exec_id: &str, size: TermSize) -> Result<()
             },
         )
         .await
-        .map_err(|e| to_error(e, "resize exec"))
+        .map_err(|e| Error::engine(e, "resize exec"))
 }
 
 /// Exit code of a finished exec. The output stream can end a moment before
 /// Docker records the exit, so poll: soon at first (it is usually a matter
 /// of a millisecond), then every 10 ms, for about 2 s in all.
-pub async fn exit_code(docker: &Docker, exec_id: &str) -> Result<i64, ErrorBody> {
+pub async fn exit_code(docker: &Docker, exec_id: &str) -> Result<i64, Error> {
     let mut pause = Duration::from_millis(1);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     loop {
         let i = docker
             .inspect_exec(exec_id)
             .await
-            .map_err(|e| to_error(e, "inspect exec"))?;
+            .map_err(|e| Error::engine(e, "inspect exec"))?;
         if i.running != Some(true)
             && let Some(code) = i.exit_code
         {
@@ -116,7 +115,8 @@ pub async fn exit_code(docker: &Docker, exec_id: &str) -> Result<i64, ErrorBody>
             return Err(ErrorBody::new(
                 ErrorCode::Timeout,
                 "exec output ended but Docker reports no exit code",
-            ));
+            )
+            .into());
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(10));
@@ -126,11 +126,11 @@ pub async fn exit_code(docker: &Docker, exec_id: &str) -> Result<i64, ErrorBody>
 /// Kills an exec's process and everything it started, when the agent can
 /// see the host's processes (a host process, or a container with the host
 /// PID namespace). Returns how many processes were signalled.
-pub async fn kill(docker: &Docker, exec_id: &str) -> Result<usize, ErrorBody> {
+pub async fn kill(docker: &Docker, exec_id: &str) -> Result<usize, Error> {
     let info = docker
         .inspect_exec(exec_id)
         .await
-        .map_err(|e| to_error(e, "inspect exec"))?;
+        .map_err(|e| Error::engine(e, "inspect exec"))?;
     let Some(pid) = info.pid.filter(|p| *p > 0) else {
         return Ok(0); // already gone
     };
@@ -154,7 +154,7 @@ pub async fn kill(docker: &Docker, exec_id: &str) -> Result<usize, ErrorBody> {
             format!(
                 "process {pid} is not visible to the agent (run it with the host PID namespace to kill execs)"
             ),
-        ));
+        ).into());
     }
     let mut n = 0;
     for p in tree {

@@ -40,34 +40,92 @@ pub async fn connect(socket: Option<&str>) -> Result<Docker, DockerError> {
     docker.negotiate_version().await
 }
 
+/// Why an engine operation failed. The engine's own error keeps its source
+/// until the wire boundary, where [`ErrorBody::from`] gives it a code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The engine refused the call or could not be reached.
+    #[error("{what}: {source}")]
+    Engine {
+        /// What was being done, for the message.
+        what: String,
+        #[source]
+        source: DockerError,
+    },
+    /// tether refused it before or after asking the engine (a name taken
+    /// by a container it did not create, a worker that is not this node's).
+    #[error("{0}")]
+    Refused(ErrorBody),
+}
+
+impl Error {
+    /// An engine error met while doing `what`.
+    pub fn engine(source: DockerError, what: impl Into<String>) -> Error {
+        Error::Engine {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// The protocol code this error gets on the wire.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::Refused(b) => b.code,
+            Error::Engine { source, .. } => engine_code(source),
+        }
+    }
+}
+
+fn engine_code(e: &DockerError) -> ErrorCode {
+    match e {
+        DockerError::DockerResponseServerError { status_code, .. } => match status_code {
+            404 => ErrorCode::NotFound,
+            409 => ErrorCode::Conflict,
+            400 => ErrorCode::InvalidRequest,
+            403 => ErrorCode::PolicyDenied,
+            _ => ErrorCode::Internal,
+        },
+        DockerError::RequestTimeoutError => ErrorCode::Timeout,
+        DockerError::HyperResponseError { .. }
+        | DockerError::IOError { .. }
+        | DockerError::SocketNotFoundError(_) => ErrorCode::Unavailable,
+        _ => ErrorCode::Internal,
+    }
+}
+
+impl From<ErrorBody> for Error {
+    fn from(b: ErrorBody) -> Error {
+        Error::Refused(b)
+    }
+}
+
+/// The wire boundary: an engine error becomes a protocol error whose
+/// message names what was being done.
+impl From<Error> for ErrorBody {
+    fn from(e: Error) -> ErrorBody {
+        let code = e.code();
+        match e {
+            Error::Refused(b) => b,
+            Error::Engine { what, source } => {
+                let message = match (&source, code) {
+                    (DockerError::DockerResponseServerError { message, .. }, _) => {
+                        format!("{what}: {message}")
+                    }
+                    (_, ErrorCode::Timeout) => format!("{what}: Docker did not answer in time"),
+                    (_, ErrorCode::Unavailable) => {
+                        format!("{what}: the Docker engine is unreachable: {source}")
+                    }
+                    _ => format!("{what}: {source}"),
+                };
+                ErrorBody::new(code, message)
+            }
+        }
+    }
+}
+
 /// Maps an engine error to a protocol error, naming what was being done.
 pub fn to_error(e: DockerError, what: &str) -> ErrorBody {
-    match e {
-        DockerError::DockerResponseServerError {
-            status_code,
-            message,
-        } => {
-            let code = match status_code {
-                404 => ErrorCode::NotFound,
-                409 => ErrorCode::Conflict,
-                400 => ErrorCode::InvalidRequest,
-                403 => ErrorCode::PolicyDenied,
-                _ => ErrorCode::Internal,
-            };
-            ErrorBody::new(code, format!("{what}: {message}"))
-        }
-        DockerError::RequestTimeoutError => ErrorBody::new(
-            ErrorCode::Timeout,
-            format!("{what}: Docker did not answer in time"),
-        ),
-        e @ (DockerError::HyperResponseError { .. }
-        | DockerError::IOError { .. }
-        | DockerError::SocketNotFoundError(_)) => ErrorBody::new(
-            ErrorCode::Unavailable,
-            format!("{what}: the Docker engine is unreachable: {e}"),
-        ),
-        e => ErrorBody::new(ErrorCode::Internal, format!("{what}: {e}")),
-    }
+    Error::engine(e, what).into()
 }
 
 /// Container and network name of a worker.
@@ -101,6 +159,41 @@ pub fn valid_node_id(id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn engine_errors_keep_their_source_until_the_wire() {
+        use std::error::Error as _;
+        let refused = DockerError::DockerResponseServerError {
+            status_code: 409,
+            message: "name in use".into(),
+        };
+        let e = Error::engine(refused, "create network");
+        assert_eq!(e.code(), ErrorCode::Conflict);
+        assert!(e.source().is_some(), "the engine's error is kept");
+        let body = ErrorBody::from(e);
+        assert_eq!(body.code, ErrorCode::Conflict);
+        assert_eq!(body.message, "create network: name in use");
+
+        let gone = DockerError::SocketNotFoundError("/var/run/docker.sock".into());
+        let body = ErrorBody::from(Error::engine(gone, "ping"));
+        assert_eq!(body.code, ErrorCode::Unavailable);
+        assert!(
+            body.message
+                .starts_with("ping: the Docker engine is unreachable"),
+            "{}",
+            body.message
+        );
+        assert_eq!(
+            ErrorBody::from(Error::engine(DockerError::RequestTimeoutError, "stop")).code,
+            ErrorCode::Timeout
+        );
+
+        // tether's own refusals pass through unchanged.
+        let own = ErrorBody::new(ErrorCode::NotFound, "no such worker: w");
+        let e = Error::from(own.clone());
+        assert_eq!(e.code(), ErrorCode::NotFound);
+        assert_eq!(ErrorBody::from(e), own);
+    }
 
     #[test]
     fn ids() {

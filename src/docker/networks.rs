@@ -2,7 +2,7 @@
 //! carved from a configurable pool (Docker's default pools run out after
 //! about 30 networks).
 
-use super::{labels, to_error};
+use super::{Error, labels};
 use crate::protocol::{ErrorBody, ErrorCode};
 use bollard::Docker;
 use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest};
@@ -39,11 +39,11 @@ impl SubnetPool {
     }
 
     /// Marks every subnet of existing Docker networks as used.
-    pub async fn sync(&self, docker: &Docker) -> Result<(), ErrorBody> {
+    pub async fn sync(&self, docker: &Docker) -> Result<(), Error> {
         let nets = docker
             .list_networks(None::<ListNetworksOptions>)
             .await
-            .map_err(|e| to_error(e, "list networks"))?;
+            .map_err(|e| Error::engine(e, "list networks"))?;
         let mut used = self.used.lock().unwrap();
         for n in nets {
             for c in n.ipam.and_then(|i| i.config).unwrap_or_default() {
@@ -122,7 +122,7 @@ pub async fn create(
     pool: &SubnetPool,
     name: &str,
     object_labels: &HashMap<String, String>,
-) -> Result<Created, ErrorBody> {
+) -> Result<Created, Error> {
     create_kind(docker, pool, name, object_labels, NetKind::Outbound).await
 }
 
@@ -135,9 +135,9 @@ pub async fn create_kind(
     name: &str,
     object_labels: &HashMap<String, String>,
     kind: NetKind,
-) -> Result<Created, ErrorBody> {
+) -> Result<Created, Error> {
     if !same_name(docker, name).await?.is_empty() {
-        return Err(name_taken(name));
+        return Err(name_taken(name).into());
     }
     // A subnet may be taken behind our back (another agent or tool on the
     // engine): it stays marked used; re-read the engine's networks and retry.
@@ -190,7 +190,7 @@ pub async fn create_kind(
                 if same_name(docker, name).await?.len() > 1 {
                     let _ = docker.remove_network(&id).await;
                     pool.release(subnet);
-                    return Err(name_taken(name));
+                    return Err(name_taken(name).into());
                 }
                 return Ok(Created { id, subnet });
             }
@@ -203,23 +203,24 @@ pub async fn create_kind(
                 status_code: 409, ..
             }) => {
                 pool.release(subnet);
-                return Err(name_taken(name));
+                return Err(name_taken(name).into());
             }
             Err(e) => {
                 pool.release(subnet);
-                return Err(to_error(e, "create network"));
+                return Err(Error::engine(e, "create network"));
             }
         }
     }
     Err(ErrorBody::new(
         ErrorCode::Unavailable,
         "could not find a free subnet for the worker network",
-    ))
+    )
+    .into())
 }
 
 /// Ids of the networks named exactly `name` (the engine's name filter
 /// matches substrings).
-async fn same_name(docker: &Docker, name: &str) -> Result<Vec<String>, ErrorBody> {
+async fn same_name(docker: &Docker, name: &str) -> Result<Vec<String>, Error> {
     let nets = docker
         .list_networks(Some(ListNetworksOptions {
             filters: Some(HashMap::from([(
@@ -228,7 +229,7 @@ async fn same_name(docker: &Docker, name: &str) -> Result<Vec<String>, ErrorBody
             )])),
         }))
         .await
-        .map_err(|e| to_error(e, "list networks"))?;
+        .map_err(|e| Error::engine(e, "list networks"))?;
     Ok(nets
         .into_iter()
         .filter(|n| n.name.as_deref() == Some(name))
@@ -244,13 +245,13 @@ pub async fn remove(
     pool: &SubnetPool,
     node_id: &str,
     name_or_id: &str,
-) -> Result<(), ErrorBody> {
+) -> Result<(), Error> {
     let net = match docker.inspect_network(name_or_id, None).await {
         Ok(n) => n,
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
         }) => return Ok(()),
-        Err(e) => return Err(to_error(e, "inspect network")),
+        Err(e) => return Err(Error::engine(e, "inspect network")),
     };
     let lbls = net.labels.unwrap_or_default();
     // Worker networks and egress proxies' networks both carry the node's
@@ -270,7 +271,7 @@ pub async fn remove(
         | Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
         }) => {}
-        Err(e) => return Err(to_error(e, "remove network")),
+        Err(e) => return Err(Error::engine(e, "remove network")),
     }
     if let Some(s) = subnet {
         pool.release(s);
@@ -279,7 +280,7 @@ pub async fn remove(
 }
 
 /// Names of the networks tether made on this node.
-pub async fn list_managed(docker: &Docker, node_id: &str) -> Result<Vec<String>, ErrorBody> {
+pub async fn list_managed(docker: &Docker, node_id: &str) -> Result<Vec<String>, Error> {
     let filters = HashMap::from([(
         "label".to_string(),
         vec![
@@ -292,7 +293,7 @@ pub async fn list_managed(docker: &Docker, node_id: &str) -> Result<Vec<String>,
             filters: Some(filters),
         }))
         .await
-        .map_err(|e| to_error(e, "list networks"))?;
+        .map_err(|e| Error::engine(e, "list networks"))?;
     Ok(nets.into_iter().filter_map(|n| n.name).collect())
 }
 

@@ -3,7 +3,7 @@
 //! container whose labels were checked, never by a name someone else could
 //! hold.
 
-use super::{Ctx, close, refuse, reply};
+use super::{Ctx, accepted, close, refuse};
 use crate::docker::{self, archive, containers};
 use crate::mux::{ChannelHandles, Inbound};
 use crate::protocol::{
@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::json;
 
-pub(super) async fn stat(ctx: &Ctx, s: &Stat) -> Result<StatResult, ErrorBody> {
+pub(super) async fn stat(ctx: &Ctx, s: &Stat) -> Result<StatResult, docker::Error> {
     let w = containers::inspect(&ctx.docker, &ctx.node_id, &s.worker_id).await?;
     archive::stat(&ctx.docker, &w.container_id, &s.path).await
 }
@@ -47,7 +47,7 @@ pub(super) async fn get(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) 
         }
         None => Bytes::new(),
     };
-    reply(ctx, id, Ok(json!({})));
+    accepted(ctx, id, json!({}));
     let ChannelHandles {
         mut writer, cancel, ..
     } = h;
@@ -93,7 +93,7 @@ pub(super) async fn put(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) 
         }
         Err(e) => return refuse(ctx, id, ch, e),
     };
-    reply(ctx, id, Ok(json!({})));
+    accepted(ctx, id, json!({}));
     let ChannelHandles { reader, .. } = h;
     // Frames become the request body as Docker reads it: credit is granted
     // only as fast as the engine consumes the archive.
@@ -115,7 +115,7 @@ pub(super) async fn put(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) 
     });
     let result = archive::upload(&ctx.docker, &container, &req.path, body).await;
     if ctx.channels.is_open(ch) {
-        close(ctx, ch, None, result.err());
+        close(ctx, ch, None, result.err().map(ErrorBody::from));
     }
 }
 

@@ -2,7 +2,7 @@
 //! channel within credit (through the spool while the server is away), and
 //! report its exit code; resize its terminal.
 
-use super::{Ctx, close, refuse, reply};
+use super::{Ctx, accepted, close, refuse};
 use crate::docker::joined::Wait;
 use crate::docker::{self, containers, exec};
 use crate::mux::{ChannelHandles, ChannelReader, ChannelWriter, Inbound};
@@ -59,7 +59,7 @@ impl ExecTable {
     }
 }
 
-pub(super) async fn resize(ctx: &Ctx, r: &Resize) -> Result<serde_json::Value, ErrorBody> {
+pub(super) async fn resize(ctx: &Ctx, r: &Resize) -> Result<serde_json::Value, docker::Error> {
     match ctx.execs.exec_of(r.channel) {
         Some(e) => exec::resize(&ctx.docker, &e, r.size)
             .await
@@ -67,7 +67,8 @@ pub(super) async fn resize(ctx: &Ctx, r: &Resize) -> Result<serde_json::Value, E
         None => Err(ErrorBody::new(
             ErrorCode::NotFound,
             format!("no exec on channel {}", r.channel),
-        )),
+        )
+        .into()),
     }
 }
 
@@ -75,11 +76,11 @@ pub(super) async fn resize(ctx: &Ctx, r: &Resize) -> Result<serde_json::Value, E
 /// to be this node's. A worker checked before is addressed by its container
 /// id (one engine request); otherwise the check (an inspect) comes first,
 /// then the exec is created in the container it found.
-async fn create_owned(ctx: &Ctx, req: &Exec) -> Result<String, ErrorBody> {
+async fn create_owned(ctx: &Ctx, req: &Exec) -> Result<String, docker::Error> {
     if let Some(container) = ctx.execs.container_of(&req.worker_id) {
         match exec::create(&ctx.docker, &container, req).await {
             // Gone (removed behind the agent's back): check the name anew.
-            Err(e) if e.code == ErrorCode::NotFound => ctx.execs.forget_worker(&req.worker_id),
+            Err(e) if e.code() == ErrorCode::NotFound => ctx.execs.forget_worker(&req.worker_id),
             r => return r,
         }
     }
@@ -113,7 +114,7 @@ pub(super) async fn run(ctx: &Ctx, id: String, mut req: Exec, h: ChannelHandles)
     {
         debug!(error = %e, "initial resize failed");
     }
-    reply(ctx, id, Ok(json!({ "exec_id": exec_id })));
+    accepted(ctx, id, json!({ "exec_id": exec_id }));
     let ChannelHandles {
         writer,
         reader,
@@ -126,13 +127,13 @@ pub(super) async fn run(ctx: &Ctx, id: String, mut req: Exec, h: ChannelHandles)
     match outcome {
         Ok(()) => match exec::exit_code(&ctx.docker, &exec_id).await {
             Ok(code) => close(ctx, ch, Some(code), None),
-            Err(e) => close(ctx, ch, None, Some(e)),
+            Err(e) => close(ctx, ch, None, Some(e.into())),
         },
         Err(Ended::TimedOut) => {
             let secs = req.timeout_secs.unwrap_or_default();
             let detail = match exec::kill(&ctx.docker, &exec_id).await {
                 Ok(n) => format!("killed {n} process(es)"),
-                Err(e) => format!("could not kill it: {}", e.message),
+                Err(e) => format!("could not kill it: {}", ErrorBody::from(e).message),
             };
             warn!(channel = ch, secs, %detail, "exec timed out");
             let e = ErrorBody::new(

@@ -1,7 +1,7 @@
 //! Logs: a worker's output so far (and, with `follow`, as it comes) on a
 //! channel, within credit.
 
-use super::{Ctx, close, refuse, reply};
+use super::{Ctx, accepted, close, refuse};
 use crate::docker::joined::Wait;
 use crate::docker::{self, containers, exec};
 use crate::mux::ChannelHandles;
@@ -32,7 +32,7 @@ pub(super) async fn run(ctx: &Ctx, id: String, req: Logs, h: ChannelHandles) {
         MAX_FRAME_PAYLOAD,
         Wait::Reading,
     );
-    reply(ctx, id, Ok(json!({})));
+    accepted(ctx, id, json!({}));
     let ChannelHandles {
         mut writer, cancel, ..
     } = h;

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use tracing::{Instrument, info_span};
 
 /// Sends the reply to request `id` and remembers it for a repeat.
-fn reply<T: Serialize>(ctx: &Ctx, id: String, r: Result<T, ErrorBody>) {
-    let m = match r {
+fn reply<T: Serialize, E: Into<ErrorBody>>(ctx: &Ctx, id: String, r: Result<T, E>) {
+    let m = match r.map_err(Into::into) {
         Ok(v) => Message::Result {
             id: id.clone(),
             payload: serde_json::to_value(v).expect("results serialize"),
@@ -39,10 +39,15 @@ fn reply<T: Serialize>(ctx: &Ctx, id: String, r: Result<T, ErrorBody>) {
     ctx.link.send(Outbound::Text(text));
 }
 
+/// Answers request `id` with success.
+fn accepted<T: Serialize>(ctx: &Ctx, id: String, v: T) {
+    reply::<T, ErrorBody>(ctx, id, Ok(v));
+}
+
 /// Refuses a channel request: the channel opened for it goes again.
-fn refuse(ctx: &Ctx, id: String, channel: u32, e: ErrorBody) {
+fn refuse(ctx: &Ctx, id: String, channel: u32, e: impl Into<ErrorBody>) {
     ctx.channels.remove(channel);
-    reply::<()>(ctx, id, Err(e));
+    reply::<(), ErrorBody>(ctx, id, Err(e.into()));
 }
 
 fn close(ctx: &Ctx, channel: u32, exit_code: Option<i64>, error: Option<ErrorBody>) {
@@ -102,7 +107,7 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
             "node {} is degraded: its Docker engine is unreachable",
             ctx.node_id
         );
-        return reply::<()>(&ctx, id, Err(ErrorBody::new(ErrorCode::Unavailable, msg)));
+        return reply::<(), ErrorBody>(&ctx, id, Err(ErrorBody::new(ErrorCode::Unavailable, msg)));
     }
     let span = info_span!("request", request_id = %id, kind = request.kind());
     // Channel-opening requests: open now, in order with the frames behind them.
@@ -120,7 +125,7 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
             channel, window, ..
         }) => match ctx.channels.open(*channel, *window) {
             Ok(h) => Some(h),
-            Err(e) => return reply::<()>(&ctx, id, Err(e)),
+            Err(e) => return reply::<(), ErrorBody>(&ctx, id, Err(e)),
         },
         _ => None,
     };
@@ -163,7 +168,7 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
             (r, None) => {
                 let e =
                     ErrorBody::new(ErrorCode::Internal, format!("{} without channel", r.kind()));
-                reply::<()>(&ctx, id, Err(e))
+                reply::<(), ErrorBody>(&ctx, id, Err(e))
             }
         }
     };

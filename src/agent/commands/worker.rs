@@ -13,11 +13,13 @@ pub(super) async fn spawn(ctx: &Arc<Ctx>, id: String, mut s: Spawn) {
     // Already made (a repeated spawn): the same worker, no new checks.
     // (`containers::spawn` relies on this check having been made.)
     if let Ok(existing) = containers::inspect(d, node, &s.worker_id).await {
-        return reply(ctx, id, Ok(existing));
+        return super::accepted(ctx, id, existing);
     }
     // Counting running workers takes a listing: only when a limit needs it.
     let running = if ctx.node.concurrency_limited() {
-        containers::running_count(d, node).await
+        containers::running_count(d, node)
+            .await
+            .map_err(ErrorBody::from)
     } else {
         Ok(0)
     };
@@ -35,6 +37,7 @@ pub(super) async fn spawn(ctx: &Arc<Ctx>, id: String, mut s: Spawn) {
     let plan = match plan {
         Ok(plan) if !s.spec.mounts.is_empty() => containers::writable_mounts(d, node)
             .await
+            .map_err(ErrorBody::from)
             .and_then(|writable| {
                 super::super::mounts::resolve_all(
                     &mut s.spec.mounts,
@@ -48,7 +51,9 @@ pub(super) async fn spawn(ctx: &Arc<Ctx>, id: String, mut s: Spawn) {
     let r = match plan {
         Ok(plan) => {
             let (pool, defaults, guard) = (&ctx.pool, ctx.defaults, ctx.node.guard());
-            containers::spawn(d, pool, node, defaults, &s, creds, &plan, guard).await
+            containers::spawn(d, pool, node, defaults, &s, creds, &plan, guard)
+                .await
+                .map_err(ErrorBody::from)
         }
         Err(e) => Err(e),
     };
@@ -65,7 +70,7 @@ pub(super) async fn spawn(ctx: &Arc<Ctx>, id: String, mut s: Spawn) {
 pub(super) async fn remove(ctx: &Ctx, worker_id: &str, force: bool) -> Result<(), ErrorBody> {
     let removed = containers::remove(&ctx.docker, &ctx.pool, &ctx.node_id, worker_id, force).await;
     ctx.execs.forget_worker(worker_id);
-    removed
+    removed.map_err(ErrorBody::from)
 }
 
 /// Removes networks whose worker container is gone (after crashes or a

@@ -7,6 +7,7 @@ pub mod auth;
 mod conn;
 mod heartbeat;
 pub mod hub;
+pub mod relay;
 pub mod store;
 
 pub use conn::raise_open_file_limit;
@@ -301,16 +302,14 @@ impl Server {
         .await;
         // Tell agents first so they reconnect to the next instance.
         self.state.shutdown.cancel();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while self.state.hub.any_online() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.state.hub.all_offline(Duration::from_secs(5)).await;
         // Every connection task ends within its drain timeout.
         drain.cancel();
         connections.close();
         connections.wait().await;
         heartbeats.cancel();
         let _ = pulse.await;
+        self.state.hub.shutdown().await;
         Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! acknowledgements, hand-back for a re-attach.
 
 use super::*;
+use crate::server::relay::{Relay, StdinQueue, already_had};
 
 #[derive(Deserialize)]
 pub(super) struct ExecQuery {
@@ -39,28 +40,17 @@ pub(super) async fn open_exec(
 ) -> Result<(DetachedExec, bool), ErrorBody> {
     if let Some(channel) = q.attach {
         let mut d = app.hub.take_exec(worker_id, channel).await?;
-        let base = d
-            .relay
-            .front()
-            .map(|r| r.1)
-            .unwrap_or_else(|| d.session.output.position());
-        if q.offset < base {
+        let resume = d.relay.resume(q.offset, d.session.output.position());
+        if let Some((from, to)) = resume.gap {
             // Never silent: say exactly what is missing.
-            let gap = ServerMsg::Gap {
-                from: q.offset,
-                to: base,
-            };
-            let _ = tx.send(text(&gap)).await;
+            let _ = tx.send(text(&ServerMsg::Gap { from, to })).await;
         }
-        d.relay
-            .retain(|(_, off, b)| off + b.len() as u64 > q.offset);
-        for (kind, off, b) in &d.relay {
-            let skip = q.offset.saturating_sub(*off) as usize;
-            if tx.send(data_frame(*kind, &b[skip..])).await.is_err() {
+        for (kind, b) in &resume.resend {
+            if tx.send(data_frame(*kind, b)).await.is_err() {
                 return Err(ErrorBody::new(ErrorCode::Unavailable, "client went away"));
             }
         }
-        d.session.output.ack(q.offset.max(base));
+        d.session.output.ack(resume.acked);
         return Ok((d, true));
     }
     let opts: ExecOptions = match rx.next().await {
@@ -196,8 +186,7 @@ pub(super) async fn exec_session(
     // would never read more input). Input waits here, up to the stdin window:
     // a client that keeps what it sent beyond `stdin_ack` under that never
     // finds this server not reading; beyond it, reading stops.
-    let mut stdin_buf: std::collections::VecDeque<Option<bytes::Bytes>> = Default::default();
-    let mut stdin_buffered = 0usize;
+    let mut stdin_buf = StdinQueue::new(app.cfg.stdin_window);
     let mut said_end = None;
     let ended = loop {
         // A re-attach after the end went out into a connection that did not
@@ -218,15 +207,8 @@ pub(super) async fn exec_session(
                 break false;
             }
             permit = stdin_tx.reserve(), if !stdin_buf.is_empty() => match permit {
-                Ok(p) => {
-                    let item = stdin_buf.pop_front().flatten();
-                    stdin_buffered -= item.as_ref().map_or(0, |b| b.len());
-                    p.send(item);
-                }
-                Err(_) => {
-                    stdin_buf.clear();
-                    stdin_buffered = 0;
-                }
+                Ok(p) => p.send(stdin_buf.pop().flatten()),
+                Err(_) => stdin_buf.clear(),
             },
             // Tell the client how much of its input the agent has, so it
             // can forget it (and resend the rest after a re-attach), and
@@ -249,7 +231,7 @@ pub(super) async fn exec_session(
             ev = output.next() => match ev.map(StreamEvent::into_frame) {
                 Some(Ok((k, b))) => {
                     let start = output.position() - b.len() as u64;
-                    let skip = skip_until.saturating_sub(start).min(b.len() as u64) as usize;
+                    let skip = already_had(start, b.len(), skip_until);
                     if skip > 0 {
                         // The client has these already: they count as
                         // acknowledged, or credit could stall right here.
@@ -260,7 +242,7 @@ pub(super) async fn exec_session(
                     }
                     let b = b.slice(skip..);
                     if client_acks {
-                        relay.push_back((k, start + skip as u64, b.clone()));
+                        relay.sent(k, start + skip as u64, b.clone());
                     }
                     if !send_unless(&mut tx, data_frame(k, &b), &mut taken_over).await {
                         break false;
@@ -277,24 +259,23 @@ pub(super) async fn exec_session(
                 }
                 None => break true,
             },
-            m = rx.next(), if stdin_buffered < app.cfg.stdin_window => match m {
+            m = rx.next(), if stdin_buf.has_room() => match m {
                 Some(Ok(WsMessage::Binary(b))) => {
                     stdin_in += b.len() as u64;
-                    stdin_buffered += b.len();
-                    stdin_buf.push_back(Some(b));
+                    stdin_buf.data(b);
                 }
                 Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ClientMsg>(t.as_str()) {
                     Ok(ClientMsg::Resize { cols, rows }) => {
                         let hub = app.hub.clone();
                         let (w, ch) = (worker_id.clone(), channel);
-                        tokio::spawn(async move { hub.resize(&w, ch, TermSize { cols, rows }).await });
+                        app.hub.spawn_task(async move {
+                            let _ = hub.resize(&w, ch, TermSize { cols, rows }).await;
+                        });
                     }
-                    Ok(ClientMsg::StdinEof) => stdin_buf.push_back(None),
+                    Ok(ClientMsg::StdinEof) => stdin_buf.eof(),
                     Ok(ClientMsg::Ack { offset }) => {
                         output.ack(offset);
-                        while relay.front().is_some_and(|(_, off, b)| off + b.len() as u64 <= offset) {
-                            relay.pop_front();
-                        }
+                        relay.ack(offset);
                     }
                     // Unknown or malformed: a newer client's, ignored.
                     Ok(ClientMsg::Unknown) | Err(_) => {}
@@ -375,7 +356,7 @@ pub(super) fn hand_back(
     worker_id: String,
     input: ChannelSink,
     output: ChannelStream,
-    relay: std::collections::VecDeque<(StreamKind, u64, bytes::Bytes)>,
+    relay: Relay,
     client_acks: bool,
     end: Option<(Option<i64>, Option<ErrorBody>)>,
 ) {

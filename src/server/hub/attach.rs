@@ -14,6 +14,8 @@ pub struct HeldExec {
     pub(super) key: (String, u32),
     pub(super) generation: u64,
     pub(super) token: CancellationToken,
+    /// Told when the hold ends, for a takeover waiting on it.
+    pub(super) changed: Arc<tokio::sync::Notify>,
 }
 
 impl HeldExec {
@@ -33,6 +35,8 @@ impl Drop for HeldExec {
         {
             reg.held.remove(&self.key);
         }
+        drop(reg);
+        self.changed.notify_waiters();
     }
 }
 
@@ -41,7 +45,7 @@ impl Drop for HeldExec {
 pub struct DetachedExec {
     pub worker_id: String,
     pub session: ExecSession,
-    pub relay: std::collections::VecDeque<(StreamKind, u64, Bytes)>,
+    pub relay: crate::server::relay::Relay,
     /// The exec's end (exit code, error), when it was sent to a client that
     /// then did not close its connection: it may not have arrived.
     pub end: Option<(Option<i64>, Option<ErrorBody>)>,
@@ -66,8 +70,9 @@ impl Hub {
             reg.detached.insert(key.clone(), (g, d));
             g
         };
+        self.changed.notify_waiters();
         let reg = self.reg.clone();
-        tokio::spawn(async move {
+        self.spawn_task(async move {
             loop {
                 // An error: the node's link is gone for good.
                 if up.wait_for(|up| *up).await.is_err() {
@@ -136,6 +141,7 @@ impl Hub {
             key,
             generation,
             token,
+            changed: self.changed.clone(),
         }
     }
 
@@ -151,6 +157,8 @@ impl Hub {
         let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
         let key = (self.worker(worker_id)?.node_id, channel);
         loop {
+            // Created before the attempt: a hand-back in between wakes it.
+            let handed_back = self.changed.notified();
             let err = match self.attach_exec(worker_id, channel) {
                 Ok(d) => return Ok(d),
                 Err(e) => e,
@@ -159,7 +167,7 @@ impl Hub {
             match holder {
                 Some(t) if tokio::time::Instant::now() < deadline => {
                     t.cancel();
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let _ = tokio::time::timeout_at(deadline, handed_back).await;
                 }
                 _ => return Err(err),
             }

@@ -68,7 +68,7 @@ impl Hub {
                 .is_none_or(|v| v < cfg.config_version.as_str())
         {
             let (hub, node) = (self.clone(), node_id.to_string());
-            tokio::spawn(async move {
+            self.spawn_task(async move {
                 if let Err(e) = hub.push_config(&node, cfg).await {
                     tracing::debug!(node_id = %node, error = %e, "configuration push on poll failed");
                 }

@@ -103,6 +103,12 @@ pub struct Hub {
     grace: Duration,
     /// Worker events as agents report them, for whoever follows them.
     events: tokio::sync::broadcast::Sender<(String, WorkerEvent)>,
+    /// The hub's own tasks (grace timers, configuration re-pushes, detached
+    /// execs' timers); they end at [`Hub::shutdown`].
+    tasks: tokio_util::task::TaskTracker,
+    stop: tokio_util::sync::CancellationToken,
+    /// Woken when a node goes offline or an exec is handed back.
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl Default for Hub {
@@ -167,6 +173,46 @@ impl Hub {
             reg: Arc::default(),
             grace,
             events: tokio::sync::broadcast::channel(WORKER_EVENT_BACKLOG).0,
+            tasks: Default::default(),
+            stop: Default::default(),
+            changed: Default::default(),
+        }
+    }
+
+    /// Runs `work` as one of the hub's tasks: tracked, and dropped at
+    /// [`Hub::shutdown`].
+    pub(crate) fn spawn_task(&self, work: impl Future<Output = ()> + Send + 'static) {
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = work => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+
+    /// Ends the hub's tasks and waits for them (an embedding application
+    /// calls this when it stops serving; `tether server` does).
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Waits until no node is online, at most `limit`; whether none is.
+    pub async fn all_offline(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::sleep(limit);
+        tokio::pin!(deadline);
+        loop {
+            // Created before the check, so a change in between is not missed.
+            let changed = self.changed.notified();
+            if !self.any_online() {
+                return true;
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = &mut deadline => return false,
+            }
         }
     }
 
@@ -318,7 +364,7 @@ impl Hub {
                     .is_none_or(|v| v < desired.config_version.as_str())
             {
                 let (hub, node, cfg) = (self.clone(), node_id.to_string(), desired.clone());
-                tokio::spawn(async move {
+                self.spawn_task(async move {
                     if let Err(e) = hub.push_config(&node, cfg).await {
                         tracing::warn!(node_id = %node, error = %e, "configuration push on reconnect failed");
                     }
@@ -390,9 +436,10 @@ impl Hub {
             n.online = false;
             n.offline_reason = Some(reason.to_string());
         }
+        self.changed.notify_waiters();
         let grace = self.grace;
         let reason = reason.to_string();
-        tokio::spawn(async move {
+        self.spawn_task(async move {
             tokio::time::sleep(grace).await;
             if link.generation.load(Ordering::SeqCst) == generation && !link.is_connected() {
                 link.expire(&reason);
@@ -466,5 +513,28 @@ impl Hub {
     /// Whether any agent is connected.
     pub(crate) fn any_online(&self) -> bool {
         self.reg.lock().unwrap().nodes.values().any(|n| n.online)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shutdown_ends_every_hub_task() {
+        let hub = Hub::new();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        // A task that would run for a day holds `tx`: it is dropped when
+        // the task ends.
+        hub.spawn_task(async move {
+            let _held = tx;
+            tokio::time::sleep(Duration::from_secs(86_400)).await;
+        });
+        tokio::time::timeout(Duration::from_secs(5), hub.shutdown())
+            .await
+            .expect("shutdown waits for its tasks, which end at once");
+        assert!(rx.recv().await.is_none(), "the task is gone");
+        // With no node online, waiting for all to go offline is immediate.
+        assert!(hub.all_offline(Duration::from_secs(5)).await);
     }
 }

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod conn;
@@ -15,7 +16,6 @@ pub mod ctl;
 pub mod dev;
 pub mod docker;
 pub mod egress_proxy;
-pub mod mux;
 pub mod private_file;
 pub mod protocol;
 pub mod server;

@@ -161,7 +161,7 @@ pub(crate) struct Ctx {
     /// The current connection to the server (none while reconnecting).
     pub link: Arc<crate::conn::Link>,
     /// Open channels; they outlive a connection and resume on the next one.
-    pub channels: crate::mux::Channels,
+    pub channels: crate::channel::Channels,
     /// Running execs and the containers checked to be this node's.
     pub execs: commands::ExecTable,
     /// Recent request ids and their replies (a replayed request runs once).
@@ -279,7 +279,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         defaults: cfg.defaults,
         node,
         link: link.clone(),
-        channels: crate::mux::Channels::new(link),
+        channels: crate::channel::Channels::new(link),
         execs: Default::default(),
         replies: Default::default(),
         spools: spool::Spools::new(cfg.spool.clone()),

@@ -11,7 +11,7 @@
 //! missing. After a reconnect the spool drains, in order, within credit;
 //! new output queues behind it (back-pressured once the spool is full).
 
-use crate::mux::ChannelWriter;
+use crate::channel::ChannelWriter;
 use crate::protocol::StreamKind;
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -276,8 +276,8 @@ impl Drop for Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channel::Channels;
     use crate::conn::{Link, Outbound};
-    use crate::mux::Channels;
     use crate::protocol::{Frame, Window};
     use tokio::sync::mpsc;
 

@@ -4,8 +4,8 @@
 //! hold.
 
 use super::{Ctx, accepted, close, refuse};
+use crate::channel::{ChannelHandles, Inbound};
 use crate::docker::{self, archive, containers};
-use crate::mux::{ChannelHandles, Inbound};
 use crate::protocol::{
     Archive, ErrorBody, ErrorCode, MAX_FRAME_PAYLOAD, Stat, StatResult, StreamKind,
 };

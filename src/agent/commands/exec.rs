@@ -3,9 +3,9 @@
 //! report its exit code; resize its terminal.
 
 use super::{Ctx, accepted, close, refuse};
+use crate::channel::{ChannelHandles, ChannelReader, ChannelWriter, Inbound};
 use crate::docker::joined::Wait;
 use crate::docker::{self, containers, exec};
-use crate::mux::{ChannelHandles, ChannelReader, ChannelWriter, Inbound};
 use crate::protocol::{ErrorBody, ErrorCode, Exec, MAX_FRAME_PAYLOAD, Resize, StreamKind};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};

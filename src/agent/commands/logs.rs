@@ -2,9 +2,9 @@
 //! channel, within credit.
 
 use super::{Ctx, accepted, close, refuse};
+use crate::channel::ChannelHandles;
 use crate::docker::joined::Wait;
 use crate::docker::{self, containers, exec};
-use crate::mux::ChannelHandles;
 use crate::protocol::{Logs, MAX_FRAME_PAYLOAD};
 use futures_util::StreamExt;
 use serde_json::json;

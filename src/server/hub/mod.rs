@@ -8,8 +8,8 @@
 //! `workers` (operations on workers), `attach` (execs kept for a
 //! re-attach), `config` (desired configuration).
 
+use crate::channel::{ChannelReader, ChannelWriter, Channels, Inbound};
 use crate::conn::{Close, Link, OutTx, Outbound};
-use crate::mux::{ChannelReader, ChannelWriter, Channels, Inbound};
 pub use crate::protocol::operator::{ExecOptions, LogOptions, NodeInfo, NodeState};
 use crate::protocol::{
     ARCHIVE_WINDOW, Archive, ChannelClose, ChannelState, DEFAULT_WINDOW, ErrorBody, ErrorCode,

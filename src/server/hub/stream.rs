@@ -137,7 +137,7 @@ impl ChannelSink {
     }
 
     /// How far the agent has acknowledged the input.
-    pub fn progress(&self) -> crate::mux::WriterProgress {
+    pub fn progress(&self) -> crate::channel::WriterProgress {
         self.writer.progress()
     }
 

@@ -11,13 +11,20 @@
 //! bytes they have received ([`ChannelState`]) and each replays the rest, so
 //! the reader gets every byte exactly once, in order.
 
-use crate::conn::{Link, OutTx, Outbound};
+mod reader;
+mod writer;
+
+pub use reader::ChannelReader;
+use writer::TxState;
+pub use writer::{ChannelWriter, WriterProgress};
+
+use crate::conn::{Link, OutTx};
 use crate::protocol::{
-    ChannelClose, ChannelEof, ChannelState, ErrorBody, ErrorCode, Frame, MAX_FRAME_PAYLOAD,
-    Message, StreamKind, Window,
+    ChannelClose, ChannelState, ErrorBody, ErrorCode, Frame, MAX_FRAME_PAYLOAD, Message,
+    StreamKind, Window,
 };
 use bytes::Bytes;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
@@ -42,55 +49,6 @@ pub enum Inbound {
 #[derive(Debug, thiserror::Error)]
 #[error("channel {0} is closed")]
 pub struct ChannelGone(pub u32);
-
-/// The sending side of a channel, replayable.
-#[derive(Default)]
-struct TxState {
-    /// Sent frames not yet acknowledged, in offset order.
-    unacked: VecDeque<Frame>,
-    /// Bytes sent so far.
-    sent: u64,
-    /// We sent `channel_eof` (replayed after the data).
-    eof: bool,
-    /// We sent `channel_close` (replayed after the data).
-    close: Option<ChannelClose>,
-}
-
-impl TxState {
-    fn trim(&mut self, acked: u64) {
-        while let Some(f) = self.unacked.front() {
-            if f.offset + f.payload.len() as u64 <= acked {
-                self.unacked.pop_front();
-            } else {
-                break;
-            }
-        }
-    }
-
-    /// Re-sends everything from `from` on, then the eof and close if any.
-    fn replay(&self, channel: u32, from: u64, link: &Link) {
-        for f in &self.unacked {
-            let end = f.offset + f.payload.len() as u64;
-            if end <= from {
-                continue;
-            }
-            let skip = from.saturating_sub(f.offset) as usize;
-            let frame = Frame {
-                channel,
-                stream: f.stream,
-                offset: f.offset + skip as u64,
-                payload: f.payload.slice(skip..),
-            };
-            link.send(Outbound::Binary(frame.encode()));
-        }
-        if self.eof {
-            link.send_msg(&Message::ChannelEof(ChannelEof { channel }));
-        }
-        if let Some(c) = &self.close {
-            link.send_msg(&Message::ChannelClose(c.clone()));
-        }
-    }
-}
 
 /// Where our side of a channel stands (see [`Channels::outbound`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -490,194 +448,11 @@ impl Channels {
     }
 }
 
-/// Sends one direction of a channel, within the peer's credit.
-pub struct ChannelWriter {
-    channel: u32,
-    limit: watch::Receiver<u64>,
-    tx: Arc<Mutex<TxState>>,
-    link: Arc<Link>,
-}
-
-impl ChannelWriter {
-    pub fn channel(&self) -> u32 {
-        self.channel
-    }
-
-    /// Bytes sent so far.
-    pub fn offset(&self) -> u64 {
-        self.tx.lock().unwrap().sent
-    }
-
-    /// Sends `data`, split into frames, waiting for credit as needed (also
-    /// while disconnected). Fails once the channel is gone.
-    pub async fn write(&mut self, stream: StreamKind, mut data: Bytes) -> Result<(), ChannelGone> {
-        while !data.is_empty() {
-            self.credit(1).await?;
-            self.send_available(stream, &mut data);
-        }
-        Ok(())
-    }
-
-    /// Credit left: bytes that may be sent now.
-    pub fn available(&self) -> u64 {
-        let limit = *self.limit.borrow();
-        limit.saturating_sub(self.offset())
-    }
-
-    /// Waits until at least `need` bytes of credit are available (also
-    /// while disconnected). Cancel-safe. Fails once the channel is gone.
-    pub async fn credit(&mut self, need: u64) -> Result<(), ChannelGone> {
-        // `wait_for` still succeeds on the last value after the channel is
-        // gone: check for that first.
-        if self.limit.has_changed().is_err() {
-            return Err(ChannelGone(self.channel));
-        }
-        // Only this writer moves `sent`: it cannot change while we wait.
-        let sent = self.offset();
-        self.limit
-            .wait_for(|l| l.saturating_sub(sent) >= need)
-            .await
-            .map(|_| ())
-            .map_err(|_| ChannelGone(self.channel))
-    }
-
-    /// Sends as much of `data` as the credit allows, without waiting, and
-    /// leaves the rest in `data`. Returns the bytes sent.
-    pub fn send_available(&mut self, stream: StreamKind, data: &mut Bytes) -> usize {
-        let mut total = 0;
-        loop {
-            let n = data
-                .len()
-                .min(self.available() as usize)
-                .min(MAX_FRAME_PAYLOAD);
-            if n == 0 {
-                return total;
-            }
-            // Under the lock, so a resume's replay cannot interleave.
-            let mut tx = self.tx.lock().unwrap();
-            let frame = Frame {
-                channel: self.channel,
-                stream,
-                offset: tx.sent,
-                payload: data.split_to(n),
-            };
-            self.link.send(Outbound::Binary(frame.encode()));
-            tx.sent += n as u64;
-            tx.unacked.push_back(frame);
-            total += n;
-        }
-    }
-
-    /// Signals end of data (replayed after a reconnect if need be).
-    pub fn eof(&self) {
-        let mut tx = self.tx.lock().unwrap();
-        if !tx.eof {
-            tx.eof = true;
-            self.link.send_msg(&Message::ChannelEof(ChannelEof {
-                channel: self.channel,
-            }));
-        }
-    }
-
-    /// A handle that tells how far the peer has acknowledged this writer's
-    /// data, usable after the writer moved elsewhere.
-    pub fn progress(&self) -> WriterProgress {
-        WriterProgress(self.tx.clone())
-    }
-
-    /// Bytes sent but not yet acknowledged (what a resume would replay).
-    pub fn unacked(&self) -> u64 {
-        self.tx
-            .lock()
-            .unwrap()
-            .unacked
-            .iter()
-            .map(|f| f.payload.len() as u64)
-            .sum()
-    }
-}
-
-/// How far the peer has acknowledged a [`ChannelWriter`]'s data.
-#[derive(Clone)]
-pub struct WriterProgress(Arc<Mutex<TxState>>);
-
-impl WriterProgress {
-    /// Every byte before this offset was acknowledged by the peer (a lower
-    /// bound: frames are forgotten whole).
-    pub fn acked(&self) -> u64 {
-        let tx = self.0.lock().unwrap();
-        tx.unacked.front().map(|f| f.offset).unwrap_or(tx.sent)
-    }
-}
-
-/// Receives one direction of a channel and grants credit as it is consumed
-/// (or, in manual mode, as the final consumer acknowledges it).
-pub struct ChannelReader {
-    channel: u32,
-    rx: mpsc::UnboundedReceiver<Inbound>,
-    consumed: u64,
-    /// Acknowledged so far; the peer may drop its copy up to here.
-    acked: u64,
-    /// Credit follows [`ChannelReader::ack`] instead of consumption.
-    manual: bool,
-    window: u64,
-    granted: Arc<AtomicU64>,
-    link: Arc<Link>,
-}
-
-impl ChannelReader {
-    pub fn channel(&self) -> u32 {
-        self.channel
-    }
-
-    /// Next event; `None` once the channel is gone without a close.
-    pub async fn recv(&mut self) -> Option<Inbound> {
-        let item = self.rx.recv().await?;
-        if let Inbound::Data(_, ref b) = item {
-            self.consumed += b.len() as u64;
-            if !self.manual {
-                self.ack(self.consumed);
-            }
-        }
-        Some(item)
-    }
-
-    /// Bytes handed out so far (the position in the channel's sequence).
-    pub fn consumed(&self) -> u64 {
-        self.consumed
-    }
-
-    /// Credit follows [`ChannelReader::ack`] from now on: the peer keeps
-    /// (and can replay) everything not acknowledged, and sends at most one
-    /// window beyond it.
-    pub fn set_manual_ack(&mut self) {
-        self.manual = true;
-    }
-
-    /// Acknowledges bytes up to `offset` (at most what was handed out).
-    pub fn ack(&mut self, offset: u64) {
-        let offset = offset.min(self.consumed);
-        if offset <= self.acked {
-            return;
-        }
-        self.acked = self.acked.max(offset);
-        let granted = self.granted.load(Ordering::Acquire);
-        // Re-grant once half the window is used: few window messages, no stall.
-        if granted.saturating_sub(self.acked) <= self.window / 2 {
-            let limit = self.acked.saturating_add(self.window);
-            self.granted.store(limit, Ordering::Release);
-            self.link.send_msg(&Message::Window(Window {
-                channel: self.channel,
-                acked: self.acked,
-                limit,
-            }));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::Outbound;
+    use crate::protocol::ChannelEof;
 
     fn frame(channel: u32, offset: u64, n: usize) -> Frame {
         Frame {

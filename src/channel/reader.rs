@@ -1,0 +1,74 @@
+//! The receiving side of a channel: data in order, credit granted as it
+//! is consumed (or acknowledged).
+
+use super::Inbound;
+use crate::conn::Link;
+use crate::protocol::{Message, Window};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::mpsc;
+
+/// Receives one direction of a channel and grants credit as it is consumed
+/// (or, in manual mode, as the final consumer acknowledges it).
+pub struct ChannelReader {
+    pub(super) channel: u32,
+    pub(super) rx: mpsc::UnboundedReceiver<Inbound>,
+    pub(super) consumed: u64,
+    /// Acknowledged so far; the peer may drop its copy up to here.
+    pub(super) acked: u64,
+    /// Credit follows [`ChannelReader::ack`] instead of consumption.
+    pub(super) manual: bool,
+    pub(super) window: u64,
+    pub(super) granted: Arc<AtomicU64>,
+    pub(super) link: Arc<Link>,
+}
+
+impl ChannelReader {
+    pub fn channel(&self) -> u32 {
+        self.channel
+    }
+
+    /// Next event; `None` once the channel is gone without a close.
+    pub async fn recv(&mut self) -> Option<Inbound> {
+        let item = self.rx.recv().await?;
+        if let Inbound::Data(_, ref b) = item {
+            self.consumed += b.len() as u64;
+            if !self.manual {
+                self.ack(self.consumed);
+            }
+        }
+        Some(item)
+    }
+
+    /// Bytes handed out so far (the position in the channel's sequence).
+    pub fn consumed(&self) -> u64 {
+        self.consumed
+    }
+
+    /// Credit follows [`ChannelReader::ack`] from now on: the peer keeps
+    /// (and can replay) everything not acknowledged, and sends at most one
+    /// window beyond it.
+    pub fn set_manual_ack(&mut self) {
+        self.manual = true;
+    }
+
+    /// Acknowledges bytes up to `offset` (at most what was handed out).
+    pub fn ack(&mut self, offset: u64) {
+        let offset = offset.min(self.consumed);
+        if offset <= self.acked {
+            return;
+        }
+        self.acked = self.acked.max(offset);
+        let granted = self.granted.load(Ordering::Acquire);
+        // Re-grant once half the window is used: few window messages, no stall.
+        if granted.saturating_sub(self.acked) <= self.window / 2 {
+            let limit = self.acked.saturating_add(self.window);
+            self.granted.store(limit, Ordering::Release);
+            self.link.send_msg(&Message::Window(Window {
+                channel: self.channel,
+                acked: self.acked,
+                limit,
+            }));
+        }
+    }
+}

@@ -204,6 +204,14 @@ enum CtlCmd {
         timestamps: bool,
         worker: String,
     },
+    /// Forward local ports to ports of a worker until Ctrl-C: each
+    /// `[LOCAL_ADDR:]LOCAL_PORT:REMOTE_PORT`, `:REMOTE_PORT` (a free local
+    /// port, printed) or `PORT`; listens on loopback unless an address is given.
+    PortForward {
+        worker: String,
+        #[arg(required = true, value_name = "PORTS")]
+        ports: Vec<tether::ctl::Forward>,
+    },
     /// Stop a worker (SIGTERM, then SIGKILL).
     Stop { worker: String },
     /// Remove a worker and its network.
@@ -466,6 +474,9 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
                     },
                 )
                 .await?;
+            }
+            CtlCmd::PortForward { worker, ports } => {
+                ctl::port_forward(&client, &worker, &ports, shutdown_on_signals()).await?;
             }
             CtlCmd::Stop { worker } => {
                 client.stop(&worker).await?;

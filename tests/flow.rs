@@ -93,6 +93,7 @@ async fn stalled_channel_does_not_block_fifty_others() {
             }
             StreamEvent::Data(k, _) => panic!("unexpected stream {k:?}"),
             StreamEvent::Gap(n) => panic!("{n} bytes lost"),
+            StreamEvent::Eof => panic!("an exec reports no separate end of data"),
             StreamEvent::End { exit_code, error } => {
                 assert!(error.is_none(), "{error:?}");
                 break exit_code;
@@ -168,6 +169,7 @@ async fn tty_exec_gets_its_size_and_follows_resizes() {
                 }
             }
             StreamEvent::Gap(n) => panic!("{n} bytes lost"),
+            StreamEvent::Eof => panic!("an exec reports no separate end of data"),
             StreamEvent::End { exit_code, error } => {
                 assert!(error.is_none(), "{error:?}");
                 break exit_code;

@@ -46,6 +46,7 @@ async fn read_stdout(
             StreamEvent::Data(StreamKind::Stdout, b) => each(&b),
             StreamEvent::Data(k, b) => panic!("unexpected {k:?}: {}", String::from_utf8_lossy(&b)),
             StreamEvent::Gap(n) => panic!("{n} bytes lost"),
+            StreamEvent::Eof => panic!("an exec reports no separate end of data"),
             StreamEvent::End { exit_code, error } => {
                 assert!(error.is_none(), "{error:?}");
                 return exit_code;

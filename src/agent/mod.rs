@@ -164,6 +164,8 @@ pub(crate) struct Ctx {
     pub channels: crate::channel::Channels,
     /// Running execs and the containers checked to be this node's.
     pub execs: commands::ExecTable,
+    /// Open tunnels, by worker.
+    pub tunnels: commands::TunnelTable,
     /// Recent request ids and their replies (a replayed request runs once).
     pub replies: std::sync::Mutex<commands::Replies>,
     /// Exec output spools (used while the server is unreachable).
@@ -281,6 +283,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         link: link.clone(),
         channels: crate::channel::Channels::new(link),
         execs: Default::default(),
+        tunnels: Default::default(),
         replies: Default::default(),
         spools: spool::Spools::new(cfg.spool.clone()),
         token_path: cfg.state_dir.join(format!("{}.jwt", cfg.node_id)),

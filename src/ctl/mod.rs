@@ -3,9 +3,11 @@
 
 mod cp;
 pub mod extract;
+mod forward;
 mod stream;
 
 pub use cp::{CpTarget, copy};
+pub use forward::{Forward, port_forward};
 pub use stream::{exec, logs};
 
 use crate::protocol::operator::NodeInfo;

@@ -14,7 +14,11 @@ use tokio_tungstenite::tungstenite::{Message as WsMessage, client::IntoClientReq
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn open(client: &Client, path: &str, query: &[(&str, String)]) -> Result<Ws, CtlError> {
+pub(super) async fn open(
+    client: &Client,
+    path: &str,
+    query: &[(&str, String)],
+) -> Result<Ws, CtlError> {
     crate::init_crypto();
     let mut url = client.url(path);
     let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
@@ -503,7 +507,7 @@ async fn session(
                         ServerMsg::Gap { from, to } => {
                             eprintln!("tether: output bytes {from} to {to} were lost")
                         }
-                        ServerMsg::Unknown => {}
+                        ServerMsg::Eof | ServerMsg::Unknown => {}
                         end @ (ServerMsg::Exit { .. } | ServerMsg::Error { .. }) => {
                             return Ok(end_of(end));
                         }

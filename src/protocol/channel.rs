@@ -108,3 +108,16 @@ pub struct ChannelClose {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
 }
+
+/// `tunnel` request payload: opens `channel`, carrying one TCP connection
+/// from the node to `port` on the worker's own network. Data frames go both
+/// ways; `channel_eof` is a half-close of that direction; the agent closes
+/// the channel when both directions ended (or with an error).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Tunnel {
+    pub channel: u32,
+    pub worker_id: String,
+    /// TCP port in the worker, 1 to 65535.
+    pub port: u16,
+    pub window: u64,
+}

@@ -27,6 +27,10 @@ pub enum ErrorCode {
     Unsupported,
     /// A bug or an unexpected failure of a dependency.
     Internal,
+    /// Nothing accepts connections on the worker's port (a tunnel).
+    ConnectionRefused,
+    /// The worker's address cannot be reached from the node (a tunnel).
+    HostUnreachable,
     /// A code this build does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -45,6 +49,8 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::Internal => "internal",
+            ErrorCode::ConnectionRefused => "connection_refused",
+            ErrorCode::HostUnreachable => "host_unreachable",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -61,6 +67,7 @@ impl ErrorCode {
             ErrorCode::Unsupported => 501,
             ErrorCode::Unavailable => 503,
             ErrorCode::Timeout => 504,
+            ErrorCode::ConnectionRefused | ErrorCode::HostUnreachable => 502,
             ErrorCode::Internal | ErrorCode::Unknown => 500,
         }
     }

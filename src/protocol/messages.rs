@@ -8,7 +8,7 @@
 use super::{
     Archive, ChannelClose, ChannelEof, ConfigPoll, ErrorBody, ErrorCode, Exec, Hello, Logs,
     MAX_CONTROL_BYTES, NodeConfig, NodeStatus, Remove, Resize, Spawn, Stat, Stop, TokenRefresh,
-    Welcome, Window, WorkerEvent, WorkerRef,
+    Tunnel, Welcome, Window, WorkerEvent, WorkerRef,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -107,6 +107,7 @@ message_kinds! {
         "stat" => Stat(Stat),
         "resize" => Resize(Resize),
         "configure" => Configure(NodeConfig),
+        "tunnel" => Tunnel(Tunnel),
     }
     notices {
         "hello" => Hello(Hello),

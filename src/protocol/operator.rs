@@ -119,6 +119,9 @@ pub enum ServerMsg {
     /// The agent has the client's input up to `offset`: the client may
     /// forget it.
     StdinAck { offset: u64 },
+    /// A tunnel's worker side half-closed: no more data follows, the
+    /// client's direction stays open.
+    Eof,
     /// The stream ended; for an exec, with its exit code.
     Exit { exit_code: Option<i64> },
     /// The stream ended with an error.

@@ -6,15 +6,17 @@
 mod archive;
 mod exec;
 mod logs;
+mod tunnel;
 mod worker;
 
 pub(crate) use exec::ExecTable;
+pub(crate) use tunnel::TunnelTable;
 pub(super) use worker::{collect_garbage, schedule_reaper};
 
 use super::Ctx;
 use crate::conn::Outbound;
 use crate::protocol::{
-    Archive, ChannelClose, ErrorBody, ErrorCode, Exec, Logs, Message, Request, WorkerList,
+    Archive, ChannelClose, ErrorBody, ErrorCode, Exec, Logs, Message, Request, Tunnel, WorkerList,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -123,6 +125,9 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
         })
         | Request::GetArchive(Archive {
             channel, window, ..
+        })
+        | Request::Tunnel(Tunnel {
+            channel, window, ..
         }) => match ctx.channels.open(*channel, *window) {
             Ok(h) => Some(h),
             Err(e) => return reply::<(), ErrorBody>(&ctx, id, Err(e)),
@@ -165,6 +170,7 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
             (Request::Logs(l), Some(h)) => logs::run(&ctx, id, l, h).await,
             (Request::GetArchive(a), Some(h)) => archive::get(&ctx, id, a, h).await,
             (Request::PutArchive(a), Some(h)) => archive::put(&ctx, id, a, h).await,
+            (Request::Tunnel(t), Some(h)) => tunnel::run(&ctx, id, t, h).await,
             (r, None) => {
                 let e =
                     ErrorBody::new(ErrorCode::Internal, format!("{} without channel", r.kind()));

@@ -70,6 +70,9 @@ pub(super) async fn spawn(ctx: &Arc<Ctx>, id: String, mut s: Spawn) {
 pub(super) async fn remove(ctx: &Ctx, worker_id: &str, force: bool) -> Result<(), ErrorBody> {
     let removed = containers::remove(&ctx.docker, &ctx.pool, &ctx.node_id, worker_id, force).await;
     ctx.execs.forget_worker(worker_id);
+    if removed.is_ok() {
+        ctx.tunnels.worker_removed(ctx, worker_id);
+    }
     removed.map_err(ErrorBody::from)
 }
 

@@ -30,12 +30,14 @@ mod exec;
 mod nodes;
 mod register;
 mod streams;
+mod tunnel;
 mod workers;
 
 use exec::exec_ws;
 use nodes::{drain, forget_node, node, nodes, push_config, undrain};
 use register::register;
 use streams::*;
+use tunnel::tunnel_ws;
 use workers::{get_archive, put_archive, remove, spawn, stat, stop, worker, workers};
 
 /// Maximum size of a JSON request body on the API.
@@ -75,6 +77,7 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/workers/{id}/stop", post(stop))
         .route("/api/v1/workers/{id}/exec", get(exec_ws))
         .route("/api/v1/workers/{id}/logs", get(logs_ws))
+        .route("/api/v1/workers/{id}/ports/{port}/tunnel", get(tunnel_ws))
         .route("/api/v1/workers/{id}/stat", get(stat))
         .route(
             "/api/v1/workers/{id}/archive",

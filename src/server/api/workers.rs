@@ -80,6 +80,8 @@ pub(super) async fn get_archive(
     let body = futures_util::stream::unfold(stream, |mut s| async move {
         match s.next().await? {
             StreamEvent::Data(_, b) => Some((Ok(b), s)),
+            // Not asked for: a download never reports its end of data.
+            StreamEvent::Eof => Some((Ok(bytes::Bytes::new()), s)),
             StreamEvent::Gap(n) => Some((
                 Err(std::io::Error::other(format!(
                     "{n} bytes of the archive were lost"

@@ -224,6 +224,7 @@ impl Hub {
             reader: h.reader,
             link: link.clone(),
             done: false,
+            eof_events: false,
         };
         output.set_manual_ack();
         let d = DetachedExec {

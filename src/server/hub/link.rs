@@ -250,6 +250,7 @@ impl AgentLink {
                         reader: h.reader,
                         link: self.clone(),
                         done: false,
+                        eof_events: false,
                     };
                     return Ok((id, h.writer, stream));
                 }

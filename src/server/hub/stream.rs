@@ -10,6 +10,9 @@ pub enum StreamEvent {
     /// This many output bytes are missing here: the agent's spool was full
     /// while the server was unreachable (never silent).
     Gap(u64),
+    /// The agent sends no more data (only after [`ChannelStream::report_eof`];
+    /// a tunnel's half-close).
+    Eof,
     /// The operation ended: exit code for exec, error if it failed.
     End {
         exit_code: Option<i64>,
@@ -24,6 +27,8 @@ impl StreamEvent {
         match self {
             StreamEvent::Data(k, b) => Ok((k, b)),
             StreamEvent::Gap(n) => Ok((StreamKind::Gap, Bytes::copy_from_slice(&n.to_be_bytes()))),
+            // Only a tunnel asks for it; as a frame it carries nothing.
+            StreamEvent::Eof => Ok((StreamKind::Data, Bytes::new())),
             StreamEvent::End { exit_code, error } => Err((exit_code, error)),
         }
     }
@@ -37,6 +42,8 @@ pub struct ChannelStream {
     pub(super) reader: ChannelReader,
     pub(super) link: Arc<AgentLink>,
     pub(super) done: bool,
+    /// Whether the agent's end of data is an event ([`StreamEvent::Eof`]).
+    pub(super) eof_events: bool,
 }
 
 impl ChannelStream {
@@ -59,6 +66,12 @@ impl ChannelStream {
     /// server) can have it again.
     pub fn set_manual_ack(&mut self) {
         self.reader.set_manual_ack();
+    }
+
+    /// From now on the agent's end of data is reported as
+    /// [`StreamEvent::Eof`] (a tunnel passes half-closes on).
+    pub fn report_eof(&mut self) {
+        self.eof_events = true;
     }
 
     /// The final consumer has everything up to `offset`.
@@ -84,6 +97,7 @@ impl ChannelStream {
                 self.done = true;
                 Some(StreamEvent::End { exit_code, error })
             }
+            Some(Inbound::Eof) if self.eof_events => Some(StreamEvent::Eof),
             Some(Inbound::Eof) => self.next_boxed().await,
             None => {
                 self.done = true;

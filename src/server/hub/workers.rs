@@ -157,6 +157,40 @@ impl Hub {
         })
     }
 
+    /// Opens a TCP connection to `port` of the worker, dialled by its
+    /// agent on the worker's own network: what is written to `input` reaches
+    /// the worker's port, what it answers comes out of `output` (as `Data`),
+    /// `input.close()` half-closes. Refused with `connection_refused` when
+    /// nothing listens there, `host_unreachable` when the worker has no
+    /// address the agent reaches.
+    pub async fn tunnel(&self, worker_id: &str, port: u16) -> Result<ExecSession, ErrorBody> {
+        if port == 0 {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                "port must be 1 to 65535",
+            ));
+        }
+        let link = self.worker_link(worker_id)?;
+        let (channel, writer, output) = link
+            .open_with(DEFAULT_WINDOW, |channel, window| {
+                Request::Tunnel(crate::protocol::Tunnel {
+                    channel,
+                    worker_id: worker_id.into(),
+                    port,
+                    window,
+                })
+            })
+            .await?;
+        Ok(ExecSession {
+            input: ChannelSink {
+                channel,
+                writer,
+                link,
+            },
+            output,
+        })
+    }
+
     /// Runs a command to completion and collects its output (convenience).
     pub async fn exec_collect(
         &self,
@@ -177,6 +211,7 @@ impl Hub {
             match ev {
                 StreamEvent::Data(StreamKind::Stderr, b) => err.extend_from_slice(&b),
                 StreamEvent::Data(_, b) => out.extend_from_slice(&b),
+                StreamEvent::Eof => {}
                 StreamEvent::Gap(n) => {
                     return Err(ErrorBody::new(
                         ErrorCode::Unavailable,
@@ -304,7 +339,7 @@ impl ArchiveUpload {
             match self.done.next().await {
                 Some(StreamEvent::End { error: Some(e), .. }) => return Err(e),
                 Some(StreamEvent::End { .. }) => return Ok(()),
-                Some(StreamEvent::Data(..) | StreamEvent::Gap(_)) => {}
+                Some(StreamEvent::Data(..) | StreamEvent::Gap(_) | StreamEvent::Eof) => {}
                 None => return Err(self.link.unavailable()),
             }
         }

@@ -147,7 +147,12 @@ async fn agent_image_brings_a_node_online() {
         .hub
         .spawn(tether::protocol::SpawnRequest {
             image: image(),
-            cmd: vec!["sleep".into(), "60".into()],
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "mkdir -p /www && echo through-a-tunnel > /www/i && httpd -f -p 8080 -h /www"
+                    .into(),
+            ],
             node_id: Some(node.clone()),
             ..Default::default()
         })
@@ -159,6 +164,40 @@ async fn agent_image_brings_a_node_online() {
         .await
         .unwrap();
     assert_eq!((code, out), (0, b"from-container-agent\n".to_vec()));
+    // The agent in its container (host network) reaches the worker's port
+    // on the worker's own network: a tunnel needs no published port.
+    let mut page = Vec::new();
+    for _ in 0..50 {
+        match h.hub.tunnel(&w.worker_id, 8080).await {
+            Ok(mut t) => {
+                t.input
+                    .write(bytes::Bytes::from_static(b"GET /i HTTP/1.0\r\n\r\n"))
+                    .await
+                    .unwrap();
+                t.input.close();
+                while let Some(ev) = t.output.next().await {
+                    match ev {
+                        tether::server::StreamEvent::Data(_, b) => page.extend_from_slice(&b),
+                        tether::server::StreamEvent::End { error, .. } => {
+                            assert!(error.is_none(), "{error:?}");
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                break;
+            }
+            Err(e) if e.code == tether::protocol::ErrorCode::ConnectionRefused => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("tunnel through the container agent: {e}"),
+        }
+    }
+    assert!(
+        String::from_utf8_lossy(&page).ends_with("through-a-tunnel\n"),
+        "{}",
+        String::from_utf8_lossy(&page)
+    );
     assert_eq!(
         w.network_policy,
         Some(tether::protocol::NetworkPolicy::Restricted)

@@ -187,6 +187,7 @@ pub async fn tether_exec(hub: &Hub, worker: &str, cmd: &[String]) -> anyhow::Res
         match s.output.next().await {
             Some(StreamEvent::Data(_, b)) => bytes += b.len() as u64,
             Some(StreamEvent::Gap(n)) => bail!("{n} bytes of output lost"),
+            Some(StreamEvent::Eof) => {}
             Some(StreamEvent::End { error: Some(e), .. }) => return Err(e.into()),
             Some(StreamEvent::End { exit_code, .. }) => {
                 return Ok(Ran {
@@ -382,6 +383,7 @@ impl Bench {
                 match s.next().await {
                     Some(StreamEvent::Data(_, b)) => n += b.len() as u64,
                     Some(StreamEvent::Gap(g)) => bail!("{g} bytes of the archive lost"),
+                    Some(StreamEvent::Eof) => {}
                     Some(StreamEvent::End { error: Some(e), .. }) => return Err(e.into()),
                     Some(StreamEvent::End { .. }) | None => return Ok(n),
                 }

@@ -193,7 +193,7 @@ mod tests {
             pool: "10.213.0.0/16".parse().unwrap(),
             subnet_prefix: 28,
             allowed_private: vec!["192.168.5.0/24".parse().unwrap()],
-            resolvers: resolvers("# x\nnameserver 10.255.255.53\nnameserver 8.8.8.8\n"),
+            resolvers: resolvers("# x\nnameserver 10.255.255.53\nnameserver 203.0.113.53\n"),
         };
         assert_eq!(spec.resolvers.len(), 2);
         let c = chains(&spec);

@@ -129,32 +129,22 @@ impl Hub {
                 "exec needs a command",
             ));
         }
-        let link = self.worker_link(worker_id)?;
-        let (channel, writer, output) = link
-            .open_with(DEFAULT_WINDOW, |channel, window| {
-                Request::Exec(Exec {
-                    channel,
-                    worker_id: worker_id.into(),
-                    cmd: opts.cmd,
-                    env: opts.env,
-                    workdir: opts.workdir,
-                    user: opts.user,
-                    tty: opts.tty,
-                    stdin: opts.stdin,
-                    size: opts.size,
-                    timeout_secs: opts.timeout_secs,
-                    window,
-                })
-            })
-            .await?;
-        Ok(ExecSession {
-            input: ChannelSink {
+        self.open_duplex(worker_id, |channel, window| {
+            Request::Exec(Exec {
                 channel,
-                writer,
-                link,
-            },
-            output,
+                worker_id: worker_id.into(),
+                cmd: opts.cmd,
+                env: opts.env,
+                workdir: opts.workdir,
+                user: opts.user,
+                tty: opts.tty,
+                stdin: opts.stdin,
+                size: opts.size,
+                timeout_secs: opts.timeout_secs,
+                window,
+            })
         })
+        .await
     }
 
     /// Opens a TCP connection to `port` of the worker, dialled by its
@@ -170,17 +160,26 @@ impl Hub {
                 "port must be 1 to 65535",
             ));
         }
-        let link = self.worker_link(worker_id)?;
-        let (channel, writer, output) = link
-            .open_with(DEFAULT_WINDOW, |channel, window| {
-                Request::Tunnel(crate::protocol::Tunnel {
-                    channel,
-                    worker_id: worker_id.into(),
-                    port,
-                    window,
-                })
+        self.open_duplex(worker_id, |channel, window| {
+            Request::Tunnel(crate::protocol::Tunnel {
+                channel,
+                worker_id: worker_id.into(),
+                port,
+                window,
             })
-            .await?;
+        })
+        .await
+    }
+
+    /// Opens a channel both ways on the worker's node: input to the agent,
+    /// output from it (an exec, a tunnel).
+    async fn open_duplex(
+        &self,
+        worker_id: &str,
+        request: impl FnOnce(u32, u64) -> Request,
+    ) -> Result<ExecSession, ErrorBody> {
+        let link = self.worker_link(worker_id)?;
+        let (channel, writer, output) = link.open_with(DEFAULT_WINDOW, request).await?;
         Ok(ExecSession {
             input: ChannelSink {
                 channel,

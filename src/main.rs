@@ -85,6 +85,11 @@ struct ServerArgs {
     /// oldest is closed (idle and slow connections go first).
     #[arg(long, default_value_t = nonzero(tether::server::DEFAULT_MAX_PENDING_CONNECTIONS))]
     max_pending_connections: NonZeroUsize,
+    /// Serve host-based preview URLs, `{port}-{worker}.DOMAIN` (point a
+    /// wildcard DNS name at the server); `DOMAIN:PORT` puts that port in the
+    /// URLs `ctl preview-url` prints.
+    #[arg(long, env = "TETHER_PREVIEW_DOMAIN")]
+    preview_domain: Option<String>,
 }
 
 fn nonzero(n: usize) -> NonZeroUsize {
@@ -212,6 +217,25 @@ enum CtlCmd {
         #[arg(required = true, value_name = "PORTS")]
         ports: Vec<tether::ctl::Forward>,
     },
+    /// Print a signed, expiring URL that opens PORT of a worker in a
+    /// browser without a token (revoke it with `previews revoke ID`).
+    PreviewUrl {
+        worker: String,
+        port: u16,
+        /// How long the URL works (e.g. 30m, 1h, 7d; at most 30d).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
+    /// List preview URLs not yet expired or revoked (`previews revoke ID`).
+    Previews {
+        #[command(subcommand)]
+        cmd: Option<PreviewsCmd>,
+    },
+    /// List open tunnels (`tunnels close WORKER:PORT` ends one).
+    Tunnels {
+        #[command(subcommand)]
+        cmd: Option<TunnelsCmd>,
+    },
     /// Stop a worker (SIGTERM, then SIGKILL).
     Stop { worker: String },
     /// Remove a worker and its network.
@@ -236,6 +260,18 @@ enum CtlCmd {
     Drain { node: String },
     /// Resume scheduling on a node.
     Undrain { node: String },
+}
+
+#[derive(Subcommand)]
+enum PreviewsCmd {
+    /// Revoke a preview URL at once.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum TunnelsCmd {
+    /// End every connection of a tunnel (port-forwards and previews).
+    Close { id: String },
 }
 
 #[derive(Subcommand)]
@@ -339,6 +375,7 @@ async fn run(cli: Cli) -> ExitCode {
             cfg.heartbeat_interval = std::time::Duration::from_secs(s.heartbeat_interval.max(1));
             cfg.heartbeat_timeout = std::time::Duration::from_secs(s.heartbeat_timeout.max(2));
             cfg.max_connections = s.max_connections.get();
+            cfg.preview_domain = s.preview_domain;
             cfg.max_pending_connections = s.max_pending_connections.get();
             match tether::server::run(cfg, shutdown_on_signals()).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -477,6 +514,29 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
             }
             CtlCmd::PortForward { worker, ports } => {
                 ctl::port_forward(&client, &worker, &ports, shutdown_on_signals()).await?;
+            }
+            CtlCmd::PreviewUrl { worker, port, ttl } => {
+                let p = client.preview_url(&worker, port, ttl).await?;
+                println!("{}", p.url.unwrap_or_default());
+                eprintln!("preview {} expires {}", p.id, p.expires_at);
+            }
+            CtlCmd::Previews { cmd: None } => {
+                print!("{}", ctl::format_previews(&client.previews().await?));
+            }
+            CtlCmd::Previews {
+                cmd: Some(PreviewsCmd::Revoke { id }),
+            } => {
+                client.revoke_preview(&id).await?;
+                println!("{id}");
+            }
+            CtlCmd::Tunnels { cmd: None } => {
+                print!("{}", ctl::format_tunnels(&client.tunnels().await?));
+            }
+            CtlCmd::Tunnels {
+                cmd: Some(TunnelsCmd::Close { id }),
+            } => {
+                client.close_tunnel(&id).await?;
+                println!("{id}");
             }
             CtlCmd::Stop { worker } => {
                 client.stop(&worker).await?;

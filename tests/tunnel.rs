@@ -278,3 +278,434 @@ async fn removing_a_worker_closes_its_tunnels_with_a_reason() {
     assert!(e.message.contains("removed"), "{e}");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_to_a_worker_without_a_network_is_refused_clearly() {
+    let (h, _node) = Harness::start().await;
+    let w = h
+        .hub
+        .spawn(SpawnRequest {
+            image: image(),
+            cmd: vec!["sh".into(), "-c".into(), "nc -l -p 9000 -e cat".into()],
+            network_policy: Some(tether::protocol::NetworkPolicy::None),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .worker_id;
+    let e = match h.hub.tunnel(&w, 9000).await {
+        Ok(_) => panic!("a tunnel into a worker with no network"),
+        Err(e) => e,
+    };
+    assert_eq!(e.code, ErrorCode::Unsupported, "{e}");
+    assert!(e.message.contains("network policy none"), "{e}");
+    h.stop().await;
+}
+
+// ---- Preview URLs: HTTP through the server to a worker's port ----
+
+/// A worker that records each request head it gets on port 9000 (in
+/// /tmp/req) and answers `ok`; serves a 200 KB blob and its hash with
+/// httpd on 8080; answers an upgrade on 9100 and then echoes; streams two
+/// server-sent events three seconds apart on 9200.
+const PREVIEW_WORKER: &str = r#"
+mkdir -p /www && head -c 200000 /dev/urandom > /www/blob &&
+sha256sum /www/blob | cut -d' ' -f1 > /www/blob.sha && httpd -p 8080 -h /www
+cat > /rec.sh <<'EOS'
+while IFS= read -r l; do
+  l=$(printf '%s' "$l" | tr -d '\r'); [ -z "$l" ] && break; echo "$l" >> /tmp/req
+done
+printf 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok'
+EOS
+cat > /up.sh <<'EOS'
+while IFS= read -r l; do l=$(printf '%s' "$l" | tr -d '\r'); [ -z "$l" ] && break; done
+printf 'HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n'
+exec cat
+EOS
+cat > /sse.sh <<'EOS'
+while IFS= read -r l; do l=$(printf '%s' "$l" | tr -d '\r'); [ -z "$l" ] && break; done
+printf 'HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n'
+printf 'data: one\n\n'; sleep 3; printf 'data: two\n\n'
+EOS
+(while true; do nc -l -p 9000 -e sh /rec.sh; done) &
+(while true; do nc -l -p 9100 -e sh /up.sh; done) &
+(while true; do nc -l -p 9200 -e sh /sse.sh; done) &
+wait
+"#;
+
+async fn preview_worker(h: &Harness) -> String {
+    let w = worker(h, PREVIEW_WORKER).await;
+    for port in [8080, 9100, 9200] {
+        drop(tunnel(&h.hub, &w, port).await);
+    }
+    w
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Issues a preview URL through the API: its id and path.
+async fn issue(h: &Harness, w: &str, port: u16, ttl_secs: u64) -> (String, String) {
+    let r: serde_json::Value = http()
+        .post(format!("{}/api/v1/workers/{w}/previews", h.url))
+        .bearer_auth(&h.token)
+        .json(&serde_json::json!({"port": port, "ttl_secs": ttl_secs}))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        r["id"].as_str().unwrap().to_string(),
+        r["path"].as_str().unwrap().to_string(),
+    )
+}
+
+async fn refusal(resp: reqwest::Response) -> (u16, String, String) {
+    let status = resp.status().as_u16();
+    let v: serde_json::Value = resp.json().await.unwrap();
+    (
+        status,
+        v["error"]["code"].as_str().unwrap_or("").to_string(),
+        v["error"]["message"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_preview_passes_requests_on_and_keeps_the_token_from_the_worker() {
+    let (h, _node) = Harness::start().await;
+    let w = preview_worker(&h).await;
+    let base = format!("{}/api/v1/workers/{w}/ports", h.url);
+    // A file, streamed and hash-checked.
+    let get = |path: String| http().get(path).bearer_auth(&h.token).send();
+    let want = get(format!("{base}/8080/blob.sha"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let blob = get(format!("{base}/8080/blob")).await.unwrap();
+    assert_eq!(blob.status(), 200);
+    let blob = blob.bytes().await.unwrap();
+    assert_eq!(sha256(&blob), want.trim());
+    // The worker's own 404 comes back as it is, not as an API error.
+    let missing = get(format!("{base}/8080/nothing-here")).await.unwrap();
+    assert_eq!(missing.status(), 404);
+    assert!(!missing.text().await.unwrap().contains("\"error\""));
+
+    // What the worker sees: the method, path, query, Host and the app's
+    // own cookies; never the operator token.
+    let r = http()
+        .post(format!("{base}/9000/a/b?q=1"))
+        .bearer_auth(&h.token)
+        .header("cookie", "app=1; tether_preview=x")
+        .header("x-app", "kept")
+        .body("body")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let (_, seen, _) = h.hub.exec_collect(&w, &["cat", "/tmp/req"]).await.unwrap();
+    let seen = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+    assert!(seen.starts_with("post /a/b?q=1 http/1.1\n"), "{seen}");
+    assert!(seen.contains(&format!("host: {}\n", h.addr)), "{seen}");
+    assert!(seen.contains("x-app: kept\n"), "{seen}");
+    assert!(seen.contains("cookie: app=1\n"), "{seen}");
+    assert!(
+        seen.contains(&format!(
+            "x-forwarded-prefix: /api/v1/workers/{w}/ports/9000\n"
+        )),
+        "{seen}"
+    );
+    assert!(
+        !seen.contains("authorization"),
+        "the token reached the worker: {seen}"
+    );
+    assert!(!seen.contains("tether_preview"), "{seen}");
+
+    // Without the token: refused, and the worker never asked.
+    let r = http()
+        .get(format!("{base}/8080/blob.sha"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refusal(r).await.1, "unauthorized");
+    let r = get(format!("{base}/0/")).await.unwrap();
+    assert_eq!(refusal(r).await.1, "invalid_request");
+    let r = get(format!("{}/api/v1/workers/01nosuchworker/ports/80/", h.url))
+        .await
+        .unwrap();
+    assert_eq!(refusal(r).await.1, "not_found");
+    let r = get(format!("{base}/9999/")).await.unwrap();
+    assert_eq!(refusal(r).await.1, "connection_refused");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_streams_events_and_carries_an_upgraded_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (h, _node) = Harness::start().await;
+    let w = preview_worker(&h).await;
+    // Server-sent events arrive as they are produced: the first long
+    // before the second is written.
+    let started = std::time::Instant::now();
+    let mut sse = http()
+        .get(format!("{}/api/v1/workers/{w}/ports/9200/events", h.url))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
+    let first = sse.chunk().await.unwrap().unwrap();
+    assert_eq!(&first[..], b"data: one\n\n");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "the first event waited for the second: {:?}",
+        started.elapsed()
+    );
+    let mut rest = Vec::new();
+    while let Some(c) = sse.chunk().await.unwrap() {
+        rest.extend_from_slice(&c);
+    }
+    assert_eq!(rest, b"data: two\n\n");
+
+    // An upgrade (a WebSocket handshake): after the 101, bytes both ways.
+    let mut c = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let req = format!(
+        "GET /api/v1/workers/{w}/ports/9100/ws HTTP/1.1\r\nHost: {}\r\n\
+         Authorization: Bearer {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        h.addr, h.token
+    );
+    c.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let sent: Vec<u8> = (0..1_000_000u32).map(|i| (i * 31 % 241) as u8).collect();
+    let (mut rd, mut wr) = c.into_split();
+    let payload = sent.clone();
+    let writer = tokio::spawn(async move { wr.write_all(&payload).await.map(|_| wr) });
+    let mut got = vec![0u8; sent.len()];
+    tokio::time::timeout(Duration::from_secs(60), rd.read_exact(&mut got))
+        .await
+        .expect("the echo within 60 s")
+        .unwrap();
+    assert_eq!(
+        sha256(&got),
+        sha256(&sent),
+        "bytes differ through the upgrade"
+    );
+    drop(writer.await.unwrap());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_preview_url_sets_a_scoped_cookie_and_is_refused_once_expired_tampered_or_revoked()
+{
+    let (h, _node) = Harness::start().await;
+    let w = preview_worker(&h).await;
+    let (id, path) = issue(&h, &w, 8080, 3600).await;
+    let prefix = format!("/api/v1/workers/{w}/ports/8080");
+    assert!(
+        path.starts_with(&format!("{prefix}/?tether_preview=")),
+        "{path}"
+    );
+    // No token in hand: the URL alone sets a cookie and leaves the address bar.
+    let r = http().get(format!("{}{path}", h.url)).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], format!("{prefix}/").as_str());
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(cookie.contains(&format!("Path={prefix};")), "{cookie}");
+    assert!(cookie.contains("HttpOnly"), "{cookie}");
+    let value = cookie.split(';').next().unwrap().to_string();
+    let with_cookie = |url: String, c: String| http().get(url).header("cookie", c).send();
+    let want = with_cookie(format!("{}{prefix}/blob.sha", h.url), value.clone())
+        .await
+        .unwrap();
+    assert_eq!(want.status(), 200);
+    let want = want.text().await.unwrap();
+    let blob = with_cookie(format!("{}{prefix}/blob", h.url), value.clone())
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(sha256(&blob), want.trim());
+
+    // For another port or worker: refused.
+    let other_port = format!("{}/api/v1/workers/{w}/ports/9200/", h.url);
+    let r = with_cookie(other_port.clone(), value.clone())
+        .await
+        .unwrap();
+    assert_eq!(refusal(r).await.1, "unauthorized");
+    let token = value.split_once('=').unwrap().1.to_string();
+    let r = http()
+        .get(format!("{other_port}?tether_preview={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refusal(r).await.1, "unauthorized");
+    // Tampered: one character of the signature changed.
+    let mut bad = token.clone();
+    let last = if bad.ends_with('0') { '1' } else { '0' };
+    bad.pop();
+    bad.push(last);
+    let r = http()
+        .get(format!("{}{prefix}/?tether_preview={bad}", h.url))
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = refusal(r).await;
+    assert_eq!((status, code.as_str()), (401, "unauthorized"));
+    // Expired.
+    let (_, short) = issue(&h, &w, 8080, 1).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = http()
+        .get(format!("{}{short}", h.url))
+        .send()
+        .await
+        .unwrap();
+    let (_, code, message) = refusal(r).await;
+    assert_eq!(code, "unauthorized");
+    assert!(message.contains("expired"), "{message}");
+    // Revoked: the cookie stops working at once.
+    let r = http()
+        .delete(format!("{}/api/v1/previews/{id}", h.url))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = with_cookie(format!("{}{prefix}/blob.sha", h.url), value)
+        .await
+        .unwrap();
+    let (_, code, message) = refusal(r).await;
+    assert_eq!(code, "unauthorized");
+    assert!(message.contains("revoked"), "{message}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_preview_serves_the_whole_path_space_of_one_worker_port() {
+    let mut h = Harness::server_with(|c| c.preview_domain = Some("preview.test".into())).await;
+    h.add_agent().await;
+    let w = preview_worker(&h).await;
+    let host = format!("8080-{w}.preview.test");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["ctl", "preview-url", &w, "8080", "--ttl", "10m"])
+        .env("TETHER_SERVER", &h.url)
+        .env("TETHER_TOKEN", &h.token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = String::from_utf8(out.stdout).unwrap();
+    let prefix = format!("http://{host}/?tether_preview=");
+    assert!(url.starts_with(&prefix), "{url}");
+    let query = url.trim().strip_prefix(&format!("http://{host}/")).unwrap();
+    // The wildcard name resolves to the server: sent there with its Host.
+    let r = http()
+        .get(format!("{}/{query}", h.url))
+        .header("host", &host)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/");
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(cookie.contains("Path=/;"), "{cookie}");
+    let value = cookie.split(';').next().unwrap().to_string();
+    let get = |path: &str| {
+        http()
+            .get(format!("{}{path}", h.url))
+            .header("host", &host)
+            .header("cookie", &value)
+            .send()
+    };
+    let want = get("/blob.sha").await.unwrap().text().await.unwrap();
+    let blob = get("/blob").await.unwrap().bytes().await.unwrap();
+    assert_eq!(sha256(&blob), want.trim());
+    // Under a preview name the API's paths belong to the worker.
+    let r = get("/api/v1/nodes").await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(!r.text().await.unwrap().contains("\"nodes\""));
+    // Another port of the same worker is another origin: no cookie there.
+    let r = http()
+        .get(format!("{}/", h.url))
+        .header("host", format!("9200-{w}.preview.test"))
+        .header("cookie", &value)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refusal(r).await.1, "unauthorized");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_tunnels_lists_open_connections_and_closes_them() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (h, _node) = Harness::start().await;
+    let w = worker(&h, "while true; do nc -l -p 9000 -e cat; done").await;
+    drop(tunnel(&h.hub, &w, 9000).await);
+    let (_pf, addr) = port_forward(&h, &w, ":9000").await;
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut one = [0u8; 5];
+    for _ in 0..50 {
+        c.write_all(b"hello").await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut one)).await {
+            Ok(Ok(_)) => break,
+            _ => {
+                c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            }
+        }
+    }
+    assert_eq!(&one, b"hello");
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .arg("ctl")
+            .args(args)
+            .env("TETHER_SERVER", &h.url)
+            .env("TETHER_TOKEN", &h.token)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, table) = ctl(&["tunnels"]);
+    assert_eq!(code, Some(0));
+    let id = format!("{w}:9000");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("no row for {id}:\n{table}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cols[1..4], [w.as_str(), "9000", "1"], "{row}");
+    assert!(cols[4].parse::<u64>().unwrap() >= 5, "{row}");
+    assert_eq!(ctl(&["tunnels", "close", &id]).0, Some(0));
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut rest))
+        .await
+        .expect("the connection closes with its tunnel")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert_eq!(ctl(&["tunnels", "close", &id]).0, Some(125), "already gone");
+    h.stop().await;
+}

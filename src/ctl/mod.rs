@@ -10,7 +10,7 @@ pub use cp::{CpTarget, copy};
 pub use forward::{Forward, port_forward};
 pub use stream::{exec, logs};
 
-use crate::protocol::operator::NodeInfo;
+use crate::protocol::operator::{NodeInfo, PreviewInfo, PreviewRequest, TunnelInfo};
 use crate::protocol::{ErrorBody, ErrorCode, SpawnRequest, WorkerInfo};
 use reqwest::{Method, RequestBuilder, Response};
 use serde::de::DeserializeOwned;
@@ -166,6 +166,53 @@ impl Client {
         .await
     }
 
+    /// Issues a preview URL for `port` of `worker`; `url` is filled in
+    /// (host-based when the server has a preview domain, else path-based on
+    /// this server's address).
+    pub async fn preview_url(
+        &self,
+        worker: &str,
+        port: u16,
+        ttl: std::time::Duration,
+    ) -> Result<PreviewInfo, CtlError> {
+        let req = PreviewRequest {
+            port,
+            ttl_secs: Some(ttl.as_secs()),
+        };
+        let mut info: PreviewInfo = self
+            .json(
+                self.request(Method::POST, &format!("/api/v1/workers/{worker}/previews"))
+                    .json(&req),
+            )
+            .await?;
+        if info.url.is_none() {
+            info.url = info.path.as_deref().map(|p| self.url(p).to_string());
+        }
+        Ok(info)
+    }
+
+    pub async fn previews(&self) -> Result<Vec<PreviewInfo>, CtlError> {
+        self.json(self.request(Method::GET, "/api/v1/previews"))
+            .await
+    }
+
+    pub async fn revoke_preview(&self, id: &str) -> Result<(), CtlError> {
+        self.send(self.request(Method::DELETE, &format!("/api/v1/previews/{id}")))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn tunnels(&self) -> Result<Vec<TunnelInfo>, CtlError> {
+        self.json(self.request(Method::GET, "/api/v1/tunnels"))
+            .await
+    }
+
+    pub async fn close_tunnel(&self, id: &str) -> Result<(), CtlError> {
+        self.send(self.request(Method::DELETE, &format!("/api/v1/tunnels/{id}")))
+            .await
+            .map(|_| ())
+    }
+
     pub async fn drain(&self, node: &str, drain: bool) -> Result<NodeInfo, CtlError> {
         let verb = if drain { "drain" } else { "undrain" };
         self.json(self.request(Method::POST, &format!("/api/v1/nodes/{node}/{verb}")))
@@ -209,6 +256,44 @@ pub fn format_workers(workers: &[WorkerInfo]) -> String {
             w.state,
             w.ip.as_deref().unwrap_or("-"),
             w.task_id.as_deref().unwrap_or("-")
+        );
+    }
+    s
+}
+
+/// `ctl tunnels` as a table.
+pub fn format_tunnels(tunnels: &[TunnelInfo]) -> String {
+    let mut s = format!(
+        "{:<34} {:<28} {:>5} {:>11} {:>12} {:>12}  {}\n",
+        "TUNNEL", "WORKER", "PORT", "CONNECTIONS", "BYTES IN", "BYTES OUT", "SINCE"
+    );
+    for t in tunnels {
+        let _ = writeln!(
+            s,
+            "{:<34} {:<28} {:>5} {:>11} {:>12} {:>12}  {}",
+            t.id,
+            t.worker_id,
+            t.port,
+            t.connections,
+            t.bytes_to_worker,
+            t.bytes_from_worker,
+            t.since
+        );
+    }
+    s
+}
+
+/// `ctl previews` as a table.
+pub fn format_previews(previews: &[PreviewInfo]) -> String {
+    let mut s = format!(
+        "{:<28} {:<28} {:>5}  {}\n",
+        "PREVIEW", "WORKER", "PORT", "EXPIRES"
+    );
+    for p in previews {
+        let _ = writeln!(
+            s,
+            "{:<28} {:<28} {:>5}  {}",
+            p.id, p.worker_id, p.port, p.expires_at
         );
     }
     s

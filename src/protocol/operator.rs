@@ -108,6 +108,48 @@ pub struct NodeInfo {
     pub connected_since: Option<String>,
 }
 
+/// An open tunnel: every connection to one port of one worker, through
+/// port-forwards and preview URLs (`GET /api/v1/tunnels`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TunnelInfo {
+    /// `WORKER:PORT`, what `DELETE /api/v1/tunnels/{id}` takes.
+    pub id: String,
+    pub worker_id: String,
+    pub port: u16,
+    pub connections: usize,
+    pub bytes_to_worker: u64,
+    pub bytes_from_worker: u64,
+    /// RFC 3339 UTC: when its first open connection opened.
+    pub since: String,
+}
+
+/// Asks for a preview URL (`POST /api/v1/workers/{id}/previews`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PreviewRequest {
+    pub port: u16,
+    /// Lifetime in seconds; 1 hour when left out, 30 days at most.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// An issued preview URL (and, listed, one not yet expired or revoked).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PreviewInfo {
+    /// What `DELETE /api/v1/previews/{id}` takes to revoke it.
+    pub id: String,
+    pub worker_id: String,
+    pub port: u16,
+    /// RFC 3339 UTC.
+    pub expires_at: String,
+    /// The path-based URL's path and query, for the server's own address.
+    /// Only when issued (a listing does not repeat the secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The host-based URL, when the server has a preview domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
 /// What the server says on an exec or logs WebSocket, as text.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]

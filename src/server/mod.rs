@@ -7,8 +7,10 @@ pub mod auth;
 mod conn;
 mod heartbeat;
 pub mod hub;
+pub mod preview;
 pub mod relay;
 pub mod store;
+pub mod tunnels;
 
 pub use conn::raise_open_file_limit;
 
@@ -62,6 +64,9 @@ pub struct ServerConfig {
     /// beyond it the oldest unauthenticated connection is closed, or, when
     /// every connection has authenticated, the new one is refused.
     pub max_connections: usize,
+    /// Serve host-based previews, `{port}-{worker}.{domain}`; the domain may
+    /// carry a `:port` for the URLs the server prints.
+    pub preview_domain: Option<String>,
 }
 
 /// Default of [`ServerConfig::stdin_window`].
@@ -100,6 +105,7 @@ impl ServerConfig {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_pending_connections: DEFAULT_MAX_PENDING_CONNECTIONS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            preview_domain: None,
         }
     }
 }
@@ -134,6 +140,10 @@ pub(crate) struct AppState {
     #[allow(clippy::type_complexity)]
     pub proofs_seen: std::sync::Mutex<std::collections::HashMap<String, Vec<(u64, String)>>>,
     pub admin_token: String,
+    /// Signs preview URLs.
+    pub preview_key: preview::PreviewKey,
+    /// Open tunnels, for operators to list and close.
+    pub tunnels: tunnels::Tunnels,
     /// Cancelled on shutdown: agent sessions close with 1001.
     pub shutdown: CancellationToken,
 }
@@ -206,6 +216,9 @@ impl Server {
         let admin_token = load_or_create_secret(&token_path, 32).map_err(state_err(token_path))?;
         let key_path = cfg.state_dir.join("jwt.key");
         let key = load_or_create_secret(&key_path, 32).map_err(state_err(key_path))?;
+        let preview_path = cfg.state_dir.join("preview.key");
+        let preview_secret =
+            load_or_create_secret(&preview_path, 32).map_err(state_err(preview_path))?;
         let tls = match &cfg.tls {
             Some((cert, key)) => Some(Arc::new(
                 crate::tls::server_config(cert, key).map_err(ServerError::Tls)?,
@@ -243,6 +256,8 @@ impl Server {
             proofs_seen: Default::default(),
             cfg,
             admin_token,
+            preview_key: preview::PreviewKey::new(preview_secret.as_bytes()),
+            tunnels: Default::default(),
             shutdown: CancellationToken::new(),
         });
         Ok(Server {

@@ -3,6 +3,7 @@
 //! trait, so a database-backed store replaces [`FileStore`] without touching
 //! them.
 
+use super::preview::PreviewGrant;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -47,12 +48,22 @@ pub trait Store: Send + Sync + 'static {
     /// Whether `binding` is still the node's binding (checked on every
     /// heartbeat tick of its connection: no copies).
     fn is_current(&self, node_id: &str, binding: &str) -> bool;
+    /// Keeps an issued preview grant (and drops expired ones).
+    fn add_preview(&self, grant: PreviewGrant) -> Result<(), StoreError>;
+    /// A grant that was issued and not revoked.
+    fn preview(&self, id: &str) -> Option<PreviewGrant>;
+    /// Revokes a grant; true if there was one.
+    fn revoke_preview(&self, id: &str) -> Result<bool, StoreError>;
+    /// Every grant not yet expired.
+    fn previews(&self) -> Vec<PreviewGrant>;
 }
 
 #[derive(Default, Serialize, Deserialize)]
 struct FileState {
     version: u32,
     nodes: BTreeMap<String, NodeIdentity>,
+    #[serde(default)]
+    previews: BTreeMap<String, PreviewGrant>,
 }
 
 /// A JSON file under the server's state directory, written atomically
@@ -142,6 +153,46 @@ impl Store for FileStore {
         }
         Ok(true)
     }
+
+    fn add_preview(&self, grant: PreviewGrant) -> Result<(), StoreError> {
+        let mut state = self.state.lock().unwrap();
+        let now = super::preview::now_secs();
+        state.previews.retain(|_, g| g.expires > now);
+        let id = grant.id.clone();
+        state.previews.insert(id.clone(), grant);
+        if let Err(e) = self.save(&state) {
+            state.previews.remove(&id);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn preview(&self, id: &str) -> Option<PreviewGrant> {
+        self.state.lock().unwrap().previews.get(id).cloned()
+    }
+
+    fn revoke_preview(&self, id: &str) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().unwrap();
+        let Some(old) = state.previews.remove(id) else {
+            return Ok(false);
+        };
+        if let Err(e) = self.save(&state) {
+            state.previews.insert(id.to_string(), old);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    fn previews(&self) -> Vec<PreviewGrant> {
+        let now = super::preview::now_secs();
+        let state = self.state.lock().unwrap();
+        state
+            .previews
+            .values()
+            .filter(|g| g.expires > now)
+            .cloned()
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -175,5 +226,21 @@ mod tests {
         let b = s.bind_node("n1", "aa").unwrap();
         assert_ne!(b.binding, a.binding, "a new binding voids old tokens");
         assert_eq!(FileStore::open(path).unwrap().node_identity("n1"), Some(b));
+    }
+
+    #[test]
+    fn preview_grants_are_durable_until_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let s = FileStore::open(path.clone()).unwrap();
+        let key = crate::server::preview::PreviewKey::new(b"k");
+        let (g, _) = key.grant("w", 80, std::time::Duration::from_secs(60));
+        s.add_preview(g.clone()).unwrap();
+        let s = FileStore::open(path.clone()).unwrap();
+        assert_eq!(s.preview(&g.id), Some(g.clone()));
+        assert_eq!(s.previews(), vec![g.clone()]);
+        assert!(s.revoke_preview(&g.id).unwrap());
+        assert!(!s.revoke_preview(&g.id).unwrap());
+        assert_eq!(FileStore::open(path).unwrap().preview(&g.id), None);
     }
 }

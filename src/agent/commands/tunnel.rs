@@ -101,6 +101,17 @@ async fn connect(ctx: &Ctx, req: &Tunnel) -> Result<TcpStream, ErrorBody> {
         w.ip.as_deref()
             .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
     else {
+        if w.network_policy == Some(crate::protocol::NetworkPolicy::None) {
+            // Reaching into a worker with no network needs a relay inside
+            // its namespace, which the agent does not have.
+            return Err(ErrorBody::new(
+                ErrorCode::Unsupported,
+                format!(
+                    "worker {} has network policy none: no address a tunnel can reach",
+                    req.worker_id
+                ),
+            ));
+        }
         return Err(ErrorBody::new(
             ErrorCode::HostUnreachable,
             format!(

@@ -18,7 +18,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Extension, Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -28,6 +28,7 @@ use std::time::Duration;
 
 mod exec;
 mod nodes;
+mod preview;
 mod register;
 mod streams;
 mod tunnel;
@@ -77,7 +78,18 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/workers/{id}/stop", post(stop))
         .route("/api/v1/workers/{id}/exec", get(exec_ws))
         .route("/api/v1/workers/{id}/logs", get(logs_ws))
-        .route("/api/v1/workers/{id}/ports/{port}/tunnel", get(tunnel_ws))
+        .route("/api/v1/workers/{id}/tunnels/{port}", get(tunnel_ws))
+        .route("/api/v1/tunnels", get(tunnel::list))
+        .route(
+            "/api/v1/tunnels/{id}",
+            axum::routing::delete(tunnel::close_tunnel),
+        )
+        .route("/api/v1/workers/{id}/previews", post(preview::issue))
+        .route("/api/v1/previews", get(preview::list))
+        .route(
+            "/api/v1/previews/{id}",
+            axum::routing::delete(preview::revoke),
+        )
         .route("/api/v1/workers/{id}/stat", get(stat))
         .route(
             "/api/v1/workers/{id}/archive",
@@ -87,8 +99,17 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             require_operator,
         ));
-    Router::new()
+    // Authorized inside: by the operator token or a preview grant.
+    let previews = Router::new()
+        .route("/api/v1/workers/{id}/ports/{port}", any(preview::by_path))
+        .route("/api/v1/workers/{id}/ports/{port}/", any(preview::by_path))
+        .route(
+            "/api/v1/workers/{id}/ports/{port}/{*rest}",
+            any(preview::by_path),
+        );
+    let api = Router::new()
         .merge(operator)
+        .merge(previews)
         .route(REGISTER_PATH, post(register))
         .route(AGENT_CONNECT_PATH, get(super::agent_ws::connect))
         .route("/healthz", get(|| async { "ok" }))
@@ -98,8 +119,16 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(middleware::map_response(json_errors))
         .layer(middleware::from_fn(close_refused_upgrades))
-        .with_state(state)
+        .with_state(state.clone());
+    // A host-based preview is decided by `Host`, before any route.
+    Router::new()
+        .fallback_service(api)
+        .layer(middleware::from_fn_with_state(state, preview::by_host))
 }
+
+/// Marks a response that came from a worker: passed on as it is.
+#[derive(Clone, Copy)]
+struct Proxied;
 
 /// A refused WebSocket upgrade (bad token, wrong subprotocol, no such
 /// route) gets its error and then `Connection: close`: hyper closes the
@@ -119,6 +148,9 @@ async fn close_refused_upgrades(req: Request, next: Next) -> Response {
 /// (bad query strings, wrong method, a plain GET on a WebSocket route).
 async fn json_errors(resp: Response) -> Response {
     let status = resp.status();
+    if resp.extensions().get::<Proxied>().is_some() {
+        return resp;
+    }
     let is_json = resp
         .headers()
         .get("content-type")

@@ -4,7 +4,9 @@
 //! and `eof` from the server are half-closes; `exit` or `error` ends it.
 
 use super::*;
+use crate::protocol::operator::TunnelInfo;
 use crate::server::relay::StdinQueue;
+use crate::server::tunnels::Connection;
 
 /// What a tunnel lets wait from its client for the agent's credit.
 const TUNNEL_INPUT_WINDOW: usize = 1024 * 1024;
@@ -24,13 +26,14 @@ pub(super) async fn tunnel_ws(
         }
     };
     // Connected before the upgrade: a refusal is an HTTP error with its code.
+    let conn = app.tunnels.connect(&id, port);
     match app.hub.tunnel(&id, port).await {
-        Ok(t) => ws.on_upgrade(move |socket| tunnel_session(app, t, socket)),
+        Ok(t) => ws.on_upgrade(move |socket| tunnel_session(app, t, conn, socket)),
         Err(e) => error_response(e),
     }
 }
 
-async fn tunnel_session(app: Arc<AppState>, t: ExecSession, socket: WebSocket) {
+async fn tunnel_session(app: Arc<AppState>, t: ExecSession, conn: Connection, socket: WebSocket) {
     let (mut tx, mut rx) = socket.split();
     let ExecSession {
         mut input,
@@ -71,6 +74,10 @@ async fn tunnel_session(app: Arc<AppState>, t: ExecSession, socket: WebSocket) {
                 Ok(p) => p.send(waiting.pop().flatten()),
                 Err(_) => waiting.clear(),
             },
+            _ = conn.closed() => break Some(end_message(None, Some(ErrorBody::new(
+                ErrorCode::Unavailable,
+                "an operator closed the tunnel",
+            )))),
             _ = keepalive.tick() => {
                 if tx.send(WsMessage::Ping(Default::default())).await.is_err() {
                     break None;
@@ -78,6 +85,7 @@ async fn tunnel_session(app: Arc<AppState>, t: ExecSession, socket: WebSocket) {
             }
             ev = output.next() => match ev {
                 Some(StreamEvent::Data(_, b)) => {
+                    conn.from_worker(b.len());
                     if tx.send(data_frame(StreamKind::Data, &b)).await.is_err() {
                         break None;
                     }
@@ -92,7 +100,10 @@ async fn tunnel_session(app: Arc<AppState>, t: ExecSession, socket: WebSocket) {
                 None => break Some(end_message(None, None)),
             },
             m = rx.next(), if waiting.has_room() => match m {
-                Some(Ok(WsMessage::Binary(b))) => waiting.data(b),
+                Some(Ok(WsMessage::Binary(b))) => {
+                    conn.to_worker(b.len());
+                    waiting.data(b)
+                }
                 Some(Ok(WsMessage::Text(t))) => {
                     if let Ok(ClientMsg::StdinEof) = serde_json::from_str::<ClientMsg>(t.as_str()) {
                         waiting.eof();
@@ -110,5 +121,23 @@ async fn tunnel_session(app: Arc<AppState>, t: ExecSession, socket: WebSocket) {
         && tx.send(m).await.is_ok()
     {
         close(tx, rx, std::future::pending()).await;
+    }
+}
+
+/// `GET /api/v1/tunnels`: open tunnels with their connections and bytes.
+pub(super) async fn list(State(app): State<Arc<AppState>>) -> Json<Vec<TunnelInfo>> {
+    Json(app.tunnels.list())
+}
+
+/// `DELETE /api/v1/tunnels/{id}`: ends every connection of `WORKER:PORT`.
+pub(super) async fn close_tunnel(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    if app.tunnels.close(&id) {
+        tracing::info!(tunnel = %id, "tunnel closed by an operator");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ErrorBody::new(ErrorCode::NotFound, format!("no open tunnel {id:?}")).into())
     }
 }

@@ -1,0 +1,407 @@
+//! Preview: HTTP to a port of a worker, proxied through a tunnel. Each
+//! request is one tunnel connection carrying one HTTP/1.1 exchange, with
+//! the method, headers and `Host` as the client sent them; bodies stream
+//! both ways, and an upgrade (a WebSocket) becomes a two-way byte stream.
+//!
+//! Path-based: `/api/v1/workers/{id}/ports/{port}/...` (the worker sees
+//! `/...`, and the prefix in `X-Forwarded-Prefix`). Host-based:
+//! `{port}-{worker}.{preview domain}`, when the server has one. Either is
+//! authorized by the operator token or by a preview grant: the signed URL
+//! `?tether_preview=` sets a cookie scoped to that worker and port. The
+//! worker never sees the operator token or the grant.
+
+use super::*;
+use crate::protocol::operator::{PreviewInfo, PreviewRequest};
+use crate::server::preview::{self, PREVIEW_PARAM};
+use crate::server::tunnels::Connection;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Default lifetime of a preview URL.
+const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+
+/// `POST /api/v1/workers/{id}/previews`: a signed, expiring preview URL.
+pub(super) async fn issue(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Json(req): Json<PreviewRequest>,
+) -> ApiResult<Json<PreviewInfo>> {
+    if req.port == 0 {
+        return Err(ErrorBody::new(ErrorCode::InvalidRequest, "port must be 1 to 65535").into());
+    }
+    let ttl = req.ttl_secs.map_or(DEFAULT_TTL, Duration::from_secs);
+    if ttl.is_zero() || ttl > preview::MAX_TTL {
+        return Err(ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "ttl must be 1 s to {}",
+                humantime::format_duration(preview::MAX_TTL)
+            ),
+        )
+        .into());
+    }
+    let worker = app.hub.worker(&id)?;
+    let (grant, token) = app.preview_key.grant(&worker.worker_id, req.port, ttl);
+    let store = app.store.clone();
+    let g = grant.clone();
+    tokio::task::spawn_blocking(move || store.add_preview(g))
+        .await
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+    let mut info = grant_info(&grant);
+    info.path = Some(format!(
+        "{}/?{PREVIEW_PARAM}={token}",
+        path_prefix(&grant.worker_id, grant.port)
+    ));
+    info.url = app.cfg.preview_domain.as_ref().map(|d| {
+        let scheme = if app.cfg.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!(
+            "{scheme}://{}-{}.{d}/?{PREVIEW_PARAM}={token}",
+            grant.port, grant.worker_id
+        )
+    });
+    tracing::info!(preview = %grant.id, worker_id = %grant.worker_id, port = grant.port, expires = grant.expires, "preview URL issued");
+    Ok(Json(info))
+}
+
+fn grant_info(g: &preview::PreviewGrant) -> PreviewInfo {
+    let expires = std::time::UNIX_EPOCH + Duration::from_secs(g.expires);
+    PreviewInfo {
+        id: g.id.clone(),
+        worker_id: g.worker_id.clone(),
+        port: g.port,
+        expires_at: humantime::format_rfc3339_seconds(expires).to_string(),
+        path: None,
+        url: None,
+    }
+}
+
+/// `GET /api/v1/previews`: grants neither expired nor revoked.
+pub(super) async fn list(State(app): State<Arc<AppState>>) -> Json<Vec<PreviewInfo>> {
+    Json(app.store.previews().iter().map(grant_info).collect())
+}
+
+/// `DELETE /api/v1/previews/{id}`: revokes a grant at once.
+pub(super) async fn revoke(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let store = app.store.clone();
+    let gone = tokio::task::spawn_blocking(move || store.revoke_preview(&id))
+        .await
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+    if gone {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ErrorBody::new(ErrorCode::NotFound, "no such preview URL").into())
+    }
+}
+
+fn path_prefix(worker_id: &str, port: u16) -> String {
+    format!("/api/v1/workers/{worker_id}/ports/{port}")
+}
+
+/// `/api/v1/workers/{id}/ports/{port}[/...]`: the path-based preview.
+pub(super) async fn by_path(State(app): State<Arc<AppState>>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let mut parts = path.split('/').skip(4);
+    let (Some(worker), Some("ports"), Some(port)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return error_response(ErrorBody::new(ErrorCode::NotFound, "no such endpoint"));
+    };
+    let Some(port) = port.parse::<u16>().ok().filter(|p| *p > 0) else {
+        return error_response(ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            format!("port must be 1 to 65535, got {port:?}"),
+        ));
+    };
+    let prefix = path_prefix(worker, port);
+    let rest = &path[prefix.len()..];
+    if rest.is_empty() {
+        // The app's relative links resolve against a directory.
+        let q = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        return redirect(&format!("{prefix}/{q}"), None);
+    }
+    let worker = worker.to_string();
+    let rest = rest.to_string();
+    serve(&app, &worker, port, req, &rest, Some(&prefix)).await
+}
+
+/// Before routing: a request whose `Host` names a worker port under the
+/// preview domain is a host-based preview, whatever its path.
+pub(super) async fn by_host(
+    State(app): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let target = app.cfg.preview_domain.as_deref().and_then(|d| {
+        let host = req.headers().get(header::HOST)?.to_str().ok()?;
+        preview::parse_host(host, d)
+    });
+    match target {
+        Some((worker, port)) => {
+            let path = req.uri().path().to_string();
+            serve(&app, &worker, port, req, &path, None).await
+        }
+        None => next.run(req).await,
+    }
+}
+
+/// Authorizes, then proxies `req` to `port` of `worker` as `path` (plus the
+/// query). `prefix` is the path-based preview's prefix.
+async fn serve(
+    app: &Arc<AppState>,
+    worker: &str,
+    port: u16,
+    mut req: Request,
+    path: &str,
+    prefix: Option<&str>,
+) -> Response {
+    let query = req.uri().query().unwrap_or("").to_string();
+    // A signed URL: checked, turned into a cookie, and the token taken out
+    // of the address bar.
+    if let Some(token) = preview::param(&query) {
+        return match check_grant(app, token, worker, port) {
+            Ok(expires) => {
+                let rest = preview::without_param(&query)
+                    .map(|q| format!("?{q}"))
+                    .unwrap_or_default();
+                let location = format!("{}{path}{rest}", prefix.unwrap_or(""));
+                let secure = if app.cfg.tls.is_some() {
+                    "; Secure"
+                } else {
+                    ""
+                };
+                let cookie = format!(
+                    "{PREVIEW_PARAM}={token}; Path={}; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
+                    prefix.unwrap_or("/"),
+                    preview::remaining(expires)
+                );
+                redirect(&location, Some(cookie))
+            }
+            Err(e) => error_response(e),
+        };
+    }
+    if let Err(e) = authorize(app, req.headers_mut(), worker, port) {
+        return error_response(e);
+    }
+    let target = if query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{query}")
+    };
+    match target.parse() {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(_) => {
+            return error_response(ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                "bad request path",
+            ));
+        }
+    }
+    if let Some(p) = prefix
+        && let Ok(v) = HeaderValue::from_str(p)
+    {
+        req.headers_mut().insert("x-forwarded-prefix", v);
+    }
+    match forward(app, worker, port, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(e),
+    }
+}
+
+/// The operator token or a live grant for this worker and port; either is
+/// taken out of the headers the worker will see.
+fn authorize(
+    app: &AppState,
+    headers: &mut HeaderMap,
+    worker: &str,
+    port: u16,
+) -> Result<(), ErrorBody> {
+    let operator = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| auth::bearer(Some(v)))
+        .is_some_and(|t| auth::secret_eq(t, &app.admin_token));
+    if operator {
+        headers.remove(header::AUTHORIZATION);
+    }
+    let cookie_headers: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(String::from))
+        .collect();
+    let mut granted = operator;
+    let mut refusal = None;
+    if !granted {
+        for token in preview::cookies(cookie_headers.iter().map(String::as_str), PREVIEW_PARAM) {
+            match check_grant(app, token, worker, port) {
+                Ok(_) => {
+                    granted = true;
+                    break;
+                }
+                Err(e) => refusal = Some(e),
+            }
+        }
+    }
+    if !granted {
+        return Err(refusal.unwrap_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::Unauthorized,
+                "a preview needs the operator token or a preview URL (tether ctl preview-url)",
+            )
+        }));
+    }
+    headers.remove(header::COOKIE);
+    for h in &cookie_headers {
+        if let Some(kept) = preview::without_cookie(h, PREVIEW_PARAM)
+            && let Ok(v) = HeaderValue::from_str(&kept)
+        {
+            headers.append(header::COOKIE, v);
+        }
+    }
+    Ok(())
+}
+
+/// A grant token that is signed for this worker and port, unexpired and
+/// not revoked: its expiry.
+fn check_grant(app: &AppState, token: &str, worker: &str, port: u16) -> Result<u64, ErrorBody> {
+    let id = app.preview_key.verify(token, worker, port)?;
+    match app.store.preview(&id) {
+        Some(g) => Ok(g.expires),
+        None => Err(ErrorBody::new(
+            ErrorCode::Unauthorized,
+            "the preview URL was revoked",
+        )),
+    }
+}
+
+fn redirect(location: &str, cookie: Option<String>) -> Response {
+    let mut r = Response::builder()
+        .status(StatusCode::SEE_OTHER)
+        .header(header::LOCATION, location)
+        .header(header::CACHE_CONTROL, "no-store");
+    if let Some(c) = cookie {
+        r = r.header(header::SET_COOKIE, c);
+    }
+    r.body(Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// One HTTP exchange with the worker's port over a new tunnel connection.
+async fn forward(
+    app: &Arc<AppState>,
+    worker: &str,
+    port: u16,
+    mut req: Request,
+) -> Result<Response, ErrorBody> {
+    let conn = app.tunnels.connect(worker, port);
+    let session = app.hub.tunnel(worker, port).await?;
+    let io = pipe(&app.hub, session, conn);
+    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, Body>(TokioIo::new(io))
+        .await
+        .map_err(|e| bad_gateway(worker, port, e))?;
+    app.hub.spawn_task(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    let client_upgrade = req
+        .headers()
+        .contains_key(header::UPGRADE)
+        .then(|| hyper::upgrade::on(&mut req));
+    let mut resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| bad_gateway(worker, port, e))?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client) = client_upgrade
+    {
+        let upstream = hyper::upgrade::on(&mut resp);
+        app.hub.spawn_task(async move {
+            if let (Ok(c), Ok(u)) = tokio::join!(client, upstream) {
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+            }
+        });
+    }
+    let mut resp = resp.map(Body::new);
+    resp.extensions_mut().insert(super::Proxied);
+    Ok(resp)
+}
+
+fn bad_gateway(worker: &str, port: u16, e: hyper::Error) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::HostUnreachable,
+        format!("port {port} of worker {worker} did not answer HTTP: {e}"),
+    )
+}
+
+/// What a pipe holds of the tunnel before handing it to hyper.
+const PIPE_BUFFER: usize = 256 * 1024;
+
+/// The tunnel as a byte stream for hyper. Ends (and the tunnel with it)
+/// when hyper lets go of its end, when the worker closes, or when an
+/// operator closes the tunnel.
+fn pipe(
+    hub: &crate::server::Hub,
+    session: ExecSession,
+    conn: Connection,
+) -> tokio::io::DuplexStream {
+    let (ours, theirs) = tokio::io::duplex(PIPE_BUFFER);
+    let ExecSession {
+        mut input,
+        mut output,
+    } = session;
+    output.report_eof();
+    hub.spawn_task(async move {
+        let (mut from_hyper, mut to_hyper) = tokio::io::split(theirs);
+        let up = async {
+            loop {
+                let mut buf = bytes::BytesMut::with_capacity(64 * 1024);
+                match from_hyper.read_buf(&mut buf).await {
+                    // hyper never half-closes: its end is gone.
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        conn.to_worker(n);
+                        if input.write(buf.freeze()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        let down = async {
+            while let Some(ev) = output.next().await {
+                match ev {
+                    StreamEvent::Data(_, b) => {
+                        conn.from_worker(b.len());
+                        if to_hyper.write_all(&b).await.is_err() {
+                            return;
+                        }
+                    }
+                    StreamEvent::Eof => {
+                        let _ = to_hyper.shutdown().await;
+                    }
+                    StreamEvent::Gap(_) => {}
+                    StreamEvent::End { .. } => return,
+                }
+            }
+        };
+        tokio::select! {
+            _ = up => {}
+            _ = down => {}
+            _ = conn.closed() => {}
+        }
+        // Dropping the output before its end cancels the tunnel on the agent.
+    });
+    ours
+}

@@ -1,0 +1,256 @@
+//! Preview URLs: signed, expiring, revocable grants to reach one port of
+//! one worker over HTTP without the operator token.
+//!
+//! A grant's token is `{id}.{expires}.{mac}`: the MAC (HMAC-SHA256 under a
+//! key only the server holds) covers the id, the worker, the port and the
+//! expiry, so a token works for its own worker and port only and cannot be
+//! stretched. The grant is also kept in the store: deleting it revokes the
+//! token before it expires.
+
+use crate::protocol::{ErrorBody, ErrorCode};
+use ring::hmac;
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The query parameter a preview URL carries; the cookie it becomes.
+pub const PREVIEW_PARAM: &str = "tether_preview";
+
+/// Longest lifetime of a grant.
+pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// One issued grant, as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviewGrant {
+    pub id: String,
+    pub worker_id: String,
+    pub port: u16,
+    /// Unix seconds.
+    pub expires: u64,
+}
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// Signs and checks grant tokens.
+pub struct PreviewKey(hmac::Key);
+
+impl PreviewKey {
+    pub fn new(secret: &[u8]) -> Self {
+        PreviewKey(hmac::Key::new(hmac::HMAC_SHA256, secret))
+    }
+
+    fn message(id: &str, worker_id: &str, port: u16, expires: u64) -> String {
+        format!("tether-preview-v1\n{id}\n{worker_id}\n{port}\n{expires}")
+    }
+
+    /// A new grant for `ttl` from now, and its token.
+    pub fn grant(&self, worker_id: &str, port: u16, ttl: Duration) -> (PreviewGrant, String) {
+        let g = PreviewGrant {
+            id: ulid::Ulid::new().to_string().to_ascii_lowercase(),
+            worker_id: worker_id.to_string(),
+            port,
+            expires: now_secs() + ttl.as_secs().max(1),
+        };
+        let token = self.token(&g);
+        (g, token)
+    }
+
+    pub fn token(&self, g: &PreviewGrant) -> String {
+        let tag = hmac::sign(
+            &self.0,
+            Self::message(&g.id, &g.worker_id, g.port, g.expires).as_bytes(),
+        );
+        format!("{}.{}.{}", g.id, g.expires, hex::encode(tag.as_ref()))
+    }
+
+    /// Checks `token` for `worker_id`'s `port`: the grant id it names when
+    /// the signature holds and it has not expired. Whether the grant is still
+    /// in the store (not revoked) is the caller's check.
+    pub fn verify(&self, token: &str, worker_id: &str, port: u16) -> Result<String, ErrorBody> {
+        let refused = |why: &str| ErrorBody::new(ErrorCode::Unauthorized, why.to_string());
+        let mut parts = token.split('.');
+        let (Some(id), Some(expires), Some(mac), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(refused("malformed preview token"));
+        };
+        let expires: u64 = expires
+            .parse()
+            .map_err(|_| refused("malformed preview token"))?;
+        let mac = hex::decode(mac).map_err(|_| refused("malformed preview token"))?;
+        hmac::verify(
+            &self.0,
+            Self::message(id, worker_id, port, expires).as_bytes(),
+            &mac,
+        )
+        .map_err(|_| refused("the preview token is not valid for this worker and port"))?;
+        if expires <= now_secs() {
+            return Err(refused("the preview token has expired"));
+        }
+        Ok(id.to_string())
+    }
+}
+
+/// Seconds until `expires` (at least 1), for a cookie's `Max-Age`.
+pub fn remaining(expires: u64) -> u64 {
+    expires.saturating_sub(now_secs()).max(1)
+}
+
+/// The worker and port a host-based preview name addresses:
+/// `{port}-{worker}.{domain}`, with or without `:port` after it, in any case.
+pub fn parse_host(host: &str, domain: &str) -> Option<(String, u16)> {
+    let host = host.to_ascii_lowercase();
+    let host = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h.to_string(),
+        _ => host,
+    };
+    let domain = domain_name(domain).to_ascii_lowercase();
+    let label = host.strip_suffix(&domain)?.strip_suffix('.')?;
+    let (port, worker) = label.split_once('-')?;
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    if worker.is_empty()
+        || !worker
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return None;
+    }
+    Some((worker.to_string(), port))
+}
+
+/// The preview domain without the port it may carry for printed URLs.
+pub fn domain_name(domain: &str) -> &str {
+    match domain.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => domain,
+    }
+}
+
+/// The values of every cookie named `name` in a request's `Cookie` headers.
+pub fn cookies<'a>(
+    headers: impl Iterator<Item = &'a str> + 'a,
+    name: &'a str,
+) -> impl Iterator<Item = &'a str> + 'a {
+    headers.flat_map(|h| h.split(';')).filter_map(move |c| {
+        let (k, v) = c.trim().split_once('=')?;
+        (k == name).then_some(v)
+    })
+}
+
+/// A `Cookie` header without the cookies named `name` (None when nothing
+/// is left): the preview token is the server's, never the worker's.
+pub fn without_cookie(header: &str, name: &str) -> Option<String> {
+    let kept: Vec<&str> = header
+        .split(';')
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && c.split_once('=').map(|(k, _)| k) != Some(name))
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("; "))
+}
+
+/// A query string without the preview parameter (None when nothing is left).
+pub fn without_param(query: &str) -> Option<String> {
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && p.split('=').next() != Some(PREVIEW_PARAM))
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
+}
+
+/// The preview parameter's value in a query string.
+pub fn param(query: &str) -> Option<&str> {
+    query.split('&').find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        (k == PREVIEW_PARAM).then_some(v)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_opens_its_own_worker_and_port_only() {
+        let key = PreviewKey::new(b"k1");
+        let (g, token) = key.grant("w1", 8080, Duration::from_secs(60));
+        assert_eq!(key.verify(&token, "w1", 8080).unwrap(), g.id);
+        assert!(key.verify(&token, "w1", 8081).is_err(), "another port");
+        assert!(key.verify(&token, "w2", 8080).is_err(), "another worker");
+        assert!(
+            PreviewKey::new(b"k2").verify(&token, "w1", 8080).is_err(),
+            "another server's key"
+        );
+        // Stretching the expiry breaks the signature.
+        let mut parts: Vec<String> = token.split('.').map(String::from).collect();
+        parts[1] = (g.expires + 3600).to_string();
+        let stretched = parts.join(".");
+        let e = key.verify(&stretched, "w1", 8080).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unauthorized);
+        for bad in ["", "a.b", "a.b.c.d", "x.1.zz", &token[..token.len() - 2]] {
+            assert!(key.verify(bad, "w1", 8080).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_expired_token_is_refused() {
+        let key = PreviewKey::new(b"k");
+        let g = PreviewGrant {
+            id: "g".into(),
+            worker_id: "w".into(),
+            port: 80,
+            expires: now_secs() - 1,
+        };
+        let e = key.verify(&key.token(&g), "w", 80).unwrap_err();
+        assert!(e.message.contains("expired"), "{e}");
+    }
+
+    #[test]
+    fn host_names_address_a_worker_port() {
+        let d = "preview.example.test";
+        assert_eq!(
+            parse_host("8080-01abc.preview.example.test", d),
+            Some(("01abc".into(), 8080))
+        );
+        assert_eq!(
+            parse_host(
+                "8080-01ABC.Preview.Example.Test:7878",
+                "preview.example.test:7878"
+            ),
+            Some(("01abc".into(), 8080))
+        );
+        for h in [
+            "preview.example.test",
+            "x.preview.example.test",
+            "0-w.preview.example.test",
+            "70000-w.preview.example.test",
+            "8080-.preview.example.test",
+            "8080-w.other.test",
+            "8080-w.a.preview.example.test",
+            "8080-wpreview.example.test",
+        ] {
+            assert_eq!(parse_host(h, d), None, "{h}");
+        }
+    }
+
+    #[test]
+    fn the_token_is_taken_out_of_what_the_worker_sees() {
+        assert_eq!(
+            without_cookie("a=1; tether_preview=x; b=2", PREVIEW_PARAM).as_deref(),
+            Some("a=1; b=2")
+        );
+        assert_eq!(without_cookie("tether_preview=x", PREVIEW_PARAM), None);
+        assert_eq!(
+            without_param("a=1&tether_preview=x&b").as_deref(),
+            Some("a=1&b")
+        );
+        assert_eq!(without_param("tether_preview=x"), None);
+        assert_eq!(param("a=1&tether_preview=t.1.ff"), Some("t.1.ff"));
+        let hs = ["a=1; tether_preview=one", "tether_preview=two"];
+        let v: Vec<&str> = cookies(hs.into_iter(), PREVIEW_PARAM).collect();
+        assert_eq!(v, ["one", "two"]);
+    }
+}

@@ -24,6 +24,8 @@ mod scale;
 mod setup;
 #[path = "tether-bench/stats.rs"]
 mod stats;
+#[path = "tether-bench/tunnel.rs"]
+mod tunnel;
 
 use anyhow::Context;
 use clap::Parser;
@@ -33,12 +35,13 @@ use stats::Figure;
 use std::path::PathBuf;
 use std::time::Instant;
 
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "exec",
     "throughput",
     "files",
     "spawn",
     "concurrent",
+    "tunnel",
     "agent",
     "scale",
 ];
@@ -65,7 +68,7 @@ struct Cli {
         default_value = "tether-test-busybox:latest"
     )]
     image: String,
-    /// Run only these sections (exec, throughput, files, spawn, concurrent, agent, scale).
+    /// Run only these sections (exec, throughput, files, spawn, concurrent, tunnel, agent, scale).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Cap the number of simulated agents of the scale section.
@@ -180,6 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         "files",
         "spawn",
         "concurrent",
+        "tunnel",
         "agent",
     ];
     if docker_sections.iter().any(|s| want(s)) {
@@ -219,6 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             section!("files", b.files());
             section!("spawn", b.spawn());
             section!("concurrent", b.concurrent());
+            section!("tunnel", b.tunnels());
             section!("agent", b.agent_rss());
         }
         if !b.worker.is_empty()

@@ -148,4 +148,30 @@ impl ApiClient {
         })
         .await
     }
+
+    /// A GET through the path-based preview with the operator token, the
+    /// whole body read: its time and body size.
+    pub async fn preview_get(
+        &self,
+        worker: &str,
+        port: u16,
+        path: &str,
+    ) -> anyhow::Result<(Duration, u64)> {
+        let url = format!("{}/api/v1/workers/{worker}/ports/{port}{path}", self.url);
+        self.http_get(url, true).await
+    }
+
+    /// A GET of `url`, straight (no token) unless `auth`.
+    pub async fn http_get(&self, url: String, auth: bool) -> anyhow::Result<(Duration, u64)> {
+        let mut rb = self.http.get(url);
+        if auth {
+            rb = rb.bearer_auth(&self.token);
+        }
+        self.run(async move {
+            let r = rb.send().await?;
+            ensure!(r.status().is_success(), "GET: HTTP {}", r.status());
+            Ok(r.bytes().await?.len() as u64)
+        })
+        .await
+    }
 }

@@ -110,15 +110,15 @@ pub async fn limit<T>(
     }
 }
 
-fn cmd(args: &[&str]) -> Vec<String> {
+pub(crate) fn cmd(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
-fn secs_ms(d: Duration) -> f64 {
+pub(crate) fn secs_ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn mb_s(bytes: u64, d: Duration) -> f64 {
+pub(crate) fn mb_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / 1e6 / d.as_secs_f64()
 }
 
@@ -139,7 +139,7 @@ async fn cpu_of<T>(
 /// direct, 2: tether through the HTTP API where there is one), rotating
 /// which goes first, each after `setup` (not measured). Returns each side's
 /// results in order and the CPU seconds this process used in its runs.
-async fn alternate<const N: usize, T, S, R>(
+pub(crate) async fn alternate<const N: usize, T, S, R>(
     reps: usize,
     setup: impl Fn() -> S,
     run: impl Fn(usize) -> R,

@@ -105,6 +105,24 @@ pub fn targets(figs: &[Figure]) -> Vec<Target> {
         stalled.map(|(s, u)| (format!("{:.2}x ({s:.2} vs {u:.2} s)", s / u), s / u <= 1.1)),
     );
     push(
+        "tunnel throughput >= 80% of direct TCP",
+        both("tunnel_throughput_mb_s").map(|(_, _, r)| (format!("{:.0}%", r * 100.0), r >= 0.8)),
+    );
+    for (name, what) in [
+        ("tunnel_connect_added_ms", "tunnel connect + first byte"),
+        ("preview_http_rtt_added_ms", "preview HTTP round trip"),
+    ] {
+        push(
+            &format!("{what} adds <= 2 ms at p50"),
+            find(figs, name).and_then(|f| f.tether).map(|v| {
+                (
+                    format!("{v:+.2} ms (median of paired differences)"),
+                    v <= 2.0,
+                )
+            }),
+        );
+    }
+    push(
         "agent idle RSS <= 10 MB",
         find(figs, "agent_idle_rss_mb")
             .and_then(|f| f.tether)

@@ -1586,3 +1586,71 @@ async fn logs_follow_survives_cuts_of_the_agent_link_exactly() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_survives_cuts_of_the_agent_link_byte_exact_both_ways() {
+    let (h, node, proxy) = proxied().await;
+    let w = h
+        .hub
+        .spawn(tether::protocol::SpawnRequest {
+            image: image(),
+            cmd: vec!["sh".into(), "-c".into(), "nc -l -p 9000 -e cat".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut t = None;
+    for _ in 0..100 {
+        match h.hub.tunnel(&w.worker_id, 9000).await {
+            Ok(s) => {
+                t = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let tether::server::ExecSession {
+        mut input,
+        mut output,
+    } = t.expect("the worker's echo listens");
+    const SIZE: usize = 20_000_000;
+    let sent: Vec<u8> = (0..SIZE as u32).map(|i| (i * 17 % 239) as u8).collect();
+    let payload = sent.clone();
+    // Written while the echo is read and the link is cut under both.
+    let writer = tokio::spawn(async move {
+        for chunk in payload.chunks(64 * 1024) {
+            input
+                .write(bytes::Bytes::copy_from_slice(chunk))
+                .await
+                .expect("input survives the cuts");
+        }
+        input.close();
+        input
+    });
+    let mut got = Vec::with_capacity(SIZE);
+    let mut cuts_at = vec![3_000_000usize, 9_000_000, 15_000_000];
+    let mut cuts = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), output.next())
+            .await
+            .expect("tunnel output within 60 s")
+        {
+            Some(tether::server::StreamEvent::Data(_, b)) => {
+                got.extend_from_slice(&b);
+                if cuts_at.first().is_some_and(|&at| got.len() >= at) {
+                    cuts_at.remove(0);
+                    proxy.cut();
+                    cuts += 1;
+                }
+            }
+            Some(tether::server::StreamEvent::End { error: None, .. }) | None => break,
+            Some(other) => panic!("unexpected tunnel event {other:?}"),
+        }
+    }
+    assert_eq!(cuts, 3, "the link was cut 3 times mid-transfer");
+    assert_eq!(got.len(), SIZE, "bytes lost or duplicated");
+    assert_eq!(sha256(&got), sha256(&sent), "the echo differs");
+    drop(writer.await.unwrap());
+    h.wait_status(&node, "online").await;
+    h.stop().await;
+}

@@ -2,7 +2,7 @@
 //! accepted connection becomes its own tunnel to a port of a worker,
 //! through the server and the node's agent.
 
-use super::stream::open;
+use super::ws::open;
 use super::{Client, CtlError};
 use crate::protocol::operator::{ClientMsg, ServerMsg};
 use futures_util::{SinkExt, StreamExt};

@@ -2,13 +2,16 @@
 //! docker-CLI habits (exit codes passed through, `cp SRC DST`, `--json`).
 
 mod cp;
+mod exec;
 pub mod extract;
 mod forward;
-mod stream;
+mod logs;
+mod ws;
 
 pub use cp::{CpTarget, copy};
+pub use exec::exec;
 pub use forward::{Forward, port_forward};
-pub use stream::{exec, logs};
+pub use logs::logs;
 
 use crate::protocol::operator::{NodeInfo, PreviewInfo, PreviewRequest, TunnelInfo};
 use crate::protocol::{ErrorBody, ErrorCode, SpawnRequest, WorkerInfo};

@@ -1,75 +1,16 @@
-//! `ctl exec` and `ctl logs`: WebSocket sessions with the server, stdout and
-//! stderr kept apart, stdin and terminal resizes forwarded.
+//! `ctl exec`: an exec's WebSocket session, stdout and stderr kept apart,
+//! stdin and terminal resizes forwarded, re-attached byte-exact after a lost
+//! connection.
 
 use super::{Client, CtlError};
-use crate::protocol::operator::{
-    self, ASSUMED_STDIN_WINDOW, ClientMsg, ExecOptions, LogOptions, ServerMsg,
-};
-use crate::protocol::{ErrorBody, StreamKind, TermSize};
+use crate::protocol::TermSize;
+use crate::protocol::operator::{ASSUMED_STDIN_WINDOW, ClientMsg, ExecOptions, ServerMsg};
 use futures_util::{SinkExt, StreamExt};
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use tokio::io::AsyncReadExt;
-use tokio_tungstenite::tungstenite::{Message as WsMessage, client::IntoClientRequest};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-pub(super) async fn open(
-    client: &Client,
-    path: &str,
-    query: &[(&str, String)],
-) -> Result<Ws, CtlError> {
-    crate::init_crypto();
-    let mut url = client.url(path);
-    let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
-    let _ = url.set_scheme(scheme);
-    if !query.is_empty() {
-        url.query_pairs_mut()
-            .extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
-    }
-    let mut req = url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| CtlError::Local(e.to_string()))?;
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", client.token())
-            .parse()
-            .map_err(|_| CtlError::Local("token is not a valid header".into()))?,
-    );
-    let connect = tokio_tungstenite::connect_async_tls_with_config(
-        req,
-        None,
-        true,
-        Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(
-            crate::tls_client_config(),
-        ))),
-    );
-    // A dead network path would leave the connection waiting for good.
-    let Ok(connected) = tokio::time::timeout(CONNECT_TIMEOUT, connect).await else {
-        return Err(CtlError::Connect {
-            url: client.url("/").to_string(),
-            reason: format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
-        });
-    };
-    match connected {
-        Ok((ws, _)) => Ok(ws),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let body = resp.body().as_deref().unwrap_or_default();
-            let err = serde_json::from_slice::<serde_json::Value>(body)
-                .ok()
-                .and_then(|v| serde_json::from_value::<ErrorBody>(v["error"].clone()).ok());
-            Err(match err {
-                Some(e) => CtlError::Api(e),
-                None => CtlError::Local(format!("HTTP {}", resp.status())),
-            })
-        }
-        Err(e) => Err(CtlError::Connect {
-            url: client.url("/").to_string(),
-            reason: crate::error_chain(&e),
-        }),
-    }
-}
+use super::ws::*;
 
 /// Restores the terminal when dropped.
 struct RawMode(bool);
@@ -94,61 +35,6 @@ fn term_size() -> Option<TermSize> {
         .map(|(cols, rows)| TermSize { cols, rows })
 }
 
-/// What ends a stream session.
-enum End {
-    Exit(Option<i64>),
-    Error(ErrorBody),
-}
-
-/// Writes one output message (a kind byte, then bytes) where it belongs; a
-/// gap marker (8-byte count) becomes a warning on stderr.
-fn write_output(
-    b: &[u8],
-    stdout: &mut std::io::Stdout,
-    stderr: &mut std::io::Stderr,
-) -> Result<(), CtlError> {
-    let Some((kind, data)) = operator::parse_data_frame(b) else {
-        return Ok(());
-    };
-    let w: &mut dyn Write = match kind {
-        Some(StreamKind::Gap) => {
-            let n = <[u8; 8]>::try_from(data).map(u64::from_be_bytes);
-            let n = n.map_or_else(|_| "some".to_string(), |n| n.to_string());
-            let _ = stdout.flush();
-            eprintln!(
-                "tether: {n} bytes of output were lost here (the node's spool was full while the server was unreachable)"
-            );
-            return Ok(());
-        }
-        Some(StreamKind::Stderr) => stderr,
-        _ => stdout,
-    };
-    w.write_all(data)
-        .and_then(|_| w.flush())
-        .map_err(|e| CtlError::Local(e.to_string()))
-}
-
-/// A text message from the server; one that does not parse is a protocol
-/// error, reported as the end of the stream.
-fn server_msg(text: &str) -> ServerMsg {
-    serde_json::from_str(text).unwrap_or_else(|e| ServerMsg::Error {
-        error: ErrorBody::new(
-            crate::protocol::ErrorCode::Internal,
-            format!("unreadable message from the server ({e}): {text}"),
-        ),
-    })
-}
-
-/// The end a final server message stands for, if it is one.
-fn end_of(m: ServerMsg) -> Option<End> {
-    match m {
-        ServerMsg::Exit { exit_code } => Some(End::Exit(exit_code)),
-        ServerMsg::Error { error } => Some(End::Error(error)),
-        _ => None,
-    }
-}
-
-/// Input message that closes the process' stdin.
 fn stdin_eof() -> WsMessage {
     WsMessage::text(ClientMsg::StdinEof.encode())
 }
@@ -158,26 +44,6 @@ fn is_stdin_eof(m: &WsMessage) -> bool {
 }
 
 /// Writes output frames to stdout/stderr until the server's final message.
-async fn drain_output(rx: &mut futures_util::stream::SplitStream<Ws>) -> Result<End, CtlError> {
-    let mut stdout = std::io::stdout();
-    let mut stderr = std::io::stderr();
-    while let Some(m) = rx.next().await {
-        match m.map_err(|e| CtlError::Local(format!("connection lost: {e}")))? {
-            WsMessage::Binary(b) if !b.is_empty() => write_output(&b, &mut stdout, &mut stderr)?,
-            WsMessage::Text(t) => {
-                if let Some(end) = end_of(server_msg(t.as_str())) {
-                    return Ok(end);
-                }
-            }
-            WsMessage::Close(_) => break,
-            _ => {}
-        }
-    }
-    Err(CtlError::Local(
-        "connection closed before the command finished".into(),
-    ))
-}
-
 /// Runs a command in a worker; returns its exit code.
 pub async fn exec(
     client: &Client,
@@ -292,11 +158,6 @@ pub async fn exec(
     }
 }
 
-/// How long opening a WebSocket may take.
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// How long `ctl exec` keeps trying to re-attach after losing its connection.
-const REATTACH_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 /// Output is acknowledged every this many bytes.
 const ACK_EVERY: u64 = 64 * 1024;
 
@@ -395,17 +256,6 @@ impl Progress {
             v.push(stdin_eof());
         }
         v
-    }
-}
-
-fn reattachable(e: &CtlError) -> bool {
-    match e {
-        CtlError::Connect { .. } => true,
-        CtlError::Api(b) => matches!(
-            b.code,
-            crate::protocol::ErrorCode::NotFound | crate::protocol::ErrorCode::Unavailable
-        ),
-        CtlError::Local(_) | CtlError::Extract(_) => false,
     }
 }
 
@@ -537,196 +387,5 @@ fn input_len(m: &WsMessage) -> u64 {
     match m {
         WsMessage::Binary(b) => b.len() as u64,
         _ => 0,
-    }
-}
-
-/// Prints a worker's logs; with `follow`, until the worker stops or Ctrl-C.
-pub async fn logs(client: &Client, worker: &str, opts: LogOptions) -> Result<(), CtlError> {
-    let path = format!("/api/v1/workers/{worker}/logs");
-    let query = |opts: &LogOptions| {
-        let mut q = vec![
-            ("follow", opts.follow.to_string()),
-            ("timestamps", opts.timestamps.to_string()),
-        ];
-        if let Some(s) = opts.since {
-            q.push(("since", s.to_string()));
-        }
-        if let Some(t) = opts.tail {
-            q.push(("tail", t.to_string()));
-        }
-        q
-    };
-    if !opts.follow {
-        let ws = open(client, &path, &query(&opts)).await?;
-        let (_tx, mut rx) = ws.split();
-        return match drain_output(&mut rx).await? {
-            End::Exit(_) => Ok(()),
-            End::Error(e) => Err(CtlError::Api(e)),
-        };
-    }
-    // Following: ask for timestamps, so that after a lost connection (a
-    // server restart) the stream is taken up again right after the last
-    // whole line printed; lines at or before it are not printed twice.
-    let mut lines = LineFollower::new(opts.timestamps);
-    let mut ask = LogOptions {
-        timestamps: true,
-        ..opts.clone()
-    };
-    let mut lost: Option<std::time::Instant> = None;
-    loop {
-        let ws = match open(client, &path, &query(&ask)).await {
-            Ok(ws) => ws,
-            Err(e) if lost.is_some_and(|t| t.elapsed() < REATTACH_FOR) && reattachable(&e) => {
-                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        let (_tx, mut rx) = ws.split();
-        let before = lines.last;
-        match lines.follow(&mut rx).await? {
-            Some(End::Exit(_)) => return Ok(()),
-            // A restarted server may not know the worker yet (its agent is
-            // still reconnecting): like a lost connection, once under way.
-            Some(End::Error(e)) => {
-                let under_way = lost.is_some() || lines.last.is_some();
-                let since = *lost.get_or_insert_with(std::time::Instant::now);
-                let e = CtlError::Api(e);
-                if !(under_way && reattachable(&e) && since.elapsed() < REATTACH_FOR) {
-                    return Err(e);
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            }
-            // Lost: the 60 s to come back count from the last progress.
-            None if lines.last != before => lost = Some(std::time::Instant::now()),
-            None => {
-                lost.get_or_insert_with(std::time::Instant::now);
-            }
-        }
-        // Take up again right after the last line printed.
-        if let Some(t) = lines.last {
-            let secs = t
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
-            ask.since = Some(secs as i64);
-            ask.tail = None;
-        }
-    }
-}
-
-/// Splits followed log output (with Docker's timestamps) into lines,
-/// remembers the newest printed, and skips what was printed before.
-struct LineFollower {
-    /// Print the timestamps (the user asked for them).
-    show: bool,
-    /// Timestamp of the newest line printed.
-    last: Option<std::time::SystemTime>,
-    /// Partial line per stream (stdout, stderr).
-    partial: [Vec<u8>; 2],
-    /// The server pings; this long without a message means the connection
-    /// is dead (`idle_timeout_secs` of its `started`).
-    idle_timeout: Option<std::time::Duration>,
-}
-
-impl LineFollower {
-    fn new(show: bool) -> Self {
-        LineFollower {
-            show,
-            last: None,
-            partial: [Vec::new(), Vec::new()],
-            idle_timeout: None,
-        }
-    }
-
-    /// Prints until the server's final message (`Some`) or a lost
-    /// connection (`None`; a partial line is dropped, it comes again whole).
-    async fn follow(
-        &mut self,
-        rx: &mut futures_util::stream::SplitStream<Ws>,
-    ) -> Result<Option<End>, CtlError> {
-        let mut stdout = std::io::stdout();
-        let mut stderr = std::io::stderr();
-        let end = loop {
-            let next = match self.idle_timeout {
-                Some(t) => tokio::time::timeout(t, rx.next()).await.unwrap_or(None),
-                None => rx.next().await,
-            };
-            let m = match next {
-                Some(Ok(m)) => m,
-                Some(Err(_)) | None => break None,
-            };
-            match m {
-                WsMessage::Binary(b) if !b.is_empty() => {
-                    let idx = match StreamKind::from_u8(b[0]) {
-                        Some(StreamKind::Stderr) => 1,
-                        Some(StreamKind::Gap) => {
-                            write_output(&b, &mut stdout, &mut stderr)?;
-                            continue;
-                        }
-                        _ => 0,
-                    };
-                    self.partial[idx].extend_from_slice(&b[1..]);
-                    while let Some(pos) = self.partial[idx].iter().position(|&c| c == b'\n') {
-                        let line: Vec<u8> = self.partial[idx].drain(..=pos).collect();
-                        let w: &mut dyn Write = if idx == 1 { &mut stderr } else { &mut stdout };
-                        self.print(&line, w)?;
-                    }
-                }
-                WsMessage::Text(t) => match server_msg(t.as_str()) {
-                    ServerMsg::Started(st) => {
-                        self.idle_timeout =
-                            Some(std::time::Duration::from_secs(st.idle_timeout_secs));
-                    }
-                    ServerMsg::Exit { exit_code } => break Some(End::Exit(exit_code)),
-                    ServerMsg::Error { error } => break Some(End::Error(error)),
-                    _ => {}
-                },
-                WsMessage::Close(_) => break None,
-                _ => {}
-            }
-        };
-        if matches!(end, Some(End::Exit(_))) {
-            // The stream ended: a last line without a newline is complete.
-            for idx in 0..2 {
-                let line = std::mem::take(&mut self.partial[idx]);
-                if !line.is_empty() {
-                    let w: &mut dyn Write = if idx == 1 { &mut stderr } else { &mut stdout };
-                    self.print(&line, w)?;
-                }
-            }
-        } else {
-            self.partial = [Vec::new(), Vec::new()];
-        }
-        Ok(end)
-    }
-
-    /// Prints one `TIMESTAMP TEXT` line unless it was printed before.
-    fn print(&mut self, line: &[u8], w: &mut dyn Write) -> Result<(), CtlError> {
-        let (ts, text) = match line.iter().position(|&c| c == b' ') {
-            Some(sp) => (
-                std::str::from_utf8(&line[..sp])
-                    .ok()
-                    .and_then(|s| humantime::parse_rfc3339_weak(s).ok()),
-                &line[sp + 1..],
-            ),
-            None => (None, line),
-        };
-        if let (Some(ts), Some(last)) = (ts, self.last)
-            && ts <= last
-        {
-            return Ok(()); // printed before the connection was lost
-        }
-        if ts.is_some() {
-            self.last = ts;
-        }
-        let out = if self.show || ts.is_none() {
-            line
-        } else {
-            text
-        };
-        w.write_all(out)
-            .and_then(|_| w.flush())
-            .map_err(|e| CtlError::Local(e.to_string()))
     }
 }

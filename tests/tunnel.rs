@@ -709,3 +709,86 @@ async fn ctl_tunnels_lists_open_connections_and_closes_them() {
     assert_eq!(ctl(&["tunnels", "close", &id]).0, Some(125), "already gone");
     h.stop().await;
 }
+
+/// A page that loads a script, which fetches a file, each by an absolute
+/// path: what a host-based preview is for.
+const BROWSER_WORKER: &str = r#"
+mkdir -p /www
+cat > /www/index.html <<'EOS'
+<html><head><script src="/app.js"></script></head><body><p id="p">page-only</p></body></html>
+EOS
+cat > /www/app.js <<'EOS'
+document.addEventListener("DOMContentLoaded", function () {
+  fetch("/data.txt").then(function (r) { return r.text(); }).then(function (t) {
+    document.getElementById("p").textContent = "asset-ran:" + t.trim() + ":cookie=" + document.cookie;
+  });
+});
+EOS
+echo fetched-from-the-worker > /www/data.txt
+httpd -f -p 8080 -h /www
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_browser_loads_a_page_and_its_assets_through_a_preview_url() {
+    let Some(chromium) = ["chromium", "chromium-browser"].into_iter().find(|b| {
+        std::process::Command::new(b)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }) else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "chromium is missing (scripts/install-browser.sh installs it)"
+        );
+        eprintln!("skipped: no chromium (scripts/install-browser.sh installs it)");
+        return;
+    };
+    let mut h = Harness::server_with(|c| c.preview_domain = Some("preview.test".into())).await;
+    h.add_agent().await;
+    let w = worker(&h, BROWSER_WORKER).await;
+    drop(tunnel(&h.hub, &w, 8080).await);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["ctl", "preview-url", &w, "8080"])
+        .env("TETHER_SERVER", &h.url)
+        .env("TETHER_TOKEN", &h.token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let profile = tempfile::tempdir().unwrap();
+    // The wildcard DNS name, as the browser resolves it: to the server.
+    let rules = format!("MAP *.preview.test {}", h.addr);
+    let browser = tokio::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--virtual-time-budget=10000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--host-resolver-rules={rules}"))
+        .arg("--dump-dom")
+        .arg(&url)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(90), browser)
+        .await
+        .expect("the browser finished within 90 s")
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    // The redirect set the cookie, the script and the file it fetched came
+    // through the preview, and the grant's cookie is out of the page's reach.
+    assert!(
+        dom.contains("asset-ran:fetched-from-the-worker:cookie=</p>"),
+        "DOM:\n{dom}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    h.stop().await;
+}

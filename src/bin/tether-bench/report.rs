@@ -108,6 +108,12 @@ pub fn targets(figs: &[Figure]) -> Vec<Target> {
         "tunnel throughput >= 80% of direct TCP",
         both("tunnel_throughput_mb_s").map(|(_, _, r)| (format!("{:.0}%", r * 100.0), r >= 0.8)),
     );
+    let tunnel_stall = find(figs, "tunnel_200_conn_stalled_s")
+        .and_then(|s| Some((s.tether?, find(figs, "tunnel_200_conn_s")?.tether?)));
+    push(
+        "200 tunnel connections beside a stalled one (stalled <= 1.1x unstalled)",
+        tunnel_stall.map(|(s, u)| (format!("{:.2}x ({s:.2} vs {u:.2} s)", s / u), s / u <= 1.1)),
+    );
     for (name, what) in [
         ("tunnel_connect_added_ms", "tunnel connect + first byte"),
         ("preview_http_rtt_added_ms", "preview HTTP round trip"),

@@ -8,10 +8,13 @@ use crate::stats::{Figure, median};
 use anyhow::{Context, ensure};
 use std::time::{Duration, Instant};
 use tether::protocol::SpawnRequest;
-use tether::server::StreamEvent;
+use tether::server::{ExecSession, StreamEvent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PORT: u16 = 8080;
+
+/// Connections at once in the stall figure.
+const BURST: usize = 200;
 
 /// `GET path` over raw HTTP/1.0 on `tunnel` (0) or straight to `ip` (1):
 /// the time to the first byte and to the end, and the bytes read.
@@ -27,21 +30,8 @@ async fn get(
     let mut first = None;
     let mut n = 0u64;
     if side == 0 {
-        let mut t = b.t.hub.tunnel(worker, PORT).await?;
-        t.input.write(req.into()).await?;
-        // The server's close then ends the tunnel (both directions done).
-        t.input.close();
-        while let Some(ev) = t.output.next().await {
-            match ev {
-                StreamEvent::Data(_, d) => {
-                    first.get_or_insert_with(|| t0.elapsed());
-                    n += d.len() as u64;
-                }
-                StreamEvent::End { error: Some(e), .. } => return Err(e.into()),
-                StreamEvent::End { .. } => break,
-                _ => {}
-            }
-        }
+        let t = b.t.hub.tunnel(worker, PORT).await?;
+        (first, n) = fetch(t, &req, t0).await?;
     } else {
         let mut s = tokio::net::TcpStream::connect((ip, PORT)).await?;
         s.set_nodelay(true)?;
@@ -59,6 +49,31 @@ async fn get(
     Ok((first.context("no answer")?, t0.elapsed(), n))
 }
 
+/// Sends `req` on an open tunnel and reads the answer to its end: the time
+/// from `t0` to its first byte, and its size.
+async fn fetch(
+    mut t: ExecSession,
+    req: &str,
+    t0: Instant,
+) -> anyhow::Result<(Option<Duration>, u64)> {
+    let (mut first, mut n) = (None, 0u64);
+    t.input.write(req.to_string().into()).await?;
+    // The server's close then ends the tunnel (both directions done).
+    t.input.close();
+    while let Some(ev) = t.output.next().await {
+        match ev {
+            StreamEvent::Data(_, d) => {
+                first.get_or_insert_with(|| t0.elapsed());
+                n += d.len() as u64;
+            }
+            StreamEvent::End { error: Some(e), .. } => return Err(e.into()),
+            StreamEvent::End { .. } => break,
+            _ => {}
+        }
+    }
+    Ok((first, n))
+}
+
 impl Bench {
     pub async fn tunnels(&mut self) -> anyhow::Result<Vec<Figure>> {
         let size = self.p.file_bytes;
@@ -72,10 +87,16 @@ impl Bench {
                     "-c",
                     &format!(
                         "mkdir -p /www && head -c {size} /dev/zero > /www/big && \
-                         echo ok > /www/small && httpd -f -p {PORT} -h /www"
+                         head -c 1048576 /dev/zero > /www/mid && echo ok > /www/small && httpd -f -p {PORT} -h /www"
                     ),
                 ]),
                 node_id: Some(self.t.node.clone()),
+                // An httpd process per connection of the burst.
+                resources: tether::protocol::Resources {
+                    pids: Some(4096),
+                    memory_mb: Some(1024),
+                    ..Default::default()
+                },
                 ..Default::default()
             })
             .await
@@ -147,6 +168,18 @@ impl Bench {
             },
         )
         .await?;
+        // Many connections at once, beside one whose reader stalls.
+        let mut plain = Vec::new();
+        let mut stalled = Vec::new();
+        for round in 0..6 {
+            let stall = round % 2 == 1;
+            let s = limit(300, "tunnel burst", this.tunnel_burst(worker, stall)).await?;
+            if stall {
+                stalled.push(s)
+            } else {
+                plain.push(s)
+            }
+        }
         let added =
             |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x - y).collect() };
         Ok(vec![
@@ -155,6 +188,49 @@ impl Bench {
             Figure::solo("tunnel_connect_added_ms", "ms", median(&added(&tc, &dc))),
             Figure::new("preview_http_rtt_p50_ms", "ms", median(&tp), median(&dp)),
             Figure::solo("preview_http_rtt_added_ms", "ms", median(&added(&tp, &dp))),
+            Figure::solo(&format!("tunnel_{BURST}_conn_s"), "s", median(&plain)),
+            Figure::solo(
+                &format!("tunnel_{BURST}_conn_stalled_s"),
+                "s",
+                median(&stalled),
+            ),
         ])
+    }
+
+    /// [`BURST`] tunnel connections at once, each a `GET` of 1 MiB, with
+    /// (`stall`) one more connection whose reader never reads, opened first:
+    /// the seconds until all of them have their file.
+    async fn tunnel_burst(&self, worker: &str, stall: bool) -> anyhow::Result<f64> {
+        let _stalled = if stall {
+            let mut t = self.t.hub.tunnel(worker, PORT).await?;
+            t.input
+                .write("GET /big HTTP/1.0\r\nHost: bench\r\n\r\n".into())
+                .await?;
+            t.input.close();
+            // Long enough for its window to fill.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Some(t)
+        } else {
+            None
+        };
+        // Connected a few at a time (busybox httpd's listen backlog is 9),
+        // then all at once.
+        let gate = tokio::sync::Semaphore::new(8);
+        let opened = futures_util::future::join_all((0..BURST).map(|_| async {
+            let _turn = gate.acquire().await?;
+            Ok::<_, anyhow::Error>(self.t.hub.tunnel(worker, PORT).await?)
+        }))
+        .await;
+        let req = "GET /mid HTTP/1.0\r\nHost: bench\r\n\r\n";
+        let t0 = Instant::now();
+        let mut gets = Vec::new();
+        for t in opened {
+            gets.push(fetch(t?, req, t0));
+        }
+        for r in futures_util::future::join_all(gets).await {
+            let (_, n) = r?;
+            ensure!(n > 1_048_576, "a burst GET read {n} bytes");
+        }
+        Ok(t0.elapsed().as_secs_f64())
     }
 }

@@ -2,6 +2,7 @@
 //! grace, handed from an old connection to a new one, adopted from an agent
 //! after a server restart.
 
+use super::attachments::{Attachments, Missing, OfWorker};
 use super::*;
 
 /// How long a re-attaching client waits for an older connection of its exec
@@ -10,7 +11,7 @@ pub const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// A client connection's hold on an exec ([`Hub::hold_exec`]).
 pub struct HeldExec {
-    pub(super) reg: Arc<Mutex<Registry>>,
+    pub(super) attach: Arc<Mutex<Attachments<DetachedExec>>>,
     pub(super) key: (String, u32),
     pub(super) generation: u64,
     pub(super) token: CancellationToken,
@@ -27,15 +28,10 @@ impl HeldExec {
 
 impl Drop for HeldExec {
     fn drop(&mut self) {
-        let mut reg = self.reg.lock().unwrap();
-        if reg
-            .held
-            .get(&self.key)
-            .is_some_and(|(g, _, _)| *g == self.generation)
-        {
-            reg.held.remove(&self.key);
-        }
-        drop(reg);
+        self.attach
+            .lock()
+            .unwrap()
+            .release(&self.key, self.generation);
         self.changed.notify_waiters();
     }
 }
@@ -51,6 +47,12 @@ pub struct DetachedExec {
     pub end: Option<(Option<i64>, Option<ErrorBody>)>,
 }
 
+impl OfWorker for DetachedExec {
+    fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+}
+
 impl Hub {
     /// Keeps an exec whose client went away for `grace` of its agent being
     /// connected (the client can only resume while the agent is there; after
@@ -63,15 +65,9 @@ impl Hub {
             d.session.output.channel(),
         );
         let mut up = d.session.output.link.link.watch();
-        let generation = {
-            let mut reg = self.reg.lock().unwrap();
-            reg.next_detach += 1;
-            let g = reg.next_detach;
-            reg.detached.insert(key.clone(), (g, d));
-            g
-        };
+        let generation = self.attach.lock().unwrap().detach(key.clone(), d);
         self.changed.notify_waiters();
-        let reg = self.reg.clone();
+        let attach = self.attach.clone();
         self.spawn_task(async move {
             loop {
                 // An error: the node's link is gone for good.
@@ -83,14 +79,8 @@ impl Hub {
                     down = up.wait_for(|up| !*up) => if down.is_err() { break },
                 }
             }
-            let expired = {
-                let mut r = reg.lock().unwrap();
-                match r.detached.get(&key) {
-                    Some((g, _)) if *g == generation => r.detached.remove(&key),
-                    _ => None,
-                }
-            };
-            if let Some((_, d)) = &expired {
+            let expired = attach.lock().unwrap().expire(&key, generation);
+            if let Some(d) = &expired {
                 tracing::info!(node_id = %key.0, channel = key.1, worker_id = %d.worker_id,
                     "nobody re-attached to the exec within the grace: cancelled");
             }
@@ -103,10 +93,8 @@ impl Hub {
     /// takes over).
     pub fn can_attach(&self, worker_id: &str, channel: u32) -> Result<(), ErrorBody> {
         let w = self.worker(worker_id)?;
-        let reg = self.reg.lock().unwrap();
         let key = (w.node_id, channel);
-        let detached = matches!(reg.detached.get(&key), Some((_, d)) if d.worker_id == worker_id);
-        if detached || reg.holder(&key, worker_id).is_some() {
+        if self.attach.lock().unwrap().attachable(&key, worker_id) {
             Ok(())
         } else {
             Err(ErrorBody::new(
@@ -124,20 +112,13 @@ impl Hub {
     pub fn hold_exec(&self, worker_id: &str, node_id: &str, channel: u32) -> HeldExec {
         let token = CancellationToken::new();
         let key = (node_id.to_string(), channel);
-        let generation = {
-            let mut reg = self.reg.lock().unwrap();
-            reg.next_detach += 1;
-            let g = reg.next_detach;
-            let old = reg
-                .held
-                .insert(key.clone(), (g, worker_id.to_string(), token.clone()));
-            if let Some((_, _, t)) = old {
-                t.cancel();
-            }
-            g
-        };
+        let generation = self
+            .attach
+            .lock()
+            .unwrap()
+            .hold(key.clone(), worker_id, token.clone());
         HeldExec {
-            reg: self.reg.clone(),
+            attach: self.attach.clone(),
             key,
             generation,
             token,
@@ -163,7 +144,7 @@ impl Hub {
                 Ok(d) => return Ok(d),
                 Err(e) => e,
             };
-            let holder = self.reg.lock().unwrap().holder(&key, worker_id).cloned();
+            let holder = self.attach.lock().unwrap().holder(&key, worker_id);
             match holder {
                 Some(t) if tokio::time::Instant::now() < deadline => {
                     t.cancel();
@@ -177,20 +158,21 @@ impl Hub {
     /// Takes a detached exec of `worker_id` back for a re-attaching client.
     pub fn attach_exec(&self, worker_id: &str, channel: u32) -> Result<DetachedExec, ErrorBody> {
         let w = self.worker(worker_id)?;
-        let mut reg = self.reg.lock().unwrap();
-        match reg.detached.remove(&(w.node_id.clone(), channel)) {
-            Some((_, d)) if d.worker_id == worker_id => {
+        let taken = self
+            .attach
+            .lock()
+            .unwrap()
+            .take(&(w.node_id.clone(), channel), worker_id);
+        match taken {
+            Ok(d) => {
                 tracing::info!(node_id = %w.node_id, channel, worker_id, "client re-attached to the exec");
                 Ok(d)
             }
-            Some(other) => {
-                reg.detached.insert((w.node_id, channel), other);
-                Err(ErrorBody::new(
-                    ErrorCode::NotFound,
-                    format!("exec channel {channel} is not an exec of {worker_id}"),
-                ))
-            }
-            None => Err(ErrorBody::new(
+            Err(Missing::OtherWorker) => Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!("exec channel {channel} is not an exec of {worker_id}"),
+            )),
+            Err(Missing::Nothing) => Err(ErrorBody::new(
                 ErrorCode::NotFound,
                 format!(
                     "no exec channel {channel} waiting on worker {worker_id} (it ended, or nobody re-attached in time)"

@@ -27,6 +27,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 mod attach;
+mod attachments;
 mod config;
 mod link;
 mod stream;
@@ -73,32 +74,17 @@ struct NodeEntry {
 
 #[derive(Default)]
 struct Registry {
-    /// Execs waiting for their client to re-attach, by (node, channel), with
-    /// the generation of their grace timer.
-    detached: HashMap<(String, u32), (u64, DetachedExec)>,
-    next_detach: u64,
-    /// Execs a client connection holds, by (node, channel): their worker and
-    /// the token that makes that connection hand the exec back.
-    held: HashMap<(String, u32), (u64, String, CancellationToken)>,
     nodes: HashMap<String, NodeEntry>,
     /// The server's view of every worker, reconciled from agent inventories.
     workers: HashMap<String, WorkerInfo>,
-}
-
-impl Registry {
-    /// The token of the client connection holding exec `key` of `worker_id`.
-    fn holder(&self, key: &(String, u32), worker_id: &str) -> Option<&CancellationToken> {
-        match self.held.get(key) {
-            Some((_, w, t)) if w == worker_id => Some(t),
-            _ => None,
-        }
-    }
 }
 
 /// The control plane, cheap to clone.
 #[derive(Clone)]
 pub struct Hub {
     reg: Arc<Mutex<Registry>>,
+    /// Execs waiting for a re-attach or held by a client connection.
+    attach: Arc<Mutex<attachments::Attachments<DetachedExec>>>,
     /// How long a disconnected node's channels and requests wait for it.
     grace: Duration,
     /// Worker events as agents report them, for whoever follows them.
@@ -171,6 +157,7 @@ impl Hub {
     pub fn with_grace(grace: Duration) -> Self {
         Hub {
             reg: Arc::default(),
+            attach: Arc::default(),
             grace,
             events: tokio::sync::broadcast::channel(WORKER_EVENT_BACKLOG).0,
             tasks: Default::default(),
@@ -408,9 +395,10 @@ impl Hub {
         let entry = {
             let mut reg = self.reg.lock().unwrap();
             reg.workers.retain(|_, w| w.node_id != node_id);
-            reg.detached.retain(|(n, _), _| n != node_id);
             reg.nodes.remove(node_id)
         };
+        // Dropped outside the lock: dropping cancels on the agent.
+        drop(self.attach.lock().unwrap().forget_node(node_id));
         match entry {
             Some(e) => {
                 e.link.revoke();

@@ -94,6 +94,52 @@ pub async fn run_egress_proxy(a: EgressProxyArgs, log: Option<String>) -> ExitCo
     ExitCode::SUCCESS
 }
 
+/// Flags of the hidden `inference-proxy` subcommand.
+#[derive(Args, Debug)]
+pub struct InferenceProxyArgs {
+    /// Address to listen on (inside the job's network namespace).
+    #[arg(long, default_value = "127.0.0.1:11434")]
+    pub listen: std::net::SocketAddr,
+    /// The node's backend: `unix:/path` or `IP:PORT`.
+    #[arg(long)]
+    pub backend: crate::inference::proxy::Backend,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = crate::inference::proxy::DEFAULT_MAX_BODY)]
+    pub max_body_bytes: u64,
+    /// Longest request, answer included, in seconds.
+    #[arg(long, default_value_t = crate::inference::proxy::DEFAULT_TIMEOUT.as_secs())]
+    pub timeout_secs: u64,
+    /// Requests at the backend at once (no bound when left out).
+    #[arg(long)]
+    pub max_concurrency: Option<std::num::NonZeroUsize>,
+}
+
+/// Runs the inference proxy until a signal.
+pub async fn run_inference_proxy(a: InferenceProxyArgs, log: Option<String>) -> ExitCode {
+    use crate::inference::proxy;
+    init_tracing(log.as_deref().unwrap_or("info"), "text");
+    let listener = match tokio::net::TcpListener::bind(a.listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(format!("cannot listen on {}: {e}", a.listen)),
+    };
+    let mut cfg = proxy::Config::new(a.backend);
+    cfg.max_body = a.max_body_bytes;
+    cfg.timeout = std::time::Duration::from_secs(a.timeout_secs.max(1));
+    cfg.max_concurrency = a.max_concurrency.map(|n| n.get());
+    tracing::info!(listen = %a.listen, backend = ?cfg.backend, "inference proxy ready");
+    let counters = std::sync::Arc::new(proxy::Counters::default());
+    proxy::serve(listener, cfg, counters.clone(), shutdown_on_signals()).await;
+    let c = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        requests = c(&counters.requests),
+        refused = c(&counters.refused),
+        bytes_in = c(&counters.bytes_in),
+        bytes_out = c(&counters.bytes_out),
+        "inference proxy stopped"
+    );
+    ExitCode::SUCCESS
+}
+
 /// Runs the agent from its flags until a signal or a permanent error.
 /// `log` and `log_format` override the node file's `logging` section.
 pub async fn run_agent(a: AgentArgs, log: Option<String>, log_format: Option<String>) -> ExitCode {

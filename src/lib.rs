@@ -16,6 +16,7 @@ pub mod ctl;
 pub mod dev;
 pub mod docker;
 pub mod egress_proxy;
+pub mod inference;
 pub mod private_file;
 pub mod protocol;
 pub mod server;

@@ -31,6 +31,9 @@ enum Sub {
     /// container of its own image).
     #[command(hide = true)]
     EgressProxy(tether::cli::EgressProxyArgs),
+    /// A job's inference proxy on localhost:11434 (docs/inference.md).
+    #[command(hide = true)]
+    InferenceProxy(tether::cli::InferenceProxyArgs),
 }
 
 /// One thread: the agent forwards bytes between two sockets, and on one
@@ -43,6 +46,7 @@ async fn main() -> ExitCode {
     tether::init_crypto();
     match cli.sub {
         Some(Sub::EgressProxy(p)) => tether::cli::run_egress_proxy(p, cli.log).await,
+        Some(Sub::InferenceProxy(p)) => tether::cli::run_inference_proxy(p, cli.log).await,
         None => tether::cli::run_agent(cli.agent, cli.log, cli.log_format).await,
     }
 }

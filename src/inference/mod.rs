@@ -1,0 +1,278 @@
+//! Node-local inference: the per-job proxy a sandbox reaches on
+//! `localhost:11434` ([`proxy`]) and an Ollama stand-in for tests and
+//! benchmarks ([`standin`]).
+
+pub mod proxy;
+pub mod standin;
+
+#[cfg(test)]
+mod tests {
+    use super::proxy::{self, Backend, Config, Counters};
+    use super::standin::{self, Knobs};
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    use tokio_util::sync::CancellationToken;
+
+    struct Rig {
+        url: String,
+        counters: Arc<Counters>,
+        stop: CancellationToken,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            self.stop.cancel();
+        }
+    }
+
+    /// A stand-in behind a Unix socket (or none, `knobs: None`) and a proxy
+    /// in front of it.
+    async fn rig(knobs: Option<Knobs>, tweak: impl FnOnce(&mut Config)) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("backend.sock");
+        let stop = CancellationToken::new();
+        if let Some(k) = knobs {
+            let l = tokio::net::UnixListener::bind(&sock).unwrap();
+            tokio::spawn(standin::serve_unix(l, k, stop.clone()));
+        }
+        let mut cfg = Config::new(Backend::Unix(sock));
+        tweak(&mut cfg);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let counters = Arc::new(Counters::default());
+        tokio::spawn(proxy::serve(l, cfg, counters.clone(), stop.clone()));
+        Rig {
+            url,
+            counters,
+            stop,
+            _dir: dir,
+        }
+    }
+
+    fn http() -> reqwest::Client {
+        crate::init_crypto();
+        crate::http_client()
+    }
+
+    async fn error_of(r: reqwest::Response) -> (u16, String) {
+        let status = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.unwrap();
+        (status, v["error"].as_str().unwrap_or_default().to_string())
+    }
+
+    #[tokio::test]
+    async fn requests_pass_and_streams_arrive_chunk_by_chunk() {
+        let knobs = Knobs {
+            tokens: 5,
+            token_delay: Duration::from_millis(150),
+            ..Default::default()
+        };
+        let r = rig(Some(knobs), |_| {}).await;
+        let tags: serde_json::Value = http()
+            .get(format!("{}/api/tags", r.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(tags["models"][0]["name"], standin::MODEL);
+
+        let t0 = Instant::now();
+        let mut resp = http()
+            .post(format!("{}/api/generate", r.url))
+            .json(&serde_json::json!({"model": standin::MODEL, "prompt": "hi"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut arrivals = Vec::new();
+        let mut text = Vec::new();
+        while let Some(c) = resp.chunk().await.unwrap() {
+            arrivals.push(t0.elapsed());
+            text.extend_from_slice(&c);
+        }
+        let lines: Vec<serde_json::Value> = String::from_utf8(text)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 6);
+        assert_eq!(lines[5]["done"], true);
+        // Not buffered: the first token came long before the last.
+        assert!(arrivals.len() >= 5, "{arrivals:?}");
+        assert!(
+            arrivals[arrivals.len() - 1] - arrivals[0] >= Duration::from_millis(450),
+            "the chunks arrived together: {arrivals:?}"
+        );
+        assert!(r.counters.requests.load(Ordering::Relaxed) >= 2);
+        assert!(r.counters.bytes_out.load(Ordering::Relaxed) > 0);
+        assert_eq!(r.counters.refused.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_is_refused_declared_or_not() {
+        let r = rig(Some(Knobs::default()), |c| c.max_body = 1024).await;
+        let (status, msg) = error_of(
+            http()
+                .post(format!("{}/api/generate", r.url))
+                .body(vec![b'x'; 2048])
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 413);
+        assert!(msg.contains("1024"), "{msg}");
+        // Chunked, with no length declared.
+        let chunks = futures_util::stream::iter(
+            (0..4).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'y'; 512]))),
+        );
+        let (status, _) = error_of(
+            http()
+                .post(format!("{}/api/generate", r.url))
+                .body(reqwest::Body::wrap_stream(chunks))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 413);
+        // Under the limit: through.
+        let ok = http()
+            .post(format!("{}/api/generate", r.url))
+            .json(&serde_json::json!({"prompt": "x", "stream": false}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200);
+        assert_eq!(r.counters.refused.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_slow_backend_times_out_and_a_missing_one_is_unavailable() {
+        let slow = Knobs {
+            tokens: 3,
+            token_delay: Duration::from_millis(400),
+            ..Default::default()
+        };
+        let r = rig(Some(slow), |c| c.timeout = Duration::from_millis(300)).await;
+        // The whole answer takes 1.2 s: the proxy gives up at 0.3 s. Its
+        // status was sent at once, so the body is what is cut.
+        let whole = http()
+            .post(format!("{}/api/generate", r.url))
+            .json(&serde_json::json!({"prompt": "x", "stream": false}))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            whole.bytes().await.is_err(),
+            "a whole answer past the timeout must be cut"
+        );
+        // A streamed one is cut after its first chunks.
+        let mut resp = http()
+            .post(format!("{}/api/generate", r.url))
+            .json(&serde_json::json!({"prompt": "x"}))
+            .send()
+            .await
+            .unwrap();
+        let mut cut = false;
+        loop {
+            match resp.chunk().await {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    cut = true;
+                    break;
+                }
+            }
+        }
+        assert!(cut, "a stream past the timeout must be cut");
+
+        let down = rig(None, |_| {}).await;
+        let (status, msg) = error_of(
+            http()
+                .get(format!("{}/api/tags", down.url))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 503);
+        assert!(msg.contains("unavailable"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_never_answers_is_a_gateway_timeout() {
+        // A backend that accepts and says nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("mute.sock");
+        let mute = tokio::net::UnixListener::bind(&sock).unwrap();
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((s, _)) = mute.accept().await {
+                conns.push(s);
+            }
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let mut cfg = Config::new(Backend::Unix(sock));
+        cfg.timeout = Duration::from_millis(300);
+        let stop = CancellationToken::new();
+        let counters = Arc::new(Counters::default());
+        tokio::spawn(proxy::serve(l, cfg, counters.clone(), stop.clone()));
+        let t0 = Instant::now();
+        let (status, _) =
+            error_of(http().get(format!("{url}/api/tags")).send().await.unwrap()).await;
+        assert_eq!(status, 504);
+        assert!(t0.elapsed() < Duration::from_secs(3));
+        stop.cancel();
+        held.abort();
+    }
+
+    #[tokio::test]
+    async fn concurrency_is_bounded() {
+        let knobs = Knobs {
+            tokens: 2,
+            token_delay: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let r = rig(Some(knobs), |c| c.max_concurrency = Some(1)).await;
+        let t0 = Instant::now();
+        let one = || async {
+            http()
+                .post(format!("{}/api/generate", r.url))
+                .json(&serde_json::json!({"prompt": "x"}))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+        };
+        let (a, b) = tokio::join!(one(), one());
+        assert!(!a.is_empty() && !b.is_empty());
+        // Two answers of 400 ms each, one after the other.
+        assert!(
+            t0.elapsed() >= Duration::from_millis(780),
+            "ran side by side: {:?}",
+            t0.elapsed()
+        );
+    }
+
+    #[test]
+    fn backends_parse() {
+        assert_eq!(
+            "unix:/run/x.sock".parse::<Backend>(),
+            Ok(Backend::Unix("/run/x.sock".into()))
+        );
+        assert_eq!(
+            "127.0.0.1:11434".parse::<Backend>(),
+            Ok(Backend::Tcp("127.0.0.1:11434".parse().unwrap()))
+        );
+        assert!("unix:rel".parse::<Backend>().is_err());
+        assert!("nonsense".parse::<Backend>().is_err());
+    }
+}

@@ -1,0 +1,333 @@
+//! The per-job inference proxy (`tether-agent inference-proxy`, hidden):
+//! listens where the job expects Ollama (`localhost:11434` inside the
+//! job's network namespace) and passes each request to the node's backend
+//! over a path the job does not share (a Unix socket, or an address only
+//! the proxy reaches).
+//!
+//! What it enforces, whatever the job sends: a request body over the limit
+//! is `413`; a request that runs past the timeout is `504` (or, when its
+//! answer is already streaming, cut); `503` while the backend cannot be
+//! reached; at most `max_concurrency` requests at the backend at once (the
+//! others wait, within their timeout). Answers stream through as the
+//! backend produces them: nothing is buffered whole. It holds no
+//! credential and adds none. Every error is a JSON body `{"error": "..."}`,
+//! the shape Ollama's own errors have.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Where Ollama clients look by default.
+pub const PORT: u16 = 11434;
+/// Default largest request body.
+pub const DEFAULT_MAX_BODY: u64 = 10 * 1024 * 1024;
+/// Default longest request, answer included.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How the proxy reaches the backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    /// `unix:/path` or `HOST:PORT`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("unix:") {
+            Some(p) if p.starts_with('/') => Ok(Backend::Unix(p.into())),
+            Some(_) => Err(format!("{s:?}: a unix backend needs an absolute path")),
+            None => s
+                .parse()
+                .map(Backend::Tcp)
+                .map_err(|_| format!("{s:?}: expected unix:/path or IP:PORT")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub backend: Backend,
+    pub max_body: u64,
+    pub timeout: Duration,
+    /// Requests at the backend at once; `None`: no bound.
+    pub max_concurrency: Option<usize>,
+}
+
+impl Config {
+    pub fn new(backend: Backend) -> Config {
+        Config {
+            backend,
+            max_body: DEFAULT_MAX_BODY,
+            timeout: DEFAULT_TIMEOUT,
+            max_concurrency: None,
+        }
+    }
+}
+
+/// What the proxy has carried.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    /// Requests answered with an error of the proxy's own (413, 503, 504).
+    pub refused: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+type Body = BoxBody<Bytes, BoxError>;
+
+fn json_error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
+    let body = serde_json::json!({ "error": message.to_string() }).to_string();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed())
+        .expect("a valid response")
+}
+
+struct Proxy {
+    cfg: Config,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
+    counters: Arc<Counters>,
+}
+
+/// Serves on `listener` until `stop`, then lets requests in flight finish.
+pub async fn serve(
+    listener: TcpListener,
+    cfg: Config,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+) {
+    let proxy = Arc::new(Proxy {
+        gate: cfg
+            .max_concurrency
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
+        cfg,
+        counters,
+    });
+    let tasks = TaskTracker::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        tasks.spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, std::convert::Infallible>(proxy.handle(req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+impl Proxy {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + self.cfg.timeout;
+        match tokio::time::timeout_at(deadline, self.forward(req, deadline)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(refusal)) => {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                refusal
+            }
+            Err(_) => {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                json_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "the inference backend did not answer within {} s",
+                        self.cfg.timeout.as_secs_f64()
+                    ),
+                )
+            }
+        }
+    }
+
+    /// The backend's answer, or the proxy's own refusal.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Response<Body>, Response<Body>> {
+        let max = self.cfg.max_body;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return Err(too_large(max));
+        }
+        // Held until the answer's last byte: the bound is on whole exchanges.
+        let turn = match &self.gate {
+            Some(g) => Some(
+                g.clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the gate is never closed"),
+            ),
+            None => None,
+        };
+        // The body is read whole before the backend sees the request, so an
+        // oversized one (chunked, undeclared) is refused before anything
+        // reaches the backend; it is at most `max_body`.
+        let (parts, body) = req.into_parts();
+        let body = match Limited::new(body, max as usize).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return Err(too_large(max));
+            }
+            Err(e) => {
+                return Err(json_error(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading the request: {e}"),
+                ));
+            }
+        };
+        self.counters
+            .bytes_in
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
+        let mut sender = match self.connect().await {
+            Ok(s) => s,
+            Err(e) => {
+                return Err(json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the inference backend is unavailable: {e}"),
+                ));
+            }
+        };
+        let mut req = Request::from_parts(parts, Full::new(body));
+        // The backend sees the proxy's own connection, not the job's.
+        req.headers_mut().remove(header::CONNECTION);
+        let resp = match sender.send_request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the inference backend failed: {e}"),
+                ));
+            }
+        };
+        let counters = self.counters.clone();
+        Ok(resp.map(move |b| {
+            Deadline {
+                inner: b,
+                at: Box::pin(tokio::time::sleep_until(deadline)),
+                _turn: turn,
+            }
+            .map_frame(move |f| {
+                if let Some(d) = f.data_ref() {
+                    counters
+                        .bytes_out
+                        .fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                f
+            })
+            .boxed()
+        }))
+    }
+
+    async fn connect(
+        &self,
+    ) -> std::io::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+        async fn handshake<T>(
+            io: T,
+        ) -> std::io::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>>
+        where
+            T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        {
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                .await
+                .map_err(std::io::Error::other)?;
+            // Ends with the exchange: the connection is this request's.
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(sender)
+        }
+        match &self.cfg.backend {
+            Backend::Unix(p) => handshake(tokio::net::UnixStream::connect(p).await?).await,
+            Backend::Tcp(a) => {
+                let s = tokio::net::TcpStream::connect(a).await?;
+                let _ = s.set_nodelay(true);
+                handshake(s).await
+            }
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An answer's body that fails at the request's deadline: a stream that
+/// runs past the timeout is cut (its status was sent long ago).
+struct Deadline<B> {
+    inner: B,
+    at: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// The request's place under `max_concurrency`, given back at the end.
+    _turn: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl<B> hyper::body::Body for Deadline<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.at.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(Some(Err(
+                "the request ran past the proxy's timeout".into()
+            )));
+        }
+        std::pin::Pin::new(&mut this.inner)
+            .poll_frame(cx)
+            .map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+fn too_large(max: u64) -> Response<Body> {
+    json_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the request body is over the node's limit of {max} bytes"),
+    )
+}

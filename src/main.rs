@@ -172,6 +172,10 @@ enum CtlCmd {
         /// default_network_policy (none < allowlist < restricted).
         #[arg(long, value_name = "POLICY")]
         network_policy: Option<tether::protocol::NetworkPolicy>,
+        /// Give the job the node's inference backend on localhost:11434
+        /// (placed only on a node that runs one).
+        #[arg(long)]
+        inference: bool,
         /// Pass a host device in (the node must allow it).
         #[arg(long = "device", value_name = "PATH")]
         devices: Vec<String>,
@@ -444,6 +448,7 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
                 privileged,
                 network,
                 network_policy,
+                inference,
                 devices,
                 volumes,
                 cmd,
@@ -474,6 +479,7 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
                     mounts,
                     node_id: node,
                     network_policy,
+                    inference,
                 };
                 println!("{}", client.spawn(&req).await?.worker_id);
             }

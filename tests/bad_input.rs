@@ -478,3 +478,53 @@ impl Drop for NodeCleanup {
         docker_cleanup(&self.0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_asking_for_inference_is_refused_where_none_runs() {
+    let (h, node) = Harness::start().await;
+    let ask = |node_id: Option<String>| tether::protocol::SpawnRequest {
+        image: image(),
+        cmd: vec!["sleep".into(), "60".into()],
+        inference: true,
+        node_id,
+        ..Default::default()
+    };
+    // Placed by the server: no node reports a running backend.
+    let e = h.hub.spawn(ask(None)).await.unwrap_err();
+    assert_eq!(e.code, tether::protocol::ErrorCode::Unavailable, "{e}");
+    assert!(e.message.contains("inference"), "{e}");
+    // Sent to a node whose file leaves inference off: the node says why.
+    let e = h.hub.spawn(ask(Some(node.clone()))).await.unwrap_err();
+    assert_eq!(e.code, tether::protocol::ErrorCode::PolicyDenied, "{e}");
+    assert!(e.message.contains("inference is disabled"), "{e}");
+    // Through the API and ctl alike.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "ctl",
+            "spawn",
+            "--inference",
+            "--image",
+            &image(),
+            "--",
+            "true",
+        ])
+        .env("TETHER_SERVER", &h.url)
+        .env("TETHER_TOKEN", &h.token)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("inference"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nothing was created on the node.
+    let left = docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=tether.node_id={node}"),
+    ]);
+    assert!(left.trim().is_empty(), "containers left: {left}");
+    h.stop().await;
+}

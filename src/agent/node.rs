@@ -126,6 +126,9 @@ impl NodeState {
         spec: &mut SpawnRequest,
         running: usize,
     ) -> Result<(), ErrorBody> {
+        if spec.inference {
+            return Err(self.no_inference());
+        }
         let orchestrator = self.orchestrator_policy();
         // No policy named: the narrower of the two defaults.
         if spec.network_policy.is_none() && spec.network.as_deref() != Some("host") {
@@ -138,6 +141,22 @@ impl NodeState {
         }
         self.policy.admit_spawn(spec, running)?;
         orchestrator.map_or(Ok(()), |p| p.admit_spawn(spec, running))
+    }
+
+    /// Why a job cannot have inference here: the node turned it off, or no
+    /// backend runs (the agent does not start one yet).
+    fn no_inference(&self) -> ErrorBody {
+        if self.identity.inference_enabled {
+            ErrorBody::new(
+                ErrorCode::Unavailable,
+                "no inference backend runs on this node",
+            )
+        } else {
+            ErrorBody::new(
+                ErrorCode::PolicyDenied,
+                "inference is disabled on this node (its inference.mode is not allow, or its sandbox.mode is sandbox_only)",
+            )
+        }
     }
 
     /// How to build an admitted spawn's network.
@@ -294,6 +313,23 @@ mod tests {
         let mut s = spec("img");
         n.admit_spawn(&mut s, 0).unwrap();
         assert_eq!(s.network_policy, Some(NetworkPolicy::Restricted));
+    }
+
+    #[test]
+    fn a_job_asking_for_inference_is_refused_with_the_reason() {
+        let mut n = node(Policy::default(), None);
+        let mut s = SpawnRequest {
+            inference: true,
+            ..spec("img")
+        };
+        let e = n.admit_spawn(&mut s, 0).unwrap_err();
+        assert_eq!(e.code, ErrorCode::PolicyDenied, "{e}");
+        assert!(e.message.contains("disabled"), "{e}");
+        n.identity.inference_enabled = true;
+        let e = n.admit_spawn(&mut s, 0).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+        s.inference = false;
+        assert!(n.admit_spawn(&mut s, 0).is_ok());
     }
 
     #[test]

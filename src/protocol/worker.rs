@@ -66,6 +66,12 @@ pub struct SpawnRequest {
     /// `sandbox.default_network_policy`. A request may only narrow it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<NetworkPolicy>,
+    /// The job wants the node's inference backend through its own proxy on
+    /// `localhost:11434` (docs/inference.md): placed only on a node whose
+    /// report says inference runs; refused by a node where it is disabled
+    /// or not running.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inference: bool,
 }
 
 /// What a worker may reach over the network, narrowest first (the order

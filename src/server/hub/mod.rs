@@ -134,6 +134,15 @@ impl NodeEntry {
     }
 }
 
+impl NodeEntry {
+    /// Whether the node's latest report says its inference backend runs.
+    fn runs_inference(&self) -> bool {
+        self.capabilities
+            .as_ref()
+            .is_some_and(|(c, _)| c["inference"]["running"] == Value::Bool(true))
+    }
+}
+
 /// How many workers each node has, in one pass over the workers.
 fn worker_counts(reg: &Registry) -> HashMap<&str, usize> {
     let mut counts: HashMap<&str, usize> = HashMap::new();
@@ -297,17 +306,23 @@ impl Hub {
     }
 
     /// Picks the online, non-draining node with the fewest workers.
-    fn schedule(&self) -> Result<String, ErrorBody> {
+    fn schedule(&self, inference: bool) -> Result<String, ErrorBody> {
         let reg = self.reg.lock().unwrap();
         let counts = worker_counts(&reg);
         reg.nodes
             .iter()
             .filter(|(_, n)| n.online && !n.draining && n.degraded.is_none())
+            .filter(|(_, n)| !inference || n.runs_inference())
             .map(|(id, _)| (counts.get(id.as_str()).copied().unwrap_or(0), id))
             .min()
             .map(|(_, id)| id.clone())
             .ok_or_else(|| {
-                ErrorBody::new(ErrorCode::Unavailable, "no online node accepts new workers")
+                let what = if inference {
+                    "no online node accepts new workers and runs inference"
+                } else {
+                    "no online node accepts new workers"
+                };
+                ErrorBody::new(ErrorCode::Unavailable, what)
             })
     }
 

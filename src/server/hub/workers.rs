@@ -16,7 +16,7 @@ impl Hub {
                 }
                 n.clone()
             }
-            None => self.schedule()?,
+            None => self.schedule(req.inference)?,
         };
         let link = self.link(&node_id)?;
         let worker_id = ulid::Ulid::new().to_string().to_ascii_lowercase();

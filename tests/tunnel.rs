@@ -142,6 +142,28 @@ async fn bad_tunnels_are_refused_with_stable_codes() {
     h.stop().await;
 }
 
+/// `tether ctl ARGS...` against the harness's server, to its end.
+fn ctl(h: &Harness, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .arg("ctl")
+        .args(args)
+        .env("TETHER_SERVER", &h.url)
+        .env("TETHER_TOKEN", &h.token)
+        .output()
+        .unwrap()
+}
+
+/// `tether ctl preview-url WORKER PORT`: the URL it prints.
+fn preview_url(h: &Harness, w: &str, port: &str) -> String {
+    let out = ctl(h, &["preview-url", w, port, "--ttl", "10m"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 /// `tether ctl port-forward WORKER SPEC` running, and the local address it
 /// printed.
 async fn port_forward(h: &Harness, w: &str, spec: &str) -> (tokio::process::Child, String) {
@@ -335,10 +357,26 @@ wait
 
 async fn preview_worker(h: &Harness) -> String {
     let w = worker(h, PREVIEW_WORKER).await;
-    for port in [8080, 9100, 9200] {
-        drop(tunnel(&h.hub, &w, port).await);
+    // Every port listening, seen from inside: a probe connection would use
+    // up an `nc`, and the next would race its restart.
+    let want = [8080u16, 9000, 9100, 9200].map(|p| format!(":{p:04X} "));
+    for _ in 0..100 {
+        let (_, tcp, _) = h
+            .hub
+            .exec_collect(&w, &["cat", "/proc/net/tcp", "/proc/net/tcp6"])
+            .await
+            .unwrap();
+        let tcp = String::from_utf8_lossy(&tcp);
+        let listening: Vec<&str> = tcp.lines().filter(|l| l.contains(" 0A ")).collect();
+        if want
+            .iter()
+            .all(|p| listening.iter().any(|l| l.contains(p.as_str())))
+        {
+            return w;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    w
+    panic!("the preview worker's ports never all listened");
 }
 
 fn http() -> reqwest::Client {
@@ -604,18 +642,7 @@ async fn a_host_preview_serves_the_whole_path_space_of_one_worker_port() {
     h.add_agent().await;
     let w = preview_worker(&h).await;
     let host = format!("8080-{w}.preview.test");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["ctl", "preview-url", &w, "8080", "--ttl", "10m"])
-        .env("TETHER_SERVER", &h.url)
-        .env("TETHER_TOKEN", &h.token)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let url = String::from_utf8(out.stdout).unwrap();
+    let url = preview_url(&h, &w, "8080");
     let prefix = format!("http://{host}/?tether_preview=");
     assert!(url.starts_with(&prefix), "{url}");
     let query = url.trim().strip_prefix(&format!("http://{host}/")).unwrap();
@@ -677,13 +704,7 @@ async fn ctl_tunnels_lists_open_connections_and_closes_them() {
     }
     assert_eq!(&one, b"hello");
     let ctl = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-            .arg("ctl")
-            .args(args)
-            .env("TETHER_SERVER", &h.url)
-            .env("TETHER_TOKEN", &h.token)
-            .output()
-            .unwrap();
+        let out = ctl(&h, args);
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).to_string(),
@@ -747,18 +768,7 @@ async fn a_real_browser_loads_a_page_and_its_assets_through_a_preview_url() {
     h.add_agent().await;
     let w = worker(&h, BROWSER_WORKER).await;
     drop(tunnel(&h.hub, &w, 8080).await);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["ctl", "preview-url", &w, "8080"])
-        .env("TETHER_SERVER", &h.url)
-        .env("TETHER_TOKEN", &h.token)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let url = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let url = preview_url(&h, &w, "8080");
     let profile = tempfile::tempdir().unwrap();
     // The wildcard DNS name, as the browser resolves it: to the server.
     let rules = format!("MAP *.preview.test {}", h.addr);

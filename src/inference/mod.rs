@@ -35,7 +35,7 @@ mod tests {
         let stop = CancellationToken::new();
         if let Some(k) = knobs {
             let l = tokio::net::UnixListener::bind(&sock).unwrap();
-            tokio::spawn(standin::serve_unix(l, k, stop.clone()));
+            tokio::spawn(standin::serve(l, k, stop.clone()));
         }
         let mut cfg = Config::new(Backend::Unix(sock));
         tweak(&mut cfg);

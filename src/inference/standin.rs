@@ -49,18 +49,34 @@ fn json_response(status: StatusCode, v: Value) -> Response<Body> {
         .expect("a valid response")
 }
 
-/// Accepts connections from `accept` until `stop`.
-pub async fn serve<L, S>(mut accept: L, knobs: Knobs, stop: CancellationToken)
-where
-    L: FnMut() -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<S>> + Send>>,
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+/// A listener the stand-in serves on (TCP or a Unix socket).
+pub trait Listener: Send + 'static {
+    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept_io(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept_io(&self) -> std::io::Result<Self::Io> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept_io(&self) -> std::io::Result<Self::Io> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+/// Serves on `listener` until `stop`, then lets requests in flight finish.
+pub async fn serve(listener: impl Listener, knobs: Knobs, stop: CancellationToken) {
     let knobs = Arc::new(knobs);
     let tasks = TaskTracker::new();
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => break,
-            r = accept() => match r {
+            r = listener.accept_io() => match r {
                 Ok(s) => s,
                 Err(_) => continue,
             },
@@ -78,34 +94,6 @@ where
     }
     tasks.close();
     tasks.wait().await;
-}
-
-/// Serves on a Unix socket until `stop`.
-pub async fn serve_unix(listener: tokio::net::UnixListener, knobs: Knobs, stop: CancellationToken) {
-    let listener = Arc::new(listener);
-    serve(
-        move || {
-            let l = listener.clone();
-            Box::pin(async move { l.accept().await.map(|(s, _)| s) })
-        },
-        knobs,
-        stop,
-    )
-    .await
-}
-
-/// Serves on TCP until `stop`.
-pub async fn serve_tcp(listener: tokio::net::TcpListener, knobs: Knobs, stop: CancellationToken) {
-    let listener = Arc::new(listener);
-    serve(
-        move || {
-            let l = listener.clone();
-            Box::pin(async move { l.accept().await.map(|(s, _)| s) })
-        },
-        knobs,
-        stop,
-    )
-    .await
 }
 
 async fn handle(req: Request<Incoming>, knobs: &Knobs) -> Response<Body> {

@@ -14,6 +14,8 @@ mod api;
 mod direct;
 #[path = "tether-bench/figures.rs"]
 mod figures;
+#[path = "tether-bench/inference.rs"]
+mod inference;
 #[path = "tether-bench/procfs.rs"]
 mod procfs;
 #[path = "tether-bench/report.rs"]
@@ -35,13 +37,14 @@ use stats::Figure;
 use std::path::PathBuf;
 use std::time::Instant;
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "exec",
     "throughput",
     "files",
     "spawn",
     "concurrent",
     "tunnel",
+    "inference",
     "agent",
     "scale",
 ];
@@ -68,7 +71,7 @@ struct Cli {
         default_value = "tether-test-busybox:latest"
     )]
     image: String,
-    /// Run only these sections (exec, throughput, files, spawn, concurrent, tunnel, agent, scale).
+    /// Run only these sections (exec, throughput, files, spawn, concurrent, tunnel, inference, agent, scale).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Cap the number of simulated agents of the scale section.
@@ -157,7 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             cli.tether_bin.display()
         );
     }
-    if want("agent") && !cli.agent_bin.is_file() {
+    if (want("agent") || want("inference")) && !cli.agent_bin.is_file() {
         anyhow::bail!(
             "{} not found: build it with `cargo build --release --bin tether-agent`",
             cli.agent_bin.display()
@@ -243,6 +246,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         if left > 0 {
             eprintln!("tether-bench: removed {left} leftover Docker object(s)");
         }
+    }
+    if want("inference") {
+        eprintln!("tether-bench: inference ...");
+        let t0 = Instant::now();
+        let r = inference::run(&cli.agent_bin, &scratch.0, p.rtt_n).await;
+        out.section("inference", t0, r);
     }
     if want("scale") {
         eprintln!("tether-bench: scale ...");

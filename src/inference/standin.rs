@@ -152,7 +152,9 @@ fn generate(chat: bool, ask: &Value, knobs: &Knobs) -> Response<Body> {
         let text: String = (0..tokens).map(|i| format!("t{i} ")).collect();
         let whole = chunk(chat, &text, true).to_string();
         let once = futures_util::stream::once(async move {
-            tokio::time::sleep(delay * tokens as u32).await;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay * tokens as u32).await;
+            }
             Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(whole)))
         });
         return Response::builder()

@@ -128,6 +128,29 @@ pub fn targets(figs: &[Figure]) -> Vec<Target> {
             }),
         );
     }
+    for (name, what) in [
+        ("inference_rtt_added_ms", "inference proxy round trip"),
+        (
+            "inference_first_chunk_added_ms",
+            "inference proxy first streamed chunk",
+        ),
+    ] {
+        push(
+            &format!("{what} adds <= 1 ms at p50"),
+            find(figs, name).and_then(|f| f.tether).map(|v| {
+                (
+                    format!("{v:+.2} ms (median of paired differences)"),
+                    v <= 1.0,
+                )
+            }),
+        );
+    }
+    push(
+        "inference proxy memory <= 5 MB per job",
+        find(figs, "inference_proxy_peak_rss_mb")
+            .and_then(|f| f.tether)
+            .map(|v| (format!("{v:.1} MB peak"), v <= 5.0)),
+    );
     push(
         "agent idle RSS <= 10 MB",
         find(figs, "agent_idle_rss_mb")

@@ -119,6 +119,9 @@ pub async fn run(agent_bin: &Path, dir: &Path, rtt_n: usize) -> anyhow::Result<V
     )
     .await?;
     let busy_kib = procfs::hwm_kib(pid)?;
+    // What each job's proxy holds for itself: the binary's pages are the
+    // agent image's file, shared by every proxy on the node.
+    let anon_kib = procfs::status_kib(pid, "RssAnon")?;
     let _ = proxy.0.start_kill();
     let added =
         |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x - y).collect() };
@@ -139,5 +142,6 @@ pub async fn run(agent_bin: &Path, dir: &Path, rtt_n: usize) -> anyhow::Result<V
         ),
         Figure::solo("inference_proxy_idle_rss_mb", "MB", mb(idle_kib)),
         Figure::solo("inference_proxy_peak_rss_mb", "MB", mb(busy_kib)),
+        Figure::solo("inference_proxy_anon_mb", "MB", mb(anon_kib)),
     ])
 }

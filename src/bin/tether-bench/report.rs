@@ -145,11 +145,17 @@ pub fn targets(figs: &[Figure]) -> Vec<Target> {
             }),
         );
     }
+    let peak = find(figs, "inference_proxy_peak_rss_mb").and_then(|f| f.tether);
     push(
-        "inference proxy memory <= 5 MB per job",
-        find(figs, "inference_proxy_peak_rss_mb")
+        "inference proxy memory <= 5 MB per job (its own, not the shared binary)",
+        find(figs, "inference_proxy_anon_mb")
             .and_then(|f| f.tether)
-            .map(|v| (format!("{v:.1} MB peak"), v <= 5.0)),
+            .map(|v| {
+                let peak = peak
+                    .map(|p| format!("; RSS peak {p:.1} MB"))
+                    .unwrap_or_default();
+                (format!("{v:.1} MB anonymous{peak}"), v <= 5.0)
+            }),
     );
     push(
         "agent idle RSS <= 10 MB",

@@ -18,7 +18,7 @@ fn sleeper(img: &str) -> SpawnRequest {
 }
 
 /// Starts `sh -c SCRIPT` in a worker through the hub.
-async fn sh_exec(h: &Harness, worker_id: &str, script: &str) -> tether::server::ExecSession {
+async fn sh_exec(h: &Harness, worker_id: &str, script: &str) -> tether::server::Duplex {
     h.hub
         .exec(
             worker_id,
@@ -1609,7 +1609,7 @@ async fn a_tunnel_survives_cuts_of_the_agent_link_byte_exact_both_ways() {
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
-    let tether::server::ExecSession {
+    let tether::server::Duplex {
         mut input,
         mut output,
     } = t.expect("the worker's echo listens");

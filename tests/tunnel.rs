@@ -6,7 +6,7 @@ use common::*;
 use std::time::Duration;
 use tether::protocol::{ErrorCode, SpawnRequest};
 use tether::server::hub::ChannelStream;
-use tether::server::{ExecSession, Hub, StreamEvent};
+use tether::server::{Duplex, Hub, StreamEvent};
 
 async fn worker(h: &Harness, script: &str) -> String {
     h.hub
@@ -21,7 +21,7 @@ async fn worker(h: &Harness, script: &str) -> String {
 }
 
 /// A tunnel to `port`, once something listens there.
-async fn tunnel(hub: &Hub, w: &str, port: u16) -> ExecSession {
+async fn tunnel(hub: &Hub, w: &str, port: u16) -> Duplex {
     for _ in 0..100 {
         match hub.tunnel(w, port).await {
             Ok(t) => return t,
@@ -55,7 +55,7 @@ async fn bytes_cross_a_tunnel_both_ways_and_a_half_close_passes_through() {
     // `cat` answers what it reads and ends when its input does: the echo
     // ends only after the client's half-close reached the worker.
     let w = worker(&h, "nc -l -p 9000 -e cat").await;
-    let ExecSession {
+    let Duplex {
         mut input,
         mut output,
     } = tunnel(&h.hub, &w, 9000).await;
@@ -120,7 +120,7 @@ async fn an_http_server_in_a_worker_answers_through_a_tunnel() {
 async fn bad_tunnels_are_refused_with_stable_codes() {
     let (h, _node) = Harness::start().await;
     let w = worker(&h, "sleep 3600").await;
-    let code = |r: Result<ExecSession, tether::protocol::ErrorBody>| match r {
+    let code = |r: Result<Duplex, tether::protocol::ErrorBody>| match r {
         Ok(_) => panic!("tunnel opened"),
         Err(e) => e.code,
     };

@@ -15,7 +15,7 @@ pub mod tunnels;
 pub use conn::raise_open_file_limit;
 
 pub use hub::{
-    ChannelStream, DetachedExec, ExecOptions, ExecSession, Hub, LogOptions, NodeInfo, StreamEvent,
+    ChannelStream, DetachedExec, Duplex, ExecOptions, Hub, LogOptions, NodeInfo, StreamEvent,
 };
 
 use std::net::SocketAddr;

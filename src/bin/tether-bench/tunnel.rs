@@ -8,7 +8,7 @@ use crate::stats::{Figure, median};
 use anyhow::{Context, ensure};
 use std::time::{Duration, Instant};
 use tether::protocol::SpawnRequest;
-use tether::server::{ExecSession, StreamEvent};
+use tether::server::{Duplex, StreamEvent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PORT: u16 = 8080;
@@ -51,11 +51,7 @@ async fn get(
 
 /// Sends `req` on an open tunnel and reads the answer to its end: the time
 /// from `t0` to its first byte, and its size.
-async fn fetch(
-    mut t: ExecSession,
-    req: &str,
-    t0: Instant,
-) -> anyhow::Result<(Option<Duration>, u64)> {
+async fn fetch(mut t: Duplex, req: &str, t0: Instant) -> anyhow::Result<(Option<Duration>, u64)> {
     let (mut first, mut n) = (None, 0u64);
     t.input.write(req.to_string().into()).await?;
     // The server's close then ends the tunnel (both directions done).

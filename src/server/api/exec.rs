@@ -107,7 +107,7 @@ pub(super) async fn exec_session(
         mut relay,
         end: mut known_end,
     } = d;
-    let ExecSession { input, mut output } = session;
+    let Duplex { input, mut output } = session;
     // A newer connection of this client (it lost this one, perhaps without
     // the server noticing) takes the exec over: this one hands it back.
     let held = client_acks.then(|| {
@@ -363,7 +363,7 @@ pub(super) fn hand_back(
     if client_acks {
         let d = DetachedExec {
             worker_id,
-            session: ExecSession { input, output },
+            session: Duplex { input, output },
             relay,
             end,
         };

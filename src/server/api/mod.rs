@@ -4,7 +4,7 @@
 
 use super::conn::Admission;
 use super::hub::{
-    ChannelSink, ChannelStream, DetachedExec, ExecOptions, ExecSession, LogOptions, StreamEvent,
+    ChannelSink, ChannelStream, DetachedExec, Duplex, ExecOptions, LogOptions, StreamEvent,
 };
 use super::{AppState, auth};
 use crate::protocol::operator::{self, ClientMsg, ServerMsg, Started};

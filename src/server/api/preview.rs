@@ -351,13 +351,9 @@ const PIPE_BUFFER: usize = 256 * 1024;
 /// The tunnel as a byte stream for hyper. Ends (and the tunnel with it)
 /// when hyper lets go of its end, when the worker closes, or when an
 /// operator closes the tunnel.
-fn pipe(
-    hub: &crate::server::Hub,
-    session: ExecSession,
-    conn: Connection,
-) -> tokio::io::DuplexStream {
+fn pipe(hub: &crate::server::Hub, session: Duplex, conn: Connection) -> tokio::io::DuplexStream {
     let (ours, theirs) = tokio::io::duplex(PIPE_BUFFER);
-    let ExecSession {
+    let Duplex {
         mut input,
         mut output,
     } = session;

@@ -33,9 +33,9 @@ pub(super) async fn tunnel_ws(
     }
 }
 
-async fn tunnel_session(app: Arc<AppState>, t: ExecSession, conn: Connection, socket: WebSocket) {
+async fn tunnel_session(app: Arc<AppState>, t: Duplex, conn: Connection, socket: WebSocket) {
     let (mut tx, mut rx) = socket.split();
-    let ExecSession {
+    let Duplex {
         mut input,
         mut output,
     } = t;

@@ -40,7 +40,7 @@ impl Drop for HeldExec {
 /// client can re-attach (`relay` holds what was sent but not acknowledged).
 pub struct DetachedExec {
     pub worker_id: String,
-    pub session: ExecSession,
+    pub session: Duplex,
     pub relay: crate::server::relay::Relay,
     /// The exec's end (exit code, error), when it was sent to a client that
     /// then did not close its connection: it may not have arrived.
@@ -211,7 +211,7 @@ impl Hub {
         output.set_manual_ack();
         let d = DetachedExec {
             worker_id: open.worker_id.clone(),
-            session: ExecSession {
+            session: Duplex {
                 input: ChannelSink {
                     channel: open.channel,
                     writer: h.writer,

@@ -35,7 +35,7 @@ mod workers;
 
 pub use attach::{DetachedExec, HeldExec, TAKEOVER_WAIT};
 pub use link::AgentLink;
-pub use stream::{ChannelSink, ChannelStream, ExecSession, StreamEvent};
+pub use stream::{ChannelSink, ChannelStream, Duplex, StreamEvent};
 pub use workers::ArchiveUpload;
 
 /// How long a disconnected node's channels and requests wait for it.

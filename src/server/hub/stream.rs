@@ -1,5 +1,5 @@
 //! What a hub caller holds of a channel: the output stream, the input sink
-//! and an exec's pair of them.
+//! and the pair of them a two-way channel (an exec, a tunnel) has.
 
 use super::*;
 
@@ -171,8 +171,9 @@ impl ChannelSink {
     }
 }
 
-/// A running exec: its input and its output, usable from two tasks.
-pub struct ExecSession {
+/// A channel both ways (an exec, a tunnel): its input and its output,
+/// usable from two tasks.
+pub struct Duplex {
     pub input: ChannelSink,
     pub output: ChannelStream,
 }

@@ -122,7 +122,7 @@ impl Hub {
     }
 
     /// Starts a process in a worker.
-    pub async fn exec(&self, worker_id: &str, opts: ExecOptions) -> Result<ExecSession, ErrorBody> {
+    pub async fn exec(&self, worker_id: &str, opts: ExecOptions) -> Result<Duplex, ErrorBody> {
         if opts.cmd.is_empty() {
             return Err(ErrorBody::new(
                 ErrorCode::InvalidRequest,
@@ -153,7 +153,7 @@ impl Hub {
     /// `input.close()` half-closes. Refused with `connection_refused` when
     /// nothing listens there, `host_unreachable` when the worker has no
     /// address the agent reaches.
-    pub async fn tunnel(&self, worker_id: &str, port: u16) -> Result<ExecSession, ErrorBody> {
+    pub async fn tunnel(&self, worker_id: &str, port: u16) -> Result<Duplex, ErrorBody> {
         if port == 0 {
             return Err(ErrorBody::new(
                 ErrorCode::InvalidRequest,
@@ -177,10 +177,10 @@ impl Hub {
         &self,
         worker_id: &str,
         request: impl FnOnce(u32, u64) -> Request,
-    ) -> Result<ExecSession, ErrorBody> {
+    ) -> Result<Duplex, ErrorBody> {
         let link = self.worker_link(worker_id)?;
         let (channel, writer, output) = link.open_with(DEFAULT_WINDOW, request).await?;
-        Ok(ExecSession {
+        Ok(Duplex {
             input: ChannelSink {
                 channel,
                 writer,

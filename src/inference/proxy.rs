@@ -24,9 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// Where Ollama clients look by default.
 pub const PORT: u16 = 11434;
@@ -106,7 +104,7 @@ struct Proxy {
 
 /// Serves on `listener` until `stop`, then lets requests in flight finish.
 pub async fn serve(
-    listener: TcpListener,
+    listener: impl super::Listener,
     cfg: Config,
     counters: Arc<Counters>,
     stop: CancellationToken,
@@ -118,33 +116,15 @@ pub async fn serve(
         cfg,
         counters,
     });
-    let tasks = TaskTracker::new();
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        tasks.spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, std::convert::Infallible>(proxy.handle(req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
-    tasks.close();
-    tasks.wait().await;
+    super::serve_http(
+        listener,
+        Arc::new(move |req| {
+            let proxy = proxy.clone();
+            async move { proxy.handle(req).await }
+        }),
+        stop,
+    )
+    .await
 }
 
 impl Proxy {

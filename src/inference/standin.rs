@@ -9,12 +9,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode, header};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 #[derive(Debug, Clone)]
 pub struct Knobs {
@@ -49,51 +47,18 @@ fn json_response(status: StatusCode, v: Value) -> Response<Body> {
         .expect("a valid response")
 }
 
-/// A listener the stand-in serves on (TCP or a Unix socket).
-pub trait Listener: Send + 'static {
-    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
-    fn accept_io(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
-}
-
-impl Listener for tokio::net::TcpListener {
-    type Io = tokio::net::TcpStream;
-    async fn accept_io(&self) -> std::io::Result<Self::Io> {
-        self.accept().await.map(|(s, _)| s)
-    }
-}
-
-impl Listener for tokio::net::UnixListener {
-    type Io = tokio::net::UnixStream;
-    async fn accept_io(&self) -> std::io::Result<Self::Io> {
-        self.accept().await.map(|(s, _)| s)
-    }
-}
-
 /// Serves on `listener` until `stop`, then lets requests in flight finish.
-pub async fn serve(listener: impl Listener, knobs: Knobs, stop: CancellationToken) {
+pub async fn serve(listener: impl super::Listener, knobs: Knobs, stop: CancellationToken) {
     let knobs = Arc::new(knobs);
-    let tasks = TaskTracker::new();
-    loop {
-        let stream = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept_io() => match r {
-                Ok(s) => s,
-                Err(_) => continue,
-            },
-        };
-        let knobs = knobs.clone();
-        tasks.spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let knobs = knobs.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(req, &knobs).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
-    tasks.close();
-    tasks.wait().await;
+    super::serve_http(
+        listener,
+        Arc::new(move |req| {
+            let knobs = knobs.clone();
+            async move { handle(req, &knobs).await }
+        }),
+        stop,
+    )
+    .await
 }
 
 async fn handle(req: Request<Incoming>, knobs: &Knobs) -> Response<Body> {

@@ -10,7 +10,7 @@
 use crate::protocol::{ErrorBody, ErrorCode};
 use ring::hmac;
 use serde::{Deserialize, Serialize};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// The query parameter a preview URL carries; the cookie it becomes.
 pub const PREVIEW_PARAM: &str = "tether_preview";
@@ -28,11 +28,9 @@ pub struct PreviewGrant {
     pub expires: u64,
 }
 
+/// Unix seconds now.
 pub(crate) fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
+    crate::protocol::now_millis() / 1000
 }
 
 /// Signs and checks grant tokens.

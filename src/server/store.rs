@@ -35,6 +35,17 @@ pub enum StoreError {
     },
 }
 
+impl From<StoreError> for crate::protocol::ErrorBody {
+    fn from(e: StoreError) -> Self {
+        use crate::protocol::{ErrorBody, ErrorCode};
+        let code = match e {
+            StoreError::BoundElsewhere { .. } => ErrorCode::Conflict,
+            StoreError::Io { .. } => ErrorCode::Internal,
+        };
+        ErrorBody::new(code, e.to_string())
+    }
+}
+
 /// Durable server state. Methods are synchronous and quick for the file
 /// store; callers on an async path run writes on a blocking thread.
 pub trait Store: Send + Sync + 'static {

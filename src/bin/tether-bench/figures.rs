@@ -8,7 +8,7 @@
 use crate::direct::{self, Ran};
 use crate::procfs;
 use crate::setup::{InProc, ulid, wait_online};
-use crate::stats::{Figure, max, median, p99};
+use crate::stats::{Figure, max, median, p99, paired_differences};
 use anyhow::{Context, bail, ensure};
 use bollard::Docker;
 use std::path::PathBuf;
@@ -295,8 +295,8 @@ impl Bench {
         ));
         // Each tether exec ran in the same round as a direct one: the median
         // of the pairs' differences cancels drift in the engine's own time.
-        let added: Vec<f64> = t.iter().zip(&d).map(|(a, b)| a - b).collect();
-        let api_added: Vec<f64> = a.iter().zip(&d).map(|(a, b)| a - b).collect();
+        let added = paired_differences(&t, &d);
+        let api_added = paired_differences(&a, &d);
         Ok(vec![
             Figure::new("exec_rtt_p50_ms", "ms", median(&t), median(&d)),
             Figure::new("exec_rtt_p99_ms", "ms", p99(&t), p99(&d)),

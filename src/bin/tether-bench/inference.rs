@@ -5,7 +5,7 @@
 
 use crate::figures::{alternate, secs_ms};
 use crate::procfs;
-use crate::stats::{Figure, median};
+use crate::stats::{Figure, median, paired_differences};
 use anyhow::{Context, ensure};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -123,12 +123,14 @@ pub async fn run(agent_bin: &Path, dir: &Path, rtt_n: usize) -> anyhow::Result<V
     // agent image's file, shared by every proxy on the node.
     let anon_kib = procfs::status_kib(pid, "RssAnon")?;
     let _ = proxy.0.start_kill();
-    let added =
-        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x - y).collect() };
     let mb = |kib: u64| Some(kib as f64 / 1024.0);
     Ok(vec![
         Figure::new("inference_rtt_p50_ms", "ms", median(&tr), median(&dr)),
-        Figure::solo("inference_rtt_added_ms", "ms", median(&added(&tr, &dr))),
+        Figure::solo(
+            "inference_rtt_added_ms",
+            "ms",
+            median(&paired_differences(&tr, &dr)),
+        ),
         Figure::new(
             "inference_first_chunk_p50_ms",
             "ms",
@@ -138,7 +140,7 @@ pub async fn run(agent_bin: &Path, dir: &Path, rtt_n: usize) -> anyhow::Result<V
         Figure::solo(
             "inference_first_chunk_added_ms",
             "ms",
-            median(&added(&tf, &df)),
+            median(&paired_differences(&tf, &df)),
         ),
         Figure::solo("inference_proxy_idle_rss_mb", "MB", mb(idle_kib)),
         Figure::solo("inference_proxy_peak_rss_mb", "MB", mb(busy_kib)),

@@ -25,6 +25,12 @@ pub fn max(samples: &[f64]) -> Option<f64> {
     samples.iter().copied().max_by(f64::total_cmp)
 }
 
+/// `a[i] - b[i]` for runs made in the same round: their median cancels
+/// drift that both sides share.
+pub fn paired_differences(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x - y).collect()
+}
+
 /// One measured quantity, for tether and for the direct-Docker baseline.
 #[derive(Debug, Clone, Serialize)]
 pub struct Figure {

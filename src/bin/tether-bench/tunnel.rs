@@ -4,7 +4,7 @@
 //! host straight to the worker's address, interleaved in one run.
 
 use crate::figures::{Bench, alternate, cmd, limit, mb_s, secs_ms};
-use crate::stats::{Figure, median};
+use crate::stats::{Figure, median, paired_differences};
 use anyhow::{Context, ensure};
 use std::time::{Duration, Instant};
 use tether::protocol::SpawnRequest;
@@ -176,14 +176,20 @@ impl Bench {
                 plain.push(s)
             }
         }
-        let added =
-            |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x - y).collect() };
         Ok(vec![
             Figure::new("tunnel_throughput_mb_s", "MB/s", median(&t), median(&d)),
             Figure::new("tunnel_connect_p50_ms", "ms", median(&tc), median(&dc)),
-            Figure::solo("tunnel_connect_added_ms", "ms", median(&added(&tc, &dc))),
+            Figure::solo(
+                "tunnel_connect_added_ms",
+                "ms",
+                median(&paired_differences(&tc, &dc)),
+            ),
             Figure::new("preview_http_rtt_p50_ms", "ms", median(&tp), median(&dp)),
-            Figure::solo("preview_http_rtt_added_ms", "ms", median(&added(&tp, &dp))),
+            Figure::solo(
+                "preview_http_rtt_added_ms",
+                "ms",
+                median(&paired_differences(&tp, &dp)),
+            ),
             Figure::solo(&format!("tunnel_{BURST}_conn_s"), "s", median(&plain)),
             Figure::solo(
                 &format!("tunnel_{BURST}_conn_stalled_s"),

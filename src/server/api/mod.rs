@@ -66,6 +66,19 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Runs `f` on the store from a blocking thread (the file store writes
+/// and syncs a file).
+async fn on_store<T: Send + 'static>(
+    app: &AppState,
+    f: impl FnOnce(&dyn super::store::Store) -> Result<T, super::store::StoreError> + Send + 'static,
+) -> Result<T, ErrorBody> {
+    let store = app.store.clone();
+    tokio::task::spawn_blocking(move || f(store.as_ref()))
+        .await
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(ErrorBody::from)
+}
+
 pub(super) fn router(state: Arc<AppState>) -> Router {
     let operator = Router::new()
         .route("/api/v1/nodes", get(nodes))

@@ -20,12 +20,8 @@ pub(super) async fn forget_node(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let store = app.store.clone();
     let node = id.clone();
-    let bound = tokio::task::spawn_blocking(move || store.forget_node(&node))
-        .await
-        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+    let bound = on_store(&app, move |s| s.forget_node(&node)).await?;
     let known = app.hub.forget_node(&id);
     app.proofs_seen.lock().unwrap().remove(&id);
     if !bound && !known {

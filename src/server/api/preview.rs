@@ -42,12 +42,8 @@ pub(super) async fn issue(
     }
     let worker = app.hub.worker(&id)?;
     let (grant, token) = app.preview_key.grant(&worker.worker_id, req.port, ttl);
-    let store = app.store.clone();
     let g = grant.clone();
-    tokio::task::spawn_blocking(move || store.add_preview(g))
-        .await
-        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+    on_store(&app, move |s| s.add_preview(g)).await?;
     let mut info = grant_info(&grant);
     info.path = Some(format!(
         "{}/?{PREVIEW_PARAM}={token}",
@@ -90,11 +86,7 @@ pub(super) async fn revoke(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let store = app.store.clone();
-    let gone = tokio::task::spawn_blocking(move || store.revoke_preview(&id))
-        .await
-        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+    let gone = on_store(&app, move |s| s.revoke_preview(&id)).await?;
     if gone {
         Ok(StatusCode::NO_CONTENT)
     } else {

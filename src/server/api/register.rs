@@ -69,17 +69,13 @@ pub(super) async fn register(
         crate::protocol::ProofPurpose::Register,
         Some(&body.proof),
     )?;
-    let store = app.store.clone();
     let (node, key) = (body.node_id.clone(), body.public_key.clone());
-    let identity = tokio::task::spawn_blocking(move || store.bind_node(&node, &key))
+    let identity = on_store(&app, move |s| s.bind_node(&node, &key))
         .await
-        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| match e {
-            crate::server::store::StoreError::BoundElsewhere { .. } => {
+        .inspect_err(|e| {
+            if e.code == ErrorCode::Conflict {
                 tracing::warn!(node_id = %body.node_id, "registration with another key refused");
-                ErrorBody::new(ErrorCode::Conflict, e.to_string())
             }
-            e => ErrorBody::new(ErrorCode::Internal, e.to_string()),
         })?;
     let (node_jwt, exp) = app.signer.issue(&body.node_id, &identity.binding);
     tracing::info!(node_id = %body.node_id, key_id = %crate::protocol::key_id(&identity.public_key), "node registered");

@@ -107,6 +107,13 @@ impl Default for Hub {
 pub const WORKER_EVENT_BACKLOG: usize = 1024;
 
 impl NodeEntry {
+    /// Whether the node's latest report says its inference backend runs.
+    fn runs_inference(&self) -> bool {
+        self.capabilities
+            .as_ref()
+            .is_some_and(|(c, _)| c["inference"]["running"] == Value::Bool(true))
+    }
+
     fn info(&self, node_id: &str, workers: usize) -> NodeInfo {
         let status = match (self.online, self.degraded.is_some(), self.draining) {
             (false, _, _) => NodeState::Offline,
@@ -131,15 +138,6 @@ impl NodeEntry {
                 .filter(|_| self.online)
                 .map(|t| humantime::format_rfc3339_millis(t).to_string()),
         }
-    }
-}
-
-impl NodeEntry {
-    /// Whether the node's latest report says its inference backend runs.
-    fn runs_inference(&self) -> bool {
-        self.capabilities
-            .as_ref()
-            .is_some_and(|(c, _)| c["inference"]["running"] == Value::Bool(true))
     }
 }
 

@@ -53,8 +53,10 @@ async fn read_all(output: &mut ChannelStream) -> Vec<u8> {
 async fn bytes_cross_a_tunnel_both_ways_and_a_half_close_passes_through() {
     let (h, _node) = Harness::start().await;
     // `cat` answers what it reads and ends when its input does: the echo
-    // ends only after the client's half-close reached the worker.
-    let w = worker(&h, "nc -l -p 9000 -e cat").await;
+    // ends only after the client's half-close reached the worker. The
+    // worker outlives it (an exiting container's namespace takes unsent
+    // bytes with it).
+    let w = worker(&h, "nc -l -p 9000 -e cat; sleep 3600").await;
     let Duplex {
         mut input,
         mut output,

@@ -25,7 +25,7 @@ use crate::protocol::{
 };
 use bytes::Bytes;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -65,8 +65,9 @@ struct Entry {
     inbox: mpsc::UnboundedSender<Inbound>,
     /// Bytes received so far (next expected offset).
     received: u64,
-    /// Highest offset we allowed the peer to send, shared with the reader.
-    granted: Arc<AtomicU64>,
+    /// What we acknowledged and the highest offset we allowed the peer to
+    /// send, shared with the reader.
+    grant: Arc<reader::Grant>,
     /// Credit the peer granted to our writer.
     credit: watch::Sender<u64>,
     /// Our outbound side, shared with the writer.
@@ -142,7 +143,7 @@ impl Channels {
             ));
         }
         let (inbox, rx) = mpsc::unbounded_channel();
-        let granted = Arc::new(AtomicU64::new(received + window));
+        let grant = reader::Grant::new(received, received + window);
         let (credit, credit_rx) = watch::channel(sent + window);
         let tx = Arc::new(Mutex::new(TxState {
             sent,
@@ -154,7 +155,7 @@ impl Channels {
             Entry {
                 inbox,
                 received,
-                granted: granted.clone(),
+                grant: grant.clone(),
                 credit,
                 tx: tx.clone(),
                 cancel: cancel.clone(),
@@ -175,7 +176,7 @@ impl Channels {
                 acked: received,
                 manual: false,
                 window,
-                granted,
+                grant,
                 link: self.link.clone(),
             },
             cancel: cancel.clone(),
@@ -216,7 +217,7 @@ impl Channels {
                 ),
             ));
         }
-        let granted = e.granted.load(Ordering::Acquire);
+        let granted = e.grant.limit.load(Ordering::Acquire);
         if end > granted {
             return Err(ErrorBody::new(
                 ErrorCode::InvalidRequest,
@@ -385,7 +386,7 @@ impl Channels {
             .map(|(id, e)| ChannelState {
                 channel: *id,
                 received: e.received,
-                limit: e.granted.load(Ordering::Acquire),
+                limit: e.grant.limit.load(Ordering::Acquire),
             })
             .collect();
         v.sort_by_key(|s| s.channel);
@@ -411,6 +412,10 @@ impl Channels {
             match peer.get(id) {
                 Some(s) => {
                     tx.replay(*id, s.received, &self.link);
+                    // Our latest grant: read after the switch, so one made
+                    // since our handshake state either shows here or goes
+                    // out on this link itself.
+                    self.link.send_msg(&Message::Window(e.grant.window(*id)));
                     e.credit.send_if_modified(|l| {
                         let raise = s.limit > *l;
                         if raise {
@@ -656,6 +661,48 @@ mod tests {
             (f.stream, &f.payload[..]),
             (StreamKind::Stderr, &b"hello"[..])
         );
+    }
+
+    /// The consumer reads on while the link is down: the grant it makes is
+    /// newer than the state the handshake carried, and it must still reach
+    /// the peer, or the peer's writer waits for credit already given.
+    #[tokio::test]
+    async fn a_grant_made_while_disconnected_reaches_the_peer_on_resume() {
+        let (ch, _old) = connected();
+        let mut h = ch.open(4, 100).unwrap();
+        for offset in [0, 30, 60] {
+            ch.on_frame(frame(4, offset, 30)).unwrap();
+        }
+        // The link drops; the handshake state is taken (limit 100)...
+        ch.link().set(None);
+        let handshake = ch.states();
+        assert_eq!(handshake[0].limit, 100);
+        // ...then the consumer takes what was already delivered: a grant
+        // to 160 that no connection carries.
+        for _ in 0..3 {
+            assert!(matches!(h.reader.recv().await, Some(Inbound::Data(..))));
+        }
+        let (out, mut rx) = mpsc::unbounded_channel();
+        ch.resume(
+            &[ChannelState {
+                channel: 4,
+                received: 0,
+                limit: 100,
+            }],
+            |_| false,
+            out,
+        );
+        let Ok(Outbound::Text(t)) = rx.try_recv() else {
+            panic!("a window after the resume")
+        };
+        match Message::decode(&t).unwrap() {
+            Message::Window(w) => assert_eq!(
+                (w.channel, w.acked, w.limit),
+                (4, 90, 160),
+                "the latest grant"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

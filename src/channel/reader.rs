@@ -8,6 +8,36 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 
+/// What a reader has acknowledged and granted, shared with the registry:
+/// a resume repeats the latest grant, since one made while disconnected
+/// (or after the state sent in the handshake) never reached the peer.
+#[derive(Debug, Default)]
+pub(super) struct Grant {
+    pub(super) acked: AtomicU64,
+    pub(super) limit: AtomicU64,
+}
+
+impl Grant {
+    pub(super) fn new(acked: u64, limit: u64) -> Arc<Self> {
+        Arc::new(Grant {
+            acked: AtomicU64::new(acked),
+            limit: AtomicU64::new(limit),
+        })
+    }
+
+    /// The latest grant as a window message.
+    pub(super) fn window(&self, channel: u32) -> Window {
+        // Limit first: a grant in between repeats a newer acked, never an
+        // older limit with it.
+        let limit = self.limit.load(Ordering::Acquire);
+        Window {
+            channel,
+            acked: self.acked.load(Ordering::Acquire),
+            limit,
+        }
+    }
+}
+
 /// Receives one direction of a channel and grants credit as it is consumed
 /// (or, in manual mode, as the final consumer acknowledges it).
 pub struct ChannelReader {
@@ -19,7 +49,7 @@ pub struct ChannelReader {
     /// Credit follows [`ChannelReader::ack`] instead of consumption.
     pub(super) manual: bool,
     pub(super) window: u64,
-    pub(super) granted: Arc<AtomicU64>,
+    pub(super) grant: Arc<Grant>,
     pub(super) link: Arc<Link>,
 }
 
@@ -59,11 +89,12 @@ impl ChannelReader {
             return;
         }
         self.acked = self.acked.max(offset);
-        let granted = self.granted.load(Ordering::Acquire);
+        self.grant.acked.store(self.acked, Ordering::Release);
+        let granted = self.grant.limit.load(Ordering::Acquire);
         // Re-grant once half the window is used: few window messages, no stall.
         if granted.saturating_sub(self.acked) <= self.window / 2 {
             let limit = self.acked.saturating_add(self.window);
-            self.granted.store(limit, Ordering::Release);
+            self.grant.limit.store(limit, Ordering::Release);
             self.link.send_msg(&Message::Window(Window {
                 channel: self.channel,
                 acked: self.acked,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Remove Docker leftovers of tether's tests: containers (forced) and then
-# networks labelled tether.test=1, or made by a test node (tether.managed=true
-# with a tether.node_id starting with "test-"); with --all every
+# Remove Docker leftovers of tether's tests: containers (forced), networks
+# and volumes labelled tether.test=1, or made by a test node (a
+# tether.node_id starting with "test-"); with --all every
 # tether-managed object, whatever its node (this removes real workers too);
 # with --images also images labelled tether.test=1 and tether-agent:test*.
 # Idempotent, silent when there is nothing to remove, never fails.
@@ -38,13 +38,15 @@ ids() {
                 container) docker ps -aq --no-trunc --filter "$f" 2>/dev/null ;;
                 network) docker network ls -q --no-trunc --filter "$f" 2>/dev/null ;;
                 image) docker images -q --no-trunc --filter "$f" 2>/dev/null ;;
+                volume) docker volume ls -q --filter "$f" 2>/dev/null ;;
             esac
         done
         # Objects of test nodes (their ids start with "test-").
         local fmt='{{.ID}} {{.Label "tether.node_id"}}'
         case "$kind" in
-            container) docker ps -a --no-trunc --filter label=tether.managed=true --format "$fmt" 2>/dev/null ;;
-            network) docker network ls --no-trunc --filter label=tether.managed=true --format "$fmt" 2>/dev/null ;;
+            container) docker ps -a --no-trunc --filter label=tether.node_id --format "$fmt" 2>/dev/null ;;
+            network) docker network ls --no-trunc --filter label=tether.node_id --format "$fmt" 2>/dev/null ;;
+            volume) docker volume ls --filter label=tether.node_id --format '{{.Name}} {{.Label "tether.node_id"}}' 2>/dev/null ;;
         esac | awk '$2 ~ /^test-/ { print $1 }'
     } | sort -u
 }
@@ -58,6 +60,7 @@ remove() {
             container) docker rm -f -v "$id" >/dev/null 2>&1 && n=$((n + 1)) ;;
             network) docker network rm "$id" >/dev/null 2>&1 && n=$((n + 1)) ;;
             image) docker image rm -f "$id" >/dev/null 2>&1 && n=$((n + 1)) ;;
+            volume) docker volume rm -f "$id" >/dev/null 2>&1 && n=$((n + 1)) ;;
         esac
     done
     if [[ "$n" -gt 0 ]]; then
@@ -75,6 +78,9 @@ remove container ${found[@]+"${found[@]}"}
 
 mapfile -t found < <(ids network "${filters[@]}")
 remove network ${found[@]+"${found[@]}"}
+
+mapfile -t found < <(ids volume "${filters[@]}")
+remove volume ${found[@]+"${found[@]}"}
 
 if [[ "$IMAGES" -eq 1 ]]; then
     mapfile -t found < <(ids image "label=tether.test=1" "reference=tether-agent:test*")

@@ -97,9 +97,10 @@ pub async fn run_egress_proxy(a: EgressProxyArgs, log: Option<String>) -> ExitCo
 /// Flags of the hidden `inference-proxy` subcommand.
 #[derive(Args, Debug)]
 pub struct InferenceProxyArgs {
-    /// Address to listen on (inside the job's network namespace).
+    /// Where to listen: `IP:PORT` (inside the job's network namespace) or
+    /// `unix:/path` (the node's gateway).
     #[arg(long, default_value = "127.0.0.1:11434")]
-    pub listen: std::net::SocketAddr,
+    pub listen: crate::inference::proxy::Backend,
     /// The node's backend: `unix:/path` or `IP:PORT`.
     #[arg(long)]
     pub backend: crate::inference::proxy::Backend,
@@ -112,31 +113,114 @@ pub struct InferenceProxyArgs {
     /// Requests at the backend at once (no bound when left out).
     #[arg(long)]
     pub max_concurrency: Option<std::num::NonZeroUsize>,
+    /// The job (worker) it serves, for its log lines.
+    #[arg(long)]
+    pub job: Option<String>,
+}
+
+/// Binds `addr`: TCP, or a Unix socket that any local user may connect to
+/// (it lives in a volume only the node's inference containers mount); a
+/// stale socket file is replaced.
+async fn bind(addr: &crate::inference::proxy::Backend) -> std::io::Result<Listener> {
+    use crate::inference::proxy::Backend;
+    match addr {
+        Backend::Tcp(a) => tokio::net::TcpListener::bind(a).await.map(Listener::Tcp),
+        Backend::Unix(p) => {
+            let _ = std::fs::remove_file(p);
+            let l = tokio::net::UnixListener::bind(p)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o666))?;
+            Ok(Listener::Unix(l))
+        }
+    }
+}
+
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
 }
 
 /// Runs the inference proxy until a signal.
 pub async fn run_inference_proxy(a: InferenceProxyArgs, log: Option<String>) -> ExitCode {
     use crate::inference::proxy;
     init_tracing(log.as_deref().unwrap_or("info"), "text");
-    let listener = match tokio::net::TcpListener::bind(a.listen).await {
+    let listener = match bind(&a.listen).await {
         Ok(l) => l,
-        Err(e) => return fail(format!("cannot listen on {}: {e}", a.listen)),
+        Err(e) => return fail(format!("cannot listen on {:?}: {e}", a.listen)),
     };
     let mut cfg = proxy::Config::new(a.backend);
     cfg.max_body = a.max_body_bytes;
     cfg.timeout = std::time::Duration::from_secs(a.timeout_secs.max(1));
     cfg.max_concurrency = a.max_concurrency.map(|n| n.get());
-    tracing::info!(listen = %a.listen, backend = ?cfg.backend, "inference proxy ready");
+    let job = a.job.unwrap_or_default();
+    tracing::info!(listen = ?a.listen, backend = ?cfg.backend, %job, "inference proxy ready");
     let counters = std::sync::Arc::new(proxy::Counters::default());
-    proxy::serve(listener, cfg, counters.clone(), shutdown_on_signals()).await;
+    let stop = shutdown_on_signals();
+    match listener {
+        Listener::Tcp(l) => proxy::serve(l, cfg, counters.clone(), stop).await,
+        Listener::Unix(l) => proxy::serve(l, cfg, counters.clone(), stop).await,
+    }
     let c = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
+        %job,
         requests = c(&counters.requests),
         refused = c(&counters.refused),
         bytes_in = c(&counters.bytes_in),
         bytes_out = c(&counters.bytes_out),
         "inference proxy stopped"
     );
+    ExitCode::SUCCESS
+}
+
+/// `GET /api/version` at `addr`: success on a 200 within 3 s.
+pub async fn run_inference_probe(addr: crate::inference::proxy::Backend) -> ExitCode {
+    use crate::inference::proxy::Backend;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn ask<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        mut s: S,
+    ) -> std::io::Result<bool> {
+        s.write_all(b"GET /api/version HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await?;
+        Ok(head.starts_with(b"HTTP/1.") && &head[9..12] == b"200")
+    }
+    let probe = async {
+        match &addr {
+            Backend::Tcp(a) => ask(tokio::net::TcpStream::connect(a).await?).await,
+            Backend::Unix(p) => ask(tokio::net::UnixStream::connect(p).await?).await,
+        }
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(3), probe).await {
+        Ok(Ok(true)) => ExitCode::SUCCESS,
+        Ok(Ok(false)) => fail(format!("{addr:?} answered, not with 200")),
+        Ok(Err(e)) => fail(format!("{addr:?}: {e}")),
+        Err(_) => fail(format!("{addr:?} did not answer within 3 s")),
+    }
+}
+
+/// Serves the Ollama stand-in until a signal.
+pub async fn run_inference_standin(
+    listen: crate::inference::proxy::Backend,
+    token_delay_ms: u64,
+    log: Option<String>,
+) -> ExitCode {
+    use crate::inference::standin;
+    init_tracing(log.as_deref().unwrap_or("info"), "text");
+    let listener = match bind(&listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(format!("cannot listen on {listen:?}: {e}")),
+    };
+    let knobs = standin::Knobs {
+        token_delay: std::time::Duration::from_millis(token_delay_ms),
+        ..Default::default()
+    };
+    tracing::info!(listen = ?listen, "inference stand-in ready");
+    let stop = shutdown_on_signals();
+    match listener {
+        Listener::Tcp(l) => standin::serve(l, knobs, stop).await,
+        Listener::Unix(l) => standin::serve(l, knobs, stop).await,
+    }
     ExitCode::SUCCESS
 }
 
@@ -300,6 +384,8 @@ fn merge(
             .enable_dynamic_config
             .then(|| Duration::from_secs(f.updates.poll_interval_seconds));
         cfg.identity.inference_enabled = f.inference.mode == "allow" && f.sandbox.mode == "allow";
+        cfg.identity.inference_allow_gpu = f.inference.allow_gpu;
+        cfg.identity.inference_max_concurrency = f.inference.max_concurrency;
         cfg.allowed_private_cidrs = f
             .sandbox
             .allowed_private_cidrs

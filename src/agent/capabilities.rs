@@ -79,9 +79,9 @@ pub struct Sandbox {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Inference {
-    pub supported: bool,
     pub mode: String,
-    pub running: bool,
+    #[serde(flatten)]
+    pub status: crate::protocol::InferenceStatus,
 }
 
 impl CapabilityReport {
@@ -100,6 +100,10 @@ pub struct Identity {
     pub sandbox_enabled: bool,
     pub max_concurrency: u64,
     pub inference_enabled: bool,
+    /// The inference container may have the node's GPUs.
+    pub inference_allow_gpu: bool,
+    /// Requests at the inference container at once (0: no bound).
+    pub inference_max_concurrency: u64,
 }
 
 /// Reads the report from the machine and the engine.
@@ -107,6 +111,7 @@ pub async fn collect(
     docker: &Docker,
     id: &Identity,
     state_dir: &std::path::Path,
+    inference: crate::protocol::InferenceStatus,
 ) -> CapabilityReport {
     let info = tokio::time::timeout(ENGINE_TIMEOUT, docker.info())
         .await
@@ -194,13 +199,12 @@ pub async fn collect(
             max_concurrency: id.max_concurrency,
         },
         inference: Inference {
-            supported: false,
             mode: if id.inference_enabled {
                 "allow".into()
             } else {
                 "disabled".into()
             },
-            running: false,
+            status: inference,
         },
         reported_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
     }
@@ -237,7 +241,7 @@ async fn run(cmd: &str, args: &[&str], limit: Duration) -> Option<String> {
 }
 
 /// NVIDIA GPUs via nvidia-smi, AMD via rocm-smi; absent when neither runs.
-async fn gpus() -> Gpu {
+pub(crate) async fn gpus() -> Gpu {
     let mut devices = Vec::new();
     if let Some(text) = run(
         "nvidia-smi",

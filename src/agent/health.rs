@@ -60,17 +60,8 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
         // now and then and report a new hash.
         ticks += 1;
         if healthy && ticks % 30 == 0 {
-            let report =
-                super::capabilities::collect(&ctx.docker, &ctx.node.identity, &ctx.node.state_dir)
-                    .await;
-            let hash = report.hash();
-            if ctx.node.report_changed(&hash) {
-                let v = serde_json::to_value(&report).expect("reports serialize");
-                if ctx.link.send(Outbound::msg(&Message::Capabilities(v))) {
-                    info!(%hash, "capabilities changed");
-                    ctx.node.reported(hash);
-                }
-            }
+            super::inference::refresh(&ctx).await;
+            report_capabilities(&ctx).await;
         }
         if let Some(every) = ctx.node.config_poll
             && polled.elapsed() >= every
@@ -84,6 +75,25 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
         tokio::select! {
             _ = end.cancelled() => break,
             _ = tokio::time::sleep(ctx.node.config_poll.map_or(PROBE_INTERVAL, |p| p.min(PROBE_INTERVAL))) => {}
+        }
+    }
+}
+
+/// Sends the capability report if it changed since the last one sent.
+pub(super) async fn report_capabilities(ctx: &Ctx) {
+    let report = super::capabilities::collect(
+        &ctx.docker,
+        &ctx.node.identity,
+        &ctx.node.state_dir,
+        ctx.node.inference(),
+    )
+    .await;
+    let hash = report.hash();
+    if ctx.node.report_changed(&hash) {
+        let v = serde_json::to_value(&report).expect("reports serialize");
+        if ctx.link.send(Outbound::msg(&Message::Capabilities(v))) {
+            info!(%hash, "capabilities changed");
+            ctx.node.reported(hash);
         }
     }
 }

@@ -7,6 +7,7 @@ mod commands;
 mod events;
 mod health;
 pub mod identity;
+mod inference;
 pub mod mounts;
 pub mod netguard;
 mod nft;
@@ -290,6 +291,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         refreshed_token: Default::default(),
     });
     commands::collect_garbage(&ctx).await;
+    // The inference backend of the configuration in force: adopted, made
+    // or removed, then reported (the report at `hello` may precede it).
+    let c = ctx.clone();
+    ctx.spawn(async move {
+        inference::converge(&c).await;
+        health::report_capabilities(&c).await;
+    });
     // Deadlines survive agent restarts: they live in the workers' labels.
     if let Ok(workers) = crate::docker::containers::list(&ctx.docker, &ctx.node_id).await {
         for w in workers {

@@ -7,7 +7,7 @@
 use super::nodeconfig::Applied;
 use super::{capabilities, policy::Policy};
 use crate::docker::egress::{NetPlan, ProxySpec};
-use crate::protocol::{ErrorBody, ErrorCode, NetworkPolicy, SpawnRequest};
+use crate::protocol::{ErrorBody, ErrorCode, InferenceStatus, NetworkPolicy, SpawnRequest};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +40,10 @@ pub(crate) struct NodeState {
     reported_hash: Mutex<Option<String>>,
     /// Docker did not answer the last probe: new work is refused.
     degraded: AtomicBool,
+    /// Where the node's inference backend stands.
+    inference: Mutex<InferenceStatus>,
+    /// Held while the inference backend is changed (one change at a time).
+    pub(crate) inference_lock: tokio::sync::Mutex<()>,
 }
 
 /// How a [`NodeState`] starts.
@@ -58,6 +62,10 @@ pub(crate) struct NodeSetup {
 
 impl NodeState {
     pub(crate) fn new(s: NodeSetup) -> Self {
+        let inference = InferenceStatus {
+            supported: s.identity.inference_enabled,
+            ..Default::default()
+        };
         NodeState {
             identity: s.identity,
             state_dir: s.state_dir,
@@ -71,7 +79,17 @@ impl NodeState {
             configuring: Default::default(),
             reported_hash: Default::default(),
             degraded: Default::default(),
+            inference: Mutex::new(inference),
+            inference_lock: Default::default(),
         }
+    }
+
+    pub(crate) fn inference(&self) -> InferenceStatus {
+        self.inference.lock().unwrap().clone()
+    }
+
+    pub(crate) fn set_inference(&self, status: InferenceStatus) {
+        *self.inference.lock().unwrap() = status;
     }
 
     /// The pushed configuration in force, if any.
@@ -126,8 +144,10 @@ impl NodeState {
         spec: &mut SpawnRequest,
         running: usize,
     ) -> Result<(), ErrorBody> {
-        if spec.inference {
-            return Err(self.no_inference());
+        if spec.inference
+            && let Some(e) = self.no_inference()
+        {
+            return Err(e);
         }
         let orchestrator = self.orchestrator_policy();
         // No policy named: the narrower of the two defaults.
@@ -143,20 +163,25 @@ impl NodeState {
         orchestrator.map_or(Ok(()), |p| p.admit_spawn(spec, running))
     }
 
-    /// Why a job cannot have inference here: the node turned it off, or no
-    /// backend runs (the agent does not start one yet).
-    fn no_inference(&self) -> ErrorBody {
-        if self.identity.inference_enabled {
-            ErrorBody::new(
-                ErrorCode::Unavailable,
-                "no inference backend runs on this node",
-            )
-        } else {
-            ErrorBody::new(
+    /// Why a job cannot have inference here, if it cannot: the node turned
+    /// it off, or its backend does not run or answer.
+    fn no_inference(&self) -> Option<ErrorBody> {
+        if !self.identity.inference_enabled {
+            return Some(ErrorBody::new(
                 ErrorCode::PolicyDenied,
                 "inference is disabled on this node (its inference.mode is not allow, or its sandbox.mode is sandbox_only)",
-            )
+            ));
         }
+        let s = self.inference();
+        if s.running && s.healthy {
+            return None;
+        }
+        let why = match (s.running, s.note) {
+            (_, Some(note)) => note,
+            (false, None) => "no inference backend runs on this node".into(),
+            (true, None) => "the node's inference backend does not answer".into(),
+        };
+        Some(ErrorBody::new(ErrorCode::Unavailable, why))
     }
 
     /// How to build an admitted spawn's network.

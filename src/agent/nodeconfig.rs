@@ -168,6 +168,7 @@ pub(crate) async fn apply(
         status,
         error: error.map(|(kind, message)| ConfigAckError { kind, message }),
         effective_config_hash: hash,
+        inference: None,
     };
     // 1. Validate: nothing changes on failure.
     let policy = match interpret(&new) {

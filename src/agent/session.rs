@@ -164,8 +164,13 @@ pub(super) async fn serve(
             None
         }
     };
-    let report =
-        super::capabilities::collect(&ctx.docker, &ctx.node.identity, &ctx.node.state_dir).await;
+    let report = super::capabilities::collect(
+        &ctx.docker,
+        &ctx.node.identity,
+        &ctx.node.state_dir,
+        ctx.node.inference(),
+    )
+    .await;
     ctx.node.reported(report.hash());
     let hello = Message::Hello(Hello {
         versions: vec![PROTOCOL_VERSION],

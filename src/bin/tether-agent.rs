@@ -34,6 +34,23 @@ enum Sub {
     /// A job's inference proxy on localhost:11434 (docs/inference.md).
     #[command(hide = true)]
     InferenceProxy(tether::cli::InferenceProxyArgs),
+    /// Exits 0 when an Ollama API answers `GET /api/version` with 200 (the
+    /// inference gateway's health check).
+    #[command(hide = true)]
+    InferenceProbe {
+        /// `IP:PORT` or `unix:/path`.
+        addr: tether::inference::proxy::Backend,
+    },
+    /// An Ollama stand-in for tests (docs/inference.md).
+    #[command(hide = true)]
+    InferenceStandin {
+        /// `IP:PORT` or `unix:/path`.
+        #[arg(long, default_value = "127.0.0.1:11434")]
+        listen: tether::inference::proxy::Backend,
+        /// Pause before each token, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        token_delay_ms: u64,
+    },
 }
 
 /// One thread: the agent forwards bytes between two sockets, and on one
@@ -47,6 +64,11 @@ async fn main() -> ExitCode {
     match cli.sub {
         Some(Sub::EgressProxy(p)) => tether::cli::run_egress_proxy(p, cli.log).await,
         Some(Sub::InferenceProxy(p)) => tether::cli::run_inference_proxy(p, cli.log).await,
+        Some(Sub::InferenceProbe { addr }) => tether::cli::run_inference_probe(addr).await,
+        Some(Sub::InferenceStandin {
+            listen,
+            token_delay_ms,
+        }) => tether::cli::run_inference_standin(listen, token_delay_ms, cli.log).await,
         None => tether::cli::run_agent(cli.agent, cli.log, cli.log_format).await,
     }
 }

@@ -5,6 +5,7 @@ pub mod archive;
 pub mod containers;
 pub mod egress;
 pub mod exec;
+pub mod inference;
 pub mod joined;
 pub mod networks;
 
@@ -26,6 +27,10 @@ pub mod labels {
     pub const NETWORK_POLICY: &str = "tether.network_policy";
     /// On an egress proxy and its network: the worker they serve.
     pub const EGRESS_FOR: &str = "tether.egress_for";
+    /// On the node's inference containers, network and volumes.
+    pub const INFERENCE: &str = "tether.inference";
+    /// On the inference backend: the GPUs it was given.
+    pub const INFERENCE_GPUS: &str = "tether.inference_gpus";
     /// Prefix reserved for tether; user labels may not use it.
     pub const PREFIX: &str = "tether.";
 }

@@ -64,7 +64,10 @@ where
                 let answer = handle(req);
                 async move { Ok::<_, std::convert::Infallible>(answer.await) }
             });
+            // A client that half-closes after its request (`nc`, curl with
+            // HTTP/1.0) still gets its answer.
             let _ = hyper::server::conn::http1::Builder::new()
+                .half_close(true)
                 .serve_connection(TokioIo::new(io), service)
                 .await;
         });
@@ -128,6 +131,32 @@ mod tests {
         let status = r.status().as_u16();
         let v: serde_json::Value = r.json().await.unwrap();
         (status, v["error"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// `nc` sends its request and half-closes: the answer, which takes the
+    /// backend a while, still comes back whole.
+    #[tokio::test]
+    async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let knobs = Knobs {
+            tokens: 3,
+            token_delay: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let r = rig(Some(knobs), |_| {}).await;
+        let addr = r.url.trim_start_matches("http://");
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let body = format!(r#"{{"model":"{}","prompt":"hi"}}"#, standin::MODEL);
+        let req = format!(
+            "POST /api/generate HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+        assert!(answer.contains(r#""done":true"#), "{answer}");
     }
 
     #[tokio::test]

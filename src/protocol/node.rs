@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeMap;
 
 /// The node's health, agent to server: sent at the start of every
 /// connection and whenever it changes.
@@ -31,9 +32,75 @@ pub struct NodeConfig {
     pub policy: ConfigPolicy,
     #[serde(default)]
     pub constraints: Constraints,
-    /// Reserved for node-local inference (stored, not acted on yet).
+    /// The node's one inference container (docs/inference.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub inference_backend: Option<Value>,
+    pub inference_backend: Option<InferenceBackend>,
+}
+
+/// The node's inference backend: one Ollama container per node, private to
+/// it, reached by jobs only through their own proxy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceBackend {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The image; when left out, the variant's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub variant: InferenceVariant,
+    /// Environment of the inference container (`OLLAMA_HOST` is the
+    /// agent's: the backend listens on its own loopback only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Models to pull once it runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+}
+
+impl InferenceBackend {
+    /// The image to run: the one named, or the variant's default.
+    pub fn image(&self) -> &str {
+        match (&self.image, self.variant) {
+            (Some(i), _) => i,
+            (None, InferenceVariant::Rocm) => "ollama/ollama:rocm",
+            (None, _) => "ollama/ollama:latest",
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Which build of Ollama: it picks the default image.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InferenceVariant {
+    #[default]
+    Cpu,
+    Cuda,
+    Rocm,
+}
+
+/// Where the node's inference stands: in the config ack and the
+/// capability report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct InferenceStatus {
+    /// The node allows inference (`inference.mode: allow`, sandbox allowed).
+    pub supported: bool,
+    /// The inference container runs.
+    pub running: bool,
+    /// It answers (the agent's probe through its gateway).
+    pub healthy: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// GPUs given to it.
+    #[serde(default)]
+    pub gpus: u32,
+    /// Why it does not run, or what it runs without (a refused GPU request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 fn one() -> u32 {
@@ -76,6 +143,9 @@ pub struct ConfigAck {
     pub error: Option<ConfigAckError>,
     /// SHA-256 of the configuration in force after this push (secrets excluded).
     pub effective_config_hash: String,
+    /// The node's inference after this push, when the push carried a backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference: Option<InferenceStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

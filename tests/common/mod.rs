@@ -60,6 +60,10 @@ pub fn docker_cleanup(node_id: &str) {
     for n in nets.split_whitespace() {
         docker(&["network", "rm", n]);
     }
+    let vols = docker(&["volume", "ls", "-q", "--filter", &filter]);
+    for v in vols.split_whitespace() {
+        docker(&["volume", "rm", "-f", v]);
+    }
 }
 
 /// Runs the docker CLI; returns stdout and stderr together.

@@ -154,7 +154,16 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
                 reply(&ctx, id, res.map(|()| json!({ "worker_id": r.worker_id })));
             }
             (Request::Configure(c), _) => {
-                let ack = super::nodeconfig::apply(&ctx.node, d, c).await;
+                let carries = c.inference_backend.is_some();
+                let before = ctx.node.applied().and_then(|a| a.config.inference_backend);
+                let mut ack = super::nodeconfig::apply(&ctx.node, d, c).await;
+                if let Ok(a) = &mut ack
+                    && a.status == crate::protocol::AckStatus::Applied
+                    && (carries || before.is_some())
+                {
+                    a.inference = Some(super::inference::converge(&ctx).await);
+                    super::health::report_capabilities(&ctx).await;
+                }
                 reply(&ctx, id, ack)
             }
             (Request::Inspect(w), _) => {

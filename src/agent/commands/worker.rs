@@ -23,6 +23,12 @@ pub(super) async fn spawn(ctx: &Arc<Ctx>, id: String, mut s: Spawn) {
     } else {
         Ok(0)
     };
+    if s.spec.inference {
+        s.spec.env.insert(
+            "OLLAMA_BASE_URL".into(),
+            format!("http://localhost:{}", crate::inference::proxy::PORT),
+        );
+    }
     let plan = running
         .and_then(|running| ctx.node.admit_spawn(&mut s.spec, running))
         .and_then(|()| ctx.node.net_plan(&s.spec));
@@ -57,6 +63,18 @@ pub(super) async fn spawn(ctx: &Arc<Ctx>, id: String, mut s: Spawn) {
         }
         Err(e) => Err(e),
     };
+    // A job with inference gets its proxy before anyone hears of it; without
+    // one it does not run.
+    let r = match r {
+        Ok(w) if s.spec.inference => match start_inference_proxy(ctx, &w).await {
+            Ok(()) => Ok(w),
+            Err(e) => {
+                let _ = remove(ctx, &w.worker_id, true).await;
+                Err(e)
+            }
+        },
+        other => other,
+    };
     if let Ok(w) = &r {
         info!(worker_id = %w.worker_id, "worker running");
         if let Some(at) = w.deadline {
@@ -66,11 +84,37 @@ pub(super) async fn spawn(ctx: &Arc<Ctx>, id: String, mut s: Spawn) {
     reply(ctx, id, r);
 }
 
-/// Removes a worker and forgets its checked container id.
+async fn start_inference_proxy(
+    ctx: &Ctx,
+    w: &crate::protocol::WorkerInfo,
+) -> Result<(), ErrorBody> {
+    let Some(image) = ctx.node.egress_image.as_deref() else {
+        return Err(ErrorBody::new(
+            ErrorCode::Unavailable,
+            "no image for the inference proxy on this node",
+        ));
+    };
+    docker::inference::start_job_proxy(
+        &ctx.docker,
+        &ctx.node_id,
+        &w.worker_id,
+        &w.container_id,
+        image,
+    )
+    .await
+    .map_err(ErrorBody::from)
+}
+
+/// Removes a worker (and its inference proxy, if any) and forgets its
+/// checked container id.
 pub(super) async fn remove(ctx: &Ctx, worker_id: &str, force: bool) -> Result<(), ErrorBody> {
     let removed = containers::remove(&ctx.docker, &ctx.pool, &ctx.node_id, worker_id, force).await;
     ctx.execs.forget_worker(worker_id);
     if removed.is_ok() {
+        let proxy = docker::inference::remove_job_proxy(&ctx.docker, &ctx.node_id, worker_id);
+        if let Err(e) = proxy.await {
+            warn!(%worker_id, error = %e, "could not remove the worker's inference proxy");
+        }
         ctx.tunnels.worker_removed(ctx, worker_id);
     }
     removed.map_err(ErrorBody::from)
@@ -81,6 +125,7 @@ pub(super) async fn remove(ctx: &Ctx, worker_id: &str, force: bool) -> Result<()
 pub(crate) async fn collect_garbage(ctx: &Ctx) {
     if let Ok(live) = containers::list_ids(&ctx.docker, &ctx.node_id).await {
         docker::egress::collect_garbage(&ctx.docker, &ctx.pool, &ctx.node_id, &live).await;
+        docker::inference::collect_garbage(&ctx.docker, &ctx.node_id, &live).await;
     }
     match containers::orphan_networks(&ctx.docker, &ctx.node_id).await {
         Ok(nets) => {

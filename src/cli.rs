@@ -172,6 +172,54 @@ pub async fn run_inference_proxy(a: InferenceProxyArgs, log: Option<String>) -> 
     ExitCode::SUCCESS
 }
 
+/// Exit status of `tunnel-connect` when nothing listens on the port.
+pub const TUNNEL_REFUSED_EXIT: u8 = 111;
+
+/// Connects to `port` on the loopback of the namespace it runs in, writes
+/// one zero byte to stdout once connected, then carries stdin to the
+/// connection (its end becomes a half-close) and the connection to stdout.
+pub async fn run_tunnel_connect(port: u16) -> ExitCode {
+    use tokio::io::{AsyncWriteExt, BufReader};
+    let v4 = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+    // A service on IPv6 loopback only; otherwise IPv4's answer stands.
+    let sock = match v4 {
+        Ok(s) => Ok(s),
+        Err(e4) => tokio::net::TcpStream::connect(("::1", port))
+            .await
+            .map_err(|_| e4),
+    };
+    let sock = match sock {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            eprintln!("nothing listens on port {port}");
+            return ExitCode::from(TUNNEL_REFUSED_EXIT);
+        }
+        Err(e) => {
+            eprintln!("cannot connect to port {port}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = sock.set_nodelay(true);
+    let mut stdout = tokio::io::stdout();
+    if stdout.write_all(&[0]).await.is_err() || stdout.flush().await.is_err() {
+        return ExitCode::FAILURE;
+    }
+    let (r, mut w) = sock.into_split();
+    const BUF: usize = 64 * 1024;
+    let up = async {
+        let mut stdin = BufReader::with_capacity(BUF, tokio::io::stdin());
+        let _ = tokio::io::copy_buf(&mut stdin, &mut w).await;
+        let _ = w.shutdown().await;
+    };
+    let down = async {
+        let mut r = BufReader::with_capacity(BUF, r);
+        let _ = tokio::io::copy_buf(&mut r, &mut stdout).await;
+        let _ = stdout.flush().await;
+    };
+    tokio::join!(up, down);
+    ExitCode::SUCCESS
+}
+
 /// `GET /api/version` at `addr`: success on a 200 within 3 s.
 pub async fn run_inference_probe(addr: crate::inference::proxy::Backend) -> ExitCode {
     use crate::inference::proxy::Backend;

@@ -249,7 +249,7 @@ async fn a_job_reaches_the_nodes_one_backend_through_its_own_proxy() {
         "ps",
         "-a",
         "--filter",
-        &format!("label=tether.inference_for={}", w.worker_id),
+        &format!("label=tether.sidecar_for={}", w.worker_id),
         "-q",
     ]);
     assert!(proxies.is_empty(), "the job's proxy is gone");

@@ -317,13 +317,177 @@ async fn a_tunnel_to_a_worker_without_a_network_is_refused_clearly() {
         .await
         .unwrap()
         .worker_id;
+    // This agent is a host process given no image of its own to run a relay.
     let e = match h.hub.tunnel(&w, 9000).await {
-        Ok(_) => panic!("a tunnel into a worker with no network"),
+        Ok(_) => panic!("a tunnel into a worker with no network, without a relay"),
         Err(e) => e,
     };
     assert_eq!(e.code, ErrorCode::Unsupported, "{e}");
-    assert!(e.message.contains("network policy none"), "{e}");
+    assert!(e.message.contains("relay of the agent's image"), "{e}");
     h.stop().await;
+}
+
+/// Echoes `size` bytes through a tunnel to port 9000 of `w` and checks
+/// them byte for byte, the half-close included.
+async fn echo_through(h: &Harness, w: &str, size: usize) {
+    let Duplex {
+        mut input,
+        mut output,
+    } = tunnel(&h.hub, w, 9000).await;
+    let sent: Vec<u8> = (0..size as u32).map(|i| (i * 13 % 251) as u8).collect();
+    let payload = sent.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in payload.chunks(64 * 1024) {
+            input
+                .write(bytes::Bytes::copy_from_slice(chunk))
+                .await
+                .unwrap();
+        }
+        input.close();
+        input
+    });
+    let mut got = Vec::with_capacity(size);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), output.next())
+            .await
+            .expect("echo within 60 s")
+        {
+            Some(StreamEvent::Data(_, b)) => got.extend_from_slice(&b),
+            Some(StreamEvent::Eof) => {}
+            Some(StreamEvent::End { error, .. }) => {
+                assert!(error.is_none(), "{error:?}");
+                break;
+            }
+            Some(StreamEvent::Gap(n)) => panic!("gap of {n}"),
+            None => break,
+        }
+    }
+    let _input = writer.await.unwrap();
+    assert_eq!(got.len(), sent.len());
+    assert_eq!(sha(&got), sha(&sent), "the echo differs");
+}
+
+fn sha(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// Through the worker's relay (a sidecar of the agent's image in the
+/// worker's network namespace): a worker with no network, and, with the
+/// relay forced as for an agent in a container of its own network, a
+/// worker on its bridge. No network is joined; the relay goes with its
+/// worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_reach_workers_through_their_relay_without_joining_a_network() {
+    let agent_image = format!("tether-agent:{}", unique("test-relay"));
+    build_agent_image(&agent_image);
+    let mut h = Harness::server().await;
+    let mut cfg = h.agent_config(&unique("test"));
+    cfg.egress_proxy_image = Some(agent_image.clone());
+    let node = h.add_agent_with(cfg).await;
+    let echo = "nc -l -p 9000 -e cat; sleep 3600";
+    let none = h
+        .hub
+        .spawn(SpawnRequest {
+            image: image(),
+            cmd: vec!["sh".into(), "-c".into(), echo.into()],
+            network_policy: Some(tether::protocol::NetworkPolicy::None),
+            node_id: Some(node.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .worker_id;
+    wait_listening(&h, &none, 9000).await;
+    echo_through(&h, &none, 3_000_000).await;
+    // A port nobody listens on: a clear refusal for that connection only.
+    let e = match h.hub.tunnel(&none, 9001).await {
+        Ok(_) => panic!("a tunnel to a closed port"),
+        Err(e) => e,
+    };
+    assert_eq!(e.code, ErrorCode::ConnectionRefused, "{e}");
+    let relay = format!("tether-{none}-relay");
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.HostConfig.NetworkMode}}", &relay]),
+        format!(
+            "container:{}",
+            docker(&["inspect", "-f", "{{.Id}}", &format!("tether-{none}")])
+        ),
+        "the relay shares the worker's namespace"
+    );
+    assert_eq!(
+        docker(&[
+            "inspect",
+            "-f",
+            "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}",
+            &format!("tether-{none}"),
+        ]),
+        "none",
+        "the worker is still on no network"
+    );
+    h.hub.remove(&none, true).await.unwrap();
+    assert!(
+        docker(&["ps", "-aq", "--filter", &format!("name={relay}")]).is_empty(),
+        "the relay went with its worker"
+    );
+    h.stop().await;
+
+    // The relay forced (an agent in a container with a network of its own).
+    let mut h = Harness::server().await;
+    let mut cfg = h.agent_config(&unique("test"));
+    cfg.egress_proxy_image = Some(agent_image.clone());
+    cfg.tunnel_relay = Some(true);
+    let node = h.add_agent_with(cfg).await;
+    let w = h
+        .hub
+        .spawn(SpawnRequest {
+            image: image(),
+            cmd: vec!["sh".into(), "-c".into(), echo.into()],
+            node_id: Some(node.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .worker_id;
+    let nets_before = docker(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{json .Containers}}",
+        &format!("tether-{w}"),
+    ]);
+    wait_listening(&h, &w, 9000).await;
+    echo_through(&h, &w, 1_000_000).await;
+    let nets_after = docker(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{json .Containers}}",
+        &format!("tether-{w}"),
+    ]);
+    assert_eq!(
+        nets_before, nets_after,
+        "nothing joined the worker's network"
+    );
+    h.stop().await;
+    docker(&["image", "rm", "-f", &agent_image]);
+}
+
+/// Waits until something listens on `port` in the worker (its own view).
+async fn wait_listening(h: &Harness, w: &str, port: u16) {
+    let hex = format!(":{port:04X}");
+    for _ in 0..100 {
+        let (_, out, _) = h
+            .hub
+            .exec_collect(w, &["cat", "/proc/net/tcp", "/proc/net/tcp6"])
+            .await
+            .unwrap();
+        if String::from_utf8_lossy(&out).contains(&hex) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("nothing listens on port {port} of {w}");
 }
 
 // ---- Preview URLs: HTTP through the server to a worker's port ----

@@ -77,6 +77,10 @@ pub struct AgentConfig {
     /// Test hook: fixed name answers (`NAME=IP`) handed to egress proxies
     /// instead of DNS. Not settable from the command line or node file.
     pub egress_resolve: Vec<String>,
+    /// Tunnels go through a relay in the worker's network namespace
+    /// instead of a dial to its address; `None`: when the agent runs in a
+    /// container with a network of its own (it cannot dial worker bridges).
+    pub tunnel_relay: Option<bool>,
 }
 
 impl AgentConfig {
@@ -107,6 +111,7 @@ impl AgentConfig {
             allowed_private_cidrs: Vec::new(),
             egress_proxy_image: None,
             egress_resolve: Vec::new(),
+            tunnel_relay: None,
         }
     }
 }
@@ -245,10 +250,19 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             "no network guard: restricted and allowlist workers will be refused"
         ),
     }
+    let own = crate::docker::egress::own_container(&docker).await;
     let egress_image = match cfg.egress_proxy_image.clone() {
         Some(i) => Some(i),
-        None => crate::docker::egress::own_image(&docker).await,
+        None => own.as_ref().and_then(|c| c.image.clone()),
     };
+    let tunnel_relay = cfg.tunnel_relay.unwrap_or_else(|| {
+        own.as_ref().is_some_and(|c| {
+            c.host_config
+                .as_ref()
+                .and_then(|h| h.network_mode.as_deref())
+                != Some("host")
+        })
+    });
     let link = crate::conn::Link::new();
     // One Docker event subscription for the whole process, ended when this
     // function returns, however it returns.
@@ -270,6 +284,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         guard: netguard.as_ref().map(|_| ()).map_err(Clone::clone),
         egress_image,
         egress_resolve: cfg.egress_resolve.clone(),
+        tunnel_relay,
         applied: nodeconfig::load(&cfg.state_dir),
     });
     let ctx = Arc::new(Ctx {

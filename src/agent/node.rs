@@ -32,6 +32,8 @@ pub(crate) struct NodeState {
     pub egress_image: Option<String>,
     /// Test hook: fixed name answers for egress proxies.
     pub egress_resolve: Vec<String>,
+    /// Tunnels go through a relay sidecar, not a dial to the worker.
+    pub tunnel_relay: bool,
     /// The configuration pushed by the orchestrator, in force.
     applied: Mutex<Option<Applied>>,
     /// Held while a pushed configuration is applied (one at a time).
@@ -56,6 +58,7 @@ pub(crate) struct NodeSetup {
     pub guard: Result<(), String>,
     pub egress_image: Option<String>,
     pub egress_resolve: Vec<String>,
+    pub tunnel_relay: bool,
     /// The configuration applied before a restart, if any.
     pub applied: Option<Applied>,
 }
@@ -75,6 +78,7 @@ impl NodeState {
             guard: s.guard,
             egress_image: s.egress_image,
             egress_resolve: s.egress_resolve,
+            tunnel_relay: s.tunnel_relay,
             applied: Mutex::new(s.applied),
             configuring: Default::default(),
             reported_hash: Default::default(),

@@ -41,6 +41,13 @@ enum Sub {
         /// `IP:PORT` or `unix:/path`.
         addr: tether::inference::proxy::Backend,
     },
+    /// Waits for a signal: the main process of a tunnel relay sidecar.
+    #[command(hide = true)]
+    Idle,
+    /// Connects to PORT on this network namespace's loopback and carries
+    /// stdin and stdout to and from it (run by a tunnel relay, §5.27).
+    #[command(hide = true)]
+    TunnelConnect { port: u16 },
     /// An Ollama stand-in for tests (docs/inference.md).
     #[command(hide = true)]
     InferenceStandin {
@@ -64,6 +71,11 @@ async fn main() -> ExitCode {
     match cli.sub {
         Some(Sub::EgressProxy(p)) => tether::cli::run_egress_proxy(p, cli.log).await,
         Some(Sub::InferenceProxy(p)) => tether::cli::run_inference_proxy(p, cli.log).await,
+        Some(Sub::Idle) => {
+            tether::cli::shutdown_on_signals().cancelled().await;
+            ExitCode::SUCCESS
+        }
+        Some(Sub::TunnelConnect { port }) => tether::cli::run_tunnel_connect(port).await,
         Some(Sub::InferenceProbe { addr }) => tether::cli::run_inference_probe(addr).await,
         Some(Sub::InferenceStandin {
             listen,

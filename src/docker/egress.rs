@@ -396,13 +396,12 @@ pub async fn collect_garbage(docker: &Docker, pool: &SubnetPool, node_id: &str, 
     }
 }
 
-/// The image of the container the agent runs in, if it runs in one
-/// (Docker bind-mounts `/etc/hostname` from `.../containers/<id>/`).
-pub async fn own_image(docker: &Docker) -> Option<String> {
+/// The container the agent runs in, if it runs in one (Docker bind-mounts
+/// `/etc/hostname` from `.../containers/<id>/`).
+pub async fn own_container(docker: &Docker) -> Option<bollard::models::ContainerInspectResponse> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let id = container_id_from_mountinfo(&mountinfo)?;
-    let c = docker.inspect_container(&id, None).await.ok()?;
-    c.image
+    docker.inspect_container(&id, None).await.ok()
 }
 
 fn container_id_from_mountinfo(text: &str) -> Option<String> {

@@ -7,16 +7,18 @@
 //! - the **backend** (`…-backend`, Ollama): in the gateway's namespace,
 //!   listening on its loopback only, models on a named volume (`…-models`),
 //!   restarted by the engine if it dies, with the node's GPUs when allowed;
-//! - per job, a **job proxy** (`tether-<worker>-inference`, the agent's own
-//!   image): in the worker's network namespace, on `localhost:11434`, to the
-//!   gateway's socket, with the request size limit and timeout.
+//! - per job, a **job proxy** (`tether-<worker>-inference`, a sidecar of
+//!   the agent's own image, `docker::sidecar`): in the worker's network
+//!   namespace, on `localhost:11434`, to the gateway's socket, with the
+//!   request size limit and timeout.
 //!
 //! Nothing is published, and no worker's network reaches the gateway's.
 //! Every object carries `tether.node_id` and [`labels::INFERENCE`] (never
 //! `tether.managed`: they are not workers).
 
 use super::networks::{self, NetKind, SubnetPool};
-use super::{Error, labels, object_name};
+use super::sidecar::{self, AGENT_BIN};
+use super::{Error, labels};
 use crate::protocol::{ErrorBody, ErrorCode, InferenceBackend, InferenceStatus};
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
@@ -25,8 +27,7 @@ use bollard::models::{
     RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
-    RemoveVolumeOptions,
+    CreateContainerOptions, LogsOptions, RemoveContainerOptions, RemoveVolumeOptions,
 };
 use futures_util::StreamExt;
 use sha2::Digest;
@@ -37,12 +38,8 @@ use tracing::{info, warn};
 /// Where the gateway's socket is, inside the gateway and every job proxy.
 const SOCK_DIR: &str = "/run/tether-inference";
 const SOCK: &str = "/run/tether-inference/ollama.sock";
-/// The agent binary inside its own image.
-const AGENT_BIN: &str = "/usr/local/bin/tether-agent";
 /// The spec a backend was made from (a changed one replaces it).
 const SPEC_LABEL: &str = "tether.inference_spec";
-/// On a job proxy: its worker.
-const JOB_LABEL: &str = "tether.inference_for";
 
 /// What the node gives the backend, beyond the pushed section.
 #[derive(Debug, Clone, Default)]
@@ -266,7 +263,7 @@ async fn ensure_running(
                 name: Some(RestartPolicyNameEnum::ALWAYS),
                 maximum_retry_count: None,
             }),
-            ..helper_host_config()
+            ..sidecar::hardened()
         }),
         ..Default::default()
     };
@@ -380,22 +377,6 @@ fn volume_mount(volume: &str, target: &str) -> Mount {
     }
 }
 
-/// The hardening of the containers that run the agent's own binary.
-fn helper_host_config() -> HostConfig {
-    HostConfig {
-        cap_drop: Some(vec!["ALL".into()]),
-        security_opt: Some(vec!["no-new-privileges:true".into()]),
-        readonly_rootfs: Some(true),
-        memory: Some(64 * 1024 * 1024),
-        memory_swap: Some(64 * 1024 * 1024),
-        nano_cpus: Some(500_000_000),
-        pids_limit: Some(64),
-        init: Some(true),
-        publish_all_ports: Some(false),
-        ..Default::default()
-    }
-}
-
 async fn create_start(
     docker: &Docker,
     name: &str,
@@ -489,30 +470,28 @@ pub async fn start_job_proxy(
     helper_image: &str,
 ) -> Result<(), Error> {
     let base = base_name(node_id);
-    let name = job_proxy_name(worker_id);
-    let mut lbls = node_labels(node_id);
-    lbls.insert(JOB_LABEL.into(), worker_id.into());
-    let body = ContainerCreateBody {
-        image: Some(helper_image.into()),
-        cmd: Some(vec![
-            "inference-proxy".into(),
-            "--listen".into(),
-            format!("127.0.0.1:{}", crate::inference::proxy::PORT),
-            "--backend".into(),
-            format!("unix:{SOCK}"),
-            "--job".into(),
-            worker_id.into(),
-        ]),
-        labels: Some(lbls),
-        env: Some(vec!["TETHER_LOG=info".into()]),
-        host_config: Some(HostConfig {
-            network_mode: Some(format!("container:{container_id}")),
-            mounts: Some(vec![volume_mount(&format!("{base}-sock"), SOCK_DIR)]),
-            ..helper_host_config()
-        }),
-        ..Default::default()
-    };
-    let id = create_start(docker, &name, body).await?;
+    let id = sidecar::start(
+        docker,
+        sidecar::Spec {
+            node_id,
+            worker_id,
+            container_id,
+            image: helper_image,
+            kind: sidecar::Kind::Inference,
+            cmd: vec![
+                "inference-proxy".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{}", crate::inference::proxy::PORT),
+                "--backend".into(),
+                format!("unix:{SOCK}"),
+                "--job".into(),
+                worker_id.into(),
+            ],
+            mounts: vec![volume_mount(&format!("{base}-sock"), SOCK_DIR)],
+            labels: HashMap::new(),
+        },
+    )
+    .await?;
     // Ready when it says so (the agent cannot reach the worker's loopback).
     let mut logs = docker.logs(
         &id,
@@ -533,7 +512,7 @@ pub async fn start_job_proxy(
     })
     .await;
     if ready != Ok(true) {
-        let _ = remove_container(docker, &id).await;
+        let _ = sidecar::remove_id(docker, &id).await;
         return Err(ErrorBody::new(
             ErrorCode::Unavailable,
             format!("the inference proxy of worker {worker_id} did not start"),
@@ -541,54 +520,4 @@ pub async fn start_job_proxy(
         .into());
     }
     Ok(())
-}
-
-fn job_proxy_name(worker_id: &str) -> String {
-    format!("{}-inference", object_name(worker_id))
-}
-
-/// Removes a worker's inference proxy, if it has one.
-pub async fn remove_job_proxy(
-    docker: &Docker,
-    node_id: &str,
-    worker_id: &str,
-) -> Result<(), Error> {
-    match find(docker, node_id, &job_proxy_name(worker_id)).await {
-        Ok(Some(f)) if f.labels.get(JOB_LABEL).map(String::as_str) == Some(worker_id) => {
-            remove_container(docker, &f.id).await
-        }
-        Ok(_) => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Removes job proxies whose worker is gone.
-pub async fn collect_garbage(docker: &Docker, node_id: &str, live: &[String]) {
-    let filters = HashMap::from([(
-        "label".to_string(),
-        vec![format!("{}={node_id}", labels::NODE), JOB_LABEL.to_string()],
-    )]);
-    let Ok(list) = docker
-        .list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        }))
-        .await
-    else {
-        return;
-    };
-    for c in list {
-        let worker = c.labels.and_then(|mut l| l.remove(JOB_LABEL));
-        if let (Some(w), Some(id)) = (worker, c.id)
-            && !live.contains(&w)
-        {
-            match remove_container(docker, &id).await {
-                Ok(()) => info!(worker_id = %w, "removed an orphaned inference proxy"),
-                Err(e) => {
-                    warn!(worker_id = %w, error = %e, "could not remove an orphaned inference proxy")
-                }
-            }
-        }
-    }
 }

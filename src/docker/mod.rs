@@ -8,6 +8,7 @@ pub mod exec;
 pub mod inference;
 pub mod joined;
 pub mod networks;
+pub mod sidecar;
 
 use crate::protocol::{ErrorBody, ErrorCode};
 use bollard::Docker;
@@ -29,6 +30,8 @@ pub mod labels {
     pub const EGRESS_FOR: &str = "tether.egress_for";
     /// On the node's inference containers, network and volumes.
     pub const INFERENCE: &str = "tether.inference";
+    /// On a sidecar: the worker whose network namespace it shares.
+    pub const SIDECAR_FOR: &str = "tether.sidecar_for";
     /// On the inference backend: the GPUs it was given.
     pub const INFERENCE_GPUS: &str = "tether.inference_gpus";
     /// Prefix reserved for tether; user labels may not use it.

@@ -1,24 +1,36 @@
 //! Tunnel: one TCP connection from the node to a port of a worker, carried
-//! by a channel. The agent dials the worker's address on its own bridge
-//! network; nothing is published and the worker gains no path to the node.
+//! by a channel. A host agent dials the worker's address on its own bridge
+//! network. A worker with no address (network policy `none`), or an agent
+//! in a container of its own network, goes through the worker's relay: a
+//! sidecar of the agent's image in the worker's network namespace
+//! (`docker::sidecar`), where each connection is one exec of
+//! `tunnel-connect PORT` whose stdin and stdout carry the bytes through the
+//! Docker API. Nothing is published, no network is joined, and the worker
+//! gains no path to the node.
 
 use super::{Ctx, accepted, close, refuse};
 use crate::channel::{ChannelHandles, ChannelReader, ChannelWriter, Inbound};
 use crate::docker::containers;
 use crate::protocol::{ErrorBody, ErrorCode, MAX_FRAME_PAYLOAD, StreamKind, Tunnel, WorkerState};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
 use serde_json::json;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tracing::debug;
+
+/// The two halves of a connection to the worker's port.
+type ToWorker = Box<dyn AsyncWrite + Send + Unpin>;
+type FromWorker = Box<dyn AsyncRead + Send + Unpin>;
 
 /// Open tunnels by worker, so that removing a worker ends its tunnels
 /// with a reason (a removed container's connections may never say so).
 #[derive(Default)]
 pub(crate) struct TunnelTable {
     by_worker: std::sync::Mutex<std::collections::HashMap<String, Vec<u32>>>,
+    /// Held while a relay is looked up or made (one per worker).
+    relays: tokio::sync::Mutex<()>,
 }
 
 impl TunnelTable {
@@ -55,18 +67,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(super) async fn run(ctx: &Ctx, id: String, req: Tunnel, h: ChannelHandles) {
     let ch = req.channel;
-    let stream = match connect(ctx, &req).await {
+    let (from_worker, to_worker) = match connect(ctx, &req).await {
         Ok(s) => s,
         Err(e) => return refuse(ctx, id, ch, e),
     };
-    let _ = stream.set_nodelay(true);
     accepted(ctx, id, json!({}));
     let ChannelHandles {
         writer,
         reader,
         cancel,
     } = h;
-    let (from_worker, to_worker) = stream.into_split();
     ctx.tunnels.opened(&req.worker_id, ch);
     // Each direction ends on its own (a half-close passes through); the
     // channel closes when both have.
@@ -82,8 +92,8 @@ pub(super) async fn run(ctx: &Ctx, id: String, req: Tunnel, h: ChannelHandles) {
     ctx.tunnels.ended(&req.worker_id, ch);
 }
 
-/// Checks the worker and port, then dials the worker's address.
-async fn connect(ctx: &Ctx, req: &Tunnel) -> Result<TcpStream, ErrorBody> {
+/// Checks the worker and port, then connects: a dial, or through the relay.
+async fn connect(ctx: &Ctx, req: &Tunnel) -> Result<(FromWorker, ToWorker), ErrorBody> {
     if req.port == 0 {
         return Err(ErrorBody::new(
             ErrorCode::InvalidRequest,
@@ -97,21 +107,14 @@ async fn connect(ctx: &Ctx, req: &Tunnel) -> Result<TcpStream, ErrorBody> {
             format!("worker {} is {}, not running", req.worker_id, w.state),
         ));
     }
-    let Some(ip) =
+    let ip =
         w.ip.as_deref()
-            .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
-    else {
-        if w.network_policy == Some(crate::protocol::NetworkPolicy::None) {
-            // Reaching into a worker with no network needs a relay inside
-            // its namespace, which the agent does not have.
-            return Err(ErrorBody::new(
-                ErrorCode::Unsupported,
-                format!(
-                    "worker {} has network policy none: no address a tunnel can reach",
-                    req.worker_id
-                ),
-            ));
-        }
+            .and_then(|ip| ip.parse::<std::net::IpAddr>().ok());
+    let no_network = w.network_policy == Some(crate::protocol::NetworkPolicy::None);
+    if ctx.node.tunnel_relay || (ip.is_none() && no_network) {
+        return relay(ctx, req, &w).await;
+    }
+    let Some(ip) = ip else {
         return Err(ErrorBody::new(
             ErrorCode::HostUnreachable,
             format!(
@@ -121,33 +124,166 @@ async fn connect(ctx: &Ctx, req: &Tunnel) -> Result<TcpStream, ErrorBody> {
         ));
     };
     let addr = std::net::SocketAddr::new(ip, req.port);
-    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(ErrorBody::new(
-            ErrorCode::ConnectionRefused,
+    let s = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            return Err(refused(req));
+        }
+        Ok(Err(e)) => {
+            return Err(ErrorBody::new(
+                ErrorCode::HostUnreachable,
+                format!("cannot reach worker {} at {addr}: {e}", req.worker_id),
+            ));
+        }
+        Err(_) => {
+            return Err(ErrorBody::new(
+                ErrorCode::HostUnreachable,
+                format!(
+                    "worker {} did not answer at {addr} within {} s",
+                    req.worker_id,
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+    };
+    let _ = s.set_nodelay(true);
+    let (r, w) = s.into_split();
+    Ok((Box::new(r), Box::new(w)))
+}
+
+fn refused(req: &Tunnel) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::ConnectionRefused,
+        format!(
+            "nothing listens on port {} of worker {}",
+            req.port, req.worker_id
+        ),
+    )
+}
+
+/// The worker's relay sidecar: the running one, or a new one.
+async fn relay_container(ctx: &Ctx, w: &crate::protocol::WorkerInfo) -> Result<String, ErrorBody> {
+    use crate::docker::sidecar::{self, Kind};
+    let Some(image) = ctx.node.egress_image.as_deref() else {
+        return Err(ErrorBody::new(
+            ErrorCode::Unsupported,
             format!(
-                "nothing listens on port {} of worker {}",
-                req.port, req.worker_id
+                "a tunnel into worker {} needs a relay of the agent's image, and this node has none (run the agent from its image, or give --egress-proxy-image)",
+                w.worker_id
             ),
-        )),
-        Ok(Err(e)) => Err(ErrorBody::new(
-            ErrorCode::HostUnreachable,
-            format!("cannot reach worker {} at {addr}: {e}", req.worker_id),
-        )),
-        Err(_) => Err(ErrorBody::new(
-            ErrorCode::HostUnreachable,
-            format!(
-                "worker {} did not answer at {addr} within {} s",
-                req.worker_id,
-                CONNECT_TIMEOUT.as_secs()
-            ),
-        )),
+        ));
+    };
+    let _one = ctx.tunnels.relays.lock().await;
+    match sidecar::find(&ctx.docker, &ctx.node_id, &w.worker_id, Kind::Relay).await? {
+        Some((id, true)) => return Ok(id),
+        Some((id, false)) => sidecar::remove_id(&ctx.docker, &id).await?,
+        None => {}
     }
+    let spec = sidecar::Spec {
+        node_id: &ctx.node_id,
+        worker_id: &w.worker_id,
+        container_id: &w.container_id,
+        image,
+        kind: Kind::Relay,
+        cmd: vec!["idle".into()],
+        mounts: vec![],
+        labels: Default::default(),
+    };
+    Ok(sidecar::start(&ctx.docker, spec).await?)
+}
+
+/// One connection through the worker's relay: an exec of `tunnel-connect`,
+/// whose first byte says it connected (else its exit status says why not).
+async fn relay(
+    ctx: &Ctx,
+    req: &Tunnel,
+    w: &crate::protocol::WorkerInfo,
+) -> Result<(FromWorker, ToWorker), ErrorBody> {
+    use crate::docker::exec;
+    use bollard::container::LogOutput;
+    let relay = relay_container(ctx, w).await?;
+    let cmd = crate::protocol::Exec {
+        channel: 0,
+        worker_id: w.worker_id.clone(),
+        cmd: vec![
+            crate::docker::sidecar::AGENT_BIN.into(),
+            "tunnel-connect".into(),
+            req.port.to_string(),
+        ],
+        env: Default::default(),
+        workdir: None,
+        user: None,
+        tty: false,
+        stdin: true,
+        size: None,
+        timeout_secs: None,
+        window: 0,
+    };
+    let exec_id = exec::create(&ctx.docker, &relay, &cmd).await?;
+    let started = exec::attach(&ctx.docker, exec_id.clone(), false).await?;
+    let mut output = started.output;
+    let mut stderr = Vec::new();
+    let first = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        while let Some(item) = output.next().await {
+            match item {
+                Ok(LogOutput::StdOut { message }) => return Ok(Some(message)),
+                Ok(LogOutput::StdErr { message }) => stderr.extend_from_slice(&message),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    })
+    .await;
+    let first = match first {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => {
+            return Err(crate::docker::Error::engine(e, "tunnel relay").into());
+        }
+        Err(_) => {
+            return Err(ErrorBody::new(
+                ErrorCode::HostUnreachable,
+                format!(
+                    "port {} of worker {} did not answer within {} s",
+                    req.port,
+                    req.worker_id,
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+    };
+    let Some(rest) = first.filter(|f| f.first() == Some(&0)) else {
+        let code = exec::exit_code(&ctx.docker, &exec_id).await.ok();
+        if code == Some(i64::from(crate::cli::TUNNEL_REFUSED_EXIT)) {
+            return Err(refused(req));
+        }
+        return Err(ErrorBody::new(
+            ErrorCode::HostUnreachable,
+            format!(
+                "cannot reach port {} of worker {}: {}",
+                req.port,
+                req.worker_id,
+                String::from_utf8_lossy(&stderr).trim()
+            ),
+        ));
+    };
+    let rest = rest.slice(1..);
+    let data =
+        futures_util::stream::iter((!rest.is_empty()).then_some(Ok::<Bytes, std::io::Error>(rest)))
+            .chain(output.filter_map(|item| async move {
+                match item {
+                    Ok(LogOutput::StdOut { message }) => Some(Ok(message)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(std::io::Error::other(e))),
+                }
+            }));
+    let reader = tokio_util::io::StreamReader::new(Box::pin(data));
+    Ok((Box::new(reader), Box::new(started.input)))
 }
 
 /// Worker to channel, within credit; the worker's half-close becomes
 /// `channel_eof`.
-async fn downstream(mut from: OwnedReadHalf, mut writer: ChannelWriter) -> Result<(), ErrorBody> {
+async fn downstream(mut from: FromWorker, mut writer: ChannelWriter) -> Result<(), ErrorBody> {
     loop {
         let mut buf = BytesMut::with_capacity(MAX_FRAME_PAYLOAD);
         match from.read_buf(&mut buf).await {
@@ -171,7 +307,7 @@ async fn downstream(mut from: OwnedReadHalf, mut writer: ChannelWriter) -> Resul
 }
 
 /// Channel to worker; `channel_eof` becomes a half-close of the connection.
-async fn upstream(mut reader: ChannelReader, mut to: OwnedWriteHalf) -> Result<(), ErrorBody> {
+async fn upstream(mut reader: ChannelReader, mut to: ToWorker) -> Result<(), ErrorBody> {
     while let Some(ev) = reader.recv().await {
         match ev {
             Inbound::Data(_, b) => {

@@ -105,15 +105,15 @@ async fn start_inference_proxy(
     .map_err(ErrorBody::from)
 }
 
-/// Removes a worker (and its inference proxy, if any) and forgets its
+/// Removes a worker (and its sidecars) and forgets its
 /// checked container id.
 pub(super) async fn remove(ctx: &Ctx, worker_id: &str, force: bool) -> Result<(), ErrorBody> {
     let removed = containers::remove(&ctx.docker, &ctx.pool, &ctx.node_id, worker_id, force).await;
     ctx.execs.forget_worker(worker_id);
     if removed.is_ok() {
-        let proxy = docker::inference::remove_job_proxy(&ctx.docker, &ctx.node_id, worker_id);
-        if let Err(e) = proxy.await {
-            warn!(%worker_id, error = %e, "could not remove the worker's inference proxy");
+        let sidecars = docker::sidecar::remove_all(&ctx.docker, &ctx.node_id, worker_id);
+        if let Err(e) = sidecars.await {
+            warn!(%worker_id, error = %e, "could not remove the worker's sidecars");
         }
         ctx.tunnels.worker_removed(ctx, worker_id);
     }
@@ -125,7 +125,7 @@ pub(super) async fn remove(ctx: &Ctx, worker_id: &str, force: bool) -> Result<()
 pub(crate) async fn collect_garbage(ctx: &Ctx) {
     if let Ok(live) = containers::list_ids(&ctx.docker, &ctx.node_id).await {
         docker::egress::collect_garbage(&ctx.docker, &ctx.pool, &ctx.node_id, &live).await;
-        docker::inference::collect_garbage(&ctx.docker, &ctx.node_id, &live).await;
+        docker::sidecar::collect_garbage(&ctx.docker, &ctx.node_id, &live).await;
     }
     match containers::orphan_networks(&ctx.docker, &ctx.node_id).await {
         Ok(nets) => {

@@ -297,6 +297,7 @@ mod tests {
             guard: Ok(()),
             egress_image: None,
             egress_resolve: Vec::new(),
+            tunnel_relay: false,
             applied: applied.map(|config| Applied {
                 policy: super::super::nodeconfig::interpret(&config).expect("valid push"),
                 hash: super::super::nodeconfig::hash(&config),
@@ -357,7 +358,23 @@ mod tests {
         n.identity.inference_enabled = true;
         let e = n.admit_spawn(&mut s, 0).unwrap_err();
         assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+        assert!(e.message.contains("no inference backend runs"), "{e}");
+        // Running but not answering: refused, saying so.
+        let running = InferenceStatus {
+            supported: true,
+            running: true,
+            ..Default::default()
+        };
+        n.set_inference(running.clone());
+        let e = n.admit_spawn(&mut s, 0).unwrap_err();
+        assert!(e.message.contains("does not answer"), "{e}");
+        n.set_inference(InferenceStatus {
+            healthy: true,
+            ..running
+        });
+        assert!(n.admit_spawn(&mut s, 0).is_ok());
         s.inference = false;
+        n.set_inference(InferenceStatus::default());
         assert!(n.admit_spawn(&mut s, 0).is_ok());
     }
 

@@ -220,30 +220,67 @@ pub async fn run_tunnel_connect(port: u16) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `GET /api/version` at `addr`: success on a 200 within 3 s.
-pub async fn run_inference_probe(addr: crate::inference::proxy::Backend) -> ExitCode {
+/// One HTTP/1.0 exchange with an Ollama API at `addr`: the status code and
+/// the body.
+async fn ollama_call(
+    addr: &crate::inference::proxy::Backend,
+    head: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
     use crate::inference::proxy::Backend;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     async fn ask<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         mut s: S,
-    ) -> std::io::Result<bool> {
-        s.write_all(b"GET /api/version HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .await?;
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head).await?;
-        Ok(head.starts_with(b"HTTP/1.") && &head[9..12] == b"200")
+        req: Vec<u8>,
+    ) -> std::io::Result<(u16, String)> {
+        s.write_all(&req).await?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await?;
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let code = text
+            .strip_prefix("HTTP/1.")
+            .and_then(|t| t.get(2..5))
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other("not an HTTP answer"))?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        Ok((code, body.trim().to_string()))
     }
-    let probe = async {
-        match &addr {
-            Backend::Tcp(a) => ask(tokio::net::TcpStream::connect(a).await?).await,
-            Backend::Unix(p) => ask(tokio::net::UnixStream::connect(p).await?).await,
-        }
-    };
+    let mut req = format!(
+        "{head} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    match addr {
+        Backend::Tcp(a) => ask(tokio::net::TcpStream::connect(a).await?, req).await,
+        Backend::Unix(p) => ask(tokio::net::UnixStream::connect(p).await?, req).await,
+    }
+}
+
+/// `GET /api/version` at `addr`: success on a 200 within 3 s.
+pub async fn run_inference_probe(addr: crate::inference::proxy::Backend) -> ExitCode {
+    let probe = ollama_call(&addr, "GET /api/version", b"");
     match tokio::time::timeout(std::time::Duration::from_secs(3), probe).await {
-        Ok(Ok(true)) => ExitCode::SUCCESS,
-        Ok(Ok(false)) => fail(format!("{addr:?} answered, not with 200")),
+        Ok(Ok((200, _))) => ExitCode::SUCCESS,
+        Ok(Ok((code, body))) => fail(format!("{addr:?} answered {code}: {body}")),
         Ok(Err(e)) => fail(format!("{addr:?}: {e}")),
         Err(_) => fail(format!("{addr:?} did not answer within 3 s")),
+    }
+}
+
+/// `POST /api/pull` of `model` at `addr`, waiting for the whole pull.
+pub async fn run_inference_pull(addr: crate::inference::proxy::Backend, model: String) -> ExitCode {
+    let body = serde_json::json!({"model": model, "stream": false}).to_string();
+    match ollama_call(&addr, "POST /api/pull", body.as_bytes()).await {
+        Ok((200, _)) => ExitCode::SUCCESS,
+        Ok((code, body)) => {
+            let why = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(String::from))
+                .unwrap_or(body);
+            fail(format!("pulling {model}: {code} {why}"))
+        }
+        Err(e) => fail(format!("pulling {model}: {e}")),
     }
 }
 

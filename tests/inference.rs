@@ -129,9 +129,11 @@ async fn a_job_reaches_the_nodes_one_backend_through_its_own_proxy() {
     let node = h.add_agent_with(cfg.clone()).await;
 
     // The push starts the backend; the ack says so.
+    let mut with_models = backend(&standin);
+    with_models.models = vec!["standin:latest".into(), "no-such:model".into()];
     let ack = h
         .hub
-        .push_config(&node, config(Some(backend(&standin))))
+        .push_config(&node, config(Some(with_models)))
         .await
         .unwrap();
     assert_eq!(ack.status, AckStatus::Applied, "{ack:?}");
@@ -145,6 +147,33 @@ async fn a_job_reaches_the_nodes_one_backend_through_its_own_proxy() {
     for c in &base {
         let ports = docker(&["inspect", "-f", "{{json .HostConfig.PortBindings}}", c]);
         assert!(ports == "{}" || ports == "null", "{c}: {ports}");
+    }
+
+    // The models are pulled after the ack; the report follows each one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let caps = h.hub.node_detail(&node).unwrap().capabilities;
+        let models = caps.as_ref().map(|c| c["inference"]["models"].clone());
+        if let Some(m) = &models
+            && m["standin:latest"] == "ready"
+            && m["no-such:model"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("failed:"))
+        {
+            assert!(
+                m["no-such:model"]
+                    .as_str()
+                    .unwrap()
+                    .contains("does not exist"),
+                "{m}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "models pulled and reported: {models:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
     // The report says it runs: the server places a job asking for it.

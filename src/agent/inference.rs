@@ -5,11 +5,12 @@
 use super::Ctx;
 use crate::docker::inference::{self as engine, Host};
 use crate::protocol::InferenceStatus;
+use std::sync::Arc;
 
 /// Makes the backend match the configuration in force (and the node's own
 /// `inference` section, which has the last word) and records where it
 /// stands. One at a time.
-pub(crate) async fn converge(ctx: &Ctx) -> InferenceStatus {
+pub(crate) async fn converge(ctx: &Arc<Ctx>) -> InferenceStatus {
     let _one = ctx.node.inference_lock.lock().await;
     let want = ctx
         .node
@@ -42,16 +43,49 @@ pub(crate) async fn converge(ctx: &Ctx) -> InferenceStatus {
             nvidia: count("nvidia"),
             amd: count("amd"),
             max_concurrency: id.inference_max_concurrency,
+            credentials: want.as_ref().and_then(|b| ctx.node.credentials(b.image())),
         };
         engine::ensure(&ctx.docker, &ctx.pool, &ctx.node_id, want.as_ref(), &host).await
     };
+    let mut status = status;
+    let models = want.map(|b| b.models).unwrap_or_default();
+    if status.running && status.healthy {
+        for m in &models {
+            status.models.insert(m.clone(), "pulling".into());
+        }
+    }
     ctx.node.set_inference(status.clone());
+    if !status.models.is_empty() {
+        ctx.spawn(pull_models(ctx.clone(), models));
+    }
     status
+}
+
+/// Pulls the configured models one after the other, each one's state in
+/// the report as it changes.
+async fn pull_models(ctx: Arc<Ctx>, models: Vec<String>) {
+    for m in models {
+        let r = engine::pull(&ctx.docker, &ctx.node_id, &m).await;
+        let state = match &r {
+            Ok(()) => "ready".to_string(),
+            Err(why) => format!("failed: {why}"),
+        };
+        match r {
+            Ok(()) => tracing::info!(model = %m, "model pulled"),
+            Err(why) => tracing::warn!(model = %m, error = %why, "model pull failed"),
+        }
+        let mut s = ctx.node.inference();
+        if let Some(v) = s.models.get_mut(&m) {
+            *v = state;
+            ctx.node.set_inference(s);
+            super::health::report_capabilities(&ctx).await;
+        }
+    }
 }
 
 /// Re-reads the backend's state; one that should run and does not (removed
 /// behind the agent's back) is made again.
-pub(crate) async fn refresh(ctx: &Ctx) {
+pub(crate) async fn refresh(ctx: &Arc<Ctx>) {
     let was = ctx.node.inference();
     if was.image.is_none() {
         return; // none asked for

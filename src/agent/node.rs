@@ -148,6 +148,13 @@ impl NodeState {
         spec: &mut SpawnRequest,
         running: usize,
     ) -> Result<(), ErrorBody> {
+        if spec.inference && spec.network.as_deref() == Some("host") {
+            // Its proxy would listen on the node's own loopback.
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                "inference needs a network namespace of the job's own: not with network host",
+            ));
+        }
         if spec.inference
             && let Some(e) = self.no_inference()
         {
@@ -373,6 +380,12 @@ mod tests {
             ..running
         });
         assert!(n.admit_spawn(&mut s, 0).is_ok());
+        let mut host = SpawnRequest {
+            network: Some("host".into()),
+            ..s.clone()
+        };
+        let e = n.admit_spawn(&mut host, 0).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest, "{e}");
         s.inference = false;
         n.set_inference(InferenceStatus::default());
         assert!(n.admit_spawn(&mut s, 0).is_ok());

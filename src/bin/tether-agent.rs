@@ -48,6 +48,13 @@ enum Sub {
     /// stdin and stdout to and from it (run by a tunnel relay, §5.27).
     #[command(hide = true)]
     TunnelConnect { port: u16 },
+    /// Pulls MODEL through an Ollama API (`POST /api/pull`, not streamed).
+    #[command(hide = true)]
+    InferencePull {
+        /// `IP:PORT` or `unix:/path`.
+        addr: tether::inference::proxy::Backend,
+        model: String,
+    },
     /// An Ollama stand-in for tests (docs/inference.md).
     #[command(hide = true)]
     InferenceStandin {
@@ -77,6 +84,9 @@ async fn main() -> ExitCode {
         }
         Some(Sub::TunnelConnect { port }) => tether::cli::run_tunnel_connect(port).await,
         Some(Sub::InferenceProbe { addr }) => tether::cli::run_inference_probe(addr).await,
+        Some(Sub::InferencePull { addr, model }) => {
+            tether::cli::run_inference_pull(addr, model).await
+        }
         Some(Sub::InferenceStandin {
             listen,
             token_delay_ms,

@@ -54,6 +54,8 @@ pub struct Host {
     pub amd: u32,
     /// Requests at the backend at once (0: no bound).
     pub max_concurrency: u64,
+    /// Pull credentials for the backend's image (the pushed registries').
+    pub credentials: Option<bollard::auth::DockerCredentials>,
 }
 
 /// The names of a node's inference objects.
@@ -212,7 +214,7 @@ async fn ensure_running(
         return Ok((gpus, None));
     }
     remove_all(docker, pool, node_id).await?;
-    super::containers::ensure_image(docker, b.image(), None).await?;
+    super::containers::ensure_image(docker, b.image(), host.credentials.clone()).await?;
     let mut lbls = node_labels(node_id);
     lbls.insert(SPEC_LABEL.into(), spec);
     networks::create_kind(docker, pool, &base, &lbls, NetKind::Outbound).await?;
@@ -435,6 +437,48 @@ pub async fn state(docker: &Docker, node_id: &str) -> (bool, bool, u32) {
         .and_then(|g| g.parse().ok())
         .unwrap_or(0);
     (running, healthy, gpus)
+}
+
+/// Pulls `model` into the backend (an exec in the gateway, which reaches
+/// the backend's loopback); the error says why not.
+pub async fn pull(docker: &Docker, node_id: &str, model: &str) -> Result<(), String> {
+    use bollard::container::LogOutput;
+    let req = crate::protocol::Exec {
+        channel: 0,
+        worker_id: String::new(),
+        cmd: vec![
+            AGENT_BIN.into(),
+            "inference-pull".into(),
+            format!("127.0.0.1:{}", crate::inference::proxy::PORT),
+            model.into(),
+        ],
+        env: Default::default(),
+        workdir: None,
+        user: None,
+        tty: false,
+        stdin: false,
+        size: None,
+        timeout_secs: None,
+        window: 0,
+    };
+    let gateway = base_name(node_id);
+    let run = async {
+        let id = super::exec::create(docker, &gateway, &req).await?;
+        let mut started = super::exec::attach(docker, id.clone(), false).await?;
+        let mut said = Vec::new();
+        while let Some(Ok(o)) = started.output.next().await {
+            if let LogOutput::StdErr { message } = o {
+                said.extend_from_slice(&message);
+            }
+        }
+        let code = super::exec::exit_code(docker, &id).await?;
+        Ok::<_, Error>((code, String::from_utf8_lossy(&said).trim().to_string()))
+    };
+    match run.await {
+        Ok((0, _)) => Ok(()),
+        Ok((_, said)) => Err(said.trim_start_matches("tether: ").to_string()),
+        Err(e) => Err(ErrorBody::from(e).message),
+    }
 }
 
 /// Removes the backend, the gateway, their network and socket volume; the

@@ -79,7 +79,16 @@ async fn handle(req: Request<Incoming>, knobs: &Knobs) -> Response<Body> {
             StatusCode::OK,
             json!({"models": [{"name": MODEL, "model": MODEL, "size": 0, "digest": "standin"}]}),
         ),
-        ("POST", "/api/pull") => json_response(StatusCode::OK, json!({"status": "success"})),
+        // Only its own model exists, as Ollama answers for an unknown one.
+        ("POST", "/api/pull") => match ask["model"].as_str().or(ask["name"].as_str()) {
+            Some(MODEL) | Some("standin") => {
+                json_response(StatusCode::OK, json!({"status": "success"}))
+            }
+            _ => json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": "pull model manifest: file does not exist"}),
+            ),
+        },
         ("POST", "/api/generate") | ("POST", "/api/chat") => {
             if knobs.fail {
                 return json_response(

@@ -101,6 +101,10 @@ pub struct InferenceStatus {
     /// Why it does not run, or what it runs without (a refused GPU request).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The models the configuration asks for: `pulling`, `ready`, or
+    /// `failed: <why>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<String, String>,
 }
 
 fn one() -> u32 {

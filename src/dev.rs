@@ -34,6 +34,8 @@ pub async fn run(cfg: DevConfig, shutdown: CancellationToken) -> Result<(), DevE
     ))
     .await?;
     let addr = server.local_addr();
+    // The local node's tools are on /mcp from the start.
+    server.allow_mcp_node(&cfg.node_id, true)?;
     let token_path = cfg.state_dir.join("admin.token");
     crate::private_file::write(&token_path, server.admin_token()).map_err(|source| {
         crate::server::ServerError::State {

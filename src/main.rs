@@ -90,6 +90,10 @@ struct ServerArgs {
     /// URLs `ctl preview-url` prints.
     #[arg(long, env = "TETHER_PREVIEW_DOMAIN")]
     preview_domain: Option<String>,
+    /// A `Host` (name or `name:port`) the MCP endpoint answers besides
+    /// loopback names; repeat for several.
+    #[arg(long = "mcp-allowed-host")]
+    mcp_allowed_hosts: Vec<String>,
 }
 
 fn nonzero(n: usize) -> NonZeroUsize {
@@ -235,6 +239,12 @@ enum CtlCmd {
         #[command(subcommand)]
         cmd: Option<PreviewsCmd>,
     },
+    /// The MCP endpoint: which nodes' tools it exposes, and the snippet
+    /// an MCP client needs (docs/mcp.md).
+    Mcp {
+        #[command(subcommand)]
+        cmd: McpCmd,
+    },
     /// List open tunnels (`tunnels close WORKER:PORT` ends one).
     Tunnels {
         #[command(subcommand)]
@@ -270,6 +280,18 @@ enum CtlCmd {
 enum PreviewsCmd {
     /// Revoke a preview URL at once.
     Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum McpCmd {
+    /// Expose a node's tools through /mcp.
+    Allow { node: String },
+    /// Stop exposing a node's tools.
+    Deny { node: String },
+    /// The nodes whose tools /mcp exposes.
+    List,
+    /// Print the client configuration (URL and authorization header).
+    Config,
 }
 
 #[derive(Subcommand)]
@@ -380,6 +402,7 @@ async fn run(cli: Cli) -> ExitCode {
             cfg.heartbeat_timeout = std::time::Duration::from_secs(s.heartbeat_timeout.max(2));
             cfg.max_connections = s.max_connections.get();
             cfg.preview_domain = s.preview_domain;
+            cfg.mcp_allowed_hosts = s.mcp_allowed_hosts;
             cfg.max_pending_connections = s.max_pending_connections.get();
             match tether::server::run(cfg, shutdown_on_signals()).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -413,9 +436,43 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
             "an operator token is required: --token or TETHER_TOKEN (the server's admin.token)",
         );
     };
-    let client = Client::new(c.server, token);
+    let mcp_url = c.server.join("mcp").map(|u| u.to_string());
+    let client = Client::new(c.server, token.clone());
     let r: Result<i64, CtlError> = async {
         match c.cmd {
+            CtlCmd::Mcp {
+                cmd: McpCmd::Config,
+            } => {
+                let snippet = serde_json::json!({
+                    "mcpServers": {
+                        "tether": {
+                            "type": "http",
+                            "url": mcp_url.clone().unwrap_or_default(),
+                            "headers": {"Authorization": format!("Bearer {token}")},
+                        }
+                    }
+                });
+                println!("{}", serde_json::to_string_pretty(&snippet).expect("json"));
+            }
+            CtlCmd::Mcp {
+                cmd: McpCmd::Allow { node },
+            } => {
+                for n in client.mcp_allow(&node, true).await? {
+                    println!("{n}");
+                }
+            }
+            CtlCmd::Mcp {
+                cmd: McpCmd::Deny { node },
+            } => {
+                for n in client.mcp_allow(&node, false).await? {
+                    println!("{n}");
+                }
+            }
+            CtlCmd::Mcp { cmd: McpCmd::List } => {
+                for n in client.mcp_nodes().await? {
+                    println!("{n}");
+                }
+            }
             CtlCmd::Nodes { json } => {
                 let n = client.nodes().await?;
                 if json {

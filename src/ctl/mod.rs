@@ -205,6 +205,23 @@ impl Client {
             .map(|_| ())
     }
 
+    /// The nodes whose tools the MCP endpoint exposes.
+    pub async fn mcp_nodes(&self) -> Result<Vec<String>, CtlError> {
+        let v: serde_json::Value = self
+            .json(self.request(Method::GET, "/api/v1/mcp/nodes"))
+            .await?;
+        Ok(mcp_node_list(&v))
+    }
+
+    /// Puts `node` on the MCP allowlist (or takes it off); the list after.
+    pub async fn mcp_allow(&self, node: &str, allow: bool) -> Result<Vec<String>, CtlError> {
+        let method = if allow { Method::PUT } else { Method::DELETE };
+        let v: serde_json::Value = self
+            .json(self.request(method, &format!("/api/v1/mcp/nodes/{node}")))
+            .await?;
+        Ok(mcp_node_list(&v))
+    }
+
     pub async fn tunnels(&self) -> Result<Vec<TunnelInfo>, CtlError> {
         self.json(self.request(Method::GET, "/api/v1/tunnels"))
             .await
@@ -287,6 +304,17 @@ pub fn format_tunnels(tunnels: &[TunnelInfo]) -> String {
 }
 
 /// `ctl previews` as a table.
+fn mcp_node_list(v: &serde_json::Value) -> Vec<String> {
+    v["nodes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| n.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub fn format_previews(previews: &[PreviewInfo]) -> String {
     let mut s = format!(
         "{:<28} {:<28} {:>5}  {}\n",

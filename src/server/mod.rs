@@ -7,6 +7,7 @@ pub mod auth;
 mod conn;
 mod heartbeat;
 pub mod hub;
+pub mod mcp;
 pub mod preview;
 pub mod relay;
 pub mod store;
@@ -67,6 +68,9 @@ pub struct ServerConfig {
     /// Serve host-based previews, `{port}-{worker}.{domain}`; the domain may
     /// carry a `:port` for the URLs the server prints.
     pub preview_domain: Option<String>,
+    /// `Host` names (or `host:port`) the MCP endpoint answers besides
+    /// loopback ones (a guard against DNS rebinding).
+    pub mcp_allowed_hosts: Vec<String>,
 }
 
 /// Default of [`ServerConfig::stdin_window`].
@@ -106,6 +110,7 @@ impl ServerConfig {
             max_pending_connections: DEFAULT_MAX_PENDING_CONNECTIONS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             preview_domain: None,
+            mcp_allowed_hosts: Vec::new(),
         }
     }
 }
@@ -280,6 +285,17 @@ impl Server {
 
     pub fn admin_token(&self) -> &str {
         &self.state.admin_token
+    }
+
+    /// Exposes (or stops exposing) a node's tools on `/mcp`.
+    pub fn allow_mcp_node(&self, node_id: &str, allowed: bool) -> Result<bool, ServerError> {
+        self.state
+            .store
+            .set_mcp_node(node_id, allowed)
+            .map_err(|e| ServerError::State {
+                path: self.state.cfg.state_dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })
     }
 
     /// Serves until `shutdown`; then stops accepting, tells agents to go

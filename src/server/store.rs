@@ -67,6 +67,11 @@ pub trait Store: Send + Sync + 'static {
     fn revoke_preview(&self, id: &str) -> Result<bool, StoreError>;
     /// Every grant not yet expired.
     fn previews(&self) -> Vec<PreviewGrant>;
+    /// Nodes whose tools the MCP endpoint exposes.
+    fn mcp_nodes(&self) -> Vec<String>;
+    /// Puts a node on the MCP allowlist or takes it off; true if that
+    /// changed anything.
+    fn set_mcp_node(&self, node_id: &str, allowed: bool) -> Result<bool, StoreError>;
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -75,6 +80,8 @@ struct FileState {
     nodes: BTreeMap<String, NodeIdentity>,
     #[serde(default)]
     previews: BTreeMap<String, PreviewGrant>,
+    #[serde(default)]
+    mcp_nodes: std::collections::BTreeSet<String>,
 }
 
 /// A JSON file under the server's state directory, written atomically
@@ -204,6 +211,34 @@ impl Store for FileStore {
             .cloned()
             .collect()
     }
+
+    fn mcp_nodes(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .mcp_nodes
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn set_mcp_node(&self, node_id: &str, allowed: bool) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().unwrap();
+        let changed = if allowed {
+            state.mcp_nodes.insert(node_id.to_string())
+        } else {
+            state.mcp_nodes.remove(node_id)
+        };
+        if changed && let Err(e) = self.save(&state) {
+            if allowed {
+                state.mcp_nodes.remove(node_id);
+            } else {
+                state.mcp_nodes.insert(node_id.to_string());
+            }
+            return Err(e);
+        }
+        Ok(changed)
+    }
 }
 
 #[cfg(test)]
@@ -237,6 +272,23 @@ mod tests {
         let b = s.bind_node("n1", "aa").unwrap();
         assert_ne!(b.binding, a.binding, "a new binding voids old tokens");
         assert_eq!(FileStore::open(path).unwrap().node_identity("n1"), Some(b));
+    }
+
+    #[test]
+    fn the_mcp_allowlist_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let s = FileStore::open(path.clone()).unwrap();
+        assert!(s.mcp_nodes().is_empty(), "none by default");
+        assert!(s.set_mcp_node("a", true).unwrap());
+        assert!(!s.set_mcp_node("a", true).unwrap());
+        assert!(s.set_mcp_node("b", true).unwrap());
+        assert!(s.set_mcp_node("b", false).unwrap());
+        drop(s);
+        assert_eq!(
+            FileStore::open(path).unwrap().mcp_nodes(),
+            vec!["a".to_string()]
+        );
     }
 
     #[test]

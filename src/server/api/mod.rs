@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod exec;
+mod mcp;
 mod nodes;
 mod preview;
 mod register;
@@ -107,6 +108,15 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
         .route(
             "/api/v1/workers/{id}/archive",
             get(get_archive).put(put_archive),
+        )
+        .route("/api/v1/mcp/nodes", get(mcp::list))
+        .route(
+            "/api/v1/mcp/nodes/{id}",
+            axum::routing::put(mcp::allow).delete(mcp::deny),
+        )
+        .nest_service(
+            "/mcp",
+            super::mcp::service(state.clone(), state.cfg.mcp_allowed_hosts.clone()),
         )
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -1,0 +1,597 @@
+//! The MCP endpoint (`/mcp`, Streamable HTTP on the official SDK, `rmcp`):
+//! AI agents drive sandboxes through the server, which is their only way to
+//! a node. Only allow-listed nodes' tools are exposed; every call names a
+//! task and is logged with it; a sandbox belongs to the task that made it
+//! (docs/mcp.md).
+
+use super::AppState;
+use super::hub::{Hub, StreamEvent};
+use crate::protocol::operator::{ExecOptions, NodeInfo, NodeState};
+use crate::protocol::{ErrorBody, SpawnRequest, StreamKind};
+use base64::Engine;
+use bytes::Bytes;
+use rmcp::handler::server::{router::tool::ToolRouter, wrapper::Parameters};
+use rmcp::{Json, ServerHandler, tool, tool_handler, tool_router};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::info;
+
+/// Output kept per stream of `sandbox.exec` by default.
+pub const DEFAULT_OUTPUT_CAP: usize = 256 * 1024;
+/// Largest file `sandbox.get_file` / `put_file` carry (larger: the HTTP
+/// archive route).
+pub const MAX_FILE: usize = 4 * 1024 * 1024;
+
+/// The tools, over one hub and store.
+#[derive(Clone)]
+pub struct Tools {
+    app: Arc<AppState>,
+    tool_router: ToolRouter<Self>,
+}
+
+type Out<T> = Result<Json<T>, String>;
+
+fn err(e: ErrorBody) -> String {
+    format!("{}: {}", e.code, e.message)
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct CreateArgs {
+    /// The task this sandbox serves (audited; every later call names it).
+    pub task_id: String,
+    pub job_id: Option<String>,
+    pub image: String,
+    /// The node to run on; by default the least-loaded allowed node.
+    pub node: Option<String>,
+    /// The main process (default: the image's).
+    pub cmd: Option<Vec<String>>,
+    pub env: Option<BTreeMap<String, String>>,
+    pub cpus: Option<f64>,
+    pub memory_mb: Option<u64>,
+    /// Removed after this many seconds.
+    pub timeout_s: Option<u64>,
+    /// The node's inference backend on localhost:11434.
+    pub inference: Option<bool>,
+    /// `none`, `restricted` or `allowlist`.
+    pub network_policy: Option<String>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Sandbox {
+    pub worker_id: String,
+    pub node_id: String,
+    pub state: String,
+    pub ip: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct ExecArgs {
+    pub task_id: String,
+    pub worker_id: String,
+    /// The command as arguments (or `command`, run by `sh -c`).
+    pub argv: Option<Vec<String>>,
+    pub command: Option<String>,
+    /// Text given on standard input.
+    pub stdin: Option<String>,
+    pub timeout_s: Option<u64>,
+    pub env: Option<BTreeMap<String, String>>,
+    pub workdir: Option<String>,
+    /// Bytes kept per stream (default 256 KiB).
+    pub max_output_bytes: Option<usize>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ExecResult {
+    pub exit_code: Option<i64>,
+    pub stdout: String,
+    pub stderr: String,
+    /// Output beyond the cap was dropped (cut on a UTF-8 boundary).
+    pub truncated: bool,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct PutFileArgs {
+    pub task_id: String,
+    pub worker_id: String,
+    /// Absolute path of the file in the sandbox.
+    pub path: String,
+    /// The content as text, or `content_base64`.
+    pub content: Option<String>,
+    pub content_base64: Option<String>,
+    /// Permission bits, octal as a string (default "644").
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct PutFileResult {
+    pub path: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct GetFileArgs {
+    pub task_id: String,
+    pub worker_id: String,
+    pub path: String,
+    /// Refuse files larger than this (default and most: 4 MiB).
+    pub max_bytes: Option<usize>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct FileContent {
+    pub path: String,
+    pub size: u64,
+    /// The content when it is UTF-8 text, else `content_base64`.
+    pub content: Option<String>,
+    pub content_base64: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct WorkerArgs {
+    pub task_id: String,
+    pub worker_id: String,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Destroyed {
+    pub worker_id: String,
+    pub removed: bool,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct NodeArgs {
+    pub node_id: String,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct NodeList {
+    pub nodes: Vec<NodeSummary>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct NodeSummary {
+    pub node_id: String,
+    pub status: String,
+    pub workers: usize,
+    /// The node's inference backend runs and answers.
+    pub inference: bool,
+    /// The node's capability report, if it sent one.
+    pub capabilities: Option<serde_json::Value>,
+}
+
+impl Tools {
+    fn hub(&self) -> &Hub {
+        &self.app.hub
+    }
+
+    fn allowed(&self, node_id: &str) -> bool {
+        self.app.store.mcp_nodes().iter().any(|n| n == node_id)
+    }
+
+    /// The worker, if the call's task may use it.
+    fn worker_of_task(
+        &self,
+        task_id: &str,
+        worker_id: &str,
+    ) -> Result<crate::protocol::WorkerInfo, String> {
+        let w = self.hub().worker(worker_id).map_err(err)?;
+        if !self.allowed(&w.node_id) {
+            return Err(format!(
+                "policy_denied: node {} is not on the MCP allowlist (tether ctl mcp allow)",
+                w.node_id
+            ));
+        }
+        if w.task_id.as_deref() != Some(task_id) {
+            return Err(format!(
+                "policy_denied: sandbox {worker_id} belongs to another task"
+            ));
+        }
+        Ok(w)
+    }
+
+    fn summary(&self, n: NodeInfo) -> NodeSummary {
+        let caps = self
+            .hub()
+            .node_detail(&n.node_id)
+            .ok()
+            .and_then(|d| d.capabilities);
+        let inference = caps.as_ref().is_some_and(|c| {
+            c["inference"]["running"] == true && c["inference"]["healthy"] == true
+        });
+        NodeSummary {
+            status: n.status.to_string(),
+            workers: n.workers,
+            inference,
+            capabilities: caps,
+            node_id: n.node_id,
+        }
+    }
+}
+
+fn audit(tool: &str, task_id: &str, worker_id: &str, outcome: &Result<impl Sized, String>) {
+    match outcome {
+        Ok(_) => info!(tool, task_id, worker_id, "mcp call"),
+        Err(e) => info!(tool, task_id, worker_id, error = %e, "mcp call refused or failed"),
+    }
+}
+
+/// `s` cut to at most `cap` bytes on a UTF-8 boundary (invalid bytes
+/// replaced); whether anything was cut.
+fn capped(bytes: &[u8], cap: usize) -> (String, bool) {
+    let s = String::from_utf8_lossy(bytes);
+    if s.len() <= cap {
+        return (s.into_owned(), false);
+    }
+    let mut end = cap;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    (s[..end].to_string(), true)
+}
+
+#[tool_router(router = tool_router)]
+impl Tools {
+    pub(crate) fn new(app: Arc<AppState>) -> Self {
+        Tools {
+            app,
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    #[tool(
+        name = "sandbox.create",
+        description = "Start a sandbox (a worker container on its own network) for a task, on an allowed node."
+    )]
+    async fn create(&self, Parameters(a): Parameters<CreateArgs>) -> Out<Sandbox> {
+        let r = self.create_inner(&a).await;
+        audit(
+            "sandbox.create",
+            &a.task_id,
+            r.as_ref().map_or("", |s| s.worker_id.as_str()),
+            &r,
+        );
+        r.map(Json)
+    }
+
+    #[tool(
+        name = "sandbox.exec",
+        description = "Run a command in a sandbox to its end; output capped per stream."
+    )]
+    async fn exec(&self, Parameters(a): Parameters<ExecArgs>) -> Out<ExecResult> {
+        let r = self.exec_inner(&a).await;
+        audit("sandbox.exec", &a.task_id, &a.worker_id, &r);
+        r.map(Json)
+    }
+
+    #[tool(
+        name = "sandbox.put_file",
+        description = "Write a file into a sandbox (text or base64, at most 4 MiB; larger files: the HTTP archive route)."
+    )]
+    async fn put_file(&self, Parameters(a): Parameters<PutFileArgs>) -> Out<PutFileResult> {
+        let r = self.put_inner(&a).await;
+        audit("sandbox.put_file", &a.task_id, &a.worker_id, &r);
+        r.map(Json)
+    }
+
+    #[tool(
+        name = "sandbox.get_file",
+        description = "Read a file from a sandbox (text, or base64 when not UTF-8; at most 4 MiB)."
+    )]
+    async fn get_file(&self, Parameters(a): Parameters<GetFileArgs>) -> Out<FileContent> {
+        let r = self.get_inner(&a).await;
+        audit("sandbox.get_file", &a.task_id, &a.worker_id, &r);
+        r.map(Json)
+    }
+
+    #[tool(
+        name = "sandbox.destroy",
+        description = "Remove a sandbox and its network."
+    )]
+    async fn destroy(&self, Parameters(a): Parameters<WorkerArgs>) -> Out<Destroyed> {
+        let r = async {
+            self.worker_of_task(&a.task_id, &a.worker_id)?;
+            self.hub().remove(&a.worker_id, true).await.map_err(err)?;
+            Ok(Destroyed {
+                worker_id: a.worker_id.clone(),
+                removed: true,
+            })
+        }
+        .await;
+        audit("sandbox.destroy", &a.task_id, &a.worker_id, &r);
+        r.map(Json)
+    }
+
+    #[tool(
+        name = "node.list",
+        description = "The allowed nodes, their status and capabilities."
+    )]
+    async fn node_list(&self) -> Out<NodeList> {
+        let nodes = self
+            .hub()
+            .nodes()
+            .into_iter()
+            .filter(|n| self.allowed(&n.node_id))
+            .map(|n| self.summary(n))
+            .collect();
+        Ok(Json(NodeList { nodes }))
+    }
+
+    #[tool(
+        name = "node.get",
+        description = "One allowed node: status, capabilities, whether inference runs."
+    )]
+    async fn node_get(&self, Parameters(a): Parameters<NodeArgs>) -> Out<NodeSummary> {
+        if !self.allowed(&a.node_id) {
+            return Err(format!(
+                "policy_denied: node {} is not on the MCP allowlist (tether ctl mcp allow)",
+                a.node_id
+            ));
+        }
+        let n = self.hub().node_info(&a.node_id).map_err(err)?;
+        Ok(Json(self.summary(n)))
+    }
+}
+
+impl Tools {
+    async fn create_inner(&self, a: &CreateArgs) -> Result<Sandbox, String> {
+        if a.task_id.trim().is_empty() {
+            return Err("invalid_request: task_id is required".into());
+        }
+        let node = match &a.node {
+            Some(n) if !self.allowed(n) => {
+                return Err(format!(
+                    "policy_denied: node {n} is not on the MCP allowlist (tether ctl mcp allow)"
+                ));
+            }
+            Some(n) => n.clone(),
+            // The least-loaded allowed node that is online.
+            None => self
+                .hub()
+                .nodes()
+                .into_iter()
+                .filter(|n| {
+                    n.status == NodeState::Online && !n.draining && self.allowed(&n.node_id)
+                })
+                .min_by_key(|n| n.workers)
+                .map(|n| n.node_id)
+                .ok_or("unavailable: no node on the MCP allowlist is online")?,
+        };
+        let network_policy = a
+            .network_policy
+            .as_ref()
+            .map(|p| serde_json::from_value(serde_json::Value::String(p.clone())))
+            .transpose()
+            .map_err(|_| "invalid_request: network_policy is none, restricted or allowlist")?;
+        let req = SpawnRequest {
+            image: a.image.clone(),
+            cmd: a.cmd.clone().unwrap_or_default(),
+            env: a.env.clone().unwrap_or_default(),
+            node_id: Some(node),
+            task_id: Some(a.task_id.clone()),
+            job_id: a.job_id.clone(),
+            timeout_secs: a.timeout_s,
+            inference: a.inference.unwrap_or(false),
+            network_policy,
+            resources: crate::protocol::Resources {
+                cpus: a.cpus,
+                memory_mb: a.memory_mb,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let w = self.hub().spawn(req).await.map_err(err)?;
+        Ok(Sandbox {
+            worker_id: w.worker_id,
+            node_id: w.node_id,
+            state: w.state.to_string(),
+            ip: w.ip,
+        })
+    }
+
+    async fn exec_inner(&self, a: &ExecArgs) -> Result<ExecResult, String> {
+        self.worker_of_task(&a.task_id, &a.worker_id)?;
+        let cmd = match (&a.argv, &a.command) {
+            (Some(argv), None) if !argv.is_empty() => argv.clone(),
+            (None, Some(c)) => vec!["sh".into(), "-c".into(), c.clone()],
+            _ => return Err("invalid_request: give argv or command (one of them)".into()),
+        };
+        let cap = a.max_output_bytes.unwrap_or(DEFAULT_OUTPUT_CAP);
+        let t0 = Instant::now();
+        let mut d = self
+            .hub()
+            .exec(
+                &a.worker_id,
+                ExecOptions {
+                    cmd,
+                    env: a.env.clone().unwrap_or_default(),
+                    workdir: a.workdir.clone(),
+                    stdin: a.stdin.is_some(),
+                    timeout_secs: a.timeout_s,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(err)?;
+        if let Some(text) = &a.stdin {
+            d.input
+                .write(Bytes::copy_from_slice(text.as_bytes()))
+                .await
+                .map_err(err)?;
+            d.input.close();
+        }
+        let (mut out, mut errs) = (Vec::new(), Vec::new());
+        let mut truncated = false;
+        let mut exit_code = None;
+        while let Some(ev) = d.output.next().await {
+            match ev {
+                StreamEvent::Data(k, b) => {
+                    let buf = if k == StreamKind::Stderr {
+                        &mut errs
+                    } else {
+                        &mut out
+                    };
+                    // Keep a little beyond the cap so the cut lands on a
+                    // character boundary; the rest is read and dropped.
+                    let room = (cap + 4).saturating_sub(buf.len());
+                    buf.extend_from_slice(&b[..b.len().min(room)]);
+                    truncated |= b.len() > room;
+                }
+                StreamEvent::End {
+                    exit_code: c,
+                    error,
+                } => {
+                    if let Some(e) = error {
+                        return Err(err(e));
+                    }
+                    exit_code = c;
+                    break;
+                }
+                StreamEvent::Gap(_) | StreamEvent::Eof => {}
+            }
+        }
+        let (stdout, t1) = capped(&out, cap);
+        let (stderr, t2) = capped(&errs, cap);
+        Ok(ExecResult {
+            exit_code,
+            stdout,
+            stderr,
+            truncated: truncated || t1 || t2,
+            duration_ms: t0.elapsed().as_millis() as u64,
+        })
+    }
+
+    async fn put_inner(&self, a: &PutFileArgs) -> Result<PutFileResult, String> {
+        self.worker_of_task(&a.task_id, &a.worker_id)?;
+        let data = match (&a.content, &a.content_base64) {
+            (Some(t), None) => t.as_bytes().to_vec(),
+            (None, Some(b)) => base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map_err(|e| format!("invalid_request: content_base64: {e}"))?,
+            _ => {
+                return Err("invalid_request: give content or content_base64 (one of them)".into());
+            }
+        };
+        if data.len() > MAX_FILE {
+            return Err(format!(
+                "too_large: {} bytes; at most {MAX_FILE} through MCP, larger files through PUT /api/v1/workers/{{id}}/archive",
+                data.len()
+            ));
+        }
+        let path = std::path::Path::new(&a.path);
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err("invalid_request: path must name a file".into());
+        };
+        if !path.is_absolute() {
+            return Err("invalid_request: path must be absolute".into());
+        }
+        let mode = u32::from_str_radix(a.mode.as_deref().unwrap_or("644"), 8)
+            .map_err(|_| "invalid_request: mode is octal, e.g. \"755\"")?;
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_mtime(crate::protocol::now_millis() / 1000);
+        h.set_cksum();
+        tar.append_data(&mut h, name, data.as_slice())
+            .map_err(|e| format!("internal: {e}"))?;
+        let archive = tar.into_inner().map_err(|e| format!("internal: {e}"))?;
+        let mut up = self
+            .hub()
+            .put_archive(&a.worker_id, &dir.to_string_lossy())
+            .await
+            .map_err(err)?;
+        up.write(Bytes::from(archive)).await.map_err(err)?;
+        up.finish().await.map_err(err)?;
+        Ok(PutFileResult {
+            path: a.path.clone(),
+            size: data.len() as u64,
+        })
+    }
+
+    async fn get_inner(&self, a: &GetFileArgs) -> Result<FileContent, String> {
+        self.worker_of_task(&a.task_id, &a.worker_id)?;
+        let max = a.max_bytes.unwrap_or(MAX_FILE).min(MAX_FILE);
+        let mut s = self
+            .hub()
+            .get_archive(&a.worker_id, &a.path)
+            .await
+            .map_err(err)?;
+        // The archive: the file plus tar's headers and padding.
+        let mut archive = Vec::new();
+        while let Some(ev) = s.next().await {
+            match ev {
+                StreamEvent::Data(_, b) => {
+                    archive.extend_from_slice(&b);
+                    if archive.len() > max + 64 * 1024 {
+                        return Err(format!(
+                            "too_large: {} is over {max} bytes; read it through GET /api/v1/workers/{{id}}/archive",
+                            a.path
+                        ));
+                    }
+                }
+                StreamEvent::End { error: Some(e), .. } => return Err(err(e)),
+                StreamEvent::End { .. } => break,
+                _ => {}
+            }
+        }
+        let mut tar = tar::Archive::new(archive.as_slice());
+        let mut entries = tar.entries().map_err(|e| format!("internal: {e}"))?;
+        let Some(entry) = entries.next() else {
+            return Err(format!("not_found: {}", a.path));
+        };
+        let mut e = entry.map_err(|e| format!("internal: {e}"))?;
+        if e.header().entry_type() != tar::EntryType::Regular {
+            return Err(format!("invalid_request: {} is not a regular file", a.path));
+        }
+        let size = e.header().size().unwrap_or(0);
+        if size as usize > max {
+            return Err(format!(
+                "too_large: {} is {size} bytes, over {max}; read it through GET /api/v1/workers/{{id}}/archive",
+                a.path
+            ));
+        }
+        let mut data = Vec::with_capacity(size as usize);
+        std::io::Read::read_to_end(&mut e, &mut data).map_err(|e| format!("internal: {e}"))?;
+        let (content, content_base64) = match String::from_utf8(data) {
+            Ok(t) => (Some(t), None),
+            Err(e) => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(e.into_bytes())),
+            ),
+        };
+        Ok(FileContent {
+            path: a.path.clone(),
+            size,
+            content,
+            content_base64,
+        })
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for Tools {}
+
+/// The `/mcp` service: Streamable HTTP, JSON answers where a tool needs no
+/// stream, the server's own host names allowed.
+pub(crate) fn service(
+    app: Arc<AppState>,
+    allowed_hosts: Vec<String>,
+) -> rmcp::transport::streamable_http_server::StreamableHttpService<
+    Tools,
+    rmcp::transport::streamable_http_server::session::local::LocalSessionManager,
+> {
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService,
+    };
+    let mut cfg = StreamableHttpServerConfig::default();
+    cfg.json_response = true;
+    cfg.cancellation_token = app.shutdown.child_token();
+    // Loopback names (rmcp's default) and the server's own.
+    cfg.allowed_hosts.extend(allowed_hosts);
+    cfg.sse_keep_alive = Some(Duration::from_secs(15));
+    StreamableHttpService::new(move || Ok(Tools::new(app.clone())), Default::default(), cfg)
+}

@@ -1,0 +1,350 @@
+//! The MCP endpoint against a real server, agent and engine, driven as an
+//! MCP client does: JSON-RPC over Streamable HTTP (docs/mcp.md).
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+struct Mcp {
+    http: reqwest::Client,
+    url: String,
+    token: String,
+    session: Option<String>,
+    next_id: u64,
+}
+
+impl Mcp {
+    async fn post(&mut self, body: Value) -> reqwest::Response {
+        let mut rb = self
+            .http
+            .post(&self.url)
+            .bearer_auth(&self.token)
+            .header("Accept", "application/json, text/event-stream")
+            .json(&body);
+        if let Some(s) = &self.session {
+            rb = rb.header("mcp-session-id", s);
+        }
+        rb.send().await.unwrap()
+    }
+
+    async fn connect(url: &str, token: &str) -> Mcp {
+        let mut m = Mcp {
+            http: reqwest::Client::new(),
+            url: format!("{url}/mcp"),
+            token: token.into(),
+            session: None,
+            next_id: 1,
+        };
+        let r = m
+            .post(
+                json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {},
+                "clientInfo": {"name": "tether-test", "version": "1"}}}),
+            )
+            .await;
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+        m.session = r
+            .headers()
+            .get("mcp-session-id")
+            .map(|v| v.to_str().unwrap().to_string());
+        let init = body_json(r).await;
+        assert!(
+            init["result"]["capabilities"]["tools"].is_object(),
+            "{init}"
+        );
+        let r = m
+            .post(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await;
+        assert!(r.status().is_success(), "{}", r.status());
+        m
+    }
+
+    async fn request(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let r = self
+            .post(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
+            .await;
+        assert_eq!(r.status(), 200);
+        let v = body_json(r).await;
+        assert_eq!(v["id"], id, "{v}");
+        v
+    }
+
+    /// A tool's result: `Ok(structured content)` or `Err(error text)`.
+    async fn call(&mut self, tool: &str, args: Value) -> Result<Value, String> {
+        let v = self
+            .request("tools/call", json!({"name": tool, "arguments": args}))
+            .await;
+        let r = &v["result"];
+        assert!(r.is_object(), "{v}");
+        if r["isError"] == true {
+            return Err(r["content"][0]["text"].as_str().unwrap_or("").to_string());
+        }
+        Ok(r["structuredContent"].clone())
+    }
+}
+
+/// The body as JSON, whether it came as JSON or as one SSE event.
+async fn body_json(r: reqwest::Response) -> Value {
+    let text = r.text().await.unwrap();
+    if let Ok(v) = serde_json::from_str(&text) {
+        return v;
+    }
+    let data = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(str::trim)
+        .find(|d| !d.is_empty())
+        .unwrap_or_else(|| panic!("no JSON in {text:?}"));
+    serde_json::from_str(data).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
+    let (h, node) = Harness::start().await;
+
+    // No token, no MCP.
+    let r = reqwest::Client::new()
+        .post(format!("{}/mcp", h.url))
+        .header("Accept", "application/json, text/event-stream")
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    let mut m = Mcp::connect(&h.url, &h.token).await;
+    let tools = m.request("tools/list", json!({})).await;
+    let names: Vec<&str> = tools["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    for want in [
+        "sandbox.create",
+        "sandbox.exec",
+        "sandbox.put_file",
+        "sandbox.get_file",
+        "sandbox.destroy",
+        "node.list",
+        "node.get",
+    ] {
+        assert!(names.contains(&want), "{want} in {names:?}");
+    }
+    let create = tools["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "sandbox.create")
+        .unwrap();
+    assert!(
+        create["inputSchema"]["required"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("task_id")),
+        "{create}"
+    );
+
+    // No node is allowed by default: a tool error naming the rule.
+    let e = m
+        .call("sandbox.create", json!({"task_id": "t1", "image": image()}))
+        .await
+        .unwrap_err();
+    assert!(e.contains("allowlist"), "{e}");
+    assert_eq!(
+        m.call("node.list", json!({})).await.unwrap()["nodes"],
+        json!([])
+    );
+
+    // Allowed through the API (as `tether ctl mcp allow` does).
+    let r = reqwest::Client::new()
+        .put(format!("{}/api/v1/mcp/nodes/{node}", h.url))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .arg("ctl")
+            .args(args)
+            .env("TETHER_SERVER", &h.url)
+            .env("TETHER_TOKEN", &h.token)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(ctl(&["mcp", "list"]).trim(), node);
+    let cfg: Value = serde_json::from_str(&ctl(&["mcp", "config"])).unwrap();
+    assert_eq!(cfg["mcpServers"]["tether"]["url"], format!("{}/mcp", h.url));
+    assert_eq!(
+        cfg["mcpServers"]["tether"]["headers"]["Authorization"],
+        format!("Bearer {}", h.token)
+    );
+    let nodes = m.call("node.list", json!({})).await.unwrap();
+    assert_eq!(nodes["nodes"][0]["node_id"], node.as_str(), "{nodes}");
+
+    let sb = m
+        .call(
+            "sandbox.create",
+            json!({"task_id": "t1", "job_id": "j1", "image": image(), "cmd": ["sleep", "600"]}),
+        )
+        .await
+        .unwrap();
+    let w = sb["worker_id"].as_str().unwrap().to_string();
+    assert_eq!(sb["node_id"], node.as_str());
+    assert_eq!(sb["state"], "running");
+    assert_eq!(
+        docker(&[
+            "inspect",
+            "-f",
+            "{{index .Config.Labels \"tether.task_id\"}}",
+            &format!("tether-{w}")
+        ]),
+        "t1"
+    );
+
+    let r = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t1", "worker_id": w, "command": "cat; echo out; echo err >&2; exit 3", "stdin": "in\n"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["exit_code"], 3, "{r}");
+    assert_eq!(r["stdout"], "in\nout\n");
+    assert_eq!(r["stderr"], "err\n");
+    assert_eq!(r["truncated"], false);
+
+    // Output past the cap is cut on a character boundary and flagged.
+    let r = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t1", "worker_id": w, "command": "i=0; while [ $i -lt 500 ]; do printf 'é'; i=$((i+1)); done", "max_output_bytes": 101}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["truncated"], true, "{r}");
+    assert_eq!(r["stdout"].as_str().unwrap(), "é".repeat(50));
+
+    // Files both ways: text, and bytes that are not UTF-8. The directory
+    // must exist.
+    let e = m
+        .call(
+            "sandbox.put_file",
+            json!({"task_id": "t1", "worker_id": w, "path": "/tmp/nowhere/x", "content": "x"}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("not_found"), "{e}");
+    m.call(
+        "sandbox.exec",
+        json!({"task_id": "t1", "worker_id": w, "argv": ["mkdir", "-p", "/tmp/a"]}),
+    )
+    .await
+    .unwrap();
+    let put = m
+        .call(
+            "sandbox.put_file",
+            json!({"task_id": "t1", "worker_id": w, "path": "/tmp/a/hello.txt", "content": "hello, sandbox\n"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(put["size"], 15);
+    let r = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t1", "worker_id": w, "argv": ["cat", "/tmp/a/hello.txt"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["stdout"], "hello, sandbox\n");
+    m.call(
+        "sandbox.exec",
+        json!({"task_id": "t1", "worker_id": w, "command": "printf '\\377\\000\\001' > /tmp/bin"}),
+    )
+    .await
+    .unwrap();
+    let f = m
+        .call(
+            "sandbox.get_file",
+            json!({"task_id": "t1", "worker_id": w, "path": "/tmp/bin"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(f["size"], 3);
+    assert_eq!(f["content_base64"], "/wAB", "{f}");
+    let f = m
+        .call(
+            "sandbox.get_file",
+            json!({"task_id": "t1", "worker_id": w, "path": "/tmp/a/hello.txt"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(f["content"], "hello, sandbox\n");
+    let e = m
+        .call(
+            "sandbox.get_file",
+            json!({"task_id": "t1", "worker_id": w, "path": "/tmp/a/hello.txt", "max_bytes": 4}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("too_large") && e.contains("archive"), "{e}");
+
+    // Another task cannot touch this sandbox.
+    let e = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t2", "worker_id": w, "argv": ["true"]}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("another task"), "{e}");
+    let e = m
+        .call("sandbox.destroy", json!({"task_id": "t2", "worker_id": w}))
+        .await
+        .unwrap_err();
+    assert!(e.contains("another task"), "{e}");
+
+    // Denied again: the node's sandboxes are out of reach.
+    let r = reqwest::Client::new()
+        .delete(format!("{}/api/v1/mcp/nodes/{node}", h.url))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let e = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t1", "worker_id": w, "argv": ["true"]}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("allowlist"), "{e}");
+    reqwest::Client::new()
+        .put(format!("{}/api/v1/mcp/nodes/{node}", h.url))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
+
+    let d = m
+        .call("sandbox.destroy", json!({"task_id": "t1", "worker_id": w}))
+        .await
+        .unwrap();
+    assert_eq!(d["removed"], true);
+    assert!(
+        docker(&["ps", "-aq", "--filter", &format!("name=tether-{w}")]).is_empty(),
+        "the container is gone"
+    );
+    h.stop().await;
+}

@@ -337,6 +337,52 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
         .await
         .unwrap();
 
+    // The main process's output, with time stamps.
+    let talker = m
+        .call(
+            "sandbox.create",
+            json!({"task_id": "t1", "image": image(), "cmd": ["sh", "-c", "echo one; echo two >&2; sleep 1; echo three; sleep 600"]}),
+        )
+        .await
+        .unwrap();
+    let tw = talker["worker_id"].as_str().unwrap().to_string();
+    let logs = m
+        .call(
+            "sandbox.stream_logs",
+            json!({"task_id": "t1", "worker_id": tw, "follow_s": 3}),
+        )
+        .await
+        .unwrap();
+    let lines: Vec<(String, String)> = logs["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            assert!(l["time"].as_str().unwrap().starts_with("20"), "{l}");
+            (
+                l["stream"].as_str().unwrap().to_string(),
+                l["line"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for want in [("stdout", "one"), ("stderr", "two"), ("stdout", "three")] {
+        assert!(
+            lines.contains(&(want.0.to_string(), want.1.to_string())),
+            "{want:?} in {lines:?}"
+        );
+    }
+    let tail = m
+        .call(
+            "sandbox.stream_logs",
+            json!({"task_id": "t1", "worker_id": tw, "tail": 1}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(tail["lines"].as_array().unwrap().len(), 1, "{tail}");
+    m.call("sandbox.destroy", json!({"task_id": "t1", "worker_id": tw}))
+        .await
+        .unwrap();
+
     let d = m
         .call("sandbox.destroy", json!({"task_id": "t1", "worker_id": w}))
         .await

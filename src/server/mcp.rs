@@ -136,6 +136,34 @@ pub struct WorkerArgs {
     pub worker_id: String,
 }
 
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct LogsArgs {
+    pub task_id: String,
+    pub worker_id: String,
+    /// Only the last N lines.
+    pub tail: Option<u64>,
+    /// Only lines since this Unix time (seconds).
+    pub since: Option<i64>,
+    /// Also wait this many seconds for new lines (at most 60).
+    pub follow_s: Option<u64>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct LogLine {
+    /// RFC 3339, from the engine.
+    pub time: String,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    pub line: String,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Logs {
+    pub lines: Vec<LogLine>,
+    /// Lines past the output cap were dropped.
+    pub truncated: bool,
+}
+
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct Destroyed {
     pub worker_id: String,
@@ -284,6 +312,16 @@ impl Tools {
     async fn get_file(&self, Parameters(a): Parameters<GetFileArgs>) -> Out<FileContent> {
         let r = self.get_inner(&a).await;
         audit("sandbox.get_file", &a.task_id, &a.worker_id, &r);
+        r.map(Json)
+    }
+
+    #[tool(
+        name = "sandbox.stream_logs",
+        description = "A sandbox's main process output, line by line with time stamps; optionally waits for more."
+    )]
+    async fn stream_logs(&self, Parameters(a): Parameters<LogsArgs>) -> Out<Logs> {
+        let r = self.logs_inner(&a).await;
+        audit("sandbox.stream_logs", &a.task_id, &a.worker_id, &r);
         r.map(Json)
     }
 
@@ -462,6 +500,71 @@ impl Tools {
             truncated: truncated || t1 || t2,
             duration_ms: t0.elapsed().as_millis() as u64,
         })
+    }
+
+    async fn logs_inner(&self, a: &LogsArgs) -> Result<Logs, String> {
+        self.worker_of_task(&a.task_id, &a.worker_id)?;
+        let follow = a.follow_s.unwrap_or(0).min(60);
+        let mut s = self
+            .hub()
+            .logs(
+                &a.worker_id,
+                crate::protocol::operator::LogOptions {
+                    follow: follow > 0,
+                    since: a.since,
+                    tail: a.tail,
+                    timestamps: true,
+                },
+            )
+            .await
+            .map_err(err)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(follow);
+        let (mut out, mut errs) = (Vec::new(), Vec::new());
+        let mut kept = 0usize;
+        let mut truncated = false;
+        loop {
+            let ev = if follow > 0 {
+                match tokio::time::timeout_at(deadline, s.next()).await {
+                    Ok(ev) => ev,
+                    Err(_) => break,
+                }
+            } else {
+                s.next().await
+            };
+            match ev {
+                Some(StreamEvent::Data(k, b)) => {
+                    if kept + b.len() > DEFAULT_OUTPUT_CAP {
+                        truncated = true;
+                        continue;
+                    }
+                    kept += b.len();
+                    let buf = if k == StreamKind::Stderr {
+                        &mut errs
+                    } else {
+                        &mut out
+                    };
+                    buf.push(b);
+                }
+                Some(StreamEvent::End { error: Some(e), .. }) => return Err(err(e)),
+                Some(StreamEvent::End { .. }) | None => break,
+                Some(_) => {}
+            }
+        }
+        let mut lines = Vec::new();
+        for (stream, chunks) in [("stdout", out), ("stderr", errs)] {
+            let text = String::from_utf8_lossy(&chunks.concat()).into_owned();
+            for l in text.lines() {
+                // The engine puts its RFC 3339 time first, then a space.
+                let (time, line) = l.split_once(' ').unwrap_or(("", l));
+                lines.push(LogLine {
+                    time: time.to_string(),
+                    stream: stream.to_string(),
+                    line: line.to_string(),
+                });
+            }
+        }
+        lines.sort_by(|a, b| a.time.cmp(&b.time));
+        Ok(Logs { lines, truncated })
     }
 
     async fn put_inner(&self, a: &PutFileArgs) -> Result<PutFileResult, String> {

@@ -292,6 +292,28 @@ enum McpCmd {
     List,
     /// Print the client configuration (URL and authorization header).
     Config,
+    /// Tokens for MCP clients, narrower than the operator's.
+    Token {
+        #[command(subcommand)]
+        cmd: McpTokenCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum McpTokenCmd {
+    /// Create a token (printed once); limit it to nodes and a task prefix.
+    Create {
+        /// A node it may use (repeat; default: every allow-listed node).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// Task ids it may name must start with this.
+        #[arg(long)]
+        task_prefix: Option<String>,
+    },
+    /// List tokens (not their secrets).
+    Ls,
+    /// Revoke a token at once.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -467,6 +489,54 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
                 for n in client.mcp_allow(&node, false).await? {
                     println!("{n}");
                 }
+            }
+            CtlCmd::Mcp {
+                cmd:
+                    McpCmd::Token {
+                        cmd: McpTokenCmd::Create { nodes, task_prefix },
+                    },
+            } => {
+                let t = client
+                    .mcp_token_create(&nodes, task_prefix.as_deref())
+                    .await?;
+                eprintln!(
+                    "MCP token {} (shown once; revoke with `tether ctl mcp token revoke {}`)",
+                    t["id"].as_str().unwrap_or(""),
+                    t["id"].as_str().unwrap_or("")
+                );
+                println!("{}", t["token"].as_str().unwrap_or(""));
+            }
+            CtlCmd::Mcp {
+                cmd: McpCmd::Token {
+                    cmd: McpTokenCmd::Ls,
+                },
+            } => {
+                for t in client.mcp_tokens().await? {
+                    println!(
+                        "{}\tnodes={}\ttask_prefix={}\t{}",
+                        t["id"].as_str().unwrap_or(""),
+                        t["nodes"]
+                            .as_array()
+                            .map(|a| a
+                                .iter()
+                                .filter_map(|n| n.as_str())
+                                .collect::<Vec<_>>()
+                                .join(","))
+                            .filter(|s| !s.is_empty())
+                            .unwrap_or_else(|| "*".into()),
+                        t["task_prefix"].as_str().unwrap_or("*"),
+                        t["created_at"].as_str().unwrap_or(""),
+                    );
+                }
+            }
+            CtlCmd::Mcp {
+                cmd:
+                    McpCmd::Token {
+                        cmd: McpTokenCmd::Revoke { id },
+                    },
+            } => {
+                client.mcp_token_revoke(&id).await?;
+                println!("{id}");
             }
             CtlCmd::Mcp { cmd: McpCmd::List } => {
                 for n in client.mcp_nodes().await? {

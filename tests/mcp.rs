@@ -103,7 +103,7 @@ async fn body_json(r: reqwest::Response) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
-    let (h, node) = Harness::start().await;
+    let (mut h, node) = Harness::start().await;
 
     // No token, no MCP.
     let r = reqwest::Client::new()
@@ -167,12 +167,13 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    let (url, token) = (h.url.clone(), h.token.clone());
     let ctl = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
             .arg("ctl")
             .args(args)
-            .env("TETHER_SERVER", &h.url)
-            .env("TETHER_TOKEN", &h.token)
+            .env("TETHER_SERVER", &url)
+            .env("TETHER_TOKEN", &token)
             .output()
             .unwrap();
         assert!(
@@ -382,6 +383,114 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
     m.call("sandbox.destroy", json!({"task_id": "t1", "worker_id": tw}))
         .await
         .unwrap();
+
+    // A token narrowed to this node and a task prefix, made with ctl.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "ctl",
+            "mcp",
+            "token",
+            "create",
+            "--node",
+            &node,
+            "--task-prefix",
+            "proj-",
+        ])
+        .env("TETHER_SERVER", &h.url)
+        .env("TETHER_TOKEN", &h.token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let narrow = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(narrow.starts_with("tmcp_"), "{narrow}");
+    let listed = ctl(&["mcp", "token", "ls"]);
+    assert!(
+        listed.contains("task_prefix=proj-") && !listed.contains(&narrow),
+        "{listed}"
+    );
+    let mut n = Mcp::connect(&h.url, &narrow).await;
+    // Outside its task prefix: refused, naming the rule.
+    let e = n
+        .call("sandbox.create", json!({"task_id": "t9", "image": image()}))
+        .await
+        .unwrap_err();
+    assert!(e.contains("task ids start with \"proj-\""), "{e}");
+    // Another task's sandbox (made with the operator token) stays out of reach.
+    let e = n
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "proj-1", "worker_id": w, "argv": ["true"]}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("another task"), "{e}");
+    let mine = n
+        .call(
+            "sandbox.create",
+            json!({"task_id": "proj-1", "image": image(), "cmd": ["sleep", "600"]}),
+        )
+        .await
+        .unwrap();
+    let mw = mine["worker_id"].as_str().unwrap().to_string();
+    let r = n
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "proj-1", "worker_id": mw, "argv": ["echo", "ok"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["stdout"], "ok\n");
+    // The token cannot reach the operator API.
+    let r = reqwest::Client::new()
+        .get(format!("{}/api/v1/workers", h.url))
+        .bearer_auth(&narrow)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // A second node, allowed for MCP, is still out of this token's reach.
+    let node2 = h.add_agent().await;
+    reqwest::Client::new()
+        .put(format!("{}/api/v1/mcp/nodes/{node2}", h.url))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
+    let e = n
+        .call(
+            "sandbox.create",
+            json!({"task_id": "proj-2", "image": image(), "node": node2}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("may not use node"), "{e}");
+    let seen = n.call("node.list", json!({})).await.unwrap();
+    assert_eq!(seen["nodes"].as_array().unwrap().len(), 1, "{seen}");
+    let bad = reqwest::Client::new()
+        .post(format!("{}/api/v1/mcp/tokens", h.url))
+        .bearer_auth(&h.token)
+        .json(&json!({"nodes": ["no-such-node"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 404, "a token for an unknown node is refused");
+    // Revoked: the token opens nothing.
+    let id = listed.split_whitespace().next().unwrap();
+    ctl(&["mcp", "token", "revoke", id]);
+    let r = n
+        .post(json!({"jsonrpc": "2.0", "id": 99, "method": "tools/list"}))
+        .await;
+    assert_eq!(r.status(), 401);
+    m.call(
+        "sandbox.destroy",
+        json!({"task_id": "proj-1", "worker_id": mw}),
+    )
+    .await
+    .unwrap();
 
     let d = m
         .call("sandbox.destroy", json!({"task_id": "t1", "worker_id": w}))

@@ -222,6 +222,28 @@ impl Client {
         Ok(mcp_node_list(&v))
     }
 
+    /// Creates an MCP token: `{id, token, nodes, task_prefix, created_at}`.
+    pub async fn mcp_token_create(
+        &self,
+        nodes: &[String],
+        task_prefix: Option<&str>,
+    ) -> Result<serde_json::Value, CtlError> {
+        let body = serde_json::json!({"nodes": nodes, "task_prefix": task_prefix});
+        self.json(self.request(Method::POST, "/api/v1/mcp/tokens").json(&body))
+            .await
+    }
+
+    pub async fn mcp_tokens(&self) -> Result<Vec<serde_json::Value>, CtlError> {
+        self.json(self.request(Method::GET, "/api/v1/mcp/tokens"))
+            .await
+    }
+
+    pub async fn mcp_token_revoke(&self, id: &str) -> Result<(), CtlError> {
+        self.send(self.request(Method::DELETE, &format!("/api/v1/mcp/tokens/{id}")))
+            .await
+            .map(|_| ())
+    }
+
     pub async fn tunnels(&self) -> Result<Vec<TunnelInfo>, CtlError> {
         self.json(self.request(Method::GET, "/api/v1/tunnels"))
             .await

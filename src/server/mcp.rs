@@ -10,6 +10,7 @@ use crate::protocol::operator::{ExecOptions, NodeInfo, NodeState};
 use crate::protocol::{ErrorBody, SpawnRequest, StreamKind};
 use base64::Engine;
 use bytes::Bytes;
+use rmcp::handler::server::tool::Extension;
 use rmcp::handler::server::{router::tool::ToolRouter, wrapper::Parameters};
 use rmcp::{Json, ServerHandler, tool, tool_handler, tool_router};
 use schemars::JsonSchema;
@@ -24,6 +25,22 @@ pub const DEFAULT_OUTPUT_CAP: usize = 256 * 1024;
 /// Largest file `sandbox.get_file` / `put_file` carry (larger: the HTTP
 /// archive route).
 pub const MAX_FILE: usize = 4 * 1024 * 1024;
+
+const NO_SCOPE: &str = "unauthorized: no MCP authorization on this request";
+
+/// Who is calling: the operator, or an MCP token with its limits (set by
+/// the endpoint's authorization, read by every tool).
+#[derive(Debug, Clone)]
+pub enum Scope {
+    Operator,
+    Token(super::store::McpToken),
+}
+
+type Parts = axum::http::request::Parts;
+
+fn scope_of(parts: &Parts) -> Option<Scope> {
+    parts.extensions.get::<Scope>().cloned()
+}
 
 /// The tools, over one hub and store.
 #[derive(Clone)]
@@ -200,19 +217,52 @@ impl Tools {
         self.app.store.mcp_nodes().iter().any(|n| n == node_id)
     }
 
-    /// The worker, if the call's task may use it.
+    /// Whether `scope` may use `node_id`: the allowlist, then the token's
+    /// own nodes.
+    fn node_ok(&self, scope: &Scope, node_id: &str) -> Result<(), String> {
+        if !self.allowed(node_id) {
+            return Err(format!(
+                "policy_denied: node {node_id} is not on the MCP allowlist (tether ctl mcp allow)"
+            ));
+        }
+        if let Scope::Token(t) = scope
+            && !t.nodes.is_empty()
+            && !t.nodes.iter().any(|n| n == node_id)
+        {
+            return Err(format!(
+                "policy_denied: this MCP token may not use node {node_id} (its nodes: {})",
+                t.nodes.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `scope` may name `task_id`.
+    fn task_ok(scope: &Scope, task_id: &str) -> Result<(), String> {
+        if task_id.trim().is_empty() {
+            return Err("invalid_request: task_id is required".into());
+        }
+        if let Scope::Token(t) = scope
+            && let Some(p) = &t.task_prefix
+            && !task_id.starts_with(p.as_str())
+        {
+            return Err(format!(
+                "policy_denied: this MCP token's task ids start with {p:?}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The worker, if the call's scope and task may use it.
     fn worker_of_task(
         &self,
+        scope: &Scope,
         task_id: &str,
         worker_id: &str,
     ) -> Result<crate::protocol::WorkerInfo, String> {
+        Self::task_ok(scope, task_id)?;
         let w = self.hub().worker(worker_id).map_err(err)?;
-        if !self.allowed(&w.node_id) {
-            return Err(format!(
-                "policy_denied: node {} is not on the MCP allowlist (tether ctl mcp allow)",
-                w.node_id
-            ));
-        }
+        self.node_ok(scope, &w.node_id)?;
         if w.task_id.as_deref() != Some(task_id) {
             return Err(format!(
                 "policy_denied: sandbox {worker_id} belongs to another task"
@@ -274,8 +324,15 @@ impl Tools {
         name = "sandbox.create",
         description = "Start a sandbox (a worker container on its own network) for a task, on an allowed node."
     )]
-    async fn create(&self, Parameters(a): Parameters<CreateArgs>) -> Out<Sandbox> {
-        let r = self.create_inner(&a).await;
+    async fn create(
+        &self,
+        Parameters(a): Parameters<CreateArgs>,
+        Extension(parts): Extension<Parts>,
+    ) -> Out<Sandbox> {
+        let r = match scope_of(&parts) {
+            Some(scope) => self.create_inner(&scope, &a).await,
+            None => Err(NO_SCOPE.to_string()),
+        };
         audit(
             "sandbox.create",
             &a.task_id,
@@ -289,8 +346,15 @@ impl Tools {
         name = "sandbox.exec",
         description = "Run a command in a sandbox to its end; output capped per stream."
     )]
-    async fn exec(&self, Parameters(a): Parameters<ExecArgs>) -> Out<ExecResult> {
-        let r = self.exec_inner(&a).await;
+    async fn exec(
+        &self,
+        Parameters(a): Parameters<ExecArgs>,
+        Extension(parts): Extension<Parts>,
+    ) -> Out<ExecResult> {
+        let r = match scope_of(&parts) {
+            Some(scope) => self.exec_inner(&scope, &a).await,
+            None => Err(NO_SCOPE.to_string()),
+        };
         audit("sandbox.exec", &a.task_id, &a.worker_id, &r);
         r.map(Json)
     }
@@ -299,8 +363,15 @@ impl Tools {
         name = "sandbox.put_file",
         description = "Write a file into a sandbox (text or base64, at most 4 MiB; larger files: the HTTP archive route)."
     )]
-    async fn put_file(&self, Parameters(a): Parameters<PutFileArgs>) -> Out<PutFileResult> {
-        let r = self.put_inner(&a).await;
+    async fn put_file(
+        &self,
+        Parameters(a): Parameters<PutFileArgs>,
+        Extension(parts): Extension<Parts>,
+    ) -> Out<PutFileResult> {
+        let r = match scope_of(&parts) {
+            Some(scope) => self.put_inner(&scope, &a).await,
+            None => Err(NO_SCOPE.to_string()),
+        };
         audit("sandbox.put_file", &a.task_id, &a.worker_id, &r);
         r.map(Json)
     }
@@ -309,8 +380,15 @@ impl Tools {
         name = "sandbox.get_file",
         description = "Read a file from a sandbox (text, or base64 when not UTF-8; at most 4 MiB)."
     )]
-    async fn get_file(&self, Parameters(a): Parameters<GetFileArgs>) -> Out<FileContent> {
-        let r = self.get_inner(&a).await;
+    async fn get_file(
+        &self,
+        Parameters(a): Parameters<GetFileArgs>,
+        Extension(parts): Extension<Parts>,
+    ) -> Out<FileContent> {
+        let r = match scope_of(&parts) {
+            Some(scope) => self.get_inner(&scope, &a).await,
+            None => Err(NO_SCOPE.to_string()),
+        };
         audit("sandbox.get_file", &a.task_id, &a.worker_id, &r);
         r.map(Json)
     }
@@ -319,8 +397,15 @@ impl Tools {
         name = "sandbox.stream_logs",
         description = "A sandbox's main process output, line by line with time stamps; optionally waits for more."
     )]
-    async fn stream_logs(&self, Parameters(a): Parameters<LogsArgs>) -> Out<Logs> {
-        let r = self.logs_inner(&a).await;
+    async fn stream_logs(
+        &self,
+        Parameters(a): Parameters<LogsArgs>,
+        Extension(parts): Extension<Parts>,
+    ) -> Out<Logs> {
+        let r = match scope_of(&parts) {
+            Some(scope) => self.logs_inner(&scope, &a).await,
+            None => Err(NO_SCOPE.to_string()),
+        };
         audit("sandbox.stream_logs", &a.task_id, &a.worker_id, &r);
         r.map(Json)
     }
@@ -329,9 +414,14 @@ impl Tools {
         name = "sandbox.destroy",
         description = "Remove a sandbox and its network."
     )]
-    async fn destroy(&self, Parameters(a): Parameters<WorkerArgs>) -> Out<Destroyed> {
+    async fn destroy(
+        &self,
+        Parameters(a): Parameters<WorkerArgs>,
+        Extension(parts): Extension<Parts>,
+    ) -> Out<Destroyed> {
         let r = async {
-            self.worker_of_task(&a.task_id, &a.worker_id)?;
+            let scope = scope_of(&parts).ok_or(NO_SCOPE)?;
+            self.worker_of_task(&scope, &a.task_id, &a.worker_id)?;
             self.hub().remove(&a.worker_id, true).await.map_err(err)?;
             Ok(Destroyed {
                 worker_id: a.worker_id.clone(),
@@ -347,12 +437,13 @@ impl Tools {
         name = "node.list",
         description = "The allowed nodes, their status and capabilities."
     )]
-    async fn node_list(&self) -> Out<NodeList> {
+    async fn node_list(&self, Extension(parts): Extension<Parts>) -> Out<NodeList> {
+        let scope = scope_of(&parts).ok_or(NO_SCOPE)?;
         let nodes = self
             .hub()
             .nodes()
             .into_iter()
-            .filter(|n| self.allowed(&n.node_id))
+            .filter(|n| self.node_ok(&scope, &n.node_id).is_ok())
             .map(|n| self.summary(n))
             .collect();
         Ok(Json(NodeList { nodes }))
@@ -362,41 +453,39 @@ impl Tools {
         name = "node.get",
         description = "One allowed node: status, capabilities, whether inference runs."
     )]
-    async fn node_get(&self, Parameters(a): Parameters<NodeArgs>) -> Out<NodeSummary> {
-        if !self.allowed(&a.node_id) {
-            return Err(format!(
-                "policy_denied: node {} is not on the MCP allowlist (tether ctl mcp allow)",
-                a.node_id
-            ));
-        }
+    async fn node_get(
+        &self,
+        Parameters(a): Parameters<NodeArgs>,
+        Extension(parts): Extension<Parts>,
+    ) -> Out<NodeSummary> {
+        let scope = scope_of(&parts).ok_or(NO_SCOPE)?;
+        self.node_ok(&scope, &a.node_id)?;
         let n = self.hub().node_info(&a.node_id).map_err(err)?;
         Ok(Json(self.summary(n)))
     }
 }
 
 impl Tools {
-    async fn create_inner(&self, a: &CreateArgs) -> Result<Sandbox, String> {
-        if a.task_id.trim().is_empty() {
-            return Err("invalid_request: task_id is required".into());
-        }
+    async fn create_inner(&self, scope: &Scope, a: &CreateArgs) -> Result<Sandbox, String> {
+        Self::task_ok(scope, &a.task_id)?;
         let node = match &a.node {
-            Some(n) if !self.allowed(n) => {
-                return Err(format!(
-                    "policy_denied: node {n} is not on the MCP allowlist (tether ctl mcp allow)"
-                ));
+            Some(n) => {
+                self.node_ok(scope, n)?;
+                n.clone()
             }
-            Some(n) => n.clone(),
-            // The least-loaded allowed node that is online.
+            // The least-loaded node this caller may use that is online.
             None => self
                 .hub()
                 .nodes()
                 .into_iter()
                 .filter(|n| {
-                    n.status == NodeState::Online && !n.draining && self.allowed(&n.node_id)
+                    n.status == NodeState::Online
+                        && !n.draining
+                        && self.node_ok(scope, &n.node_id).is_ok()
                 })
                 .min_by_key(|n| n.workers)
                 .map(|n| n.node_id)
-                .ok_or("unavailable: no node on the MCP allowlist is online")?,
+                .ok_or("unavailable: no node this caller may use on the MCP allowlist is online")?,
         };
         let network_policy = a
             .network_policy
@@ -430,8 +519,8 @@ impl Tools {
         })
     }
 
-    async fn exec_inner(&self, a: &ExecArgs) -> Result<ExecResult, String> {
-        self.worker_of_task(&a.task_id, &a.worker_id)?;
+    async fn exec_inner(&self, scope: &Scope, a: &ExecArgs) -> Result<ExecResult, String> {
+        self.worker_of_task(scope, &a.task_id, &a.worker_id)?;
         let cmd = match (&a.argv, &a.command) {
             (Some(argv), None) if !argv.is_empty() => argv.clone(),
             (None, Some(c)) => vec!["sh".into(), "-c".into(), c.clone()],
@@ -502,8 +591,8 @@ impl Tools {
         })
     }
 
-    async fn logs_inner(&self, a: &LogsArgs) -> Result<Logs, String> {
-        self.worker_of_task(&a.task_id, &a.worker_id)?;
+    async fn logs_inner(&self, scope: &Scope, a: &LogsArgs) -> Result<Logs, String> {
+        self.worker_of_task(scope, &a.task_id, &a.worker_id)?;
         let follow = a.follow_s.unwrap_or(0).min(60);
         let mut s = self
             .hub()
@@ -567,8 +656,8 @@ impl Tools {
         Ok(Logs { lines, truncated })
     }
 
-    async fn put_inner(&self, a: &PutFileArgs) -> Result<PutFileResult, String> {
-        self.worker_of_task(&a.task_id, &a.worker_id)?;
+    async fn put_inner(&self, scope: &Scope, a: &PutFileArgs) -> Result<PutFileResult, String> {
+        self.worker_of_task(scope, &a.task_id, &a.worker_id)?;
         let data = match (&a.content, &a.content_base64) {
             (Some(t), None) => t.as_bytes().to_vec(),
             (None, Some(b)) => base64::engine::general_purpose::STANDARD
@@ -615,8 +704,8 @@ impl Tools {
         })
     }
 
-    async fn get_inner(&self, a: &GetFileArgs) -> Result<FileContent, String> {
-        self.worker_of_task(&a.task_id, &a.worker_id)?;
+    async fn get_inner(&self, scope: &Scope, a: &GetFileArgs) -> Result<FileContent, String> {
+        self.worker_of_task(scope, &a.task_id, &a.worker_id)?;
         let max = a.max_bytes.unwrap_or(MAX_FILE).min(MAX_FILE);
         let mut s = self
             .hub()

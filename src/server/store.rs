@@ -9,6 +9,24 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+/// A token for the MCP endpoint, narrower than the operator's. Only its
+/// SHA-256 is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct McpToken {
+    pub id: String,
+    /// Hex SHA-256 of the secret.
+    pub hash: String,
+    /// Nodes it may use (and that are on the allowlist); empty: any
+    /// allow-listed node.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// Task ids it may name start with this.
+    #[serde(default)]
+    pub task_prefix: Option<String>,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+}
+
 /// A node id bound to the key that registered it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeIdentity {
@@ -72,6 +90,13 @@ pub trait Store: Send + Sync + 'static {
     /// Puts a node on the MCP allowlist or takes it off; true if that
     /// changed anything.
     fn set_mcp_node(&self, node_id: &str, allowed: bool) -> Result<bool, StoreError>;
+    /// Keeps an MCP token (hashed).
+    fn add_mcp_token(&self, token: McpToken) -> Result<(), StoreError>;
+    /// The token whose secret hashes to `hash`.
+    fn mcp_token_by_hash(&self, hash: &str) -> Option<McpToken>;
+    /// Revokes a token; true if there was one.
+    fn revoke_mcp_token(&self, id: &str) -> Result<bool, StoreError>;
+    fn mcp_tokens(&self) -> Vec<McpToken>;
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -82,6 +107,8 @@ struct FileState {
     previews: BTreeMap<String, PreviewGrant>,
     #[serde(default)]
     mcp_nodes: std::collections::BTreeSet<String>,
+    #[serde(default)]
+    mcp_tokens: BTreeMap<String, McpToken>,
 }
 
 /// A JSON file under the server's state directory, written atomically
@@ -218,6 +245,48 @@ impl Store for FileStore {
             .unwrap()
             .mcp_nodes
             .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn add_mcp_token(&self, token: McpToken) -> Result<(), StoreError> {
+        let mut state = self.state.lock().unwrap();
+        let id = token.id.clone();
+        state.mcp_tokens.insert(id.clone(), token);
+        if let Err(e) = self.save(&state) {
+            state.mcp_tokens.remove(&id);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn mcp_token_by_hash(&self, hash: &str) -> Option<McpToken> {
+        let state = self.state.lock().unwrap();
+        state
+            .mcp_tokens
+            .values()
+            .find(|t| super::auth::secret_eq(&t.hash, hash))
+            .cloned()
+    }
+
+    fn revoke_mcp_token(&self, id: &str) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().unwrap();
+        let Some(old) = state.mcp_tokens.remove(id) else {
+            return Ok(false);
+        };
+        if let Err(e) = self.save(&state) {
+            state.mcp_tokens.insert(id.to_string(), old);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    fn mcp_tokens(&self) -> Vec<McpToken> {
+        self.state
+            .lock()
+            .unwrap()
+            .mcp_tokens
+            .values()
             .cloned()
             .collect()
     }

@@ -114,9 +114,13 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
             "/api/v1/mcp/nodes/{id}",
             axum::routing::put(mcp::allow).delete(mcp::deny),
         )
-        .nest_service(
-            "/mcp",
-            super::mcp::service(state.clone(), state.cfg.mcp_allowed_hosts.clone()),
+        .route(
+            "/api/v1/mcp/tokens",
+            get(mcp::list_tokens).post(mcp::create_token),
+        )
+        .route(
+            "/api/v1/mcp/tokens/{id}",
+            axum::routing::delete(mcp::revoke_token),
         )
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -130,8 +134,19 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
             "/api/v1/workers/{id}/ports/{port}/{*rest}",
             any(preview::by_path),
         );
+    // The operator token or an MCP token.
+    let mcp_endpoint = Router::new()
+        .nest_service(
+            "/mcp",
+            super::mcp::service(state.clone(), state.cfg.mcp_allowed_hosts.clone()),
+        )
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            mcp::authorize,
+        ));
     let api = Router::new()
         .merge(operator)
+        .merge(mcp_endpoint)
         .merge(previews)
         .route(REGISTER_PATH, post(register))
         .route(AGENT_CONNECT_PATH, get(super::agent_ws::connect))

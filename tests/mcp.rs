@@ -86,6 +86,37 @@ impl Mcp {
     }
 }
 
+impl Mcp {
+    /// `sandbox.exec` asking for progress: the progress messages that came
+    /// before the result, and the result.
+    async fn exec_with_progress(&mut self, args: Value) -> (Vec<String>, Value) {
+        self.next_id += 1;
+        let id = self.next_id;
+        let r = self
+            .post(
+                json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+                "name": "sandbox.exec", "arguments": args, "_meta": {"progressToken": "p1"}}}),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        let mut notes = Vec::new();
+        let mut result = Value::Null;
+        for d in text.lines().filter_map(|l| l.strip_prefix("data:")) {
+            let Ok(v) = serde_json::from_str::<Value>(d.trim()) else {
+                continue;
+            };
+            if v["method"] == "notifications/progress" {
+                assert_eq!(v["params"]["progressToken"], "p1", "{v}");
+                notes.push(v["params"]["message"].as_str().unwrap_or("").to_string());
+            } else if v["id"] == id {
+                result = v["result"]["structuredContent"].clone();
+            }
+        }
+        (notes, result)
+    }
+}
+
 /// The body as JSON, whether it came as JSON or as one SSE event.
 async fn body_json(r: reqwest::Response) -> Value {
     let text = r.text().await.unwrap();
@@ -224,6 +255,20 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
     assert_eq!(r["stdout"], "in\nout\n");
     assert_eq!(r["stderr"], "err\n");
     assert_eq!(r["truncated"], false);
+
+    // Output as it comes, when the client asks for progress.
+    let (notes, r) = m
+        .exec_with_progress(json!({"task_id": "t1", "worker_id": w,
+            "command": "echo first; sleep 1; echo second >&2"}))
+        .await;
+    assert_eq!(r["stdout"], "first\n", "{r}");
+    assert_eq!(
+        notes,
+        vec![
+            "stdout: first\n".to_string(),
+            "stderr: second\n".to_string()
+        ]
+    );
 
     // Output past the cap is cut on a character boundary and flagged.
     let r = m

@@ -349,10 +349,16 @@ impl Tools {
     async fn exec(
         &self,
         Parameters(a): Parameters<ExecArgs>,
-        Extension(parts): Extension<Parts>,
+        ctx: rmcp::service::RequestContext<rmcp::RoleServer>,
     ) -> Out<ExecResult> {
-        let r = match scope_of(&parts) {
-            Some(scope) => self.exec_inner(&scope, &a).await,
+        // Output as it comes, when the client asked for progress.
+        let progress = ctx
+            .meta
+            .get_progress_token()
+            .map(|token| (token, ctx.peer.clone()));
+        let scope = ctx.extensions.get::<Parts>().and_then(scope_of);
+        let r = match scope {
+            Some(scope) => self.exec_inner(&scope, &a, progress).await,
             None => Err(NO_SCOPE.to_string()),
         };
         audit("sandbox.exec", &a.task_id, &a.worker_id, &r);
@@ -519,7 +525,12 @@ impl Tools {
         })
     }
 
-    async fn exec_inner(&self, scope: &Scope, a: &ExecArgs) -> Result<ExecResult, String> {
+    async fn exec_inner(
+        &self,
+        scope: &Scope,
+        a: &ExecArgs,
+        progress: Option<(rmcp::model::ProgressToken, rmcp::Peer<rmcp::RoleServer>)>,
+    ) -> Result<ExecResult, String> {
         self.worker_of_task(scope, &a.task_id, &a.worker_id)?;
         let cmd = match (&a.argv, &a.command) {
             (Some(argv), None) if !argv.is_empty() => argv.clone(),
@@ -553,9 +564,23 @@ impl Tools {
         let (mut out, mut errs) = (Vec::new(), Vec::new());
         let mut truncated = false;
         let mut exit_code = None;
+        let mut seen = 0usize;
         while let Some(ev) = d.output.next().await {
             match ev {
                 StreamEvent::Data(k, b) => {
+                    if let Some((token, peer)) = &progress {
+                        seen += b.len();
+                        let stream = if k == StreamKind::Stderr {
+                            "stderr"
+                        } else {
+                            "stdout"
+                        };
+                        let note =
+                            rmcp::model::ProgressNotificationParam::new(token.clone(), seen as f64)
+                                .with_message(format!("{stream}: {}", String::from_utf8_lossy(&b)));
+                        // A client gone away is no reason to stop the command.
+                        let _ = peer.notify_progress(note).await;
+                    }
                     let buf = if k == StreamKind::Stderr {
                         &mut errs
                     } else {

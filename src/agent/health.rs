@@ -79,15 +79,20 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
     }
 }
 
-/// Sends the capability report if it changed since the last one sent.
-pub(super) async fn report_capabilities(ctx: &Ctx) {
-    let report = super::capabilities::collect(
+/// The node's capability report as it stands now.
+pub(super) async fn capability_report(ctx: &Ctx) -> super::capabilities::CapabilityReport {
+    super::capabilities::collect(
         &ctx.docker,
         &ctx.node.identity,
         &ctx.node.state_dir,
         ctx.node.inference(),
     )
-    .await;
+    .await
+}
+
+/// Sends the capability report if it changed since the last one sent.
+pub(super) async fn report_capabilities(ctx: &Ctx) {
+    let report = capability_report(ctx).await;
     let hash = report.hash();
     if ctx.node.report_changed(&hash) {
         let v = serde_json::to_value(&report).expect("reports serialize");

@@ -164,13 +164,7 @@ pub(super) async fn serve(
             None
         }
     };
-    let report = super::capabilities::collect(
-        &ctx.docker,
-        &ctx.node.identity,
-        &ctx.node.state_dir,
-        ctx.node.inference(),
-    )
-    .await;
+    let report = super::health::capability_report(&ctx).await;
     ctx.node.reported(report.hash());
     let hello = Message::Hello(Hello {
         versions: vec![PROTOCOL_VERSION],

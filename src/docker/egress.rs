@@ -247,16 +247,7 @@ async fn start_proxy(
         env: Some(vec!["TETHER_LOG=info".into()]),
         host_config: Some(HostConfig {
             network_mode: Some(name.clone()),
-            cap_drop: Some(vec!["ALL".into()]),
-            security_opt: Some(vec!["no-new-privileges:true".into()]),
-            readonly_rootfs: Some(true),
-            memory: Some(64 * 1024 * 1024),
-            memory_swap: Some(64 * 1024 * 1024),
-            nano_cpus: Some(500_000_000),
-            pids_limit: Some(64),
-            init: Some(true),
-            publish_all_ports: Some(false),
-            ..Default::default()
+            ..super::sidecar::hardened()
         }),
         ..Default::default()
     };

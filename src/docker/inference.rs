@@ -26,9 +26,7 @@ use bollard::models::{
     ContainerCreateBody, DeviceMapping, DeviceRequest, HealthConfig, HostConfig, Mount, MountType,
     RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
 };
-use bollard::query_parameters::{
-    CreateContainerOptions, LogsOptions, RemoveContainerOptions, RemoveVolumeOptions,
-};
+use bollard::query_parameters::{LogsOptions, RemoveVolumeOptions};
 use futures_util::StreamExt;
 use sha2::Digest;
 use std::collections::HashMap;
@@ -116,26 +114,6 @@ async fn find(docker: &Docker, node_id: &str, name: &str) -> Result<Option<Found
             status_code: 404, ..
         }) => Ok(None),
         Err(e) => Err(Error::engine(e, "inspect inference container")),
-    }
-}
-
-async fn remove_container(docker: &Docker, id: &str) -> Result<(), Error> {
-    match docker
-        .remove_container(
-            id,
-            Some(RemoveContainerOptions {
-                force: true,
-                v: false,
-                link: false,
-            }),
-        )
-        .await
-    {
-        Ok(())
-        | Err(DockerError::DockerResponseServerError {
-            status_code: 404, ..
-        }) => Ok(()),
-        Err(e) => Err(Error::engine(e, "remove inference container")),
     }
 }
 
@@ -269,9 +247,9 @@ async fn ensure_running(
         }),
         ..Default::default()
     };
-    let gw_id = create_start(docker, &base, gw).await?;
+    let gw_id = sidecar::create_start(docker, &base, gw).await?;
     let (body, gpus) = backend_body(b, host, &lbls, &gw_id, &base);
-    let gpus = match create_start(docker, &format!("{base}-backend"), body).await {
+    let gpus = match sidecar::create_start(docker, &format!("{base}-backend"), body).await {
         Ok(_) => gpus,
         Err(e) if gpus.0 > 0 => {
             // The engine would not give the GPUs (no NVIDIA runtime, say):
@@ -279,14 +257,14 @@ async fn ensure_running(
             let why = ErrorBody::from(e).message;
             warn!(error = %why, "the engine refused the inference container's GPUs; starting it without");
             if let Ok(Some(f)) = find(docker, node_id, &format!("{base}-backend")).await {
-                remove_container(docker, &f.id).await?;
+                sidecar::remove_id(docker, &f.id).await?;
             }
             let cpu = Host {
                 allow_gpu: false,
                 ..host.clone()
             };
             let (body, _) = backend_body(b, &cpu, &lbls, &gw_id, &base);
-            create_start(docker, &format!("{base}-backend"), body).await?;
+            sidecar::create_start(docker, &format!("{base}-backend"), body).await?;
             (
                 0,
                 Some(format!(
@@ -379,29 +357,6 @@ fn volume_mount(volume: &str, target: &str) -> Mount {
     }
 }
 
-async fn create_start(
-    docker: &Docker,
-    name: &str,
-    body: ContainerCreateBody,
-) -> Result<String, Error> {
-    let id = docker
-        .create_container(
-            Some(CreateContainerOptions {
-                name: Some(name.to_string()),
-                ..Default::default()
-            }),
-            body,
-        )
-        .await
-        .map_err(|e| Error::engine(e, format!("create {name}")))?
-        .id;
-    if let Err(e) = docker.start_container(&id, None).await {
-        let _ = remove_container(docker, &id).await;
-        return Err(Error::engine(e, format!("start {name}")));
-    }
-    Ok(id)
-}
-
 /// Whether the gateway's probe of the backend passes, waiting up to `wait`
 /// for a verdict.
 pub async fn healthy(docker: &Docker, node_id: &str, wait: Duration) -> bool {
@@ -487,7 +442,7 @@ pub async fn remove_all(docker: &Docker, pool: &SubnetPool, node_id: &str) -> Re
     let base = base_name(node_id);
     for name in [format!("{base}-backend"), base.clone()] {
         if let Some(f) = find(docker, node_id, &name).await? {
-            remove_container(docker, &f.id).await?;
+            sidecar::remove_id(docker, &f.id).await?;
             info!(container = %name, "inference container removed");
         }
     }

@@ -67,8 +67,7 @@ pub struct Spec<'a> {
     pub labels: HashMap<String, String>,
 }
 
-/// Creates and starts a sidecar; returns its id. Nothing is left behind
-/// when it cannot start.
+/// Creates and starts a sidecar; returns its id.
 pub async fn start(docker: &Docker, s: Spec<'_>) -> Result<String, Error> {
     let name = name(s.worker_id, s.kind);
     let mut lbls = s.labels;
@@ -86,10 +85,20 @@ pub async fn start(docker: &Docker, s: Spec<'_>) -> Result<String, Error> {
         }),
         ..Default::default()
     };
+    create_start(docker, &name, body).await
+}
+
+/// Creates and starts a container named `name`; returns its id. Nothing is
+/// left behind when it cannot start.
+pub async fn create_start(
+    docker: &Docker,
+    name: &str,
+    body: ContainerCreateBody,
+) -> Result<String, Error> {
     let id = docker
         .create_container(
             Some(CreateContainerOptions {
-                name: Some(name.clone()),
+                name: Some(name.to_string()),
                 ..Default::default()
             }),
             body,
@@ -104,6 +113,7 @@ pub async fn start(docker: &Docker, s: Spec<'_>) -> Result<String, Error> {
     Ok(id)
 }
 
+/// Removes a container of ours by id, running or not (gone already: fine).
 pub async fn remove_id(docker: &Docker, id: &str) -> Result<(), Error> {
     match docker
         .remove_container(
@@ -120,7 +130,7 @@ pub async fn remove_id(docker: &Docker, id: &str) -> Result<(), Error> {
         | Err(DockerError::DockerResponseServerError {
             status_code: 404, ..
         }) => Ok(()),
-        Err(e) => Err(Error::engine(e, "remove sidecar")),
+        Err(e) => Err(Error::engine(e, "remove container")),
     }
 }
 

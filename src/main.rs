@@ -245,6 +245,18 @@ enum CtlCmd {
         #[command(subcommand)]
         cmd: McpCmd,
     },
+    /// The audit trail of sandbox operations (MCP and API), oldest first.
+    Audit {
+        /// Only this task's.
+        #[arg(long)]
+        task: Option<String>,
+        /// Only this worker's.
+        #[arg(long)]
+        worker: Option<String>,
+        /// One JSON record per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// List open tunnels (`tunnels close WORKER:PORT` ends one).
     Tunnels {
         #[command(subcommand)]
@@ -661,6 +673,16 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
             } => {
                 client.revoke_preview(&id).await?;
                 println!("{id}");
+            }
+            CtlCmd::Audit { task, worker, json } => {
+                let records = client.audit(task.as_deref(), worker.as_deref()).await?;
+                if json {
+                    for r in &records {
+                        println!("{r}");
+                    }
+                } else {
+                    print!("{}", ctl::format_audit(&records));
+                }
             }
             CtlCmd::Tunnels { cmd: None } => {
                 print!("{}", ctl::format_tunnels(&client.tunnels().await?));

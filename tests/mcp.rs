@@ -546,5 +546,55 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
         docker(&["ps", "-aq", "--filter", &format!("name=tether-{w}")]).is_empty(),
         "the container is gone"
     );
+
+    // Every call is in the audit trail, with its caller and no secret.
+    let records = |args: &[&str]| -> Vec<Value> {
+        let mut a = vec!["audit", "--json"];
+        a.extend_from_slice(args);
+        ctl(&a)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let t1 = records(&["--task", "t1"]);
+    for op in [
+        "mcp:sandbox.create",
+        "mcp:sandbox.exec",
+        "mcp:sandbox.put_file",
+        "mcp:sandbox.get_file",
+        "mcp:sandbox.stream_logs",
+        "mcp:sandbox.destroy",
+    ] {
+        assert!(
+            t1.iter()
+                .any(|r| r["operation"] == op && r["outcome"] == "ok"),
+            "{op} in {t1:?}"
+        );
+    }
+    let exec3 = t1
+        .iter()
+        .find(|r| r["operation"] == "mcp:sandbox.exec" && r["exit_code"] == 3)
+        .expect("the exec that exited 3");
+    assert_eq!(exec3["caller"], "operator");
+    assert_eq!(exec3["node_id"], node.as_str());
+    assert_eq!(exec3["worker_id"], w.as_str());
+    let t2 = records(&["--task", "t2"]);
+    assert!(
+        t2.iter()
+            .all(|r| r["outcome"].as_str().unwrap().starts_with("policy_denied")),
+        "{t2:?}"
+    );
+    let proj = records(&["--task", "proj-1"]);
+    // The token's calls name it by id; the operator destroyed its sandbox.
+    assert!(!proj.is_empty());
+    for r in &proj {
+        let by_token = r["caller"].as_str().unwrap().starts_with("mcp-token:");
+        assert_eq!(by_token, r["operation"] != "mcp:sandbox.destroy", "{r}");
+    }
+    let all = ctl(&["audit", "--json"]);
+    for secret in [narrow.as_str(), h.token.as_str(), "hello, sandbox"] {
+        assert!(!all.contains(secret), "the audit holds {secret:?}");
+    }
+    assert!(ctl(&["audit", "--worker", &w]).lines().count() > 3);
     h.stop().await;
 }

@@ -205,6 +205,25 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Audit records, oldest first, of a task or worker if given.
+    pub async fn audit(
+        &self,
+        task: Option<&str>,
+        worker: Option<&str>,
+    ) -> Result<Vec<serde_json::Value>, CtlError> {
+        let mut q = Vec::new();
+        if let Some(t) = task {
+            q.push(("task", t));
+        }
+        if let Some(w) = worker {
+            q.push(("worker", w));
+        }
+        let v: serde_json::Value = self
+            .json(self.request(Method::GET, "/api/v1/audit").query(&q))
+            .await?;
+        Ok(v["records"].as_array().cloned().unwrap_or_default())
+    }
+
     /// The nodes whose tools the MCP endpoint exposes.
     pub async fn mcp_nodes(&self) -> Result<Vec<String>, CtlError> {
         let v: serde_json::Value = self
@@ -326,6 +345,31 @@ pub fn format_tunnels(tunnels: &[TunnelInfo]) -> String {
 }
 
 /// `ctl previews` as a table.
+/// Audit records as a table.
+pub fn format_audit(records: &[serde_json::Value]) -> String {
+    let mut out = String::from("TIME\tCALLER\tOPERATION\tTASK\tWORKER\tOUTCOME\tEXIT\tBYTES\tMS\n");
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    for r in records {
+        out += &format!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            s(&r["time"]),
+            s(&r["caller"]),
+            s(&r["operation"]),
+            s(&r["task_id"]),
+            s(&r["worker_id"]),
+            s(&r["outcome"]),
+            s(&r["exit_code"]),
+            s(&r["bytes"]),
+            s(&r["duration_ms"]),
+        );
+    }
+    out
+}
+
 fn mcp_node_list(v: &serde_json::Value) -> Vec<String> {
     v["nodes"]
         .as_array()

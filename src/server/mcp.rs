@@ -55,7 +55,7 @@ fn err(e: ErrorBody) -> String {
     format!("{}: {}", e.code, e.message)
 }
 
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct CreateArgs {
     /// The task this sandbox serves (audited; every later call names it).
     pub task_id: String,
@@ -84,7 +84,7 @@ pub struct Sandbox {
     pub ip: Option<String>,
 }
 
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct ExecArgs {
     pub task_id: String,
     pub worker_id: String,
@@ -110,7 +110,7 @@ pub struct ExecResult {
     pub duration_ms: u64,
 }
 
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct PutFileArgs {
     pub task_id: String,
     pub worker_id: String,
@@ -129,7 +129,7 @@ pub struct PutFileResult {
     pub size: u64,
 }
 
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct GetFileArgs {
     pub task_id: String,
     pub worker_id: String,
@@ -147,13 +147,13 @@ pub struct FileContent {
     pub content_base64: Option<String>,
 }
 
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct WorkerArgs {
     pub task_id: String,
     pub worker_id: String,
 }
 
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct LogsArgs {
     pub task_id: String,
     pub worker_id: String,
@@ -184,10 +184,12 @@ pub struct Logs {
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct Destroyed {
     pub worker_id: String,
+    /// The node it ran on.
+    pub node_id: String,
     pub removed: bool,
 }
 
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct NodeArgs {
     pub node_id: String,
 }
@@ -290,10 +292,108 @@ impl Tools {
     }
 }
 
-fn audit(tool: &str, task_id: &str, worker_id: &str, outcome: &Result<impl Sized, String>) {
-    match outcome {
-        Ok(_) => info!(tool, task_id, worker_id, "mcp call"),
-        Err(e) => info!(tool, task_id, worker_id, error = %e, "mcp call refused or failed"),
+/// What a tool's result tells the audit trail.
+trait Audited {
+    /// The node, when the result names it (the worker may be gone).
+    fn node(&self) -> Option<&str> {
+        None
+    }
+    fn exit_code(&self) -> Option<i64> {
+        None
+    }
+    fn bytes(&self) -> Option<u64> {
+        None
+    }
+}
+
+impl Audited for Sandbox {
+    fn node(&self) -> Option<&str> {
+        Some(&self.node_id)
+    }
+}
+impl Audited for Destroyed {
+    fn node(&self) -> Option<&str> {
+        Some(&self.node_id)
+    }
+}
+impl Audited for ExecResult {
+    fn exit_code(&self) -> Option<i64> {
+        self.exit_code
+    }
+    fn bytes(&self) -> Option<u64> {
+        Some((self.stdout.len() + self.stderr.len()) as u64)
+    }
+}
+impl Audited for PutFileResult {
+    fn bytes(&self) -> Option<u64> {
+        Some(self.size)
+    }
+}
+impl Audited for FileContent {
+    fn bytes(&self) -> Option<u64> {
+        Some(self.size)
+    }
+}
+impl Audited for Logs {
+    fn bytes(&self) -> Option<u64> {
+        Some(self.lines.iter().map(|l| l.line.len() as u64).sum())
+    }
+}
+
+/// Who called, as the audit trail names it (a token by its id only).
+fn caller(scope: Option<&Scope>) -> String {
+    match scope {
+        Some(Scope::Operator) => "operator".into(),
+        Some(Scope::Token(t)) => format!("mcp-token:{}", t.id),
+        None => "unauthorized".into(),
+    }
+}
+
+impl Tools {
+    /// Logs the call and appends it to the audit trail.
+    #[allow(clippy::too_many_arguments)]
+    fn audit<T: Audited>(
+        &self,
+        scope: Option<&Scope>,
+        tool: &str,
+        args: &impl Serialize,
+        task_id: &str,
+        job_id: Option<&str>,
+        worker_id: Option<&str>,
+        outcome: &Result<T, String>,
+        started: Instant,
+    ) {
+        let worker_id = worker_id.filter(|w| !w.is_empty());
+        let mut r = super::audit::AuditRecord::new(&caller(scope), &format!("mcp:{tool}"));
+        r.task_id = Some(task_id.to_string());
+        r.job_id = job_id.map(String::from);
+        r.worker_id = worker_id.map(String::from);
+        r.node_id = worker_id
+            .and_then(|w| self.hub().worker(w).ok())
+            .map(|w| w.node_id);
+        r.args_digest = super::audit::digest(&serde_json::to_value(args).unwrap_or_default());
+        r.duration_ms = started.elapsed().as_millis() as u64;
+        match outcome {
+            Ok(v) => {
+                r.outcome = "ok".into();
+                if let Some(n) = v.node() {
+                    r.node_id = Some(n.to_string());
+                }
+                r.exit_code = v.exit_code();
+                r.bytes = v.bytes();
+                info!(tool, task_id, worker_id, "mcp call");
+            }
+            Err(e) => {
+                r.outcome = e.clone();
+                info!(tool, task_id, worker_id, error = %e, "mcp call refused or failed");
+            }
+        }
+        let store = self.app.store.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.append_audit(&r) {
+                tracing::error!(error = %e, "could not append to the audit trail");
+            }
+        });
     }
 }
 
@@ -329,15 +429,23 @@ impl Tools {
         Parameters(a): Parameters<CreateArgs>,
         Extension(parts): Extension<Parts>,
     ) -> Out<Sandbox> {
-        let r = match scope_of(&parts) {
-            Some(scope) => self.create_inner(&scope, &a).await,
+        let t0 = Instant::now();
+        let scope = scope_of(&parts);
+        let r = match &scope {
+            Some(scope) => self.create_inner(scope, &a).await,
             None => Err(NO_SCOPE.to_string()),
         };
-        audit(
+        let w = r.as_ref().map_or("", |s| s.worker_id.as_str());
+        let job = a.job_id.as_deref();
+        self.audit(
+            scope.as_ref(),
             "sandbox.create",
+            &a,
             &a.task_id,
-            r.as_ref().map_or("", |s| s.worker_id.as_str()),
+            job,
+            Some(w),
             &r,
+            t0,
         );
         r.map(Json)
     }
@@ -356,12 +464,23 @@ impl Tools {
             .meta
             .get_progress_token()
             .map(|token| (token, ctx.peer.clone()));
+        let t0 = Instant::now();
         let scope = ctx.extensions.get::<Parts>().and_then(scope_of);
-        let r = match scope {
-            Some(scope) => self.exec_inner(&scope, &a, progress).await,
+        let r = match &scope {
+            Some(scope) => self.exec_inner(scope, &a, progress).await,
             None => Err(NO_SCOPE.to_string()),
         };
-        audit("sandbox.exec", &a.task_id, &a.worker_id, &r);
+        let w = Some(a.worker_id.as_str());
+        self.audit(
+            scope.as_ref(),
+            "sandbox.exec",
+            &a,
+            &a.task_id,
+            None,
+            w,
+            &r,
+            t0,
+        );
         r.map(Json)
     }
 
@@ -374,11 +493,23 @@ impl Tools {
         Parameters(a): Parameters<PutFileArgs>,
         Extension(parts): Extension<Parts>,
     ) -> Out<PutFileResult> {
-        let r = match scope_of(&parts) {
-            Some(scope) => self.put_inner(&scope, &a).await,
+        let t0 = Instant::now();
+        let scope = scope_of(&parts);
+        let r = match &scope {
+            Some(scope) => self.put_inner(scope, &a).await,
             None => Err(NO_SCOPE.to_string()),
         };
-        audit("sandbox.put_file", &a.task_id, &a.worker_id, &r);
+        let w = Some(a.worker_id.as_str());
+        self.audit(
+            scope.as_ref(),
+            "sandbox.put_file",
+            &a,
+            &a.task_id,
+            None,
+            w,
+            &r,
+            t0,
+        );
         r.map(Json)
     }
 
@@ -391,11 +522,23 @@ impl Tools {
         Parameters(a): Parameters<GetFileArgs>,
         Extension(parts): Extension<Parts>,
     ) -> Out<FileContent> {
-        let r = match scope_of(&parts) {
-            Some(scope) => self.get_inner(&scope, &a).await,
+        let t0 = Instant::now();
+        let scope = scope_of(&parts);
+        let r = match &scope {
+            Some(scope) => self.get_inner(scope, &a).await,
             None => Err(NO_SCOPE.to_string()),
         };
-        audit("sandbox.get_file", &a.task_id, &a.worker_id, &r);
+        let w = Some(a.worker_id.as_str());
+        self.audit(
+            scope.as_ref(),
+            "sandbox.get_file",
+            &a,
+            &a.task_id,
+            None,
+            w,
+            &r,
+            t0,
+        );
         r.map(Json)
     }
 
@@ -408,11 +551,23 @@ impl Tools {
         Parameters(a): Parameters<LogsArgs>,
         Extension(parts): Extension<Parts>,
     ) -> Out<Logs> {
-        let r = match scope_of(&parts) {
-            Some(scope) => self.logs_inner(&scope, &a).await,
+        let t0 = Instant::now();
+        let scope = scope_of(&parts);
+        let r = match &scope {
+            Some(scope) => self.logs_inner(scope, &a).await,
             None => Err(NO_SCOPE.to_string()),
         };
-        audit("sandbox.stream_logs", &a.task_id, &a.worker_id, &r);
+        let w = Some(a.worker_id.as_str());
+        self.audit(
+            scope.as_ref(),
+            "sandbox.stream_logs",
+            &a,
+            &a.task_id,
+            None,
+            w,
+            &r,
+            t0,
+        );
         r.map(Json)
     }
 
@@ -425,17 +580,30 @@ impl Tools {
         Parameters(a): Parameters<WorkerArgs>,
         Extension(parts): Extension<Parts>,
     ) -> Out<Destroyed> {
+        let t0 = Instant::now();
+        let scope = scope_of(&parts);
         let r = async {
-            let scope = scope_of(&parts).ok_or(NO_SCOPE)?;
-            self.worker_of_task(&scope, &a.task_id, &a.worker_id)?;
+            let scope = scope.as_ref().ok_or(NO_SCOPE)?;
+            let w = self.worker_of_task(scope, &a.task_id, &a.worker_id)?;
             self.hub().remove(&a.worker_id, true).await.map_err(err)?;
             Ok(Destroyed {
                 worker_id: a.worker_id.clone(),
+                node_id: w.node_id,
                 removed: true,
             })
         }
         .await;
-        audit("sandbox.destroy", &a.task_id, &a.worker_id, &r);
+        let w = Some(a.worker_id.as_str());
+        self.audit(
+            scope.as_ref(),
+            "sandbox.destroy",
+            &a,
+            &a.task_id,
+            None,
+            w,
+            &r,
+            t0,
+        );
         r.map(Json)
     }
 

@@ -3,6 +3,7 @@
 
 mod agent_ws;
 mod api;
+pub mod audit;
 pub mod auth;
 mod conn;
 mod heartbeat;

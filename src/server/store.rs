@@ -97,6 +97,10 @@ pub trait Store: Send + Sync + 'static {
     /// Revokes a token; true if there was one.
     fn revoke_mcp_token(&self, id: &str) -> Result<bool, StoreError>;
     fn mcp_tokens(&self) -> Vec<McpToken>;
+    /// Appends to the audit trail of sandbox operations.
+    fn append_audit(&self, record: &super::audit::AuditRecord) -> Result<(), StoreError>;
+    /// Audit records matching `filter`, oldest first.
+    fn audit(&self, filter: &super::audit::AuditFilter) -> Vec<super::audit::AuditRecord>;
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -116,6 +120,8 @@ struct FileState {
 pub struct FileStore {
     path: PathBuf,
     state: Mutex<FileState>,
+    /// `audit.jsonl` beside the state file.
+    audit: super::audit::AuditLog,
 }
 
 impl FileStore {
@@ -133,9 +139,14 @@ impl FileStore {
             },
             Err(e) => return Err(io(e)),
         };
+        let audit = super::audit::AuditLog::new(
+            path.with_file_name("audit.jsonl"),
+            super::audit::DEFAULT_MAX_BYTES,
+        );
         Ok(FileStore {
             path,
             state: Mutex::new(state),
+            audit,
         })
     }
 
@@ -279,6 +290,17 @@ impl Store for FileStore {
             return Err(e);
         }
         Ok(true)
+    }
+
+    fn append_audit(&self, record: &super::audit::AuditRecord) -> Result<(), StoreError> {
+        self.audit.append(record).map_err(|source| StoreError::Io {
+            path: self.path.with_file_name("audit.jsonl"),
+            source,
+        })
+    }
+
+    fn audit(&self, filter: &super::audit::AuditFilter) -> Vec<super::audit::AuditRecord> {
+        self.audit.read(filter)
     }
 
     fn mcp_tokens(&self) -> Vec<McpToken> {

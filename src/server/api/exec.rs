@@ -65,7 +65,12 @@ pub(super) async fn open_exec(
         }
     };
     let client_acks = opts.client_acks;
-    let mut session = app.hub.exec(worker_id, opts).await?;
+    let t0 = std::time::Instant::now();
+    let before = app.hub.worker(worker_id).ok();
+    let args = json!({"cmd": opts.cmd, "workdir": opts.workdir, "env": opts.env, "tty": opts.tty});
+    let opened = app.hub.exec(worker_id, opts).await;
+    super::workers::audit_worker(app, "api:exec", &args, worker_id, before, t0, &opened);
+    let mut session = opened?;
     if client_acks {
         session.output.set_manual_ack();
     }

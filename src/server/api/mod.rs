@@ -40,7 +40,7 @@ use nodes::{drain, forget_node, node, nodes, push_config, undrain};
 use register::register;
 use streams::*;
 use tunnel::tunnel_ws;
-use workers::{get_archive, put_archive, remove, spawn, stat, stop, worker, workers};
+use workers::{audit, get_archive, put_archive, remove, spawn, stat, stop, worker, workers};
 
 /// Maximum size of a JSON request body on the API.
 const MAX_JSON_BODY: usize = 1024 * 1024;
@@ -109,6 +109,7 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
             "/api/v1/workers/{id}/archive",
             get(get_archive).put(put_archive),
         )
+        .route("/api/v1/audit", get(audit))
         .route("/api/v1/mcp/nodes", get(mcp::list))
         .route(
             "/api/v1/mcp/nodes/{id}",

@@ -25,8 +25,18 @@ pub(super) async fn spawn(
         };
         ErrorBody::new(code, e.body_text())
     })?;
-    let w = app.hub.spawn(req).await?;
-    Ok((StatusCode::CREATED, Json(w)))
+    let t0 = std::time::Instant::now();
+    let args = serde_json::to_value(&req).unwrap_or_default();
+    let (task, job) = (req.task_id.clone(), req.job_id.clone());
+    let r = app.hub.spawn(req).await;
+    let mut rec = api_record("api:spawn", &args, t0, &r);
+    (rec.task_id, rec.job_id) = (task, job);
+    if let Ok(w) = &r {
+        rec.worker_id = Some(w.worker_id.clone());
+        rec.node_id = Some(w.node_id.clone());
+    }
+    append_audit(&app, rec);
+    Ok((StatusCode::CREATED, Json(r?)))
 }
 
 #[derive(Deserialize)]
@@ -39,7 +49,19 @@ pub(super) async fn stop(
     Path(id): Path<String>,
     Query(q): Query<StopQuery>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(app.hub.stop(&id, q.timeout).await?))
+    let t0 = std::time::Instant::now();
+    let before = app.hub.worker(&id).ok();
+    let r = app.hub.stop(&id, q.timeout).await;
+    audit_worker(
+        &app,
+        "api:stop",
+        &json!({"timeout": q.timeout}),
+        &id,
+        before,
+        t0,
+        &r,
+    );
+    Ok(Json(r?))
 }
 
 #[derive(Deserialize)]
@@ -53,8 +75,74 @@ pub(super) async fn remove(
     Path(id): Path<String>,
     Query(q): Query<RemoveQuery>,
 ) -> ApiResult<impl IntoResponse> {
-    app.hub.remove(&id, q.force).await?;
+    let t0 = std::time::Instant::now();
+    let before = app.hub.worker(&id).ok();
+    let r = app.hub.remove(&id, q.force).await;
+    audit_worker(
+        &app,
+        "api:remove",
+        &json!({"force": q.force}),
+        &id,
+        before,
+        t0,
+        &r,
+    );
+    r?;
     Ok(Json(json!({ "worker_id": id, "removed": true })))
+}
+
+/// A record of an operator's call through the API.
+fn api_record<T>(
+    op: &str,
+    args: &serde_json::Value,
+    t0: std::time::Instant,
+    r: &Result<T, ErrorBody>,
+) -> crate::server::audit::AuditRecord {
+    let mut rec = crate::server::audit::AuditRecord::new("operator", op);
+    rec.args_digest = crate::server::audit::digest(args);
+    rec.duration_ms = t0.elapsed().as_millis() as u64;
+    rec.outcome = match r {
+        Ok(_) => "ok".into(),
+        Err(e) => format!("{}: {}", e.code, e.message),
+    };
+    rec
+}
+
+/// Records an operation on an existing worker (`before`: it as the
+/// registry knew it, for its task and node).
+pub(super) fn audit_worker<T>(
+    app: &AppState,
+    op: &str,
+    args: &serde_json::Value,
+    id: &str,
+    before: Option<crate::protocol::WorkerInfo>,
+    t0: std::time::Instant,
+    r: &Result<T, ErrorBody>,
+) {
+    let mut rec = api_record(op, args, t0, r);
+    rec.worker_id = Some(id.to_string());
+    if let Some(w) = before {
+        (rec.task_id, rec.job_id, rec.node_id) = (w.task_id, w.job_id, Some(w.node_id));
+    }
+    append_audit(app, rec);
+}
+
+/// Appends to the audit trail from a blocking thread.
+pub(super) fn append_audit(app: &AppState, rec: crate::server::audit::AuditRecord) {
+    let store = app.store.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = store.append_audit(&rec) {
+            tracing::error!(error = %e, "could not append to the audit trail");
+        }
+    });
+}
+
+pub(super) async fn audit(
+    State(app): State<Arc<AppState>>,
+    Query(f): Query<crate::server::audit::AuditFilter>,
+) -> ApiResult<impl IntoResponse> {
+    let records = on_store(&app, move |s| Ok(s.audit(&f))).await?;
+    Ok(Json(json!({ "records": records })))
 }
 
 #[derive(Deserialize)]
@@ -75,7 +163,19 @@ pub(super) async fn get_archive(
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> ApiResult<Response> {
-    let stream = app.hub.get_archive(&id, &q.path).await?;
+    let t0 = std::time::Instant::now();
+    let before = app.hub.worker(&id).ok();
+    let opened = app.hub.get_archive(&id, &q.path).await;
+    audit_worker(
+        &app,
+        "api:get_archive",
+        &json!({"path": q.path}),
+        &id,
+        before,
+        t0,
+        &opened,
+    );
+    let stream = opened?;
     // Body pulls from the channel as the client reads: credit follows.
     let body = futures_util::stream::unfold(stream, |mut s| async move {
         match s.next().await? {
@@ -107,7 +207,31 @@ pub(super) async fn put_archive(
     Query(q): Query<PathQuery>,
     body: Body,
 ) -> ApiResult<impl IntoResponse> {
-    let mut up = app.hub.put_archive(&id, &q.path).await?;
+    let t0 = std::time::Instant::now();
+    let before = app.hub.worker(&id).ok();
+    let r = put_archive_into(&app, &id, &q.path, body).await;
+    audit_worker(
+        &app,
+        "api:put_archive",
+        &json!({"path": q.path}),
+        &id,
+        before,
+        t0,
+        &r,
+    );
+    Ok(Json(r?))
+}
+
+async fn put_archive_into(
+    app: &Arc<AppState>,
+    id: &str,
+    path: &str,
+    body: Body,
+) -> Result<serde_json::Value, ErrorBody> {
+    let q = PathQuery {
+        path: path.to_string(),
+    };
+    let mut up = app.hub.put_archive(id, &q.path).await?;
     let mut data = body.into_data_stream();
     loop {
         tokio::select! {
@@ -116,18 +240,18 @@ pub(super) async fn put_archive(
                     if up.write(b).await.is_err() {
                         // The channel closed under us: report the agent's reason.
                         let e = up.error().await;
-                        return Err(e.unwrap_or_else(|| ErrorBody::new(ErrorCode::Internal, "upload ended early")).into());
+                        return Err(e.unwrap_or_else(|| ErrorBody::new(ErrorCode::Internal, "upload ended early")));
                     }
                 }
-                Some(Err(e)) => return Err(ErrorBody::new(ErrorCode::InvalidRequest, format!("upload interrupted: {e}")).into()),
+                Some(Err(e)) => return Err(ErrorBody::new(ErrorCode::InvalidRequest, format!("upload interrupted: {e}"))),
                 None => break,
             },
             // The agent may refuse midway (bad archive): stop sending then.
             err = up.error() => {
-                return Err(err.unwrap_or_else(|| ErrorBody::new(ErrorCode::Internal, "upload ended early")).into());
+                return Err(err.unwrap_or_else(|| ErrorBody::new(ErrorCode::Internal, "upload ended early")));
             }
         }
     }
     up.finish().await?;
-    Ok(Json(json!({ "worker_id": id, "path": q.path })))
+    Ok(json!({ "worker_id": id, "path": q.path }))
 }

@@ -1,0 +1,212 @@
+//! The audit trail of sandbox operations (through MCP or the HTTP API): one
+//! JSON record per line in a file under the server's state directory,
+//! rotated at a size bound (the current file and one older), read back with
+//! filters (`tether ctl audit`).
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// One sandbox operation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// RFC 3339 UTC.
+    pub time: String,
+    /// `operator`, or `mcp-token:<id>` (never a secret).
+    pub caller: String,
+    /// `mcp:sandbox.exec`, `api:spawn`, ...
+    pub operation: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+    /// SHA-256 (first 16 hex digits) of the arguments, with file contents,
+    /// standard input and environment values left out.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub args_digest: String,
+    /// `ok`, or the error's code and message.
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+    /// Bytes carried (output, file size), where the operation has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    pub duration_ms: u64,
+}
+
+impl AuditRecord {
+    /// Now, for `caller` and `operation`.
+    pub fn new(caller: &str, operation: &str) -> AuditRecord {
+        AuditRecord {
+            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            caller: caller.into(),
+            operation: operation.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// The digest of `args` with the values of secret-bearing or bulky members
+/// (`content`, `content_base64`, `stdin`, `env`'s values) replaced.
+pub fn digest(args: &serde_json::Value) -> String {
+    let mut v = args.clone();
+    if let Some(o) = v.as_object_mut() {
+        for k in ["content", "content_base64", "stdin"] {
+            if o.contains_key(k) {
+                o.insert(k.into(), serde_json::Value::String("-".into()));
+            }
+        }
+        if let Some(env) = o.get_mut("env").and_then(|e| e.as_object_mut()) {
+            for val in env.values_mut() {
+                *val = serde_json::Value::String("-".into());
+            }
+        }
+    }
+    hex::encode(sha2::Sha256::digest(v.to_string().as_bytes()))[..16].to_string()
+}
+
+/// What to read back.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct AuditFilter {
+    pub task: Option<String>,
+    pub worker: Option<String>,
+}
+
+/// The file (and its one rotated predecessor, `.1`).
+pub struct AuditLog {
+    path: PathBuf,
+    max_bytes: u64,
+    lock: Mutex<()>,
+}
+
+/// Default size of the current file before it rotates.
+pub const DEFAULT_MAX_BYTES: u64 = 16 * 1024 * 1024;
+
+impl AuditLog {
+    pub fn new(path: PathBuf, max_bytes: u64) -> AuditLog {
+        AuditLog {
+            path,
+            max_bytes,
+            lock: Mutex::new(()),
+        }
+    }
+
+    fn rotated(&self) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(".1");
+        p.into()
+    }
+
+    /// Appends a record (0600 file); rotates first when the file is full.
+    pub fn append(&self, r: &AuditRecord) -> std::io::Result<()> {
+        let _one = self.lock.lock().unwrap();
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.len() >= self.max_bytes) {
+            std::fs::rename(&self.path, self.rotated())?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode_0600()
+            .open(&self.path)?;
+        let mut line = serde_json::to_vec(r).expect("records serialize");
+        line.push(b'\n');
+        f.write_all(&line)
+    }
+
+    /// Records matching `f`, oldest first.
+    pub fn read(&self, f: &AuditFilter) -> Vec<AuditRecord> {
+        let _one = self.lock.lock().unwrap();
+        let mut out = Vec::new();
+        for p in [self.rotated(), self.path.clone()] {
+            read_file(&p, f, &mut out);
+        }
+        out
+    }
+}
+
+fn read_file(p: &Path, f: &AuditFilter, out: &mut Vec<AuditRecord>) {
+    let Ok(file) = std::fs::File::open(p) else {
+        return;
+    };
+    for line in std::io::BufReader::new(file).lines().map_while(Result::ok) {
+        let Ok(r) = serde_json::from_str::<AuditRecord>(&line) else {
+            continue;
+        };
+        let task_ok = f
+            .task
+            .as_ref()
+            .is_none_or(|t| r.task_id.as_ref() == Some(t));
+        let worker_ok = f
+            .worker
+            .as_ref()
+            .is_none_or(|w| r.worker_id.as_ref() == Some(w));
+        if task_ok && worker_ok {
+            out.push(r);
+        }
+    }
+}
+
+trait Mode0600 {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+
+impl Mode0600 for std::fs::OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.mode(0o600)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_reopening_rotate_at_the_bound_and_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::new(path.clone(), 600);
+        for i in 0..20 {
+            let mut r = AuditRecord::new("operator", "api:spawn");
+            r.task_id = Some(format!("t{}", i % 2));
+            r.worker_id = Some(format!("w{i}"));
+            r.outcome = "ok".into();
+            log.append(&r).unwrap();
+        }
+        // Bounded: the current file and one older, each near the bound.
+        let cur = std::fs::metadata(&path).unwrap().len();
+        assert!(cur < 600 + 300, "{cur}");
+        let all = AuditLog::new(path.clone(), 600).read(&AuditFilter::default());
+        assert!(
+            !all.is_empty() && all.len() < 20,
+            "older records rotated away: {}",
+            all.len()
+        );
+        assert_eq!(all.last().unwrap().worker_id.as_deref(), Some("w19"));
+        let t1 = log.read(&AuditFilter {
+            task: Some("t1".into()),
+            worker: None,
+        });
+        assert!(t1.iter().all(|r| r.task_id.as_deref() == Some("t1")));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn the_digest_leaves_out_contents_and_env_values() {
+        let a = serde_json::json!({"path": "/x", "content": "secret", "env": {"K": "v1"}});
+        let b = serde_json::json!({"path": "/x", "content": "other", "env": {"K": "v2"}});
+        let c = serde_json::json!({"path": "/y", "content": "secret", "env": {"K": "v1"}});
+        assert_eq!(digest(&a), digest(&b));
+        assert_ne!(digest(&a), digest(&c));
+    }
+}

@@ -37,13 +37,14 @@ use stats::Figure;
 use std::path::PathBuf;
 use std::time::Instant;
 
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "exec",
     "throughput",
     "files",
     "spawn",
     "concurrent",
     "tunnel",
+    "mcp",
     "inference",
     "agent",
     "scale",
@@ -187,6 +188,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         "spawn",
         "concurrent",
         "tunnel",
+        "mcp",
         "agent",
     ];
     if docker_sections.iter().any(|s| want(s)) {
@@ -227,6 +229,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             section!("spawn", b.spawn());
             section!("concurrent", b.concurrent());
             section!("tunnel", b.tunnels());
+            section!("mcp", b.mcp());
             section!("agent", b.agent_rss());
         }
         if !b.worker.is_empty()

@@ -174,4 +174,107 @@ impl ApiClient {
         })
         .await
     }
+
+    /// JSON-RPC to `/mcp` as an MCP client sends it; the answer's body.
+    async fn mcp_post(
+        http: &reqwest::Client,
+        url: &str,
+        token: &str,
+        session: Option<&str>,
+        body: serde_json::Value,
+    ) -> anyhow::Result<(Option<String>, serde_json::Value)> {
+        let mut rb = http
+            .post(url)
+            .bearer_auth(token)
+            .header("Accept", "application/json, text/event-stream")
+            .json(&body);
+        if let Some(s) = session {
+            rb = rb.header("mcp-session-id", s);
+        }
+        let r = rb.send().await?;
+        ensure!(r.status().is_success(), "MCP: HTTP {}", r.status());
+        let session = r
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let text = r.text().await?;
+        // JSON, or an event stream whose data line holds it.
+        let json = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("data:")
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty())
+            })
+            .unwrap_or(text.trim());
+        let v = if json.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(json).context("an MCP answer as JSON")?
+        };
+        Ok((session, v))
+    }
+
+    /// Opens an MCP session: `initialize`, then `notifications/initialized`.
+    pub async fn mcp_session(&self) -> anyhow::Result<String> {
+        let (http, url, token) = (
+            self.http.clone(),
+            format!("{}/mcp", self.url),
+            self.token.clone(),
+        );
+        let (_, session) = self
+            .run(async move {
+                let init = serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                    "protocolVersion": "2025-06-18", "capabilities": {},
+                    "clientInfo": {"name": "tether-bench", "version": "1"}}});
+                let (session, _) = Self::mcp_post(&http, &url, &token, None, init).await?;
+                let session = session.context("no MCP session id")?;
+                let note = serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+                Self::mcp_post(&http, &url, &token, Some(&session), note).await?;
+                Ok(session)
+            })
+            .await?;
+        Ok(session)
+    }
+
+    /// One MCP tool call; its structured result.
+    pub async fn mcp_call(
+        &self,
+        session: &str,
+        tool: &str,
+        args: serde_json::Value,
+    ) -> anyhow::Result<(Duration, serde_json::Value)> {
+        let (http, url, token) = (
+            self.http.clone(),
+            format!("{}/mcp", self.url),
+            self.token.clone(),
+        );
+        let session = session.to_string();
+        let tool = tool.to_string();
+        self.run(async move {
+            let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                "params": {"name": tool, "arguments": args}});
+            let (_, v) = Self::mcp_post(&http, &url, &token, Some(&session), body).await?;
+            let r = &v["result"];
+            ensure!(r["isError"] != true, "{tool}: {}", r["content"][0]["text"]);
+            Ok(r["structuredContent"].clone())
+        })
+        .await
+    }
+
+    /// Puts a node on the MCP allowlist.
+    pub async fn mcp_allow(&self, node: &str) -> anyhow::Result<()> {
+        let rb = self
+            .http
+            .put(format!("{}/api/v1/mcp/nodes/{node}", self.url))
+            .bearer_auth(&self.token);
+        self.run(async move {
+            let r = rb.send().await?;
+            ensure!(r.status().is_success(), "allow: HTTP {}", r.status());
+            Ok(())
+        })
+        .await
+        .map(|_| ())
+    }
 }

@@ -307,6 +307,71 @@ impl Bench {
         ])
     }
 
+    /// A trivial `sandbox.exec` through MCP against `tether ctl exec` (the
+    /// API's WebSocket) to the same worker, alternated.
+    pub async fn mcp(&mut self) -> anyhow::Result<Vec<Figure>> {
+        let api = &self.t.api;
+        api.mcp_allow(&self.t.node).await?;
+        let session = api.mcp_session().await?;
+        let (_, sb) = api
+            .mcp_call(
+                &session,
+                "sandbox.create",
+                serde_json::json!({"task_id": "bench", "image": self.image, "cmd": ["sleep", "3600"]}),
+            )
+            .await?;
+        let worker = sb["worker_id"]
+            .as_str()
+            .context("a sandbox id")?
+            .to_string();
+        let (this, worker, session) = (&*self, worker.as_str(), session.as_str());
+        let c = cmd(&["true"]);
+        let c = &c;
+        let run = |side: usize| async move {
+            if side == 0 {
+                let (dt, r) = this
+                    .t
+                    .api
+                    .mcp_call(
+                        session,
+                        "sandbox.exec",
+                        serde_json::json!({"task_id": "bench", "worker_id": worker, "argv": ["true"]}),
+                    )
+                    .await?;
+                ensure!(r["exit_code"] == 0, "`true` failed through MCP: {r}");
+                Ok(secs_ms(dt))
+            } else {
+                let (dt, r) = this.t.api.exec(worker, c).await?;
+                ensure!(r.exit == 0, "`true` failed through the API");
+                Ok(secs_ms(dt))
+            }
+        };
+        for _ in 0..self.p.rtt_warmup {
+            run(0).await?;
+            run(1).await?;
+        }
+        let r = alternate(self.p.rtt_n, || async { Ok(()) }, run).await;
+        let destroyed = this
+            .t
+            .api
+            .mcp_call(
+                session,
+                "sandbox.destroy",
+                serde_json::json!({"task_id": "bench", "worker_id": worker}),
+            )
+            .await;
+        let ([m, a], _) = r?;
+        destroyed?;
+        Ok(vec![
+            Figure::new("mcp_exec_rtt_p50_ms", "ms", median(&m), median(&a)),
+            Figure::solo(
+                "mcp_exec_rtt_added_ms",
+                "ms",
+                median(&paired_differences(&m, &a)),
+            ),
+        ])
+    }
+
     /// Figure 2: Bulk output of one exec to the client.
     pub async fn throughput(&mut self) -> anyhow::Result<Vec<Figure>> {
         let n = self.p.throughput_bytes;

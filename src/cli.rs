@@ -156,11 +156,37 @@ pub async fn run_inference_proxy(a: InferenceProxyArgs, log: Option<String>) -> 
     tracing::info!(listen = ?a.listen, backend = ?cfg.backend, %job, "inference proxy ready");
     let counters = std::sync::Arc::new(proxy::Counters::default());
     let stop = shutdown_on_signals();
+    let c = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    // The totals, each second they changed: the agent reads the last line
+    // for the worker's inspect.
+    let (totals, job_id) = (counters.clone(), job.clone());
+    tokio::spawn(async move {
+        let mut last = (0, 0, 0, 0);
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let now = (
+                c(&totals.requests),
+                c(&totals.refused),
+                c(&totals.bytes_in),
+                c(&totals.bytes_out),
+            );
+            if now != last {
+                last = now;
+                tracing::info!(
+                    job = %job_id,
+                    requests = now.0,
+                    refused = now.1,
+                    bytes_in = now.2,
+                    bytes_out = now.3,
+                    "inference counters"
+                );
+            }
+        }
+    });
     match listener {
         Listener::Tcp(l) => proxy::serve(l, cfg, counters.clone(), stop).await,
         Listener::Unix(l) => proxy::serve(l, cfg, counters.clone(), stop).await,
     }
-    let c = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
         %job,
         requests = c(&counters.requests),

@@ -229,6 +229,20 @@ async fn a_job_reaches_the_nodes_one_backend_through_its_own_proxy() {
     assert!(big.starts_with("HTTP/1.0 413"), "{big}");
     assert!(big.contains("\"error\""), "{big}");
 
+    // The job's inspect counts what its proxy carried (its totals are
+    // logged each second they change).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let usage = loop {
+        let u = h.hub.inspect(&w.worker_id).await.unwrap().inference;
+        let u = u.expect("an inference job's inspect has its usage");
+        if u.requests >= 3 && u.refused >= 1 {
+            break u;
+        }
+        assert!(Instant::now() < deadline, "usage counted: {u:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(usage.bytes_out > 500 && usage.bytes_in > 0, "{usage:?}");
+
     // A second job has a proxy of its own; a job without inference has none.
     let w2 = h
         .hub
@@ -254,6 +268,10 @@ async fn a_job_reaches_the_nodes_one_backend_through_its_own_proxy() {
     assert!(t2.starts_with("HTTP/1.0 200"), "{t2}");
     let (code, none) = sh(&h, &plain.worker_id, "nc -w 2 localhost 11434 </dev/null").await;
     assert_ne!(code, 0, "a job without inference reaches no proxy: {none}");
+    assert_eq!(
+        h.hub.inspect(&plain.worker_id).await.unwrap().inference,
+        None
+    );
     let (_, penv) = sh(&h, &plain.worker_id, "echo x${OLLAMA_BASE_URL}x").await;
     assert_eq!(penv.trim(), "xx");
     // The gateway's address is reachable from no worker.

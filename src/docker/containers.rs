@@ -118,6 +118,7 @@ fn to_info(c: ContainerInspectResponse, node_id: &str) -> Option<WorkerInfo> {
         network_policy: lbls
             .get(labels::NETWORK_POLICY)
             .and_then(|p| p.parse().ok()),
+        inference: None,
         worker_id,
     })
 }

@@ -436,6 +436,36 @@ pub async fn pull(docker: &Docker, node_id: &str, model: &str) -> Result<(), Str
     }
 }
 
+/// What a worker's inference proxy has carried, if the worker has one:
+/// the last totals it logged (zeros before its first request).
+pub async fn job_usage(
+    docker: &Docker,
+    node_id: &str,
+    worker_id: &str,
+) -> Option<crate::protocol::InferenceUsage> {
+    let (id, _) = sidecar::find(docker, node_id, worker_id, sidecar::Kind::Inference)
+        .await
+        .ok()??;
+    let logs: Vec<_> = docker
+        .logs(
+            &id,
+            Some(LogsOptions {
+                stdout: true,
+                stderr: true,
+                tail: "50".into(),
+                ..Default::default()
+            }),
+        )
+        .collect()
+        .await;
+    let usage = logs
+        .iter()
+        .rev()
+        .filter_map(|l| l.as_ref().ok())
+        .find_map(|l| crate::protocol::InferenceUsage::from_log_line(&l.to_string()));
+    Some(usage.unwrap_or_default())
+}
+
 /// Removes the backend, the gateway, their network and socket volume; the
 /// models volume stays (a re-enabled backend need not pull again).
 pub async fn remove_all(docker: &Docker, pool: &SubnetPool, node_id: &str) -> Result<(), Error> {

@@ -184,6 +184,40 @@ pub struct WorkerInfo {
     /// before policies were enforced, and for host-network workers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<NetworkPolicy>,
+    /// What the job's inference proxy has carried (jobs with inference;
+    /// in an `inspect`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference: Option<InferenceUsage>,
+}
+
+/// Requests and bytes through a job's inference proxy.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InferenceUsage {
+    pub requests: u64,
+    /// Answered with the proxy's own error (413, 503, 504).
+    pub refused: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl InferenceUsage {
+    /// From the proxy's `inference counters` log line (`key=value` pairs).
+    pub fn from_log_line(line: &str) -> Option<InferenceUsage> {
+        if !line.contains("inference counters") {
+            return None;
+        }
+        let get = |k: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(k)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+        };
+        Some(InferenceUsage {
+            requests: get("requests")?,
+            refused: get("refused")?,
+            bytes_in: get("bytes_in")?,
+            bytes_out: get("bytes_out")?,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -295,5 +329,32 @@ impl WorkerState {
 impl std::fmt::Display for WorkerState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.pad(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inference_usage_is_read_from_the_proxys_log_line() {
+        let line = "2026-12-06T02:16:18Z  INFO tether::cli: inference counters job=01abc requests=3 refused=1 bytes_in=120 bytes_out=4096";
+        assert_eq!(
+            InferenceUsage::from_log_line(line),
+            Some(InferenceUsage {
+                requests: 3,
+                refused: 1,
+                bytes_in: 120,
+                bytes_out: 4096
+            })
+        );
+        assert_eq!(
+            InferenceUsage::from_log_line("inference proxy ready listen=..."),
+            None
+        );
+        assert_eq!(
+            InferenceUsage::from_log_line("inference counters requests=x"),
+            None
+        );
     }
 }

@@ -167,7 +167,12 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
                 reply(&ctx, id, ack)
             }
             (Request::Inspect(w), _) => {
-                reply(&ctx, id, containers::inspect(d, node, &w.worker_id).await)
+                let mut r = containers::inspect(d, node, &w.worker_id).await;
+                if let Ok(info) = &mut r {
+                    info.inference =
+                        crate::docker::inference::job_usage(d, node, &w.worker_id).await;
+                }
+                reply(&ctx, id, r)
             }
             (Request::ListWorkers(_), _) => {
                 let list = containers::list(d, node).await;

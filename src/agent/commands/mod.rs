@@ -150,8 +150,14 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
                 )
             }
             (Request::Remove(r), _) => {
+                // A job's inference usage, read before its proxy goes.
+                let usage = crate::docker::inference::job_usage(d, node, &r.worker_id).await;
                 let res = worker::remove(&ctx, &r.worker_id, r.force).await;
-                reply(&ctx, id, res.map(|()| json!({ "worker_id": r.worker_id })));
+                let answer = |()| match usage {
+                    Some(u) => json!({ "worker_id": r.worker_id, "inference": u }),
+                    None => json!({ "worker_id": r.worker_id }),
+                };
+                reply(&ctx, id, res.map(answer));
             }
             (Request::Configure(c), _) => {
                 let carries = c.inference_backend.is_some();

@@ -108,8 +108,23 @@ impl Hub {
             }))
             .await;
         match r {
-            Ok(_) => {
-                self.reg.lock().unwrap().workers.remove(worker_id);
+            Ok(v) => {
+                let gone = self.reg.lock().unwrap().workers.remove(worker_id);
+                // A job with inference: what its proxy carried, for the log.
+                if let Some(u) = v.get("inference") {
+                    let task_id = gone.as_ref().and_then(|w| w.task_id.clone());
+                    let job_id = gone.as_ref().and_then(|w| w.job_id.clone());
+                    tracing::info!(
+                        %worker_id,
+                        task_id = task_id.as_deref().unwrap_or(""),
+                        job_id = job_id.as_deref().unwrap_or(""),
+                        requests = u["requests"].as_u64().unwrap_or(0),
+                        refused = u["refused"].as_u64().unwrap_or(0),
+                        bytes_in = u["bytes_in"].as_u64().unwrap_or(0),
+                        bytes_out = u["bytes_out"].as_u64().unwrap_or(0),
+                        "inference usage of a removed job"
+                    );
+                }
                 Ok(())
             }
             Err(e) => {

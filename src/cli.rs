@@ -497,6 +497,8 @@ fn merge(
         cfg.identity.inference_enabled = f.inference.mode == "allow" && f.sandbox.mode == "allow";
         cfg.identity.inference_allow_gpu = f.inference.allow_gpu;
         cfg.identity.inference_max_concurrency = f.inference.max_concurrency;
+        cfg.identity.inference_max_body_bytes = f.inference.max_request_mb * 1024 * 1024;
+        cfg.identity.inference_timeout_secs = f.inference.request_timeout_seconds;
         cfg.allowed_private_cidrs = f
             .sandbox
             .allowed_private_cidrs

@@ -125,6 +125,8 @@ async fn a_job_reaches_the_nodes_one_backend_through_its_own_proxy() {
     let mut h = Harness::server().await;
     let mut cfg = h.agent_config(&unique("test"));
     cfg.identity.inference_enabled = true;
+    // The node file's inference.max_request_mb, made small.
+    cfg.identity.inference_max_body_bytes = 4096;
     cfg.egress_proxy_image = Some(agent_image.clone());
     let node = h.add_agent_with(cfg.clone()).await;
 
@@ -219,15 +221,16 @@ async fn a_job_reaches_the_nodes_one_backend_through_its_own_proxy() {
     assert!(gen_out.contains("\"done\":true"), "{gen_out}");
     assert!(t0.elapsed() >= Duration::from_millis(800));
 
-    // An oversized request is refused by the proxy, with Ollama's error shape.
+    // A request over the node's limit is refused by the proxy, with
+    // Ollama's error shape.
     let (_, big) = sh(
         &h,
         &w.worker_id,
-        "printf 'POST /api/generate HTTP/1.0\\r\\nHost: localhost\\r\\nContent-Length: 20000000\\r\\n\\r\\n' | nc localhost 11434",
+        "printf 'POST /api/generate HTTP/1.0\\r\\nHost: localhost\\r\\nContent-Length: 5000\\r\\n\\r\\n' | nc localhost 11434",
     )
     .await;
     assert!(big.starts_with("HTTP/1.0 413"), "{big}");
-    assert!(big.contains("\"error\""), "{big}");
+    assert!(big.contains("\"error\"") && big.contains("4096"), "{big}");
 
     // The job's inspect counts what its proxy carried (its totals are
     // logged each second they change).
@@ -381,6 +384,16 @@ async fn the_backend_is_adopted_after_an_agent_restart_and_remade_if_removed() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_eq!(ids(&node), before, "adopted, not made again");
+    // Pushed again (a new version of the same backend), twice: still one.
+    for _ in 0..2 {
+        let ack = h
+            .hub
+            .push_config(&node, config(Some(backend(&standin))))
+            .await
+            .unwrap();
+        assert!(ack.inference.unwrap().running);
+        assert_eq!(ids(&node), before, "the same backend after a re-push");
+    }
 
     // Removed behind the agent's back: an agent start makes it again.
     for id in before.lines() {

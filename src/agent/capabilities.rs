@@ -104,6 +104,10 @@ pub struct Identity {
     pub inference_allow_gpu: bool,
     /// Requests at the inference container at once (0: no bound).
     pub inference_max_concurrency: u64,
+    /// Largest request body through a job's inference proxy (0: the default).
+    pub inference_max_body_bytes: u64,
+    /// Longest request through a job's inference proxy (0: the default).
+    pub inference_timeout_secs: u64,
 }
 
 /// Reads the report from the machine and the engine.

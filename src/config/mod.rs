@@ -224,6 +224,10 @@ pub struct Inference {
     pub mode: String,
     pub max_concurrency: u64,
     pub allow_gpu: bool,
+    /// Largest request body a job's proxy passes on, in MiB.
+    pub max_request_mb: u64,
+    /// Longest request through a job's proxy, answer included, in seconds.
+    pub request_timeout_seconds: u64,
 }
 
 impl Default for Inference {
@@ -232,6 +236,8 @@ impl Default for Inference {
             mode: "disabled".into(),
             max_concurrency: 1,
             allow_gpu: false,
+            max_request_mb: 10,
+            request_timeout_seconds: 300,
         }
     }
 }

@@ -497,8 +497,10 @@ pub async fn start_job_proxy(
     worker_id: &str,
     container_id: &str,
     helper_image: &str,
+    limits: (u64, u64),
 ) -> Result<(), Error> {
     let base = base_name(node_id);
+    let (max_body, timeout) = limits;
     let id = sidecar::start(
         docker,
         sidecar::Spec {
@@ -515,6 +517,20 @@ pub async fn start_job_proxy(
                 format!("unix:{SOCK}"),
                 "--job".into(),
                 worker_id.into(),
+                "--max-body-bytes".into(),
+                if max_body > 0 {
+                    max_body
+                } else {
+                    crate::inference::proxy::DEFAULT_MAX_BODY
+                }
+                .to_string(),
+                "--timeout-secs".into(),
+                if timeout > 0 {
+                    timeout
+                } else {
+                    crate::inference::proxy::DEFAULT_TIMEOUT.as_secs()
+                }
+                .to_string(),
             ],
             mounts: vec![volume_mount(&format!("{base}-sock"), SOCK_DIR)],
             labels: HashMap::new(),

@@ -94,12 +94,15 @@ async fn start_inference_proxy(
             "no image for the inference proxy on this node",
         ));
     };
+    let id = &ctx.node.identity;
+    let limits = (id.inference_max_body_bytes, id.inference_timeout_secs);
     docker::inference::start_job_proxy(
         &ctx.docker,
         &ctx.node_id,
         &w.worker_id,
         &w.container_id,
         image,
+        limits,
     )
     .await
     .map_err(ErrorBody::from)

@@ -416,3 +416,38 @@ async fn the_backend_is_adopted_after_an_agent_restart_and_remade_if_removed() {
         docker(&["image", "rm", "-f", img]);
     }
 }
+
+/// A node whose file does not allow inference runs none, whatever is
+/// pushed, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_inference_runs_no_backend_whatever_is_pushed() {
+    let (h, node) = Harness::start().await;
+    let ack = h
+        .hub
+        .push_config(&node, config(Some(backend("ollama/ollama:latest"))))
+        .await
+        .unwrap();
+    assert_eq!(ack.status, AckStatus::Applied, "{ack:?}");
+    let st = ack.inference.expect("the ack reports inference");
+    assert!(!st.supported && !st.running, "{st:?}");
+    assert!(
+        st.note
+            .as_deref()
+            .unwrap_or("")
+            .contains("does not allow inference"),
+        "{st:?}"
+    );
+    assert!(inference_containers(&node).is_empty());
+    assert!(
+        docker(&[
+            "volume",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label=tether.node_id={node}")
+        ])
+        .is_empty(),
+        "nothing made"
+    );
+    h.stop().await;
+}

@@ -179,6 +179,45 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
         "{create}"
     );
 
+    // Bad input: an unknown tool, an ill-typed argument, an unknown sandbox.
+    let v = m
+        .request(
+            "tools/call",
+            json!({"name": "sandbox.nope", "arguments": {}}),
+        )
+        .await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not found"),
+        "{v}"
+    );
+    let v = m
+        .request(
+            "tools/call",
+            json!({"name": "sandbox.exec", "arguments": {"task_id": "t1", "worker_id": "w", "argv": 5}}),
+        )
+        .await;
+    // A tool error (the SDK's message says what was wrong, not which
+    // argument); the session goes on.
+    assert_eq!(v["result"]["isError"], true, "{v}");
+    assert!(
+        v["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("invalid type"),
+        "{v}"
+    );
+    let e = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t1", "worker_id": "no-such-worker", "argv": ["true"]}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.starts_with("not_found"), "{e}");
+
     // No node is allowed by default: a tool error naming the rule.
     let e = m
         .call("sandbox.create", json!({"task_id": "t1", "image": image()}))

@@ -298,6 +298,10 @@ trait Audited {
     fn node(&self) -> Option<&str> {
         None
     }
+    /// The worker, when the result names it (a sandbox just made).
+    fn worker(&self) -> Option<&str> {
+        None
+    }
     fn exit_code(&self) -> Option<i64> {
         None
     }
@@ -309,6 +313,9 @@ trait Audited {
 impl Audited for Sandbox {
     fn node(&self) -> Option<&str> {
         Some(&self.node_id)
+    }
+    fn worker(&self) -> Option<&str> {
+        Some(&self.worker_id)
     }
 }
 impl Audited for Destroyed {
@@ -349,31 +356,44 @@ fn caller(scope: Option<&Scope>) -> String {
     }
 }
 
+/// What the audit trail records of a call besides its outcome.
+struct Call<'a, A: Serialize> {
+    tool: &'static str,
+    args: &'a A,
+    task_id: &'a str,
+    job_id: Option<&'a str>,
+    worker_id: Option<&'a str>,
+}
+
 impl Tools {
-    /// Logs the call and appends it to the audit trail.
-    #[allow(clippy::too_many_arguments)]
-    fn audit<T: Audited>(
+    /// Runs a tool's work for an authorized caller, then logs the call and
+    /// appends it to the audit trail.
+    async fn run<A: Serialize, T: Audited>(
         &self,
-        scope: Option<&Scope>,
-        tool: &str,
-        args: &impl Serialize,
-        task_id: &str,
-        job_id: Option<&str>,
-        worker_id: Option<&str>,
-        outcome: &Result<T, String>,
-        started: Instant,
-    ) {
-        let worker_id = worker_id.filter(|w| !w.is_empty());
-        let mut r = super::audit::AuditRecord::new(&caller(scope), &format!("mcp:{tool}"));
+        scope: Option<Scope>,
+        call: Call<'_, A>,
+        work: impl AsyncFnOnce(&Scope) -> Result<T, String>,
+    ) -> Out<T> {
+        let started = Instant::now();
+        let outcome = match &scope {
+            Some(scope) => work(scope).await,
+            None => Err(NO_SCOPE.to_string()),
+        };
+        let (tool, task_id) = (call.tool, call.task_id);
+        let worker_id = call
+            .worker_id
+            .or_else(|| outcome.as_ref().ok().and_then(|v| v.worker()))
+            .filter(|w| !w.is_empty());
+        let mut r = super::audit::AuditRecord::new(&caller(scope.as_ref()), &format!("mcp:{tool}"));
         r.task_id = Some(task_id.to_string());
-        r.job_id = job_id.map(String::from);
+        r.job_id = call.job_id.map(String::from);
         r.worker_id = worker_id.map(String::from);
         r.node_id = worker_id
             .and_then(|w| self.hub().worker(w).ok())
             .map(|w| w.node_id);
-        r.args_digest = super::audit::digest(&serde_json::to_value(args).unwrap_or_default());
+        r.args_digest = super::audit::digest(&serde_json::to_value(call.args).unwrap_or_default());
         r.duration_ms = started.elapsed().as_millis() as u64;
-        match outcome {
+        match &outcome {
             Ok(v) => {
                 r.outcome = "ok".into();
                 if let Some(n) = v.node() {
@@ -394,6 +414,7 @@ impl Tools {
                 tracing::error!(error = %e, "could not append to the audit trail");
             }
         });
+        outcome.map(Json)
     }
 }
 
@@ -429,25 +450,17 @@ impl Tools {
         Parameters(a): Parameters<CreateArgs>,
         Extension(parts): Extension<Parts>,
     ) -> Out<Sandbox> {
-        let t0 = Instant::now();
-        let scope = scope_of(&parts);
-        let r = match &scope {
-            Some(scope) => self.create_inner(scope, &a).await,
-            None => Err(NO_SCOPE.to_string()),
+        let call = Call {
+            tool: "sandbox.create",
+            args: &a,
+            task_id: &a.task_id,
+            job_id: a.job_id.as_deref(),
+            worker_id: None,
         };
-        let w = r.as_ref().map_or("", |s| s.worker_id.as_str());
-        let job = a.job_id.as_deref();
-        self.audit(
-            scope.as_ref(),
-            "sandbox.create",
-            &a,
-            &a.task_id,
-            job,
-            Some(w),
-            &r,
-            t0,
-        );
-        r.map(Json)
+        self.run(scope_of(&parts), call, async |scope| {
+            self.create_inner(scope, &a).await
+        })
+        .await
     }
 
     #[tool(
@@ -464,24 +477,18 @@ impl Tools {
             .meta
             .get_progress_token()
             .map(|token| (token, ctx.peer.clone()));
-        let t0 = Instant::now();
         let scope = ctx.extensions.get::<Parts>().and_then(scope_of);
-        let r = match &scope {
-            Some(scope) => self.exec_inner(scope, &a, progress).await,
-            None => Err(NO_SCOPE.to_string()),
+        let call = Call {
+            tool: "sandbox.exec",
+            args: &a,
+            task_id: &a.task_id,
+            job_id: None,
+            worker_id: Some(&a.worker_id),
         };
-        let w = Some(a.worker_id.as_str());
-        self.audit(
-            scope.as_ref(),
-            "sandbox.exec",
-            &a,
-            &a.task_id,
-            None,
-            w,
-            &r,
-            t0,
-        );
-        r.map(Json)
+        self.run(scope, call, async |scope| {
+            self.exec_inner(scope, &a, progress).await
+        })
+        .await
     }
 
     #[tool(
@@ -493,24 +500,17 @@ impl Tools {
         Parameters(a): Parameters<PutFileArgs>,
         Extension(parts): Extension<Parts>,
     ) -> Out<PutFileResult> {
-        let t0 = Instant::now();
-        let scope = scope_of(&parts);
-        let r = match &scope {
-            Some(scope) => self.put_inner(scope, &a).await,
-            None => Err(NO_SCOPE.to_string()),
+        let call = Call {
+            tool: "sandbox.put_file",
+            args: &a,
+            task_id: &a.task_id,
+            job_id: None,
+            worker_id: Some(&a.worker_id),
         };
-        let w = Some(a.worker_id.as_str());
-        self.audit(
-            scope.as_ref(),
-            "sandbox.put_file",
-            &a,
-            &a.task_id,
-            None,
-            w,
-            &r,
-            t0,
-        );
-        r.map(Json)
+        self.run(scope_of(&parts), call, async |scope| {
+            self.put_inner(scope, &a).await
+        })
+        .await
     }
 
     #[tool(
@@ -522,24 +522,17 @@ impl Tools {
         Parameters(a): Parameters<GetFileArgs>,
         Extension(parts): Extension<Parts>,
     ) -> Out<FileContent> {
-        let t0 = Instant::now();
-        let scope = scope_of(&parts);
-        let r = match &scope {
-            Some(scope) => self.get_inner(scope, &a).await,
-            None => Err(NO_SCOPE.to_string()),
+        let call = Call {
+            tool: "sandbox.get_file",
+            args: &a,
+            task_id: &a.task_id,
+            job_id: None,
+            worker_id: Some(&a.worker_id),
         };
-        let w = Some(a.worker_id.as_str());
-        self.audit(
-            scope.as_ref(),
-            "sandbox.get_file",
-            &a,
-            &a.task_id,
-            None,
-            w,
-            &r,
-            t0,
-        );
-        r.map(Json)
+        self.run(scope_of(&parts), call, async |scope| {
+            self.get_inner(scope, &a).await
+        })
+        .await
     }
 
     #[tool(
@@ -551,24 +544,17 @@ impl Tools {
         Parameters(a): Parameters<LogsArgs>,
         Extension(parts): Extension<Parts>,
     ) -> Out<Logs> {
-        let t0 = Instant::now();
-        let scope = scope_of(&parts);
-        let r = match &scope {
-            Some(scope) => self.logs_inner(scope, &a).await,
-            None => Err(NO_SCOPE.to_string()),
+        let call = Call {
+            tool: "sandbox.stream_logs",
+            args: &a,
+            task_id: &a.task_id,
+            job_id: None,
+            worker_id: Some(&a.worker_id),
         };
-        let w = Some(a.worker_id.as_str());
-        self.audit(
-            scope.as_ref(),
-            "sandbox.stream_logs",
-            &a,
-            &a.task_id,
-            None,
-            w,
-            &r,
-            t0,
-        );
-        r.map(Json)
+        self.run(scope_of(&parts), call, async |scope| {
+            self.logs_inner(scope, &a).await
+        })
+        .await
     }
 
     #[tool(
@@ -580,10 +566,14 @@ impl Tools {
         Parameters(a): Parameters<WorkerArgs>,
         Extension(parts): Extension<Parts>,
     ) -> Out<Destroyed> {
-        let t0 = Instant::now();
-        let scope = scope_of(&parts);
-        let r = async {
-            let scope = scope.as_ref().ok_or(NO_SCOPE)?;
+        let call = Call {
+            tool: "sandbox.destroy",
+            args: &a,
+            task_id: &a.task_id,
+            job_id: None,
+            worker_id: Some(&a.worker_id),
+        };
+        self.run(scope_of(&parts), call, async |scope| {
             let w = self.worker_of_task(scope, &a.task_id, &a.worker_id)?;
             self.hub().remove(&a.worker_id, true).await.map_err(err)?;
             Ok(Destroyed {
@@ -591,20 +581,8 @@ impl Tools {
                 node_id: w.node_id,
                 removed: true,
             })
-        }
-        .await;
-        let w = Some(a.worker_id.as_str());
-        self.audit(
-            scope.as_ref(),
-            "sandbox.destroy",
-            &a,
-            &a.task_id,
-            None,
-            w,
-            &r,
-            t0,
-        );
-        r.map(Json)
+        })
+        .await
     }
 
     #[tool(

@@ -18,7 +18,7 @@ pub(crate) async fn converge(ctx: &Arc<Ctx>) -> InferenceStatus {
         .and_then(|a| a.config.inference_backend)
         .filter(|b| b.enabled);
     let id = &ctx.node.identity;
-    let status = if !id.inference_enabled {
+    let mut status = if !id.inference_enabled {
         // Whatever was pushed: the node does not run inference.
         let mut s =
             engine::ensure(&ctx.docker, &ctx.pool, &ctx.node_id, None, &Host::default()).await;
@@ -47,7 +47,6 @@ pub(crate) async fn converge(ctx: &Arc<Ctx>) -> InferenceStatus {
         };
         engine::ensure(&ctx.docker, &ctx.pool, &ctx.node_id, want.as_ref(), &host).await
     };
-    let mut status = status;
     let models = want.map(|b| b.models).unwrap_or_default();
     if status.running && status.healthy {
         for m in &models {

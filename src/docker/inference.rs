@@ -399,22 +399,13 @@ pub async fn state(docker: &Docker, node_id: &str) -> (bool, bool, u32) {
 pub async fn pull(docker: &Docker, node_id: &str, model: &str) -> Result<(), String> {
     use bollard::container::LogOutput;
     let req = crate::protocol::Exec {
-        channel: 0,
-        worker_id: String::new(),
         cmd: vec![
             AGENT_BIN.into(),
             "inference-pull".into(),
             format!("127.0.0.1:{}", crate::inference::proxy::PORT),
             model.into(),
         ],
-        env: Default::default(),
-        workdir: None,
-        user: None,
-        tty: false,
-        stdin: false,
-        size: None,
-        timeout_secs: None,
-        window: 0,
+        ..Default::default()
     };
     let gateway = base_name(node_id);
     let run = async {

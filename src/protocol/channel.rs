@@ -23,7 +23,7 @@ pub struct TermSize {
 }
 
 /// `exec` request payload: opens `channel`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Exec {
     pub channel: u32,
     pub worker_id: String,

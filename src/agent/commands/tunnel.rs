@@ -203,21 +203,14 @@ async fn relay(
     use bollard::container::LogOutput;
     let relay = relay_container(ctx, w).await?;
     let cmd = crate::protocol::Exec {
-        channel: 0,
         worker_id: w.worker_id.clone(),
         cmd: vec![
             crate::docker::sidecar::AGENT_BIN.into(),
             "tunnel-connect".into(),
             req.port.to_string(),
         ],
-        env: Default::default(),
-        workdir: None,
-        user: None,
-        tty: false,
         stdin: true,
-        size: None,
-        timeout_secs: None,
-        window: 0,
+        ..Default::default()
     };
     let exec_id = exec::create(&ctx.docker, &relay, &cmd).await?;
     let started = exec::attach(&ctx.docker, exec_id.clone(), false).await?;

@@ -10,13 +10,16 @@
 //! its place in the stream, so the reader learns exactly how much is
 //! missing. After a reconnect the spool drains, in order, within credit;
 //! new output queues behind it (back-pressured once the spool is full).
+//!
+//! File reads and writes run on the blocking pool: the agent's runtime has
+//! one thread, and a slow disk must not hold up every other channel exactly
+//! while the server is away.
 
 use crate::channel::ChannelWriter;
 use crate::protocol::StreamKind;
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -106,7 +109,7 @@ pub struct Spool {
     name: String,
     records: VecDeque<Record>,
     mem_bytes: usize,
-    file: Option<File>,
+    file: Option<Arc<File>>,
     /// Bytes written to the file since it was last emptied (all reserved
     /// from the quota) and the position of the next byte to read.
     written: u64,
@@ -138,12 +141,12 @@ impl Spool {
 
     /// Stores `data` behind what is spooled. Without room it is dropped (a
     /// gap) if `may_drop`, or else left in `data` ([`Pushed::Full`]).
-    pub fn push(&mut self, kind: StreamKind, data: &mut Bytes, may_drop: bool) -> Pushed {
+    pub async fn push(&mut self, kind: StreamKind, data: &mut Bytes, may_drop: bool) -> Pushed {
         let n = data.len();
         // Once output is being dropped, what follows is dropped too, until
         // the gap has gone out: one gap per outage, not a ragged stream.
         let dropping = may_drop && matches!(self.records.back(), Some(Record::Gap(_)));
-        if !dropping && self.store(kind, data) {
+        if !dropping && self.store(kind, data).await {
             return Pushed::Stored;
         }
         if !may_drop {
@@ -160,7 +163,7 @@ impl Spool {
     }
 
     /// Keeps `data` in memory or in the file if either has room.
-    fn store(&mut self, kind: StreamKind, data: &mut Bytes) -> bool {
+    async fn store(&mut self, kind: StreamKind, data: &mut Bytes) -> bool {
         let n = data.len();
         if self.mem_bytes + n <= self.shared.cfg.memory_bytes {
             self.mem_bytes += n;
@@ -171,7 +174,7 @@ impl Spool {
         if !self.shared.reserve(n as u64) {
             return false;
         }
-        match self.append(data) {
+        match self.append(data.clone()).await {
             Ok(()) => {
                 self.written += n as u64;
                 self.file_records += 1;
@@ -187,22 +190,18 @@ impl Spool {
         }
     }
 
-    fn append(&mut self, data: &[u8]) -> std::io::Result<()> {
-        if self.file.is_none() {
-            std::fs::create_dir_all(&self.shared.cfg.dir)?;
-            let path = self.shared.cfg.dir.join(&self.name);
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .read(true)
-                .write(true)
-                .open(&path)?;
-            // Unlinked at once: the data dies with the process or the spool.
-            std::fs::remove_file(&path)?;
-            self.file = Some(file);
-        }
-        let file = self.file.as_mut().expect("opened above");
-        file.write_all(data)
+    async fn append(&mut self, data: Bytes) -> std::io::Result<()> {
+        let file = match &self.file {
+            Some(f) => f.clone(),
+            None => {
+                let path = self.shared.cfg.dir.join(&self.name);
+                let f = Arc::new(blocking(move || open_unlinked(&path)).await?);
+                self.file = Some(f.clone());
+                f
+            }
+        };
+        let at = self.written;
+        blocking(move || file.write_all_at(&data, at)).await
     }
 
     /// Credit the first record needs before anything can go: a gap marker
@@ -215,7 +214,7 @@ impl Spool {
     }
 
     /// Sends spooled records within the writer's credit, in order.
-    pub fn drain(&mut self, writer: &mut ChannelWriter) -> std::io::Result<()> {
+    pub async fn drain(&mut self, writer: &mut ChannelWriter) -> std::io::Result<()> {
         while !self.records.is_empty() && writer.available() >= self.need() {
             let avail = writer.available();
             match self.records.front_mut().expect("not empty") {
@@ -229,10 +228,13 @@ impl Spool {
                 }
                 Record::File(kind, left) => {
                     let n = (*left).min(avail).min(256 * 1024);
-                    let mut buf = vec![0u8; n as usize];
-                    let file = self.file.as_ref().expect("file records have a file");
-                    file.read_exact_at(&mut buf, self.read)?;
-                    let mut b = Bytes::from(buf);
+                    let file = self.file.clone().expect("file records have a file");
+                    let at = self.read;
+                    let mut b = blocking(move || {
+                        let mut buf = vec![0u8; n as usize];
+                        file.read_exact_at(&mut buf, at).map(|()| Bytes::from(buf))
+                    })
+                    .await?;
                     writer.send_available(*kind, &mut b);
                     self.read += n;
                     *left -= n;
@@ -240,7 +242,7 @@ impl Spool {
                         self.records.pop_front();
                         self.file_records -= 1;
                         if self.file_records == 0 {
-                            self.empty_file()?;
+                            self.empty_file().await?;
                         }
                     }
                 }
@@ -255,16 +257,40 @@ impl Spool {
     }
 
     /// Everything in the file was sent: give its space back.
-    fn empty_file(&mut self) -> std::io::Result<()> {
+    async fn empty_file(&mut self) -> std::io::Result<()> {
         self.shared.release(self.written);
         self.written = 0;
         self.read = 0;
-        if let Some(f) = self.file.as_mut() {
-            f.set_len(0)?;
-            std::io::Seek::rewind(f)?;
+        if let Some(f) = self.file.clone() {
+            blocking(move || f.set_len(0)).await?;
         }
         Ok(())
     }
+}
+
+/// Opens a new spool file and unlinks it at once: its data dies with the
+/// process or the spool.
+fn open_unlinked(path: &std::path::Path) -> std::io::Result<File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)?;
+    std::fs::remove_file(path)?;
+    Ok(file)
+}
+
+/// Runs file I/O on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 impl Drop for Spool {
@@ -289,6 +315,10 @@ mod tests {
         })
     }
 
+    async fn push(s: &mut Spool, kind: StreamKind, data: &'static [u8], may_drop: bool) -> Pushed {
+        s.push(kind, &mut Bytes::from_static(data), may_drop).await
+    }
+
     /// The frames sent so far, as (stream, payload).
     fn frames(rx: &mut mpsc::UnboundedReceiver<Outbound>) -> Vec<(StreamKind, Vec<u8>)> {
         let mut v = Vec::new();
@@ -301,21 +331,35 @@ mod tests {
         v
     }
 
-    #[test]
-    fn memory_then_file_then_gap_drain_in_order_and_free_the_quota() {
+    #[tokio::test]
+    async fn memory_then_file_then_gap_drain_in_order_and_free_the_quota() {
         let dir = tempfile::tempdir().unwrap();
         let shared = spools(dir.path(), 4, 6);
         let mut s = Spool::new(shared.clone(), 1);
-        let mut push = |kind, data: &'static [u8], may_drop| {
-            let mut b = Bytes::from_static(data);
-            s.push(kind, &mut b, may_drop)
-        };
-        assert_eq!(push(StreamKind::Stdout, b"abcd", true), Pushed::Stored); // memory
-        assert_eq!(push(StreamKind::Stderr, b"efg", true), Pushed::Stored); // file
-        assert_eq!(push(StreamKind::Stdout, b"hij", true), Pushed::Stored); // file: quota now full
-        assert_eq!(push(StreamKind::Stdout, b"k", false), Pushed::Full);
-        assert_eq!(push(StreamKind::Stdout, b"kl", true), Pushed::Dropped);
-        assert_eq!(push(StreamKind::Stdout, b"mno", true), Pushed::Dropped);
+        assert_eq!(
+            push(&mut s, StreamKind::Stdout, b"abcd", true).await,
+            Pushed::Stored
+        ); // memory
+        assert_eq!(
+            push(&mut s, StreamKind::Stderr, b"efg", true).await,
+            Pushed::Stored
+        ); // file
+        assert_eq!(
+            push(&mut s, StreamKind::Stdout, b"hij", true).await,
+            Pushed::Stored
+        ); // file: quota now full
+        assert_eq!(
+            push(&mut s, StreamKind::Stdout, b"k", false).await,
+            Pushed::Full
+        );
+        assert_eq!(
+            push(&mut s, StreamKind::Stdout, b"kl", true).await,
+            Pushed::Dropped
+        );
+        assert_eq!(
+            push(&mut s, StreamKind::Stdout, b"mno", true).await,
+            Pushed::Dropped
+        );
         assert_eq!(shared.used(), 6);
         assert_eq!(s.dropped, 5);
 
@@ -325,7 +369,7 @@ mod tests {
         let ch = Channels::new(link);
         let mut h = ch.open(1, 8).unwrap();
         // 8 bytes of credit: "abcd", then 4 of the file's 6.
-        s.drain(&mut h.writer).unwrap();
+        s.drain(&mut h.writer).await.unwrap();
         assert_eq!(
             frames(&mut rx),
             vec![
@@ -343,12 +387,12 @@ mod tests {
             })
         };
         grant(8);
-        s.drain(&mut h.writer).unwrap();
+        s.drain(&mut h.writer).await.unwrap();
         assert_eq!(shared.used(), 0, "the emptied file gives its quota back");
         // "ij" took 2 of 8: the gap marker needs 8 and waits.
         assert_eq!(s.need(), 8);
         grant(16);
-        s.drain(&mut h.writer).unwrap();
+        s.drain(&mut h.writer).await.unwrap();
         assert!(s.is_empty());
         assert_eq!(
             frames(&mut rx),
@@ -359,39 +403,55 @@ mod tests {
         );
     }
 
-    #[test]
-    fn once_dropping_small_chunks_do_not_slip_in_behind_the_gap() {
+    #[tokio::test]
+    async fn once_dropping_small_chunks_do_not_slip_in_behind_the_gap() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::new(spools(dir.path(), 8, 0), 1);
-        let mut push = |data: &'static [u8], may_drop| {
-            s.push(StreamKind::Stdout, &mut Bytes::from_static(data), may_drop)
-        };
-        assert_eq!(push(b"123456", true), Pushed::Stored);
-        assert_eq!(push(b"7890", true), Pushed::Dropped);
+        assert_eq!(
+            push(&mut s, StreamKind::Stdout, b"123456", true).await,
+            Pushed::Stored
+        );
+        assert_eq!(
+            push(&mut s, StreamKind::Stdout, b"7890", true).await,
+            Pushed::Dropped
+        );
         // It would fit in memory, but it belongs after the dropped bytes.
-        assert_eq!(push(b"a", true), Pushed::Dropped);
+        assert_eq!(
+            push(&mut s, StreamKind::Stdout, b"a", true).await,
+            Pushed::Dropped
+        );
         // Connected again (no dropping): stored behind the gap.
-        assert_eq!(push(b"b", false), Pushed::Stored);
+        assert_eq!(
+            push(&mut s, StreamKind::Stdout, b"b", false).await,
+            Pushed::Stored
+        );
         assert_eq!(s.dropped, 5);
         assert_eq!(s.records.len(), 3);
     }
 
-    #[test]
-    fn quota_is_shared_and_released_on_drop() {
+    #[tokio::test]
+    async fn quota_is_shared_and_released_on_drop() {
         let dir = tempfile::tempdir().unwrap();
         let shared = spools(dir.path(), 0, 10);
         let mut a = Spool::new(shared.clone(), 1);
         let mut b = Spool::new(shared.clone(), 2);
         assert_eq!(
-            a.push(StreamKind::Stdout, &mut Bytes::from(vec![0u8; 8]), false),
+            a.push(StreamKind::Stdout, &mut Bytes::from(vec![0u8; 8]), false)
+                .await,
             Pushed::Stored
         );
         let mut rest = Bytes::from(vec![0u8; 8]);
-        assert_eq!(b.push(StreamKind::Stdout, &mut rest, false), Pushed::Full);
+        assert_eq!(
+            b.push(StreamKind::Stdout, &mut rest, false).await,
+            Pushed::Full
+        );
         assert_eq!(rest.len(), 8, "data is left to the caller");
         drop(a);
         assert_eq!(shared.used(), 0);
-        assert_eq!(b.push(StreamKind::Stdout, &mut rest, false), Pushed::Stored);
+        assert_eq!(
+            b.push(StreamKind::Stdout, &mut rest, false).await,
+            Pushed::Stored
+        );
         // Spool files are unlinked at once: nothing lies in the directory.
         assert_eq!(
             std::fs::read_dir(dir.path().join("spool")).unwrap().count(),

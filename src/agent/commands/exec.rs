@@ -203,7 +203,7 @@ async fn pump_output(
     let mut pending: Option<(StreamKind, Bytes)> = None;
     let mut finished = false;
     let outcome = loop {
-        if let Err(e) = spool.drain(&mut writer) {
+        if let Err(e) = spool.drain(&mut writer).await {
             let msg = format!("read the output spool: {e}");
             break Err(Ended::Failed(ErrorBody::new(ErrorCode::Internal, msg)));
         }
@@ -213,7 +213,7 @@ async fn pump_output(
             }
             let connected = *up.borrow_and_update();
             if !data.is_empty() && (!connected || !spool.is_empty()) {
-                spool.push(*kind, data, !connected);
+                spool.push(*kind, data, !connected).await;
             }
             if data.is_empty() {
                 pending = None;

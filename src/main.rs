@@ -262,6 +262,12 @@ enum CtlCmd {
         #[command(subcommand)]
         cmd: Option<TunnelsCmd>,
     },
+    /// Deployments: several services on one private network
+    /// (`deploy up -f app.yaml`; docs/deployments.md).
+    Deploy {
+        #[command(subcommand)]
+        cmd: tether::ctl::deploy::DeployCmd,
+    },
     /// Stop a worker (SIGTERM, then SIGKILL).
     Stop { worker: String },
     /// Remove a worker and its network.
@@ -693,6 +699,7 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
                 client.close_tunnel(&id).await?;
                 println!("{id}");
             }
+            CtlCmd::Deploy { cmd } => tether::ctl::deploy::run(&client, cmd).await?,
             CtlCmd::Stop { worker } => {
                 client.stop(&worker).await?;
                 println!("{worker}");

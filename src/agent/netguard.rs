@@ -7,7 +7,8 @@
 //!   answer a worker), except replies on connections the host opened.
 //! - `forward` chain (routed traffic, and bridged traffic too: Docker turns
 //!   on `br_netfilter`): from the pool, to the pool itself (other workers;
-//!   the one exception is an allowlist worker's own egress proxy), to the
+//!   the exceptions are an allowlist worker's own egress proxy and a
+//!   deployment's services among themselves), to the
 //!   private, loopback, link-local (cloud metadata), CGNAT, multicast and
 //!   reserved ranges: dropped, unless the node lists the range in
 //!   `sandbox.allowed_private_cidrs`. DNS (port 53) to the node's own
@@ -89,6 +90,16 @@ pub fn chains(spec: &GuardSpec) -> Vec<Chain> {
                 Match::DaddrHostPart(spec.subnet_prefix, proxy_host_part(spec.subnet_prefix)),
                 Match::L4Proto(6),
                 Match::Dport(crate::egress_proxy::PORT),
+            ],
+            Verdict::Accept,
+        ),
+        // A deployment's services to each other, on their shared bridge
+        // (between two bridges, Docker's isolation between networks drops).
+        from_pool(
+            vec![
+                to_pool.clone(),
+                Match::IifnamePrefix(crate::docker::networks::SHARED_BRIDGE_PREFIX),
+                Match::OifnamePrefix(crate::docker::networks::SHARED_BRIDGE_PREFIX),
             ],
             Verdict::Accept,
         ),

@@ -87,6 +87,10 @@ pub enum Match {
     Dport(u16),
     /// Conntrack says established or related.
     EstablishedOrRelated,
+    /// The input interface's name starts with this (`iifname "p*"`).
+    IifnamePrefix(&'static str),
+    /// The output interface's name starts with this (`oifname "p*"`).
+    OifnamePrefix(&'static str),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +247,8 @@ impl Msg {
     fn matches(&mut self, m: &Match) -> &mut Self {
         const NFT_META_NFPROTO: u32 = 15;
         const NFT_META_L4PROTO: u32 = 16;
+        const NFT_META_IIFNAME: u32 = 6;
+        const NFT_META_OIFNAME: u32 = 7;
         const TRANSPORT_HEADER: u32 = 2;
         const NFT_CMP_EQ: u32 = 0;
         const NFT_CMP_NEQ: u32 = 1;
@@ -260,6 +266,9 @@ impl Msg {
             Match::Dport(port) => self
                 .payload(TRANSPORT_HEADER, 2, 2)
                 .cmp(NFT_CMP_EQ, &port.to_be_bytes()),
+            // `cmp` compares as many bytes as the value holds: a prefix.
+            Match::IifnamePrefix(p) => self.meta(NFT_META_IIFNAME).cmp(NFT_CMP_EQ, p.as_bytes()),
+            Match::OifnamePrefix(p) => self.meta(NFT_META_OIFNAME).cmp(NFT_CMP_EQ, p.as_bytes()),
             Match::EstablishedOrRelated => {
                 // ct state is a host-order bitmask: 1 << ctinfo
                 // (ESTABLISHED = 0, RELATED = 1).

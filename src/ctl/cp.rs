@@ -24,7 +24,13 @@ impl CpTarget {
     pub fn parse(s: &str) -> CpTarget {
         if !s.starts_with('/') && !s.starts_with('.') {
             if let Some((w, p)) = s.split_once(':') {
-                if !w.is_empty() && !w.contains('/') {
+                // `NAME/SERVICE:` is a deployment's service (a local path
+                // of that shape is written `./NAME/SERVICE:...`).
+                let service = w.split_once('/').is_some_and(|(d, svc)| {
+                    crate::protocol::valid_name(d, crate::protocol::MAX_DEPLOYMENT_NAME)
+                        && crate::protocol::valid_name(svc, crate::protocol::MAX_SERVICE_NAME)
+                });
+                if !w.is_empty() && (!w.contains('/') || service) {
                     return CpTarget::Worker {
                         worker: w.to_string(),
                         path: if p.is_empty() {
@@ -86,7 +92,7 @@ fn local_size(p: &Path) -> u64 {
 
 async fn stat(client: &Client, worker: &str, path: &str) -> Result<StatResult, CtlError> {
     let rb = client
-        .request(Method::GET, &format!("/api/v1/workers/{worker}/stat"))
+        .request(Method::GET, &format!("{}/stat", super::worker_path(worker)))
         .query(&[("path", path)]);
     client
         .send(rb)
@@ -155,7 +161,10 @@ async fn upload(client: &Client, src: &Path, worker: &str, dst: &str) -> Result<
     let body =
         ReaderStream::with_capacity(reader, 64 * 1024).inspect_ok(move |b| pb2.inc(b.len() as u64));
     let rb = client
-        .request(Method::PUT, &format!("/api/v1/workers/{worker}/archive"))
+        .request(
+            Method::PUT,
+            &format!("{}/archive", super::worker_path(worker)),
+        )
         .query(&[("path", dir.as_str())])
         .header("content-type", "application/x-tar")
         .body(reqwest::Body::wrap_stream(body));
@@ -193,7 +202,10 @@ async fn download(client: &Client, worker: &str, src: &str, dst: &Path) -> Resul
         (parent.to_path_buf(), Some(name.to_os_string()))
     };
     let rb = client
-        .request(Method::GET, &format!("/api/v1/workers/{worker}/archive"))
+        .request(
+            Method::GET,
+            &format!("{}/archive", super::worker_path(worker)),
+        )
         .query(&[("path", src)]);
     let resp = client.send(rb).await?;
     let pb = progress(if info.is_dir { 0 } else { info.size });
@@ -218,6 +230,17 @@ mod tests {
 
     #[test]
     fn parses_docker_syntax() {
+        assert_eq!(
+            CpTarget::parse("shop/web:/srv"),
+            CpTarget::Worker {
+                worker: "shop/web".into(),
+                path: "/srv".into()
+            }
+        );
+        assert_eq!(
+            CpTarget::parse("./shop/web:/srv"),
+            CpTarget::Local(PathBuf::from("./shop/web:/srv"))
+        );
         assert_eq!(
             CpTarget::parse("w1:/tmp/x"),
             CpTarget::Worker {

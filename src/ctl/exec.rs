@@ -53,7 +53,7 @@ pub async fn exec(
     tty: bool,
     timeout_secs: Option<u64>,
 ) -> Result<i64, CtlError> {
-    let mut ws = open(client, &format!("/api/v1/workers/{worker}/exec"), &[]).await?;
+    let mut ws = open(client, &format!("{}/exec", super::worker_path(worker)), &[]).await?;
     let tty = tty && std::io::stdout().is_terminal();
     let opts = ExecOptions {
         cmd,
@@ -116,7 +116,7 @@ pub async fn exec(
         });
     }
     drop(ctl_tx);
-    let path = format!("/api/v1/workers/{worker}/exec");
+    let path = format!("{}/exec", super::worker_path(worker));
     let mut progress = Progress::default();
     loop {
         let (mut tx, mut rx) = ws.split();

@@ -118,7 +118,7 @@ pub async fn port_forward(
 /// One local connection through one tunnel, both ways, half-closes passed on.
 async fn carry(client: &Client, worker: &str, remote: u16, tcp: TcpStream) -> Result<(), CtlError> {
     let _ = tcp.set_nodelay(true);
-    let path = format!("/api/v1/workers/{worker}/tunnels/{remote}");
+    let path = format!("{}/tunnels/{remote}", super::worker_path(worker));
     let ws = open(client, &path, &[]).await?;
     let (mut to_server, mut from_server) = ws.split();
     match from_server.next().await {

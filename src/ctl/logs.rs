@@ -11,7 +11,18 @@ use super::ws::*;
 
 /// Prints a worker's logs; with `follow`, until the worker stops or Ctrl-C.
 pub async fn logs(client: &Client, worker: &str, opts: LogOptions) -> Result<(), CtlError> {
-    let path = format!("/api/v1/workers/{worker}/logs");
+    logs_as(client, worker, opts, None).await
+}
+
+/// Prints a worker's logs, each line after `prefix` if one is given (as
+/// `docker compose logs` names the service).
+pub async fn logs_as(
+    client: &Client,
+    worker: &str,
+    opts: LogOptions,
+    prefix: Option<String>,
+) -> Result<(), CtlError> {
+    let path = format!("{}/logs", super::worker_path(worker));
     let query = |opts: &LogOptions| {
         let mut q = vec![
             ("follow", opts.follow.to_string()),
@@ -25,7 +36,7 @@ pub async fn logs(client: &Client, worker: &str, opts: LogOptions) -> Result<(),
         }
         q
     };
-    if !opts.follow {
+    if !opts.follow && prefix.is_none() {
         let ws = open(client, &path, &query(&opts)).await?;
         let (_tx, mut rx) = ws.split();
         return match drain_output(&mut rx).await? {
@@ -36,7 +47,7 @@ pub async fn logs(client: &Client, worker: &str, opts: LogOptions) -> Result<(),
     // Following: ask for timestamps, so that after a lost connection (a
     // server restart) the stream is taken up again right after the last
     // whole line printed; lines at or before it are not printed twice.
-    let mut lines = LineFollower::new(opts.timestamps);
+    let mut lines = LineFollower::new(opts.timestamps, prefix);
     let mut ask = LogOptions {
         timestamps: true,
         ..opts.clone()
@@ -89,6 +100,8 @@ pub async fn logs(client: &Client, worker: &str, opts: LogOptions) -> Result<(),
 struct LineFollower {
     /// Print the timestamps (the user asked for them).
     show: bool,
+    /// Printed before each line.
+    prefix: Option<String>,
     /// Timestamp of the newest line printed.
     last: Option<std::time::SystemTime>,
     /// Partial line per stream (stdout, stderr).
@@ -99,9 +112,10 @@ struct LineFollower {
 }
 
 impl LineFollower {
-    fn new(show: bool) -> Self {
+    fn new(show: bool, prefix: Option<String>) -> Self {
         LineFollower {
             show,
+            prefix,
             last: None,
             partial: [Vec::new(), Vec::new()],
             idle_timeout: None,
@@ -194,7 +208,9 @@ impl LineFollower {
         } else {
             text
         };
-        w.write_all(out)
+        let mut whole = self.prefix.clone().unwrap_or_default().into_bytes();
+        whole.extend_from_slice(out);
+        w.write_all(&whole)
             .and_then(|_| w.flush())
             .map_err(|e| CtlError::Local(e.to_string()))
     }

@@ -2,6 +2,7 @@
 //! docker-CLI habits (exit codes passed through, `cp SRC DST`, `--json`).
 
 mod cp;
+pub mod deploy;
 mod exec;
 pub mod extract;
 mod forward;
@@ -18,6 +19,11 @@ use crate::protocol::{ErrorBody, ErrorCode, SpawnRequest, WorkerInfo};
 use reqwest::{Method, RequestBuilder, Response};
 use serde::de::DeserializeOwned;
 use std::fmt::Write as _;
+
+/// The API path of a worker: `NAME/SERVICE` names a deployment's service.
+pub(crate) fn worker_path(worker: &str) -> String {
+    format!("/api/v1/workers/{}", crate::protocol::worker_ref(worker))
+}
 
 /// A failed ctl command: the server's error, or a local one.
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +128,7 @@ impl Client {
     }
 
     pub async fn inspect(&self, worker: &str) -> Result<WorkerInfo, CtlError> {
-        self.json(self.request(Method::GET, &format!("/api/v1/workers/{worker}")))
+        self.json(self.request(Method::GET, &worker_path(worker)))
             .await
     }
 
@@ -132,13 +138,13 @@ impl Client {
     }
 
     pub async fn stop(&self, worker: &str) -> Result<WorkerInfo, CtlError> {
-        self.json(self.request(Method::POST, &format!("/api/v1/workers/{worker}/stop")))
+        self.json(self.request(Method::POST, &format!("{}/stop", worker_path(worker))))
             .await
     }
 
     pub async fn remove(&self, worker: &str, force: bool) -> Result<(), CtlError> {
         let rb = self
-            .request(Method::DELETE, &format!("/api/v1/workers/{worker}"))
+            .request(Method::DELETE, &worker_path(worker))
             .query(&[("force", force)]);
         self.send(rb).await.map(|_| ())
     }
@@ -184,7 +190,7 @@ impl Client {
         };
         let mut info: PreviewInfo = self
             .json(
-                self.request(Method::POST, &format!("/api/v1/workers/{worker}/previews"))
+                self.request(Method::POST, &format!("{}/previews", worker_path(worker)))
                     .json(&req),
             )
             .await?;

@@ -64,7 +64,7 @@ pub async fn inspect(docker: &Docker, node_id: &str, worker_id: &str) -> Result<
 }
 
 /// Builds a [`WorkerInfo`] from an inspect response, if it is one of ours.
-fn to_info(c: ContainerInspectResponse, node_id: &str) -> Option<WorkerInfo> {
+pub(crate) fn to_info(c: ContainerInspectResponse, node_id: &str) -> Option<WorkerInfo> {
     let config = c.config?;
     let lbls = config.labels.unwrap_or_default();
     if lbls.get(labels::MANAGED).map(String::as_str) != Some("true")
@@ -73,7 +73,11 @@ fn to_info(c: ContainerInspectResponse, node_id: &str) -> Option<WorkerInfo> {
         return None;
     }
     let worker_id = lbls.get(labels::WORKER)?.clone();
-    let mut network = object_name(&worker_id);
+    // A deployment's services share the deployment's network.
+    let mut network = lbls
+        .get(labels::NETWORK)
+        .cloned()
+        .unwrap_or_else(|| object_name(&worker_id));
     if c.host_config
         .as_ref()
         .and_then(|h| h.network_mode.as_deref())
@@ -111,6 +115,8 @@ fn to_info(c: ContainerInspectResponse, node_id: &str) -> Option<WorkerInfo> {
         state: status,
         exit_code,
         task_id: lbls.get(labels::TASK).cloned(),
+        deployment: lbls.get(labels::DEPLOYMENT).cloned(),
+        service: lbls.get(labels::SERVICE).cloned(),
         job_id: lbls.get(labels::JOB).cloned(),
         labels: user_labels,
         created_at: c.created.map(|d| d.to_string()).unwrap_or_default(),
@@ -282,6 +288,39 @@ fn validate(spec: &Spawn) -> Result<(), Error> {
     Ok(())
 }
 
+/// What every worker container gets, whatever else it asks for: no
+/// capabilities, no privilege gain, its limits (or the node's defaults), an
+/// init, nothing published, rotated json-file logs.
+pub(crate) fn limited(r: &Resources, defaults: Defaults) -> HostConfig {
+    let memory = (r.memory_mb.unwrap_or(defaults.memory_mb) * 1024 * 1024) as i64;
+    HostConfig {
+        cap_drop: Some(vec!["ALL".into()]),
+        security_opt: Some(vec!["no-new-privileges:true".into()]),
+        memory: Some(memory),
+        memory_swap: Some(memory),
+        nano_cpus: Some((r.cpus.unwrap_or(defaults.cpus) * 1e9) as i64),
+        pids_limit: Some(r.pids.unwrap_or(defaults.pids)),
+        init: Some(true),
+        publish_all_ports: Some(false),
+        // json-file, whatever the engine's default: `logs` reads it, and
+        // rotation keeps a chatty worker from filling the disk.
+        log_config: Some(bollard::models::HostConfigLogConfig {
+            typ: Some("json-file".into()),
+            config: Some(HashMap::from([
+                (
+                    "max-size".to_string(),
+                    format!("{}m", defaults.log_max_size_mb.max(1)),
+                ),
+                (
+                    "max-file".to_string(),
+                    defaults.log_max_files.max(1).to_string(),
+                ),
+            ])),
+        }),
+        ..Default::default()
+    }
+}
+
 /// Creates and starts a worker: its network as `plan` says (while the image
 /// is checked), then its container on it. The caller has checked that the
 /// worker does not exist yet (the agent answers a repeated spawn with the
@@ -365,7 +404,6 @@ pub async fn spawn(
     }
     container_labels.extend(spec.spec.labels.clone());
     let r = &spec.spec.resources;
-    let memory = (r.memory_mb.unwrap_or(defaults.memory_mb) * 1024 * 1024) as i64;
     let body = ContainerCreateBody {
         image: Some(spec.spec.image.clone()),
         cmd: (!spec.spec.cmd.is_empty()).then(|| spec.spec.cmd.clone()),
@@ -408,33 +446,10 @@ pub async fn spawn(
                     })
                     .collect()
             }),
-            cap_drop: Some(vec!["ALL".into()]),
-            security_opt: Some(vec!["no-new-privileges:true".into()]),
-            memory: Some(memory),
-            memory_swap: Some(memory),
-            nano_cpus: Some((r.cpus.unwrap_or(defaults.cpus) * 1e9) as i64),
-            pids_limit: Some(r.pids.unwrap_or(defaults.pids)),
-            init: Some(true),
-            publish_all_ports: Some(false),
-            // json-file, whatever the engine's default: `logs` reads it, and
-            // rotation keeps a chatty worker from filling the disk.
-            log_config: Some(bollard::models::HostConfigLogConfig {
-                typ: Some("json-file".into()),
-                config: Some(HashMap::from([
-                    (
-                        "max-size".to_string(),
-                        format!("{}m", defaults.log_max_size_mb.max(1)),
-                    ),
-                    (
-                        "max-file".to_string(),
-                        defaults.log_max_files.max(1).to_string(),
-                    ),
-                ])),
-            }),
             storage_opt: r
                 .disk_mb
                 .map(|d| HashMap::from([("size".to_string(), format!("{d}M"))])),
-            ..Default::default()
+            ..limited(r, defaults)
         }),
         ..Default::default()
     };

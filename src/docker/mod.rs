@@ -3,6 +3,7 @@
 
 pub mod archive;
 pub mod containers;
+pub mod deployment;
 pub mod egress;
 pub mod exec;
 pub mod inference;
@@ -34,6 +35,14 @@ pub mod labels {
     pub const SIDECAR_FOR: &str = "tether.sidecar_for";
     /// On the inference backend: the GPUs it was given.
     pub const INFERENCE_GPUS: &str = "tether.inference_gpus";
+    /// On a deployment's services, network and volumes: its name.
+    pub const DEPLOYMENT: &str = "tether.deployment";
+    /// On a deployment's service: the service's name.
+    pub const SERVICE: &str = "tether.service";
+    /// On a deployment's service: the hash of what it was made from.
+    pub const SPEC_HASH: &str = "tether.spec_hash";
+    /// On a worker that is not on a network named after it: its network.
+    pub const NETWORK: &str = "tether.network";
     /// Prefix reserved for tether; user labels may not use it.
     pub const PREFIX: &str = "tether.";
 }

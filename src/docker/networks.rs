@@ -107,13 +107,25 @@ pub enum NetKind {
     /// An `allowlist` worker's bridge: no route out (Docker `internal`);
     /// the worker and its egress proxy talk over it.
     Internal,
+    /// A deployment's network: its services talk to each other, and the
+    /// guard lets them (bridge prefix [`SHARED_BRIDGE_PREFIX`]); `internal`
+    /// when the deployment may reach nothing outside.
+    Shared { internal: bool },
 }
+
+/// Prefix of the Linux bridges of deployments' networks.
+pub const SHARED_BRIDGE_PREFIX: &str = "tdep";
 
 /// Name of the Linux bridge of the network on `subnet`: fixed by tether
 /// (unique, as subnets are) so the agent can check that the bridge is in
 /// its own network namespace, where its guard applies.
 pub fn bridge_name(subnet: Ipv4Net) -> String {
     format!("tether{:08x}", u32::from(subnet.network()))
+}
+
+/// Name of the Linux bridge of a deployment's network on `subnet`.
+pub fn shared_bridge_name(subnet: Ipv4Net) -> String {
+    format!("{SHARED_BRIDGE_PREFIX}{:08x}", u32::from(subnet.network()))
 }
 
 /// Creates the dedicated bridge network of a worker on a fresh subnet.
@@ -155,10 +167,15 @@ pub async fn create_kind(
             )
         })?;
         let gateway = subnet.hosts().next().map(|g| g.to_string());
+        let (internal, icc, bridge) = match kind {
+            NetKind::Outbound => (false, false, bridge_name(subnet)),
+            NetKind::Internal => (true, true, bridge_name(subnet)),
+            NetKind::Shared { internal } => (internal, true, shared_bridge_name(subnet)),
+        };
         let req = NetworkCreateRequest {
             name: name.to_string(),
             driver: Some("bridge".into()),
-            internal: Some(kind == NetKind::Internal),
+            internal: Some(internal),
             attachable: Some(false),
             ipam: Some(Ipam {
                 driver: Some("default".into()),
@@ -173,12 +190,9 @@ pub async fn create_kind(
             options: Some(HashMap::from([
                 (
                     "com.docker.network.bridge.enable_icc".to_string(),
-                    (kind == NetKind::Internal).to_string(),
+                    icc.to_string(),
                 ),
-                (
-                    "com.docker.network.bridge.name".to_string(),
-                    bridge_name(subnet),
-                ),
+                ("com.docker.network.bridge.name".to_string(), bridge),
             ])),
             ..Default::default()
         };

@@ -6,9 +6,9 @@
 //! mistyped fields are rejected with `invalid_request`.
 
 use super::{
-    Archive, ChannelClose, ChannelEof, ConfigPoll, ErrorBody, ErrorCode, Exec, Hello, Logs,
-    MAX_CONTROL_BYTES, NodeConfig, NodeStatus, Remove, Resize, Spawn, Stat, Stop, TokenRefresh,
-    Tunnel, Welcome, Window, WorkerEvent, WorkerRef,
+    Archive, ChannelClose, ChannelEof, ConfigPoll, DeployApply, DeployRef, DeployRemove, ErrorBody,
+    ErrorCode, Exec, Hello, Logs, MAX_CONTROL_BYTES, NodeConfig, NodeStatus, Remove, Resize, Spawn,
+    Stat, Stop, TokenRefresh, Tunnel, Welcome, Window, WorkerEvent, WorkerRef,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -108,6 +108,9 @@ message_kinds! {
         "resize" => Resize(Resize),
         "configure" => Configure(NodeConfig),
         "tunnel" => Tunnel(Tunnel),
+        "deploy_apply" => DeployApply(DeployApply),
+        "deploy_inspect" => DeployInspect(DeployRef),
+        "deploy_remove" => DeployRemove(DeployRemove),
     }
     notices {
         "hello" => Hello(Hello),

@@ -3,6 +3,7 @@
 //! error codes. Types and codecs only, no I/O.
 
 mod channel;
+mod deployment;
 mod error;
 mod frame;
 mod handshake;
@@ -14,6 +15,7 @@ mod register;
 mod worker;
 
 pub use channel::*;
+pub use deployment::*;
 pub use error::{ErrorBody, ErrorCode};
 pub use frame::{FRAME_HEADER_LEN, Frame, FrameError, StreamKind};
 pub use handshake::*;

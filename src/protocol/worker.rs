@@ -173,6 +173,11 @@ pub struct WorkerInfo {
     pub task_id: Option<String>,
     #[serde(default)]
     pub job_id: Option<String>,
+    /// The deployment this worker is a service of (docs/deployments.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// RFC 3339 UTC.

@@ -5,6 +5,7 @@ mod agent_ws;
 mod api;
 pub mod audit;
 pub mod auth;
+pub mod compose;
 mod conn;
 mod heartbeat;
 pub mod hub;

@@ -4,6 +4,7 @@
 //! right behind the request is never lost.
 
 mod archive;
+mod deploy;
 mod exec;
 mod logs;
 mod tunnel;
@@ -191,6 +192,9 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
             (Request::GetArchive(a), Some(h)) => archive::get(&ctx, id, a, h).await,
             (Request::PutArchive(a), Some(h)) => archive::put(&ctx, id, a, h).await,
             (Request::Tunnel(t), Some(h)) => tunnel::run(&ctx, id, t, h).await,
+            (Request::DeployApply(a), _) => deploy::apply(&ctx, id, a).await,
+            (Request::DeployInspect(r), _) => deploy::inspect(&ctx, id, r).await,
+            (Request::DeployRemove(r), _) => deploy::remove(&ctx, id, r).await,
             (r, None) => {
                 let e =
                     ErrorBody::new(ErrorCode::Internal, format!("{} without channel", r.kind()));

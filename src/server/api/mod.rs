@@ -26,6 +26,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod deployments;
 mod exec;
 mod mcp;
 mod nodes;
@@ -110,6 +111,14 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
             get(get_archive).put(put_archive),
         )
         .route("/api/v1/audit", get(audit))
+        .route(
+            "/api/v1/deployments",
+            get(deployments::list).post(deployments::up),
+        )
+        .route(
+            "/api/v1/deployments/{name}",
+            get(deployments::inspect).delete(deployments::down),
+        )
         .route("/api/v1/mcp/nodes", get(mcp::list))
         .route(
             "/api/v1/mcp/nodes/{id}",

@@ -92,7 +92,7 @@ pub(super) async fn remove(
 }
 
 /// A record of an operator's call through the API.
-fn api_record<T>(
+pub(super) fn api_record<T>(
     op: &str,
     args: &serde_json::Value,
     t0: std::time::Instant,

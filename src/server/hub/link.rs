@@ -196,11 +196,12 @@ impl AgentLink {
             },
         );
         self.link.send(Outbound::Text(text));
-        // A spawn may pull an image (up to 300 s on the agent).
-        let limit = if kind == "spawn" {
-            self.timeout + Duration::from_secs(300)
-        } else {
-            self.timeout
+        // A spawn may pull an image (up to 300 s on the agent); a
+        // deployment pulls several and waits for health checks.
+        let limit = match kind {
+            "spawn" => self.timeout + Duration::from_secs(300),
+            "deploy_apply" => self.timeout + Duration::from_secs(900),
+            _ => self.timeout,
         };
         match tokio::time::timeout(limit, rx).await {
             Ok(Ok(r)) => r,

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 mod attach;
 mod attachments;
 mod config;
+mod deployments;
 mod link;
 mod stream;
 mod workers;

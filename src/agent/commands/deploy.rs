@@ -1,0 +1,334 @@
+//! Deployments: converge the node to a deployment's services
+//! (`deploy_apply`), show them (`deploy_inspect`), take them down
+//! (`deploy_remove`). Every service is admitted by the node's policy before
+//! anything is made; a new deployment that fails half-way is removed whole.
+
+use super::{Ctx, reply};
+use crate::docker::{self, deployment as dep};
+use crate::protocol::{
+    DependsCondition, DeployApply, DeployRef, DeployRemove, DeploymentInfo, ErrorBody, ErrorCode,
+    MAX_DEPLOYMENT_NAME, MAX_SERVICE_NAME, NetworkPolicy, ServiceAction, ServiceSpec, SpawnRequest,
+    valid_name,
+};
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// One deployment change at a time on a node: two applies of one
+/// deployment must not both make its containers.
+static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// How long a service waits for a dependency to be healthy.
+const HEALTHY_WAIT: Duration = Duration::from_secs(180);
+
+fn bad(msg: String) -> ErrorBody {
+    ErrorBody::new(ErrorCode::InvalidRequest, msg)
+}
+
+/// Names are well formed, unique, and every dependency comes earlier.
+fn check_shape(req: &DeployApply) -> Result<(), ErrorBody> {
+    if !valid_name(&req.deployment, MAX_DEPLOYMENT_NAME) {
+        return Err(bad(format!(
+            "deployment name {:?}: lowercase letters, digits and '-', at most {MAX_DEPLOYMENT_NAME}",
+            req.deployment
+        )));
+    }
+    if req.services.is_empty() {
+        return Err(bad("a deployment needs at least one service".into()));
+    }
+    let mut seen = BTreeSet::new();
+    for s in &req.services {
+        if !valid_name(&s.name, MAX_SERVICE_NAME) {
+            return Err(bad(format!(
+                "service name {:?}: lowercase letters, digits and '-', at most {MAX_SERVICE_NAME}",
+                s.name
+            )));
+        }
+        for d in &s.depends_on {
+            if !seen.contains(d.service.as_str()) {
+                return Err(bad(format!(
+                    "service {}: depends on {}, which is not an earlier service",
+                    s.name, d.service
+                )));
+            }
+        }
+        if !seen.insert(s.name.as_str()) {
+            return Err(bad(format!("service {} is named twice", s.name)));
+        }
+        for v in &s.volumes {
+            if !valid_name(&v.volume, MAX_SERVICE_NAME) || !v.target.starts_with('/') {
+                return Err(bad(format!(
+                    "service {}: volume {:?} at {:?}: a named volume (lowercase letters, digits, '-') at an absolute path",
+                    s.name, v.volume, v.target
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The node's policy on each service, as on a worker's spawn; returns the
+/// network policy the deployment runs under.
+fn admit(ctx: &Ctx, req: &DeployApply, running: usize) -> Result<NetworkPolicy, ErrorBody> {
+    let mut policy = None;
+    for (i, s) in req.services.iter().enumerate() {
+        let mut spawn = SpawnRequest {
+            image: s.image.clone(),
+            cmd: s.command.clone().unwrap_or_default(),
+            env: s.environment.clone(),
+            labels: s.labels.clone(),
+            resources: crate::protocol::Resources {
+                cpus: s.cpus,
+                memory_mb: s.memory_mb,
+                pids: s.pids,
+                disk_mb: None,
+            },
+            network_policy: req.network_policy,
+            ..Default::default()
+        };
+        ctx.node
+            .admit_spawn(&mut spawn, running + i)
+            .map_err(|e| ErrorBody::new(e.code, format!("service {}: {}", s.name, e.message)))?;
+        policy = spawn.network_policy;
+    }
+    Ok(policy.unwrap_or(NetworkPolicy::None))
+}
+
+pub(super) async fn apply(ctx: &Ctx, id: String, req: DeployApply) {
+    let _one = LOCK.lock().await;
+    reply(ctx, id, converge(ctx, &req).await);
+}
+
+async fn converge(ctx: &Ctx, req: &DeployApply) -> Result<DeploymentInfo, ErrorBody> {
+    check_shape(req)?;
+    let (d, node) = (&ctx.docker, ctx.node_id.as_str());
+    let existing = dep::services(d, node, &req.deployment).await?;
+    let running = if ctx.node.concurrency_limited() {
+        docker::containers::running_count(d, node)
+            .await?
+            .saturating_sub(existing.len())
+    } else {
+        0
+    };
+    let policy = admit(ctx, req, running)?;
+    let fresh = existing.is_empty();
+    let result = make(ctx, req, policy, existing).await;
+    if result.is_err() && fresh {
+        // Nothing half-made is left of a deployment that did not exist.
+        if let Err(e) = dep::remove(d, &ctx.pool, node, &req.deployment, true).await {
+            warn!(deployment = %req.deployment, error = %e, "could not undo a failed deployment");
+        }
+    }
+    result
+}
+
+async fn make(
+    ctx: &Ctx,
+    req: &DeployApply,
+    policy: NetworkPolicy,
+    mut existing: HashMap<String, (String, String)>,
+) -> Result<DeploymentInfo, ErrorBody> {
+    let (d, node, name) = (&ctx.docker, ctx.node_id.as_str(), req.deployment.as_str());
+    let network = dep::ensure_network(d, &ctx.pool, node, name, policy, ctx.node.guard()).await?;
+    let volumes: BTreeSet<String> = req
+        .services
+        .iter()
+        .flat_map(|s| s.volumes.iter().map(|v| v.volume.clone()))
+        .collect();
+    dep::ensure_volumes(d, node, name, &volumes.into_iter().collect::<Vec<_>>()).await?;
+    let mut actions = HashMap::new();
+    let mut ids = HashMap::new();
+    for s in &req.services {
+        wait_for_dependencies(ctx, s, &ids).await?;
+        let hash = dep::spec_hash(s, policy);
+        let action = match existing.remove(&s.name) {
+            Some((cid, h)) if h == hash => {
+                ids.insert(s.name.clone(), cid);
+                actions.insert(s.name.clone(), ServiceAction::Unchanged);
+                continue;
+            }
+            Some((cid, _)) => {
+                dep::remove_container(d, &cid).await?;
+                ServiceAction::Recreated
+            }
+            None => ServiceAction::Created,
+        };
+        let creds = ctx.node.credentials(&s.image);
+        let cid =
+            dep::create_service(d, node, name, &network, s, policy, ctx.defaults, creds).await?;
+        info!(deployment = name, service = %s.name, ?action, "service running");
+        ids.insert(s.name.clone(), cid);
+        actions.insert(s.name.clone(), action);
+    }
+    // What the file no longer names goes.
+    let mut removed: Vec<String> = existing.keys().cloned().collect();
+    removed.sort();
+    for (svc, (cid, _)) in existing {
+        dep::remove_container(d, &cid).await?;
+        info!(deployment = name, service = %svc, "service removed");
+    }
+    let mut info = describe(ctx, name, req.services.iter().map(|s| s.name.clone())).await?;
+    for s in &mut info.services {
+        s.action = s
+            .worker
+            .service
+            .as_ref()
+            .and_then(|n| actions.get(n).copied());
+    }
+    info.removed = removed;
+    Ok(info)
+}
+
+/// Waits until each dependency of `s` is as its condition asks.
+async fn wait_for_dependencies(
+    ctx: &Ctx,
+    s: &ServiceSpec,
+    ids: &HashMap<String, String>,
+) -> Result<(), ErrorBody> {
+    for dep_on in &s.depends_on {
+        if dep_on.condition != DependsCondition::ServiceHealthy {
+            continue;
+        }
+        let cid = &ids[&dep_on.service];
+        let deadline = tokio::time::Instant::now() + HEALTHY_WAIT;
+        loop {
+            let st = dep::status(&ctx.docker, &ctx.node_id, cid).await?;
+            match st.health.as_deref() {
+                Some("healthy") => break,
+                None => {
+                    return Err(bad(format!(
+                        "service {} waits for {} to be healthy, but {} has no healthcheck",
+                        s.name, dep_on.service, dep_on.service
+                    )));
+                }
+                Some("unhealthy") => {
+                    return Err(ErrorBody::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "service {} waits for {}, which is unhealthy",
+                            s.name, dep_on.service
+                        ),
+                    ));
+                }
+                _ if tokio::time::Instant::now() >= deadline => {
+                    return Err(ErrorBody::new(
+                        ErrorCode::Timeout,
+                        format!(
+                            "service {} waited {} s for {} to be healthy",
+                            s.name,
+                            HEALTHY_WAIT.as_secs(),
+                            dep_on.service
+                        ),
+                    ));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The deployment's services as they are, in `order` first, then any other.
+async fn describe(
+    ctx: &Ctx,
+    name: &str,
+    order: impl Iterator<Item = String>,
+) -> Result<DeploymentInfo, ErrorBody> {
+    let (d, node) = (&ctx.docker, ctx.node_id.as_str());
+    let mut found = dep::services(d, node, name).await?;
+    let mut ids: Vec<String> = order
+        .filter_map(|s| found.remove(&s))
+        .map(|v| v.0)
+        .collect();
+    let mut rest: Vec<(String, (String, String))> = found.into_iter().collect();
+    rest.sort();
+    ids.extend(rest.into_iter().map(|(_, (id, _))| id));
+    let mut services = Vec::new();
+    for id in ids {
+        services.push(dep::status(d, node, &id).await?);
+    }
+    let network_policy = services.first().and_then(|s| s.worker.network_policy);
+    Ok(DeploymentInfo {
+        deployment: name.to_string(),
+        node_id: node.to_string(),
+        network: dep::network_name(name),
+        network_policy,
+        services,
+        removed: Vec::new(),
+        volumes: dep::volumes(d, node, name).await?,
+    })
+}
+
+fn no_such(name: &str) -> ErrorBody {
+    ErrorBody::new(ErrorCode::NotFound, format!("no such deployment: {name}"))
+}
+
+pub(super) async fn inspect(ctx: &Ctx, id: String, r: DeployRef) {
+    let info = describe(ctx, &r.deployment, std::iter::empty()).await;
+    let info = match info {
+        Ok(i) if i.services.is_empty() => Err(no_such(&r.deployment)),
+        other => other,
+    };
+    reply(ctx, id, info)
+}
+
+pub(super) async fn remove(ctx: &Ctx, id: String, r: DeployRemove) {
+    let _one = LOCK.lock().await;
+    let (d, node) = (&ctx.docker, ctx.node_id.as_str());
+    let services = dep::services(d, node, &r.deployment)
+        .await
+        .unwrap_or_default();
+    let removed = dep::remove(d, &ctx.pool, node, &r.deployment, r.volumes).await;
+    let answer = match removed {
+        Ok(true) => {
+            for svc in services.keys() {
+                let worker = crate::protocol::service_worker_id(&r.deployment, svc);
+                ctx.execs.forget_worker(&worker);
+                ctx.tunnels.worker_removed(ctx, &worker);
+            }
+            info!(deployment = %r.deployment, volumes = r.volumes, "deployment removed");
+            Ok(serde_json::json!({ "deployment": r.deployment, "volumes_removed": r.volumes }))
+        }
+        Ok(false) => Err(no_such(&r.deployment)),
+        Err(e) => Err(e.into()),
+    };
+    reply(ctx, id, answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::DependsOn;
+
+    fn svc(name: &str, deps: &[&str]) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            image: "img".into(),
+            depends_on: deps
+                .iter()
+                .map(|d| DependsOn {
+                    service: d.to_string(),
+                    condition: DependsCondition::ServiceStarted,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_deployment_names_its_services_once_dependencies_first() {
+        let req = |services| DeployApply {
+            deployment: "shop".into(),
+            services,
+            network_policy: None,
+        };
+        assert!(check_shape(&req(vec![svc("db", &[]), svc("web", &["db"])])).is_ok());
+        let e = check_shape(&req(vec![svc("web", &["db"]), svc("db", &[])])).unwrap_err();
+        assert!(e.message.contains("depends on db"), "{}", e.message);
+        let e = check_shape(&req(vec![svc("db", &[]), svc("db", &[])])).unwrap_err();
+        assert!(e.message.contains("named twice"), "{}", e.message);
+        let e = check_shape(&req(vec![svc("a_b", &[])])).unwrap_err();
+        assert!(e.message.contains("a_b"), "{}", e.message);
+        assert!(check_shape(&req(vec![])).is_err());
+    }
+}

@@ -1,0 +1,139 @@
+//! Deployments: where each runs (the node of its services in the worker
+//! registry), and the requests that make, show and remove them.
+
+use super::*;
+use crate::protocol::{
+    DeployApply, DeployRef, DeployRemove, DeploymentInfo, DeploymentSummary, WorkerState,
+};
+
+impl Hub {
+    /// The node a deployment's services run on, if the registry knows it.
+    fn deployment_node(&self, name: &str) -> Option<String> {
+        let reg = self.reg.lock().unwrap();
+        reg.workers
+            .values()
+            .find(|w| w.deployment.as_deref() == Some(name))
+            .map(|w| w.node_id.clone())
+    }
+
+    fn deployment_link(&self, name: &str) -> Result<Arc<AgentLink>, ErrorBody> {
+        let node = self.deployment_node(name).ok_or_else(|| {
+            ErrorBody::new(ErrorCode::NotFound, format!("no such deployment: {name}"))
+        })?;
+        self.link(&node)
+    }
+
+    /// Makes or converges a deployment: on the node it already runs on, or
+    /// on `node`, or on the least-loaded node.
+    pub async fn deploy(
+        &self,
+        req: DeployApply,
+        node: Option<String>,
+    ) -> Result<DeploymentInfo, ErrorBody> {
+        let node_id = match (self.deployment_node(&req.deployment), node) {
+            (Some(at), Some(n)) if at != n => {
+                return Err(ErrorBody::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "deployment {} runs on node {at}: take it down to move it to {n}",
+                        req.deployment
+                    ),
+                ));
+            }
+            (Some(at), _) => at,
+            (None, Some(n)) => {
+                if self.node_info(&n)?.draining {
+                    return Err(ErrorBody::new(
+                        ErrorCode::Conflict,
+                        format!("node {n} is draining"),
+                    ));
+                }
+                n
+            }
+            (None, None) => self.schedule(false)?,
+        };
+        let link = self.link(&node_id)?;
+        let name = req.deployment.clone();
+        let r: Result<DeploymentInfo, ErrorBody> = link.request_as(Request::DeployApply(req)).await;
+        self.note_deployment(&node_id, &name, &r);
+        r
+    }
+
+    /// A deployment's services as its node sees them now.
+    pub async fn deployment(&self, name: &str) -> Result<DeploymentInfo, ErrorBody> {
+        let link = self.deployment_link(name)?;
+        let r = link
+            .request_as(Request::DeployInspect(DeployRef {
+                deployment: name.into(),
+            }))
+            .await;
+        self.note_deployment(&link.node_id, name, &r);
+        r
+    }
+
+    /// Removes every service and the network (and the volumes if asked).
+    pub async fn undeploy(&self, name: &str, volumes: bool) -> Result<Value, ErrorBody> {
+        let link = self.deployment_link(name)?;
+        let r = link
+            .request(Request::DeployRemove(DeployRemove {
+                deployment: name.into(),
+                volumes,
+            }))
+            .await;
+        if r.is_ok() || r.as_ref().is_err_and(|e| e.code == ErrorCode::NotFound) {
+            let gone = Err(ErrorBody::new(ErrorCode::NotFound, "removed"));
+            self.note_deployment(&link.node_id, name, &gone);
+        }
+        r
+    }
+
+    /// Every deployment the registry knows, by name.
+    pub fn deployments(&self) -> Vec<DeploymentSummary> {
+        let reg = self.reg.lock().unwrap();
+        let mut by_name: std::collections::BTreeMap<&str, DeploymentSummary> = Default::default();
+        for w in reg.workers.values() {
+            let Some(d) = w.deployment.as_deref() else {
+                continue;
+            };
+            let e = by_name.entry(d).or_insert_with(|| DeploymentSummary {
+                deployment: d.to_string(),
+                node_id: w.node_id.clone(),
+                services: 0,
+                running: 0,
+            });
+            e.services += 1;
+            e.running += usize::from(w.state == WorkerState::Running);
+        }
+        by_name.into_values().collect()
+    }
+
+    /// Brings the registry's services of deployment `name` on `node_id` in
+    /// line with what the node answered (none, if it answered not found).
+    fn note_deployment(&self, node_id: &str, name: &str, r: &Result<DeploymentInfo, ErrorBody>) {
+        let services = match r {
+            Ok(info) => info.services.as_slice(),
+            Err(e) if e.code == ErrorCode::NotFound => &[],
+            // Other failures say nothing of what exists.
+            Err(_) => return,
+        };
+        let mut reg = self.reg.lock().unwrap();
+        reg.workers
+            .retain(|_, w| !(w.node_id == node_id && w.deployment.as_deref() == Some(name)));
+        for s in services {
+            // A node speaks only for its own services of this deployment.
+            if s.worker.deployment.as_deref() != Some(name) {
+                continue;
+            }
+            if reg
+                .workers
+                .get(&s.worker.worker_id)
+                .is_some_and(|w| w.node_id != node_id)
+            {
+                continue;
+            }
+            let mut w = s.worker.clone();
+            w.node_id = node_id.to_string();
+            reg.workers.insert(w.worker_id.clone(), w);
+        }
+    }
+}

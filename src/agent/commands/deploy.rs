@@ -67,11 +67,12 @@ fn check_shape(req: &DeployApply) -> Result<(), ErrorBody> {
     Ok(())
 }
 
-/// The node's policy on each service, as on a worker's spawn; returns the
-/// network policy the deployment runs under.
-fn admit(ctx: &Ctx, req: &DeployApply, running: usize) -> Result<NetworkPolicy, ErrorBody> {
+/// The node's policy on each service, as on a worker's spawn: the limits
+/// it sets where the file sets none are written into the service. Returns
+/// the network policy the deployment runs under.
+fn admit(ctx: &Ctx, req: &mut DeployApply, running: usize) -> Result<NetworkPolicy, ErrorBody> {
     let mut policy = None;
-    for (i, s) in req.services.iter().enumerate() {
+    for (i, s) in req.services.iter_mut().enumerate() {
         let mut spawn = SpawnRequest {
             image: s.image.clone(),
             cmd: s.command.clone().unwrap_or_default(),
@@ -89,17 +90,19 @@ fn admit(ctx: &Ctx, req: &DeployApply, running: usize) -> Result<NetworkPolicy, 
         ctx.node
             .admit_spawn(&mut spawn, running + i)
             .map_err(|e| ErrorBody::new(e.code, format!("service {}: {}", s.name, e.message)))?;
+        let r = spawn.resources;
+        (s.cpus, s.memory_mb, s.pids) = (r.cpus, r.memory_mb, r.pids);
         policy = spawn.network_policy;
     }
     Ok(policy.unwrap_or(NetworkPolicy::None))
 }
 
-pub(super) async fn apply(ctx: &Ctx, id: String, req: DeployApply) {
+pub(super) async fn apply(ctx: &Ctx, id: String, mut req: DeployApply) {
     let _one = LOCK.lock().await;
-    reply(ctx, id, converge(ctx, &req).await);
+    reply(ctx, id, converge(ctx, &mut req).await);
 }
 
-async fn converge(ctx: &Ctx, req: &DeployApply) -> Result<DeploymentInfo, ErrorBody> {
+async fn converge(ctx: &Ctx, req: &mut DeployApply) -> Result<DeploymentInfo, ErrorBody> {
     check_shape(req)?;
     let (d, node) = (&ctx.docker, ctx.node_id.as_str());
     let existing = dep::services(d, node, &req.deployment).await?;

@@ -163,7 +163,7 @@ fn leftovers(name: &str) -> (String, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_service_deployment_comes_up_in_order_serves_survives_converges_and_goes() {
-    let h = Harness::server().await;
+    let h = Harness::server_with(|c| c.preview_domain = Some("preview.test".into())).await;
     let cfg = h.agent_config(&unique("test"));
     let node = cfg.node_id.clone();
     h.track(&node);
@@ -230,6 +230,76 @@ async fn a_three_service_deployment_comes_up_in_order_serves_survives_converges_
 
     // Through a tunnel from the operator's machine.
     let (mut pf, addr) = port_forward(&h, &format!("{name}/api"), ":80").await;
+    let page = http_get(&addr, "/cgi-bin/data").await;
+    assert!(page.ends_with("secret-data\n"), "{page:?}");
+    pf.kill().await.unwrap();
+
+    // A preview URL for NAME/SERVICE:PORT, host-based (`_` is spelled `--`).
+    let url = h
+        .ctl_ok(&["preview-url", &format!("{name}/api"), "80"])
+        .await;
+    let host = format!("80-{name}--api.preview.test");
+    let query = url
+        .trim()
+        .strip_prefix(&format!("http://{host}/"))
+        .unwrap_or_else(|| panic!("{url}"));
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!("{}/{query}", h.url))
+        .header("host", &host)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let page = client
+        .get(format!("{}/cgi-bin/data", h.url))
+        .header("host", &host)
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(page, "secret-data\n");
+
+    // A service that dies is restarted by its policy, and its exit is a
+    // worker event.
+    let mut events = h.hub.worker_events();
+    let api_id = format!("{name}/api");
+    h.ctl_ok(&["exec", &api_id, "--", "sh", "-c", "kill $(pidof httpd)"])
+        .await;
+    let ev = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let (_, ev) = events.recv().await.unwrap();
+            if ev.worker_id == format!("{name}_api") {
+                return ev;
+            }
+        }
+    })
+    .await
+    .expect("an exit event for api");
+    assert_eq!(ev.event, tether::protocol::WorkerEventKind::Exited);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let d: DeploymentInfo =
+            serde_json::from_str(&h.ctl_ok(&["deploy", "inspect", &name]).await).unwrap();
+        let api = &d.services[1];
+        if api.restarts >= 1 && api.worker.state == tether::protocol::WorkerState::Running {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "api not restarted: {api:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (mut pf, addr) = port_forward(&h, &api_id, ":80").await;
     let page = http_get(&addr, "/cgi-bin/data").await;
     assert!(page.ends_with("secret-data\n"), "{page:?}");
     pf.kill().await.unwrap();
@@ -385,6 +455,11 @@ async fn refused_and_failed_deployments_leave_nothing_behind() {
     let mut h = Harness::server().await;
     let mut cfg = h.agent_config(&unique("test"));
     cfg.policy.max_memory_mb = 128;
+    let shared = h.state_path("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("f"), b"from-the-host").unwrap();
+    let shared = shared.to_string_lossy().into_owned();
+    cfg.policy.allowed_host_paths = vec![shared.clone()];
     let node = h.add_agent_with(cfg).await;
     let img = image();
     let name = unique("bad");
@@ -406,6 +481,53 @@ async fn refused_and_failed_deployments_leave_nothing_behind() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{err}");
     assert!(err.contains("service big") && err.contains("128"), "{err}");
+    assert_eq!(
+        leftovers(&name),
+        (String::new(), String::new(), String::new())
+    );
+
+    // A service that names no limit gets the node's, not the default 512 MB.
+    let text = format!("services:\n  small:\n    image: {img}\n    command: [\"sleep\", \"60\"]\n");
+    let d = up(&h, &write(&h, "small.yaml", &text), &name, &[]).await;
+    let memory = docker(&[
+        "inspect",
+        "-f",
+        "{{.HostConfig.Memory}}",
+        &d.services[0].worker.container_id,
+    ]);
+    assert_eq!(memory, (128u64 << 20).to_string());
+    h.ctl_ok(&["deploy", "down", &name]).await;
+
+    // Host paths: under the node's allowed paths (read-only by default)...
+    let text = format!(
+        "services:\n  h:\n    image: {img}\n    command: [\"sleep\", \"60\"]\n    volumes: [\"{shared}:/data\"]\n"
+    );
+    up(&h, &write(&h, "host.yaml", &text), &name, &[]).await;
+    let svc = format!("{name}/h");
+    let got = h.ctl_ok(&["exec", &svc, "--", "cat", "/data/f"]).await;
+    assert_eq!(got, "from-the-host");
+    let out = h
+        .ctl(&["exec", &svc, "--", "sh", "-c", "echo x > /data/g"])
+        .await;
+    assert!(!out.status.success(), "mounted read-only");
+    h.ctl_ok(&["deploy", "down", &name]).await;
+    // ...and nowhere else.
+    let text = format!("services:\n  h:\n    image: {img}\n    volumes: [\"/etc:/data\"]\n");
+    let out = h
+        .ctl(&[
+            "deploy",
+            "up",
+            "-f",
+            &write(&h, "etc.yaml", &text),
+            "--name",
+            &name,
+        ])
+        .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("service h") && err.contains("allowed_host_paths"),
+        "{err}"
+    );
     assert_eq!(
         leftovers(&name),
         (String::new(), String::new(), String::new())
@@ -449,4 +571,52 @@ async fn refused_and_failed_deployments_leave_nothing_behind() {
     assert!(err.contains("ports") && err.contains("line 4"), "{err}");
     assert_eq!(leftovers(&name).0, "");
     let _ = node;
+}
+
+/// The least-loaded node is asked first; a node whose policy refuses a
+/// service is passed over for the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_passes_over_a_node_whose_policy_refuses_a_service() {
+    let mut h = Harness::server().await;
+    let mut strict = h.agent_config(&unique("test"));
+    strict.policy.allowed_images = vec!["registry.invalid/only-this/*".into()];
+    let strict = h.add_agent_with(strict).await;
+    let open = h.add_agent().await;
+    // The open node is the busier one.
+    let w = h
+        .ctl_ok(&[
+            "spawn",
+            "--image",
+            &image(),
+            "--node",
+            &open,
+            "--",
+            "sleep",
+            "600",
+        ])
+        .await;
+    assert!(!w.trim().is_empty());
+    let name = unique("place");
+    let text = format!(
+        "services:\n  one:\n    image: {}\n    command: [\"sleep\", \"600\"]\n",
+        image()
+    );
+    let file = write(&h, "one.yaml", &text);
+    let d = up(&h, &file, &name, &[]).await;
+    assert_eq!(d.node_id, open, "placed on the node that admits it");
+    h.ctl_ok(&["deploy", "down", &name]).await;
+
+    // Asked for by name, the strict node says why not.
+    let out = h
+        .ctl(&[
+            "deploy", "up", "-f", &file, "--name", &name, "--node", &strict,
+        ])
+        .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("service one") && err.contains("allowed_images"),
+        "{err}"
+    );
+    assert_eq!(leftovers(&name).0, "");
 }

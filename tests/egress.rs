@@ -484,6 +484,73 @@ async fn allowlist_passes_allowed_names_through_the_proxy_only() {
     h.ctl_ok(&["rm", "-f", &w]).await;
     assert_eq!(docker(&["ps", "-aq", "--filter", &proxies]), "");
     assert_eq!(docker(&["network", "ls", "-q", "--filter", &proxies]), "");
+
+    // A deployment under allowlist: its services talk to each other, and
+    // reach out only through its own proxy, which goes with it.
+    let name = unique("allow");
+    let file = h.state_path("dep.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "services:\n  a:\n    image: {img}\n    command: [\"sh\", \"-c\", \"mkdir -p /w && echo sibling > /w/x && exec httpd -f -p 80 -h /w\"]\n  b:\n    image: {img}\n    command: [\"sleep\", \"3600\"]\n",
+            img = image()
+        ),
+    )
+    .unwrap();
+    let up = h
+        .ctl_ok(&[
+            "deploy",
+            "up",
+            "-f",
+            file.to_str().unwrap(),
+            "--name",
+            &name,
+            "--json",
+        ])
+        .await;
+    let d: tether::protocol::DeploymentInfo = serde_json::from_str(&up).unwrap();
+    assert_eq!(
+        d.network_policy,
+        Some(tether::protocol::NetworkPolicy::Allowlist)
+    );
+    let b = format!("{name}/b");
+    let (_, out) = sh(
+        &h,
+        &b,
+        "for i in 1 2 3 4 5 6 7 8 9 10; do printf 'GET /x HTTP/1.0\\r\\n\\r\\n' | nc -w 3 a 80 && break; sleep 0.3; done",
+    )
+    .await;
+    assert!(out.contains("sibling"), "{out}");
+    let (_, out) = sh(
+        &h,
+        &b,
+        &proxy("GET http://allowed.test/ HTTP/1.0\\r\\nHost: allowed.test\\r\\n\\r\\n"),
+    )
+    .await;
+    assert!(out.contains(INTERNET_BODY), "{out}");
+    let (_, out) = sh(
+        &h,
+        &b,
+        &proxy("GET http://denied.test/ HTTP/1.0\\r\\n\\r\\n"),
+    )
+    .await;
+    assert!(out.contains("403"), "{out}");
+    let (_, out) = sh(&h, &b, &get(net.addr, 80)).await;
+    assert!(
+        !out.contains(INTERNET_BODY),
+        "a service reached out directly: {out}"
+    );
+    let dep_proxy = format!("label=tether.egress_for=dep-{name}");
+    assert_eq!(
+        docker(&["ps", "-q", "--filter", &dep_proxy])
+            .lines()
+            .count(),
+        1
+    );
+    h.ctl_ok(&["deploy", "down", &name]).await;
+    assert_eq!(docker(&["ps", "-aq", "--filter", &dep_proxy]), "");
+    assert_eq!(docker(&["network", "ls", "-q", "--filter", &dep_proxy]), "");
+
     let filter = format!("label=tether.node_id={node}");
     assert_eq!(docker(&["network", "ls", "-q", "--filter", &filter]), "");
     h.stop().await;

@@ -211,14 +211,22 @@ mod tests {
         assert_eq!(c[0].hook, Hook::Input);
         assert_eq!(c[0].rules.len(), 2);
         let f = &c[1].rules;
-        // established, proxy, pool, 2 DNS (private resolver only), 1 allowed, blocked
-        assert_eq!(f.len(), 3 + 2 + 1 + BLOCKED.len());
-        assert_eq!(f[5].verdict, Verdict::Accept);
+        // established, proxy, deployment bridges, pool, 2 DNS (private
+        // resolver only), 1 allowed, blocked
+        assert_eq!(f.len(), 4 + 2 + 1 + BLOCKED.len());
+        // Pool to pool is accepted only from one deployment bridge to one.
+        assert!(f[2].matches.contains(&Match::IifnamePrefix("tdep")));
+        assert!(f[2].matches.contains(&Match::OifnamePrefix("tdep")));
+        assert_eq!(
+            (f[2].verdict, f[3].verdict),
+            (Verdict::Accept, Verdict::Drop)
+        );
+        assert_eq!(f[6].verdict, Verdict::Accept);
         assert!(
-            f[5].matches
+            f[6].matches
                 .contains(&Match::Daddr("192.168.5.0".parse().unwrap(), 24))
         );
-        assert!(f[6..].iter().all(|r| r.verdict == Verdict::Drop));
+        assert!(f[7..].iter().all(|r| r.verdict == Verdict::Drop));
         assert_eq!(proxy_host_part(28), 14);
     }
 }

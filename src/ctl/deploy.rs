@@ -21,7 +21,7 @@ pub enum DeployCmd {
         /// The node to run on (default: where it runs, or the least loaded).
         #[arg(long)]
         node: Option<String>,
-        /// none or restricted (default: the node's default policy).
+        /// none, allowlist or restricted: narrows the node's default policy.
         #[arg(long, value_name = "POLICY")]
         network_policy: Option<NetworkPolicy>,
         /// Print the result as JSON.

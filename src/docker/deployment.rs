@@ -7,6 +7,7 @@
 //! restart it finds the deployment as it left it.
 
 use super::containers::{self, Defaults};
+use super::egress;
 use super::networks::{self, NetKind, SubnetPool};
 use super::{Error, labels, object_name};
 use crate::protocol::{
@@ -56,18 +57,25 @@ pub fn spec_hash(spec: &ServiceSpec, policy: NetworkPolicy) -> String {
     hex::encode(sha2::Sha256::digest(v.to_string().as_bytes()))[..16].to_string()
 }
 
-/// The deployment's network, made if missing. `policy` `none` makes it
-/// internal (the services reach each other and nothing else); `restricted`
-/// gives it the guarded way out workers have. Returns its name and policy
-/// label.
+/// What owns a deployment's egress proxy (in the place of a worker id).
+pub fn proxy_owner(deployment: &str) -> String {
+    format!("dep-{deployment}")
+}
+
+/// The deployment's network, made if missing, and the environment its
+/// services get. `none` makes it internal (the services reach each other and
+/// nothing else); `restricted` gives it the guarded way out workers have;
+/// `allowlist` makes it internal with an egress proxy on it (`proxy`), as
+/// for an allowlist worker.
 pub async fn ensure_network(
     docker: &Docker,
     pool: &SubnetPool,
     node_id: &str,
     deployment: &str,
     policy: NetworkPolicy,
+    proxy: Option<&egress::ProxySpec>,
     guard: Result<(), &str>,
-) -> Result<String, Error> {
+) -> Result<(String, Vec<String>), Error> {
     let name = network_name(deployment);
     if let Ok(n) = docker.inspect_network(&name, None).await {
         let lbls = n.labels.unwrap_or_default();
@@ -91,45 +99,64 @@ pub async fn ensure_network(
             )
             .into());
         }
-        return Ok(name);
+        let subnet = n
+            .ipam
+            .and_then(|i| i.config)
+            .and_then(|c| c.into_iter().find_map(|c| c.subnet))
+            .and_then(|s| s.parse::<ipnet::Ipv4Net>().ok());
+        let env = match (policy, subnet) {
+            (NetworkPolicy::Allowlist, Some(s)) => egress::proxy_env(egress::proxy_ip(s)),
+            _ => Vec::new(),
+        };
+        return Ok((name, env));
     }
-    let internal = match policy {
-        NetworkPolicy::None => true,
-        NetworkPolicy::Restricted => {
-            if let Err(why) = guard {
-                return Err(ErrorBody::new(
-                    ErrorCode::Unsupported,
-                    format!("network policy restricted cannot be enforced on this node: {why}"),
-                )
-                .into());
-            }
-            false
-        }
-        NetworkPolicy::Allowlist => {
-            return Err(ErrorBody::new(
-                ErrorCode::Unsupported,
-                "network policy allowlist is not available for deployments: use none or restricted",
-            )
-            .into());
-        }
+    let unenforceable = |why: &str| {
+        Error::from(ErrorBody::new(
+            ErrorCode::Unsupported,
+            format!(
+                "network policy {} cannot be enforced on this node: {why}",
+                policy.as_str()
+            ),
+        ))
     };
+    let internal = policy != NetworkPolicy::Restricted;
+    if policy != NetworkPolicy::None
+        && let Err(why) = guard
+    {
+        return Err(unenforceable(why));
+    }
     let mut lbls = object_labels(node_id, deployment);
     lbls.insert(labels::NETWORK_POLICY.into(), policy.as_str().into());
     let created =
         networks::create_kind(docker, pool, &name, &lbls, NetKind::Shared { internal }).await?;
-    let bridge = networks::shared_bridge_name(created.subnet);
-    if !internal && !crate::agent::netguard::bridge_visible(&bridge) {
+    let undo = || async {
+        let _ = egress::remove_proxy(docker, pool, node_id, &proxy_owner(deployment)).await;
         let _ = networks::remove(docker, pool, node_id, &created.id).await;
-        return Err(ErrorBody::new(
-            ErrorCode::Unsupported,
-            format!(
-                "network policy restricted cannot be enforced on this node: the deployment's bridge \
-                 {bridge} is not in the agent's network namespace"
-            ),
-        )
-        .into());
+    };
+    let bridge = networks::shared_bridge_name(created.subnet);
+    if policy != NetworkPolicy::None && !crate::agent::netguard::bridge_visible(&bridge) {
+        undo().await;
+        return Err(unenforceable(&format!(
+            "the deployment's bridge {bridge} is not in the agent's network namespace"
+        )));
     }
-    Ok(name)
+    let mut env = Vec::new();
+    if policy == NetworkPolicy::Allowlist {
+        let Some(spec) = proxy else {
+            undo().await;
+            return Err(unenforceable("no egress proxy image"));
+        };
+        let owner = proxy_owner(deployment);
+        match egress::start_proxy(docker, pool, node_id, &owner, &name, created.subnet, spec).await
+        {
+            Ok(ip) => env = egress::proxy_env(ip),
+            Err(e) => {
+                undo().await;
+                return Err(e);
+            }
+        }
+    }
+    Ok((name, env))
 }
 
 /// Makes the deployment's named volumes that are missing.
@@ -204,6 +231,7 @@ pub async fn create_service(
     node_id: &str,
     deployment: &str,
     network: &str,
+    net_env: &[String],
     spec: &ServiceSpec,
     policy: NetworkPolicy,
     defaults: Defaults,
@@ -250,6 +278,7 @@ pub async fn create_service(
             spec.environment
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
+                .chain(net_env.iter().cloned())
                 .collect(),
         ),
         labels: Some(lbls),
@@ -272,6 +301,19 @@ pub async fn create_service(
                         typ: Some(MountType::VOLUME),
                         read_only: Some(v.read_only),
                         ..Default::default()
+                    })
+                    .collect()
+            }),
+            binds: (!spec.mounts.is_empty()).then(|| {
+                spec.mounts
+                    .iter()
+                    .map(|m| {
+                        let mode = if m.read_only.unwrap_or(true) {
+                            "ro"
+                        } else {
+                            "rw"
+                        };
+                        format!("{}:{}:{mode}", m.source, m.target)
                     })
                     .collect()
             }),
@@ -399,6 +441,7 @@ pub async fn remove(
     for (id, _) in svcs.values() {
         remove_container(docker, id).await?;
     }
+    egress::remove_proxy(docker, pool, node_id, &proxy_owner(deployment)).await?;
     let net = network_name(deployment);
     if let Ok(n) = docker.inspect_network(&net, None).await {
         let lbls = n.labels.unwrap_or_default();

@@ -146,15 +146,7 @@ pub async fn prepare(
     let mut env = Vec::new();
     if let NetPlan::Allowlist(spec) = plan {
         match start_proxy(docker, pool, node_id, worker_id, &name, subnet, spec).await {
-            Ok(ip) => {
-                let url = format!("http://{ip}:{}", crate::egress_proxy::PORT);
-                for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
-                    env.push(format!("{k}={url}"));
-                }
-                for k in ["NO_PROXY", "no_proxy"] {
-                    env.push(format!("{k}=localhost,127.0.0.1"));
-                }
-            }
+            Ok(ip) => env = proxy_env(ip),
             Err(e) => {
                 undo().await;
                 return Err(e);
@@ -167,6 +159,19 @@ pub async fn prepare(
         network_id: Some(created.id.clone()),
         env,
     })
+}
+
+/// The environment that points a container at the egress proxy on `ip`.
+pub(crate) fn proxy_env(ip: Ipv4Addr) -> Vec<String> {
+    let url = format!("http://{ip}:{}", crate::egress_proxy::PORT);
+    let mut env = Vec::new();
+    for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+        env.push(format!("{k}={url}"));
+    }
+    for k in ["NO_PROXY", "no_proxy"] {
+        env.push(format!("{k}=localhost,127.0.0.1"));
+    }
+    env
 }
 
 /// Removes what [`prepare`] made, after a later step of a spawn failed.
@@ -189,7 +194,7 @@ pub fn proxy_ip(subnet: Ipv4Net) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(subnet.network()) | host)
 }
 
-async fn start_proxy(
+pub(crate) async fn start_proxy(
     docker: &Docker,
     pool: &SubnetPool,
     node_id: &str,

@@ -56,6 +56,10 @@ pub struct ServiceSpec {
     /// Named volumes of the deployment mounted into the service.
     #[serde(default)]
     pub volumes: Vec<VolumeMount>,
+    /// Host paths, as a worker's `mounts` (only under the node's allowed
+    /// host paths).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<super::worker::Mount>,
 }
 
 /// A service this one waits for before it starts.
@@ -194,13 +198,15 @@ pub struct DeploymentSummary {
 }
 
 /// Deployment and service names: lowercase letters, digits and `-`, not
-/// starting or ending with `-`, at most `max` bytes. No `_`: it joins a
-/// deployment's name and a service's name into the service's worker id.
+/// starting or ending with `-`, no `--`, at most `max` bytes. No `_`: it
+/// joins a deployment's name and a service's name into the service's worker
+/// id (spelled `--` in a preview host name).
 pub fn valid_name(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
         && !s.starts_with('-')
         && !s.ends_with('-')
+        && !s.contains("--")
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
@@ -231,7 +237,7 @@ mod tests {
     #[test]
     fn names_and_service_refs() {
         assert!(valid_name("app-1", 32));
-        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"x".repeat(33)] {
+        for bad in ["", "-a", "a-", "a--b", "A", "a_b", "a.b", &"x".repeat(33)] {
             assert!(!valid_name(bad, 32), "{bad}");
         }
         assert_eq!(worker_ref("shop/web"), "shop_web");

@@ -5,8 +5,8 @@
 
 use crate::protocol::{
     DependsCondition, DependsOn, DeployApply, ErrorBody, ErrorCode, Healthcheck,
-    MAX_DEPLOYMENT_NAME, MAX_SERVICE_NAME, NetworkPolicy, RestartPolicy, ServiceSpec, VolumeMount,
-    valid_name,
+    MAX_DEPLOYMENT_NAME, MAX_SERVICE_NAME, Mount, NetworkPolicy, RestartPolicy, ServiceSpec,
+    VolumeMount, valid_name,
 };
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -362,41 +362,48 @@ pub fn parse(
                     .ok_or_else(|| bad(format!("{}: {t:?} is not a TCP port", at("expose"))))
             })
             .collect::<Result<_, _>>()?;
-        let volumes = s
-            .volumes
-            .iter()
-            .map(|v| {
-                let parts: Vec<&str> = v.split(':').collect();
-                let (source, target, ro) = match parts.as_slice() {
-                    [s, t] => (*s, *t, false),
-                    [s, t, "ro"] => (*s, *t, true),
-                    [s, t, "rw"] => (*s, *t, false),
-                    _ => {
-                        return Err(bad(format!(
-                            "{}: {v:?}: expected VOLUME:/path[:ro]",
-                            at("volumes")
-                        )));
-                    }
-                };
-                if source.starts_with(['/', '.', '~']) {
+        let mut volumes = Vec::new();
+        let mut mounts = Vec::new();
+        for v in &s.volumes {
+            let parts: Vec<&str> = v.split(':').collect();
+            let (source, target, ro) = match parts.as_slice() {
+                [s, t] => (*s, *t, None),
+                [s, t, "ro"] => (*s, *t, Some(true)),
+                [s, t, "rw"] => (*s, *t, Some(false)),
+                _ => {
                     return Err(bad(format!(
-                        "{}: {v:?}: host paths are not available to deployments; use a named volume",
+                        "{}: {v:?}: expected SOURCE:/path[:ro|rw]",
                         at("volumes")
                     )));
                 }
-                if !declared.contains(source) {
-                    return Err(bad(format!(
-                        "{}: volume {source} is not declared under the top-level volumes:",
-                        at("volumes")
-                    )));
-                }
-                Ok(VolumeMount {
-                    volume: source.to_string(),
+            };
+            if source.starts_with('/') {
+                // A host path: the node's policy decides.
+                mounts.push(Mount {
+                    source: source.to_string(),
                     target: target.to_string(),
                     read_only: ro,
-                })
-            })
-            .collect::<Result<_, _>>()?;
+                });
+                continue;
+            }
+            if source.starts_with(['.', '~']) {
+                return Err(bad(format!(
+                    "{}: {v:?}: a relative host path means nothing on the node; give an absolute one",
+                    at("volumes")
+                )));
+            }
+            if !declared.contains(source) {
+                return Err(bad(format!(
+                    "{}: volume {source} is not declared under the top-level volumes:",
+                    at("volumes")
+                )));
+            }
+            volumes.push(VolumeMount {
+                volume: source.to_string(),
+                target: target.to_string(),
+                read_only: ro == Some(true),
+            });
+        }
         specs.insert(
             sname.clone(),
             ServiceSpec {
@@ -422,6 +429,7 @@ pub fn parse(
                 pids: s.pids_limit,
                 expose,
                 volumes,
+                mounts,
             },
         );
     }
@@ -523,6 +531,10 @@ volumes:
         assert_eq!(h.test, ["CMD-SHELL", "nc -z localhost 8080"]);
         assert_eq!((h.interval_ms, h.retries), (Some(500), Some(5)));
         assert!(api.volumes[0].read_only);
+        // A host path is the node's to allow or refuse.
+        let text = "services:\n  a:\n    image: x\n    volumes: [\"/srv/x:/x:rw\"]\n";
+        let m = &parse(text, Some("n"), None).unwrap().services[0].mounts[0];
+        assert_eq!((m.source.as_str(), m.read_only), ("/srv/x", Some(false)));
         assert_eq!(parse(APP, Some("other"), None).unwrap().deployment, "other");
     }
 
@@ -546,8 +558,8 @@ volumes:
                 "no service named b",
             ),
             (
-                "services:\n  a:\n    image: x\n    volumes: [\"/etc:/x\"]\n",
-                "host paths",
+                "services:\n  a:\n    image: x\n    volumes: [\"./etc:/x\"]\n",
+                "absolute",
             ),
             (
                 "services:\n  a:\n    image: x\n    volumes: [\"v:/x\"]\n",

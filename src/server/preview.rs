@@ -100,6 +100,8 @@ pub fn remaining(expires: u64) -> u64 {
 
 /// The worker and port a host-based preview name addresses:
 /// `{port}-{worker}.{domain}`, with or without `:port` after it, in any case.
+/// A deployment's service (worker `NAME_SERVICE`; `_` is no host name
+/// character) is spelled `{port}-{NAME}--{SERVICE}`.
 pub fn parse_host(host: &str, domain: &str) -> Option<(String, u16)> {
     let host = host.to_ascii_lowercase();
     let host = match host.rsplit_once(':') {
@@ -117,7 +119,12 @@ pub fn parse_host(host: &str, domain: &str) -> Option<(String, u16)> {
     {
         return None;
     }
-    Some((worker.to_string(), port))
+    Some((worker.replace("--", "_"), port))
+}
+
+/// How a worker id is spelled in a host-based preview name.
+pub fn host_label(worker_id: &str) -> String {
+    worker_id.replace('_', "--")
 }
 
 /// The preview domain without the port it may carry for printed URLs.
@@ -219,6 +226,16 @@ mod tests {
                 "preview.example.test:7878"
             ),
             Some(("01abc".into(), 8080))
+        );
+        assert_eq!(
+            parse_host("80-shop--web.preview.example.test", d),
+            Some(("shop_web".into(), 80))
+        );
+        assert_eq!(
+            parse_host(&format!("80-{}.{d}", host_label("shop_web")), d)
+                .unwrap()
+                .0,
+            "shop_web"
         );
         for h in [
             "preview.example.test",

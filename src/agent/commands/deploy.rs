@@ -4,6 +4,7 @@
 //! anything is made; a new deployment that fails half-way is removed whole.
 
 use super::{Ctx, reply};
+use crate::docker::egress::NetPlan;
 use crate::docker::{self, deployment as dep};
 use crate::protocol::{
     DependsCondition, DeployApply, DeployRef, DeployRemove, DeploymentInfo, ErrorBody, ErrorCode,
@@ -70,8 +71,8 @@ fn check_shape(req: &DeployApply) -> Result<(), ErrorBody> {
 /// The node's policy on each service, as on a worker's spawn: the limits
 /// it sets where the file sets none are written into the service. Returns
 /// the network policy the deployment runs under.
-fn admit(ctx: &Ctx, req: &mut DeployApply, running: usize) -> Result<NetworkPolicy, ErrorBody> {
-    let mut policy = None;
+fn admit(ctx: &Ctx, req: &mut DeployApply, running: usize) -> Result<NetPlan, ErrorBody> {
+    let mut plan = None;
     for (i, s) in req.services.iter_mut().enumerate() {
         let mut spawn = SpawnRequest {
             image: s.image.clone(),
@@ -85,16 +86,32 @@ fn admit(ctx: &Ctx, req: &mut DeployApply, running: usize) -> Result<NetworkPoli
                 disk_mb: None,
             },
             network_policy: req.network_policy,
+            mounts: s.mounts.clone(),
             ..Default::default()
         };
         ctx.node
             .admit_spawn(&mut spawn, running + i)
             .map_err(|e| ErrorBody::new(e.code, format!("service {}: {}", s.name, e.message)))?;
-        let r = spawn.resources;
+        // Services run until the deployment is taken down: a node that
+        // ends every workload in time takes none.
+        if let Some(t) = spawn.timeout_secs {
+            return Err(ErrorBody::new(
+                ErrorCode::PolicyDenied,
+                format!(
+                    "service {}: this node ends every workload after at most {t} s \
+                     (sandbox.timeouts); deployments run until taken down",
+                    s.name
+                ),
+            ));
+        }
+        let r = spawn.resources.clone();
         (s.cpus, s.memory_mb, s.pids) = (r.cpus, r.memory_mb, r.pids);
-        policy = spawn.network_policy;
+        if plan.is_none() {
+            plan = Some(ctx.node.net_plan(&spawn)?);
+        }
+        s.mounts = spawn.mounts;
     }
-    Ok(policy.unwrap_or(NetworkPolicy::None))
+    Ok(plan.unwrap_or(NetPlan::None))
 }
 
 pub(super) async fn apply(ctx: &Ctx, id: String, mut req: DeployApply) {
@@ -113,9 +130,9 @@ async fn converge(ctx: &Ctx, req: &mut DeployApply) -> Result<DeploymentInfo, Er
     } else {
         0
     };
-    let policy = admit(ctx, req, running)?;
+    let plan = admit(ctx, req, running)?;
     let fresh = existing.is_empty();
-    let result = make(ctx, req, policy, existing).await;
+    let result = make(ctx, req, &plan, existing).await;
     if result.is_err() && fresh {
         // Nothing half-made is left of a deployment that did not exist.
         if let Err(e) = dep::remove(d, &ctx.pool, node, &req.deployment, true).await {
@@ -128,11 +145,22 @@ async fn converge(ctx: &Ctx, req: &mut DeployApply) -> Result<DeploymentInfo, Er
 async fn make(
     ctx: &Ctx,
     req: &DeployApply,
-    policy: NetworkPolicy,
+    plan: &NetPlan,
     mut existing: HashMap<String, (String, String)>,
 ) -> Result<DeploymentInfo, ErrorBody> {
     let (d, node, name) = (&ctx.docker, ctx.node_id.as_str(), req.deployment.as_str());
-    let network = dep::ensure_network(d, &ctx.pool, node, name, policy, ctx.node.guard()).await?;
+    let (policy, proxy) = match plan {
+        NetPlan::None => (NetworkPolicy::None, None),
+        NetPlan::Restricted => (NetworkPolicy::Restricted, None),
+        NetPlan::Allowlist(spec) => (NetworkPolicy::Allowlist, Some(spec)),
+        NetPlan::Host => {
+            let msg = "a deployment cannot use the host network";
+            return Err(ErrorBody::new(ErrorCode::InvalidRequest, msg));
+        }
+    };
+    let guard = ctx.node.guard();
+    let (network, net_env) =
+        dep::ensure_network(d, &ctx.pool, node, name, policy, proxy, guard).await?;
     let volumes: BTreeSet<String> = req
         .services
         .iter()
@@ -143,6 +171,21 @@ async fn make(
     let mut ids = HashMap::new();
     for s in &req.services {
         wait_for_dependencies(ctx, s, &ids).await?;
+        // Host paths are resolved on the node, and nothing that could
+        // redirect them runs between the check and the start (as a spawn).
+        let mut s = s.clone();
+        let _mount_guard = if s.mounts.is_empty() {
+            None
+        } else {
+            let guard = crate::agent::mounts::MOUNT_LOCK.lock().await;
+            let writable = docker::containers::writable_mounts(d, node).await?;
+            let allowed = &ctx.node.policy.allowed_host_paths;
+            crate::agent::mounts::resolve_all(&mut s.mounts, allowed, &writable).map_err(|e| {
+                ErrorBody::new(e.code, format!("service {}: {}", s.name, e.message))
+            })?;
+            Some(guard)
+        };
+        let s = &s;
         let hash = dep::spec_hash(s, policy);
         let action = match existing.remove(&s.name) {
             Some((cid, h)) if h == hash => {
@@ -157,8 +200,18 @@ async fn make(
             None => ServiceAction::Created,
         };
         let creds = ctx.node.credentials(&s.image);
-        let cid =
-            dep::create_service(d, node, name, &network, s, policy, ctx.defaults, creds).await?;
+        let cid = dep::create_service(
+            d,
+            node,
+            name,
+            &network,
+            &net_env,
+            s,
+            policy,
+            ctx.defaults,
+            creds,
+        )
+        .await?;
         info!(deployment = name, service = %s.name, ?action, "service running");
         ids.insert(s.name.clone(), cid);
         actions.insert(s.name.clone(), action);
@@ -239,17 +292,21 @@ async fn describe(
 ) -> Result<DeploymentInfo, ErrorBody> {
     let (d, node) = (&ctx.docker, ctx.node_id.as_str());
     let mut found = dep::services(d, node, name).await?;
-    let mut ids: Vec<String> = order
+    let ordered: Vec<String> = order
         .filter_map(|s| found.remove(&s))
         .map(|v| v.0)
         .collect();
-    let mut rest: Vec<(String, (String, String))> = found.into_iter().collect();
-    rest.sort();
-    ids.extend(rest.into_iter().map(|(_, (id, _))| id));
     let mut services = Vec::new();
-    for id in ids {
+    for id in ordered {
         services.push(dep::status(d, node, &id).await?);
     }
+    // The rest (an inspect names no order): as they were made.
+    let mut rest = Vec::new();
+    for (id, _) in found.into_values() {
+        rest.push(dep::status(d, node, &id).await?);
+    }
+    rest.sort_by(|a, b| a.worker.created_at.cmp(&b.worker.created_at));
+    services.extend(rest);
     let network_policy = services.first().and_then(|s| s.worker.network_policy);
     Ok(DeploymentInfo {
         deployment: name.to_string(),

@@ -126,7 +126,15 @@ pub(super) async fn remove(ctx: &Ctx, worker_id: &str, force: bool) -> Result<()
 /// Removes networks whose worker container is gone (after crashes or a
 /// `docker rm` behind tether's back).
 pub(crate) async fn collect_garbage(ctx: &Ctx) {
-    if let Ok(live) = containers::list_ids(&ctx.docker, &ctx.node_id).await {
+    let live = containers::list_ids(&ctx.docker, &ctx.node_id).await;
+    // A deployment's egress proxy belongs to the deployment.
+    let deployments = docker::deployment::names(&ctx.docker, &ctx.node_id).await;
+    if let (Ok(mut live), Ok(deployments)) = (live, deployments) {
+        live.extend(
+            deployments
+                .iter()
+                .map(|d| docker::deployment::proxy_owner(d)),
+        );
         docker::egress::collect_garbage(&ctx.docker, &ctx.pool, &ctx.node_id, &live).await;
         docker::sidecar::collect_garbage(&ctx.docker, &ctx.node_id, &live).await;
     }

@@ -57,7 +57,8 @@ pub(super) async fn issue(
         };
         format!(
             "{scheme}://{}-{}.{d}/?{PREVIEW_PARAM}={token}",
-            grant.port, grant.worker_id
+            grant.port,
+            crate::server::preview::host_label(&grant.worker_id)
         )
     });
     tracing::info!(preview = %grant.id, worker_id = %grant.worker_id, port = grant.port, expires = grant.expires, "preview URL issued");

@@ -30,7 +30,7 @@ impl Hub {
         req: DeployApply,
         node: Option<String>,
     ) -> Result<DeploymentInfo, ErrorBody> {
-        let node_id = match (self.deployment_node(&req.deployment), node) {
+        let nodes = match (self.deployment_node(&req.deployment), node) {
             (Some(at), Some(n)) if at != n => {
                 return Err(ErrorBody::new(
                     ErrorCode::Conflict,
@@ -40,7 +40,7 @@ impl Hub {
                     ),
                 ));
             }
-            (Some(at), _) => at,
+            (Some(at), _) => vec![at],
             (None, Some(n)) => {
                 if self.node_info(&n)?.draining {
                     return Err(ErrorBody::new(
@@ -48,15 +48,28 @@ impl Hub {
                         format!("node {n} is draining"),
                     ));
                 }
-                n
+                vec![n]
             }
-            (None, None) => self.schedule(false)?,
+            // The least-loaded node whose policy admits every service (a
+            // refusal by policy comes before anything is made).
+            (None, None) => self.candidates(false)?,
         };
-        let link = self.link(&node_id)?;
-        let name = req.deployment.clone();
-        let r: Result<DeploymentInfo, ErrorBody> = link.request_as(Request::DeployApply(req)).await;
-        self.note_deployment(&node_id, &name, &r);
-        r
+        let mut first_refusal = None;
+        for node_id in nodes {
+            let link = self.link(&node_id)?;
+            let name = req.deployment.clone();
+            let r: Result<DeploymentInfo, ErrorBody> =
+                link.request_as(Request::DeployApply(req.clone())).await;
+            self.note_deployment(&node_id, &name, &r);
+            match r {
+                Err(e) if e.code == ErrorCode::PolicyDenied => {
+                    let e = ErrorBody::new(e.code, format!("node {node_id}: {}", e.message));
+                    first_refusal.get_or_insert(e);
+                }
+                other => return other,
+            }
+        }
+        Err(first_refusal.expect("at least one node was asked"))
     }
 
     /// A deployment's services as its node sees them now.

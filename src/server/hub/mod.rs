@@ -306,23 +306,31 @@ impl Hub {
 
     /// Picks the online, non-draining node with the fewest workers.
     fn schedule(&self, inference: bool) -> Result<String, ErrorBody> {
+        self.candidates(inference).map(|mut c| c.swap_remove(0))
+    }
+
+    /// Online nodes that take new work, least loaded first; `unavailable`
+    /// if there is none.
+    fn candidates(&self, inference: bool) -> Result<Vec<String>, ErrorBody> {
         let reg = self.reg.lock().unwrap();
         let counts = worker_counts(&reg);
-        reg.nodes
+        let mut nodes: Vec<(usize, &String)> = reg
+            .nodes
             .iter()
             .filter(|(_, n)| n.online && !n.draining && n.degraded.is_none())
             .filter(|(_, n)| !inference || n.runs_inference())
             .map(|(id, _)| (counts.get(id.as_str()).copied().unwrap_or(0), id))
-            .min()
-            .map(|(_, id)| id.clone())
-            .ok_or_else(|| {
-                let what = if inference {
-                    "no online node accepts new workers and runs inference"
-                } else {
-                    "no online node accepts new workers"
-                };
-                ErrorBody::new(ErrorCode::Unavailable, what)
-            })
+            .collect();
+        nodes.sort();
+        if nodes.is_empty() {
+            let what = if inference {
+                "no online node accepts new workers and runs inference"
+            } else {
+                "no online node accepts new workers"
+            };
+            return Err(ErrorBody::new(ErrorCode::Unavailable, what));
+        }
+        Ok(nodes.into_iter().map(|(_, id)| id.clone()).collect())
     }
 
     // ---- called by the agent connection ----

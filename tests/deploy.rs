@@ -124,28 +124,6 @@ async fn http_get(addr: &str, path: &str) -> String {
     }
 }
 
-/// `tether ctl port-forward TARGET :PORT` running, and its local address.
-async fn port_forward(h: &Harness, target: &str, spec: &str) -> (tokio::process::Child, String) {
-    use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["ctl", "port-forward", target, spec])
-        .env("TETHER_SERVER", &h.url)
-        .env("TETHER_TOKEN", &h.token)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-        .await
-        .expect("port-forward printed its address")
-        .unwrap()
-        .unwrap();
-    let addr = line.split_whitespace().nth(2).unwrap().to_string();
-    (child, addr)
-}
-
 fn leftovers(name: &str) -> (String, String, String) {
     let f = format!("label=tether.deployment={name}");
     (

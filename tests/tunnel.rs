@@ -166,35 +166,6 @@ fn preview_url(h: &Harness, w: &str, port: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-/// `tether ctl port-forward WORKER SPEC` running, and the local address it
-/// printed.
-async fn port_forward(h: &Harness, w: &str, spec: &str) -> (tokio::process::Child, String) {
-    use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["ctl", "port-forward", w, spec])
-        .env("TETHER_SERVER", &h.url)
-        .env("TETHER_TOKEN", &h.token)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn tether ctl port-forward");
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-        .await
-        .expect("port-forward printed its address")
-        .unwrap()
-        .expect("a line");
-    // "Forwarding from 127.0.0.1:PORT -> REMOTE"
-    let addr = line
-        .split_whitespace()
-        .nth(2)
-        .expect("an address")
-        .to_string();
-    assert!(addr.starts_with("127.0.0.1:"), "{line}");
-    (child, addr)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_port_forward_carries_raw_tcp_and_http_on_loopback() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

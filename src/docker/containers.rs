@@ -288,6 +288,23 @@ fn validate(spec: &Spawn) -> Result<(), Error> {
     Ok(())
 }
 
+/// Host paths as Docker binds (`SRC:DST:ro|rw`; read-only unless said).
+pub(crate) fn binds(mounts: &[crate::protocol::Mount]) -> Option<Vec<String>> {
+    (!mounts.is_empty()).then(|| {
+        mounts
+            .iter()
+            .map(|m| {
+                let mode = if m.read_only.unwrap_or(true) {
+                    "ro"
+                } else {
+                    "rw"
+                };
+                format!("{}:{}:{mode}", m.source, m.target)
+            })
+            .collect()
+    })
+}
+
 /// What every worker container gets, whatever else it asks for: no
 /// capabilities, no privilege gain, its limits (or the node's defaults), an
 /// init, nothing published, rotated json-file logs.
@@ -432,20 +449,7 @@ pub async fn spawn(
                     })
                     .collect()
             }),
-            binds: (!spec.spec.mounts.is_empty()).then(|| {
-                spec.spec
-                    .mounts
-                    .iter()
-                    .map(|m| {
-                        let mode = if m.read_only.unwrap_or(true) {
-                            "ro"
-                        } else {
-                            "rw"
-                        };
-                        format!("{}:{}:{mode}", m.source, m.target)
-                    })
-                    .collect()
-            }),
+            binds: binds(&spec.spec.mounts),
             storage_opt: r
                 .disk_mb
                 .map(|d| HashMap::from([("size".to_string(), format!("{d}M"))])),
@@ -529,6 +533,14 @@ pub async fn stop(
         Err(e) => return Err(Error::engine(e, "stop container")),
     }
     inspect(docker, node_id, worker_id).await
+}
+
+/// Removes a container of ours by id, running or not, with its anonymous
+/// volumes (gone already: fine).
+pub async fn remove_id(docker: &Docker, id: &str) -> Result<(), Error> {
+    remove_container(docker, id, true)
+        .await
+        .map_err(|e| Error::engine(e, "remove container"))
 }
 
 async fn remove_container(docker: &Docker, name: &str, force: bool) -> Result<(), DockerError> {

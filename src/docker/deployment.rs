@@ -20,8 +20,7 @@ use bollard::models::{
     NetworkingConfig, RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, ListContainersOptions, ListVolumesOptions, RemoveContainerOptions,
-    RemoveVolumeOptions,
+    CreateContainerOptions, ListContainersOptions, ListVolumesOptions, RemoveVolumeOptions,
 };
 use sha2::Digest;
 use std::collections::HashMap;
@@ -304,19 +303,7 @@ pub async fn create_service(
                     })
                     .collect()
             }),
-            binds: (!spec.mounts.is_empty()).then(|| {
-                spec.mounts
-                    .iter()
-                    .map(|m| {
-                        let mode = if m.read_only.unwrap_or(true) {
-                            "ro"
-                        } else {
-                            "rw"
-                        };
-                        format!("{}:{}:{mode}", m.source, m.target)
-                    })
-                    .collect()
-            }),
+            binds: containers::binds(&spec.mounts),
             ..containers::limited(&resources, defaults)
         }),
         networking_config: Some(NetworkingConfig {
@@ -350,31 +337,10 @@ pub async fn create_service(
             e => Error::engine(e, format!("create service {}", spec.name)),
         })?;
     if let Err(e) = docker.start_container(&created.id, None).await {
-        let _ = remove_container(docker, &created.id).await;
+        let _ = containers::remove_id(docker, &created.id).await;
         return Err(Error::engine(e, format!("start service {}", spec.name)));
     }
     Ok(created.id)
-}
-
-/// Removes a container by id (gone already is fine).
-pub async fn remove_container(docker: &Docker, id: &str) -> Result<(), Error> {
-    match docker
-        .remove_container(
-            id,
-            Some(RemoveContainerOptions {
-                force: true,
-                v: true,
-                link: false,
-            }),
-        )
-        .await
-    {
-        Ok(())
-        | Err(DockerError::DockerResponseServerError {
-            status_code: 404, ..
-        }) => Ok(()),
-        Err(e) => Err(Error::engine(e, "remove container")),
-    }
 }
 
 /// A service as it runs now (its worker view, health and restarts).
@@ -439,7 +405,7 @@ pub async fn remove(
     let svcs = services(docker, node_id, deployment).await?;
     let mut found = !svcs.is_empty();
     for (id, _) in svcs.values() {
-        remove_container(docker, id).await?;
+        containers::remove_id(docker, id).await?;
     }
     egress::remove_proxy(docker, pool, node_id, &proxy_owner(deployment)).await?;
     let net = network_name(deployment);

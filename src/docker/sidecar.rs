@@ -9,9 +9,7 @@ use crate::protocol::{ErrorBody, ErrorCode};
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, HostConfig, Mount};
-use bollard::query_parameters::{
-    CreateContainerOptions, ListContainersOptions, RemoveContainerOptions,
-};
+use bollard::query_parameters::{CreateContainerOptions, ListContainersOptions};
 use std::collections::HashMap;
 use tracing::{info, warn};
 
@@ -113,26 +111,7 @@ pub async fn create_start(
     Ok(id)
 }
 
-/// Removes a container of ours by id, running or not (gone already: fine).
-pub async fn remove_id(docker: &Docker, id: &str) -> Result<(), Error> {
-    match docker
-        .remove_container(
-            id,
-            Some(RemoveContainerOptions {
-                force: true,
-                v: false,
-                link: false,
-            }),
-        )
-        .await
-    {
-        Ok(())
-        | Err(DockerError::DockerResponseServerError {
-            status_code: 404, ..
-        }) => Ok(()),
-        Err(e) => Err(Error::engine(e, "remove container")),
-    }
-}
+pub use super::containers::remove_id;
 
 /// The id of the worker's running sidecar of `kind`, if it has one (only a
 /// container carrying this node's and this worker's labels).

@@ -194,7 +194,7 @@ async fn make(
                 continue;
             }
             Some((cid, _)) => {
-                dep::remove_container(d, &cid).await?;
+                docker::containers::remove_id(d, &cid).await?;
                 ServiceAction::Recreated
             }
             None => ServiceAction::Created,
@@ -220,7 +220,7 @@ async fn make(
     let mut removed: Vec<String> = existing.keys().cloned().collect();
     removed.sort();
     for (svc, (cid, _)) in existing {
-        dep::remove_container(d, &cid).await?;
+        docker::containers::remove_id(d, &cid).await?;
         info!(deployment = name, service = %svc, "service removed");
     }
     let mut info = describe(ctx, name, req.services.iter().map(|s| s.name.clone())).await?;

@@ -282,6 +282,54 @@ async fn a_three_service_deployment_comes_up_in_order_serves_survives_converges_
     assert!(page.ends_with("secret-data\n"), "{page:?}");
     pf.kill().await.unwrap();
 
+    // Files both ways, by NAME/SERVICE.
+    let local = h.state_path("blob.bin");
+    let blob: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&local, &blob).unwrap();
+    let web = format!("{name}/web");
+    h.ctl_ok(&["cp", local.to_str().unwrap(), &format!("{web}:/tmp")])
+        .await;
+    let back = h.state_path("back");
+    std::fs::create_dir_all(&back).unwrap();
+    h.ctl_ok(&[
+        "cp",
+        &format!("{web}:/tmp/blob.bin"),
+        back.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(
+        sha256(&std::fs::read(back.join("blob.bin")).unwrap()),
+        sha256(&blob)
+    );
+
+    // Followed logs, prefixed by service, as they come.
+    let mut follow = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["ctl", "deploy", "logs", "-f", &name, "web"])
+        .env("TETHER_SERVER", &h.url)
+        .env("TETHER_TOKEN", &h.token)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(follow.stdout.take().unwrap()).lines();
+        let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("a followed line")
+            .unwrap();
+        assert_eq!(first.as_deref(), Some("web | web-up"));
+        h.ctl_ok(&["exec", &web, "--", "sh", "-c", "echo later > /proc/1/fd/1"])
+            .await;
+        let next = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("a line written later, while following")
+            .unwrap();
+        assert_eq!(next.as_deref(), Some("web | later"));
+    }
+    follow.kill().await.unwrap();
+
     // Logs, prefixed by service.
     let logs = h.ctl_ok(&["deploy", "logs", &name]).await;
     assert!(logs.lines().any(|l| l == "web | web-up"), "{logs:?}");

@@ -1680,3 +1680,41 @@ async fn tunnel_across_cuts(mut cuts_at: Vec<usize>) {
     h.wait_status(&node, "online").await;
     h.stop().await;
 }
+
+/// The configuration an operator pushed is kept in the server's store: a
+/// restarted server still knows what it wants on the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wanted_configuration_survives_a_server_restart() {
+    let mut srv = ProcServer::start().await;
+    let node = srv._guard.0.clone();
+    let file = srv._dir.path().join("cfg.yaml");
+    let version = ulid::Ulid::new().to_string();
+    std::fs::write(&file, format!("config_version: \"{version}\"\n")).unwrap();
+    let out = srv.ctl(&["config", "push", &node, file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    srv.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = srv.ctl(&["node", "inspect", &node]);
+        if out.status.success() {
+            let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if d["desired_config_version"] == version.as_str()
+                && d["config_version"] == version.as_str()
+            {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted server does not know the wanted configuration: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    srv.agent_stop.cancel();
+}

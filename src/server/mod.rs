@@ -256,8 +256,12 @@ impl Server {
                 "max_connections lowered to fit the open-file limit"
             );
         }
+        let hub = Hub::with_grace(cfg.resume_grace);
+        for (node, desired) in store::Store::desired_configs(&store) {
+            hub.restore_desired_config(&node, desired);
+        }
         let state = Arc::new(AppState {
-            hub: Hub::with_grace(cfg.resume_grace),
+            hub,
             signer: auth::Signer::new(key.as_bytes(), cfg.jwt_ttl),
             store: Arc::new(store),
             proofs_seen: Default::default(),

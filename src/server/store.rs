@@ -97,6 +97,14 @@ pub trait Store: Send + Sync + 'static {
     /// Revokes a token; true if there was one.
     fn revoke_mcp_token(&self, id: &str) -> Result<bool, StoreError>;
     fn mcp_tokens(&self) -> Vec<McpToken>;
+    /// Keeps (or with `None` forgets) the configuration wanted on a node.
+    fn set_desired_config(
+        &self,
+        node_id: &str,
+        cfg: Option<&crate::protocol::NodeConfig>,
+    ) -> Result<(), StoreError>;
+    /// Every node's wanted configuration (restored into the hub at start).
+    fn desired_configs(&self) -> Vec<(String, crate::protocol::NodeConfig)>;
     /// Appends to the audit trail of sandbox operations.
     fn append_audit(&self, record: &super::audit::AuditRecord) -> Result<(), StoreError>;
     /// Audit records matching `filter`, oldest first.
@@ -113,6 +121,10 @@ struct FileState {
     mcp_nodes: std::collections::BTreeSet<String>,
     #[serde(default)]
     mcp_tokens: BTreeMap<String, McpToken>,
+    /// The configuration pushed to each node (it may hold registry
+    /// credentials: the file is 0600, as the server's other secrets).
+    #[serde(default)]
+    desired_configs: BTreeMap<String, crate::protocol::NodeConfig>,
 }
 
 /// A JSON file under the server's state directory, written atomically
@@ -203,11 +215,44 @@ impl Store for FileStore {
         let Some(old) = state.nodes.remove(node_id) else {
             return Ok(false);
         };
+        let desired = state.desired_configs.remove(node_id);
         if let Err(e) = self.save(&state) {
             state.nodes.insert(node_id.to_string(), old);
+            if let Some(d) = desired {
+                state.desired_configs.insert(node_id.to_string(), d);
+            }
             return Err(e);
         }
         Ok(true)
+    }
+
+    fn set_desired_config(
+        &self,
+        node_id: &str,
+        cfg: Option<&crate::protocol::NodeConfig>,
+    ) -> Result<(), StoreError> {
+        let mut state = self.state.lock().unwrap();
+        let old = match cfg {
+            Some(c) => state.desired_configs.insert(node_id.to_string(), c.clone()),
+            None => state.desired_configs.remove(node_id),
+        };
+        if let Err(e) = self.save(&state) {
+            match old {
+                Some(o) => state.desired_configs.insert(node_id.to_string(), o),
+                None => state.desired_configs.remove(node_id),
+            };
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn desired_configs(&self) -> Vec<(String, crate::protocol::NodeConfig)> {
+        let state = self.state.lock().unwrap();
+        state
+            .desired_configs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     fn add_preview(&self, grant: PreviewGrant) -> Result<(), StoreError> {
@@ -363,6 +408,30 @@ mod tests {
         let b = s.bind_node("n1", "aa").unwrap();
         assert_ne!(b.binding, a.binding, "a new binding voids old tokens");
         assert_eq!(FileStore::open(path).unwrap().node_identity("n1"), Some(b));
+    }
+
+    #[test]
+    fn desired_configurations_are_durable_and_go_with_their_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let cfg: crate::protocol::NodeConfig =
+            serde_json::from_value(serde_json::json!({"config_version": "v7"})).unwrap();
+        {
+            let s = FileStore::open(path.clone()).unwrap();
+            s.bind_node("n1", "key").unwrap();
+            s.set_desired_config("n1", Some(&cfg)).unwrap();
+            s.set_desired_config("n2", Some(&cfg)).unwrap();
+            s.set_desired_config("n2", None).unwrap();
+        }
+        let s = FileStore::open(path.clone()).unwrap();
+        let kept = s.desired_configs();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(
+            (kept[0].0.as_str(), kept[0].1.config_version.as_str()),
+            ("n1", "v7")
+        );
+        assert!(s.forget_node("n1").unwrap());
+        assert!(FileStore::open(path).unwrap().desired_configs().is_empty());
     }
 
     #[test]

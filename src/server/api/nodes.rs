@@ -50,6 +50,14 @@ pub(super) async fn push_config(
     Path(id): Path<String>,
     body: Result<Json<crate::protocol::NodeConfig>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
-    let Json(cfg) = body.map_err(|e| ErrorBody::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    let Json(mut cfg) =
+        body.map_err(|e| ErrorBody::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    app.hub.node_info(&id)?;
+    if cfg.config_version.is_empty() {
+        cfg.config_version = ulid::Ulid::new().to_string();
+    }
+    // Kept before it is sent: a server restart still knows what it wants.
+    let (node, kept) = (id.clone(), cfg.clone());
+    on_store(&app, move |s| s.set_desired_config(&node, Some(&kept))).await?;
     Ok(Json(app.hub.push_config(&id, cfg).await?))
 }

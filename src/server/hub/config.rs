@@ -53,6 +53,16 @@ impl Hub {
         Ok(version)
     }
 
+    /// Restores what a durable store kept: the configuration wanted on a
+    /// node, pushed when it connects behind it (the node is known, offline,
+    /// until then).
+    pub fn restore_desired_config(&self, node_id: &str, cfg: crate::protocol::NodeConfig) {
+        self.node_link(node_id);
+        if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id) {
+            n.desired_config = Some(cfg);
+        }
+    }
+
     /// A node asks for newer configuration: push it if there is some.
     pub(crate) fn on_config_poll(&self, node_id: &str, applied: Option<String>) {
         let desired = self

@@ -49,6 +49,10 @@ pub struct NodeDetail {
     pub info: NodeInfo,
     /// The configuration version the agent has applied.
     pub config_version: Option<String>,
+    /// The version of the configuration the orchestrator wants on the node
+    /// (pushed again when the node is behind it).
+    #[serde(default)]
+    pub desired_config_version: Option<String>,
     pub last_config_ack: Option<crate::protocol::ConfigAck>,
     pub capabilities: Option<Value>,
     pub capability_hash: Option<String>,
@@ -473,6 +477,9 @@ impl Hub {
         Ok(NodeDetail {
             info,
             config_version: n.and_then(|n| n.config_version.clone()),
+            desired_config_version: n
+                .and_then(|n| n.desired_config.as_ref())
+                .map(|c| c.config_version.clone()),
             last_config_ack: n.and_then(|n| n.last_config_ack.clone()),
             capability_hash: caps.as_ref().map(|c| c.1.clone()),
             capabilities: caps.map(|c| c.0),

@@ -145,6 +145,17 @@ async fn a_job_reaches_the_nodes_one_backend_through_its_own_proxy() {
     assert_eq!(st.gpus, 0, "no GPU on this machine");
     let base = inference_containers(&node);
     assert_eq!(base.len(), 2, "a gateway and one backend: {base:?}");
+    // The gateway holds to the node's limits too, not only the job proxies.
+    let cmds: Vec<String> = base
+        .iter()
+        .map(|c| docker(&["inspect", "-f", "{{json .Config.Cmd}}", c]))
+        .collect();
+    assert!(
+        cmds.iter()
+            .any(|c| c.contains("\"inference-proxy\"")
+                && c.contains("\"--max-body-bytes\",\"4096\"")),
+        "{cmds:?}"
+    );
     // Nothing published.
     for c in &base {
         let ports = docker(&["inspect", "-f", "{{json .HostConfig.PortBindings}}", c]);

@@ -43,6 +43,8 @@ pub(crate) async fn converge(ctx: &Arc<Ctx>) -> InferenceStatus {
             nvidia: count("nvidia"),
             amd: count("amd"),
             max_concurrency: id.inference_max_concurrency,
+            max_body_bytes: id.inference_max_body_bytes,
+            timeout_secs: id.inference_timeout_secs,
             credentials: want.as_ref().and_then(|b| ctx.node.credentials(b.image())),
         };
         engine::ensure(&ctx.docker, &ctx.pool, &ctx.node_id, want.as_ref(), &host).await

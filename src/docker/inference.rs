@@ -52,8 +52,25 @@ pub struct Host {
     pub amd: u32,
     /// Requests at the backend at once (0: no bound).
     pub max_concurrency: u64,
+    /// The node's request body limit and timeout (`inference.max_request_mb`,
+    /// `request_timeout_seconds`): the gateway enforces them too, so no
+    /// path to the backend skips them.
+    pub max_body_bytes: u64,
+    pub timeout_secs: u64,
     /// Pull credentials for the backend's image (the pushed registries').
     pub credentials: Option<bollard::auth::DockerCredentials>,
+}
+
+/// An inference proxy's body limit and timeout arguments (0: the default).
+fn limit_args(max_body: u64, timeout_secs: u64) -> Vec<String> {
+    use crate::inference::proxy::{DEFAULT_MAX_BODY, DEFAULT_TIMEOUT};
+    let or = |v: u64, d: u64| if v > 0 { v } else { d };
+    vec![
+        "--max-body-bytes".into(),
+        or(max_body, DEFAULT_MAX_BODY).to_string(),
+        "--timeout-secs".into(),
+        or(timeout_secs, DEFAULT_TIMEOUT.as_secs()).to_string(),
+    ]
 }
 
 /// The names of a node's inference objects.
@@ -76,6 +93,8 @@ fn spec_hash(b: &InferenceBackend, host: &Host) -> String {
         "gpu": host.allow_gpu,
         "helper": host.helper_image,
         "max_concurrency": host.max_concurrency,
+        "max_body": host.max_body_bytes,
+        "timeout": host.timeout_secs,
     });
     hex::encode(sha2::Sha256::digest(v.to_string().as_bytes()))[..16].to_string()
 }
@@ -215,6 +234,7 @@ async fn ensure_running(
         "--backend".into(),
         format!("127.0.0.1:{}", crate::inference::proxy::PORT),
     ];
+    cmd.extend(limit_args(host.max_body_bytes, host.timeout_secs));
     if host.max_concurrency > 0 {
         cmd.extend(["--max-concurrency".into(), host.max_concurrency.to_string()]);
     }
@@ -508,21 +528,10 @@ pub async fn start_job_proxy(
                 format!("unix:{SOCK}"),
                 "--job".into(),
                 worker_id.into(),
-                "--max-body-bytes".into(),
-                if max_body > 0 {
-                    max_body
-                } else {
-                    crate::inference::proxy::DEFAULT_MAX_BODY
-                }
-                .to_string(),
-                "--timeout-secs".into(),
-                if timeout > 0 {
-                    timeout
-                } else {
-                    crate::inference::proxy::DEFAULT_TIMEOUT.as_secs()
-                }
-                .to_string(),
-            ],
+            ]
+            .into_iter()
+            .chain(limit_args(max_body, timeout))
+            .collect(),
             mounts: vec![volume_mount(&format!("{base}-sock"), SOCK_DIR)],
             labels: HashMap::new(),
         },

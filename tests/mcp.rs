@@ -309,6 +309,51 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
         ]
     );
 
+    // A command that outlives its call goes on, and is followed to its end
+    // by the task that started it only.
+    let r = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t1", "worker_id": w, "command": "echo start; sleep 2; echo done; exit 4", "wait_s": 0}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["running"], true, "{r}");
+    assert!(r["exit_code"].is_null(), "{r}");
+    let id = r["exec_id"].as_str().expect("an exec id").to_string();
+    let mut out = r["stdout"].as_str().unwrap().to_string();
+    let e = m
+        .call(
+            "sandbox.exec_follow",
+            json!({"task_id": "t2", "exec_id": id}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("not_found"), "{e}");
+    let end = loop {
+        let f = m
+            .call(
+                "sandbox.exec_follow",
+                json!({"task_id": "t1", "exec_id": id, "wait_s": 10}),
+            )
+            .await
+            .unwrap();
+        out.push_str(f["stdout"].as_str().unwrap());
+        if f["running"] == false {
+            break f;
+        }
+    };
+    assert_eq!(end["exit_code"], 4, "{end}");
+    assert_eq!(out, "start\ndone\n");
+    let e = m
+        .call(
+            "sandbox.exec_follow",
+            json!({"task_id": "t1", "exec_id": id}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("not_found"), "{e}");
+
     // Output past the cap is cut on a character boundary and flagged.
     let r = m
         .call(
@@ -617,10 +662,15 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
     assert_eq!(exec3["caller"], "operator");
     assert_eq!(exec3["node_id"], node.as_str());
     assert_eq!(exec3["worker_id"], w.as_str());
+    // Another task's calls: refused; its follow of t1's exec finds none (no
+    // hint that it exists).
     let t2 = records(&["--task", "t2"]);
     assert!(
-        t2.iter()
-            .all(|r| r["outcome"].as_str().unwrap().starts_with("policy_denied")),
+        t2.iter().all(|r| {
+            let outcome = r["outcome"].as_str().unwrap();
+            outcome.starts_with("policy_denied")
+                || (r["operation"] == "mcp:sandbox.exec_follow" && outcome.starts_with("not_found"))
+        }),
         "{t2:?}"
     );
     let proj = records(&["--task", "proj-1"]);

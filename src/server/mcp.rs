@@ -15,8 +15,8 @@ use rmcp::handler::server::{router::tool::ToolRouter, wrapper::Parameters};
 use rmcp::{Json, ServerHandler, tool, tool_handler, tool_router};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::info;
 
@@ -98,16 +98,35 @@ pub struct ExecArgs {
     pub workdir: Option<String>,
     /// Bytes kept per stream (default 256 KiB).
     pub max_output_bytes: Option<usize>,
+    /// Seconds the call waits for the command to end (default 300, at most
+    /// 3600). A command still running then goes on: the answer has
+    /// `running: true` and an `exec_id` for `sandbox.exec_follow`.
+    pub wait_s: Option<u64>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct ExecResult {
+    /// Set once the command has ended.
     pub exit_code: Option<i64>,
     pub stdout: String,
     pub stderr: String,
     /// Output beyond the cap was dropped (cut on a UTF-8 boundary).
     pub truncated: bool,
     pub duration_ms: u64,
+    /// The command outlived the wait and goes on.
+    pub running: bool,
+    /// Follow a running command with `sandbox.exec_follow`.
+    pub exec_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct FollowArgs {
+    pub task_id: String,
+    /// From a `sandbox.exec` answer with `running: true`.
+    pub exec_id: String,
+    /// Seconds to wait for the command to end (default 30, at most 3600);
+    /// the output since the last answer comes back either way.
+    pub wait_s: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
@@ -420,6 +439,133 @@ impl Tools {
 
 /// `s` cut to at most `cap` bytes on a UTF-8 boundary (invalid bytes
 /// replaced); whether anything was cut.
+/// How long `sandbox.exec` waits for its command by default, and the most
+/// any call waits.
+const DEFAULT_EXEC_WAIT_S: u64 = 300;
+const MAX_WAIT_S: u64 = 3600;
+/// A followed exec that has ended is forgotten this long after, if nobody
+/// reads its end.
+const ENDED_KEPT: Duration = Duration::from_secs(600);
+
+/// MCP execs that outlived their call, by exec id.
+#[derive(Default)]
+pub struct Running(Mutex<HashMap<String, Arc<Followed>>>);
+
+impl Running {
+    fn insert(&self, id: String, run: Arc<Followed>) {
+        let mut m = self.0.lock().unwrap();
+        // Ended ones nobody came back for go.
+        m.retain(|_, r| {
+            r.state
+                .lock()
+                .unwrap()
+                .ended_at
+                .is_none_or(|t| t.elapsed() < ENDED_KEPT)
+        });
+        m.insert(id, run);
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<Followed>> {
+        self.0.lock().unwrap().get(id).cloned()
+    }
+
+    fn remove(&self, id: &str) {
+        self.0.lock().unwrap().remove(id);
+    }
+}
+
+/// One exec's output as its pump keeps it until it is read.
+pub struct Followed {
+    task_id: String,
+    worker_id: String,
+    cap: usize,
+    t0: Instant,
+    state: Mutex<FollowState>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct FollowState {
+    out: Vec<u8>,
+    err: Vec<u8>,
+    truncated: bool,
+    /// The first answer went out: no more progress notifications.
+    returned: bool,
+    ended: Option<Result<Option<i64>, String>>,
+    ended_at: Option<Instant>,
+    exec_id: Option<String>,
+}
+
+impl Followed {
+    /// Keeps output until it is read, at most the cap (a little beyond, so
+    /// the cut lands on a character boundary) per stream.
+    fn keep(&self, k: StreamKind, b: &[u8]) {
+        let mut st = self.state.lock().unwrap();
+        let buf = if k == StreamKind::Stderr {
+            &mut st.err
+        } else {
+            &mut st.out
+        };
+        let room = (self.cap + 4).saturating_sub(buf.len());
+        buf.extend_from_slice(&b[..b.len().min(room)]);
+        if b.len() > room {
+            st.truncated = true;
+        }
+    }
+
+    fn end(&self, exit_code: Option<i64>, error: Option<String>) {
+        let mut st = self.state.lock().unwrap();
+        st.ended = Some(match error {
+            Some(e) => Err(e),
+            None => Ok(exit_code),
+        });
+        st.ended_at = Some(Instant::now());
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits up to `wait` for the end, then answers with the output kept
+    /// since the last answer.
+    async fn wait(&self, wait: Duration) -> Result<ExecResult, String> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.changed.notified();
+            if self.state.lock().unwrap().ended.is_some() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+        let mut st = self.state.lock().unwrap();
+        st.returned = true;
+        let (out, errs): (Vec<u8>, Vec<u8>) =
+            (std::mem::take(&mut st.out), std::mem::take(&mut st.err));
+        let (stdout, t1) = capped(&out, self.cap);
+        let (stderr, t2) = capped(&errs, self.cap);
+        let truncated = std::mem::take(&mut st.truncated) || t1 || t2;
+        let (running, exit_code) = match &st.ended {
+            None => (true, None),
+            Some(Ok(code)) => (false, *code),
+            Some(Err(e)) => return Err(e.clone()),
+        };
+        let exec_id = running.then(|| {
+            st.exec_id
+                .get_or_insert_with(|| ulid::Ulid::new().to_string().to_ascii_lowercase())
+                .clone()
+        });
+        Ok(ExecResult {
+            exit_code,
+            stdout,
+            stderr,
+            truncated,
+            duration_ms: self.t0.elapsed().as_millis() as u64,
+            running,
+            exec_id,
+        })
+    }
+}
+
 fn capped(bytes: &[u8], cap: usize) -> (String, bool) {
     let s = String::from_utf8_lossy(bytes);
     if s.len() <= cap {
@@ -487,6 +633,28 @@ impl Tools {
         };
         self.run(scope, call, async |scope| {
             self.exec_inner(scope, &a, progress).await
+        })
+        .await
+    }
+
+    #[tool(
+        name = "sandbox.exec_follow",
+        description = "Follow a command that outlived its sandbox.exec call: the output since the last answer, and its exit code once it ends."
+    )]
+    async fn exec_follow(
+        &self,
+        Parameters(a): Parameters<FollowArgs>,
+        Extension(parts): Extension<Parts>,
+    ) -> Out<ExecResult> {
+        let call = Call {
+            tool: "sandbox.exec_follow",
+            args: &a,
+            task_id: &a.task_id,
+            job_id: None,
+            worker_id: None,
+        };
+        self.run(scope_of(&parts), call, async |scope| {
+            self.follow_inner(scope, &a).await
         })
         .await
     }
@@ -707,59 +875,81 @@ impl Tools {
                 .map_err(err)?;
             d.input.close();
         }
-        let (mut out, mut errs) = (Vec::new(), Vec::new());
-        let mut truncated = false;
-        let mut exit_code = None;
-        let mut seen = 0usize;
-        while let Some(ev) = d.output.next().await {
-            match ev {
-                StreamEvent::Data(k, b) => {
-                    if let Some((token, peer)) = &progress {
-                        seen += b.len();
-                        let stream = if k == StreamKind::Stderr {
-                            "stderr"
-                        } else {
-                            "stdout"
-                        };
-                        let note =
-                            rmcp::model::ProgressNotificationParam::new(token.clone(), seen as f64)
-                                .with_message(format!("{stream}: {}", String::from_utf8_lossy(&b)));
-                        // A client gone away is no reason to stop the command.
-                        let _ = peer.notify_progress(note).await;
+        // The output is pumped by a task of its own, so the command can
+        // outlive this call and be followed.
+        let run = Arc::new(Followed {
+            task_id: a.task_id.clone(),
+            worker_id: a.worker_id.clone(),
+            cap,
+            t0,
+            state: Mutex::new(FollowState::default()),
+            changed: tokio::sync::Notify::new(),
+        });
+        let pump = run.clone();
+        // Tracked by the hub: it ends at shutdown.
+        self.hub().spawn_task(async move {
+            let mut seen = 0usize;
+            while let Some(ev) = d.output.next().await {
+                match ev {
+                    StreamEvent::Data(k, b) => {
+                        if let Some((token, peer)) = &progress
+                            && !pump.state.lock().unwrap().returned
+                        {
+                            seen += b.len();
+                            let stream = if k == StreamKind::Stderr {
+                                "stderr"
+                            } else {
+                                "stdout"
+                            };
+                            let note = rmcp::model::ProgressNotificationParam::new(
+                                token.clone(),
+                                seen as f64,
+                            )
+                            .with_message(format!("{stream}: {}", String::from_utf8_lossy(&b)));
+                            // A client gone away is no reason to stop the command.
+                            let _ = peer.notify_progress(note).await;
+                        }
+                        pump.keep(k, &b);
                     }
-                    let buf = if k == StreamKind::Stderr {
-                        &mut errs
-                    } else {
-                        &mut out
-                    };
-                    // Keep a little beyond the cap so the cut lands on a
-                    // character boundary; the rest is read and dropped.
-                    let room = (cap + 4).saturating_sub(buf.len());
-                    buf.extend_from_slice(&b[..b.len().min(room)]);
-                    truncated |= b.len() > room;
-                }
-                StreamEvent::End {
-                    exit_code: c,
-                    error,
-                } => {
-                    if let Some(e) = error {
-                        return Err(err(e));
+                    StreamEvent::End { exit_code, error } => {
+                        pump.end(exit_code, error.map(err));
+                        return;
                     }
-                    exit_code = c;
-                    break;
+                    StreamEvent::Gap(_) | StreamEvent::Eof => {}
                 }
-                StreamEvent::Gap(_) | StreamEvent::Eof => {}
             }
+            pump.end(
+                None,
+                Some("unavailable: the command's output stream ended".into()),
+            );
+        });
+        let wait = Duration::from_secs(a.wait_s.unwrap_or(DEFAULT_EXEC_WAIT_S).min(MAX_WAIT_S));
+        let r = run.wait(wait).await?;
+        if r.running {
+            let id = r.exec_id.clone().expect("a running answer names its exec");
+            self.app.mcp_execs.insert(id, run);
         }
-        let (stdout, t1) = capped(&out, cap);
-        let (stderr, t2) = capped(&errs, cap);
-        Ok(ExecResult {
-            exit_code,
-            stdout,
-            stderr,
-            truncated: truncated || t1 || t2,
-            duration_ms: t0.elapsed().as_millis() as u64,
-        })
+        Ok(r)
+    }
+
+    async fn follow_inner(&self, scope: &Scope, a: &FollowArgs) -> Result<ExecResult, String> {
+        Self::task_ok(scope, &a.task_id)?;
+        let run = self
+            .app
+            .mcp_execs
+            .get(&a.exec_id)
+            .filter(|r| r.task_id == a.task_id)
+            .ok_or_else(|| format!("not_found: no running exec {} of this task", a.exec_id))?;
+        // The sandbox is still the task's (and within the token's nodes).
+        self.worker_of_task(scope, &a.task_id, &run.worker_id)?;
+        let wait = Duration::from_secs(a.wait_s.unwrap_or(30).min(MAX_WAIT_S));
+        let mut r = run.wait(wait).await?;
+        if r.running {
+            r.exec_id = Some(a.exec_id.clone());
+        } else {
+            self.app.mcp_execs.remove(&a.exec_id);
+        }
+        Ok(r)
     }
 
     async fn logs_inner(&self, scope: &Scope, a: &LogsArgs) -> Result<Logs, String> {

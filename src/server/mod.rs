@@ -151,6 +151,8 @@ pub(crate) struct AppState {
     pub preview_key: preview::PreviewKey,
     /// Open tunnels, for operators to list and close.
     pub tunnels: tunnels::Tunnels,
+    /// MCP execs that outlived their call (`sandbox.exec_follow`).
+    pub mcp_execs: mcp::Running,
     /// Cancelled on shutdown: agent sessions close with 1001.
     pub shutdown: CancellationToken,
 }
@@ -269,6 +271,7 @@ impl Server {
             admin_token,
             preview_key: preview::PreviewKey::new(preview_secret.as_bytes()),
             tunnels: Default::default(),
+            mcp_execs: Default::default(),
             shutdown: CancellationToken::new(),
         });
         Ok(Server {

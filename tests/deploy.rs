@@ -353,6 +353,15 @@ async fn a_three_service_deployment_comes_up_in_order_serves_survives_converges_
     );
     assert_eq!(ids(&again), ids(&d), "the same containers after a restart");
 
+    // A service that stopped runs again on the next `up` (same container).
+    docker(&["stop", "-t", "1", &d.services[2].worker.container_id]);
+    let again = up(&h, &file, &name, &[]).await;
+    assert_eq!(ids(&again), ids(&d));
+    assert_eq!(
+        again.services[2].worker.state,
+        tether::protocol::WorkerState::Running
+    );
+
     // An edit to web: only web's container changes.
     let edited = write(&h, "app2.yaml", &app(&image(), "web-edited"));
     let after = up(&h, &edited, &name, &[]).await;

@@ -343,6 +343,17 @@ pub async fn create_service(
     Ok(created.id)
 }
 
+/// Starts a service's container if it is not running.
+pub async fn ensure_started(docker: &Docker, id: &str) -> Result<(), Error> {
+    match docker.start_container(id, None).await {
+        Ok(())
+        | Err(DockerError::DockerResponseServerError {
+            status_code: 304, ..
+        }) => Ok(()),
+        Err(e) => Err(Error::engine(e, "start service")),
+    }
+}
+
 /// A service as it runs now (its worker view, health and restarts).
 pub async fn status(docker: &Docker, node_id: &str, id: &str) -> Result<ServiceStatus, Error> {
     let c = docker

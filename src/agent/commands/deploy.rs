@@ -189,6 +189,9 @@ async fn make(
         let hash = dep::spec_hash(s, policy);
         let action = match existing.remove(&s.name) {
             Some((cid, h)) if h == hash => {
+                // Unchanged, but it may have stopped (`restart: no`): `up`
+                // runs it again, as Compose does.
+                dep::ensure_started(d, &cid).await?;
                 ids.insert(s.name.clone(), cid);
                 actions.insert(s.name.clone(), ServiceAction::Unchanged);
                 continue;

@@ -539,6 +539,14 @@ volumes:
     }
 
     #[test]
+    fn the_shipped_example_reads() {
+        let d = parse(include_str!("../../examples/deploy.yaml"), None, None).unwrap();
+        assert_eq!(d.deployment, "shop");
+        let names: Vec<&str> = d.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["db", "api", "web"]);
+    }
+
+    #[test]
     fn an_unsupported_key_is_refused_with_its_line() {
         let text = "services:\n  web:\n    image: busybox\n    ports: [\"80:80\"]\n";
         let e = parse(text, Some("x"), None).unwrap_err();

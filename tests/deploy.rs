@@ -590,6 +590,28 @@ async fn refused_and_failed_deployments_leave_nothing_behind() {
         (String::new(), String::new(), String::new())
     );
 
+    // A label in tether's own namespace is refused: a service cannot pass
+    // for another node's worker.
+    let text = format!(
+        "services:\n  sly:\n    image: {img}\n    labels:\n      tether.node_id: someone-else\n"
+    );
+    let out = h
+        .ctl(&[
+            "deploy",
+            "up",
+            "-f",
+            &write(&h, "sly.yaml", &text),
+            "--name",
+            &name,
+        ])
+        .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("service sly") && err.contains("reserved prefix"),
+        "{err}"
+    );
+    assert_eq!(leftovers(&name).0, "");
+
     // A key tether does not apply is refused with its line.
     let text = format!("services:\n  web:\n    image: {img}\n    ports: [\"8080:80\"]\n");
     let out = h

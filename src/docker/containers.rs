@@ -233,7 +233,7 @@ pub async fn ensure_image(
     }
 }
 
-fn validate(spec: &Spawn) -> Result<(), Error> {
+pub(crate) fn validate(spec: &Spawn) -> Result<(), Error> {
     let bad = |m: String| Err(ErrorBody::new(ErrorCode::InvalidRequest, m).into());
     if !valid_worker_id(&spec.worker_id) {
         return bad(format!("invalid worker id {:?}", spec.worker_id));

@@ -89,6 +89,16 @@ fn admit(ctx: &Ctx, req: &mut DeployApply, running: usize) -> Result<NetPlan, Er
             mounts: s.mounts.clone(),
             ..Default::default()
         };
+        // The checks every worker's spawn gets: names, reserved labels,
+        // environment names, limits in range.
+        let whole = crate::protocol::Spawn {
+            worker_id: crate::protocol::service_worker_id(&req.deployment, &s.name),
+            spec: spawn.clone(),
+        };
+        docker::containers::validate(&whole).map_err(|e| {
+            let e = ErrorBody::from(e);
+            ErrorBody::new(e.code, format!("service {}: {}", s.name, e.message))
+        })?;
         ctx.node
             .admit_spawn(&mut spawn, running + i)
             .map_err(|e| ErrorBody::new(e.code, format!("service {}: {}", s.name, e.message)))?;

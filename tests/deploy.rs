@@ -181,7 +181,7 @@ async fn a_three_service_deployment_comes_up_in_order_serves_survives_converges_
         api_started + Duration::from_secs(1) > healthy_at,
         "api started before db was healthy"
     );
-    assert_eq!(d.volumes, [format!("tether-dep-{name}-state")]);
+    assert_eq!(d.volumes, [format!("tether-dep-{name}_state")]);
     // Nothing is published.
     for s in &d.services {
         let ports = docker(&[

@@ -1,5 +1,5 @@
 //! A deployment's objects in the engine: one network `tether-dep-NAME`,
-//! named volumes `tether-dep-NAME-VOLUME`, and one container per service,
+//! named volumes `tether-dep-NAME_VOLUME`, and one container per service,
 //! `tether-NAME_SERVICE`, labelled like a worker (so exec, files, logs and
 //! tunnels address it as the worker `NAME_SERVICE`) and with the
 //! deployment, the service and the hash of the spec it was made from.
@@ -29,8 +29,10 @@ pub fn network_name(deployment: &str) -> String {
     format!("tether-dep-{deployment}")
 }
 
+/// `_` appears in no deployment or volume name: `a` + `b-c` and `a-b` + `c`
+/// cannot meet in one volume.
 pub fn volume_name(deployment: &str, volume: &str) -> String {
-    format!("tether-dep-{deployment}-{volume}")
+    format!("tether-dep-{deployment}_{volume}")
 }
 
 fn object_labels(node_id: &str, deployment: &str) -> HashMap<String, String> {
@@ -158,7 +160,8 @@ pub async fn ensure_network(
     Ok((name, env))
 }
 
-/// Makes the deployment's named volumes that are missing.
+/// Makes the deployment's named volumes that are missing. A volume of that
+/// name that is not this deployment's is a `conflict`, never shared.
 pub async fn ensure_volumes(
     docker: &Docker,
     node_id: &str,
@@ -166,9 +169,23 @@ pub async fn ensure_volumes(
     volumes: &[String],
 ) -> Result<(), Error> {
     for v in volumes {
+        let name = volume_name(deployment, v);
+        if let Ok(existing) = docker.inspect_volume(&name).await {
+            let l = existing.labels;
+            let ours = l.get(labels::NODE).map(String::as_str) == Some(node_id)
+                && l.get(labels::DEPLOYMENT).map(String::as_str) == Some(deployment);
+            if !ours {
+                return Err(ErrorBody::new(
+                    ErrorCode::Conflict,
+                    format!("a volume named {name} already exists and is not this deployment's"),
+                )
+                .into());
+            }
+            continue;
+        }
         docker
             .create_volume(VolumeCreateRequest {
-                name: Some(volume_name(deployment, v)),
+                name: Some(name),
                 labels: Some(object_labels(node_id, deployment)),
                 ..Default::default()
             })
@@ -440,4 +457,15 @@ pub async fn remove(
         }
     }
     Ok(found || (with_volumes && !vols.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_deployments_never_name_the_same_volume() {
+        assert_ne!(volume_name("a", "b-c"), volume_name("a-b", "c"));
+        assert_eq!(volume_name("shop", "data"), "tether-dep-shop_data");
+    }
 }

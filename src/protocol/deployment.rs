@@ -183,7 +183,7 @@ pub struct DeploymentInfo {
     /// Services `deploy_apply` removed (no longer in the file).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed: Vec<String>,
-    /// The deployment's volumes (`tether-dep-NAME-VOLUME`).
+    /// The deployment's volumes (`tether-dep-NAME_VOLUME`).
     #[serde(default)]
     pub volumes: Vec<String>,
 }

@@ -303,15 +303,7 @@ async fn a_three_service_deployment_comes_up_in_order_serves_survives_converges_
     );
 
     // Followed logs, prefixed by service, as they come.
-    let mut follow = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["ctl", "deploy", "logs", "-f", &name, "web"])
-        .env("TETHER_SERVER", &h.url)
-        .env("TETHER_TOKEN", &h.token)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut follow = h.ctl_running(&["deploy", "logs", "-f", &name, "web"]);
     {
         use tokio::io::AsyncBufReadExt;
         let mut lines = tokio::io::BufReader::new(follow.stdout.take().unwrap()).lines();

@@ -100,11 +100,7 @@ pub async fn ensure_network(
             )
             .into());
         }
-        let subnet = n
-            .ipam
-            .and_then(|i| i.config)
-            .and_then(|c| c.into_iter().find_map(|c| c.subnet))
-            .and_then(|s| s.parse::<ipnet::Ipv4Net>().ok());
+        let subnet = networks::subnet_of(n.ipam);
         let env = match (policy, subnet) {
             (NetworkPolicy::Allowlist, Some(s)) => egress::proxy_env(egress::proxy_ip(s)),
             _ => Vec::new(),

@@ -275,11 +275,7 @@ pub async fn remove(
         tracing::warn!(network = %name_or_id, "not removing a network tether did not create");
         return Ok(());
     };
-    let subnet = net
-        .ipam
-        .and_then(|i| i.config)
-        .and_then(|c| c.into_iter().find_map(|c| c.subnet))
-        .and_then(|s| s.parse::<Ipv4Net>().ok());
+    let subnet = subnet_of(net.ipam);
     match docker.remove_network(&id).await {
         Ok(())
         | Err(bollard::errors::Error::DockerResponseServerError {
@@ -291,6 +287,13 @@ pub async fn remove(
         pool.release(s);
     }
     Ok(())
+}
+
+/// The IPv4 subnet of a network, from its IPAM settings.
+pub fn subnet_of(ipam: Option<bollard::models::Ipam>) -> Option<Ipv4Net> {
+    ipam.and_then(|i| i.config)
+        .and_then(|c| c.into_iter().find_map(|c| c.subnet))
+        .and_then(|s| s.parse::<Ipv4Net>().ok())
 }
 
 /// Names of the networks tether made on this node.

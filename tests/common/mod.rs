@@ -235,6 +235,21 @@ impl Harness {
         out
     }
 
+    /// `tether ctl ARGS` left running, its stdout piped (killed when
+    /// dropped).
+    pub fn ctl_running(&self, args: &[&str]) -> tokio::process::Child {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .arg("ctl")
+            .args(args)
+            .env("TETHER_SERVER", &self.url)
+            .env("TETHER_TOKEN", &self.token)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn tether ctl")
+    }
+
     /// `ctl ARGS`, asserting success; returns stdout.
     pub async fn ctl_ok(&self, args: &[&str]) -> String {
         let out = self.ctl(args).await;
@@ -284,15 +299,7 @@ impl Drop for Harness {
 /// printed.
 pub async fn port_forward(h: &Harness, w: &str, spec: &str) -> (tokio::process::Child, String) {
     use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["ctl", "port-forward", w, spec])
-        .env("TETHER_SERVER", &h.url)
-        .env("TETHER_TOKEN", &h.token)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn tether ctl port-forward");
+    let mut child = h.ctl_running(&["port-forward", w, spec]);
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
         .await

@@ -22,6 +22,11 @@ static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// How long a service waits for a dependency to be healthy.
 const HEALTHY_WAIT: Duration = Duration::from_secs(180);
 
+/// A refusal of one service, named.
+fn of_service(service: &str, e: ErrorBody) -> ErrorBody {
+    ErrorBody::new(e.code, format!("service {service}: {}", e.message))
+}
+
 fn bad(msg: String) -> ErrorBody {
     ErrorBody::new(ErrorCode::InvalidRequest, msg)
 }
@@ -95,13 +100,10 @@ fn admit(ctx: &Ctx, req: &mut DeployApply, running: usize) -> Result<NetPlan, Er
             worker_id: crate::protocol::service_worker_id(&req.deployment, &s.name),
             spec: spawn.clone(),
         };
-        docker::containers::validate(&whole).map_err(|e| {
-            let e = ErrorBody::from(e);
-            ErrorBody::new(e.code, format!("service {}: {}", s.name, e.message))
-        })?;
+        docker::containers::validate(&whole).map_err(|e| of_service(&s.name, e.into()))?;
         ctx.node
             .admit_spawn(&mut spawn, running + i)
-            .map_err(|e| ErrorBody::new(e.code, format!("service {}: {}", s.name, e.message)))?;
+            .map_err(|e| of_service(&s.name, e))?;
         // Services run until the deployment is taken down: a node that
         // ends every workload in time takes none.
         if let Some(t) = spawn.timeout_secs {
@@ -190,9 +192,8 @@ async fn make(
             let guard = crate::agent::mounts::MOUNT_LOCK.lock().await;
             let writable = docker::containers::writable_mounts(d, node).await?;
             let allowed = &ctx.node.policy.allowed_host_paths;
-            crate::agent::mounts::resolve_all(&mut s.mounts, allowed, &writable).map_err(|e| {
-                ErrorBody::new(e.code, format!("service {}: {}", s.name, e.message))
-            })?;
+            crate::agent::mounts::resolve_all(&mut s.mounts, allowed, &writable)
+                .map_err(|e| of_service(&s.name, e))?;
             Some(guard)
         };
         let s = &s;

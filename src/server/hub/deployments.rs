@@ -42,12 +42,7 @@ impl Hub {
             }
             (Some(at), _) => vec![at],
             (None, Some(n)) => {
-                if self.node_info(&n)?.draining {
-                    return Err(ErrorBody::new(
-                        ErrorCode::Conflict,
-                        format!("node {n} is draining"),
-                    ));
-                }
+                self.check_not_draining(&n)?;
                 vec![n]
             }
             // The least-loaded node whose policy admits every service (a

@@ -3,17 +3,22 @@
 use super::*;
 
 impl Hub {
+    /// A node named for new work must exist and not be draining.
+    pub(super) fn check_not_draining(&self, node_id: &str) -> Result<(), ErrorBody> {
+        if self.node_info(node_id)?.draining {
+            return Err(ErrorBody::new(
+                ErrorCode::Conflict,
+                format!("node {node_id} is draining"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Spawns a worker on `req.node_id` or on the least-loaded node.
     pub async fn spawn(&self, req: SpawnRequest) -> Result<WorkerInfo, ErrorBody> {
         let node_id = match &req.node_id {
             Some(n) => {
-                let info = self.node_info(n)?;
-                if info.draining {
-                    return Err(ErrorBody::new(
-                        ErrorCode::Conflict,
-                        format!("node {n} is draining"),
-                    ));
-                }
+                self.check_not_draining(n)?;
                 n.clone()
             }
             None => self.schedule(req.inference)?,

@@ -116,7 +116,8 @@ struct DevArgs {
 struct CtlArgs {
     #[arg(long, env = "TETHER_SERVER", default_value = "http://127.0.0.1:7878")]
     server: url::Url,
-    /// Operator token (the server's admin.token).
+    /// Operator token: the server's admin.token, or an organization's
+    /// (`ctl token create`).
     #[arg(long, env = "TETHER_TOKEN", hide_env_values = true)]
     token: Option<String>,
     #[command(subcommand)]
@@ -267,6 +268,17 @@ enum CtlCmd {
     Deploy {
         #[command(subcommand)]
         cmd: tether::ctl::deploy::DeployCmd,
+    },
+    /// Organizations (admin token): `org create NAME` prints the key its
+    /// nodes register with (docs/organizations.md).
+    Org {
+        #[command(subcommand)]
+        cmd: tether::ctl::orgs::OrgCmd,
+    },
+    /// Operator tokens of an organization (`token create --org ORG`).
+    Token {
+        #[command(subcommand)]
+        cmd: tether::ctl::orgs::TokenCmd,
     },
     /// Stop a worker (SIGTERM, then SIGKILL).
     Stop { worker: String },
@@ -700,6 +712,8 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
                 println!("{id}");
             }
             CtlCmd::Deploy { cmd } => tether::ctl::deploy::run(&client, cmd).await?,
+            CtlCmd::Org { cmd } => tether::ctl::orgs::run_org(&client, cmd).await?,
+            CtlCmd::Token { cmd } => tether::ctl::orgs::run_token(&client, cmd).await?,
             CtlCmd::Stop { worker } => {
                 client.stop(&worker).await?;
                 println!("{worker}");

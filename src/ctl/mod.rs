@@ -7,6 +7,7 @@ mod exec;
 pub mod extract;
 mod forward;
 mod logs;
+pub mod orgs;
 mod ws;
 
 pub use cp::{CpTarget, copy};
@@ -97,7 +98,10 @@ impl Client {
         })))
     }
 
-    async fn json<T: DeserializeOwned>(&self, rb: RequestBuilder) -> Result<T, CtlError> {
+    pub(crate) async fn json<T: DeserializeOwned>(
+        &self,
+        rb: RequestBuilder,
+    ) -> Result<T, CtlError> {
         self.send(rb)
             .await?
             .json()
@@ -290,15 +294,16 @@ impl Client {
 /// `ctl nodes` as a table.
 pub fn format_nodes(nodes: &[NodeInfo]) -> String {
     let mut s = format!(
-        "{:<24} {:<9} {:>7}  {:<22} {}\n",
-        "NODE", "STATUS", "WORKERS", "LAST SEEN", "REASON"
+        "{:<24} {:<9} {:<12} {:>7}  {:<22} {}\n",
+        "NODE", "STATUS", "ORG", "WORKERS", "LAST SEEN", "REASON"
     );
     for n in nodes {
         let _ = writeln!(
             s,
-            "{:<24} {:<9} {:>7}  {:<22} {}",
+            "{:<24} {:<9} {:<12} {:>7}  {:<22} {}",
             n.node_id,
             n.status,
+            n.org.as_deref().unwrap_or("-"),
             n.workers,
             n.last_seen.as_deref().unwrap_or("-"),
             n.offline_reason.as_deref().unwrap_or("")

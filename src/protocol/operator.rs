@@ -106,6 +106,10 @@ pub struct NodeInfo {
     /// When the current connection started (RFC 3339 UTC, sub-second).
     #[serde(default)]
     pub connected_since: Option<String>,
+    /// The organization the node belongs to (by the key it registered
+    /// with).
+    #[serde(default)]
+    pub org: Option<String>,
 }
 
 /// An open tunnel: every connection to one port of one worker, through

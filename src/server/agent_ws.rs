@@ -168,6 +168,9 @@ async fn session(
         return;
     }
     let link = app.hub.node_link(&node_id);
+    if let Some(identity) = app.store.node_identity(&node_id) {
+        app.hub.set_node_org(&node_id, &identity.org);
+    }
     // Execs the agent runs that this server does not know (it restarted):
     // adopt them, so their clients can re-attach.
     let agent_received: std::collections::HashMap<u32, u64> = hello

@@ -14,8 +14,13 @@ use std::sync::Mutex;
 pub struct AuditRecord {
     /// RFC 3339 UTC.
     pub time: String,
-    /// `operator`, or `mcp-token:<id>` (never a secret).
+    /// `operator` (the admin token), `token:<id>` (an organization's
+    /// operator token) or `mcp-token:<id>` (never a secret).
     pub caller: String,
+    /// The organization the operation was for (the caller's, or its
+    /// node's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
     /// `mcp:sandbox.exec`, `api:spawn`, ...
     pub operation: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,6 +81,9 @@ pub fn digest(args: &serde_json::Value) -> String {
 pub struct AuditFilter {
     pub task: Option<String>,
     pub worker: Option<String>,
+    /// Only this organization's records (an organization's operator always
+    /// reads with its own).
+    pub org: Option<String>,
 }
 
 /// The file (and its one rotated predecessor, `.1`).
@@ -145,7 +153,8 @@ fn read_file(p: &Path, f: &AuditFilter, out: &mut Vec<AuditRecord>) {
         let worker_ok = f
             .worker
             .as_ref()
-            .is_none_or(|w| r.worker_id.as_ref() == Some(w));
+            .is_none_or(|w| r.worker_id.as_ref() == Some(w))
+            && f.org.as_ref().is_none_or(|o| r.org.as_ref() == Some(o));
         if task_ok && worker_ok {
             out.push(r);
         }
@@ -191,7 +200,7 @@ mod tests {
         assert_eq!(all.last().unwrap().worker_id.as_deref(), Some("w19"));
         let t1 = log.read(&AuditFilter {
             task: Some("t1".into()),
-            worker: None,
+            ..Default::default()
         });
         assert!(t1.iter().all(|r| r.task_id.as_deref() == Some("t1")));
         use std::os::unix::fs::PermissionsExt;

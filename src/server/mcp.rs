@@ -32,8 +32,30 @@ const NO_SCOPE: &str = "unauthorized: no MCP authorization on this request";
 /// the endpoint's authorization, read by every tool).
 #[derive(Debug, Clone)]
 pub enum Scope {
-    Operator,
+    /// An operator token: the admin's, or an organization's.
+    Operator(super::orgs::Caller),
     Token(super::store::McpToken),
+}
+
+impl Scope {
+    /// The organizations whose nodes the caller may use.
+    fn orgs(&self) -> super::OrgScope {
+        match self {
+            Scope::Operator(c) => c.scope.clone(),
+            Scope::Token(t) => t
+                .org
+                .clone()
+                .map_or(super::OrgScope::All, super::OrgScope::Org),
+        }
+    }
+
+    /// The organization stamped on what the caller makes (none: admin).
+    pub(crate) fn org(&self) -> Option<String> {
+        match self.orgs() {
+            super::OrgScope::All => None,
+            super::OrgScope::Org(o) => Some(o),
+        }
+    }
 }
 
 type Parts = axum::http::request::Parts;
@@ -241,6 +263,14 @@ impl Tools {
     /// Whether `scope` may use `node_id`: the allowlist, then the token's
     /// own nodes.
     fn node_ok(&self, scope: &Scope, node_id: &str) -> Result<(), String> {
+        // Another organization's node does not exist for this caller.
+        if !self
+            .hub()
+            .node_org(node_id)
+            .is_some_and(|o| scope.orgs().admits(&o))
+        {
+            return Err(format!("not_found: no such node: {node_id}"));
+        }
         if !self.allowed(node_id) {
             return Err(format!(
                 "policy_denied: node {node_id} is not on the MCP allowlist (tether ctl mcp allow)"
@@ -369,7 +399,7 @@ impl Audited for Logs {
 /// Who called, as the audit trail names it (a token by its id only).
 fn caller(scope: Option<&Scope>) -> String {
     match scope {
-        Some(Scope::Operator) => "operator".into(),
+        Some(Scope::Operator(c)) => c.name.clone(),
         Some(Scope::Token(t)) => format!("mcp-token:{}", t.id),
         None => "unauthorized".into(),
     }
@@ -410,6 +440,7 @@ impl Tools {
         r.node_id = worker_id
             .and_then(|w| self.hub().worker(w).ok())
             .map(|w| w.node_id);
+        r.org = scope.as_ref().and_then(Scope::org);
         r.args_digest = super::audit::digest(&serde_json::to_value(call.args).unwrap_or_default());
         r.duration_ms = started.elapsed().as_millis() as u64;
         match &outcome {

@@ -10,6 +10,7 @@ mod conn;
 mod heartbeat;
 pub mod hub;
 pub mod mcp;
+pub mod orgs;
 pub mod preview;
 pub mod relay;
 pub mod store;
@@ -18,7 +19,8 @@ pub mod tunnels;
 pub use conn::raise_open_file_limit;
 
 pub use hub::{
-    ChannelStream, DetachedExec, Duplex, ExecOptions, Hub, LogOptions, NodeInfo, StreamEvent,
+    ChannelStream, DetachedExec, Duplex, ExecOptions, Hub, LogOptions, NodeInfo, OrgScope,
+    StreamEvent,
 };
 
 use std::net::SocketAddr;
@@ -158,6 +160,30 @@ pub(crate) struct AppState {
 }
 
 impl AppState {
+    /// The operator a bearer token names: the server's admin token, or an
+    /// organization's token that is neither revoked nor expired.
+    pub(crate) fn caller(&self, token: &str) -> Result<orgs::Caller, crate::protocol::ErrorBody> {
+        use crate::protocol::{ErrorBody, ErrorCode};
+        if auth::secret_eq(token, &self.admin_token) {
+            return Ok(orgs::Caller::admin());
+        }
+        let invalid = || ErrorBody::new(ErrorCode::Unauthorized, "invalid operator token");
+        let t = self
+            .store
+            .operator_token_by_hash(&orgs::secret_hash(token))
+            .ok_or_else(invalid)?;
+        if t.expired(preview::now_secs()) {
+            return Err(ErrorBody::new(
+                ErrorCode::Unauthorized,
+                format!("operator token {} has expired", t.id),
+            ));
+        }
+        Ok(orgs::Caller {
+            scope: hub::OrgScope::Org(t.org),
+            name: format!("token:{}", t.id),
+        })
+    }
+
     /// Checks a node's proof against `public_key` (the key bound to the
     /// node, or offered by a first registration) and refuses a proof seen
     /// before (a replayed request). Only proofs that verify are remembered,

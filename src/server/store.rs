@@ -1,8 +1,11 @@
-//! The server's durable state behind one interface ([`Store`]): today the
-//! node identities (which key a node id is bound to). Handlers talk to the
-//! trait, so a database-backed store replaces [`FileStore`] without touching
-//! them.
+//! The server's durable state behind one interface ([`Store`]): node
+//! identities (which key a node id is bound to, in which organization),
+//! organizations with their registration keys and operator tokens, desired
+//! configurations, preview grants, the MCP allowlist and tokens, and the
+//! audit trail. Handlers talk to the trait, so a database-backed store
+//! replaces [`FileStore`] without touching them.
 
+use super::orgs::{OperatorToken, Organization, RegistrationKey};
 use super::preview::PreviewGrant;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -25,6 +28,10 @@ pub struct McpToken {
     pub task_prefix: Option<String>,
     /// RFC 3339 UTC.
     pub created_at: String,
+    /// The organization whose operator made it (none: the admin's, every
+    /// organization).
+    #[serde(default)]
+    pub org: Option<String>,
 }
 
 /// A node id bound to the key that registered it.
@@ -37,6 +44,13 @@ pub struct NodeIdentity {
     pub binding: String,
     /// RFC 3339 UTC.
     pub bound_at: String,
+    /// The organization of the key it registered with.
+    #[serde(default = "default_org")]
+    pub org: String,
+}
+
+fn default_org() -> String {
+    super::hub::DEFAULT_ORG.into()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +59,14 @@ pub enum StoreError {
         "node {node_id} is bound to another key (an operator can forget it: tether ctl node rm {node_id})"
     )]
     BoundElsewhere { node_id: String },
+    #[error(
+        "node {node_id} belongs to another organization (an operator can forget it: tether ctl node rm {node_id})"
+    )]
+    OtherOrganization { node_id: String },
+    #[error("organization {0} exists")]
+    OrgExists(String),
+    #[error("no such organization: {0}")]
+    NoSuchOrg(String),
     #[error("server state {path}: {source}")]
     Io {
         path: PathBuf,
@@ -57,7 +79,10 @@ impl From<StoreError> for crate::protocol::ErrorBody {
     fn from(e: StoreError) -> Self {
         use crate::protocol::{ErrorBody, ErrorCode};
         let code = match e {
-            StoreError::BoundElsewhere { .. } => ErrorCode::Conflict,
+            StoreError::BoundElsewhere { .. }
+            | StoreError::OtherOrganization { .. }
+            | StoreError::OrgExists(_) => ErrorCode::Conflict,
+            StoreError::NoSuchOrg(_) => ErrorCode::NotFound,
             StoreError::Io { .. } => ErrorCode::Internal,
         };
         ErrorBody::new(code, e.to_string())
@@ -69,9 +94,16 @@ impl From<StoreError> for crate::protocol::ErrorBody {
 pub trait Store: Send + Sync + 'static {
     /// The identity bound to `node_id`, if any.
     fn node_identity(&self, node_id: &str) -> Option<NodeIdentity>;
-    /// Binds `node_id` to `public_key`, or returns the existing binding if
-    /// it is to the same key; another key is [`StoreError::BoundElsewhere`].
-    fn bind_node(&self, node_id: &str, public_key: &str) -> Result<NodeIdentity, StoreError>;
+    /// Binds `node_id` to `public_key` in organization `org`, or returns
+    /// the existing binding if it is to the same key and organization;
+    /// another key is [`StoreError::BoundElsewhere`], another organization
+    /// [`StoreError::OtherOrganization`].
+    fn bind_node(
+        &self,
+        node_id: &str,
+        public_key: &str,
+        org: &str,
+    ) -> Result<NodeIdentity, StoreError>;
     /// Forgets a node's binding; true if there was one.
     fn forget_node(&self, node_id: &str) -> Result<bool, StoreError>;
     /// Whether `binding` is still the node's binding (checked on every
@@ -105,13 +137,30 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Every node's wanted configuration (restored into the hub at start).
     fn desired_configs(&self) -> Vec<(String, crate::protocol::NodeConfig)>;
+    /// Every organization made with [`Store::add_organization`] (the
+    /// default one always exists and is not kept).
+    fn organizations(&self) -> Vec<Organization>;
+    /// Keeps a new organization with its first registration key; an
+    /// existing name is [`StoreError::OrgExists`].
+    fn add_organization(&self, org: Organization, key: RegistrationKey) -> Result<(), StoreError>;
+    /// Keeps another registration key of an existing organization.
+    fn add_registration_key(&self, key: RegistrationKey) -> Result<(), StoreError>;
+    /// The registration key whose secret hashes to `hash`.
+    fn registration_key_by_hash(&self, hash: &str) -> Option<RegistrationKey>;
+    /// Keeps an operator token (hashed) of an existing organization.
+    fn add_operator_token(&self, token: OperatorToken) -> Result<(), StoreError>;
+    /// The operator token whose secret hashes to `hash` (expired or not).
+    fn operator_token_by_hash(&self, hash: &str) -> Option<OperatorToken>;
+    fn operator_tokens(&self) -> Vec<OperatorToken>;
+    /// Revokes an operator token; true if there was one.
+    fn revoke_operator_token(&self, id: &str) -> Result<bool, StoreError>;
     /// Appends to the audit trail of sandbox operations.
     fn append_audit(&self, record: &super::audit::AuditRecord) -> Result<(), StoreError>;
     /// Audit records matching `filter`, oldest first.
     fn audit(&self, filter: &super::audit::AuditFilter) -> Vec<super::audit::AuditRecord>;
 }
 
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Default, Clone, Serialize, Deserialize)]
 struct FileState {
     version: u32,
     nodes: BTreeMap<String, NodeIdentity>,
@@ -125,6 +174,24 @@ struct FileState {
     /// credentials: the file is 0600, as the server's other secrets).
     #[serde(default)]
     desired_configs: BTreeMap<String, crate::protocol::NodeConfig>,
+    #[serde(default)]
+    orgs: BTreeMap<String, Organization>,
+    /// By id.
+    #[serde(default)]
+    registration_keys: BTreeMap<String, RegistrationKey>,
+    /// By id.
+    #[serde(default)]
+    operator_tokens: BTreeMap<String, OperatorToken>,
+}
+
+impl FileState {
+    fn check_org(&self, org: &str) -> Result<(), StoreError> {
+        if super::orgs::is_default(org) || self.orgs.contains_key(org) {
+            Ok(())
+        } else {
+            Err(StoreError::NoSuchOrg(org.to_string()))
+        }
+    }
 }
 
 /// A JSON file under the server's state directory, written atomically
@@ -162,6 +229,20 @@ impl FileStore {
         })
     }
 
+    /// Applies `change` to a copy of the state, writes it, and keeps it
+    /// only once written: a failed write changes nothing.
+    fn update<T>(
+        &self,
+        change: impl FnOnce(&mut FileState) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut state = self.state.lock().unwrap();
+        let mut next = state.clone();
+        let out = change(&mut next)?;
+        self.save(&next)?;
+        *state = next;
+        Ok(out)
+    }
+
     fn save(&self, state: &FileState) -> Result<(), StoreError> {
         let text = serde_json::to_string_pretty(state).expect("state serialises");
         crate::private_file::write(&self.path, &text).map_err(|source| StoreError::Io {
@@ -176,22 +257,29 @@ impl Store for FileStore {
         self.state.lock().unwrap().nodes.get(node_id).cloned()
     }
 
-    fn bind_node(&self, node_id: &str, public_key: &str) -> Result<NodeIdentity, StoreError> {
+    fn bind_node(
+        &self,
+        node_id: &str,
+        public_key: &str,
+        org: &str,
+    ) -> Result<NodeIdentity, StoreError> {
         let public_key = public_key.trim().to_ascii_lowercase();
         let mut state = self.state.lock().unwrap();
         if let Some(existing) = state.nodes.get(node_id) {
-            return if existing.public_key == public_key {
-                Ok(existing.clone())
+            let node_id = node_id.to_string();
+            return if existing.public_key != public_key {
+                Err(StoreError::BoundElsewhere { node_id })
+            } else if existing.org != org {
+                Err(StoreError::OtherOrganization { node_id })
             } else {
-                Err(StoreError::BoundElsewhere {
-                    node_id: node_id.to_string(),
-                })
+                Ok(existing.clone())
             };
         }
         let identity = NodeIdentity {
             public_key,
             binding: super::auth::random_secret(12),
-            bound_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            bound_at: super::orgs::now_rfc3339(),
+            org: org.to_string(),
         };
         state.nodes.insert(node_id.to_string(), identity.clone());
         if let Err(e) = self.save(&state) {
@@ -337,6 +425,64 @@ impl Store for FileStore {
         Ok(true)
     }
 
+    fn organizations(&self) -> Vec<Organization> {
+        self.state.lock().unwrap().orgs.values().cloned().collect()
+    }
+
+    fn add_organization(&self, org: Organization, key: RegistrationKey) -> Result<(), StoreError> {
+        self.update(|s| {
+            if super::orgs::is_default(&org.name) || s.orgs.contains_key(&org.name) {
+                return Err(StoreError::OrgExists(org.name.clone()));
+            }
+            s.orgs.insert(org.name.clone(), org);
+            s.registration_keys.insert(key.id.clone(), key);
+            Ok(())
+        })
+    }
+
+    fn add_registration_key(&self, key: RegistrationKey) -> Result<(), StoreError> {
+        self.update(|s| {
+            s.check_org(&key.org)?;
+            s.registration_keys.insert(key.id.clone(), key);
+            Ok(())
+        })
+    }
+
+    fn registration_key_by_hash(&self, hash: &str) -> Option<RegistrationKey> {
+        let state = self.state.lock().unwrap();
+        state
+            .registration_keys
+            .values()
+            .find(|k| super::auth::secret_eq(&k.hash, hash))
+            .cloned()
+    }
+
+    fn add_operator_token(&self, token: OperatorToken) -> Result<(), StoreError> {
+        self.update(|s| {
+            s.check_org(&token.org)?;
+            s.operator_tokens.insert(token.id.clone(), token);
+            Ok(())
+        })
+    }
+
+    fn operator_token_by_hash(&self, hash: &str) -> Option<OperatorToken> {
+        let state = self.state.lock().unwrap();
+        state
+            .operator_tokens
+            .values()
+            .find(|t| super::auth::secret_eq(&t.hash, hash))
+            .cloned()
+    }
+
+    fn operator_tokens(&self) -> Vec<OperatorToken> {
+        let state = self.state.lock().unwrap();
+        state.operator_tokens.values().cloned().collect()
+    }
+
+    fn revoke_operator_token(&self, id: &str) -> Result<bool, StoreError> {
+        self.update(|s| Ok(s.operator_tokens.remove(id).is_some()))
+    }
+
     fn append_audit(&self, record: &super::audit::AuditRecord) -> Result<(), StoreError> {
         self.audit.append(record).map_err(|source| StoreError::Io {
             path: self.path.with_file_name("audit.jsonl"),
@@ -386,15 +532,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
         let s = FileStore::open(path.clone()).unwrap();
-        let a = s.bind_node("n1", "AA").unwrap();
+        let a = s.bind_node("n1", "AA", "default").unwrap();
         assert_eq!(a.public_key, "aa");
         assert_eq!(
-            s.bind_node("n1", "aa").unwrap(),
+            s.bind_node("n1", "aa", "default").unwrap(),
             a,
             "same key: same binding"
         );
         assert!(matches!(
-            s.bind_node("n1", "bb"),
+            s.bind_node("n1", "bb", "default"),
             Err(StoreError::BoundElsewhere { .. })
         ));
         // Survives a restart.
@@ -405,7 +551,7 @@ mod tests {
         assert!(s.forget_node("n1").unwrap());
         assert!(!s.is_current("n1", &a.binding));
         assert!(!s.forget_node("n1").unwrap());
-        let b = s.bind_node("n1", "aa").unwrap();
+        let b = s.bind_node("n1", "aa", "default").unwrap();
         assert_ne!(b.binding, a.binding, "a new binding voids old tokens");
         assert_eq!(FileStore::open(path).unwrap().node_identity("n1"), Some(b));
     }
@@ -418,7 +564,7 @@ mod tests {
             serde_json::from_value(serde_json::json!({"config_version": "v7"})).unwrap();
         {
             let s = FileStore::open(path.clone()).unwrap();
-            s.bind_node("n1", "key").unwrap();
+            s.bind_node("n1", "key", "default").unwrap();
             s.set_desired_config("n1", Some(&cfg)).unwrap();
             s.set_desired_config("n2", Some(&cfg)).unwrap();
             s.set_desired_config("n2", None).unwrap();
@@ -432,6 +578,75 @@ mod tests {
         );
         assert!(s.forget_node("n1").unwrap());
         assert!(FileStore::open(path).unwrap().desired_configs().is_empty());
+    }
+
+    #[test]
+    fn organizations_keys_and_tokens_are_durable_and_hashed() {
+        use crate::server::orgs::{new_id, now_rfc3339, secret_hash};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let s = FileStore::open(path.clone()).unwrap();
+        let org = Organization {
+            name: "acme".into(),
+            created_at: now_rfc3339(),
+        };
+        let key = RegistrationKey {
+            id: new_id(),
+            org: "acme".into(),
+            hash: secret_hash("reg-secret"),
+            created_at: now_rfc3339(),
+        };
+        s.add_organization(org.clone(), key.clone()).unwrap();
+        assert!(matches!(
+            s.add_organization(org.clone(), key.clone()),
+            Err(StoreError::OrgExists(_))
+        ));
+        let default = Organization {
+            name: "default".into(),
+            created_at: now_rfc3339(),
+        };
+        assert!(matches!(
+            s.add_organization(default, key.clone()),
+            Err(StoreError::OrgExists(_))
+        ));
+        let token = OperatorToken {
+            id: new_id(),
+            org: "acme".into(),
+            hash: secret_hash("op-secret"),
+            created_at: now_rfc3339(),
+            expires: None,
+        };
+        s.add_operator_token(token.clone()).unwrap();
+        let stray = OperatorToken {
+            org: "nope".into(),
+            ..token.clone()
+        };
+        assert!(matches!(
+            s.add_operator_token(stray),
+            Err(StoreError::NoSuchOrg(_))
+        ));
+        // A node keeps the organization it registered in.
+        s.bind_node("n1", "aa", "acme").unwrap();
+        assert!(matches!(
+            s.bind_node("n1", "aa", "default"),
+            Err(StoreError::OtherOrganization { .. })
+        ));
+        let s = FileStore::open(path.clone()).unwrap();
+        assert_eq!(s.organizations(), vec![org]);
+        assert_eq!(
+            s.registration_key_by_hash(&secret_hash("reg-secret")),
+            Some(key)
+        );
+        assert_eq!(
+            s.operator_token_by_hash(&secret_hash("op-secret")),
+            Some(token.clone())
+        );
+        assert_eq!(s.node_identity("n1").unwrap().org, "acme");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("op-secret") && !text.contains("reg-secret"));
+        assert!(s.revoke_operator_token(&token.id).unwrap());
+        assert!(!s.revoke_operator_token(&token.id).unwrap());
+        assert_eq!(FileStore::open(path).unwrap().operator_tokens(), vec![]);
     }
 
     #[test]

@@ -203,12 +203,17 @@ impl Harness {
     }
 
     pub async fn ctl_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        self.ctl_as(&self.token, args, stdin).await
+    }
+
+    /// Runs `tether ctl ARGS` with operator token `token`.
+    pub async fn ctl_as(&self, token: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
         use tokio::io::AsyncWriteExt;
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"));
         cmd.arg("ctl")
             .args(args)
             .env("TETHER_SERVER", &self.url)
-            .env("TETHER_TOKEN", &self.token)
+            .env("TETHER_TOKEN", token)
             .stdin(if stdin.is_some() {
                 std::process::Stdio::piped()
             } else {

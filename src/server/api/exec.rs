@@ -15,6 +15,7 @@ pub(super) struct ExecQuery {
 
 pub(super) async fn exec_ws(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Query(q): Query<ExecQuery>,
     ws: WebSocketUpgrade,
@@ -25,7 +26,7 @@ pub(super) async fn exec_ws(
     {
         return error_response(e);
     }
-    ws.on_upgrade(move |socket| exec_session(app, id, q, socket))
+    ws.on_upgrade(move |socket| exec_session(app, caller, id, q, socket))
 }
 
 /// Starts an exec (the client's first text message is the [`ExecOptions`])
@@ -33,6 +34,7 @@ pub(super) async fn exec_ws(
 /// the client lacks.
 pub(super) async fn open_exec(
     app: &AppState,
+    caller: &Caller,
     worker_id: &str,
     q: &ExecQuery,
     tx: &mut WsTx,
@@ -65,11 +67,10 @@ pub(super) async fn open_exec(
         }
     };
     let client_acks = opts.client_acks;
-    let t0 = std::time::Instant::now();
-    let before = app.hub.worker(worker_id).ok();
+    let op = super::workers::WorkerOp::start(app, worker_id);
     let args = json!({"cmd": opts.cmd, "workdir": opts.workdir, "env": opts.env, "tty": opts.tty});
     let opened = app.hub.exec(worker_id, opts).await;
-    super::workers::audit_worker(app, "api:exec", &args, worker_id, before, t0, &opened);
+    op.record(app, caller, "api:exec", &args, &opened);
     let mut session = opened?;
     if client_acks {
         session.output.set_manual_ack();
@@ -93,12 +94,13 @@ pub(super) async fn open_exec(
 /// the exec.
 pub(super) async fn exec_session(
     app: Arc<AppState>,
+    caller: Caller,
     worker_id: String,
     q: ExecQuery,
     socket: WebSocket,
 ) {
     let (mut tx, mut rx) = socket.split();
-    let (d, client_acks) = match open_exec(&app, &worker_id, &q, &mut tx, &mut rx).await {
+    let (d, client_acks) = match open_exec(&app, &caller, &worker_id, &q, &mut tx, &mut rx).await {
         Ok(x) => x,
         Err(e) => {
             let _ = tx.send(end_message(None, Some(e))).await;

@@ -8,27 +8,39 @@ pub(super) struct McpNodes {
     nodes: Vec<String>,
 }
 
-pub(super) async fn list(State(app): State<Arc<AppState>>) -> Json<McpNodes> {
-    Json(McpNodes {
-        nodes: app.store.mcp_nodes(),
-    })
+pub(super) async fn list(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Json<McpNodes> {
+    let mut nodes = app.store.mcp_nodes();
+    nodes.retain(|n| {
+        caller.is_admin()
+            || app
+                .hub
+                .node_org(n)
+                .or_else(|| app.store.node_identity(n).map(|i| i.org))
+                .is_some_and(|o| caller.sees(&o))
+    });
+    Json(McpNodes { nodes })
 }
 
 pub(super) async fn allow(
     State(app): State<Arc<AppState>>,
+    caller: Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<McpNodes>> {
     app.hub.node_info(&id)?;
     on_store(&app, move |s| s.set_mcp_node(&id, true)).await?;
-    Ok(list(State(app)).await)
+    Ok(list(State(app), caller).await)
 }
 
 pub(super) async fn deny(
     State(app): State<Arc<AppState>>,
+    caller: Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<McpNodes>> {
     on_store(&app, move |s| s.set_mcp_node(&id, false)).await?;
-    Ok(list(State(app)).await)
+    Ok(list(State(app), caller).await)
 }
 
 /// Lets the operator token or an MCP token through to `/mcp`, with the
@@ -46,11 +58,13 @@ pub(super) async fn authorize(
     )
     .map(String::from);
     let scope = match given {
-        Some(t) if auth::secret_eq(&t, &app.admin_token) => Some(Scope::Operator),
-        Some(t) => app
-            .store
-            .mcp_token_by_hash(&token_hash(&t))
-            .map(Scope::Token),
+        Some(t) => match app.caller(&t) {
+            Ok(c) => Some(Scope::Operator(c)),
+            Err(_) => app
+                .store
+                .mcp_token_by_hash(&crate::server::orgs::secret_hash(&t))
+                .map(Scope::Token),
+        },
         None => None,
     };
     let Some(scope) = scope else {
@@ -62,11 +76,6 @@ pub(super) async fn authorize(
     super::super::conn::authenticated(req.extensions());
     req.extensions_mut().insert(scope);
     next.run(req).await
-}
-
-fn token_hash(secret: &str) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(secret.as_bytes()))
 }
 
 #[derive(Deserialize)]
@@ -100,29 +109,46 @@ fn info(t: crate::server::store::McpToken, secret: Option<String>) -> TokenInfo 
 
 pub(super) async fn create_token(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Json(req): Json<NewToken>,
 ) -> ApiResult<(StatusCode, Json<TokenInfo>)> {
     for n in &req.nodes {
-        app.hub.node_info(n)?;
+        if !app.hub.node_org(n).is_some_and(|o| caller.sees(&o)) {
+            return Err(ErrorBody::new(ErrorCode::NotFound, format!("no such node: {n}")).into());
+        }
     }
     let secret = format!("tmcp_{}", auth::random_secret(32));
     let t = crate::server::store::McpToken {
         id: ulid::Ulid::new().to_string().to_ascii_lowercase(),
-        hash: token_hash(&secret),
+        hash: crate::server::orgs::secret_hash(&secret),
         nodes: req.nodes,
         task_prefix: req.task_prefix.filter(|p| !p.is_empty()),
-        created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        created_at: crate::server::orgs::now_rfc3339(),
+        org: match &caller.scope {
+            crate::server::OrgScope::All => None,
+            crate::server::OrgScope::Org(o) => Some(o.clone()),
+        },
     };
     let kept = t.clone();
     on_store(&app, move |s| s.add_mcp_token(kept)).await?;
     Ok((StatusCode::CREATED, Json(info(t, Some(secret)))))
 }
 
-pub(super) async fn list_tokens(State(app): State<Arc<AppState>>) -> Json<Vec<TokenInfo>> {
+/// Whether `caller` sees an MCP token: the admin every one, an
+/// organization those its operators made.
+fn sees_token(caller: &Caller, t: &crate::server::store::McpToken) -> bool {
+    caller.is_admin() || t.org.as_deref().is_some_and(|o| caller.sees(o))
+}
+
+pub(super) async fn list_tokens(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Json<Vec<TokenInfo>> {
     Json(
         app.store
             .mcp_tokens()
             .into_iter()
+            .filter(|t| sees_token(&caller, t))
             .map(|t| info(t, None))
             .collect(),
     )
@@ -130,10 +156,16 @@ pub(super) async fn list_tokens(State(app): State<Arc<AppState>>) -> Json<Vec<To
 
 pub(super) async fn revoke_token(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let gone = id.clone();
-    if on_store(&app, move |s| s.revoke_mcp_token(&gone)).await? {
+    let visible = app
+        .store
+        .mcp_tokens()
+        .iter()
+        .any(|t| t.id == id && sees_token(&caller, t));
+    if visible && on_store(&app, move |s| s.revoke_mcp_token(&gone)).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ErrorBody::new(ErrorCode::NotFound, format!("no such MCP token: {id}")).into())

@@ -6,6 +6,7 @@ use super::conn::Admission;
 use super::hub::{
     ChannelSink, ChannelStream, DetachedExec, Duplex, ExecOptions, LogOptions, StreamEvent,
 };
+use super::orgs::Caller;
 use super::{AppState, auth};
 use crate::protocol::operator::{self, ClientMsg, ServerMsg, Started};
 use crate::protocol::{
@@ -30,6 +31,7 @@ mod deployments;
 mod exec;
 mod mcp;
 mod nodes;
+mod orgs;
 mod preview;
 mod register;
 mod streams;
@@ -82,48 +84,59 @@ async fn on_store<T: Send + 'static>(
 }
 
 pub(super) fn router(state: Arc<AppState>) -> Router {
-    let operator = Router::new()
-        .route("/api/v1/nodes", get(nodes))
+    // Routes that name a node, a worker or a deployment check first that
+    // the caller's organization owns it (another's is `not_found`).
+    let node_routes = Router::new()
         .route("/api/v1/nodes/{id}", get(node).delete(forget_node))
         .route("/api/v1/nodes/{id}/drain", post(drain))
         .route("/api/v1/nodes/{id}/undrain", post(undrain))
         .route("/api/v1/nodes/{id}/config", axum::routing::put(push_config))
-        .route("/api/v1/workers", get(workers).post(spawn))
+        .route(
+            "/api/v1/mcp/nodes/{id}",
+            axum::routing::put(mcp::allow).delete(mcp::deny),
+        )
+        .route_layer(middleware::from_fn_with_state(state.clone(), node_scope));
+    let worker_routes = Router::new()
         .route("/api/v1/workers/{id}", get(worker).delete(remove))
         .route("/api/v1/workers/{id}/stop", post(stop))
         .route("/api/v1/workers/{id}/exec", get(exec_ws))
         .route("/api/v1/workers/{id}/logs", get(logs_ws))
         .route("/api/v1/workers/{id}/tunnels/{port}", get(tunnel_ws))
+        .route("/api/v1/workers/{id}/previews", post(preview::issue))
+        .route("/api/v1/workers/{id}/stat", get(stat))
+        .route(
+            "/api/v1/workers/{id}/archive",
+            get(get_archive).put(put_archive),
+        )
+        .route_layer(middleware::from_fn_with_state(state.clone(), worker_scope));
+    let deployment_routes = Router::new()
+        .route(
+            "/api/v1/deployments/{name}",
+            get(deployments::inspect).delete(deployments::down),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            deployment_scope,
+        ));
+    let operator = Router::new()
+        .route("/api/v1/nodes", get(nodes))
+        .route("/api/v1/workers", get(workers).post(spawn))
         .route("/api/v1/tunnels", get(tunnel::list))
         .route(
             "/api/v1/tunnels/{id}",
             axum::routing::delete(tunnel::close_tunnel),
         )
-        .route("/api/v1/workers/{id}/previews", post(preview::issue))
         .route("/api/v1/previews", get(preview::list))
         .route(
             "/api/v1/previews/{id}",
             axum::routing::delete(preview::revoke),
-        )
-        .route("/api/v1/workers/{id}/stat", get(stat))
-        .route(
-            "/api/v1/workers/{id}/archive",
-            get(get_archive).put(put_archive),
         )
         .route("/api/v1/audit", get(audit))
         .route(
             "/api/v1/deployments",
             get(deployments::list).post(deployments::up),
         )
-        .route(
-            "/api/v1/deployments/{name}",
-            get(deployments::inspect).delete(deployments::down),
-        )
         .route("/api/v1/mcp/nodes", get(mcp::list))
-        .route(
-            "/api/v1/mcp/nodes/{id}",
-            axum::routing::put(mcp::allow).delete(mcp::deny),
-        )
         .route(
             "/api/v1/mcp/tokens",
             get(mcp::list_tokens).post(mcp::create_token),
@@ -132,6 +145,16 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
             "/api/v1/mcp/tokens/{id}",
             axum::routing::delete(mcp::revoke_token),
         )
+        .route("/api/v1/orgs", get(orgs::list).post(orgs::create))
+        .route("/api/v1/orgs/{name}/keys", post(orgs::add_key))
+        .route("/api/v1/tokens", get(orgs::tokens).post(orgs::create_token))
+        .route(
+            "/api/v1/tokens/{id}",
+            axum::routing::delete(orgs::revoke_token),
+        )
+        .merge(node_routes)
+        .merge(worker_routes)
+        .merge(deployment_routes)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             require_operator,
@@ -234,18 +257,93 @@ async fn require_operator(State(app): State<Arc<AppState>>, req: Request, next: 
             .get("authorization")
             .and_then(|v| v.to_str().ok()),
     );
-    match given {
-        Some(t) if auth::secret_eq(t, &app.admin_token) => {
+    match given.map(|t| app.caller(t)) {
+        Some(Ok(caller)) => {
             super::conn::authenticated(req.extensions());
+            let mut req = req;
+            req.extensions_mut().insert(caller);
             next.run(req).await
         }
-        Some(_) => error_response(ErrorBody::new(
-            ErrorCode::Unauthorized,
-            "invalid operator token",
-        )),
+        Some(Err(e)) => error_response(e),
         None => error_response(ErrorBody::new(
             ErrorCode::Unauthorized,
             "missing operator token (Authorization: Bearer <token from admin.token>)",
         )),
     }
+}
+
+/// Whether `caller` sees worker `id` (the admin sees every id, known or
+/// not; an organization only the workers of its nodes).
+fn sees_worker(app: &AppState, caller: &Caller, id: &str) -> bool {
+    caller.is_admin() || app.hub.worker_org(id).is_some_and(|o| caller.sees(&o))
+}
+
+/// Lets the request through if the caller sees what it names (`org`: the
+/// organization that owns it, if known); otherwise answers `not_found`
+/// exactly as for something that does not exist.
+async fn scoped(
+    caller: &Caller,
+    org: Option<String>,
+    not_found: String,
+    req: Request,
+    next: Next,
+) -> Response {
+    let seen = match org {
+        Some(o) => caller.sees(&o),
+        None => caller.is_admin(),
+    };
+    if seen {
+        next.run(req).await
+    } else {
+        error_response(ErrorBody::new(ErrorCode::NotFound, not_found))
+    }
+}
+
+type PathParams = Path<std::collections::HashMap<String, String>>;
+
+async fn node_scope(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(p): PathParams,
+    req: Request,
+    next: Next,
+) -> Response {
+    let id = p.get("id").cloned().unwrap_or_default();
+    // A node offline since the server started is known only to the store.
+    let org = app
+        .hub
+        .node_org(&id)
+        .or_else(|| app.store.node_identity(&id).map(|i| i.org));
+    scoped(&caller, org, format!("no such node: {id}"), req, next).await
+}
+
+async fn worker_scope(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(p): PathParams,
+    req: Request,
+    next: Next,
+) -> Response {
+    let id = p.get("id").cloned().unwrap_or_default();
+    let org = app.hub.worker_org(&id);
+    scoped(&caller, org, format!("no such worker: {id}"), req, next).await
+}
+
+async fn deployment_scope(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(p): PathParams,
+    req: Request,
+    next: Next,
+) -> Response {
+    let name = p.get("name").cloned().unwrap_or_default();
+    let org = app.hub.deployment_org(&name);
+    scoped(
+        &caller,
+        org,
+        format!("no such deployment: {name}"),
+        req,
+        next,
+    )
+    .await
 }

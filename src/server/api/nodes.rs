@@ -2,8 +2,11 @@
 
 use super::*;
 
-pub(super) async fn nodes(State(app): State<Arc<AppState>>) -> impl IntoResponse {
-    Json(json!({ "nodes": app.hub.nodes() }))
+pub(super) async fn nodes(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> impl IntoResponse {
+    Json(json!({ "nodes": app.hub.nodes_in(&caller.scope) }))
 }
 
 pub(super) async fn node(

@@ -78,15 +78,33 @@ fn grant_info(g: &preview::PreviewGrant) -> PreviewInfo {
 }
 
 /// `GET /api/v1/previews`: grants neither expired nor revoked.
-pub(super) async fn list(State(app): State<Arc<AppState>>) -> Json<Vec<PreviewInfo>> {
-    Json(app.store.previews().iter().map(grant_info).collect())
+pub(super) async fn list(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Json<Vec<PreviewInfo>> {
+    Json(
+        app.store
+            .previews()
+            .iter()
+            .filter(|g| sees_worker(&app, &caller, &g.worker_id))
+            .map(grant_info)
+            .collect(),
+    )
 }
 
 /// `DELETE /api/v1/previews/{id}`: revokes a grant at once.
 pub(super) async fn revoke(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
+    if !app
+        .store
+        .preview(&id)
+        .is_some_and(|g| sees_worker(&app, &caller, &g.worker_id))
+    {
+        return Err(ErrorBody::new(ErrorCode::NotFound, "no such preview URL").into());
+    }
     let gone = on_store(&app, move |s| s.revoke_preview(&id)).await?;
     if gone {
         Ok(StatusCode::NO_CONTENT)
@@ -220,11 +238,23 @@ fn authorize(
     worker: &str,
     port: u16,
 ) -> Result<(), ErrorBody> {
-    let operator = headers
+    // An operator token of the worker's organization (or the admin's);
+    // another organization's worker is not found.
+    let caller = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| auth::bearer(Some(v)))
-        .is_some_and(|t| auth::secret_eq(t, &app.admin_token));
+        .and_then(|t| app.caller(t).ok());
+    if let Some(c) = &caller
+        && !app.hub.worker_org(worker).is_some_and(|o| c.sees(&o))
+        && !c.is_admin()
+    {
+        return Err(ErrorBody::new(
+            ErrorCode::NotFound,
+            format!("no such worker: {worker}"),
+        ));
+    }
+    let operator = caller.is_some();
     if operator {
         headers.remove(header::AUTHORIZATION);
     }

@@ -9,12 +9,22 @@ pub(super) async fn register(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<Json<Bootstrap>> {
-    let psk = auth::bearer(headers.get("authorization").and_then(|v| v.to_str().ok()));
-    if !psk.is_some_and(|p| auth::secret_eq(p, &app.cfg.psk)) {
+    let key = auth::bearer(headers.get("authorization").and_then(|v| v.to_str().ok()));
+    // The server-wide key registers into the default organization, an
+    // organization's key into that organization.
+    let org = match key {
+        Some(k) if auth::secret_eq(k, &app.cfg.psk) => Some(crate::server::hub::DEFAULT_ORG.into()),
+        Some(k) => app
+            .store
+            .registration_key_by_hash(&crate::server::orgs::secret_hash(k))
+            .map(|r| r.org),
+        None => None,
+    };
+    let Some(org) = org else {
         return Err(
             ErrorBody::new(ErrorCode::Unauthorized, "wrong or missing registration key").into(),
         );
-    }
+    };
     if let Some(Extension(a)) = admission {
         a.authenticated();
     }
@@ -70,7 +80,7 @@ pub(super) async fn register(
         Some(&body.proof),
     )?;
     let (node, key) = (body.node_id.clone(), body.public_key.clone());
-    let identity = on_store(&app, move |s| s.bind_node(&node, &key))
+    let identity = on_store(&app, move |s| s.bind_node(&node, &key, &org))
         .await
         .inspect_err(|e| {
             if e.code == ErrorCode::Conflict {

@@ -125,16 +125,23 @@ async fn tunnel_session(app: Arc<AppState>, t: Duplex, conn: Connection, socket:
 }
 
 /// `GET /api/v1/tunnels`: open tunnels with their connections and bytes.
-pub(super) async fn list(State(app): State<Arc<AppState>>) -> Json<Vec<TunnelInfo>> {
-    Json(app.tunnels.list())
+pub(super) async fn list(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Json<Vec<TunnelInfo>> {
+    let mut open = app.tunnels.list();
+    open.retain(|t| sees_worker(&app, &caller, &t.worker_id));
+    Json(open)
 }
 
 /// `DELETE /api/v1/tunnels/{id}`: ends every connection of `WORKER:PORT`.
 pub(super) async fn close_tunnel(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    if app.tunnels.close(&id) {
+    let worker = id.rsplit_once(':').map_or(id.as_str(), |(w, _)| w);
+    if sees_worker(&app, &caller, worker) && app.tunnels.close(&id) {
         tracing::info!(tunnel = %id, "tunnel closed by an operator");
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -2,8 +2,11 @@
 
 use super::*;
 
-pub(super) async fn workers(State(app): State<Arc<AppState>>) -> impl IntoResponse {
-    Json(json!({ "workers": app.hub.workers() }))
+pub(super) async fn workers(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> impl IntoResponse {
+    Json(json!({ "workers": app.hub.workers_in(&caller.scope) }))
 }
 
 pub(super) async fn worker(
@@ -15,6 +18,7 @@ pub(super) async fn worker(
 
 pub(super) async fn spawn(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<SpawnRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Json(req) = body.map_err(|e| {
@@ -28,8 +32,8 @@ pub(super) async fn spawn(
     let t0 = std::time::Instant::now();
     let args = serde_json::to_value(&req).unwrap_or_default();
     let (task, job) = (req.task_id.clone(), req.job_id.clone());
-    let r = app.hub.spawn(req).await;
-    let mut rec = api_record("api:spawn", &args, t0, &r);
+    let r = app.hub.spawn_in(req, &caller.scope).await;
+    let mut rec = api_record(&caller, "api:spawn", &args, t0, &r);
     (rec.task_id, rec.job_id) = (task, job);
     if let Ok(w) = &r {
         rec.worker_id = Some(w.worker_id.clone());
@@ -46,19 +50,17 @@ pub(super) struct StopQuery {
 
 pub(super) async fn stop(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Query(q): Query<StopQuery>,
 ) -> ApiResult<impl IntoResponse> {
-    let t0 = std::time::Instant::now();
-    let before = app.hub.worker(&id).ok();
+    let op = WorkerOp::start(&app, &id);
     let r = app.hub.stop(&id, q.timeout).await;
-    audit_worker(
+    op.record(
         &app,
+        &caller,
         "api:stop",
         &json!({"timeout": q.timeout}),
-        &id,
-        before,
-        t0,
         &r,
     );
     Ok(Json(r?))
@@ -72,33 +74,29 @@ pub(super) struct RemoveQuery {
 
 pub(super) async fn remove(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Query(q): Query<RemoveQuery>,
 ) -> ApiResult<impl IntoResponse> {
-    let t0 = std::time::Instant::now();
-    let before = app.hub.worker(&id).ok();
+    let op = WorkerOp::start(&app, &id);
     let r = app.hub.remove(&id, q.force).await;
-    audit_worker(
-        &app,
-        "api:remove",
-        &json!({"force": q.force}),
-        &id,
-        before,
-        t0,
-        &r,
-    );
+    op.record(&app, &caller, "api:remove", &json!({"force": q.force}), &r);
     r?;
     Ok(Json(json!({ "worker_id": id, "removed": true })))
 }
 
 /// A record of an operator's call through the API.
 pub(super) fn api_record<T>(
+    caller: &Caller,
     op: &str,
     args: &serde_json::Value,
     t0: std::time::Instant,
     r: &Result<T, ErrorBody>,
 ) -> crate::server::audit::AuditRecord {
-    let mut rec = crate::server::audit::AuditRecord::new("operator", op);
+    let mut rec = crate::server::audit::AuditRecord::new(&caller.name, op);
+    if let crate::server::OrgScope::Org(o) = &caller.scope {
+        rec.org = Some(o.clone());
+    }
     rec.args_digest = crate::server::audit::digest(args);
     rec.duration_ms = t0.elapsed().as_millis() as u64;
     rec.outcome = match r {
@@ -108,27 +106,47 @@ pub(super) fn api_record<T>(
     rec
 }
 
-/// Records an operation on an existing worker (`before`: it as the
-/// registry knew it, for its task and node).
-pub(super) fn audit_worker<T>(
-    app: &AppState,
-    op: &str,
-    args: &serde_json::Value,
-    id: &str,
+/// An operation on an existing worker, to be audited once it ends: the
+/// worker as the registry knew it before (for its task and node, which a
+/// removal forgets) and when it started.
+pub(super) struct WorkerOp {
+    id: String,
     before: Option<crate::protocol::WorkerInfo>,
     t0: std::time::Instant,
-    r: &Result<T, ErrorBody>,
-) {
-    let mut rec = api_record(op, args, t0, r);
-    rec.worker_id = Some(id.to_string());
-    if let Some(w) = before {
-        (rec.task_id, rec.job_id, rec.node_id) = (w.task_id, w.job_id, Some(w.node_id));
+}
+
+impl WorkerOp {
+    pub(super) fn start(app: &AppState, id: &str) -> WorkerOp {
+        WorkerOp {
+            id: id.to_string(),
+            before: app.hub.worker(id).ok(),
+            t0: std::time::Instant::now(),
+        }
     }
-    append_audit(app, rec);
+
+    /// Appends the operation's record to the audit trail.
+    pub(super) fn record<T>(
+        self,
+        app: &AppState,
+        caller: &Caller,
+        op: &str,
+        args: &serde_json::Value,
+        r: &Result<T, ErrorBody>,
+    ) {
+        let mut rec = api_record(caller, op, args, self.t0, r);
+        rec.worker_id = Some(self.id);
+        if let Some(w) = self.before {
+            (rec.task_id, rec.job_id, rec.node_id) = (w.task_id, w.job_id, Some(w.node_id));
+        }
+        append_audit(app, rec);
+    }
 }
 
 /// Appends to the audit trail from a blocking thread.
-pub(super) fn append_audit(app: &AppState, rec: crate::server::audit::AuditRecord) {
+pub(super) fn append_audit(app: &AppState, mut rec: crate::server::audit::AuditRecord) {
+    if rec.org.is_none() {
+        rec.org = rec.node_id.as_deref().and_then(|n| app.hub.node_org(n));
+    }
     let store = app.store.clone();
     tokio::task::spawn_blocking(move || {
         if let Err(e) = store.append_audit(&rec) {
@@ -139,8 +157,12 @@ pub(super) fn append_audit(app: &AppState, rec: crate::server::audit::AuditRecor
 
 pub(super) async fn audit(
     State(app): State<Arc<AppState>>,
-    Query(f): Query<crate::server::audit::AuditFilter>,
+    Extension(caller): Extension<Caller>,
+    Query(mut f): Query<crate::server::audit::AuditFilter>,
 ) -> ApiResult<impl IntoResponse> {
+    if let crate::server::OrgScope::Org(o) = &caller.scope {
+        f.org = Some(o.clone());
+    }
     let records = on_store(&app, move |s| Ok(s.audit(&f))).await?;
     Ok(Json(json!({ "records": records })))
 }
@@ -160,19 +182,17 @@ pub(super) async fn stat(
 
 pub(super) async fn get_archive(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> ApiResult<Response> {
-    let t0 = std::time::Instant::now();
-    let before = app.hub.worker(&id).ok();
+    let op = WorkerOp::start(&app, &id);
     let opened = app.hub.get_archive(&id, &q.path).await;
-    audit_worker(
+    op.record(
         &app,
+        &caller,
         "api:get_archive",
         &json!({"path": q.path}),
-        &id,
-        before,
-        t0,
         &opened,
     );
     let stream = opened?;
@@ -203,20 +223,18 @@ pub(super) async fn get_archive(
 
 pub(super) async fn put_archive(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
     body: Body,
 ) -> ApiResult<impl IntoResponse> {
-    let t0 = std::time::Instant::now();
-    let before = app.hub.worker(&id).ok();
+    let op = WorkerOp::start(&app, &id);
     let r = put_archive_into(&app, &id, &q.path, body).await;
-    audit_worker(
+    op.record(
         &app,
+        &caller,
         "api:put_archive",
         &json!({"path": q.path}),
-        &id,
-        before,
-        t0,
         &r,
     );
     Ok(Json(r?))

@@ -7,6 +7,11 @@ use crate::protocol::{
 };
 
 impl Hub {
+    /// The organization of the node a deployment runs on.
+    pub fn deployment_org(&self, name: &str) -> Option<String> {
+        self.node_org(&self.deployment_node(name)?)
+    }
+
     /// The node a deployment's services run on, if the registry knows it.
     fn deployment_node(&self, name: &str) -> Option<String> {
         let reg = self.reg.lock().unwrap();
@@ -30,7 +35,35 @@ impl Hub {
         req: DeployApply,
         node: Option<String>,
     ) -> Result<DeploymentInfo, ErrorBody> {
-        let nodes = match (self.deployment_node(&req.deployment), node) {
+        self.deploy_in(req, node, &OrgScope::All).await
+    }
+
+    /// [`Hub::deploy`] for a caller who sees `scope`: placed only on its
+    /// nodes. Deployment names are one namespace for the server (a
+    /// service's worker id is `NAME_SERVICE`), so a name another
+    /// organization uses is a conflict.
+    pub async fn deploy_in(
+        &self,
+        req: DeployApply,
+        node: Option<String>,
+        scope: &OrgScope,
+    ) -> Result<DeploymentInfo, ErrorBody> {
+        if let Some(n) = &node {
+            self.check_node_in(n, scope)?;
+        }
+        let at = self.deployment_node(&req.deployment);
+        if let Some(at) = &at
+            && !self.node_org(at).is_some_and(|o| scope.admits(&o))
+        {
+            return Err(ErrorBody::new(
+                ErrorCode::Conflict,
+                format!(
+                    "the deployment name {} is taken: choose another",
+                    req.deployment
+                ),
+            ));
+        }
+        let nodes = match (at, node) {
             (Some(at), Some(n)) if at != n => {
                 return Err(ErrorBody::new(
                     ErrorCode::Conflict,
@@ -47,7 +80,7 @@ impl Hub {
             }
             // The least-loaded node whose policy admits every service (a
             // refusal by policy comes before anything is made).
-            (None, None) => self.candidates(false)?,
+            (None, None) => self.candidates(false, scope)?,
         };
         let mut first_refusal = None;
         for node_id in nodes {
@@ -97,12 +130,24 @@ impl Hub {
 
     /// Every deployment the registry knows, by name.
     pub fn deployments(&self) -> Vec<DeploymentSummary> {
+        self.deployments_in(&OrgScope::All)
+    }
+
+    /// The deployments `scope` sees, by name.
+    pub fn deployments_in(&self, scope: &OrgScope) -> Vec<DeploymentSummary> {
         let reg = self.reg.lock().unwrap();
         let mut by_name: std::collections::BTreeMap<&str, DeploymentSummary> = Default::default();
         for w in reg.workers.values() {
             let Some(d) = w.deployment.as_deref() else {
                 continue;
             };
+            if !reg
+                .nodes
+                .get(&w.node_id)
+                .is_some_and(|n| scope.admits(&n.org))
+            {
+                continue;
+            }
             let e = by_name.entry(d).or_insert_with(|| DeploymentSummary {
                 deployment: d.to_string(),
                 node_id: w.node_id.clone(),

@@ -75,6 +75,8 @@ struct NodeEntry {
     draining: bool,
     offline_reason: Option<String>,
     agent_version: Option<String>,
+    /// The organization the node belongs to.
+    org: String,
 }
 
 #[derive(Default)]
@@ -142,6 +144,29 @@ impl NodeEntry {
                 .connected_since
                 .filter(|_| self.online)
                 .map(|t| humantime::format_rfc3339_millis(t).to_string()),
+            org: Some(self.org.clone()),
+        }
+    }
+}
+
+/// The organization of nodes registered with the server-wide key.
+pub const DEFAULT_ORG: &str = "default";
+
+/// Which nodes, and so which workers and deployments, a caller sees and
+/// may use: all of them (the server's admin, an embedder), or one
+/// organization's. What lies outside is `not_found`, as if it did not
+/// exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrgScope {
+    All,
+    Org(String),
+}
+
+impl OrgScope {
+    pub fn admits(&self, org: &str) -> bool {
+        match self {
+            OrgScope::All => true,
+            OrgScope::Org(o) => o == org,
         }
     }
 }
@@ -229,11 +254,17 @@ impl Hub {
 
     /// Every node ever seen, sorted by id.
     pub fn nodes(&self) -> Vec<NodeInfo> {
+        self.nodes_in(&OrgScope::All)
+    }
+
+    /// The nodes `scope` sees, sorted by id.
+    pub fn nodes_in(&self, scope: &OrgScope) -> Vec<NodeInfo> {
         let reg = self.reg.lock().unwrap();
         let counts = worker_counts(&reg);
         let mut v: Vec<NodeInfo> = reg
             .nodes
             .iter()
+            .filter(|(_, n)| scope.admits(&n.org))
             .map(|(id, n)| n.info(id, counts.get(id.as_str()).copied().unwrap_or(0)))
             .collect();
         v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -255,7 +286,22 @@ impl Hub {
 
     /// Every worker, sorted by node then id.
     pub fn workers(&self) -> Vec<WorkerInfo> {
-        let mut v: Vec<WorkerInfo> = self.reg.lock().unwrap().workers.values().cloned().collect();
+        self.workers_in(&OrgScope::All)
+    }
+
+    /// The workers `scope` sees, sorted by node then id.
+    pub fn workers_in(&self, scope: &OrgScope) -> Vec<WorkerInfo> {
+        let reg = self.reg.lock().unwrap();
+        let mut v: Vec<WorkerInfo> = reg
+            .workers
+            .values()
+            .filter(|w| {
+                reg.nodes
+                    .get(&w.node_id)
+                    .is_some_and(|n| scope.admits(&n.org))
+            })
+            .cloned()
+            .collect();
         v.sort_by(|a, b| (&a.node_id, &a.worker_id).cmp(&(&b.node_id, &b.worker_id)));
         v
     }
@@ -308,19 +354,22 @@ impl Hub {
         self.node_info(node_id)
     }
 
-    /// Picks the online, non-draining node with the fewest workers.
-    fn schedule(&self, inference: bool) -> Result<String, ErrorBody> {
-        self.candidates(inference).map(|mut c| c.swap_remove(0))
+    /// Picks the online, non-draining node with the fewest workers among
+    /// those `scope` sees.
+    fn schedule(&self, inference: bool, scope: &OrgScope) -> Result<String, ErrorBody> {
+        self.candidates(inference, scope)
+            .map(|mut c| c.swap_remove(0))
     }
 
-    /// Online nodes that take new work, least loaded first; `unavailable`
-    /// if there is none.
-    fn candidates(&self, inference: bool) -> Result<Vec<String>, ErrorBody> {
+    /// Online nodes `scope` sees that take new work, least loaded first;
+    /// `unavailable` if there is none.
+    fn candidates(&self, inference: bool, scope: &OrgScope) -> Result<Vec<String>, ErrorBody> {
         let reg = self.reg.lock().unwrap();
         let counts = worker_counts(&reg);
         let mut nodes: Vec<(usize, &String)> = reg
             .nodes
             .iter()
+            .filter(|(_, n)| scope.admits(&n.org))
             .filter(|(_, n)| n.online && !n.draining && n.degraded.is_none())
             .filter(|(_, n)| !inference || n.runs_inference())
             .map(|(id, _)| (counts.get(id.as_str()).copied().unwrap_or(0), id))
@@ -355,9 +404,31 @@ impl Hub {
                 draining: false,
                 offline_reason: None,
                 agent_version: None,
+                org: DEFAULT_ORG.into(),
             })
             .link
             .clone()
+    }
+
+    /// Records the organization of a node (from its identity, when it
+    /// connects).
+    pub(crate) fn set_node_org(&self, node_id: &str, org: &str) {
+        if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id) {
+            n.org = org.to_string();
+        }
+    }
+
+    /// The organization of a node this hub knows.
+    pub fn node_org(&self, node_id: &str) -> Option<String> {
+        let reg = self.reg.lock().unwrap();
+        reg.nodes.get(node_id).map(|n| n.org.clone())
+    }
+
+    /// The organization of a worker's node.
+    pub fn worker_org(&self, worker_id: &str) -> Option<String> {
+        let reg = self.reg.lock().unwrap();
+        let w = reg.workers.get(worker_id)?;
+        reg.nodes.get(&w.node_id).map(|n| n.org.clone())
     }
 
     /// A connection of the node is up (after [`AgentLink::connect`]).

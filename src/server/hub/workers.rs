@@ -14,14 +14,38 @@ impl Hub {
         Ok(())
     }
 
+    /// A node `scope` may name: another organization's is `not_found`,
+    /// exactly as a node that does not exist.
+    pub(super) fn check_node_in(&self, node_id: &str, scope: &OrgScope) -> Result<(), ErrorBody> {
+        match self.node_org(node_id) {
+            Some(org) if scope.admits(&org) => Ok(()),
+            _ => Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!("no such node: {node_id}"),
+            )),
+        }
+    }
+
     /// Spawns a worker on `req.node_id` or on the least-loaded node.
     pub async fn spawn(&self, req: SpawnRequest) -> Result<WorkerInfo, ErrorBody> {
+        self.spawn_in(req, &OrgScope::All).await
+    }
+
+    /// Spawns a worker for a caller who sees `scope`: on `req.node_id` if
+    /// it sees that node, else on the least-loaded node it sees (never on
+    /// another organization's).
+    pub async fn spawn_in(
+        &self,
+        req: SpawnRequest,
+        scope: &OrgScope,
+    ) -> Result<WorkerInfo, ErrorBody> {
         let node_id = match &req.node_id {
             Some(n) => {
+                self.check_node_in(n, scope)?;
                 self.check_not_draining(n)?;
                 n.clone()
             }
-            None => self.schedule(req.inference)?,
+            None => self.schedule(req.inference, scope)?,
         };
         let link = self.link(&node_id)?;
         let worker_id = ulid::Ulid::new().to_string().to_ascii_lowercase();

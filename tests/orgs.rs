@@ -1,0 +1,259 @@
+//! Organizations: nodes join the organization of the key they register
+//! with; an organization's operator token sees and schedules only its own
+//! nodes, workers and audit records, and another organization's are
+//! `not_found`, exactly as what does not exist. Real agents, real Docker.
+
+mod common;
+
+use common::*;
+use std::process::Output;
+use std::time::Duration;
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// `ctl ARGS` as `token`, which must fail; its error output.
+async fn refused(h: &Harness, token: &str, args: &[&str]) -> String {
+    let o = h.ctl_as(token, args, None).await;
+    assert!(
+        !o.status.success(),
+        "ctl {args:?} should have failed: {}",
+        stdout(&o)
+    );
+    stderr(&o)
+}
+
+async fn ok_as(h: &Harness, token: &str, args: &[&str]) -> String {
+    let o = h.ctl_as(token, args, None).await;
+    assert!(o.status.success(), "ctl {args:?} failed: {}", stderr(&o));
+    stdout(&o)
+}
+
+/// Another organization's worker and a worker that never existed get the
+/// same answer, with only the id changed.
+fn same_refusal(theirs: &str, none: &str, their_id: &str, no_id: &str) {
+    assert_eq!(
+        theirs.replace(their_id, "ID"),
+        none.replace(no_id, "ID"),
+        "another organization's object must look absent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_organization_sees_and_schedules_only_its_own_nodes_and_workers() {
+    let mut h = Harness::server().await;
+    let img = image();
+    let admin = h.token.clone();
+
+    // The admin makes two organizations; names are checked.
+    let key_a = h
+        .ctl_ok(&["org", "create", "acme"])
+        .await
+        .trim()
+        .to_string();
+    let key_b = h
+        .ctl_ok(&["org", "create", "globex"])
+        .await
+        .trim()
+        .to_string();
+    assert!(key_a.starts_with("treg_") && key_a != key_b);
+    let e = refused(&h, &admin, &["org", "create", "acme"]).await;
+    assert!(e.contains("exists"), "{e}");
+    let e = refused(&h, &admin, &["org", "create", "Not_Valid"]).await;
+    assert!(e.contains("lower-case"), "{e}");
+
+    // One node in each, by the key it registers with.
+    let mut cfg = h.agent_config(&unique("acme"));
+    cfg.psk = key_a.clone();
+    let na = h.add_agent_with(cfg).await;
+    let mut cfg = h.agent_config(&unique("globex"));
+    cfg.psk = key_b.clone();
+    let nb = h.add_agent_with(cfg).await;
+
+    let ta = h
+        .ctl_ok(&["token", "create", "--org", "acme"])
+        .await
+        .trim()
+        .to_string();
+    let tb = h
+        .ctl_ok(&["token", "create", "--org", "globex"])
+        .await
+        .trim()
+        .to_string();
+    assert!(ta.starts_with("top_"));
+    let e = refused(&h, &admin, &["token", "create", "--org", "nope"]).await;
+    assert!(e.contains("no such organization: nope"), "{e}");
+
+    // Each sees its own node only; the admin sees both, with their org.
+    let nodes_a = ok_as(&h, &ta, &["nodes"]).await;
+    assert!(nodes_a.contains(&na) && !nodes_a.contains(&nb), "{nodes_a}");
+    let all: serde_json::Value =
+        serde_json::from_str(&h.ctl_ok(&["nodes", "--json"]).await).unwrap();
+    let org_of = |n: &str| {
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["node_id"] == n)
+            .map(|x| x["org"].clone())
+    };
+    assert_eq!(org_of(&na), Some("acme".into()), "{all}");
+    assert_eq!(org_of(&nb), Some("globex".into()), "{all}");
+
+    // Placement never crosses: acme's second worker goes to acme's node
+    // although globex's is idle.
+    let spawn = ["spawn", "--image", &img, "--", "sleep", "3600"];
+    let wa1 = ok_as(&h, &ta, &spawn).await.trim().to_string();
+    let wa2 = ok_as(&h, &ta, &spawn).await.trim().to_string();
+    let wb = ok_as(&h, &tb, &spawn).await.trim().to_string();
+    for (w, node) in [(&wa1, &na), (&wa2, &na), (&wb, &nb)] {
+        let info: serde_json::Value =
+            serde_json::from_str(&h.ctl_ok(&["inspect", w]).await).unwrap();
+        assert_eq!(info["node_id"], node.as_str(), "{info}");
+    }
+    let ps_a = ok_as(&h, &ta, &["ps"]).await;
+    assert!(
+        ps_a.contains(&wa1) && ps_a.contains(&wa2) && !ps_a.contains(&wb),
+        "{ps_a}"
+    );
+
+    // globex's worker is not found by acme, by every road, and the answer
+    // is the one a worker that never existed gets.
+    let ghost = "01aaaaaaaaaaaaaaaaaaaaaaaa";
+    let cp_out = h.state_path("cp-out").to_string_lossy().to_string();
+    for args in [
+        vec!["inspect", "ID"],
+        vec!["exec", "ID", "--", "true"],
+        vec!["logs", "ID"],
+        vec!["stop", "ID"],
+        vec!["rm", "-f", "ID"],
+        vec!["cp", "ID:/etc/hostname", &cp_out],
+        vec!["preview-url", "ID", "80"],
+    ] {
+        let with = |id: &str| -> Vec<String> {
+            args.iter().map(|a| a.replace("ID", id)).collect::<Vec<_>>()
+        };
+        let theirs = with(&wb);
+        let theirs: Vec<&str> = theirs.iter().map(String::as_str).collect();
+        let none = with(ghost);
+        let none: Vec<&str> = none.iter().map(String::as_str).collect();
+        let e_theirs = refused(&h, &ta, &theirs).await;
+        assert!(e_theirs.contains("no such worker"), "{args:?}: {e_theirs}");
+        let e_none = refused(&h, &ta, &none).await;
+        same_refusal(&e_theirs, &e_none, &wb, ghost);
+    }
+    // The worker is untouched by those attempts.
+    assert_eq!(
+        docker(&[
+            "inspect",
+            "-f",
+            "{{.State.Running}}",
+            &format!("tether-{wb}")
+        ]),
+        "true"
+    );
+
+    // Nor is globex's node, for naming, draining, configuring or placing.
+    for args in [
+        vec!["node", "inspect", "ID"],
+        vec!["drain", "ID"],
+        vec!["spawn", "--node", "ID", "--image", &img, "--", "true"],
+        vec!["mcp", "allow", "ID"],
+    ] {
+        let cmd: Vec<String> = args.iter().map(|a| a.replace("ID", &nb)).collect();
+        let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        let e = refused(&h, &ta, &cmd).await;
+        assert!(e.contains(&format!("no such node: {nb}")), "{args:?}: {e}");
+    }
+
+    // An organization's token manages nothing server-wide.
+    for args in [
+        vec!["org", "create", "mine"],
+        vec!["token", "create", "--org", "acme"],
+        vec!["org", "key", "acme"],
+    ] {
+        let e = refused(&h, &ta, &args).await;
+        assert!(e.contains("only the server's admin token"), "{args:?}: {e}");
+    }
+    let orgs_a = ok_as(&h, &ta, &["org", "ls"]).await;
+    assert_eq!(
+        orgs_a
+            .lines()
+            .map(|l| l.split('\t').next().unwrap())
+            .collect::<Vec<_>>(),
+        vec!["acme"],
+        "{orgs_a}"
+    );
+    let all_orgs = h.ctl_ok(&["org", "ls"]).await;
+    for o in ["default", "acme", "globex"] {
+        assert!(all_orgs.lines().any(|l| l.starts_with(o)), "{all_orgs}");
+    }
+
+    // The audit trail: acme reads its own operations only.
+    let audit_a = ok_as(&h, &ta, &["audit", "--json"]).await;
+    let records: Vec<serde_json::Value> = audit_a
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["worker_id"] == wa1.as_str() && r["operation"] == "api:spawn"),
+        "{audit_a}"
+    );
+    assert!(
+        records.iter().all(|r| r["org"] == "acme"),
+        "only acme's records: {audit_a}"
+    );
+    assert!(!audit_a.contains(&wb), "{audit_a}");
+
+    // With its only node draining, acme's work waits: it is not placed on
+    // globex's node.
+    ok_as(&h, &ta, &["drain", &na]).await;
+    let e = refused(&h, &ta, &spawn).await;
+    assert!(e.contains("no online node accepts new workers"), "{e}");
+    ok_as(&h, &ta, &["undrain", &na]).await;
+
+    // Tokens: kept hashed, listed without secrets, revoked at once, and
+    // expired after their time.
+    let state = std::fs::read_to_string(h.state_path("server/state.json")).unwrap();
+    for secret in [&ta, &tb, &key_a, &key_b] {
+        assert!(!state.contains(secret.as_str()), "a secret in state.json");
+    }
+    let listed = h.ctl_ok(&["token", "ls"]).await;
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    assert!(!listed.contains(&ta) && !listed.contains(&tb), "{listed}");
+    let id_b = listed
+        .lines()
+        .find(|l| l.contains("\tglobex\t"))
+        .and_then(|l| l.split('\t').next())
+        .unwrap()
+        .to_string();
+    h.ctl_ok(&["token", "revoke", &id_b]).await;
+    let e = refused(&h, &tb, &["ps"]).await;
+    assert!(e.contains("invalid operator token"), "{e}");
+    let short = h
+        .ctl_ok(&["token", "create", "--org", "acme", "--expires", "1s"])
+        .await
+        .trim()
+        .to_string();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let e = refused(&h, &short, &["ps"]).await;
+    assert!(e.contains("has expired"), "{e}");
+
+    // acme cleans up its own workers; globex's is the admin's to remove.
+    ok_as(&h, &ta, &["rm", "-f", &wa1]).await;
+    ok_as(&h, &ta, &["rm", "-f", &wa2]).await;
+    h.ctl_ok(&["rm", "-f", &wb]).await;
+    for w in [&wa1, &wa2, &wb] {
+        assert_eq!(
+            docker_all(&["ps", "-a", "-q", "--filter", &format!("name=tether-{w}")]),
+            ""
+        );
+    }
+    h.stop().await;
+}

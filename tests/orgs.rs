@@ -34,6 +34,35 @@ async fn ok_as(h: &Harness, token: &str, args: &[&str]) -> String {
     stdout(&o)
 }
 
+/// Calls an MCP tool through the official client (`rmcp`) with `token`;
+/// a tool error comes back as its text.
+async fn mcp_call(
+    url: &str,
+    token: &str,
+    tool: &str,
+    args: serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    use rmcp::ServiceExt;
+    use rmcp::model::CallToolRequestParams;
+    use rmcp::transport::StreamableHttpClientTransport;
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    let cfg =
+        StreamableHttpClientTransportConfig::with_uri(format!("{url}/mcp")).auth_header(token);
+    let client =
+        ().serve(StreamableHttpClientTransport::from_config(cfg))
+            .await
+            .map_err(|e| format!("MCP initialize: {e}"))?;
+    let params = CallToolRequestParams::new(tool.to_string())
+        .with_arguments(args.as_object().cloned().unwrap_or_default());
+    let r = client.call_tool(params).await;
+    let _ = client.cancel().await;
+    let r = r.map_err(|e| format!("MCP call: {e}"))?;
+    if r.is_error == Some(true) {
+        return Err(serde_json::to_string(&r.content).unwrap());
+    }
+    Ok(r.structured_content.unwrap_or_default())
+}
+
 /// Another organization's worker and a worker that never existed get the
 /// same answer, with only the id changed.
 fn same_refusal(theirs: &str, none: &str, their_id: &str, no_id: &str) {
@@ -146,6 +175,16 @@ async fn an_organization_sees_and_schedules_only_its_own_nodes_and_workers() {
         let e_none = refused(&h, &ta, &none).await;
         same_refusal(&e_theirs, &e_none, &wb, ghost);
     }
+    // A path-based preview with acme's token is refused the same way.
+    let r = reqwest::Client::new()
+        .get(format!("{}/api/v1/workers/{wb}/ports/80/", h.url))
+        .bearer_auth(&ta)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body = r.text().await.unwrap();
+    assert!(body.contains(&format!("no such worker: {wb}")), "{body}");
     // The worker is untouched by those attempts.
     assert_eq!(
         docker(&[
@@ -193,6 +232,55 @@ async fn an_organization_sees_and_schedules_only_its_own_nodes_and_workers() {
         assert!(all_orgs.lines().any(|l| l.starts_with(o)), "{all_orgs}");
     }
 
+    // MCP: with both nodes on the allowlist, acme's operator token and an
+    // MCP token its operator made reach acme's node only.
+    h.ctl_ok(&["mcp", "allow", &na]).await;
+    h.ctl_ok(&["mcp", "allow", &nb]).await;
+    let allowed_a = ok_as(&h, &ta, &["mcp", "list"]).await;
+    assert_eq!(allowed_a.trim(), na, "{allowed_a}");
+    let mcp_a = ok_as(&h, &ta, &["mcp", "token", "create"])
+        .await
+        .trim()
+        .to_string();
+    for token in [&ta, &mcp_a] {
+        let listed = mcp_call(&h.url, token, "node.list", serde_json::json!({}))
+            .await
+            .unwrap();
+        let ids: Vec<&str> = listed["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["node_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, vec![na.as_str()], "{listed}");
+        let e = mcp_call(
+            &h.url,
+            token,
+            "sandbox.create",
+            serde_json::json!({"task_id": "t1", "image": img, "node": nb}),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains(&format!("no such node: {nb}")), "{e}");
+        let e = mcp_call(
+            &h.url,
+            token,
+            "sandbox.destroy",
+            serde_json::json!({"task_id": "t1", "worker_id": wb}),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.contains(&format!("no such worker: {wb}")) && !e.contains(&nb),
+            "{e}"
+        );
+    }
+    // The admin's MCP view still holds both.
+    let listed = mcp_call(&h.url, &admin, "node.list", serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(listed["nodes"].as_array().unwrap().len(), 2, "{listed}");
+
     // The audit trail: acme reads its own operations only.
     let audit_a = ok_as(&h, &ta, &["audit", "--json"]).await;
     let records: Vec<serde_json::Value> = audit_a
@@ -209,7 +297,18 @@ async fn an_organization_sees_and_schedules_only_its_own_nodes_and_workers() {
         records.iter().all(|r| r["org"] == "acme"),
         "only acme's records: {audit_a}"
     );
-    assert!(!audit_a.contains(&wb), "{audit_a}");
+    // Neither globex's own operations nor a record placed on its node
+    // appear (acme's refused attempts hold only the ids acme gave).
+    assert!(
+        !records
+            .iter()
+            .any(|r| r["worker_id"] == wb.as_str() && r["outcome"] == "ok"),
+        "{audit_a}"
+    );
+    assert!(
+        !records.iter().any(|r| r["node_id"] == nb.as_str()),
+        "{audit_a}"
+    );
 
     // With its only node draining, acme's work waits: it is not placed on
     // globex's node.

@@ -288,6 +288,18 @@ impl Tools {
         Ok(())
     }
 
+    /// The worker, if it is on a node of an organization `scope` sees
+    /// (another's is absent, its node unnamed).
+    fn visible_worker(
+        &self,
+        scope: &Scope,
+        worker_id: &str,
+    ) -> Option<crate::protocol::WorkerInfo> {
+        let w = self.hub().worker(worker_id).ok()?;
+        let org = self.hub().node_org(&w.node_id)?;
+        scope.orgs().admits(&org).then_some(w)
+    }
+
     /// Whether `scope` may name `task_id`.
     fn task_ok(scope: &Scope, task_id: &str) -> Result<(), String> {
         if task_id.trim().is_empty() {
@@ -312,7 +324,9 @@ impl Tools {
         worker_id: &str,
     ) -> Result<crate::protocol::WorkerInfo, String> {
         Self::task_ok(scope, task_id)?;
-        let w = self.hub().worker(worker_id).map_err(err)?;
+        let w = self
+            .visible_worker(scope, worker_id)
+            .ok_or_else(|| format!("not_found: no such worker: {worker_id}"))?;
         self.node_ok(scope, &w.node_id)?;
         if w.task_id.as_deref() != Some(task_id) {
             return Err(format!(
@@ -438,7 +452,8 @@ impl Tools {
         r.job_id = call.job_id.map(String::from);
         r.worker_id = worker_id.map(String::from);
         r.node_id = worker_id
-            .and_then(|w| self.hub().worker(w).ok())
+            .zip(scope.as_ref())
+            .and_then(|(w, s)| self.visible_worker(s, w))
             .map(|w| w.node_id);
         r.org = scope.as_ref().and_then(Scope::org);
         r.args_digest = super::audit::digest(&serde_json::to_value(call.args).unwrap_or_default());

@@ -166,7 +166,9 @@ async fn a_job_reaches_the_nodes_one_backend_through_its_own_proxy() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let caps = h.hub.node_detail(&node).unwrap().capabilities;
-        let models = caps.as_ref().map(|c| c["inference"]["models"].clone());
+        let models = caps
+            .as_ref()
+            .map(|c| serde_json::to_value(&c.inference.status.models).unwrap());
         if let Some(m) = &models
             && m["standin:latest"] == "ready"
             && m["no-such:model"]
@@ -382,10 +384,7 @@ async fn the_backend_is_adopted_after_an_agent_restart_and_remade_if_removed() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let caps = h.hub.node_detail(&node).unwrap().capabilities;
-        if caps
-            .as_ref()
-            .is_some_and(|c| c["inference"]["healthy"] == true)
-        {
+        if caps.as_ref().is_some_and(|c| c.inference.status.healthy) {
             break;
         }
         assert!(

@@ -5,91 +5,9 @@
 //! machine always hashes the same and the hash changes only with
 //! capabilities.
 
+pub use crate::protocol::capabilities::*;
 use bollard::Docker;
-use serde::{Deserialize, Serialize};
 use std::time::{Duration, SystemTime};
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CapabilityReport {
-    pub version: u32,
-    pub node: NodeIdentity,
-    pub platform: Platform,
-    pub container_runtime: ContainerRuntime,
-    pub compute: Compute,
-    pub gpu: Gpu,
-    pub sandbox: Sandbox,
-    pub inference: Inference,
-    pub reported_at: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct NodeIdentity {
-    pub node_slug: String,
-    pub name: String,
-    pub labels: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Platform {
-    pub os: String,
-    pub distro: String,
-    pub arch: String,
-    pub kernel_version: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ContainerRuntime {
-    pub runtime: String,
-    pub version: String,
-    pub rootless_supported: bool,
-    pub rootless_enabled: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Compute {
-    pub cpu_model: String,
-    pub cpu_cores: u64,
-    pub ram_mb: u64,
-    pub storage_free_mb: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Gpu {
-    pub present: bool,
-    pub devices: Vec<GpuDevice>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct GpuDevice {
-    pub vendor: String,
-    pub model: String,
-    pub device_id: String,
-    pub vram_mb: u64,
-    pub features: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Sandbox {
-    pub supported: bool,
-    /// Isolation features the runtime offers: seccomp, apparmor, selinux,
-    /// cgroup_v2, userns, rootless.
-    pub features: Vec<String>,
-    pub max_concurrency: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Inference {
-    pub mode: String,
-    #[serde(flatten)]
-    pub status: crate::protocol::InferenceStatus,
-}
-
-impl CapabilityReport {
-    /// SHA-256 of the canonical JSON (sorted keys) without volatile fields.
-    pub fn hash(&self) -> String {
-        crate::protocol::capability_hash(&serde_json::to_value(self).expect("reports serialize"))
-    }
-}
 
 /// What the node configuration says about itself.
 #[derive(Debug, Clone, Default)]
@@ -211,6 +129,7 @@ pub async fn collect(
             status: inference,
         },
         reported_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        extra: Default::default(),
     }
 }
 

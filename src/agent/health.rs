@@ -94,11 +94,10 @@ pub(super) async fn capability_report(ctx: &Ctx) -> super::capabilities::Capabil
 pub(super) async fn report_capabilities(ctx: &Ctx) {
     let report = capability_report(ctx).await;
     let hash = report.hash();
-    if ctx.node.report_changed(&hash) {
-        let v = serde_json::to_value(&report).expect("reports serialize");
-        if ctx.link.send(Outbound::msg(&Message::Capabilities(v))) {
-            info!(%hash, "capabilities changed");
-            ctx.node.reported(hash);
-        }
+    if ctx.node.report_changed(&hash)
+        && ctx.link.send(Outbound::msg(&Message::Capabilities(report)))
+    {
+        info!(%hash, "capabilities changed");
+        ctx.node.reported(hash);
     }
 }

@@ -188,7 +188,7 @@ pub(super) async fn serve(
             })
             .collect(),
         config_version: ctx.node.config_version(),
-        capabilities: Some(serde_json::to_value(&report).expect("reports serialize")),
+        capabilities: Some(report),
     });
     ws.send(WsMessage::text(hello.encode()))
         .await

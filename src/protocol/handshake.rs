@@ -3,7 +3,6 @@
 
 use super::{ChannelState, WorkerInfo};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 /// First message on a connection, agent to server.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -29,7 +28,7 @@ pub struct Hello {
     pub config_version: Option<String>,
     /// Capability report (see docs/protocol.md); opaque to this layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub capabilities: Option<Value>,
+    pub capabilities: Option<super::CapabilityReport>,
 }
 
 /// Server's answer to `hello`.

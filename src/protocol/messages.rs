@@ -120,7 +120,7 @@ message_kinds! {
         "channel_close" => ChannelClose(ChannelClose),
         "worker_event" => WorkerEvent(WorkerEvent),
         "node_status" => NodeStatus(NodeStatus),
-        "capabilities" => Capabilities(Value),
+        "capabilities" => Capabilities(super::CapabilityReport),
         "token" => Token(TokenRefresh),
         "config_poll" => ConfigPoll(ConfigPoll),
     }
@@ -158,7 +158,7 @@ pub enum Message {
     WorkerEvent(WorkerEvent),
     NodeStatus(NodeStatus),
     /// A new capability report (agent to server), sent when its hash changes.
-    Capabilities(Value),
+    Capabilities(super::CapabilityReport),
     Token(TokenRefresh),
     /// Agent to server: "send me newer configuration if you have it"
     /// (`updates.enable_dynamic_config`); carries the applied version.
@@ -421,7 +421,14 @@ mod tests {
             ),
             (
                 "capabilities",
-                Message::Capabilities(serde_json::json!({"a": 1})),
+                Message::Capabilities(super::super::CapabilityReport {
+                    version: 1,
+                    extra: serde_json::json!({"from_a_newer_agent": 1})
+                        .as_object()
+                        .cloned()
+                        .unwrap(),
+                    ..Default::default()
+                }),
             ),
             (
                 "token",

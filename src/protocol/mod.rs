@@ -2,6 +2,7 @@
 //! types, the JSON envelope, the binary frame header for stream data and the
 //! error codes. Types and codecs only, no I/O.
 
+pub mod capabilities;
 mod channel;
 mod deployment;
 mod error;
@@ -14,6 +15,7 @@ mod proof;
 mod register;
 mod worker;
 
+pub use capabilities::CapabilityReport;
 pub use channel::*;
 pub use deployment::*;
 pub use error::{ErrorBody, ErrorCode};

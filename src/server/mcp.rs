@@ -342,14 +342,14 @@ impl Tools {
             .node_detail(&n.node_id)
             .ok()
             .and_then(|d| d.capabilities);
-        let inference = caps.as_ref().is_some_and(|c| {
-            c["inference"]["running"] == true && c["inference"]["healthy"] == true
-        });
+        let inference = caps
+            .as_ref()
+            .is_some_and(crate::protocol::CapabilityReport::inference_ready);
         NodeSummary {
             status: n.status.to_string(),
             workers: n.workers,
             inference,
-            capabilities: caps,
+            capabilities: caps.and_then(|c| serde_json::to_value(c).ok()),
             node_id: n.node_id,
         }
     }

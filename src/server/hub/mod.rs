@@ -54,7 +54,7 @@ pub struct NodeDetail {
     #[serde(default)]
     pub desired_config_version: Option<String>,
     pub last_config_ack: Option<crate::protocol::ConfigAck>,
-    pub capabilities: Option<Value>,
+    pub capabilities: Option<crate::protocol::CapabilityReport>,
     pub capability_hash: Option<String>,
 }
 
@@ -66,7 +66,7 @@ struct NodeEntry {
     /// Why the node cannot take work although connected (runtime down).
     degraded: Option<String>,
     /// The latest capability report and its hash.
-    capabilities: Option<(Value, String)>,
+    capabilities: Option<(crate::protocol::CapabilityReport, String)>,
     /// The configuration the orchestrator wants on this node.
     desired_config: Option<crate::protocol::NodeConfig>,
     /// What the agent reports as applied.
@@ -118,7 +118,7 @@ impl NodeEntry {
     fn runs_inference(&self) -> bool {
         self.capabilities
             .as_ref()
-            .is_some_and(|(c, _)| c["inference"]["running"] == Value::Bool(true))
+            .is_some_and(|(c, _)| c.inference.status.running)
     }
 
     fn info(&self, node_id: &str, workers: usize) -> NodeInfo {
@@ -532,8 +532,8 @@ impl Hub {
         });
     }
 
-    pub(crate) fn on_capabilities(&self, node_id: &str, report: Value) {
-        let hash = crate::protocol::capability_hash(&report);
+    pub(crate) fn on_capabilities(&self, node_id: &str, report: crate::protocol::CapabilityReport) {
+        let hash = report.hash();
         if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id) {
             n.capabilities = Some((report, hash));
         }

@@ -94,6 +94,13 @@ struct ServerArgs {
     /// loopback names; repeat for several.
     #[arg(long = "mcp-allowed-host")]
     mcp_allowed_hosts: Vec<String>,
+    /// Keep the state (node identities, organizations, tokens, desired
+    /// configurations, previews, the MCP allowlist, the audit trail) in
+    /// PostgreSQL instead of STATE_DIR/state.json, so several replicas can
+    /// share it: postgres://USER:PASSWORD@HOST[:PORT]/DB (or
+    /// host=/run/postgresql user=… dbname=…). The schema is made at start.
+    #[arg(long, env = "TETHER_DATABASE_URL", hide_env_values = true)]
+    database: Option<String>,
 }
 
 fn nonzero(n: usize) -> NonZeroUsize {
@@ -455,6 +462,7 @@ async fn run(cli: Cli) -> ExitCode {
             cfg.max_connections = s.max_connections.get();
             cfg.preview_domain = s.preview_domain;
             cfg.mcp_allowed_hosts = s.mcp_allowed_hosts;
+            cfg.database = s.database;
             cfg.max_pending_connections = s.max_pending_connections.get();
             match tether::server::run(cfg, shutdown_on_signals()).await {
                 Ok(()) => ExitCode::SUCCESS,

@@ -75,6 +75,10 @@ pub struct ServerConfig {
     /// `Host` names (or `host:port`) the MCP endpoint answers besides
     /// loopback ones (a guard against DNS rebinding).
     pub mcp_allowed_hosts: Vec<String>,
+    /// Keep the server's state in this PostgreSQL database
+    /// (`postgres://user:password@host/db`) instead of `state.json`, so
+    /// replicas can share it.
+    pub database: Option<String>,
 }
 
 /// Default of [`ServerConfig::stdin_window`].
@@ -115,6 +119,7 @@ impl ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             preview_domain: None,
             mcp_allowed_hosts: Vec::new(),
+            database: None,
         }
     }
 }
@@ -135,6 +140,8 @@ pub enum ServerError {
     },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Database(String),
 }
 
 /// Shared by every handler.
@@ -229,17 +236,6 @@ pub struct Server {
     state: Arc<AppState>,
 }
 
-fn load_or_create_secret(path: &std::path::Path, bytes: usize) -> std::io::Result<String> {
-    match std::fs::read_to_string(path) {
-        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
-        _ => {
-            let s = auth::random_secret(bytes);
-            crate::private_file::write(path, &s)?;
-            Ok(s)
-        }
-    }
-}
-
 impl Server {
     /// Binds the listener and loads (or creates) the operator token and the
     /// signing key under the state directory. Raises the process's soft
@@ -247,13 +243,6 @@ impl Server {
     pub async fn bind(cfg: ServerConfig) -> Result<Server, ServerError> {
         let state_err = |path: PathBuf| move |source| ServerError::State { path, source };
         std::fs::create_dir_all(&cfg.state_dir).map_err(state_err(cfg.state_dir.clone()))?;
-        let token_path = cfg.state_dir.join("admin.token");
-        let admin_token = load_or_create_secret(&token_path, 32).map_err(state_err(token_path))?;
-        let key_path = cfg.state_dir.join("jwt.key");
-        let key = load_or_create_secret(&key_path, 32).map_err(state_err(key_path))?;
-        let preview_path = cfg.state_dir.join("preview.key");
-        let preview_secret =
-            load_or_create_secret(&preview_path, 32).map_err(state_err(preview_path))?;
         let tls = match &cfg.tls {
             Some((cert, key)) => Some(Arc::new(
                 crate::tls::server_config(cert, key).map_err(ServerError::Tls)?,
@@ -266,11 +255,41 @@ impl Server {
                 addr: cfg.listen,
                 source,
             })?;
-        let store_path = cfg.state_dir.join("state.json");
-        let store = store::FileStore::open(store_path.clone()).map_err(|e| ServerError::State {
-            path: store_path,
-            source: std::io::Error::other(e),
-        })?;
+        let store: Arc<dyn store::Store> = match &cfg.database {
+            Some(url) => Arc::new(
+                store::PgStore::connect(url).map_err(|e| ServerError::Database(e.to_string()))?,
+            ),
+            None => {
+                let path = cfg.state_dir.join("state.json");
+                Arc::new(
+                    store::FileStore::open(path.clone()).map_err(|e| ServerError::State {
+                        path,
+                        source: std::io::Error::other(e),
+                    })?,
+                )
+            }
+        };
+        // The admin token and the signing keys: replicas on one database
+        // share them, so a node token or preview URL one issued works at
+        // every other.
+        let secret = |name: &str| {
+            let s = store.clone();
+            let name = name.to_string();
+            async move {
+                tokio::task::spawn_blocking(move || s.secret(&name, auth::random_secret(32)))
+                    .await
+                    .expect("the secret lookup does not panic")
+                    .map_err(|e| ServerError::Database(e.to_string()))
+            }
+        };
+        let admin_token = secret("admin.token").await?;
+        let key = secret("jwt.key").await?;
+        let preview_secret = secret("preview.key").await?;
+        if cfg.database.is_some() {
+            // Where the operator finds it, as with the file store.
+            let path = cfg.state_dir.join("admin.token");
+            crate::private_file::write(&path, &admin_token).map_err(state_err(path))?;
+        }
         let limits = conn::Limits::fit(
             cfg.header_read_timeout,
             cfg.max_pending_connections,
@@ -285,13 +304,13 @@ impl Server {
             );
         }
         let hub = Hub::with_grace(cfg.resume_grace);
-        for (node, desired) in store::Store::desired_configs(&store) {
+        for (node, desired) in store.desired_configs() {
             hub.restore_desired_config(&node, desired);
         }
         let state = Arc::new(AppState {
             hub,
             signer: auth::Signer::new(key.as_bytes(), cfg.jwt_ttl),
-            store: Arc::new(store),
+            store,
             proofs_seen: Default::default(),
             cfg,
             admin_token,

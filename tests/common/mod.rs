@@ -4,6 +4,7 @@
 //! the test fails.
 #![allow(dead_code)]
 
+pub mod postgres;
 pub mod proxy;
 
 use std::path::PathBuf;

@@ -1,0 +1,171 @@
+//! The server's durable state behind one interface ([`Store`]): node
+//! identities (which key a node id is bound to, in which organization),
+//! organizations with their registration keys and operator tokens, desired
+//! configurations, preview grants, the MCP allowlist and tokens, and the
+//! audit trail. Handlers talk to the trait, so a database-backed store
+//! replaces [`FileStore`] without touching them.
+
+use super::orgs::{OperatorToken, Organization, RegistrationKey};
+use super::preview::PreviewGrant;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// A token for the MCP endpoint, narrower than the operator's. Only its
+/// SHA-256 is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct McpToken {
+    pub id: String,
+    /// Hex SHA-256 of the secret.
+    pub hash: String,
+    /// Nodes it may use (and that are on the allowlist); empty: any
+    /// allow-listed node.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// Task ids it may name start with this.
+    #[serde(default)]
+    pub task_prefix: Option<String>,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    /// The organization whose operator made it (none: the admin's, every
+    /// organization).
+    #[serde(default)]
+    pub org: Option<String>,
+}
+
+/// A node id bound to the key that registered it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeIdentity {
+    /// Hex Ed25519 public key of the node.
+    pub public_key: String,
+    /// Random id of this binding: node tokens name it, so forgetting the
+    /// node (or binding it anew) voids every token issued before.
+    pub binding: String,
+    /// RFC 3339 UTC.
+    pub bound_at: String,
+    /// The organization of the key it registered with.
+    #[serde(default = "default_org")]
+    pub org: String,
+}
+
+fn default_org() -> String {
+    super::hub::DEFAULT_ORG.into()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "node {node_id} is bound to another key (an operator can forget it: tether ctl node rm {node_id})"
+    )]
+    BoundElsewhere { node_id: String },
+    #[error(
+        "node {node_id} belongs to another organization (an operator can forget it: tether ctl node rm {node_id})"
+    )]
+    OtherOrganization { node_id: String },
+    #[error("organization {0} exists")]
+    OrgExists(String),
+    #[error("no such organization: {0}")]
+    NoSuchOrg(String),
+    #[error("database: {0}")]
+    Db(String),
+    #[error("server state {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<StoreError> for crate::protocol::ErrorBody {
+    fn from(e: StoreError) -> Self {
+        use crate::protocol::{ErrorBody, ErrorCode};
+        let code = match e {
+            StoreError::BoundElsewhere { .. }
+            | StoreError::OtherOrganization { .. }
+            | StoreError::OrgExists(_) => ErrorCode::Conflict,
+            StoreError::NoSuchOrg(_) => ErrorCode::NotFound,
+            StoreError::Io { .. } => ErrorCode::Internal,
+            StoreError::Db(_) => ErrorCode::Unavailable,
+        };
+        ErrorBody::new(code, e.to_string())
+    }
+}
+
+/// Durable server state. Methods are synchronous and quick for the file
+/// store; callers on an async path run writes on a blocking thread.
+pub trait Store: Send + Sync + 'static {
+    /// The identity bound to `node_id`, if any.
+    fn node_identity(&self, node_id: &str) -> Option<NodeIdentity>;
+    /// Binds `node_id` to `public_key` in organization `org`, or returns
+    /// the existing binding if it is to the same key and organization;
+    /// another key is [`StoreError::BoundElsewhere`], another organization
+    /// [`StoreError::OtherOrganization`].
+    fn bind_node(
+        &self,
+        node_id: &str,
+        public_key: &str,
+        org: &str,
+    ) -> Result<NodeIdentity, StoreError>;
+    /// Forgets a node's binding; true if there was one.
+    fn forget_node(&self, node_id: &str) -> Result<bool, StoreError>;
+    /// Whether `binding` is still the node's binding (checked on every
+    /// heartbeat tick of its connection: no copies).
+    fn is_current(&self, node_id: &str, binding: &str) -> bool;
+    /// Keeps an issued preview grant (and drops expired ones).
+    fn add_preview(&self, grant: PreviewGrant) -> Result<(), StoreError>;
+    /// A grant that was issued and not revoked.
+    fn preview(&self, id: &str) -> Option<PreviewGrant>;
+    /// Revokes a grant; true if there was one.
+    fn revoke_preview(&self, id: &str) -> Result<bool, StoreError>;
+    /// Every grant not yet expired.
+    fn previews(&self) -> Vec<PreviewGrant>;
+    /// Nodes whose tools the MCP endpoint exposes.
+    fn mcp_nodes(&self) -> Vec<String>;
+    /// Puts a node on the MCP allowlist or takes it off; true if that
+    /// changed anything.
+    fn set_mcp_node(&self, node_id: &str, allowed: bool) -> Result<bool, StoreError>;
+    /// Keeps an MCP token (hashed).
+    fn add_mcp_token(&self, token: McpToken) -> Result<(), StoreError>;
+    /// The token whose secret hashes to `hash`.
+    fn mcp_token_by_hash(&self, hash: &str) -> Option<McpToken>;
+    /// Revokes a token; true if there was one.
+    fn revoke_mcp_token(&self, id: &str) -> Result<bool, StoreError>;
+    fn mcp_tokens(&self) -> Vec<McpToken>;
+    /// Keeps (or with `None` forgets) the configuration wanted on a node.
+    fn set_desired_config(
+        &self,
+        node_id: &str,
+        cfg: Option<&crate::protocol::NodeConfig>,
+    ) -> Result<(), StoreError>;
+    /// Every node's wanted configuration (restored into the hub at start).
+    fn desired_configs(&self) -> Vec<(String, crate::protocol::NodeConfig)>;
+    /// Every organization made with [`Store::add_organization`] (the
+    /// default one always exists and is not kept).
+    fn organizations(&self) -> Vec<Organization>;
+    /// Keeps a new organization with its first registration key; an
+    /// existing name is [`StoreError::OrgExists`].
+    fn add_organization(&self, org: Organization, key: RegistrationKey) -> Result<(), StoreError>;
+    /// Keeps another registration key of an existing organization.
+    fn add_registration_key(&self, key: RegistrationKey) -> Result<(), StoreError>;
+    /// The registration key whose secret hashes to `hash`.
+    fn registration_key_by_hash(&self, hash: &str) -> Option<RegistrationKey>;
+    /// Keeps an operator token (hashed) of an existing organization.
+    fn add_operator_token(&self, token: OperatorToken) -> Result<(), StoreError>;
+    /// The operator token whose secret hashes to `hash` (expired or not).
+    fn operator_token_by_hash(&self, hash: &str) -> Option<OperatorToken>;
+    fn operator_tokens(&self) -> Vec<OperatorToken>;
+    /// Revokes an operator token; true if there was one.
+    fn revoke_operator_token(&self, id: &str) -> Result<bool, StoreError>;
+    /// The server secret `name` (`admin.token`, `jwt.key`, `preview.key`),
+    /// keeping `fresh` as it if there is none yet.
+    fn secret(&self, name: &str, fresh: String) -> Result<String, StoreError>;
+    /// Appends to the audit trail of sandbox operations.
+    fn append_audit(&self, record: &super::audit::AuditRecord) -> Result<(), StoreError>;
+    /// Audit records matching `filter`, oldest first.
+    fn audit(&self, filter: &super::audit::AuditFilter) -> Vec<super::audit::AuditRecord>;
+}
+
+mod file;
+mod postgres;
+
+pub use file::FileStore;
+pub use postgres::PgStore;

@@ -1,0 +1,758 @@
+//! The store in PostgreSQL (`tether server --database postgres://…`), so any
+//! number of server replicas share one state. The schema is versioned and
+//! migrated at start, one replica at a time (an advisory lock). Every write
+//! goes to the database first; reads come from a copy in memory (a node's
+//! binding is checked on every heartbeat tick), which each write refreshes
+//! and which `NOTIFY tether_changed, '<table>'` refreshes on every other
+//! replica: the notification carries only the table's name.
+//!
+//! The client runs on a runtime of its own, on a thread of its own, so the
+//! synchronous [`Store`] methods can wait for it from any thread.
+
+use super::{McpToken, NodeIdentity, Store, StoreError};
+use crate::server::audit::{AuditFilter, AuditRecord};
+use crate::server::orgs::{OperatorToken, Organization, RegistrationKey, is_default};
+use crate::server::preview::PreviewGrant;
+use futures_util::future::BoxFuture;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use tokio_postgres::{Client, NoTls};
+
+/// The schema, one step per version; a step runs once, in a transaction.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE nodes (node_id text PRIMARY KEY, public_key text NOT NULL,
+        binding text NOT NULL, bound_at text NOT NULL, org text NOT NULL);
+     CREATE TABLE orgs (name text PRIMARY KEY, created_at text NOT NULL);
+     CREATE TABLE registration_keys (id text PRIMARY KEY, org text NOT NULL,
+        hash text NOT NULL UNIQUE, created_at text NOT NULL);
+     CREATE TABLE operator_tokens (id text PRIMARY KEY, org text NOT NULL,
+        hash text NOT NULL UNIQUE, created_at text NOT NULL, expires bigint);
+     CREATE TABLE previews (id text PRIMARY KEY, expires bigint NOT NULL, grant_ jsonb NOT NULL);
+     CREATE TABLE mcp_nodes (node_id text PRIMARY KEY);
+     CREATE TABLE mcp_tokens (id text PRIMARY KEY, hash text NOT NULL UNIQUE, token jsonb NOT NULL);
+     CREATE TABLE desired_configs (node_id text PRIMARY KEY, config jsonb NOT NULL);
+     CREATE TABLE audit (seq bigserial PRIMARY KEY, task_id text, worker_id text, org text,
+        record jsonb NOT NULL);
+     CREATE INDEX audit_task ON audit (task_id);
+     CREATE INDEX audit_worker ON audit (worker_id);
+     CREATE TABLE secrets (name text PRIMARY KEY, value text NOT NULL);",
+)];
+
+/// Serialises migrations of replicas that start at once.
+const MIGRATION_LOCK: i64 = 0x7465_7468; // "teth"
+
+const CHANNEL: &str = "tether_changed";
+
+/// What reads are served from.
+#[derive(Default)]
+struct Cache {
+    nodes: BTreeMap<String, NodeIdentity>,
+    orgs: BTreeMap<String, Organization>,
+    registration_keys: BTreeMap<String, RegistrationKey>,
+    operator_tokens: BTreeMap<String, OperatorToken>,
+    previews: BTreeMap<String, PreviewGrant>,
+    mcp_nodes: BTreeSet<String>,
+    mcp_tokens: BTreeMap<String, McpToken>,
+    desired_configs: BTreeMap<String, crate::protocol::NodeConfig>,
+}
+
+/// The tables the cache holds.
+const TABLES: &[&str] = &[
+    "nodes",
+    "orgs",
+    "registration_keys",
+    "operator_tokens",
+    "previews",
+    "mcp_nodes",
+    "mcp_tokens",
+    "desired_configs",
+];
+
+pub struct PgStore {
+    client: Arc<Client>,
+    cache: Arc<Mutex<Cache>>,
+    rt: tokio::runtime::Handle,
+    /// Ends the client's thread when the store is dropped.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+fn db(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Db(crate::error_chain(&e))
+}
+
+type Job<T> = BoxFuture<'static, Result<T, StoreError>>;
+
+impl PgStore {
+    /// Connects, migrates the schema and loads the cache.
+    pub fn connect(url: &str) -> Result<PgStore, StoreError> {
+        let (rt_tx, rt_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("tether-postgres".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the database client");
+                let _ = rt_tx.send(rt.handle().clone());
+                rt.block_on(async {
+                    let _ = stopped.await;
+                });
+            })
+            .map_err(|e| StoreError::Db(format!("cannot start the database thread: {e}")))?;
+        let rt = rt_rx
+            .recv()
+            .map_err(|_| StoreError::Db("the database thread did not start".into()))?;
+        let cache = Arc::new(Mutex::new(Cache::default()));
+        let url = url.to_string();
+        let c = cache.clone();
+        let client = wait(
+            &rt,
+            Box::pin(async move {
+                let (client, mut conn) = tokio_postgres::connect(&url, NoTls).await.map_err(db)?;
+                let client = Arc::new(client);
+                // The connection's messages: notifications name a table to
+                // read again.
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+                tokio::spawn(async move {
+                    use futures_util::StreamExt;
+                    let mut messages = futures_util::stream::poll_fn(|cx| conn.poll_message(cx));
+                    while let Some(m) = messages.next().await {
+                        match m {
+                            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                                let _ = tx.send(n.payload().to_string());
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::error!(error = %crate::error_chain(&e), "database connection lost");
+                                break;
+                            }
+                        }
+                    }
+                });
+                migrate(&client).await?;
+                client
+                    .batch_execute(&format!("LISTEN {CHANNEL}"))
+                    .await
+                    .map_err(db)?;
+                for t in TABLES {
+                    reload(&client, &c, t).await?;
+                }
+                let (client2, cache2) = (client.clone(), c.clone());
+                tokio::spawn(async move {
+                    while let Some(table) = rx.recv().await {
+                        if let Err(e) = reload(&client2, &cache2, &table).await {
+                            tracing::warn!(%table, error = %e, "could not read a changed table");
+                        }
+                    }
+                });
+                Ok(client)
+            }),
+        )?;
+        Ok(PgStore {
+            client,
+            cache,
+            rt,
+            _stop: stop,
+        })
+    }
+
+    /// Runs `work` with the client on the database thread and waits for it.
+    fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(Arc<Client>) -> Job<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        wait(&self.rt, work(self.client.clone()))
+    }
+
+    /// Runs `sql` (a write), tells every replica that `table` changed, and
+    /// reads it again here.
+    fn write(
+        &self,
+        table: &'static str,
+        sql: &'static str,
+        params: Vec<Param>,
+    ) -> Result<u64, StoreError> {
+        let cache = self.cache.clone();
+        self.run(move |c| {
+            Box::pin(async move {
+                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                    params.iter().map(Param::as_sql).collect();
+                let n = c.execute(sql, &refs).await.map_err(db)?;
+                notify(&c, table).await?;
+                reload(&c, &cache, table).await?;
+                Ok(n)
+            })
+        })
+    }
+}
+
+/// A statement's parameter, owned so it can travel to the database thread.
+enum Param {
+    Text(String),
+    OptText(Option<String>),
+    OptInt(Option<i64>),
+    Int(i64),
+    Json(serde_json::Value),
+}
+
+impl Param {
+    fn as_sql(&self) -> &(dyn tokio_postgres::types::ToSql + Sync) {
+        match self {
+            Param::Text(s) => s,
+            Param::OptText(s) => s,
+            Param::OptInt(i) => i,
+            Param::Int(i) => i,
+            Param::Json(v) => v,
+        }
+    }
+}
+
+fn text(s: &str) -> Param {
+    Param::Text(s.to_string())
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Param {
+    Param::Json(serde_json::to_value(v).expect("store values serialize"))
+}
+
+fn wait<T: Send + 'static>(rt: &tokio::runtime::Handle, job: Job<T>) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        let _ = tx.send(job.await);
+    });
+    rx.recv()
+        .map_err(|_| StoreError::Db("the database thread has stopped".into()))?
+}
+
+async fn notify(c: &Client, table: &str) -> Result<(), StoreError> {
+    c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &table])
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
+async fn migrate(c: &Client) -> Result<(), StoreError> {
+    c.batch_execute(
+        "CREATE TABLE IF NOT EXISTS tether_migrations (version int PRIMARY KEY,
+            applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .map_err(db)?;
+    for (version, sql) in MIGRATIONS {
+        c.batch_execute("BEGIN").await.map_err(db)?;
+        let step = async {
+            c.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                .await?;
+            let done = c
+                .query_opt(
+                    "SELECT 1 FROM tether_migrations WHERE version = $1",
+                    &[version],
+                )
+                .await?
+                .is_some();
+            if !done {
+                c.batch_execute(sql).await?;
+                c.execute(
+                    "INSERT INTO tether_migrations (version) VALUES ($1)",
+                    &[version],
+                )
+                .await?;
+                tracing::info!(version, "database schema migrated");
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        };
+        match step.await {
+            Ok(()) => c.batch_execute("COMMIT").await.map_err(db)?,
+            Err(e) => {
+                let _ = c.batch_execute("ROLLBACK").await;
+                return Err(db(e));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, StoreError> {
+    serde_json::from_value(v).map_err(|e| StoreError::Db(format!("a stored value: {e}")))
+}
+
+/// Reads one table into the cache.
+async fn reload(c: &Client, cache: &Mutex<Cache>, table: &str) -> Result<(), StoreError> {
+    let rows = match table {
+        "nodes" => "SELECT node_id, public_key, binding, bound_at, org FROM nodes",
+        "orgs" => "SELECT name, created_at FROM orgs",
+        "registration_keys" => "SELECT id, org, hash, created_at FROM registration_keys",
+        "operator_tokens" => "SELECT id, org, hash, created_at, expires FROM operator_tokens",
+        "previews" => "SELECT grant_ FROM previews",
+        "mcp_nodes" => "SELECT node_id FROM mcp_nodes",
+        "mcp_tokens" => "SELECT token FROM mcp_tokens",
+        "desired_configs" => "SELECT node_id, config FROM desired_configs",
+        _ => return Ok(()),
+    };
+    let rows = c.query(rows, &[]).await.map_err(db)?;
+    let mut cache = cache.lock().unwrap();
+    match table {
+        "nodes" => {
+            cache.nodes = rows
+                .iter()
+                .map(|r| {
+                    let identity = NodeIdentity {
+                        public_key: r.get(1),
+                        binding: r.get(2),
+                        bound_at: r.get(3),
+                        org: r.get(4),
+                    };
+                    (r.get(0), identity)
+                })
+                .collect();
+        }
+        "orgs" => {
+            cache.orgs = rows
+                .iter()
+                .map(|r| {
+                    let org = Organization {
+                        name: r.get(0),
+                        created_at: r.get(1),
+                    };
+                    (org.name.clone(), org)
+                })
+                .collect();
+        }
+        "registration_keys" => {
+            cache.registration_keys = rows
+                .iter()
+                .map(|r| {
+                    let k = RegistrationKey {
+                        id: r.get(0),
+                        org: r.get(1),
+                        hash: r.get(2),
+                        created_at: r.get(3),
+                    };
+                    (k.id.clone(), k)
+                })
+                .collect();
+        }
+        "operator_tokens" => {
+            cache.operator_tokens = rows
+                .iter()
+                .map(|r| {
+                    let t = OperatorToken {
+                        id: r.get(0),
+                        org: r.get(1),
+                        hash: r.get(2),
+                        created_at: r.get(3),
+                        expires: r.get::<_, Option<i64>>(4).map(|e| e.max(0) as u64),
+                    };
+                    (t.id.clone(), t)
+                })
+                .collect();
+        }
+        "previews" => {
+            let mut m = BTreeMap::new();
+            for r in &rows {
+                let g: PreviewGrant = from_json(r.get(0))?;
+                m.insert(g.id.clone(), g);
+            }
+            cache.previews = m;
+        }
+        "mcp_nodes" => cache.mcp_nodes = rows.iter().map(|r| r.get(0)).collect(),
+        "mcp_tokens" => {
+            let mut m = BTreeMap::new();
+            for r in &rows {
+                let t: McpToken = from_json(r.get(0))?;
+                m.insert(t.id.clone(), t);
+            }
+            cache.mcp_tokens = m;
+        }
+        "desired_configs" => {
+            let mut m = BTreeMap::new();
+            for r in &rows {
+                m.insert(r.get(0), from_json(r.get(1))?);
+            }
+            cache.desired_configs = m;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+impl Store for PgStore {
+    fn node_identity(&self, node_id: &str) -> Option<NodeIdentity> {
+        self.cache.lock().unwrap().nodes.get(node_id).cloned()
+    }
+
+    fn bind_node(
+        &self,
+        node_id: &str,
+        public_key: &str,
+        org: &str,
+    ) -> Result<NodeIdentity, StoreError> {
+        let public_key = public_key.trim().to_ascii_lowercase();
+        let fresh = NodeIdentity {
+            public_key,
+            binding: crate::server::auth::random_secret(12),
+            bound_at: crate::server::orgs::now_rfc3339(),
+            org: org.to_string(),
+        };
+        // First come, first bound, across every replica: the insert does
+        // nothing if the id is bound, and the binding that holds is read.
+        self.write(
+            "nodes",
+            "INSERT INTO nodes (node_id, public_key, binding, bound_at, org)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (node_id) DO NOTHING",
+            vec![
+                text(node_id),
+                text(&fresh.public_key),
+                text(&fresh.binding),
+                text(&fresh.bound_at),
+                text(org),
+            ],
+        )?;
+        let id = node_id.to_string();
+        let bound = self.run(move |c| {
+            Box::pin(async move {
+                let r = c
+                    .query_one(
+                        "SELECT public_key, binding, bound_at, org FROM nodes WHERE node_id = $1",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(db)?;
+                Ok(NodeIdentity {
+                    public_key: r.get(0),
+                    binding: r.get(1),
+                    bound_at: r.get(2),
+                    org: r.get(3),
+                })
+            })
+        })?;
+        let node_id = node_id.to_string();
+        if bound.public_key != fresh.public_key {
+            Err(StoreError::BoundElsewhere { node_id })
+        } else if bound.org != org {
+            Err(StoreError::OtherOrganization { node_id })
+        } else {
+            Ok(bound)
+        }
+    }
+
+    fn forget_node(&self, node_id: &str) -> Result<bool, StoreError> {
+        self.write(
+            "desired_configs",
+            "DELETE FROM desired_configs WHERE node_id = $1",
+            vec![text(node_id)],
+        )?;
+        let n = self.write(
+            "nodes",
+            "DELETE FROM nodes WHERE node_id = $1",
+            vec![text(node_id)],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn is_current(&self, node_id: &str, binding: &str) -> bool {
+        self.cache
+            .lock()
+            .unwrap()
+            .nodes
+            .get(node_id)
+            .is_some_and(|i| i.binding == binding)
+    }
+
+    fn add_preview(&self, grant: PreviewGrant) -> Result<(), StoreError> {
+        let now = crate::server::preview::now_secs() as i64;
+        self.write(
+            "previews",
+            "DELETE FROM previews WHERE expires <= $1",
+            vec![Param::Int(now)],
+        )?;
+        self.write(
+            "previews",
+            "INSERT INTO previews (id, expires, grant_) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET expires = $2, grant_ = $3",
+            vec![
+                text(&grant.id),
+                Param::Int(grant.expires as i64),
+                json(&grant),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn preview(&self, id: &str) -> Option<PreviewGrant> {
+        self.cache.lock().unwrap().previews.get(id).cloned()
+    }
+
+    fn revoke_preview(&self, id: &str) -> Result<bool, StoreError> {
+        let n = self.write(
+            "previews",
+            "DELETE FROM previews WHERE id = $1",
+            vec![text(id)],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn previews(&self) -> Vec<PreviewGrant> {
+        let now = crate::server::preview::now_secs();
+        let cache = self.cache.lock().unwrap();
+        cache
+            .previews
+            .values()
+            .filter(|g| g.expires > now)
+            .cloned()
+            .collect()
+    }
+
+    fn mcp_nodes(&self) -> Vec<String> {
+        self.cache
+            .lock()
+            .unwrap()
+            .mcp_nodes
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn set_mcp_node(&self, node_id: &str, allowed: bool) -> Result<bool, StoreError> {
+        let n = if allowed {
+            self.write(
+                "mcp_nodes",
+                "INSERT INTO mcp_nodes (node_id) VALUES ($1) ON CONFLICT DO NOTHING",
+                vec![text(node_id)],
+            )?
+        } else {
+            self.write(
+                "mcp_nodes",
+                "DELETE FROM mcp_nodes WHERE node_id = $1",
+                vec![text(node_id)],
+            )?
+        };
+        Ok(n > 0)
+    }
+
+    fn add_mcp_token(&self, token: McpToken) -> Result<(), StoreError> {
+        self.write(
+            "mcp_tokens",
+            "INSERT INTO mcp_tokens (id, hash, token) VALUES ($1, $2, $3)",
+            vec![text(&token.id), text(&token.hash), json(&token)],
+        )?;
+        Ok(())
+    }
+
+    fn mcp_token_by_hash(&self, hash: &str) -> Option<McpToken> {
+        let cache = self.cache.lock().unwrap();
+        cache
+            .mcp_tokens
+            .values()
+            .find(|t| crate::server::auth::secret_eq(&t.hash, hash))
+            .cloned()
+    }
+
+    fn revoke_mcp_token(&self, id: &str) -> Result<bool, StoreError> {
+        let n = self.write(
+            "mcp_tokens",
+            "DELETE FROM mcp_tokens WHERE id = $1",
+            vec![text(id)],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn mcp_tokens(&self) -> Vec<McpToken> {
+        let cache = self.cache.lock().unwrap();
+        cache.mcp_tokens.values().cloned().collect()
+    }
+
+    fn set_desired_config(
+        &self,
+        node_id: &str,
+        cfg: Option<&crate::protocol::NodeConfig>,
+    ) -> Result<(), StoreError> {
+        match cfg {
+            Some(cfg) => self.write(
+                "desired_configs",
+                "INSERT INTO desired_configs (node_id, config) VALUES ($1, $2)
+                 ON CONFLICT (node_id) DO UPDATE SET config = $2",
+                vec![text(node_id), json(cfg)],
+            )?,
+            None => self.write(
+                "desired_configs",
+                "DELETE FROM desired_configs WHERE node_id = $1",
+                vec![text(node_id)],
+            )?,
+        };
+        Ok(())
+    }
+
+    fn desired_configs(&self) -> Vec<(String, crate::protocol::NodeConfig)> {
+        let cache = self.cache.lock().unwrap();
+        cache
+            .desired_configs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    fn organizations(&self) -> Vec<Organization> {
+        self.cache.lock().unwrap().orgs.values().cloned().collect()
+    }
+
+    fn add_organization(&self, org: Organization, key: RegistrationKey) -> Result<(), StoreError> {
+        if is_default(&org.name) {
+            return Err(StoreError::OrgExists(org.name));
+        }
+        let n = self.write(
+            "orgs",
+            "INSERT INTO orgs (name, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            vec![text(&org.name), text(&org.created_at)],
+        )?;
+        if n == 0 {
+            return Err(StoreError::OrgExists(org.name));
+        }
+        self.add_registration_key(key)
+    }
+
+    fn add_registration_key(&self, key: RegistrationKey) -> Result<(), StoreError> {
+        self.check_org(&key.org)?;
+        self.write(
+            "registration_keys",
+            "INSERT INTO registration_keys (id, org, hash, created_at) VALUES ($1, $2, $3, $4)",
+            vec![
+                text(&key.id),
+                text(&key.org),
+                text(&key.hash),
+                text(&key.created_at),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn registration_key_by_hash(&self, hash: &str) -> Option<RegistrationKey> {
+        let cache = self.cache.lock().unwrap();
+        cache
+            .registration_keys
+            .values()
+            .find(|k| crate::server::auth::secret_eq(&k.hash, hash))
+            .cloned()
+    }
+
+    fn add_operator_token(&self, token: OperatorToken) -> Result<(), StoreError> {
+        self.check_org(&token.org)?;
+        self.write(
+            "operator_tokens",
+            "INSERT INTO operator_tokens (id, org, hash, created_at, expires)
+             VALUES ($1, $2, $3, $4, $5)",
+            vec![
+                text(&token.id),
+                text(&token.org),
+                text(&token.hash),
+                text(&token.created_at),
+                Param::OptInt(token.expires.map(|e| e.min(i64::MAX as u64) as i64)),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn operator_token_by_hash(&self, hash: &str) -> Option<OperatorToken> {
+        let cache = self.cache.lock().unwrap();
+        cache
+            .operator_tokens
+            .values()
+            .find(|t| crate::server::auth::secret_eq(&t.hash, hash))
+            .cloned()
+    }
+
+    fn operator_tokens(&self) -> Vec<OperatorToken> {
+        let cache = self.cache.lock().unwrap();
+        cache.operator_tokens.values().cloned().collect()
+    }
+
+    fn revoke_operator_token(&self, id: &str) -> Result<bool, StoreError> {
+        let n = self.write(
+            "operator_tokens",
+            "DELETE FROM operator_tokens WHERE id = $1",
+            vec![text(id)],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn secret(&self, name: &str, fresh: String) -> Result<String, StoreError> {
+        let name = name.to_string();
+        // The first replica to start makes it; the others read that one.
+        self.run(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "INSERT INTO secrets (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    &[&name, &fresh],
+                )
+                .await
+                .map_err(db)?;
+                let r = c
+                    .query_one("SELECT value FROM secrets WHERE name = $1", &[&name])
+                    .await
+                    .map_err(db)?;
+                Ok(r.get(0))
+            })
+        })
+    }
+
+    fn append_audit(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        let params = [
+            Param::OptText(record.task_id.clone()),
+            Param::OptText(record.worker_id.clone()),
+            Param::OptText(record.org.clone()),
+            json(record),
+        ];
+        // Not cached: nothing to tell the other replicas.
+        self.run(move |c| {
+            Box::pin(async move {
+                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                    params.iter().map(Param::as_sql).collect();
+                c.execute(
+                    "INSERT INTO audit (task_id, worker_id, org, record) VALUES ($1, $2, $3, $4)",
+                    &refs,
+                )
+                .await
+                .map_err(db)?;
+                Ok(())
+            })
+        })
+    }
+
+    fn audit(&self, filter: &AuditFilter) -> Vec<AuditRecord> {
+        let f = filter.clone();
+        let r = self.run(move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT record FROM audit
+                         WHERE ($1::text IS NULL OR task_id = $1)
+                           AND ($2::text IS NULL OR worker_id = $2)
+                           AND ($3::text IS NULL OR org = $3)
+                         ORDER BY seq",
+                        &[&f.task, &f.worker, &f.org],
+                    )
+                    .await
+                    .map_err(db)?;
+                rows.into_iter()
+                    .map(|r| from_json(r.get(0)))
+                    .collect::<Result<Vec<AuditRecord>, _>>()
+            })
+        });
+        r.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "could not read the audit trail");
+            Vec::new()
+        })
+    }
+}
+
+impl PgStore {
+    fn check_org(&self, org: &str) -> Result<(), StoreError> {
+        if is_default(org) || self.cache.lock().unwrap().orgs.contains_key(org) {
+            Ok(())
+        } else {
+            Err(StoreError::NoSuchOrg(org.to_string()))
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The server's state in PostgreSQL: replicas on one database share node
+//! identities, organizations, tokens and the keys that sign node tokens, and
+//! a replica that restarts forgets nothing. A real PostgreSQL server of the
+//! test's own (`common::postgres`), real agents and Docker.
+
+mod common;
+
+use common::postgres::Postgres;
+use common::*;
+use std::time::{Duration, Instant};
+use tether::agent::identity::NodeKey;
+
+async fn replica(url: &str) -> Harness {
+    let url = url.to_string();
+    Harness::server_with(move |c| c.database = Some(url)).await
+}
+
+/// Waits until `ctl ARGS` (as `token`) prints something containing `want`:
+/// another replica's write reaches this one's copy by a notification.
+async fn eventually(h: &Harness, token: &str, args: &[&str], want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = h.ctl_as(token, args, None).await;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && text.contains(want) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ctl {args:?} never showed {want:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_database_share_identities_organizations_and_tokens() {
+    let pg = Postgres::start();
+    let db = pg.database("tether_replicas");
+    // Two replicas start at once: the schema is made once.
+    let (a, b) = tokio::join!(replica(&db), replica(&db));
+    assert_eq!(
+        pg.query("tether_replicas", "SELECT version FROM tether_migrations"),
+        "1"
+    );
+    assert_eq!(a.token, b.token, "one admin token for every replica");
+    assert!(
+        !a.state_path("server/state.json").exists(),
+        "the state is in the database, not in a file"
+    );
+
+    // An organization and its operator token made at A work at B.
+    let key = a
+        .ctl_ok(&["org", "create", "acme"])
+        .await
+        .trim()
+        .to_string();
+    let token = a
+        .ctl_ok(&["token", "create", "--org", "acme"])
+        .await
+        .trim()
+        .to_string();
+    eventually(&b, &b.token, &["org", "ls"], "acme").await;
+    eventually(&b, &token, &["org", "ls"], "acme").await;
+
+    // A node token that A issued opens a connection at B: the signing key
+    // and the node's identity are shared.
+    let node = unique("acme");
+    let nk = NodeKey::generate();
+    let r = fake::register(&a, &node, &key, &nk).await;
+    assert!(r.status().is_success(), "{}", r.status());
+    let v: serde_json::Value = r.json().await.unwrap();
+    let jwt = v["auth"]["node_jwt"].as_str().unwrap().to_string();
+    assert!(fake::connect(&b, &jwt, &node, Some(&nk)).await.is_ok());
+    assert_eq!(
+        pg.query(
+            "tether_replicas",
+            &format!("SELECT org FROM nodes WHERE node_id = '{node}'")
+        ),
+        "acme"
+    );
+    // Another key for that node id is refused at either replica.
+    let other = NodeKey::generate();
+    assert_eq!(fake::register(&b, &node, &key, &other).await.status(), 409);
+
+    // A real agent registered at A comes up at B; B's operator of acme
+    // sees it and runs a worker on it.
+    let mut b = b;
+    let mut cfg = b.agent_config(&unique("acme"));
+    cfg.psk = key.clone();
+    cfg.server = a.url.parse().unwrap();
+    let agent_node = cfg.node_id.clone();
+    let mut a = a;
+    let state = cfg.state_dir.clone();
+    a.add_agent_with(cfg.clone()).await;
+    a.stop().await;
+    let mut cfg_b = b.agent_config(&agent_node);
+    cfg_b.psk = key.clone();
+    cfg_b.state_dir = state;
+    b.add_agent_with(cfg_b).await;
+    let nodes = eventually(&b, &token, &["nodes"], &agent_node).await;
+    assert!(nodes.contains("online"), "{nodes}");
+    let img = image();
+    let w = b
+        .ctl_as(
+            &token,
+            &["spawn", "--image", &img, "--", "sleep", "60"],
+            None,
+        )
+        .await;
+    assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+    let w = String::from_utf8_lossy(&w.stdout).trim().to_string();
+
+    // Revoked at B, refused at a replica started afresh on the database,
+    // where the organization, the audit trail and the node are all kept.
+    let listed = b.ctl_ok(&["token", "ls"]).await;
+    let id = listed.split('\t').next().unwrap().to_string();
+    let c = replica(&db).await;
+    let audit = c.ctl_ok(&["audit", "--json"]).await;
+    assert!(
+        audit.contains(&w) && audit.contains("\"org\":\"acme\""),
+        "{audit}"
+    );
+    assert!(c.ctl_ok(&["org", "ls"]).await.contains("acme"));
+    b.ctl_ok(&["token", "revoke", &id]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = c.ctl_as(&token, &["ps"], None).await;
+        if !out.status.success() {
+            assert!(String::from_utf8_lossy(&out.stderr).contains("invalid operator token"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the revocation never reached C");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.ctl_ok(&["rm", "-f", &w]).await;
+    b.stop().await;
+    c.stop().await;
+}
+
+/// The rules every store keeps, checked on both: first come first bound,
+/// one organization per node, organizations and tokens only of existing
+/// organizations, revocation, forgetting a node takes its configuration.
+fn keeps_the_store_rules(s: &dyn tether::server::store::Store) {
+    use tether::server::orgs::{
+        OperatorToken, Organization, RegistrationKey, new_id, now_rfc3339, secret_hash,
+    };
+    use tether::server::store::StoreError;
+    let a = s.bind_node("n1", "AA", "default").unwrap();
+    assert_eq!(a.public_key, "aa");
+    assert_eq!(s.bind_node("n1", "aa", "default").unwrap(), a);
+    assert!(matches!(
+        s.bind_node("n1", "bb", "default"),
+        Err(StoreError::BoundElsewhere { .. })
+    ));
+    assert!(matches!(
+        s.bind_node("n1", "aa", "acme"),
+        Err(StoreError::OtherOrganization { .. })
+    ));
+    assert!(s.is_current("n1", &a.binding));
+    let org = Organization {
+        name: "acme".into(),
+        created_at: now_rfc3339(),
+    };
+    let key = RegistrationKey {
+        id: new_id(),
+        org: "acme".into(),
+        hash: secret_hash("k"),
+        created_at: now_rfc3339(),
+    };
+    s.add_organization(org.clone(), key.clone()).unwrap();
+    assert!(matches!(
+        s.add_organization(org.clone(), key.clone()),
+        Err(StoreError::OrgExists(_))
+    ));
+    assert_eq!(s.registration_key_by_hash(&secret_hash("k")), Some(key));
+    let t = OperatorToken {
+        id: new_id(),
+        org: "acme".into(),
+        hash: secret_hash("t"),
+        created_at: now_rfc3339(),
+        expires: Some(4_000_000_000),
+    };
+    s.add_operator_token(t.clone()).unwrap();
+    assert!(matches!(
+        s.add_operator_token(OperatorToken {
+            org: "nope".into(),
+            ..t.clone()
+        }),
+        Err(StoreError::NoSuchOrg(_))
+    ));
+    assert_eq!(s.operator_token_by_hash(&secret_hash("t")), Some(t.clone()));
+    assert!(s.revoke_operator_token(&t.id).unwrap());
+    assert!(!s.revoke_operator_token(&t.id).unwrap());
+    let cfg: tether::protocol::NodeConfig =
+        serde_json::from_value(serde_json::json!({"config_version": "v7"})).unwrap();
+    s.set_desired_config("n1", Some(&cfg)).unwrap();
+    assert_eq!(s.desired_configs().len(), 1);
+    assert!(s.set_mcp_node("n1", true).unwrap());
+    assert!(!s.set_mcp_node("n1", true).unwrap());
+    assert!(s.forget_node("n1").unwrap());
+    assert!(!s.is_current("n1", &a.binding));
+    assert!(s.desired_configs().is_empty());
+    assert_eq!(s.secret("jwt.key", "first".into()).unwrap(), "first");
+    assert_eq!(s.secret("jwt.key", "second".into()).unwrap(), "first");
+    let mut r = tether::server::audit::AuditRecord::new("operator", "api:spawn");
+    r.task_id = Some("t1".into());
+    r.org = Some("acme".into());
+    s.append_audit(&r).unwrap();
+    let f = tether::server::audit::AuditFilter {
+        org: Some("acme".into()),
+        ..Default::default()
+    };
+    assert_eq!(s.audit(&f).len(), 1);
+    let other = tether::server::audit::AuditFilter {
+        org: Some("other".into()),
+        ..Default::default()
+    };
+    assert!(s.audit(&other).is_empty());
+}
+
+#[test]
+fn the_file_and_the_postgres_store_keep_the_same_rules() {
+    use tether::server::store::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let file = tether::server::store::FileStore::open(dir.path().join("state.json")).unwrap();
+    keeps_the_store_rules(&file);
+    let pg = Postgres::start();
+    let url = pg.database("tether_rules");
+    let store = tether::server::store::PgStore::connect(&url).unwrap();
+    keeps_the_store_rules(&store);
+    // A second connection (another replica) reads what the first wrote.
+    let again = tether::server::store::PgStore::connect(&url).unwrap();
+    assert_eq!(again.organizations().len(), 1);
+    assert_eq!(again.mcp_nodes(), vec!["n1".to_string()]);
+}

@@ -41,8 +41,12 @@ async fn replicas_on_one_database_share_identities_organizations_and_tokens() {
     // Two replicas start at once: the schema is made once.
     let (a, b) = tokio::join!(replica(&db), replica(&db));
     assert_eq!(
-        pg.query("tether_replicas", "SELECT version FROM tether_migrations"),
-        "1"
+        pg.query(
+            "tether_replicas",
+            "SELECT string_agg(version::text, ',' ORDER BY version) FROM tether_migrations"
+        ),
+        "1,2",
+        "each step of the schema once"
     );
     assert_eq!(a.token, b.token, "one admin token for every replica");
     assert!(
@@ -234,4 +238,94 @@ fn the_file_and_the_postgres_store_keep_the_same_rules() {
     let again = tether::server::store::PgStore::connect(&url).unwrap();
     assert_eq!(again.organizations().len(), 1);
     assert_eq!(again.mcp_nodes(), vec!["n1".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_at_any_replica_reaches_a_node_another_holds() {
+    let pg = Postgres::start();
+    let db = pg.database("tether_forward");
+    let mut a = replica(&db).await;
+    let b = replica(&db).await;
+    let node = a.add_agent().await;
+    let img = image();
+
+    // B gathers A's part of the lists.
+    let nodes = eventually(&b, &b.token, &["nodes"], &node).await;
+    assert!(
+        nodes
+            .lines()
+            .any(|l| l.starts_with(&node) && l.contains("online")),
+        "{nodes}"
+    );
+    // A spawn at B, which holds no node, is placed on A's node.
+    let w = b
+        .ctl_ok(&["spawn", "--image", &img, "--", "sleep", "3600"])
+        .await
+        .trim()
+        .to_string();
+    let info: serde_json::Value = serde_json::from_str(&b.ctl_ok(&["inspect", &w]).await).unwrap();
+    assert_eq!(info["node_id"], node.as_str(), "{info}");
+    eventually(&b, &b.token, &["ps"], &w).await;
+
+    // Exec through B: the WebSocket is passed to A, both ways, exit code
+    // included.
+    let input: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let out = b
+        .ctl_stdin(&["exec", "-i", &w, "--", "sha256sum"], Some(&input))
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&sha256(&input)),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = b.ctl(&["exec", &w, "--", "sh", "-c", "exit 7"]).await;
+    assert_eq!(out.status.code(), Some(7));
+
+    // Files both ways through B, byte-exact.
+    let local = b.state_path("in.bin");
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    std::fs::write(&local, &data).unwrap();
+    b.ctl_ok(&["cp", local.to_str().unwrap(), &format!("{w}:/tmp/in.bin")])
+        .await;
+    let back = b.state_path("back.bin");
+    b.ctl_ok(&["cp", &format!("{w}:/tmp/in.bin"), back.to_str().unwrap()])
+        .await;
+    assert_eq!(sha256(&std::fs::read(&back).unwrap()), sha256(&data));
+
+    // Node routes through B too.
+    let detail: serde_json::Value =
+        serde_json::from_str(&b.ctl_ok(&["node", "inspect", &node]).await).unwrap();
+    assert_eq!(detail["status"], "online", "{detail}");
+
+    // An organization's token is judged at the holder: another
+    // organization's worker stays absent through the forward.
+    b.ctl_ok(&["org", "create", "other"]).await;
+    let t = b
+        .ctl_ok(&["token", "create", "--org", "other"])
+        .await
+        .trim()
+        .to_string();
+    let out = b.ctl_as(&t, &["inspect", &w], None).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("no such worker: {w}")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ps = String::from_utf8_lossy(&b.ctl_as(&t, &["ps"], None).await.stdout).to_string();
+    assert!(!ps.contains(&w), "{ps}");
+
+    // Removed through B: gone from the engine.
+    b.ctl_ok(&["rm", "-f", &w]).await;
+    assert_eq!(
+        docker(&["ps", "-a", "-q", "--filter", &format!("name=tether-{w}")]),
+        ""
+    );
+    a.stop().await;
+    b.stop().await;
 }

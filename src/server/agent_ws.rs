@@ -213,6 +213,9 @@ async fn session(
         app.hub.on_capabilities(&node_id, report);
     }
     info!(%session_id, resumed = hello.channels.len(), "agent online");
+    if let Some(r) = &app.replica {
+        r.changed.notify_one();
+    }
 
     // No timer here: the server's one heartbeat task pings this agent and
     // ends the connection if it falls silent (`heartbeat`).

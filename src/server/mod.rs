@@ -13,6 +13,7 @@ pub mod mcp;
 pub mod orgs;
 pub mod preview;
 pub mod relay;
+pub mod replicas;
 pub mod store;
 pub mod tunnels;
 
@@ -79,6 +80,10 @@ pub struct ServerConfig {
     /// (`postgres://user:password@host/db`) instead of `state.json`, so
     /// replicas can share it.
     pub database: Option<String>,
+    /// With a database: the URL other replicas reach this one at (default
+    /// `http://` and the listen address, with 127.0.0.1 for an
+    /// unspecified address).
+    pub advertise_url: Option<String>,
 }
 
 /// Default of [`ServerConfig::stdin_window`].
@@ -120,6 +125,7 @@ impl ServerConfig {
             preview_domain: None,
             mcp_allowed_hosts: Vec::new(),
             database: None,
+            advertise_url: None,
         }
     }
 }
@@ -164,6 +170,8 @@ pub(crate) struct AppState {
     pub mcp_execs: mcp::Running,
     /// Cancelled on shutdown: agent sessions close with 1001.
     pub shutdown: CancellationToken,
+    /// This replica, when the state is in a database other replicas share.
+    pub replica: Option<replicas::Replica>,
 }
 
 impl AppState {
@@ -285,11 +293,27 @@ impl Server {
         let admin_token = secret("admin.token").await?;
         let key = secret("jwt.key").await?;
         let preview_secret = secret("preview.key").await?;
-        if cfg.database.is_some() {
-            // Where the operator finds it, as with the file store.
-            let path = cfg.state_dir.join("admin.token");
-            crate::private_file::write(&path, &admin_token).map_err(state_err(path))?;
-        }
+        let replica = match cfg.database {
+            Some(_) => {
+                // Where the operator finds it, as with the file store.
+                let path = cfg.state_dir.join("admin.token");
+                crate::private_file::write(&path, &admin_token).map_err(state_err(path))?;
+                let local = listener.local_addr().map_err(|source| ServerError::Bind {
+                    addr: cfg.listen,
+                    source,
+                })?;
+                let url = cfg.advertise_url.clone().unwrap_or_else(|| {
+                    let ip = if local.ip().is_unspecified() {
+                        std::net::IpAddr::from([127, 0, 0, 1])
+                    } else {
+                        local.ip()
+                    };
+                    format!("http://{}", std::net::SocketAddr::new(ip, local.port()))
+                });
+                Some(replicas::Replica::new(url, secret("replica.key").await?))
+            }
+            None => None,
+        };
         let limits = conn::Limits::fit(
             cfg.header_read_timeout,
             cfg.max_pending_connections,
@@ -318,6 +342,7 @@ impl Server {
             tunnels: Default::default(),
             mcp_execs: Default::default(),
             shutdown: CancellationToken::new(),
+            replica,
         });
         Ok(Server {
             listener,
@@ -369,6 +394,7 @@ impl Server {
         let connections = TaskTracker::new();
         let drain = CancellationToken::new();
         let heartbeats = CancellationToken::new();
+        let leases = tokio::spawn(replicas::run(self.state.clone(), heartbeats.clone()));
         let pulse = tokio::spawn(heartbeat::run(
             self.state.hub.clone(),
             self.state.cfg.heartbeat_interval,
@@ -394,6 +420,15 @@ impl Server {
         connections.wait().await;
         heartbeats.cancel();
         let _ = pulse.await;
+        let _ = leases.await;
+        if let Some(r) = &self.state.replica {
+            // Let go at once: agents are already reconnecting elsewhere.
+            let (store, id, url) = (self.state.store.clone(), r.id.clone(), r.url.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                store.hold_nodes(&id, &url, &[], Duration::ZERO)
+            })
+            .await;
+        }
         self.state.hub.shutdown().await;
         Ok(())
     }

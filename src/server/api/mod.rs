@@ -29,6 +29,7 @@ use std::time::Duration;
 
 mod deployments;
 mod exec;
+mod forward;
 mod mcp;
 mod nodes;
 mod orgs;
@@ -95,7 +96,11 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
             "/api/v1/mcp/nodes/{id}",
             axum::routing::put(mcp::allow).delete(mcp::deny),
         )
-        .route_layer(middleware::from_fn_with_state(state.clone(), node_scope));
+        .route_layer(middleware::from_fn_with_state(state.clone(), node_scope))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            forward::node_route,
+        ));
     let worker_routes = Router::new()
         .route("/api/v1/workers/{id}", get(worker).delete(remove))
         .route("/api/v1/workers/{id}/stop", post(stop))
@@ -108,7 +113,11 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
             "/api/v1/workers/{id}/archive",
             get(get_archive).put(put_archive),
         )
-        .route_layer(middleware::from_fn_with_state(state.clone(), worker_scope));
+        .route_layer(middleware::from_fn_with_state(state.clone(), worker_scope))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            forward::worker_route,
+        ));
     let deployment_routes = Router::new()
         .route(
             "/api/v1/deployments/{name}",
@@ -118,9 +127,16 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             deployment_scope,
         ));
-    let operator = Router::new()
+    // Replicas: lists gather every replica's part; a spawn goes where a
+    // node for it is held.
+    let collections = Router::new()
         .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/workers", get(workers).post(spawn))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            forward::collection_route,
+        ));
+    let operator = Router::new()
         .route("/api/v1/tunnels", get(tunnel::list))
         .route(
             "/api/v1/tunnels/{id}",
@@ -152,6 +168,7 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
             "/api/v1/tokens/{id}",
             axum::routing::delete(orgs::revoke_token),
         )
+        .merge(collections)
         .merge(node_routes)
         .merge(worker_routes)
         .merge(deployment_routes)
@@ -182,6 +199,7 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
         .merge(mcp_endpoint)
         .merge(previews)
         .route(REGISTER_PATH, post(register))
+        .route("/internal/v1/holds", get(forward::holds))
         .route(AGENT_CONNECT_PATH, get(super::agent_ws::connect))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async {

@@ -158,6 +158,26 @@ pub trait Store: Send + Sync + 'static {
     /// The server secret `name` (`admin.token`, `jwt.key`, `preview.key`),
     /// keeping `fresh` as it if there is none yet.
     fn secret(&self, name: &str, fresh: String) -> Result<String, StoreError>;
+    /// Records that replica `id` answers at `url` and holds the
+    /// connections of `nodes` (and no others) for `lease` from now. A
+    /// single server has no peers: the file store keeps none of it.
+    fn hold_nodes(
+        &self,
+        _id: &str,
+        _url: &str,
+        _nodes: &[String],
+        _lease: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// The replica whose lease holds `node_id`'s connection: its id and URL.
+    fn node_holder(&self, _node_id: &str) -> Option<(String, String)> {
+        None
+    }
+    /// The other replicas seen within their lease: ids and URLs.
+    fn peers(&self, _id: &str) -> Vec<(String, String)> {
+        Vec::new()
+    }
     /// Appends to the audit trail of sandbox operations.
     fn append_audit(&self, record: &super::audit::AuditRecord) -> Result<(), StoreError>;
     /// Audit records matching `filter`, oldest first.

@@ -19,9 +19,10 @@ use std::sync::{Arc, Mutex};
 use tokio_postgres::{Client, NoTls};
 
 /// The schema, one step per version; a step runs once, in a transaction.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE nodes (node_id text PRIMARY KEY, public_key text NOT NULL,
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE nodes (node_id text PRIMARY KEY, public_key text NOT NULL,
         binding text NOT NULL, bound_at text NOT NULL, org text NOT NULL);
      CREATE TABLE orgs (name text PRIMARY KEY, created_at text NOT NULL);
      CREATE TABLE registration_keys (id text PRIMARY KEY, org text NOT NULL,
@@ -37,7 +38,16 @@ const MIGRATIONS: &[(i32, &str)] = &[(
      CREATE INDEX audit_task ON audit (task_id);
      CREATE INDEX audit_worker ON audit (worker_id);
      CREATE TABLE secrets (name text PRIMARY KEY, value text NOT NULL);",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE replicas (id text PRIMARY KEY, url text NOT NULL,
+            held_until timestamptz NOT NULL);
+         CREATE TABLE node_holders (node_id text PRIMARY KEY, replica_id text NOT NULL,
+            held_until timestamptz NOT NULL);
+         CREATE INDEX node_holders_replica ON node_holders (replica_id);",
+    ),
+];
 
 /// Serialises migrations of replicas that start at once.
 const MIGRATION_LOCK: i64 = 0x7465_7468; // "teth"
@@ -694,6 +704,90 @@ impl Store for PgStore {
                     .map_err(db)?;
                 Ok(r.get(0))
             })
+        })
+    }
+
+    fn hold_nodes(
+        &self,
+        id: &str,
+        url: &str,
+        nodes: &[String],
+        lease: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        let (id, url, nodes) = (id.to_string(), url.to_string(), nodes.to_vec());
+        let secs = lease.as_secs_f64();
+        self.run(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "INSERT INTO replicas (id, url, held_until)
+                     VALUES ($1, $2, now() + make_interval(secs => $3))
+                     ON CONFLICT (id) DO UPDATE SET url = $2, held_until = EXCLUDED.held_until",
+                    &[&id, &url, &secs],
+                )
+                .await
+                .map_err(db)?;
+                // A node another replica holds on a live lease stays its:
+                // the newer connection takes it when that lease runs out
+                // or that replica lets go.
+                c.execute(
+                    "INSERT INTO node_holders (node_id, replica_id, held_until)
+                     SELECT n, $1, now() + make_interval(secs => $3) FROM unnest($2::text[]) AS n
+                     ON CONFLICT (node_id) DO UPDATE
+                       SET replica_id = $1, held_until = EXCLUDED.held_until
+                       WHERE node_holders.replica_id = $1 OR node_holders.held_until < now()",
+                    &[&id, &nodes, &secs],
+                )
+                .await
+                .map_err(db)?;
+                c.execute(
+                    "DELETE FROM node_holders WHERE replica_id = $1 AND NOT (node_id = ANY($2))",
+                    &[&id, &nodes],
+                )
+                .await
+                .map_err(db)?;
+                Ok(())
+            })
+        })
+    }
+
+    fn node_holder(&self, node_id: &str) -> Option<(String, String)> {
+        let node = node_id.to_string();
+        self.run(move |c| {
+            Box::pin(async move {
+                let r = c
+                    .query_opt(
+                        "SELECT r.id, r.url FROM node_holders h JOIN replicas r ON r.id = h.replica_id
+                         WHERE h.node_id = $1 AND h.held_until > now()",
+                        &[&node],
+                    )
+                    .await
+                    .map_err(db)?;
+                Ok(r.map(|r| (r.get(0), r.get(1))))
+            })
+        })
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "could not read who holds a node");
+            None
+        })
+    }
+
+    fn peers(&self, id: &str) -> Vec<(String, String)> {
+        let id = id.to_string();
+        self.run(move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT id, url FROM replicas WHERE id <> $1 AND held_until > now() ORDER BY id",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(db)?;
+                Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+            })
+        })
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "could not read the other replicas");
+            Vec::new()
         })
     }
 

@@ -1,0 +1,342 @@
+//! Requests for what another replica holds go to that replica, streams and
+//! WebSocket upgrades included: the request is passed on as it came (the
+//! operator's own token authorizes it there, so an organization's scope
+//! holds) with [`FORWARDED`] set, and the answer comes back as it is.
+//! Lists gather every replica's part.
+
+use super::*;
+use crate::server::replicas::{FORWARDED, Replica};
+use hyper_util::rt::TokioIo;
+
+/// Whether this request came from another replica (it is answered here).
+fn forwarded(req: &Request) -> bool {
+    req.headers().contains_key(FORWARDED)
+}
+
+fn path_id(p: &std::collections::HashMap<String, String>) -> String {
+    p.get("id").cloned().unwrap_or_default()
+}
+
+/// Worker routes: a worker this replica does not know is looked for at
+/// the others.
+pub(super) async fn worker_route(
+    State(app): State<Arc<AppState>>,
+    Path(p): PathParams,
+    req: Request,
+    next: Next,
+) -> Response {
+    let id = path_id(&p);
+    let Some(replica) = app.replica.as_ref() else {
+        return next.run(req).await;
+    };
+    if forwarded(&req) || app.hub.worker(&id).is_ok() {
+        return next.run(req).await;
+    }
+    match holder_of(&app, replica, "worker", &id).await {
+        Some(url) => proxy(&app, replica, &url, req).await,
+        None => next.run(req).await,
+    }
+}
+
+/// Node routes: a node online at another replica is that replica's.
+pub(super) async fn node_route(
+    State(app): State<Arc<AppState>>,
+    Path(p): PathParams,
+    req: Request,
+    next: Next,
+) -> Response {
+    let id = path_id(&p);
+    let Some(replica) = app.replica.as_ref() else {
+        return next.run(req).await;
+    };
+    let here = app
+        .hub
+        .node_info(&id)
+        .is_ok_and(|n| n.status != operator::NodeState::Offline);
+    if forwarded(&req) || here {
+        return next.run(req).await;
+    }
+    let store = app.store.clone();
+    let node = id.clone();
+    let holder = tokio::task::spawn_blocking(move || store.node_holder(&node))
+        .await
+        .ok()
+        .flatten();
+    match holder {
+        Some((rid, url)) if rid != replica.id => proxy(&app, replica, &url, req).await,
+        _ => next.run(req).await,
+    }
+}
+
+/// `GET` and `POST` on the collections (`/api/v1/nodes`, `/api/v1/workers`).
+pub(super) async fn collection_route(
+    app: State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if req.method() == axum::http::Method::POST {
+        spawn_route(app, req, next).await
+    } else {
+        list_route(app, req, next).await
+    }
+}
+
+/// `POST /api/v1/workers`: a spawn on a node another replica holds goes
+/// there; a spawn for any node is tried here, then at each other replica,
+/// until one has a node for it.
+pub(super) async fn spawn_route(
+    State(app): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(replica) = app.replica.as_ref() else {
+        return next.run(req).await;
+    };
+    if forwarded(&req) {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_JSON_BODY).await else {
+        return error_response(ErrorBody::new(
+            ErrorCode::TooLarge,
+            "request body too large",
+        ));
+    };
+    let again = |b: &bytes::Bytes| Request::from_parts(parts.clone(), Body::from(b.clone()));
+    let named = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v["node_id"].as_str().map(String::from));
+    if let Some(node) = named {
+        let here = app
+            .hub
+            .node_info(&node)
+            .is_ok_and(|n| n.status != operator::NodeState::Offline);
+        if !here {
+            let store = app.store.clone();
+            let holder = tokio::task::spawn_blocking(move || store.node_holder(&node))
+                .await
+                .ok()
+                .flatten();
+            if let Some((rid, url)) = holder
+                && rid != replica.id
+            {
+                return proxy(&app, replica, &url, again(&bytes)).await;
+            }
+        }
+        return next.run(again(&bytes)).await;
+    }
+    let local = next.run(again(&bytes)).await;
+    if local.status() != StatusCode::SERVICE_UNAVAILABLE {
+        return local;
+    }
+    for (_, url) in peers(&app, replica).await {
+        let r = proxy(&app, replica, &url, again(&bytes)).await;
+        if r.status() != StatusCode::SERVICE_UNAVAILABLE {
+            return r;
+        }
+    }
+    local
+}
+
+/// `GET /api/v1/nodes` and `GET /api/v1/workers`: this replica's part and
+/// every other's, each entry once (a replica's own part: what it holds
+/// online; an entry another replica holds wins over a stale one here).
+pub(super) async fn list_route(
+    State(app): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(replica) = app.replica.as_ref() else {
+        return next.run(req).await;
+    };
+    let (key, id_field) = if req.uri().path().ends_with("/nodes") {
+        ("nodes", "node_id")
+    } else {
+        ("workers", "worker_id")
+    };
+    let was_forwarded = forwarded(&req);
+    let (parts, _) = req.into_parts();
+    let mine = next
+        .run(Request::from_parts(parts.clone(), Body::empty()))
+        .await;
+    if !mine.status().is_success() {
+        return mine;
+    }
+    let Ok(mine) = axum::body::to_bytes(mine.into_body(), usize::MAX).await else {
+        return error_response(ErrorBody::new(ErrorCode::Internal, "could not read a list"));
+    };
+    let mut mine: Vec<serde_json::Value> = serde_json::from_slice::<serde_json::Value>(&mine)
+        .ok()
+        .and_then(|v| v[key].as_array().cloned())
+        .unwrap_or_default();
+    if was_forwarded {
+        // Only what this replica holds: the asker has the rest.
+        mine.retain(|e| {
+            let node = e["node_id"].as_str().unwrap_or_default();
+            app.hub
+                .node_info(node)
+                .is_ok_and(|n| n.status != operator::NodeState::Offline)
+        });
+        return Json(json!({ key: mine })).into_response();
+    }
+    let mut merged: Vec<serde_json::Value> = Vec::new();
+    for (_, url) in peers(&app, replica).await {
+        let r = proxy(
+            &app,
+            replica,
+            &url,
+            Request::from_parts(parts.clone(), Body::empty()),
+        )
+        .await;
+        if !r.status().is_success() {
+            continue;
+        }
+        if let Ok(b) = axum::body::to_bytes(r.into_body(), usize::MAX).await
+            && let Some(list) = serde_json::from_slice::<serde_json::Value>(&b)
+                .ok()
+                .and_then(|v| v[key].as_array().cloned())
+        {
+            merged.extend(list);
+        }
+    }
+    let seen: std::collections::HashSet<String> = merged
+        .iter()
+        .filter_map(|e| e[id_field].as_str().map(String::from))
+        .collect();
+    merged.extend(
+        mine.into_iter()
+            .filter(|e| !e[id_field].as_str().is_some_and(|i| seen.contains(i))),
+    );
+    merged.sort_by(|a, b| {
+        let k = |e: &serde_json::Value| {
+            (
+                e["node_id"].as_str().unwrap_or_default().to_string(),
+                e[id_field].as_str().unwrap_or_default().to_string(),
+            )
+        };
+        k(a).cmp(&k(b))
+    });
+    Json(json!({ key: merged })).into_response()
+}
+
+async fn peers(app: &AppState, replica: &Replica) -> Vec<(String, String)> {
+    let store = app.store.clone();
+    let id = replica.id.clone();
+    tokio::task::spawn_blocking(move || store.peers(&id))
+        .await
+        .unwrap_or_default()
+}
+
+/// The replica that holds `what` (`worker` or `node`) `id`: each other
+/// replica is asked at once; the first that holds it answers.
+async fn holder_of(app: &AppState, replica: &Replica, what: &str, id: &str) -> Option<String> {
+    let asks = peers(app, replica).await.into_iter().map(|(_, url)| {
+        let http = replica.http.clone();
+        let key = replica.key.clone();
+        let q = format!("{url}/internal/v1/holds?{what}={id}");
+        async move {
+            let r = http.get(&q).bearer_auth(key).send().await.ok()?;
+            let v: serde_json::Value = r.json().await.ok()?;
+            (v["holds"] == true).then_some(url)
+        }
+    });
+    futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .next()
+}
+
+#[derive(Deserialize)]
+pub(super) struct HoldsQuery {
+    worker: Option<String>,
+    node: Option<String>,
+}
+
+/// `GET /internal/v1/holds?worker=ID|node=ID`, asked by other replicas
+/// with the replicas' shared key: whether this replica holds it.
+pub(super) async fn holds(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<HoldsQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let Some(replica) = app.replica.as_ref() else {
+        return Err(ErrorBody::new(ErrorCode::NotFound, "no such endpoint").into());
+    };
+    let given = auth::bearer(headers.get("authorization").and_then(|v| v.to_str().ok()));
+    if !given.is_some_and(|k| auth::secret_eq(k, &replica.key)) {
+        return Err(ErrorBody::new(ErrorCode::Unauthorized, "invalid replica key").into());
+    }
+    let online = |n: &str| {
+        app.hub
+            .node_info(n)
+            .is_ok_and(|n| n.status != operator::NodeState::Offline)
+    };
+    let holds = match (q.worker, q.node) {
+        (Some(w), _) => app.hub.worker(&w).is_ok_and(|w| online(&w.node_id)),
+        (None, Some(n)) => online(&n),
+        (None, None) => false,
+    };
+    Ok(Json(json!({ "holds": holds })))
+}
+
+/// Passes `req` to the replica at `url` and gives back its answer,
+/// WebSocket upgrades included.
+async fn proxy(app: &AppState, replica: &Replica, url: &str, mut req: Request) -> Response {
+    let unreachable = |e: String| {
+        error_response(ErrorBody::new(
+            ErrorCode::Unavailable,
+            format!("the replica at {url} that holds this did not answer: {e}"),
+        ))
+    };
+    let Ok(base) = url::Url::parse(url) else {
+        return unreachable("bad replica URL".into());
+    };
+    let Some(host) = base.host_str() else {
+        return unreachable("bad replica URL".into());
+    };
+    let addr = format!("{host}:{}", base.port_or_known_default().unwrap_or(80));
+    let tcp = match tokio::net::TcpStream::connect(&addr).await {
+        Ok(s) => s,
+        Err(e) => return unreachable(e.to_string()),
+    };
+    let _ = tcp.set_nodelay(true);
+    let (mut sender, connection) = match hyper::client::conn::http1::Builder::new()
+        .handshake::<_, Body>(TokioIo::new(tcp))
+        .await
+    {
+        Ok(x) => x,
+        Err(e) => return unreachable(e.to_string()),
+    };
+    app.hub.spawn_task(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    if let Ok(v) = HeaderValue::from_str(&replica.id) {
+        req.headers_mut().insert(FORWARDED, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&addr) {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    let client_upgrade = req
+        .headers()
+        .contains_key(header::UPGRADE)
+        .then(|| hyper::upgrade::on(&mut req));
+    let mut resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => return unreachable(e.to_string()),
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client) = client_upgrade
+    {
+        let upstream = hyper::upgrade::on(&mut resp);
+        app.hub.spawn_task(async move {
+            if let (Ok(c), Ok(u)) = tokio::join!(client, upstream) {
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+            }
+        });
+    }
+    let mut resp = resp.map(Body::new);
+    resp.extensions_mut().insert(Proxied);
+    resp
+}

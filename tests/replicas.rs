@@ -329,3 +329,176 @@ async fn an_operator_at_any_replica_reaches_a_node_another_holds() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A load balancer as plain as they come: each connection goes to the first
+/// of `upstreams` that accepts it.
+async fn balancer(upstreams: Vec<std::net::SocketAddr>) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let ups = upstreams.clone();
+            tokio::spawn(async move {
+                for u in ups {
+                    if let Ok(mut s) = tokio::net::TcpStream::connect(u).await {
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn replica_process(port: u16, state: &std::path::Path, db: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["server", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--heartbeat-interval", "2", "--heartbeat-timeout", "6"])
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--database", db])
+        .env("TETHER_PSK", PSK)
+        .env("TETHER_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        docker_cleanup(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_replica_dies_its_agents_and_execs_carry_on_at_another_byte_exact() {
+    use sha2::Digest;
+    use tokio::io::AsyncReadExt;
+    ensure_image();
+    tether::init_crypto();
+    let pg = Postgres::start();
+    let db = pg.database("tether_failover");
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let mut a = replica_process(pa, &dir.path().join("a"), &db);
+    let _b = replica_process(pb, &dir.path().join("b"), &db);
+    let lb = balancer(vec![
+        format!("127.0.0.1:{pa}").parse().unwrap(),
+        format!("127.0.0.1:{pb}").parse().unwrap(),
+    ])
+    .await;
+    let url = format!("http://{lb}");
+    let token_file = dir.path().join("b/admin.token");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !token_file.exists() || !dir.path().join("a/admin.token").exists() {
+        assert!(Instant::now() < deadline, "replicas did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .arg("ctl")
+            .args(args)
+            .env("TETHER_SERVER", &url)
+            .env("TETHER_TOKEN", &token)
+            .output()
+            .unwrap()
+    };
+    let node = unique("test");
+    let _cleanup = Cleanup(node.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut cfg = tether::agent::AgentConfig::new(
+        url.parse().unwrap(),
+        PSK.into(),
+        node.clone(),
+        dir.path().join("agent"),
+    );
+    cfg.heartbeat_timeout = Duration::from_secs(6);
+    tokio::spawn(tether::agent::run(cfg, stop.clone()));
+    let online = |out: std::process::Output| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with(&node) && l.contains("online"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !online(ctl(&["nodes"])) {
+        assert!(Instant::now() < deadline, "agent never online");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let img = image();
+    let out = ctl(&["spawn", "--image", &img, "--", "sleep", "3600"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let w = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    // 20 MB through ctl exec, and replica A, which holds the agent and the
+    // exec, is killed a quarter of the way.
+    const SIZE: u64 = 20_000_000;
+    let cmd = format!(
+        "head -c {SIZE} /dev/urandom > /tmp/s.bin && sha256sum /tmp/s.bin > /tmp/s.sha && cat /tmp/s.bin"
+    );
+    let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["ctl", "exec", &w, "--", "sh", "-c", &cmd])
+        .env("TETHER_SERVER", &url)
+        .env("TETHER_TOKEN", &token)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = client.stdout.take().unwrap();
+    let mut hasher = sha2::Sha256::new();
+    let (mut total, mut killed_at) = (0u64, None);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(90), stdout.read(&mut buf))
+            .await
+            .expect("output resumes at the other replica")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+        if total >= SIZE / 4 && killed_at.is_none() {
+            a.start_kill().unwrap();
+            a.wait().await.unwrap();
+            killed_at = Some(Instant::now());
+        }
+    }
+    let status = client.wait().await.unwrap();
+    assert!(killed_at.is_some());
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(total, SIZE, "bytes lost or duplicated");
+    let out = ctl(&["exec", &w, "--", "cat", "/tmp/s.sha"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next(),
+        Some(hex::encode(hasher.finalize()).as_str())
+    );
+    // The node is back online at B.
+    assert!(online(ctl(&["nodes"])));
+    let back = killed_at.unwrap().elapsed();
+    eprintln!(
+        "replica killed mid-exec: 20 MB byte-exact through the other; all done {back:?} after the kill"
+    );
+    let _ = ctl(&["rm", "-f", &w]);
+    stop.cancel();
+}

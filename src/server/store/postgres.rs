@@ -244,6 +244,19 @@ async fn notify(c: &Client, table: &str) -> Result<(), StoreError> {
 }
 
 async fn migrate(c: &Client) -> Result<(), StoreError> {
+    // One replica at a time, from before the bookkeeping table exists:
+    // two concurrent `CREATE TABLE IF NOT EXISTS` can still collide.
+    c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(db)?;
+    let r = migrate_locked(c).await;
+    let _ = c
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    r
+}
+
+async fn migrate_locked(c: &Client) -> Result<(), StoreError> {
     c.batch_execute(
         "CREATE TABLE IF NOT EXISTS tether_migrations (version int PRIMARY KEY,
             applied_at timestamptz NOT NULL DEFAULT now())",
@@ -251,30 +264,32 @@ async fn migrate(c: &Client) -> Result<(), StoreError> {
     .await
     .map_err(db)?;
     for (version, sql) in MIGRATIONS {
+        let done = c
+            .query_opt(
+                "SELECT 1 FROM tether_migrations WHERE version = $1",
+                &[version],
+            )
+            .await
+            .map_err(db)?
+            .is_some();
+        if done {
+            continue;
+        }
         c.batch_execute("BEGIN").await.map_err(db)?;
         let step = async {
-            c.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-                .await?;
-            let done = c
-                .query_opt(
-                    "SELECT 1 FROM tether_migrations WHERE version = $1",
-                    &[version],
-                )
-                .await?
-                .is_some();
-            if !done {
-                c.batch_execute(sql).await?;
-                c.execute(
-                    "INSERT INTO tether_migrations (version) VALUES ($1)",
-                    &[version],
-                )
-                .await?;
-                tracing::info!(version, "database schema migrated");
-            }
+            c.batch_execute(sql).await?;
+            c.execute(
+                "INSERT INTO tether_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await?;
             Ok::<_, tokio_postgres::Error>(())
         };
         match step.await {
-            Ok(()) => c.batch_execute("COMMIT").await.map_err(db)?,
+            Ok(()) => {
+                c.batch_execute("COMMIT").await.map_err(db)?;
+                tracing::info!(version, "database schema migrated");
+            }
             Err(e) => {
                 let _ = c.batch_execute("ROLLBACK").await;
                 return Err(db(e));

@@ -18,6 +18,8 @@ mod figures;
 mod inference;
 #[path = "tether-bench/procfs.rs"]
 mod procfs;
+#[path = "tether-bench/replicas.rs"]
+mod replicas;
 #[path = "tether-bench/report.rs"]
 mod report;
 #[path = "tether-bench/scale.rs"]
@@ -37,7 +39,7 @@ use stats::Figure;
 use std::path::PathBuf;
 use std::time::Instant;
 
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "exec",
     "throughput",
     "files",
@@ -48,6 +50,7 @@ const SECTIONS: [&str; 10] = [
     "inference",
     "agent",
     "scale",
+    "replicas",
 ];
 
 #[derive(Parser)]
@@ -72,7 +75,7 @@ struct Cli {
         default_value = "tether-test-busybox:latest"
     )]
     image: String,
-    /// Run only these sections (exec, throughput, files, spawn, concurrent, tunnel, inference, agent, scale).
+    /// Run only these sections (exec, throughput, files, spawn, concurrent, tunnel, mcp, agent, inference, replicas, scale).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Cap the number of simulated agents of the scale section.
@@ -255,6 +258,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         let t0 = Instant::now();
         let r = inference::run(&cli.agent_bin, &scratch.0, p.rtt_n).await;
         out.section("inference", t0, r);
+    }
+    if want("replicas") {
+        eprintln!("tether-bench: replicas ...");
+        let t0 = Instant::now();
+        let r = replicas::run(&scratch.0, &cli.image, p.rtt_n, p.rtt_warmup).await;
+        out.section("replicas", t0, r);
     }
     if want("scale") {
         eprintln!("tether-bench: scale ...");

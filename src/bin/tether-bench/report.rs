@@ -139,6 +139,17 @@ pub fn targets(figs: &[Figure]) -> Vec<Target> {
             }),
         );
     }
+    push(
+        "a request through a replica that does not hold the node adds <= 2 ms at p99",
+        find(figs, "server_forward_dispatch_added_p99_ms")
+            .and_then(|f| f.tether)
+            .map(|v| {
+                (
+                    format!("{v:+.2} ms (p99 through the other minus p99 through the holder)"),
+                    v <= 2.0,
+                )
+            }),
+    );
     let peak = find(figs, "inference_proxy_peak_rss_mb").and_then(|f| f.tether);
     push(
         "inference proxy memory <= 5 MB per job (its own, not the shared binary)",

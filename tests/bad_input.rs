@@ -315,7 +315,7 @@ async fn agent_answers_bad_frames_and_keeps_the_connection() {
     tether::init_crypto();
     let dir = tempfile::tempdir().unwrap();
     let node = unique("test");
-    let _cleanup = NodeCleanup(node.clone());
+    let _cleanup = NodeGuard(node.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     // Pre-provisioned token: the agent goes straight to the WebSocket.
@@ -469,14 +469,6 @@ async fn next(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>
     tokio::time::timeout(Duration::from_secs(10), f)
         .await
         .expect("agent replied")
-}
-
-struct NodeCleanup(String);
-
-impl Drop for NodeCleanup {
-    fn drop(&mut self) {
-        docker_cleanup(&self.0);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -705,22 +705,6 @@ async fn agents_return_after_a_server_restart_with_their_workers() {
     stop_second.cancel();
 }
 
-struct NodeGuard(String);
-
-impl Drop for NodeGuard {
-    fn drop(&mut self) {
-        docker_cleanup(&self.0);
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_server_process(port: u16, state: &std::path::Path) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
         .args([

@@ -351,14 +351,6 @@ async fn balancer(upstreams: Vec<std::net::SocketAddr>) -> std::net::SocketAddr 
     addr
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn replica_process(port: u16, state: &std::path::Path, db: &str) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
         .args(["server", "--listen", &format!("127.0.0.1:{port}")])
@@ -371,14 +363,6 @@ fn replica_process(port: u16, state: &std::path::Path, db: &str) -> tokio::proce
         .kill_on_drop(true)
         .spawn()
         .unwrap()
-}
-
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        docker_cleanup(&self.0);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -419,7 +403,7 @@ async fn when_a_replica_dies_its_agents_and_execs_carry_on_at_another_byte_exact
             .unwrap()
     };
     let node = unique("test");
-    let _cleanup = Cleanup(node.clone());
+    let _cleanup = NodeGuard(node.clone());
     let stop = tokio_util::sync::CancellationToken::new();
     let mut cfg = tether::agent::AgentConfig::new(
         url.parse().unwrap(),
@@ -501,4 +485,58 @@ async fn when_a_replica_dies_its_agents_and_execs_carry_on_at_another_byte_exact
     );
     let _ = ctl(&["rm", "-f", &w]);
     stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_carries_on_when_the_database_comes_back() {
+    let mut pg = Postgres::start();
+    let db = pg.database("tether_restart");
+    let h = replica(&db).await;
+    h.ctl_ok(&["org", "create", "before"]).await;
+    // Down for two seconds: a write then fails fast and says why, reads
+    // serve the last copy, and after it writes work again.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let restarter = std::thread::spawn(move || {
+        pg.restart(Duration::from_secs(2));
+        tx.send(()).unwrap();
+        pg
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = Instant::now();
+    let out = h.ctl(&["org", "create", "during"]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unavailable") && err.contains("database"),
+        "{err}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "a write without the database hung"
+    );
+    assert!(h.ctl_ok(&["org", "ls"]).await.contains("before"));
+    while rx.try_recv().is_err() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pg = restarter.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = h.ctl(&["org", "create", "after"]).await;
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "writes never came back: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let listed = h.ctl_ok(&["org", "ls"]).await;
+    assert!(
+        listed.contains("before") && listed.contains("after"),
+        "{listed}"
+    );
+    assert_eq!(pg.query("tether_restart", "SELECT count(*) FROM orgs"), "2");
+    h.stop().await;
 }

@@ -371,6 +371,25 @@ pub fn run_agent_container(name: &str, tag: &str, server_url: &str, node: &str) 
     ])
 }
 
+/// Removes what a node made (`docker_cleanup`) when dropped, even when
+/// the test fails.
+pub struct NodeGuard(pub String);
+
+impl Drop for NodeGuard {
+    fn drop(&mut self) {
+        docker_cleanup(&self.0);
+    }
+}
+
+/// A loopback port nobody listens on (for a server started after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn sha256(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))

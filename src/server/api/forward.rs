@@ -6,7 +6,6 @@
 
 use super::*;
 use crate::server::replicas::{FORWARDED, Replica};
-use hyper_util::rt::TokioIo;
 
 /// Whether this request came from another replica (it is answered here).
 fn forwarded(req: &Request) -> bool {
@@ -301,42 +300,14 @@ async fn proxy(app: &AppState, replica: &Replica, url: &str, mut req: Request) -
         Err(e) => return unreachable(e.to_string()),
     };
     let _ = tcp.set_nodelay(true);
-    let (mut sender, connection) = match hyper::client::conn::http1::Builder::new()
-        .handshake::<_, Body>(TokioIo::new(tcp))
-        .await
-    {
-        Ok(x) => x,
-        Err(e) => return unreachable(e.to_string()),
-    };
-    app.hub.spawn_task(async move {
-        let _ = connection.with_upgrades().await;
-    });
     if let Ok(v) = HeaderValue::from_str(&replica.id) {
         req.headers_mut().insert(FORWARDED, v);
     }
     if let Ok(v) = HeaderValue::from_str(&addr) {
         req.headers_mut().insert(header::HOST, v);
     }
-    let client_upgrade = req
-        .headers()
-        .contains_key(header::UPGRADE)
-        .then(|| hyper::upgrade::on(&mut req));
-    let mut resp = match sender.send_request(req).await {
+    match super::relay_http(&app.hub, tcp, req).await {
         Ok(r) => r,
-        Err(e) => return unreachable(e.to_string()),
-    };
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client) = client_upgrade
-    {
-        let upstream = hyper::upgrade::on(&mut resp);
-        app.hub.spawn_task(async move {
-            if let (Ok(c), Ok(u)) = tokio::join!(client, upstream) {
-                let _ =
-                    tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
-            }
-        });
+        Err(e) => unreachable(e.to_string()),
     }
-    let mut resp = resp.map(Body::new);
-    resp.extensions_mut().insert(Proxied);
-    resp
 }

@@ -365,3 +365,38 @@ async fn deployment_scope(
     )
     .await
 }
+
+/// One HTTP exchange over `io` (a worker's port through a tunnel, another
+/// replica): the answer as it comes, marked [`Proxied`]; a WebSocket
+/// upgrade on both sides is spliced through for as long as it lasts.
+async fn relay_http<I>(hub: &super::Hub, io: I, mut req: Request) -> Result<Response, hyper::Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::TokioIo;
+    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, Body>(TokioIo::new(io))
+        .await?;
+    hub.spawn_task(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    let client_upgrade = req
+        .headers()
+        .contains_key(header::UPGRADE)
+        .then(|| hyper::upgrade::on(&mut req));
+    let mut resp = sender.send_request(req).await?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client) = client_upgrade
+    {
+        let upstream = hyper::upgrade::on(&mut resp);
+        hub.spawn_task(async move {
+            if let (Ok(c), Ok(u)) = tokio::join!(client, upstream) {
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+            }
+        });
+    }
+    let mut resp = resp.map(Body::new);
+    resp.extensions_mut().insert(Proxied);
+    Ok(resp)
+}

@@ -14,7 +14,6 @@ use super::*;
 use crate::protocol::operator::{PreviewInfo, PreviewRequest};
 use crate::server::preview::{self, PREVIEW_PARAM};
 use crate::server::tunnels::Connection;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Default lifetime of a preview URL.
@@ -325,40 +324,14 @@ async fn forward(
     app: &Arc<AppState>,
     worker: &str,
     port: u16,
-    mut req: Request,
+    req: Request,
 ) -> Result<Response, ErrorBody> {
     let conn = app.tunnels.connect(worker, port);
     let session = app.hub.tunnel(worker, port).await?;
     let io = pipe(&app.hub, session, conn);
-    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
-        .handshake::<_, Body>(TokioIo::new(io))
+    super::relay_http(&app.hub, io, req)
         .await
-        .map_err(|e| bad_gateway(worker, port, e))?;
-    app.hub.spawn_task(async move {
-        let _ = connection.with_upgrades().await;
-    });
-    let client_upgrade = req
-        .headers()
-        .contains_key(header::UPGRADE)
-        .then(|| hyper::upgrade::on(&mut req));
-    let mut resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| bad_gateway(worker, port, e))?;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client) = client_upgrade
-    {
-        let upstream = hyper::upgrade::on(&mut resp);
-        app.hub.spawn_task(async move {
-            if let (Ok(c), Ok(u)) = tokio::join!(client, upstream) {
-                let _ =
-                    tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
-            }
-        });
-    }
-    let mut resp = resp.map(Body::new);
-    resp.extensions_mut().insert(super::Proxied);
-    Ok(resp)
+        .map_err(|e| bad_gateway(worker, port, e))
 }
 
 fn bad_gateway(worker: &str, port: u16, e: hyper::Error) -> ErrorBody {

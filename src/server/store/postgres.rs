@@ -80,12 +80,15 @@ const TABLES: &[&str] = &[
 ];
 
 pub struct PgStore {
-    client: Arc<Client>,
+    /// The live connection; none while it is being made again.
+    client: Slot,
     cache: Arc<Mutex<Cache>>,
     rt: tokio::runtime::Handle,
     /// Ends the client's thread when the store is dropped.
     _stop: tokio::sync::oneshot::Sender<()>,
 }
+
+type Slot = Arc<Mutex<Option<Arc<Client>>>>;
 
 fn db(e: tokio_postgres::Error) -> StoreError {
     StoreError::Db(crate::error_chain(&e))
@@ -93,8 +96,14 @@ fn db(e: tokio_postgres::Error) -> StoreError {
 
 type Job<T> = BoxFuture<'static, Result<T, StoreError>>;
 
+/// Waits between attempts to make a lost connection again.
+const RECONNECT_MIN: std::time::Duration = std::time::Duration::from_millis(200);
+const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl PgStore {
-    /// Connects, migrates the schema and loads the cache.
+    /// Connects, migrates the schema and loads the cache. A connection lost
+    /// later is made again (with backoff) and the cache read afresh; until
+    /// then writes fail `unavailable` and reads serve the last copy.
     pub fn connect(url: &str) -> Result<PgStore, StoreError> {
         let (rt_tx, rt_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -115,51 +124,17 @@ impl PgStore {
             .recv()
             .map_err(|_| StoreError::Db("the database thread did not start".into()))?;
         let cache = Arc::new(Mutex::new(Cache::default()));
-        let url = url.to_string();
-        let c = cache.clone();
-        let client = wait(
-            &rt,
-            Box::pin(async move {
-                let (client, mut conn) = tokio_postgres::connect(&url, NoTls).await.map_err(db)?;
-                let client = Arc::new(client);
-                // The connection's messages: notifications name a table to
-                // read again.
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-                tokio::spawn(async move {
-                    use futures_util::StreamExt;
-                    let mut messages = futures_util::stream::poll_fn(|cx| conn.poll_message(cx));
-                    while let Some(m) = messages.next().await {
-                        match m {
-                            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                                let _ = tx.send(n.payload().to_string());
-                            }
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::error!(error = %crate::error_chain(&e), "database connection lost");
-                                break;
-                            }
-                        }
-                    }
-                });
-                migrate(&client).await?;
-                client
-                    .batch_execute(&format!("LISTEN {CHANNEL}"))
-                    .await
-                    .map_err(db)?;
-                for t in TABLES {
-                    reload(&client, &c, t).await?;
-                }
-                let (client2, cache2) = (client.clone(), c.clone());
-                tokio::spawn(async move {
-                    while let Some(table) = rx.recv().await {
-                        if let Err(e) = reload(&client2, &cache2, &table).await {
-                            tracing::warn!(%table, error = %e, "could not read a changed table");
-                        }
-                    }
-                });
-                Ok(client)
-            }),
-        )?;
+        let client: Slot = Arc::default();
+        let (first_tx, first_rx) = std::sync::mpsc::channel();
+        rt.spawn(keep_connected(
+            url.to_string(),
+            cache.clone(),
+            client.clone(),
+            first_tx,
+        ));
+        first_rx
+            .recv()
+            .map_err(|_| StoreError::Db("the database thread has stopped".into()))??;
         Ok(PgStore {
             client,
             cache,
@@ -173,7 +148,11 @@ impl PgStore {
         &self,
         work: impl FnOnce(Arc<Client>) -> Job<T> + Send + 'static,
     ) -> Result<T, StoreError> {
-        wait(&self.rt, work(self.client.clone()))
+        let client =
+            self.client.lock().unwrap().clone().ok_or_else(|| {
+                StoreError::Db("the database connection is being made again".into())
+            })?;
+        wait(&self.rt, work(client))
     }
 
     /// Runs `sql` (a write), tells every replica that `table` changed, and
@@ -234,6 +213,92 @@ fn wait<T: Send + 'static>(rt: &tokio::runtime::Handle, job: Job<T>) -> Result<T
     });
     rx.recv()
         .map_err(|_| StoreError::Db("the database thread has stopped".into()))?
+}
+
+/// Makes the connection, and makes it again whenever it is lost; the
+/// first outcome goes to `first` (a first failure ends it).
+async fn keep_connected(
+    url: String,
+    cache: Arc<Mutex<Cache>>,
+    slot: Slot,
+    first: std::sync::mpsc::Sender<Result<(), StoreError>>,
+) {
+    let mut first = Some(first);
+    let mut wait = RECONNECT_MIN;
+    loop {
+        match open(&url, &cache).await {
+            Ok((client, lost)) => {
+                *slot.lock().unwrap() = Some(client);
+                wait = RECONNECT_MIN;
+                match first.take() {
+                    Some(f) => {
+                        let _ = f.send(Ok(()));
+                    }
+                    None => tracing::info!("database connection made again"),
+                }
+                let _ = lost.await;
+                *slot.lock().unwrap() = None;
+                tracing::error!("database connection lost; making it again");
+            }
+            Err(e) => {
+                if let Some(f) = first.take() {
+                    let _ = f.send(Err(e));
+                    return;
+                }
+                tracing::warn!(error = %e, "could not reach the database; trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(RECONNECT_MAX);
+            }
+        }
+    }
+}
+
+/// One connection: migrated, listening, the cache read afresh. The
+/// receiver fires when the connection is lost.
+async fn open(
+    url: &str,
+    cache: &Arc<Mutex<Cache>>,
+) -> Result<(Arc<Client>, tokio::sync::oneshot::Receiver<()>), StoreError> {
+    let (client, mut conn) = tokio_postgres::connect(url, NoTls).await.map_err(db)?;
+    let client = Arc::new(client);
+    let (lost_tx, lost) = tokio::sync::oneshot::channel();
+    // The connection's messages: notifications name a table to read again.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        let mut messages = futures_util::stream::poll_fn(|cx| conn.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    let _ = tx.send(n.payload().to_string());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "database connection failed");
+                    break;
+                }
+            }
+        }
+        let _ = lost_tx.send(());
+    });
+    migrate(&client).await?;
+    client
+        .batch_execute(&format!("LISTEN {CHANNEL}"))
+        .await
+        .map_err(db)?;
+    // Whatever changed while there was no connection is read here.
+    for t in TABLES {
+        reload(&client, cache, t).await?;
+    }
+    let (c, cache) = (client.clone(), cache.clone());
+    tokio::spawn(async move {
+        while let Some(table) = rx.recv().await {
+            if let Err(e) = reload(&c, &cache, &table).await {
+                tracing::warn!(%table, error = %e, "could not read a changed table");
+            }
+        }
+    });
+    Ok((client, lost))
 }
 
 async fn notify(c: &Client, table: &str) -> Result<(), StoreError> {

@@ -155,8 +155,10 @@ impl PgStore {
         wait(&self.rt, work(client))
     }
 
-    /// Runs `sql` (a write), tells every replica that `table` changed, and
-    /// reads it again here.
+    /// Runs `sql` (a write), tells every replica what changed in `table`,
+    /// and reads it again here. A write that touches one row names it by
+    /// its first parameter (text); one whose first parameter is not text
+    /// (a time bound) may touch many, and the table is read whole.
     fn write(
         &self,
         table: &'static str,
@@ -169,8 +171,13 @@ impl PgStore {
                 let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
                     params.iter().map(Param::as_sql).collect();
                 let n = c.execute(sql, &refs).await.map_err(db)?;
-                notify(&c, table).await?;
-                reload(&c, &cache, table).await?;
+                // A write's first parameter names its row, when it is text.
+                let key = match params.first() {
+                    Some(Param::Text(k)) => Some(k.as_str()),
+                    _ => None,
+                };
+                notify(&c, table, key).await?;
+                reload(&c, &cache, table, key).await?;
                 Ok(n)
             })
         })
@@ -288,12 +295,16 @@ async fn open(
         .map_err(db)?;
     // Whatever changed while there was no connection is read here.
     for t in TABLES {
-        reload(&client, cache, t).await?;
+        reload(&client, cache, t, None).await?;
     }
     let (c, cache) = (client.clone(), cache.clone());
     tokio::spawn(async move {
-        while let Some(table) = rx.recv().await {
-            if let Err(e) = reload(&c, &cache, &table).await {
+        while let Some(payload) = rx.recv().await {
+            let (table, key) = match payload.split_once('\t') {
+                Some((t, k)) => (t, Some(k)),
+                None => (payload.as_str(), None),
+            };
+            if let Err(e) = reload(&c, &cache, table, key).await {
                 tracing::warn!(%table, error = %e, "could not read a changed table");
             }
         }
@@ -301,8 +312,14 @@ async fn open(
     Ok((client, lost))
 }
 
-async fn notify(c: &Client, table: &str) -> Result<(), StoreError> {
-    c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &table])
+/// Tells every replica that `table` changed: the row `key`, or any rows.
+/// The payload is `table` or `table<TAB>key`.
+async fn notify(c: &Client, table: &str, key: Option<&str>) -> Result<(), StoreError> {
+    let payload = match key {
+        Some(k) => format!("{table}\t{k}"),
+        None => table.to_string(),
+    };
+    c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
         .await
         .map_err(db)?;
     Ok(())
@@ -368,24 +385,66 @@ fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, 
     serde_json::from_value(v).map_err(|e| StoreError::Db(format!("a stored value: {e}")))
 }
 
-/// Reads one table into the cache.
-async fn reload(c: &Client, cache: &Mutex<Cache>, table: &str) -> Result<(), StoreError> {
-    let rows = match table {
-        "nodes" => "SELECT node_id, public_key, binding, bound_at, org FROM nodes",
-        "orgs" => "SELECT name, created_at FROM orgs",
-        "registration_keys" => "SELECT id, org, hash, created_at FROM registration_keys",
-        "operator_tokens" => "SELECT id, org, hash, created_at, expires FROM operator_tokens",
-        "previews" => "SELECT grant_ FROM previews",
-        "mcp_nodes" => "SELECT node_id FROM mcp_nodes",
-        "mcp_tokens" => "SELECT token FROM mcp_tokens",
-        "desired_configs" => "SELECT node_id, config FROM desired_configs",
-        _ => return Ok(()),
+/// The query that reads a table for the cache, and its key column.
+fn select(table: &str) -> Option<(&'static str, &'static str)> {
+    Some(match table {
+        "nodes" => (
+            "SELECT node_id, public_key, binding, bound_at, org FROM nodes",
+            "node_id",
+        ),
+        "orgs" => ("SELECT name, created_at FROM orgs", "name"),
+        "registration_keys" => (
+            "SELECT id, org, hash, created_at FROM registration_keys",
+            "id",
+        ),
+        "operator_tokens" => (
+            "SELECT id, org, hash, created_at, expires FROM operator_tokens",
+            "id",
+        ),
+        "previews" => ("SELECT id, grant_ FROM previews", "id"),
+        "mcp_nodes" => ("SELECT node_id FROM mcp_nodes", "node_id"),
+        "mcp_tokens" => ("SELECT id, token FROM mcp_tokens", "id"),
+        "desired_configs" => ("SELECT node_id, config FROM desired_configs", "node_id"),
+        _ => return None,
+    })
+}
+
+/// Puts what was read into one of the cache's maps: the row `key` (gone
+/// if nothing was read), or the whole table.
+fn put<V>(map: &mut BTreeMap<String, V>, key: Option<&str>, rows: Vec<(String, V)>) {
+    match key {
+        Some(k) => {
+            map.remove(k);
+        }
+        None => map.clear(),
+    }
+    map.extend(rows);
+}
+
+/// Reads one row (`key`) or all of a table into the cache: a write
+/// notifies the row it changed, so a replica with many nodes reads one row
+/// per registration, not every node.
+async fn reload(
+    c: &Client,
+    cache: &Mutex<Cache>,
+    table: &str,
+    key: Option<&str>,
+) -> Result<(), StoreError> {
+    let Some((sql, key_column)) = select(table) else {
+        return Ok(());
     };
-    let rows = c.query(rows, &[]).await.map_err(db)?;
+    let rows = match key {
+        Some(k) => {
+            let sql = format!("{sql} WHERE {key_column} = $1");
+            c.query(&sql, &[&k]).await.map_err(db)?
+        }
+        None => c.query(sql, &[]).await.map_err(db)?,
+    };
+    let text = |r: &tokio_postgres::Row, i: usize| -> String { r.get(i) };
     let mut cache = cache.lock().unwrap();
     match table {
         "nodes" => {
-            cache.nodes = rows
+            let rows = rows
                 .iter()
                 .map(|r| {
                     let identity = NodeIdentity {
@@ -394,12 +453,13 @@ async fn reload(c: &Client, cache: &Mutex<Cache>, table: &str) -> Result<(), Sto
                         bound_at: r.get(3),
                         org: r.get(4),
                     };
-                    (r.get(0), identity)
+                    (text(r, 0), identity)
                 })
                 .collect();
+            put(&mut cache.nodes, key, rows);
         }
         "orgs" => {
-            cache.orgs = rows
+            let rows = rows
                 .iter()
                 .map(|r| {
                     let org = Organization {
@@ -409,9 +469,10 @@ async fn reload(c: &Client, cache: &Mutex<Cache>, table: &str) -> Result<(), Sto
                     (org.name.clone(), org)
                 })
                 .collect();
+            put(&mut cache.orgs, key, rows);
         }
         "registration_keys" => {
-            cache.registration_keys = rows
+            let rows = rows
                 .iter()
                 .map(|r| {
                     let k = RegistrationKey {
@@ -423,9 +484,10 @@ async fn reload(c: &Client, cache: &Mutex<Cache>, table: &str) -> Result<(), Sto
                     (k.id.clone(), k)
                 })
                 .collect();
+            put(&mut cache.registration_keys, key, rows);
         }
         "operator_tokens" => {
-            cache.operator_tokens = rows
+            let rows = rows
                 .iter()
                 .map(|r| {
                     let t = OperatorToken {
@@ -438,30 +500,37 @@ async fn reload(c: &Client, cache: &Mutex<Cache>, table: &str) -> Result<(), Sto
                     (t.id.clone(), t)
                 })
                 .collect();
+            put(&mut cache.operator_tokens, key, rows);
         }
         "previews" => {
-            let mut m = BTreeMap::new();
-            for r in &rows {
-                let g: PreviewGrant = from_json(r.get(0))?;
-                m.insert(g.id.clone(), g);
-            }
-            cache.previews = m;
+            let rows = rows
+                .iter()
+                .map(|r| Ok((text(r, 0), from_json(r.get(1))?)))
+                .collect::<Result<_, StoreError>>()?;
+            put(&mut cache.previews, key, rows);
         }
-        "mcp_nodes" => cache.mcp_nodes = rows.iter().map(|r| r.get(0)).collect(),
-        "mcp_tokens" => {
-            let mut m = BTreeMap::new();
-            for r in &rows {
-                let t: McpToken = from_json(r.get(0))?;
-                m.insert(t.id.clone(), t);
+        "mcp_nodes" => {
+            match key {
+                Some(k) => {
+                    cache.mcp_nodes.remove(k);
+                }
+                None => cache.mcp_nodes.clear(),
             }
-            cache.mcp_tokens = m;
+            cache.mcp_nodes.extend(rows.iter().map(|r| text(r, 0)));
+        }
+        "mcp_tokens" => {
+            let rows = rows
+                .iter()
+                .map(|r| Ok((text(r, 0), from_json(r.get(1))?)))
+                .collect::<Result<_, StoreError>>()?;
+            put(&mut cache.mcp_tokens, key, rows);
         }
         "desired_configs" => {
-            let mut m = BTreeMap::new();
-            for r in &rows {
-                m.insert(r.get(0), from_json(r.get(1))?);
-            }
-            cache.desired_configs = m;
+            let rows = rows
+                .iter()
+                .map(|r| Ok((text(r, 0), from_json(r.get(1))?)))
+                .collect::<Result<_, StoreError>>()?;
+            put(&mut cache.desired_configs, key, rows);
         }
         _ => {}
     }

@@ -17,6 +17,14 @@ pub struct AgentArgs {
     /// Server base URL (http:// or https://) [file: orchestrator.url].
     #[arg(long, env = "TETHER_SERVER")]
     pub server: Option<url::Url>,
+    /// Another replica of the server, tried in turn after --server when a
+    /// connection fails or is lost (repeat, or a comma-separated list).
+    #[arg(
+        long = "also-server",
+        env = "TETHER_ALSO_SERVERS",
+        value_delimiter = ','
+    )]
+    pub also_servers: Vec<url::Url>,
     /// Registration key (prefer --psk-file: environment variables show in `docker inspect`).
     #[arg(long, env = "TETHER_PSK", hide_env_values = true)]
     pub psk: Option<String>,
@@ -468,6 +476,7 @@ fn merge(
         .or_else(|| file.as_ref().map(|f| PathBuf::from(&f.storage.state_dir)))
         .unwrap_or_else(|| PathBuf::from("/var/lib/tether"));
     let mut cfg = crate::agent::AgentConfig::new(server, psk, node_id, state_dir);
+    cfg.other_servers = a.also_servers;
     cfg.docker_socket = a.docker_socket;
     cfg.subnet_pool = a.subnet_pool;
     cfg.subnet_prefix = a.subnet_prefix;
@@ -688,12 +697,15 @@ mod tests {
             };
             let a = args(&[
                 "--server=https://flag.example",
+                "--also-server=https://b.example,https://c.example",
                 "--node-id=from-flag",
                 "--psk-file=/keys/psk",
                 "--heartbeat-timeout=1",
             ]);
             let (cfg, _) = merge(a, Some(file), &outside(&env, &read)).unwrap();
             assert_eq!(cfg.server.as_str(), "https://flag.example/");
+            let others: Vec<&str> = cfg.other_servers.iter().map(|u| u.as_str()).collect();
+            assert_eq!(others, ["https://b.example/", "https://c.example/"]);
             assert_eq!(cfg.node_id, "from-flag");
             assert_eq!(cfg.psk, "from-the-key-file-0123");
             assert_eq!(cfg.heartbeat_timeout.as_secs(), 2, "at least 2 s");

@@ -540,3 +540,37 @@ async fn a_replica_carries_on_when_the_database_comes_back() {
     assert_eq!(pg.query("tether_restart", "SELECT count(*) FROM orgs"), "2");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_given_several_replicas_moves_to_the_next_when_one_stops() {
+    let pg = Postgres::start();
+    let db = pg.database("tether_list");
+    let a = replica(&db).await;
+    let b = replica(&db).await;
+    let node = unique("test");
+    let _cleanup = NodeGuard(node.clone());
+    let mut cfg = a.agent_config(&node);
+    // A dead address first: the agent goes on to the next.
+    cfg.server = format!("http://127.0.0.1:{}", free_port()).parse().unwrap();
+    cfg.other_servers = vec![a.url.parse().unwrap(), b.url.parse().unwrap()];
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(tether::agent::run(cfg, stop.clone()));
+    a.wait_status(&node, "online").await;
+    let t0 = Instant::now();
+    a.stop().await;
+    b.wait_status(&node, "online").await;
+    eprintln!(
+        "online at the next replica {:?} after the first stopped",
+        t0.elapsed()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    let img = image();
+    let w = b
+        .ctl_ok(&["spawn", "--image", &img, "--", "sleep", "60"])
+        .await
+        .trim()
+        .to_string();
+    b.ctl_ok(&["rm", "-f", &w]).await;
+    stop.cancel();
+    b.stop().await;
+}

@@ -37,6 +37,9 @@ const RESTART_SPREAD_MS: u64 = 3000;
 pub struct AgentConfig {
     /// Base URL of the server (`http://` or `https://`).
     pub server: url::Url,
+    /// Other replicas of the server, tried in turn after `server` when a
+    /// connection fails or is lost (replicas sharing one database).
+    pub other_servers: Vec<url::Url>,
     /// Registration pre-shared key.
     pub psk: String,
     pub node_id: String,
@@ -93,6 +96,7 @@ impl AgentConfig {
         };
         AgentConfig {
             server,
+            other_servers: Vec::new(),
             psk,
             node_id,
             docker_socket: None,
@@ -206,10 +210,12 @@ impl Ctx {
 
 /// Runs the agent until `shutdown` fires or a permanent error occurs.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
-    if !matches!(cfg.server.scheme(), "http" | "https") {
+    if let Some(u) = std::iter::once(&cfg.server)
+        .chain(&cfg.other_servers)
+        .find(|u| !matches!(u.scheme(), "http" | "https"))
+    {
         return Err(AgentError::Config(format!(
-            "server URL must be http:// or https://, got {}",
-            cfg.server
+            "server URL must be http:// or https://, got {u}"
         )));
     }
     let pool = SubnetPool::new(cfg.subnet_pool, cfg.subnet_prefix).map_err(AgentError::Config)?;
@@ -357,13 +363,29 @@ async fn reconnect(
             .build()
     };
     let mut backoff = new_backoff();
+    // The servers in turn: after a failure or a loss, the next one.
+    let servers: Vec<url::Url> = std::iter::once(cfg.server.clone())
+        .chain(cfg.other_servers.iter().cloned())
+        .collect();
+    let mut cur = cfg.clone();
+    let mut at = 0;
     loop {
         let started = Instant::now();
-        let result = connect_and_serve(cfg, ctx, key, &mut token, &token_path, shutdown).await;
+        let result = connect_and_serve(&cur, ctx, key, &mut token, &token_path, shutdown).await;
         match &result {
             Ok(()) => return Ok(()),
             Err(e) if e.is_permanent() => return result,
-            Err(e) => warn!(node_id = %cfg.node_id, error = %e, "disconnected; will reconnect"),
+            Err(e) => {
+                warn!(node_id = %cfg.node_id, server = %cur.server, error = %e, "disconnected; will reconnect")
+            }
+        }
+        if servers.len() > 1 {
+            at = (at + 1) % servers.len();
+            cur.server = servers[at].clone();
+            if at != 0 {
+                // Another replica of the same server: no reason to wait.
+                continue;
+            }
         }
         if started.elapsed() > Duration::from_secs(60) {
             backoff = new_backoff(); // the link was stable: start over from short delays

@@ -297,6 +297,49 @@ async fn an_operator_at_any_replica_reaches_a_node_another_holds() {
         .await;
     assert_eq!(sha256(&std::fs::read(&back).unwrap()), sha256(&data));
 
+    // A deployment made, listed, shown, followed into and taken down
+    // through B.
+    let name = unique("fwd");
+    let compose = b.state_path("app.yaml");
+    std::fs::write(
+        &compose,
+        format!("services:\n  web:\n    image: {img}\n    command: [\"sleep\", \"3600\"]\n"),
+    )
+    .unwrap();
+    let up: serde_json::Value = serde_json::from_str(
+        &b.ctl_ok(&[
+            "deploy",
+            "up",
+            "-f",
+            compose.to_str().unwrap(),
+            "--name",
+            &name,
+            "--json",
+        ])
+        .await,
+    )
+    .unwrap();
+    assert_eq!(up["node_id"], node.as_str(), "{up}");
+    let listed = b.ctl_ok(&["deploy", "ls"]).await;
+    assert!(listed.contains(&name), "{listed}");
+    let shown = b.ctl_ok(&["deploy", "inspect", &name]).await;
+    assert!(shown.contains("\"web\""), "{shown}");
+    let out = b
+        .ctl(&["exec", &format!("{name}/web"), "--", "echo", "through-b"])
+        .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "through-b\n");
+    b.ctl_ok(&["deploy", "down", &name]).await;
+    assert_eq!(
+        docker(&[
+            "ps",
+            "-a",
+            "-q",
+            "--filter",
+            &format!("label=tether.deployment={name}")
+        ]),
+        ""
+    );
+
     // Node routes through B too.
     let detail: serde_json::Value =
         serde_json::from_str(&b.ctl_ok(&["node", "inspect", &node]).await).unwrap();

@@ -37,6 +37,27 @@ pub(super) async fn worker_route(
     }
 }
 
+/// Deployment routes: a deployment this replica does not know is looked
+/// for at the others.
+pub(super) async fn deployment_route(
+    State(app): State<Arc<AppState>>,
+    Path(p): PathParams,
+    req: Request,
+    next: Next,
+) -> Response {
+    let name = p.get("name").cloned().unwrap_or_default();
+    let Some(replica) = app.replica.as_ref() else {
+        return next.run(req).await;
+    };
+    if forwarded(&req) || app.hub.deployment_org(&name).is_some() {
+        return next.run(req).await;
+    }
+    match holder_of(&app, replica, "deployment", &name).await {
+        Some(url) => proxy(&app, replica, &url, req).await,
+        None => next.run(req).await,
+    }
+}
+
 /// Node routes: a node online at another replica is that replica's.
 pub(super) async fn node_route(
     State(app): State<Arc<AppState>>,
@@ -73,10 +94,12 @@ pub(super) async fn collection_route(
     req: Request,
     next: Next,
 ) -> Response {
-    if req.method() == axum::http::Method::POST {
-        spawn_route(app, req, next).await
-    } else {
+    if req.method() != axum::http::Method::POST {
         list_route(app, req, next).await
+    } else if req.uri().path().ends_with("/deployments") {
+        up_route(app, req, next).await
+    } else {
+        spawn_route(app, req, next).await
     }
 }
 
@@ -137,7 +160,55 @@ pub(super) async fn spawn_route(
     local
 }
 
-/// `GET /api/v1/nodes` and `GET /api/v1/workers`: this replica's part and
+/// `POST /api/v1/deployments`: a deployment another replica holds is
+/// converged there; a new one is placed here if this replica holds a node
+/// for it, else at the first other replica that does.
+async fn up_route(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(replica) = app.replica.as_ref() else {
+        return next.run(req).await;
+    };
+    if forwarded(&req) {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_JSON_BODY).await else {
+        return error_response(ErrorBody::new(
+            ErrorCode::TooLarge,
+            "request body too large",
+        ));
+    };
+    let again = |b: &bytes::Bytes| Request::from_parts(parts.clone(), Body::from(b.clone()));
+    // The name, as the server reads it: the request's, else the file's.
+    let name = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| {
+            v["name"].as_str().map(String::from).or_else(|| {
+                let compose = v["compose"].as_str()?;
+                crate::server::compose::parse(compose, None, None)
+                    .ok()
+                    .map(|d| d.deployment)
+            })
+        });
+    if let Some(name) = &name
+        && app.hub.deployment_org(name).is_none()
+        && let Some(url) = holder_of(&app, replica, "deployment", name).await
+    {
+        return proxy(&app, replica, &url, again(&bytes)).await;
+    }
+    let local = next.run(again(&bytes)).await;
+    if local.status() != StatusCode::SERVICE_UNAVAILABLE {
+        return local;
+    }
+    for (_, url) in peers(&app, replica).await {
+        let r = proxy(&app, replica, &url, again(&bytes)).await;
+        if r.status() != StatusCode::SERVICE_UNAVAILABLE {
+            return r;
+        }
+    }
+    local
+}
+
+/// `GET /api/v1/nodes`, `/workers` and `/deployments`: this replica's part and
 /// every other's, each entry once (a replica's own part: what it holds
 /// online; an entry another replica holds wins over a stale one here).
 pub(super) async fn list_route(
@@ -148,8 +219,11 @@ pub(super) async fn list_route(
     let Some(replica) = app.replica.as_ref() else {
         return next.run(req).await;
     };
-    let (key, id_field) = if req.uri().path().ends_with("/nodes") {
+    let path = req.uri().path();
+    let (key, id_field) = if path.ends_with("/nodes") {
         ("nodes", "node_id")
+    } else if path.ends_with("/deployments") {
+        ("deployments", "deployment")
     } else {
         ("workers", "worker_id")
     };
@@ -250,6 +324,7 @@ async fn holder_of(app: &AppState, replica: &Replica, what: &str, id: &str) -> O
 pub(super) struct HoldsQuery {
     worker: Option<String>,
     node: Option<String>,
+    deployment: Option<String>,
 }
 
 /// `GET /internal/v1/holds?worker=ID|node=ID`, asked by other replicas
@@ -271,10 +346,15 @@ pub(super) async fn holds(
             .node_info(n)
             .is_ok_and(|n| n.status != operator::NodeState::Offline)
     };
-    let holds = match (q.worker, q.node) {
-        (Some(w), _) => app.hub.worker(&w).is_ok_and(|w| online(&w.node_id)),
-        (None, Some(n)) => online(&n),
-        (None, None) => false,
+    let holds = match (q.worker, q.node, q.deployment) {
+        (Some(w), _, _) => app.hub.worker(&w).is_ok_and(|w| online(&w.node_id)),
+        (None, Some(n), _) => online(&n),
+        (None, None, Some(d)) => app
+            .hub
+            .deployments()
+            .iter()
+            .any(|s| s.deployment == d && online(&s.node_id)),
+        (None, None, None) => false,
     };
     Ok(Json(json!({ "holds": holds })))
 }

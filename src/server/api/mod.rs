@@ -126,12 +126,20 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             deployment_scope,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            forward::deployment_route,
         ));
     // Replicas: lists gather every replica's part; a spawn goes where a
     // node for it is held.
     let collections = Router::new()
         .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/workers", get(workers).post(spawn))
+        .route(
+            "/api/v1/deployments",
+            get(deployments::list).post(deployments::up),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             forward::collection_route,
@@ -148,10 +156,6 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
             axum::routing::delete(preview::revoke),
         )
         .route("/api/v1/audit", get(audit))
-        .route(
-            "/api/v1/deployments",
-            get(deployments::list).post(deployments::up),
-        )
         .route("/api/v1/mcp/nodes", get(mcp::list))
         .route(
             "/api/v1/mcp/tokens",

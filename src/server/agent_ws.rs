@@ -25,7 +25,7 @@ pub(super) async fn connect(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let (node_id, token_exp, binding) = match authenticate(&app, &headers) {
+    let (node_id, token_exp, binding) = match authenticate(&app, &headers).await {
         Ok(c) => (c.node_id, c.exp, c.binding),
         Err(e) => {
             warn!(error = %e, "agent connection refused");
@@ -62,24 +62,38 @@ pub(super) async fn connect(
 /// A connection must show a valid token whose identity binding is still
 /// current (not forgotten, not re-bound), and a fresh proof made with the
 /// node's bound key: a copied token alone is not enough.
-fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<super::auth::NodeClaims, ErrorBody> {
+async fn authenticate(
+    app: &Arc<AppState>,
+    headers: &HeaderMap,
+) -> Result<super::auth::NodeClaims, ErrorBody> {
     let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
     let token = super::auth::bearer(auth)
         .ok_or_else(|| ErrorBody::new(ErrorCode::Unauthorized, "missing node token"))?;
     let claims = app.signer.verify(token)?;
-    let identity = app
-        .store
-        .node_identity(&claims.node_id)
-        .filter(|i| super::auth::secret_eq(&i.binding, &claims.binding))
-        .ok_or_else(|| {
-            ErrorBody::new(
-                ErrorCode::Unauthorized,
-                format!(
-                    "node token of {} was revoked (node removed or bound to another key)",
-                    claims.node_id
-                ),
-            )
-        })?;
+    let bound = |i: &crate::server::store::NodeIdentity| {
+        super::auth::secret_eq(&i.binding, &claims.binding)
+    };
+    let mut identity = app.store.node_identity(&claims.node_id).filter(bound);
+    if identity.is_none() {
+        // Another replica may have bound the node a moment ago: its
+        // notification can trail the agent, so ask the store itself. Only
+        // a token with a good signature gets this far.
+        let (store, node) = (app.store.clone(), claims.node_id.clone());
+        identity = tokio::task::spawn_blocking(move || store.refresh_node(&node))
+            .await
+            .ok()
+            .flatten()
+            .filter(bound);
+    }
+    let identity = identity.ok_or_else(|| {
+        ErrorBody::new(
+            ErrorCode::Unauthorized,
+            format!(
+                "node token of {} was revoked (node removed or bound to another key)",
+                claims.node_id
+            ),
+        )
+    })?;
     let proof = headers
         .get(crate::protocol::PROOF_HEADER)
         .and_then(|v| v.to_str().ok());

@@ -300,15 +300,27 @@ async fn peers(app: &AppState, replica: &Replica) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
+/// How long a replica waits for another's answer to "do you hold it?".
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The replica that holds `what` (`worker` or `node`) `id`: each other
 /// replica is asked at once; the first that holds it answers.
 async fn holder_of(app: &AppState, replica: &Replica, what: &str, id: &str) -> Option<String> {
     let asks = peers(app, replica).await.into_iter().map(|(_, url)| {
         let http = replica.http.clone();
         let key = replica.key.clone();
-        let q = format!("{url}/internal/v1/holds?{what}={id}");
+        let q = format!("{url}/internal/v1/holds");
+        let what = [(what.to_string(), id.to_string())];
         async move {
-            let r = http.get(&q).bearer_auth(key).send().await.ok()?;
+            // A replica that does not answer soon is taken not to hold it.
+            let r = http
+                .get(&q)
+                .query(&what)
+                .bearer_auth(key)
+                .timeout(PROBE_TIMEOUT)
+                .send()
+                .await
+                .ok()?;
             let v: serde_json::Value = r.json().await.ok()?;
             (v["holds"] == true).then_some(url)
         }
@@ -375,9 +387,11 @@ async fn proxy(app: &AppState, replica: &Replica, url: &str, mut req: Request) -
         return unreachable("bad replica URL".into());
     };
     let addr = format!("{host}:{}", base.port_or_known_default().unwrap_or(80));
-    let tcp = match tokio::net::TcpStream::connect(&addr).await {
-        Ok(s) => s,
-        Err(e) => return unreachable(e.to_string()),
+    let tcp = match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(&addr)).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return unreachable(e.to_string()),
+        Err(_) => return unreachable("no connection within 2 s".into()),
     };
     let _ = tcp.set_nodelay(true);
     if let Ok(v) = HeaderValue::from_str(&replica.id) {

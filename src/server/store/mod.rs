@@ -105,6 +105,11 @@ pub trait Store: Send + Sync + 'static {
         public_key: &str,
         org: &str,
     ) -> Result<NodeIdentity, StoreError>;
+    /// The node's identity read from the store itself: a replica's copy
+    /// may trail a binding another replica made a moment ago.
+    fn refresh_node(&self, node_id: &str) -> Option<NodeIdentity> {
+        self.node_identity(node_id)
+    }
     /// Forgets a node's binding; true if there was one.
     fn forget_node(&self, node_id: &str) -> Result<bool, StoreError>;
     /// Whether `binding` is still the node's binding (checked on every

@@ -597,6 +597,16 @@ impl Store for PgStore {
         }
     }
 
+    fn refresh_node(&self, node_id: &str) -> Option<NodeIdentity> {
+        let (cache, node) = (self.cache.clone(), node_id.to_string());
+        let read = self
+            .run(move |c| Box::pin(async move { reload(&c, &cache, "nodes", Some(&node)).await }));
+        if let Err(e) = read {
+            tracing::warn!(error = %e, "could not read a node's identity");
+        }
+        self.node_identity(node_id)
+    }
+
     fn forget_node(&self, node_id: &str) -> Result<bool, StoreError> {
         self.write(
             "desired_configs",

@@ -617,3 +617,258 @@ async fn an_agent_given_several_replicas_moves_to_the_next_when_one_stops() {
     stop.cancel();
     b.stop().await;
 }
+
+/// HAProxy in front of `replicas` on a free port: its address. None (and
+/// the test skipped) without haproxy, except under CI, where it must be.
+fn haproxy(dir: &std::path::Path, replicas: &[u16]) -> Option<(tokio::process::Child, u16)> {
+    let bin = ["/usr/sbin/haproxy", "haproxy"].into_iter().find(|b| {
+        std::process::Command::new(b)
+            .arg("-v")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let Some(bin) = bin else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "haproxy is missing (scripts/install-haproxy.sh installs it)"
+        );
+        eprintln!("skipped: no haproxy (scripts/install-haproxy.sh installs it)");
+        return None;
+    };
+    let port = free_port();
+    let servers: String = replicas
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("    server r{i} 127.0.0.1:{p} check inter 300ms fall 1 rise 1\n"))
+        .collect();
+    // As docs/operations.md says, with quick checks for the test.
+    let cfg = format!(
+        "global\n    maxconn 4096\n\
+         defaults\n    mode http\n    timeout connect 2s\n    timeout client 1h\n    timeout server 1h\n    timeout tunnel 1h\n    retries 3\n    option redispatch\n\
+         frontend tether\n    bind 127.0.0.1:{port}\n    default_backend replicas\n\
+         backend replicas\n    balance roundrobin\n    option httpchk GET /healthz\n{servers}"
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, cfg).unwrap();
+    let child = tokio::process::Command::new(bin)
+        .arg("-db")
+        .arg("-f")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    Some((child, port))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_behind_haproxy_serve_twenty_agents_and_survive_a_kill() {
+    use sha2::Digest;
+    use tokio::io::AsyncReadExt;
+    ensure_image();
+    tether::init_crypto();
+    let pg = Postgres::start();
+    let db = pg.database("tether_haproxy");
+    let dir = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port(), free_port()];
+    let mut procs: Vec<_> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| replica_process(*p, &dir.path().join(format!("r{i}")), &db))
+        .collect();
+    let Some((_lb, lb_port)) = haproxy(dir.path(), &ports) else {
+        return;
+    };
+    let lb = format!("http://127.0.0.1:{lb_port}");
+    let direct = |i: usize| format!("http://127.0.0.1:{}", ports[i]);
+    let token_file = dir.path().join("r0/admin.token");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(0..3).all(|i| dir.path().join(format!("r{i}/admin.token")).exists()) {
+        assert!(Instant::now() < deadline, "replicas did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let ctl = |url: &str, token: &str, args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .arg("ctl")
+            .args(args)
+            .env("TETHER_SERVER", url)
+            .env("TETHER_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+
+    // Twenty agents through the balancer.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut guards = Vec::new();
+    let mut nodes = Vec::new();
+    for _ in 0..20 {
+        let node = unique("test");
+        guards.push(NodeGuard(node.clone()));
+        let mut cfg = tether::agent::AgentConfig::new(
+            lb.parse().unwrap(),
+            PSK.into(),
+            node.clone(),
+            dir.path().join(&node),
+        );
+        cfg.heartbeat_timeout = Duration::from_secs(6);
+        tokio::spawn(tether::agent::run(cfg, stop.clone()));
+        nodes.push(node);
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let out = String::from_utf8_lossy(&ctl(&lb, &token, &["nodes"]).stdout).to_string();
+        let online = out.lines().filter(|l| l.contains("online")).count();
+        if online == 20 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{online} of 20 agents online:\n{out}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // A node replica 3 holds (the balancer spread the agents).
+    let held_by_3 = |pg: &Postgres| {
+        pg.query(
+            "tether_haproxy",
+            &format!(
+                "SELECT h.node_id FROM node_holders h JOIN replicas r ON r.id = h.replica_id \
+                 WHERE r.url = '{}' AND h.held_until > now() ORDER BY 1 LIMIT 1",
+                direct(2)
+            ),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let node = loop {
+        let n = held_by_3(&pg);
+        if !n.is_empty() {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "replica 3 holds no agent");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(nodes.contains(&node));
+
+    // Through replica 1 to that node: spawn, exec with 1 MB in, hashed.
+    let img = image();
+    let out = ctl(
+        &direct(0),
+        &token,
+        &[
+            "spawn", "--node", &node, "--image", &img, "--", "sleep", "3600",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let w = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let input: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["ctl", "exec", "-i", &w, "--", "sha256sum"])
+        .env("TETHER_SERVER", direct(0))
+        .env("TETHER_TOKEN", &token)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut si = child.stdin.take().unwrap();
+        si.write_all(&input).await.unwrap();
+    }
+    let out = child.wait_with_output().await.unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&sha256(&input)));
+
+    // Replica 3 killed with -9 while 10 MB come through replica 1: the
+    // agent moves through the balancer, the exec re-attaches, every byte
+    // arrives once and the exit code is kept.
+    const SIZE: u64 = 10_000_000;
+    let cmd = format!(
+        "head -c {SIZE} /dev/urandom > /tmp/s.bin && sha256sum /tmp/s.bin > /tmp/s.sha && cat /tmp/s.bin; exit 3"
+    );
+    let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["ctl", "exec", &w, "--", "sh", "-c", &cmd])
+        .env("TETHER_SERVER", direct(0))
+        .env("TETHER_TOKEN", &token)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = client.stdout.take().unwrap();
+    let mut hasher = sha2::Sha256::new();
+    let (mut total, mut killed) = (0u64, false);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(90), stdout.read(&mut buf))
+            .await
+            .expect("output resumes after the kill")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+        if total >= SIZE / 4 && !killed {
+            procs[2].start_kill().unwrap();
+            procs[2].wait().await.unwrap();
+            killed = true;
+        }
+    }
+    assert!(killed);
+    assert_eq!(client.wait().await.unwrap().code(), Some(3));
+    assert_eq!(total, SIZE, "bytes lost or duplicated");
+    let out = ctl(&lb, &token, &["exec", &w, "--", "cat", "/tmp/s.sha"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next(),
+        Some(hex::encode(hasher.finalize()).as_str())
+    );
+    // Every agent is back, through the two replicas left.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = String::from_utf8_lossy(&ctl(&lb, &token, &["nodes"]).stdout).to_string();
+        if out.lines().filter(|l| l.contains("online")).count() == 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "agents not all back:\n{out}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // A token revoked at one replica is refused at every other.
+    let t = {
+        let _ = ctl(&direct(0), &token, &["org", "create", "acme"]);
+        let out = ctl(&direct(0), &token, &["token", "create", "--org", "acme"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let id = String::from_utf8_lossy(&ctl(&direct(1), &token, &["token", "ls"]).stdout)
+        .split('\t')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(ctl(&direct(1), &t, &["ps"]).status.success());
+    assert!(
+        ctl(&direct(1), &token, &["token", "revoke", &id])
+            .status
+            .success()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in [0, 1] {
+        let out = ctl(&direct(i), &t, &["ps"]);
+        assert!(
+            !out.status.success(),
+            "replica {i} still takes a revoked token"
+        );
+    }
+    let _ = ctl(&lb, &token, &["rm", "-f", &w]);
+    stop.cancel();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+}

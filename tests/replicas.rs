@@ -340,6 +340,41 @@ async fn an_operator_at_any_replica_reaches_a_node_another_holds() {
         ""
     );
 
+    // A path-based preview through B reaches the worker's port at A.
+    let web = b
+        .ctl_ok(&[
+            "spawn",
+            "--image",
+            &img,
+            "--",
+            "sh",
+            "-c",
+            "mkdir -p /w && echo served-at-a > /w/i.txt && exec httpd -f -p 8080 -h /w",
+        ])
+        .await
+        .trim()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = reqwest::Client::new()
+            .get(format!("{}/api/v1/workers/{web}/ports/8080/i.txt", b.url))
+            .bearer_auth(&b.token)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            assert_eq!(r.text().await.unwrap(), "served-at-a\n");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "preview through B: HTTP {}",
+            r.status()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    b.ctl_ok(&["rm", "-f", &web]).await;
+
     // Node routes through B too.
     let detail: serde_json::Value =
         serde_json::from_str(&b.ctl_ok(&["node", "inspect", &node]).await).unwrap();

@@ -187,7 +187,11 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
         .route(
             "/api/v1/workers/{id}/ports/{port}/{*rest}",
             any(preview::by_path),
-        );
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            forward::worker_route,
+        ));
     // The operator token or an MCP token.
     let mcp_endpoint = Router::new()
         .nest_service(

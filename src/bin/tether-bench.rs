@@ -39,7 +39,7 @@ use stats::Figure;
 use std::path::PathBuf;
 use std::time::Instant;
 
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "exec",
     "throughput",
     "files",
@@ -51,6 +51,7 @@ const SECTIONS: [&str; 11] = [
     "agent",
     "scale",
     "replicas",
+    "replica-scale",
 ];
 
 #[derive(Parser)]
@@ -75,7 +76,7 @@ struct Cli {
         default_value = "tether-test-busybox:latest"
     )]
     image: String,
-    /// Run only these sections (exec, throughput, files, spawn, concurrent, tunnel, mcp, agent, inference, replicas, scale).
+    /// Run only these sections (exec, throughput, files, spawn, concurrent, tunnel, mcp, agent, inference, replicas, replica-scale, scale).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Cap the number of simulated agents of the scale section.
@@ -264,6 +265,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         let t0 = Instant::now();
         let r = replicas::run(&scratch.0, &cli.image, p.rtt_n, p.rtt_warmup).await;
         out.section("replicas", t0, r);
+    }
+    if want("replica-scale") {
+        eprintln!("tether-bench: replica-scale ...");
+        let t0 = Instant::now();
+        let r = replicas::scale(
+            &p,
+            &cli.tether_bin,
+            &scratch.0,
+            &run_id,
+            cli.max_agents,
+            &mut out.notes,
+        )
+        .await;
+        out.section("replica-scale", t0, r);
     }
     if want("scale") {
         eprintln!("tether-bench: scale ...");

@@ -123,3 +123,151 @@ pub async fn run(dir: &Path, image: &str, n: usize, warmup: usize) -> anyhow::Re
     drop(pg);
     r
 }
+
+/// Many simulated agents across three replica processes on one PostgreSQL
+/// (`replica_scale_*`): memory per held agent and dispatch through each
+/// replica, then a reconnect storm: the replica holding a third of the
+/// agents is killed (-9); how long until every agent is online at the
+/// others, and dispatch through a survivor meanwhile.
+pub async fn scale(
+    p: &crate::figures::Params,
+    bin: &Path,
+    dir: &Path,
+    run: &str,
+    max_agents: Option<usize>,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Vec<Figure>> {
+    use crate::scale::{Fleet, dispatch, start_server_as};
+    use std::sync::atomic::Ordering;
+    let bin_pg =
+        std::env::var("TETHER_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    ensure!(
+        Path::new(&bin_pg).join("postgres").exists(),
+        "PostgreSQL is needed at {bin_pg} (set TETHER_PG_BIN)"
+    );
+    let pg = tokio::task::spawn_blocking(postgres::Postgres::start).await?;
+    let db = pg.database("tether_scale");
+    let psk = format!("bench-psk-{run}");
+    let mut servers = Vec::new();
+    for k in 0..3 {
+        servers.push(
+            start_server_as(
+                bin,
+                dir,
+                &psk,
+                &format!("replica-{k}"),
+                &["--database", &db],
+            )
+            .await?,
+        );
+    }
+    let mut target = max_agents.unwrap_or(if p.scale_steps.len() > 1 {
+        30_000
+    } else {
+        3_000
+    });
+    if let Some(limit) = crate::procfs::nofile_limit() {
+        let room = limit.saturating_sub(512) as usize;
+        if target > room {
+            notes.push(format!(
+                "replica scale: open-file limit {limit} allows about {room} agents; capped"
+            ));
+            target = room;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss0: Vec<u64> = servers
+        .iter()
+        .map(|s| crate::procfs::rss_kib(s.pid))
+        .collect::<anyhow::Result<_>>()?;
+    let mut fleet = Fleet::new(servers.iter().map(|s| s.port).collect(), &psk, run);
+    let r = async {
+        let t0 = Instant::now();
+        let err = fleet.grow(target).await;
+        let ramp = t0.elapsed();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let n = fleet.live.load(Ordering::SeqCst);
+        if let Some(e) = &err {
+            notes.push(format!("replica scale: aimed for {target}, {n} connected; first error: {e}"));
+        }
+        ensure!(n > 0, "no simulated agent connected: {}", err.unwrap_or_default());
+        notes.push(format!(
+            "replica scale: {n} agents across 3 replicas connected in {:.1} s",
+            ramp.as_secs_f64()
+        ));
+        let mut figs = vec![Figure::solo("replica_scale_agents", "agents", Some(n as f64))];
+        let samples = (p.dispatch_samples / 3).max(100);
+        for (k, s) in servers.iter().enumerate() {
+            let held = fleet.live_at[k].load(Ordering::SeqCst).max(1);
+            let rss = crate::procfs::rss_kib(s.pid)?;
+            let per = rss.saturating_sub(rss0[k]) as f64 * 1024.0 / 1000.0 / held as f64;
+            let lat = dispatch(&fleet.http, s.port, &s.admin, &fleet.workers, samples).await?;
+            figs.push(Figure::solo(
+                &format!("replica{k}_agents_held"),
+                "agents",
+                Some(held as f64),
+            ));
+            figs.push(Figure::solo(
+                &format!("replica{k}_rss_kb_per_held_agent"),
+                "KB",
+                Some(per),
+            ));
+            figs.push(Figure::solo(
+                &format!("replica{k}_dispatch_p99_ms"),
+                "ms",
+                p99(&lat),
+            ));
+        }
+        // The storm: replica 0 killed; its agents go on to the others.
+        let survivors: Vec<String> = fleet
+            .workers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 3 != 0)
+            .map(|(_, w)| w.clone())
+            .collect();
+        let before = fleet.live.load(Ordering::SeqCst);
+        let moving = fleet.live_at[0].load(Ordering::SeqCst);
+        let killed = Instant::now();
+        servers[0].child.start_kill()?;
+        let _ = servers[0].child.wait().await;
+        let (http, port, admin) = (&fleet.http, servers[1].port, servers[1].admin.clone());
+        let mut lat = Vec::new();
+        let mut back = None;
+        while killed.elapsed() < Duration::from_secs(60) {
+            if let Ok(l) = dispatch(http, port, &admin, &survivors, 20).await {
+                lat.extend(l);
+            }
+            // Back: none left on the dead replica, all online elsewhere.
+            if fleet.live_at[0].load(Ordering::SeqCst) == 0
+                && fleet.live.load(Ordering::SeqCst) >= before
+            {
+                back = Some(killed.elapsed());
+                break;
+            }
+        }
+        notes.push(format!(
+            "replica storm: the killed replica held {moving} agents; {} of {before} online after {:.1} s",
+            fleet.live.load(Ordering::SeqCst),
+            killed.elapsed().as_secs_f64()
+        ));
+        figs.push(Figure::solo(
+            "replica_storm_all_back_s",
+            "s",
+            back.map(|d| d.as_secs_f64()),
+        ));
+        figs.push(Figure::solo(
+            "replica_storm_dispatch_p99_ms",
+            "ms",
+            p99(&lat),
+        ));
+        Ok(figs)
+    }
+    .await;
+    fleet.shutdown().await;
+    for s in &mut servers {
+        let _ = s.child.kill().await;
+    }
+    drop(pg);
+    r
+}

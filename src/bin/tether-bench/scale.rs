@@ -34,25 +34,38 @@ const RAMP_CONCURRENCY: usize = 64;
 /// Source addresses the load generator spreads its connections over.
 const SOURCES: u8 = 8;
 
-struct ServerProc {
-    child: tokio::process::Child,
-    pid: u32,
-    port: u16,
-    admin: String,
+pub(crate) struct ServerProc {
+    pub(crate) child: tokio::process::Child,
+    pub(crate) pid: u32,
+    pub(crate) port: u16,
+    pub(crate) admin: String,
 }
 
 async fn start_server(bin: &Path, dir: &Path, psk: &str) -> anyhow::Result<ServerProc> {
+    start_server_as(bin, dir, psk, "server-proc", &[]).await
+}
+
+/// A server process named `name` (its state directory and log) with
+/// `extra` arguments.
+pub(crate) async fn start_server_as(
+    bin: &Path,
+    dir: &Path,
+    psk: &str,
+    name: &str,
+    extra: &[&str],
+) -> anyhow::Result<ServerProc> {
     // A separate process needs a fixed port: take a free one.
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let state = dir.join("server-proc");
-    let log = std::fs::File::create(dir.join("server-proc.log"))?;
+    let state = dir.join(name);
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let child = tokio::process::Command::new(bin)
         .args(["--log", "warn", "server", "--listen"])
         .arg(format!("127.0.0.1:{port}"))
         .arg("--state-dir")
         .arg(&state)
+        .args(extra)
         .env("TETHER_PSK", psk)
         .env_remove("TETHER_PSK_FILE")
         .stdin(std::process::Stdio::null())
@@ -75,7 +88,7 @@ async fn start_server(bin: &Path, dir: &Path, psk: &str) -> anyhow::Result<Serve
         }
         ensure!(
             Instant::now() < deadline,
-            "the server did not come up within 20 s (see server-proc.log)"
+            "the server did not come up within 20 s (see {name}.log)"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -91,17 +104,22 @@ async fn start_server(bin: &Path, dir: &Path, psk: &str) -> anyhow::Result<Serve
 }
 
 /// The simulated agents.
-struct Fleet {
-    port: u16,
+pub(crate) struct Fleet {
+    /// The servers (replicas) agent `i` starts at `ports[i % len]`; one
+    /// whose connection ends goes on to the next (a dead replica's agents
+    /// move to the others).
+    pub(crate) ports: Vec<u16>,
     psk: String,
     run: String,
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
     stop: CancellationToken,
     /// Connections currently up.
-    live: Arc<AtomicUsize>,
+    pub(crate) live: Arc<AtomicUsize>,
+    /// Connections currently up, by index in `ports`.
+    pub(crate) live_at: Arc<Vec<AtomicUsize>>,
     tasks: Vec<JoinHandle<()>>,
     /// Worker id of each agent, in order.
-    workers: Vec<String>,
+    pub(crate) workers: Vec<String>,
 }
 
 /// A fake worker, built from JSON so that fields added to `WorkerInfo`
@@ -120,11 +138,28 @@ fn fake_worker(node: &str, worker_id: &str) -> WorkerInfo {
 }
 
 impl Fleet {
-    /// Registers and connects agent `i`; returns its worker id and the task
-    /// that serves its connection.
+    pub(crate) fn new(ports: Vec<u16>, psk: &str, run: &str) -> Fleet {
+        let live_at = Arc::new(ports.iter().map(|_| AtomicUsize::new(0)).collect());
+        Fleet {
+            ports,
+            psk: psk.to_string(),
+            run: run.chars().rev().take(8).collect(),
+            http: tether::http_client(),
+            stop: CancellationToken::new(),
+            live: Arc::new(AtomicUsize::new(0)),
+            live_at,
+            tasks: Vec::new(),
+            workers: Vec::new(),
+        }
+    }
+
+    /// Registers agent `i` and connects it; returns its worker id and the
+    /// task that serves its connection (and makes it again elsewhere when
+    /// it ends).
     async fn connect(&self, i: usize) -> anyhow::Result<(String, JoinHandle<()>)> {
         let node = format!("test-bench-sim-{}-{i}", self.run);
-        let base = format!("http://127.0.0.1:{}", self.port);
+        let at = i % self.ports.len();
+        let base = format!("http://127.0.0.1:{}", self.ports[at]);
         let key = tether::agent::identity::NodeKey::generate();
         let resp = self
             .http
@@ -144,77 +179,30 @@ impl Fleet {
             resp.status()
         );
         let boot: Bootstrap = resp.json().await.context("bootstrap payload")?;
-
-        let src = Ipv4Addr::new(127, 0, 0, 2 + (i % SOURCES as usize) as u8);
-        let sock = TcpSocket::new_v4()?;
-        sock.bind(SocketAddr::new(src.into(), 0))
-            .with_context(|| format!("bind {src}"))?;
-        let dst: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        let stream = sock.connect(dst).await.context("connect")?;
-        stream.set_nodelay(true)?;
-        let mut req =
-            format!("ws://127.0.0.1:{}{AGENT_CONNECT_PATH}", self.port).into_client_request()?;
-        let h = req.headers_mut();
-        h.insert(
-            "authorization",
-            format!("Bearer {}", boot.auth.node_jwt).parse()?,
-        );
-        h.insert("sec-websocket-protocol", SUBPROTOCOL.parse()?);
-        h.insert(
-            PROOF_HEADER,
-            key.proof(ProofPurpose::Connect, &node).parse()?,
-        );
-        let cfg = WebSocketConfig::default()
-            .read_buffer_size(4096)
-            .write_buffer_size(0);
-        let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(cfg))
-            .await
-            .context("WebSocket handshake")?;
-
         let worker_id = format!("sim{}x{i}", self.run);
-        let worker = fake_worker(&node, &worker_id);
-        // From JSON too: later optional fields of `hello` need no change here.
-        let hello: Hello = serde_json::from_value(json!({
-            "versions": [PROTOCOL_VERSION],
-            "node_id": node,
-            "agent_version": "bench-simulated",
-            "inventory": [worker],
-        }))?;
-        let hello = Message::Hello(hello);
-        ws.send(WsMessage::text(hello.encode())).await?;
-        let welcome = tokio::time::timeout(Duration::from_secs(15), async {
-            loop {
-                match ws.next().await {
-                    Some(Ok(WsMessage::Text(t))) => return Ok(t.to_string()),
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => bail!("before welcome: {e}"),
-                    None => bail!("closed before welcome"),
-                }
-            }
-        })
-        .await
-        .context("no welcome within 15 s")??;
-        let interval = match Message::decode(&welcome) {
-            Ok(Message::Welcome(w)) => Duration::from_secs(w.heartbeat_interval_secs.max(1)),
-            other => bail!("expected welcome, got {other:?}"),
+        let sim = Sim {
+            i,
+            node,
+            key,
+            jwt: boot.auth.node_jwt,
+            worker: fake_worker_of(&worker_id, i, &self.run),
         };
-        // Spread the pings of the fleet over the interval.
-        let offset = Duration::from_millis((i as u64 * 7919) % interval.as_millis() as u64);
-        let payload = serde_json::to_value(&worker)?;
-        let task = tokio::spawn(serve(
+        let (ws, interval) = sim.open(self.ports[at]).await?;
+        let task = tokio::spawn(sim.run(
             ws,
-            payload,
             interval,
-            offset,
+            at,
+            self.ports.clone(),
             self.stop.clone(),
             self.live.clone(),
+            self.live_at.clone(),
         ));
         Ok((worker_id, task))
     }
 
     /// Brings the fleet up to `target` connected agents. Stops early after
     /// repeated failures; returns the first error if it did.
-    async fn grow(&mut self, target: usize) -> Option<String> {
+    pub(crate) async fn grow(&mut self, target: usize) -> Option<String> {
         let start = self.workers.len();
         let this = &*self;
         let mut attempts = futures_util::stream::iter(start..target)
@@ -243,7 +231,7 @@ impl Fleet {
         first_error
     }
 
-    async fn shutdown(&mut self) {
+    pub(crate) async fn shutdown(&mut self) {
         self.stop.cancel();
         for t in self.tasks.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
@@ -252,6 +240,118 @@ impl Fleet {
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+fn fake_worker_of(worker_id: &str, i: usize, run: &str) -> WorkerInfo {
+    fake_worker(&format!("test-bench-sim-{run}-{i}"), worker_id)
+}
+
+/// One simulated agent: its identity, token and worker.
+struct Sim {
+    i: usize,
+    node: String,
+    key: tether::agent::identity::NodeKey,
+    jwt: String,
+    worker: WorkerInfo,
+}
+
+impl Sim {
+    /// Opens the agent WebSocket at `port`, says `hello`, reads `welcome`:
+    /// the socket and the heartbeat interval.
+    async fn open(&self, port: u16) -> anyhow::Result<(Ws, Duration)> {
+        let src = Ipv4Addr::new(127, 0, 0, 2 + (self.i % SOURCES as usize) as u8);
+        let sock = TcpSocket::new_v4()?;
+        sock.bind(SocketAddr::new(src.into(), 0))
+            .with_context(|| format!("bind {src}"))?;
+        let dst: SocketAddr = ([127, 0, 0, 1], port).into();
+        let stream = sock.connect(dst).await.context("connect")?;
+        stream.set_nodelay(true)?;
+        let mut req = format!("ws://127.0.0.1:{port}{AGENT_CONNECT_PATH}").into_client_request()?;
+        let h = req.headers_mut();
+        h.insert("authorization", format!("Bearer {}", self.jwt).parse()?);
+        h.insert("sec-websocket-protocol", SUBPROTOCOL.parse()?);
+        h.insert(
+            PROOF_HEADER,
+            self.key.proof(ProofPurpose::Connect, &self.node).parse()?,
+        );
+        let cfg = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0);
+        let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(cfg))
+            .await
+            .context("WebSocket handshake")?;
+        // From JSON too: later optional fields of `hello` need no change here.
+        let hello: Hello = serde_json::from_value(json!({
+            "versions": [PROTOCOL_VERSION],
+            "node_id": self.node,
+            "agent_version": "bench-simulated",
+            "inventory": [self.worker],
+        }))?;
+        ws.send(WsMessage::text(Message::Hello(hello).encode()))
+            .await?;
+        let welcome = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(WsMessage::Text(t))) => return Ok(t.to_string()),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => bail!("before welcome: {e}"),
+                    None => bail!("closed before welcome"),
+                }
+            }
+        })
+        .await
+        .context("no welcome within 15 s")??;
+        let interval = match Message::decode(&welcome) {
+            Ok(Message::Welcome(w)) => Duration::from_secs(w.heartbeat_interval_secs.max(1)),
+            other => bail!("expected welcome, got {other:?}"),
+        };
+        Ok((ws, interval))
+    }
+
+    /// Serves the connection; when it ends (not stopped), connects again at
+    /// the next server, as an agent given several replicas does.
+    #[allow(clippy::too_many_arguments)]
+    async fn run(
+        self,
+        mut ws: Ws,
+        mut interval: Duration,
+        mut at: usize,
+        ports: Vec<u16>,
+        stop: CancellationToken,
+        live: Arc<AtomicUsize>,
+        live_at: Arc<Vec<AtomicUsize>>,
+    ) {
+        let payload = serde_json::to_value(&self.worker).expect("a worker serializes");
+        loop {
+            // Spread the pings of the fleet over the interval.
+            let offset =
+                Duration::from_millis((self.i as u64 * 7919) % interval.as_millis().max(1) as u64);
+            live_at[at].fetch_add(1, Ordering::SeqCst);
+            serve(
+                ws,
+                payload.clone(),
+                interval,
+                offset,
+                stop.clone(),
+                live.clone(),
+            )
+            .await;
+            live_at[at].fetch_sub(1, Ordering::SeqCst);
+            loop {
+                if stop.is_cancelled() {
+                    return;
+                }
+                at = (at + 1) % ports.len();
+                match self.open(ports[at]).await {
+                    Ok((w, i)) => {
+                        (ws, interval) = (w, i);
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+    }
+}
 
 /// One simulated agent's connection.
 async fn serve(
@@ -316,7 +416,7 @@ async fn serve(
 
 /// Sequential `GET /api/v1/workers/{id}` (the server forwards an `inspect`
 /// to the worker's agent): latencies in ms.
-async fn dispatch(
+pub(crate) async fn dispatch(
     http: &reqwest::Client,
     port: u16,
     admin: &str,
@@ -396,16 +496,7 @@ async fn measure(
             }
         }
     }
-    let mut fleet = Fleet {
-        port: server.port,
-        psk: psk.to_string(),
-        run: run.chars().rev().take(8).collect(),
-        http: tether::http_client(),
-        stop: CancellationToken::new(),
-        live: Arc::new(AtomicUsize::new(0)),
-        tasks: Vec::new(),
-        workers: Vec::new(),
-    };
+    let mut fleet = Fleet::new(vec![server.port], psk, run);
     let r = measure_steps(p, server, &mut fleet, &steps, rss0, tick, notes).await;
     fleet.shutdown().await;
     r

@@ -8,6 +8,7 @@ mod common;
 use common::*;
 use std::process::Output;
 use std::time::Duration;
+use tether::agent::identity::NodeKey;
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
@@ -343,6 +344,32 @@ async fn an_organization_sees_and_schedules_only_its_own_nodes_and_workers() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let e = refused(&h, &short, &["ps"]).await;
     assert!(e.contains("has expired"), "{e}");
+
+    // An organization goes with its keys and tokens, but not while it has
+    // nodes.
+    let e = refused(&h, &admin, &["org", "rm", "acme"]).await;
+    assert!(e.contains("still has 1 node"), "{e}");
+    let key_e = h
+        .ctl_ok(&["org", "create", "empty"])
+        .await
+        .trim()
+        .to_string();
+    let te = h
+        .ctl_ok(&["token", "create", "--org", "empty"])
+        .await
+        .trim()
+        .to_string();
+    assert!(h.ctl_as(&te, &["ps"], None).await.status.success());
+    let e = refused(&h, &ta, &["org", "rm", "empty"]).await;
+    assert!(e.contains("only the server's admin token"), "{e}");
+    h.ctl_ok(&["org", "rm", "empty"]).await;
+    let e = refused(&h, &te, &["ps"]).await;
+    assert!(e.contains("invalid operator token"), "{e}");
+    let gone = fake::register(&h, &unique("empty"), &key_e, &NodeKey::generate()).await;
+    assert_eq!(gone.status(), 401, "its registration key went with it");
+    assert!(!h.ctl_ok(&["org", "ls"]).await.contains("empty"));
+    let e = refused(&h, &admin, &["org", "rm", "default"]).await;
+    assert!(e.contains("cannot be removed"), "{e}");
 
     // acme cleans up its own workers; globex's is the admin's to remove.
     ok_as(&h, &ta, &["rm", "-f", &wa1]).await;

@@ -222,6 +222,20 @@ fn keeps_the_store_rules(s: &dyn tether::server::store::Store) {
         ..Default::default()
     };
     assert!(s.audit(&other).is_empty());
+    // An organization goes with its keys, not while a node belongs to it.
+    s.bind_node("n2", "cc", "acme").unwrap();
+    assert!(matches!(
+        s.remove_organization("acme"),
+        Err(StoreError::OrgHasNodes { nodes: 1, .. })
+    ));
+    assert!(s.forget_node("n2").unwrap());
+    assert!(s.remove_organization("acme").unwrap());
+    assert_eq!(s.registration_key_by_hash(&secret_hash("k")), None);
+    assert!(!s.remove_organization("acme").unwrap());
+    assert!(matches!(
+        s.remove_organization("default"),
+        Err(StoreError::DefaultOrg)
+    ));
 }
 
 #[test]
@@ -236,7 +250,7 @@ fn the_file_and_the_postgres_store_keep_the_same_rules() {
     keeps_the_store_rules(&store);
     // A second connection (another replica) reads what the first wrote.
     let again = tether::server::store::PgStore::connect(&url).unwrap();
-    assert_eq!(again.organizations().len(), 1);
+    assert!(again.organizations().is_empty());
     assert_eq!(again.mcp_nodes(), vec!["n1".to_string()]);
 }
 

@@ -16,6 +16,9 @@ pub enum OrgCmd {
     Ls,
     /// Make another registration key for an organization (shown once).
     Key { name: String },
+    /// Remove an organization with its keys and tokens (refused while a
+    /// node belongs to it).
+    Rm { name: String },
 }
 
 #[derive(clap::Subcommand)]
@@ -67,6 +70,12 @@ pub async fn run_org(client: &Client, cmd: OrgCmd) -> Result<(), CtlError> {
                     o["created_at"].as_str().unwrap_or("-")
                 );
             }
+        }
+        OrgCmd::Rm { name } => {
+            client
+                .send(client.request(Method::DELETE, &format!("/api/v1/orgs/{name}")))
+                .await?;
+            println!("{name}");
         }
         OrgCmd::Key { name } => {
             let k: Value = client

@@ -166,6 +166,7 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
             axum::routing::delete(mcp::revoke_token),
         )
         .route("/api/v1/orgs", get(orgs::list).post(orgs::create))
+        .route("/api/v1/orgs/{name}", axum::routing::delete(orgs::remove))
         .route("/api/v1/orgs/{name}/keys", post(orgs::add_key))
         .route("/api/v1/tokens", get(orgs::tokens).post(orgs::create_token))
         .route(

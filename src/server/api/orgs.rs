@@ -92,6 +92,23 @@ pub(super) async fn create(
     ))
 }
 
+/// `DELETE /api/v1/orgs/{name}`: the organization, its keys and tokens
+/// go; refused while a node belongs to it.
+pub(super) async fn remove(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(org): Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin("remove organizations")?;
+    let gone = org.clone();
+    if on_store(&app, move |s| s.remove_organization(&gone)).await? {
+        tracing::info!(%org, "organization removed");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ErrorBody::new(ErrorCode::NotFound, format!("no such organization: {org}")).into())
+    }
+}
+
 /// Another registration key for an organization (the earlier ones stay
 /// valid).
 pub(super) async fn add_key(

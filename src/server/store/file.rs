@@ -332,6 +332,25 @@ impl Store for FileStore {
         self.update(|s| Ok(s.operator_tokens.remove(id).is_some()))
     }
 
+    fn remove_organization(&self, name: &str) -> Result<bool, StoreError> {
+        if crate::server::orgs::is_default(name) {
+            return Err(StoreError::DefaultOrg);
+        }
+        self.update(|s| {
+            let nodes = s.nodes.values().filter(|n| n.org == name).count();
+            if nodes > 0 {
+                return Err(StoreError::OrgHasNodes {
+                    org: name.to_string(),
+                    nodes,
+                });
+            }
+            s.registration_keys.retain(|_, k| k.org != name);
+            s.operator_tokens.retain(|_, t| t.org != name);
+            s.mcp_tokens.retain(|_, t| t.org.as_deref() != Some(name));
+            Ok(s.orgs.remove(name).is_some())
+        })
+    }
+
     /// A file of its own beside `state.json` (0600), as operators know
     /// `admin.token`.
     fn secret(&self, name: &str, fresh: String) -> Result<String, StoreError> {

@@ -65,6 +65,10 @@ pub enum StoreError {
     OrgExists(String),
     #[error("no such organization: {0}")]
     NoSuchOrg(String),
+    #[error("organization {org} still has {nodes} node(s): forget them first (tether ctl node rm)")]
+    OrgHasNodes { org: String, nodes: usize },
+    #[error("the default organization (the server-wide key's) cannot be removed")]
+    DefaultOrg,
     #[error("database: {0}")]
     Db(String),
     #[error("server state {path}: {source}")]
@@ -81,7 +85,9 @@ impl From<StoreError> for crate::protocol::ErrorBody {
         let code = match e {
             StoreError::BoundElsewhere { .. }
             | StoreError::OtherOrganization { .. }
-            | StoreError::OrgExists(_) => ErrorCode::Conflict,
+            | StoreError::OrgExists(_)
+            | StoreError::OrgHasNodes { .. }
+            | StoreError::DefaultOrg => ErrorCode::Conflict,
             StoreError::NoSuchOrg(_) => ErrorCode::NotFound,
             StoreError::Io { .. } => ErrorCode::Internal,
             StoreError::Db(_) => ErrorCode::Unavailable,
@@ -160,6 +166,10 @@ pub trait Store: Send + Sync + 'static {
     fn operator_tokens(&self) -> Vec<OperatorToken>;
     /// Revokes an operator token; true if there was one.
     fn revoke_operator_token(&self, id: &str) -> Result<bool, StoreError>;
+    /// Removes an organization with its registration keys, operator tokens
+    /// and MCP tokens; refused ([`StoreError::OrgHasNodes`]) while a node
+    /// belongs to it, and for `default`. False if there was none.
+    fn remove_organization(&self, name: &str) -> Result<bool, StoreError>;
     /// The server secret `name` (`admin.token`, `jwt.key`, `preview.key`),
     /// keeping `fresh` as it if there is none yet.
     fn secret(&self, name: &str, fresh: String) -> Result<String, StoreError>;

@@ -950,6 +950,61 @@ impl Store for PgStore {
         })
     }
 
+    fn remove_organization(&self, name: &str) -> Result<bool, StoreError> {
+        if is_default(name) {
+            return Err(StoreError::DefaultOrg);
+        }
+        let org = name.to_string();
+        let cache = self.cache.clone();
+        // One transaction. A registration racing the removal can still bind
+        // a node to the organization being removed (its key was checked
+        // before); such a node is forgotten like any other.
+        self.run(move |c| {
+            Box::pin(async move {
+                c.batch_execute("BEGIN").await.map_err(db)?;
+                let work = async {
+                    let nodes: i64 = c
+                        .query_one("SELECT count(*) FROM nodes WHERE org = $1", &[&org])
+                        .await?
+                        .get(0);
+                    if nodes > 0 {
+                        return Ok(Err(StoreError::OrgHasNodes {
+                            org: org.clone(),
+                            nodes: nodes as usize,
+                        }));
+                    }
+                    c.execute("DELETE FROM registration_keys WHERE org = $1", &[&org])
+                        .await?;
+                    c.execute("DELETE FROM operator_tokens WHERE org = $1", &[&org])
+                        .await?;
+                    c.execute("DELETE FROM mcp_tokens WHERE token->>'org' = $1", &[&org])
+                        .await?;
+                    let n = c
+                        .execute("DELETE FROM orgs WHERE name = $1", &[&org])
+                        .await?;
+                    Ok::<_, tokio_postgres::Error>(Ok(n > 0))
+                };
+                let r = match work.await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = c.batch_execute("ROLLBACK").await;
+                        return Err(db(e));
+                    }
+                };
+                if r.is_err() {
+                    let _ = c.batch_execute("ROLLBACK").await;
+                    return r;
+                }
+                c.batch_execute("COMMIT").await.map_err(db)?;
+                for t in ["orgs", "registration_keys", "operator_tokens", "mcp_tokens"] {
+                    notify(&c, t, None).await?;
+                    reload(&c, &cache, t, None).await?;
+                }
+                r
+            })
+        })
+    }
+
     fn append_audit(&self, record: &AuditRecord) -> Result<(), StoreError> {
         let params = [
             Param::OptText(record.task_id.clone()),

@@ -422,6 +422,63 @@ async fn an_operator_at_any_replica_reaches_a_node_another_holds() {
     b.stop().await;
 }
 
+/// What came of a `ctl exec` whose output was read while `victim` (a
+/// replica) was killed with -9 a quarter of the way.
+struct AcrossAKill {
+    exit: Option<i32>,
+    total: u64,
+    sha256: String,
+    killed_at: Instant,
+}
+
+/// Runs `ctl exec WORKER -- sh -c CMD` against `url`, reads its `size`
+/// bytes of output, and kills `victim` once a quarter has arrived.
+async fn exec_across_a_kill(
+    url: &str,
+    token: &str,
+    worker: &str,
+    cmd: &str,
+    size: u64,
+    victim: &mut tokio::process::Child,
+) -> AcrossAKill {
+    use sha2::Digest;
+    use tokio::io::AsyncReadExt;
+    let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["ctl", "exec", worker, "--", "sh", "-c", cmd])
+        .env("TETHER_SERVER", url)
+        .env("TETHER_TOKEN", token)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = client.stdout.take().unwrap();
+    let mut hasher = sha2::Sha256::new();
+    let (mut total, mut killed_at) = (0u64, None);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(90), stdout.read(&mut buf))
+            .await
+            .expect("output resumes after the kill")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+        if total >= size / 4 && killed_at.is_none() {
+            victim.start_kill().unwrap();
+            victim.wait().await.unwrap();
+            killed_at = Some(Instant::now());
+        }
+    }
+    AcrossAKill {
+        exit: client.wait().await.unwrap().code(),
+        total,
+        sha256: hex::encode(hasher.finalize()),
+        killed_at: killed_at.expect("the replica was killed"),
+    }
+}
+
 /// A load balancer as plain as they come: each connection goes to the first
 /// of `upstreams` that accepts it.
 async fn balancer(upstreams: Vec<std::net::SocketAddr>) -> std::net::SocketAddr {
@@ -459,8 +516,6 @@ fn replica_process(port: u16, state: &std::path::Path, db: &str) -> tokio::proce
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_a_replica_dies_its_agents_and_execs_carry_on_at_another_byte_exact() {
-    use sha2::Digest;
-    use tokio::io::AsyncReadExt;
     ensure_image();
     tether::init_crypto();
     let pg = Postgres::start();
@@ -530,48 +585,19 @@ async fn when_a_replica_dies_its_agents_and_execs_carry_on_at_another_byte_exact
     let cmd = format!(
         "head -c {SIZE} /dev/urandom > /tmp/s.bin && sha256sum /tmp/s.bin > /tmp/s.sha && cat /tmp/s.bin"
     );
-    let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["ctl", "exec", &w, "--", "sh", "-c", &cmd])
-        .env("TETHER_SERVER", &url)
-        .env("TETHER_TOKEN", &token)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = client.stdout.take().unwrap();
-    let mut hasher = sha2::Sha256::new();
-    let (mut total, mut killed_at) = (0u64, None);
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(90), stdout.read(&mut buf))
-            .await
-            .expect("output resumes at the other replica")
-            .unwrap();
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        total += n as u64;
-        if total >= SIZE / 4 && killed_at.is_none() {
-            a.start_kill().unwrap();
-            a.wait().await.unwrap();
-            killed_at = Some(Instant::now());
-        }
-    }
-    let status = client.wait().await.unwrap();
-    assert!(killed_at.is_some());
-    assert_eq!(status.code(), Some(0));
-    assert_eq!(total, SIZE, "bytes lost or duplicated");
+    let r = exec_across_a_kill(&url, &token, &w, &cmd, SIZE, &mut a).await;
+    assert_eq!(r.exit, Some(0));
+    assert_eq!(r.total, SIZE, "bytes lost or duplicated");
     let out = ctl(&["exec", &w, "--", "cat", "/tmp/s.sha"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
             .next(),
-        Some(hex::encode(hasher.finalize()).as_str())
+        Some(r.sha256.as_str())
     );
     // The node is back online at B.
     assert!(online(ctl(&["nodes"])));
-    let back = killed_at.unwrap().elapsed();
+    let back = r.killed_at.elapsed();
     eprintln!(
         "replica killed mid-exec: 20 MB byte-exact through the other; all done {back:?} after the kill"
     );
@@ -713,8 +739,6 @@ fn haproxy(dir: &std::path::Path, replicas: &[u16]) -> Option<(tokio::process::C
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_behind_haproxy_serve_twenty_agents_and_survive_a_kill() {
-    use sha2::Digest;
-    use tokio::io::AsyncReadExt;
     ensure_image();
     tether::init_crypto();
     let pg = Postgres::start();
@@ -843,43 +867,15 @@ async fn three_replicas_behind_haproxy_serve_twenty_agents_and_survive_a_kill() 
     let cmd = format!(
         "head -c {SIZE} /dev/urandom > /tmp/s.bin && sha256sum /tmp/s.bin > /tmp/s.sha && cat /tmp/s.bin; exit 3"
     );
-    let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["ctl", "exec", &w, "--", "sh", "-c", &cmd])
-        .env("TETHER_SERVER", direct(0))
-        .env("TETHER_TOKEN", &token)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = client.stdout.take().unwrap();
-    let mut hasher = sha2::Sha256::new();
-    let (mut total, mut killed) = (0u64, false);
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(90), stdout.read(&mut buf))
-            .await
-            .expect("output resumes after the kill")
-            .unwrap();
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        total += n as u64;
-        if total >= SIZE / 4 && !killed {
-            procs[2].start_kill().unwrap();
-            procs[2].wait().await.unwrap();
-            killed = true;
-        }
-    }
-    assert!(killed);
-    assert_eq!(client.wait().await.unwrap().code(), Some(3));
-    assert_eq!(total, SIZE, "bytes lost or duplicated");
+    let r = exec_across_a_kill(&direct(0), &token, &w, &cmd, SIZE, &mut procs[2]).await;
+    assert_eq!(r.exit, Some(3));
+    assert_eq!(r.total, SIZE, "bytes lost or duplicated");
     let out = ctl(&lb, &token, &["exec", &w, "--", "cat", "/tmp/s.sha"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
             .next(),
-        Some(hex::encode(hasher.finalize()).as_str())
+        Some(r.sha256.as_str())
     );
     // Every agent is back, through the two replicas left.
     let deadline = Instant::now() + Duration::from_secs(30);

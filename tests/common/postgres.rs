@@ -130,19 +130,25 @@ impl Postgres {
         let _ = self.child.wait();
     }
 
+    /// `psql` as the superuser, connected to this server.
+    fn psql(&self) -> Command {
+        let mut c = Command::new(self.bin.join("psql"));
+        c.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+        ]);
+        c
+    }
+
     /// A new, empty database; its URL.
     pub fn database(&self, name: &str) -> String {
-        let out = Command::new(self.bin.join("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-c",
-                &format!("CREATE DATABASE {name}"),
-            ])
+        let out = self
+            .psql()
+            .args(["-c", &format!("CREATE DATABASE {name}")])
             .output()
             .unwrap();
         assert!(
@@ -159,15 +165,8 @@ impl Postgres {
 
     /// Runs `sql` in `db`; the rows as psql prints them unaligned.
     pub fn query(&self, db: &str, sql: &str) -> String {
-        let out = Command::new(self.bin.join("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
+        let out = self
+            .psql()
             .args(["-d", db, "-At", "-c", sql])
             .output()
             .unwrap();

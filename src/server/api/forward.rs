@@ -12,33 +12,63 @@ fn forwarded(req: &Request) -> bool {
     req.headers().contains_key(FORWARDED)
 }
 
-fn path_id(p: &std::collections::HashMap<String, String>) -> String {
-    p.get("id").cloned().unwrap_or_default()
+/// Whether this replica holds `node`'s agent connection now.
+fn holds_node(app: &AppState, node: &str) -> bool {
+    app.hub
+        .node_info(node)
+        .is_ok_and(|n| n.status != operator::NodeState::Offline)
 }
 
-/// Worker routes: a worker this replica does not know is looked for at
-/// the others.
+/// The URL of the other replica whose lease holds `node`, if one does.
+async fn node_holder(app: &AppState, replica: &Replica, node: &str) -> Option<String> {
+    let (store, node) = (app.store.clone(), node.to_string());
+    let holder = tokio::task::spawn_blocking(move || store.node_holder(&node))
+        .await
+        .ok()
+        .flatten();
+    holder.and_then(|(id, url)| (id != replica.id).then_some(url))
+}
+
+/// Worker and deployment routes: what this replica does not know
+/// (`known`) is looked for at the others; `what` names it to them.
+async fn by_probe(
+    app: &AppState,
+    what: &str,
+    id: &str,
+    known: impl FnOnce() -> bool,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(replica) = app.replica.as_ref() else {
+        return next.run(req).await;
+    };
+    if forwarded(&req) || known() {
+        return next.run(req).await;
+    }
+    match holder_of(app, replica, what, id).await {
+        Some(url) => proxy(app, replica, &url, req).await,
+        None => next.run(req).await,
+    }
+}
+
 pub(super) async fn worker_route(
     State(app): State<Arc<AppState>>,
     Path(p): PathParams,
     req: Request,
     next: Next,
 ) -> Response {
-    let id = path_id(&p);
-    let Some(replica) = app.replica.as_ref() else {
-        return next.run(req).await;
-    };
-    if forwarded(&req) || app.hub.worker(&id).is_ok() {
-        return next.run(req).await;
-    }
-    match holder_of(&app, replica, "worker", &id).await {
-        Some(url) => proxy(&app, replica, &url, req).await,
-        None => next.run(req).await,
-    }
+    let id = p.get("id").cloned().unwrap_or_default();
+    by_probe(
+        &app,
+        "worker",
+        &id,
+        || app.hub.worker(&id).is_ok(),
+        req,
+        next,
+    )
+    .await
 }
 
-/// Deployment routes: a deployment this replica does not know is looked
-/// for at the others.
 pub(super) async fn deployment_route(
     State(app): State<Arc<AppState>>,
     Path(p): PathParams,
@@ -46,16 +76,8 @@ pub(super) async fn deployment_route(
     next: Next,
 ) -> Response {
     let name = p.get("name").cloned().unwrap_or_default();
-    let Some(replica) = app.replica.as_ref() else {
-        return next.run(req).await;
-    };
-    if forwarded(&req) || app.hub.deployment_org(&name).is_some() {
-        return next.run(req).await;
-    }
-    match holder_of(&app, replica, "deployment", &name).await {
-        Some(url) => proxy(&app, replica, &url, req).await,
-        None => next.run(req).await,
-    }
+    let known = || app.hub.deployment_org(&name).is_some();
+    by_probe(&app, "deployment", &name, known, req, next).await
 }
 
 /// Node routes: a node online at another replica is that replica's.
@@ -65,58 +87,37 @@ pub(super) async fn node_route(
     req: Request,
     next: Next,
 ) -> Response {
-    let id = path_id(&p);
+    let id = p.get("id").cloned().unwrap_or_default();
     let Some(replica) = app.replica.as_ref() else {
         return next.run(req).await;
     };
-    let here = app
-        .hub
-        .node_info(&id)
-        .is_ok_and(|n| n.status != operator::NodeState::Offline);
-    if forwarded(&req) || here {
+    if forwarded(&req) || holds_node(&app, &id) {
         return next.run(req).await;
     }
-    let store = app.store.clone();
-    let node = id.clone();
-    let holder = tokio::task::spawn_blocking(move || store.node_holder(&node))
-        .await
-        .ok()
-        .flatten();
-    match holder {
-        Some((rid, url)) if rid != replica.id => proxy(&app, replica, &url, req).await,
-        _ => next.run(req).await,
+    match node_holder(&app, replica, &id).await {
+        Some(url) => proxy(&app, replica, &url, req).await,
+        None => next.run(req).await,
     }
 }
 
-/// `GET` and `POST` on the collections (`/api/v1/nodes`, `/api/v1/workers`).
+/// `GET` and `POST` on the collections (`/api/v1/nodes`, `/workers`,
+/// `/deployments`).
 pub(super) async fn collection_route(
     app: State<Arc<AppState>>,
     req: Request,
     next: Next,
 ) -> Response {
     if req.method() != axum::http::Method::POST {
-        list_route(app, req, next).await
-    } else if req.uri().path().ends_with("/deployments") {
-        up_route(app, req, next).await
-    } else {
-        spawn_route(app, req, next).await
+        return list_route(app, req, next).await;
     }
-}
-
-/// `POST /api/v1/workers`: a spawn on a node another replica holds goes
-/// there; a spawn for any node is tried here, then at each other replica,
-/// until one has a node for it.
-pub(super) async fn spawn_route(
-    State(app): State<Arc<AppState>>,
-    req: Request,
-    next: Next,
-) -> Response {
+    let State(app) = app;
     let Some(replica) = app.replica.as_ref() else {
         return next.run(req).await;
     };
     if forwarded(&req) {
         return next.run(req).await;
     }
+    let deploy = req.uri().path().ends_with("/deployments");
     let (parts, body) = req.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, MAX_JSON_BODY).await else {
         return error_response(ErrorBody::new(
@@ -124,35 +125,33 @@ pub(super) async fn spawn_route(
             "request body too large",
         ));
     };
-    let again = |b: &bytes::Bytes| Request::from_parts(parts.clone(), Body::from(b.clone()));
-    let named = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|v| v["node_id"].as_str().map(String::from));
-    if let Some(node) = named {
-        let here = app
-            .hub
-            .node_info(&node)
-            .is_ok_and(|n| n.status != operator::NodeState::Offline);
-        if !here {
-            let store = app.store.clone();
-            let holder = tokio::task::spawn_blocking(move || store.node_holder(&node))
-                .await
-                .ok()
-                .flatten();
-            if let Some((rid, url)) = holder
-                && rid != replica.id
-            {
-                return proxy(&app, replica, &url, again(&bytes)).await;
-            }
+    let again = || Request::from_parts(parts.clone(), Body::from(bytes.clone()));
+    let body = serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_default();
+    // Where it must go: the holder of the node a spawn names (else here),
+    // or of the deployment an `up` converges.
+    if deploy {
+        if let Some(name) = deployment_name(&body)
+            && app.hub.deployment_org(&name).is_none()
+            && let Some(url) = holder_of(&app, replica, "deployment", &name).await
+        {
+            return proxy(&app, replica, &url, again()).await;
         }
-        return next.run(again(&bytes)).await;
+    } else if let Some(node) = body["node_id"].as_str() {
+        if !holds_node(&app, node)
+            && let Some(url) = node_holder(&app, replica, node).await
+        {
+            return proxy(&app, replica, &url, again()).await;
+        }
+        return next.run(again()).await;
     }
-    let local = next.run(again(&bytes)).await;
+    // Anywhere: here if this replica holds a node for it, else at the
+    // first other replica that does.
+    let local = next.run(again()).await;
     if local.status() != StatusCode::SERVICE_UNAVAILABLE {
         return local;
     }
     for (_, url) in peers(&app, replica).await {
-        let r = proxy(&app, replica, &url, again(&bytes)).await;
+        let r = proxy(&app, replica, &url, again()).await;
         if r.status() != StatusCode::SERVICE_UNAVAILABLE {
             return r;
         }
@@ -160,52 +159,15 @@ pub(super) async fn spawn_route(
     local
 }
 
-/// `POST /api/v1/deployments`: a deployment another replica holds is
-/// converged there; a new one is placed here if this replica holds a node
-/// for it, else at the first other replica that does.
-async fn up_route(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let Some(replica) = app.replica.as_ref() else {
-        return next.run(req).await;
-    };
-    if forwarded(&req) {
-        return next.run(req).await;
-    }
-    let (parts, body) = req.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, MAX_JSON_BODY).await else {
-        return error_response(ErrorBody::new(
-            ErrorCode::TooLarge,
-            "request body too large",
-        ));
-    };
-    let again = |b: &bytes::Bytes| Request::from_parts(parts.clone(), Body::from(b.clone()));
-    // The name, as the server reads it: the request's, else the file's.
-    let name = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|v| {
-            v["name"].as_str().map(String::from).or_else(|| {
-                let compose = v["compose"].as_str()?;
-                crate::server::compose::parse(compose, None, None)
-                    .ok()
-                    .map(|d| d.deployment)
-            })
-        });
-    if let Some(name) = &name
-        && app.hub.deployment_org(name).is_none()
-        && let Some(url) = holder_of(&app, replica, "deployment", name).await
-    {
-        return proxy(&app, replica, &url, again(&bytes)).await;
-    }
-    let local = next.run(again(&bytes)).await;
-    if local.status() != StatusCode::SERVICE_UNAVAILABLE {
-        return local;
-    }
-    for (_, url) in peers(&app, replica).await {
-        let r = proxy(&app, replica, &url, again(&bytes)).await;
-        if r.status() != StatusCode::SERVICE_UNAVAILABLE {
-            return r;
-        }
-    }
-    local
+/// A deployment's name as the server reads an `up`: the request's, else
+/// the Compose file's.
+fn deployment_name(body: &serde_json::Value) -> Option<String> {
+    body["name"].as_str().map(String::from).or_else(|| {
+        let compose = body["compose"].as_str()?;
+        crate::server::compose::parse(compose, None, None)
+            .ok()
+            .map(|d| d.deployment)
+    })
 }
 
 /// `GET /api/v1/nodes`, `/workers` and `/deployments`: this replica's part and
@@ -244,12 +206,7 @@ pub(super) async fn list_route(
         .unwrap_or_default();
     if was_forwarded {
         // Only what this replica holds: the asker has the rest.
-        mine.retain(|e| {
-            let node = e["node_id"].as_str().unwrap_or_default();
-            app.hub
-                .node_info(node)
-                .is_ok_and(|n| n.status != operator::NodeState::Offline)
-        });
+        mine.retain(|e| holds_node(&app, e["node_id"].as_str().unwrap_or_default()));
         return Json(json!({ key: mine })).into_response();
     }
     let mut merged: Vec<serde_json::Value> = Vec::new();
@@ -353,11 +310,7 @@ pub(super) async fn holds(
     if !given.is_some_and(|k| auth::secret_eq(k, &replica.key)) {
         return Err(ErrorBody::new(ErrorCode::Unauthorized, "invalid replica key").into());
     }
-    let online = |n: &str| {
-        app.hub
-            .node_info(n)
-            .is_ok_and(|n| n.status != operator::NodeState::Offline)
-    };
+    let online = |n: &str| holds_node(&app, n);
     let holds = match (q.worker, q.node, q.deployment) {
         (Some(w), _, _) => app.hub.worker(&w).is_ok_and(|w| online(&w.node_id)),
         (None, Some(n), _) => online(&n),

@@ -13,14 +13,7 @@ pub(super) async fn list(
     Extension(caller): Extension<Caller>,
 ) -> Json<McpNodes> {
     let mut nodes = app.store.mcp_nodes();
-    nodes.retain(|n| {
-        caller.is_admin()
-            || app
-                .hub
-                .node_org(n)
-                .or_else(|| app.store.node_identity(n).map(|i| i.org))
-                .is_some_and(|o| caller.sees(&o))
-    });
+    nodes.retain(|n| caller.is_admin() || node_org(&app, n).is_some_and(|o| caller.sees(&o)));
     Json(McpNodes { nodes })
 }
 

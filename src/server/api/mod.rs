@@ -299,6 +299,14 @@ async fn require_operator(State(app): State<Arc<AppState>>, req: Request, next: 
     }
 }
 
+/// The organization of node `id`: the hub's, or for a node offline since
+/// the server started, the store's.
+fn node_org(app: &AppState, id: &str) -> Option<String> {
+    app.hub
+        .node_org(id)
+        .or_else(|| app.store.node_identity(id).map(|i| i.org))
+}
+
 /// Whether `caller` sees worker `id` (the admin sees every id, known or
 /// not; an organization only the workers of its nodes).
 fn sees_worker(app: &AppState, caller: &Caller, id: &str) -> bool {
@@ -336,11 +344,7 @@ async fn node_scope(
     next: Next,
 ) -> Response {
     let id = p.get("id").cloned().unwrap_or_default();
-    // A node offline since the server started is known only to the store.
-    let org = app
-        .hub
-        .node_org(&id)
-        .or_else(|| app.store.node_identity(&id).map(|i| i.org));
+    let org = node_org(&app, &id);
     scoped(&caller, org, format!("no such node: {id}"), req, next).await
 }
 

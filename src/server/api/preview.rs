@@ -245,8 +245,7 @@ fn authorize(
         .and_then(|v| auth::bearer(Some(v)))
         .and_then(|t| app.caller(t).ok());
     if let Some(c) = &caller
-        && !app.hub.worker_org(worker).is_some_and(|o| c.sees(&o))
-        && !c.is_admin()
+        && !sees_worker(app, c, worker)
     {
         return Err(ErrorBody::new(
             ErrorCode::NotFound,

@@ -4,44 +4,10 @@
 use super::{McpToken, NodeIdentity, Store, StoreError};
 use crate::server::orgs::{OperatorToken, Organization, RegistrationKey};
 use crate::server::preview::PreviewGrant;
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-#[derive(Default, Clone, Serialize, Deserialize)]
-struct FileState {
-    version: u32,
-    nodes: BTreeMap<String, NodeIdentity>,
-    #[serde(default)]
-    previews: BTreeMap<String, PreviewGrant>,
-    #[serde(default)]
-    mcp_nodes: std::collections::BTreeSet<String>,
-    #[serde(default)]
-    mcp_tokens: BTreeMap<String, McpToken>,
-    /// The configuration pushed to each node (it may hold registry
-    /// credentials: the file is 0600, as the server's other secrets).
-    #[serde(default)]
-    desired_configs: BTreeMap<String, crate::protocol::NodeConfig>,
-    #[serde(default)]
-    orgs: BTreeMap<String, Organization>,
-    /// By id.
-    #[serde(default)]
-    registration_keys: BTreeMap<String, RegistrationKey>,
-    /// By id.
-    #[serde(default)]
-    operator_tokens: BTreeMap<String, OperatorToken>,
-}
-
-impl FileState {
-    fn check_org(&self, org: &str) -> Result<(), StoreError> {
-        if crate::server::orgs::is_default(org) || self.orgs.contains_key(org) {
-            Ok(())
-        } else {
-            Err(StoreError::NoSuchOrg(org.to_string()))
-        }
-    }
-}
+use super::state::State as FileState;
 
 /// A JSON file under the server's state directory, written atomically
 /// (0600) on every change; read once at start.
@@ -103,7 +69,7 @@ impl FileStore {
 
 impl Store for FileStore {
     fn node_identity(&self, node_id: &str) -> Option<NodeIdentity> {
-        self.state.lock().unwrap().nodes.get(node_id).cloned()
+        self.state.lock().unwrap().node_identity(node_id)
     }
 
     fn bind_node(
@@ -139,12 +105,7 @@ impl Store for FileStore {
     }
 
     fn is_current(&self, node_id: &str, binding: &str) -> bool {
-        self.state
-            .lock()
-            .unwrap()
-            .nodes
-            .get(node_id)
-            .is_some_and(|i| i.binding == binding)
+        self.state.lock().unwrap().is_current(node_id, binding)
     }
 
     fn forget_node(&self, node_id: &str) -> Result<bool, StoreError> {
@@ -184,12 +145,7 @@ impl Store for FileStore {
     }
 
     fn desired_configs(&self) -> Vec<(String, crate::protocol::NodeConfig)> {
-        let state = self.state.lock().unwrap();
-        state
-            .desired_configs
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+        self.state.lock().unwrap().desired_configs()
     }
 
     fn add_preview(&self, grant: PreviewGrant) -> Result<(), StoreError> {
@@ -206,7 +162,7 @@ impl Store for FileStore {
     }
 
     fn preview(&self, id: &str) -> Option<PreviewGrant> {
-        self.state.lock().unwrap().previews.get(id).cloned()
+        self.state.lock().unwrap().preview(id)
     }
 
     fn revoke_preview(&self, id: &str) -> Result<bool, StoreError> {
@@ -222,24 +178,11 @@ impl Store for FileStore {
     }
 
     fn previews(&self) -> Vec<PreviewGrant> {
-        let now = crate::server::preview::now_secs();
-        let state = self.state.lock().unwrap();
-        state
-            .previews
-            .values()
-            .filter(|g| g.expires > now)
-            .cloned()
-            .collect()
+        self.state.lock().unwrap().previews()
     }
 
     fn mcp_nodes(&self) -> Vec<String> {
-        self.state
-            .lock()
-            .unwrap()
-            .mcp_nodes
-            .iter()
-            .cloned()
-            .collect()
+        self.state.lock().unwrap().mcp_nodes()
     }
 
     fn add_mcp_token(&self, token: McpToken) -> Result<(), StoreError> {
@@ -254,12 +197,7 @@ impl Store for FileStore {
     }
 
     fn mcp_token_by_hash(&self, hash: &str) -> Option<McpToken> {
-        let state = self.state.lock().unwrap();
-        state
-            .mcp_tokens
-            .values()
-            .find(|t| crate::server::auth::secret_eq(&t.hash, hash))
-            .cloned()
+        self.state.lock().unwrap().mcp_token_by_hash(hash)
     }
 
     fn revoke_mcp_token(&self, id: &str) -> Result<bool, StoreError> {
@@ -275,7 +213,7 @@ impl Store for FileStore {
     }
 
     fn organizations(&self) -> Vec<Organization> {
-        self.state.lock().unwrap().orgs.values().cloned().collect()
+        self.state.lock().unwrap().organizations()
     }
 
     fn add_organization(&self, org: Organization, key: RegistrationKey) -> Result<(), StoreError> {
@@ -298,12 +236,7 @@ impl Store for FileStore {
     }
 
     fn registration_key_by_hash(&self, hash: &str) -> Option<RegistrationKey> {
-        let state = self.state.lock().unwrap();
-        state
-            .registration_keys
-            .values()
-            .find(|k| crate::server::auth::secret_eq(&k.hash, hash))
-            .cloned()
+        self.state.lock().unwrap().registration_key_by_hash(hash)
     }
 
     fn add_operator_token(&self, token: OperatorToken) -> Result<(), StoreError> {
@@ -315,17 +248,11 @@ impl Store for FileStore {
     }
 
     fn operator_token_by_hash(&self, hash: &str) -> Option<OperatorToken> {
-        let state = self.state.lock().unwrap();
-        state
-            .operator_tokens
-            .values()
-            .find(|t| crate::server::auth::secret_eq(&t.hash, hash))
-            .cloned()
+        self.state.lock().unwrap().operator_token_by_hash(hash)
     }
 
     fn operator_tokens(&self) -> Vec<OperatorToken> {
-        let state = self.state.lock().unwrap();
-        state.operator_tokens.values().cloned().collect()
+        self.state.lock().unwrap().operator_tokens()
     }
 
     fn revoke_operator_token(&self, id: &str) -> Result<bool, StoreError> {
@@ -380,13 +307,7 @@ impl Store for FileStore {
     }
 
     fn mcp_tokens(&self) -> Vec<McpToken> {
-        self.state
-            .lock()
-            .unwrap()
-            .mcp_tokens
-            .values()
-            .cloned()
-            .collect()
+        self.state.lock().unwrap().mcp_tokens()
     }
 
     fn set_mcp_node(&self, node_id: &str, allowed: bool) -> Result<bool, StoreError> {

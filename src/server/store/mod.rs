@@ -201,6 +201,7 @@ pub trait Store: Send + Sync + 'static {
 
 mod file;
 mod postgres;
+pub(super) mod state;
 
 pub use file::FileStore;
 pub use postgres::PgStore;

@@ -3,8 +3,9 @@
 //! migrated at start, one replica at a time (an advisory lock). Every write
 //! goes to the database first; reads come from a copy in memory (a node's
 //! binding is checked on every heartbeat tick), which each write refreshes
-//! and which `NOTIFY tether_changed, '<table>'` refreshes on every other
-//! replica: the notification carries only the table's name.
+//! and which `NOTIFY tether_changed, '<table>\t<key>'` refreshes on every
+//! other replica: the notification names the row, nothing more. The schema
+//! is `schema.rs`; the connection and the copy are `sync.rs`.
 //!
 //! The client runs on a runtime of its own, on a thread of its own, so the
 //! synchronous [`Store`] methods can wait for it from any thread.
@@ -14,70 +15,13 @@ use crate::server::audit::{AuditFilter, AuditRecord};
 use crate::server::orgs::{OperatorToken, Organization, RegistrationKey, is_default};
 use crate::server::preview::PreviewGrant;
 use futures_util::future::BoxFuture;
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
-/// The schema, one step per version; a step runs once, in a transaction.
-const MIGRATIONS: &[(i32, &str)] = &[
-    (
-        1,
-        "CREATE TABLE nodes (node_id text PRIMARY KEY, public_key text NOT NULL,
-        binding text NOT NULL, bound_at text NOT NULL, org text NOT NULL);
-     CREATE TABLE orgs (name text PRIMARY KEY, created_at text NOT NULL);
-     CREATE TABLE registration_keys (id text PRIMARY KEY, org text NOT NULL,
-        hash text NOT NULL UNIQUE, created_at text NOT NULL);
-     CREATE TABLE operator_tokens (id text PRIMARY KEY, org text NOT NULL,
-        hash text NOT NULL UNIQUE, created_at text NOT NULL, expires bigint);
-     CREATE TABLE previews (id text PRIMARY KEY, expires bigint NOT NULL, grant_ jsonb NOT NULL);
-     CREATE TABLE mcp_nodes (node_id text PRIMARY KEY);
-     CREATE TABLE mcp_tokens (id text PRIMARY KEY, hash text NOT NULL UNIQUE, token jsonb NOT NULL);
-     CREATE TABLE desired_configs (node_id text PRIMARY KEY, config jsonb NOT NULL);
-     CREATE TABLE audit (seq bigserial PRIMARY KEY, task_id text, worker_id text, org text,
-        record jsonb NOT NULL);
-     CREATE INDEX audit_task ON audit (task_id);
-     CREATE INDEX audit_worker ON audit (worker_id);
-     CREATE TABLE secrets (name text PRIMARY KEY, value text NOT NULL);",
-    ),
-    (
-        2,
-        "CREATE TABLE replicas (id text PRIMARY KEY, url text NOT NULL,
-            held_until timestamptz NOT NULL);
-         CREATE TABLE node_holders (node_id text PRIMARY KEY, replica_id text NOT NULL,
-            held_until timestamptz NOT NULL);
-         CREATE INDEX node_holders_replica ON node_holders (replica_id);",
-    ),
-];
+mod schema;
+mod sync;
 
-/// Serialises migrations of replicas that start at once.
-const MIGRATION_LOCK: i64 = 0x7465_7468; // "teth"
-
-const CHANNEL: &str = "tether_changed";
-
-/// What reads are served from.
-#[derive(Default)]
-struct Cache {
-    nodes: BTreeMap<String, NodeIdentity>,
-    orgs: BTreeMap<String, Organization>,
-    registration_keys: BTreeMap<String, RegistrationKey>,
-    operator_tokens: BTreeMap<String, OperatorToken>,
-    previews: BTreeMap<String, PreviewGrant>,
-    mcp_nodes: BTreeSet<String>,
-    mcp_tokens: BTreeMap<String, McpToken>,
-    desired_configs: BTreeMap<String, crate::protocol::NodeConfig>,
-}
-
-/// The tables the cache holds.
-const TABLES: &[&str] = &[
-    "nodes",
-    "orgs",
-    "registration_keys",
-    "operator_tokens",
-    "previews",
-    "mcp_nodes",
-    "mcp_tokens",
-    "desired_configs",
-];
+use sync::{Cache, from_json, keep_connected, notify, reload};
 
 pub struct PgStore {
     /// The live connection; none while it is being made again.
@@ -88,17 +32,13 @@ pub struct PgStore {
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-type Slot = Arc<Mutex<Option<Arc<Client>>>>;
+pub(super) type Slot = Arc<Mutex<Option<Arc<Client>>>>;
 
-fn db(e: tokio_postgres::Error) -> StoreError {
+pub(super) fn db(e: tokio_postgres::Error) -> StoreError {
     StoreError::Db(crate::error_chain(&e))
 }
 
 type Job<T> = BoxFuture<'static, Result<T, StoreError>>;
-
-/// Waits between attempts to make a lost connection again.
-const RECONNECT_MIN: std::time::Duration = std::time::Duration::from_millis(200);
-const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl PgStore {
     /// Connects, migrates the schema and loads the cache. A connection lost
@@ -222,324 +162,9 @@ fn wait<T: Send + 'static>(rt: &tokio::runtime::Handle, job: Job<T>) -> Result<T
         .map_err(|_| StoreError::Db("the database thread has stopped".into()))?
 }
 
-/// Makes the connection, and makes it again whenever it is lost; the
-/// first outcome goes to `first` (a first failure ends it).
-async fn keep_connected(
-    url: String,
-    cache: Arc<Mutex<Cache>>,
-    slot: Slot,
-    first: std::sync::mpsc::Sender<Result<(), StoreError>>,
-) {
-    let mut first = Some(first);
-    let mut wait = RECONNECT_MIN;
-    loop {
-        match open(&url, &cache).await {
-            Ok((client, lost)) => {
-                *slot.lock().unwrap() = Some(client);
-                wait = RECONNECT_MIN;
-                match first.take() {
-                    Some(f) => {
-                        let _ = f.send(Ok(()));
-                    }
-                    None => tracing::info!("database connection made again"),
-                }
-                let _ = lost.await;
-                *slot.lock().unwrap() = None;
-                tracing::error!("database connection lost; making it again");
-            }
-            Err(e) => {
-                if let Some(f) = first.take() {
-                    let _ = f.send(Err(e));
-                    return;
-                }
-                tracing::warn!(error = %e, "could not reach the database; trying again");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(RECONNECT_MAX);
-            }
-        }
-    }
-}
-
-/// One connection: migrated, listening, the cache read afresh. The
-/// receiver fires when the connection is lost.
-async fn open(
-    url: &str,
-    cache: &Arc<Mutex<Cache>>,
-) -> Result<(Arc<Client>, tokio::sync::oneshot::Receiver<()>), StoreError> {
-    let (client, mut conn) = tokio_postgres::connect(url, NoTls).await.map_err(db)?;
-    let client = Arc::new(client);
-    let (lost_tx, lost) = tokio::sync::oneshot::channel();
-    // The connection's messages: notifications name a table to read again.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    tokio::spawn(async move {
-        use futures_util::StreamExt;
-        let mut messages = futures_util::stream::poll_fn(|cx| conn.poll_message(cx));
-        while let Some(m) = messages.next().await {
-            match m {
-                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                    let _ = tx.send(n.payload().to_string());
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %crate::error_chain(&e), "database connection failed");
-                    break;
-                }
-            }
-        }
-        let _ = lost_tx.send(());
-    });
-    migrate(&client).await?;
-    client
-        .batch_execute(&format!("LISTEN {CHANNEL}"))
-        .await
-        .map_err(db)?;
-    // Whatever changed while there was no connection is read here.
-    for t in TABLES {
-        reload(&client, cache, t, None).await?;
-    }
-    let (c, cache) = (client.clone(), cache.clone());
-    tokio::spawn(async move {
-        while let Some(payload) = rx.recv().await {
-            let (table, key) = match payload.split_once('\t') {
-                Some((t, k)) => (t, Some(k)),
-                None => (payload.as_str(), None),
-            };
-            if let Err(e) = reload(&c, &cache, table, key).await {
-                tracing::warn!(%table, error = %e, "could not read a changed table");
-            }
-        }
-    });
-    Ok((client, lost))
-}
-
-/// Tells every replica that `table` changed: the row `key`, or any rows.
-/// The payload is `table` or `table<TAB>key`.
-async fn notify(c: &Client, table: &str, key: Option<&str>) -> Result<(), StoreError> {
-    let payload = match key {
-        Some(k) => format!("{table}\t{k}"),
-        None => table.to_string(),
-    };
-    c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
-        .await
-        .map_err(db)?;
-    Ok(())
-}
-
-async fn migrate(c: &Client) -> Result<(), StoreError> {
-    // One replica at a time, from before the bookkeeping table exists:
-    // two concurrent `CREATE TABLE IF NOT EXISTS` can still collide.
-    c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
-        .await
-        .map_err(db)?;
-    let r = migrate_locked(c).await;
-    let _ = c
-        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
-        .await;
-    r
-}
-
-async fn migrate_locked(c: &Client) -> Result<(), StoreError> {
-    c.batch_execute(
-        "CREATE TABLE IF NOT EXISTS tether_migrations (version int PRIMARY KEY,
-            applied_at timestamptz NOT NULL DEFAULT now())",
-    )
-    .await
-    .map_err(db)?;
-    for (version, sql) in MIGRATIONS {
-        let done = c
-            .query_opt(
-                "SELECT 1 FROM tether_migrations WHERE version = $1",
-                &[version],
-            )
-            .await
-            .map_err(db)?
-            .is_some();
-        if done {
-            continue;
-        }
-        c.batch_execute("BEGIN").await.map_err(db)?;
-        let step = async {
-            c.batch_execute(sql).await?;
-            c.execute(
-                "INSERT INTO tether_migrations (version) VALUES ($1)",
-                &[version],
-            )
-            .await?;
-            Ok::<_, tokio_postgres::Error>(())
-        };
-        match step.await {
-            Ok(()) => {
-                c.batch_execute("COMMIT").await.map_err(db)?;
-                tracing::info!(version, "database schema migrated");
-            }
-            Err(e) => {
-                let _ = c.batch_execute("ROLLBACK").await;
-                return Err(db(e));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, StoreError> {
-    serde_json::from_value(v).map_err(|e| StoreError::Db(format!("a stored value: {e}")))
-}
-
-/// The query that reads a table for the cache, and its key column.
-fn select(table: &str) -> Option<(&'static str, &'static str)> {
-    Some(match table {
-        "nodes" => (
-            "SELECT node_id, public_key, binding, bound_at, org FROM nodes",
-            "node_id",
-        ),
-        "orgs" => ("SELECT name, created_at FROM orgs", "name"),
-        "registration_keys" => (
-            "SELECT id, org, hash, created_at FROM registration_keys",
-            "id",
-        ),
-        "operator_tokens" => (
-            "SELECT id, org, hash, created_at, expires FROM operator_tokens",
-            "id",
-        ),
-        "previews" => ("SELECT id, grant_ FROM previews", "id"),
-        "mcp_nodes" => ("SELECT node_id FROM mcp_nodes", "node_id"),
-        "mcp_tokens" => ("SELECT id, token FROM mcp_tokens", "id"),
-        "desired_configs" => ("SELECT node_id, config FROM desired_configs", "node_id"),
-        _ => return None,
-    })
-}
-
-/// Puts what was read into one of the cache's maps: the row `key` (gone
-/// if nothing was read), or the whole table.
-fn put<V>(map: &mut BTreeMap<String, V>, key: Option<&str>, rows: Vec<(String, V)>) {
-    match key {
-        Some(k) => {
-            map.remove(k);
-        }
-        None => map.clear(),
-    }
-    map.extend(rows);
-}
-
-/// Reads one row (`key`) or all of a table into the cache: a write
-/// notifies the row it changed, so a replica with many nodes reads one row
-/// per registration, not every node.
-async fn reload(
-    c: &Client,
-    cache: &Mutex<Cache>,
-    table: &str,
-    key: Option<&str>,
-) -> Result<(), StoreError> {
-    let Some((sql, key_column)) = select(table) else {
-        return Ok(());
-    };
-    let rows = match key {
-        Some(k) => {
-            let sql = format!("{sql} WHERE {key_column} = $1");
-            c.query(&sql, &[&k]).await.map_err(db)?
-        }
-        None => c.query(sql, &[]).await.map_err(db)?,
-    };
-    let text = |r: &tokio_postgres::Row, i: usize| -> String { r.get(i) };
-    let mut cache = cache.lock().unwrap();
-    match table {
-        "nodes" => {
-            let rows = rows
-                .iter()
-                .map(|r| {
-                    let identity = NodeIdentity {
-                        public_key: r.get(1),
-                        binding: r.get(2),
-                        bound_at: r.get(3),
-                        org: r.get(4),
-                    };
-                    (text(r, 0), identity)
-                })
-                .collect();
-            put(&mut cache.nodes, key, rows);
-        }
-        "orgs" => {
-            let rows = rows
-                .iter()
-                .map(|r| {
-                    let org = Organization {
-                        name: r.get(0),
-                        created_at: r.get(1),
-                    };
-                    (org.name.clone(), org)
-                })
-                .collect();
-            put(&mut cache.orgs, key, rows);
-        }
-        "registration_keys" => {
-            let rows = rows
-                .iter()
-                .map(|r| {
-                    let k = RegistrationKey {
-                        id: r.get(0),
-                        org: r.get(1),
-                        hash: r.get(2),
-                        created_at: r.get(3),
-                    };
-                    (k.id.clone(), k)
-                })
-                .collect();
-            put(&mut cache.registration_keys, key, rows);
-        }
-        "operator_tokens" => {
-            let rows = rows
-                .iter()
-                .map(|r| {
-                    let t = OperatorToken {
-                        id: r.get(0),
-                        org: r.get(1),
-                        hash: r.get(2),
-                        created_at: r.get(3),
-                        expires: r.get::<_, Option<i64>>(4).map(|e| e.max(0) as u64),
-                    };
-                    (t.id.clone(), t)
-                })
-                .collect();
-            put(&mut cache.operator_tokens, key, rows);
-        }
-        "previews" => {
-            let rows = rows
-                .iter()
-                .map(|r| Ok((text(r, 0), from_json(r.get(1))?)))
-                .collect::<Result<_, StoreError>>()?;
-            put(&mut cache.previews, key, rows);
-        }
-        "mcp_nodes" => {
-            match key {
-                Some(k) => {
-                    cache.mcp_nodes.remove(k);
-                }
-                None => cache.mcp_nodes.clear(),
-            }
-            cache.mcp_nodes.extend(rows.iter().map(|r| text(r, 0)));
-        }
-        "mcp_tokens" => {
-            let rows = rows
-                .iter()
-                .map(|r| Ok((text(r, 0), from_json(r.get(1))?)))
-                .collect::<Result<_, StoreError>>()?;
-            put(&mut cache.mcp_tokens, key, rows);
-        }
-        "desired_configs" => {
-            let rows = rows
-                .iter()
-                .map(|r| Ok((text(r, 0), from_json(r.get(1))?)))
-                .collect::<Result<_, StoreError>>()?;
-            put(&mut cache.desired_configs, key, rows);
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
 impl Store for PgStore {
     fn node_identity(&self, node_id: &str) -> Option<NodeIdentity> {
-        self.cache.lock().unwrap().nodes.get(node_id).cloned()
+        self.cache.lock().unwrap().node_identity(node_id)
     }
 
     fn bind_node(
@@ -622,12 +247,7 @@ impl Store for PgStore {
     }
 
     fn is_current(&self, node_id: &str, binding: &str) -> bool {
-        self.cache
-            .lock()
-            .unwrap()
-            .nodes
-            .get(node_id)
-            .is_some_and(|i| i.binding == binding)
+        self.cache.lock().unwrap().is_current(node_id, binding)
     }
 
     fn add_preview(&self, grant: PreviewGrant) -> Result<(), StoreError> {
@@ -651,7 +271,7 @@ impl Store for PgStore {
     }
 
     fn preview(&self, id: &str) -> Option<PreviewGrant> {
-        self.cache.lock().unwrap().previews.get(id).cloned()
+        self.cache.lock().unwrap().preview(id)
     }
 
     fn revoke_preview(&self, id: &str) -> Result<bool, StoreError> {
@@ -664,24 +284,11 @@ impl Store for PgStore {
     }
 
     fn previews(&self) -> Vec<PreviewGrant> {
-        let now = crate::server::preview::now_secs();
-        let cache = self.cache.lock().unwrap();
-        cache
-            .previews
-            .values()
-            .filter(|g| g.expires > now)
-            .cloned()
-            .collect()
+        self.cache.lock().unwrap().previews()
     }
 
     fn mcp_nodes(&self) -> Vec<String> {
-        self.cache
-            .lock()
-            .unwrap()
-            .mcp_nodes
-            .iter()
-            .cloned()
-            .collect()
+        self.cache.lock().unwrap().mcp_nodes()
     }
 
     fn set_mcp_node(&self, node_id: &str, allowed: bool) -> Result<bool, StoreError> {
@@ -711,12 +318,7 @@ impl Store for PgStore {
     }
 
     fn mcp_token_by_hash(&self, hash: &str) -> Option<McpToken> {
-        let cache = self.cache.lock().unwrap();
-        cache
-            .mcp_tokens
-            .values()
-            .find(|t| crate::server::auth::secret_eq(&t.hash, hash))
-            .cloned()
+        self.cache.lock().unwrap().mcp_token_by_hash(hash)
     }
 
     fn revoke_mcp_token(&self, id: &str) -> Result<bool, StoreError> {
@@ -729,8 +331,7 @@ impl Store for PgStore {
     }
 
     fn mcp_tokens(&self) -> Vec<McpToken> {
-        let cache = self.cache.lock().unwrap();
-        cache.mcp_tokens.values().cloned().collect()
+        self.cache.lock().unwrap().mcp_tokens()
     }
 
     fn set_desired_config(
@@ -755,16 +356,11 @@ impl Store for PgStore {
     }
 
     fn desired_configs(&self) -> Vec<(String, crate::protocol::NodeConfig)> {
-        let cache = self.cache.lock().unwrap();
-        cache
-            .desired_configs
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+        self.cache.lock().unwrap().desired_configs()
     }
 
     fn organizations(&self) -> Vec<Organization> {
-        self.cache.lock().unwrap().orgs.values().cloned().collect()
+        self.cache.lock().unwrap().organizations()
     }
 
     fn add_organization(&self, org: Organization, key: RegistrationKey) -> Result<(), StoreError> {
@@ -798,12 +394,7 @@ impl Store for PgStore {
     }
 
     fn registration_key_by_hash(&self, hash: &str) -> Option<RegistrationKey> {
-        let cache = self.cache.lock().unwrap();
-        cache
-            .registration_keys
-            .values()
-            .find(|k| crate::server::auth::secret_eq(&k.hash, hash))
-            .cloned()
+        self.cache.lock().unwrap().registration_key_by_hash(hash)
     }
 
     fn add_operator_token(&self, token: OperatorToken) -> Result<(), StoreError> {
@@ -824,17 +415,11 @@ impl Store for PgStore {
     }
 
     fn operator_token_by_hash(&self, hash: &str) -> Option<OperatorToken> {
-        let cache = self.cache.lock().unwrap();
-        cache
-            .operator_tokens
-            .values()
-            .find(|t| crate::server::auth::secret_eq(&t.hash, hash))
-            .cloned()
+        self.cache.lock().unwrap().operator_token_by_hash(hash)
     }
 
     fn operator_tokens(&self) -> Vec<OperatorToken> {
-        let cache = self.cache.lock().unwrap();
-        cache.operator_tokens.values().cloned().collect()
+        self.cache.lock().unwrap().operator_tokens()
     }
 
     fn revoke_operator_token(&self, id: &str) -> Result<bool, StoreError> {
@@ -1057,10 +642,6 @@ impl Store for PgStore {
 
 impl PgStore {
     fn check_org(&self, org: &str) -> Result<(), StoreError> {
-        if is_default(org) || self.cache.lock().unwrap().orgs.contains_key(org) {
-            Ok(())
-        } else {
-            Err(StoreError::NoSuchOrg(org.to_string()))
-        }
+        self.cache.lock().unwrap().check_org(org)
     }
 }

@@ -199,16 +199,23 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
             json!({"name": "sandbox.exec", "arguments": {"task_id": "t1", "worker_id": "w", "argv": 5}}),
         )
         .await;
-    // A tool error (the SDK's message says what was wrong, not which
-    // argument); the session goes on.
+    // A tool error naming the argument and what was wrong with it; the
+    // session goes on.
     assert_eq!(v["result"]["isError"], true, "{v}");
+    let text = v["result"]["content"][0]["text"].as_str().unwrap_or("");
     assert!(
-        v["result"]["content"][0]["text"]
-            .as_str()
-            .unwrap_or("")
-            .contains("invalid type"),
+        text.contains("argument \"argv\"") && text.contains("invalid type: integer `5`"),
         "{v}"
     );
+    let v = m
+        .request(
+            "tools/call",
+            json!({"name": "sandbox.exec", "arguments": {"task_id": "t1", "worker_id": "w", "argv": ["true"], "timeout_s": "soon"}}),
+        )
+        .await;
+    assert_eq!(v["result"]["isError"], true, "{v}");
+    let text = v["result"]["content"][0]["text"].as_str().unwrap_or("");
+    assert!(text.contains("argument \"timeout_s\""), "{v}");
     let e = m
         .call(
             "sandbox.exec",

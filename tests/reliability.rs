@@ -1119,12 +1119,7 @@ async fn a_detached_exec_waits_for_its_client_while_the_agent_is_away() {
     proxy.refuse(true);
     proxy.cut();
     h.wait_status(&node, "offline").await;
-    let d = tether::server::DetachedExec {
-        worker_id: w.worker_id.clone(),
-        session: s,
-        relay: Default::default(),
-        end: None,
-    };
+    let d = tether::server::DetachedExec::new(&w.worker_id, s);
     h.hub.detach_exec(d, Duration::from_secs(1));
     tokio::time::sleep(Duration::from_secs(3)).await;
     proxy.refuse(false);
@@ -1146,12 +1141,7 @@ async fn a_detached_exec_waits_for_its_client_while_the_agent_is_away() {
     s.output.set_manual_ack();
     let channel = s.output.channel();
     wait_in_worker(&w.worker_id, "/tmp/pid", "the second command started").await;
-    let d = tether::server::DetachedExec {
-        worker_id: w.worker_id.clone(),
-        session: s,
-        relay: Default::default(),
-        end: None,
-    };
+    let d = tether::server::DetachedExec::new(&w.worker_id, s);
     h.hub.detach_exec(d, Duration::from_secs(1));
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(h.hub.attach_exec(&w.worker_id, channel).is_err(), "expired");
@@ -1229,6 +1219,112 @@ async fn ctl_exec_leaves_a_silently_dead_connection_and_reattaches() {
     eprintln!(
         "ctl finished {:.1} s after its connection died",
         t0.elapsed().as_secs_f64()
+    );
+    h.stop().await;
+}
+
+/// `ctl port-forward` whose connection to the server is cut three times
+/// while 20 MB go through it to an echo and back: it re-attaches each time,
+/// and the local client sees every byte once, in order, then the worker's
+/// half-close after its own. The tunnel is gone from the server's list
+/// once the connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_survives_cuts_of_its_server_connection_byte_exact_both_ways() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let (h, _node) = Harness::start().await;
+    let proxy = Proxy::start(h.addr).await;
+    let w = h
+        .hub
+        .spawn(SpawnRequest {
+            image: image(),
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "while true; do nc -l -p 9000 -e cat; done".into(),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut pf = ctl_through(&h, &proxy, &["port-forward", &w.worker_id, ":9000"]);
+    let mut lines = tokio::io::BufReader::new(pf.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("port-forward says where it listens")
+        .unwrap()
+        .unwrap();
+    let local = line
+        .strip_prefix("Forwarding from ")
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or_else(|| panic!("unexpected: {line}"))
+        .to_string();
+    // `nc` listens again a moment after each connection: probe until the
+    // echo answers.
+    let mut c = None;
+    for _ in 0..50 {
+        let mut s = tokio::net::TcpStream::connect(&local).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        if let Ok(Ok(1)) = tokio::time::timeout(Duration::from_secs(2), s.read(&mut one)).await {
+            c = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let c = c.expect("an echo through port-forward");
+    const SIZE: usize = 20_000_000;
+    let sent: Vec<u8> = (0..SIZE as u32).map(|i| (i * 31 % 251) as u8).collect();
+    let (mut rd, mut wr) = c.into_split();
+    let payload = sent.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in payload.chunks(64 * 1024) {
+            wr.write_all(chunk).await.unwrap();
+        }
+        wr.shutdown().await.unwrap();
+    });
+    let mut cuts_at = vec![3_000_000, 9_000_000, 15_000_000];
+    let mut got = Vec::with_capacity(SIZE);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(60), rd.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("echo within 60 s: {} bytes back", got.len()))
+            .unwrap();
+        if n == 0 {
+            break; // the worker's half-close, after ours
+        }
+        got.extend_from_slice(&buf[..n]);
+        if cuts_at.first().is_some_and(|&at| got.len() >= at) {
+            cuts_at.remove(0);
+            proxy.cut();
+        }
+    }
+    writer.await.unwrap();
+    assert!(cuts_at.is_empty(), "the connection was cut three times");
+    assert_eq!(got.len(), SIZE, "bytes lost or duplicated");
+    assert_eq!(sha256(&got), sha256(&sent), "the echo differs");
+    assert!(
+        proxy.accepted() >= 4,
+        "port-forward opened a connection per cut: {}",
+        proxy.accepted()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = h.ctl(&["tunnels"]).await;
+        assert!(out.status.success());
+        let table = String::from_utf8_lossy(&out.stdout).to_string();
+        if !table.contains(&w.worker_id) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tunnel stays listed: {table}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        pf.try_wait().unwrap().is_none(),
+        "port-forward goes on listening"
     );
     h.stop().await;
 }

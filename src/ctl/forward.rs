@@ -2,10 +2,11 @@
 //! accepted connection becomes its own tunnel to a port of a worker,
 //! through the server and the node's agent.
 
-use super::ws::open;
+use super::resume::{Output, resumable, stdin_eof};
+use super::ws::{End, open};
 use super::{Client, CtlError};
-use crate::protocol::operator::{ClientMsg, ServerMsg};
-use futures_util::{SinkExt, StreamExt};
+use crate::protocol::StreamKind;
+use crate::protocol::operator::parse_data_frame;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -115,68 +116,69 @@ pub async fn port_forward(
     Ok(())
 }
 
-/// One local connection through one tunnel, both ways, half-closes passed on.
+/// One local connection through one tunnel, both ways, half-closes passed
+/// on; a lost connection to the server is re-attached without losing a
+/// byte.
 async fn carry(client: &Client, worker: &str, remote: u16, tcp: TcpStream) -> Result<(), CtlError> {
     let _ = tcp.set_nodelay(true);
     let path = format!("{}/tunnels/{remote}", super::worker_path(worker));
-    let ws = open(client, &path, &[]).await?;
-    let (mut to_server, mut from_server) = ws.split();
-    match from_server.next().await {
-        Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ServerMsg>(t.as_str()) {
-            Ok(ServerMsg::Started(_)) => {}
-            Ok(ServerMsg::Error { error }) => return Err(CtlError::Api(error)),
-            _ => return Err(CtlError::Local(format!("unexpected message: {t}"))),
-        },
-        _ => return Err(CtlError::Local("the server closed the tunnel".into())),
-    }
-    let (mut from_local, mut to_local) = tcp.into_split();
-    let up = async {
+    let ws = open(client, &path, &[("acks", "true".to_string())]).await?;
+    let (mut from_local, to_local) = tcp.into_split();
+    let (input, mut input_rx) = tokio::sync::mpsc::channel::<WsMessage>(16);
+    let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             match from_local.read(&mut buf).await {
                 Ok(0) | Err(_) => {
-                    let eof = WsMessage::text(ClientMsg::StdinEof.encode());
-                    let _ = to_server.send(eof).await;
-                    // The other direction goes on until the worker's side ends.
-                    return std::future::pending::<()>().await;
+                    let _ = input.send(stdin_eof()).await;
+                    return;
                 }
                 Ok(n) => {
                     let data = WsMessage::Binary(bytes::Bytes::copy_from_slice(&buf[..n]));
-                    if to_server.send(data).await.is_err() {
+                    if input.send(data).await.is_err() {
                         return;
                     }
                 }
             }
         }
+    });
+    let mut out = Local {
+        w: to_local,
+        shut: false,
     };
-    let down = async {
-        while let Some(m) = from_server.next().await {
-            match m {
-                // A kind byte, then the worker's bytes.
-                Ok(WsMessage::Binary(b)) if !b.is_empty() => {
-                    if to_local.write_all(&b[1..]).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                Ok(WsMessage::Text(t)) => match serde_json::from_str::<ServerMsg>(t.as_str()) {
-                    Ok(ServerMsg::Eof) => {
-                        let _ = to_local.shutdown().await;
-                    }
-                    Ok(ServerMsg::Error { error }) => return Err(CtlError::Api(error)),
-                    Ok(ServerMsg::Exit { .. }) => return Ok(()),
-                    _ => {}
-                },
-                Ok(WsMessage::Close(_)) | Err(_) => {
-                    return Err(CtlError::Local("the tunnel's connection broke".into()));
-                }
-                Ok(_) => {}
-            }
+    let end = resumable(client, &path, ws, &mut input_rx, &mut out).await;
+    reader.abort();
+    match end? {
+        End::Exit(_) => Ok(()),
+        End::Error(e) => Err(CtlError::Api(e)),
+    }
+}
+
+/// The local connection's writing half.
+struct Local {
+    w: tokio::net::tcp::OwnedWriteHalf,
+    shut: bool,
+}
+
+impl Output for Local {
+    async fn frame(&mut self, frame: &[u8]) -> Result<(), CtlError> {
+        match parse_data_frame(frame) {
+            Some((Some(StreamKind::Gap), _)) => Err(CtlError::Local(
+                "bytes from the worker were lost (the node's spool was full)".into(),
+            )),
+            Some((_, data)) => self
+                .w
+                .write_all(data)
+                .await
+                .map_err(|e| CtlError::Local(format!("the local connection: {e}"))),
+            None => Ok(()),
         }
-        Ok(())
-    };
-    tokio::select! {
-        r = down => r,
-        _ = up => Ok(()),
+    }
+
+    async fn eof(&mut self) {
+        if !std::mem::replace(&mut self.shut, true) {
+            let _ = self.w.shutdown().await;
+        }
     }
 }
 

@@ -8,6 +8,7 @@ pub mod extract;
 mod forward;
 mod logs;
 pub mod orgs;
+mod resume;
 mod ws;
 
 pub use cp::{CpTarget, copy};

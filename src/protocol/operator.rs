@@ -228,6 +228,9 @@ pub enum ClientMsg {
     Ack {
         offset: u64,
     },
+    /// The client is leaving for good (its own reader went away): end the
+    /// exec or tunnel now instead of keeping it for a re-attach.
+    Cancel,
     /// A message this build does not know (sent by a newer client).
     #[serde(other)]
     Unknown,

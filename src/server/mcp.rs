@@ -10,8 +10,10 @@ use crate::protocol::operator::{ExecOptions, NodeInfo, NodeState};
 use crate::protocol::{ErrorBody, SpawnRequest, StreamKind};
 use base64::Engine;
 use bytes::Bytes;
+use rmcp::handler::server::common::FromContextPart;
+use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::tool::Extension;
-use rmcp::handler::server::{router::tool::ToolRouter, wrapper::Parameters};
+use rmcp::handler::server::tool::ToolCallContext;
 use rmcp::{Json, ServerHandler, tool, tool_handler, tool_router};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -25,6 +27,46 @@ pub const DEFAULT_OUTPUT_CAP: usize = 256 * 1024;
 /// Largest file `sandbox.get_file` / `put_file` carry (larger: the HTTP
 /// archive route).
 pub const MAX_FILE: usize = 4 * 1024 * 1024;
+
+/// A tool's arguments. Read as the SDK's `Parameters` are (an ill-typed
+/// argument is a tool error, not a protocol error), but the error names the
+/// argument: `argument "argv": invalid type: integer `5`, expected a
+/// sequence`. The `#[tool]` macro finds the input schema by this name.
+pub struct Parameters<P>(pub P);
+
+impl<P: JsonSchema> JsonSchema for Parameters<P> {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        P::schema_name()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        P::json_schema(generator)
+    }
+}
+
+impl<S, P: serde::de::DeserializeOwned> FromContextPart<ToolCallContext<'_, S>> for Parameters<P> {
+    fn from_context_part(context: &mut ToolCallContext<'_, S>) -> Result<Self, rmcp::ErrorData> {
+        let arguments = context.arguments.take().unwrap_or_default();
+        serde_path_to_error::deserialize(serde_json::Value::Object(arguments))
+            .map(Parameters)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let what = if path == "." {
+                    "the arguments".to_string()
+                } else {
+                    format!("argument {path:?}")
+                };
+                // The SDK turns errors with this prefix into tool errors.
+                rmcp::ErrorData::invalid_params(
+                    format!(
+                        "failed to deserialize parameters: {what}: {}",
+                        e.into_inner()
+                    ),
+                    None,
+                )
+            })
+    }
+}
 
 const NO_SCOPE: &str = "unauthorized: no MCP authorization on this request";
 

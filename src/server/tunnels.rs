@@ -104,8 +104,8 @@ impl Connection {
     }
 
     /// Completes when an operator closes the tunnel.
-    pub async fn closed(&self) {
-        self.closed.cancelled().await
+    pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.closed.clone().cancelled_owned()
     }
 }
 

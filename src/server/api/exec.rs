@@ -2,7 +2,7 @@
 //! acknowledgements, hand-back for a re-attach.
 
 use super::*;
-use crate::server::relay::{Relay, StdinQueue, already_had};
+use crate::server::relay::{StdinQueue, already_had};
 
 #[derive(Deserialize)]
 pub(super) struct ExecQuery {
@@ -41,19 +41,7 @@ pub(super) async fn open_exec(
     rx: &mut WsRx,
 ) -> Result<(DetachedExec, bool), ErrorBody> {
     if let Some(channel) = q.attach {
-        let mut d = app.hub.take_exec(worker_id, channel).await?;
-        let resume = d.relay.resume(q.offset, d.session.output.position());
-        if let Some((from, to)) = resume.gap {
-            // Never silent: say exactly what is missing.
-            let _ = tx.send(text(&ServerMsg::Gap { from, to })).await;
-        }
-        for (kind, b) in &resume.resend {
-            if tx.send(data_frame(*kind, b)).await.is_err() {
-                return Err(ErrorBody::new(ErrorCode::Unavailable, "client went away"));
-            }
-        }
-        d.session.output.ack(resume.acked);
-        return Ok((d, true));
+        return Ok((reattach(app, worker_id, channel, q.offset, tx).await?, true));
     }
     let opts: ExecOptions = match rx.next().await {
         Some(Ok(WsMessage::Text(t))) => serde_json::from_str(t.as_str()).map_err(|e| {
@@ -75,15 +63,34 @@ pub(super) async fn open_exec(
     if client_acks {
         session.output.set_manual_ack();
     }
-    Ok((
-        DetachedExec {
-            worker_id: worker_id.to_string(),
-            session,
-            relay: Default::default(),
-            end: None,
-        },
-        client_acks,
-    ))
+    Ok((DetachedExec::new(worker_id, session), client_acks))
+}
+
+/// Takes back a detached exec or tunnel for a client that has its output
+/// up to `offset`, resending what it lacks.
+pub(super) async fn reattach(
+    app: &AppState,
+    worker_id: &str,
+    channel: u32,
+    offset: u64,
+    tx: &mut WsTx,
+) -> Result<DetachedExec, ErrorBody> {
+    let mut d = app.hub.take_exec(worker_id, channel).await?;
+    let resume = d.relay.resume(offset, d.session.output.position());
+    if let Some((from, to)) = resume.gap {
+        // Never silent: say exactly what is missing.
+        let _ = tx.send(text(&ServerMsg::Gap { from, to })).await;
+    }
+    for (kind, b) in &resume.resend {
+        if tx.send(data_frame(*kind, b)).await.is_err() {
+            return Err(ErrorBody::new(ErrorCode::Unavailable, "client went away"));
+        }
+    }
+    if d.eof && tx.send(text(&ServerMsg::Eof)).await.is_err() {
+        return Err(ErrorBody::new(ErrorCode::Unavailable, "client went away"));
+    }
+    d.session.output.ack(resume.acked);
+    Ok(d)
 }
 
 /// The exec WebSocket. After a `started` text naming the channel, binary
@@ -108,12 +115,39 @@ pub(super) async fn exec_session(
             return;
         }
     };
+    // A client re-attaching ahead of what this server has (a new server
+    // adopts from the agent's last acknowledged byte) skips what it has.
+    let skip_until = if q.attach.is_some() { q.offset } else { 0 };
+    serve(app, d, client_acks, skip_until, tx, rx).await
+}
+
+/// Serves an exec's or a tunnel's connection until its end or until the
+/// client goes; a client that acknowledges output gets it kept for a
+/// re-attach ([`hand_back`]).
+pub(super) async fn serve(
+    app: Arc<AppState>,
+    d: DetachedExec,
+    client_acks: bool,
+    skip_until: u64,
+    mut tx: WsTx,
+    mut rx: WsRx,
+) {
     let DetachedExec {
         worker_id,
         session,
         mut relay,
         end: mut known_end,
+        mut eof,
+        tunnel,
     } = d;
+    let closed = tunnel.as_ref().map(|t| t.closed());
+    let closed_by_operator = async move {
+        match closed {
+            Some(c) => c.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(closed_by_operator);
     let Duplex { input, mut output } = session;
     // A newer connection of this client (it lost this one, perhaps without
     // the server noticing) takes the exec over: this one hands it back.
@@ -142,20 +176,27 @@ pub(super) async fn exec_session(
     });
     let mut keepalive = keepalive(&app);
     let stdin_progress = input.progress();
-    let mut stdin_acked = stdin_progress.acked();
+    // The latest `stdin_ack` this connection said: none yet, so that a
+    // re-attached client hears what the agent already has (it may have
+    // missed that ack, and keeps that input until it hears it).
+    let mut stdin_acked = 0;
     // Input bytes this server has had: sent to the agent, or waiting.
     let mut stdin_in = input.offset();
     let mut ack_tick = tokio::time::interval(Duration::from_millis(20));
     ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let kept = |input, output, relay, end, eof, tunnel| DetachedExec {
+        worker_id: worker_id.clone(),
+        session: Duplex { input, output },
+        relay,
+        end,
+        eof,
+        tunnel,
+    };
     if tx.send(text(&started)).await.is_err() {
         return hand_back(
             &app,
-            worker_id,
-            input,
-            output,
-            relay,
+            kept(input, output, relay, known_end, eof, tunnel),
             client_acks,
-            known_end,
         );
     }
     // Stdin is written by its own task, so waiting for stdin credit never
@@ -184,9 +225,6 @@ pub(super) async fn exec_session(
         input
     });
     let channel = output.channel();
-    // A client re-attaching ahead of what this server has (a new server
-    // adopts from the agent's last acknowledged byte) skips what it has.
-    let skip_until = if q.attach.is_some() { q.offset } else { 0 };
     // Client messages are read on while stdin waits for the writer, so
     // that acknowledgements behind it get through (else a process that
     // echoes its input, blocked on output the client cannot acknowledge,
@@ -195,6 +233,7 @@ pub(super) async fn exec_session(
     // finds this server not reading; beyond it, reading stops.
     let mut stdin_buf = StdinQueue::new(app.cfg.stdin_window);
     let mut said_end = None;
+    let mut cancelled = false;
     let ended = loop {
         // A re-attach after the end went out into a connection that did not
         // close: the client may lack only the end (and what `relay` held).
@@ -235,8 +274,31 @@ pub(super) async fn exec_session(
                     break false;
                 }
             }
-            ev = output.next() => match ev.map(StreamEvent::into_frame) {
-                Some(Ok((k, b))) => {
+            _ = &mut closed_by_operator => {
+                let error = ErrorBody::new(ErrorCode::Unavailable, "an operator closed the tunnel");
+                let sent = send_unless(&mut tx, end_message(None, Some(error.clone())), &mut taken_over).await;
+                if sent {
+                    said_end = Some((None, Some(error)));
+                } else {
+                    known_end = Some((None, Some(error)));
+                }
+                break sent;
+            }
+            ev = output.next() => match ev.map(|ev| match ev {
+                StreamEvent::Eof => None,
+                ev => Some(ev.into_frame()),
+            }) {
+                // A tunnel's half-close, said once (and again on re-attach).
+                Some(None) => {
+                    eof = true;
+                    if !send_unless(&mut tx, text(&ServerMsg::Eof), &mut taken_over).await {
+                        break false;
+                    }
+                }
+                Some(Some(Ok((k, b)))) => {
+                    if let Some(t) = &tunnel {
+                        t.from_worker(b.len());
+                    }
                     let start = output.position() - b.len() as u64;
                     let skip = already_had(start, b.len(), skip_until);
                     if skip > 0 {
@@ -255,7 +317,7 @@ pub(super) async fn exec_session(
                         break false;
                     }
                 }
-                Some(Err((exit_code, error))) => {
+                Some(Some(Err((exit_code, error)))) => {
                     let sent = send_unless(&mut tx, end_message(exit_code, error.clone()), &mut taken_over).await;
                     if sent {
                         said_end = Some((exit_code, error));
@@ -268,6 +330,9 @@ pub(super) async fn exec_session(
             },
             m = rx.next(), if stdin_buf.has_room() => match m {
                 Some(Ok(WsMessage::Binary(b))) => {
+                    if let Some(t) = &tunnel {
+                        t.to_worker(b.len());
+                    }
                     stdin_in += b.len() as u64;
                     stdin_buf.data(b);
                 }
@@ -284,6 +349,10 @@ pub(super) async fn exec_session(
                         output.ack(offset);
                         relay.ack(offset);
                     }
+                    Ok(ClientMsg::Cancel) => {
+                        cancelled = true;
+                        break false;
+                    }
                     // Unknown or malformed: a newer client's, ignored.
                     Ok(ClientMsg::Unknown) | Err(_) => {}
                 },
@@ -293,6 +362,11 @@ pub(super) async fn exec_session(
         }
     };
     drop(stdin_tx);
+    if cancelled {
+        // Dropping the output cancels the exec or tunnel on the agent.
+        writer.abort();
+        return;
+    }
     if ended {
         let Some(end) = said_end else {
             writer.abort();
@@ -309,12 +383,8 @@ pub(super) async fn exec_session(
         let Ok(input) = writer.await else { return };
         return hand_back(
             &app,
-            worker_id,
-            input,
-            output,
-            relay,
+            kept(input, output, relay, Some(end), eof, tunnel),
             client_acks,
-            Some(end),
         );
     }
     // The client went away mid-command: give stdin a moment to drain, then
@@ -334,12 +404,8 @@ pub(super) async fn exec_session(
     };
     hand_back(
         &app,
-        worker_id,
-        input,
-        output,
-        relay,
+        kept(input, output, relay, known_end, eof, tunnel),
         client_acks,
-        known_end,
     );
 }
 
@@ -356,24 +422,10 @@ pub(super) async fn send_unless(
     }
 }
 
-/// Keeps a detached exec for re-attachment, or drops it (cancelling it on
-/// the agent) when its client cannot re-attach.
-pub(super) fn hand_back(
-    app: &AppState,
-    worker_id: String,
-    input: ChannelSink,
-    output: ChannelStream,
-    relay: Relay,
-    client_acks: bool,
-    end: Option<(Option<i64>, Option<ErrorBody>)>,
-) {
+/// Keeps a detached exec or tunnel for re-attachment, or drops it
+/// (cancelling it on the agent) when its client cannot re-attach.
+pub(super) fn hand_back(app: &AppState, d: DetachedExec, client_acks: bool) {
     if client_acks {
-        let d = DetachedExec {
-            worker_id,
-            session: Duplex { input, output },
-            relay,
-            end,
-        };
         app.hub.detach_exec(d, app.cfg.attach_grace);
     }
 }

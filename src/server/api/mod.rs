@@ -3,9 +3,7 @@
 //! the HTTP status of the code.
 
 use super::conn::Admission;
-use super::hub::{
-    ChannelSink, ChannelStream, DetachedExec, Duplex, ExecOptions, LogOptions, StreamEvent,
-};
+use super::hub::{DetachedExec, Duplex, ExecOptions, LogOptions, StreamEvent};
 use super::orgs::Caller;
 use super::{AppState, auth};
 use crate::protocol::operator::{self, ClientMsg, ServerMsg, Started};

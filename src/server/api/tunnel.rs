@@ -1,19 +1,32 @@
 //! The tunnel WebSocket: one TCP connection to a port of a worker.
 //! Binary messages from the client are bytes for the worker; the server's
 //! are data frames (a kind byte, then bytes). `stdin_eof` from the client
-//! and `eof` from the server are half-closes; `exit` or `error` ends it.
+//! and `eof` from the server are half-closes; `exit` or `error` ends it. A
+//! client that acknowledges output (`?acks=true`, then `ack` messages, as
+//! an exec's) can lose its connection and re-attach
+//! (`?attach=CHANNEL&offset=N`) without losing a byte either way.
 
+use super::exec::{reattach, serve};
 use super::*;
 use crate::protocol::operator::TunnelInfo;
-use crate::server::relay::StdinQueue;
-use crate::server::tunnels::Connection;
 
-/// What a tunnel lets wait from its client for the agent's credit.
-const TUNNEL_INPUT_WINDOW: usize = 1024 * 1024;
+#[derive(Deserialize)]
+pub(super) struct TunnelQuery {
+    /// Re-attach to this tunnel channel instead of opening a connection.
+    attach: Option<u32>,
+    /// Output bytes the re-attaching client already has.
+    #[serde(default)]
+    offset: u64,
+    /// The client acknowledges output and keeps its input until
+    /// `stdin_ack`: the tunnel is kept for a re-attach when it goes.
+    #[serde(default)]
+    acks: bool,
+}
 
 pub(super) async fn tunnel_ws(
     State(app): State<Arc<AppState>>,
     Path((id, port)): Path<(String, String)>,
+    Query(q): Query<TunnelQuery>,
     ws: WebSocketUpgrade,
 ) -> Response {
     let port = match port.parse::<u16>() {
@@ -25,102 +38,38 @@ pub(super) async fn tunnel_ws(
             ));
         }
     };
+    if let Some(channel) = q.attach {
+        // Refused before the upgrade, so the client can retry on 404.
+        if let Err(e) = app.hub.can_attach(&id, channel) {
+            return error_response(e);
+        }
+        return ws.on_upgrade(move |socket| async move {
+            let (mut tx, rx) = socket.split();
+            match reattach(&app, &id, channel, q.offset, &mut tx).await {
+                Ok(d) => serve(app, d, true, q.offset, tx, rx).await,
+                Err(e) => {
+                    let _ = tx.send(end_message(None, Some(e))).await;
+                    close(tx, rx, std::future::pending()).await;
+                }
+            }
+        });
+    }
     // Connected before the upgrade: a refusal is an HTTP error with its code.
     let conn = app.tunnels.connect(&id, port);
     match app.hub.tunnel(&id, port).await {
-        Ok(t) => ws.on_upgrade(move |socket| tunnel_session(app, t, conn, socket)),
+        Ok(mut t) => {
+            t.output.report_eof();
+            if q.acks {
+                t.output.set_manual_ack();
+            }
+            let mut d = DetachedExec::new(&id, t);
+            d.tunnel = Some(conn);
+            ws.on_upgrade(move |socket| {
+                let (tx, rx) = socket.split();
+                serve(app, d, q.acks, 0, tx, rx)
+            })
+        }
         Err(e) => error_response(e),
-    }
-}
-
-async fn tunnel_session(app: Arc<AppState>, t: Duplex, conn: Connection, socket: WebSocket) {
-    let (mut tx, mut rx) = socket.split();
-    let Duplex {
-        mut input,
-        mut output,
-    } = t;
-    output.report_eof();
-    if tx
-        .send(text(&ServerMsg::Started(Started::default())))
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let mut keepalive = keepalive(&app);
-    // The client's bytes wait here for the agent's credit, so the client is
-    // read on (and the worker's answer sent on) while a write waits.
-    let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Option<bytes::Bytes>>(16);
-    let writer = async move {
-        while let Some(item) = in_rx.recv().await {
-            match item {
-                Some(b) => {
-                    if input.write(b).await.is_err() {
-                        break;
-                    }
-                }
-                None => input.close(),
-            }
-        }
-        // Never completes: the stream's end decides when the tunnel is over.
-        std::future::pending::<()>().await;
-    };
-    tokio::pin!(writer);
-    let mut waiting = StdinQueue::new(TUNNEL_INPUT_WINDOW);
-    let end = loop {
-        tokio::select! {
-            _ = &mut writer => {}
-            permit = in_tx.reserve(), if !waiting.is_empty() => match permit {
-                Ok(p) => p.send(waiting.pop().flatten()),
-                Err(_) => waiting.clear(),
-            },
-            _ = conn.closed() => break Some(end_message(None, Some(ErrorBody::new(
-                ErrorCode::Unavailable,
-                "an operator closed the tunnel",
-            )))),
-            _ = keepalive.tick() => {
-                if tx.send(WsMessage::Ping(Default::default())).await.is_err() {
-                    break None;
-                }
-            }
-            ev = output.next() => match ev {
-                Some(StreamEvent::Data(_, b)) => {
-                    conn.from_worker(b.len());
-                    if tx.send(data_frame(StreamKind::Data, &b)).await.is_err() {
-                        break None;
-                    }
-                }
-                Some(StreamEvent::Eof) => {
-                    if tx.send(text(&ServerMsg::Eof)).await.is_err() {
-                        break None;
-                    }
-                }
-                Some(StreamEvent::Gap(_)) => {}
-                Some(StreamEvent::End { exit_code, error }) => break Some(end_message(exit_code, error)),
-                None => break Some(end_message(None, None)),
-            },
-            m = rx.next(), if waiting.has_room() => match m {
-                Some(Ok(WsMessage::Binary(b))) => {
-                    conn.to_worker(b.len());
-                    waiting.data(b)
-                }
-                Some(Ok(WsMessage::Text(t))) => {
-                    if let Ok(ClientMsg::StdinEof) = serde_json::from_str::<ClientMsg>(t.as_str()) {
-                        waiting.eof();
-                    }
-                }
-                // The client left: the connection to the worker goes too.
-                Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => break None,
-                Some(Ok(_)) => {}
-            },
-        }
-    };
-    // Dropping `output` before its end cancels the tunnel on the agent.
-    drop(output);
-    if let Some(m) = end
-        && tx.send(m).await.is_ok()
-    {
-        close(tx, rx, std::future::pending()).await;
     }
 }
 

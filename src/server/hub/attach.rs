@@ -45,6 +45,24 @@ pub struct DetachedExec {
     /// The exec's end (exit code, error), when it was sent to a client that
     /// then did not close its connection: it may not have arrived.
     pub end: Option<(Option<i64>, Option<ErrorBody>)>,
+    /// A tunnel's worker side half-closed (said again after a re-attach).
+    pub eof: bool,
+    /// A tunnel's entry in the server's tunnel list, kept while detached.
+    pub tunnel: Option<crate::server::tunnels::Connection>,
+}
+
+impl DetachedExec {
+    /// A session no client has had yet.
+    pub fn new(worker_id: &str, session: Duplex) -> DetachedExec {
+        DetachedExec {
+            worker_id: worker_id.to_string(),
+            session,
+            relay: Default::default(),
+            end: None,
+            eof: false,
+            tunnel: None,
+        }
+    }
 }
 
 impl OfWorker for DetachedExec {
@@ -209,19 +227,15 @@ impl Hub {
             eof_events: false,
         };
         output.set_manual_ack();
-        let d = DetachedExec {
-            worker_id: open.worker_id.clone(),
-            session: Duplex {
-                input: ChannelSink {
-                    channel: open.channel,
-                    writer: h.writer,
-                    link: link.clone(),
-                },
-                output,
+        let session = Duplex {
+            input: ChannelSink {
+                channel: open.channel,
+                writer: h.writer,
+                link: link.clone(),
             },
-            relay: Default::default(),
-            end: None,
+            output,
         };
+        let d = DetachedExec::new(&open.worker_id, session);
         self.detach_exec(d, grace);
     }
 }

@@ -171,7 +171,7 @@ impl Hub {
         };
         let mut reg = self.reg.lock().unwrap();
         reg.workers
-            .retain(|_, w| !(w.node_id == node_id && w.deployment.as_deref() == Some(name)));
+            .remove_of_node(node_id, |w| w.deployment.as_deref() == Some(name));
         for s in services {
             // A node speaks only for its own services of this deployment.
             if s.worker.deployment.as_deref() != Some(name) {
@@ -186,7 +186,7 @@ impl Hub {
             }
             let mut w = s.worker.clone();
             w.node_id = node_id.to_string();
-            reg.workers.insert(w.worker_id.clone(), w);
+            reg.workers.insert(w);
         }
     }
 }

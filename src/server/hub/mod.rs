@@ -32,6 +32,7 @@ mod config;
 mod deployments;
 mod link;
 mod stream;
+mod worker_table;
 mod workers;
 
 pub use attach::{DetachedExec, HeldExec, TAKEOVER_WAIT};
@@ -83,7 +84,7 @@ struct NodeEntry {
 struct Registry {
     nodes: HashMap<String, NodeEntry>,
     /// The server's view of every worker, reconciled from agent inventories.
-    workers: HashMap<String, WorkerInfo>,
+    workers: worker_table::WorkerTable,
 }
 
 /// The control plane, cheap to clone.
@@ -171,15 +172,6 @@ impl OrgScope {
     }
 }
 
-/// How many workers each node has, in one pass over the workers.
-fn worker_counts(reg: &Registry) -> HashMap<&str, usize> {
-    let mut counts: HashMap<&str, usize> = HashMap::new();
-    for w in reg.workers.values() {
-        *counts.entry(w.node_id.as_str()).or_default() += 1;
-    }
-    counts
-}
-
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -260,12 +252,11 @@ impl Hub {
     /// The nodes `scope` sees, sorted by id.
     pub fn nodes_in(&self, scope: &OrgScope) -> Vec<NodeInfo> {
         let reg = self.reg.lock().unwrap();
-        let counts = worker_counts(&reg);
         let mut v: Vec<NodeInfo> = reg
             .nodes
             .iter()
             .filter(|(_, n)| scope.admits(&n.org))
-            .map(|(id, n)| n.info(id, counts.get(id.as_str()).copied().unwrap_or(0)))
+            .map(|(id, n)| n.info(id, reg.workers.count(id)))
             .collect();
         v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         v
@@ -276,12 +267,7 @@ impl Hub {
         let n = reg.nodes.get(node_id).ok_or_else(|| {
             ErrorBody::new(ErrorCode::NotFound, format!("no such node: {node_id}"))
         })?;
-        let workers = reg
-            .workers
-            .values()
-            .filter(|w| w.node_id == node_id)
-            .count();
-        Ok(n.info(node_id, workers))
+        Ok(n.info(node_id, reg.workers.count(node_id)))
     }
 
     /// Every worker, sorted by node then id.
@@ -365,14 +351,13 @@ impl Hub {
     /// `unavailable` if there is none.
     fn candidates(&self, inference: bool, scope: &OrgScope) -> Result<Vec<String>, ErrorBody> {
         let reg = self.reg.lock().unwrap();
-        let counts = worker_counts(&reg);
         let mut nodes: Vec<(usize, &String)> = reg
             .nodes
             .iter()
             .filter(|(_, n)| scope.admits(&n.org))
             .filter(|(_, n)| n.online && !n.draining && n.degraded.is_none())
             .filter(|(_, n)| !inference || n.runs_inference())
-            .map(|(id, _)| (counts.get(id.as_str()).copied().unwrap_or(0), id))
+            .map(|(id, _)| (reg.workers.count(id), id))
             .collect();
         nodes.sort();
         if nodes.is_empty() {
@@ -466,7 +451,7 @@ impl Hub {
         // node, and about nothing else: a node may claim only workers that
         // carry its own label and that no other node owns.
         if let Some(inventory) = inventory {
-            reg.workers.retain(|_, w| w.node_id != node_id);
+            reg.workers.remove_of_node(node_id, |_| true);
             for w in inventory {
                 let owner = reg.workers.get(&w.worker_id).map(|o| o.node_id.as_str());
                 if w.node_id != node_id || owner.is_some_and(|o| o != node_id) {
@@ -479,7 +464,7 @@ impl Hub {
                     );
                     continue;
                 }
-                reg.workers.insert(w.worker_id.clone(), w);
+                reg.workers.insert(w);
             }
         }
     }
@@ -491,7 +476,7 @@ impl Hub {
     pub fn forget_node(&self, node_id: &str) -> bool {
         let entry = {
             let mut reg = self.reg.lock().unwrap();
-            reg.workers.retain(|_, w| w.node_id != node_id);
+            reg.workers.remove_of_node(node_id, |_| true);
             reg.nodes.remove(node_id)
         };
         // Dropped outside the lock: dropping cancels on the agent.
@@ -587,10 +572,10 @@ impl Hub {
                     reg.workers.remove(&ev.worker_id);
                 }
                 WorkerEventKind::Exited | WorkerEventKind::OomKilled => {
-                    if let Some(w) = reg.workers.get_mut(&ev.worker_id) {
+                    reg.workers.update(&ev.worker_id, |w| {
                         w.state = crate::protocol::WorkerState::Exited;
                         w.exit_code = ev.exit_code.or(w.exit_code);
-                    }
+                    });
                 }
                 WorkerEventKind::Unknown => {}
             }

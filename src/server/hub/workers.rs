@@ -69,11 +69,7 @@ impl Hub {
             ));
         }
         info.node_id = node_id;
-        self.reg
-            .lock()
-            .unwrap()
-            .workers
-            .insert(info.worker_id.clone(), info.clone());
+        self.reg.lock().unwrap().workers.insert(info.clone());
         Ok(info)
     }
 
@@ -102,7 +98,7 @@ impl Hub {
                 let mut w = w.clone();
                 w.subnet = w.subnet.or(subnet);
                 w.node_id = node_id.to_string();
-                reg.workers.insert(worker_id.into(), w);
+                reg.workers.insert(w);
             }
             Err(e) if e.code == ErrorCode::NotFound => {
                 reg.workers.remove(worker_id);

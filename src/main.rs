@@ -101,6 +101,12 @@ struct ServerArgs {
     /// host=/run/postgresql user=… dbname=…). The schema is made at start.
     #[arg(long, env = "TETHER_DATABASE_URL", hide_env_values = true)]
     database: Option<String>,
+    /// With --database: a PEM bundle of CA certificates trusted for the
+    /// database's TLS certificate besides the web's roots. TLS is used when
+    /// the URL says sslmode=require (or verify-ca, verify-full); the
+    /// certificate is always verified, host name included.
+    #[arg(long, env = "TETHER_DATABASE_CA", requires = "database")]
+    database_ca: Option<PathBuf>,
     /// With --database: the URL the other replicas reach this one at
     /// (default: http:// and the listen address, 127.0.0.1 for 0.0.0.0).
     #[arg(long, env = "TETHER_ADVERTISE_URL", requires = "database")]
@@ -467,6 +473,7 @@ async fn run(cli: Cli) -> ExitCode {
             cfg.preview_domain = s.preview_domain;
             cfg.mcp_allowed_hosts = s.mcp_allowed_hosts;
             cfg.database = s.database;
+            cfg.database_ca = s.database_ca;
             cfg.advertise_url = s.advertise_url;
             cfg.max_pending_connections = s.max_pending_connections.get();
             match tether::server::run(cfg, shutdown_on_signals()).await {

@@ -252,6 +252,81 @@ fn the_file_and_the_postgres_store_keep_the_same_rules() {
     let again = tether::server::store::PgStore::connect(&url).unwrap();
     assert!(again.organizations().is_empty());
     assert_eq!(again.mcp_nodes(), vec!["n1".to_string()]);
+    // The audit table is bounded: the newest records stay, in order.
+    let bounded = again.keep_audit(5);
+    let before = bounded.audit(&Default::default()).len();
+    for i in 0..12 {
+        let r = tether::server::audit::AuditRecord::new("operator", &format!("test:{i}"));
+        bounded.append_audit(&r).unwrap();
+    }
+    let kept: Vec<String> = bounded
+        .audit(&Default::default())
+        .into_iter()
+        .map(|r| r.operation)
+        .collect();
+    assert_eq!(
+        kept,
+        ["test:7", "test:8", "test:9", "test:10", "test:11"],
+        "{before} before"
+    );
+    assert_eq!(pg.query("tether_rules", "SELECT count(*) FROM audit"), "5");
+}
+
+/// With `sslmode=require` the store speaks TLS to PostgreSQL and verifies
+/// the certificate: against the operator's CA it works (and the server sees
+/// a TLS session); without that CA, or under a name the certificate does
+/// not carry, the connection is refused saying why. A CA given for a URL
+/// that does not ask for TLS is refused too, not ignored.
+#[test]
+fn the_postgres_store_speaks_tls_and_verifies_the_certificate() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let pg = Postgres::start_tls(&leaf.pem(), &leaf_key.serialize_pem());
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ca_cert.pem()).unwrap();
+    let plain = pg.database("tether_tls");
+    let url = format!("{plain}?sslmode=require&application_name=tether-tls-test");
+
+    let store = tether::server::store::PgStore::connect_with(&url, Some(&ca)).unwrap();
+    use tether::server::store::Store;
+    assert!(store.set_mcp_node("n1", true).unwrap());
+    assert_eq!(store.mcp_nodes(), vec!["n1".to_string()]);
+    assert_eq!(
+        pg.query(
+            "tether_tls",
+            "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'tether-tls-test'"
+        ),
+        "t",
+        "the store's session is TLS"
+    );
+    // libpq's verifying mode reads the same.
+    let verify = url.replace("sslmode=require", "sslmode=verify-full");
+    drop(tether::server::store::PgStore::connect_with(&verify, Some(&ca)).unwrap());
+
+    let refused = |url: &str, ca: Option<&std::path::Path>| {
+        match tether::server::store::PgStore::connect_with(url, ca) {
+            Ok(_) => panic!("{url} connected"),
+            Err(e) => tether::error_chain(&e),
+        }
+    };
+    let e = refused(&url, None);
+    assert!(e.contains("UnknownIssuer"), "the web's roots only: {e}");
+    let by_name = url.replace("127.0.0.1", "localhost");
+    let e = refused(&by_name, Some(&ca));
+    assert!(e.contains("not valid for name"), "another name: {e}");
+    let e = refused(&plain, Some(&ca));
+    assert!(e.contains("sslmode=require"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -80,6 +80,9 @@ pub struct ServerConfig {
     /// (`postgres://user:password@host/db`) instead of `state.json`, so
     /// replicas can share it.
     pub database: Option<String>,
+    /// A PEM bundle trusted for the database's TLS certificate besides the
+    /// web's roots (TLS when the URL says `sslmode=require`).
+    pub database_ca: Option<PathBuf>,
     /// With a database: the URL other replicas reach this one at (default
     /// `http://` and the listen address, with 127.0.0.1 for an
     /// unspecified address).
@@ -125,6 +128,7 @@ impl ServerConfig {
             preview_domain: None,
             mcp_allowed_hosts: Vec::new(),
             database: None,
+            database_ca: None,
             advertise_url: None,
         }
     }
@@ -265,7 +269,8 @@ impl Server {
             })?;
         let store: Arc<dyn store::Store> = match &cfg.database {
             Some(url) => Arc::new(
-                store::PgStore::connect(url).map_err(|e| ServerError::Database(e.to_string()))?,
+                store::PgStore::connect_with(url, cfg.database_ca.as_deref())
+                    .map_err(|e| ServerError::Database(e.to_string()))?,
             ),
             None => {
                 let path = cfg.state_dir.join("state.json");

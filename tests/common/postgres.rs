@@ -12,6 +12,8 @@ pub struct Postgres {
     pub port: u16,
     child: Child,
     bin: PathBuf,
+    /// Settings beyond the defaults (`-c NAME=VALUE`).
+    settings: Vec<String>,
 }
 
 fn as_postgres(bin: &Path, tool: &str) -> Command {
@@ -44,6 +46,16 @@ fn free_port() -> u16 {
 
 impl Postgres {
     pub fn start() -> Postgres {
+        Postgres::start_with(None)
+    }
+
+    /// A server that speaks TLS with this certificate and key (PEM).
+    #[allow(dead_code)]
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Postgres {
+        Postgres::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Postgres {
         let bin = PathBuf::from(
             std::env::var("TETHER_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
         );
@@ -73,13 +85,35 @@ impl Postgres {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let mut settings = Vec::new();
+        if let Some((cert, key)) = tls {
+            let (cert_file, key_file) =
+                (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::write(&cert_file, cert).unwrap();
+            std::fs::write(&key_file, key).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if nix_is_root() {
+                let ok = Command::new("chown")
+                    .arg("postgres:")
+                    .arg(&cert_file)
+                    .arg(&key_file)
+                    .status()
+                    .unwrap();
+                assert!(ok.success(), "chown of the certificate");
+            }
+            settings.push("ssl=on".to_string());
+            settings.push(format!("ssl_cert_file={}", cert_file.display()));
+            settings.push(format!("ssl_key_file={}", key_file.display()));
+        }
         let port = free_port();
-        let child = server(&bin, dir.path(), port);
+        let child = server(&bin, dir.path(), port, &settings);
         let pg = Postgres {
             dir,
             port,
             child,
             bin,
+            settings,
         };
         pg.wait_ready();
         pg
@@ -106,7 +140,7 @@ impl Postgres {
     pub fn restart(&mut self, down: Duration) {
         self.stop();
         std::thread::sleep(down);
-        self.child = server(&self.bin, self.dir.path(), self.port);
+        self.child = server(&self.bin, self.dir.path(), self.port, &self.settings);
         self.wait_ready();
     }
 
@@ -185,9 +219,12 @@ impl Drop for Postgres {
 }
 
 /// The server process on `port`, its data and socket under `dir`.
-fn server(bin: &Path, dir: &Path, port: u16) -> Child {
-    as_postgres(bin, "postgres")
-        .arg("-D")
+fn server(bin: &Path, dir: &Path, port: u16, settings: &[String]) -> Child {
+    let mut c = as_postgres(bin, "postgres");
+    for s in settings {
+        c.args(["-c", s]);
+    }
+    c.arg("-D")
         .arg(dir.join("data"))
         .args(["-p", &port.to_string(), "-k"])
         .arg(dir)

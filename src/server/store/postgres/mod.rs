@@ -28,9 +28,15 @@ pub struct PgStore {
     client: Slot,
     cache: Arc<Mutex<Cache>>,
     rt: tokio::runtime::Handle,
+    /// Audit records kept: older ones go as new ones come.
+    audit_keep: i64,
     /// Ends the client's thread when the store is dropped.
     _stop: tokio::sync::oneshot::Sender<()>,
 }
+
+/// Audit records the database keeps by default (a few hundred MB); the
+/// file store's bound is its 16 MiB rotation.
+pub const DEFAULT_AUDIT_KEEP: i64 = 1_000_000;
 
 pub(super) type Slot = Arc<Mutex<Option<Arc<Client>>>>;
 
@@ -45,6 +51,14 @@ impl PgStore {
     /// later is made again (with backoff) and the cache read afresh; until
     /// then writes fail `unavailable` and reads serve the last copy.
     pub fn connect(url: &str) -> Result<PgStore, StoreError> {
+        PgStore::connect_with(url, None)
+    }
+
+    /// As [`PgStore::connect`]; `ca` is a PEM bundle trusted for the
+    /// database's certificate besides the web's roots (TLS is used when the
+    /// URL says `sslmode=require`, `verify-ca` or `verify-full`).
+    pub fn connect_with(url: &str, ca: Option<&std::path::Path>) -> Result<PgStore, StoreError> {
+        let target = sync::Target::new(url, ca)?;
         let (rt_tx, rt_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
@@ -67,7 +81,7 @@ impl PgStore {
         let client: Slot = Arc::default();
         let (first_tx, first_rx) = std::sync::mpsc::channel();
         rt.spawn(keep_connected(
-            url.to_string(),
+            target,
             cache.clone(),
             client.clone(),
             first_tx,
@@ -79,8 +93,15 @@ impl PgStore {
             client,
             cache,
             rt,
+            audit_keep: DEFAULT_AUDIT_KEEP,
             _stop: stop,
         })
+    }
+
+    /// Keeps at most `records` audit records (the newest).
+    pub fn keep_audit(mut self, records: i64) -> PgStore {
+        self.audit_keep = records.max(1);
+        self
     }
 
     /// Runs `work` with the client on the database thread and waits for it.
@@ -597,17 +618,26 @@ impl Store for PgStore {
             Param::OptText(record.org.clone()),
             json(record),
         ];
+        let keep = self.audit_keep;
         // Not cached: nothing to tell the other replicas.
         self.run(move |c| {
             Box::pin(async move {
                 let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
                     params.iter().map(Param::as_sql).collect();
-                c.execute(
-                    "INSERT INTO audit (task_id, worker_id, org, record) VALUES ($1, $2, $3, $4)",
-                    &refs,
-                )
-                .await
-                .map_err(db)?;
+                let row = c
+                    .query_one(
+                        "INSERT INTO audit (task_id, worker_id, org, record)
+                         VALUES ($1, $2, $3, $4) RETURNING seq",
+                        &refs,
+                    )
+                    .await
+                    .map_err(db)?;
+                // The oldest go: a range of the primary key, empty (and
+                // cheap) unless something is due.
+                let seq: i64 = row.get(0);
+                c.execute("DELETE FROM audit WHERE seq <= $1", &[&(seq - keep)])
+                    .await
+                    .map_err(db)?;
                 Ok(())
             })
         })

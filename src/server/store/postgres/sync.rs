@@ -9,6 +9,91 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use tokio_postgres::{Client, NoTls};
 
+/// How the connection is made: in the clear, or TLS (`sslmode=require`,
+/// `verify-ca` or `verify-full` in the URL) verified against the web's
+/// roots and the operator's CA bundle. A certificate that does not verify
+/// ends the attempt: there is no silent fallback to the clear.
+#[derive(Clone)]
+pub(crate) struct Target {
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+impl Target {
+    pub(crate) fn new(url: &str, ca: Option<&std::path::Path>) -> Result<Target, StoreError> {
+        // libpq's verifying modes: TLS is required and the certificate
+        // verified, as `require` is here.
+        let url = url
+            .replace("sslmode=verify-full", "sslmode=require")
+            .replace("sslmode=verify-ca", "sslmode=require");
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Db(format!("the database URL: {}", crate::error_chain(&e))))?;
+        let tls = match config.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Require => {
+                let rustls = crate::tls_client_config_with(ca, None).map_err(StoreError::Db)?;
+                Some(tokio_postgres_rustls::MakeRustlsConnect::new(rustls))
+            }
+            _ if ca.is_some() => {
+                return Err(StoreError::Db(
+                    "a database CA is given but the URL does not ask for TLS (add sslmode=require)"
+                        .into(),
+                ));
+            }
+            _ => None,
+        };
+        Ok(Target { config, tls })
+    }
+
+    /// A connection; its messages (notifications) go to `tx` until it
+    /// fails, then `lost` fires.
+    async fn connect(
+        &self,
+        tx: tokio::sync::mpsc::UnboundedSender<String>,
+        lost: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<Client, StoreError> {
+        match &self.tls {
+            Some(tls) => {
+                let (client, conn) = self.config.connect(tls.clone()).await.map_err(db)?;
+                tokio::spawn(watch(conn, tx, lost));
+                Ok(client)
+            }
+            None => {
+                let (client, conn) = self.config.connect(NoTls).await.map_err(db)?;
+                tokio::spawn(watch(conn, tx, lost));
+                Ok(client)
+            }
+        }
+    }
+}
+
+/// Reads a connection's messages: notifications name a table to read
+/// again. `lost` fires when the connection fails.
+async fn watch<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    tx: tokio::sync::mpsc::UnboundedSender<String>,
+    lost: tokio::sync::oneshot::Sender<()>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    let mut messages = futures_util::stream::poll_fn(|cx| conn.poll_message(cx));
+    while let Some(m) = messages.next().await {
+        match m {
+            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                let _ = tx.send(n.payload().to_string());
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "database connection failed");
+                break;
+            }
+        }
+    }
+    let _ = lost.send(());
+}
+
 pub(super) const CHANNEL: &str = "tether_changed";
 
 /// What reads are served from: the database's rows, refreshed on writes
@@ -34,7 +119,7 @@ const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 /// Makes the connection, and makes it again whenever it is lost; the
 /// first outcome goes to `first` (a first failure ends it).
 pub(super) async fn keep_connected(
-    url: String,
+    target: Target,
     cache: Arc<Mutex<Cache>>,
     slot: Slot,
     first: std::sync::mpsc::Sender<Result<(), StoreError>>,
@@ -42,7 +127,7 @@ pub(super) async fn keep_connected(
     let mut first = Some(first);
     let mut wait = RECONNECT_MIN;
     loop {
-        match open(&url, &cache).await {
+        match open(&target, &cache).await {
             Ok((client, lost)) => {
                 *slot.lock().unwrap() = Some(client);
                 wait = RECONNECT_MIN;
@@ -72,31 +157,12 @@ pub(super) async fn keep_connected(
 /// One connection: migrated, listening, the cache read afresh. The
 /// receiver fires when the connection is lost.
 pub(super) async fn open(
-    url: &str,
+    target: &Target,
     cache: &Arc<Mutex<Cache>>,
 ) -> Result<(Arc<Client>, tokio::sync::oneshot::Receiver<()>), StoreError> {
-    let (client, mut conn) = tokio_postgres::connect(url, NoTls).await.map_err(db)?;
-    let client = Arc::new(client);
     let (lost_tx, lost) = tokio::sync::oneshot::channel();
-    // The connection's messages: notifications name a table to read again.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    tokio::spawn(async move {
-        use futures_util::StreamExt;
-        let mut messages = futures_util::stream::poll_fn(|cx| conn.poll_message(cx));
-        while let Some(m) = messages.next().await {
-            match m {
-                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                    let _ = tx.send(n.payload().to_string());
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %crate::error_chain(&e), "database connection failed");
-                    break;
-                }
-            }
-        }
-        let _ = lost_tx.send(());
-    });
+    let client = Arc::new(target.connect(tx, lost_tx).await?);
     migrate(&client).await?;
     client
         .batch_execute(&format!("LISTEN {CHANNEL}"))

@@ -231,3 +231,140 @@ async fn agent_image_brings_a_node_online() {
     );
     drop(guard);
 }
+
+/// The agent image run without `--network host` (in a network namespace of
+/// its own, on Docker's default bridge, reaching the server at the bridge's
+/// gateway): it cannot guard workers' networks from there, so a worker with
+/// a network is refused saying why; a network-less worker runs, and a
+/// tunnel to it goes through the worker's relay (the agent finds its own
+/// container and uses its image for the relay), byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_container_on_its_own_network_tunnels_through_relays() {
+    // The host's address on Docker's default bridge: its subnet's first.
+    let subnet = docker(&[
+        "network",
+        "inspect",
+        "bridge",
+        "--format",
+        "{{(index .IPAM.Config 0).Subnet}}",
+    ]);
+    let net: std::net::Ipv4Addr = subnet.split('/').next().unwrap().parse().unwrap();
+    let gateway = std::net::Ipv4Addr::from(u32::from(net) + 1);
+    let h = Harness::server_with(|c| c.listen = format!("{gateway}:0").parse().unwrap()).await;
+    let node = unique("test");
+    h.track(&node);
+    let tag = format!("tether-agent:{}", unique("test"));
+    let guard = ImageGuard {
+        container: unique("test-agent"),
+        image: tag.clone(),
+    };
+    build_agent_image(&tag);
+    let id = docker(&[
+        "run",
+        "-d",
+        "--name",
+        &guard.container,
+        "--label",
+        "tether.test=1",
+        "--cap-add",
+        "NET_ADMIN",
+        "-v",
+        "/var/run/docker.sock:/var/run/docker.sock",
+        "-e",
+        &format!("TETHER_SERVER={}", h.url),
+        "-e",
+        &format!("TETHER_PSK={PSK}"),
+        "-e",
+        &format!("TETHER_NODE_ID={node}"),
+        &tag,
+    ]);
+    assert!(!id.is_empty(), "docker run of the agent image failed");
+    tokio::time::timeout(Duration::from_secs(60), h.wait_status(&node, "online"))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "node never came online; agent logs:\n{}",
+                docker_all(&["logs", &guard.container])
+            )
+        });
+    let spawn = |policy| tether::protocol::SpawnRequest {
+        image: image(),
+        cmd: vec![
+            "sh".into(),
+            "-c".into(),
+            "while true; do nc -l -p 9000 -e cat; done".into(),
+        ],
+        node_id: Some(node.clone()),
+        network_policy: Some(policy),
+        ..Default::default()
+    };
+    let e = h
+        .hub
+        .spawn(spawn(tether::protocol::NetworkPolicy::Restricted))
+        .await
+        .expect_err("a guarded network cannot be had from the agent's own namespace");
+    assert_eq!(e.code, tether::protocol::ErrorCode::Unsupported, "{e}");
+    assert!(e.message.contains("network namespace"), "{e}");
+    let w = h
+        .hub
+        .spawn(spawn(tether::protocol::NetworkPolicy::None))
+        .await
+        .unwrap();
+    let sent: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut t = None;
+    for _ in 0..100 {
+        match h.hub.tunnel(&w.worker_id, 9000).await {
+            Ok(x) => {
+                t = Some(x);
+                break;
+            }
+            Err(e) if e.code == tether::protocol::ErrorCode::ConnectionRefused => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("tunnel through the relay: {e}"),
+        }
+    }
+    let tether::server::Duplex {
+        mut input,
+        mut output,
+    } = t.expect("the echo listens");
+    let payload = sent.clone();
+    let writer = tokio::spawn(async move {
+        for c in payload.chunks(64 * 1024) {
+            input.write(bytes::Bytes::copy_from_slice(c)).await.unwrap();
+        }
+        input.close();
+        input
+    });
+    let mut got = Vec::new();
+    while let Some(ev) = output.next().await {
+        match ev {
+            tether::server::StreamEvent::Data(_, b) => got.extend_from_slice(&b),
+            tether::server::StreamEvent::End { error, .. } => {
+                assert!(error.is_none(), "{error:?}");
+                break;
+            }
+            _ => {}
+        }
+    }
+    drop(writer.await.unwrap());
+    assert_eq!(sha256(&got), sha256(&sent), "{} bytes back", got.len());
+    let relay = format!("tether-{}-relay", w.worker_id);
+    let mode = docker(&["inspect", "--format", "{{.HostConfig.NetworkMode}}", &relay]);
+    assert_eq!(
+        mode,
+        format!("container:{}", w.container_id),
+        "the relay joins the worker"
+    );
+    assert_eq!(
+        docker(&["inspect", "--format", "{{.Image}}", &relay]),
+        docker(&["inspect", "--format", "{{.Image}}", &guard.container]),
+        "the relay runs the agent's own image"
+    );
+    h.hub.remove(&w.worker_id, true).await.unwrap();
+    assert!(
+        docker_all(&["ps", "-a", "-q", "--filter", &format!("name={relay}")]).is_empty(),
+        "the relay goes with its worker"
+    );
+    docker(&["stop", &guard.container]);
+}

@@ -211,11 +211,7 @@ async fn an_organization_sees_and_schedules_only_its_own_nodes_and_workers() {
     }
 
     // An organization's token manages nothing server-wide.
-    for args in [
-        vec!["org", "create", "mine"],
-        vec!["token", "create", "--org", "acme"],
-        vec!["org", "key", "acme"],
-    ] {
+    for args in [vec!["org", "create", "mine"], vec!["org", "key", "acme"]] {
         let e = refused(&h, &ta, &args).await;
         assert!(e.contains("only the server's admin token"), "{args:?}: {e}");
     }
@@ -344,6 +340,78 @@ async fn an_organization_sees_and_schedules_only_its_own_nodes_and_workers() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let e = refused(&h, &short, &["ps"]).await;
     assert!(e.contains("has expired"), "{e}");
+
+    // An organization's operator makes and revokes its own organization's
+    // tokens, no other's, and none outliving its own.
+    let e = refused(&h, &ta, &["token", "create", "--org", "globex"]).await;
+    assert!(e.contains("its own organization only"), "{e}");
+    // The lines of acme's token list that `make` adds.
+    let ls = async |token: &str| -> Vec<String> {
+        ok_as(&h, token, &["token", "ls"])
+            .await
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let before = ls(&ta).await;
+    assert!(
+        before.iter().all(|l| l.contains("\tacme\t")),
+        "acme's operator lists acme's tokens only: {before:?}"
+    );
+    let minted = ok_as(&h, &ta, &["token", "create"])
+        .await
+        .trim()
+        .to_string();
+    let seen = ok_as(&h, &minted, &["ps"]).await;
+    assert!(seen.contains(&wa1) && !seen.contains(&wb), "{seen}");
+    let added: Vec<String> = ls(&ta)
+        .await
+        .into_iter()
+        .filter(|l| !before.contains(l))
+        .collect();
+    assert_eq!(added.len(), 1, "{added:?}");
+    assert!(added[0].ends_with("expires=never"), "{added:?}");
+    let minted_id = added[0].split('\t').next().unwrap().to_string();
+    let hour = h
+        .ctl_ok(&["token", "create", "--org", "acme", "--expires", "1h"])
+        .await
+        .trim()
+        .to_string();
+    let e = refused(&h, &hour, &["token", "create", "--expires", "2h"]).await;
+    assert!(e.contains("may not outlive"), "{e}");
+    let before = ls(&ta).await;
+    ok_as(&h, &hour, &["token", "create"]).await;
+    let child: Vec<String> = ls(&ta)
+        .await
+        .into_iter()
+        .filter(|l| !before.contains(l))
+        .collect();
+    assert_eq!(child.len(), 1, "{child:?}");
+    assert!(
+        !child[0].ends_with("expires=never"),
+        "the child expires: {child:?}"
+    );
+    assert!(
+        before
+            .iter()
+            .filter(|l| !l.ends_with("expires=never"))
+            .any(|p| p.rsplit('=').next() == child[0].rsplit('=').next()),
+        "the child expires with its parent: {child:?} {before:?}"
+    );
+    h.ctl_ok(&["token", "create", "--org", "globex"]).await;
+    let globex_id = h
+        .ctl_ok(&["token", "ls"])
+        .await
+        .lines()
+        .find(|l| l.contains("\tglobex\t"))
+        .and_then(|l| l.split('\t').next())
+        .unwrap()
+        .to_string();
+    let e = refused(&h, &ta, &["token", "revoke", &globex_id]).await;
+    assert!(e.contains("no such operator token"), "{e}");
+    ok_as(&h, &ta, &["token", "revoke", &minted_id]).await;
+    let e = refused(&h, &minted, &["ps"]).await;
+    assert!(e.contains("invalid operator token"), "{e}");
 
     // An organization goes with its keys and tokens, but not while it has
     // nodes.

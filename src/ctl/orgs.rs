@@ -24,10 +24,12 @@ pub enum OrgCmd {
 #[derive(clap::Subcommand)]
 pub enum TokenCmd {
     /// Create an operator token of an organization (printed once): it sees
-    /// and schedules only that organization's nodes and workers.
+    /// and schedules only that organization's nodes and workers. An
+    /// organization's operator makes tokens of its own organization (--org
+    /// may be left out), none outliving its own token.
     Create {
         #[arg(long)]
-        org: String,
+        org: Option<String>,
         /// Refused after this long (e.g. 12h, 30d); default: until revoked.
         #[arg(long, value_parser = humantime::parse_duration)]
         expires: Option<Duration>,
@@ -102,8 +104,9 @@ pub async fn run_token(client: &Client, cmd: TokenCmd) -> Result<(), CtlError> {
                 .json(client.request(Method::POST, "/api/v1/tokens").json(&body))
                 .await?;
             eprintln!(
-                "operator token {} of {org}{} (shown once; revoke with `tether ctl token revoke {}`)",
+                "operator token {} of {}{} (shown once; revoke with `tether ctl token revoke {}`)",
                 str_of(&t, "id"),
+                str_of(&t, "org"),
                 t["expires_at"]
                     .as_str()
                     .map(|e| format!(", expires {e}"))

@@ -1,8 +1,11 @@
 //! Organizations and their operator tokens and registration keys. Only the
-//! server's admin token makes or revokes them; an organization's operator
-//! sees its own organization and tokens.
+//! server's admin token makes organizations and keys; operator tokens are
+//! made and revoked by the admin, or by an organization's operator for its
+//! own organization (none outliving the token that makes it). An
+//! organization's operator sees its own organization and tokens.
 
 use super::*;
+use crate::server::OrgScope;
 use crate::server::orgs::{
     self, Caller, OperatorToken, Organization, RegistrationKey, new_id, now_rfc3339, secret_hash,
 };
@@ -162,7 +165,10 @@ pub(super) async fn tokens(
 
 #[derive(Deserialize)]
 pub(super) struct NewToken {
-    org: String,
+    /// The organization; an organization's operator may leave it out (its
+    /// own).
+    #[serde(default)]
+    org: Option<String>,
     /// Lifetime in seconds; none: until revoked.
     #[serde(default)]
     expires_in_secs: Option<u64>,
@@ -173,22 +179,58 @@ pub(super) async fn create_token(
     Extension(caller): Extension<Caller>,
     body: Result<Json<NewToken>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<TokenInfo>)> {
-    caller.require_admin("make operator tokens")?;
     let Json(req) = body.map_err(|e| ErrorBody::new(ErrorCode::InvalidRequest, e.body_text()))?;
     if req.expires_in_secs == Some(0) {
         return Err(
             ErrorBody::new(ErrorCode::InvalidRequest, "expires_in_secs must be > 0").into(),
         );
     }
+    let expires = req
+        .expires_in_secs
+        .map(|s| crate::server::preview::now_secs().saturating_add(s));
+    let (org, expires) = match &caller.scope {
+        OrgScope::All => (
+            req.org.ok_or_else(|| {
+                ErrorBody::new(
+                    ErrorCode::InvalidRequest,
+                    "name the token's organization (org)",
+                )
+            })?,
+            expires,
+        ),
+        // An organization's operator makes tokens of its own organization,
+        // none outliving the token that makes it (a short-lived token must
+        // not mint a lasting one).
+        OrgScope::Org(own) => {
+            if req.org.as_ref().is_some_and(|o| o != own) {
+                return Err(ErrorBody::new(
+                    ErrorCode::PolicyDenied,
+                    "an organization's operator makes tokens of its own organization only",
+                )
+                .into());
+            }
+            let limit = caller_token(&app, &caller).and_then(|t| t.expires);
+            let expires = match (expires, limit) {
+                (Some(e), Some(l)) if e > l => {
+                    return Err(ErrorBody::new(
+                        ErrorCode::PolicyDenied,
+                        "a token may not outlive the token that makes it: ask for a shorter --expires",
+                    )
+                    .into());
+                }
+                (None, Some(l)) => Some(l),
+                (e, _) => e,
+            };
+            (own.clone(), expires)
+        }
+    };
     let secret = format!("top_{}", auth::random_secret(32));
     let t = OperatorToken {
         id: new_id(),
-        org: req.org,
+        org,
         hash: secret_hash(&secret),
         created_at: now_rfc3339(),
-        expires: req
-            .expires_in_secs
-            .map(|s| crate::server::preview::now_secs().saturating_add(s)),
+        expires,
     };
     let kept = t.clone();
     on_store(&app, move |s| s.add_operator_token(kept)).await?;
@@ -201,7 +243,18 @@ pub(super) async fn revoke_token(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    caller.require_admin("revoke operator tokens")?;
+    // An organization's operator revokes its own organization's tokens;
+    // another's answers as a made-up id does.
+    let visible = app
+        .store
+        .operator_tokens()
+        .iter()
+        .any(|t| t.id == id && caller.sees(&t.org));
+    if !visible {
+        return Err(
+            ErrorBody::new(ErrorCode::NotFound, format!("no such operator token: {id}")).into(),
+        );
+    }
     let gone = id.clone();
     if on_store(&app, move |s| s.revoke_operator_token(&gone)).await? {
         tracing::info!(token_id = %id, "operator token revoked");
@@ -209,4 +262,10 @@ pub(super) async fn revoke_token(
     } else {
         Err(ErrorBody::new(ErrorCode::NotFound, format!("no such operator token: {id}")).into())
     }
+}
+
+/// The operator token the caller came with (none for the admin token).
+fn caller_token(app: &AppState, caller: &Caller) -> Option<OperatorToken> {
+    let id = caller.name.strip_prefix("token:")?;
+    app.store.operator_tokens().into_iter().find(|t| t.id == id)
 }

@@ -35,35 +35,6 @@ async fn ok_as(h: &Harness, token: &str, args: &[&str]) -> String {
     stdout(&o)
 }
 
-/// Calls an MCP tool through the official client (`rmcp`) with `token`;
-/// a tool error comes back as its text.
-async fn mcp_call(
-    url: &str,
-    token: &str,
-    tool: &str,
-    args: serde_json::Value,
-) -> Result<serde_json::Value, String> {
-    use rmcp::ServiceExt;
-    use rmcp::model::CallToolRequestParams;
-    use rmcp::transport::StreamableHttpClientTransport;
-    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
-    let cfg =
-        StreamableHttpClientTransportConfig::with_uri(format!("{url}/mcp")).auth_header(token);
-    let client =
-        ().serve(StreamableHttpClientTransport::from_config(cfg))
-            .await
-            .map_err(|e| format!("MCP initialize: {e}"))?;
-    let params = CallToolRequestParams::new(tool.to_string())
-        .with_arguments(args.as_object().cloned().unwrap_or_default());
-    let r = client.call_tool(params).await;
-    let _ = client.cancel().await;
-    let r = r.map_err(|e| format!("MCP call: {e}"))?;
-    if r.is_error == Some(true) {
-        return Err(serde_json::to_string(&r.content).unwrap());
-    }
-    Ok(r.structured_content.unwrap_or_default())
-}
-
 /// Another organization's worker and a worker that never existed get the
 /// same answer, with only the id changed.
 fn same_refusal(theirs: &str, none: &str, their_id: &str, no_id: &str) {

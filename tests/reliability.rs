@@ -1761,6 +1761,73 @@ async fn tunnel_across_cuts(mut cuts_at: Vec<usize>) {
     h.stop().await;
 }
 
+/// An MCP exec that outlives its call is followed on after a hard server
+/// restart, under the same exec id: the output the old server had read but
+/// no answer had taken comes again (the agent keeps it until an answer
+/// took it), then what the command wrote after, and its exit code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_exec_is_followed_across_a_server_restart() {
+    use serde_json::json;
+    let mut srv = ProcServer::start().await;
+    let node = srv._guard.0.clone();
+    assert!(srv.ctl(&["mcp", "allow", &node]).status.success());
+    let sb = mcp_call(
+        &srv.url,
+        &srv.token,
+        "sandbox.create",
+        json!({"task_id": "t1", "image": image(), "node": node, "cmd": ["sleep", "3600"]}),
+    )
+    .await
+    .unwrap();
+    let w = sb["worker_id"].as_str().unwrap().to_string();
+    let script = "echo before; while [ ! -e /tmp/m ]; do usleep 50000; done; echo middle; \
+                  while [ ! -e /tmp/go ]; do usleep 50000; done; echo after; exit 7";
+    let r = mcp_call(
+        &srv.url,
+        &srv.token,
+        "sandbox.exec",
+        json!({"task_id": "t1", "worker_id": w, "command": script, "wait_s": 1}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r["running"].as_bool(), r["stdout"].as_str()),
+        (Some(true), Some("before\n")),
+        "{r}"
+    );
+    let exec_id = r["exec_id"].as_str().unwrap().to_string();
+    // Read by this server, taken by no answer: it must not be lost.
+    in_worker(&w, "touch /tmp/m");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    srv.restart().await;
+    in_worker(&w, "touch /tmp/go");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut out = String::new();
+    let done = loop {
+        match mcp_call(
+            &srv.url,
+            &srv.token,
+            "sandbox.exec_follow",
+            json!({"task_id": "t1", "exec_id": exec_id, "wait_s": 10}),
+        )
+        .await
+        {
+            Ok(r) => {
+                out.push_str(r["stdout"].as_str().unwrap_or(""));
+                if r["running"] == false {
+                    break r;
+                }
+            }
+            // Until the agent is back and the exec adopted.
+            Err(e) => assert!(Instant::now() < deadline, "never followed on: {e}"),
+        }
+        assert!(Instant::now() < deadline, "still running: {out:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(out, "middle\nafter\n", "{done}");
+    assert_eq!(done["exit_code"], 7, "{done}");
+}
+
 /// The configuration an operator pushed is kept in the server's store: a
 /// restarted server still knows what it wants on the node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

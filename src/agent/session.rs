@@ -184,6 +184,7 @@ pub(super) async fn serve(
                     worker_id: s.tag?.to_string(),
                     from: s.from,
                     sent: s.sent,
+                    label: s.label.map(|l| l.to_string()),
                 })
             })
             .collect(),

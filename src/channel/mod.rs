@@ -58,6 +58,8 @@ pub struct SendState {
     pub from: u64,
     pub sent: u64,
     pub tag: Option<Arc<str>>,
+    /// The opening request's label, kept for the peer (`hello.open`).
+    pub label: Option<Arc<str>>,
 }
 
 struct Entry {
@@ -77,6 +79,7 @@ struct Entry {
     /// What the channel carries (for an exec: its worker), for as long as
     /// the channel lives: until the peer has its close.
     tag: Option<Arc<str>>,
+    label: Option<Arc<str>>,
 }
 
 /// The channels of one peer, across its connections. A mutex rather than an
@@ -160,6 +163,7 @@ impl Channels {
                 tx: tx.clone(),
                 cancel: cancel.clone(),
                 tag: None,
+                label: None,
             },
         );
         Ok(ChannelHandles {
@@ -349,10 +353,12 @@ impl Channels {
         }
     }
 
-    /// Notes what a channel carries ([`Channels::outbound`] reports it).
-    pub fn set_tag(&self, id: u32, tag: &str) {
+    /// Notes what a channel carries, and the label its opener gave it
+    /// ([`Channels::outbound`] reports both).
+    pub fn set_tag(&self, id: u32, tag: &str, label: Option<&str>) {
         if let Some(e) = self.map.lock().unwrap().get_mut(&id) {
             e.tag = Some(tag.into());
+            e.label = label.map(Into::into);
         }
     }
 
@@ -369,6 +375,7 @@ impl Channels {
                     from: tx.unacked.front().map(|f| f.offset).unwrap_or(tx.sent),
                     sent: tx.sent,
                     tag: e.tag.clone(),
+                    label: e.label.clone(),
                 }
             })
             .collect();

@@ -84,6 +84,17 @@ impl ChannelReader {
 
     /// Acknowledges bytes up to `offset` (at most what was handed out).
     pub fn ack(&mut self, offset: u64) {
+        self.ack_with(offset, false)
+    }
+
+    /// As [`ChannelReader::ack`], and the peer hears of it at once (it may
+    /// then forget what it kept to send again), not only once half the
+    /// window is used.
+    pub fn ack_now(&mut self, offset: u64) {
+        self.ack_with(offset, true)
+    }
+
+    fn ack_with(&mut self, offset: u64, now: bool) {
         let offset = offset.min(self.consumed);
         if offset <= self.acked {
             return;
@@ -92,7 +103,7 @@ impl ChannelReader {
         self.grant.acked.store(self.acked, Ordering::Release);
         let granted = self.grant.limit.load(Ordering::Acquire);
         // Re-grant once half the window is used: few window messages, no stall.
-        if granted.saturating_sub(self.acked) <= self.window / 2 {
+        if now || granted.saturating_sub(self.acked) <= self.window / 2 {
             let limit = self.acked.saturating_add(self.window);
             self.grant.limit.store(limit, Ordering::Release);
             self.link.send_msg(&Message::Window(Window {

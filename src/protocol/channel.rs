@@ -47,6 +47,11 @@ pub struct Exec {
     pub timeout_secs: Option<u64>,
     /// Initial credit, in bytes, each direction.
     pub window: u64,
+    /// Opaque to the agent: kept with the exec's channel and listed with it
+    /// in `hello.open`, so a server that adopts the exec knows what it was
+    /// for (the reference server: an MCP exec to keep following).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 /// `logs` request payload: opens `channel`.

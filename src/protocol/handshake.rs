@@ -56,6 +56,9 @@ pub struct OpenChannel {
     pub from: u64,
     /// Output bytes sent so far.
     pub sent: u64,
+    /// The `exec` request's label, if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 /// A fresh node token, server to agent, sent over the live connection before

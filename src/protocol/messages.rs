@@ -321,6 +321,7 @@ mod tests {
                 size: None,
                 timeout_secs: None,
                 window: 1024,
+                label: Some("server's own".into()),
             }),
         };
         let text = m.encode();

@@ -37,6 +37,10 @@ pub struct ExecOptions {
     /// a server restart without losing a byte.
     #[serde(default)]
     pub client_acks: bool,
+    /// The server's own label for the exec, kept by the agent with its
+    /// channel (§5.8); never taken from an operator.
+    #[serde(skip)]
+    pub label: Option<String>,
 }
 
 /// Options of a log request.

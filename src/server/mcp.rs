@@ -536,10 +536,30 @@ const MAX_WAIT_S: u64 = 3600;
 const ENDED_KEPT: Duration = Duration::from_secs(600);
 
 /// MCP execs that outlived their call, by exec id.
-#[derive(Default)]
-pub struct Running(Mutex<HashMap<String, Arc<Followed>>>);
+#[derive(Default, Clone)]
+pub struct Running(Arc<Mutex<HashMap<String, Arc<Followed>>>>);
 
 impl Running {
+    /// Takes back an exec a restarted server adopted from its agent, by
+    /// the label this server's predecessor gave it: it is followed on
+    /// under the same exec id, from what no answer had taken yet.
+    pub fn adopt(&self, hub: &Hub, d: super::hub::DetachedExec, label: &str) {
+        let l = match serde_json::from_str::<ExecLabel>(label) {
+            Ok(l) if l.worker_id == d.worker_id => l,
+            // Not ours, or about another worker: dropping it cancels it.
+            _ => {
+                tracing::warn!(worker_id = %d.worker_id, %label, "an adopted exec's label is not an MCP exec's: cancelled");
+                return;
+            }
+        };
+        info!(exec_id = %l.exec_id, task_id = %l.task_id, worker_id = %l.worker_id,
+            "adopted an MCP exec after a restart: it can be followed on");
+        let run = Arc::new(Followed::new(l.clone(), l.cap, Instant::now()));
+        run.state.lock().unwrap().returned = true;
+        run.pump(hub, d.session.output, None);
+        self.insert(l.exec_id, run);
+    }
+
     fn insert(&self, id: String, run: Arc<Followed>) {
         let mut m = self.0.lock().unwrap();
         // Ended ones nobody came back for go.
@@ -562,6 +582,29 @@ impl Running {
     }
 }
 
+/// What an MCP exec's `exec` request carries as its label (kept by the
+/// agent with the channel, listed in `hello.open`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct ExecLabel {
+    #[serde(rename = "mcp_exec")]
+    exec_id: String,
+    task_id: String,
+    worker_id: String,
+    cap: usize,
+}
+
+impl ExecLabel {
+    fn encode(&self) -> String {
+        serde_json::to_string(self).expect("a label serializes")
+    }
+}
+
+/// Output read beyond the last answer that is acknowledged anyway, so the
+/// command is never held up by a follower that does not come (half the
+/// channel's window). Up to this much read since the last answer is still
+/// the agent's to send again if the server restarts.
+const ACK_ANYWAY: u64 = crate::protocol::DEFAULT_WINDOW / 2;
+
 /// One exec's output as its pump keeps it until it is read.
 pub struct Followed {
     task_id: String,
@@ -570,6 +613,8 @@ pub struct Followed {
     t0: Instant,
     state: Mutex<FollowState>,
     changed: tokio::sync::Notify,
+    /// Told when an answer took the output: the pump acknowledges it.
+    answered: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -582,13 +627,100 @@ struct FollowState {
     ended: Option<Result<Option<i64>, String>>,
     ended_at: Option<Instant>,
     exec_id: Option<String>,
+    /// The channel offset the output kept so far reaches.
+    read_to: u64,
+    /// What the latest answer took: the agent may forget it.
+    answered_to: u64,
 }
 
 impl Followed {
+    fn new(label: ExecLabel, cap: usize, t0: Instant) -> Followed {
+        Followed {
+            task_id: label.task_id,
+            worker_id: label.worker_id,
+            cap,
+            t0,
+            state: Mutex::new(FollowState {
+                exec_id: Some(label.exec_id),
+                ..Default::default()
+            }),
+            changed: tokio::sync::Notify::new(),
+            answered: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Reads the exec's output into this one, in a task the hub tracks (it
+    /// ends at shutdown). Output is acknowledged to the agent once an
+    /// answer took it (or once [`ACK_ANYWAY`] waits), so a restarted server
+    /// gets from the agent again what no answer has had yet.
+    fn pump(
+        self: &Arc<Self>,
+        hub: &Hub,
+        mut output: super::hub::ChannelStream,
+        progress: Option<(rmcp::model::ProgressToken, rmcp::Peer<rmcp::RoleServer>)>,
+    ) {
+        output.set_manual_ack();
+        let run = self.clone();
+        hub.spawn_task(async move {
+            let mut seen = 0usize;
+            let mut acked = output.position();
+            loop {
+                let ev = tokio::select! {
+                    _ = run.answered.notified() => {
+                        let to = run.state.lock().unwrap().answered_to;
+                        if to > acked {
+                            output.ack_now(to);
+                            acked = to;
+                        }
+                        continue;
+                    }
+                    ev = output.next() => ev,
+                };
+                match ev {
+                    Some(StreamEvent::Data(k, b)) => {
+                        if let Some((token, peer)) = &progress
+                            && !run.state.lock().unwrap().returned
+                        {
+                            seen += b.len();
+                            let stream = if k == StreamKind::Stderr {
+                                "stderr"
+                            } else {
+                                "stdout"
+                            };
+                            let note = rmcp::model::ProgressNotificationParam::new(
+                                token.clone(),
+                                seen as f64,
+                            )
+                            .with_message(format!("{stream}: {}", String::from_utf8_lossy(&b)));
+                            // A client gone away is no reason to stop the command.
+                            let _ = peer.notify_progress(note).await;
+                        }
+                        run.keep(k, &b, output.position());
+                        if output.position() - acked > ACK_ANYWAY {
+                            acked = output.position();
+                            output.ack(acked);
+                        }
+                    }
+                    Some(StreamEvent::End { exit_code, error }) => {
+                        run.end(exit_code, error.map(err));
+                        return;
+                    }
+                    Some(StreamEvent::Gap(_) | StreamEvent::Eof) => {}
+                    None => break,
+                }
+            }
+            run.end(
+                None,
+                Some("unavailable: the command's output stream ended".into()),
+            );
+        });
+    }
+
     /// Keeps output until it is read, at most the cap (a little beyond, so
     /// the cut lands on a character boundary) per stream.
-    fn keep(&self, k: StreamKind, b: &[u8]) {
+    fn keep(&self, k: StreamKind, b: &[u8], read_to: u64) {
         let mut st = self.state.lock().unwrap();
+        st.read_to = read_to;
         let buf = if k == StreamKind::Stderr {
             &mut st.err
         } else {
@@ -627,6 +759,8 @@ impl Followed {
         }
         let mut st = self.state.lock().unwrap();
         st.returned = true;
+        st.answered_to = st.read_to;
+        self.answered.notify_one();
         let (out, errs): (Vec<u8>, Vec<u8>) =
             (std::mem::take(&mut st.out), std::mem::take(&mut st.err));
         let (stdout, t1) = capped(&out, self.cap);
@@ -637,11 +771,7 @@ impl Followed {
             Some(Ok(code)) => (false, *code),
             Some(Err(e)) => return Err(e.clone()),
         };
-        let exec_id = running.then(|| {
-            st.exec_id
-                .get_or_insert_with(|| ulid::Ulid::new().to_string().to_ascii_lowercase())
-                .clone()
-        });
+        let exec_id = running.then(|| st.exec_id.clone()).flatten();
         Ok(ExecResult {
             exit_code,
             stdout,
@@ -941,6 +1071,14 @@ impl Tools {
         };
         let cap = a.max_output_bytes.unwrap_or(DEFAULT_OUTPUT_CAP);
         let t0 = Instant::now();
+        // Kept by the agent with the exec: a restarted server takes the
+        // exec back as this one, to be followed on (`adopt`).
+        let label = ExecLabel {
+            exec_id: ulid::Ulid::new().to_string().to_ascii_lowercase(),
+            task_id: a.task_id.clone(),
+            worker_id: a.worker_id.clone(),
+            cap,
+        };
         let mut d = self
             .hub()
             .exec(
@@ -951,6 +1089,7 @@ impl Tools {
                     workdir: a.workdir.clone(),
                     stdin: a.stdin.is_some(),
                     timeout_secs: a.timeout_s,
+                    label: Some(label.encode()),
                     ..Default::default()
                 },
             )
@@ -965,52 +1104,8 @@ impl Tools {
         }
         // The output is pumped by a task of its own, so the command can
         // outlive this call and be followed.
-        let run = Arc::new(Followed {
-            task_id: a.task_id.clone(),
-            worker_id: a.worker_id.clone(),
-            cap,
-            t0,
-            state: Mutex::new(FollowState::default()),
-            changed: tokio::sync::Notify::new(),
-        });
-        let pump = run.clone();
-        // Tracked by the hub: it ends at shutdown.
-        self.hub().spawn_task(async move {
-            let mut seen = 0usize;
-            while let Some(ev) = d.output.next().await {
-                match ev {
-                    StreamEvent::Data(k, b) => {
-                        if let Some((token, peer)) = &progress
-                            && !pump.state.lock().unwrap().returned
-                        {
-                            seen += b.len();
-                            let stream = if k == StreamKind::Stderr {
-                                "stderr"
-                            } else {
-                                "stdout"
-                            };
-                            let note = rmcp::model::ProgressNotificationParam::new(
-                                token.clone(),
-                                seen as f64,
-                            )
-                            .with_message(format!("{stream}: {}", String::from_utf8_lossy(&b)));
-                            // A client gone away is no reason to stop the command.
-                            let _ = peer.notify_progress(note).await;
-                        }
-                        pump.keep(k, &b);
-                    }
-                    StreamEvent::End { exit_code, error } => {
-                        pump.end(exit_code, error.map(err));
-                        return;
-                    }
-                    StreamEvent::Gap(_) | StreamEvent::Eof => {}
-                }
-            }
-            pump.end(
-                None,
-                Some("unavailable: the command's output stream ended".into()),
-            );
-        });
+        let run = Arc::new(Followed::new(label, cap, t0));
+        run.pump(self.hub(), d.output, progress);
         let wait = Duration::from_secs(a.wait_s.unwrap_or(DEFAULT_EXEC_WAIT_S).min(MAX_WAIT_S));
         let r = run.wait(wait).await?;
         if r.running {

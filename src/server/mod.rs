@@ -336,6 +336,9 @@ impl Server {
         for (node, desired) in store.desired_configs() {
             hub.restore_desired_config(&node, desired);
         }
+        let mcp_execs = mcp::Running::default();
+        let adopted = mcp_execs.clone();
+        hub.on_labelled_exec(move |hub, d, label| adopted.adopt(hub, d, &label));
         let state = Arc::new(AppState {
             hub,
             signer: auth::Signer::new(key.as_bytes(), cfg.jwt_ttl),
@@ -345,7 +348,7 @@ impl Server {
             admin_token,
             preview_key: preview::PreviewKey::new(preview_secret.as_bytes()),
             tunnels: Default::default(),
-            mcp_execs: Default::default(),
+            mcp_execs,
             shutdown: CancellationToken::new(),
             replica,
         });

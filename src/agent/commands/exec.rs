@@ -108,7 +108,8 @@ pub(super) async fn run(ctx: &Ctx, id: String, mut req: Exec, h: ChannelHandles)
     };
     let exec_id = started.exec_id.clone();
     ctx.execs.started(ch, exec_id.clone());
-    ctx.channels.set_tag(ch, &req.worker_id);
+    ctx.channels
+        .set_tag(ch, &req.worker_id, req.label.as_deref());
     if let Some(size) = req.size
         && let Err(e) = exec::resize(&ctx.docker, &exec_id, size).await
     {

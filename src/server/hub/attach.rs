@@ -9,6 +9,9 @@ use super::*;
 /// to let go of it.
 pub const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 
+/// What takes an adopted exec with a label: the hub, the exec, the label.
+pub(super) type Adopter = Arc<dyn Fn(&Hub, DetachedExec, String) + Send + Sync>;
+
 /// A client connection's hold on an exec ([`Hub::hold_exec`]).
 pub struct HeldExec {
     pub(super) attach: Arc<Mutex<Attachments<DetachedExec>>>,
@@ -236,6 +239,21 @@ impl Hub {
             output,
         };
         let d = DetachedExec::new(&open.worker_id, session);
-        self.detach_exec(d, grace);
+        let adopter = self.adopter.lock().unwrap().clone();
+        match (&open.label, adopter) {
+            // The server gave it a label: what made it takes it back.
+            (Some(label), Some(adopt)) => adopt(self, d, label.clone()),
+            _ => self.detach_exec(d, grace),
+        }
+    }
+
+    /// Execs the agent still runs after a server restart whose `exec`
+    /// request carried a label ([`ExecOptions::label`]) go to `adopt`
+    /// instead of waiting for an operator to re-attach.
+    pub fn on_labelled_exec(
+        &self,
+        adopt: impl Fn(&Hub, DetachedExec, String) + Send + Sync + 'static,
+    ) {
+        *self.adopter.lock().unwrap() = Some(Arc::new(adopt));
     }
 }

@@ -103,6 +103,8 @@ pub struct Hub {
     stop: tokio_util::sync::CancellationToken,
     /// Woken when a node goes offline or an exec is handed back.
     changed: Arc<tokio::sync::Notify>,
+    /// Who takes adopted execs that carry a label ([`Hub::on_labelled_exec`]).
+    adopter: Arc<Mutex<Option<attach::Adopter>>>,
 }
 
 impl Default for Hub {
@@ -192,6 +194,7 @@ impl Hub {
             tasks: Default::default(),
             stop: Default::default(),
             changed: Default::default(),
+            adopter: Default::default(),
         }
     }
 

@@ -79,6 +79,12 @@ impl ChannelStream {
         self.reader.ack(offset);
     }
 
+    /// As [`ChannelStream::ack`], told to the agent at once: it forgets
+    /// what it kept to send again (a restarted server would get it again).
+    pub fn ack_now(&mut self, offset: u64) {
+        self.reader.ack_now(offset);
+    }
+
     /// Next event; after `End` it returns `None`.
     pub async fn next(&mut self) -> Option<StreamEvent> {
         if self.done {

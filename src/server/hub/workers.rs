@@ -182,6 +182,7 @@ impl Hub {
                 size: opts.size,
                 timeout_secs: opts.timeout_secs,
                 window,
+                label: opts.label,
             })
         })
         .await

@@ -1826,6 +1826,16 @@ async fn an_mcp_exec_is_followed_across_a_server_restart() {
     };
     assert_eq!(out, "middle\nafter\n", "{done}");
     assert_eq!(done["exit_code"], 7, "{done}");
+    // The audit trail kept the calls from before the restart.
+    let audit = srv.ctl(&["audit", "--task", "t1"]);
+    let audit = String::from_utf8_lossy(&audit.stdout);
+    for op in [
+        "mcp:sandbox.create",
+        "mcp:sandbox.exec",
+        "mcp:sandbox.exec_follow",
+    ] {
+        assert!(audit.contains(op), "{op} missing:\n{audit}");
+    }
 }
 
 /// The configuration an operator pushed is kept in the server's store: a

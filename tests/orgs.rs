@@ -249,7 +249,16 @@ async fn an_organization_sees_and_schedules_only_its_own_nodes_and_workers() {
         .unwrap();
     assert_eq!(listed["nodes"].as_array().unwrap().len(), 2, "{listed}");
 
-    // The audit trail: acme reads its own operations only.
+    // The audit trail: acme reads its own operations only. An exec is
+    // recorded when it starts and, with its exit code, when it ends.
+    let out = h
+        .ctl_as(
+            &ta,
+            &["exec", &wa1, "--", "sh", "-c", "echo four; exit 4"],
+            None,
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(4));
     let audit_a = ok_as(&h, &ta, &["audit", "--json"]).await;
     let records: Vec<serde_json::Value> = audit_a
         .lines()
@@ -264,6 +273,24 @@ async fn an_organization_sees_and_schedules_only_its_own_nodes_and_workers() {
     assert!(
         records.iter().all(|r| r["org"] == "acme"),
         "only acme's records: {audit_a}"
+    );
+    let of_exec = |op: &str| {
+        records
+            .iter()
+            .filter(|r| r["worker_id"] == wa1.as_str() && r["operation"] == op)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(!of_exec("api:exec").is_empty(), "{audit_a}");
+    let end = of_exec("api:exec_end");
+    assert!(
+        end.iter().any(|r| r["exit_code"] == 4
+            && r["bytes"] == 5
+            && r["outcome"] == "ok"
+            && r["caller"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("token:"))),
+        "the exec's end with its exit code and output bytes: {end:?}"
     );
     // Neither globex's own operations nor a record placed on its node
     // appear (acme's refused attempts hold only the ids acme gave).

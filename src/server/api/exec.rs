@@ -58,12 +58,16 @@ pub(super) async fn open_exec(
     let op = super::workers::WorkerOp::start(app, worker_id);
     let args = json!({"cmd": opts.cmd, "workdir": opts.workdir, "env": opts.env, "tty": opts.tty});
     let opened = app.hub.exec(worker_id, opts).await;
-    op.record(app, caller, "api:exec", &args, &opened);
+    let mut end = op.record(app, caller, "api:exec", &args, &opened);
     let mut session = opened?;
     if client_acks {
         session.output.set_manual_ack();
     }
-    Ok((DetachedExec::new(worker_id, session), client_acks))
+    let mut d = DetachedExec::new(worker_id, session);
+    // Its end is recorded too, with the exit code: `api:exec_end`.
+    end.operation = "api:exec_end".into();
+    d.audit = Some((end, std::time::Instant::now()));
+    Ok((d, client_acks))
 }
 
 /// Takes back a detached exec or tunnel for a client that has its output
@@ -139,6 +143,7 @@ pub(super) async fn serve(
         end: mut known_end,
         mut eof,
         tunnel,
+        mut audit,
     } = d;
     let closed = tunnel.as_ref().map(|t| t.closed());
     let closed_by_operator = async move {
@@ -184,18 +189,19 @@ pub(super) async fn serve(
     let mut stdin_in = input.offset();
     let mut ack_tick = tokio::time::interval(Duration::from_millis(20));
     ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let kept = |input, output, relay, end, eof, tunnel| DetachedExec {
+    let kept = |input, output, relay, end, eof, tunnel, audit| DetachedExec {
         worker_id: worker_id.clone(),
         session: Duplex { input, output },
         relay,
         end,
         eof,
         tunnel,
+        audit,
     };
     if tx.send(text(&started)).await.is_err() {
         return hand_back(
             &app,
-            kept(input, output, relay, known_end, eof, tunnel),
+            kept(input, output, relay, known_end, eof, tunnel, audit),
             client_acks,
         );
     }
@@ -318,6 +324,13 @@ pub(super) async fn serve(
                     }
                 }
                 Some(Some(Err((exit_code, error)))) => {
+                    if let Some((mut rec, t0)) = audit.take() {
+                        rec.exit_code = exit_code;
+                        rec.outcome = error.as_ref().map_or("ok".into(), |e| format!("{}: {}", e.code, e.message));
+                        rec.bytes = Some(output.position());
+                        rec.duration_ms = t0.elapsed().as_millis() as u64;
+                        super::workers::append_audit(&app, rec);
+                    }
                     let sent = send_unless(&mut tx, end_message(exit_code, error.clone()), &mut taken_over).await;
                     if sent {
                         said_end = Some((exit_code, error));
@@ -383,7 +396,7 @@ pub(super) async fn serve(
         let Ok(input) = writer.await else { return };
         return hand_back(
             &app,
-            kept(input, output, relay, Some(end), eof, tunnel),
+            kept(input, output, relay, Some(end), eof, tunnel, audit),
             client_acks,
         );
     }
@@ -404,7 +417,7 @@ pub(super) async fn serve(
     };
     hand_back(
         &app,
-        kept(input, output, relay, known_end, eof, tunnel),
+        kept(input, output, relay, known_end, eof, tunnel, audit),
         client_acks,
     );
 }

@@ -124,7 +124,7 @@ impl WorkerOp {
         }
     }
 
-    /// Appends the operation's record to the audit trail.
+    /// Appends the operation's record to the audit trail; a copy of it.
     pub(super) fn record<T>(
         self,
         app: &AppState,
@@ -132,13 +132,14 @@ impl WorkerOp {
         op: &str,
         args: &serde_json::Value,
         r: &Result<T, ErrorBody>,
-    ) {
+    ) -> crate::server::audit::AuditRecord {
         let mut rec = api_record(caller, op, args, self.t0, r);
         rec.worker_id = Some(self.id);
         if let Some(w) = self.before {
             (rec.task_id, rec.job_id, rec.node_id) = (w.task_id, w.job_id, Some(w.node_id));
         }
-        append_audit(app, rec);
+        append_audit(app, rec.clone());
+        rec
     }
 }
 

@@ -52,6 +52,9 @@ pub struct DetachedExec {
     pub eof: bool,
     /// A tunnel's entry in the server's tunnel list, kept while detached.
     pub tunnel: Option<crate::server::tunnels::Connection>,
+    /// The audit record its end completes (an API exec's: the caller, the
+    /// worker, the arguments' digest) and when it started.
+    pub audit: Option<(crate::server::audit::AuditRecord, std::time::Instant)>,
 }
 
 impl DetachedExec {
@@ -64,6 +67,7 @@ impl DetachedExec {
             end: None,
             eof: false,
             tunnel: None,
+            audit: None,
         }
     }
 }

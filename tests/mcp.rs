@@ -1,75 +1,84 @@
-//! The MCP endpoint against a real server, agent and engine, driven as an
-//! MCP client does: JSON-RPC over Streamable HTTP (docs/mcp.md).
+//! The MCP endpoint against a real server, agent and engine, driven through
+//! the official SDK's client (`rmcp`) over Streamable HTTP (docs/mcp.md);
+//! what a client without a token gets is checked with plain HTTP.
 
 mod common;
 
 use common::*;
 use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
 
+/// An MCP client session through the official SDK's client (`rmcp`,
+/// Streamable HTTP), with the progress notifications it heard.
 struct Mcp {
-    http: reqwest::Client,
-    url: String,
-    token: String,
-    session: Option<String>,
-    next_id: u64,
+    client: rmcp::service::RunningService<rmcp::RoleClient, Progress>,
+    notes: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+/// Keeps the progress notifications: their token and message.
+struct Progress(Arc<Mutex<Vec<(String, String)>>>);
+
+impl rmcp::ClientHandler for Progress {
+    async fn on_progress(
+        &self,
+        params: rmcp::model::ProgressNotificationParam,
+        _: rmcp::service::NotificationContext<rmcp::RoleClient>,
+    ) {
+        self.0.lock().unwrap().push((
+            format!("{:?}", params.progress_token),
+            params.message.unwrap_or_default(),
+        ));
+    }
 }
 
 impl Mcp {
-    async fn post(&mut self, body: Value) -> reqwest::Response {
-        let mut rb = self
-            .http
-            .post(&self.url)
-            .bearer_auth(&self.token)
-            .header("Accept", "application/json, text/event-stream")
-            .json(&body);
-        if let Some(s) = &self.session {
-            rb = rb.header("mcp-session-id", s);
-        }
-        rb.send().await.unwrap()
-    }
-
     async fn connect(url: &str, token: &str) -> Mcp {
-        let mut m = Mcp {
-            http: reqwest::Client::new(),
-            url: format!("{url}/mcp"),
-            token: token.into(),
-            session: None,
-            next_id: 1,
-        };
-        let r = m
-            .post(
-                json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-                "protocolVersion": "2025-06-18", "capabilities": {},
-                "clientInfo": {"name": "tether-test", "version": "1"}}}),
-            )
-            .await;
-        assert_eq!(r.status(), 200, "{:?}", r.text().await);
-        m.session = r
-            .headers()
-            .get("mcp-session-id")
-            .map(|v| v.to_str().unwrap().to_string());
-        let init = body_json(r).await;
+        use rmcp::ServiceExt;
+        use rmcp::transport::StreamableHttpClientTransport;
+        use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+        let notes = Arc::new(Mutex::new(Vec::new()));
+        let cfg =
+            StreamableHttpClientTransportConfig::with_uri(format!("{url}/mcp")).auth_header(token);
+        let client = Progress(notes.clone())
+            .serve(StreamableHttpClientTransport::from_config(cfg))
+            .await
+            .expect("MCP initialize");
         assert!(
-            init["result"]["capabilities"]["tools"].is_object(),
-            "{init}"
+            client
+                .peer_info()
+                .is_some_and(|i| i.capabilities.tools.is_some()),
+            "the server offers tools"
         );
-        let r = m
-            .post(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
-            .await;
-        assert!(r.status().is_success(), "{}", r.status());
-        m
+        Mcp { client, notes }
     }
 
+    /// `tools/list`, or a `tools/call` with `params` as sent: the answer as
+    /// JSON-RPC puts it (`result`, or `error`).
     async fn request(&mut self, method: &str, params: Value) -> Value {
-        self.next_id += 1;
-        let id = self.next_id;
-        let r = self
-            .post(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
-            .await;
-        assert_eq!(r.status(), 200);
-        let v = body_json(r).await;
-        assert_eq!(v["id"], id, "{v}");
-        v
+        let answer = match method {
+            "tools/list" => self
+                .client
+                .list_tools(None)
+                .await
+                .map(|r| serde_json::to_value(r).unwrap()),
+            "tools/call" => {
+                let params = rmcp::model::CallToolRequestParams::new(
+                    params["name"].as_str().unwrap().to_string(),
+                )
+                .with_arguments(params["arguments"].as_object().cloned().unwrap_or_default());
+                self.client
+                    .call_tool(params)
+                    .await
+                    .map(|r| serde_json::to_value(r).unwrap())
+            }
+            other => panic!("no {other} here"),
+        };
+        match answer {
+            Ok(result) => json!({ "result": result }),
+            Err(rmcp::ServiceError::McpError(e)) => json!({ "error": e }),
+            // The transport refused (a revoked token): no JSON-RPC answer.
+            Err(e) => json!({ "error": { "message": e.to_string() }, "transport": true }),
+        }
     }
 
     /// A tool's result: `Ok(structured content)` or `Err(error text)`.
@@ -77,6 +86,9 @@ impl Mcp {
         let v = self
             .request("tools/call", json!({"name": tool, "arguments": args}))
             .await;
+        if v["transport"] == true {
+            return Err(v["error"]["message"].as_str().unwrap_or("").to_string());
+        }
         let r = &v["result"];
         assert!(r.is_object(), "{v}");
         if r["isError"] == true {
@@ -84,52 +96,28 @@ impl Mcp {
         }
         Ok(r["structuredContent"].clone())
     }
-}
 
-impl Mcp {
     /// `sandbox.exec` asking for progress: the progress messages that came
     /// before the result, and the result.
     async fn exec_with_progress(&mut self, args: Value) -> (Vec<String>, Value) {
-        self.next_id += 1;
-        let id = self.next_id;
-        let r = self
-            .post(
-                json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
-                "name": "sandbox.exec", "arguments": args, "_meta": {"progressToken": "p1"}}}),
-            )
-            .await;
-        assert_eq!(r.status(), 200);
-        let text = r.text().await.unwrap();
-        let mut notes = Vec::new();
-        let mut result = Value::Null;
-        for d in text.lines().filter_map(|l| l.strip_prefix("data:")) {
-            let Ok(v) = serde_json::from_str::<Value>(d.trim()) else {
-                continue;
-            };
-            if v["method"] == "notifications/progress" {
-                assert_eq!(v["params"]["progressToken"], "p1", "{v}");
-                notes.push(v["params"]["message"].as_str().unwrap_or("").to_string());
-            } else if v["id"] == id {
-                result = v["result"]["structuredContent"].clone();
-            }
-        }
-        (notes, result)
+        use rmcp::model::RequestParamsMeta;
+        self.notes.lock().unwrap().clear();
+        let mut params = rmcp::model::CallToolRequestParams::new("sandbox.exec")
+            .with_arguments(args.as_object().cloned().unwrap_or_default());
+        params.set_progress_token(rmcp::model::ProgressToken(
+            rmcp::model::NumberOrString::String("p1".into()),
+        ));
+        let r = self.client.call_tool(params).await.expect("sandbox.exec");
+        let notes = std::mem::take(&mut *self.notes.lock().unwrap());
+        // Every notification names the call's progress token (the SDK's
+        // client gives each call its own).
+        assert!(
+            notes.windows(2).all(|w| w[0].0 == w[1].0),
+            "one token: {notes:?}"
+        );
+        let messages = notes.into_iter().map(|(_, m)| m).collect();
+        (messages, r.structured_content.unwrap_or_default())
     }
-}
-
-/// The body as JSON, whether it came as JSON or as one SSE event.
-async fn body_json(r: reqwest::Response) -> Value {
-    let text = r.text().await.unwrap();
-    if let Ok(v) = serde_json::from_str(&text) {
-        return v;
-    }
-    let data = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(str::trim)
-        .find(|d| !d.is_empty())
-        .unwrap_or_else(|| panic!("no JSON in {text:?}"));
-    serde_json::from_str(data).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,6 +423,38 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
         .await
         .unwrap_err();
     assert!(e.contains("too_large") && e.contains("archive"), "{e}");
+    // Binary both ways, compared by hash: in the sandbox and back again.
+    use base64::Engine;
+    let bytes: Vec<u8> = (0..100_000u32).map(|i| (i * 37 % 256) as u8).collect();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    m.call(
+        "sandbox.put_file",
+        json!({"task_id": "t1", "worker_id": w, "path": "/tmp/a/blob", "content_base64": b64}),
+    )
+    .await
+    .unwrap();
+    let r = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t1", "worker_id": w, "argv": ["sha256sum", "/tmp/a/blob"]}),
+        )
+        .await
+        .unwrap();
+    assert!(
+        r["stdout"].as_str().unwrap().starts_with(&sha256(&bytes)),
+        "{r}"
+    );
+    let f = m
+        .call(
+            "sandbox.get_file",
+            json!({"task_id": "t1", "worker_id": w, "path": "/tmp/a/blob"}),
+        )
+        .await
+        .unwrap();
+    let back = base64::engine::general_purpose::STANDARD
+        .decode(f["content_base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(sha256(&back), sha256(&bytes));
 
     // Another task cannot touch this sandbox.
     let e = m
@@ -617,10 +637,17 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
     // Revoked: the token opens nothing.
     let id = listed.split_whitespace().next().unwrap();
     ctl(&["mcp", "token", "revoke", id]);
-    let r = n
-        .post(json!({"jsonrpc": "2.0", "id": 99, "method": "tools/list"}))
-        .await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/mcp", h.url))
+        .bearer_auth(&narrow)
+        .header("Accept", "application/json, text/event-stream")
+        .json(&json!({"jsonrpc": "2.0", "id": 99, "method": "tools/list"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
+    let e = n.call("node.list", json!({})).await;
+    assert!(e.is_err(), "the open session is refused too: {e:?}");
     m.call(
         "sandbox.destroy",
         json!({"task_id": "proj-1", "worker_id": mw}),
@@ -628,6 +655,16 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
     .await
     .unwrap();
 
+    let nets = || {
+        docker(&[
+            "network",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label=tether.worker_id={w}"),
+        ])
+    };
+    assert!(!nets().is_empty(), "the sandbox has its own network");
     let d = m
         .call("sandbox.destroy", json!({"task_id": "t1", "worker_id": w}))
         .await
@@ -637,6 +674,7 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
         docker(&["ps", "-aq", "--filter", &format!("name=tether-{w}")]).is_empty(),
         "the container is gone"
     );
+    assert!(nets().is_empty(), "its network is gone");
 
     // Every call is in the audit trail, with its caller and no secret.
     let records = |args: &[&str]| -> Vec<Value> {

@@ -204,6 +204,15 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
     assert_eq!(v["result"]["isError"], true, "{v}");
     let text = v["result"]["content"][0]["text"].as_str().unwrap_or("");
     assert!(text.contains("argument \"timeout_s\""), "{v}");
+    let v = m
+        .request(
+            "tools/call",
+            json!({"name": "sandbox.exec", "arguments": {"worker_id": "w", "argv": ["true"]}}),
+        )
+        .await;
+    assert_eq!(v["result"]["isError"], true, "{v}");
+    let text = v["result"]["content"][0]["text"].as_str().unwrap_or("");
+    assert!(text.contains("missing field `task_id`"), "{v}");
     let e = m
         .call(
             "sandbox.exec",

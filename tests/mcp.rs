@@ -298,6 +298,65 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
     assert_eq!(r["stdout"], "in\nout\n");
     assert_eq!(r["stderr"], "err\n");
     assert_eq!(r["truncated"], false);
+    // The sandbox named by the job it was created for, within the task.
+    let host = |r: Value| r["stdout"].as_str().unwrap_or("").to_string();
+    let by_worker = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t1", "worker_id": w, "argv": ["hostname"]}),
+        )
+        .await
+        .unwrap();
+    let by_job = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t1", "job_id": "j1", "argv": ["hostname"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(host(by_job), host(by_worker));
+    let e = m
+        .call("sandbox.exec", json!({"task_id": "t1", "argv": ["true"]}))
+        .await
+        .unwrap_err();
+    assert!(e.contains("give worker_id or job_id"), "{e}");
+    let e = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t1", "job_id": "j-none", "argv": ["true"]}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.starts_with("not_found"), "{e}");
+    let e = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t9", "job_id": "j1", "argv": ["true"]}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.starts_with("not_found"), "another task's job: {e}");
+    let twin = m
+        .call(
+            "sandbox.create",
+            json!({"task_id": "t1", "job_id": "j1", "image": image(), "cmd": ["sleep", "600"]}),
+        )
+        .await
+        .unwrap();
+    let e = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t1", "job_id": "j1", "argv": ["true"]}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.contains("has 2 sandboxes"), "{e}");
+    m.call(
+        "sandbox.destroy",
+        json!({"task_id": "t1", "worker_id": twin["worker_id"]}),
+    )
+    .await
+    .unwrap();
 
     // Output as it comes, when the client asks for progress.
     let (notes, r) = m

@@ -151,7 +151,12 @@ pub struct Sandbox {
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct ExecArgs {
     pub task_id: String,
-    pub worker_id: String,
+    /// The sandbox: its `worker_id`, or the `job_id` it was created with
+    /// (one of them).
+    #[serde(default)]
+    pub worker_id: Option<String>,
+    #[serde(default)]
+    pub job_id: Option<String>,
     /// The command as arguments (or `command`, run by `sh -c`).
     pub argv: Option<Vec<String>>,
     pub command: Option<String>,
@@ -356,6 +361,41 @@ impl Tools {
             ));
         }
         Ok(())
+    }
+
+    /// The sandbox a call names by `worker_id`, or by the `job_id` it was
+    /// created with in the task (one sandbox of the job, else the call must
+    /// name the worker).
+    fn sandbox_of(
+        &self,
+        scope: &Scope,
+        task_id: &str,
+        worker_id: Option<&str>,
+        job_id: Option<&str>,
+    ) -> Result<crate::protocol::WorkerInfo, String> {
+        let job = match (worker_id, job_id) {
+            (Some(w), None) => return self.worker_of_task(scope, task_id, w),
+            (None, Some(j)) => j,
+            _ => return Err("invalid_request: give worker_id or job_id (one of them)".into()),
+        };
+        Self::task_ok(scope, task_id)?;
+        let mut of_job: Vec<String> = self
+            .hub()
+            .workers()
+            .into_iter()
+            .filter(|w| w.task_id.as_deref() == Some(task_id) && w.job_id.as_deref() == Some(job))
+            .filter(|w| self.visible_worker(scope, &w.worker_id).is_some())
+            .map(|w| w.worker_id)
+            .collect();
+        match of_job.len() {
+            0 => Err(format!(
+                "not_found: no sandbox of job {job} in task {task_id}"
+            )),
+            1 => self.worker_of_task(scope, task_id, &of_job.remove(0)),
+            n => Err(format!(
+                "invalid_request: job {job} has {n} sandboxes in task {task_id}: name the worker_id"
+            )),
+        }
     }
 
     /// The worker, if the call's scope and task may use it.
@@ -846,8 +886,8 @@ impl Tools {
             tool: "sandbox.exec",
             args: &a,
             task_id: &a.task_id,
-            job_id: None,
-            worker_id: Some(&a.worker_id),
+            job_id: a.job_id.as_deref(),
+            worker_id: a.worker_id.as_deref(),
         };
         self.run(scope, call, async |scope| {
             self.exec_inner(scope, &a, progress).await
@@ -1063,7 +1103,14 @@ impl Tools {
         a: &ExecArgs,
         progress: Option<(rmcp::model::ProgressToken, rmcp::Peer<rmcp::RoleServer>)>,
     ) -> Result<ExecResult, String> {
-        self.worker_of_task(scope, &a.task_id, &a.worker_id)?;
+        let worker_id = self
+            .sandbox_of(
+                scope,
+                &a.task_id,
+                a.worker_id.as_deref(),
+                a.job_id.as_deref(),
+            )?
+            .worker_id;
         let cmd = match (&a.argv, &a.command) {
             (Some(argv), None) if !argv.is_empty() => argv.clone(),
             (None, Some(c)) => vec!["sh".into(), "-c".into(), c.clone()],
@@ -1076,13 +1123,13 @@ impl Tools {
         let label = ExecLabel {
             exec_id: ulid::Ulid::new().to_string().to_ascii_lowercase(),
             task_id: a.task_id.clone(),
-            worker_id: a.worker_id.clone(),
+            worker_id: worker_id.clone(),
             cap,
         };
         let mut d = self
             .hub()
             .exec(
-                &a.worker_id,
+                &worker_id,
                 ExecOptions {
                     cmd,
                     env: a.env.clone().unwrap_or_default(),

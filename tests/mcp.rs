@@ -497,10 +497,18 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
     let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
     m.call(
         "sandbox.put_file",
-        json!({"task_id": "t1", "worker_id": w, "path": "/tmp/a/blob", "content_base64": b64}),
+        json!({"task_id": "t1", "worker_id": w, "path": "/tmp/a/blob", "content_base64": b64, "mode": "750"}),
     )
     .await
     .unwrap();
+    let r = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t1", "worker_id": w, "argv": ["stat", "-c", "%a", "/tmp/a/blob"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["stdout"], "750\n", "the mode asked for");
     let r = m
         .call(
             "sandbox.exec",

@@ -108,6 +108,34 @@ struct ImageGuard {
     image: String,
 }
 
+/// A node id the harness cleans up after, and the agent image built under a
+/// tag of its own (removed with its container by the guard).
+fn agent_image_for(h: &Harness) -> (String, String, ImageGuard) {
+    let node = unique("test");
+    h.track(&node);
+    let tag = format!("tether-agent:{}", unique("test"));
+    let guard = ImageGuard {
+        container: unique("test-agent"),
+        image: tag.clone(),
+    };
+    build_agent_image(&tag);
+    (node, tag, guard)
+}
+
+/// Waits for the agent container `id` to bring `node` online (its logs
+/// shown if it does not).
+async fn online(h: &Harness, node: &str, id: &str, guard: &ImageGuard) {
+    assert!(!id.is_empty(), "docker run of the agent image failed");
+    tokio::time::timeout(Duration::from_secs(60), h.wait_status(node, "online"))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "node never came online; agent logs:\n{}",
+                docker_all(&["logs", &guard.container])
+            )
+        });
+}
+
 impl Drop for ImageGuard {
     fn drop(&mut self) {
         docker(&["rm", "-f", &self.container]);
@@ -118,14 +146,7 @@ impl Drop for ImageGuard {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_image_brings_a_node_online() {
     let h = Harness::server().await;
-    let node = unique("test");
-    h.track(&node);
-    let tag = format!("tether-agent:{}", unique("test"));
-    let guard = ImageGuard {
-        container: unique("test-agent"),
-        image: tag.clone(),
-    };
-    build_agent_image(&tag);
+    let (node, tag, guard) = agent_image_for(&h);
     // Minimal: no shell in the image.
     let sh = std::process::Command::new("docker")
         .args(["run", "--rm", "--entrypoint", "/bin/sh", &tag, "-c", "true"])
@@ -134,15 +155,7 @@ async fn agent_image_brings_a_node_online() {
     assert!(!sh.status.success(), "the agent image should have no shell");
 
     let id = run_agent_container(&guard.container, &tag, &h.url, &node);
-    assert!(!id.is_empty(), "docker run of the agent image failed");
-    tokio::time::timeout(Duration::from_secs(60), h.wait_status(&node, "online"))
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "node never came online; agent logs:\n{}",
-                docker_all(&["logs", &guard.container])
-            )
-        });
+    online(&h, &node, &id, &guard).await;
     let w = h
         .hub
         .spawn(tether::protocol::SpawnRequest {
@@ -251,14 +264,7 @@ async fn an_agent_container_on_its_own_network_tunnels_through_relays() {
     let net: std::net::Ipv4Addr = subnet.split('/').next().unwrap().parse().unwrap();
     let gateway = std::net::Ipv4Addr::from(u32::from(net) + 1);
     let h = Harness::server_with(|c| c.listen = format!("{gateway}:0").parse().unwrap()).await;
-    let node = unique("test");
-    h.track(&node);
-    let tag = format!("tether-agent:{}", unique("test"));
-    let guard = ImageGuard {
-        container: unique("test-agent"),
-        image: tag.clone(),
-    };
-    build_agent_image(&tag);
+    let (node, tag, guard) = agent_image_for(&h);
     let id = docker(&[
         "run",
         "-d",
@@ -278,15 +284,7 @@ async fn an_agent_container_on_its_own_network_tunnels_through_relays() {
         &format!("TETHER_NODE_ID={node}"),
         &tag,
     ]);
-    assert!(!id.is_empty(), "docker run of the agent image failed");
-    tokio::time::timeout(Duration::from_secs(60), h.wait_status(&node, "online"))
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "node never came online; agent logs:\n{}",
-                docker_all(&["logs", &guard.container])
-            )
-        });
+    online(&h, &node, &id, &guard).await;
     let spawn = |policy| tether::protocol::SpawnRequest {
         image: image(),
         cmd: vec![
@@ -311,23 +309,10 @@ async fn an_agent_container_on_its_own_network_tunnels_through_relays() {
         .await
         .unwrap();
     let sent: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let mut t = None;
-    for _ in 0..100 {
-        match h.hub.tunnel(&w.worker_id, 9000).await {
-            Ok(x) => {
-                t = Some(x);
-                break;
-            }
-            Err(e) if e.code == tether::protocol::ErrorCode::ConnectionRefused => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(e) => panic!("tunnel through the relay: {e}"),
-        }
-    }
     let tether::server::Duplex {
         mut input,
         mut output,
-    } = t.expect("the echo listens");
+    } = tunnel(&h.hub, &w.worker_id, 9000).await;
     let payload = sent.clone();
     let writer = tokio::spawn(async move {
         for c in payload.chunks(64 * 1024) {

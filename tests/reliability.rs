@@ -1233,20 +1233,8 @@ async fn port_forward_survives_cuts_of_its_server_connection_byte_exact_both_way
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     let (h, _node) = Harness::start().await;
     let proxy = Proxy::start(h.addr).await;
-    let w = h
-        .hub
-        .spawn(SpawnRequest {
-            image: image(),
-            cmd: vec![
-                "sh".into(),
-                "-c".into(),
-                "while true; do nc -l -p 9000 -e cat; done".into(),
-            ],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut pf = ctl_through(&h, &proxy, &["port-forward", &w.worker_id, ":9000"]);
+    let w = worker(&h, "while true; do nc -l -p 9000 -e cat; done").await;
+    let mut pf = ctl_through(&h, &proxy, &["port-forward", &w, ":9000"]);
     let mut lines = tokio::io::BufReader::new(pf.stdout.take().unwrap()).lines();
     let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
         .await
@@ -1258,20 +1246,7 @@ async fn port_forward_survives_cuts_of_its_server_connection_byte_exact_both_way
         .and_then(|l| l.split(' ').next())
         .unwrap_or_else(|| panic!("unexpected: {line}"))
         .to_string();
-    // `nc` listens again a moment after each connection: probe until the
-    // echo answers.
-    let mut c = None;
-    for _ in 0..50 {
-        let mut s = tokio::net::TcpStream::connect(&local).await.unwrap();
-        s.write_all(b"x").await.unwrap();
-        let mut one = [0u8; 1];
-        if let Ok(Ok(1)) = tokio::time::timeout(Duration::from_secs(2), s.read(&mut one)).await {
-            c = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let c = c.expect("an echo through port-forward");
+    let c = echo_connection(&local).await;
     const SIZE: usize = 20_000_000;
     let sent: Vec<u8> = (0..SIZE as u32).map(|i| (i * 31 % 251) as u8).collect();
     let (mut rd, mut wr) = c.into_split();
@@ -1313,7 +1288,7 @@ async fn port_forward_survives_cuts_of_its_server_connection_byte_exact_both_way
         let out = h.ctl(&["tunnels"]).await;
         assert!(out.status.success());
         let table = String::from_utf8_lossy(&out.stdout).to_string();
-        if !table.contains(&w.worker_id) {
+        if !table.contains(&w) {
             break;
         }
         assert!(

@@ -279,21 +279,11 @@ fn the_file_and_the_postgres_store_keep_the_same_rules() {
 /// that does not ask for TLS is refused too, not ignored.
 #[test]
 fn the_postgres_store_speaks_tls_and_verifies_the_certificate() {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
-    let pg = Postgres::start_tls(&leaf.pem(), &leaf_key.serialize_pem());
+    let pki = test_pki("127.0.0.1");
+    let pg = Postgres::start_tls(&pki.cert_pem, &pki.key_pem);
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, ca_cert.pem()).unwrap();
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
     let plain = pg.database("tether_tls");
     let url = format!("{plain}?sslmode=require&application_name=tether-tls-test");
 

@@ -14,26 +14,16 @@ struct Pki {
 }
 
 fn make_pki(dir: &std::path::Path) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
+    let t = test_pki("localhost");
     let p = Pki {
         ca_pem: dir.join("ca.pem"),
         cert: dir.join("server.pem"),
         key: dir.join("server.key"),
-        leaf_sha256: hex::encode(sha2::Sha256::digest(leaf.der())),
+        leaf_sha256: hex::encode(sha2::Sha256::digest(&t.cert_der)),
     };
-    std::fs::write(&p.ca_pem, ca_cert.pem()).unwrap();
-    std::fs::write(&p.cert, leaf.pem()).unwrap();
-    std::fs::write(&p.key, leaf_key.serialize_pem()).unwrap();
+    std::fs::write(&p.ca_pem, t.ca_pem).unwrap();
+    std::fs::write(&p.cert, t.cert_pem).unwrap();
+    std::fs::write(&p.key, t.key_pem).unwrap();
     p
 }
 

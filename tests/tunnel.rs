@@ -6,33 +6,7 @@ use common::*;
 use std::time::Duration;
 use tether::protocol::{ErrorCode, SpawnRequest};
 use tether::server::hub::ChannelStream;
-use tether::server::{Duplex, Hub, StreamEvent};
-
-async fn worker(h: &Harness, script: &str) -> String {
-    h.hub
-        .spawn(SpawnRequest {
-            image: image(),
-            cmd: vec!["sh".into(), "-c".into(), script.into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .worker_id
-}
-
-/// A tunnel to `port`, once something listens there.
-async fn tunnel(hub: &Hub, w: &str, port: u16) -> Duplex {
-    for _ in 0..100 {
-        match hub.tunnel(w, port).await {
-            Ok(t) => return t,
-            Err(e) if e.code == ErrorCode::ConnectionRefused => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(e) => panic!("tunnel to {w}:{port}: {e}"),
-        }
-    }
-    panic!("nothing listened on {w}:{port} within 10 s");
-}
+use tether::server::{Duplex, StreamEvent};
 
 /// Reads a tunnel's output to its end; panics on an error end.
 async fn read_all(output: &mut ChannelStream) -> Vec<u8> {
@@ -197,19 +171,7 @@ async fn ctl_port_forward_carries_raw_tcp_and_http_on_loopback() {
     // Raw TCP, hash-compared, with the local half-close passed through
     // (the worker's `cat` ends only when its input does).
     let (_echo_pf, echo) = port_forward(&h, &w, ":9000").await;
-    let mut c = None;
-    for _ in 0..50 {
-        // `nc` listens again a moment after the previous connection.
-        let mut s = tokio::net::TcpStream::connect(&echo).await.unwrap();
-        s.write_all(b"x").await.unwrap();
-        let mut one = [0u8; 1];
-        if let Ok(Ok(1)) = tokio::time::timeout(Duration::from_secs(2), s.read(&mut one)).await {
-            c = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let c = c.expect("an echo through port-forward");
+    let c = echo_connection(&echo).await;
     let sent: Vec<u8> = (0..2_000_000u32).map(|i| (i * 13 % 253) as u8).collect();
     let (mut rd, mut wr) = c.into_split();
     let payload = sent.clone();

@@ -498,3 +498,82 @@ pub async fn mcp_call(
     }
     Ok(r.structured_content.unwrap_or_default())
 }
+
+/// A worker running `sh -c SCRIPT`; its id.
+#[allow(dead_code)]
+pub async fn worker(h: &Harness, script: &str) -> String {
+    h.hub
+        .spawn(tether::protocol::SpawnRequest {
+            image: image(),
+            cmd: vec!["sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .worker_id
+}
+
+/// A tunnel to `port`, once something listens there.
+#[allow(dead_code)]
+pub async fn tunnel(hub: &tether::server::Hub, w: &str, port: u16) -> tether::server::Duplex {
+    for _ in 0..100 {
+        match hub.tunnel(w, port).await {
+            Ok(t) => return t,
+            Err(e) if e.code == tether::protocol::ErrorCode::ConnectionRefused => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("tunnel to {w}:{port}: {e}"),
+        }
+    }
+    panic!("nothing listened on {w}:{port} within 10 s");
+}
+
+/// A connection to an echo (`nc -l -p PORT -e cat` in a loop) at `addr`,
+/// once it answers: `nc` listens again a moment after each connection.
+#[allow(dead_code)]
+pub async fn echo_connection(addr: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for _ in 0..50 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        if let Ok(Ok(1)) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut one)).await
+        {
+            return s;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    panic!("no echo at {addr}");
+}
+
+/// A private CA and a server certificate it signed for `name`: the CA's
+/// PEM, the certificate's PEM and DER, and its key's PEM.
+#[allow(dead_code)]
+pub struct TestPki {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub cert_der: Vec<u8>,
+    pub key_pem: String,
+}
+
+#[allow(dead_code)]
+pub fn test_pki(name: &str) -> TestPki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![name.to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    TestPki {
+        ca_pem: ca_cert.pem(),
+        cert_pem: leaf.pem(),
+        cert_der: leaf.der().to_vec(),
+        key_pem: leaf_key.serialize_pem(),
+    }
+}

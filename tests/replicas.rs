@@ -376,6 +376,47 @@ async fn an_operator_at_any_replica_reaches_a_node_another_holds() {
         .await;
     assert_eq!(sha256(&std::fs::read(&back).unwrap()), sha256(&data));
 
+    // A port-forward through B: its tunnel is carried by A, listed and
+    // closed through B.
+    let echo = b
+        .ctl_ok(&[
+            "spawn",
+            "--image",
+            &img,
+            "--",
+            "sh",
+            "-c",
+            "while true; do nc -l -p 9000 -e cat; done",
+        ])
+        .await
+        .trim()
+        .to_string();
+    let (_pf, addr) = port_forward(&b, &echo, ":9000").await;
+    let mut conn = echo_connection(&addr).await;
+    let id = format!("{echo}:9000");
+    let listed = b.ctl_ok(&["tunnels"]).await;
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("B lists the tunnel A carries: {listed}"));
+    assert_eq!(
+        row.split_whitespace().nth(3),
+        Some("1"),
+        "one connection: {row}"
+    );
+    b.ctl_ok(&["tunnels", "close", &id]).await;
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut rest),
+    )
+    .await
+    .expect("the connection ends with its tunnel")
+    .unwrap_or(0);
+    assert_eq!(n, 0);
+    let out = b.ctl(&["tunnels", "close", &id]).await;
+    assert_eq!(out.status.code(), Some(125), "already closed everywhere");
+
     // A deployment made, listed, shown, followed into and taken down
     // through B.
     let name = unique("fwd");

@@ -249,6 +249,63 @@ pub(super) async fn list_route(
     Json(json!({ key: merged })).into_response()
 }
 
+/// `GET /api/v1/tunnels` and `DELETE /api/v1/tunnels/{id}`: a tunnel's
+/// connections are carried by whichever replicas their operators' requests
+/// reached, so every replica is asked. A list sums each tunnel's
+/// connections and bytes over the replicas; a close succeeds where any
+/// replica closed something.
+pub(super) async fn tunnels_route(
+    State(app): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(replica) = app.replica.as_ref() else {
+        return next.run(req).await;
+    };
+    if forwarded(&req) {
+        return next.run(req).await;
+    }
+    let (parts, _) = req.into_parts();
+    let mut answers = vec![
+        next.run(Request::from_parts(parts.clone(), Body::empty()))
+            .await,
+    ];
+    for (_, url) in peers(&app, replica).await {
+        let again = Request::from_parts(parts.clone(), Body::empty());
+        answers.push(proxy(&app, replica, &url, again).await);
+    }
+    if parts.method != axum::http::Method::GET {
+        let closed = answers.iter().position(|r| r.status().is_success());
+        return answers.swap_remove(closed.unwrap_or(0));
+    }
+    let mut by_id: std::collections::BTreeMap<String, operator::TunnelInfo> = Default::default();
+    for r in answers {
+        if !r.status().is_success() {
+            continue;
+        }
+        let Ok(b) = axum::body::to_bytes(r.into_body(), usize::MAX).await else {
+            continue;
+        };
+        for t in serde_json::from_slice::<Vec<operator::TunnelInfo>>(&b).unwrap_or_default() {
+            match by_id.get_mut(&t.id) {
+                Some(seen) => {
+                    seen.connections += t.connections;
+                    seen.bytes_to_worker += t.bytes_to_worker;
+                    seen.bytes_from_worker += t.bytes_from_worker;
+                    // RFC 3339 UTC of one format: the earlier sorts first.
+                    if t.since < seen.since {
+                        seen.since = t.since;
+                    }
+                }
+                None => {
+                    by_id.insert(t.id.clone(), t);
+                }
+            }
+        }
+    }
+    Json(by_id.into_values().collect::<Vec<_>>()).into_response()
+}
+
 async fn peers(app: &AppState, replica: &Replica) -> Vec<(String, String)> {
     let store = app.store.clone();
     let id = replica.id.clone();

@@ -142,12 +142,19 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             forward::collection_route,
         ));
-    let operator = Router::new()
+    // Tunnels live in the replica that carries them: asked of every one.
+    let tunnels = Router::new()
         .route("/api/v1/tunnels", get(tunnel::list))
         .route(
             "/api/v1/tunnels/{id}",
             axum::routing::delete(tunnel::close_tunnel),
         )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            forward::tunnels_route,
+        ));
+    let operator = Router::new()
+        .merge(tunnels)
         .route("/api/v1/previews", get(preview::list))
         .route(
             "/api/v1/previews/{id}",

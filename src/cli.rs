@@ -211,8 +211,10 @@ pub const TUNNEL_REFUSED_EXIT: u8 = 111;
 
 /// Connects to `port` on the loopback of the namespace it runs in, writes
 /// one zero byte to stdout once connected, then carries stdin to the
-/// connection (its end becomes a half-close) and the connection to stdout.
-pub async fn run_tunnel_connect(port: u16) -> ExitCode {
+/// connection (its end becomes a half-close) and the connection to stdout:
+/// `framed`, in frames of a 4-byte big-endian length and the bytes, and an
+/// empty frame when the connection half-closes.
+pub async fn run_tunnel_connect(port: u16, framed: bool) -> ExitCode {
     use tokio::io::{AsyncWriteExt, BufReader};
     let v4 = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
     // A service on IPv6 loopback only; otherwise IPv4's answer stands.
@@ -246,9 +248,31 @@ pub async fn run_tunnel_connect(port: u16) -> ExitCode {
         let _ = w.shutdown().await;
     };
     let down = async {
-        let mut r = BufReader::with_capacity(BUF, r);
-        let _ = tokio::io::copy_buf(&mut r, &mut stdout).await;
-        let _ = stdout.flush().await;
+        if !framed {
+            let mut r = BufReader::with_capacity(BUF, r);
+            let _ = tokio::io::copy_buf(&mut r, &mut stdout).await;
+            let _ = stdout.flush().await;
+            return;
+        }
+        use tokio::io::AsyncReadExt;
+        let mut r = r;
+        let mut buf = vec![0u8; BUF];
+        loop {
+            let n = match r.read(&mut buf).await {
+                Ok(n) => n,
+                Err(_) => return, // no half-close to tell: the exec's end says it
+            };
+            let len = (n as u32).to_be_bytes();
+            if stdout.write_all(&len).await.is_err()
+                || stdout.write_all(&buf[..n]).await.is_err()
+                || stdout.flush().await.is_err()
+            {
+                return;
+            }
+            if n == 0 {
+                return;
+            }
+        }
     };
     tokio::join!(up, down);
     ExitCode::SUCCESS

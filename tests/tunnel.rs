@@ -358,6 +358,44 @@ async fn tunnels_reach_workers_through_their_relay_without_joining_a_network() {
         "none",
         "the worker is still on no network"
     );
+    // The worker's side ends first (it says `hi` and closes): its
+    // half-close reaches the client while the client's direction is still
+    // open (the relay frames what the worker sends).
+    let half = h
+        .hub
+        .spawn(SpawnRequest {
+            image: image(),
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "nc -l -p 9002 -e echo hi; sleep 3600".into(),
+            ],
+            network_policy: Some(tether::protocol::NetworkPolicy::None),
+            node_id: Some(node.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .worker_id;
+    wait_listening(&h, &half, 9002).await;
+    let Duplex {
+        input: _open,
+        mut output,
+    } = h.hub.tunnel(&half, 9002).await.unwrap();
+    output.report_eof();
+    let mut got = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), output.next())
+            .await
+            .expect("the worker's half-close within 10 s, ours still open")
+        {
+            Some(StreamEvent::Data(_, b)) => got.extend_from_slice(&b),
+            Some(StreamEvent::Eof) => break,
+            other => panic!("unexpected {other:?} after {got:?}"),
+        }
+    }
+    assert_eq!(got, b"hi\n");
+    h.hub.remove(&half, true).await.unwrap();
     h.hub.remove(&none, true).await.unwrap();
     assert!(
         docker(&["ps", "-aq", "--filter", &format!("name={relay}")]).is_empty(),

@@ -47,7 +47,13 @@ enum Sub {
     /// Connects to PORT on this network namespace's loopback and carries
     /// stdin and stdout to and from it (run by a tunnel relay, §5.27).
     #[command(hide = true)]
-    TunnelConnect { port: u16 },
+    TunnelConnect {
+        port: u16,
+        /// Frame what the port sends (4-byte big-endian length, then the
+        /// bytes; an empty frame when it half-closes).
+        #[arg(long)]
+        framed: bool,
+    },
     /// Pulls MODEL through an Ollama API (`POST /api/pull`, not streamed).
     #[command(hide = true)]
     InferencePull {
@@ -82,7 +88,9 @@ async fn main() -> ExitCode {
             tether::cli::shutdown_on_signals().cancelled().await;
             ExitCode::SUCCESS
         }
-        Some(Sub::TunnelConnect { port }) => tether::cli::run_tunnel_connect(port).await,
+        Some(Sub::TunnelConnect { port, framed }) => {
+            tether::cli::run_tunnel_connect(port, framed).await
+        }
         Some(Sub::InferenceProbe { addr }) => tether::cli::run_inference_probe(addr).await,
         Some(Sub::InferencePull { addr, model }) => {
             tether::cli::run_inference_pull(addr, model).await

@@ -454,9 +454,10 @@ pub async fn job_usage(
     node_id: &str,
     worker_id: &str,
 ) -> Option<crate::protocol::InferenceUsage> {
-    let (id, _) = sidecar::find(docker, node_id, worker_id, sidecar::Kind::Inference)
+    let id = sidecar::find(docker, node_id, worker_id, sidecar::Kind::Inference)
         .await
-        .ok()??;
+        .ok()??
+        .id;
     let logs: Vec<_> = docker
         .logs(
             &id,

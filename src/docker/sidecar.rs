@@ -113,14 +113,21 @@ pub async fn create_start(
 
 pub use super::containers::remove_id;
 
-/// The id of the worker's running sidecar of `kind`, if it has one (only a
-/// container carrying this node's and this worker's labels).
+/// A worker's sidecar as [`find`] finds it.
+pub struct Found {
+    pub id: String,
+    pub running: bool,
+    pub labels: HashMap<String, String>,
+}
+
+/// The worker's sidecar of `kind`, if it has one (only a container
+/// carrying this node's and this worker's labels).
 pub async fn find(
     docker: &Docker,
     node_id: &str,
     worker_id: &str,
     kind: Kind,
-) -> Result<Option<(String, bool)>, Error> {
+) -> Result<Option<Found>, Error> {
     let name = name(worker_id, kind);
     match docker.inspect_container(&name, None).await {
         Ok(c) => {
@@ -135,7 +142,11 @@ pub async fn find(
                 .into());
             }
             let running = c.state.and_then(|s| s.running).unwrap_or(false);
-            Ok(c.id.map(|id| (id, running)))
+            Ok(c.id.map(|id| Found {
+                id,
+                running,
+                labels: l,
+            }))
         }
         Err(DockerError::DockerResponseServerError {
             status_code: 404, ..
@@ -147,7 +158,7 @@ pub async fn find(
 /// Removes every sidecar of a worker.
 pub async fn remove_all(docker: &Docker, node_id: &str, worker_id: &str) -> Result<(), Error> {
     for kind in [Kind::Inference, Kind::Relay] {
-        if let Some((id, _)) = find(docker, node_id, worker_id, kind).await? {
+        if let Some(Found { id, .. }) = find(docker, node_id, worker_id, kind).await? {
             remove_id(docker, &id).await?;
         }
     }

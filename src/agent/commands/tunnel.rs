@@ -175,8 +175,15 @@ async fn relay_container(ctx: &Ctx, w: &crate::protocol::WorkerInfo) -> Result<S
     };
     let _one = ctx.tunnels.relays.lock().await;
     match sidecar::find(&ctx.docker, &ctx.node_id, &w.worker_id, Kind::Relay).await? {
-        Some((id, true)) => return Ok(id),
-        Some((id, false)) => sidecar::remove_id(&ctx.docker, &id).await?,
+        Some(f)
+            if f.running
+                && f.labels.get(RELAY_FRAMING.0).map(String::as_str) == Some(RELAY_FRAMING.1) =>
+        {
+            return Ok(f.id);
+        }
+        // Stopped, or made by an agent whose relay did not frame its
+        // output: made again.
+        Some(f) => sidecar::remove_id(&ctx.docker, &f.id).await?,
         None => {}
     }
     let spec = sidecar::Spec {
@@ -187,13 +194,21 @@ async fn relay_container(ctx: &Ctx, w: &crate::protocol::WorkerInfo) -> Result<S
         kind: Kind::Relay,
         cmd: vec!["idle".into()],
         mounts: vec![],
-        labels: Default::default(),
+        labels: [(RELAY_FRAMING.0.to_string(), RELAY_FRAMING.1.to_string())].into(),
     };
     Ok(sidecar::start(&ctx.docker, spec).await?)
 }
 
-/// One connection through the worker's relay: an exec of `tunnel-connect`,
-/// whose first byte says it connected (else its exit status says why not).
+/// The label of a relay whose `tunnel-connect --framed` frames what the
+/// worker sends (so its half-close can be told apart from the exec's end).
+const RELAY_FRAMING: (&str, &str) = ("tether.relay_framing", "1");
+
+/// One connection through the worker's relay: an exec of `tunnel-connect
+/// --framed`, whose first byte says it connected (else its exit status says
+/// why not). Then its stdout carries the worker's bytes in frames (a
+/// 4-byte big-endian length, then the bytes); an empty frame is the
+/// worker's half-close, which so reaches the client while the client's own
+/// direction is still open.
 async fn relay(
     ctx: &Ctx,
     req: &Tunnel,
@@ -207,6 +222,7 @@ async fn relay(
         cmd: vec![
             crate::docker::sidecar::AGENT_BIN.into(),
             "tunnel-connect".into(),
+            "--framed".into(),
             req.port.to_string(),
         ],
         stdin: true,
@@ -270,7 +286,15 @@ async fn relay(
                     Err(e) => Some(Err(std::io::Error::other(e))),
                 }
             }));
-    let reader = tokio_util::io::StreamReader::new(Box::pin(data));
+    let framed = tokio_util::codec::FramedRead::new(
+        tokio_util::io::StreamReader::new(Box::pin(data)),
+        tokio_util::codec::LengthDelimitedCodec::new(),
+    );
+    // Up to the empty frame: the worker's half-close.
+    let frames = framed
+        .take_while(|f| std::future::ready(!matches!(f, Ok(b) if b.is_empty())))
+        .map(|f| f.map(bytes::BytesMut::freeze));
+    let reader = tokio_util::io::StreamReader::new(Box::pin(frames));
     Ok((Box::new(reader), Box::new(started.input)))
 }
 

@@ -491,6 +491,17 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
         .await
         .unwrap_err();
     assert!(e.contains("too_large") && e.contains("archive"), "{e}");
+    let e = m
+        .call(
+            "sandbox.get_file",
+            json!({"task_id": "t1", "worker_id": w, "path": "/tmp/a/missing"}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.starts_with("not_found"),
+        "a path that does not exist: {e}"
+    );
     // Binary both ways, compared by hash: in the sandbox and back again.
     use base64::Engine;
     let bytes: Vec<u8> = (0..100_000u32).map(|i| (i * 37 % 256) as u8).collect();
@@ -751,6 +762,16 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
         "the container is gone"
     );
     assert!(nets().is_empty(), "its network is gone");
+    // A destroyed sandbox is gone for every tool; the session goes on.
+    let e = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t1", "worker_id": w, "argv": ["true"]}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.starts_with("not_found"), "{e}");
+    assert!(m.call("node.list", json!({})).await.is_ok());
 
     // Every call is in the audit trail, with its caller and no secret.
     let records = |args: &[&str]| -> Vec<Value> {

@@ -315,26 +315,16 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
         .await
         .unwrap();
     assert_eq!(host(by_job), host(by_worker));
-    let e = m
-        .call("sandbox.exec", json!({"task_id": "t1", "argv": ["true"]}))
-        .await
-        .unwrap_err();
+    // Refusals of `sandbox.exec` of `true` naming the sandbox by `which`.
+    let exec_refused = async |m: &mut Mcp, mut which: Value| {
+        which["argv"] = json!(["true"]);
+        m.call("sandbox.exec", which).await.unwrap_err()
+    };
+    let e = exec_refused(&mut m, json!({"task_id": "t1"})).await;
     assert!(e.contains("give worker_id or job_id"), "{e}");
-    let e = m
-        .call(
-            "sandbox.exec",
-            json!({"task_id": "t1", "job_id": "j-none", "argv": ["true"]}),
-        )
-        .await
-        .unwrap_err();
+    let e = exec_refused(&mut m, json!({"task_id": "t1", "job_id": "j-none"})).await;
     assert!(e.starts_with("not_found"), "{e}");
-    let e = m
-        .call(
-            "sandbox.exec",
-            json!({"task_id": "t9", "job_id": "j1", "argv": ["true"]}),
-        )
-        .await
-        .unwrap_err();
+    let e = exec_refused(&mut m, json!({"task_id": "t9", "job_id": "j1"})).await;
     assert!(e.starts_with("not_found"), "another task's job: {e}");
     let twin = m
         .call(
@@ -343,13 +333,7 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
         )
         .await
         .unwrap();
-    let e = m
-        .call(
-            "sandbox.exec",
-            json!({"task_id": "t1", "job_id": "j1", "argv": ["true"]}),
-        )
-        .await
-        .unwrap_err();
+    let e = exec_refused(&mut m, json!({"task_id": "t1", "job_id": "j1"})).await;
     assert!(e.contains("has 2 sandboxes"), "{e}");
     m.call(
         "sandbox.destroy",
@@ -763,13 +747,7 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
     );
     assert!(nets().is_empty(), "its network is gone");
     // A destroyed sandbox is gone for every tool; the session goes on.
-    let e = m
-        .call(
-            "sandbox.exec",
-            json!({"task_id": "t1", "worker_id": w, "argv": ["true"]}),
-        )
-        .await
-        .unwrap_err();
+    let e = exec_refused(&mut m, json!({"task_id": "t1", "worker_id": w})).await;
     assert!(e.starts_with("not_found"), "{e}");
     assert!(m.call("node.list", json!({})).await.is_ok());
 

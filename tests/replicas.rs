@@ -379,18 +379,8 @@ async fn an_operator_at_any_replica_reaches_a_node_another_holds() {
     // A port-forward through B: its tunnel is carried by A, listed and
     // closed through B.
     let echo = b
-        .ctl_ok(&[
-            "spawn",
-            "--image",
-            &img,
-            "--",
-            "sh",
-            "-c",
-            "while true; do nc -l -p 9000 -e cat; done",
-        ])
-        .await
-        .trim()
-        .to_string();
+        .ctl_spawn_sh("while true; do nc -l -p 9000 -e cat; done")
+        .await;
     let (_pf, addr) = port_forward(&b, &echo, ":9000").await;
     let mut conn = echo_connection(&addr).await;
     let id = format!("{echo}:9000");
@@ -462,18 +452,8 @@ async fn an_operator_at_any_replica_reaches_a_node_another_holds() {
 
     // A path-based preview through B reaches the worker's port at A.
     let web = b
-        .ctl_ok(&[
-            "spawn",
-            "--image",
-            &img,
-            "--",
-            "sh",
-            "-c",
-            "mkdir -p /w && echo served-at-a > /w/i.txt && exec httpd -f -p 8080 -h /w",
-        ])
-        .await
-        .trim()
-        .to_string();
+        .ctl_spawn_sh("mkdir -p /w && echo served-at-a > /w/i.txt && exec httpd -f -p 8080 -h /w")
+        .await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let r = reqwest::Client::new()

@@ -318,19 +318,22 @@ async fn tunnels_reach_workers_through_their_relay_without_joining_a_network() {
     let mut cfg = h.agent_config(&unique("test"));
     cfg.egress_proxy_image = Some(agent_image.clone());
     let node = h.add_agent_with(cfg).await;
+    // A worker on no network running `sh -c SCRIPT`.
+    let none_worker = async |script: &str| {
+        h.hub
+            .spawn(SpawnRequest {
+                image: image(),
+                cmd: vec!["sh".into(), "-c".into(), script.into()],
+                network_policy: Some(tether::protocol::NetworkPolicy::None),
+                node_id: Some(node.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .worker_id
+    };
     let echo = "nc -l -p 9000 -e cat; sleep 3600";
-    let none = h
-        .hub
-        .spawn(SpawnRequest {
-            image: image(),
-            cmd: vec!["sh".into(), "-c".into(), echo.into()],
-            network_policy: Some(tether::protocol::NetworkPolicy::None),
-            node_id: Some(node.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .worker_id;
+    let none = none_worker(echo).await;
     wait_listening(&h, &none, 9000).await;
     echo_through(&h, &none, 3_000_000).await;
     // A port nobody listens on: a clear refusal for that connection only.
@@ -361,22 +364,7 @@ async fn tunnels_reach_workers_through_their_relay_without_joining_a_network() {
     // The worker's side ends first (it says `hi` and closes): its
     // half-close reaches the client while the client's direction is still
     // open (the relay frames what the worker sends).
-    let half = h
-        .hub
-        .spawn(SpawnRequest {
-            image: image(),
-            cmd: vec![
-                "sh".into(),
-                "-c".into(),
-                "nc -l -p 9002 -e echo hi; sleep 3600".into(),
-            ],
-            network_policy: Some(tether::protocol::NetworkPolicy::None),
-            node_id: Some(node.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .worker_id;
+    let half = none_worker("nc -l -p 9002 -e echo hi; sleep 3600").await;
     wait_listening(&h, &half, 9002).await;
     let Duplex {
         input: _open,

@@ -594,7 +594,7 @@ impl Running {
         };
         info!(exec_id = %l.exec_id, task_id = %l.task_id, worker_id = %l.worker_id,
             "adopted an MCP exec after a restart: it can be followed on");
-        let run = Arc::new(Followed::new(l.clone(), l.cap, Instant::now()));
+        let run = Arc::new(Followed::new(l.clone(), Instant::now()));
         run.state.lock().unwrap().returned = true;
         run.pump(hub, d.session.output, None);
         self.insert(l.exec_id, run);
@@ -674,11 +674,11 @@ struct FollowState {
 }
 
 impl Followed {
-    fn new(label: ExecLabel, cap: usize, t0: Instant) -> Followed {
+    fn new(label: ExecLabel, t0: Instant) -> Followed {
         Followed {
             task_id: label.task_id,
             worker_id: label.worker_id,
-            cap,
+            cap: label.cap,
             t0,
             state: Mutex::new(FollowState {
                 exec_id: Some(label.exec_id),
@@ -1151,7 +1151,7 @@ impl Tools {
         }
         // The output is pumped by a task of its own, so the command can
         // outlive this call and be followed.
-        let run = Arc::new(Followed::new(label, cap, t0));
+        let run = Arc::new(Followed::new(label, t0));
         run.pump(self.hub(), d.output, progress);
         let wait = Duration::from_secs(a.wait_s.unwrap_or(DEFAULT_EXEC_WAIT_S).min(MAX_WAIT_S));
         let r = run.wait(wait).await?;

@@ -277,6 +277,16 @@ impl Harness {
             .to_string()
     }
 
+    /// `tether ctl spawn` of a worker running `sh -c SCRIPT`; its id.
+    #[allow(dead_code)]
+    pub async fn ctl_spawn_sh(&self, script: &str) -> String {
+        let img = image();
+        self.ctl_ok(&["spawn", "--image", &img, "--", "sh", "-c", script])
+            .await
+            .trim()
+            .to_string()
+    }
+
     pub fn state_path(&self, p: &str) -> PathBuf {
         self.dir.path().join(p)
     }

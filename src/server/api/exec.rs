@@ -326,7 +326,7 @@ pub(super) async fn serve(
                 Some(Some(Err((exit_code, error)))) => {
                     if let Some((mut rec, t0)) = audit.take() {
                         rec.exit_code = exit_code;
-                        rec.outcome = error.as_ref().map_or("ok".into(), |e| format!("{}: {}", e.code, e.message));
+                        rec.outcome = super::workers::outcome(error.as_ref());
                         rec.bytes = Some(output.position());
                         rec.duration_ms = t0.elapsed().as_millis() as u64;
                         super::workers::append_audit(&app, rec);

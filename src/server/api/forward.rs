@@ -210,18 +210,8 @@ pub(super) async fn list_route(
         return Json(json!({ key: mine })).into_response();
     }
     let mut merged: Vec<serde_json::Value> = Vec::new();
-    for (_, url) in peers(&app, replica).await {
-        let r = proxy(
-            &app,
-            replica,
-            &url,
-            Request::from_parts(parts.clone(), Body::empty()),
-        )
-        .await;
-        if !r.status().is_success() {
-            continue;
-        }
-        if let Ok(b) = axum::body::to_bytes(r.into_body(), usize::MAX).await
+    for r in peers_answers(&app, replica, &parts).await {
+        if let Some(b) = ok_body(r).await
             && let Some(list) = serde_json::from_slice::<serde_json::Value>(&b)
                 .ok()
                 .and_then(|v| v[key].as_array().cloned())
@@ -270,20 +260,14 @@ pub(super) async fn tunnels_route(
         next.run(Request::from_parts(parts.clone(), Body::empty()))
             .await,
     ];
-    for (_, url) in peers(&app, replica).await {
-        let again = Request::from_parts(parts.clone(), Body::empty());
-        answers.push(proxy(&app, replica, &url, again).await);
-    }
+    answers.extend(peers_answers(&app, replica, &parts).await);
     if parts.method != axum::http::Method::GET {
         let closed = answers.iter().position(|r| r.status().is_success());
         return answers.swap_remove(closed.unwrap_or(0));
     }
     let mut by_id: std::collections::BTreeMap<String, operator::TunnelInfo> = Default::default();
     for r in answers {
-        if !r.status().is_success() {
-            continue;
-        }
-        let Ok(b) = axum::body::to_bytes(r.into_body(), usize::MAX).await else {
+        let Some(b) = ok_body(r).await else {
             continue;
         };
         for t in serde_json::from_slice::<Vec<operator::TunnelInfo>>(&b).unwrap_or_default() {
@@ -304,6 +288,28 @@ pub(super) async fn tunnels_route(
         }
     }
     Json(by_id.into_values().collect::<Vec<_>>()).into_response()
+}
+
+/// The same bodiless request (a list, a close) answered by every other
+/// replica, asked at once.
+async fn peers_answers(
+    app: &AppState,
+    replica: &Replica,
+    parts: &axum::http::request::Parts,
+) -> Vec<Response> {
+    let asks = peers(app, replica).await.into_iter().map(|(_, url)| {
+        let again = Request::from_parts(parts.clone(), Body::empty());
+        async move { proxy(app, replica, &url, again).await }
+    });
+    futures_util::future::join_all(asks).await
+}
+
+/// A successful answer's body.
+async fn ok_body(r: Response) -> Option<bytes::Bytes> {
+    if !r.status().is_success() {
+        return None;
+    }
+    axum::body::to_bytes(r.into_body(), usize::MAX).await.ok()
 }
 
 async fn peers(app: &AppState, replica: &Replica) -> Vec<(String, String)> {

@@ -99,11 +99,13 @@ pub(super) fn api_record<T>(
     }
     rec.args_digest = crate::server::audit::digest(args);
     rec.duration_ms = t0.elapsed().as_millis() as u64;
-    rec.outcome = match r {
-        Ok(_) => "ok".into(),
-        Err(e) => format!("{}: {}", e.code, e.message),
-    };
+    rec.outcome = outcome(r.as_ref().err());
     rec
+}
+
+/// An audit record's outcome: `ok`, or the error's code and message.
+pub(super) fn outcome(error: Option<&ErrorBody>) -> String {
+    error.map_or("ok".into(), |e| format!("{}: {}", e.code, e.message))
 }
 
 /// An operation on an existing worker, to be audited once it ends: the

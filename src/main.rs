@@ -111,6 +111,11 @@ struct ServerArgs {
     /// (default: http:// and the listen address, 127.0.0.1 for 0.0.0.0).
     #[arg(long, env = "TETHER_ADVERTISE_URL", requires = "database")]
     advertise_url: Option<String>,
+    /// Node configuration (YAML or JSON, as `ctl config push` takes) that
+    /// every node registering without one gets, pushed once it connects:
+    /// an `inference_backend` for the whole fleet, say.
+    #[arg(long, env = "TETHER_NODE_CONFIG", value_name = "FILE")]
+    node_config: Option<PathBuf>,
 }
 
 fn nonzero(n: usize) -> NonZeroUsize {
@@ -475,6 +480,13 @@ async fn run(cli: Cli) -> ExitCode {
             cfg.database = s.database;
             cfg.database_ca = s.database_ca;
             cfg.advertise_url = s.advertise_url;
+            if let Some(file) = &s.node_config {
+                let read = std::fs::read_to_string(file).map_err(|e| e.to_string());
+                match read.and_then(|t| serde_saphyr::from_str(&t).map_err(|e| e.to_string())) {
+                    Ok(c) => cfg.node_config = Some(c),
+                    Err(e) => return fail(format!("--node-config {}: {e}", file.display())),
+                }
+            }
             cfg.max_pending_connections = s.max_pending_connections.get();
             match tether::server::run(cfg, shutdown_on_signals()).await {
                 Ok(()) => ExitCode::SUCCESS,

@@ -191,12 +191,18 @@ async fn a_job_reaches_the_nodes_one_backend_through_its_own_proxy() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
-    // The report says it runs: the server places a job asking for it.
+    // The report says it runs: the server places a job asking for it. Its
+    // command asks the model first thing: the proxy already listens.
+    let first = format!("{}; sleep 600", http("GET", "/api/version", ""));
     let w = h
         .hub
         .spawn(SpawnRequest {
             image: image(),
-            cmd: vec!["sleep".into(), "600".into()],
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                first.replace("nc localhost 11434", "nc localhost 11434 > /tmp/first 2>&1"),
+            ],
             inference: true,
             // Even with no network at all, the proxy is on its loopback.
             network_policy: Some(NetworkPolicy::None),
@@ -205,6 +211,19 @@ async fn a_job_reaches_the_nodes_one_backend_through_its_own_proxy() {
         .await
         .unwrap();
     assert_eq!(w.node_id, node);
+    let (_, said) = sh(
+        &h,
+        &w.worker_id,
+        "for i in $(seq 50); do [ -s /tmp/first ] && break; sleep 0.1; done; cat /tmp/first",
+    )
+    .await;
+    assert!(
+        said.starts_with("HTTP/1.0 200"),
+        "the job's first request: {said:?}"
+    );
+    // The job's host name is its own, though its proxy holds the namespace.
+    let (_, host) = sh(&h, &w.worker_id, "hostname").await;
+    assert!(host.trim().starts_with("w-"), "{host}");
     let (_, env) = sh(&h, &w.worker_id, "echo $OLLAMA_BASE_URL").await;
     assert_eq!(env.trim(), "http://localhost:11434");
     let (code, tags) = sh(&h, &w.worker_id, &http("GET", "/api/tags", "")).await;
@@ -343,10 +362,13 @@ async fn a_job_reaches_the_nodes_one_backend_through_its_own_proxy() {
     }
 }
 
+/// The server's configuration for new nodes (`--node-config`) brings the
+/// backend up at registration, with no push; an agent restart adopts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backend_is_adopted_after_an_agent_restart_and_remade_if_removed() {
     let (agent_image, standin) = images();
-    let h = Harness::server().await;
+    let for_new_nodes = config(Some(backend(&standin)));
+    let h = Harness::server_with(|c| c.node_config = Some(for_new_nodes)).await;
     let mut cfg = h.agent_config(&unique("test"));
     cfg.identity.inference_enabled = true;
     cfg.egress_proxy_image = Some(agent_image.clone());
@@ -355,12 +377,39 @@ async fn the_backend_is_adopted_after_an_agent_restart_and_remade_if_removed() {
     h.track(&node);
     let agent = tokio::spawn(tether::agent::run(cfg.clone(), stop.clone()));
     h.wait_status(&node, "online").await;
-    let ack = h
-        .hub
-        .push_config(&node, config(Some(backend(&standin))))
-        .await
-        .unwrap();
-    assert!(ack.inference.unwrap().running);
+    let healthy = || async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let caps = h.hub.node_detail(&node).unwrap().capabilities;
+            if caps.as_ref().is_some_and(|c| c.inference.status.healthy) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the backend reported healthy: {caps:?} {}",
+                logs(&node)
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    healthy().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = h.hub.node_detail(&node).unwrap();
+        assert!(d.desired_config_version.is_some(), "wanted at registration");
+        if d.config_version == d.desired_config_version
+            && d.last_config_ack
+                .as_ref()
+                .is_some_and(|a| a.inference.as_ref().is_some_and(|i| i.running))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the configuration for new nodes applied: {d:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let ids = |node: &str| {
         docker(&[
             "ps",
@@ -381,18 +430,7 @@ async fn the_backend_is_adopted_after_an_agent_restart_and_remade_if_removed() {
     let stop2 = tokio_util::sync::CancellationToken::new();
     let agent2 = tokio::spawn(tether::agent::run(cfg.clone(), stop2.clone()));
     h.wait_status(&node, "online").await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let caps = h.hub.node_detail(&node).unwrap().capabilities;
-        if caps.as_ref().is_some_and(|c| c.inference.status.healthy) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "reported healthy after the restart: {caps:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    healthy().await;
     assert_eq!(ids(&node), before, "adopted, not made again");
     // Pushed again (a new version of the same backend), twice: still one.
     for _ in 0..2 {

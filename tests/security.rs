@@ -194,6 +194,7 @@ async fn the_agent_never_touches_objects_it_did_not_create() {
         None,
         &NetPlan::Restricted,
         Ok(()),
+        None,
     )
     .await
     .unwrap_err();
@@ -236,6 +237,7 @@ async fn the_agent_never_touches_objects_it_did_not_create() {
         // Nothing may start: the network name is taken.
         &NetPlan::Restricted,
         Ok(()),
+        None,
     )
     .await
     .unwrap_err();

@@ -439,6 +439,9 @@ async fn connect_and_serve(
         Some(t) => t,
         None => {
             let b = register(cfg, key).await?;
+            if let Some(v) = &b.config_version {
+                info!(config_version = %v, "the server holds a configuration for this node; it comes once connected");
+            }
             crate::private_file::store(token_path.to_path_buf(), b.auth.node_jwt.clone())
                 .await
                 .map_err(|source| AgentError::State {

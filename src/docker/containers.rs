@@ -55,12 +55,46 @@ pub async fn inspect(docker: &Docker, node_id: &str, worker_id: &str) -> Result<
         .inspect_container(&object_name(worker_id), None)
         .await
     {
-        Ok(c) => to_info(c, node_id).ok_or_else(|| not_found(worker_id).into()),
+        Ok(c) => {
+            let holder = c
+                .host_config
+                .as_ref()
+                .and_then(|h| h.network_mode.as_deref())
+                .and_then(|m| m.strip_prefix("container:"))
+                .map(String::from);
+            let mut info = to_info(c, node_id).ok_or_else(|| not_found(worker_id))?;
+            if let Some(holder) = holder {
+                held_network(docker, &holder, &mut info).await;
+            }
+            Ok(info)
+        }
         Err(DockerError::DockerResponseServerError {
             status_code: 404, ..
         }) => Err(not_found(worker_id).into()),
         Err(e) => Err(Error::engine(e, "inspect worker")),
     }
+}
+
+/// A worker in the namespace of another container (a job's inference
+/// proxy): its network and address are that container's.
+async fn held_network(docker: &Docker, holder: &str, info: &mut WorkerInfo) {
+    let Ok(c) = docker.inspect_container(holder, None).await else {
+        return;
+    };
+    if c.host_config
+        .as_ref()
+        .and_then(|h| h.network_mode.as_deref())
+        == Some("none")
+    {
+        info.network = "none".into();
+        return;
+    }
+    info.ip = c
+        .network_settings
+        .and_then(|n| n.networks)
+        .and_then(|mut n| n.remove(&info.network))
+        .and_then(|e| e.ip_address)
+        .filter(|ip| !ip.is_empty());
 }
 
 /// Builds a [`WorkerInfo`] from an inspect response, if it is one of ours.
@@ -352,6 +386,7 @@ pub async fn spawn(
     credentials: Option<bollard::auth::DockerCredentials>,
     plan: &NetPlan,
     guard: Result<(), &str>,
+    inference: Option<&super::inference::JobProxy>,
 ) -> Result<WorkerInfo, Error> {
     validate(spec)?;
 
@@ -414,6 +449,30 @@ pub async fn spawn(
         }
         (Ok(()), Err(e)) => return Err(e),
     };
+    let hostname = (!host_net).then(|| format!("w-{}", &name[7..name.len().min(19)]));
+    // A job with inference: its proxy holds the namespace, listening before
+    // the worker exists; the worker joins it.
+    let holder = match inference {
+        Some(p) => {
+            let holder = super::inference::start_job_proxy(
+                docker,
+                node_id,
+                &spec.worker_id,
+                &net.mode,
+                hostname.clone(),
+                p,
+            )
+            .await;
+            match holder {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    egress::undo(docker, pool, node_id, &spec.worker_id, &net).await;
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
 
     let mut container_labels = object_labels.clone();
     if let Some(p) = plan.policy() {
@@ -434,9 +493,13 @@ pub async fn spawn(
         ),
         labels: Some(container_labels),
         working_dir: spec.spec.workdir.clone(),
-        hostname: (!host_net).then(|| format!("w-{}", &name[7..name.len().min(19)])),
+        // One joining a holder's namespace takes its host name.
+        hostname: hostname.filter(|_| holder.is_none()),
         host_config: Some(HostConfig {
-            network_mode: Some(net.mode.clone()),
+            network_mode: Some(match &holder {
+                Some(id) => format!("container:{id}"),
+                None => net.mode.clone(),
+            }),
             privileged: Some(spec.spec.privileged),
             devices: (!spec.spec.devices.is_empty()).then(|| {
                 spec.spec
@@ -498,8 +561,8 @@ pub async fn spawn(
         Err(e) => Err((None, Error::engine(e, "create container"))),
     };
     if let Err((container, e)) = result {
-        if let Some(id) = container {
-            let _ = remove_container(docker, &id, true).await;
+        for id in container.iter().chain(&holder) {
+            let _ = remove_container(docker, id, true).await;
         }
         egress::undo(docker, pool, node_id, &spec.worker_id, &net).await;
         return Err(e);
@@ -583,7 +646,10 @@ pub async fn remove(
     remove_container(docker, &info.container_id, force)
         .await
         .map_err(|e| Error::engine(e, "remove container"))?;
-    // An allowlist worker's proxy is on the worker's network: it goes first.
+    // Its sidecars (a job's inference proxy holds the namespace, on the
+    // worker's network) and an allowlist worker's egress proxy are on the
+    // worker's network: they go first.
+    super::sidecar::remove_all(docker, node_id, worker_id).await?;
     egress::remove_proxy(docker, pool, node_id, worker_id).await?;
     networks::remove(docker, pool, node_id, &object_name(worker_id)).await
 }

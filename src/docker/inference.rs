@@ -501,25 +501,37 @@ pub async fn remove_all(docker: &Docker, pool: &SubnetPool, node_id: &str) -> Re
     }
 }
 
-/// Starts a job's proxy in the worker's network namespace and waits until
-/// it listens.
+/// What a job's inference proxy needs: the agent's image and the node's
+/// limits (request body bytes, seconds).
+#[derive(Debug, Clone)]
+pub struct JobProxy {
+    pub image: String,
+    pub limits: (u64, u64),
+}
+
+/// Starts a job's proxy, which holds the job's network namespace: on the
+/// worker's network (`network_mode`) under the worker's host name. Returns
+/// its id once it listens, so the worker, made next in its namespace
+/// (`container:<id>`), finds `localhost:11434` answering from its first
+/// instruction.
 pub async fn start_job_proxy(
     docker: &Docker,
     node_id: &str,
     worker_id: &str,
-    container_id: &str,
-    helper_image: &str,
-    limits: (u64, u64),
-) -> Result<(), Error> {
+    network_mode: &str,
+    hostname: Option<String>,
+    proxy: &JobProxy,
+) -> Result<String, Error> {
     let base = base_name(node_id);
-    let (max_body, timeout) = limits;
+    let (max_body, timeout) = proxy.limits;
     let id = sidecar::start(
         docker,
         sidecar::Spec {
             node_id,
             worker_id,
-            container_id,
-            image: helper_image,
+            network_mode: network_mode.into(),
+            hostname,
+            image: &proxy.image,
             kind: sidecar::Kind::Inference,
             cmd: vec![
                 "inference-proxy".into(),
@@ -565,5 +577,5 @@ pub async fn start_job_proxy(
         )
         .into());
     }
-    Ok(())
+    Ok(id)
 }

@@ -1,8 +1,10 @@
 //! Sidecars: containers of the agent's own image that share a worker's
-//! network namespace (`network_mode: container:<worker>`), so they reach
-//! its loopback and nothing else: a job's inference proxy and the tunnel
-//! relay. Each carries `tether.node_id` and [`labels::SIDECAR_FOR`] (its
-//! worker), goes with its worker, and is collected when found without one.
+//! network namespace, so they reach its loopback and nothing else: the
+//! tunnel relay joins the worker's (`network_mode: container:<worker>`),
+//! and a job's inference proxy holds it (it is made on the worker's network
+//! first, listening before the job starts, and the worker joins it). Each
+//! carries `tether.node_id` and [`labels::SIDECAR_FOR`] (its worker), goes
+//! with its worker, and is collected when found without one.
 
 use super::{Error, labels, object_name};
 use crate::protocol::{ErrorBody, ErrorCode};
@@ -56,8 +58,11 @@ pub fn hardened() -> HostConfig {
 pub struct Spec<'a> {
     pub node_id: &'a str,
     pub worker_id: &'a str,
-    /// The worker's container id (whose namespace it joins).
-    pub container_id: &'a str,
+    /// Its `network_mode`: `container:<worker>` to join the worker's
+    /// namespace, or the worker's network for a namespace's holder.
+    pub network_mode: String,
+    /// Its host name (a holder's is the worker's).
+    pub hostname: Option<String>,
     pub image: &'a str,
     pub kind: Kind,
     pub cmd: Vec<String>,
@@ -76,8 +81,9 @@ pub async fn start(docker: &Docker, s: Spec<'_>) -> Result<String, Error> {
         cmd: Some(s.cmd),
         labels: Some(lbls),
         env: Some(vec!["TETHER_LOG=info".into()]),
+        hostname: s.hostname,
         host_config: Some(HostConfig {
-            network_mode: Some(format!("container:{}", s.container_id)),
+            network_mode: Some(s.network_mode),
             mounts: (!s.mounts.is_empty()).then_some(s.mounts),
             ..hardened()
         }),

@@ -217,6 +217,11 @@ async fn session(
     let writer = tokio::spawn(crate::conn::write_loop(sink, out_rx, to_ws));
     // Replay what the agent missed and send unanswered requests again.
     let (ended, generation) = link.connect(&hello.channels, out.clone());
+    // What is wanted on the node as the store has it now (another replica
+    // may have set it since this one started).
+    if let Some(desired) = app.store.desired_config(&node_id) {
+        app.hub.restore_desired_config(&node_id, desired);
+    }
     app.hub.attach(
         &node_id,
         &hello.agent_version,

@@ -87,6 +87,11 @@ pub struct ServerConfig {
     /// `http://` and the listen address, with 127.0.0.1 for an
     /// unspecified address).
     pub advertise_url: Option<String>,
+    /// The configuration a node gets when it first registers (none wanted
+    /// for it yet): kept as its desired configuration and pushed after its
+    /// `welcome`, so a fleet comes up configured (an inference backend, say)
+    /// with no push per node.
+    pub node_config: Option<crate::protocol::NodeConfig>,
 }
 
 /// Default of [`ServerConfig::stdin_window`].
@@ -130,6 +135,7 @@ impl ServerConfig {
             database: None,
             database_ca: None,
             advertise_url: None,
+            node_config: None,
         }
     }
 }

@@ -189,7 +189,8 @@ async fn relay_container(ctx: &Ctx, w: &crate::protocol::WorkerInfo) -> Result<S
     let spec = sidecar::Spec {
         node_id: &ctx.node_id,
         worker_id: &w.worker_id,
-        container_id: &w.container_id,
+        network_mode: format!("container:{}", w.container_id),
+        hostname: None,
         image,
         kind: Kind::Relay,
         cmd: vec!["idle".into()],

@@ -54,26 +54,30 @@ pub(super) async fn spawn(ctx: &Arc<Ctx>, id: String, mut s: Spawn) {
             .map(|()| plan),
         other => other,
     };
-    let r = match plan {
-        Ok(plan) => {
+    // A job with inference gets its proxy before its command starts;
+    // without one it does not run.
+    let proxy = if s.spec.inference {
+        inference_proxy(ctx).map(Some)
+    } else {
+        Ok(None)
+    };
+    let r = match plan.and_then(|plan| proxy.map(|p| (plan, p))) {
+        Ok((plan, proxy)) => {
             let (pool, defaults, guard) = (&ctx.pool, ctx.defaults, ctx.node.guard());
-            containers::spawn(d, pool, node, defaults, &s, creds, &plan, guard)
-                .await
-                .map_err(ErrorBody::from)
+            let spawned = containers::spawn(
+                d,
+                pool,
+                node,
+                defaults,
+                &s,
+                creds,
+                &plan,
+                guard,
+                proxy.as_ref(),
+            );
+            spawned.await.map_err(ErrorBody::from)
         }
         Err(e) => Err(e),
-    };
-    // A job with inference gets its proxy before anyone hears of it; without
-    // one it does not run.
-    let r = match r {
-        Ok(w) if s.spec.inference => match start_inference_proxy(ctx, &w).await {
-            Ok(()) => Ok(w),
-            Err(e) => {
-                let _ = remove(ctx, &w.worker_id, true).await;
-                Err(e)
-            }
-        },
-        other => other,
     };
     if let Ok(w) = &r {
         info!(worker_id = %w.worker_id, "worker running");
@@ -84,40 +88,27 @@ pub(super) async fn spawn(ctx: &Arc<Ctx>, id: String, mut s: Spawn) {
     reply(ctx, id, r);
 }
 
-async fn start_inference_proxy(
-    ctx: &Ctx,
-    w: &crate::protocol::WorkerInfo,
-) -> Result<(), ErrorBody> {
-    let Some(image) = ctx.node.egress_image.as_deref() else {
+/// What this node's job proxies run: the agent's image, the node's limits.
+fn inference_proxy(ctx: &Ctx) -> Result<docker::inference::JobProxy, ErrorBody> {
+    let Some(image) = ctx.node.egress_image.clone() else {
         return Err(ErrorBody::new(
             ErrorCode::Unavailable,
             "no image for the inference proxy on this node",
         ));
     };
     let id = &ctx.node.identity;
-    let limits = (id.inference_max_body_bytes, id.inference_timeout_secs);
-    docker::inference::start_job_proxy(
-        &ctx.docker,
-        &ctx.node_id,
-        &w.worker_id,
-        &w.container_id,
+    Ok(docker::inference::JobProxy {
         image,
-        limits,
-    )
-    .await
-    .map_err(ErrorBody::from)
+        limits: (id.inference_max_body_bytes, id.inference_timeout_secs),
+    })
 }
 
-/// Removes a worker (and its sidecars) and forgets its
-/// checked container id.
+/// Removes a worker (its sidecars with it) and forgets its checked
+/// container id.
 pub(super) async fn remove(ctx: &Ctx, worker_id: &str, force: bool) -> Result<(), ErrorBody> {
     let removed = containers::remove(&ctx.docker, &ctx.pool, &ctx.node_id, worker_id, force).await;
     ctx.execs.forget_worker(worker_id);
     if removed.is_ok() {
-        let sidecars = docker::sidecar::remove_all(&ctx.docker, &ctx.node_id, worker_id);
-        if let Err(e) = sidecars.await {
-            warn!(%worker_id, error = %e, "could not remove the worker's sidecars");
-        }
         ctx.tunnels.worker_removed(ctx, worker_id);
     }
     removed.map_err(ErrorBody::from)

@@ -87,6 +87,18 @@ pub(super) async fn register(
                 tracing::warn!(node_id = %body.node_id, "registration with another key refused");
             }
         })?;
+    // The configuration it will get: the one wanted for it, or else the
+    // server's configuration for new nodes, kept as wanted from now on.
+    let mut desired = app.store.desired_config(&body.node_id);
+    if desired.is_none()
+        && let Some(mut cfg) = app.cfg.node_config.clone()
+    {
+        cfg.config_version = ulid::Ulid::new().to_string();
+        let (node, kept) = (body.node_id.clone(), cfg.clone());
+        on_store(&app, move |s| s.set_desired_config(&node, Some(&kept))).await?;
+        app.hub.restore_desired_config(&body.node_id, cfg.clone());
+        desired = Some(cfg);
+    }
     let (node_jwt, exp) = app.signer.issue(&body.node_id, &identity.binding);
     tracing::info!(node_id = %body.node_id, key_id = %crate::protocol::key_id(&identity.public_key), "node registered");
     let host = headers
@@ -111,6 +123,6 @@ pub(super) async fn register(
             node_jwt,
             expires_at: humantime::format_rfc3339_seconds(exp).to_string(),
         },
-        config_version: None,
+        config_version: desired.map(|c| c.config_version),
     }))
 }

@@ -55,10 +55,14 @@ impl Hub {
 
     /// Restores what a durable store kept: the configuration wanted on a
     /// node, pushed when it connects behind it (the node is known, offline,
-    /// until then).
+    /// until then). One older than what this hub already wants is ignored.
     pub fn restore_desired_config(&self, node_id: &str, cfg: crate::protocol::NodeConfig) {
         self.node_link(node_id);
-        if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id) {
+        if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id)
+            && n.desired_config
+                .as_ref()
+                .is_none_or(|d| d.config_version < cfg.config_version)
+        {
             n.desired_config = Some(cfg);
         }
     }

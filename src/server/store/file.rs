@@ -148,6 +148,10 @@ impl Store for FileStore {
         self.state.lock().unwrap().desired_configs()
     }
 
+    fn desired_config(&self, node_id: &str) -> Option<crate::protocol::NodeConfig> {
+        self.state.lock().unwrap().desired_config(node_id)
+    }
+
     fn add_preview(&self, grant: PreviewGrant) -> Result<(), StoreError> {
         let mut state = self.state.lock().unwrap();
         let now = crate::server::preview::now_secs();

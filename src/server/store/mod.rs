@@ -149,6 +149,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Every node's wanted configuration (restored into the hub at start).
     fn desired_configs(&self) -> Vec<(String, crate::protocol::NodeConfig)>;
+    /// The configuration wanted on one node.
+    fn desired_config(&self, node_id: &str) -> Option<crate::protocol::NodeConfig>;
     /// Every organization made with [`Store::add_organization`] (the
     /// default one always exists and is not kept).
     fn organizations(&self) -> Vec<Organization>;

@@ -62,6 +62,10 @@ impl State {
             .collect()
     }
 
+    pub fn desired_config(&self, node_id: &str) -> Option<crate::protocol::NodeConfig> {
+        self.desired_configs.get(node_id).cloned()
+    }
+
     pub fn preview(&self, id: &str) -> Option<PreviewGrant> {
         self.previews.get(id).cloned()
     }

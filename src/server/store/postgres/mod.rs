@@ -380,6 +380,10 @@ impl Store for PgStore {
         self.cache.lock().unwrap().desired_configs()
     }
 
+    fn desired_config(&self, node_id: &str) -> Option<crate::protocol::NodeConfig> {
+        self.cache.lock().unwrap().desired_config(node_id)
+    }
+
     fn organizations(&self) -> Vec<Organization> {
         self.cache.lock().unwrap().organizations()
     }

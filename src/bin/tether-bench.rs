@@ -14,6 +14,8 @@ mod api;
 mod direct;
 #[path = "tether-bench/figures.rs"]
 mod figures;
+#[path = "tether-bench/fleet.rs"]
+mod fleet;
 #[path = "tether-bench/inference.rs"]
 mod inference;
 #[path = "tether-bench/procfs.rs"]
@@ -82,6 +84,9 @@ struct Cli {
     /// Cap the number of simulated agents of the scale section.
     #[arg(long)]
     max_agents: Option<usize>,
+    /// Internal: play part of the replica-scale fleet (see fleet.rs).
+    #[arg(long, hide = true, value_name = "SPEC")]
+    fleet_child: Option<String>,
 }
 
 /// Collects figures and notes; a failed section is noted and the rest go on.
@@ -135,6 +140,19 @@ fn main() -> std::process::ExitCode {
     // On a runtime worker, as a server's request handlers run: a future
     // driven by `block_on` lives on the main thread, and every wake-up of it
     // (each credit grant of an upload, say) costs a futex call and a switch.
+    if let Some(spec) = cli.fleet_child {
+        return match rt.block_on(rt.spawn(async move { fleet::child(&spec).await })) {
+            Ok(Ok(())) => std::process::ExitCode::SUCCESS,
+            Ok(Err(e)) => {
+                eprintln!("tether-bench fleet: {e:#}");
+                std::process::ExitCode::from(1)
+            }
+            Err(e) => {
+                eprintln!("tether-bench fleet: {e}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
     let bench = rt.block_on(rt.spawn(run(cli)));
     match bench.unwrap_or_else(|e| Err(anyhow::anyhow!("the benchmark task failed: {e}"))) {
         Ok(true) => std::process::ExitCode::SUCCESS,

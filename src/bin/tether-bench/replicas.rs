@@ -137,7 +137,8 @@ pub async fn scale(
     max_agents: Option<usize>,
     notes: &mut Vec<String>,
 ) -> anyhow::Result<Vec<Figure>> {
-    use crate::scale::{Fleet, dispatch, start_server_as};
+    use crate::fleet::ProcFleet;
+    use crate::scale::{dispatch, start_server_as};
     use std::sync::atomic::Ordering;
     let bin_pg =
         std::env::var("TETHER_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
@@ -166,8 +167,10 @@ pub async fn scale(
     } else {
         3_000
     });
+    // The load generator's processes hold `PER_CHILD` sockets each; a
+    // replica holds a third of the agents, half once one replica is gone.
     if let Some(limit) = crate::procfs::nofile_limit() {
-        let room = limit.saturating_sub(512) as usize;
+        let room = limit.saturating_sub(512) as usize * 2;
         if target > room {
             notes.push(format!(
                 "replica scale: open-file limit {limit} allows about {room} agents; capped"
@@ -180,7 +183,7 @@ pub async fn scale(
         .iter()
         .map(|s| crate::procfs::rss_kib(s.pid))
         .collect::<anyhow::Result<_>>()?;
-    let mut fleet = Fleet::new(servers.iter().map(|s| s.port).collect(), &psk, run);
+    let mut fleet = ProcFleet::new(servers.iter().map(|s| s.port).collect(), &psk, run);
     let r = async {
         let t0 = Instant::now();
         let err = fleet.grow(target).await;
@@ -218,13 +221,18 @@ pub async fn scale(
                 p99(&lat),
             ));
         }
-        // The storm: replica 0 killed; its agents go on to the others.
+        // The storm: replica 0 killed; its agents (number i, i % 3 == 0,
+        // the number ending the worker id) go on to the others.
         let survivors: Vec<String> = fleet
             .workers
             .iter()
-            .enumerate()
-            .filter(|(i, _)| i % 3 != 0)
-            .map(|(_, w)| w.clone())
+            .filter(|w| {
+                w.rsplit('x')
+                    .next()
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .is_some_and(|i| i % 3 != 0)
+            })
+            .cloned()
             .collect();
         let before = fleet.live.load(Ordering::SeqCst);
         let moving = fleet.live_at[0].load(Ordering::SeqCst);

@@ -118,8 +118,10 @@ pub(crate) struct Fleet {
     /// Connections currently up, by index in `ports`.
     pub(crate) live_at: Arc<Vec<AtomicUsize>>,
     tasks: Vec<JoinHandle<()>>,
-    /// Worker id of each agent, in order.
+    /// Worker id of each agent that registered.
     pub(crate) workers: Vec<String>,
+    /// Index of this fleet's first agent (a fleet split over processes).
+    first: usize,
 }
 
 /// A fake worker, built from JSON so that fields added to `WorkerInfo`
@@ -150,7 +152,13 @@ impl Fleet {
             live_at,
             tasks: Vec::new(),
             workers: Vec::new(),
+            first: 0,
         }
+    }
+
+    /// A fleet whose agents are numbered from `first`.
+    pub(crate) fn starting_at(self, first: usize) -> Fleet {
+        Fleet { first, ..self }
     }
 
     /// Registers agent `i` and connects it; returns its worker id and the
@@ -203,7 +211,7 @@ impl Fleet {
     /// Brings the fleet up to `target` connected agents. Stops early after
     /// repeated failures; returns the first error if it did.
     pub(crate) async fn grow(&mut self, target: usize) -> Option<String> {
-        let start = self.workers.len();
+        let start = self.first + self.workers.len();
         let this = &*self;
         let mut attempts = futures_util::stream::iter(start..target)
             .map(|i| async move { this.connect(i).await })

@@ -188,7 +188,8 @@ pub async fn scale(
         let t0 = Instant::now();
         let err = fleet.grow(target).await;
         let ramp = t0.elapsed();
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // The ramp's tail (capability reports, first heartbeats) settles.
+        tokio::time::sleep(Duration::from_secs(10)).await;
         let n = fleet.live.load(Ordering::SeqCst);
         if let Some(e) = &err {
             notes.push(format!("replica scale: aimed for {target}, {n} connected; first error: {e}"));

@@ -67,6 +67,26 @@ async fn replicas_on_one_database_share_identities_organizations_and_tokens() {
         .to_string();
     eventually(&b, &b.token, &["org", "ls"], "acme").await;
     eventually(&b, &token, &["org", "ls"], "acme").await;
+    // A token no notification announced (written behind the replicas'
+    // backs) works at once: a replica whose copy lacks a token reads the
+    // database. A made-up one is still refused.
+    let unheard = format!("top_{}", unique("unheard"));
+    pg.query(
+        "tether_replicas",
+        &format!(
+            "INSERT INTO operator_tokens (id, org, hash, created_at) \
+             VALUES ('tok-unheard', 'acme', '{}', '2026-01-01T00:00:00Z')",
+            sha256(unheard.as_bytes())
+        ),
+    );
+    let out = b.ctl_as(&unheard, &["org", "ls"], None).await;
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("acme"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = b.ctl_as("top_madeup", &["org", "ls"], None).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid operator token"));
 
     // A node token that A issued opens a connection at B: the signing key
     // and the node's identity are shared.

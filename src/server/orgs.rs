@@ -84,6 +84,9 @@ impl Caller {
     }
 }
 
+/// How an organization's operator token begins.
+pub const TOKEN_PREFIX: &str = "top_";
+
 /// Hex SHA-256 of a secret, as tokens and keys are kept.
 pub fn secret_hash(secret: &str) -> String {
     use sha2::Digest;

@@ -51,7 +51,7 @@ pub(super) async fn authorize(
     )
     .map(String::from);
     let scope = match given {
-        Some(t) => match app.caller(&t) {
+        Some(t) => match app.caller_fresh(&t).await {
             Ok(c) => Some(Scope::Operator(c)),
             Err(_) => app
                 .store

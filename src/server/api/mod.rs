@@ -289,7 +289,11 @@ async fn require_operator(State(app): State<Arc<AppState>>, req: Request, next: 
             .get("authorization")
             .and_then(|v| v.to_str().ok()),
     );
-    match given.map(|t| app.caller(t)) {
+    let caller = match given {
+        Some(t) => Some(app.caller_fresh(t).await),
+        None => None,
+    };
+    match caller {
         Some(Ok(caller)) => {
             super::conn::authenticated(req.extensions());
             let mut req = req;

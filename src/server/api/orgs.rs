@@ -224,7 +224,11 @@ pub(super) async fn create_token(
             (own.clone(), expires)
         }
     };
-    let secret = format!("top_{}", auth::random_secret(32));
+    let secret = format!(
+        "{}{}",
+        crate::server::orgs::TOKEN_PREFIX,
+        auth::random_secret(32)
+    );
     let t = OperatorToken {
         id: new_id(),
         org,

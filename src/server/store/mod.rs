@@ -165,6 +165,11 @@ pub trait Store: Send + Sync + 'static {
     fn add_operator_token(&self, token: OperatorToken) -> Result<(), StoreError>;
     /// The operator token whose secret hashes to `hash` (expired or not).
     fn operator_token_by_hash(&self, hash: &str) -> Option<OperatorToken>;
+    /// The token read from the store itself: a replica's copy may trail a
+    /// token another replica made a moment ago.
+    fn refresh_operator_token(&self, hash: &str) -> Option<OperatorToken> {
+        self.operator_token_by_hash(hash)
+    }
     fn operator_tokens(&self) -> Vec<OperatorToken>;
     /// Revokes an operator token; true if there was one.
     fn revoke_operator_token(&self, id: &str) -> Result<bool, StoreError>;

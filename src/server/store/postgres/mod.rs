@@ -443,6 +443,27 @@ impl Store for PgStore {
         self.cache.lock().unwrap().operator_token_by_hash(hash)
     }
 
+    fn refresh_operator_token(&self, hash: &str) -> Option<OperatorToken> {
+        let (cache, h) = (self.cache.clone(), hash.to_string());
+        let read = self.run(move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query("SELECT id FROM operator_tokens WHERE hash = $1", &[&h])
+                    .await
+                    .map_err(db)?;
+                for r in rows {
+                    let id: String = r.get(0);
+                    reload(&c, &cache, "operator_tokens", Some(&id)).await?;
+                }
+                Ok(())
+            })
+        });
+        if let Err(e) = read {
+            tracing::warn!(error = %e, "could not read an operator token");
+        }
+        self.operator_token_by_hash(hash)
+    }
+
     fn operator_tokens(&self) -> Vec<OperatorToken> {
         self.cache.lock().unwrap().operator_tokens()
     }

@@ -111,6 +111,11 @@ struct ServerArgs {
     /// (default: http:// and the listen address, 127.0.0.1 for 0.0.0.0).
     #[arg(long, env = "TETHER_ADVERTISE_URL", requires = "database")]
     advertise_url: Option<String>,
+    /// With --database: a PEM bundle of CA certificates trusted, besides the
+    /// web's roots, for the other replicas' certificates (when they serve
+    /// HTTPS, requests passed between replicas go over TLS).
+    #[arg(long, env = "TETHER_REPLICA_CA", requires = "database")]
+    replica_ca: Option<PathBuf>,
     /// Node configuration (YAML or JSON, as `ctl config push` takes) that
     /// every node registering without one gets, pushed once it connects:
     /// an `inference_backend` for the whole fleet, say.
@@ -480,6 +485,7 @@ async fn run(cli: Cli) -> ExitCode {
             cfg.database = s.database;
             cfg.database_ca = s.database_ca;
             cfg.advertise_url = s.advertise_url;
+            cfg.replica_ca = s.replica_ca;
             if let Some(file) = &s.node_config {
                 let read = std::fs::read_to_string(file).map_err(|e| e.to_string());
                 match read.and_then(|t| serde_saphyr::from_str(&t).map_err(|e| e.to_string())) {

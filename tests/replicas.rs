@@ -339,6 +339,92 @@ fn the_postgres_store_speaks_tls_and_verifies_the_certificate() {
     assert!(e.contains("sslmode=require"), "{e}");
 }
 
+/// Replicas that serve HTTPS pass requests to each other over TLS,
+/// verifying the holder's certificate with `--replica-ca`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_serving_https_pass_requests_over_tls() {
+    let pg = Postgres::start();
+    let db = pg.database("tether_replicas_tls");
+    let pki = test_pki("127.0.0.1");
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+    );
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    std::fs::write(&cert, &pki.cert_pem).unwrap();
+    std::fs::write(&key, &pki.key_pem).unwrap();
+    let tls_replica = |with_ca: bool| {
+        let (db, ca, cert, key) = (db.clone(), ca.clone(), cert.clone(), key.clone());
+        Harness::server_with(move |c| {
+            c.database = Some(db);
+            c.tls = Some((cert, key));
+            c.replica_ca = with_ca.then_some(ca);
+        })
+    };
+    let mut a = tls_replica(true).await;
+    let b = tls_replica(true).await;
+    let https = |h: &Harness| format!("https://127.0.0.1:{}", h.addr.port());
+    let mut cfg = a.agent_config(&unique("tls"));
+    cfg.server = https(&a).parse().unwrap();
+    cfg.tls_ca_bundle = Some(ca.clone());
+    let node = a.add_agent_with(cfg).await;
+    let w = a
+        .hub
+        .spawn(tether::protocol::SpawnRequest {
+            image: image(),
+            cmd: vec!["sleep".into(), "60".into()],
+            node_id: Some(node.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let pem = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(pem)
+        .build()
+        .unwrap();
+    let stat = |h: &Harness| {
+        client
+            .get(format!(
+                "{}/api/v1/workers/{}/stat?path=/etc",
+                https(h),
+                w.worker_id
+            ))
+            .bearer_auth(&h.token)
+            .send()
+    };
+    // Through B, which holds nothing: passed to A over TLS.
+    let r = stat(&b).await.unwrap();
+    let status = r.status();
+    let body = r.text().await.unwrap();
+    assert!(status.is_success(), "{status}: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["exists"].as_bool(), v["is_dir"].as_bool()),
+        (Some(true), Some(true)),
+        "{body}"
+    );
+    // A replica that does not trust the holder's CA does not pass a
+    // request for the node (whose holder the database names) on.
+    let c = tls_replica(false).await;
+    let r = client
+        .get(format!("{}/api/v1/nodes/{node}", https(&c)))
+        .bearer_auth(&c.token)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body = r.text().await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("TLS"), "{body}");
+    a.hub.remove(&w.worker_id, true).await.unwrap();
+    a.stop().await;
+    b.stop().await;
+    c.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_at_any_replica_reaches_a_node_another_holds() {
     let pg = Postgres::start();

@@ -87,6 +87,10 @@ pub struct ServerConfig {
     /// `http://` and the listen address, with 127.0.0.1 for an
     /// unspecified address).
     pub advertise_url: Option<String>,
+    /// With a database: a PEM bundle trusted, besides the web's roots, for
+    /// the certificates of replicas whose URL is `https://` (requests one
+    /// replica passes to another go over TLS then).
+    pub replica_ca: Option<PathBuf>,
     /// The configuration a node gets when it first registers (none wanted
     /// for it yet): kept as its desired configuration and pushed after its
     /// `welcome`, so a fleet comes up configured (an inference backend, say)
@@ -135,6 +139,7 @@ impl ServerConfig {
             database: None,
             database_ca: None,
             advertise_url: None,
+            replica_ca: None,
             node_config: None,
         }
     }
@@ -357,9 +362,16 @@ impl Server {
                     } else {
                         local.ip()
                     };
-                    format!("http://{}", std::net::SocketAddr::new(ip, local.port()))
+                    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+                    format!("{scheme}://{}", std::net::SocketAddr::new(ip, local.port()))
                 });
-                Some(replicas::Replica::new(url, secret("replica.key").await?))
+                let peers_tls = crate::tls_client_config_with(cfg.replica_ca.as_deref(), None)
+                    .map_err(ServerError::Tls)?;
+                Some(replicas::Replica::new(
+                    url,
+                    secret("replica.key").await?,
+                    peers_tls,
+                ))
             }
             None => None,
         };

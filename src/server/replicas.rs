@@ -32,17 +32,23 @@ pub struct Replica {
     pub key: String,
     /// Woken when an agent connects or goes, to renew at once.
     pub changed: tokio::sync::Notify,
+    /// Asks the other replicas (their `https://` URLs verified with the
+    /// web's roots and `--replica-ca`).
     pub http: reqwest::Client,
+    /// Opens TLS to a replica whose URL is `https://`, for requests passed
+    /// on as they came (`api/forward.rs`).
+    pub tls: tokio_rustls::TlsConnector,
 }
 
 impl Replica {
-    pub fn new(url: String, key: String) -> Replica {
+    pub fn new(url: String, key: String, tls: rustls::ClientConfig) -> Replica {
         Replica {
             id: ulid::Ulid::new().to_string().to_ascii_lowercase(),
             url,
             key,
             changed: tokio::sync::Notify::new(),
-            http: crate::http_client(),
+            http: crate::http_client_with(tls.clone()),
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
         }
     }
 }

@@ -416,7 +416,20 @@ async fn proxy(app: &AppState, replica: &Replica, url: &str, mut req: Request) -
     if let Ok(v) = HeaderValue::from_str(&addr) {
         req.headers_mut().insert(header::HOST, v);
     }
-    match super::relay_http(&app.hub, tcp, req).await {
+    let relayed = if base.scheme() == "https" {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let Ok(name) = rustls::pki_types::ServerName::try_from(bare.to_string()) else {
+            return unreachable("bad replica host name".into());
+        };
+        match tokio::time::timeout(PROBE_TIMEOUT, replica.tls.connect(name, tcp)).await {
+            Ok(Ok(tls)) => super::relay_http(&app.hub, tls, req).await,
+            Ok(Err(e)) => return unreachable(format!("TLS: {e}")),
+            Err(_) => return unreachable("no TLS handshake within 2 s".into()),
+        }
+    } else {
+        super::relay_http(&app.hub, tcp, req).await
+    };
+    match relayed {
         Ok(r) => r,
         Err(e) => unreachable(e.to_string()),
     }

@@ -429,8 +429,15 @@ async fn replicas_serving_https_pass_requests_over_tls() {
 async fn an_operator_at_any_replica_reaches_a_node_another_holds() {
     let pg = Postgres::start();
     let db = pg.database("tether_forward");
-    let mut a = replica(&db).await;
-    let b = replica(&db).await;
+    let previewing = |db: &str| {
+        let db = db.to_string();
+        Harness::server_with(move |c| {
+            c.database = Some(db);
+            c.preview_domain = Some("preview.test".into());
+        })
+    };
+    let mut a = previewing(&db).await;
+    let b = previewing(&db).await;
     let node = a.add_agent().await;
     let img = image();
 
@@ -512,6 +519,34 @@ async fn an_operator_at_any_replica_reaches_a_node_another_holds() {
     assert_eq!(n, 0);
     let out = b.ctl(&["tunnels", "close", &id]).await;
     assert_eq!(out.status.code(), Some(125), "already closed everywhere");
+
+    // A host-based preview whose name reaches B is served by A.
+    let web = b
+        .ctl_spawn_sh("mkdir -p /www && echo served-by-a > /www/i && httpd -f -p 8080 -h /www")
+        .await;
+    let host = format!("8080-{web}.preview.test");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = tether::http_client()
+            .get(format!("{}/i", b.url))
+            .header("host", &host)
+            .bearer_auth(&b.token)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        if status.is_success() {
+            assert_eq!(text, "served-by-a\n");
+            break;
+        }
+        // Only while httpd starts: the worker is found, its port not yet.
+        assert!(
+            Instant::now() < deadline && !text.contains("not_found"),
+            "{status}: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // A deployment made, listed, shown, followed into and taken down
     // through B.

@@ -39,15 +39,31 @@ async fn by_probe(
     req: Request,
     next: Next,
 ) -> Response {
+    match elsewhere(app, what, id, known, req).await {
+        Ok(answer) => answer,
+        Err(req) => next.run(req).await,
+    }
+}
+
+/// The answer of the replica that holds what this one does not know
+/// (`known`), or the request back to be served here (no replicas, known
+/// here, forwarded already, or held by none).
+pub(super) async fn elsewhere(
+    app: &AppState,
+    what: &str,
+    id: &str,
+    known: impl FnOnce() -> bool,
+    req: Request,
+) -> Result<Response, Request> {
     let Some(replica) = app.replica.as_ref() else {
-        return next.run(req).await;
+        return Err(req);
     };
     if forwarded(&req) || known() {
-        return next.run(req).await;
+        return Err(req);
     }
     match holder_of(app, replica, what, id).await {
-        Some(url) => proxy(app, replica, &url, req).await,
-        None => next.run(req).await,
+        Some(url) => Ok(proxy(app, replica, &url, req).await),
+        None => Err(req),
     }
 }
 
@@ -388,7 +404,8 @@ pub(super) async fn holds(
 }
 
 /// Passes `req` to the replica at `url` and gives back its answer,
-/// WebSocket upgrades included.
+/// WebSocket upgrades included. The client's `Host` goes with it (a
+/// host-based preview is told by its name).
 async fn proxy(app: &AppState, replica: &Replica, url: &str, mut req: Request) -> Response {
     let unreachable = |e: String| {
         error_response(ErrorBody::new(
@@ -413,7 +430,9 @@ async fn proxy(app: &AppState, replica: &Replica, url: &str, mut req: Request) -
     if let Ok(v) = HeaderValue::from_str(&replica.id) {
         req.headers_mut().insert(FORWARDED, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&addr) {
+    if !req.headers().contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(&addr)
+    {
         req.headers_mut().insert(header::HOST, v);
     }
     let relayed = if base.scheme() == "https" {

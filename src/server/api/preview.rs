@@ -159,6 +159,12 @@ pub(super) async fn by_host(
     });
     match target {
         Some((worker, port)) => {
+            // A worker another replica holds is served there.
+            let known = || app.hub.worker(&worker).is_ok();
+            let req = match super::forward::elsewhere(&app, "worker", &worker, known, req).await {
+                Ok(answer) => return answer,
+                Err(req) => req,
+            };
             let path = req.uri().path().to_string();
             serve(&app, &worker, port, req, &path, None).await
         }

@@ -645,6 +645,62 @@ async fn an_operator_at_any_replica_reaches_a_node_another_holds() {
         docker(&["ps", "-a", "-q", "--filter", &format!("name=tether-{w}")]),
         ""
     );
+
+    // An MCP session begun at A goes on through B (no balancer stickiness
+    // needed); a session nobody serves is still unknown.
+    let mcp = |h: &Harness, session: Option<(&str, &str)>, body: serde_json::Value| {
+        let mut r = tether::http_client()
+            .post(format!("{}/mcp", h.url))
+            .bearer_auth(&h.token)
+            .header("accept", "application/json, text/event-stream")
+            .json(&body);
+        if let Some((id, version)) = session {
+            r = r
+                .header("mcp-session-id", id)
+                .header("mcp-protocol-version", version);
+        }
+        r.send()
+    };
+    let init = mcp(
+        &a,
+        None,
+        serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "replica-test", "version": "1"}}}),
+    )
+    .await
+    .unwrap();
+    assert!(init.status().is_success(), "{}", init.status());
+    let sid = init.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    // The answer as JSON, or as one server-sent event.
+    let text = init.text().await.unwrap();
+    let json = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .find(|d| !d.trim().is_empty())
+        .unwrap_or(&text);
+    let v: serde_json::Value =
+        serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let version = v["result"]["protocolVersion"].as_str().unwrap().to_string();
+    let session = Some((sid.as_str(), version.as_str()));
+    let note = serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let r = mcp(&b, session, note).await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let list = serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    let r = mcp(&b, session, list.clone()).await.unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert!(
+        status.is_success() && text.contains("sandbox.create"),
+        "{status}: {text}"
+    );
+    let r = mcp(&b, Some(("no-such-session", &version)), list)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
     a.stop().await;
     b.stop().await;
 }

@@ -1376,5 +1376,6 @@ pub(crate) fn service(
     // Loopback names (rmcp's default) and the server's own.
     cfg.allowed_hosts.extend(allowed_hosts);
     cfg.sse_keep_alive = Some(Duration::from_secs(15));
-    StreamableHttpService::new(move || Ok(Tools::new(app.clone())), Default::default(), cfg)
+    let sessions = app.mcp_sessions.clone();
+    StreamableHttpService::new(move || Ok(Tools::new(app.clone())), sessions, cfg)
 }

@@ -183,6 +183,10 @@ pub(crate) struct AppState {
     pub tunnels: tunnels::Tunnels,
     /// MCP execs that outlived their call (`sandbox.exec_follow`).
     pub mcp_execs: mcp::Running,
+    /// The MCP sessions this replica serves (a request of another
+    /// replica's session is passed to it).
+    pub mcp_sessions:
+        Arc<rmcp::transport::streamable_http_server::session::local::LocalSessionManager>,
     /// Cancelled on shutdown: agent sessions close with 1001.
     pub shutdown: CancellationToken,
     /// This replica, when the state is in a database other replicas share.
@@ -405,6 +409,7 @@ impl Server {
             preview_key: preview::PreviewKey::new(preview_secret.as_bytes()),
             tunnels: Default::default(),
             mcp_execs,
+            mcp_sessions: Default::default(),
             shutdown: CancellationToken::new(),
             replica,
             token_reads: Default::default(),

@@ -373,6 +373,14 @@ pub(super) struct HoldsQuery {
     worker: Option<String>,
     node: Option<String>,
     deployment: Option<String>,
+    mcp_session: Option<String>,
+}
+
+/// Whether this replica serves MCP session `id`.
+pub(super) async fn has_mcp_session(app: &AppState, id: &str) -> bool {
+    app.mcp_sessions.sessions.read().await.contains_key(
+        &rmcp::transport::common::server_side_http::SessionId::from(id),
+    )
 }
 
 /// `GET /internal/v1/holds?worker=ID|node=ID`, asked by other replicas
@@ -390,15 +398,16 @@ pub(super) async fn holds(
         return Err(ErrorBody::new(ErrorCode::Unauthorized, "invalid replica key").into());
     }
     let online = |n: &str| holds_node(&app, n);
-    let holds = match (q.worker, q.node, q.deployment) {
-        (Some(w), _, _) => app.hub.worker(&w).is_ok_and(|w| online(&w.node_id)),
-        (None, Some(n), _) => online(&n),
-        (None, None, Some(d)) => app
+    let holds = match (q.worker, q.node, q.deployment, q.mcp_session) {
+        (Some(w), ..) => app.hub.worker(&w).is_ok_and(|w| online(&w.node_id)),
+        (None, Some(n), ..) => online(&n),
+        (None, None, Some(d), _) => app
             .hub
             .deployments()
             .iter()
             .any(|s| s.deployment == d && online(&s.node_id)),
-        (None, None, None) => false,
+        (None, None, None, Some(s)) => has_mcp_session(&app, &s).await,
+        (None, None, None, None) => false,
     };
     Ok(Json(json!({ "holds": holds })))
 }

@@ -66,6 +66,21 @@ pub(super) async fn authorize(
             "missing or invalid token for /mcp (the operator token or one from tether ctl mcp token create)",
         ));
     };
+    // A request of a session another replica serves goes there (a
+    // balancer need not keep an MCP client on one replica); it is
+    // authorized there again.
+    let session = req
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    if let Some(id) = session {
+        let known = super::forward::has_mcp_session(&app, &id).await;
+        req = match super::forward::elsewhere(&app, "mcp_session", &id, || known, req).await {
+            Ok(answer) => return answer,
+            Err(req) => req,
+        };
+    }
     super::super::conn::authenticated(req.extensions());
     req.extensions_mut().insert(scope);
     next.run(req).await

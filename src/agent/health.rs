@@ -24,7 +24,7 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
     let mut ticks: u64 = 0;
     let mut polled = tokio::time::Instant::now();
     loop {
-        let probe = tokio::time::timeout(PROBE_INTERVAL, ctx.docker.ping()).await;
+        let probe = tokio::time::timeout(PROBE_INTERVAL, ctx.engine.docker.ping()).await;
         let healthy = matches!(probe, Ok(Ok(_)));
         ctx.node.set_degraded(!healthy);
         if reported != Some(healthy) {
@@ -46,6 +46,7 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
                 warn!(reason = reason.as_deref().unwrap_or(""), "node degraded");
             }
             let sent = ctx
+                .upstream
                 .link
                 .send(Outbound::msg(&Message::NodeStatus(NodeStatus {
                     status,
@@ -68,7 +69,7 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
         {
             polled = tokio::time::Instant::now();
             let config_version = ctx.node.config_version();
-            ctx.link.send(Outbound::msg(&Message::ConfigPoll(
+            ctx.upstream.link.send(Outbound::msg(&Message::ConfigPoll(
                 crate::protocol::ConfigPoll { config_version },
             )));
         }
@@ -82,7 +83,7 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
 /// The node's capability report as it stands now.
 pub(super) async fn capability_report(ctx: &Ctx) -> super::capabilities::CapabilityReport {
     super::capabilities::collect(
-        &ctx.docker,
+        &ctx.engine.docker,
         &ctx.node.identity,
         &ctx.node.state_dir,
         ctx.node.inference(),
@@ -95,7 +96,10 @@ pub(super) async fn report_capabilities(ctx: &Ctx) {
     let report = capability_report(ctx).await;
     let hash = report.hash();
     if ctx.node.report_changed(&hash)
-        && ctx.link.send(Outbound::msg(&Message::Capabilities(report)))
+        && ctx
+            .upstream
+            .link
+            .send(Outbound::msg(&Message::Capabilities(report)))
     {
         info!(%hash, "capabilities changed");
         ctx.node.reported(hash);

@@ -20,8 +20,14 @@ pub(crate) async fn converge(ctx: &Arc<Ctx>) -> InferenceStatus {
     let id = &ctx.node.identity;
     let mut status = if !id.inference_enabled {
         // Whatever was pushed: the node does not run inference.
-        let mut s =
-            engine::ensure(&ctx.docker, &ctx.pool, &ctx.node_id, None, &Host::default()).await;
+        let mut s = engine::ensure(
+            &ctx.engine.docker,
+            &ctx.engine.pool,
+            &ctx.engine.node_id,
+            None,
+            &Host::default(),
+        )
+        .await;
         s.supported = false;
         if want.is_some() {
             s.note = Some(
@@ -47,7 +53,14 @@ pub(crate) async fn converge(ctx: &Arc<Ctx>) -> InferenceStatus {
             timeout_secs: id.inference_timeout_secs,
             credentials: want.as_ref().and_then(|b| ctx.node.credentials(b.image())),
         };
-        engine::ensure(&ctx.docker, &ctx.pool, &ctx.node_id, want.as_ref(), &host).await
+        engine::ensure(
+            &ctx.engine.docker,
+            &ctx.engine.pool,
+            &ctx.engine.node_id,
+            want.as_ref(),
+            &host,
+        )
+        .await
     };
     let models = want.map(|b| b.models).unwrap_or_default();
     if status.running && status.healthy {
@@ -66,7 +79,7 @@ pub(crate) async fn converge(ctx: &Arc<Ctx>) -> InferenceStatus {
 /// the report as it changes.
 async fn pull_models(ctx: Arc<Ctx>, models: Vec<String>) {
     for m in models {
-        let r = engine::pull(&ctx.docker, &ctx.node_id, &m).await;
+        let r = engine::pull(&ctx.engine.docker, &ctx.engine.node_id, &m).await;
         let state = match &r {
             Ok(()) => "ready".to_string(),
             Err(why) => format!("failed: {why}"),
@@ -91,7 +104,7 @@ pub(crate) async fn refresh(ctx: &Arc<Ctx>) {
     if was.image.is_none() {
         return; // none asked for
     }
-    let (running, healthy, gpus) = engine::state(&ctx.docker, &ctx.node_id).await;
+    let (running, healthy, gpus) = engine::state(&ctx.engine.docker, &ctx.engine.node_id).await;
     if !running {
         converge(ctx).await;
         return;

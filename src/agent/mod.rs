@@ -159,39 +159,55 @@ impl AgentError {
     }
 }
 
-/// What the agent's tasks share: the engine, the link to the server and
-/// its channels, the node's state, and the bookkeeping of running commands.
+/// What the agent's tasks share: the engine, the node's state, the link
+/// to the server, and the bookkeeping of running commands.
 pub(crate) struct Ctx {
-    pub docker: Docker,
-    pub pool: SubnetPool,
-    pub node_id: String,
-    pub defaults: Defaults,
+    /// The Docker engine and what scopes the objects made on it.
+    pub engine: Engine,
     /// The node's policy, pushed configuration, report and health.
     pub node: node::NodeState,
-    /// The current connection to the server (none while reconnecting).
-    pub link: Arc<crate::conn::Link>,
-    /// Open channels; they outlive a connection and resume on the next one.
-    pub channels: crate::channel::Channels,
+    /// The server's side: the link, its channels, replies, the token.
+    pub upstream: Upstream,
     /// Running execs and the containers checked to be this node's.
     pub execs: commands::ExecTable,
     /// Open tunnels, by worker.
     pub tunnels: commands::TunnelTable,
-    /// Recent request ids and their replies (a replayed request runs once).
-    pub replies: std::sync::Mutex<commands::Replies>,
     /// Exec output spools (used while the server is unreachable).
     pub spools: Arc<spool::Spools>,
     /// Where worker events go (the process-wide forwarder, `events`).
     pub events: events::Reporter,
-    /// Where the node token is kept (0600).
-    pub token_path: PathBuf,
-    /// A token the server sent over the live link, for the next connection.
-    pub refreshed_token: std::sync::Mutex<Option<String>>,
     /// Every task the agent starts (request handlers, stream pumps,
     /// deadline timers, token writes); they end when `stop` fires.
     tasks: tokio_util::task::TaskTracker,
     /// Fires when the agent stops: its tasks end (a running exec is left
     /// running in its worker, not killed).
     stop: CancellationToken,
+}
+
+/// The node's Docker engine as the agent uses it.
+pub(crate) struct Engine {
+    pub docker: Docker,
+    /// Labels every object the agent makes (`tether.node_id`): the agent
+    /// touches only its own.
+    pub node_id: String,
+    /// Subnets of worker networks.
+    pub pool: SubnetPool,
+    /// Limits of a worker whose request names none.
+    pub defaults: Defaults,
+}
+
+/// The agent's side of the server: what outlives one connection.
+pub(crate) struct Upstream {
+    /// The current connection to the server (none while reconnecting).
+    pub link: Arc<crate::conn::Link>,
+    /// Open channels; they outlive a connection and resume on the next one.
+    pub channels: crate::channel::Channels,
+    /// Recent request ids and their replies (a replayed request runs once).
+    pub replies: std::sync::Mutex<commands::Replies>,
+    /// Where the node token is kept (0600).
+    pub token_path: PathBuf,
+    /// A token the server sent over the live link, for the next connection.
+    pub refreshed_token: std::sync::Mutex<Option<String>>,
 }
 
 impl Ctx {
@@ -297,19 +313,23 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         events,
         tasks: Default::default(),
         stop: CancellationToken::new(),
-        docker,
-        pool,
-        node_id: cfg.node_id.clone(),
-        defaults: cfg.defaults,
+        engine: Engine {
+            docker,
+            node_id: cfg.node_id.clone(),
+            pool,
+            defaults: cfg.defaults,
+        },
         node,
-        link: link.clone(),
-        channels: crate::channel::Channels::new(link),
+        upstream: Upstream {
+            link: link.clone(),
+            channels: crate::channel::Channels::new(link),
+            replies: Default::default(),
+            token_path: cfg.state_dir.join(format!("{}.jwt", cfg.node_id)),
+            refreshed_token: Default::default(),
+        },
         execs: Default::default(),
         tunnels: Default::default(),
-        replies: Default::default(),
         spools: spool::Spools::new(cfg.spool.clone()),
-        token_path: cfg.state_dir.join(format!("{}.jwt", cfg.node_id)),
-        refreshed_token: Default::default(),
     });
     commands::collect_garbage(&ctx).await;
     // The inference backend of the configuration in force: adopted, made
@@ -320,7 +340,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         health::report_capabilities(&c).await;
     });
     // Deadlines survive agent restarts: they live in the workers' labels.
-    if let Ok(workers) = crate::docker::containers::list(&ctx.docker, &ctx.node_id).await {
+    if let Ok(workers) =
+        crate::docker::containers::list(&ctx.engine.docker, &ctx.engine.node_id).await
+    {
         for w in workers {
             if let Some(at) = w.deadline {
                 commands::schedule_reaper(ctx.clone(), w.worker_id, at);
@@ -350,7 +372,7 @@ async fn reconnect(
     shutdown: &CancellationToken,
 ) -> Result<(), AgentError> {
     // One token file per node id: a renamed node registers afresh.
-    let token_path = ctx.token_path.clone();
+    let token_path = ctx.upstream.token_path.clone();
     let mut token = std::fs::read_to_string(&token_path)
         .ok()
         .map(|t| t.trim().to_string());
@@ -432,7 +454,7 @@ async fn connect_and_serve(
     token_path: &Path,
     shutdown: &CancellationToken,
 ) -> Result<(), AgentError> {
-    if let Some(t) = ctx.refreshed_token.lock().unwrap().take() {
+    if let Some(t) = ctx.upstream.refreshed_token.lock().unwrap().take() {
         *token = Some(t);
     }
     let jwt = match token.clone() {

@@ -157,13 +157,14 @@ pub(super) async fn serve(
     ctx: Arc<Ctx>,
     shutdown: &CancellationToken,
 ) -> Result<(), AgentError> {
-    let inventory = match crate::docker::containers::list(&ctx.docker, &ctx.node_id).await {
-        Ok(list) => Some(list),
-        Err(e) => {
-            warn!(error = %e, "could not list workers for the inventory");
-            None
-        }
-    };
+    let inventory =
+        match crate::docker::containers::list(&ctx.engine.docker, &ctx.engine.node_id).await {
+            Ok(list) => Some(list),
+            Err(e) => {
+                warn!(error = %e, "could not list workers for the inventory");
+                None
+            }
+        };
     let report = super::health::capability_report(&ctx).await;
     ctx.node.reported(report.hash());
     let hello = Message::Hello(Hello {
@@ -171,10 +172,11 @@ pub(super) async fn serve(
         node_id: cfg.node_id.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         inventory,
-        channels: ctx.channels.states(),
+        channels: ctx.upstream.channels.states(),
         // Execs (their channels are tagged with the worker), including
         // those that ended while we were away: their close is still due.
         open: ctx
+            .upstream
             .channels
             .outbound()
             .into_iter()
@@ -237,7 +239,7 @@ impl crate::conn::Peer for AgentPeer<'_> {
     }
 
     fn on_binary(&mut self, data: bytes::Bytes) {
-        if let Err(error) = self.ctx.channels.on_binary(data) {
+        if let Err(error) = self.ctx.upstream.channels.on_binary(data) {
             warn!(%error, "bad frame from server");
         }
     }
@@ -270,7 +272,10 @@ async fn run_loop(
     // The writer owns the sink, so a slow socket never stops the reader.
     let writer = tokio::spawn(crate::conn::write_loop(sink, out_rx, to_ws));
     // Replay what the server missed, then carry new traffic on this link.
-    let resumed = ctx.channels.resume(&peer_channels, |_| false, out.clone());
+    let resumed = ctx
+        .upstream
+        .channels
+        .resume(&peer_channels, |_| false, out.clone());
     for ch in &resumed.lost {
         ctx.execs.ended(*ch);
     }
@@ -301,7 +306,7 @@ async fn run_loop(
     // It holds no resources of its own: stopping it mid-probe is safe.
     health.abort();
     // Channels stay open: their work goes on and resumes on the next link.
-    ctx.link.set(None);
+    ctx.upstream.link.set(None);
     drop(out);
     let result = match end {
         End::Local(_) => Ok(()),
@@ -320,8 +325,8 @@ async fn run_loop(
 }
 
 fn on_text(text: &str, ctx: &Arc<Ctx>) {
-    let channels = &ctx.channels;
-    let out = &ctx.link;
+    let channels = &ctx.upstream.channels;
+    let out = &ctx.upstream.link;
     let limit = ctx.node.request_limit();
     if text.len() > limit {
         // Answer the request itself, so the server does not wait for a reply.
@@ -375,9 +380,9 @@ fn on_text(text: &str, ctx: &Arc<Ctx>) {
         Message::Token(t) => {
             // Never logged; used for the next connection and kept 0600 for
             // the next start (written off this thread: it syncs to disk).
-            *ctx.refreshed_token.lock().unwrap() = Some(t.node_jwt.clone());
+            *ctx.upstream.refreshed_token.lock().unwrap() = Some(t.node_jwt.clone());
             info!(expires_at = %t.expires_at, "node token refreshed");
-            let path = ctx.token_path.clone();
+            let path = ctx.upstream.token_path.clone();
             ctx.spawn(async move {
                 if let Err(e) = crate::private_file::store(path, t.node_jwt).await {
                     warn!(error = %e, "could not store the refreshed node token");

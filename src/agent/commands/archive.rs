@@ -14,8 +14,8 @@ use futures_util::StreamExt;
 use serde_json::json;
 
 pub(super) async fn stat(ctx: &Ctx, s: &Stat) -> Result<StatResult, docker::Error> {
-    let w = containers::inspect(&ctx.docker, &ctx.node_id, &s.worker_id).await?;
-    archive::stat(&ctx.docker, &w.container_id, &s.path).await
+    let w = containers::inspect(&ctx.engine.docker, &ctx.engine.node_id, &s.worker_id).await?;
+    archive::stat(&ctx.engine.docker, &w.container_id, &s.path).await
 }
 
 /// How much of an archive goes out at once: up to four frames, queued
@@ -29,11 +29,13 @@ fn burst(window: u64) -> usize {
 
 pub(super) async fn get(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) {
     let ch = req.channel;
-    let container = match containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
-        Ok(w) => w.container_id,
-        Err(e) => return refuse(ctx, id, ch, e),
-    };
-    let mut stream = archive::download(&ctx.docker, &container, &req.path, burst(req.window));
+    let container =
+        match containers::inspect(&ctx.engine.docker, &ctx.engine.node_id, &req.worker_id).await {
+            Ok(w) => w.container_id,
+            Err(e) => return refuse(ctx, id, ch, e),
+        };
+    let mut stream =
+        archive::download(&ctx.engine.docker, &container, &req.path, burst(req.window));
     // The first chunk tells whether the path exists: answer only then.
     let first = match stream.next().await {
         Some(Ok(b)) => b,
@@ -56,7 +58,7 @@ pub(super) async fn get(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) 
         let item = match next.take() {
             Some(i) => Some(i),
             None => tokio::select! {
-                _ = cancel.cancelled() => { ctx.channels.remove(ch); return; }
+                _ = cancel.cancelled() => { ctx.upstream.channels.remove(ch); return; }
                 i = stream.next() => i,
             },
         };
@@ -64,7 +66,7 @@ pub(super) async fn get(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) 
             None => break None,
             Some(Ok(b)) => {
                 if writer.write(StreamKind::Data, b).await.is_err() {
-                    ctx.channels.remove(ch);
+                    ctx.upstream.channels.remove(ch);
                     return;
                 }
             }
@@ -76,12 +78,13 @@ pub(super) async fn get(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) 
 
 pub(super) async fn put(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) {
     let ch = req.channel;
-    let checked = match containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
-        Ok(w) => archive::stat(&ctx.docker, &w.container_id, &req.path)
-            .await
-            .map(|s| (w.container_id, s)),
-        Err(e) => Err(e),
-    };
+    let checked =
+        match containers::inspect(&ctx.engine.docker, &ctx.engine.node_id, &req.worker_id).await {
+            Ok(w) => archive::stat(&ctx.engine.docker, &w.container_id, &req.path)
+                .await
+                .map(|s| (w.container_id, s)),
+            Err(e) => Err(e),
+        };
     let container = match checked {
         Ok((container, s)) if s.exists && s.is_dir => container,
         Ok(_) => {
@@ -113,8 +116,8 @@ pub(super) async fn put(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) 
             None => failed("upload channel closed".into()),
         }
     });
-    let result = archive::upload(&ctx.docker, &container, &req.path, body).await;
-    if ctx.channels.is_open(ch) {
+    let result = archive::upload(&ctx.engine.docker, &container, &req.path, body).await;
+    if ctx.upstream.channels.is_open(ch) {
         close(ctx, ch, None, result.err().map(ErrorBody::from));
     }
 }

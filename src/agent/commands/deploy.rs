@@ -133,7 +133,7 @@ pub(super) async fn apply(ctx: &Ctx, id: String, mut req: DeployApply) {
 
 async fn converge(ctx: &Ctx, req: &mut DeployApply) -> Result<DeploymentInfo, ErrorBody> {
     check_shape(req)?;
-    let (d, node) = (&ctx.docker, ctx.node_id.as_str());
+    let (d, node) = (&ctx.engine.docker, ctx.engine.node_id.as_str());
     let existing = dep::services(d, node, &req.deployment).await?;
     let running = if ctx.node.concurrency_limited() {
         docker::containers::running_count(d, node)
@@ -147,7 +147,7 @@ async fn converge(ctx: &Ctx, req: &mut DeployApply) -> Result<DeploymentInfo, Er
     let result = make(ctx, req, &plan, existing).await;
     if result.is_err() && fresh {
         // Nothing half-made is left of a deployment that did not exist.
-        if let Err(e) = dep::remove(d, &ctx.pool, node, &req.deployment, true).await {
+        if let Err(e) = dep::remove(d, &ctx.engine.pool, node, &req.deployment, true).await {
             warn!(deployment = %req.deployment, error = %e, "could not undo a failed deployment");
         }
     }
@@ -160,7 +160,11 @@ async fn make(
     plan: &NetPlan,
     mut existing: HashMap<String, (String, String)>,
 ) -> Result<DeploymentInfo, ErrorBody> {
-    let (d, node, name) = (&ctx.docker, ctx.node_id.as_str(), req.deployment.as_str());
+    let (d, node, name) = (
+        &ctx.engine.docker,
+        ctx.engine.node_id.as_str(),
+        req.deployment.as_str(),
+    );
     let (policy, proxy) = match plan {
         NetPlan::None => (NetworkPolicy::None, None),
         NetPlan::Restricted => (NetworkPolicy::Restricted, None),
@@ -172,7 +176,7 @@ async fn make(
     };
     let guard = ctx.node.guard();
     let (network, net_env) =
-        dep::ensure_network(d, &ctx.pool, node, name, policy, proxy, guard).await?;
+        dep::ensure_network(d, &ctx.engine.pool, node, name, policy, proxy, guard).await?;
     let volumes: BTreeSet<String> = req
         .services
         .iter()
@@ -222,7 +226,7 @@ async fn make(
             &net_env,
             s,
             policy,
-            ctx.defaults,
+            ctx.engine.defaults,
             creds,
         )
         .await?;
@@ -262,7 +266,7 @@ async fn wait_for_dependencies(
         let cid = &ids[&dep_on.service];
         let deadline = tokio::time::Instant::now() + HEALTHY_WAIT;
         loop {
-            let st = dep::status(&ctx.docker, &ctx.node_id, cid).await?;
+            let st = dep::status(&ctx.engine.docker, &ctx.engine.node_id, cid).await?;
             match st.health.as_deref() {
                 Some("healthy") => break,
                 None => {
@@ -304,7 +308,7 @@ async fn describe(
     name: &str,
     order: impl Iterator<Item = String>,
 ) -> Result<DeploymentInfo, ErrorBody> {
-    let (d, node) = (&ctx.docker, ctx.node_id.as_str());
+    let (d, node) = (&ctx.engine.docker, ctx.engine.node_id.as_str());
     let mut found = dep::services(d, node, name).await?;
     let ordered: Vec<String> = order
         .filter_map(|s| found.remove(&s))
@@ -348,11 +352,11 @@ pub(super) async fn inspect(ctx: &Ctx, id: String, r: DeployRef) {
 
 pub(super) async fn remove(ctx: &Ctx, id: String, r: DeployRemove) {
     let _one = LOCK.lock().await;
-    let (d, node) = (&ctx.docker, ctx.node_id.as_str());
+    let (d, node) = (&ctx.engine.docker, ctx.engine.node_id.as_str());
     let services = dep::services(d, node, &r.deployment)
         .await
         .unwrap_or_default();
-    let removed = dep::remove(d, &ctx.pool, node, &r.deployment, r.volumes).await;
+    let removed = dep::remove(d, &ctx.engine.pool, node, &r.deployment, r.volumes).await;
     let answer = match removed {
         Ok(true) => {
             for svc in services.keys() {

@@ -61,7 +61,7 @@ impl ExecTable {
 
 pub(super) async fn resize(ctx: &Ctx, r: &Resize) -> Result<serde_json::Value, docker::Error> {
     match ctx.execs.exec_of(r.channel) {
-        Some(e) => exec::resize(&ctx.docker, &e, r.size)
+        Some(e) => exec::resize(&ctx.engine.docker, &e, r.size)
             .await
             .map(|()| json!({})),
         None => Err(ErrorBody::new(
@@ -78,7 +78,7 @@ pub(super) async fn resize(ctx: &Ctx, r: &Resize) -> Result<serde_json::Value, d
 /// then the exec is created in the container it found.
 async fn create_owned(ctx: &Ctx, req: &Exec) -> Result<String, docker::Error> {
     if let Some(container) = ctx.execs.container_of(&req.worker_id) {
-        match exec::create(&ctx.docker, &container, req).await {
+        match exec::create(&ctx.engine.docker, &container, req).await {
             // Gone (removed behind the agent's back): check the name anew.
             Err(e) if e.code() == ErrorCode::NotFound => ctx.execs.forget_worker(&req.worker_id),
             r => return r,
@@ -86,8 +86,8 @@ async fn create_owned(ctx: &Ctx, req: &Exec) -> Result<String, docker::Error> {
     }
     // The check first: a container under the worker's name that tether did
     // not create never gets an exec, not even one that is never started.
-    let info = containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await?;
-    let exec_id = exec::create(&ctx.docker, &info.container_id, req).await?;
+    let info = containers::inspect(&ctx.engine.docker, &ctx.engine.node_id, &req.worker_id).await?;
+    let exec_id = exec::create(&ctx.engine.docker, &info.container_id, req).await?;
     ctx.execs.owned(&req.worker_id, info.container_id);
     Ok(exec_id)
 }
@@ -99,7 +99,7 @@ pub(super) async fn run(ctx: &Ctx, id: String, mut req: Exec, h: ChannelHandles)
         return refuse(ctx, id, ch, e);
     }
     let started = match create_owned(ctx, &req).await {
-        Ok(exec_id) => exec::attach(&ctx.docker, exec_id, req.tty).await,
+        Ok(exec_id) => exec::attach(&ctx.engine.docker, exec_id, req.tty).await,
         Err(e) => Err(e),
     };
     let started = match started {
@@ -108,10 +108,11 @@ pub(super) async fn run(ctx: &Ctx, id: String, mut req: Exec, h: ChannelHandles)
     };
     let exec_id = started.exec_id.clone();
     ctx.execs.started(ch, exec_id.clone());
-    ctx.channels
+    ctx.upstream
+        .channels
         .set_tag(ch, &req.worker_id, req.label.as_deref());
     if let Some(size) = req.size
-        && let Err(e) = exec::resize(&ctx.docker, &exec_id, size).await
+        && let Err(e) = exec::resize(&ctx.engine.docker, &exec_id, size).await
     {
         debug!(error = %e, "initial resize failed");
     }
@@ -126,13 +127,13 @@ pub(super) async fn run(ctx: &Ctx, id: String, mut req: Exec, h: ChannelHandles)
     let limit = req.timeout_secs.map(Duration::from_secs);
     let outcome = pump_output(ctx, ch, output, writer, &cancel, limit).await;
     match outcome {
-        Ok(()) => match exec::exit_code(&ctx.docker, &exec_id).await {
+        Ok(()) => match exec::exit_code(&ctx.engine.docker, &exec_id).await {
             Ok(code) => close(ctx, ch, Some(code), None),
             Err(e) => close(ctx, ch, None, Some(e.into())),
         },
         Err(Ended::TimedOut) => {
             let secs = req.timeout_secs.unwrap_or_default();
-            let detail = match exec::kill(&ctx.docker, &exec_id).await {
+            let detail = match exec::kill(&ctx.engine.docker, &exec_id).await {
                 Ok(n) => format!("killed {n} process(es)"),
                 Err(e) => format!("could not kill it: {}", ErrorBody::from(e).message),
             };
@@ -147,7 +148,7 @@ pub(super) async fn run(ctx: &Ctx, id: String, mut req: Exec, h: ChannelHandles)
         Err(Ended::Abandoned) => {
             // Nobody reads it any more (the client left, or the server lost
             // the channel): end the process rather than leave it running.
-            let killed = exec::kill(&ctx.docker, &exec_id).await;
+            let killed = exec::kill(&ctx.engine.docker, &exec_id).await;
             debug!(channel = ch, ?killed, "exec channel cancelled");
         }
     }
@@ -199,7 +200,7 @@ async fn pump_output(
 ) -> Result<(), Ended> {
     let deadline = tokio::time::sleep(limit.unwrap_or(Duration::from_secs(365 * 86400)));
     tokio::pin!(deadline);
-    let mut up = ctx.link.watch();
+    let mut up = ctx.upstream.link.watch();
     let mut spool = super::super::spool::Spool::new(ctx.spools.clone(), ch);
     let mut pending: Option<(StreamKind, Bytes)> = None;
     let mut finished = false;

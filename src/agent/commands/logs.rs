@@ -11,10 +11,11 @@ use serde_json::json;
 
 pub(super) async fn run(ctx: &Ctx, id: String, req: Logs, h: ChannelHandles) {
     let ch = req.channel;
-    let container = match containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await {
-        Ok(w) => w.container_id,
-        Err(e) => return refuse(ctx, id, ch, e),
-    };
+    let container =
+        match containers::inspect(&ctx.engine.docker, &ctx.engine.node_id, &req.worker_id).await {
+            Ok(w) => w.container_id,
+            Err(e) => return refuse(ctx, id, ch, e),
+        };
     let opts = bollard::query_parameters::LogsOptions {
         follow: req.follow,
         stdout: true,
@@ -28,7 +29,7 @@ pub(super) async fn run(ctx: &Ctx, id: String, req: Logs, h: ChannelHandles) {
             .unwrap_or_else(|| "all".into()),
     };
     let mut stream = exec::joined(
-        ctx.docker.logs(&container, Some(opts)),
+        ctx.engine.docker.logs(&container, Some(opts)),
         MAX_FRAME_PAYLOAD,
         Wait::Reading,
     );
@@ -38,12 +39,12 @@ pub(super) async fn run(ctx: &Ctx, id: String, req: Logs, h: ChannelHandles) {
     } = h;
     let error = loop {
         tokio::select! {
-            _ = cancel.cancelled() => { ctx.channels.remove(ch); return; }
+            _ = cancel.cancelled() => { ctx.upstream.channels.remove(ch); return; }
             item = stream.next() => match item {
                 None => break None,
                 Some(Ok((kind, data))) => {
                     if writer.write(kind, data).await.is_err() {
-                        ctx.channels.remove(ch);
+                        ctx.upstream.channels.remove(ch);
                         return;
                     }
                 }

@@ -38,8 +38,8 @@ fn reply<T: Serialize, E: Into<ErrorBody>>(ctx: &Ctx, id: String, r: Result<T, E
         },
     };
     let text = m.encode();
-    ctx.replies.lock().unwrap().done(&id, text.clone());
-    ctx.link.send(Outbound::Text(text));
+    ctx.upstream.replies.lock().unwrap().done(&id, text.clone());
+    ctx.upstream.link.send(Outbound::Text(text));
 }
 
 /// Answers request `id` with success.
@@ -49,12 +49,12 @@ fn accepted<T: Serialize>(ctx: &Ctx, id: String, v: T) {
 
 /// Refuses a channel request: the channel opened for it goes again.
 fn refuse(ctx: &Ctx, id: String, channel: u32, e: impl Into<ErrorBody>) {
-    ctx.channels.remove(channel);
+    ctx.upstream.channels.remove(channel);
     reply::<(), ErrorBody>(ctx, id, Err(e.into()));
 }
 
 fn close(ctx: &Ctx, channel: u32, exit_code: Option<i64>, error: Option<ErrorBody>) {
-    ctx.channels.close(ChannelClose {
+    ctx.upstream.channels.close(ChannelClose {
         channel,
         exit_code,
         error,
@@ -97,10 +97,10 @@ impl Replies {
 
 /// Runs request `id`: a repeat is answered from memory, the rest get a task.
 pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
-    match ctx.replies.lock().unwrap().begin(&id) {
+    match ctx.upstream.replies.lock().unwrap().begin(&id) {
         None => {}
         Some(Some(done)) => {
-            ctx.link.send(Outbound::Text(done));
+            ctx.upstream.link.send(Outbound::Text(done));
             return;
         }
         Some(None) => return, // still running: its reply goes out when done
@@ -108,7 +108,7 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
     if ctx.node.is_degraded() && !matches!(request, Request::Resize(_)) {
         let msg = format!(
             "node {} is degraded: its Docker engine is unreachable",
-            ctx.node_id
+            ctx.engine.node_id
         );
         return reply::<(), ErrorBody>(&ctx, id, Err(ErrorBody::new(ErrorCode::Unavailable, msg)));
     }
@@ -129,7 +129,7 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
         })
         | Request::Tunnel(Tunnel {
             channel, window, ..
-        }) => match ctx.channels.open(*channel, *window) {
+        }) => match ctx.upstream.channels.open(*channel, *window) {
             Ok(h) => Some(h),
             Err(e) => return reply::<(), ErrorBody>(&ctx, id, Err(e)),
         },
@@ -137,8 +137,8 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
     };
     let tasks = ctx.clone();
     let task = async move {
-        let node = ctx.node_id.as_str();
-        let d = &ctx.docker;
+        let node = ctx.engine.node_id.as_str();
+        let d = &ctx.engine.docker;
         use crate::docker::containers;
         match (request, channel) {
             (Request::Spawn(s), _) => worker::spawn(&ctx, id, s).await,

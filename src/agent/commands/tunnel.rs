@@ -100,7 +100,7 @@ async fn connect(ctx: &Ctx, req: &Tunnel) -> Result<(FromWorker, ToWorker), Erro
             "port must be 1 to 65535",
         ));
     }
-    let w = containers::inspect(&ctx.docker, &ctx.node_id, &req.worker_id).await?;
+    let w = containers::inspect(&ctx.engine.docker, &ctx.engine.node_id, &req.worker_id).await?;
     if w.state != WorkerState::Running {
         return Err(ErrorBody::new(
             ErrorCode::Conflict,
@@ -174,7 +174,14 @@ async fn relay_container(ctx: &Ctx, w: &crate::protocol::WorkerInfo) -> Result<S
         ));
     };
     let _one = ctx.tunnels.relays.lock().await;
-    match sidecar::find(&ctx.docker, &ctx.node_id, &w.worker_id, Kind::Relay).await? {
+    match sidecar::find(
+        &ctx.engine.docker,
+        &ctx.engine.node_id,
+        &w.worker_id,
+        Kind::Relay,
+    )
+    .await?
+    {
         Some(f)
             if f.running
                 && f.labels.get(RELAY_FRAMING.0).map(String::as_str) == Some(RELAY_FRAMING.1) =>
@@ -183,11 +190,11 @@ async fn relay_container(ctx: &Ctx, w: &crate::protocol::WorkerInfo) -> Result<S
         }
         // Stopped, or made by an agent whose relay did not frame its
         // output: made again.
-        Some(f) => sidecar::remove_id(&ctx.docker, &f.id).await?,
+        Some(f) => sidecar::remove_id(&ctx.engine.docker, &f.id).await?,
         None => {}
     }
     let spec = sidecar::Spec {
-        node_id: &ctx.node_id,
+        node_id: &ctx.engine.node_id,
         worker_id: &w.worker_id,
         network_mode: format!("container:{}", w.container_id),
         hostname: None,
@@ -197,7 +204,7 @@ async fn relay_container(ctx: &Ctx, w: &crate::protocol::WorkerInfo) -> Result<S
         mounts: vec![],
         labels: [(RELAY_FRAMING.0.to_string(), RELAY_FRAMING.1.to_string())].into(),
     };
-    Ok(sidecar::start(&ctx.docker, spec).await?)
+    Ok(sidecar::start(&ctx.engine.docker, spec).await?)
 }
 
 /// The label of a relay whose `tunnel-connect --framed` frames what the
@@ -229,8 +236,8 @@ async fn relay(
         stdin: true,
         ..Default::default()
     };
-    let exec_id = exec::create(&ctx.docker, &relay, &cmd).await?;
-    let started = exec::attach(&ctx.docker, exec_id.clone(), false).await?;
+    let exec_id = exec::create(&ctx.engine.docker, &relay, &cmd).await?;
+    let started = exec::attach(&ctx.engine.docker, exec_id.clone(), false).await?;
     let mut output = started.output;
     let mut stderr = Vec::new();
     let first = tokio::time::timeout(CONNECT_TIMEOUT, async {
@@ -263,7 +270,7 @@ async fn relay(
         }
     };
     let Some(rest) = first.filter(|f| f.first() == Some(&0)) else {
-        let code = exec::exit_code(&ctx.docker, &exec_id).await.ok();
+        let code = exec::exit_code(&ctx.engine.docker, &exec_id).await.ok();
         if code == Some(i64::from(crate::cli::TUNNEL_REFUSED_EXIT)) {
             return Err(refused(req));
         }

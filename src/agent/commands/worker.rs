@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 pub(super) async fn spawn(ctx: &Arc<Ctx>, id: String, mut s: Spawn) {
-    let (d, node) = (&ctx.docker, ctx.node_id.as_str());
+    let (d, node) = (&ctx.engine.docker, ctx.engine.node_id.as_str());
     // Already made (a repeated spawn): the same worker, no new checks.
     // (`containers::spawn` relies on this check having been made.)
     if let Ok(existing) = containers::inspect(d, node, &s.worker_id).await {
@@ -63,7 +63,7 @@ pub(super) async fn spawn(ctx: &Arc<Ctx>, id: String, mut s: Spawn) {
     };
     let r = match plan.and_then(|plan| proxy.map(|p| (plan, p))) {
         Ok((plan, proxy)) => {
-            let (pool, defaults, guard) = (&ctx.pool, ctx.defaults, ctx.node.guard());
+            let (pool, defaults, guard) = (&ctx.engine.pool, ctx.engine.defaults, ctx.node.guard());
             let spawned = containers::spawn(
                 d,
                 pool,
@@ -106,7 +106,14 @@ fn inference_proxy(ctx: &Ctx) -> Result<docker::inference::JobProxy, ErrorBody> 
 /// Removes a worker (its sidecars with it) and forgets its checked
 /// container id.
 pub(super) async fn remove(ctx: &Ctx, worker_id: &str, force: bool) -> Result<(), ErrorBody> {
-    let removed = containers::remove(&ctx.docker, &ctx.pool, &ctx.node_id, worker_id, force).await;
+    let removed = containers::remove(
+        &ctx.engine.docker,
+        &ctx.engine.pool,
+        &ctx.engine.node_id,
+        worker_id,
+        force,
+    )
+    .await;
     ctx.execs.forget_worker(worker_id);
     if removed.is_ok() {
         ctx.tunnels.worker_removed(ctx, worker_id);
@@ -117,22 +124,35 @@ pub(super) async fn remove(ctx: &Ctx, worker_id: &str, force: bool) -> Result<()
 /// Removes networks whose worker container is gone (after crashes or a
 /// `docker rm` behind tether's back).
 pub(crate) async fn collect_garbage(ctx: &Ctx) {
-    let live = containers::list_ids(&ctx.docker, &ctx.node_id).await;
+    let live = containers::list_ids(&ctx.engine.docker, &ctx.engine.node_id).await;
     // A deployment's egress proxy belongs to the deployment.
-    let deployments = docker::deployment::names(&ctx.docker, &ctx.node_id).await;
+    let deployments = docker::deployment::names(&ctx.engine.docker, &ctx.engine.node_id).await;
     if let (Ok(mut live), Ok(deployments)) = (live, deployments) {
         live.extend(
             deployments
                 .iter()
                 .map(|d| docker::deployment::proxy_owner(d)),
         );
-        docker::egress::collect_garbage(&ctx.docker, &ctx.pool, &ctx.node_id, &live).await;
-        docker::sidecar::collect_garbage(&ctx.docker, &ctx.node_id, &live).await;
+        docker::egress::collect_garbage(
+            &ctx.engine.docker,
+            &ctx.engine.pool,
+            &ctx.engine.node_id,
+            &live,
+        )
+        .await;
+        docker::sidecar::collect_garbage(&ctx.engine.docker, &ctx.engine.node_id, &live).await;
     }
-    match containers::orphan_networks(&ctx.docker, &ctx.node_id).await {
+    match containers::orphan_networks(&ctx.engine.docker, &ctx.engine.node_id).await {
         Ok(nets) => {
             for n in nets {
-                match docker::networks::remove(&ctx.docker, &ctx.pool, &ctx.node_id, &n).await {
+                match docker::networks::remove(
+                    &ctx.engine.docker,
+                    &ctx.engine.pool,
+                    &ctx.engine.node_id,
+                    &n,
+                )
+                .await
+                {
                     Ok(()) => info!(network = %n, "removed orphaned worker network"),
                     Err(e) => warn!(network = %n, error = %e, "could not remove orphaned network"),
                 }

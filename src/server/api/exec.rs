@@ -66,7 +66,7 @@ pub(super) async fn open_exec(
     let mut d = DetachedExec::new(worker_id, session);
     // Its end is recorded too, with the exit code: `api:exec_end`.
     end.operation = "api:exec_end".into();
-    d.audit = Some((end, std::time::Instant::now()));
+    d.state.audit = Some((end, std::time::Instant::now()));
     Ok((d, client_acks))
 }
 
@@ -80,7 +80,7 @@ pub(super) async fn reattach(
     tx: &mut WsTx,
 ) -> Result<DetachedExec, ErrorBody> {
     let mut d = app.hub.take_exec(worker_id, channel).await?;
-    let resume = d.relay.resume(offset, d.session.output.position());
+    let resume = d.state.relay.resume(offset, d.session.output.position());
     if let Some((from, to)) = resume.gap {
         // Never silent: say exactly what is missing.
         let _ = tx.send(text(&ServerMsg::Gap { from, to })).await;
@@ -90,7 +90,7 @@ pub(super) async fn reattach(
             return Err(ErrorBody::new(ErrorCode::Unavailable, "client went away"));
         }
     }
-    if d.eof && tx.send(text(&ServerMsg::Eof)).await.is_err() {
+    if d.state.eof && tx.send(text(&ServerMsg::Eof)).await.is_err() {
         return Err(ErrorBody::new(ErrorCode::Unavailable, "client went away"));
     }
     d.session.output.ack(resume.acked);
@@ -139,13 +139,9 @@ pub(super) async fn serve(
     let DetachedExec {
         worker_id,
         session,
-        mut relay,
-        end: mut known_end,
-        mut eof,
-        tunnel,
-        mut audit,
+        mut state,
     } = d;
-    let closed = tunnel.as_ref().map(|t| t.closed());
+    let closed = state.tunnel.as_ref().map(|t| t.closed());
     let closed_by_operator = async move {
         match closed {
             Some(c) => c.await,
@@ -189,21 +185,13 @@ pub(super) async fn serve(
     let mut stdin_in = input.offset();
     let mut ack_tick = tokio::time::interval(Duration::from_millis(20));
     ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let kept = |input, output, relay, end, eof, tunnel, audit| DetachedExec {
+    let kept = |input, output, state| DetachedExec {
         worker_id: worker_id.clone(),
         session: Duplex { input, output },
-        relay,
-        end,
-        eof,
-        tunnel,
-        audit,
+        state,
     };
     if tx.send(text(&started)).await.is_err() {
-        return hand_back(
-            &app,
-            kept(input, output, relay, known_end, eof, tunnel, audit),
-            client_acks,
-        );
+        return hand_back(&app, kept(input, output, state), client_acks);
     }
     // Stdin is written by its own task, so waiting for stdin credit never
     // stops output (the process may need its output read to read input).
@@ -243,7 +231,7 @@ pub(super) async fn serve(
     let ended = loop {
         // A re-attach after the end went out into a connection that did not
         // close: the client may lack only the end (and what `relay` held).
-        if let Some((exit_code, error)) = known_end.take() {
+        if let Some((exit_code, error)) = state.end.take() {
             let sent = send_unless(
                 &mut tx,
                 end_message(exit_code, error.clone()),
@@ -286,7 +274,7 @@ pub(super) async fn serve(
                 if sent {
                     said_end = Some((None, Some(error)));
                 } else {
-                    known_end = Some((None, Some(error)));
+                    state.end = Some((None, Some(error)));
                 }
                 break sent;
             }
@@ -296,13 +284,13 @@ pub(super) async fn serve(
             }) {
                 // A tunnel's half-close, said once (and again on re-attach).
                 Some(None) => {
-                    eof = true;
+                    state.eof = true;
                     if !send_unless(&mut tx, text(&ServerMsg::Eof), &mut taken_over).await {
                         break false;
                     }
                 }
                 Some(Some(Ok((k, b)))) => {
-                    if let Some(t) = &tunnel {
+                    if let Some(t) = &state.tunnel {
                         t.from_worker(b.len());
                     }
                     let start = output.position() - b.len() as u64;
@@ -317,14 +305,14 @@ pub(super) async fn serve(
                     }
                     let b = b.slice(skip..);
                     if client_acks {
-                        relay.sent(k, start + skip as u64, b.clone());
+                        state.relay.sent(k, start + skip as u64, b.clone());
                     }
                     if !send_unless(&mut tx, data_frame(k, &b), &mut taken_over).await {
                         break false;
                     }
                 }
                 Some(Some(Err((exit_code, error)))) => {
-                    if let Some((mut rec, t0)) = audit.take() {
+                    if let Some((mut rec, t0)) = state.audit.take() {
                         rec.exit_code = exit_code;
                         rec.outcome = super::workers::outcome(error.as_ref());
                         rec.bytes = Some(output.position());
@@ -335,7 +323,7 @@ pub(super) async fn serve(
                     if sent {
                         said_end = Some((exit_code, error));
                     } else {
-                        known_end = Some((exit_code, error));
+                        state.end = Some((exit_code, error));
                     }
                     break sent;
                 }
@@ -343,7 +331,7 @@ pub(super) async fn serve(
             },
             m = rx.next(), if stdin_buf.has_room() => match m {
                 Some(Ok(WsMessage::Binary(b))) => {
-                    if let Some(t) = &tunnel {
+                    if let Some(t) = &state.tunnel {
                         t.to_worker(b.len());
                     }
                     stdin_in += b.len() as u64;
@@ -360,7 +348,7 @@ pub(super) async fn serve(
                     Ok(ClientMsg::StdinEof) => stdin_buf.eof(),
                     Ok(ClientMsg::Ack { offset }) => {
                         output.ack(offset);
-                        relay.ack(offset);
+                        state.relay.ack(offset);
                     }
                     Ok(ClientMsg::Cancel) => {
                         cancelled = true;
@@ -394,11 +382,8 @@ pub(super) async fn serve(
         }
         stop.cancel();
         let Ok(input) = writer.await else { return };
-        return hand_back(
-            &app,
-            kept(input, output, relay, Some(end), eof, tunnel, audit),
-            client_acks,
-        );
+        state.end = Some(end);
+        return hand_back(&app, kept(input, output, state), client_acks);
     }
     // The client went away mid-command: give stdin a moment to drain, then
     // stop writing it (the agent may be away too: credit can take long). A
@@ -415,11 +400,7 @@ pub(super) async fn serve(
             }
         }
     };
-    hand_back(
-        &app,
-        kept(input, output, relay, known_end, eof, tunnel, audit),
-        client_acks,
-    );
+    hand_back(&app, kept(input, output, state), client_acks);
 }
 
 /// Sends `m`; false if that failed or `stop` came first (a dead connection

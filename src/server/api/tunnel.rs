@@ -63,7 +63,7 @@ pub(super) async fn tunnel_ws(
                 t.output.set_manual_ack();
             }
             let mut d = DetachedExec::new(&id, t);
-            d.tunnel = Some(conn);
+            d.state.tunnel = Some(conn);
             ws.on_upgrade(move |socket| {
                 let (tx, rx) = socket.split();
                 serve(app, d, q.acks, 0, tx, rx)

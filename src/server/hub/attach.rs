@@ -40,10 +40,17 @@ impl Drop for HeldExec {
 }
 
 /// An exec whose client went away, kept for the attach grace period so the
-/// client can re-attach (`relay` holds what was sent but not acknowledged).
+/// client can re-attach: its channel and what the client may still need.
 pub struct DetachedExec {
     pub worker_id: String,
     pub session: Duplex,
+    pub state: ClientState,
+}
+
+/// What an exec or tunnel keeps for its client across connections.
+#[derive(Default)]
+pub struct ClientState {
+    /// What was sent but not acknowledged.
     pub relay: crate::server::relay::Relay,
     /// The exec's end (exit code, error), when it was sent to a client that
     /// then did not close its connection: it may not have arrived.
@@ -63,11 +70,7 @@ impl DetachedExec {
         DetachedExec {
             worker_id: worker_id.to_string(),
             session,
-            relay: Default::default(),
-            end: None,
-            eof: false,
-            tunnel: None,
-            audit: None,
+            state: ClientState::default(),
         }
     }
 }

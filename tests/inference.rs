@@ -377,8 +377,10 @@ async fn the_backend_is_adopted_after_an_agent_restart_and_remade_if_removed() {
     h.track(&node);
     let agent = tokio::spawn(tether::agent::run(cfg.clone(), stop.clone()));
     h.wait_status(&node, "online").await;
+    // Reported within seconds (placement goes by the report), not at the
+    // next periodic report a minute on.
     let healthy = || async {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let caps = h.hub.node_detail(&node).unwrap().capabilities;
             if caps.as_ref().is_some_and(|c| c.inference.status.healthy) {

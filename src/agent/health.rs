@@ -58,10 +58,16 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
             }
         }
         // Capabilities can change (a GPU appears, Docker is upgraded): check
-        // now and then and report a new hash.
+        // now and then and report a new hash. The inference backend, which
+        // placement goes by, at every probe: while one that should run is
+        // not yet healthy, and when it changed after the last report sent.
         ticks += 1;
-        if healthy && ticks % 30 == 0 {
+        let backend = ctx.node.inference();
+        let settling = backend.image.is_some() && !(backend.running && backend.healthy);
+        if healthy && (ticks % 30 == 0 || settling) {
             super::inference::refresh(&ctx).await;
+            report_capabilities(&ctx).await;
+        } else if ctx.node.inference_unreported() {
             report_capabilities(&ctx).await;
         }
         if let Some(every) = ctx.node.config_poll
@@ -99,9 +105,9 @@ pub(super) async fn report_capabilities(ctx: &Ctx) {
         && ctx
             .upstream
             .link
-            .send(Outbound::msg(&Message::Capabilities(report)))
+            .send(Outbound::msg(&Message::Capabilities(report.clone())))
     {
         info!(%hash, "capabilities changed");
-        ctx.node.reported(hash);
+        ctx.node.reported(&report);
     }
 }

@@ -38,8 +38,9 @@ pub(crate) struct NodeState {
     applied: Mutex<Option<Applied>>,
     /// Held while a pushed configuration is applied (one at a time).
     pub(crate) configuring: tokio::sync::Mutex<()>,
-    /// Hash of the last capability report sent.
-    reported_hash: Mutex<Option<String>>,
+    /// Hash of the last capability report sent, and the inference status
+    /// it carried.
+    reported_hash: Mutex<Option<(String, InferenceStatus)>>,
     /// Docker did not answer the last probe: new work is refused.
     degraded: AtomicBool,
     /// Where the node's inference backend stands.
@@ -117,11 +118,27 @@ impl NodeState {
     /// Remembers the hash of a capability report that was sent; returns
     /// whether it differs from the one sent before.
     pub(crate) fn report_changed(&self, hash: &str) -> bool {
-        self.reported_hash.lock().unwrap().as_deref() != Some(hash)
+        self.reported_hash
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_none_or(|(h, _)| h != hash)
     }
 
-    pub(crate) fn reported(&self, hash: String) {
-        *self.reported_hash.lock().unwrap() = Some(hash);
+    pub(crate) fn reported(&self, report: &super::capabilities::CapabilityReport) {
+        let kept = (report.hash(), report.inference.status.clone());
+        *self.reported_hash.lock().unwrap() = Some(kept);
+    }
+
+    /// Whether the inference backend stands otherwise than the last report
+    /// sent says (a report made while the server was away was not sent).
+    pub(crate) fn inference_unreported(&self) -> bool {
+        let now = self.inference();
+        self.reported_hash
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_none_or(|(_, said)| *said != now)
     }
 
     pub(crate) fn is_degraded(&self) -> bool {

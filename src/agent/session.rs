@@ -166,7 +166,7 @@ pub(super) async fn serve(
             }
         };
     let report = super::health::capability_report(&ctx).await;
-    ctx.node.reported(report.hash());
+    ctx.node.reported(&report);
     let hello = Message::Hello(Hello {
         versions: vec![PROTOCOL_VERSION],
         node_id: cfg.node_id.clone(),

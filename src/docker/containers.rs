@@ -649,7 +649,9 @@ pub async fn remove(
     // Its sidecars (a job's inference proxy holds the namespace, on the
     // worker's network) and an allowlist worker's egress proxy are on the
     // worker's network: they go first.
-    super::sidecar::remove_all(docker, node_id, worker_id).await?;
+    if let Err(e) = super::sidecar::remove_all(docker, node_id, worker_id).await {
+        tracing::warn!(%worker_id, error = %e, "could not remove the worker's sidecars");
+    }
     egress::remove_proxy(docker, pool, node_id, worker_id).await?;
     networks::remove(docker, pool, node_id, &object_name(worker_id)).await
 }

@@ -646,6 +646,28 @@ async fn an_operator_at_any_replica_reaches_a_node_another_holds() {
         ""
     );
 
+    // MCP through B, which holds no node: a new session begins at A, which
+    // holds the allow-listed node, and its tools reach that node.
+    b.ctl_ok(&["mcp", "allow", &node]).await;
+    let args = serde_json::json!({"task_id": "via-b", "image": img, "cmd": ["sleep", "60"]});
+    let made = mcp_call(&b.url, &b.token, "sandbox.create", args)
+        .await
+        .unwrap();
+    let sw = made["worker_id"].as_str().unwrap().to_string();
+    let args = serde_json::json!({"task_id": "via-b", "worker_id": sw, "argv": ["echo", "via-b"]});
+    let ran = mcp_call(&b.url, &b.token, "sandbox.exec", args)
+        .await
+        .unwrap();
+    assert_eq!(
+        (ran["exit_code"].as_i64(), ran["stdout"].as_str()),
+        (Some(0), Some("via-b\n")),
+        "{ran}"
+    );
+    let args = serde_json::json!({"task_id": "via-b", "worker_id": sw});
+    mcp_call(&b.url, &b.token, "sandbox.destroy", args)
+        .await
+        .unwrap();
+
     // An MCP session begun at A goes on through B (no balancer stickiness
     // needed); a session nobody serves is still unknown.
     let mcp = |h: &Harness, session: Option<(&str, &str)>, body: serde_json::Value| {

@@ -80,6 +80,16 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// Whether the caller may use `node` of organization `org` through MCP
+    /// as far as its token goes (the allowlist is the caller's to check).
+    pub(crate) fn may_use(&self, node: &str, org: &str) -> bool {
+        self.orgs().admits(org)
+            && match self {
+                Scope::Operator(_) => true,
+                Scope::Token(t) => t.nodes.is_empty() || t.nodes.iter().any(|n| n == node),
+            }
+    }
+
     /// The organizations whose nodes the caller may use.
     fn orgs(&self) -> super::OrgScope {
         match self {

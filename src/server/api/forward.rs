@@ -376,6 +376,43 @@ pub(super) struct HoldsQuery {
     mcp_session: Option<String>,
 }
 
+/// A new MCP session (a request without a session id) goes to a replica
+/// that holds a node the caller may use through MCP when this one holds
+/// none: the session lives there, and its tools reach that replica's nodes.
+pub(super) async fn mcp_home(
+    app: &AppState,
+    scope: &crate::server::mcp::Scope,
+    req: Request,
+) -> Result<Response, Request> {
+    let Some(replica) = app.replica.as_ref() else {
+        return Err(req);
+    };
+    if forwarded(&req) {
+        return Err(req);
+    }
+    let usable: Vec<String> = app
+        .store
+        .mcp_nodes()
+        .into_iter()
+        .filter(|n| {
+            let org = app
+                .hub
+                .node_org(n)
+                .or_else(|| app.store.node_identity(n).map(|i| i.org));
+            org.is_some_and(|o| scope.may_use(n, &o))
+        })
+        .collect();
+    if usable.iter().any(|n| holds_node(app, n)) {
+        return Err(req);
+    }
+    for n in &usable {
+        if let Some(url) = node_holder(app, replica, n).await {
+            return Ok(proxy(app, replica, &url, req).await);
+        }
+    }
+    Err(req)
+}
+
 /// Whether this replica serves MCP session `id`.
 pub(super) async fn has_mcp_session(app: &AppState, id: &str) -> bool {
     app.mcp_sessions.sessions.read().await.contains_key(

@@ -67,20 +67,25 @@ pub(super) async fn authorize(
         ));
     };
     // A request of a session another replica serves goes there (a
-    // balancer need not keep an MCP client on one replica); it is
-    // authorized there again.
+    // balancer need not keep an MCP client on one replica), and a new
+    // session to a replica that holds a node it may use when this one holds
+    // none; either is authorized there again.
     let session = req
         .headers()
         .get("mcp-session-id")
         .and_then(|v| v.to_str().ok())
         .map(String::from);
-    if let Some(id) = session {
-        let known = super::forward::has_mcp_session(&app, &id).await;
-        req = match super::forward::elsewhere(&app, "mcp_session", &id, || known, req).await {
-            Ok(answer) => return answer,
-            Err(req) => req,
-        };
-    }
+    let elsewhere = match session {
+        Some(id) => {
+            let known = super::forward::has_mcp_session(&app, &id).await;
+            super::forward::elsewhere(&app, "mcp_session", &id, || known, req).await
+        }
+        None => super::forward::mcp_home(&app, &scope, req).await,
+    };
+    req = match elsewhere {
+        Ok(answer) => return answer,
+        Err(req) => req,
+    };
     super::super::conn::authenticated(req.extensions());
     req.extensions_mut().insert(scope);
     next.run(req).await

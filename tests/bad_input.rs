@@ -520,3 +520,40 @@ async fn a_job_asking_for_inference_is_refused_where_none_runs() {
     assert!(left.trim().is_empty(), "containers left: {left}");
     h.stop().await;
 }
+
+/// A server given a bad `--node-config` does not start, and says which
+/// file and what in it.
+#[test]
+fn a_bad_node_config_file_stops_the_server_before_it_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("node.yaml");
+    std::fs::write(
+        &bad,
+        "version: 1\ninference_backend: {enabled: true, bogus: 1}\n",
+    )
+    .unwrap();
+    let missing = dir.path().join("missing.yaml");
+    for (file, said) in [(&bad, "unknown field `bogus`"), (&missing, "No such file")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["server", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .arg("--node-config")
+            .arg(file)
+            .env("TETHER_PSK", "a-registration-key-long-enough")
+            .env_remove("TETHER_PSK_FILE")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("--node-config")
+                && err.contains(&*file.to_string_lossy())
+                && err.contains(said),
+            "{err}"
+        );
+    }
+    assert!(
+        !dir.path().join("state").exists(),
+        "nothing made before the check"
+    );
+}

@@ -38,9 +38,9 @@ pub(crate) struct NodeState {
     applied: Mutex<Option<Applied>>,
     /// Held while a pushed configuration is applied (one at a time).
     pub(crate) configuring: tokio::sync::Mutex<()>,
-    /// Hash of the last capability report sent, and the inference status
+    /// The last capability report sent: its hash and the inference status
     /// it carried.
-    reported_hash: Mutex<Option<(String, InferenceStatus)>>,
+    reported: Mutex<Option<(String, InferenceStatus)>>,
     /// Docker did not answer the last probe: new work is refused.
     degraded: AtomicBool,
     /// Where the node's inference backend stands.
@@ -82,7 +82,7 @@ impl NodeState {
             tunnel_relay: s.tunnel_relay,
             applied: Mutex::new(s.applied),
             configuring: Default::default(),
-            reported_hash: Default::default(),
+            reported: Default::default(),
             degraded: Default::default(),
             inference: Mutex::new(inference),
             inference_lock: Default::default(),
@@ -115,26 +115,26 @@ impl NodeState {
             .map(|a| a.config.config_version.clone())
     }
 
-    /// Remembers the hash of a capability report that was sent; returns
-    /// whether it differs from the one sent before.
+    /// Whether a report of this hash differs from the last one sent.
     pub(crate) fn report_changed(&self, hash: &str) -> bool {
-        self.reported_hash
+        self.reported
             .lock()
             .unwrap()
             .as_ref()
             .is_none_or(|(h, _)| h != hash)
     }
 
+    /// Remembers a report that was sent.
     pub(crate) fn reported(&self, report: &super::capabilities::CapabilityReport) {
         let kept = (report.hash(), report.inference.status.clone());
-        *self.reported_hash.lock().unwrap() = Some(kept);
+        *self.reported.lock().unwrap() = Some(kept);
     }
 
     /// Whether the inference backend stands otherwise than the last report
     /// sent says (a report made while the server was away was not sent).
     pub(crate) fn inference_unreported(&self) -> bool {
         let now = self.inference();
-        self.reported_hash
+        self.reported
             .lock()
             .unwrap()
             .as_ref()

@@ -207,9 +207,7 @@ pub(super) async fn list_route(
     };
     let was_forwarded = forwarded(&req);
     let (parts, _) = req.into_parts();
-    let mine = next
-        .run(Request::from_parts(parts.clone(), Body::empty()))
-        .await;
+    let mine = next.run(bodiless(&parts)).await;
     if !mine.status().is_success() {
         return mine;
     }
@@ -272,10 +270,7 @@ pub(super) async fn tunnels_route(
         return next.run(req).await;
     }
     let (parts, _) = req.into_parts();
-    let mut answers = vec![
-        next.run(Request::from_parts(parts.clone(), Body::empty()))
-            .await,
-    ];
+    let mut answers = vec![next.run(bodiless(&parts)).await];
     answers.extend(peers_answers(&app, replica, &parts).await);
     if parts.method != axum::http::Method::GET {
         let closed = answers.iter().position(|r| r.status().is_success());
@@ -314,10 +309,15 @@ async fn peers_answers(
     parts: &axum::http::request::Parts,
 ) -> Vec<Response> {
     let asks = peers(app, replica).await.into_iter().map(|(_, url)| {
-        let again = Request::from_parts(parts.clone(), Body::empty());
+        let again = bodiless(parts);
         async move { proxy(app, replica, &url, again).await }
     });
     futures_util::future::join_all(asks).await
+}
+
+/// The request again, without its body (a list, a close).
+fn bodiless(parts: &axum::http::request::Parts) -> Request {
+    Request::from_parts(parts.clone(), Body::empty())
 }
 
 /// A successful answer's body.

@@ -88,7 +88,8 @@ pub(super) async fn register(
             }
         })?;
     // The configuration it will get: the one wanted for it, or else the
-    // server's configuration for new nodes, kept as wanted from now on.
+    // server's configuration for new nodes, kept as wanted from now on (the
+    // hub takes it from the store when the node connects).
     let mut desired = app.store.desired_config(&body.node_id);
     if desired.is_none()
         && let Some(mut cfg) = app.cfg.node_config.clone()
@@ -96,7 +97,6 @@ pub(super) async fn register(
         cfg.config_version = ulid::Ulid::new().to_string();
         let (node, kept) = (body.node_id.clone(), cfg.clone());
         on_store(&app, move |s| s.set_desired_config(&node, Some(&kept))).await?;
-        app.hub.restore_desired_config(&body.node_id, cfg.clone());
         desired = Some(cfg);
     }
     let (node_jwt, exp) = app.signer.issue(&body.node_id, &identity.binding);

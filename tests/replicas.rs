@@ -727,6 +727,154 @@ async fn an_operator_at_any_replica_reaches_a_node_another_holds() {
     b.stop().await;
 }
 
+/// One MCP session reaches the nodes every replica holds: a session at B
+/// lists A's node, places a sandbox there when it is the least loaded, and
+/// each tool acts on that sandbox at A, judged there for the same caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_session_at_one_replica_uses_the_nodes_every_replica_holds() {
+    let pg = Postgres::start();
+    let db = pg.database("tether_mcp_spread");
+    let mut a = replica(&db).await;
+    let mut b = replica(&db).await;
+    let na = a.add_agent().await;
+    let nb = b.add_agent().await;
+    a.ctl_ok(&["mcp", "allow", &na]).await;
+    b.ctl_ok(&["mcp", "allow", &nb]).await;
+    let call = |tool: &'static str, args: serde_json::Value| {
+        let (url, token) = (b.url.clone(), b.token.clone());
+        async move { mcp_call(&url, &token, tool, args).await }
+    };
+
+    // Both nodes, each as its holder sees it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = call("node.list", serde_json::json!({})).await.unwrap();
+        let online = |n: &str| {
+            list["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["node_id"] == n && e["status"] == "online")
+        };
+        if online(&na) && online(&nb) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B's node.list: {list}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // B's node is busier: a sandbox without a node goes to A's.
+    let mut at_b = Vec::new();
+    for _ in 0..2 {
+        let args = serde_json::json!({"task_id": "spread", "image": image(), "node": nb, "cmd": ["sleep", "600"]});
+        let made = call("sandbox.create", args).await.unwrap();
+        assert_eq!(made["node_id"], nb.as_str(), "{made}");
+        at_b.push(made["worker_id"].as_str().unwrap().to_string());
+    }
+    let args = serde_json::json!({"task_id": "spread", "job_id": "j1", "image": image(),
+        "cmd": ["sh", "-c", "echo hello-from-a; exec sleep 600"]});
+    let made = call("sandbox.create", args).await.unwrap();
+    assert_eq!(
+        made["node_id"],
+        na.as_str(),
+        "the least-loaded node: {made}"
+    );
+    let w = made["worker_id"].as_str().unwrap().to_string();
+
+    // Exec with input, by worker and by job.
+    let input = "input through B to A\n".repeat(1000);
+    let args = serde_json::json!({"task_id": "spread", "worker_id": w, "argv": ["sha256sum"], "stdin": input});
+    let ran = call("sandbox.exec", args).await.unwrap();
+    assert_eq!(ran["exit_code"], 0, "{ran}");
+    assert!(
+        ran["stdout"]
+            .as_str()
+            .unwrap()
+            .starts_with(&sha256(input.as_bytes())),
+        "{ran}"
+    );
+    let args = serde_json::json!({"task_id": "spread", "job_id": "j1", "command": "exit 3"});
+    let ran = call("sandbox.exec", args).await.unwrap();
+    assert_eq!(ran["exit_code"], 3, "{ran}");
+
+    // A file in and out, byte-exact.
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 31 % 256) as u8).collect();
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&data);
+    let args = serde_json::json!({"task_id": "spread", "worker_id": w, "path": "/tmp/f.bin", "content_base64": b64});
+    call("sandbox.put_file", args).await.unwrap();
+    let args = serde_json::json!({"task_id": "spread", "worker_id": w, "path": "/tmp/f.bin"});
+    let got = call("sandbox.get_file", args).await.unwrap();
+    let back = base64::engine::general_purpose::STANDARD
+        .decode(got["content_base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(sha256(&back), sha256(&data));
+
+    // The main process's output.
+    let args = serde_json::json!({"task_id": "spread", "worker_id": w, "follow_s": 2});
+    let logs = call("sandbox.stream_logs", args).await.unwrap();
+    assert!(
+        logs["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["line"] == "hello-from-a"),
+        "{logs}"
+    );
+
+    // A command that outlives its call is followed at A, from another
+    // session at B.
+    let args = serde_json::json!({"task_id": "spread", "worker_id": w,
+        "command": "echo start; sleep 2; echo done; exit 4", "wait_s": 0});
+    let r = call("sandbox.exec", args).await.unwrap();
+    assert_eq!(r["running"], true, "{r}");
+    let id = r["exec_id"].as_str().unwrap().to_string();
+    let mut out = r["stdout"].as_str().unwrap().to_string();
+    let end = loop {
+        let args = serde_json::json!({"task_id": "spread", "exec_id": id, "wait_s": 10});
+        let f = call("sandbox.exec_follow", args).await.unwrap();
+        out.push_str(f["stdout"].as_str().unwrap());
+        if f["running"] == false {
+            break f;
+        }
+    };
+    assert_eq!(
+        (end["exit_code"].as_i64(), out.as_str()),
+        (Some(4), "start\ndone\n")
+    );
+
+    // Judged at A for the same caller: another task may not use it.
+    let args = serde_json::json!({"task_id": "other", "worker_id": w, "argv": ["true"]});
+    let e = call("sandbox.exec", args).await.unwrap_err();
+    assert!(e.contains("belongs to another task"), "{e}");
+
+    // Only a replica may pass a call on.
+    let r = tether::http_client()
+        .post(format!("{}/internal/v1/mcp/call", a.url))
+        .bearer_auth(&a.token)
+        .header("x-tether-caller", format!("Bearer {}", a.token))
+        .json(&serde_json::json!({"tool": "node.list", "arguments": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // Destroyed through B: gone from the engine.
+    let args = serde_json::json!({"task_id": "spread", "worker_id": w});
+    let gone = call("sandbox.destroy", args).await.unwrap();
+    assert_eq!(gone["node_id"], na.as_str(), "{gone}");
+    assert_eq!(
+        docker(&["ps", "-a", "-q", "--filter", &format!("name=tether-{w}")]),
+        ""
+    );
+    for w in at_b {
+        let args = serde_json::json!({"task_id": "spread", "worker_id": w});
+        call("sandbox.destroy", args).await.unwrap();
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
 /// What came of a `ctl exec` whose output was read while `victim` (a
 /// replica) was killed with -9 a quarter of the way.
 struct AcrossAKill {

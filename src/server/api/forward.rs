@@ -13,14 +13,14 @@ fn forwarded(req: &Request) -> bool {
 }
 
 /// Whether this replica holds `node`'s agent connection now.
-fn holds_node(app: &AppState, node: &str) -> bool {
+pub(crate) fn holds_node(app: &AppState, node: &str) -> bool {
     app.hub
         .node_info(node)
         .is_ok_and(|n| n.status != operator::NodeState::Offline)
 }
 
 /// The URL of the other replica whose lease holds `node`, if one does.
-async fn node_holder(app: &AppState, replica: &Replica, node: &str) -> Option<String> {
+pub(crate) async fn node_holder(app: &AppState, replica: &Replica, node: &str) -> Option<String> {
     let (store, node) = (app.store.clone(), node.to_string());
     let holder = tokio::task::spawn_blocking(move || store.node_holder(&node))
         .await
@@ -328,7 +328,7 @@ async fn ok_body(r: Response) -> Option<bytes::Bytes> {
     axum::body::to_bytes(r.into_body(), usize::MAX).await.ok()
 }
 
-async fn peers(app: &AppState, replica: &Replica) -> Vec<(String, String)> {
+pub(crate) async fn peers(app: &AppState, replica: &Replica) -> Vec<(String, String)> {
     let store = app.store.clone();
     let id = replica.id.clone();
     tokio::task::spawn_blocking(move || store.peers(&id))
@@ -339,14 +339,27 @@ async fn peers(app: &AppState, replica: &Replica) -> Vec<(String, String)> {
 /// How long a replica waits for another's answer to "do you hold it?".
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The replica that holds `what` (`worker` or `node`) `id`: each other
-/// replica is asked at once; the first that holds it answers.
+/// The replica that holds `what` (`worker`, `node`, …) `id`.
 async fn holder_of(app: &AppState, replica: &Replica, what: &str, id: &str) -> Option<String> {
+    holder_by(app, replica, &[(what, id)]).await
+}
+
+/// The other replica that holds what `query` (of `/internal/v1/holds`)
+/// names: each is asked at once; the first that holds it answers.
+pub(crate) async fn holder_by(
+    app: &AppState,
+    replica: &Replica,
+    query: &[(&str, &str)],
+) -> Option<String> {
+    let query: Vec<(String, String)> = query
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let asks = peers(app, replica).await.into_iter().map(|(_, url)| {
         let http = replica.http.clone();
         let key = replica.key.clone();
         let q = format!("{url}/internal/v1/holds");
-        let what = [(what.to_string(), id.to_string())];
+        let what = query.clone();
         async move {
             // A replica that does not answer soon is taken not to hold it.
             let r = http
@@ -374,6 +387,11 @@ pub(super) struct HoldsQuery {
     node: Option<String>,
     deployment: Option<String>,
     mcp_session: Option<String>,
+    /// An MCP exec that outlived its call (`sandbox.exec_follow`).
+    mcp_exec: Option<String>,
+    /// With `job`: a worker of that task's job.
+    task: Option<String>,
+    job: Option<String>,
 }
 
 /// A new MCP session (a request without a session id) goes to a replica
@@ -420,31 +438,52 @@ pub(super) async fn has_mcp_session(app: &AppState, id: &str) -> bool {
     )
 }
 
-/// `GET /internal/v1/holds?worker=ID|node=ID`, asked by other replicas
+/// Whether a request carries the replicas' shared key: only another
+/// replica may ask the `/internal/v1/` routes.
+pub(super) fn from_a_replica(app: &AppState, headers: &HeaderMap) -> Result<(), ErrorBody> {
+    let Some(replica) = app.replica.as_ref() else {
+        return Err(ErrorBody::new(ErrorCode::NotFound, "no such endpoint"));
+    };
+    let given = auth::bearer(headers.get("authorization").and_then(|v| v.to_str().ok()));
+    if !given.is_some_and(|k| auth::secret_eq(k, &replica.key)) {
+        return Err(ErrorBody::new(
+            ErrorCode::Unauthorized,
+            "invalid replica key",
+        ));
+    }
+    Ok(())
+}
+
+/// `GET /internal/v1/holds?worker=ID|node=ID|…`, asked by other replicas
 /// with the replicas' shared key: whether this replica holds it.
 pub(super) async fn holds(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     Query(q): Query<HoldsQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let Some(replica) = app.replica.as_ref() else {
-        return Err(ErrorBody::new(ErrorCode::NotFound, "no such endpoint").into());
-    };
-    let given = auth::bearer(headers.get("authorization").and_then(|v| v.to_str().ok()));
-    if !given.is_some_and(|k| auth::secret_eq(k, &replica.key)) {
-        return Err(ErrorBody::new(ErrorCode::Unauthorized, "invalid replica key").into());
-    }
+    from_a_replica(&app, &headers)?;
     let online = |n: &str| holds_node(&app, n);
-    let holds = match (q.worker, q.node, q.deployment, q.mcp_session) {
-        (Some(w), ..) => app.hub.worker(&w).is_ok_and(|w| online(&w.node_id)),
-        (None, Some(n), ..) => online(&n),
-        (None, None, Some(d), _) => app
-            .hub
+    let holds = if let Some(w) = q.worker {
+        app.hub.worker(&w).is_ok_and(|w| online(&w.node_id))
+    } else if let Some(n) = q.node {
+        online(&n)
+    } else if let Some(d) = q.deployment {
+        app.hub
             .deployments()
             .iter()
-            .any(|s| s.deployment == d && online(&s.node_id)),
-        (None, None, None, Some(s)) => has_mcp_session(&app, &s).await,
-        (None, None, None, None) => false,
+            .any(|s| s.deployment == d && online(&s.node_id))
+    } else if let Some(s) = q.mcp_session {
+        has_mcp_session(&app, &s).await
+    } else if let Some(e) = q.mcp_exec {
+        app.mcp_execs.holds(&e)
+    } else if let (Some(t), Some(j)) = (q.task, q.job) {
+        app.hub.workers().iter().any(|w| {
+            w.task_id.as_deref() == Some(t.as_str())
+                && w.job_id.as_deref() == Some(j.as_str())
+                && online(&w.node_id)
+        })
+    } else {
+        false
     };
     Ok(Json(json!({ "holds": holds })))
 }

@@ -36,6 +36,52 @@ pub(super) async fn deny(
     Ok(list(State(app), caller).await)
 }
 
+/// The MCP caller an `Authorization` value names: the operator token or an
+/// MCP token.
+async fn scope_of(
+    app: &Arc<AppState>,
+    authorization: Option<&HeaderValue>,
+) -> Result<crate::server::mcp::Scope, ErrorBody> {
+    use crate::server::mcp::Scope;
+    let given = auth::bearer(authorization.and_then(|v| v.to_str().ok()));
+    let scope = match given {
+        Some(t) => match app.caller_fresh(t).await {
+            Ok(c) => Some(Scope::Operator(c)),
+            Err(_) => app
+                .store
+                .mcp_token_by_hash(&crate::server::orgs::secret_hash(t))
+                .map(Scope::Token),
+        },
+        None => None,
+    };
+    scope.ok_or_else(|| {
+        ErrorBody::new(
+            ErrorCode::Unauthorized,
+            "missing or invalid token for /mcp (the operator token or one from tether ctl mcp token create)",
+        )
+    })
+}
+
+/// `POST /internal/v1/mcp/call`: a tool call of an MCP session at another
+/// replica, about what this one holds. The replicas' key authorizes the
+/// passing on; the caller's own token ([`CALLER`]) the call, judged here as
+/// at `/mcp`. The answer is `{"ok": RESULT}` or `{"error": "code: why"}`.
+///
+/// [`CALLER`]: crate::server::mcp::CALLER
+pub(super) async fn call(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Json(call): Json<crate::server::mcp::RemoteCall>,
+) -> ApiResult<Json<serde_json::Value>> {
+    super::forward::from_a_replica(&app, &headers)?;
+    let scope = scope_of(&app, headers.get(crate::server::mcp::CALLER)).await?;
+    let tools = crate::server::mcp::Tools::new(app.clone());
+    Ok(Json(match tools.call_here(&scope, call).await {
+        Ok(v) => serde_json::json!({ "ok": v }),
+        Err(e) => serde_json::json!({ "error": e }),
+    }))
+}
+
 /// Lets the operator token or an MCP token through to `/mcp`, with the
 /// caller's [`Scope`](crate::server::mcp::Scope) for the tools to check.
 pub(super) async fn authorize(
@@ -43,28 +89,9 @@ pub(super) async fn authorize(
     mut req: Request,
     next: Next,
 ) -> Response {
-    use crate::server::mcp::Scope;
-    let given = auth::bearer(
-        req.headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok()),
-    )
-    .map(String::from);
-    let scope = match given {
-        Some(t) => match app.caller_fresh(&t).await {
-            Ok(c) => Some(Scope::Operator(c)),
-            Err(_) => app
-                .store
-                .mcp_token_by_hash(&crate::server::orgs::secret_hash(&t))
-                .map(Scope::Token),
-        },
-        None => None,
-    };
-    let Some(scope) = scope else {
-        return error_response(ErrorBody::new(
-            ErrorCode::Unauthorized,
-            "missing or invalid token for /mcp (the operator token or one from tether ctl mcp token create)",
-        ));
+    let scope = match scope_of(&app, req.headers().get("authorization")).await {
+        Ok(s) => s,
+        Err(e) => return error_response(e),
     };
     // A request of a session another replica serves goes there (a
     // balancer need not keep an MCP client on one replica), and a new

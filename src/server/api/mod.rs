@@ -27,7 +27,7 @@ use std::time::Duration;
 
 mod deployments;
 mod exec;
-mod forward;
+pub(crate) mod forward;
 mod mcp;
 mod nodes;
 mod orgs;
@@ -214,6 +214,11 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
         .merge(previews)
         .route(REGISTER_PATH, post(register))
         .route("/internal/v1/holds", get(forward::holds))
+        .route(
+            "/internal/v1/mcp/call",
+            // A file of `sandbox.put_file` (4 MiB) in base64, and the rest.
+            post(mcp::call).layer(DefaultBodyLimit::max(8 * 1024 * 1024)),
+        )
         .route(AGENT_CONNECT_PATH, get(super::agent_ws::connect))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async {

@@ -69,6 +69,7 @@ impl<S, P: serde::de::DeserializeOwned> FromContextPart<ToolCallContext<'_, S>> 
 }
 
 const NO_SCOPE: &str = "unauthorized: no MCP authorization on this request";
+const NO_NODE: &str = "unavailable: no node this caller may use on the MCP allowlist is online";
 
 /// Who is calling: the operator, or an MCP token with its limits (set by
 /// the endpoint's authorization, read by every tool).
@@ -110,6 +111,10 @@ impl Scope {
     }
 }
 
+mod route;
+use route::Target;
+pub use route::{CALLER, RemoteCall};
+
 type Parts = axum::http::request::Parts;
 
 fn scope_of(parts: &Parts) -> Option<Scope> {
@@ -129,7 +134,7 @@ fn err(e: ErrorBody) -> String {
     format!("{}: {}", e.code, e.message)
 }
 
-#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct CreateArgs {
     /// The task this sandbox serves (audited; every later call names it).
     pub task_id: String,
@@ -150,7 +155,7 @@ pub struct CreateArgs {
     pub network_policy: Option<String>,
 }
 
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct Sandbox {
     pub worker_id: String,
     pub node_id: String,
@@ -183,7 +188,7 @@ pub struct ExecArgs {
     pub wait_s: Option<u64>,
 }
 
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct ExecResult {
     /// Set once the command has ended.
     pub exit_code: Option<i64>,
@@ -221,7 +226,7 @@ pub struct PutFileArgs {
     pub mode: Option<String>,
 }
 
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct PutFileResult {
     pub path: String,
     pub size: u64,
@@ -236,7 +241,7 @@ pub struct GetFileArgs {
     pub max_bytes: Option<usize>,
 }
 
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct FileContent {
     pub path: String,
     pub size: u64,
@@ -263,7 +268,7 @@ pub struct LogsArgs {
     pub follow_s: Option<u64>,
 }
 
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct LogLine {
     /// RFC 3339, from the engine.
     pub time: String,
@@ -272,14 +277,14 @@ pub struct LogLine {
     pub line: String,
 }
 
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct Logs {
     pub lines: Vec<LogLine>,
     /// Lines past the output cap were dropped.
     pub truncated: bool,
 }
 
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct Destroyed {
     pub worker_id: String,
     /// The node it ran on.
@@ -292,16 +297,19 @@ pub struct NodeArgs {
     pub node_id: String,
 }
 
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct NodeList {
     pub nodes: Vec<NodeSummary>,
 }
 
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct NodeSummary {
     pub node_id: String,
     pub status: String,
     pub workers: usize,
+    /// New sandboxes are not placed on it.
+    #[serde(default)]
+    pub draining: bool,
     /// The node's inference backend runs and answers.
     pub inference: bool,
     /// The node's capability report, if it sent one.
@@ -440,6 +448,7 @@ impl Tools {
         NodeSummary {
             status: n.status.to_string(),
             workers: n.workers,
+            draining: n.draining,
             inference,
             capabilities: caps.and_then(|c| serde_json::to_value(c).ok()),
             node_id: n.node_id,
@@ -625,6 +634,11 @@ impl Running {
 
     fn get(&self, id: &str) -> Option<Arc<Followed>> {
         self.0.lock().unwrap().get(id).cloned()
+    }
+
+    /// Whether exec `id` is followed here.
+    pub(crate) fn holds(&self, id: &str) -> bool {
+        self.0.lock().unwrap().contains_key(id)
     }
 
     fn remove(&self, id: &str) {
@@ -872,7 +886,7 @@ impl Tools {
             worker_id: None,
         };
         self.run(scope_of(&parts), call, async |scope| {
-            self.create_inner(scope, &a).await
+            self.create_routed(scope, &parts, &a).await
         })
         .await
     }
@@ -891,7 +905,8 @@ impl Tools {
             .meta
             .get_progress_token()
             .map(|token| (token, ctx.peer.clone()));
-        let scope = ctx.extensions.get::<Parts>().and_then(scope_of);
+        let parts = ctx.extensions.get::<Parts>();
+        let scope = parts.and_then(scope_of);
         let call = Call {
             tool: "sandbox.exec",
             args: &a,
@@ -899,8 +914,16 @@ impl Tools {
             job_id: a.job_id.as_deref(),
             worker_id: a.worker_id.as_deref(),
         };
+        let target = Target::Sandbox {
+            task_id: &a.task_id,
+            worker_id: a.worker_id.as_deref(),
+            job_id: a.job_id.as_deref(),
+        };
         self.run(scope, call, async |scope| {
-            self.exec_inner(scope, &a, progress).await
+            self.routed(parts, "sandbox.exec", &a, target, async || {
+                self.exec_inner(scope, &a, progress).await
+            })
+            .await
         })
         .await
     }
@@ -922,7 +945,15 @@ impl Tools {
             worker_id: None,
         };
         self.run(scope_of(&parts), call, async |scope| {
-            self.follow_inner(scope, &a).await
+            let target = Target::Exec(&a.exec_id);
+            self.routed(
+                Some(&parts),
+                "sandbox.exec_follow",
+                &a,
+                target,
+                async || self.follow_inner(scope, &a).await,
+            )
+            .await
         })
         .await
     }
@@ -944,7 +975,11 @@ impl Tools {
             worker_id: Some(&a.worker_id),
         };
         self.run(scope_of(&parts), call, async |scope| {
-            self.put_inner(scope, &a).await
+            let target = Target::Worker(&a.worker_id);
+            self.routed(Some(&parts), "sandbox.put_file", &a, target, async || {
+                self.put_inner(scope, &a).await
+            })
+            .await
         })
         .await
     }
@@ -966,7 +1001,11 @@ impl Tools {
             worker_id: Some(&a.worker_id),
         };
         self.run(scope_of(&parts), call, async |scope| {
-            self.get_inner(scope, &a).await
+            let target = Target::Worker(&a.worker_id);
+            self.routed(Some(&parts), "sandbox.get_file", &a, target, async || {
+                self.get_inner(scope, &a).await
+            })
+            .await
         })
         .await
     }
@@ -988,7 +1027,15 @@ impl Tools {
             worker_id: Some(&a.worker_id),
         };
         self.run(scope_of(&parts), call, async |scope| {
-            self.logs_inner(scope, &a).await
+            let target = Target::Worker(&a.worker_id);
+            self.routed(
+                Some(&parts),
+                "sandbox.stream_logs",
+                &a,
+                target,
+                async || self.logs_inner(scope, &a).await,
+            )
+            .await
         })
         .await
     }
@@ -1010,13 +1057,11 @@ impl Tools {
             worker_id: Some(&a.worker_id),
         };
         self.run(scope_of(&parts), call, async |scope| {
-            let w = self.worker_of_task(scope, &a.task_id, &a.worker_id)?;
-            self.hub().remove(&a.worker_id, true).await.map_err(err)?;
-            Ok(Destroyed {
-                worker_id: a.worker_id.clone(),
-                node_id: w.node_id,
-                removed: true,
+            let target = Target::Worker(&a.worker_id);
+            self.routed(Some(&parts), "sandbox.destroy", &a, target, async || {
+                self.destroy_inner(scope, &a).await
             })
+            .await
         })
         .await
     }
@@ -1027,13 +1072,7 @@ impl Tools {
     )]
     async fn node_list(&self, Extension(parts): Extension<Parts>) -> Out<NodeList> {
         let scope = scope_of(&parts).ok_or(NO_SCOPE)?;
-        let nodes = self
-            .hub()
-            .nodes()
-            .into_iter()
-            .filter(|n| self.node_ok(&scope, &n.node_id).is_ok())
-            .map(|n| self.summary(n))
-            .collect();
+        let nodes = self.nodes_everywhere(&scope, &parts).await;
         Ok(Json(NodeList { nodes }))
     }
 
@@ -1047,13 +1086,44 @@ impl Tools {
         Extension(parts): Extension<Parts>,
     ) -> Out<NodeSummary> {
         let scope = scope_of(&parts).ok_or(NO_SCOPE)?;
-        self.node_ok(&scope, &a.node_id)?;
-        let n = self.hub().node_info(&a.node_id).map_err(err)?;
-        Ok(Json(self.summary(n)))
+        let target = Target::Node(&a.node_id);
+        let n = self
+            .routed(Some(&parts), "node.get", &a, target, async || {
+                self.node_get_inner(&scope, &a)
+            })
+            .await?;
+        Ok(Json(n))
     }
 }
 
 impl Tools {
+    /// `sandbox.create`: with replicas, a sandbox without a node goes to
+    /// the least-loaded node the caller may use at any replica, and the
+    /// call is made at the replica that holds the node.
+    async fn create_routed(
+        &self,
+        scope: &Scope,
+        parts: &Parts,
+        a: &CreateArgs,
+    ) -> Result<Sandbox, String> {
+        Self::task_ok(scope, &a.task_id)?;
+        let mut a = a.clone();
+        if a.node.is_none() && self.app.replica.is_some() {
+            let nodes = self.nodes_everywhere(scope, parts).await;
+            let least = nodes
+                .into_iter()
+                .filter(|n| n.status == NodeState::Online.as_str() && !n.draining)
+                .min_by_key(|n| n.workers)
+                .ok_or(NO_NODE)?;
+            a.node = Some(least.node_id);
+        }
+        let target = a.node.as_deref().map_or(Target::Here, Target::Node);
+        self.routed(Some(parts), "sandbox.create", &a, target, async || {
+            self.create_inner(scope, &a).await
+        })
+        .await
+    }
+
     async fn create_inner(&self, scope: &Scope, a: &CreateArgs) -> Result<Sandbox, String> {
         Self::task_ok(scope, &a.task_id)?;
         let node = match &a.node {
@@ -1073,7 +1143,7 @@ impl Tools {
                 })
                 .min_by_key(|n| n.workers)
                 .map(|n| n.node_id)
-                .ok_or("unavailable: no node this caller may use on the MCP allowlist is online")?,
+                .ok_or(NO_NODE)?,
         };
         let network_policy = a
             .network_policy
@@ -1190,6 +1260,22 @@ impl Tools {
             self.app.mcp_execs.remove(&a.exec_id);
         }
         Ok(r)
+    }
+
+    async fn destroy_inner(&self, scope: &Scope, a: &WorkerArgs) -> Result<Destroyed, String> {
+        let w = self.worker_of_task(scope, &a.task_id, &a.worker_id)?;
+        self.hub().remove(&a.worker_id, true).await.map_err(err)?;
+        Ok(Destroyed {
+            worker_id: a.worker_id.clone(),
+            node_id: w.node_id,
+            removed: true,
+        })
+    }
+
+    fn node_get_inner(&self, scope: &Scope, a: &NodeArgs) -> Result<NodeSummary, String> {
+        self.node_ok(scope, &a.node_id)?;
+        let n = self.hub().node_info(&a.node_id).map_err(err)?;
+        Ok(self.summary(n))
     }
 
     async fn logs_inner(&self, scope: &Scope, a: &LogsArgs) -> Result<Logs, String> {

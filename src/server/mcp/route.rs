@@ -1,0 +1,228 @@
+//! One MCP session reaches the nodes of every replica. A session lives at
+//! one replica; a tool call that names what another replica holds (a
+//! sandbox, a node, a followed exec) is made at that replica for the same
+//! caller (`POST /internal/v1/mcp/call`, the replicas' key authorizing the
+//! passing on and the caller's own token the call, judged there as at
+//! `/mcp`), and its answer comes back as the tool's. The session's replica
+//! audits the call; the holder does not again.
+
+use super::*;
+use crate::server::api::forward;
+use crate::server::replicas::FORWARDED;
+use serde::de::DeserializeOwned;
+
+/// The header that carries the caller's own `Authorization` on a call
+/// passed between replicas (theirs carries the replicas' key).
+pub const CALLER: &str = "x-tether-caller";
+
+/// A tool call passed to the replica that holds what it names.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RemoteCall {
+    pub tool: String,
+    pub arguments: serde_json::Value,
+}
+
+/// What a call acts on, to tell which replica holds it.
+#[derive(Clone, Copy)]
+pub(super) enum Target<'a> {
+    /// Nothing held anywhere in particular: made here.
+    Here,
+    Worker(&'a str),
+    /// A sandbox named by its worker id, or by its task's job.
+    Sandbox {
+        task_id: &'a str,
+        worker_id: Option<&'a str>,
+        job_id: Option<&'a str>,
+    },
+    Node(&'a str),
+    /// An exec followed where it was started.
+    Exec(&'a str),
+}
+
+impl Tools {
+    /// The other replica that holds what a call names, when this one does
+    /// not and another does.
+    async fn holder(&self, target: Target<'_>) -> Option<String> {
+        let replica = self.app.replica.as_ref()?;
+        let held = |node: &str| forward::holds_node(&self.app, node);
+        let query = match target {
+            Target::Here
+            | Target::Sandbox {
+                worker_id: None,
+                job_id: None,
+                ..
+            } => return None,
+            Target::Worker(w)
+            | Target::Sandbox {
+                worker_id: Some(w), ..
+            } => {
+                if self.hub().worker(w).is_ok_and(|w| held(&w.node_id)) {
+                    return None;
+                }
+                vec![("worker", w)]
+            }
+            Target::Sandbox {
+                task_id,
+                job_id: Some(j),
+                ..
+            } => {
+                let here = self.hub().workers().iter().any(|w| {
+                    w.task_id.as_deref() == Some(task_id)
+                        && w.job_id.as_deref() == Some(j)
+                        && held(&w.node_id)
+                });
+                if here {
+                    return None;
+                }
+                vec![("task", task_id), ("job", j)]
+            }
+            Target::Node(n) => {
+                if held(n) {
+                    return None;
+                }
+                return forward::node_holder(&self.app, replica, n).await;
+            }
+            Target::Exec(id) => {
+                if self.app.mcp_execs.holds(id) {
+                    return None;
+                }
+                vec![("mcp_exec", id)]
+            }
+        };
+        forward::holder_by(&self.app, replica, &query).await
+    }
+
+    /// Runs `here` unless another replica holds what the call names: then
+    /// the call is made there, for the same caller.
+    pub(super) async fn routed<A: Serialize, T: DeserializeOwned>(
+        &self,
+        parts: Option<&Parts>,
+        tool: &str,
+        args: &A,
+        target: Target<'_>,
+        here: impl AsyncFnOnce() -> Result<T, String>,
+    ) -> Result<T, String> {
+        match self.holder(target).await {
+            Some(url) => self.call_at(&url, parts, tool, args).await,
+            None => here().await,
+        }
+    }
+
+    /// Makes `tool` at the replica at `url` for the caller of `parts`.
+    async fn call_at<A: Serialize, T: DeserializeOwned>(
+        &self,
+        url: &str,
+        parts: Option<&Parts>,
+        tool: &str,
+        args: &A,
+    ) -> Result<T, String> {
+        let replica = self
+            .app
+            .replica
+            .as_ref()
+            .ok_or("internal: this server has no replicas")?;
+        let caller = parts
+            .and_then(|p| p.headers.get(axum::http::header::AUTHORIZATION))
+            .ok_or(NO_SCOPE)?;
+        let call = RemoteCall {
+            tool: tool.to_string(),
+            arguments: serde_json::to_value(args).map_err(|e| format!("internal: {e}"))?,
+        };
+        let unavailable =
+            |e: String| format!("unavailable: the replica at {url} that holds this: {e}");
+        let r = replica
+            .http
+            .post(format!("{url}/internal/v1/mcp/call"))
+            .bearer_auth(&replica.key)
+            .header(CALLER, caller)
+            .header(FORWARDED, &replica.id)
+            .json(&call)
+            // A call waits for its command at most this long.
+            .timeout(Duration::from_secs(MAX_WAIT_S + 60))
+            .send()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let status = r.status();
+        let v: serde_json::Value = r
+            .json()
+            .await
+            .map_err(|e| unavailable(format!("HTTP {status}: {e}")))?;
+        if let Some(ok) = v.get("ok") {
+            return serde_json::from_value(ok.clone()).map_err(|e| unavailable(e.to_string()));
+        }
+        Err(match (&v["error"], &v["code"], &v["message"]) {
+            (serde_json::Value::String(e), ..) => e.clone(),
+            (_, serde_json::Value::String(c), m) => format!("{c}: {}", m.as_str().unwrap_or("")),
+            _ => unavailable(format!("HTTP {status}")),
+        })
+    }
+
+    /// A call another replica passed on: made here for `scope`, never
+    /// passed on again.
+    pub async fn call_here(
+        &self,
+        scope: &Scope,
+        call: RemoteCall,
+    ) -> Result<serde_json::Value, String> {
+        fn args<A: DeserializeOwned>(v: serde_json::Value) -> Result<A, String> {
+            serde_json::from_value(v).map_err(|e| format!("invalid_request: {e}"))
+        }
+        fn out<T: Serialize>(r: Result<T, String>) -> Result<serde_json::Value, String> {
+            r.and_then(|t| serde_json::to_value(t).map_err(|e| format!("internal: {e}")))
+        }
+        let v = call.arguments;
+        match call.tool.as_str() {
+            "sandbox.create" => out(self.create_inner(scope, &args(v)?).await),
+            // No progress notifications: they belong to the session, which
+            // lives at the asking replica.
+            "sandbox.exec" => out(self.exec_inner(scope, &args(v)?, None).await),
+            "sandbox.exec_follow" => out(self.follow_inner(scope, &args(v)?).await),
+            "sandbox.put_file" => out(self.put_inner(scope, &args(v)?).await),
+            "sandbox.get_file" => out(self.get_inner(scope, &args(v)?).await),
+            "sandbox.stream_logs" => out(self.logs_inner(scope, &args(v)?).await),
+            "sandbox.destroy" => out(self.destroy_inner(scope, &args(v)?).await),
+            "node.list" => out(Ok(NodeList {
+                nodes: self.nodes_here(scope, true),
+            })),
+            "node.get" => out(self.node_get_inner(scope, &args(v)?)),
+            t => Err(format!("invalid_request: no such tool: {t}")),
+        }
+    }
+
+    /// The nodes the caller may use that this replica knows (only those it
+    /// holds, if `held_only`).
+    fn nodes_here(&self, scope: &Scope, held_only: bool) -> Vec<NodeSummary> {
+        self.hub()
+            .nodes()
+            .into_iter()
+            .filter(|n| !held_only || forward::holds_node(&self.app, &n.node_id))
+            .filter(|n| self.node_ok(scope, &n.node_id).is_ok())
+            .map(|n| self.summary(n))
+            .collect()
+    }
+
+    /// Every node the caller may use, each as the replica that holds it
+    /// sees it (by node id).
+    pub(super) async fn nodes_everywhere(&self, scope: &Scope, parts: &Parts) -> Vec<NodeSummary> {
+        let mine = self.nodes_here(scope, false);
+        let Some(replica) = self.app.replica.as_ref() else {
+            return mine;
+        };
+        let peers = forward::peers(&self.app, replica).await;
+        let none = serde_json::json!({});
+        let asks = peers
+            .iter()
+            .map(|(_, url)| self.call_at::<_, NodeList>(url, Some(parts), "node.list", &none));
+        let mut all: Vec<NodeSummary> = futures_util::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .flat_map(|l| l.nodes)
+            .collect();
+        let theirs: std::collections::HashSet<String> =
+            all.iter().map(|n| n.node_id.clone()).collect();
+        all.extend(mine.into_iter().filter(|n| !theirs.contains(&n.node_id)));
+        all.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        all
+    }
+}

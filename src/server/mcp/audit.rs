@@ -1,0 +1,134 @@
+//! Every call is logged and appended to the audit trail with its task,
+//! caller and outcome.
+
+use super::*;
+
+/// What a tool's result tells the audit trail.
+pub(super) trait Audited {
+    /// The node, when the result names it (the worker may be gone).
+    fn node(&self) -> Option<&str> {
+        None
+    }
+    /// The worker, when the result names it (a sandbox just made).
+    fn worker(&self) -> Option<&str> {
+        None
+    }
+    fn exit_code(&self) -> Option<i64> {
+        None
+    }
+    fn bytes(&self) -> Option<u64> {
+        None
+    }
+}
+
+impl Audited for Sandbox {
+    fn node(&self) -> Option<&str> {
+        Some(&self.node_id)
+    }
+    fn worker(&self) -> Option<&str> {
+        Some(&self.worker_id)
+    }
+}
+impl Audited for Destroyed {
+    fn node(&self) -> Option<&str> {
+        Some(&self.node_id)
+    }
+}
+impl Audited for ExecResult {
+    fn exit_code(&self) -> Option<i64> {
+        self.exit_code
+    }
+    fn bytes(&self) -> Option<u64> {
+        Some((self.stdout.len() + self.stderr.len()) as u64)
+    }
+}
+impl Audited for PutFileResult {
+    fn bytes(&self) -> Option<u64> {
+        Some(self.size)
+    }
+}
+impl Audited for FileContent {
+    fn bytes(&self) -> Option<u64> {
+        Some(self.size)
+    }
+}
+impl Audited for Logs {
+    fn bytes(&self) -> Option<u64> {
+        Some(self.lines.iter().map(|l| l.line.len() as u64).sum())
+    }
+}
+
+/// Who called, as the audit trail names it (a token by its id only).
+pub(super) fn caller(scope: Option<&Scope>) -> String {
+    match scope {
+        Some(Scope::Operator(c)) => c.name.clone(),
+        Some(Scope::Token(t)) => format!("mcp-token:{}", t.id),
+        None => "unauthorized".into(),
+    }
+}
+
+/// What the audit trail records of a call besides its outcome.
+pub(super) struct Call<'a, A: Serialize> {
+    pub(super) tool: &'static str,
+    pub(super) args: &'a A,
+    pub(super) task_id: &'a str,
+    pub(super) job_id: Option<&'a str>,
+    pub(super) worker_id: Option<&'a str>,
+}
+
+impl Tools {
+    /// Runs a tool's work for an authorized caller, then logs the call and
+    /// appends it to the audit trail.
+    pub(super) async fn run<A: Serialize, T: Audited>(
+        &self,
+        scope: Option<Scope>,
+        call: Call<'_, A>,
+        work: impl AsyncFnOnce(&Scope) -> Result<T, String>,
+    ) -> Out<T> {
+        let started = Instant::now();
+        let outcome = match &scope {
+            Some(scope) => work(scope).await,
+            None => Err(NO_SCOPE.to_string()),
+        };
+        let (tool, task_id) = (call.tool, call.task_id);
+        let worker_id = call
+            .worker_id
+            .or_else(|| outcome.as_ref().ok().and_then(|v| v.worker()))
+            .filter(|w| !w.is_empty());
+        let mut r =
+            crate::server::audit::AuditRecord::new(&caller(scope.as_ref()), &format!("mcp:{tool}"));
+        r.task_id = Some(task_id.to_string());
+        r.job_id = call.job_id.map(String::from);
+        r.worker_id = worker_id.map(String::from);
+        r.node_id = worker_id
+            .zip(scope.as_ref())
+            .and_then(|(w, s)| self.visible_worker(s, w))
+            .map(|w| w.node_id);
+        r.org = scope.as_ref().and_then(Scope::org);
+        r.args_digest =
+            crate::server::audit::digest(&serde_json::to_value(call.args).unwrap_or_default());
+        r.duration_ms = started.elapsed().as_millis() as u64;
+        match &outcome {
+            Ok(v) => {
+                r.outcome = "ok".into();
+                if let Some(n) = v.node() {
+                    r.node_id = Some(n.to_string());
+                }
+                r.exit_code = v.exit_code();
+                r.bytes = v.bytes();
+                info!(tool, task_id, worker_id, "mcp call");
+            }
+            Err(e) => {
+                r.outcome = e.clone();
+                info!(tool, task_id, worker_id, error = %e, "mcp call refused or failed");
+            }
+        }
+        let store = self.app.store.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.append_audit(&r) {
+                tracing::error!(error = %e, "could not append to the audit trail");
+            }
+        });
+        outcome.map(Json)
+    }
+}

@@ -16,14 +16,16 @@ const PORT: u16 = 8080;
 /// Connections at once in the stall figure.
 const BURST: usize = 200;
 
-/// `GET path` over raw HTTP/1.0 on `tunnel` (0) or straight to `ip` (1):
-/// the time to the first byte and to the end, and the bytes read.
+/// `GET path` over raw HTTP/1.0 on a tunnel (side 0), straight to `ip`
+/// (1), or through `relay` (2): the time to the first byte and to the end,
+/// and the bytes read.
 async fn get(
     b: &Bench,
     worker: &str,
     ip: &str,
     side: usize,
     path: &str,
+    relay: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<(Duration, Duration, u64)> {
     let req = format!("GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n");
     let t0 = Instant::now();
@@ -33,7 +35,10 @@ async fn get(
         let t = b.t.hub.tunnel(worker, PORT).await?;
         (first, n) = fetch(t, &req, t0).await?;
     } else {
-        let mut s = tokio::net::TcpStream::connect((ip, PORT)).await?;
+        let mut s = match relay.filter(|_| side == 2) {
+            Some(r) => tokio::net::TcpStream::connect(r).await?,
+            None => tokio::net::TcpStream::connect((ip, PORT)).await?,
+        };
         s.set_nodelay(true)?;
         s.write_all(req.as_bytes()).await?;
         let mut buf = vec![0u8; 256 * 1024];
@@ -68,6 +73,30 @@ async fn fetch(mut t: Duplex, req: &str, t0: Instant) -> anyhow::Result<(Option<
         }
     }
     Ok((first, n))
+}
+
+/// A plain TCP relay in this process to the worker's port (read 64 KiB,
+/// write it on, each direction): the simplest process in the path, as a
+/// reference for the tunnel's bulk rate. Its address.
+async fn plain_relay(ip: &str) -> anyhow::Result<std::net::SocketAddr> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let to = (ip.to_string(), PORT);
+    // Ends with the benchmark process.
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let to = to.clone();
+            tokio::spawn(async move {
+                let _ = c.set_nodelay(true);
+                if let Ok(mut w) = tokio::net::TcpStream::connect(to).await {
+                    let _ = w.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut w, 65536, 65536)
+                        .await;
+                }
+            });
+        }
+    });
+    Ok(addr)
 }
 
 impl Bench {
@@ -115,7 +144,7 @@ impl Bench {
         // Until httpd answers and the file is whole.
         let t0 = Instant::now();
         loop {
-            match get(self, worker, &ip, 1, "/big").await {
+            match get(self, worker, &ip, 1, "/big", None).await {
                 Ok((_, _, n)) if n > self.p.file_bytes => break,
                 _ if t0.elapsed() > Duration::from_secs(60) => {
                     anyhow::bail!("the tunnel worker's httpd never served /big")
@@ -123,14 +152,15 @@ impl Bench {
                 _ => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
+        let relay = plain_relay(&ip).await?;
         let (this, worker, ip) = (&*self, worker, ip.as_str());
         let size = this.p.file_bytes;
-        let ([t, d], _) = alternate(
+        let ([t, d, r], _) = alternate(
             this.p.file_reps,
             || async { Ok(()) },
             |side| async move {
-                let (_, dt, n) =
-                    limit(300, "tunnel bulk", get(this, worker, ip, side, "/big")).await?;
+                let got = get(this, worker, ip, side, "/big", Some(relay));
+                let (_, dt, n) = limit(300, "tunnel bulk", got).await?;
                 ensure!(n > size, "bulk GET read {n} bytes");
                 Ok(mb_s(n, dt))
             },
@@ -141,8 +171,12 @@ impl Bench {
             n,
             || async { Ok(()) },
             |side| async move {
-                let (first, _, _) =
-                    limit(30, "tunnel connect", get(this, worker, ip, side, "/small")).await?;
+                let (first, _, _) = limit(
+                    30,
+                    "tunnel connect",
+                    get(this, worker, ip, side, "/small", None),
+                )
+                .await?;
                 Ok(secs_ms(first))
             },
         )
@@ -178,6 +212,9 @@ impl Bench {
         }
         Ok(vec![
             Figure::new("tunnel_throughput_mb_s", "MB/s", median(&t), median(&d)),
+            // What any hop that carries the bytes through a process of its
+            // own reaches on this machine: the bound of a tunnel's rate.
+            Figure::new("tunnel_plain_relay_mb_s", "MB/s", median(&r), median(&d)),
             Figure::new("tunnel_connect_p50_ms", "ms", median(&tc), median(&dc)),
             Figure::solo(
                 "tunnel_connect_added_ms",

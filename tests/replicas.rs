@@ -797,6 +797,17 @@ async fn an_mcp_session_at_one_replica_uses_the_nodes_every_replica_holds() {
     let ran = call("sandbox.exec", args).await.unwrap();
     assert_eq!(ran["exit_code"], 3, "{ran}");
 
+    // Output as it comes, when the client asks for progress: made at A,
+    // heard by the client of B's session.
+    let mut m = common::mcp::Mcp::connect(&b.url, &b.token).await;
+    let (notes, r) = m
+        .exec_with_progress(serde_json::json!({"task_id": "spread", "worker_id": w,
+            "command": "echo first; sleep 1; echo second >&2"}))
+        .await;
+    assert_eq!(r["stdout"], "first\n", "{r}");
+    assert_eq!(notes, vec!["stdout: first\n", "stderr: second\n"]);
+    drop(m);
+
     // A file in and out, byte-exact.
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 31 % 256) as u8).collect();
     use base64::Engine;

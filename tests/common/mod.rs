@@ -4,6 +4,7 @@
 //! the test fails.
 #![allow(dead_code)]
 
+pub mod mcp;
 pub mod postgres;
 pub mod proxy;
 

@@ -65,21 +65,40 @@ async fn scope_of(
 /// `POST /internal/v1/mcp/call`: a tool call of an MCP session at another
 /// replica, about what this one holds. The replicas' key authorizes the
 /// passing on; the caller's own token ([`CALLER`]) the call, judged here as
-/// at `/mcp`. The answer is `{"ok": RESULT}` or `{"error": "code: why"}`.
+/// at `/mcp`. The answer streams lines of JSON ([`RemoteCall`]): progress
+/// notifications as the command makes output, then the result.
 ///
 /// [`CALLER`]: crate::server::mcp::CALLER
+/// [`RemoteCall`]: crate::server::mcp::RemoteCall
 pub(super) async fn call(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     Json(call): Json<crate::server::mcp::RemoteCall>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Response> {
+    use crate::server::mcp::{Progress, Tools};
     super::forward::from_a_replica(&app, &headers)?;
     let scope = scope_of(&app, headers.get(crate::server::mcp::CALLER)).await?;
-    let tools = crate::server::mcp::Tools::new(app.clone());
-    Ok(Json(match tools.call_here(&scope, call).await {
-        Ok(v) => serde_json::json!({ "ok": v }),
-        Err(e) => serde_json::json!({ "error": e }),
-    }))
+    let tools = Tools::new(app.clone());
+    let (tx, rx) = tokio::sync::mpsc::channel::<serde_json::Value>(64);
+    let progress = call.progress.then(|| Progress::Relay(tx.clone()));
+    // Tracked by the hub; the command goes on if the asker goes away, as
+    // it does when a client leaves `/mcp`.
+    app.hub.spawn_task(async move {
+        let end = match tools.call_here(&scope, call, progress).await {
+            Ok(v) => serde_json::json!({ "ok": v }),
+            Err(e) => serde_json::json!({ "error": e }),
+        };
+        let _ = tx.send(end).await;
+    });
+    let lines = futures_util::stream::unfold(rx, |mut rx| async move {
+        let v = rx.recv().await?;
+        Some((Ok::<_, std::convert::Infallible>(format!("{v}\n")), rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response())
 }
 
 /// Lets the operator token or an MCP token through to `/mcp`, with the

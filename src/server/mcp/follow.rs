@@ -139,7 +139,7 @@ impl Followed {
         self: &Arc<Self>,
         hub: &Hub,
         mut output: crate::server::hub::ChannelStream,
-        progress: Option<(rmcp::model::ProgressToken, rmcp::Peer<rmcp::RoleServer>)>,
+        progress: Option<Progress>,
     ) {
         output.set_manual_ack();
         let run = self.clone();
@@ -160,7 +160,7 @@ impl Followed {
                 };
                 match ev {
                     Some(StreamEvent::Data(k, b)) => {
-                        if let Some((token, peer)) = &progress
+                        if let Some(progress) = &progress
                             && !run.state.lock().unwrap().returned
                         {
                             seen += b.len();
@@ -169,13 +169,8 @@ impl Followed {
                             } else {
                                 "stdout"
                             };
-                            let note = rmcp::model::ProgressNotificationParam::new(
-                                token.clone(),
-                                seen as f64,
-                            )
-                            .with_message(format!("{stream}: {}", String::from_utf8_lossy(&b)));
-                            // A client gone away is no reason to stop the command.
-                            let _ = peer.notify_progress(note).await;
+                            let message = format!("{stream}: {}", String::from_utf8_lossy(&b));
+                            progress.send(seen as f64, message).await;
                         }
                         run.keep(k, &b, output.position());
                         if output.position() - acked > ACK_ANYWAY {
@@ -263,6 +258,34 @@ impl Followed {
             running,
             exec_id,
         })
+    }
+}
+
+/// Where `sandbox.exec` sends output as it comes, when the client asked.
+#[derive(Clone)]
+pub enum Progress {
+    /// The session's client, by the call's progress token.
+    Client(rmcp::model::ProgressToken, rmcp::Peer<rmcp::RoleServer>),
+    /// The replica whose session passed the call on: lines of the answer
+    /// to its `/internal/v1/mcp/call`.
+    Relay(tokio::sync::mpsc::Sender<serde_json::Value>),
+}
+
+impl Progress {
+    /// Sends one notification. A client gone away is no reason to stop the
+    /// command: a failed send is dropped.
+    pub(super) async fn send(&self, seen: f64, message: String) {
+        match self {
+            Progress::Client(token, peer) => {
+                let note = rmcp::model::ProgressNotificationParam::new(token.clone(), seen)
+                    .with_message(message);
+                let _ = peer.notify_progress(note).await;
+            }
+            Progress::Relay(tx) => {
+                let line = serde_json::json!({ "progress": seen, "message": message });
+                let _ = tx.send(line).await;
+            }
+        }
     }
 }
 

@@ -77,8 +77,8 @@ mod route;
 mod types;
 mod work;
 use audit::Call;
-pub use follow::Running;
 use follow::*;
+pub use follow::{Progress, Running};
 use route::Target;
 pub use route::{CALLER, RemoteCall};
 pub use types::*;
@@ -286,7 +286,7 @@ impl Tools {
         let progress = ctx
             .meta
             .get_progress_token()
-            .map(|token| (token, ctx.peer.clone()));
+            .map(|token| Progress::Client(token, ctx.peer.clone()));
         let parts = ctx.extensions.get::<Parts>();
         let scope = parts.and_then(scope_of);
         let call = Call {
@@ -302,7 +302,8 @@ impl Tools {
             job_id: a.job_id.as_deref(),
         };
         self.run(scope, call, async |scope| {
-            self.routed(parts, "sandbox.exec", &a, target, async || {
+            let there = progress.clone();
+            self.routed_with(parts, "sandbox.exec", &a, target, there, async || {
                 self.exec_inner(scope, &a, progress).await
             })
             .await

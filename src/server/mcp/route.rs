@@ -3,8 +3,9 @@
 //! sandbox, a node, a followed exec) is made at that replica for the same
 //! caller (`POST /internal/v1/mcp/call`, the replicas' key authorizing the
 //! passing on and the caller's own token the call, judged there as at
-//! `/mcp`), and its answer comes back as the tool's. The session's replica
-//! audits the call; the holder does not again.
+//! `/mcp`), and its answer comes back as the tool's, after the progress
+//! notifications it made on the way. The session's replica audits the
+//! call; the holder does not again.
 
 use super::*;
 use crate::server::api::forward;
@@ -15,11 +16,16 @@ use serde::de::DeserializeOwned;
 /// passed between replicas (theirs carries the replicas' key).
 pub const CALLER: &str = "x-tether-caller";
 
-/// A tool call passed to the replica that holds what it names.
+/// A tool call passed to the replica that holds what it names. The answer
+/// is lines of JSON: `{"progress": N, "message": M}` for each progress
+/// notification (asked for by `progress`), then `{"ok": RESULT}` or
+/// `{"error": "code: why"}`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RemoteCall {
     pub tool: String,
     pub arguments: serde_json::Value,
+    #[serde(default)]
+    pub progress: bool,
 }
 
 /// What a call acts on, to tell which replica holds it.
@@ -102,8 +108,23 @@ impl Tools {
         target: Target<'_>,
         here: impl AsyncFnOnce() -> Result<T, String>,
     ) -> Result<T, String> {
+        self.routed_with(parts, tool, args, target, None, here)
+            .await
+    }
+
+    /// [`Tools::routed`], the progress notifications made where the call
+    /// runs going to `progress`.
+    pub(super) async fn routed_with<A: Serialize, T: DeserializeOwned>(
+        &self,
+        parts: Option<&Parts>,
+        tool: &str,
+        args: &A,
+        target: Target<'_>,
+        progress: Option<Progress>,
+        here: impl AsyncFnOnce() -> Result<T, String>,
+    ) -> Result<T, String> {
         match self.holder(target).await {
-            Some(url) => self.call_at(&url, parts, tool, args).await,
+            Some(url) => self.call_at(&url, parts, tool, args, progress).await,
             None => here().await,
         }
     }
@@ -115,6 +136,7 @@ impl Tools {
         parts: Option<&Parts>,
         tool: &str,
         args: &A,
+        progress: Option<Progress>,
     ) -> Result<T, String> {
         let replica = self
             .app
@@ -127,6 +149,7 @@ impl Tools {
         let call = RemoteCall {
             tool: tool.to_string(),
             arguments: serde_json::to_value(args).map_err(|e| format!("internal: {e}"))?,
+            progress: progress.is_some(),
         };
         let unavailable =
             |e: String| format!("unavailable: the replica at {url} that holds this: {e}");
@@ -143,26 +166,52 @@ impl Tools {
             .await
             .map_err(|e| unavailable(e.to_string()))?;
         let status = r.status();
-        let v: serde_json::Value = r
-            .json()
-            .await
-            .map_err(|e| unavailable(format!("HTTP {status}: {e}")))?;
-        if let Some(ok) = v.get("ok") {
-            return serde_json::from_value(ok.clone()).map_err(|e| unavailable(e.to_string()));
+        if !status.is_success() {
+            // A refusal before the call: one JSON error.
+            let v: serde_json::Value = r.json().await.unwrap_or_default();
+            return Err(match (&v["code"], &v["message"]) {
+                (serde_json::Value::String(c), m) => format!("{c}: {}", m.as_str().unwrap_or("")),
+                _ => unavailable(format!("HTTP {status}")),
+            });
         }
-        Err(match (&v["error"], &v["code"], &v["message"]) {
-            (serde_json::Value::String(e), ..) => e.clone(),
-            (_, serde_json::Value::String(c), m) => format!("{c}: {}", m.as_str().unwrap_or("")),
-            _ => unavailable(format!("HTTP {status}")),
-        })
+        let mut body = r.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=end).collect();
+                let v: serde_json::Value =
+                    serde_json::from_slice(&line).map_err(|e| unavailable(e.to_string()))?;
+                if let Some(seen) = v.get("progress") {
+                    if let Some(p) = &progress {
+                        let message = v["message"].as_str().unwrap_or_default().to_string();
+                        p.send(seen.as_f64().unwrap_or_default(), message).await;
+                    }
+                    continue;
+                }
+                if let Some(ok) = v.get("ok") {
+                    return serde_json::from_value(ok.clone())
+                        .map_err(|e| unavailable(e.to_string()));
+                }
+                return Err(v["error"]
+                    .as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| unavailable(format!("an answer without a result: {v}"))));
+            }
+            match futures_util::StreamExt::next(&mut body).await {
+                Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                Some(Err(e)) => return Err(unavailable(e.to_string())),
+                None => return Err(unavailable("the answer ended before its result".into())),
+            }
+        }
     }
 
     /// A call another replica passed on: made here for `scope`, never
     /// passed on again.
-    pub async fn call_here(
+    pub(crate) async fn call_here(
         &self,
         scope: &Scope,
         call: RemoteCall,
+        progress: Option<Progress>,
     ) -> Result<serde_json::Value, String> {
         fn args<A: DeserializeOwned>(v: serde_json::Value) -> Result<A, String> {
             serde_json::from_value(v).map_err(|e| format!("invalid_request: {e}"))
@@ -173,9 +222,7 @@ impl Tools {
         let v = call.arguments;
         match call.tool.as_str() {
             "sandbox.create" => out(self.create_inner(scope, &args(v)?).await),
-            // No progress notifications: they belong to the session, which
-            // lives at the asking replica.
-            "sandbox.exec" => out(self.exec_inner(scope, &args(v)?, None).await),
+            "sandbox.exec" => out(self.exec_inner(scope, &args(v)?, progress).await),
             "sandbox.exec_follow" => out(self.follow_inner(scope, &args(v)?).await),
             "sandbox.put_file" => out(self.put_inner(scope, &args(v)?).await),
             "sandbox.get_file" => out(self.get_inner(scope, &args(v)?).await),
@@ -210,9 +257,9 @@ impl Tools {
         };
         let peers = forward::peers(&self.app, replica).await;
         let none = serde_json::json!({});
-        let asks = peers
-            .iter()
-            .map(|(_, url)| self.call_at::<_, NodeList>(url, Some(parts), "node.list", &none));
+        let asks = peers.iter().map(|(_, url)| {
+            self.call_at::<_, NodeList>(url, Some(parts), "node.list", &none, None)
+        });
         let mut all: Vec<NodeSummary> = futures_util::future::join_all(asks)
             .await
             .into_iter()

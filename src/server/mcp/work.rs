@@ -91,7 +91,7 @@ impl Tools {
         &self,
         scope: &Scope,
         a: &ExecArgs,
-        progress: Option<(rmcp::model::ProgressToken, rmcp::Peer<rmcp::RoleServer>)>,
+        progress: Option<Progress>,
     ) -> Result<ExecResult, String> {
         let worker_id = self
             .sandbox_of(

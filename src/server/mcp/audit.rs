@@ -76,7 +76,42 @@ pub(super) struct Call<'a, A: Serialize> {
     pub(super) worker_id: Option<&'a str>,
 }
 
+impl<'a, A: Serialize> Call<'a, A> {
+    pub(super) fn new(tool: &'static str, args: &'a A, task_id: &'a str) -> Self {
+        Call {
+            tool,
+            args,
+            task_id,
+            job_id: None,
+            worker_id: None,
+        }
+    }
+
+    /// The call names its sandbox by `worker_id`.
+    pub(super) fn worker(mut self, worker_id: &'a str) -> Self {
+        self.worker_id = Some(worker_id);
+        self
+    }
+}
+
 impl Tools {
+    /// A tool's call for the caller of `parts`: made here, or at the
+    /// replica that holds `target`; audited here either way.
+    pub(super) async fn call<A: Serialize, T: Audited + serde::de::DeserializeOwned>(
+        &self,
+        parts: &Parts,
+        call: Call<'_, A>,
+        target: Target<'_>,
+        here: impl AsyncFnOnce(&Scope) -> Result<T, String>,
+    ) -> Out<T> {
+        let (tool, args) = (call.tool, call.args);
+        self.run(scope_of(parts), call, async |scope| {
+            let here = async || here(scope).await;
+            self.routed(Some(parts), tool, args, target, here).await
+        })
+        .await
+    }
+
     /// Runs a tool's work for an authorized caller, then logs the call and
     /// appends it to the audit trail.
     pub(super) async fn run<A: Serialize, T: Audited>(

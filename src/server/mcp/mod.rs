@@ -320,23 +320,9 @@ impl Tools {
         Parameters(a): Parameters<FollowArgs>,
         Extension(parts): Extension<Parts>,
     ) -> Out<ExecResult> {
-        let call = Call {
-            tool: "sandbox.exec_follow",
-            args: &a,
-            task_id: &a.task_id,
-            job_id: None,
-            worker_id: None,
-        };
-        self.run(scope_of(&parts), call, async |scope| {
-            let target = Target::Exec(&a.exec_id);
-            self.routed(
-                Some(&parts),
-                "sandbox.exec_follow",
-                &a,
-                target,
-                async || self.follow_inner(scope, &a).await,
-            )
-            .await
+        let call = Call::new("sandbox.exec_follow", &a, &a.task_id);
+        self.call(&parts, call, Target::Exec(&a.exec_id), async |scope| {
+            self.follow_inner(scope, &a).await
         })
         .await
     }
@@ -350,19 +336,9 @@ impl Tools {
         Parameters(a): Parameters<PutFileArgs>,
         Extension(parts): Extension<Parts>,
     ) -> Out<PutFileResult> {
-        let call = Call {
-            tool: "sandbox.put_file",
-            args: &a,
-            task_id: &a.task_id,
-            job_id: None,
-            worker_id: Some(&a.worker_id),
-        };
-        self.run(scope_of(&parts), call, async |scope| {
-            let target = Target::Worker(&a.worker_id);
-            self.routed(Some(&parts), "sandbox.put_file", &a, target, async || {
-                self.put_inner(scope, &a).await
-            })
-            .await
+        let call = Call::new("sandbox.put_file", &a, &a.task_id).worker(&a.worker_id);
+        self.call(&parts, call, Target::Worker(&a.worker_id), async |scope| {
+            self.put_inner(scope, &a).await
         })
         .await
     }
@@ -376,19 +352,9 @@ impl Tools {
         Parameters(a): Parameters<GetFileArgs>,
         Extension(parts): Extension<Parts>,
     ) -> Out<FileContent> {
-        let call = Call {
-            tool: "sandbox.get_file",
-            args: &a,
-            task_id: &a.task_id,
-            job_id: None,
-            worker_id: Some(&a.worker_id),
-        };
-        self.run(scope_of(&parts), call, async |scope| {
-            let target = Target::Worker(&a.worker_id);
-            self.routed(Some(&parts), "sandbox.get_file", &a, target, async || {
-                self.get_inner(scope, &a).await
-            })
-            .await
+        let call = Call::new("sandbox.get_file", &a, &a.task_id).worker(&a.worker_id);
+        self.call(&parts, call, Target::Worker(&a.worker_id), async |scope| {
+            self.get_inner(scope, &a).await
         })
         .await
     }
@@ -402,23 +368,9 @@ impl Tools {
         Parameters(a): Parameters<LogsArgs>,
         Extension(parts): Extension<Parts>,
     ) -> Out<Logs> {
-        let call = Call {
-            tool: "sandbox.stream_logs",
-            args: &a,
-            task_id: &a.task_id,
-            job_id: None,
-            worker_id: Some(&a.worker_id),
-        };
-        self.run(scope_of(&parts), call, async |scope| {
-            let target = Target::Worker(&a.worker_id);
-            self.routed(
-                Some(&parts),
-                "sandbox.stream_logs",
-                &a,
-                target,
-                async || self.logs_inner(scope, &a).await,
-            )
-            .await
+        let call = Call::new("sandbox.stream_logs", &a, &a.task_id).worker(&a.worker_id);
+        self.call(&parts, call, Target::Worker(&a.worker_id), async |scope| {
+            self.logs_inner(scope, &a).await
         })
         .await
     }
@@ -432,19 +384,9 @@ impl Tools {
         Parameters(a): Parameters<WorkerArgs>,
         Extension(parts): Extension<Parts>,
     ) -> Out<Destroyed> {
-        let call = Call {
-            tool: "sandbox.destroy",
-            args: &a,
-            task_id: &a.task_id,
-            job_id: None,
-            worker_id: Some(&a.worker_id),
-        };
-        self.run(scope_of(&parts), call, async |scope| {
-            let target = Target::Worker(&a.worker_id);
-            self.routed(Some(&parts), "sandbox.destroy", &a, target, async || {
-                self.destroy_inner(scope, &a).await
-            })
-            .await
+        let call = Call::new("sandbox.destroy", &a, &a.task_id).worker(&a.worker_id);
+        self.call(&parts, call, Target::Worker(&a.worker_id), async |scope| {
+            self.destroy_inner(scope, &a).await
         })
         .await
     }

@@ -796,6 +796,14 @@ async fn an_mcp_session_at_one_replica_uses_the_nodes_every_replica_holds() {
     let args = serde_json::json!({"task_id": "spread", "job_id": "j1", "command": "exit 3"});
     let ran = call("sandbox.exec", args).await.unwrap();
     assert_eq!(ran["exit_code"], 3, "{ran}");
+    // A job with a sandbox at each replica names neither.
+    let args = serde_json::json!({"task_id": "spread", "job_id": "j1", "image": image(), "node": nb, "cmd": ["sleep", "600"]});
+    let twin = call("sandbox.create", args).await.unwrap();
+    let args = serde_json::json!({"task_id": "spread", "job_id": "j1", "command": "true"});
+    let e = call("sandbox.exec", args).await.unwrap_err();
+    assert!(e.contains("several replicas"), "{e}");
+    let args = serde_json::json!({"task_id": "spread", "worker_id": twin["worker_id"]});
+    call("sandbox.destroy", args).await.unwrap();
 
     // Output as it comes, when the client asks for progress: made at A,
     // heard by the client of B's session.

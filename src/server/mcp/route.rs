@@ -48,8 +48,10 @@ pub(super) enum Target<'a> {
 impl Tools {
     /// The other replica that holds what a call names, when this one does
     /// not and another does.
-    async fn holder(&self, target: Target<'_>) -> Option<String> {
-        let replica = self.app.replica.as_ref()?;
+    async fn holder(&self, target: Target<'_>) -> Result<Option<String>, String> {
+        let Some(replica) = self.app.replica.as_ref() else {
+            return Ok(None);
+        };
         let held = |node: &str| forward::holds_node(&self.app, node);
         let query = match target {
             Target::Here
@@ -57,13 +59,13 @@ impl Tools {
                 worker_id: None,
                 job_id: None,
                 ..
-            } => return None,
+            } => return Ok(None),
             Target::Worker(w)
             | Target::Sandbox {
                 worker_id: Some(w), ..
             } => {
                 if self.hub().worker(w).is_ok_and(|w| held(&w.node_id)) {
-                    return None;
+                    return Ok(None);
                 }
                 vec![("worker", w)]
             }
@@ -77,25 +79,30 @@ impl Tools {
                         && w.job_id.as_deref() == Some(j)
                         && held(&w.node_id)
                 });
-                if here {
-                    return None;
+                let query = [("task", task_id), ("job", j)];
+                let there = forward::holder_by(&self.app, replica, &query).await;
+                // A job names a sandbox only where it names one.
+                if here && there.is_some() {
+                    return Err(format!(
+                        "invalid_request: job {j} has sandboxes at several replicas in task {task_id}: name the worker_id"
+                    ));
                 }
-                vec![("task", task_id), ("job", j)]
+                return Ok(there);
             }
             Target::Node(n) => {
                 if held(n) {
-                    return None;
+                    return Ok(None);
                 }
-                return forward::node_holder(&self.app, replica, n).await;
+                return Ok(forward::node_holder(&self.app, replica, n).await);
             }
             Target::Exec(id) => {
                 if self.app.mcp_execs.holds(id) {
-                    return None;
+                    return Ok(None);
                 }
                 vec![("mcp_exec", id)]
             }
         };
-        forward::holder_by(&self.app, replica, &query).await
+        Ok(forward::holder_by(&self.app, replica, &query).await)
     }
 
     /// Runs `here` unless another replica holds what the call names: then
@@ -123,7 +130,7 @@ impl Tools {
         progress: Option<Progress>,
         here: impl AsyncFnOnce() -> Result<T, String>,
     ) -> Result<T, String> {
-        match self.holder(target).await {
+        match self.holder(target).await? {
             Some(url) => self.call_at(&url, parts, tool, args, progress).await,
             None => here().await,
         }

@@ -32,7 +32,7 @@ pub(crate) async fn run(hub: Hub, interval: Duration, timeout: Duration, stop: C
 }
 
 fn sweep(hub: &Hub, slot: u32, timeout: Duration) {
-    for link in hub.connected_in_slice(slot, SLICES) {
+    for link in hub.connected_in_slice(slot) {
         let silence = link.silence();
         if silence > timeout {
             link.end_connection(Close::new(

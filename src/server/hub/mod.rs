@@ -83,8 +83,33 @@ struct NodeEntry {
 #[derive(Default)]
 struct Registry {
     nodes: HashMap<String, NodeEntry>,
+    /// The online nodes' links by heartbeat slice, so that a sweep visits
+    /// its own slice only, not every node (`src/server/heartbeat.rs`).
+    pulse: HashMap<u32, HashMap<String, Arc<AgentLink>>>,
     /// The server's view of every worker, reconciled from agent inventories.
     workers: worker_table::WorkerTable,
+}
+
+impl Registry {
+    /// Marks a known node online or offline, in its heartbeat slice too.
+    fn set_online(&mut self, node_id: &str, online: bool) {
+        let Some(n) = self.nodes.get_mut(node_id) else {
+            return;
+        };
+        n.online = online;
+        let link = n.link.clone();
+        let slice = self.pulse.entry(pulse_slice(&link)).or_default();
+        if online {
+            slice.insert(node_id.to_string(), link);
+        } else {
+            slice.remove(node_id);
+        }
+    }
+}
+
+/// The heartbeat slice a node's link is swept in.
+fn pulse_slice(link: &AgentLink) -> u32 {
+    link.pulse_slot % crate::server::heartbeat::SLICES
 }
 
 /// The control plane, cheap to clone.
@@ -236,15 +261,12 @@ impl Hub {
     }
 
     /// The links of connected nodes in sweep slice `slot` of `slices`.
-    pub(crate) fn connected_in_slice(&self, slot: u32, slices: u32) -> Vec<Arc<AgentLink>> {
-        self.reg
-            .lock()
-            .unwrap()
-            .nodes
-            .values()
-            .filter(|n| n.online && n.link.pulse_slot % slices == slot)
-            .map(|n| n.link.clone())
-            .collect()
+    pub(crate) fn connected_in_slice(&self, slot: u32) -> Vec<Arc<AgentLink>> {
+        let reg = self.reg.lock().unwrap();
+        reg.pulse
+            .get(&slot)
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Every node ever seen, sorted by id.
@@ -443,13 +465,13 @@ impl Hub {
                 });
             }
             entry.config_version = config_version;
-            entry.online = true;
             entry.connected_since = Some(SystemTime::now());
             entry.degraded = None;
             entry.link.seen();
             entry.offline_reason = None;
             entry.agent_version = Some(agent_version.to_string());
         }
+        reg.set_online(node_id, true);
         // The agent's inventory, when it has one, is the truth about its
         // node, and about nothing else: a node may claim only workers that
         // carry its own label and that no other node owns.
@@ -480,6 +502,7 @@ impl Hub {
         let entry = {
             let mut reg = self.reg.lock().unwrap();
             reg.workers.remove_of_node(node_id, |_| true);
+            reg.set_online(node_id, false);
             reg.nodes.remove(node_id)
         };
         // Dropped outside the lock: dropping cancels on the agent.
@@ -503,12 +526,14 @@ impl Hub {
         if link.generation.load(Ordering::SeqCst) != generation {
             return; // a newer connection already took over
         }
-        if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id)
+        let mut reg = self.reg.lock().unwrap();
+        if let Some(n) = reg.nodes.get_mut(node_id)
             && Arc::ptr_eq(&n.link, &link)
         {
-            n.online = false;
             n.offline_reason = Some(reason.to_string());
+            reg.set_online(node_id, false);
         }
+        drop(reg);
         self.changed.notify_waiters();
         let grace = self.grace;
         let reason = reason.to_string();
@@ -595,6 +620,49 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_heartbeat_slice_holds_exactly_its_online_nodes() {
+        let hub = Hub::new();
+        let slices = crate::server::heartbeat::SLICES;
+        let mut links = Vec::new();
+        for n in 0..(2 * slices) {
+            let id = format!("n{n}");
+            let link = hub.node_link(&id);
+            let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+            let (_, generation) = link.connect(&[], tx);
+            hub.attach(&id, "test", None, None);
+            links.push((id, link, generation));
+        }
+        let in_slice = |slot: u32| -> Vec<String> {
+            let mut v: Vec<String> = hub
+                .connected_in_slice(slot)
+                .iter()
+                .map(|l| l.node_id.clone())
+                .collect();
+            v.sort();
+            v
+        };
+        // Every online node in exactly one slice: its own.
+        let mut all: Vec<String> = (0..slices).flat_map(in_slice).collect();
+        all.sort();
+        let mut ids: Vec<String> = links.iter().map(|(id, ..)| id.clone()).collect();
+        ids.sort();
+        assert_eq!(all, ids);
+        for (id, link, _) in &links {
+            assert!(in_slice(pulse_slice(link)).contains(id));
+        }
+        // Gone from its slice once offline or forgotten; back on reattach.
+        let (id0, link0, generation0) = &links[0];
+        hub.detach(link0, *generation0, "test");
+        assert!(!in_slice(pulse_slice(link0)).contains(id0));
+        hub.attach(id0, "test", None, None);
+        assert!(in_slice(pulse_slice(link0)).contains(id0));
+        let (id1, link1, _) = &links[1];
+        assert!(hub.forget_node(id1));
+        assert!(!in_slice(pulse_slice(link1)).contains(id1));
+        hub.shutdown().await;
+    }
 
     #[tokio::test]
     async fn shutdown_ends_every_hub_task() {

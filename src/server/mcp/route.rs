@@ -45,6 +45,19 @@ pub(super) enum Target<'a> {
     Exec(&'a str),
 }
 
+/// How long a replica waits for another's answer to a call: a command's
+/// longest wait and a minute for `sandbox.exec`, a few seconds for a node's
+/// state (a replica that does not answer must not hold up `node.list`),
+/// five minutes for the rest (a sandbox made, a file of 4 MiB moved, logs
+/// followed for a minute).
+fn answer_within(tool: &str) -> Duration {
+    match tool {
+        "sandbox.exec" | "sandbox.exec_follow" => Duration::from_secs(MAX_WAIT_S + 60),
+        "node.list" | "node.get" => Duration::from_secs(10),
+        _ => Duration::from_secs(300),
+    }
+}
+
 impl Tools {
     /// The other replica that holds what a call names, when this one does
     /// not and another does.
@@ -167,8 +180,7 @@ impl Tools {
             .header(CALLER, caller)
             .header(FORWARDED, &replica.id)
             .json(&call)
-            // A call waits for its command at most this long.
-            .timeout(Duration::from_secs(MAX_WAIT_S + 60))
+            .timeout(answer_within(tool))
             .send()
             .await
             .map_err(|e| unavailable(e.to_string()))?;

@@ -19,6 +19,22 @@ pub(crate) fn holds_node(app: &AppState, node: &str) -> bool {
         .is_ok_and(|n| n.status != operator::NodeState::Offline)
 }
 
+/// Whether this replica holds the node of worker `id`.
+pub(crate) fn holds_worker(app: &AppState, id: &str) -> bool {
+    app.hub
+        .worker(id)
+        .is_ok_and(|w| holds_node(app, &w.node_id))
+}
+
+/// Whether this replica holds the node of a worker of `task`'s `job`.
+pub(crate) fn holds_job(app: &AppState, task: &str, job: &str) -> bool {
+    app.hub.workers().iter().any(|w| {
+        w.task_id.as_deref() == Some(task)
+            && w.job_id.as_deref() == Some(job)
+            && holds_node(app, &w.node_id)
+    })
+}
+
 /// The URL of the other replica whose lease holds `node`, if one does.
 pub(crate) async fn node_holder(app: &AppState, replica: &Replica, node: &str) -> Option<String> {
     let (store, node) = (app.store.clone(), node.to_string());
@@ -464,7 +480,7 @@ pub(super) async fn holds(
     from_a_replica(&app, &headers)?;
     let online = |n: &str| holds_node(&app, n);
     let holds = if let Some(w) = q.worker {
-        app.hub.worker(&w).is_ok_and(|w| online(&w.node_id))
+        holds_worker(&app, &w)
     } else if let Some(n) = q.node {
         online(&n)
     } else if let Some(d) = q.deployment {
@@ -477,11 +493,7 @@ pub(super) async fn holds(
     } else if let Some(e) = q.mcp_exec {
         app.mcp_execs.holds(&e)
     } else if let (Some(t), Some(j)) = (q.task, q.job) {
-        app.hub.workers().iter().any(|w| {
-            w.task_id.as_deref() == Some(t.as_str())
-                && w.job_id.as_deref() == Some(j.as_str())
-                && online(&w.node_id)
-        })
+        holds_job(&app, &t, &j)
     } else {
         false
     };

@@ -31,8 +31,6 @@ pub struct RemoteCall {
 /// What a call acts on, to tell which replica holds it.
 #[derive(Clone, Copy)]
 pub(super) enum Target<'a> {
-    /// Nothing held anywhere in particular: made here.
-    Here,
     Worker(&'a str),
     /// A sandbox named by its worker id, or by its task's job.
     Sandbox {
@@ -65,10 +63,9 @@ impl Tools {
         let Some(replica) = self.app.replica.as_ref() else {
             return Ok(None);
         };
-        let held = |node: &str| forward::holds_node(&self.app, node);
+        let app = &self.app;
         let query = match target {
-            Target::Here
-            | Target::Sandbox {
+            Target::Sandbox {
                 worker_id: None,
                 job_id: None,
                 ..
@@ -77,7 +74,7 @@ impl Tools {
             | Target::Sandbox {
                 worker_id: Some(w), ..
             } => {
-                if self.hub().worker(w).is_ok_and(|w| held(&w.node_id)) {
+                if forward::holds_worker(app, w) {
                     return Ok(None);
                 }
                 vec![("worker", w)]
@@ -87,13 +84,9 @@ impl Tools {
                 job_id: Some(j),
                 ..
             } => {
-                let here = self.hub().workers().iter().any(|w| {
-                    w.task_id.as_deref() == Some(task_id)
-                        && w.job_id.as_deref() == Some(j)
-                        && held(&w.node_id)
-                });
+                let here = forward::holds_job(app, task_id, j);
                 let query = [("task", task_id), ("job", j)];
-                let there = forward::holder_by(&self.app, replica, &query).await;
+                let there = forward::holder_by(app, replica, &query).await;
                 // A job names a sandbox only where it names one.
                 if here && there.is_some() {
                     return Err(format!(
@@ -103,10 +96,10 @@ impl Tools {
                 return Ok(there);
             }
             Target::Node(n) => {
-                if held(n) {
+                if forward::holds_node(app, n) {
                     return Ok(None);
                 }
-                return Ok(forward::node_holder(&self.app, replica, n).await);
+                return Ok(forward::node_holder(app, replica, n).await);
             }
             Target::Exec(id) => {
                 if self.app.mcp_execs.holds(id) {
@@ -115,7 +108,7 @@ impl Tools {
                 vec![("mcp_exec", id)]
             }
         };
-        Ok(forward::holder_by(&self.app, replica, &query).await)
+        Ok(forward::holder_by(app, replica, &query).await)
     }
 
     /// Runs `here` unless another replica holds what the call names: then

@@ -3,9 +3,9 @@
 use super::*;
 
 impl Tools {
-    /// `sandbox.create`: with replicas, a sandbox without a node goes to
-    /// the least-loaded node the caller may use at any replica, and the
-    /// call is made at the replica that holds the node.
+    /// `sandbox.create`: a sandbox without a node goes to the least-loaded
+    /// online node the caller may use (at any replica), and the call is
+    /// made at the replica that holds the node.
     pub(super) async fn create_routed(
         &self,
         scope: &Scope,
@@ -14,19 +14,26 @@ impl Tools {
     ) -> Result<Sandbox, String> {
         Self::task_ok(scope, &a.task_id)?;
         let mut a = a.clone();
-        if a.node.is_none() && self.app.replica.is_some() {
-            let nodes = self.nodes_everywhere(scope, parts).await;
-            let least = nodes
-                .into_iter()
-                .filter(|n| n.status == NodeState::Online.as_str() && !n.draining)
-                .min_by_key(|n| n.workers)
-                .ok_or(NO_NODE)?;
-            a.node = Some(least.node_id);
-        }
-        let target = a.node.as_deref().map_or(Target::Here, Target::Node);
-        self.routed(Some(parts), "sandbox.create", &a, target, async || {
-            self.create_inner(scope, &a).await
-        })
+        let node = match a.node.clone() {
+            Some(n) => n,
+            None => {
+                let nodes = self.nodes_everywhere(scope, parts).await;
+                let least = nodes
+                    .into_iter()
+                    .filter(|n| n.status == NodeState::Online.as_str() && !n.draining)
+                    .min_by_key(|n| n.workers)
+                    .ok_or(NO_NODE)?;
+                a.node = Some(least.node_id.clone());
+                least.node_id
+            }
+        };
+        self.routed(
+            Some(parts),
+            "sandbox.create",
+            &a,
+            Target::Node(&node),
+            async || self.create_inner(scope, &a).await,
+        )
         .await
     }
 
@@ -36,25 +43,9 @@ impl Tools {
         a: &CreateArgs,
     ) -> Result<Sandbox, String> {
         Self::task_ok(scope, &a.task_id)?;
-        let node = match &a.node {
-            Some(n) => {
-                self.node_ok(scope, n)?;
-                n.clone()
-            }
-            // The least-loaded node this caller may use that is online.
-            None => self
-                .hub()
-                .nodes()
-                .into_iter()
-                .filter(|n| {
-                    n.status == NodeState::Online
-                        && !n.draining
-                        && self.node_ok(scope, &n.node_id).is_ok()
-                })
-                .min_by_key(|n| n.workers)
-                .map(|n| n.node_id)
-                .ok_or(NO_NODE)?,
-        };
+        // Placed by `create_routed`, which names the node.
+        let node = a.node.clone().ok_or(NO_NODE)?;
+        self.node_ok(scope, &node)?;
         let network_policy = a
             .network_policy
             .as_ref()

@@ -96,7 +96,7 @@ struct ServerArgs {
     mcp_allowed_hosts: Vec<String>,
     /// Keep the state (node identities, organizations, tokens, desired
     /// configurations, previews, the MCP allowlist, the audit trail) in
-    /// PostgreSQL instead of STATE_DIR/state.json, so several replicas can
+    /// PostgreSQL instead of STATE_DIR/state.db, so several replicas can
     /// share it: postgres://USER:PASSWORD@HOST[:PORT]/DB (or
     /// host=/run/postgresql user=… dbname=…). The schema is made at start.
     #[arg(long, env = "TETHER_DATABASE_URL", hide_env_values = true)]

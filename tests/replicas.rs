@@ -259,10 +259,10 @@ fn keeps_the_store_rules(s: &dyn tether::server::store::Store) {
 }
 
 #[test]
-fn the_file_and_the_postgres_store_keep_the_same_rules() {
+fn the_sqlite_and_the_postgres_store_keep_the_same_rules() {
     use tether::server::store::Store;
     let dir = tempfile::tempdir().unwrap();
-    let file = tether::server::store::FileStore::open(dir.path().join("state.json")).unwrap();
+    let file = tether::server::store::SqliteStore::open(dir.path()).unwrap();
     keeps_the_store_rules(&file);
     let pg = Postgres::start();
     let url = pg.database("tether_rules");

@@ -77,7 +77,7 @@ pub struct ServerConfig {
     /// loopback ones (a guard against DNS rebinding).
     pub mcp_allowed_hosts: Vec<String>,
     /// Keep the server's state in this PostgreSQL database
-    /// (`postgres://user:password@host/db`) instead of `state.json`, so
+    /// (`postgres://user:password@host/db`) instead of `state.db`, so
     /// replicas can share it.
     pub database: Option<String>,
     /// A PEM bundle trusted for the database's TLS certificate besides the
@@ -325,15 +325,12 @@ impl Server {
                 store::PgStore::connect_with(url, cfg.database_ca.as_deref())
                     .map_err(|e| ServerError::Database(e.to_string()))?,
             ),
-            None => {
-                let path = cfg.state_dir.join("state.json");
-                Arc::new(
-                    store::FileStore::open(path.clone()).map_err(|e| ServerError::State {
-                        path,
-                        source: std::io::Error::other(e),
-                    })?,
-                )
-            }
+            None => Arc::new(store::SqliteStore::open(&cfg.state_dir).map_err(|e| {
+                ServerError::State {
+                    path: cfg.state_dir.join(store::DB_FILE),
+                    source: std::io::Error::other(e),
+                }
+            })?),
         };
         // The admin token and the signing keys: replicas on one database
         // share them, so a node token or preview URL one issued works at
@@ -353,7 +350,7 @@ impl Server {
         let preview_secret = secret("preview.key").await?;
         let replica = match cfg.database {
             Some(_) => {
-                // Where the operator finds it, as with the file store.
+                // Where the operator finds it, as with the single-machine store.
                 let path = cfg.state_dir.join("admin.token");
                 crate::private_file::write(&path, &admin_token).map_err(state_err(path))?;
                 let local = listener.local_addr().map_err(|source| ServerError::Bind {

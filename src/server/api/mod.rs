@@ -69,8 +69,8 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// Runs `f` on the store from a blocking thread (the file store writes
-/// and syncs a file).
+/// Runs `f` on the store from a blocking thread (the single-machine store
+/// commits to SQLite and syncs).
 async fn on_store<T: Send + 'static>(
     app: &AppState,
     f: impl FnOnce(&dyn super::store::Store) -> Result<T, super::store::StoreError> + Send + 'static,

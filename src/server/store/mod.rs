@@ -3,7 +3,7 @@
 //! organizations with their registration keys and operator tokens, desired
 //! configurations, preview grants, the MCP allowlist and tokens, and the
 //! audit trail. Handlers talk to the trait, so a database-backed store
-//! replaces [`FileStore`] without touching them.
+//! replaces [`SqliteStore`] without touching them.
 
 use super::orgs::{OperatorToken, Organization, RegistrationKey};
 use super::preview::PreviewGrant;
@@ -72,6 +72,12 @@ pub enum StoreError {
     #[error("database: {0}")]
     Db(String),
     #[error("server state {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("server state {path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
@@ -89,15 +95,15 @@ impl From<StoreError> for crate::protocol::ErrorBody {
             | StoreError::OrgHasNodes { .. }
             | StoreError::DefaultOrg => ErrorCode::Conflict,
             StoreError::NoSuchOrg(_) => ErrorCode::NotFound,
-            StoreError::Io { .. } => ErrorCode::Internal,
+            StoreError::Io { .. } | StoreError::Sqlite { .. } => ErrorCode::Internal,
             StoreError::Db(_) => ErrorCode::Unavailable,
         };
         ErrorBody::new(code, e.to_string())
     }
 }
 
-/// Durable server state. Methods are synchronous and quick for the file
-/// store; callers on an async path run writes on a blocking thread.
+/// Durable server state. Methods are synchronous and quick for the
+/// single-machine store; callers on an async path run writes on a blocking thread.
 pub trait Store: Send + Sync + 'static {
     /// The identity bound to `node_id`, if any.
     fn node_identity(&self, node_id: &str) -> Option<NodeIdentity>;
@@ -182,7 +188,7 @@ pub trait Store: Send + Sync + 'static {
     fn secret(&self, name: &str, fresh: String) -> Result<String, StoreError>;
     /// Records that replica `id` answers at `url` and holds the
     /// connections of `nodes` (and no others) for `lease` from now. A
-    /// single server has no peers: the file store keeps none of it.
+    /// single server has no peers: its store keeps none of it.
     fn hold_nodes(
         &self,
         _id: &str,
@@ -206,9 +212,9 @@ pub trait Store: Send + Sync + 'static {
     fn audit(&self, filter: &super::audit::AuditFilter) -> Vec<super::audit::AuditRecord>;
 }
 
-mod file;
+mod sqlite;
 mod postgres;
 pub(super) mod state;
 
-pub use file::FileStore;
+pub use sqlite::{DB_FILE, SqliteStore};
 pub use postgres::PgStore;

@@ -1,4 +1,4 @@
-//! What both stores hold in memory: the file store all of its state, the
+//! What both stores hold in memory: the SQLite store all of its state, the
 //! PostgreSQL store its copy of the database. The reads are written once,
 //! here.
 
@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Default, Clone, Serialize, Deserialize)]
 pub(crate) struct State {
-    /// The file format's version (the file store's).
+    /// The format's version of a `state.json` (imported by the SQLite store).
     #[serde(default)]
     pub version: u32,
     #[serde(default)]

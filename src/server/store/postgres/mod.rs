@@ -35,7 +35,7 @@ pub struct PgStore {
 }
 
 /// Audit records the database keeps by default (a few hundred MB); the
-/// file store's bound is its 16 MiB rotation.
+/// single-machine store's bound is its 16 MiB rotation.
 pub const DEFAULT_AUDIT_KEEP: i64 = 1_000_000;
 
 pub(super) type Slot = Arc<Mutex<Option<Arc<Client>>>>;

@@ -299,6 +299,27 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
         .unwrap();
     assert_eq!(r["truncated"], true, "{r}");
     assert_eq!(r["stdout"].as_str().unwrap(), "é".repeat(50));
+    // The cap is held in the server's memory: bounded, and nothing runs
+    // when asked for more.
+    let e = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t1", "worker_id": w, "command": "touch /tmp/ran", "max_output_bytes": 1u64 << 40}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.starts_with("invalid_request: max_output_bytes is at most"),
+        "{e}"
+    );
+    let r = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t1", "worker_id": w, "argv": ["test", "-e", "/tmp/ran"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["exit_code"], 1, "{r}");
 
     // Files both ways: text, and bytes that are not UTF-8. The directory
     // must exist.

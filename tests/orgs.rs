@@ -334,13 +334,46 @@ async fn an_organization_sees_and_schedules_only_its_own_nodes_and_workers() {
     let e = refused(&h, &tb, &["ps"]).await;
     assert!(e.contains("invalid operator token"), "{e}");
     let short = h
-        .ctl_ok(&["token", "create", "--org", "acme", "--expires", "1s"])
+        .ctl_ok(&["token", "create", "--org", "acme", "--expires", "3s"])
         .await
         .trim()
         .to_string();
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // An MCP token made with it is refused from then on too: a short-lived
+    // token cannot mint a lasting one for /mcp either.
+    let mcp_token = ok_as(&h, &short, &["mcp", "token", "create"])
+        .await
+        .trim()
+        .to_string();
+    assert!(mcp_token.starts_with("tmcp_"), "{mcp_token}");
+    let initialize = async |token: &str| {
+        reqwest::Client::new()
+            .post(format!("{}/mcp", h.url))
+            .bearer_auth(token)
+            .header("accept", "application/json, text/event-stream")
+            .json(&serde_json::json!({
+                "jsonrpc": "2.0", "id": 1, "method": "initialize",
+                "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                           "clientInfo": {"name": "t", "version": "0"}}
+            }))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(
+        initialize(&mcp_token).await,
+        200,
+        "the MCP token works at first"
+    );
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     let e = refused(&h, &short, &["ps"]).await;
     assert!(e.contains("has expired"), "{e}");
+    assert_eq!(
+        initialize(&mcp_token).await,
+        401,
+        "the MCP token expires with the token that made it"
+    );
 
     // An organization's operator makes and revokes its own organization's
     // tokens, no other's, and none outliving its own.

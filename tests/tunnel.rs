@@ -594,6 +594,39 @@ async fn a_path_preview_passes_requests_on_and_keeps_the_token_from_the_worker()
     );
     assert!(!seen.contains("tether_preview"), "{seen}");
 
+    // With a preview URL's cookie, a server token in `Authorization`
+    // (here one that is not valid) is kept from the worker all the same;
+    // the app's own credentials are not.
+    let (_, path) = issue(&h, &w, 9000, 3600).await;
+    let r = http().get(format!("{}{path}", h.url)).send().await.unwrap();
+    let grant = r.headers()["set-cookie"].to_str().unwrap();
+    let grant = grant.split(';').next().unwrap().to_string();
+    for (auth, reaches) in [
+        ("Bearer top_0123456789abcdef", false),
+        ("Basic dXNlcjpwYXNz", true),
+    ] {
+        h.hub
+            .exec_collect(&w, &["rm", "-f", "/tmp/req"])
+            .await
+            .unwrap();
+        let r = http()
+            .get(format!("{base}/9000/c"))
+            .header("cookie", &grant)
+            .header("authorization", auth)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let (_, seen, _) = h.hub.exec_collect(&w, &["cat", "/tmp/req"]).await.unwrap();
+        let seen = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+        assert!(seen.starts_with("get /c "), "{seen}");
+        assert_eq!(
+            seen.contains(&format!("authorization: {}\n", auth.to_ascii_lowercase())),
+            reaches,
+            "{auth}: {seen}"
+        );
+    }
+
     // Without the token: refused, and the worker never asked.
     let r = http()
         .get(format!("{base}/8080/blob.sha"))
@@ -925,5 +958,106 @@ async fn a_real_browser_loads_a_page_and_its_assets_through_a_preview_url() {
         "DOM:\n{dom}\nstderr:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    h.stop().await;
+}
+
+/// A one-service deployment `pv` (worker `pv_web`) whose page says `says`,
+/// with a CGI script that answers with headers a hostile page would send.
+fn preview_app(says: &str) -> String {
+    format!(
+        r#"
+services:
+  web:
+    image: {}
+    command:
+      - sh
+      - -c
+      - |
+        mkdir -p /www/cgi-bin
+        echo {says} > /www/index.html
+        printf '#!/bin/sh\necho "Content-Type: text/plain"\necho "Service-Worker-Allowed: /"\necho "Set-Cookie: a=1; Path=/; Domain=example.com"\necho\necho hi\n' > /www/cgi-bin/sw
+        chmod +x /www/cgi-bin/sw
+        exec httpd -f -p 8080 -h /www
+"#,
+        image()
+    )
+}
+
+/// Deploys `pv` saying `says`, once its page answers through the preview.
+async fn up_preview_app(h: &Harness, says: &str) {
+    let file = h.state_path("pv.yaml");
+    std::fs::write(&file, preview_app(says)).unwrap();
+    h.ctl_ok(&["deploy", "up", "-f", file.to_str().unwrap(), "--name", "pv"])
+        .await;
+    let page = format!("{}/api/v1/workers/pv_web/ports/8080/index.html", h.url);
+    for _ in 0..100 {
+        let r = http()
+            .get(&page)
+            .bearer_auth(&h.token)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 && r.text().await.unwrap().trim() == says {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("pv never served {says}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_url_opens_only_the_worker_it_was_issued_for_and_its_pages_stay_in_their_path() {
+    let (h, _node) = Harness::start().await;
+    up_preview_app(&h, "one").await;
+    let prefix = "/api/v1/workers/pv_web/ports/8080";
+    let (_, path) = issue(&h, "pv_web", 8080, 3600).await;
+    let r = http().get(format!("{}{path}", h.url)).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let page = format!("{}{prefix}/index.html", h.url);
+    let get = |c: String| http().get(&page).header("cookie", c).send();
+    let r = get(cookie.clone()).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap().trim(), "one");
+
+    // What the page sets stays on its own preview: its cookies under the
+    // prefix and on no parent domain, no service worker scope beyond it.
+    let r = http()
+        .get(format!("{}{prefix}/cgi-bin/sw", h.url))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().get("service-worker-allowed").is_none(),
+        "{:?}",
+        r.headers()
+    );
+    let set: Vec<&str> = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(set, [format!("a=1; Path={prefix}/")], "{set:?}");
+
+    // The deployment goes and comes back under the same name: a new
+    // worker, which the old URL does not open.
+    h.ctl_ok(&["deploy", "down", "pv"]).await;
+    up_preview_app(&h, "two").await;
+    let r = get(cookie).await.unwrap();
+    assert_eq!(refusal(r).await.1, "unauthorized");
+    let r = http().get(format!("{}{path}", h.url)).send().await.unwrap();
+    assert_eq!(refusal(r).await.1, "unauthorized");
+    let (_, path) = issue(&h, "pv_web", 8080, 3600).await;
+    let r = http().get(format!("{}{path}", h.url)).send().await.unwrap();
+    let cookie = r.headers()["set-cookie"].to_str().unwrap();
+    let r = get(cookie.split(';').next().unwrap().to_string())
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap().trim(), "two");
+    h.ctl_ok(&["deploy", "down", "pv"]).await;
     h.stop().await;
 }

@@ -2,9 +2,12 @@
 //! one worker over HTTP without the operator token.
 //!
 //! A grant's token is `{id}.{expires}.{mac}`: the MAC (HMAC-SHA256 under a
-//! key only the server holds) covers the id, the worker, the port and the
-//! expiry, so a token works for its own worker and port only and cannot be
-//! stretched. The grant is also kept in the store: deleting it revokes the
+//! key only the server holds) covers the id, the worker, its container, the
+//! port and the expiry, so a token works for its own worker and port only
+//! and cannot be stretched. The container makes it one worker's, not its
+//! name's: a deployment's service is named `NAME_SERVICE`, and a later
+//! deployment of that name (perhaps another organization's) gets a new
+//! container that no earlier grant opens. The grant is also kept in the store: deleting it revokes the
 //! token before it expires.
 
 use crate::protocol::{ErrorBody, ErrorCode};
@@ -26,6 +29,21 @@ pub struct PreviewGrant {
     pub port: u16,
     /// Unix seconds.
     pub expires: u64,
+    /// The worker's container when the grant was issued.
+    #[serde(default)]
+    pub container_id: String,
+    /// The organization of the worker's node when the grant was issued:
+    /// who may list and revoke it, also once the worker is gone.
+    #[serde(default)]
+    pub org: Option<String>,
+}
+
+/// What a grant opens: one port of one worker's container.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub worker_id: &'a str,
+    pub container_id: &'a str,
+    pub port: u16,
 }
 
 /// Unix seconds now.
@@ -41,34 +59,48 @@ impl PreviewKey {
         PreviewKey(hmac::Key::new(hmac::HMAC_SHA256, secret))
     }
 
-    fn message(id: &str, worker_id: &str, port: u16, expires: u64) -> String {
-        format!("tether-preview-v1\n{id}\n{worker_id}\n{port}\n{expires}")
+    /// Ids, container ids, ports and numbers hold no newline: the fields
+    /// cannot be shifted into one another.
+    fn message(id: &str, t: Target, expires: u64) -> String {
+        format!(
+            "tether-preview-v2\n{id}\n{}\n{}\n{}\n{expires}",
+            t.worker_id, t.container_id, t.port
+        )
     }
 
-    /// A new grant for `ttl` from now, and its token.
-    pub fn grant(&self, worker_id: &str, port: u16, ttl: Duration) -> (PreviewGrant, String) {
+    /// A new grant to `target` for `ttl` from now, and its token.
+    pub fn grant(
+        &self,
+        target: Target,
+        org: Option<String>,
+        ttl: Duration,
+    ) -> (PreviewGrant, String) {
         let g = PreviewGrant {
             id: ulid::Ulid::new().to_string().to_ascii_lowercase(),
-            worker_id: worker_id.to_string(),
-            port,
+            worker_id: target.worker_id.to_string(),
+            port: target.port,
             expires: now_secs() + ttl.as_secs().max(1),
+            container_id: target.container_id.to_string(),
+            org,
         };
         let token = self.token(&g);
         (g, token)
     }
 
     pub fn token(&self, g: &PreviewGrant) -> String {
-        let tag = hmac::sign(
-            &self.0,
-            Self::message(&g.id, &g.worker_id, g.port, g.expires).as_bytes(),
-        );
+        let t = Target {
+            worker_id: &g.worker_id,
+            container_id: &g.container_id,
+            port: g.port,
+        };
+        let tag = hmac::sign(&self.0, Self::message(&g.id, t, g.expires).as_bytes());
         format!("{}.{}.{}", g.id, g.expires, hex::encode(tag.as_ref()))
     }
 
-    /// Checks `token` for `worker_id`'s `port`: the grant id it names when
-    /// the signature holds and it has not expired. Whether the grant is still
+    /// Checks `token` for `target`: the grant id it names when the
+    /// signature holds and it has not expired. Whether the grant is still
     /// in the store (not revoked) is the caller's check.
-    pub fn verify(&self, token: &str, worker_id: &str, port: u16) -> Result<String, ErrorBody> {
+    pub fn verify(&self, token: &str, target: Target) -> Result<String, ErrorBody> {
         let refused = |why: &str| ErrorBody::new(ErrorCode::Unauthorized, why.to_string());
         let mut parts = token.split('.');
         let (Some(id), Some(expires), Some(mac), None) =
@@ -80,12 +112,8 @@ impl PreviewKey {
             .parse()
             .map_err(|_| refused("malformed preview token"))?;
         let mac = hex::decode(mac).map_err(|_| refused("malformed preview token"))?;
-        hmac::verify(
-            &self.0,
-            Self::message(id, worker_id, port, expires).as_bytes(),
-            &mac,
-        )
-        .map_err(|_| refused("the preview token is not valid for this worker and port"))?;
+        hmac::verify(&self.0, Self::message(id, target, expires).as_bytes(), &mac)
+            .map_err(|_| refused("the preview token is not valid for this worker and port"))?;
         if expires <= now_secs() {
             return Err(refused("the preview token has expired"));
         }
@@ -174,6 +202,47 @@ pub fn param(query: &str) -> Option<&str> {
     })
 }
 
+/// A worker's `Set-Cookie` as the browser gets it through a preview: no
+/// `Domain` (the cookie stays on the preview's own host, never on a parent
+/// domain every other preview, or another site, shares), and under a
+/// path-based preview's `prefix` its `Path` is taken to be below the prefix
+/// (an app that sets `Path=/` means its own root, not the API's origin).
+pub fn contained_set_cookie(value: &str, prefix: Option<&str>) -> String {
+    let mut parts = value.split(';');
+    let mut out = parts.next().unwrap_or("").trim().to_string();
+    for attr in parts.map(str::trim).filter(|a| !a.is_empty()) {
+        let (name, v) = attr.split_once('=').unwrap_or((attr, ""));
+        let name = name.trim();
+        if name.eq_ignore_ascii_case("domain") {
+            continue;
+        }
+        out.push_str("; ");
+        match prefix {
+            Some(p) if name.eq_ignore_ascii_case("path") => {
+                let v = v.trim();
+                let below = if v.starts_with('/') { v } else { "/" };
+                out.push_str(&format!("Path={p}{below}"));
+            }
+            _ => out.push_str(attr),
+        }
+    }
+    out
+}
+
+/// Whether an `Authorization` value carries one of the server's own
+/// credentials (an operator, MCP or admin token), valid or not: such a
+/// value never reaches a worker, though an app's own credentials do.
+pub fn is_server_credential(value: &str, admin_token: &str) -> bool {
+    let Some((scheme, token)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    let token = token.trim();
+    scheme.eq_ignore_ascii_case("bearer")
+        && (token.starts_with(crate::server::orgs::TOKEN_PREFIX)
+            || token.starts_with("tmcp_")
+            || crate::server::auth::secret_eq(token, admin_token))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,22 +250,39 @@ mod tests {
     #[test]
     fn a_token_opens_its_own_worker_and_port_only() {
         let key = PreviewKey::new(b"k1");
-        let (g, token) = key.grant("w1", 8080, Duration::from_secs(60));
-        assert_eq!(key.verify(&token, "w1", 8080).unwrap(), g.id);
-        assert!(key.verify(&token, "w1", 8081).is_err(), "another port");
-        assert!(key.verify(&token, "w2", 8080).is_err(), "another worker");
+        let t = |worker_id, container_id, port| Target {
+            worker_id,
+            container_id,
+            port,
+        };
+        let (g, token) = key.grant(t("w1", "c1", 8080), None, Duration::from_secs(60));
+        assert_eq!(key.verify(&token, t("w1", "c1", 8080)).unwrap(), g.id);
         assert!(
-            PreviewKey::new(b"k2").verify(&token, "w1", 8080).is_err(),
+            key.verify(&token, t("w1", "c1", 8081)).is_err(),
+            "another port"
+        );
+        assert!(
+            key.verify(&token, t("w2", "c1", 8080)).is_err(),
+            "another worker"
+        );
+        assert!(
+            key.verify(&token, t("w1", "c2", 8080)).is_err(),
+            "a later worker of the same name"
+        );
+        assert!(
+            PreviewKey::new(b"k2")
+                .verify(&token, t("w1", "c1", 8080))
+                .is_err(),
             "another server's key"
         );
         // Stretching the expiry breaks the signature.
         let mut parts: Vec<String> = token.split('.').map(String::from).collect();
         parts[1] = (g.expires + 3600).to_string();
         let stretched = parts.join(".");
-        let e = key.verify(&stretched, "w1", 8080).unwrap_err();
+        let e = key.verify(&stretched, t("w1", "c1", 8080)).unwrap_err();
         assert_eq!(e.code, ErrorCode::Unauthorized);
         for bad in ["", "a.b", "a.b.c.d", "x.1.zz", &token[..token.len() - 2]] {
-            assert!(key.verify(bad, "w1", 8080).is_err(), "{bad:?}");
+            assert!(key.verify(bad, t("w1", "c1", 8080)).is_err(), "{bad:?}");
         }
     }
 
@@ -208,8 +294,15 @@ mod tests {
             worker_id: "w".into(),
             port: 80,
             expires: now_secs() - 1,
+            container_id: "c".into(),
+            org: None,
         };
-        let e = key.verify(&key.token(&g), "w", 80).unwrap_err();
+        let t = Target {
+            worker_id: "w",
+            container_id: "c",
+            port: 80,
+        };
+        let e = key.verify(&key.token(&g), t).unwrap_err();
         assert!(e.message.contains("expired"), "{e}");
     }
 
@@ -248,6 +341,34 @@ mod tests {
             "8080-wpreview.example.test",
         ] {
             assert_eq!(parse_host(h, d), None, "{h}");
+        }
+    }
+
+    #[test]
+    fn a_workers_cookies_stay_on_its_preview() {
+        let p = Some("/api/v1/workers/w/ports/80");
+        assert_eq!(
+            contained_set_cookie("a=1; Path=/; Domain=.example.com; HttpOnly", p),
+            "a=1; Path=/api/v1/workers/w/ports/80/; HttpOnly"
+        );
+        assert_eq!(
+            contained_set_cookie("a=1; path=/app; domain=example.com", p),
+            "a=1; Path=/api/v1/workers/w/ports/80/app"
+        );
+        assert_eq!(contained_set_cookie("b=2", p), "b=2");
+        assert_eq!(
+            contained_set_cookie("a=1; Path=/x; Domain=example.com; Secure", None),
+            "a=1; Path=/x; Secure"
+        );
+    }
+
+    #[test]
+    fn the_servers_credentials_are_known_valid_or_not() {
+        for v in ["Bearer top_x", "bearer  tmcp_y", "BEARER admin"] {
+            assert!(is_server_credential(v, "admin"), "{v}");
+        }
+        for v in ["Bearer app-token", "Basic dXNlcjpwYXNz", "top_x"] {
+            assert!(!is_server_credential(v, "admin"), "{v}");
         }
     }
 

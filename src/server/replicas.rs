@@ -47,7 +47,16 @@ impl Replica {
             url,
             key,
             changed: tokio::sync::Notify::new(),
-            http: crate::http_client_with(tls.clone()),
+            // Never to anywhere but the replica asked: no proxy from the
+            // environment, no redirect (a request carries the replicas' key
+            // and a caller's token).
+            http: reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(10))
+                .use_preconfigured_tls(tls.clone())
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+                .build()
+                .expect("a client with a preconfigured TLS config always builds"),
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
         }
     }

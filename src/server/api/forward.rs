@@ -26,12 +26,15 @@ pub(crate) fn holds_worker(app: &AppState, id: &str) -> bool {
         .is_ok_and(|w| holds_node(app, &w.node_id))
 }
 
-/// Whether this replica holds the node of a worker of `task`'s `job`.
-pub(crate) fn holds_job(app: &AppState, task: &str, job: &str) -> bool {
+/// Whether this replica holds the node of a worker of `task`'s `job` in
+/// organization `org` (none: any): another organization's job of the same
+/// names is none of the caller's business, not even that it exists.
+pub(crate) fn holds_job(app: &AppState, task: &str, job: &str, org: Option<&str>) -> bool {
     app.hub.workers().iter().any(|w| {
         w.task_id.as_deref() == Some(task)
             && w.job_id.as_deref() == Some(job)
             && holds_node(app, &w.node_id)
+            && org.is_none_or(|o| app.hub.node_org(&w.node_id).as_deref() == Some(o))
     })
 }
 
@@ -408,6 +411,8 @@ pub(super) struct HoldsQuery {
     /// With `job`: a worker of that task's job.
     task: Option<String>,
     job: Option<String>,
+    /// With `task` and `job`: only in this organization.
+    org: Option<String>,
 }
 
 /// A new MCP session (a request without a session id) goes to a replica
@@ -493,7 +498,7 @@ pub(super) async fn holds(
     } else if let Some(e) = q.mcp_exec {
         app.mcp_execs.holds(&e)
     } else if let (Some(t), Some(j)) = (q.task, q.job) {
-        holds_job(&app, &t, &j)
+        holds_job(&app, &t, &j, q.org.as_deref())
     } else {
         false
     };

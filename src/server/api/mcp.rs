@@ -50,6 +50,7 @@ async fn scope_of(
             Err(_) => app
                 .store
                 .mcp_token_by_hash(&crate::server::orgs::secret_hash(t))
+                .filter(|t| !t.expired(crate::server::preview::now_secs()))
                 .map(Scope::Token),
         },
         None => None,
@@ -73,10 +74,13 @@ async fn scope_of(
 pub(super) async fn call(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
-    Json(call): Json<crate::server::mcp::RemoteCall>,
+    body: bytes::Bytes,
 ) -> ApiResult<Response> {
     use crate::server::mcp::{Progress, Tools};
+    // The key before the body: nobody else makes this replica parse 8 MiB.
     super::forward::from_a_replica(&app, &headers)?;
+    let call: crate::server::mcp::RemoteCall = serde_json::from_slice(&body)
+        .map_err(|e| ErrorBody::new(ErrorCode::InvalidRequest, format!("bad call: {e}")))?;
     let scope = scope_of(&app, headers.get(crate::server::mcp::CALLER)).await?;
     let tools = Tools::new(app.clone());
     let (tx, rx) = tokio::sync::mpsc::channel::<serde_json::Value>(64);
@@ -154,6 +158,9 @@ pub(super) struct TokenInfo {
     nodes: Vec<String>,
     task_prefix: Option<String>,
     created_at: String,
+    /// Unix seconds (none: it does not expire).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires: Option<u64>,
 }
 
 fn info(t: crate::server::store::McpToken, secret: Option<String>) -> TokenInfo {
@@ -163,6 +170,7 @@ fn info(t: crate::server::store::McpToken, secret: Option<String>) -> TokenInfo 
         nodes: t.nodes,
         task_prefix: t.task_prefix,
         created_at: t.created_at,
+        expires: t.expires,
     }
 }
 
@@ -187,6 +195,7 @@ pub(super) async fn create_token(
             crate::server::OrgScope::All => None,
             crate::server::OrgScope::Org(o) => Some(o.clone()),
         },
+        expires: super::orgs::caller_token(&app, &caller).and_then(|t| t.expires),
     };
     let kept = t.clone();
     on_store(&app, move |s| s.add_mcp_token(kept)).await?;

@@ -269,7 +269,7 @@ pub(super) async fn revoke_token(
 }
 
 /// The operator token the caller came with (none for the admin token).
-fn caller_token(app: &AppState, caller: &Caller) -> Option<OperatorToken> {
+pub(super) fn caller_token(app: &AppState, caller: &Caller) -> Option<OperatorToken> {
     let id = caller.name.strip_prefix("token:")?;
     app.store.operator_tokens().into_iter().find(|t| t.id == id)
 }

@@ -40,7 +40,13 @@ pub(super) async fn issue(
         .into());
     }
     let worker = app.hub.worker(&id)?;
-    let (grant, token) = app.preview_key.grant(&worker.worker_id, req.port, ttl);
+    let target = preview::Target {
+        worker_id: &worker.worker_id,
+        container_id: &worker.container_id,
+        port: req.port,
+    };
+    let org = app.hub.worker_org(&id);
+    let (grant, token) = app.preview_key.grant(target, org, ttl);
     let g = grant.clone();
     on_store(&app, move |s| s.add_preview(g)).await?;
     let mut info = grant_info(&grant);
@@ -85,7 +91,7 @@ pub(super) async fn list(
         app.store
             .previews()
             .iter()
-            .filter(|g| sees_worker(&app, &caller, &g.worker_id))
+            .filter(|g| sees_grant(&caller, g))
             .map(grant_info)
             .collect(),
     )
@@ -100,7 +106,7 @@ pub(super) async fn revoke(
     if !app
         .store
         .preview(&id)
-        .is_some_and(|g| sees_worker(&app, &caller, &g.worker_id))
+        .is_some_and(|g| sees_grant(&caller, &g))
     {
         return Err(ErrorBody::new(ErrorCode::NotFound, "no such preview URL").into());
     }
@@ -110,6 +116,13 @@ pub(super) async fn revoke(
     } else {
         Err(ErrorBody::new(ErrorCode::NotFound, "no such preview URL").into())
     }
+}
+
+/// Grants are the organization's that owned the worker when they were
+/// issued (also once the worker is gone, and never the next owner of its
+/// name's).
+fn sees_grant(caller: &Caller, g: &preview::PreviewGrant) -> bool {
+    caller.is_admin() || g.org.as_deref().is_some_and(|o| caller.sees(o))
 }
 
 fn path_prefix(worker_id: &str, port: u16) -> String {
@@ -230,8 +243,32 @@ async fn serve(
         req.headers_mut().insert("x-forwarded-prefix", v);
     }
     match forward(app, worker, port, req).await {
-        Ok(r) => r,
+        Ok(mut r) => {
+            contain(r.headers_mut(), prefix);
+            r
+        }
         Err(e) => error_response(e),
+    }
+}
+
+/// Keeps what a worker's response sets on its own preview: its cookies
+/// (see [`preview::contained_set_cookie`]) and, under a path-based preview,
+/// which shares the API's origin, its service workers, whose scope can
+/// then not be widened beyond the prefix (`Service-Worker-Allowed` is
+/// dropped), so no worker's page can intercept another preview's requests.
+fn contain(headers: &mut HeaderMap, prefix: Option<&str>) {
+    if prefix.is_some() {
+        headers.remove("service-worker-allowed");
+    }
+    let cookies: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| HeaderValue::from_str(&preview::contained_set_cookie(v, prefix)).ok())
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for c in cookies {
+        headers.append(header::SET_COOKIE, c);
     }
 }
 
@@ -259,9 +296,17 @@ fn authorize(
         ));
     }
     let operator = caller.is_some();
-    if operator {
+    // The server's credentials never reach the worker, valid or not (an
+    // expired token, one made a moment ago at another replica); an app's
+    // own `Authorization` does.
+    let ours = |v: &HeaderValue| {
+        v.to_str()
+            .is_ok_and(|v| preview::is_server_credential(v, &app.admin_token))
+    };
+    if operator || headers.get_all(header::AUTHORIZATION).iter().any(ours) {
         headers.remove(header::AUTHORIZATION);
     }
+    headers.remove(header::PROXY_AUTHORIZATION);
     let cookie_headers: Vec<String> = headers
         .get_all(header::COOKIE)
         .iter()
@@ -302,7 +347,13 @@ fn authorize(
 /// A grant token that is signed for this worker and port, unexpired and
 /// not revoked: its expiry.
 fn check_grant(app: &AppState, token: &str, worker: &str, port: u16) -> Result<u64, ErrorBody> {
-    let id = app.preview_key.verify(token, worker, port)?;
+    let container_id = app.hub.worker(worker)?.container_id;
+    let target = preview::Target {
+        worker_id: worker,
+        container_id: &container_id,
+        port,
+    };
+    let id = app.preview_key.verify(token, target)?;
     match app.store.preview(&id) {
         Some(g) => Ok(g.expires),
         None => Err(ErrorBody::new(

@@ -158,6 +158,15 @@ impl Tools {
                 info!(tool, task_id, worker_id, error = %e, "mcp call refused or failed");
             }
         }
+        // The admin's calls (and those of its MCP tokens) belong to the
+        // organization of the node they acted on, so its audit shows them.
+        if r.org.is_none() {
+            r.org = r
+                .node_id
+                .as_deref()
+                .and_then(|n| self.app.store.node_identity(n))
+                .map(|i| i.org);
+        }
         let store = self.app.store.clone();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = store.append_audit(&r) {

@@ -203,7 +203,9 @@ impl Followed {
         } else {
             &mut st.out
         };
-        let room = (self.cap + 4).saturating_sub(buf.len());
+        // An adopted exec's cap comes from the agent's label: bounded too.
+        let cap = self.cap.min(super::MAX_OUTPUT_CAP);
+        let room = (cap + 4).saturating_sub(buf.len());
         buf.extend_from_slice(&b[..b.len().min(room)]);
         if b.len() > room {
             st.truncated = true;

@@ -24,6 +24,9 @@ use tracing::info;
 
 /// Output kept per stream of `sandbox.exec` by default.
 pub const DEFAULT_OUTPUT_CAP: usize = 256 * 1024;
+/// The most `max_output_bytes` may ask for: what a call keeps is held in
+/// the server's memory until it is answered.
+pub const MAX_OUTPUT_CAP: usize = 16 * 1024 * 1024;
 /// Largest file `sandbox.get_file` / `put_file` carry (larger: the HTTP
 /// archive route).
 pub const MAX_FILE: usize = 4 * 1024 * 1024;

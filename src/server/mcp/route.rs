@@ -59,7 +59,11 @@ fn answer_within(tool: &str) -> Duration {
 impl Tools {
     /// The other replica that holds what a call names, when this one does
     /// not and another does.
-    async fn holder(&self, target: Target<'_>) -> Result<Option<String>, String> {
+    async fn holder(
+        &self,
+        target: Target<'_>,
+        org: Option<&str>,
+    ) -> Result<Option<String>, String> {
         let Some(replica) = self.app.replica.as_ref() else {
             return Ok(None);
         };
@@ -84,8 +88,9 @@ impl Tools {
                 job_id: Some(j),
                 ..
             } => {
-                let here = forward::holds_job(app, task_id, j);
-                let query = [("task", task_id), ("job", j)];
+                let here = forward::holds_job(app, task_id, j, org);
+                let mut query = vec![("task", task_id), ("job", j)];
+                query.extend(org.map(|o| ("org", o)));
                 let there = forward::holder_by(app, replica, &query).await;
                 // A job names a sandbox only where it names one.
                 if here && there.is_some() {
@@ -136,7 +141,8 @@ impl Tools {
         progress: Option<Progress>,
         here: impl AsyncFnOnce() -> Result<T, String>,
     ) -> Result<T, String> {
-        match self.holder(target).await? {
+        let org = parts.and_then(scope_of).and_then(|s| s.org());
+        match self.holder(target, org.as_deref()).await? {
             Some(url) => self.call_at(&url, parts, tool, args, progress).await,
             None => here().await,
         }
@@ -181,7 +187,8 @@ impl Tools {
         if !status.is_success() {
             // A refusal before the call: one JSON error.
             let v: serde_json::Value = r.json().await.unwrap_or_default();
-            return Err(match (&v["code"], &v["message"]) {
+            let e = &v["error"];
+            return Err(match (&e["code"], &e["message"]) {
                 (serde_json::Value::String(c), m) => format!("{c}: {}", m.as_str().unwrap_or("")),
                 _ => unavailable(format!("HTTP {status}")),
             });

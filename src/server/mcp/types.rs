@@ -88,7 +88,7 @@ pub struct ExecArgs {
     pub timeout_s: Option<u64>,
     pub env: Option<BTreeMap<String, String>>,
     pub workdir: Option<String>,
-    /// Bytes kept per stream (default 256 KiB).
+    /// Bytes kept per stream (default 256 KiB, at most 16 MiB).
     pub max_output_bytes: Option<usize>,
     /// Seconds the call waits for the command to end (default 300, at most
     /// 3600). A command still running then goes on: the answer has

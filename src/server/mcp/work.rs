@@ -98,6 +98,11 @@ impl Tools {
             _ => return Err("invalid_request: give argv or command (one of them)".into()),
         };
         let cap = a.max_output_bytes.unwrap_or(DEFAULT_OUTPUT_CAP);
+        if cap > MAX_OUTPUT_CAP {
+            return Err(format!(
+                "invalid_request: max_output_bytes is at most {MAX_OUTPUT_CAP} (16 MiB)"
+            ));
+        }
         let t0 = Instant::now();
         // Kept by the agent with the exec: a restarted server takes the
         // exec back as this one, to be followed on (`adopt`).

@@ -30,6 +30,16 @@ pub struct McpToken {
     /// organization).
     #[serde(default)]
     pub org: Option<String>,
+    /// Unix seconds after which it is refused: that of the operator token
+    /// that made it, so a short-lived token cannot mint a lasting one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
+}
+
+impl McpToken {
+    pub fn expired(&self, now: u64) -> bool {
+        self.expires.is_some_and(|e| e <= now)
+    }
 }
 
 /// A node id bound to the key that registered it.
@@ -212,9 +222,9 @@ pub trait Store: Send + Sync + 'static {
     fn audit(&self, filter: &super::audit::AuditFilter) -> Vec<super::audit::AuditRecord>;
 }
 
-mod sqlite;
 mod postgres;
+mod sqlite;
 pub(super) mod state;
 
-pub use sqlite::{DB_FILE, SqliteStore};
 pub use postgres::PgStore;
+pub use sqlite::{DB_FILE, SqliteStore};

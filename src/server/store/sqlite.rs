@@ -349,7 +349,11 @@ impl Store for SqliteStore {
         })
     }
 
-    fn set_desired_config(&self, node_id: &str, cfg: Option<&NodeConfig>) -> Result<(), StoreError> {
+    fn set_desired_config(
+        &self,
+        node_id: &str,
+        cfg: Option<&NodeConfig>,
+    ) -> Result<(), StoreError> {
         self.update(|_| Ok(((), vec![Op::Desired(node_id.into(), cfg.cloned())])))
     }
 
@@ -382,7 +386,12 @@ impl Store for SqliteStore {
     fn revoke_preview(&self, id: &str) -> Result<bool, StoreError> {
         self.update(|s| {
             let had = s.previews.contains_key(id);
-            Ok((had, had.then(|| Op::Preview(id.into(), None)).into_iter().collect()))
+            Ok((
+                had,
+                had.then(|| Op::Preview(id.into(), None))
+                    .into_iter()
+                    .collect(),
+            ))
         })
     }
 
@@ -413,7 +422,12 @@ impl Store for SqliteStore {
     fn revoke_mcp_token(&self, id: &str) -> Result<bool, StoreError> {
         self.update(|s| {
             let had = s.mcp_tokens.contains_key(id);
-            Ok((had, had.then(|| Op::McpToken(id.into(), None)).into_iter().collect()))
+            Ok((
+                had,
+                had.then(|| Op::McpToken(id.into(), None))
+                    .into_iter()
+                    .collect(),
+            ))
         })
     }
 
@@ -571,7 +585,10 @@ mod tests {
         assert!(!s.forget_node("n1").unwrap());
         let b = s.bind_node("n1", "aa", "default").unwrap();
         assert_ne!(b.binding, a.binding, "a new binding voids old tokens");
-        assert_eq!(SqliteStore::open(&path).unwrap().node_identity("n1"), Some(b));
+        assert_eq!(
+            SqliteStore::open(&path).unwrap().node_identity("n1"),
+            Some(b)
+        );
     }
 
     #[test]
@@ -595,7 +612,12 @@ mod tests {
             ("n1", "v7")
         );
         assert!(s.forget_node("n1").unwrap());
-        assert!(SqliteStore::open(&path).unwrap().desired_configs().is_empty());
+        assert!(
+            SqliteStore::open(&path)
+                .unwrap()
+                .desired_configs()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -661,7 +683,11 @@ mod tests {
         );
         assert_eq!(s.node_identity("n1").unwrap().org, "acme");
         for secret in ["op-secret", "reg-secret"] {
-            assert!(!state_bytes(&path).windows(secret.len()).any(|w| w == secret.as_bytes()));
+            assert!(
+                !state_bytes(&path)
+                    .windows(secret.len())
+                    .any(|w| w == secret.as_bytes())
+            );
         }
         assert!(s.revoke_operator_token(&token.id).unwrap());
         assert!(!s.revoke_operator_token(&token.id).unwrap());
@@ -691,7 +717,12 @@ mod tests {
         let path = dir.path().to_path_buf();
         let s = SqliteStore::open(&path).unwrap();
         let key = crate::server::preview::PreviewKey::new(b"k");
-        let (g, _) = key.grant("w", 80, std::time::Duration::from_secs(60));
+        let t = crate::server::preview::Target {
+            worker_id: "w",
+            container_id: "c",
+            port: 80,
+        };
+        let (g, _) = key.grant(t, None, std::time::Duration::from_secs(60));
         s.add_preview(g.clone()).unwrap();
         let s = SqliteStore::open(&path).unwrap();
         assert_eq!(s.preview(&g.id), Some(g.clone()));
@@ -781,7 +812,10 @@ mod tests {
         }
         s.bind_node("n0", "aa", "default").unwrap();
         for f in [DB_FILE, "state.db-wal"] {
-            let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{f}");
         }
         let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();

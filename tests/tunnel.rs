@@ -839,6 +839,37 @@ async fn a_host_preview_serves_the_whole_path_space_of_one_worker_port() {
         .await
         .unwrap();
     assert_eq!(refusal(r).await.1, "unauthorized");
+    // Another preview's page (same site, another origin) cannot use this
+    // preview's cookie to change state or open a WebSocket; reading a page
+    // (what a link or an image does) and the preview's own page can.
+    let from = |origin: String, method: reqwest::Method, upgrade: bool| {
+        let mut r = http()
+            .request(method, format!("{}/blob.sha", h.url))
+            .header("host", &host)
+            .header("cookie", &value)
+            .header("origin", origin);
+        if upgrade {
+            r = r
+                .header("connection", "Upgrade")
+                .header("upgrade", "websocket");
+        }
+        r.send()
+    };
+    let other = format!("http://9200-{w}.preview.test");
+    let r = from(other.clone(), reqwest::Method::POST, false)
+        .await
+        .unwrap();
+    assert_eq!(refusal(r).await.1, "policy_denied");
+    let r = from(other.clone(), reqwest::Method::GET, true)
+        .await
+        .unwrap();
+    assert_eq!(refusal(r).await.1, "policy_denied");
+    let r = from(other, reqwest::Method::GET, false).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = from(format!("http://{host}"), reqwest::Method::POST, false)
+        .await
+        .unwrap();
+    assert_ne!(r.status(), 403, "the preview's own page may post");
     h.stop().await;
 }
 

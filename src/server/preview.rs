@@ -229,6 +229,24 @@ pub fn contained_set_cookie(value: &str, prefix: Option<&str>) -> String {
     out
 }
 
+/// Whether a request's `Origin`, when it has one, is the host it is sent
+/// to (a browser sends `Origin` with every cross-origin request and every
+/// WebSocket handshake; none: not a browser's cross-origin request).
+pub fn same_origin(headers: &axum::http::HeaderMap) -> bool {
+    let Some(origin) = headers.get(axum::http::header::ORIGIN) else {
+        return true;
+    };
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok());
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, h)| h.trim_end_matches('/'));
+    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+}
+
 /// Whether an `Authorization` value carries one of the server's own
 /// credentials (an operator, MCP or admin token), valid or not: such a
 /// value never reaches a worker, though an app's own credentials do.
@@ -360,6 +378,31 @@ mod tests {
             contained_set_cookie("a=1; Path=/x; Domain=example.com; Secure", None),
             "a=1; Path=/x; Secure"
         );
+    }
+
+    #[test]
+    fn an_origin_is_the_host_it_is_sent_to_or_none() {
+        let h = |pairs: &[(&str, &str)]| {
+            let mut m = axum::http::HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(
+                    axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            m
+        };
+        assert!(same_origin(&h(&[("host", "80-a.p.test")])));
+        assert!(same_origin(&h(&[
+            ("host", "80-a.p.test:7878"),
+            ("origin", "https://80-A.p.test:7878")
+        ])));
+        for o in ["http://80-b.p.test:7878", "null", "http://80-a.p.test"] {
+            assert!(
+                !same_origin(&h(&[("host", "80-a.p.test:7878"), ("origin", o)])),
+                "{o}"
+            );
+        }
     }
 
     #[test]

@@ -220,7 +220,10 @@ async fn serve(
             Err(e) => error_response(e),
         };
     }
-    if let Err(e) = authorize(app, req.headers_mut(), worker, port) {
+    use axum::http::Method;
+    let writes = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        || req.headers().contains_key(header::UPGRADE);
+    if let Err(e) = authorize(app, req.headers_mut(), worker, port, writes) {
         return error_response(e);
     }
     let target = if query.is_empty() {
@@ -274,11 +277,17 @@ fn contain(headers: &mut HeaderMap, prefix: Option<&str>) {
 
 /// The operator token or a live grant for this worker and port; either is
 /// taken out of the headers the worker will see.
+///
+/// A grant's cookie does not carry a request that changes state or opens
+/// a WebSocket (`writes`) from a page of another origin: host-based
+/// previews of one domain are one site, so `SameSite=Lax` lets one
+/// preview's page send another's cookie.
 fn authorize(
     app: &AppState,
     headers: &mut HeaderMap,
     worker: &str,
     port: u16,
+    writes: bool,
 ) -> Result<(), ErrorBody> {
     // An operator token of the worker's organization (or the admin's);
     // another organization's worker is not found.
@@ -324,6 +333,12 @@ fn authorize(
                 Err(e) => refusal = Some(e),
             }
         }
+    }
+    if granted && !operator && writes && !preview::same_origin(headers) {
+        return Err(ErrorBody::new(
+            ErrorCode::PolicyDenied,
+            "a preview URL's cookie does not carry a request that changes state or upgrades from a page of another origin",
+        ));
     }
     if !granted {
         return Err(refusal.unwrap_or_else(|| {

@@ -57,6 +57,31 @@ pub struct NodeIdentity {
     pub org: String,
 }
 
+impl NodeIdentity {
+    /// A new binding of `public_key` (trimmed, lower case) in `org`.
+    pub(crate) fn fresh(public_key: &str, org: &str) -> NodeIdentity {
+        NodeIdentity {
+            public_key: public_key.trim().to_ascii_lowercase(),
+            binding: crate::server::auth::random_secret(12),
+            bound_at: crate::server::orgs::now_rfc3339(),
+            org: org.to_string(),
+        }
+    }
+
+    /// This binding, if `node_id` registering with the key and
+    /// organization of `asked` may have it: first come, first bound.
+    pub(crate) fn admit(self, node_id: &str, asked: &NodeIdentity) -> Result<Self, StoreError> {
+        let node_id = node_id.to_string();
+        if self.public_key != asked.public_key {
+            Err(StoreError::BoundElsewhere { node_id })
+        } else if self.org != asked.org {
+            Err(StoreError::OtherOrganization { node_id })
+        } else {
+            Ok(self)
+        }
+    }
+}
+
 fn default_org() -> String {
     super::hub::DEFAULT_ORG.into()
 }

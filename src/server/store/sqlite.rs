@@ -228,6 +228,11 @@ impl Inner {
     }
 }
 
+/// A change made only `if_`: whether it was, and its op.
+fn only_if(if_: bool, op: impl FnOnce() -> Op) -> Result<(bool, Vec<Op>), StoreError> {
+    Ok((if_, if_.then(op).into_iter().collect()))
+}
+
 fn create_private(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
@@ -309,26 +314,13 @@ impl Store for SqliteStore {
         public_key: &str,
         org: &str,
     ) -> Result<NodeIdentity, StoreError> {
-        let public_key = public_key.trim().to_ascii_lowercase();
+        let fresh = NodeIdentity::fresh(public_key, org);
         self.update(|s| {
             if let Some(existing) = s.nodes.get(node_id) {
-                let node_id = node_id.to_string();
-                return if existing.public_key != public_key {
-                    Err(StoreError::BoundElsewhere { node_id })
-                } else if existing.org != org {
-                    Err(StoreError::OtherOrganization { node_id })
-                } else {
-                    Ok((existing.clone(), vec![]))
-                };
+                return Ok((existing.clone().admit(node_id, &fresh)?, vec![]));
             }
-            let identity = NodeIdentity {
-                public_key,
-                binding: crate::server::auth::random_secret(12),
-                bound_at: crate::server::orgs::now_rfc3339(),
-                org: org.to_string(),
-            };
-            let op = Op::Node(node_id.to_string(), Some(identity.clone()));
-            Ok((identity, vec![op]))
+            let op = Op::Node(node_id.to_string(), Some(fresh.clone()));
+            Ok((fresh, vec![op]))
         })
     }
 
@@ -384,15 +376,7 @@ impl Store for SqliteStore {
     }
 
     fn revoke_preview(&self, id: &str) -> Result<bool, StoreError> {
-        self.update(|s| {
-            let had = s.previews.contains_key(id);
-            Ok((
-                had,
-                had.then(|| Op::Preview(id.into(), None))
-                    .into_iter()
-                    .collect(),
-            ))
-        })
+        self.update(|s| only_if(s.previews.contains_key(id), || Op::Preview(id.into(), None)))
     }
 
     fn previews(&self) -> Vec<PreviewGrant> {
@@ -406,8 +390,7 @@ impl Store for SqliteStore {
     fn set_mcp_node(&self, node_id: &str, allowed: bool) -> Result<bool, StoreError> {
         self.update(|s| {
             let changed = s.mcp_nodes.contains(node_id) != allowed;
-            let op = changed.then(|| Op::McpNode(node_id.into(), allowed));
-            Ok((changed, op.into_iter().collect()))
+            only_if(changed, || Op::McpNode(node_id.into(), allowed))
         })
     }
 
@@ -421,13 +404,9 @@ impl Store for SqliteStore {
 
     fn revoke_mcp_token(&self, id: &str) -> Result<bool, StoreError> {
         self.update(|s| {
-            let had = s.mcp_tokens.contains_key(id);
-            Ok((
-                had,
-                had.then(|| Op::McpToken(id.into(), None))
-                    .into_iter()
-                    .collect(),
-            ))
+            only_if(s.mcp_tokens.contains_key(id), || {
+                Op::McpToken(id.into(), None)
+            })
         })
     }
 
@@ -482,9 +461,9 @@ impl Store for SqliteStore {
 
     fn revoke_operator_token(&self, id: &str) -> Result<bool, StoreError> {
         self.update(|s| {
-            let had = s.operator_tokens.contains_key(id);
-            let op = had.then(|| Op::OperatorToken(id.into(), None));
-            Ok((had, op.into_iter().collect()))
+            only_if(s.operator_tokens.contains_key(id), || {
+                Op::OperatorToken(id.into(), None)
+            })
         })
     }
 

@@ -194,13 +194,7 @@ impl Store for PgStore {
         public_key: &str,
         org: &str,
     ) -> Result<NodeIdentity, StoreError> {
-        let public_key = public_key.trim().to_ascii_lowercase();
-        let fresh = NodeIdentity {
-            public_key,
-            binding: crate::server::auth::random_secret(12),
-            bound_at: crate::server::orgs::now_rfc3339(),
-            org: org.to_string(),
-        };
+        let fresh = NodeIdentity::fresh(public_key, org);
         // First come, first bound, across every replica: the insert does
         // nothing if the id is bound, and the binding that holds is read.
         self.write(
@@ -233,14 +227,7 @@ impl Store for PgStore {
                 })
             })
         })?;
-        let node_id = node_id.to_string();
-        if bound.public_key != fresh.public_key {
-            Err(StoreError::BoundElsewhere { node_id })
-        } else if bound.org != org {
-            Err(StoreError::OtherOrganization { node_id })
-        } else {
-            Ok(bound)
-        }
+        bound.admit(node_id, &fresh)
     }
 
     fn refresh_node(&self, node_id: &str) -> Option<NodeIdentity> {

@@ -777,7 +777,43 @@ async fn a_signed_preview_url_sets_a_scoped_cookie_and_is_refused_once_expired_t
     let (_, code, message) = refusal(r).await;
     assert_eq!(code, "unauthorized");
     assert!(message.contains("expired"), "{message}");
-    // Revoked: the cookie stops working at once.
+    // Revoked: what the grant opened ends at once (an event stream whose
+    // second event comes 3 s after the first)...
+    let (events_id, events) = issue(&h, &w, 9200, 3600).await;
+    let r = http()
+        .get(format!("{}{events}", h.url))
+        .send()
+        .await
+        .unwrap();
+    let events_cookie = r.headers()["set-cookie"].to_str().unwrap();
+    let events_cookie = events_cookie.split(';').next().unwrap().to_string();
+    let mut sse = with_cookie(
+        format!("{}/api/v1/workers/{w}/ports/9200/events", h.url),
+        events_cookie,
+    )
+    .await
+    .unwrap();
+    assert_eq!(sse.status(), 200);
+    assert_eq!(&sse.chunk().await.unwrap().unwrap()[..], b"data: one\n\n");
+    let revoked = std::time::Instant::now();
+    let r = http()
+        .delete(format!("{}/api/v1/previews/{events_id}", h.url))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let mut rest = Vec::new();
+    while let Ok(Some(c)) = sse.chunk().await {
+        rest.extend_from_slice(&c);
+    }
+    assert!(
+        rest.is_empty() && revoked.elapsed() < Duration::from_millis(2500),
+        "the stream went on after its grant was revoked: {:?} after {:?}",
+        String::from_utf8_lossy(&rest),
+        revoked.elapsed()
+    );
+    // ...and the cookie stops working.
     let r = http()
         .delete(format!("{}/api/v1/previews/{id}", h.url))
         .bearer_auth(&h.token)

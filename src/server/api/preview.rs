@@ -110,7 +110,11 @@ pub(super) async fn revoke(
     {
         return Err(ErrorBody::new(ErrorCode::NotFound, "no such preview URL").into());
     }
+    let grant = id.clone();
     let gone = on_store(&app, move |s| s.revoke_preview(&id)).await?;
+    // What it opened ends too (here: another replica's connections end at
+    // the grant's expiry or when the client next asks).
+    app.tunnels.revoke_grant(&grant);
     if gone {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -200,7 +204,7 @@ async fn serve(
     // of the address bar.
     if let Some(token) = preview::param(&query) {
         return match check_grant(app, token, worker, port) {
-            Ok(expires) => {
+            Ok((_, expires)) => {
                 let rest = preview::without_param(&query)
                     .map(|q| format!("?{q}"))
                     .unwrap_or_default();
@@ -223,9 +227,10 @@ async fn serve(
     use axum::http::Method;
     let writes = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
         || req.headers().contains_key(header::UPGRADE);
-    if let Err(e) = authorize(app, req.headers_mut(), worker, port, writes) {
-        return error_response(e);
-    }
+    let grant = match authorize(app, req.headers_mut(), worker, port, writes) {
+        Ok(grant) => grant,
+        Err(e) => return error_response(e),
+    };
     let target = if query.is_empty() {
         path.to_string()
     } else {
@@ -245,7 +250,7 @@ async fn serve(
     {
         req.headers_mut().insert("x-forwarded-prefix", v);
     }
-    match forward(app, worker, port, req).await {
+    match forward(app, worker, port, req, grant).await {
         Ok(mut r) => {
             contain(r.headers_mut(), prefix);
             r
@@ -288,7 +293,7 @@ fn authorize(
     worker: &str,
     port: u16,
     writes: bool,
-) -> Result<(), ErrorBody> {
+) -> Result<Option<(String, u64)>, ErrorBody> {
     // An operator token of the worker's organization (or the admin's);
     // another organization's worker is not found.
     let caller = headers
@@ -321,19 +326,20 @@ fn authorize(
         .iter()
         .filter_map(|v| v.to_str().ok().map(String::from))
         .collect();
-    let mut granted = operator;
+    let mut grant = None;
     let mut refusal = None;
-    if !granted {
+    if !operator {
         for token in preview::cookies(cookie_headers.iter().map(String::as_str), PREVIEW_PARAM) {
             match check_grant(app, token, worker, port) {
-                Ok(_) => {
-                    granted = true;
+                Ok(g) => {
+                    grant = Some(g);
                     break;
                 }
                 Err(e) => refusal = Some(e),
             }
         }
     }
+    let granted = operator || grant.is_some();
     if granted && !operator && writes && !preview::same_origin(headers) {
         return Err(ErrorBody::new(
             ErrorCode::PolicyDenied,
@@ -356,12 +362,17 @@ fn authorize(
             headers.append(header::COOKIE, v);
         }
     }
-    Ok(())
+    Ok(grant)
 }
 
 /// A grant token that is signed for this worker and port, unexpired and
-/// not revoked: its expiry.
-fn check_grant(app: &AppState, token: &str, worker: &str, port: u16) -> Result<u64, ErrorBody> {
+/// not revoked: the grant's id and expiry.
+fn check_grant(
+    app: &AppState,
+    token: &str,
+    worker: &str,
+    port: u16,
+) -> Result<(String, u64), ErrorBody> {
     let container_id = app.hub.worker(worker)?.container_id;
     let target = preview::Target {
         worker_id: worker,
@@ -370,7 +381,7 @@ fn check_grant(app: &AppState, token: &str, worker: &str, port: u16) -> Result<u
     };
     let id = app.preview_key.verify(token, target)?;
     match app.store.preview(&id) {
-        Some(g) => Ok(g.expires),
+        Some(g) => Ok((id, g.expires)),
         None => Err(ErrorBody::new(
             ErrorCode::Unauthorized,
             "the preview URL was revoked",
@@ -390,14 +401,19 @@ fn redirect(location: &str, cookie: Option<String>) -> Response {
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-/// One HTTP exchange with the worker's port over a new tunnel connection.
+/// One HTTP exchange with the worker's port over a new tunnel connection;
+/// one a grant authorized ends when the grant is revoked or expires.
 async fn forward(
     app: &Arc<AppState>,
     worker: &str,
     port: u16,
     req: Request,
+    grant: Option<(String, u64)>,
 ) -> Result<Response, ErrorBody> {
-    let conn = app.tunnels.connect(worker, port);
+    let conn = match grant {
+        Some((id, expires)) => app.tunnels.connect_granted(worker, port, &id, expires),
+        None => app.tunnels.connect(worker, port),
+    };
     let session = app.hub.tunnel(worker, port).await?;
     let io = pipe(&app.hub, session, conn);
     super::relay_http(&app.hub, io, req)

@@ -716,3 +716,51 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
     assert!(ctl(&["audit", "--worker", &w]).lines().count() > 3);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_session_is_only_its_openers() {
+    let (h, _node) = Harness::start().await;
+    let other = h
+        .ctl_ok(&["mcp", "token", "create"])
+        .await
+        .trim()
+        .to_string();
+    let post = |token: &str, session: Option<&str>, body: Value| {
+        let mut r = reqwest::Client::new()
+            .post(format!("{}/mcp", h.url))
+            .bearer_auth(token)
+            .header("Accept", "application/json, text/event-stream")
+            .json(&body);
+        if let Some(s) = session {
+            r = r.header("mcp-session-id", s);
+        }
+        r.send()
+    };
+    let r = post(
+        &h.token,
+        None,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+               "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                          "clientInfo": {"name": "t", "version": "0"}}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let session = r.headers()["mcp-session-id"].to_str().unwrap().to_string();
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    // Another valid token that learns the session's id gets nothing of it.
+    let r = post(&other, Some(&session), initialized.clone())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = post(&other, Some(&session), list.clone()).await.unwrap();
+    assert_eq!(r.status(), 404);
+    // Its opener goes on in it.
+    let r = post(&h.token, Some(&session), initialized).await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let r = post(&h.token, Some(&session), list).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("sandbox.exec"));
+    h.stop().await;
+}

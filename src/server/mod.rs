@@ -187,6 +187,9 @@ pub(crate) struct AppState {
     /// replica's session is passed to it).
     pub mcp_sessions:
         Arc<rmcp::transport::streamable_http_server::session::local::LocalSessionManager>,
+    /// Who opened each of those sessions (the SHA-256 of the token): only
+    /// that token is let into it.
+    pub mcp_owners: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// Cancelled on shutdown: agent sessions close with 1001.
     pub shutdown: CancellationToken,
     /// This replica, when the state is in a database other replicas share.
@@ -407,6 +410,7 @@ impl Server {
             tunnels: Default::default(),
             mcp_execs,
             mcp_sessions: Default::default(),
+            mcp_owners: Default::default(),
             shutdown: CancellationToken::new(),
             replica,
             token_reads: Default::default(),

@@ -125,10 +125,26 @@ pub(super) async fn authorize(
         .get("mcp-session-id")
         .and_then(|v| v.to_str().ok())
         .map(String::from);
-    let elsewhere = match session {
+    // A session is its opener's: another token that learns its id gets
+    // nothing of it (it would otherwise be answered in that session, and
+    // could take over its requests' answers).
+    let owner = auth::bearer(
+        req.headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
+    )
+    .map(crate::server::orgs::secret_hash)
+    .unwrap_or_default();
+    if let Some(id) = &session
+        && let Some(opener) = app.mcp_owners.lock().unwrap().get(id)
+        && !auth::secret_eq(opener, &owner)
+    {
+        return error_response(ErrorBody::new(ErrorCode::NotFound, "no such MCP session"));
+    }
+    let elsewhere = match &session {
         Some(id) => {
-            let known = super::forward::has_mcp_session(&app, &id).await;
-            super::forward::elsewhere(&app, "mcp_session", &id, || known, req).await
+            let known = super::forward::has_mcp_session(&app, id).await;
+            super::forward::elsewhere(&app, "mcp_session", id, || known, req).await
         }
         None => super::forward::mcp_home(&app, &scope, req).await,
     };
@@ -138,7 +154,23 @@ pub(super) async fn authorize(
     };
     super::super::conn::authenticated(req.extensions());
     req.extensions_mut().insert(scope);
-    next.run(req).await
+    let answer = next.run(req).await;
+    if session.is_none()
+        && let Some(id) = answer
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+    {
+        let live = app.mcp_sessions.sessions.read().await;
+        let mut owners = app.mcp_owners.lock().unwrap();
+        owners.retain(|id, _| {
+            live.contains_key(&rmcp::transport::common::server_side_http::SessionId::from(
+                id.as_str(),
+            ))
+        });
+        owners.insert(id.to_string(), owner);
+    }
+    answer
 }
 
 #[derive(Deserialize)]

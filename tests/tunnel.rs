@@ -634,8 +634,10 @@ async fn a_path_preview_passes_requests_on_and_keeps_the_token_from_the_worker()
         .await
         .unwrap();
     assert_eq!(refusal(r).await.1, "unauthorized");
-    let r = get(format!("{base}/0/")).await.unwrap();
-    assert_eq!(refusal(r).await.1, "invalid_request");
+    for bad in ["0", "080", "+80", "65536"] {
+        let r = get(format!("{base}/{bad}/")).await.unwrap();
+        assert_eq!(refusal(r).await.1, "invalid_request", "port {bad}");
+    }
     let r = get(format!("{}/api/v1/workers/01nosuchworker/ports/80/", h.url))
         .await
         .unwrap();

@@ -141,7 +141,13 @@ pub(super) async fn by_path(State(app): State<Arc<AppState>>, req: Request) -> R
     else {
         return error_response(ErrorBody::new(ErrorCode::NotFound, "no such endpoint"));
     };
-    let Some(port) = port.parse::<u16>().ok().filter(|p| *p > 0) else {
+    // Written as a number is written (no `+`, no leading zero): the prefix
+    // the worker's path is cut from is the one in the address.
+    let Some(port) = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0 && p.to_string() == port)
+    else {
         return error_response(ErrorBody::new(
             ErrorCode::InvalidRequest,
             format!("port must be 1 to 65535, got {port:?}"),

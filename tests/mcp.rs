@@ -691,6 +691,28 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
     assert_eq!(exec3["caller"], "operator");
     assert_eq!(exec3["node_id"], node.as_str());
     assert_eq!(exec3["worker_id"], w.as_str());
+    // Each exec that ran was recorded as it started too (the call's own
+    // record comes at its end); refused calls (below) were not.
+    let ran = t1
+        .iter()
+        .filter(|r| r["operation"] == "mcp:sandbox.exec" && r["outcome"] == "ok")
+        .count();
+    let starts: Vec<&Value> = t1
+        .iter()
+        .filter(|r| r["operation"] == "mcp:sandbox.exec_start")
+        .collect();
+    assert!(
+        ran > 0 && starts.len() >= ran,
+        "{ran} execs, starts {starts:?}"
+    );
+    for s in &starts {
+        assert!(
+            s["outcome"].as_str().unwrap().starts_with("started: exec "),
+            "{s}"
+        );
+        assert_eq!(s["node_id"], node.as_str(), "{s}");
+        assert_eq!(s["caller"], "operator", "{s}");
+    }
     // Another task's calls: refused; its follow of t1's exec finds none (no
     // hint that it exists).
     let t2 = records(&["--task", "t2"]);

@@ -509,10 +509,13 @@ pub(super) async fn holds(
 /// WebSocket upgrades included. The client's `Host` goes with it (a
 /// host-based preview is told by its name).
 async fn proxy(app: &AppState, replica: &Replica, url: &str, mut req: Request) -> Response {
+    // The replica's address is the operators' to know (in the log), not
+    // every client's.
     let unreachable = |e: String| {
+        tracing::warn!(replica = %url, error = %e, "the replica that holds a request's target did not answer");
         error_response(ErrorBody::new(
             ErrorCode::Unavailable,
-            format!("the replica at {url} that holds this did not answer: {e}"),
+            "the replica that holds this did not answer; try again",
         ))
     };
     let Ok(base) = url::Url::parse(url) else {

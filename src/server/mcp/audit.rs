@@ -130,24 +130,14 @@ impl Tools {
             .worker_id
             .or_else(|| outcome.as_ref().ok().and_then(|v| v.worker()))
             .filter(|w| !w.is_empty());
-        let mut r =
-            crate::server::audit::AuditRecord::new(&caller(scope.as_ref()), &format!("mcp:{tool}"));
-        r.task_id = Some(task_id.to_string());
-        r.job_id = call.job_id.map(String::from);
-        r.worker_id = worker_id.map(String::from);
-        r.node_id = worker_id
-            .zip(scope.as_ref())
-            .and_then(|(w, s)| self.visible_worker(s, w))
-            .map(|w| w.node_id);
-        r.org = scope.as_ref().and_then(Scope::org);
-        r.args_digest =
-            crate::server::audit::digest(&serde_json::to_value(call.args).unwrap_or_default());
+        let mut r = self.record(scope.as_ref(), &call, tool, worker_id);
         r.duration_ms = started.elapsed().as_millis() as u64;
         match &outcome {
             Ok(v) => {
                 r.outcome = "ok".into();
                 if let Some(n) = v.node() {
                     r.node_id = Some(n.to_string());
+                    self.fill_org(&mut r);
                 }
                 r.exit_code = v.exit_code();
                 r.bytes = v.bytes();
@@ -158,8 +148,54 @@ impl Tools {
                 info!(tool, task_id, worker_id, error = %e, "mcp call refused or failed");
             }
         }
-        // The admin's calls (and those of its MCP tokens) belong to the
-        // organization of the node they acted on, so its audit shows them.
+        self.append(r);
+        outcome.map(Json)
+    }
+
+    /// What every record of `call` says: who, which task, job, sandbox,
+    /// node and organization, and a digest of the arguments.
+    fn record<A: Serialize>(
+        &self,
+        scope: Option<&Scope>,
+        call: &Call<'_, A>,
+        tool: &str,
+        worker_id: Option<&str>,
+    ) -> crate::server::audit::AuditRecord {
+        let mut r = crate::server::audit::AuditRecord::new(&caller(scope), &format!("mcp:{tool}"));
+        r.task_id = Some(call.task_id.to_string());
+        r.job_id = call.job_id.map(String::from);
+        r.worker_id = worker_id.map(String::from);
+        r.node_id = worker_id
+            .zip(scope)
+            .and_then(|(w, s)| self.visible_worker(s, w))
+            .map(|w| w.node_id);
+        r.org = scope.and_then(Scope::org);
+        r.args_digest =
+            crate::server::audit::digest(&serde_json::to_value(call.args).unwrap_or_default());
+        self.fill_org(&mut r);
+        r
+    }
+
+    /// Records a `sandbox.exec` as its command starts, where it starts
+    /// (`mcp:sandbox.exec_start`): the call's own record is made when it
+    /// ends, and a command goes on if the session's replica dies before.
+    pub(super) fn audit_exec_start<A: Serialize>(
+        &self,
+        scope: &Scope,
+        call: Call<'_, A>,
+        node_id: &str,
+        exec_id: &str,
+    ) {
+        let mut r = self.record(Some(scope), &call, "sandbox.exec_start", call.worker_id);
+        r.node_id = Some(node_id.to_string());
+        self.fill_org(&mut r);
+        r.outcome = format!("started: exec {exec_id}");
+        self.append(r);
+    }
+
+    /// The admin's calls (and those of its MCP tokens) belong to the
+    /// organization of the node they acted on, so its audit shows them.
+    fn fill_org(&self, r: &mut crate::server::audit::AuditRecord) {
         if r.org.is_none() {
             r.org = r
                 .node_id
@@ -167,12 +203,14 @@ impl Tools {
                 .and_then(|n| self.app.store.node_identity(n))
                 .map(|i| i.org);
         }
+    }
+
+    fn append(&self, r: crate::server::audit::AuditRecord) {
         let store = self.app.store.clone();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = store.append_audit(&r) {
                 tracing::error!(error = %e, "could not append to the audit trail");
             }
         });
-        outcome.map(Json)
     }
 }

@@ -170,8 +170,10 @@ impl Tools {
             arguments: serde_json::to_value(args).map_err(|e| format!("internal: {e}"))?,
             progress: progress.is_some(),
         };
-        let unavailable =
-            |e: String| format!("unavailable: the replica at {url} that holds this: {e}");
+        let unavailable = |e: String| {
+            tracing::warn!(replica = %url, error = %e, tool, "the replica that holds a call's target did not answer");
+            "unavailable: the replica that holds this did not answer; try again".to_string()
+        };
         let r = replica
             .http
             .post(format!("{url}/internal/v1/mcp/call"))

@@ -84,14 +84,13 @@ impl Tools {
         a: &ExecArgs,
         progress: Option<Progress>,
     ) -> Result<ExecResult, String> {
-        let worker_id = self
-            .sandbox_of(
-                scope,
-                &a.task_id,
-                a.worker_id.as_deref(),
-                a.job_id.as_deref(),
-            )?
-            .worker_id;
+        let sandbox = self.sandbox_of(
+            scope,
+            &a.task_id,
+            a.worker_id.as_deref(),
+            a.job_id.as_deref(),
+        )?;
+        let (worker_id, node_id) = (sandbox.worker_id, sandbox.node_id);
         let cmd = match (&a.argv, &a.command) {
             (Some(argv), None) if !argv.is_empty() => argv.clone(),
             (None, Some(c)) => vec!["sh".into(), "-c".into(), c.clone()],
@@ -128,6 +127,11 @@ impl Tools {
             )
             .await
             .map_err(err)?;
+        let call = Call {
+            job_id: a.job_id.as_deref(),
+            ..Call::new("sandbox.exec", a, &a.task_id).worker(&worker_id)
+        };
+        self.audit_exec_start(scope, call, &node_id, &label.exec_id);
         if let Some(text) = &a.stdin {
             d.input
                 .write(Bytes::copy_from_slice(text.as_bytes()))
@@ -160,8 +164,10 @@ impl Tools {
             .get(&a.exec_id)
             .filter(|r| r.task_id == a.task_id)
             .ok_or_else(|| format!("not_found: no running exec {} of this task", a.exec_id))?;
-        // The sandbox is still the task's (and within the token's nodes).
-        self.worker_of_task(scope, &a.task_id, &run.worker_id)?;
+        // The sandbox is still the task's (and within the token's nodes);
+        // if not, the exec is no more this caller's than an unknown one.
+        self.worker_of_task(scope, &a.task_id, &run.worker_id)
+            .map_err(|_| format!("not_found: no running exec {} of this task", a.exec_id))?;
         let wait = Duration::from_secs(a.wait_s.unwrap_or(30).min(MAX_WAIT_S));
         let mut r = run.wait(wait).await?;
         if r.running {

@@ -560,6 +560,43 @@ async fn cp_from_a_compromised_server_stays_inside_the_destination() {
             1
         );
     }
+
+    // Entries named otherwise than the source (`w:/x`) land under its
+    // name, not beside it: no `.bashrc` or hook in the destination.
+    let into = dir.path().join("home");
+    std::fs::create_dir(&into).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        (".bashrc", &b"pwned\n"[..]),
+        (".git/hooks/pre-commit", b"x\n"),
+    ] {
+        let mut hd = tar::Header::new_gnu();
+        hd.set_size(data.len() as u64);
+        hd.set_mode(0o755);
+        hd.set_cksum();
+        b.append_data(&mut hd, name, data).unwrap();
+    }
+    let url = serve_archive(b.into_inner().unwrap()).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["ctl", "cp", "w:/x", into.to_str().unwrap()])
+        .env("TETHER_SERVER", &url)
+        .env("TETHER_TOKEN", "t")
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let names: Vec<_> = std::fs::read_dir(&into)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        !into.join(".bashrc").exists() && !into.join(".git").exists(),
+        "written beside the copy: {names:?} {err}"
+    );
+    assert!(
+        names.iter().all(|n| n == "x"),
+        "only the source's name: {names:?} {err}"
+    );
 }
 
 /// A stand-in server on 127.0.0.1:0 that answers every stat with "a

@@ -185,9 +185,15 @@ async fn download(client: &Client, worker: &str, src: &str, dst: &Path) -> Resul
         )));
     }
     // Where to extract, and under which name, following docker cp: into an
-    // existing directory under the archive's own name, else onto DST.
+    // existing directory under the source's name, else onto DST. Either
+    // way every entry is put under that one name: an archive whose entries
+    // are named otherwise (a hostile server's `.bashrc`, `.git/hooks/…`)
+    // cannot write beside it in the directory.
     let (into, rename) = if dst.is_dir() {
-        (dst.to_path_buf(), None)
+        let name = Path::new(src.trim_end_matches('/'))
+            .file_name()
+            .map(|n| n.to_os_string());
+        (dst.to_path_buf(), name)
     } else {
         let parent = dst
             .parent()

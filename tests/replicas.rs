@@ -226,6 +226,10 @@ fn keeps_the_store_rules(s: &dyn tether::server::store::Store) {
     assert!(s.forget_node("n1").unwrap());
     assert!(!s.is_current("n1", &a.binding));
     assert!(s.desired_configs().is_empty());
+    assert!(
+        s.mcp_nodes().is_empty(),
+        "a forgotten node leaves the MCP allowlist"
+    );
     assert_eq!(s.secret("jwt.key", "first".into()).unwrap(), "first");
     assert_eq!(s.secret("jwt.key", "second".into()).unwrap(), "first");
     let mut r = tether::server::audit::AuditRecord::new("operator", "api:spawn");
@@ -271,7 +275,8 @@ fn the_sqlite_and_the_postgres_store_keep_the_same_rules() {
     // A second connection (another replica) reads what the first wrote.
     let again = tether::server::store::PgStore::connect(&url).unwrap();
     assert!(again.organizations().is_empty());
-    assert_eq!(again.mcp_nodes(), vec!["n1".to_string()]);
+    assert!(again.mcp_nodes().is_empty(), "forgotten at every replica");
+    assert_eq!(again.secret("jwt.key", "third".into()).unwrap(), "first");
     // The audit table is bounded: the newest records stay, in order.
     let bounded = again.keep_audit(5);
     let before = bounded.audit(&Default::default()).len();

@@ -158,6 +158,8 @@ pub trait Store: Send + Sync + 'static {
         self.node_identity(node_id)
     }
     /// Forgets a node's binding; true if there was one.
+    /// Its desired configuration and its place on the MCP allowlist go with
+    /// it.
     fn forget_node(&self, node_id: &str) -> Result<bool, StoreError>;
     /// Whether `binding` is still the node's binding (checked on every
     /// heartbeat tick of its connection: no copies).

@@ -337,6 +337,11 @@ impl Store for SqliteStore {
             if s.desired_configs.contains_key(node_id) {
                 ops.push(Op::Desired(node_id.into(), None));
             }
+            // The id may come back bound anew, perhaps in another
+            // organization: it starts off the MCP allowlist.
+            if s.mcp_nodes.contains(node_id) {
+                ops.push(Op::McpNode(node_id.into(), false));
+            }
             Ok((true, ops))
         })
     }

@@ -246,6 +246,11 @@ impl Store for PgStore {
             "DELETE FROM desired_configs WHERE node_id = $1",
             vec![text(node_id)],
         )?;
+        self.write(
+            "mcp_nodes",
+            "DELETE FROM mcp_nodes WHERE node_id = $1",
+            vec![text(node_id)],
+        )?;
         let n = self.write(
             "nodes",
             "DELETE FROM nodes WHERE node_id = $1",

@@ -263,6 +263,27 @@ async fn a_job_reaches_the_nodes_one_backend_through_its_own_proxy() {
     .await;
     assert!(big.starts_with("HTTP/1.0 413"), "{big}");
     assert!(big.contains("\"error\"") && big.contains("4096"), "{big}");
+    // Models are the node's to manage: a pull (which would reach any
+    // registry, whatever the job's network policy), a delete or a blob
+    // upload is refused by the proxy.
+    for (method, path) in [
+        ("POST", "/api/pull"),
+        ("DELETE", "/api/delete"),
+        ("POST", "/api/blobs/sha256:00"),
+    ] {
+        let (_, r) = sh(
+            &h,
+            &w.worker_id,
+            &http(
+                method,
+                path,
+                r#"{"model":"registry.example/x","insecure":true}"#,
+            ),
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.0 403"), "{method} {path}: {r}");
+        assert!(r.contains("not open to jobs"), "{r}");
+    }
 
     // The job's inspect counts what its proxy carried (its totals are
     // logged each second they change).

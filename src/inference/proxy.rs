@@ -156,6 +156,17 @@ impl Proxy {
         req: Request<Incoming>,
         deadline: tokio::time::Instant,
     ) -> Result<Response<Body>, Response<Body>> {
+        if !open_to_jobs(req.method(), req.uri().path()) {
+            return Err(json_error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{} {} is not open to jobs (they may list, show and use models: {})",
+                    req.method(),
+                    req.uri().path(),
+                    JOB_API
+                ),
+            ));
+        }
         let max = self.cfg.max_body;
         let declared = req
             .headers()
@@ -302,6 +313,40 @@ where
 
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
+    }
+}
+
+/// What a job may ask of the node's backend, as said in refusals.
+const JOB_API: &str = "GET /, /api/tags, /api/version, /api/ps, /v1/models; POST /api/show, /api/generate, /api/chat, /api/embed, /api/embeddings, /v1/chat/completions, /v1/completions, /v1/embeddings";
+
+/// Whether a job may make this request of the backend: using and listing
+/// models, not managing them. `pull`/`push` would reach any registry (a
+/// way out for a job whose network policy is `none`), `delete`, `copy`,
+/// `create` and blob uploads would change or fill what every job shares.
+fn open_to_jobs(method: &hyper::Method, path: &str) -> bool {
+    use hyper::Method;
+    let path = path.trim_end_matches('/');
+    match *method {
+        Method::GET | Method::HEAD => {
+            matches!(
+                path,
+                "" | "/api/tags" | "/api/version" | "/api/ps" | "/v1/models"
+            ) || path
+                .strip_prefix("/v1/models/")
+                .is_some_and(|m| !m.is_empty())
+        }
+        Method::POST => matches!(
+            path,
+            "/api/show"
+                | "/api/generate"
+                | "/api/chat"
+                | "/api/embed"
+                | "/api/embeddings"
+                | "/v1/chat/completions"
+                | "/v1/completions"
+                | "/v1/embeddings"
+        ),
+        _ => false,
     }
 }
 

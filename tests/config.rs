@@ -198,6 +198,20 @@ async fn local_policy_is_the_last_word() {
             .contains("node policy's allowed_images"),
         "{a}"
     );
+    // So is an inference backend's image: the node runs nothing it would
+    // not run for a worker.
+    let yaml = format!(
+        "config_version: \"{}\"\ninference_backend:\n  enabled: true\n  image: evil-miner:1\n",
+        ulid::Ulid::new()
+    );
+    let a = ack(&push(&h, &node, &yaml));
+    assert_eq!(a["status"], "failed", "{a}");
+    assert!(
+        a["error"]["message"].as_str().unwrap().contains(
+            "inference_backend.image \"evil-miner:1\" is not in the node policy's allowed_images"
+        ),
+        "{a}"
+    );
     // The orchestrator asks for more: it cannot widen the node's policy.
     let yaml = "policy:\n  sandbox:\n    max_concurrency: 100\n    resources:\n      max_memory_mb: 4096\n";
     let a = ack(&push(&h, &node, yaml));

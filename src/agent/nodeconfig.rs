@@ -181,22 +181,35 @@ pub(crate) async fn apply(
             ));
         }
     };
-    // A default image either policy forbids is refused before anything is
-    // pulled: a push must not make the node fetch what it would not run.
-    if let Some(image) = &policy.default_image
-        && let Some(p) = [&node.policy, &policy]
+    // A default image or an inference backend either policy forbids is
+    // refused before anything is pulled: a push must not make the node
+    // fetch or run what it would not run for a worker.
+    let backend = new
+        .inference_backend
+        .as_ref()
+        .filter(|b| b.enabled)
+        .map(|b| ("inference_backend.image", b.image()));
+    let images = policy
+        .default_image
+        .as_deref()
+        .map(|i| ("default_image", i))
+        .into_iter()
+        .chain(backend);
+    for (what, image) in images {
+        if let Some(p) = [&node.policy, &policy]
             .into_iter()
             .find(|p| !p.image_allowed(image))
-    {
-        let msg = format!(
-            "default_image {image:?} is not in the {} policy's allowed_images",
-            p.source
-        );
-        return Ok(ack(
-            AckStatus::Failed,
-            Some((AckErrorKind::Invalid, msg)),
-            current_hash,
-        ));
+        {
+            let msg = format!(
+                "{what} {image:?} is not in the {} policy's allowed_images",
+                p.source
+            );
+            return Ok(ack(
+                AckStatus::Failed,
+                Some((AckErrorKind::Invalid, msg)),
+                current_hash,
+            ));
+        }
     }
     // 2. Write it (temporary file, then rename).
     let file = path(&node.state_dir);

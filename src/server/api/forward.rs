@@ -459,6 +459,19 @@ pub(super) async fn has_mcp_session(app: &AppState, id: &str) -> bool {
     )
 }
 
+/// Lets through only requests with the replicas' key, before their body is
+/// read: nobody else makes this replica buffer a large body.
+pub(super) async fn replicas_only(
+    State(app): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match from_a_replica(&app, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => error_response(e),
+    }
+}
+
 /// Whether a request carries the replicas' shared key: only another
 /// replica may ask the `/internal/v1/` routes.
 pub(super) fn from_a_replica(app: &AppState, headers: &HeaderMap) -> Result<(), ErrorBody> {

@@ -77,8 +77,7 @@ pub(super) async fn call(
     body: bytes::Bytes,
 ) -> ApiResult<Response> {
     use crate::server::mcp::{Progress, Tools};
-    // The key before the body: nobody else makes this replica parse 8 MiB.
-    super::forward::from_a_replica(&app, &headers)?;
+    // The key was checked before the body was read (`replicas_only`).
     let call: crate::server::mcp::RemoteCall = serde_json::from_slice(&body)
         .map_err(|e| ErrorBody::new(ErrorCode::InvalidRequest, format!("bad call: {e}")))?;
     let scope = scope_of(&app, headers.get(crate::server::mcp::CALLER)).await?;

@@ -216,8 +216,14 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
         .route("/internal/v1/holds", get(forward::holds))
         .route(
             "/internal/v1/mcp/call",
-            // A file of `sandbox.put_file` (4 MiB) in base64, and the rest.
-            post(mcp::call).layer(DefaultBodyLimit::max(8 * 1024 * 1024)),
+            // A file of `sandbox.put_file` (4 MiB) in base64, and the rest;
+            // read only once the replicas' key is checked.
+            post(mcp::call)
+                .layer(DefaultBodyLimit::max(8 * 1024 * 1024))
+                .layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    forward::replicas_only,
+                )),
         )
         .route(AGENT_CONNECT_PATH, get(super::agent_ws::connect))
         .route("/healthz", get(|| async { "ok" }))

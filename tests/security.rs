@@ -136,6 +136,12 @@ async fn host_paths_never_follow_links_a_worker_planted() {
     assert!(err.contains("policy_denied"), "{err}");
     assert!(!allowed.join("missing").exists());
 
+    // Stopped, A still counts: its bind can be written by a file upload, or
+    // by A itself once restarted.
+    h.ctl_ok(&["stop", &a]).await;
+    let err = spawn_err(&h, &["spawn", "--image", &img, "-v", &sub, "--", "true"]).await;
+    assert!(err.contains("read-write"), "{err}");
+
     // With A gone the same path mounts, read-only by default.
     h.ctl_ok(&["rm", "-f", &a]).await;
     std::fs::write(allowed.join("sub/f"), b"inside").unwrap();

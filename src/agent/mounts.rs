@@ -153,7 +153,8 @@ pub fn resolve_source(source: &str, allowed: &[String]) -> Result<PathBuf, Error
 }
 
 /// Checks and resolves every mount of a spawn in place. `writable` are the
-/// sources (resolved) that running workers of this node mount read-write.
+/// sources (resolved) that workers of this node, running or stopped, mount
+/// read-write.
 pub fn resolve_all(
     mounts: &mut [Mount],
     allowed: &[String],
@@ -169,7 +170,7 @@ pub fn resolve_all(
             return Err(denied(
                 "sandbox.mounts.allowed_host_paths",
                 format!(
-                    "host path {:?} lies inside {}, which a running worker mounts read-write (it could replace the path with a link before the mount)",
+                    "host path {:?} lies inside {}, which a worker of this node mounts read-write (it, or a file put into it, could replace the path with a link before the mount)",
                     m.source,
                     w.display()
                 ),

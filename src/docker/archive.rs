@@ -74,6 +74,10 @@ pub async fn upload(
             container,
             Some(UploadToContainerOptions {
                 path: path.to_string(),
+                // A directory is never swapped for a link (or a file) by an
+                // upload: a bind's source cannot be turned into a path out
+                // of the allowed host paths that way.
+                no_overwrite_dir_non_dir: Some("true".into()),
                 ..Default::default()
             }),
             bollard::body_try_stream(tar),

@@ -656,24 +656,23 @@ pub async fn remove(
     networks::remove(docker, pool, node_id, &object_name(worker_id)).await
 }
 
-/// Host paths that running workers of this node mount read-write.
+/// Host paths that workers of this node mount read-write, running or not:
+/// a stopped worker's bind is written by a file upload into it, or by the
+/// worker once restarted (a deployment's service restarts by itself).
 pub async fn writable_mounts(
     docker: &Docker,
     node_id: &str,
 ) -> Result<Vec<std::path::PathBuf>, Error> {
-    let filters = HashMap::from([
-        (
-            "label".to_string(),
-            vec![
-                format!("{}=true", labels::MANAGED),
-                format!("{}={node_id}", labels::NODE),
-            ],
-        ),
-        ("status".to_string(), vec!["running".to_string()]),
-    ]);
+    let filters = HashMap::from([(
+        "label".to_string(),
+        vec![
+            format!("{}=true", labels::MANAGED),
+            format!("{}={node_id}", labels::NODE),
+        ],
+    )]);
     let list = docker
         .list_containers(Some(ListContainersOptions {
-            all: false,
+            all: true,
             filters: Some(filters),
             ..Default::default()
         }))

@@ -523,12 +523,12 @@ pub(super) async fn holds(
 /// host-based preview is told by its name).
 async fn proxy(app: &AppState, replica: &Replica, url: &str, mut req: Request) -> Response {
     // The replica's address is the operators' to know (in the log), not
-    // every client's.
+    // every client's; why it did not answer (a TLS error) is said.
     let unreachable = |e: String| {
         tracing::warn!(replica = %url, error = %e, "the replica that holds a request's target did not answer");
         error_response(ErrorBody::new(
             ErrorCode::Unavailable,
-            "the replica that holds this did not answer; try again",
+            format!("the replica that holds this did not answer: {e}"),
         ))
     };
     let Ok(base) = url::Url::parse(url) else {

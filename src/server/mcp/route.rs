@@ -172,7 +172,7 @@ impl Tools {
         };
         let unavailable = |e: String| {
             tracing::warn!(replica = %url, error = %e, tool, "the replica that holds a call's target did not answer");
-            "unavailable: the replica that holds this did not answer; try again".to_string()
+            format!("unavailable: the replica that holds this did not answer: {e}")
         };
         let r = replica
             .http
@@ -184,7 +184,7 @@ impl Tools {
             .timeout(answer_within(tool))
             .send()
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
+            .map_err(|e| unavailable(e.without_url().to_string()))?;
         let status = r.status();
         if !status.is_success() {
             // A refusal before the call: one JSON error.
@@ -220,7 +220,7 @@ impl Tools {
             }
             match futures_util::StreamExt::next(&mut body).await {
                 Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
-                Some(Err(e)) => return Err(unavailable(e.to_string())),
+                Some(Err(e)) => return Err(unavailable(e.without_url().to_string())),
                 None => return Err(unavailable("the answer ended before its result".into())),
             }
         }

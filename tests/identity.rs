@@ -305,3 +305,75 @@ async fn removing_a_node_revokes_its_tokens_and_connection_at_once() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inventory_cannot_claim_a_place_in_another_organizations_deployment() {
+    let (h, node) = Harness::start().await;
+    // The default organization's deployment `prod`, one service.
+    let file = h.state_path("prod.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "services:\n  web:\n    image: {}\n    command: [\"sleep\", \"3600\"]\n",
+            image()
+        ),
+    )
+    .unwrap();
+    h.ctl_ok(&[
+        "deploy",
+        "up",
+        "-f",
+        file.to_str().unwrap(),
+        "--name",
+        "prod",
+    ])
+    .await;
+    let real: Value = serde_json::from_str(&h.ctl_ok(&["inspect", "prod_web"]).await).unwrap();
+
+    // A node of another organization says, in its hello, that it runs a
+    // service of `prod` too.
+    let acme_key = h
+        .ctl_ok(&["org", "create", "acme"])
+        .await
+        .trim()
+        .to_string();
+    let key = NodeKey::generate();
+    let thief = unique("fake");
+    h.track(&thief);
+    let resp = fake::register(&h, &thief, &acme_key, &key).await;
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let v: Value = resp.json().await.unwrap();
+    let jwt = v["auth"]["node_jwt"].as_str().unwrap().to_string();
+    let mut ghost = real.clone();
+    ghost["worker_id"] = json!("prod_ghost");
+    ghost["node_id"] = json!(thief);
+    ghost["service"] = json!("ghost");
+    ghost["container_id"] = json!("0".repeat(64));
+    let mut ws = fake::connect(&h, &jwt, &thief, Some(&key)).await.unwrap();
+    let hello = json!({"type": "hello", "payload": {
+        "versions": [1], "node_id": thief, "agent_version": "fake",
+        "inventory": [ghost],
+    }});
+    ws.send(Ws::text(hello.to_string())).await.unwrap();
+    h.wait_status(&thief, "online").await;
+
+    // Refused: `prod` is the default organization's, on its node only.
+    assert!(
+        h.hub.worker("prod_ghost").is_err(),
+        "the ghost was taken in"
+    );
+    let prod: Vec<_> = h
+        .hub
+        .deployments()
+        .into_iter()
+        .filter(|d| d.deployment == "prod")
+        .collect();
+    assert_eq!(prod.len(), 1);
+    assert_eq!(
+        (prod[0].node_id.as_str(), prod[0].services),
+        (node.as_str(), 1)
+    );
+    let _ = ws.close(None).await;
+    h.ctl_ok(&["deploy", "down", "prod"]).await;
+    h.stop().await;
+}

@@ -474,12 +474,22 @@ impl Hub {
         reg.set_online(node_id, true);
         // The agent's inventory, when it has one, is the truth about its
         // node, and about nothing else: a node may claim only workers that
-        // carry its own label and that no other node owns.
+        // carry its own label and that no other node owns, and no place in
+        // a deployment that another organization's node runs (its
+        // deployment routes would find the claim).
         if let Some(inventory) = inventory {
             reg.workers.remove_of_node(node_id, |_| true);
+            let org = reg.nodes.get(node_id).map(|n| n.org.clone());
             for w in inventory {
                 let owner = reg.workers.get(&w.worker_id).map(|o| o.node_id.as_str());
-                if w.node_id != node_id || owner.is_some_and(|o| o != node_id) {
+                let foreign_deployment = w.deployment.as_deref().is_some_and(|d| {
+                    reg.workers.values().any(|o| {
+                        o.deployment.as_deref() == Some(d)
+                            && reg.nodes.get(&o.node_id).map(|n| &n.org) != org.as_ref()
+                    })
+                });
+                if w.node_id != node_id || owner.is_some_and(|o| o != node_id) || foreign_deployment
+                {
                     tracing::warn!(
                         %node_id,
                         worker_id = %w.worker_id,

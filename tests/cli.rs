@@ -538,14 +538,7 @@ async fn cp_from_a_compromised_server_stays_inside_the_destination() {
             b.append(&hd, data).unwrap();
         }
         let archive = b.into_inner().unwrap();
-        let url = serve_archive(archive).await;
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(["ctl", "cp", "w:/x", local.to_str().unwrap()])
-            .env("TETHER_SERVER", &url)
-            .env("TETHER_TOKEN", "t")
-            .output()
-            .await
-            .unwrap();
+        let out = cp_from(archive, &local).await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(125), "{err}");
         assert!(err.contains(expected), "{err}");
@@ -576,14 +569,7 @@ async fn cp_from_a_compromised_server_stays_inside_the_destination() {
         hd.set_cksum();
         b.append_data(&mut hd, name, data).unwrap();
     }
-    let url = serve_archive(b.into_inner().unwrap()).await;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["ctl", "cp", "w:/x", into.to_str().unwrap()])
-        .env("TETHER_SERVER", &url)
-        .env("TETHER_TOKEN", "t")
-        .output()
-        .await
-        .unwrap();
+    let out = cp_from(b.into_inner().unwrap(), &into).await;
     let err = String::from_utf8_lossy(&out.stderr);
     let names: Vec<_> = std::fs::read_dir(&into)
         .unwrap()
@@ -597,6 +583,19 @@ async fn cp_from_a_compromised_server_stays_inside_the_destination() {
         names.iter().all(|n| n == "x"),
         "only the source's name: {names:?} {err}"
     );
+}
+
+/// `tether ctl cp w:/x DST` against a stand-in server answering with
+/// `archive`.
+async fn cp_from(archive: Vec<u8>, dst: &std::path::Path) -> std::process::Output {
+    let url = serve_archive(archive).await;
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["ctl", "cp", "w:/x", dst.to_str().unwrap()])
+        .env("TETHER_SERVER", &url)
+        .env("TETHER_TOKEN", "t")
+        .output()
+        .await
+        .unwrap()
 }
 
 /// A stand-in server on 127.0.0.1:0 that answers every stat with "a

@@ -86,6 +86,8 @@ impl Caller {
 
 /// How an organization's operator token begins.
 pub const TOKEN_PREFIX: &str = "top_";
+/// What an MCP token starts with.
+pub const MCP_TOKEN_PREFIX: &str = "tmcp_";
 
 /// Hex SHA-256 of a secret, as tokens and keys are kept.
 pub fn secret_hash(secret: &str) -> String {

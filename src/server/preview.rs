@@ -257,7 +257,7 @@ pub fn is_server_credential(value: &str, admin_token: &str) -> bool {
     let token = token.trim();
     scheme.eq_ignore_ascii_case("bearer")
         && (token.starts_with(crate::server::orgs::TOKEN_PREFIX)
-            || token.starts_with("tmcp_")
+            || token.starts_with(crate::server::orgs::MCP_TOKEN_PREFIX)
             || crate::server::auth::secret_eq(token, admin_token))
 }
 

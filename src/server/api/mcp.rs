@@ -215,7 +215,11 @@ pub(super) async fn create_token(
             return Err(ErrorBody::new(ErrorCode::NotFound, format!("no such node: {n}")).into());
         }
     }
-    let secret = format!("tmcp_{}", auth::random_secret(32));
+    let secret = format!(
+        "{}{}",
+        crate::server::orgs::MCP_TOKEN_PREFIX,
+        auth::random_secret(32)
+    );
     let t = crate::server::store::McpToken {
         id: ulid::Ulid::new().to_string().to_ascii_lowercase(),
         hash: crate::server::orgs::secret_hash(&secret),

@@ -107,6 +107,27 @@ impl Registry {
     }
 }
 
+/// The deployments named in `inventory` that a node of another
+/// organization than `node_id`'s runs: one pass over the registry, and
+/// none when the inventory names no deployment (most hellos).
+fn foreign_deployments(reg: &Registry, node_id: &str, inventory: &[WorkerInfo]) -> HashSet<String> {
+    let named: HashSet<&str> = inventory
+        .iter()
+        .filter_map(|w| w.deployment.as_deref())
+        .collect();
+    if named.is_empty() {
+        return Default::default();
+    }
+    let org = reg.nodes.get(node_id).map(|n| &n.org);
+    reg.workers
+        .values()
+        .filter(|o| reg.nodes.get(&o.node_id).map(|n| &n.org) != org)
+        .filter_map(|o| o.deployment.as_deref())
+        .filter(|d| named.contains(d))
+        .map(String::from)
+        .collect()
+}
+
 /// The heartbeat slice a node's link is swept in.
 fn pulse_slice(link: &AgentLink) -> u32 {
     link.pulse_slot % crate::server::heartbeat::SLICES
@@ -479,15 +500,10 @@ impl Hub {
         // deployment routes would find the claim).
         if let Some(inventory) = inventory {
             reg.workers.remove_of_node(node_id, |_| true);
-            let org = reg.nodes.get(node_id).map(|n| n.org.clone());
+            let foreign = foreign_deployments(&reg, node_id, &inventory);
             for w in inventory {
                 let owner = reg.workers.get(&w.worker_id).map(|o| o.node_id.as_str());
-                let foreign_deployment = w.deployment.as_deref().is_some_and(|d| {
-                    reg.workers.values().any(|o| {
-                        o.deployment.as_deref() == Some(d)
-                            && reg.nodes.get(&o.node_id).map(|n| &n.org) != org.as_ref()
-                    })
-                });
+                let foreign_deployment = w.deployment.as_ref().is_some_and(|d| foreign.contains(d));
                 if w.node_id != node_id || owner.is_some_and(|o| o != node_id) || foreign_deployment
                 {
                     tracing::warn!(

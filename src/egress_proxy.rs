@@ -2,10 +2,11 @@
 //! hidden): one per worker, in a container of the agent's own image, the
 //! only thing on the worker's internal network with a way out.
 //!
-//! It speaks just enough HTTP/1.1 for proxies: `CONNECT host:port` (HTTPS
-//! and anything else tunnelled over TCP) and absolute-URI requests
-//! (`GET http://host/path`, plain HTTP). The name the client asks for must
-//! match the allowlist; the proxy resolves it itself and connects only to
+//! It speaks just enough HTTP/1.1 for proxies: `CONNECT host:port` (HTTPS)
+//! and absolute-URI requests (`GET http://host/path`, plain HTTP). The name
+//! the client asks for must match the allowlist, and the port must be 80 or
+//! 443 (an allowed name's other services, SSH or a database, stay out of
+//! reach: the allowlist is of web names); the proxy resolves it itself and connects only to
 //! public addresses (never private, loopback, link-local, CGNAT, multicast
 //! or reserved ones), so neither an IP literal nor a name pointing inside
 //! reaches the node's networks. Every refusal is an HTTP error whose body
@@ -266,8 +267,17 @@ fn split_host_port(s: &str, default_port: Option<u16>) -> Result<(String, u16), 
     Ok((host.trim_end_matches('.').to_ascii_lowercase(), port))
 }
 
-/// Checks the name and finds public addresses for it.
+/// The ports an allowed name is reached on: HTTP and HTTPS.
+const PORTS: [u16; 2] = [80, 443];
+
+/// Checks the name and the port, and finds public addresses for the name.
 async fn admit(cfg: &ProxyConfig, host: &str, port: u16) -> Result<Vec<SocketAddr>, Refusal> {
+    if !PORTS.contains(&port) {
+        return Err(Refusal(
+            403,
+            format!("port {port}: the egress proxy reaches allowed names on ports 80 and 443 only"),
+        ));
+    }
     if host.parse::<IpAddr>().is_ok() {
         return Err(Refusal(
             403,
@@ -507,6 +517,25 @@ mod tests {
         }
         for ip in ["198.18.0.2", "93.184.216.34", "2606:4700::1111"] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    /// An allowed name is reached on its web ports only: the answer would
+    /// be a public address, so only the port stops a tunnel to its SSH.
+    #[tokio::test]
+    async fn allowed_names_are_reached_on_web_ports_only() {
+        let cfg = ProxyConfig {
+            allow: vec![Pattern::parse("ok.test").unwrap()],
+            resolve: HashMap::from([("ok.test".to_string(), vec!["198.18.0.2".parse().unwrap()])]),
+        };
+        for port in [80, 443] {
+            let a = admit(&cfg, "ok.test", port).await.map_err(|r| r.1).unwrap();
+            assert_eq!(a, vec![SocketAddr::from(([198, 18, 0, 2], port))]);
+        }
+        for port in [22, 25, 5432, 8080] {
+            let r = admit(&cfg, "ok.test", port).await.unwrap_err();
+            assert_eq!(r.0, 403);
+            assert!(r.1.contains("ports 80 and 443 only"), "{}", r.1);
         }
     }
 

@@ -807,7 +807,7 @@ async fn run_ctl(c: CtlArgs) -> ExitCode {
     match r {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("Error: {e}");
+            eprintln!("Error: {}", ctl::printable(&e.to_string()));
             // docker's convention: 125 when the failure is tether's, not the command's.
             ExitCode::from(125)
         }

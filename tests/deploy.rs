@@ -477,6 +477,52 @@ async fn deployments_are_isolated_from_workers_and_from_each_other() {
     }
 }
 
+/// The node's disk limit holds for services as for workers: applied where
+/// the storage driver can, refused clearly (and nothing left) where not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_gets_the_nodes_disk_limit() {
+    let mut h = Harness::server().await;
+    let mut cfg = h.agent_config(&unique("test"));
+    cfg.policy.max_disk_mb = 64;
+    h.add_agent_with(cfg).await;
+    let name = unique("disk");
+    let text = format!(
+        "services:\n  s:\n    image: {}\n    command: [\"sleep\", \"60\"]\n",
+        image()
+    );
+    let file = write(&h, "disk.yaml", &text);
+    let out = h.ctl(&["deploy", "up", "-f", &file, "--name", &name]).await;
+    if out.status.success() {
+        let id = docker(&[
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=tether.deployment={name}"),
+        ]);
+        let opt = docker(&[
+            "inspect",
+            "-f",
+            "{{json .HostConfig.StorageOpt}}",
+            id.trim(),
+        ]);
+        assert!(opt.contains("\"size\":\"64M\""), "{opt}");
+        h.ctl_ok(&["deploy", "down", &name]).await;
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("unsupported")
+                && err.contains("storage driver")
+                && err.contains("service s"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        leftovers(&name),
+        (String::new(), String::new(), String::new())
+    );
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_and_failed_deployments_leave_nothing_behind() {
     let mut h = Harness::server().await;

@@ -460,6 +460,15 @@ async fn allowlist_passes_allowed_names_through_the_proxy_only() {
             "CONNECT 169.254.169.254:80 HTTP/1.1\\r\\n\\r\\n",
             "is an IP address",
         ),
+        // An allowed name, but not a web port: its SSH is out of reach.
+        (
+            "CONNECT www.ok.test:22 HTTP/1.1\\r\\n\\r\\n",
+            "ports 80 and 443 only",
+        ),
+        (
+            "GET http://allowed.test:8080/ HTTP/1.0\\r\\n\\r\\n",
+            "ports 80 and 443 only",
+        ),
     ] {
         let (_, out) = sh(&h, &w, &proxy(req)).await;
         assert!(out.contains("403") && out.contains(reason), "{req}: {out}");

@@ -156,10 +156,26 @@ async fn a_job_reaches_the_nodes_one_backend_through_its_own_proxy() {
                 && c.contains("\"--max-body-bytes\",\"4096\"")),
         "{cmds:?}"
     );
-    // Nothing published.
+    // Nothing published; no capability, no new privileges, bounded
+    // processes: the backend runs an image the orchestrator chose.
     for c in &base {
         let ports = docker(&["inspect", "-f", "{{json .HostConfig.PortBindings}}", c]);
         assert!(ports == "{}" || ports == "null", "{c}: {ports}");
+        let held = docker(&[
+            "inspect",
+            "-f",
+            "{{json .HostConfig.CapDrop}} {{json .HostConfig.SecurityOpt}} {{.HostConfig.PidsLimit}}",
+            c,
+        ]);
+        let mut parts = held.split(' ');
+        let (caps, opts, pids) = (parts.next(), parts.next(), parts.next());
+        assert_eq!(caps, Some("[\"ALL\"]"), "{c}: {held}");
+        assert!(
+            opts.is_some_and(|o| o.contains("no-new-privileges")),
+            "{c}: {held}"
+        );
+        let pids: i64 = pids.and_then(|p| p.trim().parse().ok()).unwrap_or(0);
+        assert!(pids > 0, "{c}: no process bound: {held}");
     }
 
     // The models are pulled after the ack; the report follows each one.

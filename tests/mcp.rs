@@ -659,6 +659,8 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
     let e = exec_refused(&mut m, json!({"task_id": "t1", "worker_id": w})).await;
     assert!(e.starts_with("not_found"), "{e}");
     assert!(m.call("node.list", json!({})).await.is_ok());
+    let got = m.call("node.get", json!({"node_id": node})).await.unwrap();
+    assert_eq!(got["node_id"], node.as_str());
 
     // Every call is in the audit trail, with its caller and no secret.
     let records = |args: &[&str]| -> Vec<Value> {
@@ -669,6 +671,21 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     };
+    // What the node tools showed, too (they name no task).
+    let every = records(&[]);
+    for op in ["mcp:node.list", "mcp:node.get"] {
+        let r = every
+            .iter()
+            .find(|r| r["operation"] == op && r["outcome"] == "ok")
+            .unwrap_or_else(|| panic!("{op} in {every:?}"));
+        assert_eq!(r["caller"], "operator", "{r}");
+        assert!(r["task_id"].is_null(), "{r}");
+    }
+    assert!(
+        every
+            .iter()
+            .any(|r| r["operation"] == "mcp:node.get" && r["node_id"] == node.as_str())
+    );
     let t1 = records(&["--task", "t1"]);
     for op in [
         "mcp:sandbox.create",

@@ -1,6 +1,6 @@
 //! Attacks on the node, each performed against the real engine
-//! (docs/security.md): host paths through links, Docker objects tether did
-//! not create, a worker filling the disk through its logs, requests with
+//! (docs/security.md): host paths through links, uploads carrying setuid
+//! programs, capabilities or devices, Docker objects tether did not create, a worker filling the disk through its logs, requests with
 //! fields the node would silently drop.
 
 mod common;
@@ -39,11 +39,44 @@ async fn host_paths_never_follow_links_a_worker_planted() {
     let allowed = h.state_path("allowed");
     std::fs::create_dir_all(allowed.join("sub")).unwrap();
     let allowed_s = allowed.to_str().unwrap().to_string();
-    let mut cfg = h.agent_config(&unique("test"));
-    cfg.policy.allowed_host_paths = vec![allowed_s.clone()];
+    let node = unique("test");
+    let mut cfg = h.agent_config(&node);
+    // The test's directory holds the agent's state directory too: allowed
+    // as a whole, the state inside it still stays out.
+    let top = h
+        .state_path("")
+        .to_str()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    cfg.policy.allowed_host_paths = vec![allowed_s.clone(), top.clone()];
     cfg.policy.read_only_by_default = true;
+    let state = cfg.state_dir.clone();
     h.add_agent_with(cfg).await;
     let img = image();
+    assert!(
+        state.join("node.key").exists(),
+        "the agent keeps its key there"
+    );
+    for source in [top.clone(), state.to_str().unwrap().to_string()] {
+        let err = spawn_err(
+            &h,
+            &[
+                "spawn",
+                "--image",
+                &img,
+                "-v",
+                &format!("{source}:/s:ro"),
+                "--",
+                "true",
+            ],
+        )
+        .await;
+        assert!(
+            err.contains("policy_denied") && err.contains("the agent's state directory"),
+            "{source}: {err}"
+        );
+    }
 
     // Worker A may write the allowed directory, and plants a link to the
     // host's root in it.
@@ -156,6 +189,137 @@ async fn host_paths_never_follow_links_a_worker_planted() {
         .await;
     assert_ne!(out.status.code(), Some(0), "the mount is read-only");
     h.ctl_ok(&["rm", "-f", &c]).await;
+    h.stop().await;
+}
+
+/// A tar header for the upload tests.
+fn entry(kind: tar::EntryType, path: &str, mode: u32, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(kind);
+    h.set_path(path).unwrap();
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_cksum();
+    h
+}
+
+/// Puts `archive` into `path` of worker `w` through the HTTP API: the
+/// status and the body.
+async fn put_raw(h: &Harness, w: &str, path: &str, archive: Vec<u8>) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .put(format!("{}/api/v1/workers/{w}/archive", h.url))
+        .query(&[("path", path)])
+        .bearer_auth(&h.token)
+        .body(archive)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// A worker's writable bind is a directory of the host, and Docker extracts
+/// an upload as root with the modes and attributes the archive names: an
+/// upload must not leave a setuid-root program, a file with capabilities
+/// or a device node there for a host user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_leaves_no_setuid_program_capability_or_device_on_the_host() {
+    let mut h = Harness::server().await;
+    let allowed = h.state_path("bind");
+    std::fs::create_dir_all(&allowed).unwrap();
+    let allowed_s = allowed.to_str().unwrap().to_string();
+    let mut cfg = h.agent_config(&unique("test"));
+    cfg.policy.allowed_host_paths = vec![allowed_s.clone()];
+    h.add_agent_with(cfg).await;
+    let w = h
+        .ctl_ok(&[
+            "spawn",
+            "--image",
+            &image(),
+            "-v",
+            &format!("{allowed_s}:/data:rw"),
+            "--",
+            "sleep",
+            "3600",
+        ])
+        .await
+        .trim()
+        .to_string();
+
+    // A setuid-root program, and one with CAP_SETUID in `security.capability`
+    // (a version-2 capability set: magic | effective, permitted bit 7).
+    let body = b"#!/bin/sh\nid\n";
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(
+        &entry(tar::EntryType::Regular, "su", 0o4755, body.len() as u64),
+        &body[..],
+    )
+    .unwrap();
+    let mut cap = vec![0x01, 0x00, 0x00, 0x02, 0x80, 0, 0, 0];
+    cap.resize(20, 0);
+    b.append_pax_extensions([
+        ("SCHILY.xattr.security.capability", &cap[..]),
+        ("SCHILY.xattr.user.note", &b"kept"[..]),
+    ])
+    .unwrap();
+    b.append(
+        &entry(tar::EntryType::Regular, "capped", 0o2755, body.len() as u64),
+        &body[..],
+    )
+    .unwrap();
+    let (status, text) = put_raw(&h, &w, "/data", b.into_inner().unwrap()).await;
+    assert_eq!(status, 200, "{text}");
+    for name in ["su", "capped"] {
+        let meta = std::fs::metadata(allowed.join(name)).unwrap();
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        assert_eq!(meta.uid(), 0);
+        assert_eq!(
+            meta.permissions().mode() & 0o7777,
+            0o755,
+            "{name}: setuid or setgid kept"
+        );
+        assert_eq!(std::fs::read(allowed.join(name)).unwrap(), body);
+    }
+    let mut buf = [0u8; 64];
+    let capped = allowed.join("capped");
+    assert!(
+        rustix::fs::getxattr(&capped, "security.capability", &mut buf).is_err(),
+        "file capabilities reached the host"
+    );
+    let n = rustix::fs::getxattr(&capped, "user.note", &mut buf).expect("user attributes pass");
+    assert_eq!(&buf[..n], b"kept");
+
+    // A device node (the host's first disk) refuses the whole upload.
+    let mut dev = entry(tar::EntryType::Block, "sda", 0o666, 0);
+    dev.set_device_major(8).unwrap();
+    dev.set_device_minor(0).unwrap();
+    dev.set_cksum();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&dev, &[][..]).unwrap();
+    let (status, text) = put_raw(&h, &w, "/data", b.into_inner().unwrap()).await;
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        text.contains("policy_denied") && text.contains("a block device"),
+        "{text}"
+    );
+    assert!(
+        allowed.join("sda").symlink_metadata().is_err(),
+        "the device node was made"
+    );
+
+    // A stream Docker would decompress: a gzip header whose extra field
+    // holds a harmless archive, the real one compressed behind it.
+    let mut polyglot = vec![0x1f, 0x8b, 0x08, 0x04, 0, 0, 0, 0, 0, 0xff];
+    polyglot.resize(2048, 0);
+    let (status, text) = put_raw(&h, &w, "/data", polyglot).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("not a plain tar archive") && text.contains("gzip"),
+        "{text}"
+    );
+
+    h.ctl_ok(&["rm", "-f", &w]).await;
     h.stop().await;
 }
 

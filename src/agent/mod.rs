@@ -285,6 +285,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
                 != Some("host")
         })
     });
+    let protected = protected_paths(&docker, &cfg, own.as_ref()).await;
     let link = crate::conn::Link::new();
     // One Docker event subscription for the whole process, ended when this
     // function returns, however it returns.
@@ -307,6 +308,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         egress_image,
         egress_resolve: cfg.egress_resolve.clone(),
         tunnel_relay,
+        protected,
         applied: nodeconfig::load(&cfg.state_dir),
     });
     let ctx = Arc::new(Ctx {
@@ -424,6 +426,35 @@ async fn reconnect(
             _ = shutdown.cancelled() => return Ok(()),
         }
     }
+}
+
+/// The host paths no worker may mount (`mounts::Protected`): Docker's data
+/// directory as the engine reports it, and the agent's state and socket as
+/// this process and, through its container's binds, the host see them.
+async fn protected_paths(
+    docker: &Docker,
+    cfg: &AgentConfig,
+    own: Option<&bollard::models::ContainerInspectResponse>,
+) -> mounts::Protected {
+    let root = tokio::time::timeout(Duration::from_secs(10), docker.info())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .and_then(|i| i.docker_root_dir)
+        .unwrap_or_else(|| "/var/lib/docker".into());
+    let binds: Vec<(std::path::PathBuf, std::path::PathBuf)> = own
+        .and_then(|c| c.mounts.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|m| Some((m.source.clone()?.into(), m.destination.clone()?.into())))
+        .collect();
+    let socket = mounts::docker_socket(cfg.docker_socket.as_deref());
+    let dir = cfg.state_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        mounts::Protected::new(&dir, &socket, std::path::Path::new(&root), &binds)
+    })
+    .await
+    .unwrap_or_default()
 }
 
 async fn wait_for_docker(cfg: &AgentConfig, shutdown: &CancellationToken) -> Option<Docker> {

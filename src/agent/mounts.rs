@@ -12,6 +12,12 @@
 //! closes the race: a source strictly inside a directory that a running
 //! worker of this node mounts read-write is refused while that worker runs.
 //! Checks and starts of workers with mounts are serialised ([`MOUNT_LOCK`]).
+//!
+//! Some host paths are never mounted, however wide `allowed_host_paths` is:
+//! the agent's state directory (its token and key), the Docker socket (root
+//! on the host) and Docker's data directory (every container's files and
+//! volumes). A source that holds one of them, or lies inside one, is
+//! refused ([`Protected`]).
 
 use crate::protocol::{ErrorBody, ErrorCode, Mount};
 use rustix::fs::{FileType, Mode, OFlags};
@@ -152,6 +158,57 @@ pub fn resolve_source(source: &str, allowed: &[String]) -> Result<PathBuf, Error
     Ok(walked)
 }
 
+/// Host paths no mount may hold or lie in, each with what it is.
+#[derive(Debug, Clone, Default)]
+pub struct Protected(Vec<(PathBuf, &'static str)>);
+
+impl Protected {
+    /// The agent's state directory, the Docker socket and Docker's data
+    /// directory, as this process sees them and, when it runs in a
+    /// container, as the host does (through `own_mounts`, its container's
+    /// binds as (host source, destination)).
+    pub fn new(
+        state_dir: &Path,
+        socket: &Path,
+        docker_root: &Path,
+        own_mounts: &[(PathBuf, PathBuf)],
+    ) -> Protected {
+        let mut paths = Vec::new();
+        for (p, what) in [
+            (state_dir, "the agent's state directory"),
+            (socket, "the Docker socket"),
+            (docker_root, "Docker's data directory"),
+        ] {
+            let seen = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+            for (src, dst) in own_mounts {
+                if let Ok(rest) = seen.strip_prefix(dst) {
+                    paths.push((src.join(rest), what));
+                }
+            }
+            paths.push((seen, what));
+        }
+        Protected(paths)
+    }
+
+    /// What `source` (resolved) holds or lies in, if it is protected.
+    fn touches(&self, source: &Path) -> Option<(&Path, &'static str)> {
+        self.0
+            .iter()
+            .find(|(p, _)| source.starts_with(p) || p.starts_with(source))
+            .map(|(p, what)| (p.as_path(), *what))
+    }
+}
+
+/// The socket `DOCKER_HOST` or the agent's setting names (the default one
+/// otherwise).
+pub fn docker_socket(configured: Option<&str>) -> PathBuf {
+    let from_env = std::env::var("DOCKER_HOST").ok();
+    let unix = configured
+        .map(str::to_string)
+        .or_else(|| from_env.and_then(|h| h.strip_prefix("unix://").map(str::to_string)));
+    PathBuf::from(unix.unwrap_or_else(|| "/var/run/docker.sock".into()))
+}
+
 /// Checks and resolves every mount of a spawn in place. `writable` are the
 /// sources (resolved) that workers of this node, running or stopped, mount
 /// read-write.
@@ -159,10 +216,26 @@ pub fn resolve_all(
     mounts: &mut [Mount],
     allowed: &[String],
     writable: &[PathBuf],
+    protected: &Protected,
 ) -> Result<(), ErrorBody> {
     for m in mounts.iter_mut() {
         check_target(&m.target)?;
         let resolved = resolve_source(&m.source, allowed)?;
+        if let Some((p, what)) = protected.touches(&resolved) {
+            let how = if resolved.starts_with(p) {
+                "lies in"
+            } else {
+                "holds"
+            };
+            return Err(denied(
+                "sandbox.mounts.allowed_host_paths",
+                format!(
+                    "host path {:?} {how} {what} ({}), which no worker may mount",
+                    m.source,
+                    p.display()
+                ),
+            ));
+        }
         if let Some(w) = writable
             .iter()
             .find(|w| resolved.starts_with(w) && resolved != **w)
@@ -262,10 +335,65 @@ mod tests {
         // Inside a directory a running worker can write: refused; the same
         // directory, or a sibling, is fine.
         let writable = vec![root.join("a")];
+        let none = Protected::default();
         let mut m = vec![mount(&root.join("a/b"), "/d")];
-        let e = resolve_all(&mut m, &allowed, &writable).unwrap_err();
+        let e = resolve_all(&mut m, &allowed, &writable, &none).unwrap_err();
         assert!(e.message.contains("read-write"), "{e}");
         let mut m = vec![mount(&root.join("a"), "/d")];
-        resolve_all(&mut m, &allowed, &writable).unwrap();
+        resolve_all(&mut m, &allowed, &writable, &none).unwrap();
+    }
+
+    /// The agent's state, the Docker socket and Docker's data stay out of
+    /// every worker, even under an allowed path: the directory that holds
+    /// them, they themselves and anything inside them.
+    #[test]
+    fn the_agents_state_and_the_engine_are_never_mounted() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        for d in [
+            "srv/agent/spool",
+            "srv/docker/volumes",
+            "srv/run",
+            "srv/data",
+        ] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let allowed = vec![root.to_string_lossy().into_owned()];
+        let protected = Protected::new(
+            &root.join("srv/agent"),
+            &root.join("srv/run/docker.sock"),
+            &root.join("srv/docker"),
+            &[],
+        );
+        for (bad, what) in [
+            ("srv", "the agent's state directory"),
+            ("srv/agent", "the agent's state directory"),
+            ("srv/agent/spool", "the agent's state directory"),
+            ("srv/run", "the Docker socket"),
+            ("srv/docker/volumes", "Docker's data directory"),
+        ] {
+            let mut m = vec![mount(&root.join(bad), "/d")];
+            let e = resolve_all(&mut m, &allowed, &[], &protected).unwrap_err();
+            assert_eq!(e.code, ErrorCode::PolicyDenied, "{bad}");
+            assert!(e.message.contains(what), "{bad}: {e}");
+        }
+        let mut m = vec![mount(&root.join("srv/data"), "/d")];
+        resolve_all(&mut m, &allowed, &[], &protected).unwrap();
+
+        // An agent in a container: its state directory `/state` is the
+        // host's `/var/lib/tether-x`, and that host path is protected too.
+        let p = Protected::new(
+            Path::new("/state"),
+            Path::new("/var/run/docker.sock"),
+            Path::new("/var/lib/docker"),
+            &[(PathBuf::from("/var/lib/tether-x"), PathBuf::from("/state"))],
+        );
+        assert!(
+            p.touches(Path::new("/var/lib/tether-x/agent.key"))
+                .is_some()
+        );
+        assert!(p.touches(Path::new("/var/lib")).is_some());
+        assert!(p.touches(Path::new("/var/lib/other")).is_none());
+        assert!(p.touches(Path::new("/srv")).is_none());
     }
 }

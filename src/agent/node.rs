@@ -34,6 +34,8 @@ pub(crate) struct NodeState {
     pub egress_resolve: Vec<String>,
     /// Tunnels go through a relay sidecar, not a dial to the worker.
     pub tunnel_relay: bool,
+    /// Host paths no worker may mount.
+    pub protected: super::mounts::Protected,
     /// The configuration pushed by the orchestrator, in force.
     applied: Mutex<Option<Applied>>,
     /// Held while a pushed configuration is applied (one at a time).
@@ -60,6 +62,7 @@ pub(crate) struct NodeSetup {
     pub egress_image: Option<String>,
     pub egress_resolve: Vec<String>,
     pub tunnel_relay: bool,
+    pub protected: super::mounts::Protected,
     /// The configuration applied before a restart, if any.
     pub applied: Option<Applied>,
 }
@@ -80,6 +83,7 @@ impl NodeState {
             egress_image: s.egress_image,
             egress_resolve: s.egress_resolve,
             tunnel_relay: s.tunnel_relay,
+            protected: s.protected,
             applied: Mutex::new(s.applied),
             configuring: Default::default(),
             reported: Default::default(),
@@ -322,6 +326,7 @@ mod tests {
             egress_image: None,
             egress_resolve: Vec::new(),
             tunnel_relay: false,
+            protected: Default::default(),
             applied: applied.map(|config| Applied {
                 policy: super::super::nodeconfig::interpret(&config).expect("valid push"),
                 hash: super::super::nodeconfig::hash(&config),

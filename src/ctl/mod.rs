@@ -292,6 +292,21 @@ impl Client {
     }
 }
 
+/// `s` with every control character (C0, DEL, C1) shown as `?`: what a
+/// node or worker reports is printed to an operator's terminal, where an
+/// escape sequence could rewrite the screen, retitle the window or fake
+/// other rows.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect::<String>()
+            .into()
+    } else {
+        s.into()
+    }
+}
+
 /// `ctl nodes` as a table.
 pub fn format_nodes(nodes: &[NodeInfo]) -> String {
     let mut s = format!(
@@ -302,12 +317,12 @@ pub fn format_nodes(nodes: &[NodeInfo]) -> String {
         let _ = writeln!(
             s,
             "{:<24} {:<9} {:<12} {:>7}  {:<22} {}",
-            n.node_id,
+            printable(&n.node_id),
             n.status,
-            n.org.as_deref().unwrap_or("-"),
+            printable(n.org.as_deref().unwrap_or("-")),
             n.workers,
-            n.last_seen.as_deref().unwrap_or("-"),
-            n.offline_reason.as_deref().unwrap_or("")
+            printable(n.last_seen.as_deref().unwrap_or("-")),
+            printable(n.offline_reason.as_deref().unwrap_or(""))
         );
     }
     s
@@ -323,12 +338,12 @@ pub fn format_workers(workers: &[WorkerInfo]) -> String {
         let _ = writeln!(
             s,
             "{:<28} {:<16} {:<28} {:<10} {:<16} {}",
-            w.worker_id,
-            w.node_id,
-            w.image,
+            printable(&w.worker_id),
+            printable(&w.node_id),
+            printable(&w.image),
             w.state,
-            w.ip.as_deref().unwrap_or("-"),
-            w.task_id.as_deref().unwrap_or("-")
+            printable(w.ip.as_deref().unwrap_or("-")),
+            printable(w.task_id.as_deref().unwrap_or("-"))
         );
     }
     s
@@ -344,26 +359,25 @@ pub fn format_tunnels(tunnels: &[TunnelInfo]) -> String {
         let _ = writeln!(
             s,
             "{:<34} {:<28} {:>5} {:>11} {:>12} {:>12}  {}",
-            t.id,
-            t.worker_id,
+            printable(&t.id),
+            printable(&t.worker_id),
             t.port,
             t.connections,
             t.bytes_to_worker,
             t.bytes_from_worker,
-            t.since
+            printable(&t.since)
         );
     }
     s
 }
 
-/// `ctl previews` as a table.
 /// Audit records as a table.
 pub fn format_audit(records: &[serde_json::Value]) -> String {
     let mut out = String::from("TIME\tCALLER\tOPERATION\tTASK\tWORKER\tOUTCOME\tEXIT\tBYTES\tMS\n");
     let s = |v: &serde_json::Value| match v {
         serde_json::Value::Null => "-".to_string(),
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
+        serde_json::Value::String(s) => printable(s).into_owned(),
+        other => printable(&other.to_string()).into_owned(),
     };
     for r in records {
         out += &format!(
@@ -393,6 +407,7 @@ fn mcp_node_list(v: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// `ctl previews` as a table.
 pub fn format_previews(previews: &[PreviewInfo]) -> String {
     let mut s = format!(
         "{:<28} {:<28} {:>5}  {}\n",
@@ -402,8 +417,53 @@ pub fn format_previews(previews: &[PreviewInfo]) -> String {
         let _ = writeln!(
             s,
             "{:<28} {:<28} {:>5}  {}",
-            p.id, p.worker_id, p.port, p.expires_at
+            printable(&p.id),
+            printable(&p.worker_id),
+            p.port,
+            printable(&p.expires_at)
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// What a hostile node reports reaches the operator's terminal only as
+    /// text: no escape sequence (clear screen, window title, cursor moves)
+    /// survives the tables.
+    #[test]
+    fn tables_show_control_characters_as_question_marks() {
+        let w: WorkerInfo = serde_json::from_value(json!({
+            "worker_id": "w1", "node_id": "n\u{1b}[2J", "image": "img\u{1b}]0;owned\u{7}",
+            "container_id": "c", "network": "net", "state": "running",
+            "task_id": "t\u{9b}1A", "created_at": "2026-01-01T00:00:00Z",
+        }))
+        .unwrap();
+        let n: NodeInfo = serde_json::from_value(json!({
+            "node_id": "n\r\n-fake row-", "status": "online", "draining": false, "workers": 1,
+            "last_seen": null, "offline_reason": "x\u{7f}", "agent_version": null,
+        }))
+        .unwrap();
+        let audit = vec![json!({"caller": "a\u{1b}c", "operation": "op"})];
+        for table in [
+            format_workers(&[w]),
+            format_nodes(&[n]),
+            format_audit(&audit),
+        ] {
+            let body = table.trim_end_matches('\n');
+            assert!(
+                !body
+                    .chars()
+                    .any(|c| c.is_control() && c != '\n' && c != '\t'),
+                "{table:?}"
+            );
+            assert_eq!(table.lines().count(), 2, "{table:?}");
+        }
+        assert!(format_workers(&[]).contains("WORKER"));
+        assert_eq!(printable("img\u{1b}]0;x\u{7}"), "img?]0;x?");
+        assert!(matches!(printable("plain"), std::borrow::Cow::Borrowed(_)));
+    }
 }

@@ -351,6 +351,9 @@ pub(crate) fn limited(r: &Resources, defaults: Defaults) -> HostConfig {
         memory_swap: Some(memory),
         nano_cpus: Some((r.cpus.unwrap_or(defaults.cpus) * 1e9) as i64),
         pids_limit: Some(r.pids.unwrap_or(defaults.pids)),
+        storage_opt: r
+            .disk_mb
+            .map(|d| HashMap::from([("size".to_string(), format!("{d}M"))])),
         init: Some(true),
         publish_all_ports: Some(false),
         // json-file, whatever the engine's default: `logs` reads it, and
@@ -513,9 +516,6 @@ pub async fn spawn(
                     .collect()
             }),
             binds: binds(&spec.spec.mounts),
-            storage_opt: r
-                .disk_mb
-                .map(|d| HashMap::from([("size".to_string(), format!("{d}M"))])),
             ..limited(r, defaults)
         }),
         ..Default::default()

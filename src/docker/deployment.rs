@@ -266,7 +266,7 @@ pub async fn create_service(
         cpus: spec.cpus,
         memory_mb: spec.memory_mb,
         pids: spec.pids,
-        disk_mb: None,
+        disk_mb: spec.disk_mb,
     };
     let healthcheck = spec.healthcheck.as_ref().map(|h| HealthConfig {
         test: Some(h.test.clone()),
@@ -347,6 +347,18 @@ pub async fn create_service(
                 format!("a container named {name} already exists and tether did not create it"),
             )
             .into(),
+            DockerError::DockerResponseServerError { message, .. }
+                if spec.disk_mb.is_some() && message.contains("storage-opt") =>
+            {
+                ErrorBody::new(
+                    ErrorCode::Unsupported,
+                    format!(
+                        "this node's storage driver cannot limit service {}'s disk: {message}",
+                        spec.name
+                    ),
+                )
+                .into()
+            }
             e => Error::engine(e, format!("create service {}", spec.name)),
         })?;
     if let Err(e) = docker.start_container(&created.id, None).await {

@@ -298,6 +298,9 @@ async fn ensure_running(
     Ok(gpus)
 }
 
+/// Processes and threads the backend may hold at once.
+const BACKEND_PIDS: i64 = 4096;
+
 /// The backend's container (and how many GPUs it asks for).
 fn backend_body(
     b: &InferenceBackend,
@@ -327,7 +330,15 @@ fn backend_body(
             name: Some(RestartPolicyNameEnum::ALWAYS),
             maximum_retry_count: None,
         }),
+        // Held like a worker: it runs an image the orchestrator chose, and
+        // serves every job of the node. No capability (a model server
+        // needs none, GPUs included), no new privileges, and a bound on
+        // processes (a runner is one process of many threads).
+        cap_drop: Some(vec!["ALL".into()]),
         security_opt: Some(vec!["no-new-privileges:true".into()]),
+        pids_limit: Some(BACKEND_PIDS),
+        init: Some(true),
+        publish_all_ports: Some(false),
         ..Default::default()
     };
     let mut gpus = 0;

@@ -10,6 +10,7 @@ pub mod inference;
 pub mod joined;
 pub mod networks;
 pub mod sidecar;
+pub mod tar_guard;
 
 use crate::protocol::{ErrorBody, ErrorCode};
 use bollard::Docker;

@@ -176,6 +176,9 @@ pub async fn create_kind(
             name: name.to_string(),
             driver: Some("bridge".into()),
             internal: Some(internal),
+            // The guard filters IPv4: IPv6 stays off even where the
+            // daemon's `default-network-opts` would turn it on.
+            enable_ipv6: Some(false),
             attachable: Some(false),
             ipam: Some(Ipam {
                 driver: Some("default".into()),

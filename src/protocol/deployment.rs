@@ -49,6 +49,10 @@ pub struct ServiceSpec {
     pub memory_mb: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<i64>,
+    /// Size of the service's writable layer (the node's
+    /// `sandbox.resources.max_disk_mb` when absent and it sets one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u64>,
     /// Ports other services and tunnels use (documentation and inspect: on
     /// the deployment's network every port is reachable by its services).
     #[serde(default)]

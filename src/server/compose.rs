@@ -427,6 +427,7 @@ pub fn parse(
                 cpus,
                 memory_mb,
                 pids: s.pids_limit,
+                disk_mb: None,
                 expose,
                 volumes,
                 mounts,

@@ -5,13 +5,15 @@
 
 use super::{Ctx, accepted, close, refuse};
 use crate::channel::{ChannelHandles, Inbound};
+use crate::docker::tar_guard::{Refused, TarGuard};
 use crate::docker::{self, archive, containers};
 use crate::protocol::{
     Archive, ErrorBody, ErrorCode, MAX_FRAME_PAYLOAD, Stat, StatResult, StreamKind,
 };
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use serde_json::json;
+use std::sync::{Arc, Mutex};
 
 pub(super) async fn stat(ctx: &Ctx, s: &Stat) -> Result<StatResult, docker::Error> {
     let w = containers::inspect(&ctx.engine.docker, &ctx.engine.node_id, &s.worker_id).await?;
@@ -102,23 +104,48 @@ pub(super) async fn put(ctx: &Ctx, id: String, req: Archive, h: ChannelHandles) 
     // only as fast as the engine consumes the archive.
     // Only an explicit EOF ends the archive cleanly; a close or a vanished
     // channel fails the upload so Docker never extracts a truncated tar.
-    let body = futures_util::stream::unfold(Some(reader), |r| async move {
-        let mut r = r?;
-        let failed = |msg: String| Some((Err(std::io::Error::other(msg)), None));
-        match r.recv().await {
-            Some(Inbound::Data(_, b)) => Some((Ok(b), Some(r))),
-            Some(Inbound::Eof) => None,
-            Some(Inbound::Close(c)) => failed(
-                c.error
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| "upload cancelled".into()),
-            ),
-            None => failed("upload channel closed".into()),
+    // Every header passes the node's guard first (`tar_guard`): no device,
+    // no setuid bit, no capability reaches a bind of the host.
+    let refused = Arc::new(Mutex::new(None::<Refused>));
+    let seen = refused.clone();
+    let body = futures_util::stream::unfold(Some((reader, TarGuard::new())), move |st| {
+        let seen = seen.clone();
+        async move {
+            let (mut r, mut guard) = st?;
+            let failed = |msg: String| Some((Err(std::io::Error::other(msg)), None));
+            let refuse = |e: Refused| {
+                let msg = e.to_string();
+                *seen.lock().unwrap() = Some(e);
+                failed(msg)
+            };
+            match r.recv().await {
+                Some(Inbound::Data(_, b)) => match guard.push(b) {
+                    Ok(pieces) => Some((Ok(pieces), Some((r, guard)))),
+                    Err(e) => refuse(e),
+                },
+                Some(Inbound::Eof) => guard.finish().err().and_then(refuse),
+                Some(Inbound::Close(c)) => failed(
+                    c.error
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| "upload cancelled".into()),
+                ),
+                None => failed("upload channel closed".into()),
+            }
         }
-    });
+    })
+    .map_ok(|pieces| futures_util::stream::iter(pieces.into_iter().map(Ok)))
+    .try_flatten();
     let result = archive::upload(&ctx.engine.docker, &container, &req.path, body).await;
+    let refusal = refused.lock().unwrap().take();
+    let error = match (refusal, result) {
+        (Some(r @ Refused::Kind { .. }), _) => {
+            Some(ErrorBody::new(ErrorCode::PolicyDenied, r.to_string()))
+        }
+        (Some(r), _) => Some(ErrorBody::new(ErrorCode::InvalidRequest, r.to_string())),
+        (None, r) => r.err().map(ErrorBody::from),
+    };
     if ctx.upstream.channels.is_open(ch) {
-        close(ctx, ch, None, result.err().map(ErrorBody::from));
+        close(ctx, ch, None, error);
     }
 }
 

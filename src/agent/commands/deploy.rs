@@ -88,7 +88,7 @@ fn admit(ctx: &Ctx, req: &mut DeployApply, running: usize) -> Result<NetPlan, Er
                 cpus: s.cpus,
                 memory_mb: s.memory_mb,
                 pids: s.pids,
-                disk_mb: None,
+                disk_mb: s.disk_mb,
             },
             network_policy: req.network_policy,
             mounts: s.mounts.clone(),
@@ -117,7 +117,7 @@ fn admit(ctx: &Ctx, req: &mut DeployApply, running: usize) -> Result<NetPlan, Er
             ));
         }
         let r = spawn.resources.clone();
-        (s.cpus, s.memory_mb, s.pids) = (r.cpus, r.memory_mb, r.pids);
+        (s.cpus, s.memory_mb, s.pids, s.disk_mb) = (r.cpus, r.memory_mb, r.pids, r.disk_mb);
         if plan.is_none() {
             plan = Some(ctx.node.net_plan(&spawn)?);
         }
@@ -196,8 +196,13 @@ async fn make(
             let guard = crate::agent::mounts::MOUNT_LOCK.lock().await;
             let writable = docker::containers::writable_mounts(d, node).await?;
             let allowed = &ctx.node.policy.allowed_host_paths;
-            crate::agent::mounts::resolve_all(&mut s.mounts, allowed, &writable)
-                .map_err(|e| of_service(&s.name, e))?;
+            crate::agent::mounts::resolve_all(
+                &mut s.mounts,
+                allowed,
+                &writable,
+                &ctx.node.protected,
+            )
+            .map_err(|e| of_service(&s.name, e))?;
             Some(guard)
         };
         let s = &s;

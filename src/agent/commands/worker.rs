@@ -49,6 +49,7 @@ pub(super) async fn spawn(ctx: &Arc<Ctx>, id: String, mut s: Spawn) {
                     &mut s.spec.mounts,
                     &ctx.node.policy.allowed_host_paths,
                     &writable,
+                    &ctx.node.protected,
                 )
             })
             .map(|()| plan),

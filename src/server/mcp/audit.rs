@@ -21,6 +21,12 @@ pub(super) trait Audited {
     }
 }
 
+impl Audited for NodeList {}
+impl Audited for NodeSummary {
+    fn node(&self) -> Option<&str> {
+        Some(&self.node_id)
+    }
+}
 impl Audited for Sandbox {
     fn node(&self) -> Option<&str> {
         Some(&self.node_id)
@@ -162,7 +168,8 @@ impl Tools {
         worker_id: Option<&str>,
     ) -> crate::server::audit::AuditRecord {
         let mut r = crate::server::audit::AuditRecord::new(&caller(scope), &format!("mcp:{tool}"));
-        r.task_id = Some(call.task_id.to_string());
+        // Node tools name no task.
+        r.task_id = Some(call.task_id.to_string()).filter(|t| !t.is_empty());
         r.job_id = call.job_id.map(String::from);
         r.worker_id = worker_id.map(String::from);
         r.node_id = worker_id

@@ -399,9 +399,12 @@ impl Tools {
         description = "The allowed nodes, their status and capabilities."
     )]
     async fn node_list(&self, Extension(parts): Extension<Parts>) -> Out<NodeList> {
-        let scope = scope_of(&parts).ok_or(NO_SCOPE)?;
-        let nodes = self.nodes_everywhere(&scope, &parts).await;
-        Ok(Json(NodeList { nodes }))
+        let call = Call::new("node.list", &(), "");
+        self.run(scope_of(&parts), call, async |scope| {
+            let nodes = self.nodes_everywhere(scope, &parts).await;
+            Ok(NodeList { nodes })
+        })
+        .await
     }
 
     #[tool(
@@ -413,14 +416,11 @@ impl Tools {
         Parameters(a): Parameters<NodeArgs>,
         Extension(parts): Extension<Parts>,
     ) -> Out<NodeSummary> {
-        let scope = scope_of(&parts).ok_or(NO_SCOPE)?;
-        let target = Target::Node(&a.node_id);
-        let n = self
-            .routed(Some(&parts), "node.get", &a, target, async || {
-                self.node_get_inner(&scope, &a)
-            })
-            .await?;
-        Ok(Json(n))
+        let call = Call::new("node.get", &a, "");
+        self.call(&parts, call, Target::Node(&a.node_id), async |scope| {
+            self.node_get_inner(scope, &a)
+        })
+        .await
     }
 }
 

@@ -377,3 +377,92 @@ async fn an_inventory_cannot_claim_a_place_in_another_organizations_deployment()
     h.ctl_ok(&["deploy", "down", "prod"]).await;
     h.stop().await;
 }
+
+/// After a restart the server knows a deployment's services only as nodes
+/// report them. A node of another organization that reports first must not
+/// take the name from the node it was made on: the store keeps which node
+/// that is, and the owner's own report is taken when it comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_name_is_not_squatted_by_the_first_node_to_report_it() {
+    let mut h = Harness::server().await;
+    // The owner reaches the server through a proxy that can keep it away.
+    let proxy = common::proxy::Proxy::start(h.addr).await;
+    let owner = unique("test");
+    let mut cfg = h.agent_config(&owner);
+    cfg.server = format!("http://{}", proxy.addr).parse().unwrap();
+    h.add_agent_with(cfg).await;
+    let file = h.state_path("prod.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "services:\n  web:\n    image: {}\n    command: [\"sleep\", \"3600\"]\n",
+            image()
+        ),
+    )
+    .unwrap();
+    let name = unique("prod");
+    h.ctl_ok(&[
+        "deploy",
+        "up",
+        "-f",
+        file.to_str().unwrap(),
+        "--name",
+        &name,
+    ])
+    .await;
+    let web = format!("{name}_web");
+    let real: Value = serde_json::from_str(&h.ctl_ok(&["inspect", &web]).await).unwrap();
+    let acme_key = h
+        .ctl_ok(&["org", "create", "acme"])
+        .await
+        .trim()
+        .to_string();
+
+    // The owner is kept away; the server restarts.
+    proxy.refuse(true);
+    proxy.cut();
+    h.restart_server().await;
+
+    // A node of another organization reports the deployment's service as
+    // its own, before the owner is back.
+    let key = NodeKey::generate();
+    let thief = unique("fake");
+    h.track(&thief);
+    let resp = fake::register(&h, &thief, &acme_key, &key).await;
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let v: Value = resp.json().await.unwrap();
+    let jwt = v["auth"]["node_jwt"].as_str().unwrap().to_string();
+    let mut squat = real.clone();
+    squat["node_id"] = json!(thief);
+    let mut ws = fake::connect(&h, &jwt, &thief, Some(&key)).await.unwrap();
+    let hello = json!({"type": "hello", "payload": {
+        "versions": [1], "node_id": thief, "agent_version": "fake",
+        "inventory": [squat],
+    }});
+    ws.send(Ws::text(hello.to_string())).await.unwrap();
+    h.wait_status(&thief, "online").await;
+    assert!(
+        h.hub.worker(&web).is_err(),
+        "the squatter's claim was taken in"
+    );
+
+    // The owner comes back and has its deployment.
+    proxy.refuse(false);
+    h.wait_status(&owner, "online").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while h.hub.worker(&web).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the owner's service is known again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(h.hub.worker(&web).unwrap().node_id, owner);
+    let out = h
+        .ctl_ok(&["exec", &format!("{name}/web"), "--", "echo", "mine"])
+        .await;
+    assert_eq!(out, "mine\n");
+    let _ = ws.close(None).await;
+    h.ctl_ok(&["deploy", "down", &name]).await;
+    h.stop().await;
+}

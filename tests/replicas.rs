@@ -183,6 +183,14 @@ fn keeps_the_store_rules(s: &dyn tether::server::store::Store) {
         Err(StoreError::OtherOrganization { .. })
     ));
     assert!(s.is_current("n1", &a.binding));
+    // A deployment's name stays with the node it was made on until taken
+    // down or until that node is forgotten.
+    s.set_deployment_node("shop", Some("n1")).unwrap();
+    s.set_deployment_node("gone", Some("n1")).unwrap();
+    s.set_deployment_node("other", Some("n9")).unwrap();
+    assert_eq!(s.deployment_node("shop").as_deref(), Some("n1"));
+    s.set_deployment_node("gone", None).unwrap();
+    assert_eq!(s.deployment_node("gone"), None);
     let org = Organization {
         name: "acme".into(),
         created_at: now_rfc3339(),
@@ -225,6 +233,8 @@ fn keeps_the_store_rules(s: &dyn tether::server::store::Store) {
     assert!(!s.set_mcp_node("n1", true).unwrap());
     assert!(s.forget_node("n1").unwrap());
     assert!(!s.is_current("n1", &a.binding));
+    assert_eq!(s.deployment_node("shop"), None, "forgotten with its node");
+    assert_eq!(s.deployment_node("other").as_deref(), Some("n9"));
     assert!(s.desired_configs().is_empty());
     assert!(
         s.mcp_nodes().is_empty(),
@@ -276,6 +286,7 @@ fn the_sqlite_and_the_postgres_store_keep_the_same_rules() {
     let again = tether::server::store::PgStore::connect(&url).unwrap();
     assert!(again.organizations().is_empty());
     assert!(again.mcp_nodes().is_empty(), "forgotten at every replica");
+    assert_eq!(again.deployment_node("other").as_deref(), Some("n9"));
     assert_eq!(again.secret("jwt.key", "third".into()).unwrap(), "first");
     // The audit table is bounded: the newest records stay, in order.
     let bounded = again.keep_audit(5);

@@ -222,10 +222,13 @@ async fn session(
     if let Some(desired) = app.store.desired_config(&node_id) {
         app.hub.restore_desired_config(&node_id, desired);
     }
+    let inventory = hello
+        .inventory
+        .map(|i| recorded_deployments_only(app.store.as_ref(), &node_id, i));
     app.hub.attach(
         &node_id,
         &hello.agent_version,
-        hello.inventory,
+        inventory,
         hello.config_version,
     );
     if let Some(report) = hello.capabilities {
@@ -388,5 +391,85 @@ fn on_text(app: &AppState, link: &Arc<AgentLink>, text: &str) {
                 format!("unexpected message from agent: {}", other.encode()),
             ));
         }
+    }
+}
+
+/// `inventory` without the services of deployments that the store records
+/// on another node that still exists: a deployment's name is the node's it
+/// was made on (`deploy up`), not whichever node reports it first after a
+/// restart.
+fn recorded_deployments_only(
+    store: &dyn super::store::Store,
+    node_id: &str,
+    inventory: Vec<crate::protocol::WorkerInfo>,
+) -> Vec<crate::protocol::WorkerInfo> {
+    inventory
+        .into_iter()
+        .filter(|w| {
+            let Some(d) = &w.deployment else {
+                return true;
+            };
+            match store.deployment_node(d) {
+                Some(at) if at != node_id && store.node_identity(&at).is_some() => {
+                    tracing::warn!(
+                        %node_id,
+                        worker_id = %w.worker_id,
+                        deployment = %d,
+                        made_on = %at,
+                        "inventory claim refused: the deployment was made on another node"
+                    );
+                    false
+                }
+                _ => true,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::store::{SqliteStore, Store};
+
+    fn service(node: &str, deployment: &str) -> crate::protocol::WorkerInfo {
+        serde_json::from_value(serde_json::json!({
+            "worker_id": format!("{deployment}_web"), "node_id": node, "image": "i",
+            "container_id": "c", "network": "n", "state": "running",
+            "created_at": "2026-01-01T00:00:00Z", "deployment": deployment, "service": "web",
+        }))
+        .unwrap()
+    }
+
+    /// After a restart the registry is empty: the first node to report a
+    /// deployment's name must not take it from the node it was made on.
+    #[test]
+    fn a_hello_claims_only_deployments_made_on_its_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store.bind_node("owner", "aa", "default").unwrap();
+        store.bind_node("thief", "bb", "default").unwrap();
+        store.set_deployment_node("prod", Some("owner")).unwrap();
+        let claims = |node: &str| {
+            let inv = vec![service(node, "prod"), service(node, "other")];
+            recorded_deployments_only(&store, node, inv)
+                .into_iter()
+                .map(|w| w.worker_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(claims("thief"), ["other_web"]);
+        assert_eq!(claims("owner"), ["prod_web", "other_web"]);
+        // Kept across a restart of the store.
+        drop(store);
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(store.deployment_node("prod").as_deref(), Some("owner"));
+        // Its node forgotten, the name is free again (and its record gone).
+        store.forget_node("owner").unwrap();
+        assert_eq!(store.deployment_node("prod"), None);
+        let inv = vec![service("thief", "prod")];
+        assert_eq!(recorded_deployments_only(&store, "thief", inv).len(), 1);
+        // Taken down: no record.
+        store.set_deployment_node("x", Some("thief")).unwrap();
+        store.set_deployment_node("x", None).unwrap();
+        assert_eq!(store.deployment_node("x"), None);
     }
 }

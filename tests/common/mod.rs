@@ -292,6 +292,35 @@ impl Harness {
         self.dir.path().join(p)
     }
 
+    /// Stops the server and starts another on the same address and state
+    /// directory (its agents connect to it again), as after a restart: the
+    /// new server knows only what its store kept and what agents report.
+    pub async fn restart_server(&mut self) {
+        self.server_stop.cancel();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let server = loop {
+            let mut cfg = ServerConfig::new(self.addr, PSK.into(), self.dir.path().join("server"));
+            cfg.heartbeat_interval = Duration::from_secs(2);
+            cfg.heartbeat_timeout = Duration::from_secs(6);
+            match Server::bind(cfg).await {
+                Ok(s) => break s,
+                // The old one may still hold the port for a moment.
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "restart: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        assert_eq!(
+            server.admin_token(),
+            self.token,
+            "the store kept the admin token"
+        );
+        self.hub = server.hub();
+        self.server_stop = CancellationToken::new();
+        tokio::spawn(server.serve(self.server_stop.clone()));
+    }
+
     /// Stops the agents and the server, then removes what they created.
     pub async fn stop(mut self) {
         self.shutdown.cancel();

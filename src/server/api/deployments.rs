@@ -28,13 +28,55 @@ pub(super) async fn up(
     let t0 = std::time::Instant::now();
     let req = crate::server::compose::parse(&up.compose, up.name.as_deref(), up.network_policy)?;
     let args = json!({ "deployment": req.deployment, "services": req.services.len() });
-    let r = app.hub.deploy_in(req, up.node_id, &caller.scope).await;
+    let name = req.deployment.clone();
+    let r = match recorded_node(&app, &name, up.node_id, &caller.scope) {
+        Ok(node) => app.hub.deploy_in(req, node, &caller.scope).await,
+        Err(e) => Err(e),
+    };
+    if let Ok(d) = &r {
+        let node = d.node_id.clone();
+        if let Err(e) = on_store(&app, move |s| s.set_deployment_node(&name, Some(&node))).await {
+            tracing::error!(deployment = %d.deployment, error = %e, "the deployment is up but its node could not be recorded");
+        }
+    }
     let mut rec = api_record(&caller, "api:deploy_up", &args, t0, &r);
     if let Ok(d) = &r {
         rec.node_id = Some(d.node_id.clone());
     }
     append_audit(&app, rec);
     Ok(Json(r?))
+}
+
+/// Where an `up` of deployment `name` must go, by the store's record of the
+/// node it was made on (kept across restarts; the registry learns only from
+/// the nodes that have reported since): that node, even while it is
+/// offline. A name recorded on another organization's node is taken.
+fn recorded_node(
+    app: &AppState,
+    name: &str,
+    asked: Option<String>,
+    scope: &crate::server::hub::OrgScope,
+) -> Result<Option<String>, ErrorBody> {
+    let Some(at) = app.store.deployment_node(name) else {
+        return Ok(asked);
+    };
+    let Some(identity) = app.store.node_identity(&at) else {
+        // Its node was forgotten: the name is free.
+        return Ok(asked);
+    };
+    if !scope.admits(&identity.org) {
+        return Err(ErrorBody::new(
+            ErrorCode::Conflict,
+            format!("the deployment name {name} is taken: choose another"),
+        ));
+    }
+    match asked {
+        Some(n) if n != at => Err(ErrorBody::new(
+            ErrorCode::Conflict,
+            format!("deployment {name} runs on node {at}: take it down to move it to {n}"),
+        )),
+        _ => Ok(Some(at)),
+    }
 }
 
 pub(super) async fn list(
@@ -66,6 +108,12 @@ pub(super) async fn down(
     let t0 = std::time::Instant::now();
     let org = app.hub.deployment_org(&name);
     let r = app.hub.undeploy(&name, q.volumes).await;
+    if r.is_ok() {
+        let gone = name.clone();
+        if let Err(e) = on_store(&app, move |s| s.set_deployment_node(&gone, None)).await {
+            tracing::error!(deployment = %name, error = %e, "the deployment is down but its record stays");
+        }
+    }
     let mut rec = api_record(
         &caller,
         "api:deploy_down",

@@ -158,8 +158,8 @@ pub trait Store: Send + Sync + 'static {
         self.node_identity(node_id)
     }
     /// Forgets a node's binding; true if there was one.
-    /// Its desired configuration and its place on the MCP allowlist go with
-    /// it.
+    /// Its desired configuration, its place on the MCP allowlist and its
+    /// deployments' names go with it.
     fn forget_node(&self, node_id: &str) -> Result<bool, StoreError>;
     /// Whether `binding` is still the node's binding (checked on every
     /// heartbeat tick of its connection: no copies).
@@ -190,6 +190,13 @@ pub trait Store: Send + Sync + 'static {
         node_id: &str,
         cfg: Option<&crate::protocol::NodeConfig>,
     ) -> Result<(), StoreError>;
+    /// The node deployment `name` was made on (`deploy up`), until it is
+    /// taken down or that node is forgotten. Deployment names are one
+    /// namespace for the server: this record, not whichever node reports
+    /// a name first after a restart, says whose a name is.
+    fn deployment_node(&self, name: &str) -> Option<String>;
+    /// Records (or with `None` forgets) the node deployment `name` runs on.
+    fn set_deployment_node(&self, name: &str, node_id: Option<&str>) -> Result<(), StoreError>;
     /// Every node's wanted configuration (restored into the hub at start).
     fn desired_configs(&self) -> Vec<(String, crate::protocol::NodeConfig)>;
     /// The configuration wanted on one node.

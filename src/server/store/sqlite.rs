@@ -23,7 +23,7 @@ const JSON_FILE: &str = "state.json";
 
 /// One table per kind of item: its key, and the item as JSON (readable
 /// with `sqlite3 state.db "SELECT value FROM nodes"`).
-const TABLES: [&str; 8] = [
+const TABLES: [&str; 9] = [
     "nodes",
     "previews",
     "mcp_nodes",
@@ -32,10 +32,11 @@ const TABLES: [&str; 8] = [
     "orgs",
     "registration_keys",
     "operator_tokens",
+    "deployments",
 ];
 
-/// The schema's version, in `PRAGMA user_version`.
-const SCHEMA_VERSION: i32 = 1;
+/// The schema's version, in `PRAGMA user_version` (2: `deployments`).
+const SCHEMA_VERSION: i32 = 2;
 
 pub struct SqliteStore {
     path: PathBuf,
@@ -60,6 +61,7 @@ enum Op {
     Org(String, Option<Organization>),
     RegistrationKey(String, Option<RegistrationKey>),
     OperatorToken(String, Option<OperatorToken>),
+    Deployment(String, Option<String>),
 }
 
 impl Op {
@@ -78,6 +80,7 @@ impl Op {
             Op::Org(k, v) => ("orgs", k, json(v)),
             Op::RegistrationKey(k, v) => ("registration_keys", k, json(v)),
             Op::OperatorToken(k, v) => ("operator_tokens", k, json(v)),
+            Op::Deployment(k, v) => ("deployments", k, json(v)),
         }
     }
 
@@ -102,6 +105,7 @@ impl Op {
             Op::Org(k, v) => set(&mut s.orgs, k, v),
             Op::RegistrationKey(k, v) => set(&mut s.registration_keys, k, v),
             Op::OperatorToken(k, v) => set(&mut s.operator_tokens, k, v),
+            Op::Deployment(k, v) => set(&mut s.deployments, k, v),
         }
     }
 }
@@ -120,6 +124,7 @@ fn ops_of(s: State) -> Vec<Op> {
     ops.extend(all(s.orgs, Op::Org));
     ops.extend(all(s.registration_keys, Op::RegistrationKey));
     ops.extend(all(s.operator_tokens, Op::OperatorToken));
+    ops.extend(all(s.deployments, Op::Deployment));
     ops
 }
 
@@ -286,6 +291,7 @@ fn load(conn: &Connection) -> rusqlite::Result<State> {
         orgs: table(conn, "orgs")?,
         registration_keys: table(conn, "registration_keys")?,
         operator_tokens: table(conn, "operator_tokens")?,
+        deployments: table(conn, "deployments")?,
     })
 }
 
@@ -342,6 +348,11 @@ impl Store for SqliteStore {
             if s.mcp_nodes.contains(node_id) {
                 ops.push(Op::McpNode(node_id.into(), false));
             }
+            ops.extend(
+                s.deployments_of(node_id)
+                    .into_iter()
+                    .map(|d| Op::Deployment(d, None)),
+            );
             Ok((true, ops))
         })
     }
@@ -356,6 +367,20 @@ impl Store for SqliteStore {
 
     fn desired_configs(&self) -> Vec<(String, NodeConfig)> {
         self.read(State::desired_configs)
+    }
+
+    fn deployment_node(&self, name: &str) -> Option<String> {
+        self.read(|s| s.deployment_node(name))
+    }
+
+    fn set_deployment_node(&self, name: &str, node_id: Option<&str>) -> Result<(), StoreError> {
+        self.update(|s| {
+            let changed = s.deployments.get(name).map(String::as_str) != node_id;
+            only_if(changed, || {
+                Op::Deployment(name.into(), node_id.map(String::from))
+            })
+            .map(|(_, ops)| ((), ops))
+        })
     }
 
     fn desired_config(&self, node_id: &str) -> Option<NodeConfig> {

@@ -34,6 +34,9 @@ pub(crate) struct State {
     /// By id.
     #[serde(default)]
     pub operator_tokens: BTreeMap<String, OperatorToken>,
+    /// Deployment name → the node it was made on.
+    #[serde(default)]
+    pub deployments: BTreeMap<String, String>,
 }
 
 impl State {
@@ -64,6 +67,19 @@ impl State {
 
     pub fn desired_config(&self, node_id: &str) -> Option<crate::protocol::NodeConfig> {
         self.desired_configs.get(node_id).cloned()
+    }
+
+    pub fn deployment_node(&self, name: &str) -> Option<String> {
+        self.deployments.get(name).cloned()
+    }
+
+    /// The deployments made on `node_id`.
+    pub fn deployments_of(&self, node_id: &str) -> Vec<String> {
+        self.deployments
+            .iter()
+            .filter(|(_, n)| *n == node_id)
+            .map(|(d, _)| d.clone())
+            .collect()
     }
 
     pub fn preview(&self, id: &str) -> Option<PreviewGrant> {

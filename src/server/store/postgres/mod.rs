@@ -251,6 +251,12 @@ impl Store for PgStore {
             "DELETE FROM mcp_nodes WHERE node_id = $1",
             vec![text(node_id)],
         )?;
+        // Not the table's key: the whole table is read again.
+        self.write(
+            "deployments",
+            "DELETE FROM deployments WHERE node_id = $1",
+            vec![Param::OptText(Some(node_id.to_string()))],
+        )?;
         let n = self.write(
             "nodes",
             "DELETE FROM nodes WHERE node_id = $1",
@@ -374,6 +380,27 @@ impl Store for PgStore {
 
     fn desired_config(&self, node_id: &str) -> Option<crate::protocol::NodeConfig> {
         self.cache.lock().unwrap().desired_config(node_id)
+    }
+
+    fn deployment_node(&self, name: &str) -> Option<String> {
+        self.cache.lock().unwrap().deployment_node(name)
+    }
+
+    fn set_deployment_node(&self, name: &str, node_id: Option<&str>) -> Result<(), StoreError> {
+        match node_id {
+            Some(n) => self.write(
+                "deployments",
+                "INSERT INTO deployments (name, node_id) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET node_id = $2",
+                vec![text(name), text(n)],
+            )?,
+            None => self.write(
+                "deployments",
+                "DELETE FROM deployments WHERE name = $1",
+                vec![text(name)],
+            )?,
+        };
+        Ok(())
     }
 
     fn organizations(&self) -> Vec<Organization> {

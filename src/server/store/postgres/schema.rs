@@ -34,6 +34,11 @@ const MIGRATIONS: &[(i32, &str)] = &[
             held_until timestamptz NOT NULL);
          CREATE INDEX node_holders_replica ON node_holders (replica_id);",
     ),
+    (
+        3,
+        "CREATE TABLE deployments (name text PRIMARY KEY, node_id text NOT NULL);
+         CREATE INDEX deployments_node ON deployments (node_id);",
+    ),
 ];
 
 /// Serialises migrations of replicas that start at once.

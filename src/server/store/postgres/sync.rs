@@ -110,6 +110,7 @@ pub(super) const TABLES: &[&str] = &[
     "mcp_nodes",
     "mcp_tokens",
     "desired_configs",
+    "deployments",
 ];
 
 /// Waits between attempts to make a lost connection again.
@@ -226,6 +227,7 @@ fn select(table: &str) -> Option<(&'static str, &'static str)> {
         "mcp_nodes" => ("SELECT node_id FROM mcp_nodes", "node_id"),
         "mcp_tokens" => ("SELECT id, token FROM mcp_tokens", "id"),
         "desired_configs" => ("SELECT node_id, config FROM desired_configs", "node_id"),
+        "deployments" => ("SELECT name, node_id FROM deployments", "name"),
         _ => return None,
     })
 }
@@ -352,6 +354,10 @@ pub(super) async fn reload(
                 .map(|r| Ok((text(r, 0), from_json(r.get(1))?)))
                 .collect::<Result<_, StoreError>>()?;
             put(&mut cache.desired_configs, key, rows);
+        }
+        "deployments" => {
+            let rows = rows.iter().map(|r| (text(r, 0), text(r, 1))).collect();
+            put(&mut cache.deployments, key, rows);
         }
         _ => {}
     }

@@ -452,7 +452,18 @@ async fn an_operator_at_any_replica_reaches_a_node_another_holds() {
             c.preview_domain = Some("preview.test".into());
         })
     };
-    let mut a = previewing(&db).await;
+    // B reaches A through a proxy that counts its connections.
+    let a_port = free_port();
+    let to_a = common::proxy::Proxy::start(([127, 0, 0, 1], a_port).into()).await;
+    let a_url = format!("http://{}", to_a.addr);
+    let a_db = db.clone();
+    let mut a = Harness::server_with(move |c| {
+        c.database = Some(a_db);
+        c.preview_domain = Some("preview.test".into());
+        c.listen = ([127, 0, 0, 1], a_port).into();
+        c.advertise_url = Some(a_url);
+    })
+    .await;
     let b = previewing(&db).await;
     let node = a.add_agent().await;
     let img = image();
@@ -630,6 +641,32 @@ async fn an_operator_at_any_replica_reaches_a_node_another_holds() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Without a credential that could open it, B refuses a preview of a
+    // worker it does not hold at once: A is not asked where it is (no
+    // fan-out to every peer, no timing that tells where a worker runs).
+    to_a.cut();
+    let asked_before = to_a.accepted();
+    let anonymous = [
+        reqwest::Client::new().get(format!("{}/api/v1/workers/{web}/ports/8080/i.txt", b.url)),
+        reqwest::Client::new()
+            .get(format!("{}/api/v1/workers/{web}/ports/8080/i.txt", b.url))
+            .header("cookie", format!("tether_preview=forged.{}.00", u32::MAX)),
+        reqwest::Client::new()
+            .get(format!("{}/i.txt?tether_preview=x.1.00", b.url))
+            .header("host", format!("8080-{web}.preview.test")),
+        reqwest::Client::new()
+            .get(format!("{}/api/v1/workers/{web}/ports/8080/i.txt", b.url))
+            .bearer_auth("tok_not-a-token"),
+    ];
+    for r in anonymous {
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), 401, "{}", r.text().await.unwrap());
+    }
+    assert_eq!(
+        to_a.accepted(),
+        asked_before,
+        "B asked A about an anonymous preview"
+    );
     b.ctl_ok(&["rm", "-f", &web]).await;
 
     // Node routes through B too.

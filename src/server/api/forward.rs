@@ -115,6 +115,30 @@ pub(super) async fn deployment_route(
     by_probe(&app, "deployment", &name, known, req, next).await
 }
 
+/// Path-based previews: as [`worker_route`], but only a request with a
+/// credential that could open the preview is passed on
+/// ([`super::preview::credible`]).
+pub(super) async fn preview_route(
+    State(app): State<Arc<AppState>>,
+    Path(p): PathParams,
+    req: Request,
+    next: Next,
+) -> Response {
+    let id = p.get("id").cloned().unwrap_or_default();
+    let port = p.get("port").and_then(|p| p.parse::<u16>().ok());
+    let known = || app.replica.is_none() || app.hub.worker(&id).is_ok();
+    let credible = match port {
+        Some(port) if !known() => {
+            super::preview::credible(&app, req.headers(), req.uri(), &id, port).await
+        }
+        _ => false,
+    };
+    if !credible {
+        return next.run(req).await;
+    }
+    by_probe(&app, "worker", &id, known, req, next).await
+}
+
 /// Node routes: a node online at another replica is that replica's.
 pub(super) async fn node_route(
     State(app): State<Arc<AppState>>,

@@ -196,7 +196,7 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
         )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            forward::worker_route,
+            forward::preview_route,
         ));
     // The operator token or an MCP token.
     let mcp_endpoint = Router::new()

@@ -182,17 +182,67 @@ pub(super) async fn by_host(
     });
     match target {
         Some((worker, port)) => {
-            // A worker another replica holds is served there.
-            let known = || app.hub.worker(&worker).is_ok();
-            let req = match super::forward::elsewhere(&app, "worker", &worker, known, req).await {
-                Ok(answer) => return answer,
-                Err(req) => req,
+            // A worker another replica holds is served there, for a
+            // request that could open it.
+            let known = || app.hub.worker(&worker).is_ok() || app.replica.is_none();
+            let req = if known() || !credible(&app, req.headers(), req.uri(), &worker, port).await {
+                req
+            } else {
+                match super::forward::elsewhere(&app, "worker", &worker, known, req).await {
+                    Ok(answer) => return answer,
+                    Err(req) => req,
+                }
             };
             let path = req.uri().path().to_string();
             serve(&app, &worker, port, req, &path, None).await
         }
         None => next.run(req).await,
     }
+}
+
+/// Whether a request for `port` of `worker` carries what could open it
+/// wherever the worker is: an operator token, or the preview token of a live
+/// grant for that worker and port (checked against the grant's own record,
+/// since the worker may be another replica's). Only such a request makes
+/// this replica ask its peers where a worker it does not know is: an
+/// anonymous one is refused here, at no cost to the peers and in a time
+/// that tells nothing of where the worker runs.
+pub(super) async fn credible(
+    app: &Arc<AppState>,
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+    worker: &str,
+    port: u16,
+) -> bool {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| auth::bearer(Some(v)));
+    if let Some(t) = bearer
+        && app.caller_fresh(t).await.is_ok()
+    {
+        return true;
+    }
+    let query = uri.query().unwrap_or("");
+    let cookies = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    let granted = |token: &str| {
+        let id = token.split('.').next().unwrap_or_default();
+        app.store.preview(id).is_some_and(|g| {
+            let target = preview::Target {
+                worker_id: worker,
+                container_id: &g.container_id,
+                port,
+            };
+            g.worker_id == worker && g.port == port && app.preview_key.verify(token, target).is_ok()
+        })
+    };
+    preview::param(query)
+        .into_iter()
+        .chain(preview::cookies(cookies, PREVIEW_PARAM))
+        .any(granted)
 }
 
 /// Authorizes, then proxies `req` to `port` of `worker` as `path` (plus the
@@ -379,7 +429,18 @@ fn check_grant(
     worker: &str,
     port: u16,
 ) -> Result<(String, u64), ErrorBody> {
-    let container_id = app.hub.worker(worker)?.container_id;
+    // A worker this replica does not know opens with no token: the same
+    // answer as a forged one, whether the worker exists elsewhere or not.
+    let container_id = app
+        .hub
+        .worker(worker)
+        .map_err(|_| {
+            ErrorBody::new(
+                ErrorCode::Unauthorized,
+                "the preview token is not valid for this worker and port",
+            )
+        })?
+        .container_id;
     let target = preview::Target {
         worker_id: worker,
         container_id: &container_id,

@@ -45,7 +45,7 @@ async fn replicas_on_one_database_share_identities_organizations_and_tokens() {
             "tether_replicas",
             "SELECT string_agg(version::text, ',' ORDER BY version) FROM tether_migrations"
         ),
-        "1,2",
+        "1,2,3",
         "each step of the schema once"
     );
     assert_eq!(a.token, b.token, "one admin token for every replica");
@@ -107,6 +107,53 @@ async fn replicas_on_one_database_share_identities_organizations_and_tokens() {
     // Another key for that node id is refused at either replica.
     let other = NodeKey::generate();
     assert_eq!(fake::register(&b, &node, &key, &other).await.status(), 409);
+
+    // B saw the node as acme's. The id is then bound anew in the default
+    // organization, and no notification of it has reached B yet (written
+    // behind the replicas' backs). acme's operator at B no longer reaches
+    // it: B judges a node it does not hold by the database, not by its
+    // registry's memory of the node or its copy of the store.
+    {
+        use futures_util::SinkExt;
+        let mut ws = fake::connect(&b, &jwt, &node, Some(&nk)).await.unwrap();
+        let hello = serde_json::json!({"type": "hello", "payload": {
+            "versions": [1], "node_id": node, "agent_version": "fake", "inventory": [],
+        }});
+        ws.send(tokio_tungstenite::tungstenite::Message::text(
+            hello.to_string(),
+        ))
+        .await
+        .unwrap();
+        b.wait_status(&node, "online").await;
+        let _ = ws.close(None).await;
+    }
+    b.wait_status(&node, "offline").await;
+    pg.query(
+        "tether_replicas",
+        &format!(
+            "UPDATE nodes SET org = 'default', binding = 'rebound', \
+             public_key = '{}' WHERE node_id = '{node}'",
+            "ab".repeat(32)
+        ),
+    );
+    let r = reqwest::Client::new()
+        .put(format!("{}/api/v1/nodes/{node}/config", b.url))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"version": 1, "config_version": "from-acme"}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    assert_eq!(status, 404, "{text}");
+    assert!(text.contains(&format!("no such node: {node}")), "{text}");
+    assert_eq!(
+        pg.query(
+            "tether_replicas",
+            &format!("SELECT count(*) FROM desired_configs WHERE node_id = '{node}'")
+        ),
+        "0"
+    );
 
     // A real agent registered at A comes up at B; B's operator of acme
     // sees it and runs a worker on it.

@@ -327,6 +327,22 @@ fn node_org(app: &AppState, id: &str) -> Option<String> {
         .or_else(|| app.store.node_identity(id).map(|i| i.org))
 }
 
+/// The organization of node `id` as it is now: that of its connection if
+/// this replica holds it, else the store's binding read from the database
+/// itself (another replica may have forgotten the node or bound it anew
+/// since this one's registry, and even its copy of the store, last saw it).
+async fn node_org_now(app: &AppState, id: &str) -> Option<String> {
+    if app.replica.is_none() || forward::holds_node(app, id) {
+        return node_org(app, id);
+    }
+    let (store, node) = (app.store.clone(), id.to_string());
+    tokio::task::spawn_blocking(move || store.refresh_node(&node))
+        .await
+        .ok()
+        .flatten()
+        .map(|i| i.org)
+}
+
 /// Whether `caller` sees worker `id` (the admin sees every id, known or
 /// not; an organization only the workers of its nodes).
 fn sees_worker(app: &AppState, caller: &Caller, id: &str) -> bool {
@@ -364,7 +380,7 @@ async fn node_scope(
     next: Next,
 ) -> Response {
     let id = p.get("id").cloned().unwrap_or_default();
-    let org = node_org(&app, &id);
+    let org = node_org_now(&app, &id).await;
     scoped(&caller, org, format!("no such node: {id}"), req, next).await
 }
 

@@ -97,6 +97,33 @@ async fn replicas_on_one_database_share_identities_organizations_and_tokens() {
     let v: serde_json::Value = r.json().await.unwrap();
     let jwt = v["auth"]["node_jwt"].as_str().unwrap().to_string();
     assert!(fake::connect(&b, &jwt, &node, Some(&nk)).await.is_ok());
+    // A proof is good once across the replicas: a captured upgrade request
+    // that A took is refused at B.
+    {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let proof = nk.proof(tether::protocol::ProofPurpose::Connect, &node);
+        let request = |h: &Harness| {
+            let mut req = format!("{}/api/agent/connect", h.url.replace("http", "ws"))
+                .into_client_request()
+                .unwrap();
+            let hs = req.headers_mut();
+            hs.insert("authorization", format!("Bearer {jwt}").parse().unwrap());
+            hs.insert("sec-websocket-protocol", "tether.v1".parse().unwrap());
+            hs.insert(tether::protocol::PROOF_HEADER, proof.parse().unwrap());
+            req
+        };
+        let first = tokio_tungstenite::connect_async(request(&a)).await;
+        assert!(first.is_ok(), "the first use of a proof is accepted");
+        drop(first);
+        let replay = tokio_tungstenite::connect_async(request(&b))
+            .await
+            .map(|(ws, _)| ws);
+        assert_eq!(
+            fake::refused_status(replay),
+            401,
+            "replayed at another replica"
+        );
+    }
     assert_eq!(
         pg.query(
             "tether_replicas",

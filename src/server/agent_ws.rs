@@ -102,7 +102,8 @@ async fn authenticate(
         &identity.public_key,
         crate::protocol::ProofPurpose::Connect,
         proof,
-    )?;
+    )
+    .await?;
     Ok(claims)
 }
 

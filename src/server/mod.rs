@@ -263,7 +263,7 @@ impl AppState {
     /// node, or offered by a first registration) and refuses a proof seen
     /// before (a replayed request). Only proofs that verify are remembered,
     /// so nobody without the key can make the node's own proofs look used.
-    pub(crate) fn check_proof(
+    pub(crate) async fn check_proof(
         &self,
         node_id: &str,
         public_key: &str,
@@ -280,17 +280,42 @@ impl AppState {
         let now = crate::protocol::now_millis();
         let ms = crate::protocol::verify_proof(public_key, purpose, node_id, proof, now)
             .map_err(|e| ErrorBody::new(ErrorCode::Unauthorized, e.to_string()))?;
-        let mut seen = self.proofs_seen.lock().unwrap();
-        let list = seen.entry(node_id.to_string()).or_default();
-        // A proof older than the skew allowance is refused anyway.
-        list.retain(|(t, _)| t.abs_diff(now) <= 2 * MAX_PROOF_SKEW_MS);
-        if list.iter().any(|(_, p)| p == proof) {
-            return Err(ErrorBody::new(
-                ErrorCode::Unauthorized,
-                "the node proof was already used (replayed request?)",
-            ));
+        {
+            let mut seen = self.proofs_seen.lock().unwrap();
+            let list = seen.entry(node_id.to_string()).or_default();
+            // A proof older than the skew allowance is refused anyway.
+            list.retain(|(t, _)| t.abs_diff(now) <= 2 * MAX_PROOF_SKEW_MS);
+            if list.iter().any(|(_, p)| p == proof) {
+                return Err(ErrorBody::new(
+                    ErrorCode::Unauthorized,
+                    "the node proof was already used (replayed request?)",
+                ));
+            }
+            list.push((ms, proof.to_string()));
         }
-        list.push((ms, proof.to_string()));
+        // Replicas: the proof must be new to every one of them, not only
+        // to this one (a captured request sent to each in turn).
+        if self.replica.is_some() {
+            use sha2::Digest;
+            let digest = hex::encode(sha2::Sha256::digest(proof.as_bytes()));
+            let until = ms.max(now) + 2 * MAX_PROOF_SKEW_MS;
+            let store = self.store.clone();
+            match tokio::task::spawn_blocking(move || store.use_proof(&digest, until)).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => {
+                    return Err(ErrorBody::new(
+                        ErrorCode::Unauthorized,
+                        "the node proof was already used (replayed request?)",
+                    ));
+                }
+                // The database is away: this replica's own memory of
+                // proofs still holds, and nodes can still connect.
+                Ok(Err(e)) => {
+                    tracing::warn!(%node_id, error = %e, "could not record a node proof with the other replicas")
+                }
+                Err(e) => tracing::warn!(%node_id, error = %e, "could not record a node proof"),
+            }
+        }
         Ok(())
     }
 }

@@ -78,7 +78,8 @@ pub(super) async fn register(
         &body.public_key,
         crate::protocol::ProofPurpose::Register,
         Some(&body.proof),
-    )?;
+    )
+    .await?;
     let (node, key) = (body.node_id.clone(), body.public_key.clone());
     let identity = on_store(&app, move |s| s.bind_node(&node, &key, &org))
         .await

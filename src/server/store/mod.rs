@@ -250,6 +250,13 @@ pub trait Store: Send + Sync + 'static {
     fn peers(&self, _id: &str) -> Vec<(String, String)> {
         Vec::new()
     }
+    /// Records that a node proof (by its digest) was used, until
+    /// `until_ms`; false if it was used before. Replicas share this, so a
+    /// captured proof opens nothing at a second replica; a single server's
+    /// own memory of proofs is enough, and it keeps none.
+    fn use_proof(&self, _digest: &str, _until_ms: u64) -> Result<bool, StoreError> {
+        Ok(true)
+    }
     /// Appends to the audit trail of sandbox operations.
     fn append_audit(&self, record: &super::audit::AuditRecord) -> Result<(), StoreError>;
     /// Audit records matching `filter`, oldest first.

@@ -382,6 +382,29 @@ impl Store for PgStore {
         self.cache.lock().unwrap().desired_config(node_id)
     }
 
+    fn use_proof(&self, digest: &str, until_ms: u64) -> Result<bool, StoreError> {
+        let digest = digest.to_string();
+        let until = until_ms as i64;
+        let now = crate::protocol::now_millis() as i64;
+        self.run(move |c| {
+            Box::pin(async move {
+                // Expired proofs are refused by their time stamp anyway.
+                c.execute("DELETE FROM used_proofs WHERE until_ms < $1", &[&now])
+                    .await
+                    .map_err(db)?;
+                let n = c
+                    .execute(
+                        "INSERT INTO used_proofs (digest, until_ms) VALUES ($1, $2)
+                         ON CONFLICT DO NOTHING",
+                        &[&digest, &until],
+                    )
+                    .await
+                    .map_err(db)?;
+                Ok(n == 1)
+            })
+        })
+    }
+
     fn deployment_node(&self, name: &str) -> Option<String> {
         self.cache.lock().unwrap().deployment_node(name)
     }

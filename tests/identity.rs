@@ -9,8 +9,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use std::time::Duration;
 use tether::agent::identity::NodeKey;
-use tether::protocol::{PROOF_HEADER, ProofPurpose};
-use tokio_tungstenite::tungstenite::{Message as Ws, client::IntoClientRequest};
+use tether::protocol::ProofPurpose;
+use tokio_tungstenite::tungstenite::Message as Ws;
 
 /// The node's token as its agent stored it.
 fn stolen_token(h: &Harness, node: &str) -> String {
@@ -112,21 +112,9 @@ async fn a_copied_token_or_a_replayed_proof_cannot_connect() {
     h.track(&fake_node);
     let jwt = fake::token(&h, &fake_node, &key).await;
     let proof = key.proof(ProofPurpose::Connect, &fake_node);
-    let request = || {
-        let mut req = format!("{}/api/agent/connect", h.url.replace("http", "ws"))
-            .into_client_request()
-            .unwrap();
-        let hs = req.headers_mut();
-        hs.insert("authorization", format!("Bearer {jwt}").parse().unwrap());
-        hs.insert("sec-websocket-protocol", "tether.v1".parse().unwrap());
-        hs.insert(PROOF_HEADER, proof.parse().unwrap());
-        req
-    };
-    let first = tokio_tungstenite::connect_async(request()).await;
+    let first = fake::connect_with(fake::upgrade(&h, &jwt, Some(&proof))).await;
     assert!(first.is_ok(), "the first use of a proof is accepted");
-    let replay = tokio_tungstenite::connect_async(request())
-        .await
-        .map(|(ws, _)| ws);
+    let replay = fake::connect_with(fake::upgrade(&h, &jwt, Some(&proof))).await;
     assert_eq!(fake::refused_status(replay), 401);
 
     // The real agent never noticed.
@@ -306,11 +294,9 @@ async fn removing_a_node_revokes_its_tokens_and_connection_at_once() {
     h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_inventory_cannot_claim_a_place_in_another_organizations_deployment() {
-    let (h, node) = Harness::start().await;
-    // The default organization's deployment `prod`, one service.
-    let file = h.state_path("prod.yaml");
+/// `deploy up` of deployment `name`: one service, `web`, that sleeps.
+async fn deploy_sleeper(h: &Harness, name: &str) {
+    let file = h.state_path(&format!("{name}.yaml"));
     std::fs::write(
         &file,
         format!(
@@ -319,15 +305,24 @@ async fn an_inventory_cannot_claim_a_place_in_another_organizations_deployment()
         ),
     )
     .unwrap();
-    h.ctl_ok(&[
-        "deploy",
-        "up",
-        "-f",
-        file.to_str().unwrap(),
-        "--name",
-        "prod",
-    ])
-    .await;
+    h.ctl_ok(&["deploy", "up", "-f", file.to_str().unwrap(), "--name", name])
+        .await;
+}
+
+/// A node `thief` registered with `key` (another organization's) whose
+/// hello claims `claim` as its worker; online.
+async fn thief_says(h: &Harness, thief: &str, key: &str, claim: Value) -> fake::Client {
+    h.track(thief);
+    let node_key = NodeKey::generate();
+    let jwt = fake::registered(h, thief, key, &node_key).await;
+    fake::hello(h, thief, &jwt, &node_key, json!([claim])).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inventory_cannot_claim_a_place_in_another_organizations_deployment() {
+    let (h, node) = Harness::start().await;
+    // The default organization's deployment `prod`, one service.
+    deploy_sleeper(&h, "prod").await;
     let real: Value = serde_json::from_str(&h.ctl_ok(&["inspect", "prod_web"]).await).unwrap();
 
     // A node of another organization says, in its hello, that it runs a
@@ -337,25 +332,13 @@ async fn an_inventory_cannot_claim_a_place_in_another_organizations_deployment()
         .await
         .trim()
         .to_string();
-    let key = NodeKey::generate();
     let thief = unique("fake");
-    h.track(&thief);
-    let resp = fake::register(&h, &thief, &acme_key, &key).await;
-    assert!(resp.status().is_success(), "{}", resp.status());
-    let v: Value = resp.json().await.unwrap();
-    let jwt = v["auth"]["node_jwt"].as_str().unwrap().to_string();
     let mut ghost = real.clone();
     ghost["worker_id"] = json!("prod_ghost");
     ghost["node_id"] = json!(thief);
     ghost["service"] = json!("ghost");
     ghost["container_id"] = json!("0".repeat(64));
-    let mut ws = fake::connect(&h, &jwt, &thief, Some(&key)).await.unwrap();
-    let hello = json!({"type": "hello", "payload": {
-        "versions": [1], "node_id": thief, "agent_version": "fake",
-        "inventory": [ghost],
-    }});
-    ws.send(Ws::text(hello.to_string())).await.unwrap();
-    h.wait_status(&thief, "online").await;
+    let mut ws = thief_says(&h, &thief, &acme_key, ghost).await;
 
     // Refused: `prod` is the default organization's, on its node only.
     assert!(
@@ -391,25 +374,8 @@ async fn a_deployment_name_is_not_squatted_by_the_first_node_to_report_it() {
     let mut cfg = h.agent_config(&owner);
     cfg.server = format!("http://{}", proxy.addr).parse().unwrap();
     h.add_agent_with(cfg).await;
-    let file = h.state_path("prod.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "services:\n  web:\n    image: {}\n    command: [\"sleep\", \"3600\"]\n",
-            image()
-        ),
-    )
-    .unwrap();
     let name = unique("prod");
-    h.ctl_ok(&[
-        "deploy",
-        "up",
-        "-f",
-        file.to_str().unwrap(),
-        "--name",
-        &name,
-    ])
-    .await;
+    deploy_sleeper(&h, &name).await;
     let web = format!("{name}_web");
     let real: Value = serde_json::from_str(&h.ctl_ok(&["inspect", &web]).await).unwrap();
     let acme_key = h
@@ -425,22 +391,10 @@ async fn a_deployment_name_is_not_squatted_by_the_first_node_to_report_it() {
 
     // A node of another organization reports the deployment's service as
     // its own, before the owner is back.
-    let key = NodeKey::generate();
     let thief = unique("fake");
-    h.track(&thief);
-    let resp = fake::register(&h, &thief, &acme_key, &key).await;
-    assert!(resp.status().is_success(), "{}", resp.status());
-    let v: Value = resp.json().await.unwrap();
-    let jwt = v["auth"]["node_jwt"].as_str().unwrap().to_string();
     let mut squat = real.clone();
     squat["node_id"] = json!(thief);
-    let mut ws = fake::connect(&h, &jwt, &thief, Some(&key)).await.unwrap();
-    let hello = json!({"type": "hello", "payload": {
-        "versions": [1], "node_id": thief, "agent_version": "fake",
-        "inventory": [squat],
-    }});
-    ws.send(Ws::text(hello.to_string())).await.unwrap();
-    h.wait_status(&thief, "online").await;
+    let mut ws = thief_says(&h, &thief, &acme_key, squat).await;
     assert!(
         h.hub.worker(&web).is_err(),
         "the squatter's claim was taken in"

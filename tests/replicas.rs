@@ -99,31 +99,16 @@ async fn replicas_on_one_database_share_identities_organizations_and_tokens() {
     assert!(fake::connect(&b, &jwt, &node, Some(&nk)).await.is_ok());
     // A proof is good once across the replicas: a captured upgrade request
     // that A took is refused at B.
-    {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let proof = nk.proof(tether::protocol::ProofPurpose::Connect, &node);
-        let request = |h: &Harness| {
-            let mut req = format!("{}/api/agent/connect", h.url.replace("http", "ws"))
-                .into_client_request()
-                .unwrap();
-            let hs = req.headers_mut();
-            hs.insert("authorization", format!("Bearer {jwt}").parse().unwrap());
-            hs.insert("sec-websocket-protocol", "tether.v1".parse().unwrap());
-            hs.insert(tether::protocol::PROOF_HEADER, proof.parse().unwrap());
-            req
-        };
-        let first = tokio_tungstenite::connect_async(request(&a)).await;
-        assert!(first.is_ok(), "the first use of a proof is accepted");
-        drop(first);
-        let replay = tokio_tungstenite::connect_async(request(&b))
-            .await
-            .map(|(ws, _)| ws);
-        assert_eq!(
-            fake::refused_status(replay),
-            401,
-            "replayed at another replica"
-        );
-    }
+    let proof = nk.proof(tether::protocol::ProofPurpose::Connect, &node);
+    let first = fake::connect_with(fake::upgrade(&a, &jwt, Some(&proof))).await;
+    assert!(first.is_ok(), "the first use of a proof is accepted");
+    drop(first);
+    let replay = fake::connect_with(fake::upgrade(&b, &jwt, Some(&proof))).await;
+    assert_eq!(
+        fake::refused_status(replay),
+        401,
+        "replayed at another replica"
+    );
     assert_eq!(
         pg.query(
             "tether_replicas",
@@ -140,20 +125,8 @@ async fn replicas_on_one_database_share_identities_organizations_and_tokens() {
     // behind the replicas' backs). acme's operator at B no longer reaches
     // it: B judges a node it does not hold by the database, not by its
     // registry's memory of the node or its copy of the store.
-    {
-        use futures_util::SinkExt;
-        let mut ws = fake::connect(&b, &jwt, &node, Some(&nk)).await.unwrap();
-        let hello = serde_json::json!({"type": "hello", "payload": {
-            "versions": [1], "node_id": node, "agent_version": "fake", "inventory": [],
-        }});
-        ws.send(tokio_tungstenite::tungstenite::Message::text(
-            hello.to_string(),
-        ))
-        .await
-        .unwrap();
-        b.wait_status(&node, "online").await;
-        let _ = ws.close(None).await;
-    }
+    let mut ws = fake::hello(&b, &node, &jwt, &nk, serde_json::json!([])).await;
+    let _ = ws.close(None).await;
     b.wait_status(&node, "offline").await;
     pg.query(
         "tether_replicas",

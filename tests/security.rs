@@ -25,6 +25,12 @@ async fn spawn_err(h: &Harness, args: &[&str]) -> String {
     err
 }
 
+/// The refusal of a spawn of `image()` that mounts `spec` (`-v`) and runs
+/// `true`.
+async fn mount_err(h: &Harness, spec: &str) -> String {
+    spawn_err(h, &["spawn", "--image", &image(), "-v", spec, "--", "true"]).await
+}
+
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !cond() {
@@ -59,19 +65,7 @@ async fn host_paths_never_follow_links_a_worker_planted() {
         "the agent keeps its key there"
     );
     for source in [top.clone(), state.to_str().unwrap().to_string()] {
-        let err = spawn_err(
-            &h,
-            &[
-                "spawn",
-                "--image",
-                &img,
-                "-v",
-                &format!("{source}:/s:ro"),
-                "--",
-                "true",
-            ],
-        )
-        .await;
+        let err = mount_err(&h, &format!("{source}:/s:ro")).await;
         assert!(
             err.contains("policy_denied") && err.contains("the agent's state directory"),
             "{source}: {err}"
@@ -117,62 +111,26 @@ async fn host_paths_never_follow_links_a_worker_planted() {
         err.contains("policy_denied") && err.contains("symbolic link"),
         "{err}"
     );
-    let err = spawn_err(
-        &h,
-        &[
-            "spawn",
-            "--image",
-            &img,
-            "-v",
-            &format!("{allowed_s}/esc/var/run:/run2"),
-            "--",
-            "true",
-        ],
-    )
-    .await;
+    let err = mount_err(&h, &format!("{allowed_s}/esc/var/run:/run2")).await;
     assert!(err.contains("symbolic link"), "{err}");
 
     // A path inside what A can write could be swapped for a link between
     // the check and the mount: refused while A runs.
     let sub = format!("{allowed_s}/sub:/x:ro");
-    let err = spawn_err(&h, &["spawn", "--image", &img, "-v", &sub, "--", "true"]).await;
+    let err = mount_err(&h, &sub).await;
     assert!(err.contains("read-write"), "{err}");
     // Targets over the kernel's views, and sources that do not exist (the
     // engine would create them as root), are refused too.
-    let err = spawn_err(
-        &h,
-        &[
-            "spawn",
-            "--image",
-            &img,
-            "-v",
-            &format!("{allowed_s}:/proc/x"),
-            "--",
-            "true",
-        ],
-    )
-    .await;
+    let err = mount_err(&h, &format!("{allowed_s}:/proc/x")).await;
     assert!(err.contains("/proc"), "{err}");
-    let err = spawn_err(
-        &h,
-        &[
-            "spawn",
-            "--image",
-            &img,
-            "-v",
-            &format!("{allowed_s}/missing:/m"),
-            "--",
-            "true",
-        ],
-    )
-    .await;
+    let err = mount_err(&h, &format!("{allowed_s}/missing:/m")).await;
     assert!(err.contains("policy_denied"), "{err}");
     assert!(!allowed.join("missing").exists());
 
     // Stopped, A still counts: its bind can be written by a file upload, or
     // by A itself once restarted.
     h.ctl_ok(&["stop", &a]).await;
-    let err = spawn_err(&h, &["spawn", "--image", &img, "-v", &sub, "--", "true"]).await;
+    let err = mount_err(&h, &sub).await;
     assert!(err.contains("read-write"), "{err}");
 
     // With A gone the same path mounts, read-only by default.

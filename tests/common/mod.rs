@@ -482,21 +482,68 @@ pub mod fake {
         node: &str,
         key: Option<&NodeKey>,
     ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let proof = key.map(|k| k.proof(ProofPurpose::Connect, node));
+        connect_with(upgrade(h, jwt, proof.as_deref())).await
+    }
+
+    /// The agent WebSocket's upgrade request with `jwt` and `proof` (sent
+    /// twice, it is a captured request replayed).
+    pub fn upgrade(
+        h: &Harness,
+        jwt: &str,
+        proof: Option<&str>,
+    ) -> tokio_tungstenite::tungstenite::handshake::client::Request {
         let mut req = format!("{}/api/agent/connect", h.url.replace("http", "ws"))
             .into_client_request()
             .unwrap();
         let hs = req.headers_mut();
         hs.insert("authorization", format!("Bearer {jwt}").parse().unwrap());
         hs.insert("sec-websocket-protocol", "tether.v1".parse().unwrap());
-        if let Some(key) = key {
-            hs.insert(
-                PROOF_HEADER,
-                key.proof(ProofPurpose::Connect, node).parse().unwrap(),
-            );
+        if let Some(proof) = proof {
+            hs.insert(PROOF_HEADER, proof.parse().unwrap());
         }
+        req
+    }
+
+    /// Sends an upgrade request.
+    pub async fn connect_with(
+        req: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
         tokio_tungstenite::connect_async(req)
             .await
             .map(|(ws, _)| ws)
+    }
+
+    /// Registers `node` with `psk` and `key`: its node token.
+    pub async fn registered(h: &Harness, node: &str, psk: &str, key: &NodeKey) -> String {
+        let resp = register(h, node, psk, key).await;
+        assert!(resp.status().is_success(), "{}", resp.status());
+        let v: serde_json::Value = resp.json().await.unwrap();
+        v["auth"]["node_jwt"].as_str().unwrap().to_string()
+    }
+
+    /// Connects as `node` and says hello with `inventory`; returns the
+    /// connection once the node is online.
+    pub async fn hello(
+        h: &Harness,
+        node: &str,
+        jwt: &str,
+        key: &NodeKey,
+        inventory: serde_json::Value,
+    ) -> Client {
+        use futures_util::SinkExt;
+        let mut ws = connect(h, jwt, node, Some(key)).await.unwrap();
+        let hello = serde_json::json!({"type": "hello", "payload": {
+            "versions": [1], "node_id": node, "agent_version": "fake",
+            "inventory": inventory,
+        }});
+        ws.send(tokio_tungstenite::tungstenite::Message::text(
+            hello.to_string(),
+        ))
+        .await
+        .unwrap();
+        h.wait_status(node, "online").await;
+        ws
     }
 
     /// The HTTP status of a refused connection attempt.

@@ -143,6 +143,23 @@ impl PgStore {
             })
         })
     }
+
+    /// Writes `value` as the row of `key` (`put`: `$1` the key, `$2` the
+    /// value), or with none deletes that row (`delete`: `$1` the key).
+    fn put_or_delete(
+        &self,
+        table: &'static str,
+        put: &'static str,
+        delete: &'static str,
+        key: &str,
+        value: Option<Param>,
+    ) -> Result<(), StoreError> {
+        match value {
+            Some(v) => self.write(table, put, vec![text(key), v])?,
+            None => self.write(table, delete, vec![text(key)])?,
+        };
+        Ok(())
+    }
 }
 
 /// A statement's parameter, owned so it can travel to the database thread.
@@ -358,20 +375,14 @@ impl Store for PgStore {
         node_id: &str,
         cfg: Option<&crate::protocol::NodeConfig>,
     ) -> Result<(), StoreError> {
-        match cfg {
-            Some(cfg) => self.write(
-                "desired_configs",
-                "INSERT INTO desired_configs (node_id, config) VALUES ($1, $2)
-                 ON CONFLICT (node_id) DO UPDATE SET config = $2",
-                vec![text(node_id), json(cfg)],
-            )?,
-            None => self.write(
-                "desired_configs",
-                "DELETE FROM desired_configs WHERE node_id = $1",
-                vec![text(node_id)],
-            )?,
-        };
-        Ok(())
+        self.put_or_delete(
+            "desired_configs",
+            "INSERT INTO desired_configs (node_id, config) VALUES ($1, $2)
+             ON CONFLICT (node_id) DO UPDATE SET config = $2",
+            "DELETE FROM desired_configs WHERE node_id = $1",
+            node_id,
+            cfg.map(json),
+        )
     }
 
     fn desired_configs(&self) -> Vec<(String, crate::protocol::NodeConfig)> {
@@ -410,20 +421,14 @@ impl Store for PgStore {
     }
 
     fn set_deployment_node(&self, name: &str, node_id: Option<&str>) -> Result<(), StoreError> {
-        match node_id {
-            Some(n) => self.write(
-                "deployments",
-                "INSERT INTO deployments (name, node_id) VALUES ($1, $2)
-                 ON CONFLICT (name) DO UPDATE SET node_id = $2",
-                vec![text(name), text(n)],
-            )?,
-            None => self.write(
-                "deployments",
-                "DELETE FROM deployments WHERE name = $1",
-                vec![text(name)],
-            )?,
-        };
-        Ok(())
+        self.put_or_delete(
+            "deployments",
+            "INSERT INTO deployments (name, node_id) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET node_id = $2",
+            "DELETE FROM deployments WHERE name = $1",
+            name,
+            node_id.map(text),
+        )
     }
 
     fn organizations(&self) -> Vec<Organization> {

@@ -68,8 +68,9 @@ enum State {
 pub struct TarGuard {
     state: State,
     acc: BytesMut,
-    /// Bytes seen so far (for the start-of-stream checks).
-    seen: u64,
+    /// Whether a header was read yet (the first is checked for a
+    /// compressed stream's signature).
+    started: bool,
     /// The `size` of a pending PAX header, for the next entry.
     pax_size: Option<u64>,
     /// A PAX header or GNU long name/link waits for its entry.
@@ -92,7 +93,7 @@ impl TarGuard {
         TarGuard {
             state: State::Header,
             acc: BytesMut::new(),
-            seen: 0,
+            started: false,
             pax_size: None,
             pending_meta: false,
             long_name: None,
@@ -103,10 +104,6 @@ impl TarGuard {
     /// Passes `chunk` on: the pieces to send, in order (usually the chunk
     /// itself).
     pub fn push(&mut self, chunk: Bytes) -> Result<Vec<Bytes>, Refused> {
-        if self.seen == 0 && !chunk.is_empty() {
-            compressed(&chunk)?;
-        }
-        self.seen += chunk.len() as u64;
         let mut out = Vec::new();
         let (mut pos, mut from) = (0usize, 0usize);
         let len = chunk.len();
@@ -230,6 +227,10 @@ impl TarGuard {
         }
         if matches!(self.state, State::OneZero) {
             return Err(malformed("a zero block inside the archive"));
+        }
+        if !self.started {
+            self.started = true;
+            compressed(block)?;
         }
         check_sum(block)?;
         let name = field_str(&block[0..100]);
@@ -411,8 +412,8 @@ fn padded(n: u64) -> u64 {
     n.div_ceil(BLOCK as u64) * BLOCK as u64
 }
 
-/// The stream's first bytes must not be one of the signatures Docker
-/// decompresses.
+/// The stream's first block must not start with one of the signatures
+/// Docker decompresses.
 fn compressed(start: &[u8]) -> Result<(), Refused> {
     const SIGNATURES: [(&[u8], &str); 4] = [
         (&[0x1f, 0x8b, 0x08], "gzip"),
@@ -421,8 +422,7 @@ fn compressed(start: &[u8]) -> Result<(), Refused> {
         (&[0x28, 0xb5, 0x2f, 0xfd], "zstd"),
     ];
     for (sig, name) in SIGNATURES {
-        let n = sig.len().min(start.len());
-        if start[..n] == sig[..n] {
+        if start.starts_with(sig) {
             return Err(malformed(format!(
                 "it starts like {name} data (send an uncompressed tar)"
             )));
@@ -476,7 +476,7 @@ fn clear_setid(block: &mut [u8; BLOCK], name: &str) -> Result<bool, Refused> {
     if mode & SETID == 0 {
         return Ok(false);
     }
-    set_octal(&mut block[100..108], mode & !SETID & 0o7777);
+    set_octal(&mut block[100..108], mode & !SETID);
     set_sum(block);
     Ok(true)
 }

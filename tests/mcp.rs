@@ -687,6 +687,24 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
             .any(|r| r["operation"] == "mcp:node.get" && r["node_id"] == node.as_str())
     );
     let t1 = records(&["--task", "t1"]);
+    // Calls whose arguments did not parse never reached their tool, and
+    // are audited all the same, with why.
+    let unparsed: Vec<&Value> = t1
+        .iter()
+        .filter(|r| {
+            r["operation"] == "mcp:sandbox.exec"
+                && r["outcome"]
+                    .as_str()
+                    .is_some_and(|o| o.starts_with("invalid_request: argument"))
+        })
+        .collect();
+    assert_eq!(unparsed.len(), 2, "{t1:?}");
+    assert!(
+        unparsed
+            .iter()
+            .any(|r| r["outcome"].as_str().unwrap().contains("\"argv\""))
+    );
+    assert!(unparsed.iter().all(|r| r["caller"] == "operator"));
     for op in [
         "mcp:sandbox.create",
         "mcp:sandbox.exec",

@@ -200,6 +200,26 @@ impl Tools {
         self.append(r);
     }
 
+    /// Records a call whose arguments did not parse, so its tool never ran:
+    /// who made it, for which task if that much was given, and why.
+    pub(super) fn audit_unparsed(
+        &self,
+        parts: Option<&Parts>,
+        tool: &str,
+        args: &serde_json::Value,
+        why: &str,
+    ) {
+        let scope = parts.and_then(scope_of);
+        let mut r =
+            crate::server::audit::AuditRecord::new(&caller(scope.as_ref()), &format!("mcp:{tool}"));
+        r.task_id = args["task_id"].as_str().map(String::from);
+        r.org = scope.as_ref().and_then(Scope::org);
+        r.args_digest = crate::server::audit::digest(args);
+        r.outcome = format!("invalid_request: {why}");
+        info!(tool, error = %why, "mcp call refused: its arguments do not parse");
+        self.append(r);
+    }
+
     /// The admin's calls (and those of its MCP tokens) belong to the
     /// organization of the node they acted on, so its audit shows them.
     fn fill_org(&self, r: &mut crate::server::audit::AuditRecord) {

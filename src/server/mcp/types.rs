@@ -18,10 +18,12 @@ impl<P: JsonSchema> JsonSchema for Parameters<P> {
     }
 }
 
-impl<S, P: serde::de::DeserializeOwned> FromContextPart<ToolCallContext<'_, S>> for Parameters<P> {
-    fn from_context_part(context: &mut ToolCallContext<'_, S>) -> Result<Self, rmcp::ErrorData> {
-        let arguments = context.arguments.take().unwrap_or_default();
-        serde_path_to_error::deserialize(serde_json::Value::Object(arguments))
+impl<P: serde::de::DeserializeOwned> FromContextPart<ToolCallContext<'_, Tools>> for Parameters<P> {
+    fn from_context_part(
+        context: &mut ToolCallContext<'_, Tools>,
+    ) -> Result<Self, rmcp::ErrorData> {
+        let arguments = serde_json::Value::Object(context.arguments.take().unwrap_or_default());
+        serde_path_to_error::deserialize(&arguments)
             .map(Parameters)
             .map_err(|e| {
                 let path = e.path().to_string();
@@ -30,12 +32,15 @@ impl<S, P: serde::de::DeserializeOwned> FromContextPart<ToolCallContext<'_, S>> 
                 } else {
                     format!("argument {path:?}")
                 };
+                let why = format!("{what}: {}", e.into_inner());
+                // The tool never runs: the refusal is audited here.
+                let parts = context.request_context.extensions.get::<Parts>();
+                context
+                    .service
+                    .audit_unparsed(parts, &context.name, &arguments, &why);
                 // The SDK turns errors with this prefix into tool errors.
                 rmcp::ErrorData::invalid_params(
-                    format!(
-                        "failed to deserialize parameters: {what}: {}",
-                        e.into_inner()
-                    ),
+                    format!("failed to deserialize parameters: {why}"),
                     None,
                 )
             })

@@ -146,7 +146,34 @@ async fn host_paths_never_follow_links_a_worker_planted() {
         .ctl(&["exec", &c, "--", "sh", "-c", "echo x > /x/g"])
         .await;
     assert_ne!(out.status.code(), Some(0), "the mount is read-only");
+    // Nor may a worker write around what C mounts: it could swap C's path
+    // for a link, and the engine resolves it again when C restarts.
+    let err = mount_err(&h, &format!("{allowed_s}:/data:rw")).await;
+    assert!(
+        err.contains("policy_denied") && err.contains("holds"),
+        "{err}"
+    );
     h.ctl_ok(&["rm", "-f", &c]).await;
+    // Nor one spawn both: a restart policy would mount the swapped path.
+    let err = spawn_err(
+        &h,
+        &[
+            "spawn",
+            "--image",
+            &img,
+            "-v",
+            &format!("{allowed_s}/sub:/x:rw"),
+            "-v",
+            &format!("{allowed_s}/sub/f:/f:ro"),
+            "--",
+            "true",
+        ],
+    )
+    .await;
+    assert!(
+        err.contains("policy_denied") && err.contains("this spawn also mounts"),
+        "{err}"
+    );
     h.stop().await;
 }
 
@@ -489,5 +516,84 @@ async fn spawn_requests_with_unknown_fields_are_refused_by_name() {
     );
     let ps: Value = serde_json::from_str(&h.ctl_ok(&["ps", "--json"]).await).unwrap();
     assert_eq!(ps.as_array().unwrap().len(), 0, "nothing was spawned");
+    h.stop().await;
+}
+
+/// The engine copies an image's labels onto its containers, and the agent
+/// tells its own containers apart by label and name: an image carrying
+/// one of tether's labels is refused, and so is a deployment's service
+/// named like another service's relay sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_with_tethers_labels_or_a_sidecars_name_is_refused() {
+    let mut h = Harness::server().await;
+    h.add_agent().await;
+    // Built from the test image, so it carries the test label too.
+    let labelled = format!("tether-test-labelled:{}", unique("x"));
+    let dockerfile = format!(
+        "FROM {}\nLABEL tether.sidecar_for=somebody tether.relay_framing=1\n",
+        image()
+    );
+    let mut child = std::process::Command::new("docker")
+        .args(["build", "-q", "-t", &labelled, "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(dockerfile.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "building the image");
+    let err = spawn_err(&h, &["spawn", "--image", &labelled, "--", "true"]).await;
+    let _ = std::process::Command::new("docker")
+        .args(["rmi", "-f", &labelled])
+        .output();
+    assert!(
+        err.contains("invalid_request") && err.contains("carries the label"),
+        "{err}"
+    );
+
+    // A service named as service web's relay sidecar would be.
+    let file = h.state_path("shop.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "services:\n  web:\n    image: {img}\n    command: [\"sleep\", \"3600\"]\n  web-relay:\n    image: {img}\n    command: [\"sleep\", \"3600\"]\n",
+            img = image()
+        ),
+    )
+    .unwrap();
+    let name = unique("shop");
+    let out = h
+        .ctl(&[
+            "deploy",
+            "up",
+            "-f",
+            file.to_str().unwrap(),
+            "--name",
+            &name,
+        ])
+        .await;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("tether's sidecars"), "{err}");
+    // Nothing of it was left running.
+    let ps = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=tether.deployment={name}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        ps.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
     h.stop().await;
 }

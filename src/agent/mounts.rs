@@ -19,6 +19,7 @@
 //! volumes). A source that holds one of them, or lies inside one, is
 //! refused ([`Protected`]).
 
+use crate::docker::containers::BindMount;
 use crate::protocol::{ErrorBody, ErrorCode, Mount};
 use rustix::fs::{FileType, Mode, OFlags};
 use std::path::{Component, Path, PathBuf};
@@ -209,16 +210,22 @@ pub fn docker_socket(configured: Option<&str>) -> PathBuf {
     PathBuf::from(unix.unwrap_or_else(|| "/var/run/docker.sock".into()))
 }
 
-/// Checks and resolves every mount of a spawn in place. `writable` are the
-/// sources (resolved) that workers of this node, running or stopped, mount
-/// read-write.
+/// Checks and resolves every mount of a spawn in place. `existing` are the
+/// host paths that workers of this node, running or stopped, mount.
+///
+/// A path inside a directory that a worker can write can be swapped for a
+/// link to anywhere (the Docker socket, `/`) before the engine mounts it
+/// again, which it does at every start, a restart policy's included. So
+/// no mount may lie inside a read-write one, whichever comes first: an
+/// existing worker's, another worker's to come, or one of this same spawn.
 pub fn resolve_all(
     mounts: &mut [Mount],
     allowed: &[String],
-    writable: &[PathBuf],
+    existing: &[BindMount],
     protected: &Protected,
 ) -> Result<(), ErrorBody> {
-    for m in mounts.iter_mut() {
+    let mut asked = Vec::with_capacity(mounts.len());
+    for m in mounts.iter() {
         check_target(&m.target)?;
         let resolved = resolve_source(&m.source, allowed)?;
         if let Some((p, what)) = protected.touches(&resolved) {
@@ -236,22 +243,52 @@ pub fn resolve_all(
                 ),
             ));
         }
-        if let Some(w) = writable
+        asked.push(BindMount {
+            source: resolved,
+            // The policy has settled every mount's mode by now; unsettled
+            // ones are mounted read-only.
+            writable: m.read_only == Some(false),
+        });
+    }
+    for (i, (m, mine)) in mounts.iter().zip(&asked).enumerate() {
+        let others = asked
             .iter()
-            .find(|w| resolved.starts_with(w) && resolved != **w)
-        {
-            return Err(denied(
-                "sandbox.mounts.allowed_host_paths",
-                format!(
-                    "host path {:?} lies inside {}, which a worker of this node mounts read-write (it, or a file put into it, could replace the path with a link before the mount)",
-                    m.source,
-                    w.display()
-                ),
-            ));
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, o)| (o, "this spawn also mounts"))
+            .chain(existing.iter().map(|o| (o, "a worker of this node mounts")));
+        for (other, whose) in others {
+            if other.writable && inside(&mine.source, &other.source) {
+                return Err(denied(
+                    "sandbox.mounts.allowed_host_paths",
+                    format!(
+                        "host path {:?} lies inside {}, which {whose} read-write (the path could be replaced with a link before it is mounted)",
+                        m.source,
+                        other.source.display()
+                    ),
+                ));
+            }
+            if mine.writable && inside(&other.source, &mine.source) {
+                return Err(denied(
+                    "sandbox.mounts.allowed_host_paths",
+                    format!(
+                        "host path {:?} holds {}, which {whose}: read-write, it could replace that path with a link before it is mounted again (mount it read-only)",
+                        m.source,
+                        other.source.display()
+                    ),
+                ));
+            }
         }
-        m.source = resolved.to_string_lossy().into_owned();
+    }
+    for (m, resolved) in mounts.iter_mut().zip(asked) {
+        m.source = resolved.source.to_string_lossy().into_owned();
     }
     Ok(())
+}
+
+/// `path` lies strictly inside `dir`.
+fn inside(path: &Path, dir: &Path) -> bool {
+    path.starts_with(dir) && path != dir
 }
 
 #[cfg(test)]
@@ -332,15 +369,46 @@ mod tests {
         let root = std::fs::canonicalize(dir.path()).unwrap();
         std::fs::create_dir_all(root.join("a/b")).unwrap();
         let allowed = vec![root.to_string_lossy().into_owned()];
-        // Inside a directory a running worker can write: refused; the same
+        // Inside a directory a worker can write: refused; the same
         // directory, or a sibling, is fine.
-        let writable = vec![root.join("a")];
+        let bind = |p: &str, writable| BindMount {
+            source: root.join(p),
+            writable,
+        };
+        let existing = vec![bind("a", true)];
         let none = Protected::default();
         let mut m = vec![mount(&root.join("a/b"), "/d")];
-        let e = resolve_all(&mut m, &allowed, &writable, &none).unwrap_err();
+        let e = resolve_all(&mut m, &allowed, &existing, &none).unwrap_err();
         assert!(e.message.contains("read-write"), "{e}");
         let mut m = vec![mount(&root.join("a"), "/d")];
-        resolve_all(&mut m, &allowed, &writable, &none).unwrap();
+        resolve_all(&mut m, &allowed, &existing, &none).unwrap();
+        // Inside one only read: fine.
+        let mut m = vec![mount(&root.join("a/b"), "/d")];
+        resolve_all(&mut m, &allowed, &[bind("a", false)], &none).unwrap();
+        // Read-write around what a worker mounts, even read-only: refused;
+        // read-only around it, fine.
+        let rw = |p: &str, t: &str| Mount {
+            read_only: Some(false),
+            ..mount(&root.join(p), t)
+        };
+        let mut m = vec![rw("a", "/d")];
+        let e = resolve_all(&mut m, &allowed, &[bind("a/b", false)], &none).unwrap_err();
+        assert!(e.message.contains("holds"), "{e}");
+        let mut m = vec![mount(&root.join("a"), "/d")];
+        resolve_all(&mut m, &allowed, &[bind("a/b", false)], &none).unwrap();
+        // Within one spawn, either order: refused.
+        for mut m in [
+            vec![rw("a", "/x"), mount(&root.join("a/b"), "/f")],
+            vec![mount(&root.join("a/b"), "/f"), rw("a", "/x")],
+        ] {
+            let e = resolve_all(&mut m, &allowed, &[], &none).unwrap_err();
+            assert!(e.message.contains("this spawn also mounts"), "{e}");
+        }
+        // Two read-only, nested, or the same path twice: fine.
+        let mut m = vec![mount(&root.join("a"), "/x"), mount(&root.join("a/b"), "/f")];
+        resolve_all(&mut m, &allowed, &[], &none).unwrap();
+        let mut m = vec![rw("a", "/x"), rw("a", "/y")];
+        resolve_all(&mut m, &allowed, &[], &none).unwrap();
     }
 
     /// The agent's state, the Docker socket and Docker's data stay out of

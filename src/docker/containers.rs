@@ -222,14 +222,29 @@ pub async fn list(docker: &Docker, node_id: &str) -> Result<Vec<WorkerInfo>, Err
     Ok(out)
 }
 
-/// Makes sure `image` is present, pulling it if the engine can.
+/// Refuses an image that carries a label the agent reads back from its
+/// containers (see [`labels::READ`]).
+fn labels_not_ours(image: &str, found: &bollard::models::ImageInspect) -> Result<(), Error> {
+    let carried = found.config.as_ref().and_then(|c| c.labels.as_ref());
+    match carried.and_then(|l| l.keys().find(|k| labels::READ.contains(&k.as_str()))) {
+        Some(k) => Err(ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            format!("image {image:?} carries the label {k:?}, which only tether sets: rebuild it without"),
+        )
+        .into()),
+        None => Ok(()),
+    }
+}
+
+/// Makes sure `image` is present, pulling it if the engine can, and that it
+/// carries none of the labels tether reads.
 pub async fn ensure_image(
     docker: &Docker,
     image: &str,
     credentials: Option<bollard::auth::DockerCredentials>,
 ) -> Result<(), Error> {
     match docker.inspect_image(image).await {
-        Ok(_) => return Ok(()),
+        Ok(found) => return labels_not_ours(image, &found),
         Err(DockerError::DockerResponseServerError {
             status_code: 404, ..
         }) => {}
@@ -250,7 +265,13 @@ pub async fn ensure_image(
         Ok::<_, DockerError>(())
     };
     match tokio::time::timeout(Duration::from_secs(300), pull).await {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(())) => {
+            let pulled = docker
+                .inspect_image(image)
+                .await
+                .map_err(|e| Error::engine(e, "inspect image"))?;
+            labels_not_ours(image, &pulled)
+        }
         Ok(Err(e)) => Err(ErrorBody::new(
             ErrorCode::NotFound,
             format!(
@@ -269,6 +290,12 @@ pub async fn ensure_image(
 
 pub(crate) fn validate(spec: &Spawn) -> Result<(), Error> {
     let bad = |m: String| Err(ErrorBody::new(ErrorCode::InvalidRequest, m).into());
+    if let Some(suffix) = super::sidecar_suffix(&spec.worker_id) {
+        return bad(format!(
+            "invalid worker id {:?}: names ending in {suffix:?} are tether's sidecars'",
+            spec.worker_id
+        ));
+    }
     if !valid_worker_id(&spec.worker_id) {
         return bad(format!("invalid worker id {:?}", spec.worker_id));
     }
@@ -656,13 +683,18 @@ pub async fn remove(
     networks::remove(docker, pool, node_id, &object_name(worker_id)).await
 }
 
-/// Host paths that workers of this node mount read-write, running or not:
-/// a stopped worker's bind is written by a file upload into it, or by the
-/// worker once restarted (a deployment's service restarts by itself).
-pub async fn writable_mounts(
-    docker: &Docker,
-    node_id: &str,
-) -> Result<Vec<std::path::PathBuf>, Error> {
+/// A host path a worker of this node mounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    pub source: std::path::PathBuf,
+    pub writable: bool,
+}
+
+/// Host paths that workers of this node mount, running or not: a stopped
+/// worker's bind is written by a file upload into it, or by the worker
+/// once restarted (a deployment's service restarts by itself, and the
+/// engine resolves the path again at each start).
+pub async fn bind_mounts(docker: &Docker, node_id: &str) -> Result<Vec<BindMount>, Error> {
     let filters = HashMap::from([(
         "label".to_string(),
         vec![
@@ -681,9 +713,13 @@ pub async fn writable_mounts(
     Ok(list
         .into_iter()
         .flat_map(|c| c.mounts.unwrap_or_default())
-        .filter(|m| m.rw == Some(true))
         .filter(|m| m.typ.as_ref().map(|t| t.to_string()).as_deref() == Some("bind"))
-        .filter_map(|m| m.source.map(std::path::PathBuf::from))
+        .filter_map(|m| {
+            Some(BindMount {
+                source: std::path::PathBuf::from(m.source?),
+                writable: m.rw == Some(true),
+            })
+        })
         .collect())
 }
 

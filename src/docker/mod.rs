@@ -44,8 +44,34 @@ pub mod labels {
     pub const SPEC_HASH: &str = "tether.spec_hash";
     /// On a worker that is not on a network named after it: its network.
     pub const NETWORK: &str = "tether.network";
+    /// On a tunnel relay whose `tunnel-connect` frames what the worker sends.
+    pub const RELAY_FRAMING: &str = "tether.relay_framing";
     /// Prefix reserved for tether; user labels may not use it.
     pub const PREFIX: &str = "tether.";
+
+    /// Every label the agent reads back from a container. The engine copies
+    /// an image's labels onto each container made from it unless the create
+    /// call sets them, so an image that carries one of these is refused: it
+    /// could pass its worker off as another's sidecar, a deployment's
+    /// service or the inference backend.
+    pub const READ: &[&str] = &[
+        MANAGED,
+        WORKER,
+        NODE,
+        TASK,
+        JOB,
+        DEADLINE,
+        NETWORK_POLICY,
+        EGRESS_FOR,
+        INFERENCE,
+        SIDECAR_FOR,
+        INFERENCE_GPUS,
+        DEPLOYMENT,
+        SERVICE,
+        SPEC_HASH,
+        NETWORK,
+        RELAY_FRAMING,
+    ];
 }
 
 /// Connects to the engine at `socket` (default `/var/run/docker.sock`, or
@@ -153,14 +179,23 @@ pub fn object_name(worker_id: &str) -> String {
 
 /// Worker ids become Docker object names and label values: lowercase
 /// letters, digits, `-` and `_`, at most 64 (the server issues lowercase ULIDs).
-/// `-egress` ends the names of egress proxies' objects: no worker's.
+/// `-egress`, `-relay` and `-inference` end the names of a worker's
+/// proxies and sidecars: no worker's (a deployment's service `web-relay`
+/// would otherwise be taken for the relay of its service `web`).
 pub fn valid_worker_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
-        && !id.ends_with("-egress")
+        && sidecar_suffix(id).is_none()
         && id
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// The suffix of a worker's proxies and sidecars that `id` ends in.
+pub fn sidecar_suffix(id: &str) -> Option<&'static str> {
+    ["-egress", "-relay", "-inference"]
+        .into_iter()
+        .find(|s| id.ends_with(s))
 }
 
 /// Node ids: letters, digits, `-`, `_` and `.` (host names), at most 64, not
@@ -219,7 +254,9 @@ mod tests {
         assert!(!valid_worker_id("01HX"));
         assert!(!valid_worker_id("a/b"));
         assert!(!valid_worker_id(""));
-        assert!(!valid_worker_id("x-egress"), "the proxies' suffix");
+        for sidecar in ["x-egress", "x-relay", "x-inference"] {
+            assert!(!valid_worker_id(sidecar), "the sidecars' suffix: {sidecar}");
+        }
         assert!(valid_node_id("host-1.example.com"));
         assert!(!valid_node_id(".."));
         assert!(!valid_node_id("-x"));

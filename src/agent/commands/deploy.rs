@@ -194,12 +194,12 @@ async fn make(
             None
         } else {
             let guard = crate::agent::mounts::MOUNT_LOCK.lock().await;
-            let writable = docker::containers::writable_mounts(d, node).await?;
+            let existing = docker::containers::bind_mounts(d, node).await?;
             let allowed = &ctx.node.policy.allowed_host_paths;
             crate::agent::mounts::resolve_all(
                 &mut s.mounts,
                 allowed,
-                &writable,
+                &existing,
                 &ctx.node.protected,
             )
             .map_err(|e| of_service(&s.name, e))?;

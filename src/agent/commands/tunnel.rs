@@ -209,7 +209,7 @@ async fn relay_container(ctx: &Ctx, w: &crate::protocol::WorkerInfo) -> Result<S
 
 /// The label of a relay whose `tunnel-connect --framed` frames what the
 /// worker sends (so its half-close can be told apart from the exec's end).
-const RELAY_FRAMING: (&str, &str) = ("tether.relay_framing", "1");
+const RELAY_FRAMING: (&str, &str) = (crate::docker::labels::RELAY_FRAMING, "1");
 
 /// One connection through the worker's relay: an exec of `tunnel-connect
 /// --framed`, whose first byte says it connected (else its exit status says

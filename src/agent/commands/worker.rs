@@ -41,14 +41,14 @@ pub(super) async fn spawn(ctx: &Arc<Ctx>, id: String, mut s: Spawn) {
         Some(super::super::mounts::MOUNT_LOCK.lock().await)
     };
     let plan = match plan {
-        Ok(plan) if !s.spec.mounts.is_empty() => containers::writable_mounts(d, node)
+        Ok(plan) if !s.spec.mounts.is_empty() => containers::bind_mounts(d, node)
             .await
             .map_err(ErrorBody::from)
-            .and_then(|writable| {
+            .and_then(|existing| {
                 super::super::mounts::resolve_all(
                     &mut s.spec.mounts,
                     &ctx.node.policy.allowed_host_paths,
-                    &writable,
+                    &existing,
                     &ctx.node.protected,
                 )
             })

@@ -485,3 +485,87 @@ async fn an_organization_sees_and_schedules_only_its_own_nodes_and_workers() {
     }
     h.stop().await;
 }
+
+/// After a restart, a node that has a stored configuration is known before
+/// it connects again. It stays in its own organization: it does not fall
+/// into the default organization, whose operators must not see, drain,
+/// configure, forget or allow it while it is offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_node_stays_in_its_organization_across_a_restart() {
+    let mut h = Harness::server().await;
+    let key = h
+        .ctl_ok(&["org", "create", "acme"])
+        .await
+        .trim()
+        .to_string();
+    // acme's node reaches the server through a proxy that can keep it away.
+    let proxy = common::proxy::Proxy::start(h.addr).await;
+    let node = unique("acme");
+    let mut cfg = h.agent_config(&node);
+    cfg.psk = key;
+    cfg.server = format!("http://{}", proxy.addr).parse().unwrap();
+    h.add_agent_with(cfg).await;
+    let file = h.state_path("acme-node.yaml");
+    let version = ulid::Ulid::new().to_string();
+    std::fs::write(&file, format!("config_version: \"{version}\"\n")).unwrap();
+    let file = file.to_string_lossy().to_string();
+    let pushed = h.ctl(&["config", "push", &node, &file]).await;
+    assert!(pushed.status.success(), "{}", stdout(&pushed));
+
+    proxy.refuse(true);
+    proxy.cut();
+    h.restart_server().await;
+
+    // The admin sees it, offline, as acme's.
+    let all: serde_json::Value =
+        serde_json::from_str(&h.ctl_ok(&["nodes", "--json"]).await).unwrap();
+    let listed = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_id"] == node.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("{all}"));
+    assert_eq!(listed["org"], "acme", "{listed}");
+
+    // The default organization's operator does not see it, and every
+    // command on it gets the answer a node that never existed gets.
+    let td = h
+        .ctl_ok(&["token", "create", "--org", "default"])
+        .await
+        .trim()
+        .to_string();
+    let nodes = ok_as(&h, &td, &["nodes"]).await;
+    assert!(!nodes.contains(&node), "{nodes}");
+    let ghost = unique("acme");
+    for args in [
+        vec!["node", "inspect", "ID"],
+        vec!["drain", "ID"],
+        vec!["config", "push", "ID", &file],
+        vec!["mcp", "allow", "ID"],
+        vec!["node", "rm", "ID"],
+    ] {
+        let with = |id: &str| -> Vec<String> { args.iter().map(|a| a.replace("ID", id)).collect() };
+        let theirs = with(&node);
+        let theirs: Vec<&str> = theirs.iter().map(String::as_str).collect();
+        let none = with(&ghost);
+        let none: Vec<&str> = none.iter().map(String::as_str).collect();
+        same_refusal(
+            &refused(&h, &td, &theirs).await,
+            &refused(&h, &td, &none).await,
+            &node,
+            &ghost,
+        );
+    }
+
+    // The node comes back as it was: acme's, undrained, its configuration
+    // the admin's.
+    proxy.refuse(false);
+    h.wait_status(&node, "online").await;
+    let detail: serde_json::Value =
+        serde_json::from_str(&h.ctl_ok(&["node", "inspect", &node]).await).unwrap();
+    assert_eq!(detail["org"], "acme", "{detail}");
+    assert_eq!(detail["config_version"], version.as_str(), "{detail}");
+    assert_ne!(detail["draining"], true, "{detail}");
+    h.stop().await;
+}

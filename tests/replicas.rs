@@ -353,6 +353,21 @@ fn the_sqlite_and_the_postgres_store_keep_the_same_rules() {
         "{before} before"
     );
     assert_eq!(pg.query("tether_rules", "SELECT count(*) FROM audit"), "5");
+    // A node proof is new once across replicas, also when the same proof
+    // arrives many times at once (one batch holds it more than once).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let until = tether::protocol::now_millis() + 60_000;
+    let answers: Vec<bool> = rt
+        .block_on(futures_util::future::join_all(
+            (0..50).map(|_| store.use_proof("proof-a", until)),
+        ))
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(answers.iter().filter(|new| **new).count(), 1, "{answers:?}");
+    assert!(!rt.block_on(bounded.use_proof("proof-a", until)).unwrap());
+    assert!(rt.block_on(bounded.use_proof("proof-b", until)).unwrap());
+    assert!(!rt.block_on(store.use_proof("proof-b", until)).unwrap());
 }
 
 /// With `sslmode=require` the store speaks TLS to PostgreSQL and verifies

@@ -25,7 +25,19 @@ pub(super) async fn connect(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let (node_id, token_exp, binding) = match authenticate(&app, &headers).await {
+    let authenticated = async {
+        let (claims, fresh) = authenticate(&app, &headers).await?;
+        // Token and proof verified: the connection is no longer one to
+        // close for room, while the proof is recorded with the other
+        // replicas (a round trip to the database, which a reconnect storm
+        // of thousands must not see cut short).
+        if let Some(Extension(a)) = &admission {
+            a.authenticated();
+        }
+        app.record_proof(&claims.node_id, fresh).await?;
+        Ok::<_, ErrorBody>(claims)
+    };
+    let (node_id, token_exp, binding) = match authenticated.await {
         Ok(c) => (c.node_id, c.exp, c.binding),
         Err(e) => {
             warn!(error = %e, "agent connection refused");
@@ -43,9 +55,6 @@ pub(super) async fn connect(
             format!("the agent must offer WebSocket subprotocol {SUBPROTOCOL}"),
         ));
     }
-    if let Some(Extension(a)) = admission {
-        a.authenticated();
-    }
     // An idle agent should cost little: a small read buffer that grows
     // only when a large message arrives.
     ws.protocols([SUBPROTOCOL])
@@ -61,11 +70,12 @@ pub(super) async fn connect(
 
 /// A connection must show a valid token whose identity binding is still
 /// current (not forgotten, not re-bound), and a fresh proof made with the
-/// node's bound key: a copied token alone is not enough.
+/// node's bound key: a copied token alone is not enough. The proof is
+/// verified here; what remains is to record it with the other replicas.
 async fn authenticate(
     app: &Arc<AppState>,
     headers: &HeaderMap,
-) -> Result<super::auth::NodeClaims, ErrorBody> {
+) -> Result<(super::auth::NodeClaims, Option<super::FreshProof>), ErrorBody> {
     let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
     let token = super::auth::bearer(auth)
         .ok_or_else(|| ErrorBody::new(ErrorCode::Unauthorized, "missing node token"))?;
@@ -97,14 +107,13 @@ async fn authenticate(
     let proof = headers
         .get(crate::protocol::PROOF_HEADER)
         .and_then(|v| v.to_str().ok());
-    app.check_proof(
+    let fresh = app.verify_proof(
         &claims.node_id,
         &identity.public_key,
         crate::protocol::ProofPurpose::Connect,
         proof,
-    )
-    .await?;
-    Ok(claims)
+    )?;
+    Ok((claims, fresh))
 }
 
 fn to_ws(o: Outbound) -> WsMessage {
@@ -183,8 +192,9 @@ async fn session(
         return;
     }
     let link = app.hub.node_link(&node_id);
-    if let Some(identity) = app.store.node_identity(&node_id) {
-        app.hub.set_node_org(&node_id, &identity.org);
+    let org = app.store.node_identity(&node_id).map(|i| i.org);
+    if let Some(org) = &org {
+        app.hub.set_node_org(&node_id, org);
     }
     // Execs the agent runs that this server does not know (it restarted):
     // adopt them, so their clients can re-attach.
@@ -220,8 +230,8 @@ async fn session(
     let (ended, generation) = link.connect(&hello.channels, out.clone());
     // What is wanted on the node as the store has it now (another replica
     // may have set it since this one started).
-    if let Some(desired) = app.store.desired_config(&node_id) {
-        app.hub.restore_desired_config(&node_id, desired);
+    if let (Some(desired), Some(org)) = (app.store.desired_config(&node_id), &org) {
+        app.hub.restore_desired_config(&node_id, org, desired);
     }
     let inventory = hello
         .inventory

@@ -8,9 +8,13 @@
 //! pending connection costs an attacker nothing but a socket, so when the
 //! limits are reached the oldest pending connection is closed to make room:
 //! a real client, which sends its request head at once, gets in, while idle
-//! or trickling sockets (slowloris) are the ones that go. Authenticated
+//! or trickling sockets (slowloris) are the ones that go. A pending
+//! connection whose request is being handled (its head arrived: it is no
+//! slowloris) is not closed: in a reconnect storm of thousands that would
+//! throw away work half done, over and over; a new connection is refused
+//! instead when every pending one is being handled. Authenticated
 //! connections (agents, operators) are never closed for the limits; a new
-//! connection is refused only when every open connection has authenticated
+//! connection is refused when every open connection has authenticated
 //! and the total cap is reached.
 
 use axum::Router;
@@ -124,11 +128,18 @@ pub(super) struct Gate {
     limits: Limits,
     /// Connections accepted and not closed yet, upgraded ones included.
     open: AtomicUsize,
-    /// Pending connections in accept order, each with the token that
-    /// closes it.
-    pending: Mutex<BTreeMap<u64, CancellationToken>>,
+    /// Pending connections in accept order.
+    pending: Mutex<BTreeMap<u64, Pending>>,
     /// Connections closed or refused for the limits, for the next warning.
     shed: Mutex<Shed>,
+}
+
+/// A connection that has not authenticated yet.
+struct Pending {
+    /// Closes it.
+    close: CancellationToken,
+    /// A request of it is being handled.
+    busy: bool,
 }
 
 #[derive(Default)]
@@ -150,12 +161,14 @@ impl Gate {
 
     /// Admits a new connection: its slot (held for as long as its socket is
     /// open) and the token that closes it while it is pending. Closes the
-    /// oldest pending connection to make room; `None` (refuse it) only when
-    /// the total cap is reached and every connection has authenticated.
+    /// oldest idle pending connection to make room; `None` (refuse it) when
+    /// a limit is reached and no pending connection is idle.
     /// Called by the accept loop alone, so ids grow with accept order.
     fn admit(self: &Arc<Self>, id: u64) -> Option<(Slot, CancellationToken)> {
         let mut pending = self.pending.lock().unwrap();
-        if self.open.load(Ordering::Relaxed) >= self.limits.max_connections {
+        let full = self.open.load(Ordering::Relaxed) >= self.limits.max_connections
+            || pending.len() >= self.limits.max_pending;
+        if full {
             // The evicted connection's descriptor is freed when its task
             // runs: until then the total is over by one (FD_RESERVE).
             if !Self::evict(&mut pending) {
@@ -164,12 +177,15 @@ impl Gate {
                 return None;
             }
             self.note_shed(true);
-        } else if pending.len() >= self.limits.max_pending {
-            Self::evict(&mut pending);
-            self.note_shed(true);
         }
         let close = CancellationToken::new();
-        pending.insert(id, close.clone());
+        pending.insert(
+            id,
+            Pending {
+                close: close.clone(),
+                busy: false,
+            },
+        );
         self.open.fetch_add(1, Ordering::Relaxed);
         let admission = Admission {
             gate: self.clone(),
@@ -178,15 +194,16 @@ impl Gate {
         Some((Slot(admission), close))
     }
 
-    /// Closes the oldest pending connection; false if there is none.
-    fn evict(pending: &mut BTreeMap<u64, CancellationToken>) -> bool {
-        match pending.pop_first() {
-            Some((_, close)) => {
-                close.cancel();
-                true
-            }
-            None => false,
+    /// Closes the oldest pending connection that no request of is being
+    /// handled; false if there is none.
+    fn evict(pending: &mut BTreeMap<u64, Pending>) -> bool {
+        let Some(id) = pending.iter().find(|(_, p)| !p.busy).map(|(id, _)| *id) else {
+            return false;
+        };
+        if let Some(p) = pending.remove(&id) {
+            p.close.cancel();
         }
+        true
     }
 
     /// Out of descriptors: closes the oldest pending connection to free one.
@@ -244,8 +261,31 @@ impl Admission {
         self.leave_pending();
     }
 
+    /// Marks a request of the connection as being handled until the guard
+    /// is dropped: meanwhile the connection, if pending, is not closed to
+    /// make room.
+    fn handling(&self) -> Handling {
+        self.set_busy(true);
+        Handling(self.clone())
+    }
+
+    fn set_busy(&self, busy: bool) {
+        if let Some(p) = self.gate.pending.lock().unwrap().get_mut(&self.id) {
+            p.busy = busy;
+        }
+    }
+
     fn leave_pending(&self) {
         self.gate.pending.lock().unwrap().remove(&self.id);
+    }
+}
+
+/// A request being handled (see [`Admission::handling`]).
+struct Handling(Admission);
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        self.0.set_busy(false);
     }
 }
 
@@ -438,8 +478,14 @@ where
     let admission = slot.0.clone();
     let app = shared.app.clone();
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        let handling = admission.handling();
         req.extensions_mut().insert(admission.clone());
-        app.clone().call(req)
+        let response = app.clone().call(req);
+        async move {
+            let r = response.await;
+            drop(handling);
+            r
+        }
     });
     let io = TokioIo::new(Counted { io, _slot: slot });
     let conn = shared.http.serve_connection(io, svc).with_upgrades();
@@ -477,6 +523,27 @@ mod tests {
         assert_eq!(gate.counts(), (3, 2));
         drop(a); // its task ran and dropped the socket
         assert_eq!(gate.counts(), (2, 2));
+    }
+
+    #[test]
+    fn a_pending_connection_whose_request_is_handled_is_kept() {
+        let gate = Gate::new(limits(2, 10));
+        let (a, close_a) = gate.admit(1).unwrap();
+        let (b, close_b) = gate.admit(2).unwrap();
+        let busy_a = a.0.handling();
+        // Full: the idle one goes, not the older one being handled.
+        let (c, close_c) = gate.admit(3).unwrap();
+        assert!(close_b.is_cancelled() && !close_a.is_cancelled());
+        drop(b);
+        // Full, and every pending one is being handled: refused.
+        let busy_c = c.0.handling();
+        assert!(gate.admit(4).is_none());
+        assert!(!close_a.is_cancelled() && !close_c.is_cancelled());
+        // Handled and still not authenticated: it may go again.
+        drop(busy_a);
+        assert!(gate.admit(5).is_some());
+        assert!(close_a.is_cancelled() && !close_c.is_cancelled());
+        drop(busy_c);
     }
 
     #[test]

@@ -261,8 +261,8 @@ impl AppState {
 
     /// Checks a node's proof against `public_key` (the key bound to the
     /// node, or offered by a first registration) and refuses a proof seen
-    /// before (a replayed request). Only proofs that verify are remembered,
-    /// so nobody without the key can make the node's own proofs look used.
+    /// before (a replayed request): [`AppState::verify_proof`], then
+    /// [`AppState::record_proof`].
     pub(crate) async fn check_proof(
         &self,
         node_id: &str,
@@ -270,6 +270,22 @@ impl AppState {
         purpose: crate::protocol::ProofPurpose,
         proof: Option<&str>,
     ) -> Result<(), crate::protocol::ErrorBody> {
+        let fresh = self.verify_proof(node_id, public_key, purpose, proof)?;
+        self.record_proof(node_id, fresh).await
+    }
+
+    /// The part of [`AppState::check_proof`] that needs nothing but this
+    /// replica: the signature, the time stamp, and this replica's memory of
+    /// proofs. Only proofs that verify are remembered, so nobody without
+    /// the key can make the node's own proofs look used. What it returns is
+    /// for [`AppState::record_proof`].
+    pub(crate) fn verify_proof(
+        &self,
+        node_id: &str,
+        public_key: &str,
+        purpose: crate::protocol::ProofPurpose,
+        proof: Option<&str>,
+    ) -> Result<Option<FreshProof>, crate::protocol::ErrorBody> {
         use crate::protocol::{ErrorBody, ErrorCode, MAX_PROOF_SKEW_MS};
         let proof = proof.ok_or_else(|| {
             ErrorBody::new(
@@ -286,38 +302,55 @@ impl AppState {
             // A proof older than the skew allowance is refused anyway.
             list.retain(|(t, _)| t.abs_diff(now) <= 2 * MAX_PROOF_SKEW_MS);
             if list.iter().any(|(_, p)| p == proof) {
-                return Err(ErrorBody::new(
-                    ErrorCode::Unauthorized,
-                    "the node proof was already used (replayed request?)",
-                ));
+                return Err(replayed());
             }
             list.push((ms, proof.to_string()));
         }
         // Replicas: the proof must be new to every one of them, not only
         // to this one (a captured request sent to each in turn).
-        if self.replica.is_some() {
+        Ok(self.replica.is_some().then(|| {
             use sha2::Digest;
-            let digest = hex::encode(sha2::Sha256::digest(proof.as_bytes()));
-            let until = ms.max(now) + 2 * MAX_PROOF_SKEW_MS;
-            let store = self.store.clone();
-            match tokio::task::spawn_blocking(move || store.use_proof(&digest, until)).await {
-                Ok(Ok(true)) => {}
-                Ok(Ok(false)) => {
-                    return Err(ErrorBody::new(
-                        ErrorCode::Unauthorized,
-                        "the node proof was already used (replayed request?)",
-                    ));
-                }
-                // The database is away: this replica's own memory of
-                // proofs still holds, and nodes can still connect.
-                Ok(Err(e)) => {
-                    tracing::warn!(%node_id, error = %e, "could not record a node proof with the other replicas")
-                }
-                Err(e) => tracing::warn!(%node_id, error = %e, "could not record a node proof"),
+            FreshProof {
+                digest: hex::encode(sha2::Sha256::digest(proof.as_bytes())),
+                until_ms: ms.max(now) + 2 * MAX_PROOF_SKEW_MS,
+            }
+        }))
+    }
+
+    /// Records a verified proof with the other replicas; refused if one of
+    /// them saw it first.
+    pub(crate) async fn record_proof(
+        &self,
+        node_id: &str,
+        fresh: Option<FreshProof>,
+    ) -> Result<(), crate::protocol::ErrorBody> {
+        let Some(fresh) = fresh else {
+            return Ok(());
+        };
+        match self.store.use_proof(&fresh.digest, fresh.until_ms).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(replayed()),
+            // The database is away: this replica's own memory of proofs
+            // still holds, and nodes can still connect.
+            Err(e) => {
+                tracing::warn!(%node_id, error = %e, "could not record a node proof with the other replicas");
+                Ok(())
             }
         }
-        Ok(())
     }
+}
+
+/// A node proof this replica verified, to be recorded with the others.
+pub(crate) struct FreshProof {
+    digest: String,
+    until_ms: u64,
+}
+
+fn replayed() -> crate::protocol::ErrorBody {
+    crate::protocol::ErrorBody::new(
+        crate::protocol::ErrorCode::Unauthorized,
+        "the node proof was already used (replayed request?)",
+    )
 }
 
 /// A bound server, not yet serving.
@@ -419,7 +452,11 @@ impl Server {
         }
         let hub = Hub::with_grace(cfg.resume_grace);
         for (node, desired) in store.desired_configs() {
-            hub.restore_desired_config(&node, desired);
+            // A node with no binding (forgotten) gets its configuration
+            // from the store when it registers and connects again.
+            if let Some(identity) = store.node_identity(&node) {
+                hub.restore_desired_config(&node, &identity.org, desired);
+            }
         }
         let mcp_execs = mcp::Running::default();
         let adopted = mcp_execs.clone();

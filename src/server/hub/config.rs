@@ -54,16 +54,26 @@ impl Hub {
     }
 
     /// Restores what a durable store kept: the configuration wanted on a
-    /// node, pushed when it connects behind it (the node is known, offline,
-    /// until then). One older than what this hub already wants is ignored.
-    pub fn restore_desired_config(&self, node_id: &str, cfg: crate::protocol::NodeConfig) {
+    /// node of organization `org` (its binding's), pushed when it connects
+    /// behind it (the node is known, offline, until then). One older than
+    /// what this hub already wants is ignored.
+    pub fn restore_desired_config(
+        &self,
+        node_id: &str,
+        org: &str,
+        cfg: crate::protocol::NodeConfig,
+    ) {
         self.node_link(node_id);
-        if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id)
-            && n.desired_config
+        if let Some(n) = self.reg.lock().unwrap().nodes.get_mut(node_id) {
+            // Never the default organization's by omission: its operators
+            // would see and steer another organization's offline node.
+            n.org = org.to_string();
+            if n.desired_config
                 .as_ref()
                 .is_none_or(|d| d.config_version < cfg.config_version)
-        {
-            n.desired_config = Some(cfg);
+            {
+                n.desired_config = Some(cfg);
+            }
         }
     }
 

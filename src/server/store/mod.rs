@@ -254,8 +254,12 @@ pub trait Store: Send + Sync + 'static {
     /// `until_ms`; false if it was used before. Replicas share this, so a
     /// captured proof opens nothing at a second replica; a single server's
     /// own memory of proofs is enough, and it keeps none.
-    fn use_proof(&self, _digest: &str, _until_ms: u64) -> Result<bool, StoreError> {
-        Ok(true)
+    fn use_proof(
+        &self,
+        _digest: &str,
+        _until_ms: u64,
+    ) -> futures_util::future::BoxFuture<'static, Result<bool, StoreError>> {
+        Box::pin(std::future::ready(Ok(true)))
     }
     /// Appends to the audit trail of sandbox operations.
     fn append_audit(&self, record: &super::audit::AuditRecord) -> Result<(), StoreError>;

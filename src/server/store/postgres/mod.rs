@@ -30,8 +30,23 @@ pub struct PgStore {
     rt: tokio::runtime::Handle,
     /// Audit records kept: older ones go as new ones come.
     audit_keep: i64,
+    /// Node proofs to record, in batches (see [`record_proofs`]).
+    proofs: tokio::sync::mpsc::UnboundedSender<ProofUse>,
     /// Ends the client's thread when the store is dropped.
     _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// How often expired node proofs are removed.
+const PROOF_SWEEP_MS: u64 = 10_000;
+
+/// Most node proofs recorded by one statement.
+const PROOF_BATCH: usize = 2_000;
+
+/// A node proof to record; the answer says whether it was new.
+struct ProofUse {
+    digest: String,
+    until_ms: i64,
+    reply: tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
 }
 
 /// Audit records the database keeps by default (a few hundred MB); the
@@ -86,6 +101,8 @@ impl PgStore {
             client.clone(),
             first_tx,
         ));
+        let (proofs, queued) = tokio::sync::mpsc::unbounded_channel();
+        rt.spawn(record_proofs(client.clone(), queued));
         first_rx
             .recv()
             .map_err(|_| StoreError::Db("the database thread has stopped".into()))??;
@@ -94,6 +111,7 @@ impl PgStore {
             cache,
             rt,
             audit_keep: DEFAULT_AUDIT_KEEP,
+            proofs,
             _stop: stop,
         })
     }
@@ -189,6 +207,89 @@ fn text(s: &str) -> Param {
 
 fn json<T: serde::Serialize>(v: &T) -> Param {
     Param::Json(serde_json::to_value(v).expect("store values serialize"))
+}
+
+/// Records node proofs as they come, all those waiting in one statement: a
+/// reconnect storm of 10,000 agents is a few dozen round trips, not 10,000.
+/// Expired proofs are refused by their time stamp anyway; they are removed
+/// now and then, not on every batch.
+async fn record_proofs(slot: Slot, mut queued: tokio::sync::mpsc::UnboundedReceiver<ProofUse>) {
+    let mut swept = 0u64;
+    while let Some(first) = queued.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < PROOF_BATCH {
+            match queued.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let client = slot.lock().unwrap().clone();
+        let answers = match client {
+            Some(c) => {
+                let now = crate::protocol::now_millis();
+                let sweep = now.saturating_sub(swept) >= PROOF_SWEEP_MS;
+                let result = insert_proofs(&c, &batch, sweep.then_some(now as i64)).await;
+                if sweep && result.is_ok() {
+                    swept = now;
+                }
+                result
+            }
+            None => Err(StoreError::Db(
+                "the database connection is being made again".into(),
+            )),
+        };
+        match answers {
+            Ok(new) => {
+                for (proof, new) in batch.into_iter().zip(new) {
+                    let _ = proof.reply.send(Ok(new));
+                }
+            }
+            Err(e) => {
+                let why = match e {
+                    StoreError::Db(why) => why,
+                    other => other.to_string(),
+                };
+                for proof in batch {
+                    let _ = proof.reply.send(Err(StoreError::Db(why.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Inserts a batch of proofs; for each, whether it was new. A digest twice
+/// in one batch is new the first time only.
+async fn insert_proofs(
+    c: &Client,
+    batch: &[ProofUse],
+    sweep_before: Option<i64>,
+) -> Result<Vec<bool>, StoreError> {
+    if let Some(now) = sweep_before {
+        c.execute("DELETE FROM used_proofs WHERE until_ms < $1", &[&now])
+            .await
+            .map_err(db)?;
+    }
+    let mut digests: Vec<&str> = Vec::with_capacity(batch.len());
+    let mut untils: Vec<i64> = Vec::with_capacity(batch.len());
+    for p in batch {
+        if !digests.contains(&p.digest.as_str()) {
+            digests.push(&p.digest);
+            untils.push(p.until_ms);
+        }
+    }
+    let rows = c
+        .query(
+            "INSERT INTO used_proofs (digest, until_ms)
+             SELECT * FROM unnest($1::text[], $2::bigint[])
+             ON CONFLICT DO NOTHING RETURNING digest",
+            &[&digests, &untils],
+        )
+        .await
+        .map_err(db)?;
+    let mut new: std::collections::HashSet<String> =
+        rows.iter().map(|r| r.get::<_, String>(0)).collect();
+    // Each digest is new at most once, to its first asker.
+    Ok(batch.iter().map(|p| new.remove(&p.digest)).collect())
 }
 
 fn wait<T: Send + 'static>(rt: &tokio::runtime::Handle, job: Job<T>) -> Result<T, StoreError> {
@@ -393,26 +494,22 @@ impl Store for PgStore {
         self.cache.lock().unwrap().desired_config(node_id)
     }
 
-    fn use_proof(&self, digest: &str, until_ms: u64) -> Result<bool, StoreError> {
-        let digest = digest.to_string();
-        let until = until_ms as i64;
-        let now = crate::protocol::now_millis() as i64;
-        self.run(move |c| {
-            Box::pin(async move {
-                // Expired proofs are refused by their time stamp anyway.
-                c.execute("DELETE FROM used_proofs WHERE until_ms < $1", &[&now])
-                    .await
-                    .map_err(db)?;
-                let n = c
-                    .execute(
-                        "INSERT INTO used_proofs (digest, until_ms) VALUES ($1, $2)
-                         ON CONFLICT DO NOTHING",
-                        &[&digest, &until],
-                    )
-                    .await
-                    .map_err(db)?;
-                Ok(n == 1)
-            })
+    fn use_proof(
+        &self,
+        digest: &str,
+        until_ms: u64,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let queued = self.proofs.send(ProofUse {
+            digest: digest.to_string(),
+            until_ms: until_ms as i64,
+            reply,
+        });
+        Box::pin(async move {
+            queued.map_err(|_| StoreError::Db("the database thread has stopped".into()))?;
+            answer
+                .await
+                .map_err(|_| StoreError::Db("the database thread has stopped".into()))?
         })
     }
 

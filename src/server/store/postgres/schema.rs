@@ -38,7 +38,9 @@ const MIGRATIONS: &[(i32, &str)] = &[
         3,
         "CREATE TABLE deployments (name text PRIMARY KEY, node_id text NOT NULL);
          CREATE INDEX deployments_node ON deployments (node_id);
-         CREATE TABLE used_proofs (digest text PRIMARY KEY, until_ms bigint NOT NULL);
+         -- Rows live minutes: no WAL for them (a crash empties the table;
+         -- each replica's own memory of proofs still holds).
+         CREATE UNLOGGED TABLE used_proofs (digest text PRIMARY KEY, until_ms bigint NOT NULL);
          CREATE INDEX used_proofs_until ON used_proofs (until_ms);",
     ),
 ];

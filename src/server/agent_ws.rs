@@ -25,20 +25,8 @@ pub(super) async fn connect(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let authenticated = async {
-        let (claims, fresh) = authenticate(&app, &headers).await?;
-        // Token and proof verified: the connection is no longer one to
-        // close for room, while the proof is recorded with the other
-        // replicas (a round trip to the database, which a reconnect storm
-        // of thousands must not see cut short).
-        if let Some(Extension(a)) = &admission {
-            a.authenticated();
-        }
-        app.record_proof(&claims.node_id, fresh).await?;
-        Ok::<_, ErrorBody>(claims)
-    };
-    let (node_id, token_exp, binding) = match authenticated.await {
-        Ok(c) => (c.node_id, c.exp, c.binding),
+    let (node_id, token_exp, binding, fresh) = match authenticate(&app, &headers).await {
+        Ok((c, fresh)) => (c.node_id, c.exp, c.binding, fresh),
         Err(e) => {
             warn!(error = %e, "agent connection refused");
             return super::api::error_response(e);
@@ -55,6 +43,9 @@ pub(super) async fn connect(
             format!("the agent must offer WebSocket subprotocol {SUBPROTOCOL}"),
         ));
     }
+    if let Some(Extension(a)) = admission {
+        a.authenticated();
+    }
     // An idle agent should cost little: a small read buffer that grows
     // only when a large message arrives.
     ws.protocols([SUBPROTOCOL])
@@ -63,7 +54,7 @@ pub(super) async fn connect(
         .max_frame_size(MAX_WS_MESSAGE)
         .on_upgrade(move |socket| {
             let span = info_span!("agent", %node_id);
-            session(app, node_id, token_exp, binding, socket).instrument(span)
+            session(app, node_id, token_exp, binding, fresh, socket).instrument(span)
         })
         .into_response()
 }
@@ -137,11 +128,28 @@ async fn session(
     node_id: String,
     token_exp: u64,
     binding: String,
+    fresh: Option<super::FreshProof>,
     socket: WebSocket,
 ) {
     let (mut sink, mut stream) = socket.split();
     // Handshake: the first message must be a hello for the token's node.
-    let first = tokio::time::timeout(Duration::from_secs(15), stream.next()).await;
+    // Meanwhile the proof is recorded with the other replicas (a database
+    // round trip kept out of the upgrade); nothing of the node's is touched
+    // before both are in.
+    let (first, recorded) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(15), stream.next()),
+        app.record_proof(&node_id, fresh),
+    );
+    if let Err(e) = recorded {
+        warn!(error = %e.message, "agent connection refused");
+        let _ = sink
+            .send(WsMessage::Close(Some(CloseFrame {
+                code: 1008,
+                reason: e.message.into(),
+            })))
+            .await;
+        return;
+    }
     let hello = match first {
         Ok(Some(Ok(WsMessage::Text(t)))) => Message::decode(t.as_str()),
         _ => {

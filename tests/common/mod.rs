@@ -547,6 +547,34 @@ pub mod fake {
     }
 
     /// The HTTP status of a refused connection attempt.
+    /// Says hello as `node` on `ws` and reads to the server's close: its
+    /// code and reason (a refusal that comes after the upgrade).
+    pub async fn closed_after_hello(mut ws: Client, node: &str) -> (u16, String) {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let hello = serde_json::json!({"type": "hello", "payload": {
+            "versions": [1], "node_id": node, "agent_version": "fake", "inventory": [],
+        }});
+        ws.send(Message::text(hello.to_string())).await.unwrap();
+        let read = async {
+            while let Some(m) = ws.next().await {
+                match m {
+                    Ok(Message::Close(Some(f))) => {
+                        return (u16::from(f.code), f.reason.to_string());
+                    }
+                    Ok(Message::Close(None)) => return (1005, String::new()),
+                    Ok(Message::Text(t)) => panic!("the session went on: {t}"),
+                    Ok(_) => continue,
+                    Err(e) => panic!("the connection failed without a close: {e}"),
+                }
+            }
+            panic!("the connection ended without a close")
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(20), read)
+            .await
+            .expect("a close within 20 s")
+    }
+
     pub fn refused_status(r: Result<Client, tokio_tungstenite::tungstenite::Error>) -> u16 {
         match r {
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),

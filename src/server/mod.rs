@@ -327,18 +327,31 @@ impl AppState {
         let Some(fresh) = fresh else {
             return Ok(());
         };
-        match self.store.use_proof(&fresh.digest, fresh.until_ms).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(replayed()),
-            // The database is away: this replica's own memory of proofs
-            // still holds, and nodes can still connect.
-            Err(e) => {
+        let recorded = tokio::time::timeout(
+            PROOF_RECORD_TIMEOUT,
+            self.store.use_proof(&fresh.digest, fresh.until_ms),
+        )
+        .await;
+        match recorded {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(replayed()),
+            // The database is away or stuck: this replica's own memory of
+            // proofs still holds, and nodes can still connect.
+            Ok(Err(e)) => {
                 tracing::warn!(%node_id, error = %e, "could not record a node proof with the other replicas");
+                Ok(())
+            }
+            Err(_) => {
+                tracing::warn!(%node_id, "the database did not record a node proof within {PROOF_RECORD_TIMEOUT:?}");
                 Ok(())
             }
         }
     }
 }
+
+/// How long a connection waits for its proof to be recorded with the other
+/// replicas before it goes on without (the agent waits 15 s for `welcome`).
+const PROOF_RECORD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A node proof this replica verified, to be recorded with the others.
 pub(crate) struct FreshProof {

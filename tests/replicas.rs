@@ -101,9 +101,10 @@ async fn replicas_on_one_database_share_identities_organizations_and_tokens() {
     // that A took is refused at B (after the upgrade: B learns it from the
     // database while the hello comes, and closes before the node joins).
     let proof = nk.proof(tether::protocol::ProofPurpose::Connect, &node);
-    let first = fake::connect_with(fake::upgrade(&a, &jwt, Some(&proof))).await;
-    assert!(first.is_ok(), "the first use of a proof is accepted");
-    drop(first);
+    let first = fake::connect_with(fake::upgrade(&a, &jwt, Some(&proof)))
+        .await
+        .expect("the first use of a proof is accepted");
+    drop(fake::welcomed(first, &node).await);
     let replay = fake::connect_with(fake::upgrade(&b, &jwt, Some(&proof)))
         .await
         .expect("the upgrade itself");

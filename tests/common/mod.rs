@@ -547,6 +547,32 @@ pub mod fake {
     }
 
     /// The HTTP status of a refused connection attempt.
+    /// Says hello as `node` on `ws` and reads the server's `welcome`: the
+    /// session is up (its proof recorded with every replica).
+    pub async fn welcomed(mut ws: Client, node: &str) -> Client {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let hello = serde_json::json!({"type": "hello", "payload": {
+            "versions": [1], "node_id": node, "agent_version": "fake", "inventory": [],
+        }});
+        ws.send(Message::text(hello.to_string())).await.unwrap();
+        let read = async {
+            while let Some(m) = ws.next().await {
+                match m {
+                    Ok(Message::Text(t)) if t.contains("\"welcome\"") => return,
+                    Ok(Message::Close(f)) => panic!("closed before welcome: {f:?}"),
+                    Ok(_) => continue,
+                    Err(e) => panic!("the connection failed before welcome: {e}"),
+                }
+            }
+            panic!("the connection ended before welcome")
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(20), read)
+            .await
+            .expect("a welcome within 20 s");
+        ws
+    }
+
     /// Says hello as `node` on `ws` and reads to the server's close: its
     /// code and reason (a refusal that comes after the upgrade).
     pub async fn closed_after_hello(mut ws: Client, node: &str) -> (u16, String) {

@@ -547,15 +547,25 @@ pub mod fake {
     }
 
     /// The HTTP status of a refused connection attempt.
-    /// Says hello as `node` on `ws` and reads the server's `welcome`: the
-    /// session is up (its proof recorded with every replica).
-    pub async fn welcomed(mut ws: Client, node: &str) -> Client {
-        use futures_util::{SinkExt, StreamExt};
-        use tokio_tungstenite::tungstenite::Message;
+    /// Sends a `hello` as `node` with an empty inventory.
+    async fn say_hello(ws: &mut Client, node: &str) {
+        use futures_util::SinkExt;
         let hello = serde_json::json!({"type": "hello", "payload": {
             "versions": [1], "node_id": node, "agent_version": "fake", "inventory": [],
         }});
-        ws.send(Message::text(hello.to_string())).await.unwrap();
+        ws.send(tokio_tungstenite::tungstenite::Message::text(
+            hello.to_string(),
+        ))
+        .await
+        .unwrap();
+    }
+
+    /// Says hello as `node` on `ws` and reads the server's `welcome`: the
+    /// session is up (its proof recorded with every replica).
+    pub async fn welcomed(mut ws: Client, node: &str) -> Client {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        say_hello(&mut ws, node).await;
         let read = async {
             while let Some(m) = ws.next().await {
                 match m {
@@ -576,12 +586,9 @@ pub mod fake {
     /// Says hello as `node` on `ws` and reads to the server's close: its
     /// code and reason (a refusal that comes after the upgrade).
     pub async fn closed_after_hello(mut ws: Client, node: &str) -> (u16, String) {
-        use futures_util::{SinkExt, StreamExt};
+        use futures_util::StreamExt;
         use tokio_tungstenite::tungstenite::Message;
-        let hello = serde_json::json!({"type": "hello", "payload": {
-            "versions": [1], "node_id": node, "agent_version": "fake", "inventory": [],
-        }});
-        ws.send(Message::text(hello.to_string())).await.unwrap();
+        say_hello(&mut ws, node).await;
         let read = async {
             while let Some(m) = ws.next().await {
                 match m {

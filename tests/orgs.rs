@@ -462,8 +462,35 @@ async fn an_organization_sees_and_schedules_only_its_own_nodes_and_workers() {
         .trim()
         .to_string();
     assert!(h.ctl_as(&te, &["ps"], None).await.status.success());
+    // Its refused spawn (it has no node) is in its audit trail.
+    let e = refused(&h, &te, &spawn).await;
+    assert!(e.contains("no online node"), "{e}");
+    let mut trail = String::new();
+    for _ in 0..50 {
+        trail = ok_as(&h, &te, &["audit", "--json"]).await;
+        if trail.contains("api:spawn") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(trail.contains("\"org\":\"empty\""), "{trail}");
     let e = refused(&h, &ta, &["org", "rm", "empty"]).await;
     assert!(e.contains("only the server's admin token"), "{e}");
+    h.ctl_ok(&["org", "rm", "empty"]).await;
+    // An organization made again under the name starts with an empty
+    // trail: the removed one's records are the admin's to read.
+    h.ctl_ok(&["org", "create", "empty"]).await;
+    let te2 = h
+        .ctl_ok(&["token", "create", "--org", "empty"])
+        .await
+        .trim()
+        .to_string();
+    assert_eq!(ok_as(&h, &te2, &["audit", "--json"]).await.trim(), "");
+    assert!(
+        h.ctl_ok(&["audit", "--json"])
+            .await
+            .contains("\"org\":\"empty\"")
+    );
     h.ctl_ok(&["org", "rm", "empty"]).await;
     let e = refused(&h, &te, &["ps"]).await;
     assert!(e.contains("invalid operator token"), "{e}");

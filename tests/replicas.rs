@@ -312,8 +312,22 @@ fn keeps_the_store_rules(s: &dyn tether::server::store::Store) {
         Err(StoreError::OrgHasNodes { nodes: 1, .. })
     ));
     assert!(s.forget_node("n2").unwrap());
+    // Its preview grants go with it: a later organization of the same name
+    // must not list (or revoke) them.
+    let grant = |id: &str, org: Option<&str>| tether::server::preview::PreviewGrant {
+        id: id.into(),
+        worker_id: "w1".into(),
+        port: 8080,
+        expires: 4_000_000_000,
+        container_id: "c1".into(),
+        org: org.map(Into::into),
+    };
+    s.add_preview(grant("g-acme", Some("acme"))).unwrap();
+    s.add_preview(grant("g-default", None)).unwrap();
     assert!(s.remove_organization("acme").unwrap());
     assert_eq!(s.registration_key_by_hash(&secret_hash("k")), None);
+    assert_eq!(s.preview("g-acme"), None);
+    assert_eq!(s.preview("g-default"), Some(grant("g-default", None)));
     assert!(!s.remove_organization("acme").unwrap());
     assert!(matches!(
         s.remove_organization("default"),
@@ -840,6 +854,21 @@ async fn an_operator_at_any_replica_reaches_a_node_another_holds() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+    // A holds the node but does not answer B: the admin's request, passed
+    // on, fails as `unavailable`. Another organization's token is answered
+    // `not_found` before that, as for a node that does not exist.
+    to_a.refuse(true);
+    let admin = b.ctl_as(&b.token, &["node", "inspect", &node], None).await;
+    let admin = String::from_utf8_lossy(&admin.stderr).to_string();
+    assert!(admin.contains("did not answer"), "{admin}");
+    let out = b.ctl_as(&t, &["node", "inspect", &node], None).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("no such node: {node}")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    to_a.refuse(false);
     a.stop().await;
     b.stop().await;
 }

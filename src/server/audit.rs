@@ -76,6 +76,18 @@ pub fn digest(args: &serde_json::Value) -> String {
     hex::encode(sha2::Sha256::digest(v.to_string().as_bytes()))[..16].to_string()
 }
 
+/// The records of `records` made at or after `time` (RFC 3339); a record
+/// whose time does not parse is kept.
+pub fn since(records: Vec<AuditRecord>, time: &str) -> Vec<AuditRecord> {
+    let Ok(from) = humantime::parse_rfc3339(time) else {
+        return records;
+    };
+    records
+        .into_iter()
+        .filter(|r| humantime::parse_rfc3339(&r.time).map_or(true, |t| t >= from))
+        .collect()
+}
+
 /// What to read back.
 #[derive(Debug, Default, Clone, Deserialize)]
 pub struct AuditFilter {
@@ -175,6 +187,26 @@ impl Mode0600 for std::fs::OpenOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn since_keeps_the_records_from_a_time_on() {
+        let at = |time: &str| AuditRecord {
+            time: time.into(),
+            ..Default::default()
+        };
+        let records = vec![
+            at("2026-12-07T10:00:00.999Z"),
+            at("2026-12-07T10:00:01.000Z"),
+            at("2026-12-07T10:00:01.500Z"),
+            at("not a time"),
+        ];
+        let kept = since(records.clone(), "2026-12-07T10:00:01.000Z");
+        assert_eq!(kept, records[1..].to_vec());
+        // An organization made before its creation time was kept to the
+        // millisecond has a time to the second.
+        assert_eq!(since(records.clone(), "2026-12-07T10:00:01Z").len(), 3);
+        assert_eq!(since(records.clone(), "garbage"), records);
+    }
 
     #[test]
     fn records_survive_reopening_rotate_at_the_bound_and_filter() {

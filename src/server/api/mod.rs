@@ -84,7 +84,12 @@ async fn on_store<T: Send + 'static>(
 
 pub(super) fn router(state: Arc<AppState>) -> Router {
     // Routes that name a node, a worker or a deployment check first that
-    // the caller's organization owns it (another's is `not_found`).
+    // the caller's organization owns it (another's is `not_found`). A
+    // node's organization is in the store, so it is judged before the
+    // request goes to the replica holding the node (the last layer added
+    // runs first): a holder that does not answer must not turn another
+    // organization's `not_found` into `unavailable`. A worker or a
+    // deployment is known only to its holder, which judges it there.
     let node_routes = Router::new()
         .route("/api/v1/nodes/{id}", get(node).delete(forget_node))
         .route("/api/v1/nodes/{id}/drain", post(drain))
@@ -94,11 +99,11 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
             "/api/v1/mcp/nodes/{id}",
             axum::routing::put(mcp::allow).delete(mcp::deny),
         )
-        .route_layer(middleware::from_fn_with_state(state.clone(), node_scope))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             forward::node_route,
-        ));
+        ))
+        .route_layer(middleware::from_fn_with_state(state.clone(), node_scope));
     let worker_routes = Router::new()
         .route("/api/v1/workers/{id}", get(worker).delete(remove))
         .route("/api/v1/workers/{id}/stop", post(stop))

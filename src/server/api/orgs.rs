@@ -79,7 +79,9 @@ pub(super) async fn create(
     orgs::check_name(&req.name)?;
     let org = Organization {
         name: req.name.clone(),
-        created_at: now_rfc3339(),
+        // To the millisecond, as audit records are: the trail an
+        // organization reads starts here.
+        created_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
     };
     let (key, shown) = registration_key(&req.name);
     let kept = org.clone();

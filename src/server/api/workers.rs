@@ -166,7 +166,22 @@ pub(super) async fn audit(
     if let crate::server::OrgScope::Org(o) = &caller.scope {
         f.org = Some(o.clone());
     }
-    let records = on_store(&app, move |s| Ok(s.audit(&f))).await?;
+    let records = on_store(&app, move |s| {
+        let records = s.audit(&f);
+        // An organization sees its records from its creation on: one made
+        // under the name of a removed one does not read the removed one's.
+        let created = f.org.as_deref().and_then(|o| {
+            s.organizations()
+                .into_iter()
+                .find(|org| org.name == o)
+                .map(|org| org.created_at)
+        });
+        Ok(match created {
+            Some(at) => crate::server::audit::since(records, &at),
+            None => records,
+        })
+    })
+    .await?;
     Ok(Json(json!({ "records": records })))
 }
 

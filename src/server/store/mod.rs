@@ -223,8 +223,9 @@ pub trait Store: Send + Sync + 'static {
     fn operator_tokens(&self) -> Vec<OperatorToken>;
     /// Revokes an operator token; true if there was one.
     fn revoke_operator_token(&self, id: &str) -> Result<bool, StoreError>;
-    /// Removes an organization with its registration keys, operator tokens
-    /// and MCP tokens; refused ([`StoreError::OrgHasNodes`]) while a node
+    /// Removes an organization with its registration keys, operator tokens,
+    /// MCP tokens and preview grants (an organization made later under the
+    /// same name inherits none of them); refused ([`StoreError::OrgHasNodes`]) while a node
     /// belongs to it, and for `default`. False if there was none.
     fn remove_organization(&self, name: &str) -> Result<bool, StoreError>;
     /// The server secret `name` (`admin.token`, `jwt.key`, `preview.key`),

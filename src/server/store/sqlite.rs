@@ -531,6 +531,12 @@ impl Store for SqliteStore {
                     .filter(|t| t.org.as_deref() == Some(name))
                     .map(|t| Op::McpToken(t.id.clone(), None)),
             );
+            ops.extend(
+                s.previews
+                    .values()
+                    .filter(|g| g.org.as_deref() == Some(name))
+                    .map(|g| Op::Preview(g.id.clone(), None)),
+            );
             Ok((true, ops))
         })
     }

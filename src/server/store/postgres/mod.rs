@@ -754,6 +754,8 @@ impl Store for PgStore {
                         .await?;
                     c.execute("DELETE FROM mcp_tokens WHERE token->>'org' = $1", &[&org])
                         .await?;
+                    c.execute("DELETE FROM previews WHERE grant_->>'org' = $1", &[&org])
+                        .await?;
                     let n = c
                         .execute("DELETE FROM orgs WHERE name = $1", &[&org])
                         .await?;
@@ -771,7 +773,13 @@ impl Store for PgStore {
                     return r;
                 }
                 c.batch_execute("COMMIT").await.map_err(db)?;
-                for t in ["orgs", "registration_keys", "operator_tokens", "mcp_tokens"] {
+                for t in [
+                    "orgs",
+                    "registration_keys",
+                    "operator_tokens",
+                    "mcp_tokens",
+                    "previews",
+                ] {
                     notify(&c, t, None).await?;
                     reload(&c, &cache, t, None).await?;
                 }

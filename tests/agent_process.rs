@@ -303,6 +303,48 @@ async fn an_agent_container_on_its_own_network_tunnels_through_relays() {
         .expect_err("a guarded network cannot be had from the agent's own namespace");
     assert_eq!(e.code, tether::protocol::ErrorCode::Unsupported, "{e}");
     assert!(e.message.contains("network namespace"), "{e}");
+    // A deployment under `none` too: its internal bridge still gives the
+    // host an address its services could reach, unguarded from here.
+    let file = h.state_path("none.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "services:\n  s:\n    image: {}\n    command: [\"sleep\", \"60\"]\n",
+            image()
+        ),
+    )
+    .unwrap();
+    let name = unique("nd");
+    let out = h
+        .ctl(&[
+            "deploy",
+            "up",
+            "-f",
+            &file.to_string_lossy(),
+            "--name",
+            &name,
+            "--network-policy",
+            "none",
+            "--node",
+            &node,
+        ])
+        .await;
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && err.contains("cannot be enforced"),
+        "{err}"
+    );
+    assert_eq!(
+        docker_all(&[
+            "ps",
+            "-a",
+            "-q",
+            "--filter",
+            &format!("label=tether.deployment={name}")
+        ]),
+        "",
+        "nothing of it is left"
+    );
     let w = h
         .hub
         .spawn(spawn(tether::protocol::NetworkPolicy::None))

@@ -116,6 +116,19 @@ async fn a_copied_token_or_a_replayed_proof_cannot_connect() {
     assert!(first.is_ok(), "the first use of a proof is accepted");
     let replay = fake::connect_with(fake::upgrade(&h, &jwt, Some(&proof))).await;
     assert_eq!(fake::refused_status(replay), 401);
+    // Nor written another way: the signature in upper case, the time with
+    // a leading zero or a sign. (The hex part is all the signature, so
+    // upper case is a different string for the same signature.)
+    let (ms, sig) = proof.split_once('.').unwrap();
+    for rewritten in [
+        format!("{ms}.{}", sig.to_uppercase()),
+        format!("0{proof}"),
+        format!("+{proof}"),
+        format!(" {proof} "),
+    ] {
+        let replay = fake::connect_with(fake::upgrade(&h, &jwt, Some(&rewritten))).await;
+        assert_eq!(fake::refused_status(replay), 401, "{rewritten}");
+    }
 
     // The real agent never noticed.
     h.wait_status(&node, "online").await;

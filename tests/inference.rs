@@ -20,23 +20,7 @@ fn images() -> (String, String) {
     let dockerfile = format!(
         "FROM {agent}\nLABEL tether.test=1\nENTRYPOINT [\"/usr/local/bin/tether-agent\", \"inference-standin\", \"--listen\", \"127.0.0.1:11434\", \"--token-delay-ms\", \"100\"]\n"
     );
-    let mut child = std::process::Command::new("docker")
-        .args(["build", "-q", "-t", &standin, "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(dockerfile.as_bytes())
-        .unwrap();
-    assert!(
-        child.wait().unwrap().success(),
-        "building the stand-in image"
-    );
+    build_image_from(&standin, &dockerfile);
     (agent, standin)
 }
 
@@ -489,7 +473,7 @@ async fn the_backend_is_adopted_after_an_agent_restart_and_remade_if_removed() {
     stop2.cancel();
     let _ = agent2.await;
     let stop3 = tokio_util::sync::CancellationToken::new();
-    let agent3 = tokio::spawn(tether::agent::run(cfg, stop3.clone()));
+    let agent3 = tokio::spawn(tether::agent::run(cfg.clone(), stop3.clone()));
     h.wait_status(&node, "online").await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while ids(&node).lines().count() != 2 {
@@ -498,6 +482,34 @@ async fn the_backend_is_adopted_after_an_agent_restart_and_remade_if_removed() {
     }
     stop3.cancel();
     let _ = agent3.await;
+
+    // The node's file is tightened, its image no longer allowed, and the
+    // agent restarts: the stored configuration does not run it, and the
+    // report says why.
+    let mut strict = cfg.clone();
+    strict.policy.allowed_images = vec!["registry.invalid/only-this/*".into()];
+    let stop4 = tokio_util::sync::CancellationToken::new();
+    let agent4 = tokio::spawn(tether::agent::run(strict, stop4.clone()));
+    h.wait_status(&node, "online").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let caps = h.hub.node_detail(&node).unwrap().capabilities;
+        let note = caps
+            .as_ref()
+            .and_then(|c| c.inference.status.note.clone())
+            .unwrap_or_default();
+        if note.contains("allowed_images") && ids(&node).is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backend the node no longer allows is gone: {note:?} {}",
+            ids(&node)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stop4.cancel();
+    let _ = agent4.await;
     h.stop().await;
     for img in [&standin, &agent_image] {
         docker(&["image", "rm", "-f", img]);

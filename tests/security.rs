@@ -533,20 +533,7 @@ async fn an_image_with_tethers_labels_or_a_sidecars_name_is_refused() {
         "FROM {}\nLABEL tether.sidecar_for=somebody tether.relay_framing=1\n",
         image()
     );
-    let mut child = std::process::Command::new("docker")
-        .args(["build", "-q", "-t", &labelled, "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(dockerfile.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "building the image");
+    build_image_from(&labelled, &dockerfile);
     let err = spawn_err(&h, &["spawn", "--image", &labelled, "--", "true"]).await;
     let _ = std::process::Command::new("docker")
         .args(["rmi", "-f", &labelled])

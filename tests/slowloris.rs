@@ -318,3 +318,55 @@ async fn slowloris_connections_leave_the_api_answering() {
     drop(attack);
     h.stop().await;
 }
+
+/// Requests that announce a body and never send it, on a route anyone may
+/// call (registration), cannot hold every pending slot: without the key
+/// they are refused before the body is read, so the operator and a new
+/// node still get in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodiless_registrations_do_not_lock_the_server_out() {
+    const PENDING: usize = 8;
+    let h = Harness::server_with(|c| {
+        c.max_pending_connections = PENDING;
+        c.header_read_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let head = "POST /api/v1/register HTTP/1.1\r\nHost: localhost\r\n\
+                Authorization: Bearer not-the-key\r\nContent-Type: application/json\r\n\
+                Content-Length: 1048576\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..PENDING * 2 {
+        let mut s = TcpStream::connect(h.addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        held.push(s);
+    }
+    // Each is answered 401 at once, without its body.
+    for s in held.iter_mut().take(PENDING) {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("a bodiless registration is answered at once")
+            .unwrap_or(0);
+        let got = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(n == 0 || got.starts_with("HTTP/1.1 401"), "{got}");
+    }
+    let start = Instant::now();
+    let out = tokio::time::timeout(Duration::from_secs(10), h.ctl(&["nodes"]))
+        .await
+        .expect("ctl nodes answered");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    // A node registers and comes online beside them.
+    let mut h = h;
+    h.add_agent().await;
+    drop(held);
+    h.stop().await;
+}

@@ -12,11 +12,25 @@ use std::sync::Arc;
 /// stands. One at a time.
 pub(crate) async fn converge(ctx: &Arc<Ctx>) -> InferenceStatus {
     let _one = ctx.node.inference_lock.lock().await;
-    let want = ctx
+    let pushed = ctx
         .node
         .applied()
         .and_then(|a| a.config.inference_backend)
         .filter(|b| b.enabled);
+    // The node's policy as it is now, not as it was when the backend was
+    // pushed: a node file tightened since (and the agent restarted) has
+    // the last word over a stored configuration too.
+    let (want, forbidden) = match pushed {
+        Some(b) if !ctx.node.policy.image_allowed(b.image()) => {
+            let why = format!(
+                "inference_backend.image {:?} is not in the {} policy's allowed_images",
+                b.image(),
+                ctx.node.policy.source
+            );
+            (None, Some(why))
+        }
+        b => (b, None),
+    };
     let id = &ctx.node.identity;
     let mut status = if !id.inference_enabled {
         // Whatever was pushed: the node does not run inference.
@@ -62,6 +76,10 @@ pub(crate) async fn converge(ctx: &Arc<Ctx>) -> InferenceStatus {
         )
         .await
     };
+    if let Some(why) = forbidden {
+        tracing::warn!(reason = %why, "the pushed inference backend is not run");
+        status.note = Some(why);
+    }
     let models = want.map(|b| b.models).unwrap_or_default();
     if status.running && status.healthy {
         for m in &models {

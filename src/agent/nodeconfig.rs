@@ -40,9 +40,14 @@ pub(crate) fn interpret(cfg: &NodeConfig) -> Result<Policy, String> {
     if cfg.version != 1 {
         return Err(format!("version must be 1, got {}", cfg.version));
     }
-    if cfg.config_version.parse::<ulid::Ulid>().is_err() {
+    // Written as generated (upper case): versions are compared as strings.
+    if cfg
+        .config_version
+        .parse::<ulid::Ulid>()
+        .map_or(true, |u| u.to_string() != cfg.config_version)
+    {
         return Err(format!(
-            "config_version {:?} is not a ULID",
+            "config_version {:?} is not a ULID in upper case",
             cfg.config_version
         ));
     }

@@ -111,6 +111,28 @@ struct LineFollower {
     idle_timeout: Option<std::time::Duration>,
 }
 
+/// The longest unfinished line kept while waiting for its end; a longer
+/// one is printed in pieces of this size, so that a worker writing without
+/// newlines cannot grow `ctl`'s memory.
+const MAX_PARTIAL_LINE: usize = 1024 * 1024;
+
+/// Appends `bytes` to the unfinished line `partial` and takes out what is
+/// ready to print: each complete line, and the unfinished one once it
+/// reaches [`MAX_PARTIAL_LINE`]. Only the new bytes are searched.
+fn split_lines(partial: &mut Vec<u8>, bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut from = partial.len();
+    partial.extend_from_slice(bytes);
+    let mut ready = Vec::new();
+    while let Some(pos) = partial[from..].iter().position(|&c| c == b'\n') {
+        ready.push(partial.drain(..=from + pos).collect());
+        from = 0;
+    }
+    if partial.len() >= MAX_PARTIAL_LINE {
+        ready.push(std::mem::take(partial));
+    }
+    ready
+}
+
 impl LineFollower {
     fn new(show: bool, prefix: Option<String>) -> Self {
         LineFollower {
@@ -149,9 +171,7 @@ impl LineFollower {
                         }
                         _ => 0,
                     };
-                    self.partial[idx].extend_from_slice(&b[1..]);
-                    while let Some(pos) = self.partial[idx].iter().position(|&c| c == b'\n') {
-                        let line: Vec<u8> = self.partial[idx].drain(..=pos).collect();
+                    for line in split_lines(&mut self.partial[idx], &b[1..]) {
                         let w: &mut dyn Write = if idx == 1 { &mut stderr } else { &mut stdout };
                         self.print(&line, w)?;
                     }
@@ -213,5 +233,35 @@ impl LineFollower {
         w.write_all(&whole)
             .and_then(|_| w.flush())
             .map_err(|e| CtlError::Local(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_split_where_they_end_and_a_line_without_end_is_bounded() {
+        let mut partial = Vec::new();
+        assert!(split_lines(&mut partial, b"T1 he").is_empty());
+        assert_eq!(
+            split_lines(&mut partial, b"llo\nT2 a\nT3 b"),
+            vec![b"T1 hello\n".to_vec(), b"T2 a\n".to_vec()]
+        );
+        assert_eq!(partial, b"T3 b");
+        assert_eq!(split_lines(&mut partial, b"\n"), vec![b"T3 b\n".to_vec()]);
+        assert!(partial.is_empty());
+        // A worker that never writes a newline: 64 MiB arrive, and what is
+        // kept never exceeds the bound; every byte is handed on once.
+        let piece = vec![b'y'; 16 * 1024];
+        let mut out = 0;
+        for _ in 0..4096 {
+            out += split_lines(&mut partial, &piece)
+                .iter()
+                .map(Vec::len)
+                .sum::<usize>();
+            assert!(partial.len() < MAX_PARTIAL_LINE);
+        }
+        assert_eq!(out + partial.len(), 64 * 1024 * 1024);
     }
 }

@@ -117,9 +117,10 @@ pub async fn ensure_network(
         ))
     };
     let internal = policy != NetworkPolicy::Restricted;
-    if policy != NetworkPolicy::None
-        && let Err(why) = guard
-    {
+    // `none` too: an internal bridge has no way out, but the host holds
+    // its gateway address, and only the guard's input rule keeps the
+    // services off the host's own ports.
+    if let Err(why) = guard {
         return Err(unenforceable(why));
     }
     let mut lbls = object_labels(node_id, deployment);
@@ -131,7 +132,7 @@ pub async fn ensure_network(
         let _ = networks::remove(docker, pool, node_id, &created.id).await;
     };
     let bridge = networks::shared_bridge_name(created.subnet);
-    if policy != NetworkPolicy::None && !crate::agent::netguard::bridge_visible(&bridge) {
+    if !crate::agent::netguard::bridge_visible(&bridge) {
         undo().await;
         return Err(unenforceable(&format!(
             "the deployment's bridge {bridge} is not in the agent's network namespace"

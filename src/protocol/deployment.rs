@@ -215,6 +215,21 @@ pub fn valid_name(s: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
+/// Why `name` cannot name a deployment, if it cannot: the shape of
+/// [`valid_name`], and no sidecar's suffix (`-egress`, `-relay`,
+/// `-inference`), since deployment `x`'s egress proxy and its network are
+/// named as deployment `x-egress`'s network would be.
+pub fn deployment_name_error(name: &str) -> Option<String> {
+    if !valid_name(name, MAX_DEPLOYMENT_NAME) {
+        return Some(format!(
+            "deployment name {name:?}: lowercase letters, digits and '-', at most {MAX_DEPLOYMENT_NAME}"
+        ));
+    }
+    crate::docker::sidecar_suffix(name).map(|suffix| {
+        format!("deployment name {name:?}: names ending in {suffix:?} are tether's sidecars'")
+    })
+}
+
 /// Longest deployment name.
 pub const MAX_DEPLOYMENT_NAME: usize = 32;
 /// Longest service name.

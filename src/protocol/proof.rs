@@ -78,6 +78,10 @@ pub fn verify_proof(
         .filter(|k| k.len() == 32)
         .ok_or(ProofError::BadKey)?;
     let (ms, sig) = proof.trim().split_once('.').ok_or(ProofError::Malformed)?;
+    // Digits only, as a node writes it (`parse` also takes a sign).
+    if ms.is_empty() || !ms.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ProofError::Malformed);
+    }
     let ms: u64 = ms.parse().map_err(|_| ProofError::Malformed)?;
     let sig = hex::decode(sig).map_err(|_| ProofError::Malformed)?;
     if ms.abs_diff(now_ms) > MAX_PROOF_SKEW_MS {

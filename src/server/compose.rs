@@ -4,9 +4,8 @@
 //! services in start order.
 
 use crate::protocol::{
-    DependsCondition, DependsOn, DeployApply, ErrorBody, ErrorCode, Healthcheck,
-    MAX_DEPLOYMENT_NAME, MAX_SERVICE_NAME, Mount, NetworkPolicy, RestartPolicy, ServiceSpec,
-    VolumeMount, valid_name,
+    DependsCondition, DependsOn, DeployApply, ErrorBody, ErrorCode, Healthcheck, MAX_SERVICE_NAME,
+    Mount, NetworkPolicy, RestartPolicy, ServiceSpec, VolumeMount, valid_name,
 };
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -248,10 +247,8 @@ pub fn parse(
     let deployment = name.map(str::to_string).or(file.name).ok_or_else(|| {
         bad("the deployment needs a name: --name NAME, or name: in the file".into())
     })?;
-    if !valid_name(&deployment, MAX_DEPLOYMENT_NAME) {
-        return Err(bad(format!(
-            "deployment name {deployment:?}: lowercase letters, digits and '-', at most {MAX_DEPLOYMENT_NAME}"
-        )));
+    if let Some(why) = crate::protocol::deployment_name_error(&deployment) {
+        return Err(bad(why));
     }
     if file.services.is_empty() {
         return Err(bad("compose file: no services".into()));
@@ -506,6 +503,15 @@ services:
 volumes:
   data:
 "#;
+
+    #[test]
+    fn a_deployment_is_not_named_as_a_sidecar_would_be() {
+        for name in ["shop-egress", "shop-relay", "shop-inference"] {
+            let e = parse(APP, Some(name), None).unwrap_err();
+            assert!(e.message.contains("sidecars"), "{name}: {e}");
+        }
+        assert!(parse(APP, Some("shop-egresses"), None).is_ok());
+    }
 
     #[test]
     fn a_compose_file_becomes_services_in_start_order() {

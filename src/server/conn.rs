@@ -138,9 +138,16 @@ pub(super) struct Gate {
 struct Pending {
     /// Closes it.
     close: CancellationToken,
-    /// A request of it is being handled.
-    busy: bool,
+    /// Since when a request of it is being handled, if one is.
+    busy: Option<Instant>,
 }
+
+/// How long a request being handled keeps its unauthenticated connection
+/// from being closed to make room: long enough for a registration or an
+/// upgrade waiting on the database, short enough that requests which
+/// never finish (a body announced and never sent) cannot hold every
+/// pending slot.
+const BUSY_GRACE: Duration = Duration::from_secs(15);
 
 #[derive(Default)]
 struct Shed {
@@ -183,7 +190,7 @@ impl Gate {
             id,
             Pending {
                 close: close.clone(),
-                busy: false,
+                busy: None,
             },
         );
         self.open.fetch_add(1, Ordering::Relaxed);
@@ -195,9 +202,10 @@ impl Gate {
     }
 
     /// Closes the oldest pending connection that no request of is being
-    /// handled; false if there is none.
+    /// handled (or has been for [`BUSY_GRACE`]); false if there is none.
     fn evict(pending: &mut BTreeMap<u64, Pending>) -> bool {
-        let Some(id) = pending.iter().find(|(_, p)| !p.busy).map(|(id, _)| *id) else {
+        let idle = |p: &Pending| p.busy.is_none_or(|t| t.elapsed() >= BUSY_GRACE);
+        let Some(id) = pending.iter().find(|(_, p)| idle(p)).map(|(id, _)| *id) else {
             return false;
         };
         if let Some(p) = pending.remove(&id) {
@@ -271,7 +279,7 @@ impl Admission {
 
     fn set_busy(&self, busy: bool) {
         if let Some(p) = self.gate.pending.lock().unwrap().get_mut(&self.id) {
-            p.busy = busy;
+            p.busy = busy.then(Instant::now);
         }
     }
 
@@ -544,6 +552,20 @@ mod tests {
         assert!(gate.admit(5).is_some());
         assert!(close_a.is_cancelled() && !close_c.is_cancelled());
         drop(busy_c);
+    }
+
+    #[test]
+    fn a_request_that_never_ends_keeps_its_connection_only_so_long() {
+        let gate = Gate::new(limits(2, 10));
+        let (a, close_a) = gate.admit(1).unwrap();
+        let (b, close_b) = gate.admit(2).unwrap();
+        let (_busy_a, _busy_b) = (a.0.handling(), b.0.handling());
+        assert!(gate.admit(3).is_none(), "both handled: refused");
+        // The older one has been handled for longer than the grace (a
+        // body announced and never sent): it makes room.
+        gate.pending.lock().unwrap().get_mut(&1).unwrap().busy = Some(Instant::now() - BUSY_GRACE);
+        assert!(gate.admit(3).is_some());
+        assert!(close_a.is_cancelled() && !close_b.is_cancelled());
     }
 
     #[test]

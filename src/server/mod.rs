@@ -172,10 +172,11 @@ pub(crate) struct AppState {
     pub signer: auth::Signer,
     /// Durable state: node identities.
     pub store: Arc<dyn store::Store>,
-    /// Proofs accepted per node within the skew window (`protocol::proof`):
-    /// a proof is good once, so a captured request cannot be replayed.
+    /// Proofs accepted per node within the skew window (`protocol::proof`),
+    /// by their time and what they signed: a proof is good once, so a
+    /// captured request cannot be replayed.
     #[allow(clippy::type_complexity)]
-    pub proofs_seen: std::sync::Mutex<std::collections::HashMap<String, Vec<(u64, String)>>>,
+    pub proofs_seen: std::sync::Mutex<std::collections::HashMap<String, Vec<(u64, Vec<u8>)>>>,
     pub admin_token: String,
     /// Signs preview URLs.
     pub preview_key: preview::PreviewKey,
@@ -296,22 +297,27 @@ impl AppState {
         let now = crate::protocol::now_millis();
         let ms = crate::protocol::verify_proof(public_key, purpose, node_id, proof, now)
             .map_err(|e| ErrorBody::new(ErrorCode::Unauthorized, e.to_string()))?;
+        // A proof is used once: what it signed (purpose, node, time), not
+        // how it is written, since the same signature can be written in
+        // more than one way (hex in either case) and a node signs one
+        // proof per purpose and millisecond.
+        let signed = crate::protocol::proof_message(purpose, node_id, ms);
         {
             let mut seen = self.proofs_seen.lock().unwrap();
             let list = seen.entry(node_id.to_string()).or_default();
             // A proof older than the skew allowance is refused anyway.
             list.retain(|(t, _)| t.abs_diff(now) <= 2 * MAX_PROOF_SKEW_MS);
-            if list.iter().any(|(_, p)| p == proof) {
+            if list.iter().any(|(_, p)| *p == signed) {
                 return Err(replayed());
             }
-            list.push((ms, proof.to_string()));
+            list.push((ms, signed.clone()));
         }
         // Replicas: the proof must be new to every one of them, not only
         // to this one (a captured request sent to each in turn).
         Ok(self.replica.is_some().then(|| {
             use sha2::Digest;
             FreshProof {
-                digest: hex::encode(sha2::Sha256::digest(proof.as_bytes())),
+                digest: hex::encode(sha2::Sha256::digest(&signed)),
                 until_ms: ms.max(now) + 2 * MAX_PROOF_SKEW_MS,
             }
         }))

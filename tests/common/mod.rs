@@ -383,6 +383,25 @@ pub fn build_agent_image(tag: &str) {
     assert!(st.success(), "building the agent image failed");
 }
 
+/// Builds image `tag` from `dockerfile` (given on standard input: no
+/// context, so it can only build on images that are there).
+pub fn build_image_from(tag: &str, dockerfile: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("docker")
+        .args(["build", "-q", "-t", tag, "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(dockerfile.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "building image {tag}");
+}
+
 /// Runs the agent image the way users do: the Docker socket mounted,
 /// configured by environment, in the host's network namespace with
 /// NET_ADMIN (it installs the nftables guard of its workers there).

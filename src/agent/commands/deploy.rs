@@ -8,8 +8,7 @@ use crate::docker::egress::NetPlan;
 use crate::docker::{self, deployment as dep};
 use crate::protocol::{
     DependsCondition, DeployApply, DeployRef, DeployRemove, DeploymentInfo, ErrorBody, ErrorCode,
-    MAX_DEPLOYMENT_NAME, MAX_SERVICE_NAME, NetworkPolicy, ServiceAction, ServiceSpec, SpawnRequest,
-    valid_name,
+    MAX_SERVICE_NAME, NetworkPolicy, ServiceAction, ServiceSpec, SpawnRequest, valid_name,
 };
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -33,11 +32,8 @@ fn bad(msg: String) -> ErrorBody {
 
 /// Names are well formed, unique, and every dependency comes earlier.
 fn check_shape(req: &DeployApply) -> Result<(), ErrorBody> {
-    if !valid_name(&req.deployment, MAX_DEPLOYMENT_NAME) {
-        return Err(bad(format!(
-            "deployment name {:?}: lowercase letters, digits and '-', at most {MAX_DEPLOYMENT_NAME}",
-            req.deployment
-        )));
+    if let Some(why) = crate::protocol::deployment_name_error(&req.deployment) {
+        return Err(bad(why));
     }
     if req.services.is_empty() {
         return Err(bad("a deployment needs at least one service".into()));

@@ -3,11 +3,17 @@
 
 use super::*;
 
+/// A registration body's bound: `node_id`, `public_key` and `proof` are
+/// well under a kilobyte.
+const MAX_REGISTER_BODY: usize = 16 * 1024;
+/// How long a registration body may take to arrive after its head.
+const REGISTER_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub(super) async fn register(
     State(app): State<Arc<AppState>>,
     admission: Option<Extension<Admission>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Body,
 ) -> ApiResult<Json<Bootstrap>> {
     let key = auth::bearer(headers.get("authorization").and_then(|v| v.to_str().ok()));
     // The server-wide key registers into the default organization, an
@@ -28,6 +34,32 @@ pub(super) async fn register(
     if let Some(Extension(a)) = admission {
         a.authenticated();
     }
+    // The body only now, once the key is known good: an unauthenticated
+    // request that never sends the body it announces does not hold its
+    // connection (and a pending slot) while it is waited for. A body is a
+    // few hundred bytes, sent at once.
+    let body = match tokio::time::timeout(
+        REGISTER_BODY_TIMEOUT,
+        axum::body::to_bytes(body, MAX_REGISTER_BODY),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
+            return Err(ErrorBody::new(
+                ErrorCode::TooLarge,
+                format!("registration body over {MAX_REGISTER_BODY} bytes, or cut short"),
+            )
+            .into());
+        }
+        Err(_) => {
+            return Err(ErrorBody::new(
+                ErrorCode::Timeout,
+                format!("no registration body within {REGISTER_BODY_TIMEOUT:?}"),
+            )
+            .into());
+        }
+    };
     // Parsed here, after the key: any malformed body is a 400 the agent
     // knows to be permanent (§2.1), never a framework's 415 or 422.
     let json_type = headers

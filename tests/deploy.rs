@@ -628,6 +628,42 @@ async fn refused_and_failed_deployments_leave_nothing_behind() {
         (String::new(), String::new(), String::new())
     );
 
+    // Data a `down` kept is not lost to a later `up` that fails.
+    let keep = format!(
+        "services:\n  ok:\n    image: {img}\n    command: [\"sleep\", \"60\"]\n    volumes: [\"v:/v\"]\nvolumes:\n  v:\n"
+    );
+    let svc = format!("{name}/ok");
+    up(&h, &write(&h, "keep.yaml", &keep), &name, &[]).await;
+    h.ctl_ok(&["exec", &svc, "--", "sh", "-c", "echo kept > /v/f"])
+        .await;
+    h.ctl_ok(&["deploy", "down", &name]).await;
+    let out = h
+        .ctl(&[
+            "deploy",
+            "up",
+            "-f",
+            &write(&h, "missing.yaml", &text),
+            "--name",
+            &name,
+        ])
+        .await;
+    assert!(!out.status.success());
+    let (containers, _, volumes) = leftovers(&name);
+    assert_eq!(containers, "");
+    assert_eq!(
+        volumes,
+        format!("tether-dep-{name}_v"),
+        "the volume is kept"
+    );
+    up(&h, &write(&h, "keep.yaml", &keep), &name, &[]).await;
+    let got = h.ctl_ok(&["exec", &svc, "--", "cat", "/v/f"]).await;
+    assert_eq!(got, "kept\n");
+    h.ctl_ok(&["deploy", "down", &name, "--volumes"]).await;
+    assert_eq!(
+        leftovers(&name),
+        (String::new(), String::new(), String::new())
+    );
+
     // A label in tether's own namespace is refused: a service cannot pass
     // for another node's worker.
     let text = format!(

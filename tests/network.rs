@@ -67,6 +67,28 @@ async fn workers_cannot_reach_each_other() {
         "B reached A: {out:?}"
     );
     assert_ne!(code, 0);
+
+    // Nor over IPv6 (the guard matches IPv4): it is off in the worker,
+    // asked of the engine whatever the engine's own default.
+    let sysctls = docker(&[
+        "inspect",
+        "--format",
+        "{{json .HostConfig.Sysctls}}",
+        &b.container_id,
+    ]);
+    assert!(
+        sysctls.contains("\"net.ipv6.conf.all.disable_ipv6\":\"1\""),
+        "{sysctls}"
+    );
+    let (_, out, _) = h
+        .hub
+        .exec_collect(
+            &b.worker_id,
+            &["cat", "/proc/sys/net/ipv6/conf/all/disable_ipv6"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "1");
     h.stop().await;
 }
 

@@ -526,6 +526,10 @@ pub async fn spawn(
         // One joining a holder's namespace takes its host name.
         hostname: hostname.filter(|_| holder.is_none()),
         host_config: Some(HostConfig {
+            sysctls: holder
+                .is_none()
+                .then(|| super::networks::ipv6_off(&net.mode))
+                .flatten(),
             network_mode: Some(match &holder {
                 Some(id) => format!("container:{id}"),
                 None => net.mode.clone(),

@@ -301,6 +301,7 @@ pub async fn create_service(
         healthcheck,
         host_config: Some(HostConfig {
             network_mode: Some(network.to_string()),
+            sysctls: super::networks::ipv6_off(network),
             restart_policy: Some(RestartPolicy {
                 name: Some(restart),
                 maximum_retry_count: None,

@@ -116,6 +116,24 @@ pub enum NetKind {
 /// Prefix of the Linux bridges of deployments' networks.
 pub const SHARED_BRIDGE_PREFIX: &str = "tdep";
 
+/// The sysctls of a container that holds its own network namespace on a
+/// bridge (`network_mode` neither `none` nor `container:…`): IPv6 off.
+/// tether's networks carry IPv4 only and the node's guard matches IPv4
+/// only; engines since 26 turn IPv6 off in such containers themselves,
+/// older ones leave link-local addresses through which a worker could reach
+/// the host's services listening on `[::]`. `None` where the kernel has no
+/// IPv6 (the engine would refuse the sysctl) or no namespace of its own is
+/// made.
+pub fn ipv6_off(network_mode: &str) -> Option<HashMap<String, String>> {
+    let own = network_mode != "none" && !network_mode.starts_with("container:");
+    (own && std::path::Path::new("/proc/sys/net/ipv6/conf/all").exists()).then(|| {
+        ["all", "default"]
+            .into_iter()
+            .map(|c| (format!("net.ipv6.conf.{c}.disable_ipv6"), "1".to_string()))
+            .collect()
+    })
+}
+
 /// Name of the Linux bridge of the network on `subnet`: fixed by tether
 /// (unique, as subnets are) so the agent can check that the bridge is in
 /// its own network namespace, where its guard applies.
@@ -320,6 +338,20 @@ pub async fn list_managed(docker: &Docker, node_id: &str) -> Result<Vec<String>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_is_turned_off_only_in_namespaces_of_their_own() {
+        assert_eq!(ipv6_off("none"), None);
+        assert_eq!(ipv6_off("container:abc"), None);
+        let own = ipv6_off("tether-w1");
+        if std::path::Path::new("/proc/sys/net/ipv6/conf/all").exists() {
+            let own = own.unwrap();
+            assert_eq!(own["net.ipv6.conf.all.disable_ipv6"], "1");
+            assert_eq!(own["net.ipv6.conf.default.disable_ipv6"], "1");
+        } else {
+            assert_eq!(own, None);
+        }
+    }
 
     #[test]
     fn allocates_disjoint_subnets_and_reuses_released() {

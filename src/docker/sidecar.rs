@@ -83,6 +83,8 @@ pub async fn start(docker: &Docker, s: Spec<'_>) -> Result<String, Error> {
         env: Some(vec!["TETHER_LOG=info".into()]),
         hostname: s.hostname,
         host_config: Some(HostConfig {
+            // A namespace's holder makes the namespace its worker joins.
+            sysctls: super::networks::ipv6_off(&s.network_mode),
             network_mode: Some(s.network_mode),
             mounts: (!s.mounts.is_empty()).then_some(s.mounts),
             ..hardened()

@@ -140,10 +140,18 @@ async fn converge(ctx: &Ctx, req: &mut DeployApply) -> Result<DeploymentInfo, Er
     };
     let plan = admit(ctx, req, running)?;
     let fresh = existing.is_empty();
+    // Volumes a `down` without `--volumes` kept are the user's data: an
+    // `up` that fails leaves them (and with them what it made beside them).
+    let kept_volumes = fresh
+        && !dep::volumes(d, node, &req.deployment)
+            .await
+            .map_err(ErrorBody::from)?
+            .is_empty();
     let result = make(ctx, req, &plan, existing).await;
     if result.is_err() && fresh {
         // Nothing half-made is left of a deployment that did not exist.
-        if let Err(e) = dep::remove(d, &ctx.engine.pool, node, &req.deployment, true).await {
+        let volumes = !kept_volumes;
+        if let Err(e) = dep::remove(d, &ctx.engine.pool, node, &req.deployment, volumes).await {
             warn!(deployment = %req.deployment, error = %e, "could not undo a failed deployment");
         }
     }

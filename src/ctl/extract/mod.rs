@@ -182,7 +182,11 @@ impl Extractor<'_> {
         let mut total = 0;
         let made = if is_dir {
             match rustix::fs::mkdirat(parent, file_name, mode | Mode::RWXU) {
-                Ok(()) => {}
+                // Made here: it gets the archive's mode and time at the end.
+                Ok(()) => self.dirs.push((rel.clone(), mode, mtime)),
+                // There already (the destination's own, or a parent made
+                // on the way): it keeps its mode, so a worker's archive
+                // cannot make the operator's directories world-writable.
                 Err(Errno::EXIST) => {
                     let st = rustix::fs::statat(parent, file_name, AtFlags::SYMLINK_NOFOLLOW)
                         .map_err(write)?;
@@ -192,7 +196,6 @@ impl Extractor<'_> {
                 }
                 Err(e) => return Err(write(e)),
             }
-            self.dirs.push((rel.clone(), mode, mtime));
             Made::Dir
         } else if kind == EntryType::Symlink {
             let target = entry.link_name_bytes().unwrap_or_default();

@@ -147,6 +147,22 @@ fn an_ordinary_tree_keeps_names_modes_and_times() {
 }
 
 #[test]
+fn a_directory_that_was_there_keeps_its_mode() {
+    let s = Scene::new();
+    let mine = s.dst().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::set_permissions(&mine, PermissionsExt::from_mode(0o750)).unwrap();
+    s.extract(&[
+        raw(EntryType::Directory, b"mine/", b"", 0o777, b""),
+        file("mine/f", b"x"),
+    ])
+    .unwrap();
+    assert_eq!(std::fs::read(mine.join("f")).unwrap(), b"x");
+    let mode = std::fs::metadata(&mine).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o750, "not made world-writable");
+}
+
+#[test]
 fn a_renamed_copy_maps_the_first_component() {
     let s = Scene::new();
     s.extract_as(&[dir("d/"), file("d/a", b"1")], Some("new"))

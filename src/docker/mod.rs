@@ -10,6 +10,7 @@ pub mod inference;
 pub mod joined;
 pub mod networks;
 pub mod sidecar;
+pub mod socket;
 pub mod tar_guard;
 
 use crate::protocol::{ErrorBody, ErrorCode};
@@ -74,12 +75,19 @@ pub mod labels {
     ];
 }
 
-/// Connects to the engine at `socket` (default `/var/run/docker.sock`, or
-/// `DOCKER_HOST`) and negotiates the API version, so older engines work.
+/// Connects to the engine at `socket` (default: `DOCKER_HOST`'s `unix://`
+/// socket, or `/var/run/docker.sock`; a `tcp://` `DOCKER_HOST` is spoken
+/// to over plain HTTP) and negotiates the API version, so older engines
+/// work.
 pub async fn connect(socket: Option<&str>) -> Result<Docker, DockerError> {
-    let docker = match socket {
-        Some(path) => Docker::connect_with_unix(path, 120, bollard::API_DEFAULT_VERSION)?,
-        None => Docker::connect_with_local_defaults()?,
+    let host = std::env::var("DOCKER_HOST").ok();
+    let path = match socket {
+        Some(path) => Some(std::path::PathBuf::from(path.trim_start_matches("unix://"))),
+        None => socket::socket_path(host.as_deref()),
+    };
+    let docker = match path {
+        Some(path) => socket::connect(&path, 120)?,
+        None => Docker::connect_with_http_defaults()?,
     };
     docker.negotiate_version().await
 }

@@ -61,6 +61,11 @@ async fn up(h: &Harness, file: &str, name: &str, extra: &[&str]) -> DeploymentIn
     serde_json::from_str(&h.ctl_ok(&args).await).unwrap()
 }
 
+/// `deploy up` that may be refused: its output.
+async fn try_up(h: &Harness, file: &str, name: &str) -> std::process::Output {
+    h.ctl(&["deploy", "up", "-f", file, "--name", name]).await
+}
+
 fn ids(d: &DeploymentInfo) -> Vec<(String, String)> {
     d.services
         .iter()
@@ -491,7 +496,7 @@ async fn a_service_gets_the_nodes_disk_limit() {
         image()
     );
     let file = write(&h, "disk.yaml", &text);
-    let out = h.ctl(&["deploy", "up", "-f", &file, "--name", &name]).await;
+    let out = try_up(&h, &file, &name).await;
     if out.status.success() {
         let id = docker(&[
             "ps",
@@ -541,16 +546,7 @@ async fn refused_and_failed_deployments_leave_nothing_behind() {
     let text = format!(
         "services:\n  ok:\n    image: {img}\n    command: [\"sleep\", \"60\"]\n  big:\n    image: {img}\n    mem_limit: 512m\n"
     );
-    let out = h
-        .ctl(&[
-            "deploy",
-            "up",
-            "-f",
-            &write(&h, "big.yaml", &text),
-            "--name",
-            &name,
-        ])
-        .await;
+    let out = try_up(&h, &write(&h, "big.yaml", &text), &name).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{err}");
     assert!(err.contains("service big") && err.contains("128"), "{err}");
@@ -586,16 +582,7 @@ async fn refused_and_failed_deployments_leave_nothing_behind() {
     h.ctl_ok(&["deploy", "down", &name]).await;
     // ...and nowhere else.
     let text = format!("services:\n  h:\n    image: {img}\n    volumes: [\"/etc:/data\"]\n");
-    let out = h
-        .ctl(&[
-            "deploy",
-            "up",
-            "-f",
-            &write(&h, "etc.yaml", &text),
-            "--name",
-            &name,
-        ])
-        .await;
+    let out = try_up(&h, &write(&h, "etc.yaml", &text), &name).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("service h") && err.contains("allowed_host_paths"),
@@ -610,16 +597,7 @@ async fn refused_and_failed_deployments_leave_nothing_behind() {
     let text = format!(
         "services:\n  ok:\n    image: {img}\n    command: [\"sleep\", \"60\"]\n    volumes: [\"v:/v\"]\n  missing:\n    image: tether-test-no-such-image:1\n    depends_on: [ok]\nvolumes:\n  v:\n"
     );
-    let out = h
-        .ctl(&[
-            "deploy",
-            "up",
-            "-f",
-            &write(&h, "missing.yaml", &text),
-            "--name",
-            &name,
-        ])
-        .await;
+    let out = try_up(&h, &write(&h, "missing.yaml", &text), &name).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("no-such-image"), "{err}");
@@ -637,16 +615,7 @@ async fn refused_and_failed_deployments_leave_nothing_behind() {
     h.ctl_ok(&["exec", &svc, "--", "sh", "-c", "echo kept > /v/f"])
         .await;
     h.ctl_ok(&["deploy", "down", &name]).await;
-    let out = h
-        .ctl(&[
-            "deploy",
-            "up",
-            "-f",
-            &write(&h, "missing.yaml", &text),
-            "--name",
-            &name,
-        ])
-        .await;
+    let out = try_up(&h, &write(&h, "missing.yaml", &text), &name).await;
     assert!(!out.status.success());
     let (containers, _, volumes) = leftovers(&name);
     assert_eq!(containers, "");
@@ -669,16 +638,7 @@ async fn refused_and_failed_deployments_leave_nothing_behind() {
     let text = format!(
         "services:\n  sly:\n    image: {img}\n    labels:\n      tether.node_id: someone-else\n"
     );
-    let out = h
-        .ctl(&[
-            "deploy",
-            "up",
-            "-f",
-            &write(&h, "sly.yaml", &text),
-            "--name",
-            &name,
-        ])
-        .await;
+    let out = try_up(&h, &write(&h, "sly.yaml", &text), &name).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("service sly") && err.contains("reserved prefix"),
@@ -688,16 +648,7 @@ async fn refused_and_failed_deployments_leave_nothing_behind() {
 
     // A key tether does not apply is refused with its line.
     let text = format!("services:\n  web:\n    image: {img}\n    ports: [\"8080:80\"]\n");
-    let out = h
-        .ctl(&[
-            "deploy",
-            "up",
-            "-f",
-            &write(&h, "ports.yaml", &text),
-            "--name",
-            &name,
-        ])
-        .await;
+    let out = try_up(&h, &write(&h, "ports.yaml", &text), &name).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ports") && err.contains("line 4"), "{err}");
     assert_eq!(leftovers(&name).0, "");

@@ -1185,6 +1185,33 @@ async fn a_reattach_takes_an_exec_over_from_a_silently_dead_connection() {
     h.stop().await;
 }
 
+/// An exec's input waits in the server until the agent grants credit, so
+/// one connection may not hand it more than a bounded message at a time:
+/// a 2 MiB message ends the connection (the server holds at most a
+/// window of input and a few messages of 1 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_socket_takes_no_message_over_a_mebibyte() {
+    use futures_util::{SinkExt, StreamExt};
+    let (h, _node) = Harness::start().await;
+    let w = h.hub.spawn(sleeper(&image())).await.unwrap();
+    let path = format!("/api/v1/workers/{}/exec", w.worker_id);
+    let mut ws = exec_socket(&h, h.addr, &path).await;
+    let opts = serde_json::json!({ "cmd": ["sleep", "60"], "stdin": true });
+    ws.send(WsMsg::text(opts.to_string())).await.unwrap();
+    let _ = ws.send(WsMsg::binary(vec![0u8; 2 << 20])).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(WsMsg::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection was not ended");
+    h.stop().await;
+}
+
 /// `ctl exec` over a connection that dies silently (no error, no close, on
 /// either end): the server's pings stop arriving, ctl gives the connection
 /// up after the idle timeout it was told (6 s here) and re-attaches on a

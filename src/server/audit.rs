@@ -57,6 +57,45 @@ impl AuditRecord {
     }
 }
 
+/// Longest id (`task_id`, `job_id`, `node_id`, `worker_id`) a record keeps.
+const MAX_RECORD_ID: usize = 256;
+/// Longest outcome a record keeps.
+const MAX_RECORD_OUTCOME: usize = 1024;
+
+impl AuditRecord {
+    /// The record cut to a bounded size: ids and the outcome come from the
+    /// caller's request (a refused spawn names what it was given), and the
+    /// trail is shared by every organization, so no one record may be large
+    /// enough to rotate the others out.
+    pub fn bounded(mut self) -> AuditRecord {
+        for id in [
+            &mut self.task_id,
+            &mut self.job_id,
+            &mut self.node_id,
+            &mut self.worker_id,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            cut(id, MAX_RECORD_ID);
+        }
+        cut(&mut self.outcome, MAX_RECORD_OUTCOME);
+        self
+    }
+}
+
+/// Cuts `s` to at most `max` bytes, at a character boundary, marking the cut.
+fn cut(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max - 3;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+}
+
 /// The digest of `args` with the values of secret-bearing or bulky members
 /// (`content`, `content_base64`, `stdin`, `env`'s values) replaced.
 pub fn digest(args: &serde_json::Value) -> String {
@@ -187,6 +226,24 @@ impl Mode0600 for std::fs::OpenOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_is_bounded_whatever_its_caller_gave() {
+        let long = "é".repeat(100_000);
+        let r = AuditRecord {
+            task_id: Some(long.clone()),
+            node_id: Some(long.clone()),
+            outcome: long.clone(),
+            ..AuditRecord::new("token:x", "api:spawn")
+        }
+        .bounded();
+        assert!(r.task_id.as_ref().unwrap().len() <= MAX_RECORD_ID);
+        assert!(r.node_id.as_ref().unwrap().ends_with("..."));
+        assert!(r.outcome.len() <= MAX_RECORD_OUTCOME);
+        assert!(serde_json::to_vec(&r).unwrap().len() < 4096);
+        let short = AuditRecord::new("operator", "api:spawn");
+        assert_eq!(short.clone().bounded(), short);
+    }
 
     #[test]
     fn since_keeps_the_records_from_a_time_on() {

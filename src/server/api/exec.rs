@@ -13,6 +13,21 @@ pub(super) struct ExecQuery {
     pub(super) offset: u64,
 }
 
+/// The largest message an operator's exec or tunnel WebSocket takes
+/// (`ctl` sends input in pieces of at most 64 KiB). Input waits in the
+/// server until the agent grants credit, so the size of a message bounds
+/// what one connection can make the server hold beyond its window.
+pub(super) const MAX_CLIENT_MESSAGE: usize = 1024 * 1024;
+
+/// An operator's WebSocket, its messages bounded ([`MAX_CLIENT_MESSAGE`]).
+pub(super) fn bounded(ws: WebSocketUpgrade) -> WebSocketUpgrade {
+    ws.max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE)
+}
+
+/// How long an exec's WebSocket may wait for its options.
+const EXEC_OPTIONS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub(super) async fn exec_ws(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -26,7 +41,7 @@ pub(super) async fn exec_ws(
     {
         return error_response(e);
     }
-    ws.on_upgrade(move |socket| exec_session(app, caller, id, q, socket))
+    bounded(ws).on_upgrade(move |socket| exec_session(app, caller, id, q, socket))
 }
 
 /// Starts an exec (the client's first text message is the [`ExecOptions`])
@@ -43,10 +58,19 @@ pub(super) async fn open_exec(
     if let Some(channel) = q.attach {
         return Ok((reattach(app, worker_id, channel, q.offset, tx).await?, true));
     }
-    let opts: ExecOptions = match rx.next().await {
-        Some(Ok(WsMessage::Text(t))) => serde_json::from_str(t.as_str()).map_err(|e| {
+    // An authenticated connection is never closed to make room: one that
+    // never says what to run must not hold its slot for ever.
+    let first = tokio::time::timeout(EXEC_OPTIONS_TIMEOUT, rx.next()).await;
+    let opts: ExecOptions = match first {
+        Ok(Some(Ok(WsMessage::Text(t)))) => serde_json::from_str(t.as_str()).map_err(|e| {
             ErrorBody::new(ErrorCode::InvalidRequest, format!("bad exec options: {e}"))
         })?,
+        Err(_) => {
+            return Err(ErrorBody::new(
+                ErrorCode::Timeout,
+                format!("no exec options within {EXEC_OPTIONS_TIMEOUT:?}"),
+            ));
+        }
         _ => {
             return Err(ErrorBody::new(
                 ErrorCode::InvalidRequest,
@@ -226,6 +250,7 @@ pub(super) async fn serve(
     // a client that keeps what it sent beyond `stdin_ack` under that never
     // finds this server not reading; beyond it, reading stops.
     let mut stdin_buf = StdinQueue::new(app.cfg.stdin_window);
+    let resizes = Resizes::default();
     let mut said_end = None;
     let mut cancelled = false;
     let ended = loop {
@@ -339,11 +364,15 @@ pub(super) async fn serve(
                 }
                 Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ClientMsg>(t.as_str()) {
                     Ok(ClientMsg::Resize { cols, rows }) => {
-                        let hub = app.hub.clone();
-                        let (w, ch) = (worker_id.clone(), channel);
-                        app.hub.spawn_task(async move {
-                            let _ = hub.resize(&w, ch, TermSize { cols, rows }).await;
-                        });
+                        if resizes.want(TermSize { cols, rows }) {
+                            let (hub, r) = (app.hub.clone(), resizes.clone());
+                            let (w, ch) = (worker_id.clone(), channel);
+                            app.hub.spawn_task(async move {
+                                while let Some(size) = r.next() {
+                                    let _ = hub.resize(&w, ch, size).await;
+                                }
+                            });
+                        }
                     }
                     Ok(ClientMsg::StdinEof) => stdin_buf.eof(),
                     Ok(ClientMsg::Ack { offset }) => {
@@ -421,5 +450,49 @@ pub(super) async fn send_unless(
 pub(super) fn hand_back(app: &AppState, d: DetachedExec, client_acks: bool) {
     if client_acks {
         app.hub.detach_exec(d, app.cfg.attach_grace);
+    }
+}
+
+/// A session's terminal sizes on their way to the agent: one request at a
+/// time, the newest size wins. A client that sends resizes faster than the
+/// agent answers holds one waiting size, not a task and a request each.
+#[derive(Default, Clone)]
+struct Resizes(Arc<std::sync::Mutex<(Option<TermSize>, bool)>>);
+
+impl Resizes {
+    /// Notes the size wanted; true if the caller is to start the sender
+    /// (none is running).
+    fn want(&self, size: TermSize) -> bool {
+        let mut g = self.0.lock().unwrap();
+        g.0 = Some(size);
+        !std::mem::replace(&mut g.1, true)
+    }
+
+    /// The size to send next; `None` (and the sender stops) when none is
+    /// waiting.
+    fn next(&self) -> Option<TermSize> {
+        let mut g = self.0.lock().unwrap();
+        let next = g.0.take();
+        g.1 = next.is_some();
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resizes_go_one_at_a_time_and_the_newest_wins() {
+        let r = Resizes::default();
+        let size = |cols| TermSize { cols, rows: 24 };
+        assert!(r.want(size(80)), "the first starts a sender");
+        for cols in 81..10_000 {
+            assert!(!r.want(size(cols)), "one sender at a time");
+        }
+        assert_eq!(r.next(), Some(size(9_999)));
+        assert_eq!(r.next(), None, "the sender stops");
+        assert!(r.want(size(100)), "and a later one starts another");
+        assert_eq!(r.next(), Some(size(100)));
     }
 }

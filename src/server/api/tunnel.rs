@@ -6,7 +6,7 @@
 //! an exec's) can lose its connection and re-attach
 //! (`?attach=CHANNEL&offset=N`) without losing a byte either way.
 
-use super::exec::{reattach, serve};
+use super::exec::{bounded, reattach, serve};
 use super::*;
 use crate::protocol::operator::TunnelInfo;
 
@@ -43,7 +43,7 @@ pub(super) async fn tunnel_ws(
         if let Err(e) = app.hub.can_attach(&id, channel) {
             return error_response(e);
         }
-        return ws.on_upgrade(move |socket| async move {
+        return bounded(ws).on_upgrade(move |socket| async move {
             let (mut tx, rx) = socket.split();
             match reattach(&app, &id, channel, q.offset, &mut tx).await {
                 Ok(d) => serve(app, d, true, q.offset, tx, rx).await,
@@ -64,7 +64,7 @@ pub(super) async fn tunnel_ws(
             }
             let mut d = DetachedExec::new(&id, t);
             d.state.tunnel = Some(conn);
-            ws.on_upgrade(move |socket| {
+            bounded(ws).on_upgrade(move |socket| {
                 let (tx, rx) = socket.split();
                 serve(app, d, q.acks, 0, tx, rx)
             })

@@ -150,7 +150,7 @@ pub(super) fn append_audit(app: &AppState, mut rec: crate::server::audit::AuditR
     if rec.org.is_none() {
         rec.org = rec.node_id.as_deref().and_then(|n| app.hub.node_org(n));
     }
-    let store = app.store.clone();
+    let (store, rec) = (app.store.clone(), rec.bounded());
     tokio::task::spawn_blocking(move || {
         if let Err(e) = store.append_audit(&rec) {
             tracing::error!(error = %e, "could not append to the audit trail");

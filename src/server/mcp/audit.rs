@@ -233,7 +233,7 @@ impl Tools {
     }
 
     fn append(&self, r: crate::server::audit::AuditRecord) {
-        let store = self.app.store.clone();
+        let (store, r) = (self.app.store.clone(), r.bounded());
         tokio::task::spawn_blocking(move || {
             if let Err(e) = store.append_audit(&r) {
                 tracing::error!(error = %e, "could not append to the audit trail");

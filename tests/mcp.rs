@@ -289,6 +289,55 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
         .unwrap_err();
     assert!(e.contains("not_found"), "{e}");
 
+    // A sandbox keeps at most 16 execs running past their call: each holds
+    // output in the server until followed.
+    let mut kept = Vec::new();
+    for _ in 0..16 {
+        let r = m
+            .call(
+                "sandbox.exec",
+                json!({"task_id": "t1", "worker_id": w, "command": "sleep 1; echo late", "wait_s": 0}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r["running"], true, "{r}");
+        kept.push(r["exec_id"].as_str().unwrap().to_string());
+    }
+    let e = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t1", "worker_id": w, "command": "true", "wait_s": 0}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("unavailable") && e.contains("exec_follow"),
+        "{e}"
+    );
+    // Followed to their ends, they make room again.
+    for id in &kept {
+        loop {
+            let f = m
+                .call(
+                    "sandbox.exec_follow",
+                    json!({"task_id": "t1", "exec_id": id, "wait_s": 10}),
+                )
+                .await
+                .unwrap();
+            if f["running"] == false {
+                break;
+            }
+        }
+    }
+    let r = m
+        .call(
+            "sandbox.exec",
+            json!({"task_id": "t1", "worker_id": w, "command": "echo again"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["stdout"], "again\n", "{r}");
+
     // Output past the cap is cut on a character boundary and flagged.
     let r = m
         .call(

@@ -8,6 +8,8 @@ use super::*;
 /// any call waits.
 pub(super) const DEFAULT_EXEC_WAIT_S: u64 = 300;
 pub(super) const MAX_WAIT_S: u64 = 3600;
+/// Execs of one sandbox that may run on after their call at once.
+pub(super) const MAX_KEPT_EXECS: usize = 16;
 /// A followed exec that has ended is forgotten this long after, if nobody
 /// reads its end.
 pub(super) const ENDED_KEPT: Duration = Duration::from_secs(600);
@@ -52,6 +54,14 @@ impl Running {
 
     pub(super) fn get(&self, id: &str) -> Option<Arc<Followed>> {
         self.0.lock().unwrap().get(id).cloned()
+    }
+
+    /// How many execs of `worker_id` kept after their call still run.
+    pub(super) fn running_for(&self, worker_id: &str) -> usize {
+        let m = self.0.lock().unwrap();
+        m.values()
+            .filter(|r| r.worker_id == worker_id && r.state.lock().unwrap().ended_at.is_none())
+            .count()
     }
 
     /// Whether exec `id` is followed here.

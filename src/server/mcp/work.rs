@@ -102,6 +102,13 @@ impl Tools {
                 "invalid_request: max_output_bytes is at most {MAX_OUTPUT_CAP} (16 MiB)"
             ));
         }
+        // Each exec kept after its call holds up to twice its output cap in
+        // this server: a sandbox has a bounded number of them.
+        if self.app.mcp_execs.running_for(&worker_id) >= MAX_KEPT_EXECS {
+            return Err(format!(
+                "unavailable: {MAX_KEPT_EXECS} execs of sandbox {worker_id} run past their call; follow them to their end (sandbox.exec_follow) before starting more"
+            ));
+        }
         let t0 = Instant::now();
         // Kept by the agent with the exec: a restarted server takes the
         // exec back as this one, to be followed on (`adopt`).

@@ -296,7 +296,7 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
         let r = m
             .call(
                 "sandbox.exec",
-                json!({"task_id": "t1", "worker_id": w, "command": "sleep 1; echo late", "wait_s": 0}),
+                json!({"task_id": "t1", "worker_id": w, "command": "while [ ! -e /tmp/go ]; do usleep 50000; done; echo late", "wait_s": 0}),
             )
             .await
             .unwrap();
@@ -315,6 +315,7 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
         "{e}"
     );
     // Followed to their ends, they make room again.
+    docker(&["exec", &format!("tether-{w}"), "touch", "/tmp/go"]);
     for id in &kept {
         loop {
             let f = m

@@ -2,7 +2,8 @@
 # Remove Docker leftovers of tether's tests: containers (forced), networks
 # and volumes labelled tether.test=1, or made by a test node (a
 # tether.node_id starting with "test-"); with --all every
-# tether-managed object, whatever its node (this removes real workers too);
+# tether-managed object, whatever its node (this removes real workers too,
+# and every node's nftables guard);
 # with --images also images labelled tether.test=1 and tether-agent:test*.
 # Idempotent, silent when there is nothing to remove, never fails.
 #
@@ -81,6 +82,21 @@ remove network ${found[@]+"${found[@]}"}
 
 mapfile -t found < <(ids volume "${filters[@]}")
 remove volume ${found[@]+"${found[@]}"}
+
+# The nftables guards of test nodes (with --all, of every node): an agent
+# leaves its table in place while its node has containers.
+if command -v nft >/dev/null 2>&1; then
+    pattern='^tether-test-'
+    [[ "$ALL" -eq 1 ]] && pattern='^tether-'
+    n=0
+    while read -r _ family name; do
+        [[ "$family" == inet && "$name" =~ $pattern ]] || continue
+        nft delete table inet "$name" >/dev/null 2>&1 && n=$((n + 1))
+    done < <(nft list tables 2>/dev/null)
+    if [[ "$n" -gt 0 ]]; then
+        echo "cleanup: removed $n nftables table(s)" >&2
+    fi
+fi
 
 if [[ "$IMAGES" -eq 1 ]]; then
     mapfile -t found < <(ids image "label=tether.test=1" "reference=tether-agent:test*")

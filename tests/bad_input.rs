@@ -118,6 +118,21 @@ async fn operator_api_refuses_bad_requests_with_codes() {
             .await,
         "invalid_request",
     );
+    // A CPU share the engine would round to 0, which means no limit.
+    let err = check(
+        h.ctl(&[
+            "spawn",
+            "--image",
+            &img,
+            "--cpus",
+            "0.000000001",
+            "--",
+            "true",
+        ])
+        .await,
+        "invalid_request",
+    );
+    assert!(err.contains("0.01"), "{err}");
     check(
         h.ctl(&[
             "spawn",
@@ -142,6 +157,18 @@ async fn operator_api_refuses_bad_requests_with_codes() {
             .await,
         "not_found",
     );
+    // A source with no name of its own (`/`) into an existing directory:
+    // refused, rather than the worker's entries landing there by their
+    // own names.
+    let into = h.state_path("cp-into");
+    std::fs::create_dir_all(&into).unwrap();
+    let out = h
+        .ctl(&["cp", &format!("{w}:/"), into.to_str().unwrap()])
+        .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("no name to copy"), "{err}");
+    assert_eq!(std::fs::read_dir(&into).unwrap().count(), 0);
     let out = h.ctl(&["exec", &w, "--", "/no/such/binary"]).await;
     assert_ne!(out.status.code(), Some(0));
     // Everything still works.

@@ -433,3 +433,107 @@ async fn a_deployment_name_is_not_squatted_by_the_first_node_to_report_it() {
     h.ctl_ok(&["deploy", "down", &name]).await;
     h.stop().await;
 }
+
+/// Worker ids a node may claim are the ones the server gives: a spawned
+/// worker's ULID, or `DEPLOYMENT_SERVICE` of the deployment it claims. A
+/// node of another organization that claims `later_web` before deployment
+/// `later` exists (without a deployment, or under one of its own) takes
+/// nothing: the deployment, made afterwards, is its own node's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inventory_cannot_claim_a_service_name_ahead_of_its_deployment() {
+    let (h, node) = Harness::start().await;
+    let probe = h.ctl_spawn_sleeper().await;
+    let info: Value = serde_json::from_str(&h.ctl_ok(&["inspect", &probe]).await).unwrap();
+    let acme_key = h
+        .ctl_ok(&["org", "create", "acme"])
+        .await
+        .trim()
+        .to_string();
+    let thief = unique("fake");
+    let mut bare = info.clone();
+    bare["worker_id"] = json!("later_web");
+    bare["node_id"] = json!(thief);
+    bare["container_id"] = json!("0".repeat(64));
+    let mut under_its_own = bare.clone();
+    under_its_own["deployment"] = json!("mine");
+    under_its_own["service"] = json!("web");
+    h.track(&thief);
+    let node_key = NodeKey::generate();
+    let jwt = fake::registered(&h, &thief, &acme_key, &node_key).await;
+    for claim in [bare, under_its_own] {
+        let mut ws = fake::hello(&h, &thief, &jwt, &node_key, json!([claim.clone()])).await;
+        assert!(h.hub.worker("later_web").is_err(), "taken in: {claim}");
+        let _ = ws.close(None).await;
+        h.wait_status(&thief, "offline").await;
+    }
+
+    deploy_sleeper(&h, "later").await;
+    let made: Value = serde_json::from_str(&h.ctl_ok(&["inspect", "later_web"]).await).unwrap();
+    assert_eq!(made["node_id"], node.as_str(), "{made}");
+    exec_echo(&h, "later_web").await;
+    h.ctl_ok(&["deploy", "down", "later"]).await;
+    h.stop().await;
+}
+
+/// A hello lists the execs its agent runs that the server may not know
+/// (after a server restart), and the server takes them in. Only execs of
+/// the node's own workers, and a bounded number: another node's worker
+/// gets no stream here (nor, labelled as an MCP exec, kept output and a
+/// place among that sandbox's execs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_adopts_only_a_bounded_number_of_its_own_workers_execs() {
+    let (h, _node) = Harness::start().await;
+    let victim = h.ctl_spawn_sleeper().await;
+    let info: Value = serde_json::from_str(&h.ctl_ok(&["inspect", &victim]).await).unwrap();
+    let key = NodeKey::generate();
+    let thief = unique("fake");
+    h.track(&thief);
+    let jwt = fake::token(&h, &thief, &key).await;
+    // A worker of its own, as the server would have named it.
+    let own = ulid::Ulid::new().to_string().to_ascii_lowercase();
+    let mut own_info = info.clone();
+    own_info["worker_id"] = json!(own);
+    own_info["node_id"] = json!(thief);
+    own_info["container_id"] = json!("0".repeat(64));
+    let (mut open, mut channels) = (Vec::new(), Vec::new());
+    for n in 1..=310u32 {
+        let (worker, label) = if n <= 300 {
+            (own.as_str(), None)
+        } else {
+            let label = json!({"mcp_exec": format!("stolen-{n}"), "task_id": "t",
+                "worker_id": victim, "cap": 16 << 20});
+            (victim.as_str(), Some(label.to_string()))
+        };
+        open.push(json!({"channel": n, "worker_id": worker, "from": 0, "sent": 0, "label": label}));
+        channels.push(json!({"channel": n, "received": 0, "limit": 65536}));
+    }
+    let mut ws = fake::connect(&h, &jwt, &thief, Some(&key)).await.unwrap();
+    let hello = json!({"type": "hello", "payload": {
+        "versions": [1], "node_id": thief, "agent_version": "fake",
+        "inventory": [own_info], "channels": channels, "open": open,
+    }});
+    ws.send(Ws::text(hello.to_string())).await.unwrap();
+    let welcome = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Ws::Text(t)))) if t.contains("\"welcome\"") => {
+                break serde_json::from_str::<Value>(&t).unwrap();
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no welcome: {other:?}"),
+        }
+    };
+    let held: Vec<u64> = welcome["payload"]["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["channel"].as_u64().unwrap())
+        .collect();
+    assert!(
+        held.iter().all(|&c| c <= 300),
+        "an exec of another node's worker was adopted: {held:?}"
+    );
+    assert_eq!(held.len(), 256, "{held:?}");
+    let _ = ws.close(None).await;
+    exec_echo(&h, &victim).await;
+    h.stop().await;
+}

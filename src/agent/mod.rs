@@ -253,7 +253,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         warn!(error = %e, "could not read existing networks");
     }
     // Owned here, not by `Ctx` (which tasks may outlive the agent with):
-    // the table goes when this function returns, however it returns.
+    // released when this function ends (kept while the node has
+    // containers; a panic or an early return keeps it too).
     let netguard = netguard::NetGuard::install(
         &cfg.node_id,
         &netguard::GuardSpec {
@@ -361,6 +362,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         .is_err()
     {
         warn!(left = ctx.tasks.len(), "agent tasks still ending after 5 s");
+    }
+    if let Ok(g) = netguard {
+        g.release(&ctx.engine.docker, &ctx.engine.node_id).await;
     }
     result
 }

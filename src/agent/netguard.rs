@@ -29,6 +29,9 @@ pub const BLOCKED: &[&str] = &[
     "10.0.0.0/8",
     "100.64.0.0/10",
     "127.0.0.0/8",
+    // Azure's host endpoint (WireServer): goal state, extension settings
+    // and certificates of the VM, for anyone who reaches it.
+    "168.63.129.16/32",
     "169.254.0.0/16",
     "172.16.0.0/12",
     "192.0.0.0/24",
@@ -150,7 +153,7 @@ pub fn resolvers(resolv_conf: &str) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-/// The installed table; dropping it deletes the table.
+/// The installed table; [`NetGuard::release`] ends it.
 #[derive(Debug)]
 pub struct NetGuard {
     table: String,
@@ -176,13 +179,25 @@ impl NetGuard {
     }
 }
 
-impl Drop for NetGuard {
-    fn drop(&mut self) {
-        match nft::delete_table(&self.table) {
-            Ok(()) => tracing::info!(table = %self.table, "removed the network guard"),
-            Err(e) => {
-                tracing::warn!(table = %self.table, error = %e, "could not remove the network guard")
-            }
+impl NetGuard {
+    /// The agent is ending: the table goes only when no container of the
+    /// node is left for it to guard. Workers outlive the agent (a stop, an
+    /// upgrade, a refused registration) and deployment services restart
+    /// without it; they stay guarded until the next agent replaces the
+    /// table. An engine that cannot be asked keeps it too.
+    pub async fn release(self, docker: &bollard::Docker, node_id: &str) {
+        let left = crate::docker::containers::count_of_node(docker, node_id).await;
+        match left {
+            Ok(0) => match nft::delete_table(&self.table) {
+                Ok(()) => tracing::info!(table = %self.table, "removed the network guard"),
+                Err(e) => {
+                    tracing::warn!(table = %self.table, error = %e, "could not remove the network guard")
+                }
+            },
+            Ok(n) => tracing::info!(table = %self.table, containers = n,
+                "network guard left in place for the node's containers"),
+            Err(e) => tracing::warn!(table = %self.table, error = %e,
+                "network guard left in place: the engine could not list the node's containers"),
         }
     }
 }

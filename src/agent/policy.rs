@@ -281,6 +281,17 @@ impl Policy {
         let wanted = *spec
             .network_policy
             .get_or_insert(self.default_network_policy);
+        // A privileged worker holds NET_ADMIN: it can take another source
+        // address or turn IPv6 back on, past the guard and its proxy.
+        if spec.privileged && wanted != NetworkPolicy::None {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "a privileged worker can change its own network, so network_policy {} cannot hold it: ask for network_policy none (or network host, where allowed)",
+                    wanted.as_str()
+                ),
+            ));
+        }
         if wanted > self.default_network_policy {
             return Err(self.denied(
                 "sandbox.default_network_policy",
@@ -362,6 +373,28 @@ mod tests {
             rule(p.admit_spawn(&mut r, 0)),
             "sandbox.security.allow_privileged"
         );
+        // Where privileged workers are allowed, only without a network
+        // policy they could undo.
+        let open = Policy {
+            allow_privileged: true,
+            default_network_policy: NetworkPolicy::Restricted,
+            ..Policy::default()
+        };
+        for (policy, ok) in [
+            (None, false),
+            (Some(NetworkPolicy::Restricted), false),
+            (Some(NetworkPolicy::Allowlist), false),
+            (Some(NetworkPolicy::None), true),
+        ] {
+            let mut r = req("alpine:3");
+            r.privileged = true;
+            r.network_policy = policy;
+            let got = open.admit_spawn(&mut r, 0);
+            assert_eq!(got.is_ok(), ok, "{policy:?}: {got:?}");
+            if let Err(e) = got {
+                assert_eq!(e.code, ErrorCode::InvalidRequest);
+            }
+        }
         let mut r = req("alpine:3");
         r.network = Some("host".into());
         assert_eq!(

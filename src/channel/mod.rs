@@ -80,6 +80,10 @@ struct Entry {
     /// the channel lives: until the peer has its close.
     tag: Option<Arc<str>>,
     label: Option<Arc<str>>,
+    /// The peer's end of data was delivered: a repeated `channel_eof` is
+    /// dropped, so a peer cannot fill the inbox with them (nothing else
+    /// bounds it; data is bounded by the grant).
+    eof: bool,
 }
 
 /// The channels of one peer, across its connections. A mutex rather than an
@@ -164,6 +168,7 @@ impl Channels {
                 cancel: cancel.clone(),
                 tag: None,
                 label: None,
+                eof: false,
             },
         );
         Ok(ChannelHandles {
@@ -239,21 +244,23 @@ impl Channels {
         Ok(())
     }
 
+    /// The peer acknowledged `w.acked` and allows up to `w.limit`. A limit
+    /// is taken only up to [`MAX_WINDOW`] past what the peer acknowledged
+    /// (at most what we sent): what we keep for a replay stays bounded
+    /// whatever limit a peer names.
     pub fn on_window(&self, w: Window) {
         if let Some(e) = self.map.lock().unwrap().get(&w.channel) {
-            e.tx.lock().unwrap().trim(w.acked);
-            e.credit.send_if_modified(|l| {
-                let raise = w.limit > *l;
-                if raise {
-                    *l = w.limit;
-                }
-                raise
-            });
+            let mut tx = e.tx.lock().unwrap();
+            tx.trim(w.acked);
+            raise_credit(&e.credit, w.limit, w.acked.min(tx.sent));
         }
     }
 
+    /// The peer's end of data, delivered once.
     pub fn on_eof(&self, id: u32) {
-        if let Some(e) = self.map.lock().unwrap().get(&id) {
+        if let Some(e) = self.map.lock().unwrap().get_mut(&id)
+            && !std::mem::replace(&mut e.eof, true)
+        {
             let _ = e.inbox.send(Inbound::Eof);
         }
     }
@@ -423,13 +430,7 @@ impl Channels {
                     // since our handshake state either shows here or goes
                     // out on this link itself.
                     self.link.send_msg(&Message::Window(e.grant.window(*id)));
-                    e.credit.send_if_modified(|l| {
-                        let raise = s.limit > *l;
-                        if raise {
-                            *l = s.limit;
-                        }
-                        raise
-                    });
+                    raise_credit(&e.credit, s.limit, s.received.min(tx.sent));
                 }
                 None if keep(*id) => {}
                 None => {
@@ -458,6 +459,19 @@ impl Channels {
         lost.sort_unstable();
         Resumed { lost }
     }
+}
+
+/// Raises our writer's credit to the peer's `limit`, never more than
+/// [`MAX_WINDOW`] past `base` (what the peer has, by its own word).
+fn raise_credit(credit: &watch::Sender<u64>, limit: u64, base: u64) {
+    let limit = limit.min(base.saturating_add(MAX_WINDOW));
+    credit.send_if_modified(|l| {
+        let raise = limit > *l;
+        if raise {
+            *l = limit;
+        }
+        raise
+    });
 }
 
 #[cfg(test)]
@@ -710,6 +724,41 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_repeated_eof_is_delivered_once() {
+        let (ch, _rx) = connected();
+        let mut h = ch.open(7, MIN_WINDOW).unwrap();
+        for _ in 0..1000 {
+            ch.on_eof(7);
+        }
+        ch.on_close(ChannelClose {
+            channel: 7,
+            exit_code: Some(0),
+            error: None,
+        });
+        assert!(matches!(h.reader.recv().await, Some(Inbound::Eof)));
+        assert!(matches!(h.reader.recv().await, Some(Inbound::Close(_))));
+    }
+
+    #[tokio::test]
+    async fn a_peer_cannot_grant_more_than_a_window_past_its_acknowledgement() {
+        let (ch, _rx) = connected();
+        let h = ch.open(7, MIN_WINDOW).unwrap();
+        ch.on_window(Window {
+            channel: 7,
+            acked: 0,
+            limit: u64::MAX,
+        });
+        assert_eq!(*h.writer.limit.borrow(), MAX_WINDOW);
+        // An acknowledgement beyond what was sent counts as what was sent.
+        ch.on_window(Window {
+            channel: 7,
+            acked: 1 << 40,
+            limit: u64::MAX,
+        });
+        assert_eq!(*h.writer.limit.borrow(), MAX_WINDOW);
     }
 
     #[tokio::test]

@@ -94,12 +94,7 @@ async fn stat(client: &Client, worker: &str, path: &str) -> Result<StatResult, C
     let rb = client
         .request(Method::GET, &format!("{}/stat", super::worker_path(worker)))
         .query(&[("path", path)]);
-    client
-        .send(rb)
-        .await?
-        .json()
-        .await
-        .map_err(|e| CtlError::Local(format!("bad stat reply: {e}")))
+    client.json(rb).await
 }
 
 /// Copies between the local machine and a worker; returns bytes of file data.
@@ -190,10 +185,18 @@ async fn download(client: &Client, worker: &str, src: &str, dst: &Path) -> Resul
     // are named otherwise (a hostile server's `.bashrc`, `.git/hooks/…`)
     // cannot write beside it in the directory.
     let (into, rename) = if dst.is_dir() {
+        // A source without a name of its own (`/`, `.`, `x/..`) would have
+        // its entries land in DST under whatever names they carry.
         let name = Path::new(src.trim_end_matches('/'))
             .file_name()
-            .map(|n| n.to_os_string());
-        (dst.to_path_buf(), name)
+            .ok_or_else(|| {
+                local(format!(
+                    "{src} has no name to copy into {} under: give a new path as the destination (e.g. {}/copy)",
+                    dst.display(),
+                    dst.display()
+                ))
+            })?;
+        (dst.to_path_buf(), Some(name.to_os_string()))
     } else {
         let parent = dst
             .parent()

@@ -1,7 +1,7 @@
 //! `ctl deploy`: bring a Compose file up as a deployment, list, inspect,
 //! follow its logs, take it down (docs/deployments.md).
 
-use super::{Client, CtlError};
+use super::{Client, CtlError, printable};
 use crate::protocol::operator::LogOptions;
 use crate::protocol::{DeploymentInfo, DeploymentSummary, NetworkPolicy};
 use reqwest::Method;
@@ -102,9 +102,12 @@ impl Client {
 
 /// The table `deploy up` and `deploy inspect` print.
 pub fn format_deployment(d: &DeploymentInfo) -> String {
+    // What a node reports is printed as text only (`printable`).
     let mut out = format!(
         "deployment {} on node {} (network {})\n",
-        d.deployment, d.node_id, d.network
+        printable(&d.deployment),
+        printable(&d.node_id),
+        printable(&d.network)
     );
     let _ = writeln!(
         out,
@@ -115,10 +118,10 @@ pub fn format_deployment(d: &DeploymentInfo) -> String {
         let _ = writeln!(
             out,
             "{:<16} {:<28} {:<10} {:<10} {:>8}  {}",
-            s.worker.service.as_deref().unwrap_or("?"),
-            s.worker.worker_id,
+            printable(s.worker.service.as_deref().unwrap_or("?")),
+            printable(&s.worker.worker_id),
             s.worker.state.as_str(),
-            s.health.as_deref().unwrap_or("-"),
+            printable(s.health.as_deref().unwrap_or("-")),
             s.restarts,
             s.action
                 .map(|a| format!("{a:?}").to_lowercase())
@@ -126,7 +129,7 @@ pub fn format_deployment(d: &DeploymentInfo) -> String {
         );
     }
     for r in &d.removed {
-        let _ = writeln!(out, "{r:<16} removed");
+        let _ = writeln!(out, "{:<16} removed", printable(r));
     }
     out
 }
@@ -166,7 +169,10 @@ pub async fn run(client: &Client, cmd: DeployCmd) -> Result<(), CtlError> {
                 for d in list {
                     println!(
                         "{:<24} {:<20} {:>8} {:>8}",
-                        d.deployment, d.node_id, d.services, d.running
+                        printable(&d.deployment),
+                        printable(&d.node_id),
+                        d.services,
+                        d.running
                     );
                 }
             }
@@ -184,6 +190,9 @@ pub async fn run(client: &Client, cmd: DeployCmd) -> Result<(), CtlError> {
                 .services
                 .iter()
                 .filter_map(|s| s.worker.service.clone())
+                // A service name becomes part of a URL: only a name a
+                // deployment can have (a node could report anything).
+                .filter(|s| crate::protocol::valid_name(s, crate::protocol::MAX_SERVICE_NAME))
                 .filter(|s| service.as_ref().is_none_or(|want| want == s))
                 .collect();
             if services.is_empty() {

@@ -90,7 +90,10 @@ impl Client {
             return Ok(resp);
         }
         let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
+        let text = match read_limited(resp, MAX_ERROR_BODY).await {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(e) => e,
+        };
         let body = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
             .and_then(|v| serde_json::from_value::<ErrorBody>(v["error"].clone()).ok());
@@ -103,10 +106,10 @@ impl Client {
         &self,
         rb: RequestBuilder,
     ) -> Result<T, CtlError> {
-        self.send(rb)
-            .await?
-            .json()
+        let body = read_limited(self.send(rb).await?, MAX_REPLY_BODY)
             .await
+            .map_err(|e| CtlError::Local(format!("bad reply from server: {e}")))?;
+        serde_json::from_slice(&body)
             .map_err(|e| CtlError::Local(format!("bad reply from server: {e}")))
     }
 
@@ -290,6 +293,24 @@ impl Client {
         self.json(self.request(Method::POST, &format!("/api/v1/nodes/{node}/{verb}")))
             .await
     }
+}
+
+/// The most of an API reply `ctl` reads (the longest, a node list or the
+/// audit trail of a large fleet, is a few MB), and of an error's body: a
+/// server cannot make `ctl` hold more.
+const MAX_REPLY_BODY: usize = 64 << 20;
+const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// A reply's body, refused beyond `max` bytes.
+pub(crate) async fn read_limited(mut resp: Response, max: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| crate::error_chain(&e))? {
+        if body.len() + chunk.len() > max {
+            return Err(format!("the reply is larger than {max} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// `s` with every control character (C0, DEL, C1) shown as `?`: what a

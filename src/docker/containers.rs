@@ -186,6 +186,24 @@ pub async fn list_ids(docker: &Docker, node_id: &str) -> Result<Vec<String>, Err
         .collect())
 }
 
+/// How many containers carry this node's label, in any state: workers,
+/// services, their sidecars, the inference backend.
+pub async fn count_of_node(docker: &Docker, node_id: &str) -> Result<usize, Error> {
+    let filters = HashMap::from([(
+        "label".to_string(),
+        vec![format!("{}={node_id}", labels::NODE)],
+    )]);
+    let list = docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|e| Error::engine(e, "list containers"))?;
+    Ok(list.len())
+}
+
 /// How many of this node's workers are running.
 pub async fn running_count(docker: &Docker, node_id: &str) -> Result<usize, Error> {
     let filters = HashMap::from([
@@ -330,8 +348,10 @@ pub(crate) fn validate(spec: &Spawn) -> Result<(), Error> {
     if disk_mb.is_some_and(|d| d < 1) {
         return bad("disk must be at least 1 MB".into());
     }
-    if cpus.is_some_and(|c| !(c > 0.0 && c <= 1024.0)) {
-        return bad("cpus must be > 0".into());
+    // Below 0.01 the engine's NanoCpus (or the CFS quota runc derives from
+    // it) rounds to 0, which means no limit at all.
+    if cpus.is_some_and(|c| !(0.01..=1024.0).contains(&c)) {
+        return bad("cpus must be between 0.01 and 1024".into());
     }
     if memory_mb.is_some_and(|m| !(6..=16 * 1024 * 1024).contains(&m)) {
         return bad("memory must be between 6 MB (Docker's minimum) and 16 TB".into());

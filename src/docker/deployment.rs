@@ -217,6 +217,33 @@ pub async fn services(
         .collect())
 }
 
+/// How many of the deployment's services run now (a stopped one holds no
+/// place under `max_concurrency`, so an `up` replacing it must count it).
+pub async fn running_services(
+    docker: &Docker,
+    node_id: &str,
+    deployment: &str,
+) -> Result<usize, Error> {
+    let mut f = filters(node_id, Some(deployment));
+    f.insert("status".to_string(), vec!["running".to_string()]);
+    let list = docker
+        .list_containers(Some(ListContainersOptions {
+            all: false,
+            filters: Some(f),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|e| Error::engine(e, "list containers"))?;
+    Ok(list
+        .iter()
+        .filter(|c| {
+            c.labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(labels::SERVICE))
+        })
+        .count())
+}
+
 /// Names of the deployments that have objects on this node.
 pub async fn names(docker: &Docker, node_id: &str) -> Result<Vec<String>, Error> {
     let list = docker

@@ -117,7 +117,7 @@ pub enum NetKind {
 pub const SHARED_BRIDGE_PREFIX: &str = "tdep";
 
 /// The sysctls of a container that holds its own network namespace on a
-/// bridge (`network_mode` neither `none` nor `container:…`): IPv6 off.
+/// bridge (`network_mode` neither `none`, `host` nor `container:…`): IPv6 off.
 /// tether's networks carry IPv4 only and the node's guard matches IPv4
 /// only; engines since 26 turn IPv6 off in such containers themselves,
 /// older ones leave link-local addresses through which a worker could reach
@@ -125,7 +125,8 @@ pub const SHARED_BRIDGE_PREFIX: &str = "tdep";
 /// IPv6 (the engine would refuse the sysctl) or no namespace of its own is
 /// made.
 pub fn ipv6_off(network_mode: &str) -> Option<HashMap<String, String>> {
-    let own = network_mode != "none" && !network_mode.starts_with("container:");
+    // `host` shares the node's namespace: the engine refuses the sysctl there.
+    let own = !matches!(network_mode, "none" | "host") && !network_mode.starts_with("container:");
     (own && std::path::Path::new("/proc/sys/net/ipv6/conf/all").exists()).then(|| {
         ["all", "default"]
             .into_iter()

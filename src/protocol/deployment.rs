@@ -215,6 +215,9 @@ pub fn valid_name(s: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
+/// Most services in one deployment (a node checks it too).
+pub const MAX_SERVICES: usize = 100;
+
 /// Why `name` cannot name a deployment, if it cannot: the shape of
 /// [`valid_name`], and no sidecar's suffix (`-egress`, `-relay`,
 /// `-inference`), since deployment `x`'s egress proxy and its network are

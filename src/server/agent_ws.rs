@@ -205,17 +205,47 @@ async fn session(
         app.hub.set_node_org(&node_id, org);
     }
     // Execs the agent runs that this server does not know (it restarted):
-    // adopt them, so their clients can re-attach.
+    // adopt them, so their clients can re-attach. Only execs of workers the
+    // node may claim as its own, and a bounded number of them: each one
+    // holds a stream (and, for an MCP exec, its kept output) here.
     let agent_received: std::collections::HashMap<u32, u64> = hello
         .channels
         .iter()
         .map(|s| (s.channel, s.received))
         .collect();
+    let inventory = hello
+        .inventory
+        .map(|i| recorded_deployments_only(app.store.as_ref(), &node_id, i));
+    let listed: Option<std::collections::HashMap<&str, &crate::protocol::WorkerInfo>> = inventory
+        .as_ref()
+        .map(|i| i.iter().map(|w| (w.worker_id.as_str(), w)).collect());
+    let its_own = |worker_id: &str| match &listed {
+        Some(l) => l
+            .get(worker_id)
+            .is_some_and(|w| app.hub.may_claim(&node_id, w)),
+        None => app
+            .hub
+            .worker(worker_id)
+            .is_ok_and(|w| w.node_id == node_id),
+    };
+    let (mut adopted, mut refused) = (0, 0);
     for open in &hello.open {
-        if !link.channels.is_open(open.channel) {
-            let rx = agent_received.get(&open.channel).copied().unwrap_or(0);
-            app.hub.adopt_exec(&link, open, rx, app.cfg.attach_grace);
+        if link.channels.is_open(open.channel) {
+            continue;
         }
+        if adopted == MAX_ADOPTED_EXECS || !its_own(&open.worker_id) {
+            refused += 1;
+            continue;
+        }
+        adopted += 1;
+        let rx = agent_received.get(&open.channel).copied().unwrap_or(0);
+        app.hub.adopt_exec(&link, open, rx, app.cfg.attach_grace);
+    }
+    if refused > 0 {
+        warn!(
+            refused,
+            adopted, "execs in the hello not adopted: not this node's workers, or too many"
+        );
     }
     let session_id = ulid::Ulid::new().to_string();
     let welcome = Message::Welcome(Welcome {
@@ -241,9 +271,6 @@ async fn session(
     if let (Some(desired), Some(org)) = (app.store.desired_config(&node_id), &org) {
         app.hub.restore_desired_config(&node_id, org, desired);
     }
-    let inventory = hello
-        .inventory
-        .map(|i| recorded_deployments_only(app.store.as_ref(), &node_id, i));
     app.hub.attach(
         &node_id,
         &hello.agent_version,
@@ -288,6 +315,10 @@ async fn session(
 }
 
 const REMOVED: &str = "node removed by an operator";
+
+/// Most execs one hello has the server adopt (a node runs this many
+/// commands whose server went away only when something is wrong).
+const MAX_ADOPTED_EXECS: usize = 256;
 
 /// The server's side of one agent connection.
 struct ServerPeer<'a> {

@@ -253,6 +253,13 @@ pub fn parse(
     if file.services.is_empty() {
         return Err(bad("compose file: no services".into()));
     }
+    if file.services.len() > crate::protocol::MAX_SERVICES {
+        return Err(bad(format!(
+            "compose file: {} services; a deployment has at most {}",
+            file.services.len(),
+            crate::protocol::MAX_SERVICES
+        )));
+    }
     let declared: BTreeSet<&str> = file.volumes.keys().map(String::as_str).collect();
     let mut specs = BTreeMap::new();
     for (sname, s) in &file.services {
@@ -503,6 +510,29 @@ services:
 volumes:
   data:
 "#;
+
+    #[test]
+    fn a_deployment_has_a_bounded_number_of_services() {
+        let many = |n: usize| {
+            let mut f = String::from("services:\n");
+            for i in 0..n {
+                f.push_str(&format!("  s{i}:\n    image: i\n"));
+                if i > 0 {
+                    f.push_str(&format!("    depends_on: [s{}]\n", i - 1));
+                }
+            }
+            f
+        };
+        let d = parse(&many(crate::protocol::MAX_SERVICES), Some("chain"), None).unwrap();
+        assert_eq!(d.services.len(), crate::protocol::MAX_SERVICES);
+        let e = parse(
+            &many(crate::protocol::MAX_SERVICES + 1),
+            Some("chain"),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("at most"), "{e}");
+    }
 
     #[test]
     fn a_deployment_is_not_named_as_a_sidecar_would_be() {

@@ -323,11 +323,17 @@ impl Harness {
 
     /// Stops the agents and the server, then removes what they created.
     pub async fn stop(mut self) {
+        self.stop_agents().await;
+        self.server_stop.cancel();
+    }
+
+    /// Stops the in-process agents as a shutdown would (their workers run
+    /// on), keeping the server and what the harness cleans up on drop.
+    pub async fn stop_agents(&mut self) {
         self.shutdown.cancel();
         for a in self.agents.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(10), a).await;
         }
-        self.server_stop.cancel();
     }
 }
 

@@ -38,6 +38,12 @@ fn check_shape(req: &DeployApply) -> Result<(), ErrorBody> {
     if req.services.is_empty() {
         return Err(bad("a deployment needs at least one service".into()));
     }
+    if req.services.len() > crate::protocol::MAX_SERVICES {
+        return Err(bad(format!(
+            "a deployment has at most {} services",
+            crate::protocol::MAX_SERVICES
+        )));
+    }
     let mut seen = BTreeSet::new();
     for s in &req.services {
         if !valid_name(&s.name, MAX_SERVICE_NAME) {
@@ -131,10 +137,13 @@ async fn converge(ctx: &Ctx, req: &mut DeployApply) -> Result<DeploymentInfo, Er
     check_shape(req)?;
     let (d, node) = (&ctx.engine.docker, ctx.engine.node_id.as_str());
     let existing = dep::services(d, node, &req.deployment).await?;
+    // The node's running workers other than this deployment's own running
+    // services (which the `up` replaces); a stopped service of it counts
+    // as what it is, nothing.
     let running = if ctx.node.concurrency_limited() {
         docker::containers::running_count(d, node)
             .await?
-            .saturating_sub(existing.len())
+            .saturating_sub(dep::running_services(d, node, &req.deployment).await?)
     } else {
         0
     };

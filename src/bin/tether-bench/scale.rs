@@ -187,7 +187,8 @@ impl Fleet {
             resp.status()
         );
         let boot: Bootstrap = resp.json().await.context("bootstrap payload")?;
-        let worker_id = format!("sim{}x{i}", self.run);
+        // As the server names a spawned worker: a lower-case ULID.
+        let worker_id = ulid::Ulid::new().to_string().to_ascii_lowercase();
         let sim = Sim {
             i,
             node,
@@ -544,7 +545,8 @@ async fn measure_steps(
         // KB = 1000 bytes; /proc counts KiB.
         let per_agent = (rss.saturating_sub(rss0) as f64 * 1024.0 / 1000.0) / n as f64;
         let c0 = procfs::cpu_ticks(server.pid)?;
-        let idle_window = Duration::from_secs(5);
+        // One heartbeat interval or more: every agent pinged once.
+        let idle_window = Duration::from_secs(10);
         tokio::time::sleep(idle_window).await;
         let c1 = procfs::cpu_ticks(server.pid)?;
         let cpu_pct = (c1 - c0) as f64 / tick / idle_window.as_secs_f64() * 100.0;

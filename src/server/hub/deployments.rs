@@ -51,6 +51,10 @@ impl Hub {
         if let Some(n) = &node {
             self.check_node_in(n, scope)?;
         }
+        // A name is known to the registry only once its node has answered:
+        // until then it is held here, so that a second `up` of the same
+        // name (another organization's, on another node) waits its turn.
+        let _held = Applying::hold(&self.applying, &req.deployment)?;
         let at = self.deployment_node(&req.deployment);
         if let Some(at) = &at
             && !self.node_org(at).is_some_and(|o| scope.admits(&o))
@@ -86,8 +90,11 @@ impl Hub {
         for node_id in nodes {
             let link = self.link(&node_id)?;
             let name = req.deployment.clone();
-            let r: Result<DeploymentInfo, ErrorBody> =
-                link.request_as(Request::DeployApply(req.clone())).await;
+            let r = as_asked(
+                &node_id,
+                &name,
+                link.request_as(Request::DeployApply(req.clone())).await,
+            );
             self.note_deployment(&node_id, &name, &r);
             match r {
                 Err(e) if e.code == ErrorCode::PolicyDenied => {
@@ -108,6 +115,7 @@ impl Hub {
                 deployment: name.into(),
             }))
             .await;
+        let r = as_asked(&link.node_id, name, r);
         self.note_deployment(&link.node_id, name, &r);
         r
     }
@@ -173,8 +181,9 @@ impl Hub {
         reg.workers
             .remove_of_node(node_id, |w| w.deployment.as_deref() == Some(name));
         for s in services {
-            // A node speaks only for its own services of this deployment.
-            if s.worker.deployment.as_deref() != Some(name) {
+            // A node speaks only for its own services of this deployment,
+            // under their own worker ids.
+            if s.worker.deployment.as_deref() != Some(name) || !super::id_as_given(&s.worker) {
                 continue;
             }
             if reg
@@ -188,5 +197,67 @@ impl Hub {
             w.node_id = node_id.to_string();
             reg.workers.insert(w);
         }
+    }
+}
+
+/// A node's answer about deployment `name` as the server asked it: the
+/// node and the name it records and audits are the ones it asked, never
+/// what the node wrote in.
+fn as_asked(
+    node_id: &str,
+    name: &str,
+    r: Result<DeploymentInfo, ErrorBody>,
+) -> Result<DeploymentInfo, ErrorBody> {
+    r.map(|mut d| {
+        d.node_id = node_id.to_string();
+        d.deployment = name.to_string();
+        d
+    })
+}
+
+/// A deployment name held while its `deploy_apply` is under way.
+struct Applying {
+    set: Arc<Mutex<HashSet<String>>>,
+    name: String,
+}
+
+impl Applying {
+    fn hold(set: &Arc<Mutex<HashSet<String>>>, name: &str) -> Result<Applying, ErrorBody> {
+        if !set.lock().unwrap().insert(name.to_string()) {
+            return Err(ErrorBody::new(
+                ErrorCode::Conflict,
+                format!(
+                    "deployment {name} is being applied by another request: try again when it ends"
+                ),
+            ));
+        }
+        Ok(Applying {
+            set: set.clone(),
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Drop for Applying {
+    fn drop(&mut self) {
+        self.set.lock().unwrap().remove(&self.name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deployment_name_is_held_by_one_apply_at_a_time() {
+        let set = Arc::default();
+        let first = Applying::hold(&set, "shop").unwrap();
+        let e = Applying::hold(&set, "shop").err().expect("held");
+        assert_eq!(e.code, ErrorCode::Conflict);
+        let other = Applying::hold(&set, "blog").unwrap();
+        drop(first);
+        let again = Applying::hold(&set, "shop").unwrap();
+        drop((other, again));
+        assert!(set.lock().unwrap().is_empty());
     }
 }

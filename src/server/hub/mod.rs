@@ -107,6 +107,37 @@ impl Registry {
     }
 }
 
+/// Whether `w` carries an id the server could have given it: a spawned
+/// worker's is a lower-case ULID (unguessable, so a node cannot name
+/// another's), a deployment service's is `DEPLOYMENT_SERVICE` of its own
+/// deployment and service. A node cannot take a name such as another
+/// organization's `prod_web` by claiming it without its deployment, or
+/// under a deployment of its own.
+pub(super) fn id_as_given(w: &WorkerInfo) -> bool {
+    match (&w.deployment, &w.service) {
+        (Some(d), Some(svc)) => w.worker_id == crate::protocol::service_worker_id(d, svc),
+        (None, None) => {
+            ulid::Ulid::from_string(&w.worker_id).is_ok()
+                && !w.worker_id.bytes().any(|b| b.is_ascii_uppercase())
+        }
+        _ => false,
+    }
+}
+
+/// The rules for one claim of a `hello` inventory (`foreign`: the
+/// deployments of the inventory that another organization's node runs):
+/// the worker is said to be on this node, no other node owns it, it takes
+/// no place in a foreign deployment, and its id is one the server gives.
+fn claimable(reg: &Registry, node_id: &str, w: &WorkerInfo, foreign: &HashSet<String>) -> bool {
+    w.node_id == node_id
+        && reg
+            .workers
+            .get(&w.worker_id)
+            .is_none_or(|o| o.node_id == node_id)
+        && w.deployment.as_ref().is_none_or(|d| !foreign.contains(d))
+        && id_as_given(w)
+}
+
 /// The deployments named in `inventory` that a node of another
 /// organization than `node_id`'s runs: one pass over the registry, and
 /// none when the inventory names no deployment (most hellos).
@@ -151,6 +182,8 @@ pub struct Hub {
     changed: Arc<tokio::sync::Notify>,
     /// Who takes adopted execs that carry a label ([`Hub::on_labelled_exec`]).
     adopter: Arc<Mutex<Option<attach::Adopter>>>,
+    /// Deployments a `deploy_apply` is under way for ([`Hub::deploy_in`]).
+    applying: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Default for Hub {
@@ -241,6 +274,7 @@ impl Hub {
             stop: Default::default(),
             changed: Default::default(),
             adopter: Default::default(),
+            applying: Default::default(),
         }
     }
 
@@ -502,10 +536,8 @@ impl Hub {
             reg.workers.remove_of_node(node_id, |_| true);
             let foreign = foreign_deployments(&reg, node_id, &inventory);
             for w in inventory {
-                let owner = reg.workers.get(&w.worker_id).map(|o| o.node_id.as_str());
-                let foreign_deployment = w.deployment.as_ref().is_some_and(|d| foreign.contains(d));
-                if w.node_id != node_id || owner.is_some_and(|o| o != node_id) || foreign_deployment
-                {
+                if !claimable(&reg, node_id, &w, &foreign) {
+                    let owner = reg.workers.get(&w.worker_id).map(|o| o.node_id.as_str());
                     tracing::warn!(
                         %node_id,
                         worker_id = %w.worker_id,
@@ -518,6 +550,14 @@ impl Hub {
                 reg.workers.insert(w);
             }
         }
+    }
+
+    /// Whether `node_id` may say, in its hello, that it runs worker `w`: the
+    /// rules of [`Hub::attach`] for one claim, against the registry now.
+    pub(crate) fn may_claim(&self, node_id: &str, w: &WorkerInfo) -> bool {
+        let reg = self.reg.lock().unwrap();
+        let foreign = foreign_deployments(&reg, node_id, std::slice::from_ref(w));
+        claimable(&reg, node_id, w, &foreign)
     }
 
     /// Forgets a node (`tether ctl node rm`): its live connection closes at

@@ -90,35 +90,31 @@ impl ChannelStream {
         if self.done {
             return None;
         }
-        match self.reader.recv().await {
-            Some(Inbound::Data(StreamKind::Gap, b)) if b.len() == 8 => {
-                let mut n = [0u8; 8];
-                n.copy_from_slice(&b);
-                Some(StreamEvent::Gap(u64::from_be_bytes(n)))
-            }
-            Some(Inbound::Data(k, b)) => Some(StreamEvent::Data(k, b)),
-            Some(Inbound::Close(ChannelClose {
-                exit_code, error, ..
-            })) => {
-                self.done = true;
-                Some(StreamEvent::End { exit_code, error })
-            }
-            Some(Inbound::Eof) if self.eof_events => Some(StreamEvent::Eof),
-            Some(Inbound::Eof) => self.next_boxed().await,
-            None => {
-                self.done = true;
-                Some(StreamEvent::End {
-                    exit_code: None,
-                    error: Some(self.link.unavailable()),
-                })
-            }
+        loop {
+            return match self.reader.recv().await {
+                Some(Inbound::Data(StreamKind::Gap, b)) if b.len() == 8 => {
+                    let mut n = [0u8; 8];
+                    n.copy_from_slice(&b);
+                    Some(StreamEvent::Gap(u64::from_be_bytes(n)))
+                }
+                Some(Inbound::Data(k, b)) => Some(StreamEvent::Data(k, b)),
+                Some(Inbound::Close(ChannelClose {
+                    exit_code, error, ..
+                })) => {
+                    self.done = true;
+                    Some(StreamEvent::End { exit_code, error })
+                }
+                Some(Inbound::Eof) if self.eof_events => Some(StreamEvent::Eof),
+                Some(Inbound::Eof) => continue,
+                None => {
+                    self.done = true;
+                    Some(StreamEvent::End {
+                        exit_code: None,
+                        error: Some(self.link.unavailable()),
+                    })
+                }
+            };
         }
-    }
-
-    pub(super) fn next_boxed(
-        &mut self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<StreamEvent>> + Send + '_>> {
-        Box::pin(self.next())
     }
 }
 

@@ -31,6 +31,14 @@ impl Running {
                 return;
             }
         };
+        // A label names an exec id and asks for a kept output: the agent
+        // gives it, so it takes no place another exec holds, and its
+        // sandbox keeps no more execs than a call may leave running.
+        if self.holds(&l.exec_id) || self.running_for(&l.worker_id) >= MAX_KEPT_EXECS {
+            tracing::warn!(exec_id = %l.exec_id, worker_id = %l.worker_id,
+                "an adopted MCP exec's id is taken or its sandbox keeps the most execs: cancelled");
+            return;
+        }
         info!(exec_id = %l.exec_id, task_id = %l.task_id, worker_id = %l.worker_id,
             "adopted an MCP exec after a restart: it can be followed on");
         let run = Arc::new(Followed::new(l.clone(), Instant::now()));

@@ -65,10 +65,10 @@ struct ServerArgs {
     jwt_ttl: u64,
     /// Seconds between heartbeat pings (both sides use the server's values;
     /// exec clients are pinged too and told the timeout).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 10)]
     heartbeat_interval: u64,
     /// Seconds of silence after which a link counts as dead: a half-open
-    /// link is detected within timeout + interval (25 s by default).
+    /// link is detected within timeout + interval (30 s by default).
     #[arg(long, default_value_t = 20)]
     heartbeat_timeout: u64,
     /// Serve HTTPS: certificate chain (PEM); needs --tls-key.

@@ -125,7 +125,10 @@ impl ServerConfig {
             psk,
             state_dir,
             jwt_ttl: Duration::from_secs(3600),
-            heartbeat_interval: Duration::from_secs(5),
+            // Two pings in a timeout, half-open links found within 30 s;
+            // each idle agent costs the server a ping and a pong per
+            // interval (docs/performance.md, idle CPU).
+            heartbeat_interval: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(20),
             resume_grace: hub::DEFAULT_RESUME_GRACE,
             attach_grace: Duration::from_secs(10),

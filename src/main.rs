@@ -68,7 +68,8 @@ struct ServerArgs {
     #[arg(long, default_value_t = 10)]
     heartbeat_interval: u64,
     /// Seconds of silence after which a link counts as dead: a half-open
-    /// link is detected within timeout + interval (30 s by default).
+    /// link is detected within timeout + interval (30 s by default). Must
+    /// be longer than the interval.
     #[arg(long, default_value_t = 20)]
     heartbeat_timeout: u64,
     /// Serve HTTPS: certificate chain (PEM); needs --tls-key.
@@ -479,6 +480,15 @@ async fn run(cli: Cli) -> ExitCode {
             cfg.tls = s.tls_cert.zip(s.tls_key);
             cfg.heartbeat_interval = std::time::Duration::from_secs(s.heartbeat_interval.max(1));
             cfg.heartbeat_timeout = std::time::Duration::from_secs(s.heartbeat_timeout.max(2));
+            // A timeout within one interval drops every idle link between
+            // two pings.
+            if cfg.heartbeat_timeout <= cfg.heartbeat_interval {
+                return fail(format!(
+                    "--heartbeat-timeout ({} s) must be longer than --heartbeat-interval ({} s); twice the interval or more is safe",
+                    cfg.heartbeat_timeout.as_secs(),
+                    cfg.heartbeat_interval.as_secs()
+                ));
+            }
             cfg.max_connections = s.max_connections.get();
             cfg.preview_domain = s.preview_domain;
             cfg.mcp_allowed_hosts = s.mcp_allowed_hosts;

@@ -584,3 +584,30 @@ fn a_bad_node_config_file_stops_the_server_before_it_listens() {
         "nothing made before the check"
     );
 }
+
+/// A heartbeat timeout within one ping interval would drop every idle
+/// agent between two pings: the server refuses to start with it.
+#[test]
+fn a_heartbeat_timeout_within_the_interval_stops_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--heartbeat-timeout",
+            "8",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .env("TETHER_PSK", "a-registration-key-long-enough")
+        .env_remove("TETHER_PSK_FILE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--heartbeat-timeout (8 s) must be longer than --heartbeat-interval (10 s)"),
+        "{err}"
+    );
+}

@@ -1185,6 +1185,44 @@ async fn a_reattach_takes_an_exec_over_from_a_silently_dead_connection() {
     h.stop().await;
 }
 
+/// A re-attach takes an exec over from the connection that holds it, so
+/// only the caller who started it may: another operator of the same
+/// organization gets `not_found` (as for an exec that is not there), and
+/// the running session is not disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_caller_who_started_an_exec_takes_it_over() {
+    use futures_util::SinkExt;
+    let (h, _node) = Harness::start().await;
+    let w = h.hub.spawn(sleeper(&image())).await.unwrap();
+    let token = || async {
+        h.ctl_ok(&["token", "create", "--org", "default"])
+            .await
+            .trim()
+            .to_string()
+    };
+    let (mine, colleague) = (token().await, token().await);
+    let path = format!("/api/v1/workers/{}/exec", w.worker_id);
+    let mut ws = exec_socket_as(&mine, h.addr, &path).await.unwrap();
+    let script = "echo begun; while [ ! -e /tmp/go ]; do usleep 50000; done; echo end";
+    let opts = serde_json::json!({ "cmd": ["sh", "-c", script], "client_acks": true });
+    ws.send(WsMsg::text(opts.to_string())).await.unwrap();
+    let mut out = ExecRead::default();
+    assert_eq!(out.read(&mut ws, Some(6)).await, None);
+    let channel = out.channel.expect("started");
+
+    let q = format!("{path}?attach={channel}&offset={}", out.received);
+    match exec_socket_as(&colleague, h.addr, &q).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 404),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("another caller took the exec over"),
+    }
+    // The session it tried to take goes on, to its end.
+    in_worker(&w.worker_id, "touch /tmp/go");
+    assert_eq!(out.read(&mut ws, None).await, Some(0));
+    assert_eq!(out.received, "begun\nend\n".len() as u64);
+    h.stop().await;
+}
+
 /// An exec's input waits in the server until the agent grants credit, so
 /// one connection may not hand it more than a bounded message at a time:
 /// a 2 MiB message ends the connection (the server holds at most a
@@ -1438,13 +1476,19 @@ type Socket =
 
 /// An operator WebSocket to `path` on the server at `addr`.
 async fn exec_socket(h: &Harness, addr: std::net::SocketAddr, path: &str) -> Socket {
+    exec_socket_as(&h.token, addr, path).await.unwrap()
+}
+
+async fn exec_socket_as(
+    token: &str,
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", h.token).parse().unwrap(),
-    );
-    tokio_tungstenite::connect_async(req).await.unwrap().0
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    Ok(tokio_tungstenite::connect_async(req).await?.0)
 }
 
 /// What a client acknowledging its exec's output has read so far.

@@ -219,14 +219,17 @@ async fn session(
     let listed: Option<std::collections::HashMap<&str, &crate::protocol::WorkerInfo>> = inventory
         .as_ref()
         .map(|i| i.iter().map(|w| (w.worker_id.as_str(), w)).collect());
+    // Without an inventory (the agent could not list its containers), a
+    // worker the registry gives another node is not this one's, and one it
+    // does not know (the server restarted) must carry an id as spawned.
     let its_own = |worker_id: &str| match &listed {
         Some(l) => l
             .get(worker_id)
             .is_some_and(|w| app.hub.may_claim(&node_id, w)),
-        None => app
-            .hub
-            .worker(worker_id)
-            .is_ok_and(|w| w.node_id == node_id),
+        None => match app.hub.worker(worker_id) {
+            Ok(w) => w.node_id == node_id,
+            Err(_) => crate::server::hub::spawned_id(worker_id),
+        },
     };
     let (mut adopted, mut refused) = (0, 0);
     for open in &hello.open {
@@ -316,9 +319,9 @@ async fn session(
 
 const REMOVED: &str = "node removed by an operator";
 
-/// Most execs one hello has the server adopt (a node runs this many
-/// commands whose server went away only when something is wrong).
-const MAX_ADOPTED_EXECS: usize = 256;
+/// Most execs one hello has the server adopt (each holds a stream here; an
+/// MCP exec, its kept output). Beyond it the agent ends them.
+const MAX_ADOPTED_EXECS: usize = 4096;
 
 /// The server's side of one agent connection.
 struct ServerPeer<'a> {

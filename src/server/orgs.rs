@@ -67,6 +67,12 @@ impl Caller {
         self.scope == OrgScope::All
     }
 
+    /// Whose detached execs and tunnels this caller may take back: its own
+    /// (`Some(name)`), or, for the admin, anyone's (`None`).
+    pub fn reattaches_as(&self) -> Option<&str> {
+        (!self.is_admin()).then_some(self.name.as_str())
+    }
+
     /// Refuses a caller who is not the server's admin.
     pub fn require_admin(&self, what: &str) -> Result<(), ErrorBody> {
         if self.is_admin() {

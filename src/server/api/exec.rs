@@ -37,7 +37,7 @@ pub(super) async fn exec_ws(
 ) -> Response {
     // Refuse a re-attach before upgrading, so the client can retry on 404.
     if let Some(channel) = q.attach
-        && let Err(e) = app.hub.can_attach(&id, channel)
+        && let Err(e) = app.hub.can_attach(&id, channel, caller.reattaches_as())
     {
         return error_response(e);
     }
@@ -56,7 +56,10 @@ pub(super) async fn open_exec(
     rx: &mut WsRx,
 ) -> Result<(DetachedExec, bool), ErrorBody> {
     if let Some(channel) = q.attach {
-        return Ok((reattach(app, worker_id, channel, q.offset, tx).await?, true));
+        return Ok((
+            reattach(app, caller, worker_id, channel, q.offset, tx).await?,
+            true,
+        ));
     }
     // An authenticated connection is never closed to make room: one that
     // never says what to run must not hold its slot for ever.
@@ -88,6 +91,7 @@ pub(super) async fn open_exec(
         session.output.set_manual_ack();
     }
     let mut d = DetachedExec::new(worker_id, session);
+    d.state.owner = Some(caller.name.clone());
     // Its end is recorded too, with the exit code: `api:exec_end`.
     end.operation = "api:exec_end".into();
     d.state.audit = Some((end, std::time::Instant::now()));
@@ -98,12 +102,21 @@ pub(super) async fn open_exec(
 /// up to `offset`, resending what it lacks.
 pub(super) async fn reattach(
     app: &AppState,
+    caller: &Caller,
     worker_id: &str,
     channel: u32,
     offset: u64,
     tx: &mut WsTx,
 ) -> Result<DetachedExec, ErrorBody> {
-    let mut d = app.hub.take_exec(worker_id, channel).await?;
+    let mut d = app
+        .hub
+        .take_exec(worker_id, channel, caller.reattaches_as())
+        .await?;
+    // An exec adopted after a restart has no known starter: the first
+    // operator to take it back (not the admin) becomes it.
+    if d.state.owner.is_none() && !caller.is_admin() {
+        d.state.owner = Some(caller.name.clone());
+    }
     let resume = d.state.relay.resume(offset, d.session.output.position());
     if let Some((from, to)) = resume.gap {
         // Never silent: say exactly what is missing.
@@ -177,8 +190,12 @@ pub(super) async fn serve(
     // A newer connection of this client (it lost this one, perhaps without
     // the server noticing) takes the exec over: this one hands it back.
     let held = client_acks.then(|| {
-        app.hub
-            .hold_exec(&worker_id, output.node_id(), output.channel())
+        app.hub.hold_exec(
+            &worker_id,
+            output.node_id(),
+            output.channel(),
+            state.owner.as_deref(),
+        )
     });
     let taken_over = async {
         match &held {

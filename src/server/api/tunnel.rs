@@ -25,6 +25,7 @@ pub(super) struct TunnelQuery {
 
 pub(super) async fn tunnel_ws(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path((id, port)): Path<(String, String)>,
     Query(q): Query<TunnelQuery>,
     ws: WebSocketUpgrade,
@@ -40,12 +41,12 @@ pub(super) async fn tunnel_ws(
     };
     if let Some(channel) = q.attach {
         // Refused before the upgrade, so the client can retry on 404.
-        if let Err(e) = app.hub.can_attach(&id, channel) {
+        if let Err(e) = app.hub.can_attach(&id, channel, caller.reattaches_as()) {
             return error_response(e);
         }
         return bounded(ws).on_upgrade(move |socket| async move {
             let (mut tx, rx) = socket.split();
-            match reattach(&app, &id, channel, q.offset, &mut tx).await {
+            match reattach(&app, &caller, &id, channel, q.offset, &mut tx).await {
                 Ok(d) => serve(app, d, true, q.offset, tx, rx).await,
                 Err(e) => {
                     let _ = tx.send(end_message(None, Some(e))).await;
@@ -64,6 +65,7 @@ pub(super) async fn tunnel_ws(
             }
             let mut d = DetachedExec::new(&id, t);
             d.state.tunnel = Some(conn);
+            d.state.owner = Some(caller.name.clone());
             bounded(ws).on_upgrade(move |socket| {
                 let (tx, rx) = socket.split();
                 serve(app, d, q.acks, 0, tx, rx)

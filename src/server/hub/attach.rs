@@ -62,6 +62,10 @@ pub struct ClientState {
     /// The audit record its end completes (an API exec's: the caller, the
     /// worker, the arguments' digest) and when it started.
     pub audit: Option<(crate::server::audit::AuditRecord, std::time::Instant)>,
+    /// Who started it (the API caller's name): only they (or the server's
+    /// admin) re-attach to it. `None` when not known (adopted after a
+    /// restart): any caller who sees the worker may.
+    pub owner: Option<String>,
 }
 
 impl DetachedExec {
@@ -78,6 +82,18 @@ impl DetachedExec {
 impl OfWorker for DetachedExec {
     fn worker_id(&self) -> &str {
         &self.worker_id
+    }
+
+    fn owner(&self) -> Option<&str> {
+        self.state.owner.as_deref()
+    }
+}
+
+/// Whether `who` (`None`: anyone) may take an exec `owner` started.
+fn may_take(owner: Option<&str>, who: Option<&str>) -> bool {
+    match (owner, who) {
+        (Some(o), Some(w)) => o == w,
+        _ => true,
     }
 }
 
@@ -116,13 +132,21 @@ impl Hub {
         });
     }
 
-    /// Whether an exec of `worker_id` on `channel` can be re-attached: it
-    /// waits detached, or a client connection holds it (which a re-attach
-    /// takes over).
-    pub fn can_attach(&self, worker_id: &str, channel: u32) -> Result<(), ErrorBody> {
+    /// Whether an exec of `worker_id` on `channel` can be re-attached by
+    /// `who` (a caller's name; `None`: anyone's exec): it waits detached,
+    /// or a client connection holds it (which a re-attach takes over), and
+    /// `who` started it or its starter is not known. Another's exec is
+    /// `not_found`, as one that is not there.
+    pub fn can_attach(
+        &self,
+        worker_id: &str,
+        channel: u32,
+        who: Option<&str>,
+    ) -> Result<(), ErrorBody> {
         let w = self.worker(worker_id)?;
         let key = (w.node_id, channel);
-        if self.attach.lock().unwrap().attachable(&key, worker_id) {
+        let table = self.attach.lock().unwrap();
+        if table.attachable_by(&key, worker_id, |o| may_take(o, who)) {
             Ok(())
         } else {
             Err(ErrorBody::new(
@@ -137,14 +161,20 @@ impl Hub {
     /// cancelled when a newer connection re-attaches: the older one must
     /// then hand the exec back (it may be dead without the server knowing:
     /// a half-open TCP connection looks alive for a long time).
-    pub fn hold_exec(&self, worker_id: &str, node_id: &str, channel: u32) -> HeldExec {
+    pub fn hold_exec(
+        &self,
+        worker_id: &str,
+        node_id: &str,
+        channel: u32,
+        owner: Option<&str>,
+    ) -> HeldExec {
         let token = CancellationToken::new();
         let key = (node_id.to_string(), channel);
-        let generation = self
-            .attach
-            .lock()
-            .unwrap()
-            .hold(key.clone(), worker_id, token.clone());
+        let generation =
+            self.attach
+                .lock()
+                .unwrap()
+                .hold(key.clone(), worker_id, owner, token.clone());
         HeldExec {
             attach: self.attach.clone(),
             key,
@@ -162,7 +192,11 @@ impl Hub {
         &self,
         worker_id: &str,
         channel: u32,
+        who: Option<&str>,
     ) -> Result<DetachedExec, ErrorBody> {
+        // Judged before anything is taken over: another's live connection
+        // is not even asked to let go.
+        self.can_attach(worker_id, channel, who)?;
         let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
         let key = (self.worker(worker_id)?.node_id, channel);
         loop {

@@ -11,6 +11,11 @@ pub(super) type Key = (String, u32);
 /// What the table needs of a waiting exec.
 pub(super) trait OfWorker {
     fn worker_id(&self) -> &str;
+    /// Who started it (an operator API caller's name); `None` for one
+    /// whose starter is not known (adopted after a restart).
+    fn owner(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// Why a take found nothing.
@@ -26,8 +31,9 @@ pub(super) struct Attachments<T> {
     /// Execs waiting for their client, with the generation of their timer.
     detached: HashMap<Key, (u64, T)>,
     /// Execs a client connection holds: the generation of the hold, the
-    /// worker, and the token that makes that connection hand it back.
-    held: HashMap<Key, (u64, String, CancellationToken)>,
+    /// worker, its owner, and the token that makes that connection hand it
+    /// back.
+    held: HashMap<Key, (u64, String, Option<String>, CancellationToken)>,
     next: u64,
 }
 
@@ -65,9 +71,16 @@ impl<T: OfWorker> Attachments<T> {
 
     /// A client connection holds the exec now; an older holder's token is
     /// cancelled so that it hands the exec back. The hold's generation.
-    pub(super) fn hold(&mut self, key: Key, worker_id: &str, token: CancellationToken) -> u64 {
+    pub(super) fn hold(
+        &mut self,
+        key: Key,
+        worker_id: &str,
+        owner: Option<&str>,
+        token: CancellationToken,
+    ) -> u64 {
         let g = self.generation();
-        if let Some((_, _, old)) = self.held.insert(key, (g, worker_id.to_string(), token)) {
+        let held = (g, worker_id.to_string(), owner.map(String::from), token);
+        if let Some((_, _, _, old)) = self.held.insert(key, held) {
             old.cancel();
         }
         g
@@ -75,7 +88,11 @@ impl<T: OfWorker> Attachments<T> {
 
     /// A hold ends, unless a newer one replaced it.
     pub(super) fn release(&mut self, key: &Key, generation: u64) {
-        if self.held.get(key).is_some_and(|(g, _, _)| *g == generation) {
+        if self
+            .held
+            .get(key)
+            .is_some_and(|(g, _, _, _)| *g == generation)
+        {
             self.held.remove(key);
         }
     }
@@ -83,15 +100,24 @@ impl<T: OfWorker> Attachments<T> {
     /// The token of the connection holding `worker_id`'s exec on `key`.
     pub(super) fn holder(&self, key: &Key, worker_id: &str) -> Option<CancellationToken> {
         match self.held.get(key) {
-            Some((_, w, t)) if w == worker_id => Some(t.clone()),
+            Some((_, w, _, t)) if w == worker_id => Some(t.clone()),
             _ => None,
         }
     }
 
-    /// Whether a client can re-attach to `worker_id`'s exec on `key`.
-    pub(super) fn attachable(&self, key: &Key, worker_id: &str) -> bool {
-        matches!(self.detached.get(key), Some((_, d)) if d.worker_id() == worker_id)
-            || self.holder(key, worker_id).is_some()
+    /// Whether a client can re-attach to `worker_id`'s exec on `key`: it
+    /// waits, or a connection holds it, and `may(its owner)` holds.
+    pub(super) fn attachable_by(
+        &self,
+        key: &Key,
+        worker_id: &str,
+        may: impl Fn(Option<&str>) -> bool,
+    ) -> bool {
+        match (self.detached.get(key), self.held.get(key)) {
+            (Some((_, d)), _) if d.worker_id() == worker_id => may(d.owner()),
+            (_, Some((_, w, owner, _))) if w == worker_id => may(owner.as_deref()),
+            _ => false,
+        }
     }
 
     /// Takes `worker_id`'s waiting exec on `key` for a re-attaching client.
@@ -140,14 +166,25 @@ mod tests {
     fn a_detached_exec_is_taken_by_its_own_worker_only() {
         let mut a = Attachments::default();
         a.detach(key(1), E("w1"));
-        assert!(a.attachable(&key(1), "w1"));
-        assert!(!a.attachable(&key(1), "w2"));
+        assert!(a.attachable_by(&key(1), "w1", |_| true));
+        assert!(!a.attachable_by(&key(1), "w2", |_| true));
         assert_eq!(a.take(&key(1), "w2").err(), Some(Missing::OtherWorker));
         assert!(
             a.take(&key(1), "w1").is_ok(),
             "still there after the refusal"
         );
         assert_eq!(a.take(&key(1), "w1").err(), Some(Missing::Nothing));
+    }
+
+    #[test]
+    fn an_exec_answers_who_owns_it_waiting_or_held() {
+        let mut a = Attachments::<E>::default();
+        let is = |who: &'static str| move |o: Option<&str>| o == Some(who);
+        a.hold(key(1), "w", Some("token:a"), CancellationToken::new());
+        assert!(a.attachable_by(&key(1), "w", is("token:a")));
+        assert!(!a.attachable_by(&key(1), "w", is("token:b")));
+        assert!(!a.attachable_by(&key(1), "other", is("token:a")));
+        assert!(!a.attachable_by(&key(2), "w", |_| true), "nothing there");
     }
 
     #[test]
@@ -158,16 +195,19 @@ mod tests {
         let g2 = a.detach(key(1), E("w"));
         assert!(a.expire(&key(1), g1).is_none(), "the first timer is stale");
         assert!(a.expire(&key(1), g2).is_some());
-        assert!(!a.attachable(&key(1), "w"));
+        assert!(!a.attachable_by(&key(1), "w", |_| true));
     }
 
     #[test]
     fn a_newer_hold_cancels_the_older_and_survives_its_release() {
         let mut a: Attachments<E> = Attachments::default();
         let (t1, t2) = (CancellationToken::new(), CancellationToken::new());
-        let g1 = a.hold(key(1), "w", t1.clone());
-        assert!(a.attachable(&key(1), "w"), "a held exec can be taken over");
-        let g2 = a.hold(key(1), "w", t2.clone());
+        let g1 = a.hold(key(1), "w", None, t1.clone());
+        assert!(
+            a.attachable_by(&key(1), "w", |_| true),
+            "a held exec can be taken over"
+        );
+        let g2 = a.hold(key(1), "w", None, t2.clone());
         assert!(t1.is_cancelled() && !t2.is_cancelled());
         a.release(&key(1), g1);
         assert!(a.holder(&key(1), "w").is_some(), "the newer hold stays");
@@ -183,6 +223,6 @@ mod tests {
         a.detach(("n1".into(), 2), E("b"));
         a.detach(("n2".into(), 1), E("c"));
         assert_eq!(a.forget_node("n1").len(), 2);
-        assert!(a.attachable(&("n2".into(), 1), "c"));
+        assert!(a.attachable_by(&("n2".into(), 1), "c", |_| true));
     }
 }

@@ -116,12 +116,15 @@ impl Registry {
 pub(super) fn id_as_given(w: &WorkerInfo) -> bool {
     match (&w.deployment, &w.service) {
         (Some(d), Some(svc)) => w.worker_id == crate::protocol::service_worker_id(d, svc),
-        (None, None) => {
-            ulid::Ulid::from_string(&w.worker_id).is_ok()
-                && !w.worker_id.bytes().any(|b| b.is_ascii_uppercase())
-        }
+        (None, None) => spawned_id(&w.worker_id),
         _ => false,
     }
+}
+
+/// Whether `id` is a spawned worker's id as the server makes them: a
+/// lower-case ULID.
+pub(crate) fn spawned_id(id: &str) -> bool {
+    ulid::Ulid::from_string(id).is_ok() && !id.bytes().any(|b| b.is_ascii_uppercase())
 }
 
 /// The rules for one claim of a `hello` inventory (`foreign`: the

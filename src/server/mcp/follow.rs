@@ -31,12 +31,12 @@ impl Running {
                 return;
             }
         };
-        // A label names an exec id and asks for a kept output: the agent
-        // gives it, so it takes no place another exec holds, and its
-        // sandbox keeps no more execs than a call may leave running.
-        if self.holds(&l.exec_id) || self.running_for(&l.worker_id) >= MAX_KEPT_EXECS {
+        // A label names an exec id: the agent gives it, so it never takes
+        // the place of another exec that still runs (one that ended, say
+        // when the node stayed away past the resume grace, is replaced).
+        if self.runs(&l.exec_id) {
             tracing::warn!(exec_id = %l.exec_id, worker_id = %l.worker_id,
-                "an adopted MCP exec's id is taken or its sandbox keeps the most execs: cancelled");
+                "an adopted MCP exec's id belongs to a running exec: cancelled");
             return;
         }
         info!(exec_id = %l.exec_id, task_id = %l.task_id, worker_id = %l.worker_id,
@@ -70,6 +70,15 @@ impl Running {
         m.values()
             .filter(|r| r.worker_id == worker_id && r.state.lock().unwrap().ended_at.is_none())
             .count()
+    }
+
+    /// Whether exec `id` is followed here and has not ended.
+    fn runs(&self, id: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap()
+            .get(id)
+            .is_some_and(|r| r.state.lock().unwrap().ended_at.is_none())
     }
 
     /// Whether exec `id` is followed here.

@@ -242,6 +242,18 @@ async fn restricted_reaches_the_internet_but_not_the_host_metadata_or_workers() 
         listing.contains("hook forward") && listing.contains("hook input"),
         "{listing}"
     );
+    // Removed by someone else (a firewall reload, `nft flush ruleset`): the
+    // agent puts it back.
+    let (ok, out) = run("nft", &["delete", "table", "inet", &table]);
+    assert!(ok, "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !tables().contains(&table) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guard was not put back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     let img = image();
     let a = h

@@ -334,6 +334,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         tunnels: Default::default(),
         spools: spool::Spools::new(cfg.spool.clone()),
     });
+    if let Ok(g) = &netguard {
+        ctx.spawn(netguard::keep(g.clone()));
+    }
     commands::collect_garbage(&ctx).await;
     // The inference backend of the configuration in force: adopted, made
     // or removed, then reported (the report at `hello` may precede it).

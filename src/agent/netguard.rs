@@ -154,16 +154,21 @@ pub fn resolvers(resolv_conf: &str) -> Vec<Ipv4Addr> {
 }
 
 /// The installed table; [`NetGuard::release`] ends it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct NetGuard {
     table: String,
+    chains: Vec<Chain>,
 }
+
+/// How often [`keep`] puts the table back as installed.
+pub const REASSERT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl NetGuard {
     /// Installs (or replaces) the node's table.
     pub fn install(node_id: &str, spec: &GuardSpec) -> Result<NetGuard, String> {
         let table = table_name(node_id);
-        nft::replace_table(&table, &chains(spec)).map_err(|e| {
+        let chains = chains(spec);
+        nft::replace_table(&table, &chains).map_err(|e| {
             let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
                 " (the agent needs CAP_NET_ADMIN: run it as root, or its container with --cap-add NET_ADMIN)"
             } else {
@@ -171,7 +176,13 @@ impl NetGuard {
             };
             format!("cannot install nftables table inet {table}: {e}{hint}")
         })?;
-        Ok(NetGuard { table })
+        Ok(NetGuard { table, chains })
+    }
+
+    /// Puts the table back as installed, in one transaction (there is no
+    /// moment without it).
+    fn reassert(&self) -> std::io::Result<()> {
+        nft::replace_table(&self.table, &self.chains)
     }
 
     pub fn table(&self) -> &str {
@@ -198,6 +209,24 @@ impl NetGuard {
                 "network guard left in place for the node's containers"),
             Err(e) => tracing::warn!(table = %self.table, error = %e,
                 "network guard left in place: the engine could not list the node's containers"),
+        }
+    }
+}
+
+/// Puts the guard back as installed every [`REASSERT_EVERY`], for as long
+/// as it runs (the agent's task, ended with the agent): a firewall reload
+/// or `nft flush ruleset` may have removed or changed it, and the node's
+/// workers would run unguarded from then on.
+pub async fn keep(guard: NetGuard) {
+    let mut tick = tokio::time::interval(REASSERT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is now: it was just installed
+    loop {
+        tick.tick().await;
+        let g = guard.clone();
+        // A netlink round trip: off the agent's runtime thread.
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || g.reassert()).await {
+            tracing::warn!(table = %guard.table, error = %e, "could not put the network guard back");
         }
     }
 }

@@ -428,6 +428,30 @@ async fn tunnels_reach_workers_through_their_relay_without_joining_a_network() {
         nets_before, nets_after,
         "nothing joined the worker's network"
     );
+
+    // A deployment's service, through its relay: an `up` that changes the
+    // service makes its container again, and the relay follows the new
+    // one; `down` takes the relay with the service.
+    let file = h.state_path("rl.yaml");
+    let compose = |extra: &str| {
+        format!(
+            "services:\n  web:\n    image: {}\n    command: [\"sh\", \"-c\", \"{echo}{extra}\"]\n",
+            image()
+        )
+    };
+    let up = ["deploy", "up", "-f", file.to_str().unwrap(), "--name", "rl"];
+    for extra in ["", " # changed"] {
+        std::fs::write(&file, compose(extra)).unwrap();
+        h.ctl_ok(&up).await;
+        wait_listening(&h, "rl_web", 9000).await;
+        echo_through(&h, "rl_web", 100_000).await;
+    }
+    h.ctl_ok(&["deploy", "down", "rl"]).await;
+    assert_eq!(
+        docker(&["ps", "-aq", "--filter", "label=tether.sidecar_for=rl_web"]),
+        "",
+        "the service's relay outlived it"
+    );
     h.stop().await;
     docker(&["image", "rm", "-f", &agent_image]);
 }

@@ -469,8 +469,11 @@ pub async fn remove(
 ) -> Result<bool, Error> {
     let svcs = services(docker, node_id, deployment).await?;
     let mut found = !svcs.is_empty();
-    for (id, _) in svcs.values() {
+    for (svc, (id, _)) in &svcs {
         containers::remove_id(docker, id).await?;
+        // A tunnel's relay in the service's namespace goes with it.
+        let worker = crate::protocol::service_worker_id(deployment, svc);
+        super::sidecar::remove_all(docker, node_id, &worker).await?;
     }
     egress::remove_proxy(docker, pool, node_id, &proxy_owner(deployment)).await?;
     let net = network_name(deployment);

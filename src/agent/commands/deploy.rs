@@ -230,7 +230,7 @@ async fn make(
                 continue;
             }
             Some((cid, _)) => {
-                docker::containers::remove_id(d, &cid).await?;
+                drop_service(ctx, name, &s.name, &cid).await?;
                 ServiceAction::Recreated
             }
             None => ServiceAction::Created,
@@ -256,7 +256,7 @@ async fn make(
     let mut removed: Vec<String> = existing.keys().cloned().collect();
     removed.sort();
     for (svc, (cid, _)) in existing {
-        docker::containers::remove_id(d, &cid).await?;
+        drop_service(ctx, name, &svc, &cid).await?;
         info!(deployment = name, service = %svc, "service removed");
     }
     let mut info = describe(ctx, name, req.services.iter().map(|s| s.name.clone())).await?;
@@ -366,6 +366,27 @@ pub(super) async fn inspect(ctx: &Ctx, id: String, r: DeployRef) {
         other => other,
     };
     reply(ctx, id, info)
+}
+
+/// Removes a service's container and what hangs on it: its sidecars (a
+/// tunnel's relay shares its network namespace, and would outlive it
+/// holding a namespace nothing else is in) and the agent's exec and
+/// tunnel state for its worker id, which its next container takes.
+async fn drop_service(
+    ctx: &Ctx,
+    deployment: &str,
+    service: &str,
+    cid: &str,
+) -> Result<(), ErrorBody> {
+    let (d, node) = (&ctx.engine.docker, ctx.engine.node_id.as_str());
+    docker::containers::remove_id(d, cid).await?;
+    let worker = crate::protocol::service_worker_id(deployment, service);
+    if let Err(e) = docker::sidecar::remove_all(d, node, &worker).await {
+        warn!(%worker, error = %e, "could not remove the service's sidecars");
+    }
+    ctx.execs.forget_worker(&worker);
+    ctx.tunnels.worker_removed(ctx, &worker);
+    Ok(())
 }
 
 pub(super) async fn remove(ctx: &Ctx, id: String, r: DeployRemove) {

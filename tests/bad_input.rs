@@ -305,6 +305,28 @@ async fn server_answers_bad_frames_and_keeps_the_connection() {
     );
     ws.send(Ws::text(big_text)).await.unwrap();
     expect(next_json(&mut ws).await, ErrorCode::TooLarge);
+    // A message out of place, or of a type the server does not know, is
+    // named in the answer, never sent back: a node that stops reading
+    // cannot make the server queue its own megabytes for it.
+    let padded = json!({"type": "hello", "payload": {"versions": [1], "node_id": node,
+        "agent_version": "a".repeat(900_000)}});
+    ws.send(Ws::text(padded.to_string())).await.unwrap();
+    let v = expect(next_json(&mut ws).await, ErrorCode::InvalidRequest);
+    assert!(
+        v.to_string().len() < 1000,
+        "the answer carries the message back"
+    );
+    assert!(
+        v["payload"]["message"].as_str().unwrap().contains("hello"),
+        "{v}"
+    );
+    let odd = json!({"type": "t".repeat(900_000), "id": "q2", "payload": {}});
+    ws.send(Ws::text(odd.to_string())).await.unwrap();
+    let v = expect(next_json(&mut ws).await, ErrorCode::Unsupported);
+    assert!(
+        v.to_string().len() < 1000,
+        "the answer carries the type back"
+    );
     // A flood of garbage does not kill the connection either.
     for _ in 0..500 {
         ws.send(Ws::text("{}")).await.unwrap();

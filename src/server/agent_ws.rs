@@ -434,14 +434,27 @@ fn on_text(app: &AppState, link: &Arc<AgentLink>, text: &str) {
             let _ = link.send(Message::error(
                 id,
                 ErrorCode::Unsupported,
-                format!("unknown message type {kind:?}"),
+                format!(
+                    "unknown message type {:?}",
+                    kind.chars().take(64).collect::<String>()
+                ),
             ));
         }
         other => {
+            // Its kind, not its text: an answer never carries back what a
+            // node sent (up to 1 MiB a message) to a peer that may not be
+            // reading.
+            let kind = match &other {
+                Message::Hello(_) => "hello",
+                Message::Welcome(_) => "welcome",
+                Message::Token(_) => "token",
+                Message::Request { request, .. } => request.kind(),
+                _ => "message",
+            };
             let _ = link.send(Message::error(
                 None,
                 ErrorCode::InvalidRequest,
-                format!("unexpected message from agent: {}", other.encode()),
+                format!("unexpected message from agent: {kind}"),
             ));
         }
     }

@@ -478,8 +478,8 @@ async fn an_inventory_cannot_claim_a_service_name_ahead_of_its_deployment() {
 /// A hello lists the execs its agent runs that the server may not know
 /// (after a server restart), and the server takes them in. Only execs of
 /// the node's own workers, and a bounded number: another node's worker
-/// gets no stream here (nor, labelled as an MCP exec, kept output and a
-/// place among that sandbox's execs).
+/// gets no stream here (nor, labelled as an MCP exec, kept output under an
+/// exec id of its choosing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hello_adopts_only_a_bounded_number_of_its_own_workers_execs() {
     let (h, _node) = Harness::start().await;

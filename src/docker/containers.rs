@@ -193,15 +193,23 @@ pub async fn count_of_node(docker: &Docker, node_id: &str) -> Result<usize, Erro
         "label".to_string(),
         vec![format!("{}={node_id}", labels::NODE)],
     )]);
-    let list = docker
+    Ok(listed(docker, filters, true).await?.len())
+}
+
+/// The containers `filters` select (`all`: stopped ones too).
+pub(crate) async fn listed(
+    docker: &Docker,
+    filters: HashMap<String, Vec<String>>,
+    all: bool,
+) -> Result<Vec<bollard::models::ContainerSummary>, Error> {
+    docker
         .list_containers(Some(ListContainersOptions {
-            all: true,
+            all,
             filters: Some(filters),
             ..Default::default()
         }))
         .await
-        .map_err(|e| Error::engine(e, "list containers"))?;
-    Ok(list.len())
+        .map_err(|e| Error::engine(e, "list containers"))
 }
 
 /// How many of this node's workers are running.
@@ -216,15 +224,7 @@ pub async fn running_count(docker: &Docker, node_id: &str) -> Result<usize, Erro
         ),
         ("status".to_string(), vec!["running".to_string()]),
     ]);
-    let list = docker
-        .list_containers(Some(ListContainersOptions {
-            all: false,
-            filters: Some(filters),
-            ..Default::default()
-        }))
-        .await
-        .map_err(|e| Error::engine(e, "list containers"))?;
-    Ok(list.len())
+    Ok(listed(docker, filters, false).await?.len())
 }
 
 /// Every worker of this node.

@@ -226,15 +226,8 @@ pub async fn running_services(
 ) -> Result<usize, Error> {
     let mut f = filters(node_id, Some(deployment));
     f.insert("status".to_string(), vec!["running".to_string()]);
-    let list = docker
-        .list_containers(Some(ListContainersOptions {
-            all: false,
-            filters: Some(f),
-            ..Default::default()
-        }))
-        .await
-        .map_err(|e| Error::engine(e, "list containers"))?;
-    Ok(list
+    Ok(containers::listed(docker, f, false)
+        .await?
         .iter()
         .filter(|c| {
             c.labels

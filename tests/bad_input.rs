@@ -583,17 +583,10 @@ fn a_bad_node_config_file_stops_the_server_before_it_listens() {
     .unwrap();
     let missing = dir.path().join("missing.yaml");
     for (file, said) in [(&bad, "unknown field `bogus`"), (&missing, "No such file")] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(["server", "--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(dir.path().join("state"))
-            .arg("--node-config")
-            .arg(file)
-            .env("TETHER_PSK", "a-registration-key-long-enough")
-            .env_remove("TETHER_PSK_FILE")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{err}");
+        let err = server_refuses(
+            &dir.path().join("state"),
+            &["--node-config".as_ref(), file.as_os_str()],
+        );
         assert!(
             err.contains("--node-config")
                 && err.contains(&*file.to_string_lossy())
@@ -612,24 +605,25 @@ fn a_bad_node_config_file_stops_the_server_before_it_listens() {
 #[test]
 fn a_heartbeat_timeout_within_the_interval_stops_the_server() {
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args([
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--heartbeat-timeout",
-            "8",
-        ])
-        .arg("--state-dir")
-        .arg(dir.path())
-        .env("TETHER_PSK", "a-registration-key-long-enough")
-        .env_remove("TETHER_PSK_FILE")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = server_refuses(dir.path(), &["--heartbeat-timeout".as_ref(), "8".as_ref()]);
     assert!(
         err.contains("--heartbeat-timeout (8 s) must be longer than --heartbeat-interval (10 s)"),
         "{err}"
     );
+}
+
+/// `tether server` with `args` (and a state directory): it exits with 2
+/// before it listens; its standard error.
+fn server_refuses(state: &std::path::Path, args: &[&std::ffi::OsStr]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["server", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state)
+        .args(args)
+        .env("TETHER_PSK", "a-registration-key-long-enough")
+        .env_remove("TETHER_PSK_FILE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    err
 }

@@ -322,6 +322,16 @@ async fn deploy_sleeper(h: &Harness, name: &str) {
         .await;
 }
 
+/// A real worker's inspection `info` as node `thief` claims it, as worker
+/// `worker_id`, in a hello's inventory.
+fn claimed(info: &Value, worker_id: &str, thief: &str) -> Value {
+    let mut claim = info.clone();
+    claim["worker_id"] = json!(worker_id);
+    claim["node_id"] = json!(thief);
+    claim["container_id"] = json!("0".repeat(64));
+    claim
+}
+
 /// A node `thief` registered with `key` (another organization's) whose
 /// hello claims `claim` as its worker; online.
 async fn thief_says(h: &Harness, thief: &str, key: &str, claim: Value) -> fake::Client {
@@ -346,11 +356,8 @@ async fn an_inventory_cannot_claim_a_place_in_another_organizations_deployment()
         .trim()
         .to_string();
     let thief = unique("fake");
-    let mut ghost = real.clone();
-    ghost["worker_id"] = json!("prod_ghost");
-    ghost["node_id"] = json!(thief);
+    let mut ghost = claimed(&real, "prod_ghost", &thief);
     ghost["service"] = json!("ghost");
-    ghost["container_id"] = json!("0".repeat(64));
     let mut ws = thief_says(&h, &thief, &acme_key, ghost).await;
 
     // Refused: `prod` is the default organization's, on its node only.
@@ -450,10 +457,7 @@ async fn an_inventory_cannot_claim_a_service_name_ahead_of_its_deployment() {
         .trim()
         .to_string();
     let thief = unique("fake");
-    let mut bare = info.clone();
-    bare["worker_id"] = json!("later_web");
-    bare["node_id"] = json!(thief);
-    bare["container_id"] = json!("0".repeat(64));
+    let bare = claimed(&info, "later_web", &thief);
     let mut under_its_own = bare.clone();
     under_its_own["deployment"] = json!("mine");
     under_its_own["service"] = json!("web");
@@ -491,10 +495,7 @@ async fn a_hello_adopts_only_a_bounded_number_of_its_own_workers_execs() {
     let jwt = fake::token(&h, &thief, &key).await;
     // A worker of its own, as the server would have named it.
     let own = ulid::Ulid::new().to_string().to_ascii_lowercase();
-    let mut own_info = info.clone();
-    own_info["worker_id"] = json!(own);
-    own_info["node_id"] = json!(thief);
-    own_info["container_id"] = json!("0".repeat(64));
+    let own_info = claimed(&info, &own, &thief);
     let (mut open, mut channels) = (Vec::new(), Vec::new());
     // One more than the server adopts of its own worker's, then ten of the
     // victim's (labelled as MCP execs).

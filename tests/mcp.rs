@@ -265,19 +265,8 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
         .await
         .unwrap_err();
     assert!(e.contains("not_found"), "{e}");
-    let end = loop {
-        let f = m
-            .call(
-                "sandbox.exec_follow",
-                json!({"task_id": "t1", "exec_id": id, "wait_s": 10}),
-            )
-            .await
-            .unwrap();
-        out.push_str(f["stdout"].as_str().unwrap());
-        if f["running"] == false {
-            break f;
-        }
-    };
+    let (end, rest) = follow_to_end(&mut m, "t1", &id).await;
+    out.push_str(&rest);
     assert_eq!(end["exit_code"], 4, "{end}");
     assert_eq!(out, "start\ndone\n");
     let e = m
@@ -317,18 +306,7 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
     // Followed to their ends, they make room again.
     docker(&["exec", &format!("tether-{w}"), "touch", "/tmp/go"]);
     for id in &kept {
-        loop {
-            let f = m
-                .call(
-                    "sandbox.exec_follow",
-                    json!({"task_id": "t1", "exec_id": id, "wait_s": 10}),
-                )
-                .await
-                .unwrap();
-            if f["running"] == false {
-                break;
-            }
-        }
+        follow_to_end(&mut m, "t1", id).await;
     }
     let r = m
         .call(
@@ -822,6 +800,25 @@ async fn an_mcp_client_drives_a_sandbox_within_its_task_on_allowed_nodes() {
     }
     assert!(ctl(&["audit", "--worker", &w]).lines().count() > 3);
     h.stop().await;
+}
+
+/// Follows exec `id` of `task` until it ends: its last answer and the
+/// stdout gathered on the way.
+async fn follow_to_end(m: &mut Mcp, task: &str, id: &str) -> (Value, String) {
+    let mut out = String::new();
+    loop {
+        let f = m
+            .call(
+                "sandbox.exec_follow",
+                json!({"task_id": task, "exec_id": id, "wait_s": 10}),
+            )
+            .await
+            .unwrap();
+        out.push_str(f["stdout"].as_str().unwrap());
+        if f["running"] == false {
+            return (f, out);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

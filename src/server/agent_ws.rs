@@ -216,16 +216,14 @@ async fn session(
     let inventory = hello
         .inventory
         .map(|i| recorded_deployments_only(app.store.as_ref(), &node_id, i));
-    let listed: Option<std::collections::HashMap<&str, &crate::protocol::WorkerInfo>> = inventory
+    let listed = inventory
         .as_ref()
-        .map(|i| i.iter().map(|w| (w.worker_id.as_str(), w)).collect());
+        .map(|i| app.hub.claimable_ids(&node_id, i));
     // Without an inventory (the agent could not list its containers), a
     // worker the registry gives another node is not this one's, and one it
     // does not know (the server restarted) must carry an id as spawned.
     let its_own = |worker_id: &str| match &listed {
-        Some(l) => l
-            .get(worker_id)
-            .is_some_and(|w| app.hub.may_claim(&node_id, w)),
+        Some(l) => l.contains(worker_id),
         None => match app.hub.worker(worker_id) {
             Ok(w) => w.node_id == node_id,
             Err(_) => crate::server::hub::spawned_id(worker_id),

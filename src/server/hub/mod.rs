@@ -555,12 +555,20 @@ impl Hub {
         }
     }
 
-    /// Whether `node_id` may say, in its hello, that it runs worker `w`: the
-    /// rules of [`Hub::attach`] for one claim, against the registry now.
-    pub(crate) fn may_claim(&self, node_id: &str, w: &WorkerInfo) -> bool {
+    /// The workers of `inventory` that `node_id` may say, in its hello,
+    /// that it runs: the rules of [`Hub::attach`], against the registry now.
+    pub(crate) fn claimable_ids<'a>(
+        &self,
+        node_id: &str,
+        inventory: &'a [WorkerInfo],
+    ) -> HashSet<&'a str> {
         let reg = self.reg.lock().unwrap();
-        let foreign = foreign_deployments(&reg, node_id, std::slice::from_ref(w));
-        claimable(&reg, node_id, w, &foreign)
+        let foreign = foreign_deployments(&reg, node_id, inventory);
+        inventory
+            .iter()
+            .filter(|w| claimable(&reg, node_id, w, &foreign))
+            .map(|w| w.worker_id.as_str())
+            .collect()
     }
 
     /// Forgets a node (`tether ctl node rm`): its live connection closes at

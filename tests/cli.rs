@@ -59,7 +59,9 @@ async fn worker_lifecycle_through_ctl() {
     assert_eq!(labels["tether.node_id"], node.as_str());
     assert_eq!(labels["tether.task_id"], "task-7");
     assert_eq!(labels["tether.job_id"], "job-3");
-    assert_eq!(labels["team"], "blue");
+    // A user's label is kept under tether's name, where no other tool looks.
+    assert_eq!(labels["tether.label.team"], "blue");
+    assert!(labels["team"].is_null(), "{labels}");
     let hc = &c["HostConfig"];
     assert_eq!(hc["Memory"], 64 * 1024 * 1024);
     assert_eq!(hc["NanoCpus"], 500_000_000);

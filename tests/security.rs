@@ -584,3 +584,80 @@ async fn an_image_with_tethers_labels_or_a_sidecars_name_is_refused() {
     );
     h.stop().await;
 }
+
+/// A label given at spawn or in a Compose file is a tether label: a Traefik,
+/// Caddy or updater on the node that watches the engine's labels must not
+/// find `traefik.http.routers…` on a worker and publish it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workers_labels_reach_no_other_tool_on_the_host() {
+    let mut h = Harness::server().await;
+    h.add_agent().await;
+    let img = image();
+    let rule = "Host(`w.example`)";
+    let w = h
+        .ctl_ok(&[
+            "spawn",
+            "--image",
+            &img,
+            "--label",
+            "traefik.enable=true",
+            "--label",
+            &format!("traefik.http.routers.w.rule={rule}"),
+            "--",
+            "sleep",
+            "3600",
+        ])
+        .await
+        .trim()
+        .to_string();
+    let name = unique("lbl");
+    let file = h.state_path("lbl.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "services:\n  web:\n    image: {img}\n    command: [\"sleep\", \"3600\"]\n    labels:\n      traefik.enable: \"true\"\n"
+        ),
+    )
+    .unwrap();
+    h.ctl_ok(&[
+        "deploy",
+        "up",
+        "-f",
+        file.to_str().unwrap(),
+        "--name",
+        &name,
+    ])
+    .await;
+    let svc = format!("{name}_web");
+    for (worker, rule) in [(&w, Some(rule)), (&svc, None)] {
+        let on_engine: Value = serde_json::from_str(&docker(&[
+            "inspect",
+            "--format",
+            "{{json .Config.Labels}}",
+            &format!("tether-{worker}"),
+        ]))
+        .unwrap();
+        let keys: Vec<&String> = on_engine.as_object().unwrap().keys().collect();
+        assert!(
+            keys.iter().all(|k| !k.starts_with("traefik")),
+            "{worker}: {keys:?}"
+        );
+        assert_eq!(on_engine["tether.label.traefik.enable"], "true", "{worker}");
+        // The user reads them back as given.
+        let insp: Value = serde_json::from_str(&h.ctl_ok(&["inspect", worker]).await).unwrap();
+        assert_eq!(insp["labels"]["traefik.enable"], "true", "{insp}");
+        if let Some(rule) = rule {
+            assert_eq!(insp["labels"]["traefik.http.routers.w.rule"], rule);
+        }
+        assert!(
+            insp["labels"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .all(|k| !k.starts_with("tether.")),
+            "{insp}"
+        );
+    }
+    h.ctl_ok(&["deploy", "down", &name]).await;
+    h.stop().await;
+}

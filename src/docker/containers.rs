@@ -134,11 +134,7 @@ pub(crate) fn to_info(c: ContainerInspectResponse, node_id: &str) -> Option<Work
     } else {
         None
     };
-    let user_labels = lbls
-        .iter()
-        .filter(|(k, _)| !k.starts_with(labels::PREFIX))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let user_labels = labels::given(&lbls);
     Some(WorkerInfo {
         node_id: node_id.to_string(),
         image: config.image.unwrap_or_default(),
@@ -528,7 +524,7 @@ pub async fn spawn(
     if let Some(p) = plan.policy() {
         container_labels.insert(labels::NETWORK_POLICY.into(), p.as_str().into());
     }
-    container_labels.extend(spec.spec.labels.clone());
+    container_labels.extend(labels::stored(&spec.spec.labels));
     let r = &spec.spec.resources;
     let body = ContainerCreateBody {
         image: Some(spec.spec.image.clone()),

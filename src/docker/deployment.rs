@@ -282,7 +282,7 @@ pub async fn create_service(
         (labels::NETWORK.to_string(), network.to_string()),
         (labels::NETWORK_POLICY.to_string(), policy.as_str().into()),
     ]);
-    lbls.extend(spec.labels.clone());
+    lbls.extend(labels::stored(&spec.labels));
     let resources = Resources {
         cpus: spec.cpus,
         memory_mb: spec.memory_mb,

@@ -49,6 +49,33 @@ pub mod labels {
     pub const RELAY_FRAMING: &str = "tether.relay_framing";
     /// Prefix reserved for tether; user labels may not use it.
     pub const PREFIX: &str = "tether.";
+    /// Where a user's labels are kept on a container: `tether.label.KEY`.
+    /// No tool on the host reads them there, so a label given at spawn
+    /// cannot ask a reverse proxy (Traefik, Caddy), an updater or a
+    /// scheduler watching the engine to act on a worker: a worker with
+    /// `traefik.http.routers…` would otherwise be published by a Traefik
+    /// on the node, a hole in a firewall that opens nothing.
+    pub const USER: &str = "tether.label.";
+
+    /// A user's labels as they are written on a container.
+    pub fn stored<'a>(
+        user: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> impl Iterator<Item = (String, String)> {
+        user.into_iter()
+            .map(|(k, v)| (format!("{USER}{k}"), v.clone()))
+    }
+
+    /// A user's labels, read back from a container's: only those stored by
+    /// [`stored`], under the keys given. An image's own labels are not
+    /// the user's and are left out.
+    pub fn given<'a>(
+        on_container: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> std::collections::BTreeMap<String, String> {
+        on_container
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(USER)?.to_string(), v.clone())))
+            .collect()
+    }
 
     /// Every label the agent reads back from a container. The engine copies
     /// an image's labels onto each container made from it unless the create

@@ -646,6 +646,19 @@ async fn refused_and_failed_deployments_leave_nothing_behind() {
     );
     assert_eq!(leftovers(&name).0, "");
 
+    // A health check every millisecond is an exec per millisecond the
+    // engine runs outside the service's limits: refused.
+    let text = format!(
+        "services:\n  busy:\n    image: {img}\n    healthcheck:\n      test: [\"CMD\", \"true\"]\n      interval: 1ms\n"
+    );
+    let out = try_up(&h, &write(&h, "busy.yaml", &text), &name).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("service busy") && err.contains("at least 250ms"),
+        "{err}"
+    );
+    assert_eq!(leftovers(&name).0, "");
+
     // A key tether does not apply is refused with its line.
     let text = format!("services:\n  web:\n    image: {img}\n    ports: [\"8080:80\"]\n");
     let out = try_up(&h, &write(&h, "ports.yaml", &text), &name).await;

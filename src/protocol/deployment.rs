@@ -218,6 +218,30 @@ pub fn valid_name(s: &str, max: usize) -> bool {
 /// Most services in one deployment (a node checks it too).
 pub const MAX_SERVICES: usize = 100;
 
+/// The shortest health-check `interval_ms` a node takes: each check is an
+/// exec the engine starts, whose cost falls outside the service's limits.
+pub const MIN_HEALTH_INTERVAL_MS: u64 = 250;
+/// The longest health-check interval, timeout or start period (a day).
+pub const MAX_HEALTH_PERIOD_MS: u64 = 86_400_000;
+
+impl Healthcheck {
+    /// Why a node refuses this health check, if it does.
+    pub fn error(&self) -> Option<String> {
+        if self.interval_ms.is_some_and(|i| i < MIN_HEALTH_INTERVAL_MS) {
+            return Some(format!(
+                "healthcheck interval must be at least {MIN_HEALTH_INTERVAL_MS}ms"
+            ));
+        }
+        [self.interval_ms, self.timeout_ms, self.start_period_ms]
+            .into_iter()
+            .flatten()
+            .any(|ms| ms == 0 || ms > MAX_HEALTH_PERIOD_MS)
+            .then(|| {
+                "healthcheck interval, timeout and start_period must be between 1ms and 24h".into()
+            })
+    }
+}
+
 /// Why `name` cannot name a deployment, if it cannot: the shape of
 /// [`valid_name`], and no sidecar's suffix (`-egress`, `-relay`,
 /// `-inference`), since deployment `x`'s egress proxy and its network are
@@ -255,6 +279,23 @@ pub fn worker_ref(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_checks_are_bounded() {
+        let h = |interval_ms, timeout_ms| Healthcheck {
+            test: vec!["CMD".into(), "true".into()],
+            interval_ms,
+            timeout_ms,
+            ..Default::default()
+        };
+        assert_eq!(h(None, None).error(), None);
+        assert_eq!(h(Some(250), Some(1)).error(), None);
+        assert!(h(Some(249), None).error().unwrap().contains("250ms"));
+        // Past a day, or past what the engine's nanoseconds hold.
+        assert!(h(None, Some(86_400_001)).error().is_some());
+        assert!(h(Some(u64::MAX), None).error().is_some());
+        assert!(h(None, Some(0)).error().is_some());
+    }
 
     #[test]
     fn names_and_service_refs() {

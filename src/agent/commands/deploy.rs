@@ -52,6 +52,9 @@ fn check_shape(req: &DeployApply) -> Result<(), ErrorBody> {
                 s.name
             )));
         }
+        if let Some(why) = s.healthcheck.as_ref().and_then(|h| h.error()) {
+            return Err(bad(format!("service {}: {why}", s.name)));
+        }
         for d in &s.depends_on {
             if !seen.contains(d.service.as_str()) {
                 return Err(bad(format!(

@@ -122,6 +122,18 @@ async fn an_organization_sees_and_schedules_only_its_own_nodes_and_workers() {
         "{ps_a}"
     );
 
+    // The admin's unplaced work goes to the default organization's nodes
+    // only (there are none here): another organization's node is reached
+    // by naming it.
+    let e = refused(&h, &admin, &spawn).await;
+    assert!(
+        e.contains("no online node accepts new workers in the default organization"),
+        "{e}"
+    );
+    let pinned = ["spawn", "--node", &na, "--image", &img, "--", "true"];
+    let w = h.ctl_ok(&pinned).await.trim().to_string();
+    h.ctl_ok(&["rm", "-f", &w]).await;
+
     // globex's worker is not found by acme, by every road, and the answer
     // is the one a worker that never existed gets.
     let ghost = "01aaaaaaaaaaaaaaaaaaaaaaaa";

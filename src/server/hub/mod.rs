@@ -424,20 +424,28 @@ impl Hub {
     }
 
     /// Picks the online, non-draining node with the fewest workers among
-    /// those `scope` sees.
+    /// the [`candidates`](Self::candidates).
     fn schedule(&self, inference: bool, scope: &OrgScope) -> Result<String, ErrorBody> {
         self.candidates(inference, scope)
             .map(|mut c| c.swap_remove(0))
     }
 
-    /// Online nodes `scope` sees that take new work, least loaded first;
-    /// `unavailable` if there is none.
+    /// Online nodes that take new work, least loaded first, among those of
+    /// the caller's organization; `unavailable` if there is none. The
+    /// admin's unpinned work is placed on the default organization's nodes
+    /// only: another organization's node is run by that organization (a
+    /// compromised one can look idle to draw work), so the admin reaches
+    /// it only by naming it.
     fn candidates(&self, inference: bool, scope: &OrgScope) -> Result<Vec<String>, ErrorBody> {
+        let org = match scope {
+            OrgScope::All => DEFAULT_ORG,
+            OrgScope::Org(o) => o.as_str(),
+        };
         let reg = self.reg.lock().unwrap();
         let mut nodes: Vec<(usize, &String)> = reg
             .nodes
             .iter()
-            .filter(|(_, n)| scope.admits(&n.org))
+            .filter(|(_, n)| n.org == org)
             .filter(|(_, n)| n.online && !n.draining && n.degraded.is_none())
             .filter(|(_, n)| !inference || n.runs_inference())
             .map(|(id, _)| (reg.workers.count(id), id))
@@ -448,6 +456,13 @@ impl Hub {
                 "no online node accepts new workers and runs inference"
             } else {
                 "no online node accepts new workers"
+            };
+            let what = match scope {
+                OrgScope::All => format!(
+                    "{what} in the {DEFAULT_ORG} organization (the admin's unplaced work \
+                     goes there only; name another organization's node with --node)"
+                ),
+                OrgScope::Org(_) => what.to_string(),
             };
             return Err(ErrorBody::new(ErrorCode::Unavailable, what));
         }

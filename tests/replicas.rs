@@ -240,6 +240,22 @@ fn keeps_the_store_rules(s: &dyn tether::server::store::Store) {
     assert_eq!(s.deployment_node("shop").as_deref(), Some("n1"));
     s.set_deployment_node("gone", None).unwrap();
     assert_eq!(s.deployment_node("gone"), None);
+    // A name is claimed for a node before the node makes it: free, the
+    // node's already, or held by another; given back only by its holder.
+    use tether::server::store::Claim;
+    s.bind_node("n4", "ee", "default").unwrap();
+    assert_eq!(s.claim_deployment("fresh", "n1").unwrap(), Claim::New);
+    assert_eq!(s.claim_deployment("fresh", "n1").unwrap(), Claim::Held);
+    assert_eq!(
+        s.claim_deployment("fresh", "n4").unwrap(),
+        Claim::TakenBy("n1".into())
+    );
+    s.release_deployment("fresh", "n4").unwrap();
+    assert_eq!(s.deployment_node("fresh").as_deref(), Some("n1"));
+    s.release_deployment("fresh", "n1").unwrap();
+    assert_eq!(s.deployment_node("fresh"), None);
+    assert_eq!(s.claim_deployment("fresh", "n2").unwrap(), Claim::New);
+    s.release_deployment("fresh", "n2").unwrap();
     let org = Organization {
         name: "acme".into(),
         created_at: now_rfc3339(),
@@ -369,6 +385,23 @@ fn the_sqlite_and_the_postgres_store_keep_the_same_rules() {
         "{before} before"
     );
     assert_eq!(pg.query("tether_rules", "SELECT count(*) FROM audit"), "5");
+    // Two replicas claiming one new deployment name at once: one wins.
+    bounded.bind_node("n3", "dd", "default").unwrap();
+    let claims: Vec<_> = std::thread::scope(|t| {
+        let one = t.spawn(|| store.claim_deployment("raced", "n1").unwrap());
+        let two = t.spawn(|| bounded.claim_deployment("raced", "n3").unwrap());
+        vec![one.join().unwrap(), two.join().unwrap()]
+    });
+    use tether::server::store::Claim;
+    assert_eq!(
+        claims.iter().filter(|c| **c == Claim::New).count(),
+        1,
+        "{claims:?}"
+    );
+    assert!(
+        claims.iter().any(|c| matches!(c, Claim::TakenBy(_))),
+        "{claims:?}"
+    );
     // A node proof is new once across replicas, also when the same proof
     // arrives many times at once (one batch holds it more than once).
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -435,6 +468,104 @@ fn the_postgres_store_speaks_tls_and_verifies_the_certificate() {
 
 /// Replicas that serve HTTPS pass requests to each other over TLS,
 /// verifying the holder's certificate with `--replica-ca`.
+/// Two organizations `up` one new deployment name at once, each at its own
+/// replica: the name is reserved in the database before a node is asked,
+/// so one deployment is made and the other `up` is told the name is taken
+/// (each replica's own hold sees only its own requests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_new_deployment_name_is_made_once_across_replicas() {
+    let pg = Postgres::start();
+    let db = pg.database("tether_dep_race");
+    let (mut a, mut b) = tokio::join!(replica(&db), replica(&db));
+    let key_a = a
+        .ctl_ok(&["org", "create", "acme"])
+        .await
+        .trim()
+        .to_string();
+    let key_b = a
+        .ctl_ok(&["org", "create", "globex"])
+        .await
+        .trim()
+        .to_string();
+    let ta = a
+        .ctl_ok(&["token", "create", "--org", "acme"])
+        .await
+        .trim()
+        .to_string();
+    let tb = a
+        .ctl_ok(&["token", "create", "--org", "globex"])
+        .await
+        .trim()
+        .to_string();
+    eventually(&b, &tb, &["org", "ls"], "globex").await;
+    let mut cfg = a.agent_config(&unique("acme"));
+    cfg.psk = key_a;
+    let na = a.add_agent_with(cfg).await;
+    let mut cfg = b.agent_config(&unique("globex"));
+    cfg.psk = key_b;
+    let nb = b.add_agent_with(cfg).await;
+
+    let name = unique("race");
+    let file = a.state_path("race.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "services:\n  web:\n    image: {}\n    command: [\"sleep\", \"3600\"]\n",
+            image()
+        ),
+    )
+    .unwrap();
+    let up = [
+        "deploy",
+        "up",
+        "-f",
+        file.to_str().unwrap(),
+        "--name",
+        &name,
+    ];
+    let (ra, rb) = tokio::join!(a.ctl_as(&ta, &up, None), b.ctl_as(&tb, &up, None));
+    let made: Vec<_> = [(&ra, &na, &ta, &a), (&rb, &nb, &tb, &b)]
+        .into_iter()
+        .filter(|(r, ..)| r.status.success())
+        .collect();
+    let err = |r: &std::process::Output| String::from_utf8_lossy(&r.stderr).to_string();
+    assert_eq!(made.len(), 1, "acme: {} globex: {}", err(&ra), err(&rb));
+    let lost = if ra.status.success() { &rb } else { &ra };
+    assert!(err(lost).contains("is taken"), "{}", err(lost));
+    let (_, winner, token, at) = made[0];
+    let ps = docker(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("label=tether.deployment={name}"),
+        "--format",
+        "{{.Label \"tether.node_id\"}}",
+    ]);
+    assert_eq!(ps.trim(), winner.as_str(), "one deployment, the winner's");
+    // The loser's node holds nothing of it; the name is the winner's to
+    // take down, and free again after.
+    ok_as_token(at, token, &["deploy", "down", &name]).await;
+    assert_eq!(
+        pg.query(
+            "tether_dep_race",
+            &format!("SELECT count(*) FROM deployments WHERE name = '{name}'")
+        ),
+        "0"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn ok_as_token(h: &Harness, token: &str, args: &[&str]) -> String {
+    let out = h.ctl_as(token, args, None).await;
+    assert!(
+        out.status.success(),
+        "ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_serving_https_pass_requests_over_tls() {
     let pg = Postgres::start();

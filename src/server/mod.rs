@@ -20,8 +20,8 @@ pub mod tunnels;
 pub use conn::raise_open_file_limit;
 
 pub use hub::{
-    ChannelStream, DetachedExec, Duplex, ExecOptions, Hub, LogOptions, NodeInfo, OrgScope,
-    StreamEvent,
+    ChannelStream, DeploymentNames, DetachedExec, Duplex, ExecOptions, Hub, LogOptions, NodeInfo,
+    OrgScope, StreamEvent, Unrecorded,
 };
 
 use std::net::SocketAddr;

@@ -29,16 +29,14 @@ pub(super) async fn up(
     let req = crate::server::compose::parse(&up.compose, up.name.as_deref(), up.network_policy)?;
     let args = json!({ "deployment": req.deployment, "services": req.services.len() });
     let name = req.deployment.clone();
+    let names = StoreNames {
+        store: app.store.clone(),
+        scope: caller.scope.clone(),
+    };
     let r = match recorded_node(&app, &name, up.node_id, &caller.scope) {
-        Ok(node) => app.hub.deploy_in(req, node, &caller.scope).await,
+        Ok(node) => app.hub.deploy_in(req, node, &caller.scope, &names).await,
         Err(e) => Err(e),
     };
-    if let Ok(d) = &r {
-        let node = d.node_id.clone();
-        if let Err(e) = on_store(&app, move |s| s.set_deployment_node(&name, Some(&node))).await {
-            tracing::error!(deployment = %d.deployment, error = %e, "the deployment is up but its node could not be recorded");
-        }
-    }
     let mut rec = api_record(&caller, "api:deploy_up", &args, t0, &r);
     if let Ok(d) = &r {
         rec.node_id = Some(d.node_id.clone());
@@ -76,6 +74,67 @@ fn recorded_node(
             format!("deployment {name} runs on node {at}: take it down to move it to {n}"),
         )),
         _ => Ok(Some(at)),
+    }
+}
+
+/// Deployment names reserved in the store, which replicas on one database
+/// share: of two `up`s of a new name, at any replicas, one wins.
+struct StoreNames {
+    store: Arc<dyn crate::server::store::Store>,
+    scope: crate::server::hub::OrgScope,
+}
+
+impl crate::server::DeploymentNames for StoreNames {
+    fn claim(
+        &self,
+        name: &str,
+        node: &str,
+    ) -> futures_util::future::BoxFuture<'static, Result<bool, ErrorBody>> {
+        use crate::server::store::Claim;
+        let (store, scope) = (self.store.clone(), self.scope.clone());
+        let (name, node) = (name.to_string(), node.to_string());
+        Box::pin(async move {
+            let claim = {
+                let (store, name, node) = (store.clone(), name.clone(), node.clone());
+                tokio::task::spawn_blocking(move || store.claim_deployment(&name, &node))
+                    .await
+                    .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))??
+            };
+            match claim {
+                Claim::New => Ok(true),
+                Claim::Held => Ok(false),
+                Claim::TakenBy(at) => {
+                    let ours = store
+                        .node_identity(&at)
+                        .is_some_and(|i| scope.admits(&i.org));
+                    Err(ErrorBody::new(
+                        ErrorCode::Conflict,
+                        if ours {
+                            format!(
+                                "deployment {name} runs on node {at}: take it down to move it to {node}"
+                            )
+                        } else {
+                            format!("the deployment name {name} is taken: choose another")
+                        },
+                    ))
+                }
+            }
+        })
+    }
+
+    fn release(&self, name: &str, node: &str) -> futures_util::future::BoxFuture<'static, ()> {
+        let store = self.store.clone();
+        let (name, node) = (name.to_string(), node.to_string());
+        Box::pin(async move {
+            let done = tokio::task::spawn_blocking({
+                let (name, node) = (name.clone(), node.clone());
+                move || store.release_deployment(&name, &node)
+            })
+            .await;
+            if !matches!(done, Ok(Ok(()))) {
+                tracing::error!(deployment = %name, %node, "a refused deployment's name could not be given back");
+            }
+        })
     }
 }
 

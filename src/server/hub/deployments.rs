@@ -5,6 +5,7 @@ use super::*;
 use crate::protocol::{
     DeployApply, DeployRef, DeployRemove, DeploymentInfo, DeploymentSummary, WorkerState,
 };
+use futures_util::future::BoxFuture;
 
 impl Hub {
     /// The organization of the node a deployment runs on.
@@ -35,18 +36,21 @@ impl Hub {
         req: DeployApply,
         node: Option<String>,
     ) -> Result<DeploymentInfo, ErrorBody> {
-        self.deploy_in(req, node, &OrgScope::All).await
+        self.deploy_in(req, node, &OrgScope::All, &Unrecorded).await
     }
 
     /// [`Hub::deploy`] for a caller who sees `scope`: placed only on its
     /// nodes. Deployment names are one namespace for the server (a
     /// service's worker id is `NAME_SERVICE`), so a name another
-    /// organization uses is a conflict.
+    /// organization uses is a conflict. `names` reserves the name for a
+    /// node before the node is asked (and gives it back if the node made
+    /// nothing), so servers sharing `names` agree on whose it is.
     pub async fn deploy_in(
         &self,
         req: DeployApply,
         node: Option<String>,
         scope: &OrgScope,
+        names: &dyn DeploymentNames,
     ) -> Result<DeploymentInfo, ErrorBody> {
         if let Some(n) = &node {
             self.check_node_in(n, scope)?;
@@ -90,12 +94,22 @@ impl Hub {
         for node_id in nodes {
             let link = self.link(&node_id)?;
             let name = req.deployment.clone();
+            let claimed = names.claim(&name, &node_id).await?;
             let r = as_asked(
                 &node_id,
                 &name,
                 link.request_as(Request::DeployApply(req.clone())).await,
             );
             self.note_deployment(&node_id, &name, &r);
+            // A node that answered with an error undid what it made of a
+            // new deployment; one that did not answer may still be making
+            // it, and keeps the name.
+            if let Err(e) = &r
+                && claimed
+                && !matches!(e.code, ErrorCode::Timeout | ErrorCode::Unavailable)
+            {
+                names.release(&name, &node_id).await;
+            }
             match r {
                 Err(e) if e.code == ErrorCode::PolicyDenied => {
                     let e = ErrorBody::new(e.code, format!("node {node_id}: {}", e.message));
@@ -216,6 +230,27 @@ fn as_asked(
 }
 
 /// A deployment name held while its `deploy_apply` is under way.
+/// Where deployment names are reserved before a node makes one.
+pub trait DeploymentNames: Send + Sync {
+    /// Reserves `name` for `node`: `Ok(true)` if it was free, `Ok(false)`
+    /// if it was the node's already, `conflict` if another node holds it.
+    fn claim(&self, name: &str, node: &str) -> BoxFuture<'static, Result<bool, ErrorBody>>;
+    /// Gives back what [`claim`](Self::claim) reserved.
+    fn release(&self, name: &str, node: &str) -> BoxFuture<'static, ()>;
+}
+
+/// No reservation beyond the hub's own registry (one process, no store).
+pub struct Unrecorded;
+
+impl DeploymentNames for Unrecorded {
+    fn claim(&self, _: &str, _: &str) -> BoxFuture<'static, Result<bool, ErrorBody>> {
+        Box::pin(async { Ok(true) })
+    }
+    fn release(&self, _: &str, _: &str) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+}
+
 struct Applying {
     set: Arc<Mutex<HashSet<String>>>,
     name: String,

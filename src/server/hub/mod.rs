@@ -36,6 +36,7 @@ mod worker_table;
 mod workers;
 
 pub use attach::{DetachedExec, HeldExec, TAKEOVER_WAIT};
+pub use deployments::{DeploymentNames, Unrecorded};
 pub use link::AgentLink;
 pub use stream::{ChannelSink, ChannelStream, Duplex, StreamEvent};
 pub use workers::ArchiveUpload;

@@ -137,6 +137,17 @@ impl From<StoreError> for crate::protocol::ErrorBody {
     }
 }
 
+/// What [`Store::claim_deployment`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The name was free and is now the node's.
+    New,
+    /// The name was already the node's.
+    Held,
+    /// Another node (that the store still knows) holds the name.
+    TakenBy(String),
+}
+
 /// Durable server state. Methods are synchronous and quick for the
 /// single-machine store; callers on an async path run writes on a blocking thread.
 pub trait Store: Send + Sync + 'static {
@@ -197,6 +208,13 @@ pub trait Store: Send + Sync + 'static {
     fn deployment_node(&self, name: &str) -> Option<String>;
     /// Records (or with `None` forgets) the node deployment `name` runs on.
     fn set_deployment_node(&self, name: &str, node_id: Option<&str>) -> Result<(), StoreError>;
+    /// Reserves deployment `name` for `node_id` before that node is asked
+    /// to make it, in one step, so that of two `up`s of a new name (two
+    /// organizations, perhaps at two replicas on one database) one wins.
+    fn claim_deployment(&self, name: &str, node_id: &str) -> Result<Claim, StoreError>;
+    /// Gives back a reservation [`claim_deployment`](Self::claim_deployment)
+    /// made, if `node_id` still holds it (an `up` that made nothing).
+    fn release_deployment(&self, name: &str, node_id: &str) -> Result<(), StoreError>;
     /// Every node's wanted configuration (restored into the hub at start).
     fn desired_configs(&self) -> Vec<(String, crate::protocol::NodeConfig)>;
     /// The configuration wanted on one node.

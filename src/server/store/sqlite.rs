@@ -4,7 +4,7 @@
 //! first did); a copy in memory answers the reads.
 
 use super::state::State;
-use super::{McpToken, NodeIdentity, Store, StoreError};
+use super::{Claim, McpToken, NodeIdentity, Store, StoreError};
 use crate::protocol::NodeConfig;
 use crate::server::orgs::{OperatorToken, Organization, RegistrationKey};
 use crate::server::preview::PreviewGrant;
@@ -380,6 +380,24 @@ impl Store for SqliteStore {
                 Op::Deployment(name.into(), node_id.map(String::from))
             })
             .map(|(_, ops)| ((), ops))
+        })
+    }
+
+    fn claim_deployment(&self, name: &str, node_id: &str) -> Result<Claim, StoreError> {
+        self.update(|s| match s.deployment_node(name) {
+            Some(at) if at == node_id => Ok((Claim::Held, vec![])),
+            Some(at) if s.nodes.contains_key(&at) => Ok((Claim::TakenBy(at), vec![])),
+            _ => Ok((
+                Claim::New,
+                vec![Op::Deployment(name.into(), Some(node_id.into()))],
+            )),
+        })
+    }
+
+    fn release_deployment(&self, name: &str, node_id: &str) -> Result<(), StoreError> {
+        self.update(|s| {
+            let ours = s.deployment_node(name).as_deref() == Some(node_id);
+            only_if(ours, || Op::Deployment(name.into(), None)).map(|(_, ops)| ((), ops))
         })
     }
 

@@ -10,7 +10,7 @@
 //! The client runs on a runtime of its own, on a thread of its own, so the
 //! synchronous [`Store`] methods can wait for it from any thread.
 
-use super::{McpToken, NodeIdentity, Store, StoreError};
+use super::{Claim, McpToken, NodeIdentity, Store, StoreError};
 use crate::server::audit::{AuditFilter, AuditRecord};
 use crate::server::orgs::{OperatorToken, Organization, RegistrationKey, is_default};
 use crate::server::preview::PreviewGrant;
@@ -526,6 +526,40 @@ impl Store for PgStore {
             name,
             node_id.map(text),
         )
+    }
+
+    fn claim_deployment(&self, name: &str, node_id: &str) -> Result<Claim, StoreError> {
+        // Forgetting a node deletes its deployments' rows, so a row names
+        // a node the store knows. A row deleted between the insert and
+        // the read (a `down` elsewhere) frees the name: try once more.
+        for _ in 0..2 {
+            let made = self.write(
+                "deployments",
+                "INSERT INTO deployments (name, node_id) VALUES ($1, $2)
+                 ON CONFLICT (name) DO NOTHING",
+                vec![text(name), text(node_id)],
+            )?;
+            if made == 1 {
+                return Ok(Claim::New);
+            }
+            match self.deployment_node(name) {
+                Some(at) if at == node_id => return Ok(Claim::Held),
+                Some(at) => return Ok(Claim::TakenBy(at)),
+                None => continue,
+            }
+        }
+        Err(StoreError::Db(format!(
+            "deployment {name}: its record changed while it was claimed; try again"
+        )))
+    }
+
+    fn release_deployment(&self, name: &str, node_id: &str) -> Result<(), StoreError> {
+        self.write(
+            "deployments",
+            "DELETE FROM deployments WHERE name = $1 AND node_id = $2",
+            vec![text(name), text(node_id)],
+        )
+        .map(drop)
     }
 
     fn organizations(&self) -> Vec<Organization> {

@@ -332,3 +332,120 @@ async fn pushed_request_size_limit_refuses_large_requests() {
     );
     h.stop().await;
 }
+
+/// A policy narrowed while workers run holds for them too: at the agent's
+/// next start (a node file tightened) and at a pushed configuration, the
+/// workers and services it would not admit now are stopped, kept, with
+/// their restart policy cleared; those it admits run on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_narrowed_policy_stops_what_it_no_longer_admits() {
+    use tether::config::{Mounts, Resources, Sandbox};
+    let mut h = Harness::server().await;
+    let node = unique("narrow");
+    let shared = h.state_path("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let shared = shared.canonicalize().unwrap().to_string_lossy().to_string();
+    let wide = Sandbox {
+        mounts: Mounts {
+            allowed_host_paths: vec![shared.clone()],
+            ..Default::default()
+        },
+        resources: Resources {
+            max_memory_mb: 256,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut cfg = h.agent_config(&node);
+    cfg.policy = tether::agent::policy::Policy::from_file(&wide);
+    h.add_agent_with(cfg).await;
+    let img = image();
+    let spawn = |extra: &[&str]| {
+        let mut a = vec!["spawn", "--image", img.as_str()];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&["--", "sleep", "3600"]);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let mut ids = vec![];
+    for extra in [
+        vec!["--memory", "256"],
+        vec!["--memory", "64"],
+        vec!["--memory", "64", "-v"],
+    ] {
+        let mut args = spawn(&extra);
+        if extra.last() == Some(&"-v") {
+            args.insert(args.len() - 3, format!("{shared}:/data:rw"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ids.push(h.ctl_ok(&args).await.trim().to_string());
+    }
+    let (big, small, mounted) = (&ids[0], &ids[1], &ids[2]);
+    let file = h.state_path("svc.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "services:\n  web:\n    image: {img}\n    command: [\"sleep\", \"3600\"]\n    mem_limit: 256m\n    restart: always\n"
+        ),
+    )
+    .unwrap();
+    let dep = unique("nar");
+    h.ctl_ok(&["deploy", "up", "-f", file.to_str().unwrap(), "--name", &dep])
+        .await;
+    let svc = format!("{dep}_web");
+    let state = |w: &str| {
+        docker(&[
+            "inspect",
+            "-f",
+            "{{.State.Status}} {{.HostConfig.RestartPolicy.Name}}",
+            &format!("tether-{w}"),
+        ])
+    };
+    for w in [big, small, mounted] {
+        assert!(state(w).starts_with("running"), "{w}: {}", state(w));
+    }
+    assert_eq!(state(&svc).trim(), "running always");
+
+    // The agent stops; its node file is narrowed: 128 MB at most, no host
+    // path. At its next start, what exceeds that is stopped.
+    h.stop_agents().await;
+    let narrow = Sandbox {
+        resources: Resources {
+            max_memory_mb: 128,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut cfg = h.agent_config(&node);
+    cfg.policy = tether::agent::policy::Policy::from_file(&narrow);
+    let again = tokio_util::sync::CancellationToken::new();
+    let agent = tokio::spawn(tether::agent::run(cfg, again.clone()));
+    let exited = |w: String| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !state(&w).starts_with("exited") {
+            assert!(std::time::Instant::now() < deadline, "{w}: {}", state(&w));
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    };
+    for w in [big, mounted, &svc] {
+        exited(w.clone()).await;
+    }
+    h.wait_status(&node, "online").await;
+    assert_eq!(state(&svc).trim(), "exited no", "no restart brings it back");
+    assert!(state(small).starts_with("running"), "{}", state(small));
+    // Kept, not removed: the operator still finds and removes them.
+    let ps = h.ctl_ok(&["ps"]).await;
+    assert!(
+        ps.contains(big.as_str()) && ps.contains(mounted.as_str()),
+        "{ps}"
+    );
+
+    // A pushed configuration that narrows further holds at once.
+    let yaml = "policy:\n  sandbox:\n    resources:\n      max_memory_mb: 32\n";
+    let a = ack(&push(&h, &node, yaml));
+    assert_eq!(a["status"], "applied", "{a}");
+    exited(small.clone()).await;
+    h.ctl_ok(&["deploy", "down", &dep]).await;
+    again.cancel();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), agent).await;
+    h.stop().await;
+}

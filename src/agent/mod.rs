@@ -338,6 +338,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         ctx.spawn(netguard::keep(g.clone()));
     }
     commands::collect_garbage(&ctx).await;
+    // A policy narrowed while the agent was down holds for what runs.
+    commands::stop_unadmitted(&ctx).await;
     // The inference backend of the configuration in force: adopted, made
     // or removed, then reported (the report at `hello` may precede it).
     let c = ctx.clone();

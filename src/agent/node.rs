@@ -195,6 +195,30 @@ impl NodeState {
         orchestrator.map_or(Ok(()), |p| p.admit_spawn(spec, running))
     }
 
+    /// Why the policies in force now would refuse a container that exists
+    /// (made under wider ones), if they would: `spec` is what it was made
+    /// with ([`crate::docker::containers::as_asked`]). Only a refusal by
+    /// policy counts; limits are compared, not filled in.
+    pub(crate) fn readmit(&self, mut spec: SpawnRequest) -> Option<ErrorBody> {
+        // A bind's source is the path the engine mounts, resolved below the
+        // allowed root's real path: put back under the root as written.
+        for m in &mut spec.mounts {
+            let src = std::path::PathBuf::from(&m.source);
+            let under = self.policy.allowed_host_paths.iter().find_map(|a| {
+                let real = std::fs::canonicalize(a).ok()?;
+                let rest = src.strip_prefix(&real).ok()?;
+                (!src.starts_with(a)).then(|| std::path::Path::new(a).join(rest))
+            });
+            if let Some(p) = under {
+                m.source = p.to_string_lossy().into_owned();
+            }
+        }
+        match self.admit_spawn(&mut spec, 0) {
+            Err(e) if e.code == ErrorCode::PolicyDenied => Some(e),
+            _ => None,
+        }
+    }
+
     /// Why a job cannot have inference here, if it cannot: the node turned
     /// it off, or its backend does not run or answer.
     fn no_inference(&self) -> Option<ErrorBody> {
@@ -351,6 +375,42 @@ mod tests {
             image: image.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_worker_is_judged_again_by_its_resolved_host_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir_all(real.join("sub")).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let allowing = |paths: Vec<String>| {
+            node(
+                Policy {
+                    allowed_host_paths: paths,
+                    ..Default::default()
+                },
+                None,
+            )
+        };
+        // Made under the allowed root `link`: the engine mounts the real
+        // path, which is still allowed.
+        let mut made = spec("busybox");
+        made.network_policy = Some(NetworkPolicy::None);
+        made.mounts = vec![crate::protocol::Mount {
+            source: real.join("sub").to_string_lossy().into_owned(),
+            target: "/data".into(),
+            read_only: Some(true),
+        }];
+        let link_only = allowing(vec![link.to_string_lossy().into_owned()]);
+        assert!(link_only.readmit(made.clone()).is_none());
+        // With the root gone from the policy, it is refused by that rule.
+        let e = allowing(vec![]).readmit(made.clone()).expect("refused");
+        assert!(e.message.contains("allowed_host_paths"), "{}", e.message);
+        // Only refusals by policy count.
+        made.mounts.clear();
+        made.network = Some("bridge".into());
+        assert!(allowing(vec![]).readmit(made).is_none());
     }
 
     #[test]

@@ -619,6 +619,112 @@ pub async fn spawn(
     Ok(info)
 }
 
+/// Each worker and service container of this node, inspected (one that
+/// went away meanwhile is left out).
+pub async fn inspect_all(
+    docker: &Docker,
+    node_id: &str,
+) -> Result<Vec<ContainerInspectResponse>, Error> {
+    let mut all = Vec::new();
+    for id in list_ids(docker, node_id).await? {
+        match docker.inspect_container(&object_name(&id), None).await {
+            Ok(c) => all.push(c),
+            Err(DockerError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {}
+            Err(e) => return Err(Error::engine(e, "inspect container")),
+        }
+    }
+    Ok(all)
+}
+
+/// What a container was made with, written as the spawn that would ask
+/// for it, to be judged again by a policy: image, privilege, network,
+/// devices, host paths (as the engine mounts them, resolved) and limits.
+/// Inference and the timeout are left out: a backend not up yet is no
+/// reason to stop a job, and a deadline is kept in a label of its own.
+pub(crate) fn as_asked(c: &ContainerInspectResponse) -> crate::protocol::SpawnRequest {
+    let config = c.config.clone().unwrap_or_default();
+    let host = c.host_config.clone().unwrap_or_default();
+    let lbls = config.labels.unwrap_or_default();
+    let host_network = host.network_mode.as_deref() == Some("host");
+    let mounts = c
+        .mounts
+        .iter()
+        .flatten()
+        .filter(|m| m.typ.as_ref().map(|t| t.to_string()).as_deref() == Some("bind"))
+        .filter_map(|m| {
+            Some(crate::protocol::Mount {
+                source: m.source.clone()?,
+                target: m.destination.clone()?,
+                read_only: Some(m.rw != Some(true)),
+            })
+        })
+        .collect();
+    let disk_mb = host
+        .storage_opt
+        .as_ref()
+        .and_then(|o| o.get("size"))
+        .and_then(|s| s.trim_end_matches(['M', 'm']).parse().ok());
+    crate::protocol::SpawnRequest {
+        image: config.image.unwrap_or_default(),
+        privileged: host.privileged == Some(true),
+        network: host_network.then(|| "host".to_string()),
+        network_policy: lbls
+            .get(labels::NETWORK_POLICY)
+            .and_then(|p| p.parse().ok()),
+        devices: host
+            .devices
+            .iter()
+            .flatten()
+            .filter_map(|d| d.path_on_host.clone())
+            .collect(),
+        mounts,
+        resources: Resources {
+            cpus: host.nano_cpus.filter(|n| *n > 0).map(|n| n as f64 / 1e9),
+            memory_mb: host
+                .memory
+                .filter(|m| *m > 0)
+                .map(|m| m as u64 / (1024 * 1024)),
+            pids: host.pids_limit.filter(|p| *p > 0),
+            disk_mb,
+        },
+        ..Default::default()
+    }
+}
+
+/// Stops a container and clears its restart policy, so that neither the
+/// engine nor a daemon restart starts it again; it is kept, with its files.
+pub async fn halt(docker: &Docker, container_id: &str) -> Result<(), Error> {
+    let no_restart = bollard::models::ContainerUpdateBody {
+        restart_policy: Some(bollard::models::RestartPolicy {
+            name: Some(bollard::models::RestartPolicyNameEnum::NO),
+            maximum_retry_count: None,
+        }),
+        ..Default::default()
+    };
+    docker
+        .update_container(container_id, no_restart)
+        .await
+        .map_err(|e| Error::engine(e, "update container"))?;
+    match docker
+        .stop_container(
+            container_id,
+            Some(StopContainerOptions {
+                t: Some(10),
+                signal: None,
+            }),
+        )
+        .await
+    {
+        Ok(())
+        | Err(DockerError::DockerResponseServerError {
+            status_code: 304, ..
+        }) => Ok(()),
+        Err(e) => Err(Error::engine(e, "stop container")),
+    }
+}
+
 pub async fn stop(
     docker: &Docker,
     node_id: &str,

@@ -12,7 +12,7 @@ mod worker;
 
 pub(crate) use exec::ExecTable;
 pub(crate) use tunnel::TunnelTable;
-pub(super) use worker::{collect_garbage, schedule_reaper};
+pub(super) use worker::{collect_garbage, schedule_reaper, stop_unadmitted};
 
 use super::Ctx;
 use crate::conn::Outbound;
@@ -171,7 +171,13 @@ pub(super) fn dispatch(id: String, request: Request, ctx: Arc<Ctx>) {
                     a.inference = Some(super::inference::converge(&ctx).await);
                     super::health::report_capabilities(&ctx).await;
                 }
-                reply(&ctx, id, ack)
+                let applied = ack
+                    .as_ref()
+                    .is_ok_and(|a| a.status == crate::protocol::AckStatus::Applied);
+                reply(&ctx, id, ack);
+                if applied {
+                    worker::stop_unadmitted(&ctx).await;
+                }
             }
             (Request::Inspect(w), _) => {
                 let mut r = containers::inspect(d, node, &w.worker_id).await;

@@ -163,6 +163,60 @@ pub(crate) async fn collect_garbage(ctx: &Ctx) {
     }
 }
 
+/// Stops the workers and services that the policies in force would not
+/// admit now (the node file, or the configuration last pushed, narrowed
+/// since they were made: sandboxes disabled, an image, a host path,
+/// privilege, the host network, devices, a network policy or a limit no
+/// longer allowed). They are kept, with their files, and their restart
+/// policy cleared so nothing starts them again; removing them is the
+/// operator's call. Run when the agent starts and after each applied
+/// configuration.
+pub(crate) async fn stop_unadmitted(ctx: &Ctx) {
+    let (d, node) = (&ctx.engine.docker, ctx.engine.node_id.as_str());
+    let all = match containers::inspect_all(d, node).await {
+        Ok(all) => all,
+        Err(e) => {
+            warn!(error = %e, "could not check the workers against the policy");
+            return;
+        }
+    };
+    for c in all {
+        let running = c.state.as_ref().and_then(|s| s.running) == Some(true);
+        let restarts = c
+            .host_config
+            .as_ref()
+            .and_then(|h| h.restart_policy.as_ref())
+            .and_then(|r| r.name)
+            .is_some_and(|n| {
+                !matches!(
+                    n,
+                    bollard::models::RestartPolicyNameEnum::NO
+                        | bollard::models::RestartPolicyNameEnum::EMPTY
+                )
+            });
+        if !running && !restarts {
+            continue;
+        }
+        let Some(why) = ctx.node.readmit(containers::as_asked(&c)) else {
+            continue;
+        };
+        let worker_id = c
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.as_ref())
+            .and_then(|l| l.get(docker::labels::WORKER).cloned())
+            .unwrap_or_default();
+        match containers::halt(d, c.id.as_deref().unwrap_or_default()).await {
+            Ok(()) => {
+                warn!(%worker_id, reason = %why.message, "stopped: the node's policy no longer admits it")
+            }
+            Err(e) => {
+                warn!(%worker_id, reason = %why.message, error = %e, "the node's policy no longer admits it, but it could not be stopped")
+            }
+        }
+    }
+}
+
 /// Stops and removes a worker at its deadline (Unix seconds) and reports a
 /// `timeout` worker event. Scheduled at spawn and again when the agent
 /// starts, from the deadline label, so a restart does not forget it.

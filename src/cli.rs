@@ -165,11 +165,14 @@ pub async fn run_inference_proxy(a: InferenceProxyArgs, log: Option<String>) -> 
     let counters = std::sync::Arc::new(proxy::Counters::default());
     let stop = shutdown_on_signals();
     let c = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    // The totals, each second they changed: the agent reads the last line
-    // for the worker's inspect.
+    // The totals, each second they changed and every 30 s regardless: the
+    // agent reads the last such line of the log's tail for the worker's
+    // inspect, so no other line (the proxy's warnings are rate-limited)
+    // can push them out of it.
     let (totals, job_id) = (counters.clone(), job.clone());
     tokio::spawn(async move {
         let mut last = (0, 0, 0, 0);
+        let mut quiet = 0;
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             let now = (
@@ -178,8 +181,9 @@ pub async fn run_inference_proxy(a: InferenceProxyArgs, log: Option<String>) -> 
                 c(&totals.bytes_in),
                 c(&totals.bytes_out),
             );
-            if now != last {
-                last = now;
+            quiet += 1;
+            if now != last || quiet >= 30 {
+                (last, quiet) = (now, 0);
                 tracing::info!(
                     job = %job_id,
                     requests = now.0,

@@ -140,6 +140,9 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || (s[0] & 0xffc0) == 0xfe80 // link-local
                 || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
                 || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64: an IPv4 address inside
+                || s[..6] == [0; 6] // IPv4-compatible (::a.b.c.d, deprecated)
+                || s[0] == 0x2002 // 6to4: an IPv4 address inside
+                || (s[0] == 0x2001 && s[1] == 0) // Teredo: an IPv4 address inside
                 || (s[0] == 0x2001 && s[1] == 0xdb8) // documentation
                 || v6 == Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 1))
         }
@@ -226,6 +229,9 @@ async fn refuse(stream: &mut TcpStream, Refusal(status, reason): Refusal) -> std
 async fn read_head(stream: &mut TcpStream) -> Result<(String, Vec<u8>), Refusal> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
+    // For the whole head, not each read: a byte every few seconds does
+    // not hold a connection for ever.
+    let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let rest = buf.split_off(end + 4);
@@ -236,7 +242,7 @@ async fn read_head(stream: &mut TcpStream) -> Result<(String, Vec<u8>), Refusal>
         if buf.len() > MAX_HEAD {
             return Err(Refusal(431, "request head over 16 KiB".into()));
         }
-        let n = match tokio::time::timeout(HEAD_TIMEOUT, stream.read(&mut chunk)).await {
+        let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
             Ok(Ok(0)) | Err(_) => {
                 return Err(Refusal(400, "incomplete request head".into()));
             }
@@ -252,7 +258,7 @@ fn split_host_port(s: &str, default_port: Option<u16>) -> Result<(String, u16), 
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (h, after) = rest
             .split_once(']')
-            .ok_or_else(|| format!("bad address {s:?}"))?;
+            .ok_or_else(|| format!("bad address {:?}", cut(s)))?;
         (h.to_string(), after.strip_prefix(':'))
     } else {
         match s.rsplit_once(':') {
@@ -261,9 +267,9 @@ fn split_host_port(s: &str, default_port: Option<u16>) -> Result<(String, u16), 
         }
     };
     let port = match (port, default_port) {
-        (Some(p), _) => p.parse().map_err(|_| format!("bad port in {s:?}"))?,
+        (Some(p), _) => p.parse().map_err(|_| format!("bad port in {:?}", cut(s)))?,
         (None, Some(d)) => d,
-        (None, None) => return Err(format!("{s:?} needs a port")),
+        (None, None) => return Err(format!("{:?} needs a port", cut(s))),
     };
     Ok((host.trim_end_matches('.').to_ascii_lowercase(), port))
 }
@@ -345,23 +351,89 @@ enum Target {
     },
 }
 
+/// Refuses a head an origin could read otherwise than the proxy does: a
+/// line ended by a bare CR or LF (an origin that takes bare LF would see
+/// a second request, with a `Host` of its own, inside one the proxy
+/// checked), another control byte, or a folded or nameless header line.
+fn strict_head(head: &str) -> Result<(), Refusal> {
+    let bad = |what: &str| Err(Refusal(400, format!("request head with {what}")));
+    let mut lines = head.split("\r\n");
+    lines.next();
+    for line in head.split("\r\n") {
+        if line
+            .bytes()
+            .any(|b| (b.is_ascii_control() && b != b'\t') || b == 0x7f)
+        {
+            return bad("a bare CR or LF, or a control byte");
+        }
+    }
+    for h in lines.filter(|l| !l.is_empty()) {
+        if h.starts_with([' ', '\t']) {
+            return bad("a folded header line");
+        }
+        match h.split_once(':') {
+            Some((name, _))
+                if !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) => {}
+            _ => return bad("a header line that is not NAME: VALUE"),
+        }
+    }
+    Ok(())
+}
+
+/// A host as the allowlist can judge it: a DNS name (or an address, which
+/// is refused as such later) of at most 253 characters.
+fn host_name(host: String) -> Result<String, Refusal> {
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'));
+    if ok {
+        Ok(host)
+    } else {
+        Err(Refusal(400, format!("bad host name {:?}", cut(&host))))
+    }
+}
+
+/// At most 64 characters of what a request sent, for a refusal's message
+/// (which the proxy logs).
+fn cut(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
 /// Decides what the request asks for; plain HTTP gets its head rewritten
 /// for the origin (origin-form target, no proxy headers, one request).
 fn parse_request(head: &str) -> Result<Target, Refusal> {
+    strict_head(head)?;
     let mut lines = head.split("\r\n");
     let line = lines.next().unwrap_or_default();
     let mut parts = line.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(Refusal(400, format!("bad request line {line:?}")));
+        return Err(Refusal(400, format!("bad request line {:?}", cut(line))));
     };
-    if !version.starts_with("HTTP/1.") {
-        return Err(Refusal(400, format!("unsupported version {version:?}")));
+    if !matches!(version, "HTTP/1.0" | "HTTP/1.1") {
+        return Err(Refusal(
+            400,
+            format!("unsupported version {:?}", cut(version)),
+        ));
+    }
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return Err(Refusal(400, format!("bad method {:?}", cut(method))));
     }
     if method.eq_ignore_ascii_case("CONNECT") {
         let (host, port) = split_host_port(target, None).map_err(|e| Refusal(400, e))?;
-        return Ok(Target::Tunnel { host, port });
+        return Ok(Target::Tunnel {
+            host: host_name(host)?,
+            port,
+        });
     }
     let Some(rest) = target
         .get(..7)
@@ -371,7 +443,8 @@ fn parse_request(head: &str) -> Result<Target, Refusal> {
         return Err(Refusal(
             400,
             format!(
-                "{method} {target}: only proxy requests pass (CONNECT host:port, or an absolute http:// URL)"
+                "{method} {}: only proxy requests pass (CONNECT host:port, or an absolute http:// URL)",
+                cut(target)
             ),
         ));
     };
@@ -381,6 +454,7 @@ fn parse_request(head: &str) -> Result<Target, Refusal> {
     };
     let authority = authority.rsplit('@').next().unwrap_or(authority);
     let (host, port) = split_host_port(authority, Some(80)).map_err(|e| Refusal(400, e))?;
+    let host = host_name(host)?;
     let path = if path.starts_with('?') {
         format!("/{path}")
     } else {
@@ -514,6 +588,9 @@ mod tests {
             "fd00::1",
             "::ffff:10.0.0.1",
             "64:ff9b::a00:1",
+            "::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "2001:0:4136:e378::1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
@@ -562,5 +639,30 @@ mod tests {
         );
         assert!(parse_request("GET / HTTP/1.1\r\n\r\n").is_err());
         assert!(parse_request("CONNECT example.com HTTP/1.1\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn heads_an_origin_could_read_otherwise_are_refused() {
+        let refused = |head: &str| match parse_request(head) {
+            Err(Refusal(400, why)) => why,
+            _ => panic!("passed: {head:?}"),
+        };
+        // A second request, for another site, behind bare LFs.
+        for head in [
+            "GET http://allowed.test/ HTTP/1.1\nHost:other.test\n\n\r\n\r\n",
+            "GET http://allowed.test/ HTTP/1.1\r\nX: a\nHost: other.test\r\n\r\n",
+            "GET http://allowed.test/\rx HTTP/1.1\r\n\r\n",
+            "GET http://allowed.test/ HTTP/1.1\r\nX: a\u{0}b\r\n\r\n",
+        ] {
+            assert!(refused(head).contains("bare CR or LF"), "{head:?}");
+        }
+        assert!(refused("GET http://a.test/ HTTP/1.1\r\nX: a\r\n b\r\n\r\n").contains("folded"));
+        assert!(refused("GET http://a.test/ HTTP/1.1\r\nnocolon\r\n\r\n").contains("NAME"));
+        assert!(refused("GET http://a.test/ HTTP/1.2\r\n\r\n").contains("version"));
+        // A host that is no name is refused, and what is logged of it is cut.
+        let long = format!("CONNECT {}.test:443 HTTP/1.1\r\n\r\n", "a".repeat(16_000));
+        let why = refused(&long);
+        assert!(why.contains("bad host name") && why.len() < 200, "{why}");
+        assert!(refused("CONNECT a/b.test:443 HTTP/1.1\r\n\r\n").contains("bad host name"));
     }
 }

@@ -495,6 +495,34 @@ async fn allowlist_passes_allowed_names_through_the_proxy_only() {
         assert!(!out.contains(INTERNET_BODY), "{req}: {out}");
     }
 
+    // A request that an origin taking bare LF would read as a second one,
+    // for another site, is refused before anything is sent on.
+    let (_, out) = sh(
+        &h,
+        &w,
+        &proxy("GET http://allowed.test/ HTTP/1.1\\nHost:other.test\\n\\n\\r\\n\\r\\n"),
+    )
+    .await;
+    assert!(out.contains("400") && !out.contains(INTERNET_BODY), "{out}");
+    // The proxy's logs are rotated: what it logs of a worker's refused
+    // requests cannot fill the disk.
+    let proxy_id = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=tether.egress_for={w}"),
+    ]);
+    let logs = docker(&[
+        "inspect",
+        "-f",
+        "{{json .HostConfig.LogConfig}}",
+        proxy_id.trim(),
+    ]);
+    assert!(
+        logs.contains(r#""max-size":"1m""#) && logs.contains(r#""max-file":"2""#),
+        "{logs}"
+    );
+
     // No direct way out, nor to the host.
     for (target, port) in [(net.addr.to_string(), 80), (gateway.to_string(), port)] {
         let (_, out) = sh(&h, &w, &format!("echo x | nc -w 3 {target} {port}")).await;

@@ -399,22 +399,24 @@ pub(crate) fn limited(r: &Resources, defaults: Defaults) -> HostConfig {
             .map(|d| HashMap::from([("size".to_string(), format!("{d}M"))])),
         init: Some(true),
         publish_all_ports: Some(false),
-        // json-file, whatever the engine's default: `logs` reads it, and
-        // rotation keeps a chatty worker from filling the disk.
-        log_config: Some(bollard::models::HostConfigLogConfig {
-            typ: Some("json-file".into()),
-            config: Some(HashMap::from([
-                (
-                    "max-size".to_string(),
-                    format!("{}m", defaults.log_max_size_mb.max(1)),
-                ),
-                (
-                    "max-file".to_string(),
-                    defaults.log_max_files.max(1).to_string(),
-                ),
-            ])),
-        }),
+        log_config: Some(rotated_logs(
+            defaults.log_max_size_mb,
+            defaults.log_max_files,
+        )),
         ..Default::default()
+    }
+}
+
+/// json-file logs, whatever the engine's default (`logs` reads them),
+/// rotated at `size_mb` with `files` kept, so that what a container writes,
+/// or makes one of tether's own containers write, cannot fill the disk.
+pub(crate) fn rotated_logs(size_mb: u64, files: u64) -> bollard::models::HostConfigLogConfig {
+    bollard::models::HostConfigLogConfig {
+        typ: Some("json-file".into()),
+        config: Some(HashMap::from([
+            ("max-size".to_string(), format!("{}m", size_mb.max(1))),
+            ("max-file".to_string(), files.max(1).to_string()),
+        ])),
     }
 }
 

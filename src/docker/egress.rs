@@ -251,6 +251,9 @@ pub(crate) async fn start_proxy(
         user: Some("65534:65534".into()),
         env: Some(vec!["TETHER_LOG=info".into()]),
         host_config: Some(HostConfig {
+            // Like its worker: no IPv6 (the guard matches IPv4 only), on
+            // either of its networks.
+            sysctls: super::networks::ipv6_off(&name),
             network_mode: Some(name.clone()),
             ..super::sidecar::hardened()
         }),

@@ -339,6 +339,8 @@ fn backend_body(
         pids_limit: Some(BACKEND_PIDS),
         init: Some(true),
         publish_all_ports: Some(false),
+        // It logs every job's request.
+        log_config: Some(super::containers::rotated_logs(10, 3)),
         ..Default::default()
     };
     let mut gpus = 0;

@@ -38,9 +38,13 @@ pub fn name(worker_id: &str, kind: Kind) -> String {
     format!("{}-{}", object_name(worker_id), kind.as_str())
 }
 
-/// The hardening of every container that runs the agent's own binary.
+/// The hardening of every container that runs the agent's own binary:
+/// no capability, a read-only root, small limits, and logs rotated at
+/// 1 MB x 2 (a worker whose every refused request its egress proxy logs
+/// must not fill the disk through the proxy).
 pub fn hardened() -> HostConfig {
     HostConfig {
+        log_config: Some(super::containers::rotated_logs(1, 2)),
         cap_drop: Some(vec!["ALL".into()]),
         security_opt: Some(vec!["no-new-privileges:true".into()]),
         readonly_rootfs: Some(true),

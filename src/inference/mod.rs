@@ -46,13 +46,20 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let tasks = TaskTracker::new();
+    // Accept failures (out of descriptors: a job holding many connections)
+    // are logged at most every 10 s, with how many there were.
+    let (mut failed, mut warned) = (0u64, None::<tokio::time::Instant>);
     loop {
         let io = tokio::select! {
             _ = stop.cancelled() => break,
             r = listener.accept_io() => match r {
                 Ok(io) => io,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    failed += 1;
+                    if warned.is_none_or(|w| w.elapsed() >= Duration::from_secs(10)) {
+                        tracing::warn!(error = %e, failures = failed, "accept failed");
+                        (failed, warned) = (0, Some(tokio::time::Instant::now()));
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

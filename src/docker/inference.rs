@@ -520,6 +520,11 @@ pub async fn remove_all(docker: &Docker, pool: &SubnetPool, node_id: &str) -> Re
 pub struct JobProxy {
     pub image: String,
     pub limits: (u64, u64),
+    /// The node's `max_concurrency` (0: no bound): one job has no more
+    /// requests waiting at the gateway than the backend takes at once, so
+    /// the gateway's queue, first come first served, takes each job's in
+    /// turn and one job's burst cannot keep the others waiting.
+    pub max_concurrency: u64,
 }
 
 /// Starts a job's proxy, which holds the job's network namespace: on the
@@ -557,6 +562,17 @@ pub async fn start_job_proxy(
             ]
             .into_iter()
             .chain(limit_args(max_body, timeout))
+            .chain(
+                (proxy.max_concurrency > 0)
+                    .then(|| {
+                        [
+                            "--max-concurrency".into(),
+                            proxy.max_concurrency.to_string(),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .collect(),
             mounts: vec![volume_mount(&format!("{base}-sock"), SOCK_DIR)],
             labels: HashMap::new(),

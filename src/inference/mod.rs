@@ -366,6 +366,70 @@ mod tests {
         );
     }
 
+    /// A client that asks for a long answer and stops reading it holds the
+    /// backend only until its deadline: hyper stops polling a body whose
+    /// reader does not read, so the deadline cannot wait for the body.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_gives_the_backend_back_at_its_deadline() {
+        use tokio::io::AsyncWriteExt;
+        let knobs = Knobs {
+            tokens: 50_000_000,
+            ..Default::default()
+        };
+        let r = rig(Some(knobs), |c| {
+            c.max_concurrency = Some(1);
+            c.timeout = Duration::from_millis(800);
+        })
+        .await;
+        let addr = r.url.trim_start_matches("http://").to_string();
+        let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let body = r#"{"prompt":"x"}"#;
+        stalled
+            .write_all(
+                format!(
+                    "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        // Its answer fills the socket buffers and stops.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Another request waits for the turn, and gets it once the stalled
+        // one's deadline has passed, well within its own.
+        let t0 = Instant::now();
+        let next = http()
+            .get(format!("{}/api/version", r.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(next.status(), 200, "after {:?}", t0.elapsed());
+        drop(stalled);
+    }
+
+    #[test]
+    fn a_job_cannot_unload_pin_or_reload_the_shared_models() {
+        let pass = |path: &str, body: &str| {
+            let out = proxy::shared_use_only(path, bytes::Bytes::from(body.to_string()));
+            String::from_utf8(out.to_vec()).unwrap()
+        };
+        let v: serde_json::Value = serde_json::from_str(&pass(
+            "/api/generate",
+            r#"{"model":"m","prompt":"p","keep_alive":0,"options":{"temperature":0.2,"num_ctx":131072,"num_gpu":0}}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"model":"m","prompt":"p","options":{"temperature":0.2}})
+        );
+        assert!(!pass("/api/chat", r#"{"model":"m","keep_alive":-1}"#).contains("keep_alive"));
+        // What has nothing to take out passes byte for byte.
+        let plain = r#"{"model":"m",  "prompt":"p"}"#;
+        assert_eq!(pass("/api/generate", plain), plain);
+        assert_eq!(pass("/api/generate", "not json"), "not json");
+    }
+
     #[test]
     fn backends_parse() {
         assert_eq!(

@@ -189,7 +189,7 @@ impl Proxy {
         // The body is read whole before the backend sees the request, so an
         // oversized one (chunked, undeclared) is refused before anything
         // reaches the backend; it is at most `max_body`.
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let body = match Limited::new(body, max as usize).collect().await {
             Ok(b) => b.to_bytes(),
             Err(e)
@@ -208,7 +208,11 @@ impl Proxy {
         self.counters
             .bytes_in
             .fetch_add(body.len() as u64, Ordering::Relaxed);
-        let mut sender = match self.connect().await {
+        let body = shared_use_only(parts.uri.path(), body);
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, body.len().into());
+        let (mut sender, upstream) = match self.connect().await {
             Ok(s) => s,
             Err(e) => {
                 return Err(json_error(
@@ -217,6 +221,8 @@ impl Proxy {
                 ));
             }
         };
+        // From here the exchange holds the backend until its lease ends.
+        let lease = Lease::new(turn, upstream, deadline);
         let mut req = Request::from_parts(parts, Full::new(body));
         // The backend sees the proxy's own connection, not the job's.
         req.headers_mut().remove(header::CONNECTION);
@@ -234,7 +240,7 @@ impl Proxy {
             Deadline {
                 inner: b,
                 at: Box::pin(tokio::time::sleep_until(deadline)),
-                _turn: turn,
+                _lease: lease,
             }
             .map_frame(move |f| {
                 if let Some(d) = f.data_ref() {
@@ -248,12 +254,10 @@ impl Proxy {
         }))
     }
 
-    async fn connect(
-        &self,
-    ) -> std::io::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
-        async fn handshake<T>(
-            io: T,
-        ) -> std::io::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>>
+    /// A connection to the backend for one exchange, and the handle that
+    /// closes it.
+    async fn connect(&self) -> std::io::Result<(Sender, tokio::task::AbortHandle)> {
+        async fn handshake<T>(io: T) -> std::io::Result<(Sender, tokio::task::AbortHandle)>
         where
             T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         {
@@ -261,10 +265,10 @@ impl Proxy {
                 .await
                 .map_err(std::io::Error::other)?;
             // Ends with the exchange: the connection is this request's.
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 let _ = conn.await;
             });
-            Ok(sender)
+            Ok((sender, task.abort_handle()))
         }
         match &self.cfg.backend {
             Backend::Unix(p) => handshake(tokio::net::UnixStream::connect(p).await?).await,
@@ -278,14 +282,66 @@ impl Proxy {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// What an exchange holds of the backend: its place under
+/// `max_concurrency` and its connection. Both are let go at the end of the
+/// answer, or at the deadline whatever the reader does: hyper polls an
+/// answer's body only as the client takes it in, so a deadline checked in
+/// the body alone never comes for a client that stops reading, and it
+/// would keep the node's backend (and every other job's turn) for ever.
+struct Lease {
+    turn: std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+    upstream: tokio::task::AbortHandle,
+    timer: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Lease {
+    fn new(
+        turn: Option<tokio::sync::OwnedSemaphorePermit>,
+        upstream: tokio::task::AbortHandle,
+        deadline: tokio::time::Instant,
+    ) -> Arc<Lease> {
+        let lease = Arc::new(Lease {
+            turn: std::sync::Mutex::new(turn),
+            upstream,
+            timer: Default::default(),
+        });
+        let weak = Arc::downgrade(&lease);
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep_until(deadline).await;
+            if let Some(l) = weak.upgrade() {
+                l.end();
+            }
+        });
+        *lease.timer.lock().unwrap() = Some(timer.abort_handle());
+        lease
+    }
+
+    /// Gives back the turn and closes the backend connection (which ends
+    /// the answer's stream with an error if it had not ended).
+    fn end(&self) {
+        drop(self.turn.lock().unwrap().take());
+        self.upstream.abort();
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.end();
+        if let Some(t) = self.timer.lock().unwrap().take() {
+            t.abort();
+        }
+    }
+}
 
 /// An answer's body that fails at the request's deadline: a stream that
 /// runs past the timeout is cut (its status was sent long ago).
 struct Deadline<B> {
     inner: B,
     at: std::pin::Pin<Box<tokio::time::Sleep>>,
-    /// The request's place under `max_concurrency`, given back at the end.
-    _turn: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The exchange's hold on the backend, let go at the end.
+    _lease: Arc<Lease>,
 }
 
 impl<B> hyper::body::Body for Deadline<B>
@@ -348,6 +404,54 @@ fn open_to_jobs(method: &hyper::Method, path: &str) -> bool {
         ),
         _ => false,
     }
+}
+
+/// The sampling options a job may set; the others (`num_ctx`, `num_gpu`,
+/// `num_batch`, `main_gpu`, `use_mmap`, …) change how a model is loaded,
+/// which reloads it for every job that shares it.
+const JOB_OPTIONS: &[&str] = &[
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "tfs_z",
+    "repeat_last_n",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "penalize_newline",
+    "mirostat",
+    "mirostat_tau",
+    "mirostat_eta",
+    "seed",
+    "stop",
+    "num_predict",
+    "num_keep",
+];
+
+/// A request body of Ollama's own API without what would manage the
+/// backend every job shares: `keep_alive` (0 unloads a model other jobs
+/// use, -1 pins one in memory for ever) and the options that reload a
+/// model. A body that is not a JSON object passes as it is (the backend
+/// refuses it).
+pub(super) fn shared_use_only(path: &str, body: Bytes) -> Bytes {
+    if !path.starts_with("/api/") {
+        return body;
+    }
+    let Ok(serde_json::Value::Object(mut ask)) = serde_json::from_slice(&body) else {
+        return body;
+    };
+    let mut changed = ask.remove("keep_alive").is_some();
+    if let Some(serde_json::Value::Object(options)) = ask.get_mut("options") {
+        let before = options.len();
+        options.retain(|k, _| JOB_OPTIONS.contains(&k.as_str()));
+        changed |= options.len() != before;
+    }
+    if !changed {
+        return body;
+    }
+    Bytes::from(serde_json::to_vec(&ask).expect("a JSON object serializes"))
 }
 
 fn too_large(max: u64) -> Response<Body> {

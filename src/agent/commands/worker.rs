@@ -101,6 +101,7 @@ fn inference_proxy(ctx: &Ctx) -> Result<docker::inference::JobProxy, ErrorBody> 
     Ok(docker::inference::JobProxy {
         image,
         limits: (id.inference_max_body_bytes, id.inference_timeout_secs),
+        max_concurrency: id.inference_max_concurrency,
     })
 }
 

@@ -466,6 +466,31 @@ async fn the_backend_is_adopted_after_an_agent_restart_and_remade_if_removed() {
         assert_eq!(ids(&node), before, "the same backend after a re-push");
     }
 
+    // The gateway, which holds the namespace the backend joined, restarts
+    // (a crash, out of memory): the engine gives it a new namespace and
+    // leaves the backend in the old one. The agent restarts the backend
+    // into the new one: the gateway's probe through its loopback answers
+    // again, with the same two containers.
+    let gateway = inference_containers(&node)
+        .into_iter()
+        .find(|n| !n.ends_with("-backend"))
+        .expect("a gateway");
+    docker(&["restart", "-t", "1", &gateway]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let health = docker(&["inspect", "-f", "{{.State.Health.Status}}", &gateway]);
+        if health.trim() == "healthy" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway reaches the backend again: {health} {}",
+            logs(&node)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(ids(&node), before, "restarted, not made again");
+
     // Removed behind the agent's back: an agent start makes it again.
     for id in before.lines() {
         docker(&["rm", "-f", id]);

@@ -67,6 +67,13 @@ pub(super) async fn watch_docker(ctx: Arc<Ctx>, end: CancellationToken) {
         if healthy && (ticks % 30 == 0 || settling) {
             super::inference::refresh(&ctx).await;
             report_capabilities(&ctx).await;
+        } else if healthy && backend.image.is_some() && ticks % 5 == 0 {
+            // A backend that should run is looked at every 10 s (a gateway
+            // restart strands it), reported when it changed.
+            super::inference::refresh(&ctx).await;
+            if ctx.node.inference_unreported() {
+                report_capabilities(&ctx).await;
+            }
         } else if ctx.node.inference_unreported() {
             report_capabilities(&ctx).await;
         }

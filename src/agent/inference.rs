@@ -116,11 +116,19 @@ async fn pull_models(ctx: Arc<Ctx>, models: Vec<String>) {
 }
 
 /// Re-reads the backend's state; one that should run and does not (removed
-/// behind the agent's back) is made again.
+/// behind the agent's back) is made again, and one left in a restarted
+/// gateway's old namespace is restarted into the new one.
 pub(crate) async fn refresh(ctx: &Arc<Ctx>) {
     let was = ctx.node.inference();
     if was.image.is_none() {
         return; // none asked for
+    }
+    match engine::rejoin(&ctx.engine.docker, &ctx.engine.node_id).await {
+        Ok(true) => tracing::warn!(
+            "the inference gateway restarted after the backend: backend restarted into its namespace"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "could not check the inference backend's namespace"),
     }
     let (running, healthy, gpus) = engine::state(&ctx.engine.docker, &ctx.engine.node_id).await;
     if !running {

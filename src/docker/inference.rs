@@ -106,6 +106,7 @@ struct Found {
     labels: HashMap<String, String>,
     running: bool,
     health: Option<String>,
+    started_at: Option<std::time::SystemTime>,
 }
 
 async fn find(docker: &Docker, node_id: &str, name: &str) -> Result<Option<Found>, Error> {
@@ -127,6 +128,9 @@ async fn find(docker: &Docker, node_id: &str, name: &str) -> Result<Option<Found
                 labels,
                 running: state.running == Some(true),
                 health: state.health.and_then(|h| h.status).map(|s| s.to_string()),
+                started_at: state
+                    .started_at
+                    .and_then(|t| humantime::parse_rfc3339_weak(&t).ok()),
             }))
         }
         Err(DockerError::DockerResponseServerError {
@@ -425,6 +429,30 @@ pub async fn state(docker: &Docker, node_id: &str) -> (bool, bool, u32) {
         .and_then(|g| g.parse().ok())
         .unwrap_or(0);
     (running, healthy, gpus)
+}
+
+/// Restarts the backend if the gateway started after it: the engine gives
+/// a restarted container (the gateway, after a crash or running out of
+/// memory) a new network namespace, and a container that joined the old
+/// one (the backend) stays in it, listening where nobody reaches it. A
+/// restart joins the gateway's namespace as it is now. Says whether it did.
+pub async fn rejoin(docker: &Docker, node_id: &str) -> Result<bool, Error> {
+    let base = base_name(node_id);
+    let (Some(backend), Some(gateway)) = (
+        find(docker, node_id, &format!("{base}-backend")).await?,
+        find(docker, node_id, &base).await?,
+    ) else {
+        return Ok(false);
+    };
+    let stale = gateway.running
+        && matches!((gateway.started_at, backend.started_at), (Some(g), Some(b)) if g > b);
+    if stale {
+        docker
+            .restart_container(&backend.id, None)
+            .await
+            .map_err(|e| Error::engine(e, "restart the inference backend"))?;
+    }
+    Ok(stale)
 }
 
 /// Pulls `model` into the backend (an exec in the gateway, which reaches

@@ -428,6 +428,12 @@ async fn tunnels_reach_workers_through_their_relay_without_joining_a_network() {
         nets_before, nets_after,
         "nothing joined the worker's network"
     );
+    // The worker restarts (as a service does by its restart policy): the
+    // engine gives it a new namespace, and the relay that joined the old
+    // one is made again rather than reused.
+    docker(&["restart", "-t", "1", &format!("tether-{w}")]);
+    wait_listening(&h, &w, 9000).await;
+    echo_through(&h, &w, 100_000).await;
 
     // A deployment's service, through its relay: an `up` that changes the
     // service makes its container again, and the relay follows the new

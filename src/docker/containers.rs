@@ -621,6 +621,20 @@ pub async fn spawn(
     Ok(info)
 }
 
+/// When a container last started, from its inspected state.
+pub fn started(state: &bollard::models::ContainerState) -> Option<std::time::SystemTime> {
+    state
+        .started_at
+        .as_deref()
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+}
+
+/// When container `id` last started (`None`: not found, never started).
+pub async fn started_at(docker: &Docker, id: &str) -> Option<std::time::SystemTime> {
+    let c = docker.inspect_container(id, None).await.ok()?;
+    started(c.state.as_ref()?)
+}
+
 /// Each worker and service container of this node, inspected (one that
 /// went away meanwhile is left out).
 pub async fn inspect_all(

@@ -127,10 +127,8 @@ async fn find(docker: &Docker, node_id: &str, name: &str) -> Result<Option<Found
                 id: c.id.unwrap_or_default(),
                 labels,
                 running: state.running == Some(true),
+                started_at: super::containers::started(&state),
                 health: state.health.and_then(|h| h.status).map(|s| s.to_string()),
-                started_at: state
-                    .started_at
-                    .and_then(|t| humantime::parse_rfc3339_weak(&t).ok()),
             }))
         }
         Err(DockerError::DockerResponseServerError {

@@ -130,6 +130,8 @@ pub struct Found {
     pub id: String,
     pub running: bool,
     pub labels: HashMap<String, String>,
+    /// When it last started.
+    pub started_at: Option<std::time::SystemTime>,
 }
 
 /// The worker's sidecar of `kind`, if it has one (only a container
@@ -153,11 +155,12 @@ pub async fn find(
                 )
                 .into());
             }
-            let running = c.state.and_then(|s| s.running).unwrap_or(false);
+            let state = c.state.unwrap_or_default();
             Ok(c.id.map(|id| Found {
                 id,
-                running,
+                running: state.running.unwrap_or(false),
                 labels: l,
+                started_at: super::containers::started(&state),
             }))
         }
         Err(DockerError::DockerResponseServerError {

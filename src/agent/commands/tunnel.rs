@@ -184,12 +184,14 @@ async fn relay_container(ctx: &Ctx, w: &crate::protocol::WorkerInfo) -> Result<S
     {
         Some(f)
             if f.running
-                && f.labels.get(RELAY_FRAMING.0).map(String::as_str) == Some(RELAY_FRAMING.1) =>
+                && f.labels.get(RELAY_FRAMING.0).map(String::as_str) == Some(RELAY_FRAMING.1)
+                && !outlived(&f, &ctx.engine.docker, &w.container_id).await =>
         {
             return Ok(f.id);
         }
-        // Stopped, or made by an agent whose relay did not frame its
-        // output: made again.
+        // Stopped, made by an agent whose relay did not frame its output,
+        // or left in the namespace of the worker before it restarted: made
+        // again.
         Some(f) => sidecar::remove_id(&ctx.engine.docker, &f.id).await?,
         None => {}
     }
@@ -205,6 +207,19 @@ async fn relay_container(ctx: &Ctx, w: &crate::protocol::WorkerInfo) -> Result<S
         labels: [(RELAY_FRAMING.0.to_string(), RELAY_FRAMING.1.to_string())].into(),
     };
     Ok(sidecar::start(&ctx.engine.docker, spec).await?)
+}
+
+/// Whether the worker started again after its relay did: a restarted
+/// container gets a new network namespace from the engine, and a relay
+/// that joined the old one reaches nothing (a deployment's service that
+/// restarts by its policy, a worker restarted by hand).
+async fn outlived(
+    relay: &crate::docker::sidecar::Found,
+    docker: &bollard::Docker,
+    worker: &str,
+) -> bool {
+    let worker = crate::docker::containers::started_at(docker, worker).await;
+    matches!((worker, relay.started_at), (Some(w), Some(r)) if w > r)
 }
 
 /// The label of a relay whose `tunnel-connect --framed` frames what the

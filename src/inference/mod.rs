@@ -36,6 +36,12 @@ impl Listener for tokio::net::UnixListener {
     }
 }
 
+/// Connections served at once by one proxy (a job's or the gateway);
+/// the gateway's memory (64 MiB) must hold every one's request head.
+const MAX_CONNECTIONS: usize = 256;
+/// Largest request head, in bytes.
+const MAX_HEAD: usize = 64 * 1024;
+
 /// Serves HTTP/1.1 on `listener` with `handle` until `stop`, then lets the
 /// exchanges in flight finish.
 async fn serve_http<H, F, B>(listener: impl Listener, handle: Arc<H>, stop: CancellationToken)
@@ -46,10 +52,16 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let tasks = TaskTracker::new();
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     // Accept failures (out of descriptors: a job holding many connections)
     // are logged at most every 10 s, with how many there were.
     let (mut failed, mut warned) = (0u64, None::<tokio::time::Instant>);
     loop {
+        // Connections beyond the bound wait in the listen queue.
+        let place = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = open.clone().acquire_owned() => p.expect("the bound is never closed"),
+        };
         let io = tokio::select! {
             _ = stop.cancelled() => break,
             r = listener.accept_io() => match r {
@@ -67,14 +79,17 @@ where
         };
         let handle = handle.clone();
         tasks.spawn(async move {
+            let _place = place;
             let service = hyper::service::service_fn(move |req| {
                 let answer = handle(req);
                 async move { Ok::<_, std::convert::Infallible>(answer.await) }
             });
             // A client that half-closes after its request (`nc`, curl with
-            // HTTP/1.0) still gets its answer.
+            // HTTP/1.0) still gets its answer. A request head is at most
+            // 64 KiB (hyper's default buffer lets one hold ~400 KiB).
             let _ = hyper::server::conn::http1::Builder::new()
                 .half_close(true)
+                .max_header_size(MAX_HEAD)
                 .serve_connection(TokioIo::new(io), service)
                 .await;
         });
@@ -406,6 +421,23 @@ mod tests {
             .unwrap();
         assert_eq!(next.status(), 200, "after {:?}", t0.elapsed());
         drop(stalled);
+    }
+
+    #[tokio::test]
+    async fn a_request_head_over_64_kib_is_refused() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let r = rig(Some(Knobs::default()), |_| {}).await;
+        let addr = r.url.trim_start_matches("http://").to_string();
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "GET /api/version HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(100_000)
+        );
+        let _ = c.write_all(head.as_bytes()).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
     }
 
     #[test]

@@ -372,15 +372,16 @@ fn strict_head(head: &str) -> Result<(), Refusal> {
             return bad("a folded header line");
         }
         match h.split_once(':') {
-            Some((name, _))
-                if !name.is_empty()
-                    && name
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) => {}
+            Some((name, _)) if !name.is_empty() && name.bytes().all(is_tchar) => {}
             _ => return bad("a header line that is not NAME: VALUE"),
         }
     }
     Ok(())
+}
+
+/// A byte of an HTTP token (a method, a header name).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// A host as the allowlist can judge it: a DNS name (or an address, which
@@ -425,7 +426,7 @@ fn parse_request(head: &str) -> Result<Target, Refusal> {
             format!("unsupported version {:?}", cut(version)),
         ));
     }
-    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+    if method.is_empty() || !method.bytes().all(is_tchar) {
         return Err(Refusal(400, format!("bad method {:?}", cut(method))));
     }
     if method.eq_ignore_ascii_case("CONNECT") {

@@ -30,9 +30,7 @@ async fn refused(h: &Harness, token: &str, args: &[&str]) -> String {
 }
 
 async fn ok_as(h: &Harness, token: &str, args: &[&str]) -> String {
-    let o = h.ctl_as(token, args, None).await;
-    assert!(o.status.success(), "ctl {args:?} failed: {}", stderr(&o));
-    stdout(&o)
+    h.ctl_ok_as(token, args).await
 }
 
 /// Another organization's worker and a worker that never existed get the

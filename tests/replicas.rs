@@ -466,8 +466,6 @@ fn the_postgres_store_speaks_tls_and_verifies_the_certificate() {
     assert!(e.contains("sslmode=require"), "{e}");
 }
 
-/// Replicas that serve HTTPS pass requests to each other over TLS,
-/// verifying the holder's certificate with `--replica-ca`.
 /// Two organizations `up` one new deployment name at once, each at its own
 /// replica: the name is reserved in the database before a node is asked,
 /// so one deployment is made and the other `up` is told the name is taken
@@ -544,7 +542,7 @@ async fn one_new_deployment_name_is_made_once_across_replicas() {
     assert_eq!(ps.trim(), winner.as_str(), "one deployment, the winner's");
     // The loser's node holds nothing of it; the name is the winner's to
     // take down, and free again after.
-    ok_as_token(at, token, &["deploy", "down", &name]).await;
+    at.ctl_ok_as(token, &["deploy", "down", &name]).await;
     assert_eq!(
         pg.query(
             "tether_dep_race",
@@ -556,16 +554,8 @@ async fn one_new_deployment_name_is_made_once_across_replicas() {
     b.stop().await;
 }
 
-async fn ok_as_token(h: &Harness, token: &str, args: &[&str]) -> String {
-    let out = h.ctl_as(token, args, None).await;
-    assert!(
-        out.status.success(),
-        "ctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
+/// Replicas that serve HTTPS pass requests to each other over TLS,
+/// verifying the holder's certificate with `--replica-ca`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_serving_https_pass_requests_over_tls() {
     let pg = Postgres::start();

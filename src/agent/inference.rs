@@ -123,7 +123,12 @@ pub(crate) async fn refresh(ctx: &Arc<Ctx>) {
     if was.image.is_none() {
         return; // none asked for
     }
-    match engine::rejoin(&ctx.engine.docker, &ctx.engine.node_id).await {
+    // Not while a configuration replaces the pair.
+    let rejoined = {
+        let _one = ctx.node.inference_lock.lock().await;
+        engine::rejoin(&ctx.engine.docker, &ctx.engine.node_id).await
+    };
+    match rejoined {
         Ok(true) => tracing::warn!(
             "the inference gateway restarted after the backend: backend restarted into its namespace"
         ),

@@ -200,23 +200,48 @@ impl NodeState {
     /// with ([`crate::docker::containers::as_asked`]). Only a refusal by
     /// policy counts; limits are compared, not filled in.
     pub(crate) fn readmit(&self, mut spec: SpawnRequest) -> Option<ErrorBody> {
-        // A bind's source is the path the engine mounts, resolved below the
-        // allowed root's real path: put back under the root as written.
-        for m in &mut spec.mounts {
-            let src = std::path::PathBuf::from(&m.source);
-            let under = self.policy.allowed_host_paths.iter().find_map(|a| {
-                let real = std::fs::canonicalize(a).ok()?;
-                let rest = src.strip_prefix(&real).ok()?;
-                (!src.starts_with(a)).then(|| std::path::Path::new(a).join(rest))
-            });
-            if let Some(p) = under {
-                m.source = p.to_string_lossy().into_owned();
+        // A bind's source is the path the engine mounts, resolved below an
+        // allowed root's real path: judged under any root it can be
+        // written under (a root that is a link, or several roots, one a
+        // link into another). A root that cannot be resolved now (a mount
+        // not up yet) leaves the host paths unjudged rather than
+        // mistaken.
+        let roots: Option<Vec<(PathBuf, PathBuf)>> = self
+            .policy
+            .allowed_host_paths
+            .iter()
+            .map(|a| Some((PathBuf::from(a), std::fs::canonicalize(a).ok()?)))
+            .collect();
+        match roots {
+            None => spec.mounts.clear(),
+            Some(roots) => {
+                for m in &mut spec.mounts {
+                    let src = PathBuf::from(&m.source);
+                    let aliases = roots
+                        .iter()
+                        .filter_map(|(a, real)| Some(a.join(src.strip_prefix(real).ok()?)));
+                    if let Some(p) = std::iter::once(src.clone())
+                        .chain(aliases)
+                        .find(|p| self.host_path_allowed(p))
+                    {
+                        m.source = p.to_string_lossy().into_owned();
+                    }
+                }
             }
         }
         match self.admit_spawn(&mut spec, 0) {
             Err(e) if e.code == ErrorCode::PolicyDenied => Some(e),
             _ => None,
         }
+    }
+
+    /// Whether both policies allow host path `p` (as a spawn writes it).
+    fn host_path_allowed(&self, p: &std::path::Path) -> bool {
+        let under = |allowed: &[String]| allowed.iter().any(|a| p.starts_with(a));
+        under(&self.policy.allowed_host_paths)
+            && self
+                .orchestrator_policy()
+                .is_none_or(|o| under(&o.allowed_host_paths))
     }
 
     /// Why a job cannot have inference here, if it cannot: the node turned
@@ -407,6 +432,16 @@ mod tests {
         // With the root gone from the policy, it is refused by that rule.
         let e = allowing(vec![]).readmit(made.clone()).expect("refused");
         assert!(e.message.contains("allowed_host_paths"), "{}", e.message);
+        // Two roots, one a link into the other: the path is judged under
+        // whichever the policies allow (here only `real`'s parent).
+        let both = allowing(vec![
+            link.to_string_lossy().into_owned(),
+            dir.path().to_string_lossy().into_owned(),
+        ]);
+        assert!(both.readmit(made.clone()).is_none());
+        // A root that cannot be resolved now leaves host paths unjudged.
+        let gone = allowing(vec!["/nonexistent/tether-root".into()]);
+        assert!(gone.readmit(made.clone()).is_none());
         // Only refusals by policy count.
         made.mounts.clear();
         made.network = Some("bridge".into());

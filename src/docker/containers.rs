@@ -723,11 +723,17 @@ pub async fn halt(docker: &Docker, container_id: &str) -> Result<(), Error> {
         .update_container(container_id, no_restart)
         .await
         .map_err(|e| Error::engine(e, "update container"))?;
+    stop_id(docker, container_id, 10).await
+}
+
+/// Stops a container by id, giving it `timeout_secs` after SIGTERM (already
+/// stopped: fine).
+async fn stop_id(docker: &Docker, container_id: &str, timeout_secs: u32) -> Result<(), Error> {
     match docker
         .stop_container(
             container_id,
             Some(StopContainerOptions {
-                t: Some(10),
+                t: Some(timeout_secs as i32),
                 signal: None,
             }),
         )
@@ -748,22 +754,7 @@ pub async fn stop(
     timeout_secs: u32,
 ) -> Result<WorkerInfo, Error> {
     let info = inspect(docker, node_id, worker_id).await?;
-    match docker
-        .stop_container(
-            &info.container_id,
-            Some(StopContainerOptions {
-                t: Some(timeout_secs as i32),
-                signal: None,
-            }),
-        )
-        .await
-    {
-        Ok(())
-        | Err(DockerError::DockerResponseServerError {
-            status_code: 304, ..
-        }) => {}
-        Err(e) => return Err(Error::engine(e, "stop container")),
-    }
+    stop_id(docker, &info.container_id, timeout_secs).await?;
     inspect(docker, node_id, worker_id).await
 }
 

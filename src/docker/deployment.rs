@@ -297,12 +297,7 @@ pub async fn create_service(
         start_period: h.start_period_ms.map(|ms| ms as i64 * 1_000_000),
         ..Default::default()
     });
-    let restart = match spec.restart {
-        crate::protocol::RestartPolicy::No => RestartPolicyNameEnum::NO,
-        crate::protocol::RestartPolicy::OnFailure => RestartPolicyNameEnum::ON_FAILURE,
-        crate::protocol::RestartPolicy::Always => RestartPolicyNameEnum::ALWAYS,
-        crate::protocol::RestartPolicy::UnlessStopped => RestartPolicyNameEnum::UNLESS_STOPPED,
-    };
+    let restart = restart_policy(spec.restart);
     let body = ContainerCreateBody {
         image: Some(spec.image.clone()),
         cmd: spec.command.clone(),
@@ -391,7 +386,30 @@ pub async fn create_service(
 }
 
 /// Starts a service's container if it is not running.
-pub async fn ensure_started(docker: &Docker, id: &str) -> Result<(), Error> {
+fn restart_policy(r: crate::protocol::RestartPolicy) -> RestartPolicyNameEnum {
+    match r {
+        crate::protocol::RestartPolicy::No => RestartPolicyNameEnum::NO,
+        crate::protocol::RestartPolicy::OnFailure => RestartPolicyNameEnum::ON_FAILURE,
+        crate::protocol::RestartPolicy::Always => RestartPolicyNameEnum::ALWAYS,
+        crate::protocol::RestartPolicy::UnlessStopped => RestartPolicyNameEnum::UNLESS_STOPPED,
+    }
+}
+
+/// Starts an unchanged service that is not running, under its restart
+/// policy again (one stopped because a narrowed policy refused it had its
+/// restart policy cleared).
+pub async fn ensure_started(docker: &Docker, id: &str, spec: &ServiceSpec) -> Result<(), Error> {
+    let restart = bollard::models::ContainerUpdateBody {
+        restart_policy: Some(RestartPolicy {
+            name: Some(restart_policy(spec.restart)),
+            maximum_retry_count: None,
+        }),
+        ..Default::default()
+    };
+    docker
+        .update_container(id, restart)
+        .await
+        .map_err(|e| Error::engine(e, "update service"))?;
     match docker.start_container(id, None).await {
         Ok(())
         | Err(DockerError::DockerResponseServerError {

@@ -540,16 +540,21 @@ pub async fn remove_all(docker: &Docker, pool: &SubnetPool, node_id: &str) -> Re
     }
 }
 
+/// Requests of one job at the gateway at once, where the node sets no
+/// bound: the gateway serves 256 connections, shared by every job.
+pub const MAX_JOB_REQUESTS: u64 = 32;
+
 /// What a job's inference proxy needs: the agent's image and the node's
 /// limits (request body bytes, seconds).
 #[derive(Debug, Clone)]
 pub struct JobProxy {
     pub image: String,
     pub limits: (u64, u64),
-    /// The node's `max_concurrency` (0: no bound): one job has no more
-    /// requests waiting at the gateway than the backend takes at once, so
-    /// the gateway's queue, first come first served, takes each job's in
-    /// turn and one job's burst cannot keep the others waiting.
+    /// The node's `max_concurrency`: one job has no more requests waiting
+    /// at the gateway than the backend takes at once, so the gateway's
+    /// queue, first come first served, takes each job's in turn and one
+    /// job's burst cannot keep the others waiting. With no bound on the
+    /// node (0), each job still has at most [`MAX_JOB_REQUESTS`].
     pub max_concurrency: u64,
 }
 
@@ -588,17 +593,14 @@ pub async fn start_job_proxy(
             ]
             .into_iter()
             .chain(limit_args(max_body, timeout))
-            .chain(
-                (proxy.max_concurrency > 0)
-                    .then(|| {
-                        [
-                            "--max-concurrency".into(),
-                            proxy.max_concurrency.to_string(),
-                        ]
-                    })
-                    .into_iter()
-                    .flatten(),
-            )
+            .chain([
+                "--max-concurrency".into(),
+                match proxy.max_concurrency {
+                    0 => MAX_JOB_REQUESTS,
+                    n => n,
+                }
+                .to_string(),
+            ])
             .collect(),
             mounts: vec![volume_mount(&format!("{base}-sock"), SOCK_DIR)],
             labels: HashMap::new(),

@@ -87,8 +87,13 @@ where
             // A client that half-closes after its request (`nc`, curl with
             // HTTP/1.0) still gets its answer. A request head is at most
             // 64 KiB (hyper's default buffer lets one hold ~400 KiB).
+            // A head must come whole within 30 s, an idle kept-alive
+            // connection's next one included, so idle connections do not
+            // keep places.
             let _ = hyper::server::conn::http1::Builder::new()
                 .half_close(true)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
                 .max_header_size(MAX_HEAD)
                 .serve_connection(TokioIo::new(io), service)
                 .await;
@@ -393,7 +398,7 @@ mod tests {
         };
         let r = rig(Some(knobs), |c| {
             c.max_concurrency = Some(1);
-            c.timeout = Duration::from_millis(800);
+            c.timeout = Duration::from_secs(3);
         })
         .await;
         let addr = r.url.trim_start_matches("http://").to_string();
@@ -409,8 +414,9 @@ mod tests {
             )
             .await
             .unwrap();
-        // Its answer fills the socket buffers and stops.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Its answer fills the socket buffers and stops; it holds the turn.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(r.counters.requests.load(Ordering::Relaxed), 1);
         // Another request waits for the turn, and gets it once the stalled
         // one's deadline has passed, well within its own.
         let t0 = Instant::now();
@@ -442,24 +448,47 @@ mod tests {
 
     #[test]
     fn a_job_cannot_unload_pin_or_reload_the_shared_models() {
+        let post = hyper::Method::POST;
         let pass = |path: &str, body: &str| {
-            let out = proxy::shared_use_only(path, bytes::Bytes::from(body.to_string()));
-            String::from_utf8(out.to_vec()).unwrap()
+            proxy::shared_use_only(&post, path, bytes::Bytes::from(body.to_string()))
+                .map(|b| String::from_utf8(b.to_vec()).unwrap())
         };
-        let v: serde_json::Value = serde_json::from_str(&pass(
-            "/api/generate",
-            r#"{"model":"m","prompt":"p","keep_alive":0,"options":{"temperature":0.2,"num_ctx":131072,"num_gpu":0}}"#,
-        ))
+        let v: serde_json::Value = serde_json::from_str(
+            &pass(
+                "/api/generate",
+                r#"{"model":"m","prompt":"p","keep_alive":0,"options":{"temperature":0.2,"num_ctx":131072,"num_gpu":0}}"#,
+            )
+            .unwrap(),
+        )
         .unwrap();
         assert_eq!(
             v,
             serde_json::json!({"model":"m","prompt":"p","options":{"temperature":0.2}})
         );
-        assert!(!pass("/api/chat", r#"{"model":"m","keep_alive":-1}"#).contains("keep_alive"));
+        // Every spelling Go's decoder would take for the field: any case,
+        // the Kelvin sign for `k`, the long s for `s`.
+        for body in [
+            r#"{"model":"m","KEEP_ALIVE":-1}"#,
+            "{\"model\":\"m\",\"\u{212A}eep_alive\":0}",
+            r#"{"model":"m","Options":{"NUM_CTX":9}}"#,
+            "{\"model\":\"m\",\"option\u{17F}\":{\"num_ctx\":9}}",
+        ] {
+            let out = pass("/api/chat", body).unwrap();
+            assert!(
+                !out.to_lowercase().contains("alive") && !out.contains("9"),
+                "{body} -> {out}"
+            );
+        }
+        // The backend reads the first value and ignores the rest: a body
+        // that is not exactly one object is refused, not passed on unread.
+        for body in [r#"{"keep_alive":0} x"#, "not json", "", "[1]"] {
+            assert!(pass("/api/generate", body).is_err(), "{body:?}");
+        }
         // What has nothing to take out passes byte for byte.
         let plain = r#"{"model":"m",  "prompt":"p"}"#;
-        assert_eq!(pass("/api/generate", plain), plain);
-        assert_eq!(pass("/api/generate", "not json"), "not json");
+        assert_eq!(pass("/api/generate", plain).unwrap(), plain);
+        // Only Ollama's own API's POST bodies are read.
+        assert_eq!(pass("/v1/chat/completions", "x").unwrap(), "x");
     }
 
     #[test]

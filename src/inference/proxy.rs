@@ -208,7 +208,8 @@ impl Proxy {
         self.counters
             .bytes_in
             .fetch_add(body.len() as u64, Ordering::Relaxed);
-        let body = shared_use_only(parts.uri.path(), body);
+        let body = shared_use_only(&parts.method, parts.uri.path(), body)
+            .map_err(|why| json_error(StatusCode::BAD_REQUEST, why))?;
         parts
             .headers
             .insert(header::CONTENT_LENGTH, body.len().into());
@@ -430,28 +431,52 @@ const JOB_OPTIONS: &[&str] = &[
     "num_keep",
 ];
 
-/// A request body of Ollama's own API without what would manage the
-/// backend every job shares: `keep_alive` (0 unloads a model other jobs
-/// use, -1 pins one in memory for ever) and the options that reload a
-/// model. A body that is not a JSON object passes as it is (the backend
-/// refuses it).
-pub(super) fn shared_use_only(path: &str, body: Bytes) -> Bytes {
-    if !path.starts_with("/api/") {
-        return body;
+/// A key as Go's `encoding/json` (Ollama's) matches it: without regard to
+/// case, the Kelvin sign folded to `k` and the long s to `s`.
+fn folded(key: &str) -> String {
+    key.chars()
+        .flat_map(char::to_lowercase)
+        .map(|c| if c == 'ſ' { 's' } else { c })
+        .collect()
+}
+
+/// A `POST` body of Ollama's own API (`/api/…`) without what would manage
+/// the backend every job shares: `keep_alive` (0 unloads a model other
+/// jobs use, -1 pins one in memory for ever) and the options that reload
+/// a model, under any spelling the backend would read as theirs. The body
+/// must be exactly one JSON object: the backend reads the first value of
+/// a body and ignores what follows, which the proxy must not let pass
+/// unread.
+pub(super) fn shared_use_only(
+    method: &hyper::Method,
+    path: &str,
+    body: Bytes,
+) -> Result<Bytes, String> {
+    if method != hyper::Method::POST || !path.starts_with("/api/") {
+        return Ok(body);
     }
     let Ok(serde_json::Value::Object(mut ask)) = serde_json::from_slice(&body) else {
-        return body;
+        return Err("the request body must be one JSON object".into());
     };
-    let mut changed = ask.remove("keep_alive").is_some();
-    if let Some(serde_json::Value::Object(options)) = ask.get_mut("options") {
-        let before = options.len();
-        options.retain(|k, _| JOB_OPTIONS.contains(&k.as_str()));
-        changed |= options.len() != before;
+    let before = ask.len();
+    ask.retain(|k, _| folded(k) != "keep_alive");
+    let mut changed = ask.len() != before;
+    for (k, v) in ask.iter_mut() {
+        if folded(k) != "options" {
+            continue;
+        }
+        if let serde_json::Value::Object(options) = v {
+            let before = options.len();
+            options.retain(|k, _| JOB_OPTIONS.contains(&folded(k).as_str()));
+            changed |= options.len() != before;
+        }
     }
     if !changed {
-        return body;
+        return Ok(body);
     }
-    Bytes::from(serde_json::to_vec(&ask).expect("a JSON object serializes"))
+    Ok(Bytes::from(
+        serde_json::to_vec(&ask).expect("a JSON object serializes"),
+    ))
 }
 
 fn too_large(max: u64) -> Response<Body> {

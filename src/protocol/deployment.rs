@@ -227,7 +227,11 @@ pub const MAX_HEALTH_PERIOD_MS: u64 = 86_400_000;
 impl Healthcheck {
     /// Why a node refuses this health check, if it does.
     pub fn error(&self) -> Option<String> {
-        if self.interval_ms.is_some_and(|i| i < MIN_HEALTH_INTERVAL_MS) {
+        // 0 is the engine's default, as in Compose.
+        if self
+            .interval_ms
+            .is_some_and(|i| i > 0 && i < MIN_HEALTH_INTERVAL_MS)
+        {
             return Some(format!(
                 "healthcheck interval must be at least {MIN_HEALTH_INTERVAL_MS}ms"
             ));
@@ -235,10 +239,8 @@ impl Healthcheck {
         [self.interval_ms, self.timeout_ms, self.start_period_ms]
             .into_iter()
             .flatten()
-            .any(|ms| ms == 0 || ms > MAX_HEALTH_PERIOD_MS)
-            .then(|| {
-                "healthcheck interval, timeout and start_period must be between 1ms and 24h".into()
-            })
+            .any(|ms| ms > MAX_HEALTH_PERIOD_MS)
+            .then(|| "healthcheck interval, timeout and start_period must be at most 24h".into())
     }
 }
 
@@ -294,7 +296,8 @@ mod tests {
         // Past a day, or past what the engine's nanoseconds hold.
         assert!(h(None, Some(86_400_001)).error().is_some());
         assert!(h(Some(u64::MAX), None).error().is_some());
-        assert!(h(None, Some(0)).error().is_some());
+        // 0 means the engine's default.
+        assert_eq!(h(Some(0), Some(0)).error(), None);
     }
 
     #[test]

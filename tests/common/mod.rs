@@ -259,7 +259,12 @@ impl Harness {
 
     /// `ctl ARGS`, asserting success; returns stdout.
     pub async fn ctl_ok(&self, args: &[&str]) -> String {
-        let out = self.ctl(args).await;
+        self.ctl_ok_as(&self.token, args).await
+    }
+
+    /// `ctl ARGS` as `token`, asserting success; returns stdout.
+    pub async fn ctl_ok_as(&self, token: &str, args: &[&str]) -> String {
+        let out = self.ctl_as(token, args, None).await;
         assert!(
             out.status.success(),
             "tether ctl {args:?} failed ({:?}): {}",

@@ -227,7 +227,7 @@ async fn make(
             Some((cid, h)) if h == hash => {
                 // Unchanged, but it may have stopped (`restart: no`): `up`
                 // runs it again, as Compose does.
-                dep::ensure_started(d, &cid).await?;
+                dep::ensure_started(d, &cid, s).await?;
                 ids.insert(s.name.clone(), cid);
                 actions.insert(s.name.clone(), ServiceAction::Unchanged);
                 continue;

@@ -181,6 +181,7 @@ pub(crate) async fn stop_unadmitted(ctx: &Ctx) {
             return;
         }
     };
+    let mut refused = Vec::new();
     for c in all {
         let running = c.state.as_ref().and_then(|s| s.running) == Some(true);
         let restarts = c
@@ -207,15 +208,16 @@ pub(crate) async fn stop_unadmitted(ctx: &Ctx) {
             .and_then(|c| c.labels.as_ref())
             .and_then(|l| l.get(docker::labels::WORKER).cloned())
             .unwrap_or_default();
-        match containers::halt(d, c.id.as_deref().unwrap_or_default()).await {
-            Ok(()) => {
-                warn!(%worker_id, reason = %why.message, "stopped: the node's policy no longer admits it")
-            }
-            Err(e) => {
-                warn!(%worker_id, reason = %why.message, error = %e, "the node's policy no longer admits it, but it could not be stopped")
-            }
-        }
+        refused.push((c.id.unwrap_or_default(), worker_id, why));
     }
+    // All at once: each stop may wait out its grace period.
+    let halts = refused.into_iter().map(|(id, worker_id, why)| async move {
+        match containers::halt(d, &id).await {
+            Ok(()) => warn!(%worker_id, reason = %why.message, "stopped: the node's policy no longer admits it"),
+            Err(e) => warn!(%worker_id, reason = %why.message, error = %e, "the node's policy no longer admits it, but it could not be stopped"),
+        }
+    });
+    futures_util::future::join_all(halts).await;
 }
 
 /// Stops and removes a worker at its deadline (Unix seconds) and reports a

@@ -37,6 +37,14 @@ pub(super) async fn up(
         Ok(node) => app.hub.deploy_in(req, node, &caller.scope, &names).await,
         Err(e) => Err(e),
     };
+    // Recorded again once made: a concurrent `up` to the same node that
+    // failed gives back the reservation this one shared.
+    if let Ok(d) = &r {
+        let node = d.node_id.clone();
+        if let Err(e) = on_store(&app, move |s| s.set_deployment_node(&name, Some(&node))).await {
+            tracing::error!(deployment = %d.deployment, error = %e, "the deployment is up but its node could not be recorded");
+        }
+    }
     let mut rec = api_record(&caller, "api:deploy_up", &args, t0, &r);
     if let Ok(d) = &r {
         rec.node_id = Some(d.node_id.clone());

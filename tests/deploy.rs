@@ -350,13 +350,24 @@ async fn a_three_service_deployment_comes_up_in_order_serves_survives_converges_
     );
     assert_eq!(ids(&again), ids(&d), "the same containers after a restart");
 
-    // A service that stopped runs again on the next `up` (same container).
+    // A service that stopped runs again on the next `up` (same container),
+    // under its own restart policy even if it was cleared (as a narrowed
+    // node policy clears it when it stops a service).
     docker(&["stop", "-t", "1", &d.services[2].worker.container_id]);
+    let api = &d.services[1].worker.container_id;
+    docker(&["update", "--restart", "no", api]);
+    docker(&["stop", "-t", "1", api]);
     let again = up(&h, &file, &name, &[]).await;
     assert_eq!(ids(&again), ids(&d));
+    for s in [1, 2] {
+        assert_eq!(
+            again.services[s].worker.state,
+            tether::protocol::WorkerState::Running
+        );
+    }
     assert_eq!(
-        again.services[2].worker.state,
-        tether::protocol::WorkerState::Running
+        docker(&["inspect", "-f", "{{.HostConfig.RestartPolicy.Name}}", api]).trim(),
+        "always"
     );
 
     // An edit to web: only web's container changes.

@@ -380,17 +380,16 @@ async fn a_narrowed_policy_stops_what_it_no_longer_admits() {
         ids.push(h.ctl_ok(&args).await.trim().to_string());
     }
     let (big, small, mounted) = (&ids[0], &ids[1], &ids[2]);
-    let file = h.state_path("svc.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "services:\n  web:\n    image: {img}\n    command: [\"sleep\", \"3600\"]\n    mem_limit: 256m\n    restart: always\n"
-        ),
-    )
-    .unwrap();
     let dep = unique("nar");
-    h.ctl_ok(&["deploy", "up", "-f", file.to_str().unwrap(), "--name", &dep])
-        .await;
+    let text = format!(
+        "services:\n  web:\n    image: {img}\n    command: [\"sleep\", \"3600\"]\n    mem_limit: 256m\n    restart: always\n"
+    );
+    let out = h.deploy_up_as(&h.token, &text, &dep).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let svc = format!("{dep}_web");
     let state = |w: &str| {
         docker(&[

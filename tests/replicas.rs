@@ -504,24 +504,14 @@ async fn one_new_deployment_name_is_made_once_across_replicas() {
     let nb = b.add_agent_with(cfg).await;
 
     let name = unique("race");
-    let file = a.state_path("race.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "services:\n  web:\n    image: {}\n    command: [\"sleep\", \"3600\"]\n",
-            image()
-        ),
-    )
-    .unwrap();
-    let up = [
-        "deploy",
-        "up",
-        "-f",
-        file.to_str().unwrap(),
-        "--name",
-        &name,
-    ];
-    let (ra, rb) = tokio::join!(a.ctl_as(&ta, &up, None), b.ctl_as(&tb, &up, None));
+    let text = format!(
+        "services:\n  web:\n    image: {}\n    command: [\"sleep\", \"3600\"]\n",
+        image()
+    );
+    let (ra, rb) = tokio::join!(
+        a.deploy_up_as(&ta, &text, &name),
+        b.deploy_up_as(&tb, &text, &name)
+    );
     let made: Vec<_> = [(&ra, &na, &ta, &a), (&rb, &nb, &tb, &b)]
         .into_iter()
         .filter(|(r, ..)| r.status.success())

@@ -611,23 +611,15 @@ async fn a_workers_labels_reach_no_other_tool_on_the_host() {
         .trim()
         .to_string();
     let name = unique("lbl");
-    let file = h.state_path("lbl.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "services:\n  web:\n    image: {img}\n    command: [\"sleep\", \"3600\"]\n    labels:\n      traefik.enable: \"true\"\n"
-        ),
-    )
-    .unwrap();
-    h.ctl_ok(&[
-        "deploy",
-        "up",
-        "-f",
-        file.to_str().unwrap(),
-        "--name",
-        &name,
-    ])
-    .await;
+    let text = format!(
+        "services:\n  web:\n    image: {img}\n    command: [\"sleep\", \"3600\"]\n    labels:\n      traefik.enable: \"true\"\n"
+    );
+    let out = h.deploy_up_as(&h.token, &text, &name).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let svc = format!("{name}_web");
     for (worker, rule) in [(&w, Some(rule)), (&svc, None)] {
         let on_engine: Value = serde_json::from_str(&docker(&[

@@ -274,6 +274,16 @@ impl Harness {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Writes Compose file `text` in the state directory and runs
+    /// `ctl deploy up -f FILE --name NAME` as `token`.
+    pub async fn deploy_up_as(&self, token: &str, text: &str, name: &str) -> Output {
+        let file = self.state_path(&format!("{name}.yaml"));
+        std::fs::write(&file, text).unwrap();
+        let file = file.to_str().unwrap();
+        let args = ["deploy", "up", "-f", file, "--name", name];
+        self.ctl_as(token, &args, None).await
+    }
+
     /// `ctl spawn` of a worker that sleeps for an hour; returns its id.
     pub async fn ctl_spawn_sleeper(&self) -> String {
         let img = image();

@@ -542,6 +542,20 @@ async fn an_image_with_tethers_labels_or_a_sidecars_name_is_refused() {
         err.contains("invalid_request") && err.contains("carries the label"),
         "{err}"
     );
+    // Nor may one carry an attribute of the engine's events: the engine
+    // copies labels over them, and `exitCode=0` would make every exit of
+    // its workers look like a success.
+    let exits = format!("tether-test-exits:{}", unique("x"));
+    build_image_from(&exits, &format!("FROM {}\nLABEL exitCode=0\n", image()));
+    let err = spawn_err(
+        &h,
+        &["spawn", "--image", &exits, "--", "sh", "-c", "exit 3"],
+    )
+    .await;
+    let _ = std::process::Command::new("docker")
+        .args(["rmi", "-f", &exits])
+        .output();
+    assert!(err.contains("carries the label \"exitCode\""), "{err}");
 
     // A service named as service web's relay sidecar would be.
     let file = h.state_path("shop.yaml");

@@ -32,6 +32,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Largest window a peer may ask for (bounds what one channel may buffer).
 pub const MAX_WINDOW: u64 = 16 * 1024 * 1024;
+/// Received payloads shorter than this are copied out of the connection's
+/// read buffer (see [`Channels::on_frame`]).
+const COPY_BELOW: usize = 16 * 1024;
 
 /// Smallest window: room for one gap marker (an 8-byte count).
 pub const MIN_WINDOW: u64 = 8;
@@ -238,9 +241,16 @@ impl Channels {
         }
         let skip = (e.received - frame.offset) as usize;
         e.received = end;
-        let _ = e
-            .inbox
-            .send(Inbound::Data(frame.stream, frame.payload.slice(skip..)));
+        // A payload is a slice of the connection's read buffer; a small one
+        // waiting in a stalled channel would keep that whole buffer (and
+        // every other channel's bytes in it) alive: small ones are copied.
+        let payload = frame.payload.slice(skip..);
+        let payload = if payload.len() < COPY_BELOW {
+            Bytes::copy_from_slice(&payload)
+        } else {
+            payload
+        };
+        let _ = e.inbox.send(Inbound::Data(frame.stream, payload));
         Ok(())
     }
 

@@ -237,13 +237,15 @@ pub async fn list(docker: &Docker, node_id: &str) -> Result<Vec<WorkerInfo>, Err
 }
 
 /// Refuses an image that carries a label the agent reads back from its
-/// containers (see [`labels::READ`]).
+/// containers or their events (see [`labels::READ`], [`labels::EVENT`]).
 fn labels_not_ours(image: &str, found: &bollard::models::ImageInspect) -> Result<(), Error> {
     let carried = found.config.as_ref().and_then(|c| c.labels.as_ref());
-    match carried.and_then(|l| l.keys().find(|k| labels::READ.contains(&k.as_str()))) {
+    let read =
+        |k: &&String| labels::READ.contains(&k.as_str()) || labels::EVENT.contains(&k.as_str());
+    match carried.and_then(|l| l.keys().find(read)) {
         Some(k) => Err(ErrorBody::new(
             ErrorCode::InvalidRequest,
-            format!("image {image:?} carries the label {k:?}, which only tether sets: rebuild it without"),
+            format!("image {image:?} carries the label {k:?}, which tether reads back from its containers: rebuild it without"),
         )
         .into()),
         None => Ok(()),

@@ -82,6 +82,12 @@ pub mod labels {
     /// call sets them, so an image that carries one of these is refused: it
     /// could pass its worker off as another's sidecar, a deployment's
     /// service or the inference backend.
+    /// Attributes of the engine's container events that the agent reads.
+    /// The engine copies a container's labels (its image's included) over
+    /// an event's attributes, so an image carrying `exitCode` would report
+    /// every exit of its workers as that code: refused like [`READ`].
+    pub const EVENT: &[&str] = &["exitCode"];
+
     pub const READ: &[&str] = &[
         MANAGED,
         WORKER,

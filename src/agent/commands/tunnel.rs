@@ -324,15 +324,24 @@ async fn relay(
 /// Worker to channel, within credit; the worker's half-close becomes
 /// `channel_eof`.
 async fn downstream(mut from: FromWorker, mut writer: ChannelWriter) -> Result<(), ErrorBody> {
+    // One buffer, read into where the last read ended: what is sent (and
+    // kept until acknowledged) shares its allocation, so a worker that
+    // sends one byte at a time costs a byte a byte, not a fresh 64 KiB
+    // buffer kept whole for each.
+    let mut buf = BytesMut::new();
     loop {
-        let mut buf = BytesMut::with_capacity(MAX_FRAME_PAYLOAD);
+        buf.reserve(MAX_FRAME_PAYLOAD);
         match from.read_buf(&mut buf).await {
             Ok(0) => {
                 writer.eof();
                 return Ok(());
             }
             Ok(_) => {
-                if writer.write(StreamKind::Data, buf.freeze()).await.is_err() {
+                if writer
+                    .write(StreamKind::Data, buf.split().freeze())
+                    .await
+                    .is_err()
+                {
                     return Ok(()); // the channel is gone: nothing to report to
                 }
             }

@@ -1160,3 +1160,75 @@ async fn a_preview_url_opens_only_the_worker_it_was_issued_for_and_its_pages_sta
     h.ctl_ok(&["deploy", "down", "pv"]).await;
     h.stop().await;
 }
+
+/// A preview upgrade that the worker accepts and then leaves silent is a
+/// pending connection like any other: closed to make room, its socket
+/// with it. So upgrades cannot use up the server's connections, which
+/// every organization's operators and agents share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_preview_upgrades_are_closed_to_make_room() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut h = Harness::server_with(|c| {
+        c.max_pending_connections = 4;
+        c.max_connections = 10;
+    })
+    .await;
+    h.add_agent().await;
+    // Each port answers its one connection `101` and then says nothing.
+    const PORTS: std::ops::RangeInclusive<u16> = 9301..=9312;
+    let script = format!(
+        "printf 'HTTP/1.1 101 Switching Protocols\\r\\nConnection: Upgrade\\r\\nUpgrade: x\\r\\n\\r\\n' > /tmp/up; \
+         for p in $(seq {} {}); do nc -l -p $p -e sh -c 'cat /tmp/up; exec sleep 3600' & done; wait",
+        PORTS.start(),
+        PORTS.end()
+    );
+    let w = worker(&h, &script).await;
+    for _ in 0..100 {
+        let (_, tcp, _) = h
+            .hub
+            .exec_collect(&w, &["cat", "/proc/net/tcp"])
+            .await
+            .unwrap();
+        if String::from_utf8_lossy(&tcp).contains(&format!(":{:04X} ", PORTS.end())) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let addr = h.url.trim_start_matches("http://").to_string();
+    let mut upgraded = vec![];
+    for p in PORTS {
+        let (_, path) = issue(&h, &w, p, 600).await;
+        let token = path.split_once("tether_preview=").unwrap().1.to_string();
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(
+            format!(
+                "GET /api/v1/workers/{w}/ports/{p}/ HTTP/1.1\r\nHost: x\r\nCookie: tether_preview={token}\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut head = vec![0u8; 12];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut head))
+            .await
+            .unwrap_or_else(|_| panic!("port {p}: no answer"))
+            .unwrap_or_else(|e| {
+                panic!("port {p}: refused ({e}): the silent upgrades kept their sockets")
+            });
+        assert_eq!(&head, b"HTTP/1.1 101", "port {p}");
+        upgraded.push(s);
+    }
+    // The first ones were closed to make room, sockets and all.
+    let mut first = upgraded.remove(0);
+    let mut rest = Vec::new();
+    let eof = tokio::time::timeout(Duration::from_secs(5), first.read_to_end(&mut rest)).await;
+    assert!(eof.is_ok(), "the oldest silent upgrade is still open");
+    // And the server still takes new connections.
+    let ok = http()
+        .get(format!("{}/healthz", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    h.stop().await;
+}

@@ -269,6 +269,21 @@ impl Admission {
         self.leave_pending();
     }
 
+    /// The token that closes the connection to make room, while it is
+    /// pending: work that outlives the request (an upgraded connection's
+    /// splice) must end with it, or the slot's socket would live on.
+    pub(crate) fn closing(&self) -> Option<CancellationToken> {
+        let pending = self.gate.pending.lock().unwrap();
+        pending.get(&self.id).map(|p| p.close.clone())
+    }
+
+    /// Lets the connection be closed to make room although a request of it
+    /// is being handled: one that waits on a party outside the server (a
+    /// worker's port behind a preview) is not the server's to protect.
+    pub(crate) fn evictable(&self) {
+        self.set_busy(false);
+    }
+
     /// Marks a request of the connection as being handled until the guard
     /// is dropped: meanwhile the connection, if pending, is not closed to
     /// make room.

@@ -420,6 +420,35 @@ async fn deployment_scope(
     .await
 }
 
+/// Carries an upgraded connection both ways until the far side (`far`)
+/// ends it, or the client breaks off. The client's clean end of input
+/// passes on as a half-close, but a client that never ends does not keep
+/// the splice (and the server's socket) once the far side has: a revoked
+/// preview grant ends its upgrades even for a silent client.
+async fn splice<C, F>(client: C, far: F)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    F: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    use tokio::io::AsyncWriteExt;
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut fr, mut fw) = tokio::io::split(far);
+    let up = async {
+        if tokio::io::copy(&mut cr, &mut fw).await.is_ok() {
+            let _ = fw.shutdown().await;
+            std::future::pending::<()>().await;
+        }
+    };
+    let down = async {
+        let _ = tokio::io::copy(&mut fr, &mut cw).await;
+        let _ = cw.shutdown().await;
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+}
+
 /// One HTTP exchange over `io` (a worker's port through a tunnel, another
 /// replica): the answer as it comes, marked [`Proxied`]; a WebSocket
 /// upgrade on both sides is spliced through for as long as it lasts.
@@ -438,6 +467,17 @@ where
         .headers()
         .contains_key(header::UPGRADE)
         .then(|| hyper::upgrade::on(&mut req));
+    // A connection not authenticated (a preview's) stays one that can be
+    // closed to make room while the other side takes its time, and so
+    // does what it is upgraded to.
+    let admission = req
+        .extensions()
+        .get::<crate::server::conn::Admission>()
+        .cloned();
+    if let Some(a) = &admission {
+        a.evictable();
+    }
+    let closing = admission.and_then(|a| a.closing());
     let mut resp = sender.send_request(req).await?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client) = client_upgrade
@@ -445,8 +485,16 @@ where
         let upstream = hyper::upgrade::on(&mut resp);
         hub.spawn_task(async move {
             if let (Ok(c), Ok(u)) = tokio::join!(client, upstream) {
-                let _ =
-                    tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+                let closed = async {
+                    match closing {
+                        Some(c) => c.cancelled_owned().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = splice(TokioIo::new(c), TokioIo::new(u)) => {}
+                    _ = closed => {}
+                }
             }
         });
     }

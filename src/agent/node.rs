@@ -199,19 +199,17 @@ impl NodeState {
     /// (made under wider ones), if they would: `spec` is what it was made
     /// with ([`crate::docker::containers::as_asked`]). Only a refusal by
     /// policy counts; limits are compared, not filled in.
-    pub(crate) fn readmit(&self, mut spec: SpawnRequest) -> Option<ErrorBody> {
+    pub(crate) fn readmit(
+        &self,
+        mut spec: SpawnRequest,
+        roots: Option<&[(PathBuf, PathBuf)]>,
+    ) -> Option<ErrorBody> {
         // A bind's source is the path the engine mounts, resolved below an
         // allowed root's real path: judged under any root it can be
         // written under (a root that is a link, or several roots, one a
         // link into another). A root that cannot be resolved now (a mount
         // not up yet) leaves the host paths unjudged rather than
         // mistaken.
-        let roots: Option<Vec<(PathBuf, PathBuf)>> = self
-            .policy
-            .allowed_host_paths
-            .iter()
-            .map(|a| Some((PathBuf::from(a), std::fs::canonicalize(a).ok()?)))
-            .collect();
         match roots {
             None => spec.mounts.clear(),
             Some(roots) => {
@@ -233,6 +231,16 @@ impl NodeState {
             Err(e) if e.code == ErrorCode::PolicyDenied => Some(e),
             _ => None,
         }
+    }
+
+    /// The node policy's allowed roots with their real paths, for
+    /// [`readmit`](Self::readmit); `None` if one cannot be resolved now.
+    pub(crate) fn resolved_roots(&self) -> Option<Vec<(PathBuf, PathBuf)>> {
+        self.policy
+            .allowed_host_paths
+            .iter()
+            .map(|a| Some((PathBuf::from(a), std::fs::canonicalize(a).ok()?)))
+            .collect()
     }
 
     /// Whether both policies allow host path `p` (as a spawn writes it).
@@ -428,9 +436,12 @@ mod tests {
             read_only: Some(true),
         }];
         let link_only = allowing(vec![link.to_string_lossy().into_owned()]);
-        assert!(link_only.readmit(made.clone()).is_none());
+        let judge = |n: &NodeState, made: &SpawnRequest| {
+            n.readmit(made.clone(), n.resolved_roots().as_deref())
+        };
+        assert!(judge(&link_only, &made).is_none());
         // With the root gone from the policy, it is refused by that rule.
-        let e = allowing(vec![]).readmit(made.clone()).expect("refused");
+        let e = judge(&allowing(vec![]), &made).expect("refused");
         assert!(e.message.contains("allowed_host_paths"), "{}", e.message);
         // Two roots, one a link into the other: the path is judged under
         // whichever the policies allow (here only `real`'s parent).
@@ -438,14 +449,14 @@ mod tests {
             link.to_string_lossy().into_owned(),
             dir.path().to_string_lossy().into_owned(),
         ]);
-        assert!(both.readmit(made.clone()).is_none());
+        assert!(judge(&both, &made).is_none());
         // A root that cannot be resolved now leaves host paths unjudged.
         let gone = allowing(vec!["/nonexistent/tether-root".into()]);
-        assert!(gone.readmit(made.clone()).is_none());
+        assert!(judge(&gone, &made).is_none());
         // Only refusals by policy count.
         made.mounts.clear();
         made.network = Some("bridge".into());
-        assert!(allowing(vec![]).readmit(made).is_none());
+        assert!(judge(&allowing(vec![]), &made).is_none());
     }
 
     #[test]

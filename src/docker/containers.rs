@@ -714,18 +714,32 @@ pub(crate) fn as_asked(c: &ContainerInspectResponse) -> crate::protocol::SpawnRe
 /// Stops a container and clears its restart policy, so that neither the
 /// engine nor a daemon restart starts it again; it is kept, with its files.
 pub async fn halt(docker: &Docker, container_id: &str) -> Result<(), Error> {
-    let no_restart = bollard::models::ContainerUpdateBody {
+    set_restart(
+        docker,
+        container_id,
+        bollard::models::RestartPolicyNameEnum::NO,
+    )
+    .await?;
+    stop_id(docker, container_id, 10).await
+}
+
+/// Sets a container's restart policy.
+pub(crate) async fn set_restart(
+    docker: &Docker,
+    container_id: &str,
+    name: bollard::models::RestartPolicyNameEnum,
+) -> Result<(), Error> {
+    let body = bollard::models::ContainerUpdateBody {
         restart_policy: Some(bollard::models::RestartPolicy {
-            name: Some(bollard::models::RestartPolicyNameEnum::NO),
+            name: Some(name),
             maximum_retry_count: None,
         }),
         ..Default::default()
     };
     docker
-        .update_container(container_id, no_restart)
+        .update_container(container_id, body)
         .await
-        .map_err(|e| Error::engine(e, "update container"))?;
-    stop_id(docker, container_id, 10).await
+        .map_err(|e| Error::engine(e, "update container"))
 }
 
 /// Stops a container by id, giving it `timeout_secs` after SIGTERM (already

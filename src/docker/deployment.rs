@@ -399,17 +399,7 @@ fn restart_policy(r: crate::protocol::RestartPolicy) -> RestartPolicyNameEnum {
 /// policy again (one stopped because a narrowed policy refused it had its
 /// restart policy cleared).
 pub async fn ensure_started(docker: &Docker, id: &str, spec: &ServiceSpec) -> Result<(), Error> {
-    let restart = bollard::models::ContainerUpdateBody {
-        restart_policy: Some(RestartPolicy {
-            name: Some(restart_policy(spec.restart)),
-            maximum_retry_count: None,
-        }),
-        ..Default::default()
-    };
-    docker
-        .update_container(id, restart)
-        .await
-        .map_err(|e| Error::engine(e, "update service"))?;
+    containers::set_restart(docker, id, restart_policy(spec.restart)).await?;
     match docker.start_container(id, None).await {
         Ok(())
         | Err(DockerError::DockerResponseServerError {

@@ -181,6 +181,7 @@ pub(crate) async fn stop_unadmitted(ctx: &Ctx) {
             return;
         }
     };
+    let roots = ctx.node.resolved_roots();
     let mut refused = Vec::new();
     for c in all {
         let running = c.state.as_ref().and_then(|s| s.running) == Some(true);
@@ -199,7 +200,7 @@ pub(crate) async fn stop_unadmitted(ctx: &Ctx) {
         if !running && !restarts {
             continue;
         }
-        let Some(why) = ctx.node.readmit(containers::as_asked(&c)) else {
+        let Some(why) = ctx.node.readmit(containers::as_asked(&c), roots.as_deref()) else {
             continue;
         };
         let worker_id = c
